@@ -1,0 +1,321 @@
+//! `xlab`: the coordinator and command line. It owns the results store and the schedule and
+//! never links libtorch, so `xlab query` starts instantly anywhere the results folder is.
+
+mod table;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use xlab_sched::{Pool, Progress, RunOptions};
+use xlab_store::{JobStatus, Store, StoreError};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Parser)]
+#[command(name = "xlab", version, about = "A declarative experiment runner for deep-learning research")]
+struct Cli {
+    /// The results store (default `results/`).
+    #[arg(long, global = true, env = "XLAB_STORE", default_value = "results")]
+    store: PathBuf,
+    /// More log output (-v: per-epoch metrics, -vv: debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment file: jobs already done in the store are skipped.
+    Run {
+        file: PathBuf,
+        /// Jobs at a time (default: one per CPU core).
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
+        /// Threads per job.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Check an experiment file without running anything.
+    Validate { file: PathBuf },
+    /// Show the jobs of an experiment file and what the store already holds of them.
+    Plan { file: PathBuf },
+    /// Results of an experiment: one row per sweep point, mean ± std over seeds.
+    Query {
+        /// The experiment (default: the only or most recently run one).
+        #[arg(long, short = 'e')]
+        experiment: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Report versions, libtorch, devices, store and plugin locations.
+    Doctor,
+}
+
+/// Exit codes by who is at fault.
+mod exit {
+    /// Some jobs failed.
+    pub const JOBS_FAILED: u8 = 1;
+    /// The user's input is wrong (experiment file, arguments).
+    pub const USER: u8 = 2;
+    /// The environment is wrong (store in use, missing worker, I/O).
+    pub const ENVIRONMENT: u8 = 3;
+}
+
+/// An error with the exit code it deserves.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        let code = if error.downcast_ref::<xlab_spec::SpecError>().is_some() { exit::USER } else { exit::ENVIRONMENT };
+        Failure { code, error }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (_, 0) => "info",
+        (_, 1) => "info,xlab=debug",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Human => builder.without_time().with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match dispatch(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure { code, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn dispatch(cli: &Cli) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::Run { file, jobs, threads } => run(cli, file, *jobs, *threads),
+        Command::Validate { file } => {
+            let plan = xlab_spec::load(file)?;
+            let n: usize = plan.stages.iter().map(|s| s.jobs.len()).sum();
+            println!("{}: ok — experiment `{}`, {} stage(s), {n} job(s)", file.display(), plan.name, plan.stages.len());
+            Ok(0)
+        }
+        Command::Plan { file } => plan(cli, file),
+        Command::Query { experiment, format } => {
+            let store = open_store(&cli.store)?;
+            query(&store, experiment.as_deref(), *format)?;
+            Ok(0)
+        }
+        Command::Doctor => doctor(cli),
+    }
+}
+
+fn open_store(dir: &Path) -> Result<Store, Failure> {
+    Store::open(dir).map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })
+}
+
+/// The `xlab-worker` executable: `XLAB_WORKER`, or the one beside this `xlab`.
+fn worker_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLAB_WORKER") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().ok();
+    exe.and_then(|e| e.parent().map(|d| d.join("xlab-worker"))).unwrap_or_else(|| PathBuf::from("xlab-worker"))
+}
+
+fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8, Failure> {
+    let plan = xlab_spec::load(file)?;
+    let store = open_store(&cli.store)?;
+    let slots = jobs.unwrap_or_else(|| (xlab_sched::pool::default_cpu_slots() / threads.max(1)).max(1));
+    let total = plan.jobs().count();
+    tracing::info!("experiment `{}`: {total} job(s) in {} stage(s), {slots} at a time, store {}", plan.name, plan.stages.len(), cli.store.display());
+    let opts = RunOptions { worker: worker_path(), pool: Pool::cpu(slots, threads), xlab_version: VERSION.into() };
+    let started = Instant::now();
+    let mut finished = 0usize;
+    let mut observe = |p: Progress<'_>| match p {
+        Progress::Skipped { job } => {
+            finished += 1;
+            tracing::info!("[{finished}/{total}] {} {} already done (job {})", job.stage, job.label(), job.id);
+        }
+        Progress::Started { job, device, attempt } => {
+            let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
+            tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
+        }
+        Progress::Metrics { job, step, values } => {
+            let shown: Vec<String> = values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
+            tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
+        }
+        Progress::Finished { job, summary } => {
+            finished += 1;
+            let shown: Vec<String> = summary.iter().filter(|(k, _)| k.starts_with("test.")).map(|(k, v)| format!("{k}={v:.4}")).collect();
+            tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
+        }
+        Progress::Failed { job, cause, message } => {
+            finished += 1;
+            tracing::error!("[{finished}/{total}] FAILED ({}) {} {} (job {}): {message}", cause.as_str(), job.stage, job.label(), job.id);
+        }
+    };
+    let report = xlab_sched::run(&store, &plan, opts, &mut observe)?;
+    tracing::info!(
+        "{} done, {} skipped (already done), {} failed in {:.1}s",
+        report.done,
+        report.skipped,
+        report.failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    query(&store, Some(&plan.name), Format::Table)?;
+    if report.failed.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!(
+            "{} job(s) failed; their logs are in {}/runs/<job>/worker.log. Run the same command again to retry them.",
+            report.failed.len(),
+            cli.store.display()
+        );
+        Ok(exit::JOBS_FAILED)
+    }
+}
+
+fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
+    let plan = xlab_spec::load(file)?;
+    let store = if cli.store.join("db").exists() { Some(open_store(&cli.store)?) } else { None };
+    println!("experiment `{}` ({})", plan.name, file.display());
+    for stage in &plan.stages {
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for job in &stage.jobs {
+            let status = match &store {
+                Some(s) => s.job(job.id.as_str()).map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })?.map(|r| r.status),
+                None => None,
+            };
+            let key = match status {
+                None | Some(JobStatus::Pending) => "new",
+                Some(JobStatus::Done) => "done",
+                Some(JobStatus::Failed) => "failed",
+                Some(JobStatus::Running | JobStatus::Interrupted) => "interrupted",
+            };
+            *counts.entry(key).or_default() += 1;
+        }
+        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        let sweep = if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
+        println!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
+        for job in &stage.jobs {
+            println!("    {}  {}", job.id, job.label());
+        }
+    }
+    Ok(0)
+}
+
+fn query(store: &Store, experiment: Option<&str>, format: Format) -> Result<(), Failure> {
+    let env = |e: StoreError| Failure { code: exit::ENVIRONMENT, error: e.into() };
+    let exp = match experiment {
+        Some(name) => store.experiment(name).map_err(env)?.with_context(|| {
+            format!("no experiment `{name}` in store {}; `xlab run FILE` records one", store.dir().display())
+        })?,
+        None => {
+            let mut all = store.experiments().map_err(env)?;
+            all.sort_by_key(|e| e.updated_unix);
+            all.pop().with_context(|| format!("store {} holds no experiments yet; run one with `xlab run FILE`", store.dir().display()))?
+        }
+    };
+    let rows = table::rows(store, &exp)?;
+    let metrics = table::default_metrics(&rows);
+    match format {
+        Format::Table => {
+            println!("experiment `{}`", exp.name);
+            println!("{}", table::render(&rows, &metrics));
+        }
+        Format::Csv => print!("{}", table::render_csv(&rows, &metrics)),
+        Format::Json => {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    let point: serde_json::Map<String, serde_json::Value> = r.point.iter().cloned().collect();
+                    let stats: serde_json::Map<String, serde_json::Value> = r
+                        .metrics
+                        .iter()
+                        .map(|(k, xs)| {
+                            let (mean, std) = table::mean_std(xs);
+                            (k.clone(), serde_json::json!({"mean": mean, "std": std, "n": xs.len(), "values": xs}))
+                        })
+                        .collect();
+                    serde_json::json!({"stage": r.stage, "point": point, "metrics": stats, "done": r.done, "jobs": r.jobs})
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        }
+    }
+    Ok(())
+}
+
+fn doctor(cli: &Cli) -> Result<u8, Failure> {
+    println!("xlab {VERSION}");
+    let worker = worker_path();
+    println!("worker:       {}", worker.display());
+    match std::process::Command::new(&worker).arg("probe").output() {
+        Ok(out) if out.status.success() => {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("the worker's probe did not print JSON")?;
+            let s = |k: &str| v.get(k).map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).unwrap_or_default();
+            println!("libtorch:     {} at {}", s("libtorch_version"), s("libtorch_dir"));
+            println!("CUDA library: {}", s("cuda_library"));
+            println!("CUDA usable:  {} ({} device(s), cuDNN {})", s("cuda_available"), s("cuda_devices"), s("cudnn_available"));
+            println!("CPU threads:  {} (host {})", s("cpu_threads"), s("host"));
+        }
+        Ok(out) => println!("libtorch:     the worker's probe failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => println!("libtorch:     cannot start the worker: {e} (build it with `make build`)"),
+    }
+    match std::process::Command::new("nvidia-smi").args(["--query-gpu=index,name,memory.total", "--format=csv,noheader"]).output() {
+        Ok(out) if out.status.success() => {
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                println!("GPU:          {l}");
+            }
+        }
+        _ => println!("GPUs:         none found (no nvidia-smi); jobs run on CPU slots"),
+    }
+    let abs = std::path::absolute(&cli.store).unwrap_or_else(|_| cli.store.clone());
+    let state = match Store::open(&cli.store) {
+        Ok(s) => format!("{} experiment(s)", s.experiments().map(|e| e.len()).unwrap_or(0)),
+        Err(StoreError::InUse { pid, .. }) => format!("in use by pid {pid}"),
+        Err(e) => format!("cannot open: {e}"),
+    };
+    println!("store:        {} ({state})", abs.display());
+    let mut path: Vec<String> = worker.parent().map(|d| vec![d.display().to_string()]).unwrap_or_default();
+    if let Some(p) = std::env::var_os("XLAB_PLUGIN_PATH") {
+        path.extend(std::env::split_paths(&p).map(|d| d.display().to_string()));
+    }
+    println!("plugin path:  {}", path.join(":"));
+    Ok(0)
+}

@@ -1,0 +1,178 @@
+//! The results table: one row per stage and sweep point, with each final metric's mean ± std
+//! over the seeds, read from the store.
+
+use comfy_table::{presets, Cell, CellAlignment, Table};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use xlab_store::{ExperimentRecord, JobStatus, Store};
+
+/// One group: the jobs of a stage that differ only in their seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub stage: String,
+    pub point: Vec<(String, Value)>,
+    /// Final values of each metric over the group's finished jobs.
+    pub metrics: BTreeMap<String, Vec<f64>>,
+    pub done: usize,
+    pub jobs: usize,
+}
+
+/// Mean and sample standard deviation (n−1 in the denominator, as pandas and numpy's `ddof=1`).
+pub fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, None);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, Some(var.sqrt()))
+}
+
+/// Groups an experiment's jobs by stage and sweep point.
+pub fn rows(store: &Store, exp: &ExperimentRecord) -> anyhow::Result<Vec<Row>> {
+    let mut out: Vec<Row> = Vec::new();
+    for stage in &exp.stages {
+        for id in &stage.jobs {
+            let Some(job) = store.job(id)? else { continue };
+            let row = match out.iter_mut().find(|r| r.stage == stage.name && r.point == job.point) {
+                Some(r) => r,
+                None => {
+                    out.push(Row { stage: stage.name.clone(), point: job.point.clone(), metrics: BTreeMap::new(), done: 0, jobs: 0 });
+                    out.last_mut().expect("just pushed")
+                }
+            };
+            row.jobs += 1;
+            if job.status == JobStatus::Done {
+                row.done += 1;
+                for (k, v) in &job.summary {
+                    row.metrics.entry(k.clone()).or_default().push(*v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The metrics shown by default: every `test.*` metric, or `val.*` when there is no test split.
+pub fn default_metrics(rows: &[Row]) -> Vec<String> {
+    let mut names: Vec<String> = rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
+    names.sort();
+    names.dedup();
+    let pick = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).cloned().collect::<Vec<_>>();
+    let test = pick("test.");
+    if test.is_empty() {
+        pick("val.")
+    } else {
+        test
+    }
+}
+
+fn fmt_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn fmt_stat(xs: &[f64]) -> String {
+    if xs.is_empty() {
+        return "-".into();
+    }
+    match mean_std(xs) {
+        (m, Some(s)) => format!("{m:.4} ± {s:.4}"),
+        (m, None) => format!("{m:.4}"),
+    }
+}
+
+fn columns(rows: &[Row]) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for r in rows {
+        for (k, _) in &r.point {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    keys
+}
+
+fn point_value(r: &Row, key: &str) -> String {
+    r.point.iter().find(|(k, _)| k == key).map(|(_, v)| fmt_value(v)).unwrap_or_else(|| "-".into())
+}
+
+/// Renders the rows as a terminal table.
+pub fn render(rows: &[Row], metrics: &[String]) -> String {
+    let keys = columns(rows);
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_FULL_CONDENSED);
+    let mut header = vec![Cell::new("stage")];
+    header.extend(keys.iter().map(Cell::new));
+    header.extend(metrics.iter().map(|m| Cell::new(format!("{m} (mean ± std)"))));
+    header.push(Cell::new("seeds"));
+    t.set_header(header);
+    for r in rows {
+        let mut cells = vec![Cell::new(&r.stage)];
+        cells.extend(keys.iter().map(|k| Cell::new(point_value(r, k)).set_alignment(CellAlignment::Right)));
+        for m in metrics {
+            let xs = r.metrics.get(m).map(Vec::as_slice).unwrap_or(&[]);
+            cells.push(Cell::new(fmt_stat(xs)).set_alignment(CellAlignment::Right));
+        }
+        let seeds = if r.done == r.jobs { r.done.to_string() } else { format!("{}/{} done", r.done, r.jobs) };
+        cells.push(Cell::new(seeds).set_alignment(CellAlignment::Right));
+        t.add_row(cells);
+    }
+    t.to_string()
+}
+
+/// Renders the rows as CSV: one column per sweep key, then mean, std and n for each metric.
+pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
+    let keys = columns(rows);
+    let quote = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let mut header = vec!["stage".to_string()];
+    header.extend(keys.iter().cloned());
+    for m in metrics {
+        header.extend([format!("{m}.mean"), format!("{m}.std"), format!("{m}.n")]);
+    }
+    let mut out = header.iter().map(|h| quote(h)).collect::<Vec<_>>().join(",") + "\n";
+    for r in rows {
+        let mut cells = vec![r.stage.clone()];
+        cells.extend(keys.iter().map(|k| point_value(r, k)));
+        for m in metrics {
+            let xs = r.metrics.get(m).map(Vec::as_slice).unwrap_or(&[]);
+            if xs.is_empty() {
+                cells.extend([String::new(), String::new(), "0".into()]);
+            } else {
+                let (mean, std) = mean_std(xs);
+                cells.extend([mean.to_string(), std.map(|s| s.to_string()).unwrap_or_default(), xs.len().to_string()]);
+            }
+        }
+        out += &(cells.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",") + "\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_std_matches_numpy_ddof1() {
+        // numpy: np.std([0.9, 0.95, 0.97], ddof=1) = 0.036055512754639925
+        let (m, s) = mean_std(&[0.9, 0.95, 0.97]);
+        assert!((m - 0.94).abs() < 1e-12);
+        assert!((s.unwrap() - 0.036055512754639925).abs() < 1e-12);
+        assert_eq!(mean_std(&[0.5]), (0.5, None));
+    }
+
+    #[test]
+    fn csv_quotes_and_counts() {
+        let mut metrics = BTreeMap::new();
+        metrics.insert("test.acc".to_string(), vec![0.5, 0.7]);
+        let rows = vec![Row { stage: "a,b".into(), point: vec![("optimizer.lr".into(), serde_json::json!(0.1))], metrics, done: 2, jobs: 2 }];
+        let csv = render_csv(&rows, &["test.acc".into()]);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "stage,optimizer.lr,test.acc.mean,test.acc.std,test.acc.n");
+        assert!(lines[1].starts_with("\"a,b\",0.1,0.6,0.1414213562373"), "{}", lines[1]);
+        assert!(lines[1].ends_with(",2"));
+    }
+}

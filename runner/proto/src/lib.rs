@@ -1,0 +1,138 @@
+//! The wire protocol between the `xlab` coordinator and `xlab-worker` processes.
+//!
+//! The coordinator writes a [`JobRequest`] as JSON into the job's run folder and starts one
+//! worker per job. The worker answers with a stream of [`Event`]s, one JSON object per line on
+//! its standard output; its human-readable log goes to standard error, which the coordinator
+//! keeps in the run folder. Nothing here links libtorch.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Version of this protocol; a worker refuses a request of another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Everything a worker needs to run one job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub protocol: u32,
+    /// The job's identity (see `xlab_spec::identity`).
+    pub job_id: String,
+    pub experiment: String,
+    pub stage: String,
+    /// The job's seed; every random draw of the job derives from it.
+    pub seed: u64,
+    /// The canonical resolved config of the job (validated by the coordinator).
+    pub config: serde_json::Value,
+    /// The device lease granted by the coordinator.
+    pub lease: Lease,
+    /// Folder for the job's artifacts (checkpoints, weights, logs).
+    pub run_dir: PathBuf,
+}
+
+/// The slice of the machine a worker may use.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    /// `cpu` or `cuda:N` (as seen by the worker after CUDA_VISIBLE_DEVICES is applied).
+    pub device: String,
+    /// Intra-op threads the worker may use.
+    pub threads: usize,
+}
+
+/// Why a job failed, classified so that retries and reports can act on it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCause {
+    /// The job's config could not be turned into a runnable job (a user mistake).
+    Config,
+    /// Loss or weights became NaN or infinite.
+    Diverged,
+    /// The device ran out of memory.
+    OutOfMemory,
+    /// The worker exited with an error of its own.
+    Error,
+    /// The worker was killed by a signal or vanished without a final event.
+    Crashed,
+    /// The job ran past its time limit.
+    Timeout,
+    /// The user stopped the run.
+    Cancelled,
+}
+
+impl FailureCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Diverged => "diverged",
+            Self::OutOfMemory => "out_of_memory",
+            Self::Error => "error",
+            Self::Crashed => "crashed",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One line of a worker's event stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// The worker set up its device and is about to run.
+    Started {
+        pid: u32,
+        device: String,
+        libtorch: String,
+        host: String,
+    },
+    /// Scalar metric points, e.g. `train.loss` at step 3.
+    Metrics { step: u64, values: BTreeMap<String, f64> },
+    /// A file the job produced and made durable, relative to the run folder.
+    Artifact { name: String, path: String, kind: String },
+    /// The job finished; `summary` holds its final metrics.
+    Finished { summary: BTreeMap<String, f64> },
+    /// The job failed; the worker exits non-zero after sending this.
+    Failed { cause: FailureCause, message: String },
+}
+
+impl Event {
+    /// Encodes the event as one JSON line (without the newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("events always serialize")
+    }
+
+    /// Decodes one line of a worker's standard output.
+    pub fn from_line(line: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_as_single_lines() {
+        let mut values = BTreeMap::new();
+        values.insert("train.loss".to_string(), 0.25);
+        let events = [
+            Event::Metrics { step: 3, values },
+            Event::Failed {
+                cause: FailureCause::Diverged,
+                message: "loss is NaN at step 7\nsecond line".into(),
+            },
+        ];
+        for e in events {
+            let line = e.to_line();
+            assert!(!line.contains('\n'), "{line}");
+            assert_eq!(Event::from_line(&line).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn unknown_event_is_an_error() {
+        assert!(Event::from_line(r#"{"event":"exploded"}"#).is_err());
+        assert!(Event::from_line(r#"{"event":"finished","summary":{},"extra":1}"#).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! The xlab scheduler: places the jobs of a validated plan on a pool of device slots, runs one
+//! `xlab-worker` process per job, and records everything they report through a single store
+//! writer. Never links libtorch.
+
+pub mod pool;
+mod run;
+pub mod spawn;
+mod writer;
+
+pub use pool::{Pool, Slot};
+pub use run::{run, Progress, RunOptions, RunReport, SchedError};

@@ -1,0 +1,272 @@
+//! The scheduler loop: decide what to run, place ready jobs on free slots, turn worker events
+//! into store writes.
+
+use crate::pool::Pool;
+use crate::spawn::{self, Msg};
+use crate::writer::{self, StoreOp};
+use crossbeam_channel::{unbounded, Sender};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
+use xlab_spec::{Job, Plan};
+use xlab_store::{now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, StageRecord, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error(transparent)]
+    Store(#[from] xlab_store::StoreError),
+    #[error("cannot start the worker {worker}: {source}\n  hint: build it with `make build`, or point XLAB_WORKER at it")]
+    Spawn { worker: PathBuf, source: std::io::Error },
+}
+
+pub struct RunOptions {
+    /// The `xlab-worker` executable.
+    pub worker: PathBuf,
+    pub pool: Pool,
+    /// The coordinator's version, recorded with every job.
+    pub xlab_version: String,
+}
+
+/// What happened to one job, for whoever displays progress.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// Already done in the store; not run again.
+    Skipped { job: &'a Job },
+    Started { job: &'a Job, device: &'a str, attempt: u32 },
+    Metrics { job: &'a Job, step: u64, values: &'a BTreeMap<String, f64> },
+    Finished { job: &'a Job, summary: &'a BTreeMap<String, f64> },
+    Failed { job: &'a Job, cause: FailureCause, message: &'a str },
+}
+
+#[derive(Debug, Default)]
+pub struct RunReport {
+    pub total: usize,
+    pub skipped: usize,
+    pub done: usize,
+    pub failed: Vec<(String, FailureCause, String)>,
+}
+
+struct Running {
+    slot: usize,
+    record: JobRecord,
+    terminal: Option<Result<BTreeMap<String, f64>, (FailureCause, String)>>,
+}
+
+/// Runs every job of the plan that the store does not hold as done.
+pub fn run(store: &Store, plan: &Plan, mut opts: RunOptions, observe: &mut dyn FnMut(Progress<'_>)) -> Result<RunReport, SchedError> {
+    let jobs: Vec<&Job> = plan.jobs().collect();
+    let mut report = RunReport { total: jobs.len(), ..Default::default() };
+    store.put_experiment(&ExperimentRecord {
+        name: plan.name.clone(),
+        file: plan.file.display().to_string(),
+        source: plan.source.clone(),
+        updated_unix: now_unix(),
+        stages: plan
+            .stages
+            .iter()
+            .map(|s| StageRecord { name: s.name.clone(), sweep_keys: s.sweep_keys.clone(), jobs: s.jobs.iter().map(|j| j.id.to_string()).collect() })
+            .collect(),
+    })?;
+
+    let mut records: Vec<JobRecord> = Vec::with_capacity(jobs.len());
+    let mut queue = VecDeque::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let mut rec = match store.job(job.id.as_str())? {
+            Some(r) => r,
+            None => new_record(plan, job),
+        };
+        if rec.status == JobStatus::Done {
+            report.skipped += 1;
+            observe(Progress::Skipped { job });
+        } else {
+            if rec.status == JobStatus::Running {
+                // We hold the store's lock, so whoever ran it is gone.
+                rec.status = JobStatus::Interrupted;
+                if let Some(a) = rec.attempts.last_mut().filter(|a| a.ended_unix.is_none()) {
+                    a.outcome = Some("interrupted".into());
+                }
+            }
+            rec.point = job.point.clone();
+            rec.experiment = plan.name.clone();
+            store.put_job(&rec)?;
+            queue.push_back(i);
+        }
+        records.push(rec);
+    }
+    store.flush()?;
+
+    let (ops_tx, ops_rx) = unbounded::<StoreOp>();
+    let (tx, rx) = unbounded::<Msg>();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| writer::run(store, ops_rx));
+        let mut running: HashMap<usize, Running> = HashMap::new();
+        let mut result = Ok(());
+        loop {
+            while !queue.is_empty() && opts.pool.free() > 0 {
+                let i = queue.pop_front().expect("not empty");
+                let slot = opts.pool.take().expect("a slot is free");
+                match start(store, &opts, jobs[i], &mut records[i], slot, i, tx.clone(), &ops_tx) {
+                    Ok(()) => {
+                        let r = &records[i];
+                        observe(Progress::Started { job: jobs[i], device: &opts.pool.slot(slot).device, attempt: r.attempts.len() as u32 });
+                        running.insert(i, Running { slot, record: r.clone(), terminal: None });
+                    }
+                    Err(e) => {
+                        opts.pool.give_back(slot);
+                        result = Err(e);
+                        queue.clear();
+                    }
+                }
+            }
+            if running.is_empty() {
+                break;
+            }
+            let msg = rx.recv().expect("a sender lives in every running job's reader");
+            match msg {
+                Msg::Event(i, e) => on_event(jobs[i], running.get_mut(&i).expect("event from a running job"), e, &ops_tx, observe),
+                Msg::Noise(i, line) => tracing::warn!(job = %jobs[i].id, "worker wrote a non-event line: {line}"),
+                Msg::Exited(i, status) => {
+                    let mut r = running.remove(&i).expect("exit of a running job");
+                    opts.pool.give_back(r.slot);
+                    let outcome = finish(&mut r, status, store);
+                    match &outcome {
+                        Ok(summary) => {
+                            report.done += 1;
+                            observe(Progress::Finished { job: jobs[i], summary });
+                        }
+                        Err((cause, message)) => {
+                            report.failed.push((jobs[i].id.to_string(), *cause, message.clone()));
+                            observe(Progress::Failed { job: jobs[i], cause: *cause, message });
+                        }
+                    }
+                    let _ = ops_tx.send(StoreOp::Job(Box::new(r.record.clone())));
+                    records[i] = r.record;
+                }
+            }
+        }
+        drop(ops_tx);
+        let written = writer.join().expect("the store writer does not panic");
+        result.and(written.map_err(SchedError::from))
+    })?;
+    Ok(report)
+}
+
+fn new_record(plan: &Plan, job: &Job) -> JobRecord {
+    JobRecord {
+        id: job.id.to_string(),
+        experiment: plan.name.clone(),
+        stage: job.stage.clone(),
+        seed: job.seed,
+        config: job.config_json.clone(),
+        point: job.point.clone(),
+        parents: job.parents.iter().map(|p| p.to_string()).collect(),
+        status: JobStatus::Pending,
+        attempts: Vec::new(),
+        summary: BTreeMap::new(),
+        provenance: Provenance::default(),
+        artifacts: Vec::new(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start(
+    store: &Store,
+    opts: &RunOptions,
+    job: &Job,
+    rec: &mut JobRecord,
+    slot: usize,
+    index: usize,
+    tx: Sender<Msg>,
+    ops: &Sender<StoreOp>,
+) -> Result<(), SchedError> {
+    let s = opts.pool.slot(slot);
+    let (lease, visible) = spawn::lease_for(s);
+    let req = JobRequest {
+        protocol: PROTOCOL_VERSION,
+        job_id: job.id.to_string(),
+        experiment: rec.experiment.clone(),
+        stage: job.stage.clone(),
+        seed: job.seed,
+        config: job.config_json.clone(),
+        lease,
+        run_dir: store.run_dir(job.id.as_str()),
+    };
+    let pid = spawn::spawn(&opts.worker, &req, &visible, index, tx)
+        .map_err(|source| SchedError::Spawn { worker: opts.worker.clone(), source })?;
+    rec.status = JobStatus::Running;
+    rec.summary.clear();
+    rec.provenance.xlab_version = opts.xlab_version.clone();
+    rec.provenance.device = Some(s.device.clone());
+    rec.attempts.push(Attempt {
+        number: rec.attempts.len() as u32 + 1,
+        started_unix: now_unix(),
+        ended_unix: None,
+        device: s.device.clone(),
+        pid: Some(pid),
+        outcome: None,
+        error: None,
+    });
+    let _ = ops.send(StoreOp::Job(Box::new(rec.clone())));
+    Ok(())
+}
+
+fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe: &mut dyn FnMut(Progress<'_>)) {
+    match e {
+        Event::Started { pid: _, device: _, libtorch, host } => {
+            r.record.provenance.libtorch = Some(libtorch);
+            r.record.provenance.host = Some(host);
+            let _ = ops.send(StoreOp::Job(Box::new(r.record.clone())));
+        }
+        Event::Metrics { step, values } => {
+            observe(Progress::Metrics { job, step, values: &values });
+            let _ = ops.send(StoreOp::Metrics { job: job.id.to_string(), step, values });
+        }
+        Event::Artifact { name, path, kind } => {
+            let path = format!("runs/{}/{path}", job.id);
+            r.record.artifacts.retain(|a| a.name != name);
+            r.record.artifacts.push(ArtifactRecord { name, kind, path });
+        }
+        Event::Finished { summary } => r.terminal = Some(Ok(summary)),
+        Event::Failed { cause, message } => r.terminal = Some(Err((cause, message))),
+    }
+}
+
+/// Settles a job whose worker exited: its own final event if it sent one, else a classified
+/// crash with the end of its log.
+fn finish(r: &mut Running, status: std::io::Result<std::process::ExitStatus>, store: &Store) -> Result<BTreeMap<String, f64>, (FailureCause, String)> {
+    let outcome = match (r.terminal.take(), status) {
+        (Some(Ok(summary)), Ok(s)) if s.success() => Ok(summary),
+        (Some(Err(f)), _) => Err(f),
+        (_, Err(e)) => Err((FailureCause::Crashed, format!("lost the worker: {e}"))),
+        (_, Ok(s)) => {
+            let tail = log_tail(&spawn::log_path(&store.run_dir(&r.record.id)), 5);
+            let what = match s.signal() {
+                Some(sig) => format!("worker killed by signal {sig}"),
+                None => format!("worker exited with {s} without a final report"),
+            };
+            Err((FailureCause::Crashed, if tail.is_empty() { what } else { format!("{what}; its log ends:\n{tail}") }))
+        }
+    };
+    let attempt = r.record.attempts.last_mut().expect("a started job has an attempt");
+    attempt.ended_unix = Some(now_unix());
+    match &outcome {
+        Ok(summary) => {
+            r.record.status = JobStatus::Done;
+            r.record.summary = summary.clone();
+            attempt.outcome = Some("done".into());
+        }
+        Err((cause, message)) => {
+            r.record.status = JobStatus::Failed;
+            attempt.outcome = Some(cause.as_str().into());
+            attempt.error = Some(message.clone());
+        }
+    }
+    outcome
+}
+
+fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

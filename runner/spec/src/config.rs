@@ -1,0 +1,263 @@
+//! The typed, validated config of one job.
+//!
+//! A job's config is the experiment's `defaults` deep-merged with its stage and its sweep point.
+//! It is checked here against closed types with `deny_unknown_fields`, and the *resolved* form
+//! (every default filled in) is what the job's identity hashes and what the worker receives. So
+//! writing a default explicitly, or leaving it out, names the same job.
+
+use serde::{Deserialize, Serialize};
+
+/// What a stage does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Train a model and evaluate it on the validation and test splits after every epoch.
+    Train,
+}
+
+/// The resolved config of one job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub task: Task,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub optimizer: OptimizerConfig,
+    /// Passes over the training split.
+    #[serde(default = "defaults::epochs")]
+    pub epochs: u32,
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u32,
+}
+
+/// A dataset. Generators are deterministic in their own `seed`, independent of the job's seed,
+/// so that every seed of a sweep sees the same data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum DataConfig {
+    /// Two interleaved half circles in 2-D with Gaussian noise; 2 classes.
+    TwoMoons(TwoMoons),
+    /// Isotropic Gaussian blobs, one per class, centres drawn uniformly in [-10, 10]^dim (as
+    /// scikit-learn's `make_blobs`).
+    Blobs(Blobs),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TwoMoons {
+    #[serde(default = "defaults::n_train")]
+    pub n_train: usize,
+    #[serde(default = "defaults::n_val")]
+    pub n_val: usize,
+    #[serde(default = "defaults::n_test")]
+    pub n_test: usize,
+    /// Standard deviation of the Gaussian noise added to each point.
+    #[serde(default = "defaults::noise")]
+    pub noise: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Blobs {
+    #[serde(default = "defaults::n_train")]
+    pub n_train: usize,
+    #[serde(default = "defaults::n_val")]
+    pub n_val: usize,
+    #[serde(default = "defaults::n_test")]
+    pub n_test: usize,
+    #[serde(default = "defaults::classes")]
+    pub classes: usize,
+    #[serde(default = "defaults::dim")]
+    pub dim: usize,
+    /// Standard deviation of each blob.
+    #[serde(default = "defaults::spread")]
+    pub spread: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// A model architecture.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum ModelConfig {
+    /// A multilayer perceptron: linear layers of the given widths with an activation between.
+    Mlp(Mlp),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Mlp {
+    #[serde(default = "defaults::hidden")]
+    pub hidden: Vec<usize>,
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Tanh,
+    Gelu,
+}
+
+/// The base optimizer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum OptimizerConfig {
+    Sgd(Sgd),
+    Adam(Adam),
+    #[serde(rename = "adamw")]
+    AdamW(Adam),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sgd {
+    #[serde(default = "defaults::sgd_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Adam {
+    #[serde(default = "defaults::adam_lr")]
+    pub lr: f64,
+    #[serde(default = "defaults::beta1")]
+    pub beta1: f64,
+    #[serde(default = "defaults::beta2")]
+    pub beta2: f64,
+    #[serde(default = "defaults::eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+impl JobConfig {
+    /// Checks the ranges that the types alone cannot express. Returns `(path, message)`.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let err = |p: &str, m: String| Err((p.to_string(), m));
+        if self.epochs == 0 {
+            return err("epochs", "must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return err("batch_size", "must be at least 1".into());
+        }
+        let (n_train, n_test) = match &self.data {
+            DataConfig::TwoMoons(d) => {
+                if !(d.noise >= 0.0 && d.noise.is_finite()) {
+                    return err("data.noise", format!("must be a finite number ≥ 0, got {}", d.noise));
+                }
+                (d.n_train, d.n_test)
+            }
+            DataConfig::Blobs(d) => {
+                if d.classes < 2 {
+                    return err("data.classes", format!("must be at least 2, got {}", d.classes));
+                }
+                if d.dim == 0 {
+                    return err("data.dim", "must be at least 1".into());
+                }
+                if !(d.spread > 0.0 && d.spread.is_finite()) {
+                    return err("data.spread", format!("must be a finite number > 0, got {}", d.spread));
+                }
+                (d.n_train, d.n_test)
+            }
+        };
+        if n_train == 0 {
+            return err("data.n_train", "must be at least 1".into());
+        }
+        if n_test == 0 {
+            return err("data.n_test", "must be at least 1".into());
+        }
+        let ModelConfig::Mlp(m) = &self.model;
+        if let Some(i) = m.hidden.iter().position(|&w| w == 0) {
+            return err(&format!("model.hidden[{i}]"), "a layer needs at least 1 unit".into());
+        }
+        let (lr, wd) = match &self.optimizer {
+            OptimizerConfig::Sgd(o) => {
+                if !(0.0..1.0).contains(&o.momentum) {
+                    return err("optimizer.momentum", format!("must be in [0, 1), got {}", o.momentum));
+                }
+                if o.nesterov && o.momentum == 0.0 {
+                    return err("optimizer.nesterov", "needs a momentum > 0".into());
+                }
+                (o.lr, o.weight_decay)
+            }
+            OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => {
+                for (k, b) in [("beta1", o.beta1), ("beta2", o.beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return err(&format!("optimizer.{k}"), format!("must be in [0, 1), got {b}"));
+                    }
+                }
+                if !(o.eps > 0.0) {
+                    return err("optimizer.eps", format!("must be > 0, got {}", o.eps));
+                }
+                (o.lr, o.weight_decay)
+            }
+        };
+        if !(lr > 0.0 && lr.is_finite()) {
+            return err("optimizer.lr", format!("must be a finite number > 0, got {lr}"));
+        }
+        if !(wd >= 0.0 && wd.is_finite()) {
+            return err("optimizer.weight_decay", format!("must be a finite number ≥ 0, got {wd}"));
+        }
+        Ok(())
+    }
+}
+
+mod defaults {
+    pub fn epochs() -> u32 {
+        10
+    }
+    pub fn batch_size() -> u32 {
+        64
+    }
+    pub fn n_train() -> usize {
+        1000
+    }
+    pub fn n_val() -> usize {
+        200
+    }
+    pub fn n_test() -> usize {
+        500
+    }
+    pub fn noise() -> f64 {
+        0.1
+    }
+    pub fn classes() -> usize {
+        3
+    }
+    pub fn dim() -> usize {
+        2
+    }
+    pub fn spread() -> f64 {
+        1.0
+    }
+    pub fn hidden() -> Vec<usize> {
+        vec![64, 64]
+    }
+    pub fn sgd_lr() -> f64 {
+        0.1
+    }
+    pub fn adam_lr() -> f64 {
+        1e-3
+    }
+    pub fn beta1() -> f64 {
+        0.9
+    }
+    pub fn beta2() -> f64 {
+        0.999
+    }
+    pub fn eps() -> f64 {
+        1e-8
+    }
+}

@@ -1,0 +1,127 @@
+//! Errors a user can make in an experiment file. Each names the file, and the line and column
+//! where the parser knows them, and suggests a fix where one is likely.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub location: Option<(usize, usize)>,
+    /// Where in the experiment the problem is, e.g. `stages.train (optimizer.lr=0.1, seed 0)`.
+    pub context: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl SpecError {
+    pub fn new(file: &Path, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let hint = suggest_from_serde_message(&message);
+        Self { file: file.to_path_buf(), location: None, context: None, message, hint }
+    }
+
+    pub fn at(mut self, line: usize, column: usize) -> Self {
+        self.location = Some((line, column));
+        self
+    }
+
+    pub fn context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
+        self
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Converts a YAML parse or shape error, keeping its position.
+    pub(crate) fn from_yaml(file: &Path, err: &serde_yaml::Error) -> Self {
+        let mut message = err.to_string();
+        // serde_yaml appends " at line L column C"; the location is shown in front instead.
+        if let Some(i) = message.find(" at line ") {
+            message.truncate(i);
+        }
+        let e = Self::new(file, message);
+        match err.location() {
+            Some(loc) => e.at(loc.line(), loc.column()),
+            None => e,
+        }
+    }
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((l, c)) = self.location {
+            write!(f, ":{l}:{c}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(ctx) = &self.context {
+            write!(f, "{ctx}: ")?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// The closest candidate to `word`, if it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// serde reports "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"); turn that
+/// into a "did you mean" hint, or a list of what is allowed.
+fn suggest_from_serde_message(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))
+        .or_else(|| message.split(": unknown field `").nth(1))
+        .or_else(|| message.split(": unknown variant `").nth(1))?;
+    let (word, rest) = rest.split_once('`')?;
+    let candidates: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    Some(match did_you_mean(word, candidates.iter().copied()) {
+        Some(c) => format!("did you mean `{c}`?"),
+        None => format!("expected one of: {}", candidates.join(", ")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_the_closest_known_field() {
+        let h = suggest_from_serde_message("unknown field `lrr`, expected one of `lr`, `momentum`, `nesterov`");
+        assert_eq!(h.as_deref(), Some("did you mean `lr`?"));
+        let h = suggest_from_serde_message("unknown variant `xyz`, expected `sgd` or `adam`");
+        assert_eq!(h.as_deref(), Some("expected one of: sgd, adam"));
+        assert_eq!(suggest_from_serde_message("invalid type: string"), None);
+    }
+
+    #[test]
+    fn display_names_file_position_and_hint() {
+        let e = SpecError::new(Path::new("exp.yaml"), "unknown field `epocs`, expected `epochs`")
+            .at(4, 3)
+            .context("stages.train");
+        assert_eq!(
+            e.to_string(),
+            "exp.yaml:4:3: stages.train: unknown field `epocs`, expected `epochs`\n  hint: did you mean `epochs`?"
+        );
+    }
+}

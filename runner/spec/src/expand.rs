@@ -1,0 +1,250 @@
+//! Expansion: defaults ⊕ stage ⊕ sweep point → one validated job per point and seed.
+
+use crate::config::JobConfig;
+use crate::error::did_you_mean;
+use crate::file::{ConfigPart, ExperimentFile, CONFIG_KEYS};
+use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId};
+use crate::SpecError;
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// A validated experiment: every job resolved, checked and identified. Only a `Plan` can be run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub file: PathBuf,
+    /// The file's text, kept with the results for provenance.
+    pub source: String,
+    pub stages: Vec<StagePlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    pub name: String,
+    /// The dotted keys this stage sweeps over, in file order.
+    pub sweep_keys: Vec<String>,
+    pub jobs: Vec<Job>,
+}
+
+/// One job: a stage at one sweep point and one seed.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: JobId,
+    pub stage: String,
+    pub seed: u64,
+    pub config: JobConfig,
+    /// The canonical resolved config: what the identity hashes and the worker receives.
+    pub config_json: Value,
+    /// The swept values of this job, e.g. `[("optimizer.lr", 0.1)]`.
+    pub point: Vec<(String, Value)>,
+    pub parents: Vec<JobId>,
+}
+
+impl Plan {
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.stages.iter().flat_map(|s| s.jobs.iter())
+    }
+}
+
+impl Job {
+    /// A short human label of the sweep point, e.g. `optimizer.lr=0.1 seed=0`.
+    pub fn label(&self) -> String {
+        let mut parts: Vec<String> = self.point.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.push(format!("seed={}", self.seed));
+        parts.join(" ")
+    }
+}
+
+fn yaml_to_json(file: &Path, ctx: &str, v: &serde_yaml::Value) -> Result<Value, SpecError> {
+    serde_json::to_value(v)
+        .map(|j| normalize_numbers(&j))
+        .map_err(|e| SpecError::new(file, format!("cannot be represented as a config value: {e}")).context(ctx.to_string()))
+}
+
+/// Recursively merges `over` into `base`: maps merge key by key, anything else replaces.
+pub fn deep_merge(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) => deep_merge(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+fn merge_part(file: &Path, ctx: &str, into: &mut Value, part: &ConfigPart) -> Result<(), SpecError> {
+    for (k, v) in part.entries() {
+        let v = yaml_to_json(file, &format!("{ctx}.{k}"), v)?;
+        let mut over = Map::new();
+        over.insert(k.to_string(), v);
+        deep_merge(into, &Value::Object(over));
+    }
+    Ok(())
+}
+
+/// Sets a dotted key such as `optimizer.lr`, creating maps on the way.
+fn set_dotted(root: &mut Value, key: &str, v: Value) -> Result<(), String> {
+    let mut cur = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(format!("`{key}` has an empty segment"));
+        }
+        let obj = match cur {
+            Value::Object(o) => o,
+            other => {
+                return Err(format!("`{}` is {}, not a map, so `{key}` cannot be set", parts[..i].join("."), kind(other)))
+            }
+        };
+        if i + 1 == parts.len() {
+            obj.insert(p.to_string(), v);
+            return Ok(());
+        }
+        cur = obj.entry(p.to_string()).or_insert_with(|| Value::Object(Map::new()));
+    }
+    unreachable!("split always yields one part")
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a map",
+    }
+}
+
+/// Resolves, validates and identifies every job of a parsed experiment file.
+pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, SpecError> {
+    if exp.name.trim().is_empty() {
+        return Err(SpecError::new(file, "`name` is empty").hint("give the experiment a name, e.g. `name: quickstart`"));
+    }
+    if exp.stages.is_empty() {
+        return Err(SpecError::new(file, "`stages` is empty").hint("declare at least one stage, e.g. `stages: {train: {task: train}}`"));
+    }
+    let mut defaults = Value::Object(Map::new());
+    if let Some(d) = &exp.defaults {
+        merge_part(file, "defaults", &mut defaults, d)?;
+    }
+    let mut seen = HashSet::new();
+    let mut stages = Vec::new();
+    for (stage_name, stage) in &exp.stages {
+        let ctx = format!("stages.{stage_name}");
+        let mut base = defaults.clone();
+        merge_part(file, &ctx, &mut base, &stage.config_part())?;
+
+        let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
+        for (key, values) in &stage.grid {
+            let head = key.split('.').next().unwrap_or_default();
+            if !CONFIG_KEYS.contains(&head) {
+                let mut e = SpecError::new(file, format!("grid key `{key}` does not name a config key"))
+                    .context(format!("{ctx}.grid"));
+                e.hint = Some(match did_you_mean(head, CONFIG_KEYS.iter().copied()) {
+                    Some(c) => format!("did you mean `{c}{}`?", &key[head.len()..]),
+                    None => format!("grid keys start with one of: {}", CONFIG_KEYS.join(", ")),
+                });
+                return Err(e);
+            }
+            if values.is_empty() {
+                return Err(SpecError::new(file, format!("grid key `{key}` has no values"))
+                    .context(format!("{ctx}.grid"))
+                    .hint("list at least one value, or remove the key"));
+            }
+            let vals = values
+                .iter()
+                .map(|v| yaml_to_json(file, &format!("{ctx}.grid.{key}"), v))
+                .collect::<Result<Vec<_>, _>>()?;
+            axes.push((key.clone(), vals));
+        }
+        let seeds = stage.seeds.as_ref().map(|s| s.list()).unwrap_or_else(|| vec![0]);
+        if seeds.is_empty() {
+            return Err(SpecError::new(file, "`seeds` is empty").context(ctx).hint("use `seeds: 1` or list at least one seed"));
+        }
+        if let Some(d) = first_duplicate(&seeds) {
+            return Err(SpecError::new(file, format!("seed {d} is listed twice")).context(format!("{ctx}.seeds")));
+        }
+
+        let mut jobs = Vec::new();
+        for point in cartesian(&axes) {
+            let mut cfg = base.clone();
+            for (k, v) in &point {
+                set_dotted(&mut cfg, k, v.clone())
+                    .map_err(|m| SpecError::new(file, m).context(format!("{ctx}.grid")))?;
+            }
+            let point_ctx = if point.is_empty() {
+                ctx.clone()
+            } else {
+                let p: Vec<String> = point.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("{ctx} [{}]", p.join(", "))
+            };
+            let config = validate(file, &point_ctx, cfg)?;
+            let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
+            for &seed in &seeds {
+                let id = job_id(&IdentityInput { config: &config_json, seed, plugins: &[], parents: &[] });
+                if !seen.insert(id.clone()) {
+                    return Err(SpecError::new(file, format!("two jobs resolve to the same config and seed (job {id})"))
+                        .context(point_ctx)
+                        .hint("remove the repeated grid value or stage"));
+                }
+                jobs.push(Job {
+                    id,
+                    stage: stage_name.clone(),
+                    seed,
+                    config: config.clone(),
+                    config_json: config_json.clone(),
+                    point: point.clone(),
+                    parents: Vec::new(),
+                });
+            }
+        }
+        stages.push(StagePlan { name: stage_name.clone(), sweep_keys: axes.iter().map(|(k, _)| k.clone()).collect(), jobs });
+    }
+    Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages })
+}
+
+fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> {
+    let config: JobConfig = serde_path_to_error::deserialize(cfg).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let ctx = if path == "." { ctx.to_string() } else { format!("{ctx}: {path}") };
+        let mut err = SpecError::new(file, inner.clone()).context(ctx);
+        if inner.starts_with("missing field") && err.hint.is_none() {
+            err.hint = Some("set it in `defaults:` or in the stage".into());
+        }
+        err
+    })?;
+    config.check().map_err(|(path, msg)| SpecError::new(file, format!("`{path}` {msg}")).context(ctx.to_string()))?;
+    Ok(config)
+}
+
+fn first_duplicate(seeds: &[u64]) -> Option<u64> {
+    let mut seen = HashSet::new();
+    seeds.iter().copied().find(|s| !seen.insert(*s))
+}
+
+/// The cartesian product of the axes, first axis slowest; one empty point when there are none.
+fn cartesian(axes: &[(String, Vec<Value>)]) -> Vec<Vec<(String, Value)>> {
+    let mut points = vec![Vec::new()];
+    for (key, values) in axes {
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                values.iter().map(move |v| {
+                    let mut q = p.clone();
+                    q.push((key.clone(), v.clone()));
+                    q
+                })
+            })
+            .collect();
+    }
+    points
+}

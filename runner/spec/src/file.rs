@@ -1,0 +1,120 @@
+//! The experiment file as written: parsed from YAML with positions, before any merging.
+
+use crate::SpecError;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_yaml::Value;
+use std::path::Path;
+
+/// The keys of a job config that a file may set in `defaults` or in a stage. Kept equal to the
+/// fields of [`crate::JobConfig`] by a test.
+pub const CONFIG_KEYS: &[&str] = &["task", "data", "model", "optimizer", "epochs", "batch_size"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentFile {
+    /// The experiment's name; results are grouped under it.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Config shared by every stage; a stage's own keys override it (maps merge deeply).
+    #[serde(default)]
+    pub defaults: Option<ConfigPart>,
+    pub stages: IndexMap<String, StageFile>,
+}
+
+/// A partial job config, merged later; every key is checked against the job config's types
+/// after merging.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPart {
+    pub task: Option<Value>,
+    pub data: Option<Value>,
+    pub model: Option<Value>,
+    pub optimizer: Option<Value>,
+    pub epochs: Option<Value>,
+    pub batch_size: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageFile {
+    pub task: Option<Value>,
+    pub data: Option<Value>,
+    pub model: Option<Value>,
+    pub optimizer: Option<Value>,
+    pub epochs: Option<Value>,
+    pub batch_size: Option<Value>,
+    /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
+    #[serde(default)]
+    pub grid: IndexMap<String, Vec<Value>>,
+    /// `seeds: 3` means seeds 0, 1, 2; `seeds: [7, 8]` lists them.
+    #[serde(default)]
+    pub seeds: Option<Seeds>,
+}
+
+impl StageFile {
+    pub fn config_part(&self) -> ConfigPart {
+        ConfigPart {
+            task: self.task.clone(),
+            data: self.data.clone(),
+            model: self.model.clone(),
+            optimizer: self.optimizer.clone(),
+            epochs: self.epochs.clone(),
+            batch_size: self.batch_size.clone(),
+        }
+    }
+}
+
+impl ConfigPart {
+    /// The keys that are set, in [`CONFIG_KEYS`] order.
+    pub fn entries(&self) -> Vec<(&'static str, &Value)> {
+        let all = [&self.task, &self.data, &self.model, &self.optimizer, &self.epochs, &self.batch_size];
+        CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a seed count (e.g. `3`) or a list of seeds (e.g. `[0, 1, 2]`)")]
+pub enum Seeds {
+    Count(u64),
+    List(Vec<u64>),
+}
+
+impl Seeds {
+    pub fn list(&self) -> Vec<u64> {
+        match self {
+            Seeds::Count(n) => (0..*n).collect(),
+            Seeds::List(v) => v.clone(),
+        }
+    }
+}
+
+/// Reads and parses an experiment file. Every malformed input becomes a [`SpecError`].
+pub fn read(path: &Path) -> Result<(String, ExperimentFile), SpecError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        SpecError::new(path, format!("cannot read the experiment file: {e}"))
+            .hint("check the path; experiment files usually live under experiments/")
+    })?;
+    let source = String::from_utf8(bytes).map_err(|e| {
+        SpecError::new(path, format!("not a UTF-8 text file (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+            .hint("an experiment file is YAML text")
+    })?;
+    let file = parse(path, &source)?;
+    Ok((source, file))
+}
+
+/// Parses experiment YAML from a string; `path` is used in messages only.
+pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
+    if source.trim().is_empty() || source.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        return Err(SpecError::new(path, "the file is empty")
+            .hint("an experiment needs at least `name:` and `stages:`; see experiments/quickstart.yaml"));
+    }
+    if let Some((i, line)) = source.lines().enumerate().find(|(_, l)| l.starts_with('\t') || l.trim_start_matches(' ').starts_with('\t')) {
+        let col = line.find('\t').unwrap_or(0) + 1;
+        return Err(SpecError::new(path, "tab character in indentation")
+            .at(i + 1, col)
+            .hint("YAML indents with spaces only; replace the tab with spaces"));
+    }
+    serde_yaml::from_str::<ExperimentFile>(source).map_err(|e| SpecError::from_yaml(path, &e))
+}

@@ -1,0 +1,29 @@
+//! xlab experiment files: YAML → validated [`Plan`] of jobs with stable identities.
+//!
+//! Parse ([`file`]) → resolve and validate ([`expand`]) → a [`Plan`]; only a plan can be
+//! scheduled. This crate does no I/O beyond reading the file and never links libtorch.
+
+pub mod config;
+mod error;
+pub mod expand;
+pub mod file;
+pub mod identity;
+
+pub use config::JobConfig;
+pub use error::{did_you_mean, SpecError};
+pub use expand::{Job, Plan, StagePlan};
+pub use identity::{JobId, PluginRef};
+
+use std::path::Path;
+
+/// Reads, parses, resolves and validates an experiment file.
+pub fn load(path: &Path) -> Result<Plan, SpecError> {
+    let (source, parsed) = file::read(path)?;
+    expand::expand(path, source, parsed)
+}
+
+/// Like [`load`], from text already in memory; `path` is used in messages only.
+pub fn load_str(path: &Path, source: &str) -> Result<Plan, SpecError> {
+    let parsed = file::parse(path, source)?;
+    expand::expand(path, source.to_string(), parsed)
+}

@@ -1,0 +1,335 @@
+//! The xlab results store.
+//!
+//! A store is a folder (`results/` by default) holding a sled database (`db/`), a lock file
+//! (`lock`) naming the process that holds it, and per-job run folders (`runs/<job>/`). sled
+//! allows one process per database; the lock file turns a second opener's failure into a clear
+//! "store in use by pid N" message instead of a sled error.
+//!
+//! Trees: `meta` (format version), `experiments` (name → [`ExperimentRecord`]), `jobs`
+//! (id → [`JobRecord`]) and `metrics` (job, metric, step → value; writing a point again
+//! replaces it, so replays never duplicate points).
+
+mod records;
+
+pub use records::*;
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The on-disk format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {dir} is in use by pid {pid} ({command}, started {started})\n  hint: wait for that run to finish, stop it, or use another store with --store DIR")]
+    InUse { dir: PathBuf, pid: u32, command: String, started: String },
+    #[error("store {dir} was written by a newer xlab (format {found}, this build reads up to {supported})\n  hint: upgrade xlab, or use another store with --store DIR")]
+    NewerFormat { dir: PathBuf, found: u32, supported: u32 },
+    #[error("store {dir}: {message}")]
+    Corrupt { dir: PathBuf, message: String },
+    #[error("store {dir}: {source}")]
+    Io { dir: PathBuf, source: std::io::Error },
+    #[error("store {dir}: database error: {source}")]
+    Db { dir: PathBuf, source: sled::Error },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct LockInfo {
+    pid: u32,
+    command: String,
+    started_unix: u64,
+}
+
+/// An open store; holds the store's lock until dropped.
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    experiments: sled::Tree,
+    jobs: sled::Tree,
+    metrics: sled::Tree,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, taking its lock.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = take_lock(dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(|source| StoreError::Db { dir: dir.to_path_buf(), source })?;
+        let store = Self::from_db(dir, db, lock)?;
+        store.check_format()?;
+        Ok(store)
+    }
+
+    fn from_db(dir: &Path, db: sled::Db, lock: File) -> Result<Store> {
+        let tree = |name: &str| db.open_tree(name).map_err(|source| StoreError::Db { dir: dir.to_path_buf(), source });
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            experiments: tree("experiments")?,
+            jobs: tree("jobs")?,
+            metrics: tree("metrics")?,
+            db,
+            _lock: lock,
+        })
+    }
+
+    fn db_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Db { dir: self.dir.clone(), source }
+    }
+
+    fn corrupt(&self, message: String) -> StoreError {
+        StoreError::Corrupt { dir: self.dir.clone(), message }
+    }
+
+    fn check_format(&self) -> Result<()> {
+        let meta = self.db.open_tree("meta").map_err(|e| self.db_err(e))?;
+        match meta.get("format_version").map_err(|e| self.db_err(e))? {
+            None => {
+                meta.insert("format_version", &FORMAT_VERSION.to_be_bytes()).map_err(|e| self.db_err(e))?;
+                Ok(())
+            }
+            Some(v) => {
+                let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| self.corrupt("format_version is not a u32".into()))?;
+                let found = u32::from_be_bytes(bytes);
+                if found > FORMAT_VERSION {
+                    return Err(StoreError::NewerFormat { dir: self.dir.clone(), found, supported: FORMAT_VERSION });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Overwrites the stored format version (for tests of format refusal and for migrations).
+    pub fn set_format_version(&self, v: u32) -> Result<()> {
+        let meta = self.db.open_tree("meta").map_err(|e| self.db_err(e))?;
+        meta.insert("format_version", &v.to_be_bytes()).map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The run folder of a job, where its artifacts and logs live.
+    pub fn run_dir(&self, job: &str) -> PathBuf {
+        self.dir.join("runs").join(job)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
+    }
+
+    fn get<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &str) -> Result<Option<T>> {
+        match tree.get(key).map_err(|e| self.db_err(e))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| self.corrupt(format!("record `{key}`: {e}"))),
+        }
+    }
+
+    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &str, v: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(v).expect("records serialize");
+        tree.insert(key, bytes).map(|_| ()).map_err(|e| self.db_err(e))
+    }
+
+    fn all<T: DeserializeOwned>(&self, tree: &sled::Tree) -> Result<Vec<T>> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(|e| self.db_err(e))?;
+                serde_json::from_slice(&v)
+                    .map_err(|e| self.corrupt(format!("record `{}`: {e}", String::from_utf8_lossy(&k))))
+            })
+            .collect()
+    }
+
+    pub fn put_experiment(&self, e: &ExperimentRecord) -> Result<()> {
+        self.put(&self.experiments, &e.name, e)
+    }
+
+    pub fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>> {
+        self.get(&self.experiments, name)
+    }
+
+    pub fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
+        self.all(&self.experiments)
+    }
+
+    pub fn put_job(&self, j: &JobRecord) -> Result<()> {
+        self.put(&self.jobs, &j.id, j)
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
+        self.get(&self.jobs, id)
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        self.all(&self.jobs)
+    }
+
+    /// Writes metric points of one job at one step in one batch. Rewriting a point replaces it.
+    pub fn put_metrics(&self, job: &str, step: u64, values: &BTreeMap<String, f64>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (name, v) in values {
+            batch.insert(metric_key(job, name, step), &v.to_le_bytes());
+        }
+        self.metrics.apply_batch(batch).map_err(|e| self.db_err(e))
+    }
+
+    /// The points of one metric of one job, by step.
+    pub fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>> {
+        let mut prefix = metric_prefix(job);
+        prefix.extend_from_slice(name.as_bytes());
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.metrics.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            out.push((decode_step(&self.dir, &k)?, decode_value(&self.dir, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every metric series of one job.
+    pub fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
+        let prefix = metric_prefix(job);
+        let mut out: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+        for kv in self.metrics.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let rest = &k[prefix.len()..];
+            let name_end = rest.iter().position(|&b| b == 0).ok_or_else(|| self.corrupt("metric key without a step".into()))?;
+            let name = String::from_utf8_lossy(&rest[..name_end]).into_owned();
+            out.entry(name).or_default().push((decode_step(&self.dir, &k)?, decode_value(&self.dir, &v)?));
+        }
+        Ok(out)
+    }
+}
+
+fn metric_prefix(job: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(job.len() + 32);
+    k.extend_from_slice(job.as_bytes());
+    k.push(0);
+    k
+}
+
+fn metric_key(job: &str, name: &str, step: u64) -> Vec<u8> {
+    let mut k = metric_prefix(job);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&step.to_be_bytes());
+    k
+}
+
+fn decode_step(dir: &Path, key: &[u8]) -> Result<u64> {
+    let tail: [u8; 8] = key
+        .get(key.len().saturating_sub(8)..)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt { dir: dir.to_path_buf(), message: "short metric key".into() })?;
+    Ok(u64::from_be_bytes(tail))
+}
+
+fn decode_value(dir: &Path, v: &[u8]) -> Result<f64> {
+    let b: [u8; 8] = v
+        .try_into()
+        .map_err(|_| StoreError::Corrupt { dir: dir.to_path_buf(), message: "metric value is not 8 bytes".into() })?;
+    Ok(f64::from_le_bytes(b))
+}
+
+fn take_lock(dir: &Path) -> Result<File> {
+    let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock")).map_err(io)?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            let info: Option<LockInfo> = serde_json::from_str(&s).ok();
+            return Err(match info {
+                Some(i) => StoreError::InUse {
+                    dir: dir.to_path_buf(),
+                    pid: i.pid,
+                    command: i.command,
+                    started: format!("{} s ago", now_unix().saturating_sub(i.started_unix)),
+                },
+                None => StoreError::InUse {
+                    dir: dir.to_path_buf(),
+                    pid: 0,
+                    command: "unknown command".into(),
+                    started: "at an unknown time".into(),
+                },
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(io(e)),
+    }
+    let command: Vec<String> = std::env::args().collect();
+    let info = LockInfo { pid: std::process::id(), command: command.join(" "), started_unix: now_unix() };
+    f.set_len(0).map_err(io)?;
+    f.rewind().map_err(io)?;
+    f.write_all(serde_json::to_string(&info).expect("lock info serializes").as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_points_are_replaced_not_duplicated() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let mut v = BTreeMap::new();
+        v.insert("train.loss".to_string(), 1.5);
+        s.put_metrics("aaaa", 1, &v).unwrap();
+        s.put_metrics("aaaa", 1, &v).unwrap();
+        v.insert("train.loss".to_string(), 0.5);
+        s.put_metrics("aaaa", 2, &v).unwrap();
+        s.put_metrics("aaaab", 1, &v).unwrap();
+        assert_eq!(s.metric_series("aaaa", "train.loss").unwrap(), vec![(1, 1.5), (2, 0.5)]);
+        assert_eq!(s.metrics_of("aaaa").unwrap()["train.loss"].len(), 2);
+        assert_eq!(s.metrics_of("aaaab").unwrap()["train.loss"], vec![(1, 0.5)]);
+    }
+
+    #[test]
+    fn store_reopens_with_its_data() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(d.path()).unwrap();
+            s.put_experiment(&ExperimentRecord {
+                name: "e".into(),
+                file: "e.yaml".into(),
+                source: "name: e".into(),
+                updated_unix: 1,
+                stages: vec![],
+            })
+            .unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.experiment("e").unwrap().unwrap().source, "name: e");
+        assert!(s.experiment("f").unwrap().is_none());
+    }
+
+    #[test]
+    fn newer_format_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        Store::open(d.path()).unwrap().set_format_version(FORMAT_VERSION + 1).unwrap();
+        let err = Store::open(d.path()).err().expect("refused");
+        assert!(matches!(err, StoreError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1), "{err}");
+        assert!(err.to_string().contains("newer xlab"), "{err}");
+    }
+}

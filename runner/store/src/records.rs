@@ -1,0 +1,95 @@
+//! The records kept in the store, serialized as JSON values in sled trees.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// An experiment as last run: its file, its text and its jobs by stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExperimentRecord {
+    pub name: String,
+    pub file: String,
+    pub source: String,
+    pub updated_unix: u64,
+    pub stages: Vec<StageRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageRecord {
+    pub name: String,
+    pub sweep_keys: Vec<String>,
+    pub jobs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Known but never started.
+    Pending,
+    /// A worker holds it now (or held it when the coordinator stopped).
+    Running,
+    Done,
+    Failed,
+    /// Stopped before finishing, by the user or by a coordinator that went away.
+    Interrupted,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// One attempt at running a job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
+    pub number: u32,
+    pub started_unix: u64,
+    pub ended_unix: Option<u64>,
+    pub device: String,
+    pub pid: Option<u32>,
+    /// `done`, or the failure cause (`error`, `crashed`, `diverged`, ...).
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Where a result came from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Provenance {
+    pub xlab_version: String,
+    pub libtorch: Option<String>,
+    pub host: Option<String>,
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactRecord {
+    pub name: String,
+    pub kind: String,
+    /// Relative to the store's folder.
+    pub path: String,
+}
+
+/// A job: identity, resolved config, status, attempts and final metrics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobRecord {
+    pub id: String,
+    pub experiment: String,
+    pub stage: String,
+    pub seed: u64,
+    pub config: serde_json::Value,
+    /// The swept values that distinguish this job within its stage.
+    pub point: Vec<(String, serde_json::Value)>,
+    pub parents: Vec<String>,
+    pub status: JobStatus,
+    pub attempts: Vec<Attempt>,
+    /// Final value of each metric.
+    pub summary: BTreeMap<String, f64>,
+    pub provenance: Provenance,
+    pub artifacts: Vec<ArtifactRecord>,
+}

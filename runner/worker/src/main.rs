@@ -1,0 +1,53 @@
+//! `xlab-worker`: started by `xlab` once per job; not meant to be run by hand, except
+//! `xlab-worker probe`, which prints what libtorch and devices this worker sees.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use xlab_worker::events::Emitter;
+
+#[derive(Parser)]
+#[command(name = "xlab-worker", version, about = "Runs one xlab job (started by `xlab run`)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the job described by a job request file; events go to standard output as JSON lines.
+    Run {
+        #[arg(long)]
+        job: PathBuf,
+    },
+    /// Print the libtorch version and location and the devices it sees, as JSON.
+    Probe,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XLAB_WORKER_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    match cli.command {
+        Command::Probe => {
+            println!("{}", xlab_worker::probe::report());
+        }
+        Command::Run { job } => {
+            let mut out = Emitter::stdout();
+            let req = std::fs::read(&job)
+                .map_err(|e| format!("cannot read job request {}: {e}", job.display()))
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("bad job request {}: {e}", job.display())));
+            let code = match req {
+                Ok(req) => xlab_worker::run_job(&req, &mut out),
+                Err(message) => {
+                    tracing::error!("{message}");
+                    out.failed(xlab_proto::FailureCause::Config, message);
+                    2
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
