@@ -162,7 +162,12 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
     let store = open_store(&cli.store)?;
     let slots = jobs.unwrap_or_else(|| (xlab_sched::pool::default_cpu_slots() / threads.max(1)).max(1));
     let total = plan.jobs().count();
-    tracing::info!("experiment `{}`: {total} job(s) in {} stage(s), {slots} at a time, store {}", plan.name, plan.stages.len(), cli.store.display());
+    tracing::info!(
+        "experiment `{}`: {total} job(s) in {} stage(s), {slots} at a time, store {}",
+        plan.name,
+        plan.stages.len(),
+        cli.store.display()
+    );
     let opts = RunOptions { worker: worker_path(), pool: Pool::cpu(slots, threads), xlab_version: VERSION.into() };
     let started = Instant::now();
     let mut finished = 0usize;
@@ -176,17 +181,25 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
         Progress::Metrics { job, step, values } => {
-            let shown: Vec<String> = values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
+            let shown: Vec<String> =
+                values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
             tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Finished { job, summary } => {
             finished += 1;
-            let shown: Vec<String> = summary.iter().filter(|(k, _)| k.starts_with("test.")).map(|(k, v)| format!("{k}={v:.4}")).collect();
+            let shown: Vec<String> =
+                summary.iter().filter(|(k, _)| k.starts_with("test.")).map(|(k, v)| format!("{k}={v:.4}")).collect();
             tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Failed { job, cause, message } => {
             finished += 1;
-            tracing::error!("[{finished}/{total}] FAILED ({}) {} {} (job {}): {message}", cause.as_str(), job.stage, job.label(), job.id);
+            tracing::error!(
+                "[{finished}/{total}] FAILED ({}) {} {} (job {}): {message}",
+                cause.as_str(),
+                job.stage,
+                job.label(),
+                job.id
+            );
         }
     };
     let report = xlab_sched::run(&store, &plan, opts, &mut observe)?;
@@ -218,7 +231,10 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();
         for job in &stage.jobs {
             let status = match &store {
-                Some(s) => s.job(job.id.as_str()).map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })?.map(|r| r.status),
+                Some(s) => s
+                    .job(job.id.as_str())
+                    .map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })?
+                    .map(|r| r.status),
                 None => None,
             };
             let key = match status {
@@ -230,7 +246,8 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
             *counts.entry(key).or_default() += 1;
         }
         let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        let sweep = if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
+        let sweep =
+            if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
         println!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
         for job in &stage.jobs {
             println!("    {}  {}", job.id, job.label());
@@ -248,7 +265,9 @@ fn query(store: &Store, experiment: Option<&str>, format: Format) -> Result<(), 
         None => {
             let mut all = store.experiments().map_err(env)?;
             all.sort_by_key(|e| e.updated_unix);
-            all.pop().with_context(|| format!("store {} holds no experiments yet; run one with `xlab run FILE`", store.dir().display()))?
+            all.pop().with_context(|| {
+                format!("store {} holds no experiments yet; run one with `xlab run FILE`", store.dir().display())
+            })?
         }
     };
     let rows = table::rows(store, &exp)?;
@@ -287,17 +306,28 @@ fn doctor(cli: &Cli) -> Result<u8, Failure> {
     println!("worker:       {}", worker.display());
     match std::process::Command::new(&worker).arg("probe").output() {
         Ok(out) if out.status.success() => {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("the worker's probe did not print JSON")?;
-            let s = |k: &str| v.get(k).map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).unwrap_or_default();
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("the worker's probe did not print JSON")?;
+            let s = |k: &str| {
+                v.get(k).map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).unwrap_or_default()
+            };
             println!("libtorch:     {} at {}", s("libtorch_version"), s("libtorch_dir"));
             println!("CUDA library: {}", s("cuda_library"));
-            println!("CUDA usable:  {} ({} device(s), cuDNN {})", s("cuda_available"), s("cuda_devices"), s("cudnn_available"));
+            println!(
+                "CUDA usable:  {} ({} device(s), cuDNN {})",
+                s("cuda_available"),
+                s("cuda_devices"),
+                s("cudnn_available")
+            );
             println!("CPU threads:  {} (host {})", s("cpu_threads"), s("host"));
         }
         Ok(out) => println!("libtorch:     the worker's probe failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
         Err(e) => println!("libtorch:     cannot start the worker: {e} (build it with `make build`)"),
     }
-    match std::process::Command::new("nvidia-smi").args(["--query-gpu=index,name,memory.total", "--format=csv,noheader"]).output() {
+    match std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=index,name,memory.total", "--format=csv,noheader"])
+        .output()
+    {
         Ok(out) if out.status.success() => {
             for l in String::from_utf8_lossy(&out.stdout).lines() {
                 println!("GPU:          {l}");

@@ -37,7 +37,13 @@ pub fn rows(store: &Store, exp: &ExperimentRecord) -> anyhow::Result<Vec<Row>> {
             let row = match out.iter_mut().find(|r| r.stage == stage.name && r.point == job.point) {
                 Some(r) => r,
                 None => {
-                    out.push(Row { stage: stage.name.clone(), point: job.point.clone(), metrics: BTreeMap::new(), done: 0, jobs: 0 });
+                    out.push(Row {
+                        stage: stage.name.clone(),
+                        point: job.point.clone(),
+                        metrics: BTreeMap::new(),
+                        done: 0,
+                        jobs: 0,
+                    });
                     out.last_mut().expect("just pushed")
                 }
             };
@@ -127,7 +133,8 @@ pub fn render(rows: &[Row], metrics: &[String]) -> String {
 /// Renders the rows as CSV: one column per sweep key, then mean, std and n for each metric.
 pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
     let keys = columns(rows);
-    let quote = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let quote =
+        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
     let mut header = vec!["stage".to_string()];
     header.extend(keys.iter().cloned());
     for m in metrics {
@@ -168,7 +175,13 @@ mod tests {
     fn csv_quotes_and_counts() {
         let mut metrics = BTreeMap::new();
         metrics.insert("test.acc".to_string(), vec![0.5, 0.7]);
-        let rows = vec![Row { stage: "a,b".into(), point: vec![("optimizer.lr".into(), serde_json::json!(0.1))], metrics, done: 2, jobs: 2 }];
+        let rows = vec![Row {
+            stage: "a,b".into(),
+            point: vec![("optimizer.lr".into(), serde_json::json!(0.1))],
+            metrics,
+            done: 2,
+            jobs: 2,
+        }];
         let csv = render_csv(&rows, &["test.acc".into()]);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], "stage,optimizer.lr,test.acc.mean,test.acc.std,test.acc.n");

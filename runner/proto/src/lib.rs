@@ -80,12 +80,7 @@ impl FailureCause {
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Event {
     /// The worker set up its device and is about to run.
-    Started {
-        pid: u32,
-        device: String,
-        libtorch: String,
-        host: String,
-    },
+    Started { pid: u32, device: String, libtorch: String, host: String },
     /// Scalar metric points, e.g. `train.loss` at step 3.
     Metrics { step: u64, values: BTreeMap<String, f64> },
     /// A file the job produced and made durable, relative to the run folder.
@@ -118,10 +113,7 @@ mod tests {
         values.insert("train.loss".to_string(), 0.25);
         let events = [
             Event::Metrics { step: 3, values },
-            Event::Failed {
-                cause: FailureCause::Diverged,
-                message: "loss is NaN at step 7\nsecond line".into(),
-            },
+            Event::Failed { cause: FailureCause::Diverged, message: "loss is NaN at step 7\nsecond line".into() },
         ];
         for e in events {
             let line = e.to_line();

@@ -10,13 +10,17 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
 use xlab_spec::{Job, Plan};
-use xlab_store::{now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, StageRecord, Store};
+use xlab_store::{
+    now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, StageRecord, Store,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedError {
     #[error(transparent)]
     Store(#[from] xlab_store::StoreError),
-    #[error("cannot start the worker {worker}: {source}\n  hint: build it with `make build`, or point XLAB_WORKER at it")]
+    #[error(
+        "cannot start the worker {worker}: {source}\n  hint: build it with `make build`, or point XLAB_WORKER at it"
+    )]
     Spawn { worker: PathBuf, source: std::io::Error },
 }
 
@@ -32,11 +36,28 @@ pub struct RunOptions {
 #[derive(Debug)]
 pub enum Progress<'a> {
     /// Already done in the store; not run again.
-    Skipped { job: &'a Job },
-    Started { job: &'a Job, device: &'a str, attempt: u32 },
-    Metrics { job: &'a Job, step: u64, values: &'a BTreeMap<String, f64> },
-    Finished { job: &'a Job, summary: &'a BTreeMap<String, f64> },
-    Failed { job: &'a Job, cause: FailureCause, message: &'a str },
+    Skipped {
+        job: &'a Job,
+    },
+    Started {
+        job: &'a Job,
+        device: &'a str,
+        attempt: u32,
+    },
+    Metrics {
+        job: &'a Job,
+        step: u64,
+        values: &'a BTreeMap<String, f64>,
+    },
+    Finished {
+        job: &'a Job,
+        summary: &'a BTreeMap<String, f64>,
+    },
+    Failed {
+        job: &'a Job,
+        cause: FailureCause,
+        message: &'a str,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +75,12 @@ struct Running {
 }
 
 /// Runs every job of the plan that the store does not hold as done.
-pub fn run(store: &Store, plan: &Plan, mut opts: RunOptions, observe: &mut dyn FnMut(Progress<'_>)) -> Result<RunReport, SchedError> {
+pub fn run(
+    store: &Store,
+    plan: &Plan,
+    mut opts: RunOptions,
+    observe: &mut dyn FnMut(Progress<'_>),
+) -> Result<RunReport, SchedError> {
     let jobs: Vec<&Job> = plan.jobs().collect();
     let mut report = RunReport { total: jobs.len(), ..Default::default() };
     store.put_experiment(&ExperimentRecord {
@@ -65,7 +91,11 @@ pub fn run(store: &Store, plan: &Plan, mut opts: RunOptions, observe: &mut dyn F
         stages: plan
             .stages
             .iter()
-            .map(|s| StageRecord { name: s.name.clone(), sweep_keys: s.sweep_keys.clone(), jobs: s.jobs.iter().map(|j| j.id.to_string()).collect() })
+            .map(|s| StageRecord {
+                name: s.name.clone(),
+                sweep_keys: s.sweep_keys.clone(),
+                jobs: s.jobs.iter().map(|j| j.id.to_string()).collect(),
+            })
             .collect(),
     })?;
 
@@ -109,7 +139,11 @@ pub fn run(store: &Store, plan: &Plan, mut opts: RunOptions, observe: &mut dyn F
                 match start(store, &opts, jobs[i], &mut records[i], slot, i, tx.clone(), &ops_tx) {
                     Ok(()) => {
                         let r = &records[i];
-                        observe(Progress::Started { job: jobs[i], device: &opts.pool.slot(slot).device, attempt: r.attempts.len() as u32 });
+                        observe(Progress::Started {
+                            job: jobs[i],
+                            device: &opts.pool.slot(slot).device,
+                            attempt: r.attempts.len() as u32,
+                        });
                         running.insert(i, Running { slot, record: r.clone(), terminal: None });
                     }
                     Err(e) => {
@@ -124,7 +158,9 @@ pub fn run(store: &Store, plan: &Plan, mut opts: RunOptions, observe: &mut dyn F
             }
             let msg = rx.recv().expect("a sender lives in every running job's reader");
             match msg {
-                Msg::Event(i, e) => on_event(jobs[i], running.get_mut(&i).expect("event from a running job"), e, &ops_tx, observe),
+                Msg::Event(i, e) => {
+                    on_event(jobs[i], running.get_mut(&i).expect("event from a running job"), e, &ops_tx, observe)
+                }
                 Msg::Noise(i, line) => tracing::warn!(job = %jobs[i].id, "worker wrote a non-event line: {line}"),
                 Msg::Exited(i, status) => {
                     let mut r = running.remove(&i).expect("exit of a running job");
@@ -234,7 +270,11 @@ fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe
 
 /// Settles a job whose worker exited: its own final event if it sent one, else a classified
 /// crash with the end of its log.
-fn finish(r: &mut Running, status: std::io::Result<std::process::ExitStatus>, store: &Store) -> Result<BTreeMap<String, f64>, (FailureCause, String)> {
+fn finish(
+    r: &mut Running,
+    status: std::io::Result<std::process::ExitStatus>,
+    store: &Store,
+) -> Result<BTreeMap<String, f64>, (FailureCause, String)> {
     let outcome = match (r.terminal.take(), status) {
         (Some(Ok(summary)), Ok(s)) if s.success() => Ok(summary),
         (Some(Err(f)), _) => Err(f),

@@ -36,7 +36,13 @@ pub fn lease_for(slot: &Slot) -> (Lease, String) {
 
 /// Writes the job request and starts the worker; a reader thread forwards its events to `tx` and
 /// reports its exit. Returns the worker's pid.
-pub fn spawn(worker: &Path, req: &JobRequest, visible_devices: &str, index: usize, tx: Sender<Msg>) -> std::io::Result<u32> {
+pub fn spawn(
+    worker: &Path,
+    req: &JobRequest,
+    visible_devices: &str,
+    index: usize,
+    tx: Sender<Msg>,
+) -> std::io::Result<u32> {
     std::fs::create_dir_all(&req.run_dir)?;
     let request = request_path(&req.run_dir);
     std::fs::write(&request, serde_json::to_vec_pretty(req).expect("requests serialize"))?;

@@ -198,7 +198,7 @@ impl JobConfig {
                         return err(&format!("optimizer.{k}"), format!("must be in [0, 1), got {b}"));
                     }
                 }
-                if !(o.eps > 0.0) {
+                if o.eps.is_nan() || o.eps <= 0.0 {
                     return err("optimizer.eps", format!("must be > 0, got {}", o.eps));
                 }
                 (o.lr, o.weight_decay)

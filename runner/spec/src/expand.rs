@@ -57,9 +57,9 @@ impl Job {
 }
 
 fn yaml_to_json(file: &Path, ctx: &str, v: &serde_yaml::Value) -> Result<Value, SpecError> {
-    serde_json::to_value(v)
-        .map(|j| normalize_numbers(&j))
-        .map_err(|e| SpecError::new(file, format!("cannot be represented as a config value: {e}")).context(ctx.to_string()))
+    serde_json::to_value(v).map(|j| normalize_numbers(&j)).map_err(|e| {
+        SpecError::new(file, format!("cannot be represented as a config value: {e}")).context(ctx.to_string())
+    })
 }
 
 /// Recursively merges `over` into `base`: maps merge key by key, anything else replaces.
@@ -100,7 +100,11 @@ fn set_dotted(root: &mut Value, key: &str, v: Value) -> Result<(), String> {
         let obj = match cur {
             Value::Object(o) => o,
             other => {
-                return Err(format!("`{}` is {}, not a map, so `{key}` cannot be set", parts[..i].join("."), kind(other)))
+                return Err(format!(
+                    "`{}` is {}, not a map, so `{key}` cannot be set",
+                    parts[..i].join("."),
+                    kind(other)
+                ))
             }
         };
         if i + 1 == parts.len() {
@@ -129,7 +133,8 @@ pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, 
         return Err(SpecError::new(file, "`name` is empty").hint("give the experiment a name, e.g. `name: quickstart`"));
     }
     if exp.stages.is_empty() {
-        return Err(SpecError::new(file, "`stages` is empty").hint("declare at least one stage, e.g. `stages: {train: {task: train}}`"));
+        return Err(SpecError::new(file, "`stages` is empty")
+            .hint("declare at least one stage, e.g. `stages: {train: {task: train}}`"));
     }
     let mut defaults = Value::Object(Map::new());
     if let Some(d) = &exp.defaults {
@@ -167,7 +172,9 @@ pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, 
         }
         let seeds = stage.seeds.as_ref().map(|s| s.list()).unwrap_or_else(|| vec![0]);
         if seeds.is_empty() {
-            return Err(SpecError::new(file, "`seeds` is empty").context(ctx).hint("use `seeds: 1` or list at least one seed"));
+            return Err(SpecError::new(file, "`seeds` is empty")
+                .context(ctx)
+                .hint("use `seeds: 1` or list at least one seed"));
         }
         if let Some(d) = first_duplicate(&seeds) {
             return Err(SpecError::new(file, format!("seed {d} is listed twice")).context(format!("{ctx}.seeds")));
@@ -191,9 +198,12 @@ pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, 
             for &seed in &seeds {
                 let id = job_id(&IdentityInput { config: &config_json, seed, plugins: &[], parents: &[] });
                 if !seen.insert(id.clone()) {
-                    return Err(SpecError::new(file, format!("two jobs resolve to the same config and seed (job {id})"))
-                        .context(point_ctx)
-                        .hint("remove the repeated grid value or stage"));
+                    return Err(SpecError::new(
+                        file,
+                        format!("two jobs resolve to the same config and seed (job {id})"),
+                    )
+                    .context(point_ctx)
+                    .hint("remove the repeated grid value or stage"));
                 }
                 jobs.push(Job {
                     id,
@@ -206,7 +216,11 @@ pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, 
                 });
             }
         }
-        stages.push(StagePlan { name: stage_name.clone(), sweep_keys: axes.iter().map(|(k, _)| k.clone()).collect(), jobs });
+        stages.push(StagePlan {
+            name: stage_name.clone(),
+            sweep_keys: axes.iter().map(|(k, _)| k.clone()).collect(),
+            jobs,
+        });
     }
     Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages })
 }

@@ -110,7 +110,9 @@ pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
         return Err(SpecError::new(path, "the file is empty")
             .hint("an experiment needs at least `name:` and `stages:`; see experiments/quickstart.yaml"));
     }
-    if let Some((i, line)) = source.lines().enumerate().find(|(_, l)| l.starts_with('\t') || l.trim_start_matches(' ').starts_with('\t')) {
+    if let Some((i, line)) =
+        source.lines().enumerate().find(|(_, l)| l.starts_with('\t') || l.trim_start_matches(' ').starts_with('\t'))
+    {
         let col = line.find('\t').unwrap_or(0) + 1;
         return Err(SpecError::new(path, "tab character in indentation")
             .at(i + 1, col)

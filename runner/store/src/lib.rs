@@ -105,7 +105,8 @@ impl Store {
                 Ok(())
             }
             Some(v) => {
-                let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| self.corrupt("format_version is not a u32".into()))?;
+                let bytes: [u8; 4] =
+                    v.as_ref().try_into().map_err(|_| self.corrupt("format_version is not a u32".into()))?;
                 let found = u32::from_be_bytes(bytes);
                 if found > FORMAT_VERSION {
                     return Err(StoreError::NewerFormat { dir: self.dir.clone(), found, supported: FORMAT_VERSION });
@@ -211,7 +212,8 @@ impl Store {
         for kv in self.metrics.scan_prefix(&prefix) {
             let (k, v) = kv.map_err(|e| self.db_err(e))?;
             let rest = &k[prefix.len()..];
-            let name_end = rest.iter().position(|&b| b == 0).ok_or_else(|| self.corrupt("metric key without a step".into()))?;
+            let name_end =
+                rest.iter().position(|&b| b == 0).ok_or_else(|| self.corrupt("metric key without a step".into()))?;
             let name = String::from_utf8_lossy(&rest[..name_end]).into_owned();
             out.entry(name).or_default().push((decode_step(&self.dir, &k)?, decode_value(&self.dir, &v)?));
         }
@@ -251,7 +253,8 @@ fn decode_value(dir: &Path, v: &[u8]) -> Result<f64> {
 
 fn take_lock(dir: &Path) -> Result<File> {
     let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock")).map_err(io)?;
+    let mut f =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock")).map_err(io)?;
     match f.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {

@@ -49,7 +49,10 @@ fn split(xs: Vec<f32>, ys: Vec<i64>, dim: usize, sizes: [usize; 3], classes: usi
     let x = Tensor::from_slice(&xs).reshape([ys.len() as i64, dim as i64]);
     let y = Tensor::from_slice(&ys);
     let [a, b, c] = sizes.map(|s| s as i64);
-    let part = |start: i64, len: i64| Split { x: x.narrow(0, start, len).contiguous(), y: y.narrow(0, start, len).contiguous() };
+    let part = |start: i64, len: i64| Split {
+        x: x.narrow(0, start, len).contiguous(),
+        y: y.narrow(0, start, len).contiguous(),
+    };
     Dataset { train: part(0, a), val: part(a, b), test: part(a + b, c), input_dim: dim, classes }
 }
 
@@ -75,7 +78,8 @@ pub fn two_moons(c: &TwoMoons) -> Dataset {
 pub fn blobs(c: &Blobs) -> Dataset {
     let n = c.n_train + c.n_val + c.n_test;
     let mut rng = ChaCha8Rng::seed_from_u64(c.seed);
-    let centres: Vec<Vec<f64>> = (0..c.classes).map(|_| (0..c.dim).map(|_| rng.gen_range(-10.0..10.0)).collect()).collect();
+    let centres: Vec<Vec<f64>> =
+        (0..c.classes).map(|_| (0..c.dim).map(|_| rng.gen_range(-10.0..10.0)).collect()).collect();
     let mut xs = Vec::with_capacity(c.dim * n);
     let mut ys = Vec::with_capacity(n);
     for i in 0..n {
@@ -100,7 +104,6 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<i64> {
     }
     order
 }
-
 
 #[cfg(test)]
 mod tests {

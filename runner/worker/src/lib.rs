@@ -16,15 +16,17 @@ fn device_of(lease: &str) -> Result<tch::Device, Failure> {
     if lease == "cpu" {
         return Ok(tch::Device::Cpu);
     }
-    let n = lease
-        .strip_prefix("cuda:")
-        .and_then(|n| n.parse::<usize>().ok())
-        .ok_or_else(|| Failure::new(FailureCause::Config, format!("unknown device `{lease}`; expected `cpu` or `cuda:N`")))?;
+    let n = lease.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| {
+        Failure::new(FailureCause::Config, format!("unknown device `{lease}`; expected `cpu` or `cuda:N`"))
+    })?;
     if let Err(e) = probe::load_cuda_support() {
         return Err(Failure::new(FailureCause::Error, format!("cannot load libtorch's CUDA library: {e}")));
     }
     if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
-        return Err(Failure::new(FailureCause::Error, format!("device {lease} is leased but libtorch sees {} CUDA device(s)", tch::Cuda::device_count())));
+        return Err(Failure::new(
+            FailureCause::Error,
+            format!("device {lease} is leased but libtorch sees {} CUDA device(s)", tch::Cuda::device_count()),
+        ));
     }
     Ok(tch::Device::Cuda(n))
 }

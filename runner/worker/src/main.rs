@@ -28,7 +28,9 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XLAB_WORKER_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XLAB_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .init();
     match cli.command {
         Command::Probe => {
@@ -36,9 +38,10 @@ fn main() {
         }
         Command::Run { job } => {
             let mut out = Emitter::stdout();
-            let req = std::fs::read(&job)
-                .map_err(|e| format!("cannot read job request {}: {e}", job.display()))
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("bad job request {}: {e}", job.display())));
+            let req =
+                std::fs::read(&job).map_err(|e| format!("cannot read job request {}: {e}", job.display())).and_then(
+                    |b| serde_json::from_slice(&b).map_err(|e| format!("bad job request {}: {e}", job.display())),
+                );
             let code = match req {
                 Ok(req) => xlab_worker::run_job(&req, &mut out),
                 Err(message) => {

@@ -45,7 +45,17 @@ mod tests {
         let m = build(&vs.root(), &ModelConfig::Mlp(Mlp { hidden: vec![8, 4], activation: Activation::Relu }), 2, 3);
         let mut names: Vec<String> = vs.variables().into_keys().collect();
         names.sort();
-        assert_eq!(names, ["layers.0.bias", "layers.0.weight", "layers.2.bias", "layers.2.weight", "layers.4.bias", "layers.4.weight"]);
+        assert_eq!(
+            names,
+            [
+                "layers.0.bias",
+                "layers.0.weight",
+                "layers.2.bias",
+                "layers.2.weight",
+                "layers.4.bias",
+                "layers.4.weight"
+            ]
+        );
         assert_eq!(vs.variables()["layers.2.weight"].size(), vec![4, 8]);
         assert_eq!(parameter_count(&vs), 2 * 8 + 8 + 8 * 4 + 4 + 4 * 3 + 3);
         let out = m.forward(&tch::Tensor::zeros([5, 2], (tch::Kind::Float, tch::Device::Cpu)));

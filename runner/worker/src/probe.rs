@@ -45,7 +45,9 @@ pub fn load_cuda_support() -> Result<bool, String> {
 }
 
 pub fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// A JSON report for `xlab doctor`.

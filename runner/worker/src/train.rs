@@ -35,13 +35,16 @@ impl From<tch::TchError> for Failure {
 fn build_optimizer(vs: &nn::VarStore, cfg: &OptimizerConfig) -> Result<nn::Optimizer, Failure> {
     Ok(match cfg {
         OptimizerConfig::Sgd(o) => {
-            nn::Sgd { momentum: o.momentum, dampening: 0.0, wd: o.weight_decay, nesterov: o.nesterov }.build(vs, o.lr)?
+            nn::Sgd { momentum: o.momentum, dampening: 0.0, wd: o.weight_decay, nesterov: o.nesterov }
+                .build(vs, o.lr)?
         }
         OptimizerConfig::Adam(o) => {
-            nn::Adam { beta1: o.beta1, beta2: o.beta2, wd: o.weight_decay, eps: o.eps, amsgrad: false }.build(vs, o.lr)?
+            nn::Adam { beta1: o.beta1, beta2: o.beta2, wd: o.weight_decay, eps: o.eps, amsgrad: false }
+                .build(vs, o.lr)?
         }
         OptimizerConfig::AdamW(o) => {
-            nn::AdamW { beta1: o.beta1, beta2: o.beta2, wd: o.weight_decay, eps: o.eps, amsgrad: false }.build(vs, o.lr)?
+            nn::AdamW { beta1: o.beta1, beta2: o.beta2, wd: o.weight_decay, eps: o.eps, amsgrad: false }
+                .build(vs, o.lr)?
         }
     })
 }
@@ -59,7 +62,13 @@ fn evaluate(net: &impl Module, split: &Split, device: Device) -> Result<(f64, f6
 }
 
 /// Trains the job's model; returns the final metrics.
-pub fn run(cfg: &JobConfig, seed: u64, device: Device, run_dir: &Path, out: &mut Emitter) -> Result<BTreeMap<String, f64>, Failure> {
+pub fn run(
+    cfg: &JobConfig,
+    seed: u64,
+    device: Device,
+    run_dir: &Path,
+    out: &mut Emitter,
+) -> Result<BTreeMap<String, f64>, Failure> {
     let data = data::build(&cfg.data);
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
@@ -84,7 +93,10 @@ pub fn run(cfg: &JobConfig, seed: u64, device: Device, run_dir: &Path, out: &mut
             opt.backward_step(&loss);
             let l = f64::try_from(&loss)?;
             if !l.is_finite() {
-                return Err(Failure::new(FailureCause::Diverged, format!("training loss is {l} in epoch {}", epoch + 1)));
+                return Err(Failure::new(
+                    FailureCause::Diverged,
+                    format!("training loss is {l} in epoch {}", epoch + 1),
+                ));
             }
             let b = chunk.len();
             loss_sum += l * b as f64;
@@ -103,7 +115,12 @@ pub fn run(cfg: &JobConfig, seed: u64, device: Device, run_dir: &Path, out: &mut
             values.insert(format!("{name}.acc"), acc);
         }
         values.insert("epoch".to_string(), (epoch + 1) as f64);
-        tracing::info!(epoch = epoch + 1, train_loss = values["train.loss"], test_acc = values.get("test.acc").copied(), "epoch done");
+        tracing::info!(
+            epoch = epoch + 1,
+            train_loss = values["train.loss"],
+            test_acc = values.get("test.acc").copied(),
+            "epoch done"
+        );
         out.metrics(epoch + 1, values.clone());
         summary = values;
     }
@@ -120,7 +137,8 @@ fn save_atomically(vs: &nn::VarStore, path: &Path) -> Result<(), Failure> {
     vs.save(&tmp)?;
     let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
     sync(&tmp).map_err(|e| Failure::new(FailureCause::Error, format!("cannot sync {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Failure::new(FailureCause::Error, format!("cannot rename {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Failure::new(FailureCause::Error, format!("cannot rename {}: {e}", tmp.display())))?;
     if let Some(dir) = path.parent() {
         sync(dir).map_err(|e| Failure::new(FailureCause::Error, format!("cannot sync {}: {e}", dir.display())))?;
     }

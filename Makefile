@@ -1,0 +1,44 @@
+# xlab: the two commands a new user needs are `make demo` and `make test`.
+# Everything here installs what is missing, so both work on a fresh clone.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+TORCH_VERSION := 2.11.0
+CARGO ?= cargo
+RELEASE := --release
+
+.PHONY: setup build demo test lint fmt clean
+
+# A project-local virtualenv with torch from PyPI; `.venv/torch` points at the installed torch
+# package, which holds libtorch (lib/, include/) for tch to build and link against.
+setup: $(VENV)/torch/lib/libtorch_cpu.so
+
+$(VENV)/torch/lib/libtorch_cpu.so:
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q torch==$(TORCH_VERSION)
+	ln -sfn "$$($(VENV)/bin/python -c 'import os, torch; print(os.path.relpath(os.path.dirname(torch.__file__), "$(VENV)"))')" $(VENV)/torch
+	@test -f $@ && echo "libtorch $(TORCH_VERSION) ready in $(VENV)/torch"
+
+build: setup
+	$(CARGO) build $(RELEASE) --workspace
+
+demo: build
+	./target/release/xlab run experiments/quickstart.yaml
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(RELEASE) --workspace --all-targets -- -D warnings
+
+test: build lint
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run $(RELEASE) --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test $(RELEASE) --workspace --no-fail-fast; \
+	fi
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,211 @@
+//! End-to-end tests of `xlab`: real experiment files, real `xlab-worker` processes training on
+//! libtorch, a real sled store on disk. Run `make build` first (the Makefile's `test` does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn xlab() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
+}
+
+fn worker() -> PathBuf {
+    let w = xlab().with_file_name("xlab-worker");
+    assert!(w.exists(), "{} is missing: build the workspace first (`make build`)", w.display());
+    w
+}
+
+fn cmd(store: &Path) -> Command {
+    let mut c = Command::new(xlab());
+    c.arg("--store").arg(store).env("XLAB_WORKER", worker()).env_remove("RUST_LOG").env_remove("XLAB_STORE");
+    c
+}
+
+fn run_ok(c: &mut Command) -> Output {
+    let out = c.output().expect("xlab starts");
+    assert!(
+        out.status.success(),
+        "xlab failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const TINY: &str = r#"
+name: tiny
+defaults:
+  task: train
+  data: {name: two_moons, n_train: 256, n_val: 64, n_test: 128, noise: 0.2}
+  model: {name: mlp, hidden: [16]}
+  optimizer: {name: sgd, momentum: 0.9}
+  epochs: 3
+  batch_size: 32
+stages:
+  train:
+    grid:
+      optimizer.lr: [0.01, 0.1]
+    seeds: SEEDS
+"#;
+
+fn write_experiment(dir: &Path, seeds: &str) -> PathBuf {
+    let f = dir.join("tiny.yaml");
+    std::fs::write(&f, TINY.replace("SEEDS", seeds)).unwrap();
+    f
+}
+
+#[test]
+fn a_sweep_runs_is_stored_and_is_not_run_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = write_experiment(dir.path(), "2");
+
+    let out = run_ok(cmd(&store).arg("run").arg(&file));
+    let table = text(&out.stdout);
+    assert!(table.contains("optimizer.lr") && table.contains("test.acc (mean ± std)"), "{table}");
+    assert!(text(&out.stderr).contains("4 done, 0 skipped"), "{}", text(&out.stderr));
+
+    // The numbers come from the store, read by a separate process.
+    let out = run_ok(cmd(&store).args(["query", "--experiment", "tiny", "--format", "json"]));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let acc = &r["metrics"]["test.acc"];
+        assert_eq!(acc["n"], 2, "{r}");
+        let values: Vec<f64> = acc["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!(values.iter().all(|v| (0.0..=1.0).contains(v)), "{values:?}");
+        let mean = acc["mean"].as_f64().unwrap();
+        assert!((mean - (values[0] + values[1]) / 2.0).abs() < 1e-12);
+        assert_eq!(r["metrics"]["epoch"]["values"][0], 3.0);
+    }
+    // lr 0.1 learns two moons in 3 epochs well above chance.
+    let best = rows.iter().map(|r| r["metrics"]["test.acc"]["mean"].as_f64().unwrap()).fold(0.0, f64::max);
+    assert!(best > 0.8, "best mean test accuracy {best}");
+
+    // Final weights are an artifact with PyTorch names.
+    let runs: Vec<PathBuf> = std::fs::read_dir(store.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(runs.len(), 4);
+    for run in &runs {
+        let bytes = std::fs::read(run.join("weights.safetensors")).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+        assert!(header.contains("\"layers.0.weight\"") && header.contains("\"layers.2.bias\""), "{header}");
+        assert!(run.join("worker.log").exists() && run.join("job.json").exists());
+    }
+
+    // Running the same file again runs nothing.
+    let out = run_ok(cmd(&store).arg("run").arg(&file));
+    let err = text(&out.stderr);
+    assert!(err.contains("0 done, 4 skipped"), "{err}");
+    assert_eq!(err.matches(" already done (job").count(), 4, "{err}");
+
+    // Adding a seed runs only the new jobs, and the plan says so first.
+    let file = write_experiment(dir.path(), "3");
+    let out = run_ok(cmd(&store).arg("plan").arg(&file));
+    assert!(
+        text(&out.stdout).contains("stage `train`: 6 job(s) over optimizer.lr: 4 done, 2 new"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run_ok(cmd(&store).arg("run").arg(&file));
+    assert!(text(&out.stderr).contains("2 done, 4 skipped"), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("┆     3 │"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_diverging_job_fails_with_its_cause_and_the_sweep_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("diverge.yaml");
+    std::fs::write(
+        &file,
+        TINY.replace("name: tiny", "name: diverge").replace("[0.01, 0.1]", "[0.1, 1.0e30]").replace("SEEDS", "1"),
+    )
+    .unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("FAILED (diverged)") && err.contains("optimizer.lr=1e+30"), "{err}");
+    assert!(err.contains("1 done, 0 skipped (already done), 1 failed"), "{err}");
+    let out = run_ok(cmd(&store).arg("plan").arg(&file));
+    assert!(text(&out.stdout).contains("1 done, 1 failed"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_second_xlab_on_a_busy_store_is_told_who_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("long.yaml");
+    std::fs::write(
+        &file,
+        TINY.replace("name: tiny", "name: long").replace("epochs: 3", "epochs: 400").replace("SEEDS", "1"),
+    )
+    .unwrap();
+    let mut long = cmd(&store).arg("run").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let lock = store.join("lock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains(&format!("\"pid\":{}", long.id()))) {
+        assert!(Instant::now() < deadline, "the run never took the store's lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = cmd(&store).args(["query"]).output().unwrap();
+    let _ = long.kill();
+    let _ = long.wait();
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("is in use by pid {} (", long.id())) && err.contains(" run "), "{err}");
+    assert!(err.contains("hint:"), "{err}");
+}
+
+#[test]
+fn invalid_files_are_refused_with_position_and_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let cases = [
+        (
+            "typo.yaml",
+            TINY.replace("epochs: 3", "epocs: 3").replace("SEEDS", "1"),
+            "typo.yaml:8:3: defaults: unknown field `epocs`",
+            "did you mean `epochs`?",
+        ),
+        (
+            "param.yaml",
+            TINY.replace("momentum: 0.9", "momentum: 0.9, lrr: 1").replace("SEEDS", "1"),
+            "optimizer: unknown field `lrr`",
+            "did you mean `lr`?",
+        ),
+        ("empty.yaml", String::new(), "empty.yaml: the file is empty", "hint:"),
+    ];
+    for (name, body, message, hint) in cases {
+        let f = dir.path().join(name);
+        std::fs::write(&f, body).unwrap();
+        let out = cmd(&store).arg("validate").arg(&f).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let err = text(&out.stderr);
+        assert!(err.contains(message) && err.contains(hint), "{name}: {err}");
+    }
+    assert!(!store.exists(), "validation must not create a store");
+}
+
+#[test]
+fn doctor_reports_libtorch_and_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(cmd(&dir.path().join("results")).arg("doctor"));
+    let s = text(&out.stdout);
+    assert!(s.contains("libtorch:     2.11.0"), "{s}");
+    assert!(s.contains("CUDA usable:"), "{s}");
+    assert!(s.contains("store:") && s.contains("plugin path:"), "{s}");
+}
+
+#[test]
+fn the_worker_finds_libtorch_without_ld_library_path() {
+    let out = Command::new("ldd").arg(worker()).env_remove("LD_LIBRARY_PATH").output().expect("ldd runs");
+    let s = text(&out.stdout);
+    assert!(!s.contains("not found"), "{s}");
+    assert!(s.contains("libtorch_cpu.so => ") && s.contains(".venv/torch/lib"), "{s}");
+}
