@@ -128,3 +128,5 @@ mod tests {
         assert!(Event::from_line(r#"{"event":"finished","summary":{},"extra":1}"#).is_err());
     }
 }
+
+pub mod plugins;

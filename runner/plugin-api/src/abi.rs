@@ -1,0 +1,324 @@
+//! The C ABI between the xlab worker (host) and plugin libraries. Everything here is
+//! `#[repr(C)]`; nothing Rust-specific (trait objects, `String`, `tch::Tensor`) crosses.
+//!
+//! - A plugin exports one symbol, [`ENTRY_SYMBOL`], of type [`EntryFn`], returning a pointer to
+//!   a static [`PluginManifest`].
+//! - Strings cross as borrowed [`RStr`] (UTF-8, not NUL-terminated). Anything a callee produces
+//!   (messages, JSON state) is written into a caller-provided [`Sink`], so no allocation is ever
+//!   freed by the other side's allocator.
+//! - Tensors cross as libtorch handles (`at::Tensor*`, `*mut c_void` here). A handle passed *in*
+//!   is borrowed: the callee takes its own reference (`Tensor::clone_from_ptr`). A handle passed
+//!   *out* through an out-pointer is owned by the receiver (`Tensor::from_ptr`). Host and plugin
+//!   share one libtorch in the process, so autograd and in-place updates work across the line.
+//! - Every function returns a [`Status`] code; on failure a message is written to the error sink.
+//!   Plugin functions catch panics and report them as [`Status::Panic`].
+
+use std::ffi::c_void;
+
+/// Bumped on any incompatible change to the types in this module.
+pub const ABI_VERSION: u32 = 1;
+
+/// The exported entry point's name (NUL-terminated for `dlsym`).
+pub const ENTRY_SYMBOL: &[u8] = b"xlab_plugin_manifest_v1\0";
+
+/// The libtorch version the SDK builds plugins against (tch 0.24 ↔ torch 2.11.0).
+pub const TORCH_VERSION: &str = "2.11.0";
+
+pub type EntryFn = unsafe extern "C" fn() -> *const PluginManifest;
+
+/// A borrowed UTF-8 string.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RStr {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl RStr {
+    pub const fn from_static(s: &'static str) -> RStr {
+        RStr { ptr: s.as_ptr(), len: s.len() }
+    }
+
+    pub fn borrowed(s: &str) -> RStr {
+        RStr { ptr: s.as_ptr(), len: s.len() }
+    }
+
+    /// # Safety
+    /// `ptr` must point to `len` readable bytes that live for `'a`.
+    pub unsafe fn as_str<'a>(self) -> Result<&'a str, std::str::Utf8Error> {
+        if self.len == 0 {
+            return Ok("");
+        }
+        // SAFETY: guaranteed by the caller.
+        std::str::from_utf8(unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
+    }
+}
+
+/// Somewhere to write bytes: the writer calls `write` any number of times.
+#[repr(C)]
+pub struct Sink {
+    pub ctx: *mut c_void,
+    pub write: unsafe extern "C" fn(ctx: *mut c_void, ptr: *const u8, len: usize),
+}
+
+/// Result codes.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    /// The component reported an error (message in the error sink).
+    Error = 1,
+    /// The component panicked (message in the error sink).
+    Panic = 2,
+    /// The component does not implement this call.
+    Unsupported = 3,
+}
+
+/// What a component is.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentKind {
+    /// Owns the update of one optimizer step (SAM family).
+    StepRule = 1,
+    /// Rewrites a batch and its targets (mixup family).
+    BatchTransform = 2,
+    /// Turns per-example losses into the training loss (DRO family).
+    Objective = 3,
+    /// Draws samples from a denoiser (diffusion family).
+    Sampler = 4,
+}
+
+impl ComponentKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::StepRule,
+            2 => Self::BatchTransform,
+            3 => Self::Objective,
+            4 => Self::Sampler,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StepRule => "step_rule",
+            Self::BatchTransform => "batch_transform",
+            Self::Objective => "objective",
+            Self::Sampler => "sampler",
+        }
+    }
+}
+
+/// Capability flags of a component.
+pub mod flags {
+    /// Keeps state that must be checkpointed (`save_state`/`load_state` are meaningful).
+    pub const STATEFUL: u64 = 1;
+    /// Draws random numbers (from the host's seeded generator only).
+    pub const RANDOM: u64 = 1 << 1;
+}
+
+/// The static description of a plugin library.
+#[repr(C)]
+pub struct PluginManifest {
+    pub abi_version: u32,
+    pub plugin_id: RStr,
+    pub plugin_version: RStr,
+    pub torch_version: RStr,
+    pub components: *const ComponentDecl,
+    pub n_components: usize,
+}
+
+// SAFETY: a manifest is immutable static data (pointers into the library's read-only memory).
+unsafe impl Sync for PluginManifest {}
+// SAFETY: as above.
+unsafe impl Sync for ComponentDecl {}
+
+/// One component and its function table.
+#[repr(C)]
+pub struct ComponentDecl {
+    pub kind: u32,
+    /// `family.variant`, e.g. `sam.sam`.
+    pub id: RStr,
+    /// One-line description.
+    pub summary: RStr,
+    /// The paper and reference implementation it follows.
+    pub reference: RStr,
+    /// JSON array of parameters: `{name, type, default, doc, min?, max?, choices?}`.
+    pub params_json: RStr,
+    pub passes_per_step: u32,
+    pub flags: u64,
+    /// Creates an instance from its JSON parameters (every declared parameter present).
+    pub create: unsafe extern "C" fn(params: RStr, out: *mut *mut c_void, err: *const Sink) -> Status,
+    pub destroy: unsafe extern "C" fn(obj: *mut c_void),
+    /// Called once before training with a JSON object describing the run (see `RunInfo`).
+    pub setup: unsafe extern "C" fn(obj: *mut c_void, info: RStr, err: *const Sink) -> Status,
+    /// Called at the start of every epoch (0-based).
+    pub on_epoch: unsafe extern "C" fn(obj: *mut c_void, epoch: u64, err: *const Sink) -> Status,
+    /// Writes the component's state: JSON into `json`, tensors through `tensors`.
+    pub save_state: unsafe extern "C" fn(obj: *mut c_void, out: *const StateOut, err: *const Sink) -> Status,
+    pub load_state: unsafe extern "C" fn(obj: *mut c_void, state: *const StateIn, err: *const Sink) -> Status,
+    pub step: Option<unsafe extern "C" fn(obj: *mut c_void, host: *const StepHost, err: *const Sink) -> Status>,
+    pub transform:
+        Option<unsafe extern "C" fn(obj: *mut c_void, io: *mut BatchIo, rng: *const Rng, err: *const Sink) -> Status>,
+    pub objective: Option<
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            io: *mut ObjectiveIo,
+            host: *const ObjectiveHost,
+            err: *const Sink,
+        ) -> Status,
+    >,
+    pub sample: Option<
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            io: *mut SampleIo,
+            host: *const Denoiser,
+            rng: *const Rng,
+            err: *const Sink,
+        ) -> Status,
+    >,
+}
+
+/// Where a component writes its state.
+#[repr(C)]
+pub struct StateOut {
+    pub json: Sink,
+    pub ctx: *mut c_void,
+    /// Hands over a named tensor; the handle stays owned by the caller of `tensor` (borrowed).
+    pub tensor: unsafe extern "C" fn(ctx: *mut c_void, name: RStr, t: *mut c_void),
+}
+
+/// A component's saved state, for `load_state`.
+#[repr(C)]
+pub struct StateIn {
+    pub json: RStr,
+    pub n_tensors: usize,
+    pub names: *const RStr,
+    /// Borrowed handles.
+    pub tensors: *const *mut c_void,
+}
+
+/// The host's seeded random stream.
+#[repr(C)]
+pub struct Rng {
+    pub ctx: *mut c_void,
+    pub next_u64: unsafe extern "C" fn(ctx: *mut c_void) -> u64,
+}
+
+/// One trainable parameter, borrowed.
+#[repr(C)]
+pub struct ParamRef {
+    pub tensor: *mut c_void,
+    /// PyTorch-style name, e.g. `layers.0.weight`.
+    pub name: RStr,
+    /// Bit set of [`tags`].
+    pub tags: u32,
+}
+
+/// Parameter roles, for methods that treat them differently.
+pub mod tags {
+    pub const WEIGHT: u32 = 1;
+    pub const BIAS: u32 = 1 << 1;
+    /// A normalization layer's affine parameter (BatchNorm, LayerNorm, GroupNorm).
+    pub const NORM: u32 = 1 << 2;
+    pub const EMBEDDING: u32 = 1 << 3;
+}
+
+/// What the host reports about one forward/backward pass.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassOut {
+    /// The training loss of the pass.
+    pub loss: f64,
+}
+
+/// The callbacks a step rule drives the model with.
+#[repr(C)]
+pub struct StepHost {
+    pub ctx: *mut c_void,
+    /// Zeroes the gradients, runs forward and loss on the current batch at the current weights,
+    /// then backward, leaving the gradient in every parameter's `.grad`. The first pass of a
+    /// step is the one whose loss and accuracy the host reports.
+    pub forward_backward: unsafe extern "C" fn(ctx: *mut c_void, out: *mut PassOut, err: *const Sink) -> Status,
+    pub n_params: unsafe extern "C" fn(ctx: *mut c_void) -> usize,
+    pub param: unsafe extern "C" fn(ctx: *mut c_void, i: usize, out: *mut ParamRef) -> Status,
+    /// Applies the base optimizer (SGD, AdamW, ...) using the gradients now in `.grad`.
+    pub optimizer_step: unsafe extern "C" fn(ctx: *mut c_void, err: *const Sink) -> Status,
+    /// While frozen, normalization layers normalize with batch statistics but do not update
+    /// their running statistics (the "BN bypass" of extra passes).
+    pub freeze_norm_stats: unsafe extern "C" fn(ctx: *mut c_void, frozen: bool),
+    pub rng: Rng,
+    pub log_metric: unsafe extern "C" fn(ctx: *mut c_void, name: RStr, value: f64),
+    /// 0-based epoch and global step.
+    pub epoch: u64,
+    pub step: u64,
+}
+
+/// A batch to rewrite. Inputs are borrowed; outputs are owned by the host once written.
+#[repr(C)]
+pub struct BatchIo {
+    pub x: *mut c_void,
+    /// Integer class labels, shape `[B]`.
+    pub y: *mut c_void,
+    /// Group ids `[B]`, or null when the data has none.
+    pub group: *mut c_void,
+    /// Domain ids `[B]`, or null.
+    pub domain: *mut c_void,
+    /// Example indices into the training set `[B]`.
+    pub index: *mut c_void,
+    pub num_classes: i64,
+    /// The new inputs `[B', ...]`.
+    pub x_out: *mut c_void,
+    /// Soft targets `[B', num_classes]` (rows sum to 1); the host's loss is the soft-target
+    /// cross-entropy, and its accuracy the target mass on the predicted class.
+    pub target_out: *mut c_void,
+}
+
+/// Per-example losses to turn into the training loss.
+#[repr(C)]
+pub struct ObjectiveIo {
+    /// Per-example losses `[B]`, with gradient.
+    pub losses: *mut c_void,
+    /// Per-example correctness `[B]` (1.0 or 0.0; expected correctness under soft targets).
+    pub correct: *mut c_void,
+    pub group: *mut c_void,
+    pub index: *mut c_void,
+    /// The training loss, a scalar with gradient (owned by the host once written).
+    pub loss_out: *mut c_void,
+}
+
+/// What an objective may ask of the host.
+#[repr(C)]
+pub struct ObjectiveHost {
+    pub ctx: *mut c_void,
+    pub log_metric: unsafe extern "C" fn(ctx: *mut c_void, name: RStr, value: f64),
+    /// Whether this is the first pass of the step (objectives update their state only then).
+    pub first_pass: bool,
+}
+
+/// A denoiser a sampler queries: ε̂ = model(x, t).
+#[repr(C)]
+pub struct Denoiser {
+    pub ctx: *mut c_void,
+    /// Writes an owned handle to ε̂ for inputs `x` at (possibly fractional) training timestep `t`.
+    pub eps: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        x: *mut c_void,
+        t: f64,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status,
+    /// ᾱ_t for t = 0..T−1, float64 `[T]`, borrowed.
+    pub alphas_cumprod: *mut c_void,
+}
+
+/// A sampling request: initial noise in, samples and evaluation count out.
+#[repr(C)]
+pub struct SampleIo {
+    /// Standard normal noise of the sample shape, borrowed.
+    pub noise: *mut c_void,
+    /// The samples (owned by the host once written).
+    pub x_out: *mut c_void,
+    /// Number of denoiser evaluations used.
+    pub nfe: u64,
+}

@@ -1,0 +1,498 @@
+//! The host side: finding, checking and loading plugin libraries, and calling their components
+//! through the C ABI. Used by the worker; the coordinator only sees the JSON description.
+
+use crate::abi::{self, ComponentDecl, ComponentKind, PluginManifest, RStr, Sink, Status};
+use crate::sdk::{vec_sink, RunInfo};
+use sha2::{Digest, Sha256};
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+use xlab_proto::plugins::{ComponentInfo, ParamSpec, PluginInfo, Refusal, Registry};
+
+/// A loaded, checked plugin library. Libraries are never unloaded.
+pub struct LoadedPlugin {
+    pub info: PluginInfo,
+    manifest: &'static PluginManifest,
+}
+
+// SAFETY: the manifest is immutable static data inside a library that is never unloaded.
+unsafe impl Send for LoadedPlugin {}
+// SAFETY: as above.
+unsafe impl Sync for LoadedPlugin {}
+
+fn rstr(s: RStr, what: &str) -> Result<String, String> {
+    // SAFETY: manifest strings point into the library's static data, which is never unloaded.
+    unsafe { s.as_str() }.map(str::to_string).map_err(|e| format!("{what} is not UTF-8: {e}"))
+}
+
+/// Loads a plugin library and checks its manifest; the error says what is wrong and what to do.
+pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+        return Err("not a shared library (no ELF header); is the file truncated or corrupt?".into());
+    }
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    // SAFETY: loading runs the library's initializers. Plugins are code the user chose to run;
+    // the ELF check above keeps arbitrary files out.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("cannot load: {e}"))?;
+    // SAFETY: the symbol's type is fixed by the ABI; a wrong type would have a wrong name.
+    let entry: abi::EntryFn = match unsafe { lib.get::<abi::EntryFn>(abi::ENTRY_SYMBOL) } {
+        Ok(f) => *f,
+        Err(_) => return Err(
+            "not an xlab plugin: it does not export `xlab_plugin_manifest_v1` (use `xlab_plugin_api::export_plugin!`)"
+                .into(),
+        ),
+    };
+    // SAFETY: the entry point takes no arguments and returns a pointer to static data or null.
+    let manifest = unsafe { entry() };
+    if manifest.is_null() {
+        return Err("the plugin's manifest could not be built (its entry point panicked)".into());
+    }
+    // SAFETY: non-null and static (the library stays loaded: `lib` is leaked below).
+    let manifest: &'static PluginManifest = unsafe { &*manifest };
+    if manifest.abi_version != abi::ABI_VERSION {
+        return Err(format!(
+            "built for plugin ABI v{}, but this xlab speaks v{}; rebuild the plugin against this xlab's xlab-plugin-api",
+            manifest.abi_version,
+            abi::ABI_VERSION
+        ));
+    }
+    let torch = rstr(manifest.torch_version, "torch version")?;
+    if torch != abi::TORCH_VERSION {
+        return Err(format!(
+            "built against libtorch {torch}, but this worker runs libtorch {}; rebuild the plugin with tch =0.24.0",
+            abi::TORCH_VERSION
+        ));
+    }
+    let id = rstr(manifest.plugin_id, "plugin id")?;
+    let version = rstr(manifest.plugin_version, "plugin version")?;
+    let mut components = Vec::new();
+    for i in 0..manifest.n_components {
+        // SAFETY: the manifest's array holds n_components declarations.
+        let d = unsafe { &*manifest.components.add(i) };
+        let cid = rstr(d.id, "component id")?;
+        let kind =
+            ComponentKind::from_u32(d.kind).ok_or_else(|| format!("component `{cid}` has unknown kind {}", d.kind))?;
+        if !valid_component_id(&cid) {
+            return Err(format!(
+                "component id `{cid}` is not of the form `family.variant` (lowercase letters, digits, _)"
+            ));
+        }
+        let has_entry = match kind {
+            ComponentKind::StepRule => d.step.is_some(),
+            ComponentKind::BatchTransform => d.transform.is_some(),
+            ComponentKind::Objective => d.objective.is_some(),
+            ComponentKind::Sampler => d.sample.is_some(),
+        };
+        if !has_entry {
+            return Err(format!("component `{cid}` is a {} but has no {} function", kind.as_str(), kind.as_str()));
+        }
+        let params: Vec<ParamSpec> = serde_json::from_str(&rstr(d.params_json, "parameter schema")?)
+            .map_err(|e| format!("component `{cid}`: bad parameter schema: {e}"))?;
+        components.push(ComponentInfo {
+            kind: kind.as_str().into(),
+            id: cid,
+            summary: rstr(d.summary, "summary")?,
+            reference: rstr(d.reference, "reference")?,
+            params,
+            passes_per_step: d.passes_per_step,
+            stateful: d.flags & abi::flags::STATEFUL != 0,
+            random: d.flags & abi::flags::RANDOM != 0,
+        });
+    }
+    std::mem::forget(lib);
+    let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string();
+    Ok(LoadedPlugin { info: PluginInfo { id, version, file, sha256, components }, manifest })
+}
+
+fn valid_component_id(id: &str) -> bool {
+    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    matches!(id.split_once('.'), Some((a, b)) if ok(a) && ok(b))
+}
+
+/// Plugin library files in a folder: `libxlab_plugin_*.so`.
+pub fn plugin_files_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.starts_with("libxlab_plugin_") && name.ends_with(".so")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Loads every plugin from the given folders and files. Libraries that cannot be used, and
+/// second providers of an id already taken, are listed as refused with the reason.
+pub fn discover(dirs: &[PathBuf], files: &[PathBuf]) -> (Vec<LoadedPlugin>, Registry) {
+    let mut candidates: Vec<PathBuf> = dirs.iter().flat_map(|d| plugin_files_in(d)).collect();
+    candidates.extend(files.iter().cloned());
+    let mut seen_paths = std::collections::HashSet::new();
+    let mut loaded: Vec<LoadedPlugin> = Vec::new();
+    let mut registry = Registry::default();
+    for path in candidates {
+        let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if !seen_paths.insert(canon) {
+            continue;
+        }
+        let file = path.display().to_string();
+        match load(&path) {
+            Err(reason) => registry.refused.push(Refusal { file, reason }),
+            Ok(p) => {
+                let clash = loaded.iter().find_map(|q| {
+                    if q.info.id == p.info.id {
+                        return Some(format!("duplicate plugin id `{}`: {} provides it too", p.info.id, q.info.file));
+                    }
+                    p.info.components.iter().find_map(|c| {
+                        q.info
+                            .components
+                            .iter()
+                            .any(|d| d.id == c.id)
+                            .then(|| format!("duplicate component id `{}`: {} provides it too", c.id, q.info.file))
+                    })
+                });
+                match clash {
+                    Some(reason) => registry.refused.push(Refusal { file, reason }),
+                    None => {
+                        registry.plugins.push(p.info.clone());
+                        loaded.push(p);
+                    }
+                }
+            }
+        }
+    }
+    (loaded, registry)
+}
+
+/// Runs a call that may write an error message, turning its status into a `Result`.
+fn call(what: &str, f: impl FnOnce(*const Sink) -> Status) -> Result<(), String> {
+    let mut msg = Vec::new();
+    let sink = vec_sink(&mut msg);
+    match f(&sink) {
+        Status::Ok => Ok(()),
+        Status::Panic => Err(format!("{what} panicked: {}", String::from_utf8_lossy(&msg))),
+        Status::Unsupported => Err(format!("{what} is not supported by this component")),
+        Status::Error => Err(format!("{what}: {}", String::from_utf8_lossy(&msg))),
+    }
+}
+
+/// The worker's side of a step: what a step rule's callbacks do.
+pub trait StepDriver {
+    fn forward_backward(&mut self) -> Result<f64, String>;
+    fn n_params(&self) -> usize;
+    /// Parameter `i`: tensor, name, tags.
+    fn param(&mut self, i: usize) -> (&mut Tensor, &str, u32);
+    fn optimizer_step(&mut self) -> Result<(), String>;
+    fn freeze_norm_stats(&mut self, frozen: bool);
+    fn next_u64(&mut self) -> u64;
+    fn log(&mut self, name: &str, value: f64);
+}
+
+/// A live component instance.
+pub struct Instance {
+    obj: *mut c_void,
+    decl: &'static ComponentDecl,
+    pub id: String,
+    pub kind: ComponentKind,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // SAFETY: obj was created by this declaration's create and is destroyed once.
+        unsafe { (self.decl.destroy)(self.obj) }
+    }
+}
+
+unsafe extern "C" fn rng_trampoline(ctx: *mut c_void) -> u64 {
+    // SAFETY: ctx is the `&mut dyn FnMut() -> u64` set up by the caller below.
+    let f = unsafe { &mut *(ctx as *mut &mut dyn FnMut() -> u64) };
+    f()
+}
+
+unsafe extern "C" fn log_trampoline(ctx: *mut c_void, name: RStr, value: f64) {
+    // SAFETY: ctx is the `&mut dyn FnMut(&str, f64)` set up by the caller.
+    let f = unsafe { &mut *(ctx as *mut &mut dyn FnMut(&str, f64)) };
+    // SAFETY: the plugin passes a valid string for the duration of the call.
+    if let Ok(n) = unsafe { name.as_str() } {
+        f(n, value)
+    }
+}
+
+fn err_to_sink(err: *const Sink, msg: &str) {
+    if !err.is_null() {
+        // SAFETY: the plugin passes a valid sink for the duration of the call.
+        unsafe { ((*err).write)((*err).ctx, msg.as_ptr(), msg.len()) }
+    }
+}
+
+mod step_tramp {
+    use super::*;
+    type Ctx<'a> = &'a mut dyn StepDriver;
+    fn d<'a>(ctx: *mut c_void) -> &'a mut dyn StepDriver {
+        // SAFETY: ctx is the `&mut dyn StepDriver` set up by `Instance::step`.
+        unsafe { &mut **(ctx as *mut Ctx<'a>) }
+    }
+    pub unsafe extern "C" fn forward_backward(ctx: *mut c_void, out: *mut abi::PassOut, err: *const Sink) -> Status {
+        match d(ctx).forward_backward() {
+            Ok(loss) => {
+                // SAFETY: out is a valid out-pointer from the plugin.
+                unsafe { (*out).loss = loss };
+                Status::Ok
+            }
+            Err(m) => {
+                err_to_sink(err, &m);
+                Status::Error
+            }
+        }
+    }
+    pub unsafe extern "C" fn n_params(ctx: *mut c_void) -> usize {
+        d(ctx).n_params()
+    }
+    pub unsafe extern "C" fn param(ctx: *mut c_void, i: usize, out: *mut abi::ParamRef) -> Status {
+        let drv = d(ctx);
+        if i >= drv.n_params() {
+            return Status::Error;
+        }
+        let (t, name, tags) = drv.param(i);
+        // SAFETY: out is valid; the handle and name live as long as the driver (the whole step).
+        unsafe { *out = abi::ParamRef { tensor: t.as_mut_ptr().cast(), name: RStr::borrowed(name), tags } };
+        Status::Ok
+    }
+    pub unsafe extern "C" fn optimizer_step(ctx: *mut c_void, err: *const Sink) -> Status {
+        match d(ctx).optimizer_step() {
+            Ok(()) => Status::Ok,
+            Err(m) => {
+                err_to_sink(err, &m);
+                Status::Error
+            }
+        }
+    }
+    pub unsafe extern "C" fn freeze(ctx: *mut c_void, frozen: bool) {
+        d(ctx).freeze_norm_stats(frozen)
+    }
+    pub unsafe extern "C" fn rng(ctx: *mut c_void) -> u64 {
+        d(ctx).next_u64()
+    }
+    pub unsafe extern "C" fn log(ctx: *mut c_void, name: RStr, value: f64) {
+        // SAFETY: the plugin passes a valid string for the duration of the call.
+        if let Ok(n) = unsafe { name.as_str() } {
+            d(ctx).log(n, value)
+        }
+    }
+}
+
+fn borrow(t: Option<&Tensor>) -> *mut c_void {
+    t.map(|t| t.as_ptr() as *mut c_void).unwrap_or(std::ptr::null_mut())
+}
+
+fn take(p: *mut c_void, what: &str) -> Result<Tensor, String> {
+    if p.is_null() {
+        return Err(format!("the component returned no {what}"));
+    }
+    // SAFETY: the plugin handed over an owned handle.
+    Ok(unsafe { Tensor::from_ptr(p.cast()) })
+}
+
+impl LoadedPlugin {
+    /// Creates an instance of one of this plugin's components with fully resolved parameters.
+    pub fn instantiate(&self, component: &str, params: &serde_json::Value) -> Result<Instance, String> {
+        let decl = (0..self.manifest.n_components)
+            // SAFETY: the array holds n_components declarations and is static.
+            .map(|i| unsafe { &*self.manifest.components.add(i) })
+            .find(|d| rstr(d.id, "id").is_ok_and(|id| id == component))
+            .ok_or_else(|| format!("plugin `{}` has no component `{component}`", self.info.id))?;
+        let kind = ComponentKind::from_u32(decl.kind).expect("checked at load");
+        let text = serde_json::to_string(params).expect("json");
+        let mut obj = std::ptr::null_mut();
+        // SAFETY: create is the declaration's constructor; text outlives the call.
+        call(&format!("creating `{component}`"), |err| unsafe { (decl.create)(RStr::borrowed(&text), &mut obj, err) })?;
+        Ok(Instance { obj, decl, id: component.to_string(), kind })
+    }
+}
+
+impl Instance {
+    pub fn setup(&mut self, info: &RunInfo) -> Result<(), String> {
+        let text = serde_json::to_string(info).expect("json");
+        // SAFETY: obj is live; the string outlives the call.
+        call(&format!("`{}` setup", self.id), |err| unsafe { (self.decl.setup)(self.obj, RStr::borrowed(&text), err) })
+    }
+
+    pub fn on_epoch(&mut self, epoch: u64) -> Result<(), String> {
+        // SAFETY: obj is live.
+        call(&format!("`{}` epoch hook", self.id), |err| unsafe { (self.decl.on_epoch)(self.obj, epoch, err) })
+    }
+
+    /// The component's state: JSON and named tensors (copies the host owns).
+    pub fn save_state(&mut self) -> Result<(serde_json::Value, Vec<(String, Tensor)>), String> {
+        struct Acc(Vec<(String, Tensor)>);
+        unsafe extern "C" fn tensor(ctx: *mut c_void, name: RStr, t: *mut c_void) {
+            // SAFETY: ctx is the Acc below; the handle is borrowed, so take our own reference.
+            let acc = unsafe { &mut *(ctx as *mut Acc) };
+            let name = unsafe { name.as_str() }.unwrap_or("?").to_string();
+            acc.0.push((name, unsafe { Tensor::clone_from_ptr(t.cast()) }.copy()));
+        }
+        let mut json = Vec::new();
+        let mut acc = Acc(Vec::new());
+        let out = abi::StateOut { json: vec_sink(&mut json), ctx: (&mut acc as *mut Acc).cast(), tensor };
+        // SAFETY: obj is live; `out` and what it points to outlive the call.
+        call(&format!("`{}` save_state", self.id), |err| unsafe { (self.decl.save_state)(self.obj, &out, err) })?;
+        let v = if json.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&json).map_err(|e| e.to_string())?
+        };
+        Ok((v, acc.0))
+    }
+
+    pub fn load_state(&mut self, json: &serde_json::Value, tensors: &[(String, Tensor)]) -> Result<(), String> {
+        let text = serde_json::to_string(json).expect("json");
+        let names: Vec<RStr> = tensors.iter().map(|(n, _)| RStr::borrowed(n)).collect();
+        let handles: Vec<*mut c_void> = tensors.iter().map(|(_, t)| t.as_ptr() as *mut c_void).collect();
+        let st = abi::StateIn {
+            json: RStr::borrowed(&text),
+            n_tensors: tensors.len(),
+            names: names.as_ptr(),
+            tensors: handles.as_ptr(),
+        };
+        // SAFETY: obj is live; everything `st` points to outlives the call.
+        call(&format!("`{}` load_state", self.id), |err| unsafe { (self.decl.load_state)(self.obj, &st, err) })
+    }
+
+    /// Runs one optimizer step of a step rule.
+    pub fn step(&mut self, driver: &mut dyn StepDriver, epoch: u64, step: u64) -> Result<(), String> {
+        let f = self.decl.step.ok_or_else(|| format!("`{}` is not a step rule", self.id))?;
+        let mut ctx: &mut dyn StepDriver = driver;
+        let c = (&mut ctx as *mut &mut dyn StepDriver).cast::<c_void>();
+        let host = abi::StepHost {
+            ctx: c,
+            forward_backward: step_tramp::forward_backward,
+            n_params: step_tramp::n_params,
+            param: step_tramp::param,
+            optimizer_step: step_tramp::optimizer_step,
+            freeze_norm_stats: step_tramp::freeze,
+            rng: abi::Rng { ctx: c, next_u64: step_tramp::rng },
+            log_metric: step_tramp::log,
+            epoch,
+            step,
+        };
+        // SAFETY: obj is live; `host` and the driver outlive the call.
+        call(&format!("`{}` step", self.id), |err| unsafe { f(self.obj, &host, err) })
+    }
+
+    /// Rewrites a batch; returns the new inputs and soft targets.
+    #[allow(clippy::too_many_arguments)]
+    pub fn transform(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        group: Option<&Tensor>,
+        domain: Option<&Tensor>,
+        index: &Tensor,
+        num_classes: i64,
+        next_u64: &mut dyn FnMut() -> u64,
+    ) -> Result<(Tensor, Tensor), String> {
+        let f = self.decl.transform.ok_or_else(|| format!("`{}` is not a batch transform", self.id))?;
+        let mut io = abi::BatchIo {
+            x: borrow(Some(x)),
+            y: borrow(Some(y)),
+            group: borrow(group),
+            domain: borrow(domain),
+            index: borrow(Some(index)),
+            num_classes,
+            x_out: std::ptr::null_mut(),
+            target_out: std::ptr::null_mut(),
+        };
+        let mut r: &mut dyn FnMut() -> u64 = next_u64;
+        let rng = abi::Rng { ctx: (&mut r as *mut &mut dyn FnMut() -> u64).cast(), next_u64: rng_trampoline };
+        // SAFETY: obj is live; io, rng and the tensors outlive the call.
+        let res = call(&format!("`{}` transform", self.id), |err| unsafe { f(self.obj, &mut io, &rng, err) });
+        let x_out = take(io.x_out, "inputs");
+        let t_out = take(io.target_out, "targets");
+        res?;
+        Ok((x_out?, t_out?))
+    }
+
+    /// Turns per-example losses into the training loss.
+    pub fn objective(
+        &mut self,
+        losses: &Tensor,
+        correct: &Tensor,
+        group: Option<&Tensor>,
+        index: &Tensor,
+        first_pass: bool,
+        log: &mut dyn FnMut(&str, f64),
+    ) -> Result<Tensor, String> {
+        let f = self.decl.objective.ok_or_else(|| format!("`{}` is not an objective", self.id))?;
+        let mut io = abi::ObjectiveIo {
+            losses: borrow(Some(losses)),
+            correct: borrow(Some(correct)),
+            group: borrow(group),
+            index: borrow(Some(index)),
+            loss_out: std::ptr::null_mut(),
+        };
+        let mut l: &mut dyn FnMut(&str, f64) = log;
+        let host = abi::ObjectiveHost {
+            ctx: (&mut l as *mut &mut dyn FnMut(&str, f64)).cast(),
+            log_metric: log_trampoline,
+            first_pass,
+        };
+        // SAFETY: obj is live; io, host and the tensors outlive the call.
+        let res = call(&format!("`{}` objective", self.id), |err| unsafe { f(self.obj, &mut io, &host, err) });
+        let out = take(io.loss_out, "loss");
+        res?;
+        out
+    }
+
+    /// Draws samples from `noise` with a denoiser; returns the samples and the evaluation count.
+    pub fn sample(
+        &mut self,
+        noise: &Tensor,
+        eps: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>,
+        alphas_cumprod: &Tensor,
+        next_u64: &mut dyn FnMut() -> u64,
+    ) -> Result<(Tensor, u64), String> {
+        type Eps<'a> = &'a mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>;
+        unsafe extern "C" fn eps_tramp(
+            ctx: *mut c_void,
+            x: *mut c_void,
+            t: f64,
+            out: *mut *mut c_void,
+            err: *const Sink,
+        ) -> Status {
+            // SAFETY: ctx is the Eps below; x is a borrowed handle valid during the call.
+            let f = unsafe { &mut *(ctx as *mut Eps<'_>) };
+            let x = unsafe { Tensor::clone_from_ptr(x.cast()) };
+            match f(&x, t) {
+                Ok(mut e) => {
+                    let mut owned = e.shallow_clone();
+                    // SAFETY: hand the plugin an owned handle.
+                    unsafe { *out = owned.as_mut_ptr().cast() };
+                    std::mem::forget(owned);
+                    let _ = e.as_mut_ptr();
+                    Status::Ok
+                }
+                Err(m) => {
+                    err_to_sink(err, &m);
+                    Status::Error
+                }
+            }
+        }
+        let f = self.decl.sample.ok_or_else(|| format!("`{}` is not a sampler", self.id))?;
+        let mut e: Eps<'_> = eps;
+        let den = abi::Denoiser {
+            ctx: (&mut e as *mut Eps<'_>).cast(),
+            eps: eps_tramp,
+            alphas_cumprod: borrow(Some(alphas_cumprod)),
+        };
+        let mut r: &mut dyn FnMut() -> u64 = next_u64;
+        let rng = abi::Rng { ctx: (&mut r as *mut &mut dyn FnMut() -> u64).cast(), next_u64: rng_trampoline };
+        let mut io = abi::SampleIo { noise: borrow(Some(noise)), x_out: std::ptr::null_mut(), nfe: 0 };
+        // SAFETY: obj is live; everything passed outlives the call.
+        let res = call(&format!("`{}` sample", self.id), |err| unsafe { f(self.obj, &mut io, &den, &rng, err) });
+        let out = take(io.x_out, "samples");
+        res?;
+        Ok((out?, io.nfe))
+    }
+}

@@ -1,0 +1,674 @@
+//! The safe side of the boundary that plugin authors write against: implement [`Component`] and
+//! one of [`StepRule`], [`BatchTransform`], [`Objective`] or [`Sampler`], then list the types in
+//! [`export_plugin!`](crate::export_plugin). No `unsafe` is needed in a plugin.
+
+use crate::abi::{self, ComponentKind, RStr, Sink, Status};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use tch::Tensor;
+pub use xlab_proto::plugins::{ParamSpec, ParamType};
+
+/// An error a component reports; it fails the job with this message.
+#[derive(Debug, Clone)]
+pub struct PluginError(pub String);
+
+impl<E: std::fmt::Display> From<E> for PluginError {
+    fn from(e: E) -> Self {
+        PluginError(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, PluginError>;
+
+/// Declares a parameter: `param("rho", ParamType::Float, 0.05, "radius")`.
+pub fn param(name: &str, ty: ParamType, default: impl Into<serde_json::Value>, doc: &str) -> ParamSpec {
+    ParamSpec { name: name.into(), ty, default: default.into(), doc: doc.into(), min: None, max: None, choices: vec![] }
+}
+
+/// What the host tells every component before training starts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunInfo {
+    pub num_classes: i64,
+    pub n_train: u64,
+    /// Training-set size of each group, when the data has groups.
+    #[serde(default)]
+    pub group_counts: Vec<u64>,
+    pub epochs: u64,
+    pub steps_per_epoch: u64,
+    pub seed: u64,
+}
+
+/// A component's checkpointable state: JSON plus named tensors.
+#[derive(Debug, Default)]
+pub struct State {
+    pub json: serde_json::Value,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// What every component has: an id, a parameter schema, and (if stateful) state.
+pub trait Component: Sized + 'static {
+    const KIND: ComponentKind;
+    /// Stable id, `family.variant`.
+    const ID: &'static str;
+    const SUMMARY: &'static str;
+    /// Paper and reference implementation.
+    const REFERENCE: &'static str;
+    const PASSES_PER_STEP: u32 = 1;
+    /// Set when the component keeps state that must survive a resume.
+    const STATEFUL: bool = false;
+    /// Set when the component draws random numbers (always from the host's seeded stream).
+    const RANDOM: bool = false;
+    /// The parameters, deserialized from the checked JSON the host passes.
+    type Params: DeserializeOwned;
+
+    fn params() -> Vec<ParamSpec>;
+    fn new(params: Self::Params) -> Result<Self>;
+    fn setup(&mut self, _info: &RunInfo) -> Result<()> {
+        Ok(())
+    }
+    fn on_epoch(&mut self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Stateless components keep the default: an empty state.
+    fn save_state(&self) -> Result<State> {
+        Ok(State::default())
+    }
+    fn load_state(&mut self, _state: State) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The host's seeded random stream, with the draws methods need.
+pub struct HostRng<'a> {
+    rng: &'a abi::Rng,
+}
+
+impl HostRng<'_> {
+    pub fn next_u64(&mut self) -> u64 {
+        // SAFETY: the host guarantees the callback and its context are valid during the call.
+        unsafe { (self.rng.next_u64)(self.rng.ctx) }
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform integer in 0..n (n > 0), without modulo bias.
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0);
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let v = self.next_u64();
+            if v < zone {
+                return v % n;
+            }
+        }
+    }
+
+    /// A uniformly random permutation of 0..n (Fisher–Yates).
+    pub fn permutation(&mut self, n: usize) -> Vec<i64> {
+        let mut p: Vec<i64> = (0..n as i64).collect();
+        for i in (1..n).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            p.swap(i, j);
+        }
+        p
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// Gamma(shape, 1) by Marsaglia and Tsang (with the shape < 1 boost).
+    pub fn gamma(&mut self, shape: f64) -> f64 {
+        if shape < 1.0 {
+            let u = self.uniform();
+            return self.gamma(shape + 1.0) * u.powf(1.0 / shape);
+        }
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal();
+            let v = (1.0 + c * x).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = self.uniform();
+            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                return d * v;
+            }
+        }
+    }
+
+    /// Beta(a, b) as X/(X+Y) with X ~ Gamma(a), Y ~ Gamma(b).
+    pub fn beta(&mut self, a: f64, b: f64) -> f64 {
+        let x = self.gamma(a);
+        let y = self.gamma(b);
+        x / (x + y)
+    }
+}
+
+/// A trainable parameter as a step rule sees it: a reference to the host's tensor.
+pub struct Param {
+    pub tensor: Tensor,
+    pub name: String,
+    pub tags: u32,
+}
+
+impl Param {
+    pub fn has_tag(&self, tag: u32) -> bool {
+        self.tags & tag != 0
+    }
+}
+
+/// The host as a step rule drives it.
+pub struct StepCtx<'a> {
+    host: &'a abi::StepHost,
+}
+
+fn call_with_err(f: impl FnOnce(*const Sink) -> Status) -> Result<()> {
+    let mut msg = Vec::<u8>::new();
+    let sink = vec_sink(&mut msg);
+    match f(&sink) {
+        Status::Ok => Ok(()),
+        s => Err(PluginError(format!("host call failed ({s:?}): {}", String::from_utf8_lossy(&msg)))),
+    }
+}
+
+impl StepCtx<'_> {
+    /// Zero grads, forward, loss, backward at the current weights; returns the loss.
+    pub fn forward_backward(&mut self) -> Result<f64> {
+        let mut out = abi::PassOut::default();
+        // SAFETY: host callbacks are valid for the duration of the step call.
+        call_with_err(|err| unsafe { (self.host.forward_backward)(self.host.ctx, &mut out, err) })?;
+        Ok(out.loss)
+    }
+
+    /// The trainable parameters (new references to the host's tensors).
+    pub fn params(&mut self) -> Result<Vec<Param>> {
+        // SAFETY: as above.
+        let n = unsafe { (self.host.n_params)(self.host.ctx) };
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut p = abi::ParamRef { tensor: std::ptr::null_mut(), name: RStr::from_static(""), tags: 0 };
+            // SAFETY: as above; the handle is borrowed, so we take our own reference.
+            let st = unsafe { (self.host.param)(self.host.ctx, i, &mut p) };
+            if st != Status::Ok || p.tensor.is_null() {
+                return Err(PluginError(format!("host has no parameter {i}")));
+            }
+            // SAFETY: a valid borrowed handle; clone_from_ptr makes an owned shallow copy.
+            let tensor = unsafe { Tensor::clone_from_ptr(p.tensor.cast()) };
+            // SAFETY: the host's name string lives as long as the parameter.
+            let name = unsafe { p.name.as_str() }.map_err(PluginError::from)?.to_string();
+            out.push(Param { tensor, name, tags: p.tags });
+        }
+        Ok(out)
+    }
+
+    /// The base optimizer's step with the gradients now in `.grad`.
+    pub fn optimizer_step(&mut self) -> Result<()> {
+        // SAFETY: as above.
+        call_with_err(|err| unsafe { (self.host.optimizer_step)(self.host.ctx, err) })
+    }
+
+    /// Freeze (or unfreeze) the running statistics of normalization layers for extra passes.
+    pub fn freeze_norm_stats(&mut self, frozen: bool) {
+        // SAFETY: as above.
+        unsafe { (self.host.freeze_norm_stats)(self.host.ctx, frozen) }
+    }
+
+    pub fn rng(&mut self) -> HostRng<'_> {
+        HostRng { rng: &self.host.rng }
+    }
+
+    pub fn log(&mut self, name: &str, value: f64) {
+        // SAFETY: as above.
+        unsafe { (self.host.log_metric)(self.host.ctx, RStr::borrowed(name), value) }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.host.epoch
+    }
+
+    pub fn step(&self) -> u64 {
+        self.host.step
+    }
+}
+
+/// Owns the update of one optimizer step.
+pub trait StepRule: Component {
+    fn step(&mut self, host: &mut StepCtx<'_>) -> Result<()>;
+}
+
+/// A batch handed to a transform.
+pub struct Batch {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub group: Option<Tensor>,
+    pub domain: Option<Tensor>,
+    pub index: Tensor,
+    pub num_classes: i64,
+}
+
+/// A rewritten batch: inputs and soft targets `[B', C]`.
+pub struct Transformed {
+    pub x: Tensor,
+    pub target: Tensor,
+}
+
+pub trait BatchTransform: Component {
+    fn transform(&mut self, batch: Batch, rng: &mut HostRng<'_>) -> Result<Transformed>;
+}
+
+/// Inputs of an objective.
+pub struct ObjectiveInput {
+    /// Per-example losses with gradient.
+    pub losses: Tensor,
+    pub correct: Tensor,
+    pub group: Option<Tensor>,
+    pub index: Tensor,
+    /// True on the first pass of a step; state updates happen only then.
+    pub first_pass: bool,
+}
+
+pub struct ObjectiveCtx<'a> {
+    host: &'a abi::ObjectiveHost,
+}
+
+impl ObjectiveCtx<'_> {
+    pub fn log(&mut self, name: &str, value: f64) {
+        // SAFETY: the host's callback is valid during the call.
+        unsafe { (self.host.log_metric)(self.host.ctx, RStr::borrowed(name), value) }
+    }
+}
+
+pub trait Objective: Component {
+    fn loss(&mut self, input: ObjectiveInput, ctx: &mut ObjectiveCtx<'_>) -> Result<Tensor>;
+}
+
+/// The denoiser as a sampler sees it.
+pub struct DenoiserCtx<'a> {
+    host: &'a abi::Denoiser,
+    nfe: u64,
+}
+
+impl DenoiserCtx<'_> {
+    /// ε̂(x, t); counts one evaluation.
+    pub fn eps(&mut self, x: &Tensor, t: f64) -> Result<Tensor> {
+        let mut x = x.shallow_clone();
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the host's callback is valid during the call; `x` outlives it.
+        call_with_err(|err| unsafe { (self.host.eps)(self.host.ctx, x.as_mut_ptr().cast(), t, &mut out, err) })?;
+        if out.is_null() {
+            return Err(PluginError("the denoiser returned no tensor".into()));
+        }
+        self.nfe += 1;
+        // SAFETY: an owned handle handed over by the host.
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
+
+    /// ᾱ_t for t = 0..T−1 (float64).
+    pub fn alphas_cumprod(&self) -> Tensor {
+        // SAFETY: a borrowed handle valid during the call; we take our own reference.
+        unsafe { Tensor::clone_from_ptr(self.host.alphas_cumprod.cast()) }
+    }
+
+    pub fn nfe(&self) -> u64 {
+        self.nfe
+    }
+}
+
+pub trait Sampler: Component {
+    /// Turns standard normal noise into samples.
+    fn sample(&mut self, noise: Tensor, denoiser: &mut DenoiserCtx<'_>, rng: &mut HostRng<'_>) -> Result<Tensor>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Glue: generic extern "C" functions that wrap the safe traits. Used by `export_plugin!`.
+
+/// A sink that appends to a `Vec<u8>`.
+pub fn vec_sink(v: &mut Vec<u8>) -> Sink {
+    unsafe extern "C" fn write(ctx: *mut c_void, ptr: *const u8, len: usize) {
+        if len == 0 {
+            return;
+        }
+        // SAFETY: ctx is the &mut Vec<u8> given below; ptr/len are a valid byte range.
+        unsafe { (*(ctx as *mut Vec<u8>)).extend_from_slice(std::slice::from_raw_parts(ptr, len)) }
+    }
+    Sink { ctx: (v as *mut Vec<u8>).cast(), write }
+}
+
+fn write_sink(sink: *const Sink, bytes: &[u8]) {
+    if sink.is_null() {
+        return;
+    }
+    // SAFETY: the caller passes a valid sink for the duration of the call.
+    unsafe { ((*sink).write)((*sink).ctx, bytes.as_ptr(), bytes.len()) }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into())
+}
+
+/// Runs `f`, turning errors and panics into a status and a message.
+fn guard(err: *const Sink, f: impl FnOnce() -> Result<()>) -> Status {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(())) => Status::Ok,
+        Ok(Err(PluginError(m))) => {
+            write_sink(err, m.as_bytes());
+            Status::Error
+        }
+        Err(p) => {
+            write_sink(err, format!("panicked: {}", panic_message(p.as_ref())).as_bytes());
+            Status::Panic
+        }
+    }
+}
+
+/// # Safety
+/// `obj` must come from `create::<T>`.
+unsafe fn obj<'a, T>(obj: *mut c_void) -> &'a mut T {
+    // SAFETY: guaranteed by the caller.
+    unsafe { &mut *(obj as *mut T) }
+}
+
+fn opt_tensor(p: *mut c_void) -> Option<Tensor> {
+    // SAFETY: non-null handles passed in are valid and borrowed.
+    (!p.is_null()).then(|| unsafe { Tensor::clone_from_ptr(p.cast()) })
+}
+
+fn give(t: Tensor) -> *mut c_void {
+    // Hand over ownership of a fresh handle; the receiver frees it with `Tensor::from_ptr`.
+    let mut t = t.shallow_clone();
+    let p = t.as_mut_ptr();
+    std::mem::forget(t);
+    p.cast()
+}
+
+pub mod glue {
+    //! Not for plugin authors: the generic C entry points behind `export_plugin!`.
+    //!
+    //! # Safety
+    //! Every `unsafe extern "C"` function here is called only by the host, through a plugin's
+    //! manifest, with the pointers the ABI in [`crate::abi`] specifies: `o` from this component's
+    //! own `create`, and every other pointer valid for the duration of the call.
+    #![allow(clippy::missing_safety_doc)]
+    use super::*;
+
+    pub unsafe extern "C" fn create<T: Component>(params: RStr, out: *mut *mut c_void, err: *const Sink) -> Status {
+        guard(err, || {
+            // SAFETY: the host passes a valid string.
+            let text = unsafe { params.as_str() }?;
+            let p: T::Params =
+                serde_json::from_str(text).map_err(|e| PluginError(format!("{}: parameters: {e}", T::ID)))?;
+            let boxed = Box::new(T::new(p)?);
+            // SAFETY: out is a valid out-pointer.
+            unsafe { *out = Box::into_raw(boxed).cast() };
+            Ok(())
+        })
+    }
+
+    pub unsafe extern "C" fn destroy<T: Component>(o: *mut c_void) {
+        if !o.is_null() {
+            let _ = std::panic::catch_unwind(|| {
+                // SAFETY: created by create::<T> and destroyed once.
+                drop(unsafe { Box::from_raw(o as *mut T) })
+            });
+        }
+    }
+
+    pub unsafe extern "C" fn setup<T: Component>(o: *mut c_void, info: RStr, err: *const Sink) -> Status {
+        guard(err, || {
+            // SAFETY: valid string from the host.
+            let info: RunInfo = serde_json::from_str(unsafe { info.as_str() }?)?;
+            // SAFETY: o comes from create::<T>.
+            unsafe { obj::<T>(o) }.setup(&info)
+        })
+    }
+
+    pub unsafe extern "C" fn on_epoch<T: Component>(o: *mut c_void, epoch: u64, err: *const Sink) -> Status {
+        // SAFETY: o comes from create::<T>.
+        guard(err, || unsafe { obj::<T>(o) }.on_epoch(epoch))
+    }
+
+    pub unsafe extern "C" fn save_state<T: Component>(
+        o: *mut c_void,
+        out: *const abi::StateOut,
+        err: *const Sink,
+    ) -> Status {
+        guard(err, || {
+            // SAFETY: o comes from create::<T>; out is valid during the call.
+            let state = unsafe { obj::<T>(o) }.save_state()?;
+            let out = unsafe { &*out };
+            write_sink(&out.json, serde_json::to_string(&state.json)?.as_bytes());
+            for (name, mut t) in state.tensors {
+                // SAFETY: the callback borrows the handle for the duration of the call.
+                unsafe { (out.tensor)(out.ctx, RStr::borrowed(&name), t.as_mut_ptr().cast()) };
+            }
+            Ok(())
+        })
+    }
+
+    pub unsafe extern "C" fn load_state<T: Component>(
+        o: *mut c_void,
+        st: *const abi::StateIn,
+        err: *const Sink,
+    ) -> Status {
+        guard(err, || {
+            // SAFETY: st is valid during the call; its arrays hold n_tensors entries.
+            let st = unsafe { &*st };
+            let text = unsafe { st.json.as_str() }?;
+            let json = if text.is_empty() { serde_json::Value::Null } else { serde_json::from_str(text)? };
+            let mut tensors = BTreeMap::new();
+            for i in 0..st.n_tensors {
+                // SAFETY: as above.
+                let name = unsafe { (*st.names.add(i)).as_str() }?.to_string();
+                let t = unsafe { Tensor::clone_from_ptr((*st.tensors.add(i)).cast()) };
+                tensors.insert(name, t);
+            }
+            // SAFETY: o comes from create::<T>.
+            unsafe { obj::<T>(o) }.load_state(State { json, tensors })
+        })
+    }
+
+    pub unsafe extern "C" fn step<T: StepRule>(o: *mut c_void, host: *const abi::StepHost, err: *const Sink) -> Status {
+        guard(err, || {
+            // SAFETY: host is valid during the call; o comes from create::<T>.
+            let mut ctx = StepCtx { host: unsafe { &*host } };
+            unsafe { obj::<T>(o) }.step(&mut ctx)
+        })
+    }
+
+    pub unsafe extern "C" fn transform<T: BatchTransform>(
+        o: *mut c_void,
+        io: *mut abi::BatchIo,
+        rng: *const abi::Rng,
+        err: *const Sink,
+    ) -> Status {
+        guard(err, || {
+            // SAFETY: io and rng are valid during the call; input handles are borrowed.
+            let io = unsafe { &mut *io };
+            let batch = Batch {
+                x: opt_tensor(io.x).ok_or_else(|| PluginError("no inputs".into()))?,
+                y: opt_tensor(io.y).ok_or_else(|| PluginError("no labels".into()))?,
+                group: opt_tensor(io.group),
+                domain: opt_tensor(io.domain),
+                index: opt_tensor(io.index).ok_or_else(|| PluginError("no indices".into()))?,
+                num_classes: io.num_classes,
+            };
+            let mut rng = HostRng { rng: unsafe { &*rng } };
+            let out = unsafe { obj::<T>(o) }.transform(batch, &mut rng)?;
+            io.x_out = give(out.x);
+            io.target_out = give(out.target);
+            Ok(())
+        })
+    }
+
+    pub unsafe extern "C" fn objective<T: Objective>(
+        o: *mut c_void,
+        io: *mut abi::ObjectiveIo,
+        host: *const abi::ObjectiveHost,
+        err: *const Sink,
+    ) -> Status {
+        guard(err, || {
+            // SAFETY: io and host are valid during the call; input handles are borrowed.
+            let io = unsafe { &mut *io };
+            let host = unsafe { &*host };
+            let input = ObjectiveInput {
+                losses: opt_tensor(io.losses).ok_or_else(|| PluginError("no losses".into()))?,
+                correct: opt_tensor(io.correct).ok_or_else(|| PluginError("no correctness".into()))?,
+                group: opt_tensor(io.group),
+                index: opt_tensor(io.index).ok_or_else(|| PluginError("no indices".into()))?,
+                first_pass: host.first_pass,
+            };
+            let mut ctx = ObjectiveCtx { host };
+            let loss = unsafe { obj::<T>(o) }.loss(input, &mut ctx)?;
+            io.loss_out = give(loss);
+            Ok(())
+        })
+    }
+
+    pub unsafe extern "C" fn sample<T: Sampler>(
+        o: *mut c_void,
+        io: *mut abi::SampleIo,
+        den: *const abi::Denoiser,
+        rng: *const abi::Rng,
+        err: *const Sink,
+    ) -> Status {
+        guard(err, || {
+            // SAFETY: all pointers are valid during the call; the noise handle is borrowed.
+            let io = unsafe { &mut *io };
+            let noise = opt_tensor(io.noise).ok_or_else(|| PluginError("no noise".into()))?;
+            let mut d = DenoiserCtx { host: unsafe { &*den }, nfe: 0 };
+            let mut rng = HostRng { rng: unsafe { &*rng } };
+            let x = unsafe { obj::<T>(o) }.sample(noise, &mut d, &mut rng)?;
+            io.nfe = d.nfe;
+            io.x_out = give(x);
+            Ok(())
+        })
+    }
+
+    /// Owned strings behind a component's declaration (the manifest points into them).
+    pub struct DeclStrings {
+        pub params_json: String,
+    }
+
+    fn decl_base<T: Component>(strings: &'static DeclStrings) -> abi::ComponentDecl {
+        let mut flags = 0;
+        if T::STATEFUL {
+            flags |= abi::flags::STATEFUL;
+        }
+        if T::RANDOM {
+            flags |= abi::flags::RANDOM;
+        }
+        abi::ComponentDecl {
+            kind: T::KIND as u32,
+            id: RStr::from_static(T::ID),
+            summary: RStr::from_static(T::SUMMARY),
+            reference: RStr::from_static(T::REFERENCE),
+            params_json: RStr::from_static(strings.params_json.as_str()),
+            passes_per_step: T::PASSES_PER_STEP,
+            flags,
+            create: create::<T>,
+            destroy: destroy::<T>,
+            setup: setup::<T>,
+            on_epoch: on_epoch::<T>,
+            save_state: save_state::<T>,
+            load_state: load_state::<T>,
+            step: None,
+            transform: None,
+            objective: None,
+            sample: None,
+        }
+    }
+
+    fn strings<T: Component>() -> &'static DeclStrings {
+        let params_json = serde_json::to_string(&T::params()).expect("parameter specs serialize");
+        Box::leak(Box::new(DeclStrings { params_json }))
+    }
+
+    pub fn step_rule<T: StepRule>() -> abi::ComponentDecl {
+        abi::ComponentDecl { step: Some(step::<T>), ..decl_base::<T>(strings::<T>()) }
+    }
+
+    pub fn batch_transform<T: BatchTransform>() -> abi::ComponentDecl {
+        abi::ComponentDecl { transform: Some(transform::<T>), ..decl_base::<T>(strings::<T>()) }
+    }
+
+    pub fn objective_decl<T: Objective>() -> abi::ComponentDecl {
+        abi::ComponentDecl { objective: Some(objective::<T>), ..decl_base::<T>(strings::<T>()) }
+    }
+
+    pub fn sampler<T: Sampler>() -> abi::ComponentDecl {
+        abi::ComponentDecl { sample: Some(sample::<T>), ..decl_base::<T>(strings::<T>()) }
+    }
+
+    /// Builds the static manifest once; the entry point returns a pointer to it.
+    pub fn manifest(
+        id: &'static str,
+        version: &'static str,
+        decls: Vec<abi::ComponentDecl>,
+    ) -> &'static abi::PluginManifest {
+        let decls: &'static [abi::ComponentDecl] = Box::leak(decls.into_boxed_slice());
+        Box::leak(Box::new(abi::PluginManifest {
+            abi_version: abi::ABI_VERSION,
+            plugin_id: RStr::from_static(id),
+            plugin_version: RStr::from_static(version),
+            torch_version: RStr::from_static(abi::TORCH_VERSION),
+            components: decls.as_ptr(),
+            n_components: decls.len(),
+        }))
+    }
+}
+
+/// Exports a plugin: its id, version and components.
+///
+/// ```ignore
+/// xlab_plugin_api::export_plugin! {
+///     id: "sam",
+///     version: env!("CARGO_PKG_VERSION"),
+///     step_rules: [Sam],
+///     batch_transforms: [],
+///     objectives: [],
+///     samplers: [],
+/// }
+/// ```
+#[macro_export]
+macro_rules! export_plugin {
+    (
+        id: $id:expr,
+        version: $version:expr,
+        step_rules: [$($s:ty),* $(,)?],
+        batch_transforms: [$($b:ty),* $(,)?],
+        objectives: [$($o:ty),* $(,)?],
+        samplers: [$($x:ty),* $(,)?] $(,)?
+    ) => {
+        /// The plugin's entry point, read by the xlab worker.
+        #[no_mangle]
+        pub extern "C" fn xlab_plugin_manifest_v1() -> *const $crate::abi::PluginManifest {
+            static MANIFEST: ::std::sync::OnceLock<usize> = ::std::sync::OnceLock::new();
+            let addr = *MANIFEST.get_or_init(|| {
+                ::std::panic::catch_unwind(|| {
+                    let decls = vec![
+                        $($crate::sdk::glue::step_rule::<$s>(),)*
+                        $($crate::sdk::glue::batch_transform::<$b>(),)*
+                        $($crate::sdk::glue::objective_decl::<$o>(),)*
+                        $($crate::sdk::glue::sampler::<$x>(),)*
+                    ];
+                    $crate::sdk::glue::manifest($id, $version, decls) as *const _ as usize
+                })
+                .unwrap_or(0)
+            });
+            addr as *const $crate::abi::PluginManifest
+        }
+    };
+}

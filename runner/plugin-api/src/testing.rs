@@ -1,0 +1,283 @@
+//! The conformance kit every plugin's tests run, and small exact hosts for test vectors.
+//!
+//! `conformance(path)` loads a built plugin library through the real loader and checks, for each
+//! component: the handshake, that its parameter defaults satisfy its own schema, construction
+//! with defaults, a state save/load round trip, determinism under a fixed seed, and output
+//! shapes for its kind.
+
+use crate::host::{self, Instance, LoadedPlugin, StepDriver};
+use crate::sdk::RunInfo;
+use crate::ComponentKind;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+use xlab_proto::plugins::{resolve_params, ComponentInfo};
+
+/// Finds a workspace plugin library built next to the running test: `lib<crate>.so` in the
+/// test's folder or its parent (cargo puts test binaries in `target/<profile>/deps/`).
+pub fn built_plugin(lib_name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps folder");
+    let file = format!("lib{lib_name}.so");
+    for dir in [deps.to_path_buf(), deps.parent().map(Path::to_path_buf).unwrap_or_default()] {
+        let p = dir.join(&file);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{file} not found next to {}: build the workspace first (`make build`)", exe.display());
+}
+
+/// A deterministic stream for tests (splitmix64).
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// An exact host for step rules: parameters `w_k` (float64), loss `Σ_k ½ wₖᵀ diag(a_k) wₖ`,
+/// and plain SGD as the base optimizer.
+pub struct QuadraticDriver {
+    pub params: Vec<Tensor>,
+    pub curvature: Vec<Tensor>,
+    pub names: Vec<String>,
+    pub tags: Vec<u32>,
+    pub lr: f64,
+    pub passes: u32,
+    pub frozen_passes: u32,
+    frozen: bool,
+    rng: SplitMix,
+    pub logged: Vec<(String, f64)>,
+    /// Gradients seen at each pass, for checking intermediate vectors.
+    pub grads_seen: Vec<Vec<Vec<f64>>>,
+}
+
+impl QuadraticDriver {
+    /// One parameter tensor per `(name, w, a)`.
+    pub fn new(params: &[(&str, &[f64], &[f64])], lr: f64) -> Self {
+        let mut d = QuadraticDriver {
+            params: vec![],
+            curvature: vec![],
+            names: vec![],
+            tags: vec![],
+            lr,
+            passes: 0,
+            frozen_passes: 0,
+            frozen: false,
+            rng: SplitMix(7),
+            logged: vec![],
+            grads_seen: vec![],
+        };
+        for (name, w, a) in params {
+            d.params.push(Tensor::from_slice(w).set_requires_grad(true));
+            d.curvature.push(Tensor::from_slice(a));
+            d.names.push(name.to_string());
+            let tag = if name.contains("bn") || name.contains("norm") {
+                crate::abi::tags::NORM
+            } else if name.ends_with("bias") {
+                crate::abi::tags::BIAS
+            } else {
+                crate::abi::tags::WEIGHT
+            };
+            d.tags.push(tag);
+        }
+        d
+    }
+
+    pub fn weights(&self) -> Vec<Vec<f64>> {
+        self.params.iter().map(to_vec).collect()
+    }
+}
+
+pub fn to_vec(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("a numeric tensor")
+}
+
+impl StepDriver for QuadraticDriver {
+    fn forward_backward(&mut self) -> Result<f64, String> {
+        self.passes += 1;
+        if self.frozen {
+            self.frozen_passes += 1;
+        }
+        for p in &mut self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let terms: Vec<Tensor> =
+            self.params.iter().zip(&self.curvature).map(|(w, a)| (a * w * w).sum(Kind::Double) * 0.5).collect();
+        let loss = Tensor::stack(&terms, 0).sum(Kind::Double);
+        loss.backward();
+        self.grads_seen.push(self.params.iter().map(|p| to_vec(&p.grad())).collect());
+        f64::try_from(&loss).map_err(|e| e.to_string())
+    }
+    fn n_params(&self) -> usize {
+        self.params.len()
+    }
+    fn param(&mut self, i: usize) -> (&mut Tensor, &str, u32) {
+        (&mut self.params[i], &self.names[i], self.tags[i])
+    }
+    fn optimizer_step(&mut self) -> Result<(), String> {
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let g = p.grad();
+                let _ = p.f_sub_(&(g * self.lr)).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+    }
+    fn freeze_norm_stats(&mut self, frozen: bool) {
+        self.frozen = frozen;
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+    fn log(&mut self, name: &str, value: f64) {
+        self.logged.push((name.to_string(), value));
+    }
+}
+
+/// Instantiates a component with its defaults overridden by `params` (checked like the
+/// coordinator checks them).
+pub fn instantiate(plugin: &LoadedPlugin, id: &str, params: serde_json::Value) -> Instance {
+    let info = component(plugin, id);
+    let given = params.as_object().cloned().unwrap_or_default();
+    let resolved = resolve_params(info, &given).unwrap_or_else(|e| panic!("{id}: {e:?}"));
+    plugin.instantiate(id, &serde_json::Value::Object(resolved)).unwrap_or_else(|e| panic!("{id}: {e}"))
+}
+
+fn component<'a>(plugin: &'a LoadedPlugin, id: &str) -> &'a ComponentInfo {
+    plugin.info.components.iter().find(|c| c.id == id).unwrap_or_else(|| panic!("no component {id}"))
+}
+
+fn run_info() -> RunInfo {
+    RunInfo { num_classes: 3, n_train: 8, group_counts: vec![4, 4], epochs: 2, steps_per_epoch: 2, seed: 0 }
+}
+
+fn state_eq(a: &(serde_json::Value, Vec<(String, Tensor)>), b: &(serde_json::Value, Vec<(String, Tensor)>)) -> bool {
+    a.0 == b.0 && a.1.len() == b.1.len() && a.1.iter().zip(&b.1).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
+}
+
+/// A fixed small batch: 6 examples, 4 features, 3 classes, 2 groups.
+fn batch() -> (Tensor, Tensor, Tensor, Tensor) {
+    let x = Tensor::arange(24, (Kind::Float, tch::Device::Cpu)).reshape([6, 4]) / 10.0;
+    let y = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
+    let g = Tensor::from_slice(&[0i64, 1, 0, 1, 0, 1]);
+    let idx = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5]);
+    (x, y, g, idx)
+}
+
+/// Exercises one component: a few calls of its kind, returning what it produced.
+fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
+    let (x, y, g, idx) = batch();
+    let mut rng = SplitMix(seed);
+    match inst.kind {
+        ComponentKind::StepRule => {
+            let mut d = QuadraticDriver::new(
+                &[("layer.weight", &[3.0, 4.0], &[1.0, 2.0]), ("bn.weight", &[1.0, -1.0], &[1.0, 1.0])],
+                0.1,
+            );
+            for s in 0..3 {
+                inst.step(&mut d, 0, s).unwrap_or_else(|e| panic!("step: {e}"));
+            }
+            d.weights()
+        }
+        ComponentKind::BatchTransform => {
+            let (xo, t) = inst
+                .transform(&x, &y, Some(&g), Some(&g), &idx, 3, &mut || rng.next_u64())
+                .unwrap_or_else(|e| panic!("transform: {e}"));
+            assert_eq!(xo.size()[0], t.size()[0], "{}: inputs and targets disagree on the batch size", inst.id);
+            assert_eq!(t.size()[1], 3, "{}: targets must have one column per class", inst.id);
+            assert_eq!(xo.size()[1..], x.size()[1..], "{}: the input shape changed", inst.id);
+            let sums = to_vec(&t.sum_dim_intlist(1, false, Kind::Double));
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{}: target rows must sum to 1: {sums:?}", inst.id);
+            vec![to_vec(&xo), to_vec(&t)]
+        }
+        ComponentKind::Objective => {
+            let losses = Tensor::from_slice(&[0.5f32, 1.0, 1.5, 2.0, 0.25, 0.75]).set_requires_grad(true);
+            let correct = Tensor::from_slice(&[1.0f32, 0.0, 1.0, 0.0, 1.0, 1.0]);
+            let loss = inst
+                .objective(&losses, &correct, Some(&g), &idx, true, &mut |_, _| {})
+                .unwrap_or_else(|e| panic!("objective: {e}"));
+            assert_eq!(loss.dim(), 0, "{}: the training loss must be a scalar", inst.id);
+            loss.backward();
+            assert!(losses.grad().defined(), "{}: the loss must depend on the per-example losses", inst.id);
+            vec![to_vec(&loss), to_vec(&losses.grad())]
+        }
+        ComponentKind::Sampler => {
+            let t = 1000;
+            let betas = Tensor::linspace(1e-4, 0.02, t, (Kind::Double, tch::Device::Cpu));
+            let ac = (-betas + 1.0).cumprod(0, Kind::Double);
+            let noise = Tensor::from_slice(&[0.3f64, -1.2, 0.7, 2.0]).reshape([2, 2]);
+            let ac2 = ac.shallow_clone();
+            // ε̂ of the single data point x₀* = 0.5: exact, so every sampler should land there.
+            let mut eps = move |x: &Tensor, t: f64| -> Result<Tensor, String> {
+                let i = (t.round() as i64).clamp(0, 999);
+                let a: f64 = f64::try_from(ac2.get(i)).map_err(|e| e.to_string())?;
+                Ok((x - a.sqrt() * 0.5) / (1.0 - a).sqrt())
+            };
+            let (out, nfe) =
+                inst.sample(&noise, &mut eps, &ac, &mut || rng.next_u64()).unwrap_or_else(|e| panic!("sample: {e}"));
+            assert_eq!(out.size(), noise.size(), "{}: samples must have the noise's shape", inst.id);
+            assert!(nfe > 0, "{}: a sampler must evaluate the denoiser", inst.id);
+            vec![to_vec(&out), vec![nfe as f64]]
+        }
+    }
+}
+
+/// Runs the conformance checks on every component of the plugin at `path`.
+pub fn conformance(path: &Path) -> LoadedPlugin {
+    let plugin = host::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(!plugin.info.id.is_empty() && !plugin.info.version.is_empty(), "a plugin needs an id and a version");
+    assert_eq!(plugin.info.sha256.len(), 64);
+    assert!(!plugin.info.components.is_empty(), "a plugin provides at least one component");
+    for c in &plugin.info.components {
+        let family = c.id.split('.').next().unwrap_or_default();
+        assert_eq!(family, plugin.info.id, "component `{}` must be named `{}.<variant>`", c.id, plugin.info.id);
+        assert!(!c.summary.is_empty() && !c.reference.is_empty(), "{}: summary and reference are required", c.id);
+        // The schema round-trips and its defaults satisfy it.
+        let json = serde_json::to_string(&c.params).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<xlab_proto::plugins::ParamSpec>>(&json).unwrap(), c.params);
+        let defaults = resolve_params(c, &Default::default())
+            .unwrap_or_else(|e| panic!("{}: defaults violate the schema: {e:?}", c.id));
+        assert_eq!(defaults.len(), c.params.len());
+        for p in &c.params {
+            assert!(!p.doc.is_empty(), "{}: parameter `{}` needs a one-line doc", c.id, p.name);
+        }
+        // Construction with defaults, setup, and unknown parameters refused by the component itself.
+        let mut a = instantiate(&plugin, &c.id, serde_json::json!({}));
+        a.setup(&run_info()).unwrap_or_else(|e| panic!("{e}"));
+        let mut bad = defaults.clone();
+        bad.insert("no_such_parameter".into(), serde_json::json!(1));
+        assert!(
+            plugin.instantiate(&c.id, &serde_json::Value::Object(bad)).is_err(),
+            "{}: unknown parameters must be refused",
+            c.id
+        );
+        // Determinism under a fixed seed, from fresh instances.
+        let mut b = instantiate(&plugin, &c.id, serde_json::json!({}));
+        b.setup(&run_info()).unwrap();
+        let out_a = exercise(&mut a, 11);
+        let out_b = exercise(&mut b, 11);
+        assert_eq!(out_a, out_b, "{}: not deterministic under a fixed seed", c.id);
+        // State round trip: save, load into a fresh instance, save again.
+        let saved = a.save_state().unwrap_or_else(|e| panic!("{e}"));
+        if !c.stateful {
+            assert!(saved.0.is_null() && saved.1.is_empty(), "{}: declared stateless but has state", c.id);
+        }
+        let mut fresh = instantiate(&plugin, &c.id, serde_json::json!({}));
+        fresh.setup(&run_info()).unwrap();
+        fresh.load_state(&saved.0, &saved.1).unwrap_or_else(|e| panic!("{e}"));
+        let again = fresh.save_state().unwrap();
+        assert!(state_eq(&saved, &again), "{}: state changed across save/load", c.id);
+        // A restored instance continues exactly like the original.
+        assert_eq!(exercise(&mut a, 5), exercise(&mut fresh, 5), "{}: a restored instance behaves differently", c.id);
+    }
+    plugin
+}
