@@ -1,6 +1,7 @@
 //! `xlab`: the coordinator and command line. It owns the results store and the schedule and
 //! never links libtorch, so `xlab query` starts instantly anywhere the results folder is.
 
+mod plugins;
 mod table;
 
 use anyhow::Context;
@@ -71,6 +72,23 @@ enum Command {
     },
     /// Report versions, libtorch, devices, store and plugin locations.
     Doctor,
+    /// Installed plugins and their components.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Every plugin found (id, components, version, file, sha256), and files refused with why.
+    List {
+        /// Print the registry as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One component's parameters with types, defaults and docs, and the paper it implements.
+    Describe { id: String },
 }
 
 /// Exit codes by who is at fault.
@@ -129,7 +147,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Run { file, jobs, threads } => run(cli, file, *jobs, *threads),
         Command::Validate { file } => {
-            let plan = xlab_spec::load(file)?;
+            let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
             let n: usize = plan.stages.iter().map(|s| s.jobs.len()).sum();
             println!("{}: ok — experiment `{}`, {} stage(s), {n} job(s)", file.display(), plan.name, plan.stages.len());
             Ok(0)
@@ -141,6 +159,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Doctor => doctor(cli),
+        Command::Plugins { command } => plugins_command(command),
     }
 }
 
@@ -158,7 +177,7 @@ fn worker_path() -> PathBuf {
 }
 
 fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8, Failure> {
-    let plan = xlab_spec::load(file)?;
+    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let store = open_store(&cli.store)?;
     let slots = jobs.unwrap_or_else(|| (xlab_sched::pool::default_cpu_slots() / threads.max(1)).max(1));
     let total = plan.jobs().count();
@@ -224,7 +243,7 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
 }
 
 fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
-    let plan = xlab_spec::load(file)?;
+    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let store = if cli.store.join("db").exists() { Some(open_store(&cli.store)?) } else { None };
     println!("experiment `{}` ({})", plan.name, file.display());
     for stage in &plan.stages {
@@ -298,6 +317,68 @@ fn query(store: &Store, experiment: Option<&str>, format: Format) -> Result<(), 
         }
     }
     Ok(())
+}
+
+fn plugins_command(cmd: &PluginsCommand) -> Result<u8, Failure> {
+    let registry = plugins::WorkerPlugins::fetch(&worker_path(), &[])
+        .map_err(|m| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!(m) })?;
+    match cmd {
+        PluginsCommand::List { json } => {
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&registry).expect("json"));
+                return Ok(0);
+            }
+            let mut t = comfy_table::Table::new();
+            t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+            t.set_header(["component", "kind", "plugin", "version", "file", "sha256"]);
+            for p in &registry.plugins {
+                for c in &p.components {
+                    t.add_row([
+                        c.id.as_str(),
+                        c.kind.as_str(),
+                        p.id.as_str(),
+                        p.version.as_str(),
+                        p.file.as_str(),
+                        &p.sha256[..12],
+                    ]);
+                }
+            }
+            println!("{t}");
+            for r in &registry.refused {
+                println!("refused {}: {}", r.file, r.reason);
+            }
+            Ok(0)
+        }
+        PluginsCommand::Describe { id } => {
+            let Some((plugin, c)) = registry.component(id) else {
+                let hint = match xlab_spec::did_you_mean(id, registry.component_ids()) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => "see `xlab plugins list`".to_string(),
+                };
+                return Err(Failure {
+                    code: exit::USER,
+                    error: anyhow::anyhow!("unknown plugin component `{id}`\n  hint: {hint}"),
+                });
+            };
+            println!("{} ({}) from plugin `{}` {} ({})", c.id, c.kind, plugin.id, plugin.version, plugin.file);
+            println!("  {}", c.summary);
+            println!("  reference: {}", c.reference);
+            println!("  passes per step: {}; stateful: {}; random: {}", c.passes_per_step, c.stateful, c.random);
+            println!("parameters:");
+            for p in &c.params {
+                let range = match (p.min, p.max) {
+                    (Some(a), Some(b)) => format!(" in [{a}, {b}]"),
+                    (Some(a), None) => format!(" ≥ {a}"),
+                    (None, Some(b)) => format!(" ≤ {b}"),
+                    (None, None) => String::new(),
+                };
+                let choices =
+                    if p.choices.is_empty() { String::new() } else { format!(" one of {}", p.choices.join("|")) };
+                println!("  {:<14} {:?}{range}{choices}, default {}: {}", p.name, p.ty, p.default, p.doc);
+            }
+            Ok(0)
+        }
+    }
 }
 
 fn doctor(cli: &Cli) -> Result<u8, Failure> {

@@ -29,6 +29,9 @@ pub struct JobRequest {
     pub lease: Lease,
     /// Folder for the job's artifacts (checkpoints, weights, logs).
     pub run_dir: PathBuf,
+    /// The plugin libraries the job's components come from.
+    #[serde(default)]
+    pub plugins: Vec<plugins::PluginUse>,
 }
 
 /// The slice of the machine a worker may use.

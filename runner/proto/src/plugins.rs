@@ -196,3 +196,12 @@ mod tests {
         assert!(matches!(resolve_params(&sam(), &given), Err(ParamError::Invalid { .. })));
     }
 }
+
+/// A plugin library a job uses: recorded with the job for provenance and handed to its worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PluginUse {
+    pub id: String,
+    pub version: String,
+    pub file: String,
+    pub sha256: String,
+}

@@ -227,6 +227,7 @@ fn start(
         config: job.config_json.clone(),
         lease,
         run_dir: store.run_dir(job.id.as_str()),
+        plugins: job.plugins.clone(),
     };
     let pid = spawn::spawn(&opts.worker, &req, &visible, index, tx)
         .map_err(|source| SchedError::Spawn { worker: opts.worker.clone(), source })?;
@@ -234,6 +235,7 @@ fn start(
     rec.summary.clear();
     rec.provenance.xlab_version = opts.xlab_version.clone();
     rec.provenance.device = Some(s.device.clone());
+    rec.provenance.plugins = job.plugins.clone();
     rec.attempts.push(Attempt {
         number: rec.attempts.len() as u32 + 1,
         started_unix: now_unix(),

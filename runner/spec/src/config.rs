@@ -28,6 +28,44 @@ pub struct JobConfig {
     pub epochs: u32,
     #[serde(default = "defaults::batch_size")]
     pub batch_size: u32,
+    /// A plugin step rule that owns the update (e.g. `{use: sam.sam, rho: 0.05}`); plain
+    /// forward, backward and optimizer step when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_rule: Option<ComponentUse>,
+    /// A plugin batch transform (e.g. `{use: mixup.mixup, alpha: 1.0}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_transform: Option<ComponentUse>,
+    /// A plugin objective over per-example losses (e.g. `{use: dro.group_dro}`); the mean
+    /// loss when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<ComponentUse>,
+}
+
+/// A plugin component and its parameters: `{use: family.variant, param: value, ...}`. After
+/// resolution every declared parameter is present, defaults filled in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ComponentUse {
+    #[serde(rename = "use")]
+    pub id: String,
+    #[serde(flatten)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The component slots of a job config, with the kind each expects.
+pub const COMPONENT_SLOTS: &[(&str, &str)] =
+    &[("step_rule", "step_rule"), ("batch_transform", "batch_transform"), ("objective", "objective")];
+
+impl JobConfig {
+    /// The components the job uses, by slot name.
+    pub fn components(&self) -> Vec<(&'static str, &ComponentUse)> {
+        let slots = [&self.step_rule, &self.batch_transform, &self.objective];
+        COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_ref().map(|c| (*slot, c))).collect()
+    }
+
+    pub fn components_mut(&mut self) -> Vec<(&'static str, &mut ComponentUse)> {
+        let slots = [&mut self.step_rule, &mut self.batch_transform, &mut self.objective];
+        COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_mut().map(|c| (*slot, c))).collect()
+    }
 }
 
 /// A dataset. Generators are deterministic in their own `seed`, independent of the job's seed,

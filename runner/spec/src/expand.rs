@@ -1,13 +1,37 @@
 //! Expansion: defaults ⊕ stage ⊕ sweep point → one validated job per point and seed.
 
-use crate::config::JobConfig;
+use crate::config::{JobConfig, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
 use crate::file::{ConfigPart, ExperimentFile, CONFIG_KEYS};
-use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId};
+use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
 use crate::SpecError;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use xlab_proto::plugins::{resolve_params, ParamError, PluginUse, Registry};
+
+/// Where plugin descriptions come from. The coordinator asks a worker process (it never loads a
+/// plugin itself), and only when an experiment uses a component.
+pub trait PluginSource {
+    /// The registry, including the extra libraries or folders an experiment file names.
+    fn registry(&mut self, extra: &[PathBuf]) -> Result<&Registry, String>;
+}
+
+/// A fixed registry (tests, or a registry fetched earlier).
+impl PluginSource for Registry {
+    fn registry(&mut self, _extra: &[PathBuf]) -> Result<&Registry, String> {
+        Ok(self)
+    }
+}
+
+/// For callers that have no plugins: any component use is an error.
+pub struct NoPlugins;
+
+impl PluginSource for NoPlugins {
+    fn registry(&mut self, _extra: &[PathBuf]) -> Result<&Registry, String> {
+        Err("no plugin registry is available here".into())
+    }
+}
 
 /// A validated experiment: every job resolved, checked and identified. Only a `Plan` can be run.
 #[derive(Debug, Clone)]
@@ -39,6 +63,8 @@ pub struct Job {
     /// The swept values of this job, e.g. `[("optimizer.lr", 0.1)]`.
     pub point: Vec<(String, Value)>,
     pub parents: Vec<JobId>,
+    /// The plugin libraries its components come from.
+    pub plugins: Vec<PluginUse>,
 }
 
 impl Plan {
@@ -128,7 +154,12 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Resolves, validates and identifies every job of a parsed experiment file.
-pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, SpecError> {
+pub fn expand(
+    file: &Path,
+    source: String,
+    exp: ExperimentFile,
+    plugins: &mut dyn PluginSource,
+) -> Result<Plan, SpecError> {
     if exp.name.trim().is_empty() {
         return Err(SpecError::new(file, "`name` is empty").hint("give the experiment a name, e.g. `name: quickstart`"));
     }
@@ -139,6 +170,15 @@ pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, 
     let mut defaults = Value::Object(Map::new());
     if let Some(d) = &exp.defaults {
         merge_part(file, "defaults", &mut defaults, d)?;
+    }
+    let base_dir = file.parent().unwrap_or(Path::new("."));
+    let extra: Vec<PathBuf> = exp.plugins.iter().map(|p| base_dir.join(p)).collect();
+    for p in &extra {
+        if !p.exists() {
+            return Err(SpecError::new(file, format!("plugin path {} does not exist", p.display()))
+                .context("plugins")
+                .hint("paths in `plugins:` are relative to the experiment file"));
+        }
     }
     let mut seen = HashSet::new();
     let mut stages = Vec::new();
@@ -193,10 +233,13 @@ pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, 
                 let p: Vec<String> = point.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 format!("{ctx} [{}]", p.join(", "))
             };
-            let config = validate(file, &point_ctx, cfg)?;
+            let mut config = validate(file, &point_ctx, cfg)?;
+            let used = resolve_components(file, &point_ctx, &mut config, plugins, &extra)?;
+            let refs: Vec<PluginRef> =
+                used.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
             let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
             for &seed in &seeds {
-                let id = job_id(&IdentityInput { config: &config_json, seed, plugins: &[], parents: &[] });
+                let id = job_id(&IdentityInput { config: &config_json, seed, plugins: &refs, parents: &[] });
                 if !seen.insert(id.clone()) {
                     return Err(SpecError::new(
                         file,
@@ -213,6 +256,7 @@ pub fn expand(file: &Path, source: String, exp: ExperimentFile) -> Result<Plan, 
                     config_json: config_json.clone(),
                     point: point.clone(),
                     parents: Vec::new(),
+                    plugins: used.clone(),
                 });
             }
         }
@@ -238,6 +282,85 @@ fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> 
     })?;
     config.check().map_err(|(path, msg)| SpecError::new(file, format!("`{path}` {msg}")).context(ctx.to_string()))?;
     Ok(config)
+}
+
+/// Checks each component of a job against the plugin registry: the id exists, is of the slot's
+/// kind, and its parameters are declared and valid. Fills in defaults; returns the libraries used.
+fn resolve_components(
+    file: &Path,
+    ctx: &str,
+    config: &mut JobConfig,
+    plugins: &mut dyn PluginSource,
+    extra: &[PathBuf],
+) -> Result<Vec<PluginUse>, SpecError> {
+    let mut used: Vec<PluginUse> = Vec::new();
+    for (slot, comp) in config.components_mut() {
+        let here = format!("{ctx}: {slot}");
+        let registry = plugins.registry(extra).map_err(|m| {
+            SpecError::new(file, format!("cannot list plugins to check `{}`: {m}", comp.id))
+                .context(here.clone())
+                .hint("build the plugins with `make build`, or check `xlab plugins list`")
+        })?;
+        let Some((plugin, info)) = registry.component(&comp.id) else {
+            let mut e = SpecError::new(file, format!("unknown plugin component `{}`", comp.id)).context(here.clone());
+            e.hint = Some(match did_you_mean(&comp.id, registry.component_ids()) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None if registry.refused.is_empty() => {
+                    let ids: Vec<&str> = registry.component_ids().collect();
+                    if ids.is_empty() {
+                        "no plugins are installed; see `xlab plugins list`".into()
+                    } else {
+                        format!("available: {}", ids.join(", "))
+                    }
+                }
+                None => format!(
+                    "some plugin files were refused: {}",
+                    registry
+                        .refused
+                        .iter()
+                        .map(|r| format!("{} ({})", r.file, r.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            });
+            return Err(e);
+        };
+        let expected = COMPONENT_SLOTS.iter().find(|(s, _)| *s == slot).map(|(_, k)| *k).unwrap_or(slot);
+        if info.kind != expected {
+            return Err(SpecError::new(file, format!("`{}` is a {}, not a {expected}", comp.id, info.kind))
+                .context(here)
+                .hint(format!("use it under `{}:`", info.kind)));
+        }
+        let resolved = resolve_params(info, &comp.params).map_err(|e| match e {
+            ParamError::Unknown { name } => {
+                let mut err =
+                    SpecError::new(file, format!("unknown parameter `{name}` of `{}`", comp.id)).context(here.clone());
+                err.hint = Some(match did_you_mean(&name, info.params.iter().map(|p| p.name.as_str())) {
+                    Some(c) => format!("did you mean `{c}`?"),
+                    None if info.params.is_empty() => format!("`{}` takes no parameters", comp.id),
+                    None => format!(
+                        "`{}` takes: {}",
+                        comp.id,
+                        info.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                });
+                err
+            }
+            ParamError::Invalid { name, message } => {
+                SpecError::new(file, format!("parameter `{name}` of `{}` {message}", comp.id)).context(here.clone())
+            }
+        })?;
+        comp.params = resolved;
+        if !used.iter().any(|u| u.id == plugin.id) {
+            used.push(PluginUse {
+                id: plugin.id.clone(),
+                version: plugin.version.clone(),
+                file: plugin.file.clone(),
+                sha256: plugin.sha256.clone(),
+            });
+        }
+    }
+    Ok(used)
 }
 
 fn first_duplicate(seeds: &[u64]) -> Option<u64> {

@@ -8,7 +8,8 @@ use std::path::Path;
 
 /// The keys of a job config that a file may set in `defaults` or in a stage. Kept equal to the
 /// fields of [`crate::JobConfig`] by a test.
-pub const CONFIG_KEYS: &[&str] = &["task", "data", "model", "optimizer", "epochs", "batch_size"];
+pub const CONFIG_KEYS: &[&str] =
+    &["task", "data", "model", "optimizer", "epochs", "batch_size", "step_rule", "batch_transform", "objective"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +22,9 @@ pub struct ExperimentFile {
     #[serde(default)]
     pub defaults: Option<ConfigPart>,
     pub stages: IndexMap<String, StageFile>,
+    /// Extra plugin libraries or folders, relative to this file.
+    #[serde(default)]
+    pub plugins: Vec<String>,
 }
 
 /// A partial job config, merged later; every key is checked against the job config's types
@@ -34,6 +38,9 @@ pub struct ConfigPart {
     pub optimizer: Option<Value>,
     pub epochs: Option<Value>,
     pub batch_size: Option<Value>,
+    pub step_rule: Option<Value>,
+    pub batch_transform: Option<Value>,
+    pub objective: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +52,9 @@ pub struct StageFile {
     pub optimizer: Option<Value>,
     pub epochs: Option<Value>,
     pub batch_size: Option<Value>,
+    pub step_rule: Option<Value>,
+    pub batch_transform: Option<Value>,
+    pub objective: Option<Value>,
     /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
     #[serde(default)]
     pub grid: IndexMap<String, Vec<Value>>,
@@ -62,6 +72,9 @@ impl StageFile {
             optimizer: self.optimizer.clone(),
             epochs: self.epochs.clone(),
             batch_size: self.batch_size.clone(),
+            step_rule: self.step_rule.clone(),
+            batch_transform: self.batch_transform.clone(),
+            objective: self.objective.clone(),
         }
     }
 }
@@ -69,7 +82,17 @@ impl StageFile {
 impl ConfigPart {
     /// The keys that are set, in [`CONFIG_KEYS`] order.
     pub fn entries(&self) -> Vec<(&'static str, &Value)> {
-        let all = [&self.task, &self.data, &self.model, &self.optimizer, &self.epochs, &self.batch_size];
+        let all = [
+            &self.task,
+            &self.data,
+            &self.model,
+            &self.optimizer,
+            &self.epochs,
+            &self.batch_size,
+            &self.step_rule,
+            &self.batch_transform,
+            &self.objective,
+        ];
         CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
     }
 }

@@ -11,19 +11,21 @@ pub mod identity;
 
 pub use config::JobConfig;
 pub use error::{did_you_mean, SpecError};
-pub use expand::{Job, Plan, StagePlan};
+pub use expand::{Job, NoPlugins, Plan, PluginSource, StagePlan};
 pub use identity::{JobId, PluginRef};
 
 use std::path::Path;
 
-/// Reads, parses, resolves and validates an experiment file.
-pub fn load(path: &Path) -> Result<Plan, SpecError> {
+/// Reads, parses, resolves and validates an experiment file; plugin components are checked
+/// against `plugins`.
+pub fn load(path: &Path, plugins: &mut dyn PluginSource) -> Result<Plan, SpecError> {
     let (source, parsed) = file::read(path)?;
-    expand::expand(path, source, parsed)
+    expand::expand(path, source, parsed, plugins)
 }
 
-/// Like [`load`], from text already in memory; `path` is used in messages only.
-pub fn load_str(path: &Path, source: &str) -> Result<Plan, SpecError> {
+/// Like [`load`], from text already in memory; `path` is used in messages and to find plugin
+/// paths only.
+pub fn load_str(path: &Path, source: &str, plugins: &mut dyn PluginSource) -> Result<Plan, SpecError> {
     let parsed = file::parse(path, source)?;
-    expand::expand(path, source.to_string(), parsed)
+    expand::expand(path, source.to_string(), parsed, plugins)
 }

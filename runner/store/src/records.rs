@@ -65,6 +65,9 @@ pub struct Provenance {
     pub libtorch: Option<String>,
     pub host: Option<String>,
     pub device: Option<String>,
+    /// Plugin libraries used: id, version, file and its sha256.
+    #[serde(default)]
+    pub plugins: Vec<xlab_proto::plugins::PluginUse>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

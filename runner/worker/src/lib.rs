@@ -8,7 +8,8 @@ pub mod probe;
 pub mod train;
 
 use events::Emitter;
-use train::Failure;
+use std::path::{Path, PathBuf};
+use train::{Components, Failure};
 use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
 use xlab_spec::config::{JobConfig, Task};
 
@@ -29,6 +30,52 @@ fn device_of(lease: &str) -> Result<tch::Device, Failure> {
         ));
     }
     Ok(tch::Device::Cuda(n))
+}
+
+/// The default plugin folders: the worker's own folder (where the workspace builds its plugins)
+/// and every folder in `XLAB_PLUGIN_PATH`.
+pub fn default_plugin_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.to_path_buf())).into_iter().collect();
+    if let Some(p) = std::env::var_os("XLAB_PLUGIN_PATH") {
+        dirs.extend(std::env::split_paths(&p).filter(|d| !d.as_os_str().is_empty()));
+    }
+    dirs
+}
+
+/// Loads the job's plugin libraries (checking they are the files the coordinator checked) and
+/// creates its components.
+fn load_components(req: &JobRequest, cfg: &JobConfig) -> Result<Components, Failure> {
+    let mut libs = Vec::new();
+    for p in &req.plugins {
+        let lib = xlab_plugin_api::host::load(Path::new(&p.file))
+            .map_err(|m| Failure::new(FailureCause::Config, format!("plugin {}: {m}", p.file)))?;
+        if lib.info.sha256 != p.sha256 {
+            return Err(Failure::new(
+                FailureCause::Config,
+                format!(
+                    "plugin {} changed since the experiment was checked (sha256 {} now, {} then); run again",
+                    p.file, lib.info.sha256, p.sha256
+                ),
+            ));
+        }
+        libs.push(lib);
+    }
+    let mut comps = Components::default();
+    for (slot, c) in cfg.components() {
+        let lib = libs.iter().find(|l| l.info.components.iter().any(|k| k.id == c.id)).ok_or_else(|| {
+            Failure::new(FailureCause::Config, format!("no plugin in the job request provides `{}`", c.id))
+        })?;
+        let inst = lib
+            .instantiate(&c.id, &serde_json::Value::Object(c.params.clone()))
+            .map_err(|m| Failure::new(FailureCause::Config, m))?;
+        match slot {
+            "step_rule" => comps.step_rule = Some(inst),
+            "batch_transform" => comps.batch_transform = Some(inst),
+            _ => comps.objective = Some(inst),
+        }
+    }
+    Ok(comps)
 }
 
 /// Runs one job and reports its events; returns the process exit code.
@@ -52,8 +99,9 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
             libtorch: probe::libtorch_version(),
             host: probe::host(),
         });
+        let mut comps = load_components(req, &cfg)?;
         match cfg.task {
-            Task::Train => train::run(&cfg, req.seed, device, &req.run_dir, out),
+            Task::Train => train::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
         }
     })();
     match result {

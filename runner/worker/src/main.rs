@@ -21,6 +21,16 @@ enum Command {
     },
     /// Print the libtorch version and location and the devices it sees, as JSON.
     Probe,
+    /// Load every plugin from the default folders plus those given, and print the registry as
+    /// JSON (plugins with their components and parameter schemas, and refused files with why).
+    Plugins {
+        /// Extra folders to search for `libxlab_plugin_*.so`.
+        #[arg(long)]
+        dir: Vec<PathBuf>,
+        /// Extra plugin library files.
+        #[arg(long)]
+        file: Vec<PathBuf>,
+    },
 }
 
 fn main() {
@@ -35,6 +45,12 @@ fn main() {
     match cli.command {
         Command::Probe => {
             println!("{}", xlab_worker::probe::report());
+        }
+        Command::Plugins { mut dir, file } => {
+            let mut dirs = xlab_worker::default_plugin_dirs();
+            dirs.append(&mut dir);
+            let (_, registry) = xlab_plugin_api::host::discover(&dirs, &file);
+            println!("{}", serde_json::to_string(&registry).expect("the registry serializes"));
         }
         Command::Run { job } => {
             let mut out = Emitter::stdout();

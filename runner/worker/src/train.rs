@@ -4,10 +4,14 @@
 use crate::data::{self, Split};
 use crate::events::Emitter;
 use crate::model;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn::{self, Module, OptimizerConfig as _};
 use tch::{Device, Kind, Tensor};
+use xlab_plugin_api::host::{Instance, StepDriver};
+use xlab_plugin_api::RunInfo;
 use xlab_proto::FailureCause;
 use xlab_spec::config::{JobConfig, OptimizerConfig};
 
@@ -61,12 +65,150 @@ fn evaluate(net: &impl Module, split: &Split, device: Device) -> Result<(f64, f6
     })
 }
 
+/// What the loss compares the logits with.
+enum Target {
+    /// Class indices: the usual cross-entropy.
+    Hard(Tensor),
+    /// Soft targets from a batch transform: `−Σ_c t_c log softmax(z)_c`.
+    Soft(Tensor),
+}
+
+/// The plugin components of a job.
+#[derive(Default)]
+pub struct Components {
+    pub step_rule: Option<Instance>,
+    pub batch_transform: Option<Instance>,
+    pub objective: Option<Instance>,
+}
+
+impl Components {
+    fn all(&mut self) -> impl Iterator<Item = &mut Instance> {
+        [&mut self.step_rule, &mut self.batch_transform, &mut self.objective].into_iter().flatten()
+    }
+}
+
+/// Running sums of what one epoch reports.
+#[derive(Default)]
+struct EpochStats {
+    loss_sum: f64,
+    correct: f64,
+    seen: usize,
+    steps: u64,
+    passes: u64,
+    plugin: BTreeMap<String, (f64, u32)>,
+}
+
+/// The host side of one optimizer step: the callbacks a step rule drives.
+struct Driver<'a> {
+    net: &'a nn::Sequential,
+    opt: &'a mut nn::Optimizer,
+    params: &'a mut [(Tensor, String, u32)],
+    x: Tensor,
+    target: Target,
+    index: Tensor,
+    objective: Option<&'a mut Instance>,
+    rng: &'a mut ChaCha8Rng,
+    stats: &'a mut EpochStats,
+    passes: u32,
+    frozen: bool,
+}
+
+fn tch_err(e: tch::TchError) -> String {
+    e.to_string()
+}
+
+impl StepDriver for Driver<'_> {
+    fn forward_backward(&mut self) -> Result<f64, String> {
+        // No model here has running statistics yet; `frozen` is honoured by the models that do.
+        let _ = self.frozen;
+        self.opt.zero_grad();
+        let logits = self.net.forward(&self.x);
+        let pred = logits.argmax(-1, false);
+        let (per_example, correct) = match &self.target {
+            Target::Hard(y) => (
+                logits.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::None, -100, 0.0).map_err(tch_err)?,
+                pred.eq_tensor(y).to_kind(Kind::Float),
+            ),
+            Target::Soft(t) => (
+                -(t * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float),
+                t.gather(1, &pred.unsqueeze(1), false).squeeze_dim(1),
+            ),
+        };
+        let first = self.passes == 0;
+        let stats = &mut *self.stats;
+        let loss = match self.objective.as_deref_mut() {
+            Some(obj) => obj.objective(&per_example, &correct, None, &self.index, first, &mut |k, v| {
+                if first {
+                    let e = stats.plugin.entry(k.to_string()).or_default();
+                    e.0 += v;
+                    e.1 += 1;
+                }
+            })?,
+            None => per_example.mean(Kind::Float),
+        };
+        loss.f_backward().map_err(tch_err)?;
+        let value = f64::try_from(&loss).map_err(tch_err)?;
+        if !value.is_finite() {
+            return Err(format!("{DIVERGED}training loss is {value}"));
+        }
+        if first {
+            let b = per_example.size()[0] as usize;
+            stats.loss_sum += value * b as f64;
+            stats.correct += f64::try_from(correct.sum(Kind::Double)).map_err(tch_err)?;
+            stats.seen += b;
+        }
+        self.passes += 1;
+        Ok(value)
+    }
+
+    fn n_params(&self) -> usize {
+        self.params.len()
+    }
+
+    fn param(&mut self, i: usize) -> (&mut Tensor, &str, u32) {
+        let (t, n, tags) = &mut self.params[i];
+        (t, n.as_str(), *tags)
+    }
+
+    fn optimizer_step(&mut self) -> Result<(), String> {
+        self.opt.step();
+        Ok(())
+    }
+
+    fn freeze_norm_stats(&mut self, frozen: bool) {
+        self.frozen = frozen;
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+
+    fn log(&mut self, name: &str, value: f64) {
+        let e = self.stats.plugin.entry(name.to_string()).or_default();
+        e.0 += value;
+        e.1 += 1;
+    }
+}
+
+/// Marks a driver error as divergence, so the job's failure is classified as such.
+const DIVERGED: &str = "diverged: ";
+
+fn tags_of(name: &str) -> u32 {
+    use xlab_plugin_api::abi::tags;
+    if name.ends_with(".bias") {
+        tags::BIAS
+    } else {
+        tags::WEIGHT
+    }
+}
+
 /// Trains the job's model; returns the final metrics.
 pub fn run(
     cfg: &JobConfig,
     seed: u64,
     device: Device,
     run_dir: &Path,
+    comps: &mut Components,
     out: &mut Emitter,
 ) -> Result<BTreeMap<String, f64>, Failure> {
     let data = data::build(&cfg.data);
@@ -74,38 +216,89 @@ pub fn run(
     let vs = nn::VarStore::new(device);
     let net = model::build(&vs.root(), &cfg.model, data.input_dim, data.classes);
     let mut opt = build_optimizer(&vs, &cfg.optimizer)?;
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut params: Vec<(Tensor, String, u32)> = named.into_iter().map(|(n, t)| (t, n.clone(), tags_of(&n))).collect();
     tracing::info!(params = model::parameter_count(&vs), train = data.train.len(), "model built");
 
     let x_train = data.train.x.to_device(device);
     let y_train = data.train.y.to_device(device);
     let n = data.train.len();
     let bs = cfg.batch_size as usize;
+    let info = RunInfo {
+        num_classes: data.classes as i64,
+        n_train: n as u64,
+        group_counts: vec![],
+        epochs: u64::from(cfg.epochs),
+        steps_per_epoch: n.div_ceil(bs) as u64,
+        seed,
+    };
+    for c in comps.all() {
+        c.setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
+    }
+    // Plugins draw from their own stream, derived from the job's seed.
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(u64::MAX);
     let mut summary = BTreeMap::new();
+    let mut total_passes = 0u64;
+    let mut global_step = 0u64;
     for epoch in 0..u64::from(cfg.epochs) {
+        for c in comps.all() {
+            c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
+        }
         let order = data::epoch_order(n, seed, epoch);
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
+        let mut stats = EpochStats::default();
         for chunk in order.chunks(bs) {
             let idx = Tensor::from_slice(chunk).to_device(device);
             let xb = x_train.index_select(0, &idx);
             let yb = y_train.index_select(0, &idx);
-            let logits = net.forward(&xb);
-            let loss = logits.cross_entropy_for_logits(&yb);
-            opt.backward_step(&loss);
-            let l = f64::try_from(&loss)?;
-            if !l.is_finite() {
+            let (x, target) = match comps.batch_transform.as_mut() {
+                Some(t) => {
+                    let (x, soft) = t
+                        .transform(&xb, &yb, None, None, &idx, data.classes as i64, &mut || rng.next_u64())
+                        .map_err(|m| Failure::new(FailureCause::Error, m))?;
+                    (x, Target::Soft(soft.to_kind(Kind::Float)))
+                }
+                None => (xb, Target::Hard(yb)),
+            };
+            let mut driver = Driver {
+                net: &net,
+                opt: &mut opt,
+                params: &mut params,
+                x,
+                target,
+                index: idx,
+                objective: comps.objective.as_mut(),
+                rng: &mut rng,
+                stats: &mut stats,
+                passes: 0,
+                frozen: false,
+            };
+            let stepped = match comps.step_rule.as_mut() {
+                Some(rule) => rule.step(&mut driver, epoch, global_step),
+                None => driver.forward_backward().and_then(|_| driver.optimizer_step()),
+            };
+            let passes = driver.passes;
+            if let Err(m) = stepped {
+                let cause = if m.contains(DIVERGED) { FailureCause::Diverged } else { FailureCause::Error };
                 return Err(Failure::new(
-                    FailureCause::Diverged,
-                    format!("training loss is {l} in epoch {}", epoch + 1),
+                    cause,
+                    format!("epoch {}, step {}: {}", epoch + 1, global_step, m.replace(DIVERGED, "")),
                 ));
             }
-            let b = chunk.len();
-            loss_sum += l * b as f64;
-            correct += f64::try_from(logits.argmax(-1, false).eq_tensor(&yb).to_kind(Kind::Float).sum(Kind::Float))?;
-            seen += b;
+            stats.passes += u64::from(passes);
+            stats.steps += 1;
+            global_step += 1;
         }
+        total_passes += stats.passes;
         let mut values = BTreeMap::new();
-        values.insert("train.loss".to_string(), loss_sum / seen as f64);
-        values.insert("train.acc".to_string(), correct / seen as f64);
+        values.insert("train.loss".to_string(), stats.loss_sum / stats.seen as f64);
+        values.insert("train.acc".to_string(), stats.correct / stats.seen as f64);
+        values.insert("cost.passes_per_step".to_string(), stats.passes as f64 / stats.steps as f64);
+        values.insert("cost.passes".to_string(), total_passes as f64);
+        for (k, (sum, count)) in &stats.plugin {
+            values.insert(k.clone(), sum / f64::from(*count));
+        }
         for (name, split) in [("val", &data.val), ("test", &data.test)] {
             if split.is_empty() {
                 continue;
