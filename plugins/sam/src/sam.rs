@@ -94,7 +94,7 @@ impl StepRule for Sam {
         host.freeze_norm_stats(false);
         tch::no_grad(|| -> Result<()> {
             for (i, old) in &saved {
-                let _ = params[*i].tensor.f_copy_(old)?;
+                params[*i].tensor.f_copy_(old)?;
             }
             Ok(())
         })?;

@@ -70,6 +70,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// One job: config, provenance, status history, final metrics, artifacts (JSON).
+    Show { job: String },
     /// Report versions, libtorch, devices, store and plugin locations.
     Doctor,
     /// Installed plugins and their components.
@@ -156,6 +158,16 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Query { experiment, format } => {
             let store = open_store(&cli.store)?;
             query(&store, experiment.as_deref(), *format)?;
+            Ok(0)
+        }
+        Command::Show { job } => {
+            let store = open_store(&cli.store)?;
+            let env = |e: StoreError| Failure { code: exit::ENVIRONMENT, error: e.into() };
+            let rec = store
+                .job(job)
+                .map_err(env)?
+                .with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
+            println!("{}", serde_json::to_string_pretty(&rec).expect("json"));
             Ok(0)
         }
         Command::Doctor => doctor(cli),

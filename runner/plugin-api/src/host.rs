@@ -28,9 +28,7 @@ fn rstr(s: RStr, what: &str) -> Result<String, String> {
 /// Loads a plugin library and checks its manifest; the error says what is wrong and what to do.
 pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
-        return Err("not a shared library (no ELF header); is the file truncated or corrupt?".into());
-    }
+    check_elf(&bytes)?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     // SAFETY: loading runs the library's initializers. Plugins are code the user chose to run;
     // the ELF check above keeps arbitrary files out.
@@ -103,6 +101,55 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
     std::mem::forget(lib);
     let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string();
     Ok(LoadedPlugin { info: PluginInfo { id, version, file, sha256, components }, manifest })
+}
+
+/// Checks the ELF headers before `dlopen` sees the file: a truncated library makes the dynamic
+/// loader read past the end of its mapping and kills the process with SIGBUS, so a short file
+/// must be refused here, with a message.
+fn check_elf(b: &[u8]) -> Result<(), String> {
+    if b.len() < 4 || &b[..4] != b"\x7fELF" {
+        return Err("not a shared library (no ELF header); is the file truncated or corrupt?".into());
+    }
+    let truncated =
+        || "truncated or corrupt shared library (its headers point past the end of the file); rebuild it".to_string();
+    if b.len() < 64 {
+        return Err(truncated());
+    }
+    if b[4] != 2 || b[5] != 1 {
+        return Err("not a 64-bit little-endian library; build the plugin for this machine".into());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let u64_at = |o: usize| -> Option<usize> {
+        b.get(o..o + 8).map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")) as usize)
+    };
+    if u16_at(16) != 3 {
+        return Err("an ELF file but not a shared library (e_type is not ET_DYN); build the plugin as a cdylib".into());
+    }
+    const EM_X86_64: usize = 62;
+    const EM_AARCH64: usize = 183;
+    let machine = u16_at(18);
+    let here = if cfg!(target_arch = "x86_64") { EM_X86_64 } else { EM_AARCH64 };
+    if machine != here {
+        return Err(format!("built for another processor (ELF machine {machine}); build the plugin on this machine"));
+    }
+    let phoff = u64_at(32).ok_or_else(truncated)?;
+    let shoff = u64_at(40).ok_or_else(truncated)?;
+    let (phentsize, phnum, shentsize, shnum) = (u16_at(54), u16_at(56), u16_at(58), u16_at(60));
+    let end = |off: usize, n: usize, size: usize| off.checked_add(n.checked_mul(size)?);
+    if end(phoff, phnum, phentsize).is_none_or(|e| e > b.len())
+        || end(shoff, shnum, shentsize).is_none_or(|e| e > b.len())
+    {
+        return Err(truncated());
+    }
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let p_offset = u64_at(ph + 8).ok_or_else(truncated)?;
+        let p_filesz = u64_at(ph + 32).ok_or_else(truncated)?;
+        if p_offset.checked_add(p_filesz).is_none_or(|e| e > b.len()) {
+            return Err(truncated());
+        }
+    }
+    Ok(())
 }
 
 fn valid_component_id(id: &str) -> bool {

@@ -327,9 +327,12 @@ fn resolve_components(
         };
         let expected = COMPONENT_SLOTS.iter().find(|(s, _)| *s == slot).map(|(_, k)| *k).unwrap_or(slot);
         if info.kind != expected {
-            return Err(SpecError::new(file, format!("`{}` is a {}, not a {expected}", comp.id, info.kind))
-                .context(here)
-                .hint(format!("use it under `{}:`", info.kind)));
+            return Err(SpecError::new(
+                file,
+                format!("`{}` is a `{}` component; the `{slot}` slot needs a `{expected}`", comp.id, info.kind),
+            )
+            .context(here)
+            .hint(format!("use it under `{}:`", info.kind)));
         }
         let resolved = resolve_params(info, &comp.params).map_err(|e| match e {
             ParamError::Unknown { name } => {

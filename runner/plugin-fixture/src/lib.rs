@@ -1,0 +1,100 @@
+//! A plugin for testing the host, not for users. Its library is named
+//! `libxlab_fixture_plugin.so`, so folder discovery never picks it up; tests name the file.
+//!
+//! `XLAB_FIXTURE_MANIFEST` chooses what the entry point returns: unset, a valid plugin `fixture`
+//! with two step rules that fail on purpose; `abi`, a manifest of ABI version 999; `torch`, one
+//! built against libtorch 1.0.0; `panic`, a panic while building the manifest (the entry point
+//! then returns null, as the SDK's does).
+
+use serde::Deserialize;
+use std::sync::OnceLock;
+use xlab_plugin_api::abi::{PluginManifest, RStr, ABI_VERSION, TORCH_VERSION};
+use xlab_plugin_api::{Component, ComponentKind, ParamSpec, PluginError, Result, StepCtx, StepRule};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// Panics inside its step.
+pub struct Panics;
+
+impl Component for Panics {
+    const KIND: ComponentKind = ComponentKind::StepRule;
+    const ID: &'static str = "fixture.panics";
+    const SUMMARY: &'static str = "panics in its first step (host test)";
+    const REFERENCE: &'static str = "none: a test fixture";
+    type Params = NoParams;
+    fn params() -> Vec<ParamSpec> {
+        vec![]
+    }
+    fn new(_: NoParams) -> Result<Self> {
+        Ok(Panics)
+    }
+}
+
+impl StepRule for Panics {
+    fn step(&mut self, host: &mut StepCtx<'_>) -> Result<()> {
+        host.forward_backward()?;
+        panic!("fixture.panics was asked to step");
+    }
+}
+
+/// Returns an error from its step.
+pub struct Fails;
+
+impl Component for Fails {
+    const KIND: ComponentKind = ComponentKind::StepRule;
+    const ID: &'static str = "fixture.fails";
+    const SUMMARY: &'static str = "reports an error in its first step (host test)";
+    const REFERENCE: &'static str = "none: a test fixture";
+    type Params = NoParams;
+    fn params() -> Vec<ParamSpec> {
+        vec![]
+    }
+    fn new(_: NoParams) -> Result<Self> {
+        Ok(Fails)
+    }
+}
+
+impl StepRule for Fails {
+    fn step(&mut self, _host: &mut StepCtx<'_>) -> Result<()> {
+        Err(PluginError("fixture.fails refuses to step".into()))
+    }
+}
+
+fn wrong(abi_version: u32, torch: &'static str) -> &'static PluginManifest {
+    Box::leak(Box::new(PluginManifest {
+        abi_version,
+        plugin_id: RStr::from_static("fixture"),
+        plugin_version: RStr::from_static("0.0.0"),
+        torch_version: RStr::from_static(torch),
+        components: std::ptr::null(),
+        n_components: 0,
+    }))
+}
+
+/// The entry point, as `export_plugin!` writes it, with the manifest chosen by the environment.
+#[no_mangle]
+pub extern "C" fn xlab_plugin_manifest_v1() -> *const PluginManifest {
+    static MANIFEST: OnceLock<usize> = OnceLock::new();
+    let addr = *MANIFEST.get_or_init(|| {
+        std::panic::catch_unwind(|| {
+            let m: &'static PluginManifest = match std::env::var("XLAB_FIXTURE_MANIFEST").as_deref() {
+                Ok("abi") => wrong(ABI_VERSION + 998, TORCH_VERSION),
+                Ok("torch") => wrong(ABI_VERSION, "1.0.0"),
+                Ok("panic") => panic!("the manifest could not be built"),
+                _ => xlab_plugin_api::sdk::glue::manifest(
+                    "fixture",
+                    "0.0.0",
+                    vec![
+                        xlab_plugin_api::sdk::glue::step_rule::<Panics>(),
+                        xlab_plugin_api::sdk::glue::step_rule::<Fails>(),
+                    ],
+                ),
+            };
+            m as *const PluginManifest as usize
+        })
+        .unwrap_or(0)
+    });
+    addr as *const PluginManifest
+}
