@@ -7,7 +7,9 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError, Result};
+use xlab_plugin_api::{
+    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError, Result,
+};
 
 /// The parameters, exactly as declared in `params()` (unknown ones are refused).
 #[derive(Deserialize)]

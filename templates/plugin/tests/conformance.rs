@@ -1,7 +1,7 @@
 //! Every plugin runs the conformance kit on its built library, plus its own exact checks.
 
-use xlab_plugin_api::testing::{built_plugin, conformance, instantiate};
 use xlab_plugin_api::tch::Tensor;
+use xlab_plugin_api::testing::{built_plugin, conformance, instantiate};
 
 /// This package's library, `lib<package name>.so`, wherever cargo built it.
 fn library() -> std::path::PathBuf {

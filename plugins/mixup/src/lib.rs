@@ -1,0 +1,12 @@
+//! The mixup family of batch transforms for xlab (METHODS.md section 2).
+
+pub mod mixup;
+
+xlab_plugin_api::export_plugin! {
+    id: "mixup",
+    version: env!("CARGO_PKG_VERSION"),
+    step_rules: [],
+    batch_transforms: [mixup::Mixup],
+    objectives: [],
+    samplers: [],
+}
