@@ -75,6 +75,10 @@ impl JobConfig {
 pub enum DataConfig {
     /// Two interleaved half circles in 2-D with Gaussian noise; 2 classes.
     TwoMoons(TwoMoons),
+    /// Binary labels with a spurious attribute that agrees with the label with probability
+    /// `correlation` in the training split and `eval_correlation` in validation and test;
+    /// group = 2·label + attribute. The standard test bed for DRO and selective mixup.
+    Spurious(Spurious),
     /// Isotropic Gaussian blobs, one per class, centres drawn uniformly in [-10, 10]^dim (as
     /// scikit-learn's `make_blobs`).
     Blobs(Blobs),
@@ -92,6 +96,35 @@ pub struct TwoMoons {
     /// Standard deviation of the Gaussian noise added to each point.
     #[serde(default = "defaults::noise")]
     pub noise: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Features: `[y' + core_noise·z₀, a' + spurious_noise·z₁, z₂, …]` with y' = 2y−1 and a' = 2a−1:
+/// the core feature predicts the label reliably only with all its noise averaged out, while the
+/// nearly noiseless spurious feature predicts it on the majority groups only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Spurious {
+    #[serde(default = "defaults::n_train")]
+    pub n_train: usize,
+    #[serde(default = "defaults::n_val")]
+    pub n_val: usize,
+    #[serde(default = "defaults::n_test")]
+    pub n_test: usize,
+    /// P(attribute = label) in the training split; 0.9 makes the minority groups 10%.
+    #[serde(default = "defaults::correlation")]
+    pub correlation: f64,
+    /// P(attribute = label) in validation and test; 0.5 makes every group equally common.
+    #[serde(default = "defaults::eval_correlation")]
+    pub eval_correlation: f64,
+    #[serde(default = "defaults::core_noise")]
+    pub core_noise: f64,
+    #[serde(default = "defaults::spurious_noise")]
+    pub spurious_noise: f64,
+    /// Extra pure-noise features.
+    #[serde(default)]
+    pub noise_dims: usize,
     #[serde(default)]
     pub seed: u64,
 }
@@ -197,6 +230,19 @@ impl JobConfig {
                 }
                 (d.n_train, d.n_test)
             }
+            DataConfig::Spurious(d) => {
+                for (k, v) in [("correlation", d.correlation), ("eval_correlation", d.eval_correlation)] {
+                    if !(0.0..=1.0).contains(&v) {
+                        return err(&format!("data.{k}"), format!("is a probability, in [0, 1]; got {v}"));
+                    }
+                }
+                for (k, v) in [("core_noise", d.core_noise), ("spurious_noise", d.spurious_noise)] {
+                    if !(v >= 0.0 && v.is_finite()) {
+                        return err(&format!("data.{k}"), format!("must be a finite number ≥ 0, got {v}"));
+                    }
+                }
+                (d.n_train, d.n_test)
+            }
             DataConfig::Blobs(d) => {
                 if d.classes < 2 {
                     return err("data.classes", format!("must be at least 2, got {}", d.classes));
@@ -276,6 +322,18 @@ mod defaults {
     }
     pub fn dim() -> usize {
         2
+    }
+    pub fn correlation() -> f64 {
+        0.9
+    }
+    pub fn eval_correlation() -> f64 {
+        0.5
+    }
+    pub fn core_noise() -> f64 {
+        1.0
+    }
+    pub fn spurious_noise() -> f64 {
+        0.1
     }
     pub fn spread() -> f64 {
         1.0

@@ -4,12 +4,13 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
-use xlab_spec::config::{Blobs, DataConfig, TwoMoons};
+use xlab_spec::config::{Blobs, DataConfig, Spurious, TwoMoons};
 
-/// Features and labels of one split.
+/// Features, labels and (when the data has them) group ids of one split.
 pub struct Split {
     pub x: Tensor,
     pub y: Tensor,
+    pub group: Option<Tensor>,
 }
 
 impl Split {
@@ -28,6 +29,22 @@ pub struct Dataset {
     pub test: Split,
     pub input_dim: usize,
     pub classes: usize,
+    /// Number of groups (0 when the data has none).
+    pub groups: usize,
+}
+
+impl Dataset {
+    /// Training-set size of each group.
+    pub fn group_counts(&self) -> Vec<u64> {
+        match &self.train.group {
+            Some(g) => g
+                .bincount::<Tensor>(None, self.groups as i64)
+                .iter::<i64>()
+                .map(|it| it.map(|c| c as u64).collect())
+                .unwrap_or_default(),
+            None => vec![],
+        }
+    }
 }
 
 /// Standard normal draws by the Box–Muller transform (no dependence on a distribution crate's
@@ -42,6 +59,7 @@ pub fn build(cfg: &DataConfig) -> Dataset {
     match cfg {
         DataConfig::TwoMoons(c) => two_moons(c),
         DataConfig::Blobs(c) => blobs(c),
+        DataConfig::Spurious(c) => spurious(c),
     }
 }
 
@@ -52,8 +70,41 @@ fn split(xs: Vec<f32>, ys: Vec<i64>, dim: usize, sizes: [usize; 3], classes: usi
     let part = |start: i64, len: i64| Split {
         x: x.narrow(0, start, len).contiguous(),
         y: y.narrow(0, start, len).contiguous(),
+        group: None,
     };
-    Dataset { train: part(0, a), val: part(a, b), test: part(a + b, c), input_dim: dim, classes }
+    Dataset { train: part(0, a), val: part(a, b), test: part(a + b, c), input_dim: dim, classes, groups: 0 }
+}
+
+/// Binary labels with a spurious attribute (see the config's doc); balanced labels in every
+/// split, attribute agreeing with the label with the split's correlation.
+pub fn spurious(c: &Spurious) -> Dataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(c.seed);
+    let dim = 2 + c.noise_dims;
+    let mut make = |n: usize, corr: f64| {
+        let mut xs = Vec::with_capacity(dim * n);
+        let mut ys = Vec::with_capacity(n);
+        let mut gs = Vec::with_capacity(n);
+        for i in 0..n {
+            let y = (i % 2) as i64;
+            let a = if rng.gen::<f64>() < corr { y } else { 1 - y };
+            xs.push(((2 * y - 1) as f64 + c.core_noise * normal(&mut rng)) as f32);
+            xs.push(((2 * a - 1) as f64 + c.spurious_noise * normal(&mut rng)) as f32);
+            for _ in 0..c.noise_dims {
+                xs.push(normal(&mut rng) as f32);
+            }
+            ys.push(y);
+            gs.push(2 * y + a);
+        }
+        Split {
+            x: Tensor::from_slice(&xs).reshape([n as i64, dim as i64]),
+            y: Tensor::from_slice(&ys),
+            group: Some(Tensor::from_slice(&gs)),
+        }
+    };
+    let train = make(c.n_train, c.correlation);
+    let val = make(c.n_val, c.eval_correlation);
+    let test = make(c.n_test, c.eval_correlation);
+    Dataset { train, val, test, input_dim: dim, classes: 2, groups: 4 }
 }
 
 /// Two interleaved half circles (as scikit-learn's `make_moons`, with angles drawn uniformly at
@@ -129,6 +180,32 @@ mod tests {
         assert_eq!(o, epoch_order(100, 1, 0));
         assert_ne!(o, epoch_order(100, 1, 1));
         assert_ne!(o, epoch_order(100, 2, 0));
+    }
+
+    #[test]
+    fn spurious_groups_follow_the_correlation() {
+        let c = Spurious {
+            n_train: 4000,
+            n_val: 0,
+            n_test: 4000,
+            correlation: 0.9,
+            eval_correlation: 0.5,
+            core_noise: 1.0,
+            spurious_noise: 0.1,
+            noise_dims: 3,
+            seed: 1,
+        };
+        let d = spurious(&c);
+        assert_eq!(d.train.x.size(), vec![4000, 5]);
+        let counts = d.group_counts();
+        // groups 0 (y0,a0) and 3 (y1,a1) are the majority: 45% each; 1 and 2: 5% each.
+        assert_eq!(counts.iter().sum::<u64>(), 4000);
+        for (g, expect) in [(0, 1800.0), (1, 200.0), (2, 200.0), (3, 1800.0)] {
+            assert!((counts[g] as f64 - expect).abs() < 60.0, "group {g}: {counts:?}");
+        }
+        let test: Vec<i64> =
+            d.test.group.as_ref().unwrap().bincount::<Tensor>(None, 4).iter::<i64>().unwrap().collect();
+        assert!(test.iter().all(|&n| (n - 1000).abs() < 80), "{test:?}");
     }
 
     #[test]

@@ -53,15 +53,40 @@ fn build_optimizer(vs: &nn::VarStore, cfg: &OptimizerConfig) -> Result<nn::Optim
     })
 }
 
-/// Mean loss and accuracy of the model on one split, without gradients.
-fn evaluate(net: &impl Module, split: &Split, device: Device) -> Result<(f64, f64), Failure> {
+/// Loss, accuracy and (with groups) per-group and worst-group accuracy on one split, without
+/// gradients, as `name.loss`, `name.acc`, `name.group_acc.G`, `name.worst_group_acc`.
+fn evaluate(
+    net: &impl Module,
+    name: &str,
+    split: &Split,
+    groups: usize,
+    device: Device,
+) -> Result<BTreeMap<String, f64>, Failure> {
     tch::no_grad(|| {
         let x = split.x.to_device(device);
         let y = split.y.to_device(device);
         let logits = net.forward(&x);
-        let loss = f64::try_from(logits.cross_entropy_for_logits(&y))?;
-        let acc = f64::try_from(logits.accuracy_for_logits(&y))?;
-        Ok((loss, acc))
+        let mut out = BTreeMap::new();
+        out.insert(format!("{name}.loss"), f64::try_from(logits.cross_entropy_for_logits(&y))?);
+        let correct = logits.argmax(-1, false).eq_tensor(&y).to_kind(Kind::Double);
+        out.insert(format!("{name}.acc"), f64::try_from(correct.mean(Kind::Double))?);
+        if let Some(g) = &split.group {
+            let g = g.to_device(device);
+            let mut worst = f64::INFINITY;
+            for k in 0..groups as i64 {
+                let mask = g.eq(k).to_kind(Kind::Double);
+                let n = f64::try_from(mask.sum(Kind::Double))?;
+                if n > 0.0 {
+                    let acc = f64::try_from((&correct * &mask).sum(Kind::Double))? / n;
+                    out.insert(format!("{name}.group_acc.{k}"), acc);
+                    worst = worst.min(acc);
+                }
+            }
+            if worst.is_finite() {
+                out.insert(format!("{name}.worst_group_acc"), worst);
+            }
+        }
+        Ok(out)
     })
 }
 
@@ -105,6 +130,7 @@ struct Driver<'a> {
     params: &'a mut [(Tensor, String, u32)],
     x: Tensor,
     target: Target,
+    group: Option<Tensor>,
     index: Tensor,
     objective: Option<&'a mut Instance>,
     rng: &'a mut ChaCha8Rng,
@@ -137,13 +163,15 @@ impl StepDriver for Driver<'_> {
         let first = self.passes == 0;
         let stats = &mut *self.stats;
         let loss = match self.objective.as_deref_mut() {
-            Some(obj) => obj.objective(&per_example, &correct, None, &self.index, first, &mut |k, v| {
-                if first {
-                    let e = stats.plugin.entry(k.to_string()).or_default();
-                    e.0 += v;
-                    e.1 += 1;
-                }
-            })?,
+            Some(obj) => {
+                obj.objective(&per_example, &correct, self.group.as_ref(), &self.index, first, &mut |k, v| {
+                    if first {
+                        let e = stats.plugin.entry(k.to_string()).or_default();
+                        e.0 += v;
+                        e.1 += 1;
+                    }
+                })?
+            }
             None => per_example.mean(Kind::Float),
         };
         loss.f_backward().map_err(tch_err)?;
@@ -223,12 +251,13 @@ pub fn run(
 
     let x_train = data.train.x.to_device(device);
     let y_train = data.train.y.to_device(device);
+    let g_train = data.train.group.as_ref().map(|g| g.to_device(device));
     let n = data.train.len();
     let bs = cfg.batch_size as usize;
     let info = RunInfo {
         num_classes: data.classes as i64,
         n_train: n as u64,
-        group_counts: vec![],
+        group_counts: data.group_counts(),
         epochs: u64::from(cfg.epochs),
         steps_per_epoch: n.div_ceil(bs) as u64,
         seed,
@@ -252,10 +281,11 @@ pub fn run(
             let idx = Tensor::from_slice(chunk).to_device(device);
             let xb = x_train.index_select(0, &idx);
             let yb = y_train.index_select(0, &idx);
+            let gb = g_train.as_ref().map(|g| g.index_select(0, &idx));
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
                     let (x, soft) = t
-                        .transform(&xb, &yb, None, None, &idx, data.classes as i64, &mut || rng.next_u64())
+                        .transform(&xb, &yb, gb.as_ref(), None, &idx, data.classes as i64, &mut || rng.next_u64())
                         .map_err(|m| Failure::new(FailureCause::Error, m))?;
                     (x, Target::Soft(soft.to_kind(Kind::Float)))
                 }
@@ -267,6 +297,7 @@ pub fn run(
                 params: &mut params,
                 x,
                 target,
+                group: gb,
                 index: idx,
                 objective: comps.objective.as_mut(),
                 rng: &mut rng,
@@ -303,9 +334,7 @@ pub fn run(
             if split.is_empty() {
                 continue;
             }
-            let (loss, acc) = evaluate(&net, split, device)?;
-            values.insert(format!("{name}.loss"), loss);
-            values.insert(format!("{name}.acc"), acc);
+            values.extend(evaluate(&net, name, split, data.groups, device)?);
         }
         values.insert("epoch".to_string(), (epoch + 1) as f64);
         tracing::info!(
