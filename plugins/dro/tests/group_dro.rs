@@ -68,7 +68,8 @@ fn absent_groups_count_as_zero_loss_and_setup_needs_groups() {
     let group = Tensor::from_slice(&[1i64, 1]);
     let idx = Tensor::from_slice(&[0i64, 1]);
     let mut logged = vec![];
-    dro.objective(&losses, &losses, Some(&group), &idx, true, &mut |k, v| logged.push((k.to_string(), v))).unwrap();
+    let _ =
+        dro.objective(&losses, &losses, Some(&group), &idx, true, &mut |k, v| logged.push((k.to_string(), v))).unwrap();
     // q ∝ (1, e², 1)/3
     let e2 = (2.0f64).exp();
     let q = q_of(&logged);
