@@ -69,6 +69,9 @@ enum Command {
         experiment: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Metrics to show, comma-separated (default: the test and sample metrics).
+        #[arg(long, short = 'm', value_delimiter = ',')]
+        metrics: Vec<String>,
     },
     /// One job: config, provenance, status history, final metrics, artifacts (JSON).
     Show { job: String },
@@ -155,9 +158,9 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Plan { file } => plan(cli, file),
-        Command::Query { experiment, format } => {
+        Command::Query { experiment, format, metrics } => {
             let store = open_store(&cli.store)?;
-            query(&store, experiment.as_deref(), *format)?;
+            query(&store, experiment.as_deref(), *format, metrics)?;
             Ok(0)
         }
         Command::Show { job } => {
@@ -241,7 +244,7 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
         report.failed.len(),
         started.elapsed().as_secs_f64()
     );
-    query(&store, Some(&plan.name), Format::Table)?;
+    query(&store, Some(&plan.name), Format::Table, &[])?;
     if report.failed.is_empty() {
         Ok(0)
     } else {
@@ -287,7 +290,7 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn query(store: &Store, experiment: Option<&str>, format: Format) -> Result<(), Failure> {
+fn query(store: &Store, experiment: Option<&str>, format: Format, wanted: &[String]) -> Result<(), Failure> {
     let env = |e: StoreError| Failure { code: exit::ENVIRONMENT, error: e.into() };
     let exp = match experiment {
         Some(name) => store.experiment(name).map_err(env)?.with_context(|| {
@@ -302,7 +305,22 @@ fn query(store: &Store, experiment: Option<&str>, format: Format) -> Result<(), 
         }
     };
     let rows = table::rows(store, &exp)?;
-    let metrics = table::default_metrics(&rows);
+    let known: Vec<&String> = rows.iter().flat_map(|r| r.metrics.keys()).collect();
+    for m in wanted {
+        if !known.contains(&m) {
+            let hint =
+                xlab_spec::did_you_mean(m, known.iter().map(|k| k.as_str())).map(|c| format!("did you mean `{c}`?"));
+            return Err(Failure {
+                code: exit::USER,
+                error: anyhow::anyhow!(
+                    "no metric `{m}` in experiment `{}`\n  hint: {}",
+                    exp.name,
+                    hint.unwrap_or_else(|| "`xlab query --format json` lists every metric".into())
+                ),
+            });
+        }
+    }
+    let metrics = if wanted.is_empty() { table::default_metrics(&rows) } else { wanted.to_vec() };
     match format {
         Format::Table => {
             println!("experiment `{}`", exp.name);

@@ -59,18 +59,19 @@ pub fn rows(store: &Store, exp: &ExperimentRecord) -> anyhow::Result<Vec<Row>> {
     Ok(out)
 }
 
-/// The metrics shown by default: every `test.*` metric, or `val.*` when there is no test split.
+/// The metrics shown by default: the `test.*` metrics without per-group breakdowns and the
+/// `sample.*` metrics; else `val.*`; else all.
 pub fn default_metrics(rows: &[Row]) -> Vec<String> {
     let mut names: Vec<String> = rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
     names.sort();
     names.dedup();
     let pick = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).cloned().collect::<Vec<_>>();
-    let test = pick("test.");
-    if test.is_empty() {
-        pick("val.")
-    } else {
-        test
-    }
+    let headline: Vec<String> = names
+        .iter()
+        .filter(|n| (n.starts_with("test.") && !n.contains(".group_acc.")) || n.starts_with("sample."))
+        .cloned()
+        .collect();
+    [headline, pick("val.")].into_iter().find(|m| !m.is_empty()).unwrap_or(names)
 }
 
 fn fmt_value(v: &Value) -> String {

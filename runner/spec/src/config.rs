@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub enum Task {
     /// Train a model and evaluate it on the validation and test splits after every epoch.
     Train,
+    /// Draw samples with a sampler component from a denoiser.
+    Sample,
 }
 
 /// The resolved config of one job.
@@ -21,8 +23,12 @@ pub enum Task {
 pub struct JobConfig {
     pub task: Task,
     pub data: DataConfig,
-    pub model: ModelConfig,
-    pub optimizer: OptimizerConfig,
+    /// Required by `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelConfig>,
+    /// Required by `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerConfig>,
     /// Passes over the training split.
     #[serde(default = "defaults::epochs")]
     pub epochs: u32,
@@ -39,8 +45,53 @@ pub struct JobConfig {
     /// loss when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub objective: Option<ComponentUse>,
+    /// `sample`: the sampler component (e.g. `{use: diffusion.ddim, steps: 50}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<ComponentUse>,
+    /// `sample`: the denoiser the sampler queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoiser: Option<DenoiserConfig>,
+    /// `sample`: how many samples to draw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u32>,
 }
 
+/// A denoiser ε̂(x_t, t) for sampling.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum DenoiserConfig {
+    /// The exact ε-prediction for the data's training split (scaled to [-1, 1] per feature) as
+    /// the whole data distribution: x̂₀ = Σᵢ softmax(−‖x − √ᾱ xᵢ‖²/(2(1−ᾱ)))ᵢ xᵢ and
+    /// ε̂ = (x − √ᾱ x̂₀)/√(1−ᾱ). No training; samplers can be checked against it exactly.
+    Exact(ExactDenoiser),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExactDenoiser {
+    #[serde(default)]
+    pub schedule: BetaSchedule,
+    #[serde(default = "defaults::timesteps")]
+    pub timesteps: u32,
+    #[serde(default = "defaults::beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "defaults::beta_end")]
+    pub beta_end: f64,
+}
+
+/// The noise schedule (METHODS.md 3.1).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    /// β = linspace(β_start, β_end, T).
+    #[default]
+    Linear,
+    /// β = linspace(√β_start, √β_end, T)².
+    ScaledLinear,
+    /// Nichol & Dhariwal's cosine schedule, β capped at 0.999.
+    #[serde(rename = "squaredcos_cap_v2")]
+    SquaredcosCapV2,
+}
 /// A plugin component and its parameters: `{use: family.variant, param: value, ...}`. After
 /// resolution every declared parameter is present, defaults filled in.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -52,18 +103,22 @@ pub struct ComponentUse {
 }
 
 /// The component slots of a job config, with the kind each expects.
-pub const COMPONENT_SLOTS: &[(&str, &str)] =
-    &[("step_rule", "step_rule"), ("batch_transform", "batch_transform"), ("objective", "objective")];
+pub const COMPONENT_SLOTS: &[(&str, &str)] = &[
+    ("step_rule", "step_rule"),
+    ("batch_transform", "batch_transform"),
+    ("objective", "objective"),
+    ("sampler", "sampler"),
+];
 
 impl JobConfig {
     /// The components the job uses, by slot name.
     pub fn components(&self) -> Vec<(&'static str, &ComponentUse)> {
-        let slots = [&self.step_rule, &self.batch_transform, &self.objective];
+        let slots = [&self.step_rule, &self.batch_transform, &self.objective, &self.sampler];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_ref().map(|c| (*slot, c))).collect()
     }
 
     pub fn components_mut(&mut self) -> Vec<(&'static str, &mut ComponentUse)> {
-        let slots = [&mut self.step_rule, &mut self.batch_transform, &mut self.objective];
+        let slots = [&mut self.step_rule, &mut self.batch_transform, &mut self.objective, &mut self.sampler];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_mut().map(|c| (*slot, c))).collect()
     }
 }
@@ -262,11 +317,56 @@ impl JobConfig {
         if n_test == 0 {
             return err("data.n_test", "must be at least 1".into());
         }
-        let ModelConfig::Mlp(m) = &self.model;
-        if let Some(i) = m.hidden.iter().position(|&w| w == 0) {
-            return err(&format!("model.hidden[{i}]"), "a layer needs at least 1 unit".into());
+        match self.task {
+            Task::Train => {
+                for (k, missing) in [("model", self.model.is_none()), ("optimizer", self.optimizer.is_none())] {
+                    if missing {
+                        return err(k, "is required by `task: train`".into());
+                    }
+                }
+                for (k, set) in [
+                    ("sampler", self.sampler.is_some()),
+                    ("denoiser", self.denoiser.is_some()),
+                    ("samples", self.samples.is_some()),
+                ] {
+                    if set {
+                        return err(k, "belongs to `task: sample`, not `task: train`".into());
+                    }
+                }
+            }
+            Task::Sample => {
+                for (k, missing) in [
+                    ("sampler", self.sampler.is_none()),
+                    ("denoiser", self.denoiser.is_none()),
+                    ("samples", self.samples.is_none()),
+                ] {
+                    if missing {
+                        return err(k, "is required by `task: sample`".into());
+                    }
+                }
+                if self.samples == Some(0) {
+                    return err("samples", "must be at least 1".into());
+                }
+                let Some(DenoiserConfig::Exact(d)) = &self.denoiser else { unreachable!("checked above") };
+                if d.timesteps < 2 {
+                    return err("denoiser.timesteps", "must be at least 2".into());
+                }
+                if !(0.0 < d.beta_start && d.beta_start < d.beta_end && d.beta_end < 1.0) {
+                    return err(
+                        "denoiser.beta_start",
+                        format!("needs 0 < beta_start < beta_end < 1, got {} and {}", d.beta_start, d.beta_end),
+                    );
+                }
+                return Ok(());
+            }
         }
-        let (lr, wd) = match &self.optimizer {
+        if let Some(ModelConfig::Mlp(m)) = &self.model {
+            if let Some(i) = m.hidden.iter().position(|&w| w == 0) {
+                return err(&format!("model.hidden[{i}]"), "a layer needs at least 1 unit".into());
+            }
+        }
+        let Some(optimizer) = &self.optimizer else { return Ok(()) };
+        let (lr, wd) = match optimizer {
             OptimizerConfig::Sgd(o) => {
                 if !(0.0..1.0).contains(&o.momentum) {
                     return err("optimizer.momentum", format!("must be in [0, 1), got {}", o.momentum));
@@ -337,6 +437,15 @@ mod defaults {
     }
     pub fn spread() -> f64 {
         1.0
+    }
+    pub fn timesteps() -> u32 {
+        1000
+    }
+    pub fn beta_start() -> f64 {
+        1e-4
+    }
+    pub fn beta_end() -> f64 {
+        0.02
     }
     pub fn hidden() -> Vec<usize> {
         vec![64, 64]

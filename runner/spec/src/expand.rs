@@ -88,9 +88,15 @@ fn yaml_to_json(file: &Path, ctx: &str, v: &serde_yaml::Value) -> Result<Value, 
     })
 }
 
-/// Recursively merges `over` into `base`: maps merge key by key, anything else replaces.
+/// Recursively merges `over` into `base`: maps merge key by key, anything else replaces. A map
+/// that names a different variant (`name:` of a dataset, model or optimizer, `use:` of a
+/// component) replaces the old one whole: its parameters belong to the old variant.
 pub fn deep_merge(base: &mut Value, over: &Value) {
+    let switches = |b: &Map<String, Value>, o: &Map<String, Value>| {
+        ["name", "use"].iter().any(|k| matches!((b.get(*k), o.get(*k)), (Some(x), Some(y)) if x != y))
+    };
     match (base, over) {
+        (Value::Object(b), Value::Object(o)) if switches(b, o) => *b = o.clone(),
         (Value::Object(b), Value::Object(o)) => {
             for (k, v) in o {
                 match b.get_mut(k) {

@@ -8,8 +8,20 @@ use std::path::Path;
 
 /// The keys of a job config that a file may set in `defaults` or in a stage. Kept equal to the
 /// fields of [`crate::JobConfig`] by a test.
-pub const CONFIG_KEYS: &[&str] =
-    &["task", "data", "model", "optimizer", "epochs", "batch_size", "step_rule", "batch_transform", "objective"];
+pub const CONFIG_KEYS: &[&str] = &[
+    "task",
+    "data",
+    "model",
+    "optimizer",
+    "epochs",
+    "batch_size",
+    "step_rule",
+    "batch_transform",
+    "objective",
+    "sampler",
+    "denoiser",
+    "samples",
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +53,9 @@ pub struct ConfigPart {
     pub step_rule: Option<Value>,
     pub batch_transform: Option<Value>,
     pub objective: Option<Value>,
+    pub sampler: Option<Value>,
+    pub denoiser: Option<Value>,
+    pub samples: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +70,9 @@ pub struct StageFile {
     pub step_rule: Option<Value>,
     pub batch_transform: Option<Value>,
     pub objective: Option<Value>,
+    pub sampler: Option<Value>,
+    pub denoiser: Option<Value>,
+    pub samples: Option<Value>,
     /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
     #[serde(default)]
     pub grid: IndexMap<String, Vec<Value>>,
@@ -75,6 +93,9 @@ impl StageFile {
             step_rule: self.step_rule.clone(),
             batch_transform: self.batch_transform.clone(),
             objective: self.objective.clone(),
+            sampler: self.sampler.clone(),
+            denoiser: self.denoiser.clone(),
+            samples: self.samples.clone(),
         }
     }
 }
@@ -92,6 +113,9 @@ impl ConfigPart {
             &self.step_rule,
             &self.batch_transform,
             &self.objective,
+            &self.sampler,
+            &self.denoiser,
+            &self.samples,
         ];
         CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
     }
@@ -142,4 +166,40 @@ pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
             .hint("YAML indents with spaces only; replace the tab with spaces"));
     }
     serde_yaml::from_str::<ExperimentFile>(source).map_err(|e| SpecError::from_yaml(path, &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `CONFIG_KEYS`, `ConfigPart` and `StageFile` list the job config's fields by hand; this
+    /// keeps them equal to the fields of `JobConfig`.
+    #[test]
+    fn config_keys_are_the_job_config_fields() {
+        let full = r#"
+task: sample
+data: {name: two_moons}
+model: {name: mlp}
+optimizer: {name: sgd}
+epochs: 1
+batch_size: 1
+step_rule: {use: a.b}
+batch_transform: {use: a.c}
+objective: {use: a.d}
+sampler: {use: a.e}
+denoiser: {name: exact}
+samples: 3
+"#;
+        let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
+        let v = serde_json::to_value(&cfg).unwrap();
+        let mut fields: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        let mut keys = CONFIG_KEYS.to_vec();
+        keys.sort_unstable();
+        assert_eq!(fields, keys);
+        let part: ConfigPart = serde_yaml::from_str(full).unwrap();
+        assert_eq!(part.entries().len(), CONFIG_KEYS.len());
+        let stage: StageFile = serde_yaml::from_str(full).unwrap();
+        assert_eq!(stage.config_part().entries().len(), CONFIG_KEYS.len());
+    }
 }

@@ -49,7 +49,7 @@ impl Dataset {
 
 /// Standard normal draws by the Box–Muller transform (no dependence on a distribution crate's
 /// algorithm choices, so the stream is fixed forever).
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
+pub fn normal(rng: &mut ChaCha8Rng) -> f64 {
     let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
     let u2: f64 = rng.gen::<f64>();
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()

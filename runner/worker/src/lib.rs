@@ -5,6 +5,7 @@ pub mod data;
 pub mod events;
 pub mod model;
 pub mod probe;
+pub mod sample;
 pub mod train;
 
 use events::Emitter;
@@ -72,6 +73,7 @@ fn load_components(req: &JobRequest, cfg: &JobConfig) -> Result<Components, Fail
         match slot {
             "step_rule" => comps.step_rule = Some(inst),
             "batch_transform" => comps.batch_transform = Some(inst),
+            "sampler" => comps.sampler = Some(inst),
             _ => comps.objective = Some(inst),
         }
     }
@@ -102,6 +104,7 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         let mut comps = load_components(req, &cfg)?;
         match cfg.task {
             Task::Train => train::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
+            Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
         }
     })();
     match result {

@@ -104,11 +104,12 @@ pub struct Components {
     pub step_rule: Option<Instance>,
     pub batch_transform: Option<Instance>,
     pub objective: Option<Instance>,
+    pub sampler: Option<Instance>,
 }
 
 impl Components {
-    fn all(&mut self) -> impl Iterator<Item = &mut Instance> {
-        [&mut self.step_rule, &mut self.batch_transform, &mut self.objective].into_iter().flatten()
+    pub fn all(&mut self) -> impl Iterator<Item = &mut Instance> {
+        [&mut self.step_rule, &mut self.batch_transform, &mut self.objective, &mut self.sampler].into_iter().flatten()
     }
 }
 
@@ -239,11 +240,14 @@ pub fn run(
     comps: &mut Components,
     out: &mut Emitter,
 ) -> Result<BTreeMap<String, f64>, Failure> {
+    let (Some(model_cfg), Some(opt_cfg)) = (&cfg.model, &cfg.optimizer) else {
+        return Err(Failure::new(FailureCause::Config, "`task: train` needs `model` and `optimizer`"));
+    };
     let data = data::build(&cfg.data);
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
-    let net = model::build(&vs.root(), &cfg.model, data.input_dim, data.classes);
-    let mut opt = build_optimizer(&vs, &cfg.optimizer)?;
+    let net = model::build(&vs.root(), model_cfg, data.input_dim, data.classes);
+    let mut opt = build_optimizer(&vs, opt_cfg)?;
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut params: Vec<(Tensor, String, u32)> = named.into_iter().map(|(n, t)| (t, n.clone(), tags_of(&n))).collect();
@@ -354,12 +358,23 @@ pub fn run(
 
 /// Writes the weights to a temporary file, syncs it and renames it into place, so a reader never
 /// sees a partial file.
+pub(crate) fn save_atomically_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(), Failure> {
+    let tmp = path.with_extension("tmp.safetensors");
+    Tensor::write_safetensors(tensors, &tmp)?;
+    finish_atomic(&tmp, path)
+}
+
 fn save_atomically(vs: &nn::VarStore, path: &Path) -> Result<(), Failure> {
     let tmp = path.with_extension("tmp.safetensors");
     vs.save(&tmp)?;
+    finish_atomic(&tmp, path)
+}
+
+/// Syncs a temporary file, renames it into place and syncs the folder.
+fn finish_atomic(tmp: &Path, path: &Path) -> Result<(), Failure> {
     let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
-    sync(&tmp).map_err(|e| Failure::new(FailureCause::Error, format!("cannot sync {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path)
+    sync(tmp).map_err(|e| Failure::new(FailureCause::Error, format!("cannot sync {}: {e}", tmp.display())))?;
+    std::fs::rename(tmp, path)
         .map_err(|e| Failure::new(FailureCause::Error, format!("cannot rename {}: {e}", tmp.display())))?;
     if let Some(dir) = path.parent() {
         sync(dir).map_err(|e| Failure::new(FailureCause::Error, format!("cannot sync {}: {e}", dir.display())))?;

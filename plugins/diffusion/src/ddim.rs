@@ -1,0 +1,126 @@
+//! `diffusion.ddim`: the DDIM sampler (Song et al., ICLR 2021).
+//!
+//! Reference: huggingface/diffusers `scheduling_ddim.py` (`DDIMScheduler.step`). With N
+//! inference steps over T training steps, at each listed t:
+//! 1. t' = t − T//N (always, whatever the spacing);
+//! 2. ᾱ' = ᾱ[t'] if t' ≥ 0, else 1 (`set_alpha_to_one`) or ᾱ₀;
+//! 3. x̂₀ = (x − √(1−ᾱ_t)·ε̂)/√ᾱ_t, clipped to ±`clip_sample_range` if `clip_sample`; ε̂ is
+//!    recomputed from the clipped x̂₀ only with `use_clipped_model_output`;
+//! 4. σ_t = η·√((1−ᾱ')/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ'));
+//! 5. x' = √ᾱ'·x̂₀ + √(1−ᾱ'−σ_t²)·ε̂ + σ_t·z (z only when η > 0).
+//!
+//! NFE = N. Noise z comes from the host's seeded stream. Stateless.
+
+use crate::timesteps::{ddim_timesteps, Spacing};
+use serde::Deserialize;
+use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::{
+    param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdimParams {
+    pub steps: i64,
+    pub eta: f64,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub set_alpha_to_one: bool,
+    pub steps_offset: i64,
+    pub timestep_spacing: Spacing,
+    pub use_clipped_model_output: bool,
+}
+
+pub struct Ddim {
+    p: DdimParams,
+}
+
+/// One DDIM update from timestep `t` to `t'`, given ε̂ (diffusers' `step`); `z` is the noise
+/// used when η > 0.
+pub fn ddim_step(p: &DdimParams, x: &Tensor, eps: &Tensor, a_t: f64, a_prev: f64, z: Option<&Tensor>) -> Tensor {
+    let mut x0 = (x - eps * (1.0 - a_t).sqrt()) / a_t.sqrt();
+    if p.clip_sample {
+        x0 = x0.clamp(-p.clip_sample_range, p.clip_sample_range);
+    }
+    let eps =
+        if p.use_clipped_model_output { (x - &x0 * a_t.sqrt()) / (1.0 - a_t).sqrt() } else { eps.shallow_clone() };
+    let sigma = p.eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).sqrt();
+    let dir = eps * (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
+    let out = x0 * a_prev.sqrt() + dir;
+    match z {
+        Some(z) if p.eta > 0.0 => out + z * sigma,
+        _ => out,
+    }
+}
+
+impl Component for Ddim {
+    const KIND: ComponentKind = ComponentKind::Sampler;
+    const ID: &'static str = "diffusion.ddim";
+    const SUMMARY: &'static str = "DDIM: deterministic (η = 0) or stochastic sampling in N ≪ T steps";
+    const REFERENCE: &'static str =
+        "Song et al., Denoising Diffusion Implicit Models, ICLR 2021; huggingface/diffusers scheduling_ddim.py";
+    const RANDOM: bool = true;
+    type Params = DdimParams;
+
+    fn params() -> Vec<ParamSpec> {
+        let mut steps =
+            param("steps", ParamType::Int, 50, "number of inference steps N (one denoiser evaluation each)");
+        steps.min = Some(1.0);
+        let mut eta = param("eta", ParamType::Float, 0.0, "η: 0 is deterministic DDIM, 1 is DDPM-like noise");
+        eta.min = Some(0.0);
+        let mut spacing = param(
+            "timestep_spacing",
+            ParamType::String,
+            "leading",
+            "how the N timesteps are picked: leading, trailing or linspace",
+        );
+        spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
+        let mut range = param("clip_sample_range", ParamType::Float, 1.0, "the clipping range of x̂₀");
+        range.min = Some(0.0);
+        vec![
+            steps,
+            eta,
+            param("clip_sample", ParamType::Bool, true, "clip the predicted x̂₀ to ±clip_sample_range"),
+            range,
+            param("set_alpha_to_one", ParamType::Bool, true, "the last step targets ᾱ = 1 (else ᾱ₀)"),
+            param("steps_offset", ParamType::Int, 0, "added to every leading timestep (Stable Diffusion uses 1)"),
+            spacing,
+            param("use_clipped_model_output", ParamType::Bool, false, "recompute ε̂ from the clipped x̂₀"),
+        ]
+    }
+
+    fn new(p: DdimParams) -> Result<Self> {
+        if p.steps < 1 {
+            return Err(PluginError(format!("steps must be at least 1, got {}", p.steps)));
+        }
+        Ok(Ddim { p })
+    }
+}
+
+impl Sampler for Ddim {
+    fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, rng: &mut HostRng<'_>) -> Result<Tensor> {
+        let ac: Vec<f64> = Vec::<f64>::try_from(den.alphas_cumprod().to_kind(Kind::Double))?;
+        let t_total = ac.len();
+        let n = self.p.steps as usize;
+        if n > t_total {
+            return Err(PluginError(format!("steps ({n}) exceeds the {t_total} training timesteps")));
+        }
+        let stride = (t_total / n) as i64;
+        let final_alpha = if self.p.set_alpha_to_one { 1.0 } else { ac[0] };
+        let mut x = noise;
+        for t in ddim_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset) {
+            if t < 0 || t as usize >= t_total {
+                return Err(PluginError(format!("timestep {t} is outside 0..{t_total}; check steps_offset")));
+            }
+            let eps = den.eps(&x, t as f64)?;
+            let prev = t - stride;
+            let a_prev = if prev >= 0 { ac[prev as usize] } else { final_alpha };
+            let z = (self.p.eta > 0.0).then(|| {
+                let v: Vec<f64> = (0..x.numel()).map(|_| rng.normal()).collect();
+                Tensor::from_slice(&v).reshape(x.size()).to_kind(x.kind()).to_device(x.device())
+            });
+            x = ddim_step(&self.p, &x, &eps, ac[t as usize], a_prev, z.as_ref());
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,13 @@
+//! Diffusion samplers for xlab (METHODS.md section 3).
+
+pub mod ddim;
+pub mod timesteps;
+
+xlab_plugin_api::export_plugin! {
+    id: "diffusion",
+    version: env!("CARGO_PKG_VERSION"),
+    step_rules: [],
+    batch_transforms: [],
+    objectives: [],
+    samplers: [ddim::Ddim],
+}

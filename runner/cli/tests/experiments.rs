@@ -1,0 +1,65 @@
+//! The experiment files shipped in experiments/ are valid, and the components showcase runs end
+//! to end through the real plugin libraries with the results its README section reports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn xlab() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
+}
+
+fn experiments() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments")
+}
+
+fn cmd(store: &Path) -> Command {
+    let mut c = Command::new(xlab());
+    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
+    c
+}
+
+#[test]
+fn every_shipped_experiment_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for e in std::fs::read_dir(experiments()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let out = cmd(dir.path()).arg("validate").arg(&p).output().unwrap();
+            assert!(out.status.success(), "{}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "quickstart and the components showcase at least");
+}
+
+#[test]
+fn the_components_showcase_runs_each_kind_through_its_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let out = cmd(&store).arg("run").arg(experiments().join("components.yaml")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("10 done, 0 skipped (already done), 0 failed"), "{err}");
+    let out = cmd(&store).args(["query", "--format", "json"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    let metric = |stage: &str, steps: Option<i64>, m: &str| {
+        rows.iter()
+            .find(|r| r["stage"] == stage && steps.is_none_or(|s| r["point"]["sampler.steps"] == s))
+            .and_then(|r| r["metrics"][m]["mean"].as_f64())
+            .unwrap_or_else(|| panic!("{stage} {m} missing"))
+    };
+    // Group DRO raises worst-group accuracy far above ERM on the spurious data.
+    let (erm, dro) = (metric("erm", None, "test.worst_group_acc"), metric("group_dro", None, "test.worst_group_acc"));
+    assert!(dro > erm + 0.3, "worst-group accuracy: ERM {erm}, Group DRO {dro}");
+    // SAM takes two passes per step, the others one.
+    assert_eq!(metric("sam", None, "cost.passes_per_step"), 2.0);
+    assert_eq!(metric("mixup", None, "cost.passes_per_step"), 1.0);
+    // DDIM uses one evaluation per step, and with the exact denoiser of 200 points its samples
+    // land on training points.
+    for steps in [10, 50] {
+        assert_eq!(metric("ddim", Some(steps), "sample.nfe"), steps as f64);
+        assert!(metric("ddim", Some(steps), "sample.nn_dist") < 0.02);
+    }
+}

@@ -1,0 +1,153 @@
+//! The `sample` task: a sampler component draws samples from a denoiser, and the samples are
+//! scored against the data.
+
+use crate::data;
+use crate::events::Emitter;
+use crate::train::{save_atomically_tensors, Components, Failure};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+use xlab_proto::FailureCause;
+use xlab_spec::config::{BetaSchedule, DenoiserConfig, ExactDenoiser, JobConfig};
+
+/// ᾱ_t for t = 0..T−1 in float64 (METHODS.md 3.1). diffusers builds the linear schedules in
+/// float32; computing in float64 differs by about 1e-6 relative.
+pub fn alphas_cumprod(d: &ExactDenoiser) -> Vec<f64> {
+    let t = d.timesteps as usize;
+    let lin = |a: f64, b: f64, i: usize| if t == 1 { a } else { a + (b - a) * i as f64 / (t - 1) as f64 };
+    let betas: Vec<f64> = match d.schedule {
+        BetaSchedule::Linear => (0..t).map(|i| lin(d.beta_start, d.beta_end, i)).collect(),
+        BetaSchedule::ScaledLinear => (0..t).map(|i| lin(d.beta_start.sqrt(), d.beta_end.sqrt(), i).powi(2)).collect(),
+        BetaSchedule::SquaredcosCapV2 => {
+            let f = |u: f64| ((u + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            (0..t).map(|i| (1.0 - f((i + 1) as f64 / t as f64) / f(i as f64 / t as f64)).min(0.999)).collect()
+        }
+    };
+    let mut acc = 1.0;
+    betas
+        .iter()
+        .map(|b| {
+            acc *= 1.0 - b;
+            acc
+        })
+        .collect()
+}
+
+/// The exact ε̂ for the empirical distribution of `x0` (rows) under ᾱ.
+pub fn exact_eps(x: &Tensor, x0: &Tensor, alpha_bar: f64) -> Tensor {
+    let sa = alpha_bar.sqrt();
+    let var = 1.0 - alpha_bar;
+    // −‖x − √ᾱ xᵢ‖² / (2(1−ᾱ)) for every sample (rows of x) and training point i.
+    let d2 = (x.unsqueeze(1) - x0.unsqueeze(0) * sa).square().sum_dim_intlist(-1, false, Kind::Double);
+    let w = (-d2 / (2.0 * var)).softmax(-1, Kind::Double);
+    let x0_hat = w.matmul(x0);
+    (x - x0_hat * sa) / var.sqrt()
+}
+
+/// Scales each feature to [-1, 1] (diffusion models' data range).
+fn to_unit_range(x: &Tensor) -> Tensor {
+    let lo = x.amin(0, true);
+    let hi = x.amax(0, true);
+    (x - &lo) / (hi - &lo).clamp_min(1e-12) * 2.0 - 1.0
+}
+
+pub fn run(
+    cfg: &JobConfig,
+    seed: u64,
+    device: Device,
+    run_dir: &Path,
+    comps: &mut Components,
+    out: &mut Emitter,
+) -> Result<BTreeMap<String, f64>, Failure> {
+    let (Some(DenoiserConfig::Exact(den)), Some(n)) = (&cfg.denoiser, cfg.samples) else {
+        return Err(Failure::new(FailureCause::Config, "`task: sample` needs `denoiser` and `samples`"));
+    };
+    let sampler =
+        comps.sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
+    let data = data::build(&cfg.data);
+    let x0 = to_unit_range(&data.train.x.to_kind(Kind::Double)).to_device(device);
+    let ac = alphas_cumprod(den);
+    let ac_t = Tensor::from_slice(&ac).to_device(device);
+    let dim = x0.size()[1];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let noise: Vec<f64> = (0..n as usize * dim as usize).map(|_| data::normal(&mut rng)).collect();
+    let noise = Tensor::from_slice(&noise).reshape([n as i64, dim]).to_device(device);
+    let mut plugin_rng = ChaCha8Rng::seed_from_u64(seed);
+    plugin_rng.set_stream(u64::MAX);
+    let t_max = ac.len() as f64 - 1.0;
+    let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
+        if !(0.0..=t_max).contains(&t) {
+            return Err(format!("timestep {t} is outside 0..={t_max}"));
+        }
+        // The exact denoiser is defined at integer timesteps; fractional ones interpolate ᾱ.
+        let (lo, hi) = (t.floor() as usize, t.ceil() as usize);
+        let a = ac[lo] + (ac[hi] - ac[lo]) * (t - lo as f64);
+        Ok(exact_eps(&x.to_kind(Kind::Double), &x0, a))
+    };
+    let (samples, nfe) = sampler
+        .sample(&noise, &mut eps, &ac_t, &mut || rand::RngCore::next_u64(&mut plugin_rng))
+        .map_err(|m| Failure::new(FailureCause::Error, m))?;
+    let samples = samples.to_kind(Kind::Double);
+    if samples.size() != noise.size() {
+        return Err(Failure::new(
+            FailureCause::Error,
+            format!("the sampler returned shape {:?} for noise of shape {:?}", samples.size(), noise.size()),
+        ));
+    }
+    let finite = f64::try_from(samples.isfinite().all().to_kind(Kind::Double))?;
+    if finite != 1.0 {
+        return Err(Failure::new(FailureCause::Diverged, "the samples contain NaN or infinite values"));
+    }
+    let d = (samples.unsqueeze(1) - x0.unsqueeze(0)).square().sum_dim_intlist(-1, false, Kind::Double).sqrt();
+    let nn = d.amin(1, false);
+    let mut values = BTreeMap::new();
+    values.insert("sample.nfe".to_string(), nfe as f64);
+    values.insert("sample.nn_dist".to_string(), f64::try_from(nn.mean(Kind::Double))?);
+    values.insert("sample.nn_dist_max".to_string(), f64::try_from(nn.max())?);
+    let mean_gap = (samples.mean_dim(0, false, Kind::Double) - x0.mean_dim(0, false, Kind::Double)).norm();
+    values.insert("sample.mean_gap".to_string(), f64::try_from(mean_gap)?);
+    out.metrics(1, values.clone());
+    save_atomically_tensors(
+        &run_dir.join("samples.safetensors"),
+        &[("samples", &samples.to_kind(Kind::Float).to_device(Device::Cpu))],
+    )?;
+    out.artifact("samples", "samples.safetensors", "samples");
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn den(schedule: BetaSchedule) -> ExactDenoiser {
+        ExactDenoiser { schedule, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
+    }
+
+    /// METHODS.md 3.1 (float64 values).
+    #[test]
+    fn schedules_match_the_known_values() {
+        let a = alphas_cumprod(&den(BetaSchedule::Linear));
+        assert!((a[0] - 0.9999).abs() < 1e-12);
+        assert!((a[499] - 0.0785872429).abs() < 1e-9, "{}", a[499]);
+        assert!((a[999] - 4.03582977e-5).abs() < 1e-12, "{}", a[999]);
+        let c = alphas_cumprod(&den(BetaSchedule::SquaredcosCapV2));
+        assert!((1.0 - c[0] - 4.1284225e-5).abs() < 1e-12, "{}", 1.0 - c[0]);
+        assert!((c[499] - 0.4938435904).abs() < 1e-9, "{}", c[499]);
+        assert!((c[999] - 2.4287669e-9).abs() < 1e-15, "{}", c[999]);
+    }
+
+    #[test]
+    fn exact_eps_of_a_single_point_is_the_oracle() {
+        // One training point x₀* = 0.5: ε̂(x, t) = (x − √ᾱ·0.5)/√(1−ᾱ).
+        let x0 = Tensor::from_slice(&[0.5f64]).reshape([1, 1]);
+        let x = Tensor::from_slice(&[1.3f64, -0.2]).reshape([2, 1]);
+        let e = exact_eps(&x, &x0, 0.64);
+        let got: Vec<f64> = Vec::try_from(e.flatten(0, -1)).unwrap();
+        assert!(
+            (got[0] - (1.3 - 0.8 * 0.5) / 0.6).abs() < 1e-12 && (got[1] - (-0.2 - 0.4) / 0.6).abs() < 1e-12,
+            "{got:?}"
+        );
+    }
+}
