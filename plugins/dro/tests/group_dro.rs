@@ -12,7 +12,7 @@ fn info(counts: Vec<u64>) -> RunInfo {
         group_counts: counts,
         epochs: 1,
         steps_per_epoch: 1,
-        seed: 0,
+        ..Default::default()
     }
 }
 
@@ -164,4 +164,25 @@ fn matches_a_port_of_the_reference_loss_computer() {
             assert!((a - b).abs() < 1e-12);
         }
     }
+}
+
+/// `dro.reweight` through the boundary: weight N/N_g for every example, the plain mean loss.
+#[test]
+fn reweight_gives_every_group_equal_total_weight() {
+    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_dro")).unwrap();
+    let mut rw = instantiate(&plugin, "dro.reweight", serde_json::json!({}));
+    let groups = vec![0i64, 0, 0, 1, 2, 2];
+    let run = RunInfo { group_counts: vec![3, 1, 2], train_groups: groups.clone(), n_train: 6, ..Default::default() };
+    rw.setup(&run).unwrap();
+    let w = rw.sampling_weights(0, 6).unwrap().expect("weights are set");
+    assert_eq!(w, vec![2.0, 2.0, 2.0, 6.0, 3.0, 3.0]);
+    let per_group: Vec<f64> =
+        (0..3).map(|g| groups.iter().zip(&w).filter(|(k, _)| **k == g).map(|(_, x)| x).sum()).collect();
+    assert_eq!(per_group, vec![6.0, 6.0, 6.0]);
+    let losses = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+    let idx = Tensor::from_slice(&[0i64, 1, 2]);
+    let loss = rw.objective(&losses, &losses, None, &idx, true, &mut |_, _| {}).unwrap();
+    assert_eq!(f64::try_from(loss).unwrap(), 2.0);
+    let mut bare = instantiate(&plugin, "dro.reweight", serde_json::json!({}));
+    assert!(bare.setup(&RunInfo::default()).unwrap_err().contains("needs data with group labels"));
 }

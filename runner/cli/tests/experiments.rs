@@ -40,7 +40,7 @@ fn the_components_showcase_runs_each_kind_through_its_plugin() {
     let out = cmd(&store).arg("run").arg(experiments().join("components.yaml")).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("10 done, 0 skipped (already done), 0 failed"), "{err}");
+    assert!(err.contains("12 done, 0 skipped (already done), 0 failed"), "{err}");
     let out = cmd(&store).args(["query", "--format", "json"]).output().unwrap();
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
@@ -53,6 +53,9 @@ fn the_components_showcase_runs_each_kind_through_its_plugin() {
     // Group DRO raises worst-group accuracy far above ERM on the spurious data.
     let (erm, dro) = (metric("erm", None, "test.worst_group_acc"), metric("group_dro", None, "test.worst_group_acc"));
     assert!(dro > erm + 0.3, "worst-group accuracy: ERM {erm}, Group DRO {dro}");
+    // Group-balanced sampling (sampling weights from the objective) helps the worst group too.
+    let rw = metric("reweight", None, "test.worst_group_acc");
+    assert!(rw > erm + 0.3, "worst-group accuracy: ERM {erm}, reweighting {rw}");
     // SAM takes two passes per step, the others one.
     assert_eq!(metric("sam", None, "cost.passes_per_step"), 2.0);
     assert_eq!(metric("mixup", None, "cost.passes_per_step"), 1.0);

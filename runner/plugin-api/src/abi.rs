@@ -177,6 +177,20 @@ pub struct ComponentDecl {
             err: *const Sink,
         ) -> Status,
     >,
+    /// Objectives only: called at the start of every epoch. A component that wants the epoch's
+    /// examples drawn with replacement in proportion to weights writes `n` non-negative weights
+    /// into `out` (one per training example) and sets `*set = true`; otherwise the host keeps
+    /// its uniform shuffle.
+    pub sampling_weights: Option<
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            epoch: u64,
+            out: *mut f64,
+            n: usize,
+            set: *mut bool,
+            err: *const Sink,
+        ) -> Status,
+    >,
 }
 
 /// Where a component writes its state.

@@ -492,6 +492,18 @@ impl Instance {
         out
     }
 
+    /// An objective's sampling weights for `epoch` over `n` training examples, if it sets any.
+    pub fn sampling_weights(&mut self, epoch: u64, n: usize) -> Result<Option<Vec<f64>>, String> {
+        let Some(f) = self.decl.sampling_weights else { return Ok(None) };
+        let mut buf = vec![0.0f64; n];
+        let mut set = false;
+        // SAFETY: obj is live; buf holds n f64s and outlives the call.
+        call(&format!("`{}` sampling weights", self.id), |err| unsafe {
+            f(self.obj, epoch, buf.as_mut_ptr(), n, &mut set, err)
+        })?;
+        Ok(set.then_some(buf))
+    }
+
     /// Draws samples from `noise` with a denoiser; returns the samples and the evaluation count.
     pub fn sample(
         &mut self,

@@ -35,6 +35,12 @@ pub struct RunInfo {
     /// Training-set size of each group, when the data has groups.
     #[serde(default)]
     pub group_counts: Vec<u64>,
+    /// Labels of the training examples, by example index.
+    #[serde(default)]
+    pub train_labels: Vec<i64>,
+    /// Group ids of the training examples, by example index (empty without groups).
+    #[serde(default)]
+    pub train_groups: Vec<i64>,
     pub epochs: u64,
     pub steps_per_epoch: u64,
     pub seed: u64,
@@ -290,6 +296,13 @@ impl ObjectiveCtx<'_> {
 
 pub trait Objective: Component {
     fn loss(&mut self, input: ObjectiveInput, ctx: &mut ObjectiveCtx<'_>) -> Result<Tensor>;
+
+    /// Per-example sampling weights for `epoch` (one per training example, by index), or
+    /// `None` to keep the host's uniform shuffle. With weights, the epoch's examples are drawn
+    /// with replacement in proportion to them.
+    fn sampling_weights(&mut self, _epoch: u64) -> Result<Option<Vec<f64>>> {
+        Ok(None)
+    }
 }
 
 /// The denoiser as a sampler sees it.
@@ -537,6 +550,36 @@ pub mod glue {
         })
     }
 
+    pub unsafe extern "C" fn sampling_weights<T: Objective>(
+        o: *mut c_void,
+        epoch: u64,
+        out: *mut f64,
+        n: usize,
+        set: *mut bool,
+        err: *const Sink,
+    ) -> Status {
+        guard(err, || {
+            // SAFETY: o comes from create::<T>; out holds n f64s and set is valid (host-owned).
+            let w = unsafe { obj::<T>(o) }.sampling_weights(epoch)?;
+            unsafe { *set = false };
+            if let Some(w) = w {
+                if w.len() != n {
+                    return Err(PluginError(format!(
+                        "{}: {} sampling weights for {n} training examples",
+                        T::ID,
+                        w.len()
+                    )));
+                }
+                if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+                    return Err(PluginError(format!("{}: sampling weights must be finite, ≥ 0 and not all 0", T::ID)));
+                }
+                unsafe { std::slice::from_raw_parts_mut(out, n) }.copy_from_slice(&w);
+                unsafe { *set = true };
+            }
+            Ok(())
+        })
+    }
+
     pub unsafe extern "C" fn sample<T: Sampler>(
         o: *mut c_void,
         io: *mut abi::SampleIo,
@@ -588,6 +631,7 @@ pub mod glue {
             transform: None,
             objective: None,
             sample: None,
+            sampling_weights: None,
         }
     }
 
@@ -605,7 +649,11 @@ pub mod glue {
     }
 
     pub fn objective_decl<T: Objective>() -> abi::ComponentDecl {
-        abi::ComponentDecl { objective: Some(objective::<T>), ..decl_base::<T>(strings::<T>()) }
+        abi::ComponentDecl {
+            objective: Some(objective::<T>),
+            sampling_weights: Some(sampling_weights::<T>),
+            ..decl_base::<T>(strings::<T>())
+        }
     }
 
     pub fn sampler<T: Sampler>() -> abi::ComponentDecl {

@@ -157,7 +157,16 @@ fn component<'a>(plugin: &'a LoadedPlugin, id: &str) -> &'a ComponentInfo {
 }
 
 fn run_info() -> RunInfo {
-    RunInfo { num_classes: 3, n_train: 8, group_counts: vec![4, 4], epochs: 2, steps_per_epoch: 2, seed: 0 }
+    RunInfo {
+        num_classes: 3,
+        n_train: 8,
+        group_counts: vec![4, 4],
+        train_labels: vec![0, 1, 2, 0, 1, 2, 0, 1],
+        train_groups: vec![0, 1, 0, 1, 0, 1, 0, 1],
+        epochs: 2,
+        steps_per_epoch: 2,
+        seed: 0,
+    }
 }
 
 fn state_eq(a: &(serde_json::Value, Vec<(String, Tensor)>), b: &(serde_json::Value, Vec<(String, Tensor)>)) -> bool {

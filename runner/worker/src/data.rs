@@ -156,6 +156,25 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<i64> {
     order
 }
 
+/// An epoch drawn with replacement in proportion to `weights` (n draws for n examples): a
+/// function of (weights, seed, epoch) only.
+pub fn weighted_epoch_order(weights: &[f64], seed: u64, epoch: u64) -> Vec<i64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch.wrapping_add(1) | (1 << 62));
+    let mut cum = Vec::with_capacity(weights.len());
+    let mut total = 0.0;
+    for w in weights {
+        total += w;
+        cum.push(total);
+    }
+    (0..weights.len())
+        .map(|_| {
+            let u = rng.gen::<f64>() * total;
+            cum.partition_point(|c| *c <= u).min(weights.len() - 1) as i64
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +225,22 @@ mod tests {
         let test: Vec<i64> =
             d.test.group.as_ref().unwrap().bincount::<Tensor>(None, 4).iter::<i64>().unwrap().collect();
         assert!(test.iter().all(|&n| (n - 1000).abs() < 80), "{test:?}");
+    }
+
+    #[test]
+    fn weighted_order_follows_the_weights() {
+        // Example 0 weighs 3, example 1 weighs 1, example 2 weighs 0.
+        let w: Vec<f64> = (0..3000).map(|i| [3.0, 1.0, 0.0][i % 3]).collect();
+        let order = weighted_epoch_order(&w, 4, 2);
+        assert_eq!(order.len(), 3000);
+        let mut counts = [0usize; 3];
+        for i in &order {
+            counts[(*i % 3) as usize] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        assert!((counts[0] as f64 / 3000.0 - 0.75).abs() < 0.03, "{counts:?}");
+        assert_eq!(order, weighted_epoch_order(&w, 4, 2));
+        assert_ne!(order, weighted_epoch_order(&w, 4, 3));
     }
 
     #[test]

@@ -262,6 +262,11 @@ pub fn run(
         num_classes: data.classes as i64,
         n_train: n as u64,
         group_counts: data.group_counts(),
+        train_labels: Vec::<i64>::try_from(&data.train.y).map_err(Failure::from)?,
+        train_groups: match &data.train.group {
+            Some(g) => Vec::<i64>::try_from(g).map_err(Failure::from)?,
+            None => vec![],
+        },
         epochs: u64::from(cfg.epochs),
         steps_per_epoch: n.div_ceil(bs) as u64,
         seed,
@@ -279,7 +284,14 @@ pub fn run(
         for c in comps.all() {
             c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
         }
-        let order = data::epoch_order(n, seed, epoch);
+        let weights = match comps.objective.as_mut() {
+            Some(o) => o.sampling_weights(epoch, n).map_err(|m| Failure::new(FailureCause::Error, m))?,
+            None => None,
+        };
+        let order = match &weights {
+            Some(w) => data::weighted_epoch_order(w, seed, epoch),
+            None => data::epoch_order(n, seed, epoch),
+        };
         let mut stats = EpochStats::default();
         for chunk in order.chunks(bs) {
             let idx = Tensor::from_slice(chunk).to_device(device);
