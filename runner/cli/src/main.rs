@@ -214,6 +214,9 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
             let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
+        Progress::Resumed { job, epoch } => {
+            tracing::info!("resumed {} {} from its checkpoint after epoch {epoch}", job.stage, job.label());
+        }
         Progress::Metrics { job, step, values } => {
             let shown: Vec<String> =
                 values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();

@@ -32,6 +32,13 @@ pub struct JobRequest {
     /// The plugin libraries the job's components come from.
     #[serde(default)]
     pub plugins: Vec<plugins::PluginUse>,
+    /// Write a checkpoint every this many epochs (and after the last one).
+    #[serde(default = "one")]
+    pub checkpoint_every: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The slice of the machine a worker may use.
@@ -86,6 +93,10 @@ pub enum Event {
     Started { pid: u32, device: String, libtorch: String, host: String },
     /// Scalar metric points, e.g. `train.loss` at step 3.
     Metrics { step: u64, values: BTreeMap<String, f64> },
+    /// The job continues from a checkpoint written by an earlier attempt.
+    Resumed { epoch: u64 },
+    /// A checkpoint after `epoch` is durable at `path` (relative to the run folder).
+    Checkpoint { epoch: u64, path: String },
     /// A file the job produced and made durable, relative to the run folder.
     Artifact { name: String, path: String, kind: String },
     /// The job finished; `summary` holds its final metrics.

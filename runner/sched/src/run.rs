@@ -44,6 +44,11 @@ pub enum Progress<'a> {
         device: &'a str,
         attempt: u32,
     },
+    /// The worker continues from a checkpoint of an earlier attempt.
+    Resumed {
+        job: &'a Job,
+        epoch: u64,
+    },
     Metrics {
         job: &'a Job,
         step: u64,
@@ -228,6 +233,7 @@ fn start(
         lease,
         run_dir: store.run_dir(job.id.as_str()),
         plugins: job.plugins.clone(),
+        checkpoint_every: job.exec.checkpoint_every_epochs,
     };
     let pid = spawn::spawn(&opts.worker, &req, &visible, index, tx)
         .map_err(|source| SchedError::Spawn { worker: opts.worker.clone(), source })?;
@@ -259,6 +265,17 @@ fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe
         Event::Metrics { step, values } => {
             observe(Progress::Metrics { job, step, values: &values });
             let _ = ops.send(StoreOp::Metrics { job: job.id.to_string(), step, values });
+        }
+        Event::Resumed { epoch } => observe(Progress::Resumed { job, epoch }),
+        Event::Checkpoint { epoch, path } => {
+            let path = format!("runs/{}/{path}", job.id);
+            r.record.artifacts.retain(|a| a.name != "checkpoint");
+            r.record.artifacts.push(ArtifactRecord {
+                name: "checkpoint".into(),
+                kind: format!("checkpoint after epoch {epoch}"),
+                path,
+            });
+            let _ = ops.send(StoreOp::Job(Box::new(r.record.clone())));
         }
         Event::Artifact { name, path, kind } => {
             let path = format!("runs/{}/{path}", job.id);

@@ -65,6 +65,14 @@ pub struct Job {
     pub parents: Vec<JobId>,
     /// The plugin libraries its components come from.
     pub plugins: Vec<PluginUse>,
+    /// How the job runs (not part of its identity).
+    pub exec: Exec,
+}
+
+/// Execution settings of a job: they change how it runs, never what it computes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exec {
+    pub checkpoint_every_epochs: u32,
 }
 
 impl Plan {
@@ -216,6 +224,11 @@ pub fn expand(
                 .collect::<Result<Vec<_>, _>>()?;
             axes.push((key.clone(), vals));
         }
+        let exec = Exec { checkpoint_every_epochs: stage.checkpoint.as_ref().map(|c| c.every_epochs).unwrap_or(1) };
+        if exec.checkpoint_every_epochs == 0 {
+            return Err(SpecError::new(file, "`checkpoint.every_epochs` must be at least 1")
+                .context(format!("{ctx}.checkpoint")));
+        }
         let seeds = stage.seeds.as_ref().map(|s| s.list()).unwrap_or_else(|| vec![0]);
         if seeds.is_empty() {
             return Err(SpecError::new(file, "`seeds` is empty")
@@ -263,6 +276,7 @@ pub fn expand(
                     point: point.clone(),
                     parents: Vec::new(),
                     plugins: used.clone(),
+                    exec: exec.clone(),
                 });
             }
         }

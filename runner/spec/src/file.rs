@@ -79,6 +79,17 @@ pub struct StageFile {
     /// `seeds: 3` means seeds 0, 1, 2; `seeds: [7, 8]` lists them.
     #[serde(default)]
     pub seeds: Option<Seeds>,
+    /// How often jobs checkpoint. Not part of a job's identity: it changes how a job runs,
+    /// not what it computes.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointPolicy {
+    /// Checkpoint after every this many epochs (and after the last one).
+    pub every_epochs: u32,
 }
 
 impl StageFile {

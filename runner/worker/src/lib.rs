@@ -1,9 +1,11 @@
 //! The xlab worker: runs one job in its own process, on the device the coordinator leased to it,
 //! and reports back as a stream of events (see `xlab-proto`).
 
+pub mod checkpoint;
 pub mod data;
 pub mod events;
 pub mod model;
+pub mod optim;
 pub mod probe;
 pub mod sample;
 pub mod train;
@@ -103,7 +105,10 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         });
         let mut comps = load_components(req, &cfg)?;
         match cfg.task {
-            Task::Train => train::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
+            Task::Train => {
+                let plan = train::CheckpointPlan { job_id: &req.job_id, every: req.checkpoint_every };
+                train::run(&cfg, req.seed, device, &req.run_dir, &plan, &mut comps, out)
+            }
             Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
         }
     })();

@@ -1,19 +1,21 @@
 //! The `train` task: mini-batch training with evaluation on the validation and test splits
 //! after every epoch.
 
+use crate::checkpoint;
 use crate::data::{self, Split};
 use crate::events::Emitter;
 use crate::model;
+use crate::optim::Optimizer;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::nn::{self, Module, OptimizerConfig as _};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::host::{Instance, StepDriver};
 use xlab_plugin_api::RunInfo;
 use xlab_proto::FailureCause;
-use xlab_spec::config::{JobConfig, OptimizerConfig};
+use xlab_spec::config::JobConfig;
 
 /// A job failure with its classified cause.
 #[derive(Debug)]
@@ -34,23 +36,6 @@ impl From<tch::TchError> for Failure {
         let cause = if message.contains("out of memory") { FailureCause::OutOfMemory } else { FailureCause::Error };
         Self { cause, message }
     }
-}
-
-fn build_optimizer(vs: &nn::VarStore, cfg: &OptimizerConfig) -> Result<nn::Optimizer, Failure> {
-    Ok(match cfg {
-        OptimizerConfig::Sgd(o) => {
-            nn::Sgd { momentum: o.momentum, dampening: 0.0, wd: o.weight_decay, nesterov: o.nesterov }
-                .build(vs, o.lr)?
-        }
-        OptimizerConfig::Adam(o) => {
-            nn::Adam { beta1: o.beta1, beta2: o.beta2, wd: o.weight_decay, eps: o.eps, amsgrad: false }
-                .build(vs, o.lr)?
-        }
-        OptimizerConfig::AdamW(o) => {
-            nn::AdamW { beta1: o.beta1, beta2: o.beta2, wd: o.weight_decay, eps: o.eps, amsgrad: false }
-                .build(vs, o.lr)?
-        }
-    })
 }
 
 /// Loss, accuracy and (with groups) per-group and worst-group accuracy on one split, without
@@ -109,7 +94,19 @@ pub struct Components {
 
 impl Components {
     pub fn all(&mut self) -> impl Iterator<Item = &mut Instance> {
-        [&mut self.step_rule, &mut self.batch_transform, &mut self.objective, &mut self.sampler].into_iter().flatten()
+        self.slots().map(|(_, i)| i)
+    }
+
+    /// The components present, by slot name.
+    pub fn slots(&mut self) -> impl Iterator<Item = (&'static str, &mut Instance)> {
+        [
+            ("step_rule", &mut self.step_rule),
+            ("batch_transform", &mut self.batch_transform),
+            ("objective", &mut self.objective),
+            ("sampler", &mut self.sampler),
+        ]
+        .into_iter()
+        .filter_map(|(k, i)| i.as_mut().map(|i| (k, i)))
     }
 }
 
@@ -127,7 +124,7 @@ struct EpochStats {
 /// The host side of one optimizer step: the callbacks a step rule drives.
 struct Driver<'a> {
     net: &'a nn::Sequential,
-    opt: &'a mut nn::Optimizer,
+    opt: &'a mut Optimizer,
     params: &'a mut [(Tensor, String, u32)],
     x: Tensor,
     target: Target,
@@ -231,12 +228,21 @@ fn tags_of(name: &str) -> u32 {
     }
 }
 
-/// Trains the job's model; returns the final metrics.
+/// Where and how often a job checkpoints.
+pub struct CheckpointPlan<'a> {
+    pub job_id: &'a str,
+    pub every: u32,
+}
+
+/// Trains the job's model, resuming from the newest valid checkpoint in its run folder; returns
+/// the final metrics.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     cfg: &JobConfig,
     seed: u64,
     device: Device,
     run_dir: &Path,
+    ckpt: &CheckpointPlan<'_>,
     comps: &mut Components,
     out: &mut Emitter,
 ) -> Result<BTreeMap<String, f64>, Failure> {
@@ -247,10 +253,11 @@ pub fn run(
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
     let net = model::build(&vs.root(), model_cfg, data.input_dim, data.classes);
-    let mut opt = build_optimizer(&vs, opt_cfg)?;
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut params: Vec<(Tensor, String, u32)> = named.into_iter().map(|(n, t)| (t, n.clone(), tags_of(&n))).collect();
+    let mut opt = Optimizer::new(opt_cfg, named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+    let mut params: Vec<(Tensor, String, u32)> =
+        named.iter().map(|(n, t)| (t.shallow_clone(), n.clone(), tags_of(n))).collect();
     tracing::info!(params = model::parameter_count(&vs), train = data.train.len(), "model built");
 
     let x_train = data.train.x.to_device(device);
@@ -277,10 +284,35 @@ pub fn run(
     // Plugins draw from their own stream, derived from the job's seed.
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(u64::MAX);
-    let mut summary = BTreeMap::new();
+    let mut history: Vec<(u64, BTreeMap<String, f64>)> = Vec::new();
     let mut total_passes = 0u64;
     let mut global_step = 0u64;
-    for epoch in 0..u64::from(cfg.epochs) {
+    let mut first_epoch = 0u64;
+
+    let mut skipped = Vec::new();
+    if let Some(c) = checkpoint::latest(run_dir, ckpt.job_id, &mut skipped) {
+        for s in &skipped {
+            tracing::warn!("skipping checkpoint {s}");
+        }
+        restore(&c, &named, &mut opt, comps, &mut rng)?;
+        first_epoch = c.meta.epoch;
+        global_step = c.meta.global_step;
+        history = c.meta.metrics;
+        total_passes = history.last().and_then(|(_, v)| v.get("cost.passes")).map(|p| *p as u64).unwrap_or(0);
+        tracing::info!(epoch = first_epoch, "resuming from checkpoint");
+        out.send(&xlab_proto::Event::Resumed { epoch: first_epoch });
+        // Re-send what was measured before, so a store that lost its last writes is made whole.
+        for (step, values) in &history {
+            out.metrics(*step, values.clone());
+        }
+    } else {
+        for s in &skipped {
+            tracing::warn!("skipping checkpoint {s}");
+        }
+    }
+
+    let mut summary = history.last().map(|(_, v)| v.clone()).unwrap_or_default();
+    for epoch in first_epoch..u64::from(cfg.epochs) {
         for c in comps.all() {
             c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
         }
@@ -360,7 +392,26 @@ pub fn run(
             "epoch done"
         );
         out.metrics(epoch + 1, values.clone());
+        history.push((epoch + 1, values.clone()));
         summary = values;
+        let last = epoch + 1 == u64::from(cfg.epochs);
+        if last || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
+            let meta = checkpoint::Meta {
+                format: checkpoint::FORMAT,
+                job_id: ckpt.job_id.to_string(),
+                epoch: epoch + 1,
+                global_step,
+                optimizer_steps: opt.steps,
+                plugin_rng_word_pos: rng.get_word_pos().to_string(),
+                plugins: BTreeMap::new(),
+                metrics: history.clone(),
+                tensors_file: String::new(),
+                tensors_bytes: 0,
+                tensors_sha256: String::new(),
+            };
+            let path = save_checkpoint(run_dir, meta, &named, &opt, comps)?;
+            out.send(&xlab_proto::Event::Checkpoint { epoch: epoch + 1, path });
+        }
     }
     let weights = run_dir.join("weights.safetensors");
     save_atomically(&vs, &weights)?;
@@ -368,8 +419,59 @@ pub fn run(
     Ok(summary)
 }
 
-/// Writes the weights to a temporary file, syncs it and renames it into place, so a reader never
-/// sees a partial file.
+/// Gathers model, optimizer and plugin state into a checkpoint and writes it.
+fn save_checkpoint(
+    run_dir: &Path,
+    mut meta: checkpoint::Meta,
+    named: &[(String, Tensor)],
+    opt: &Optimizer,
+    comps: &mut Components,
+) -> Result<String, Failure> {
+    let mut tensors: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (format!("model.{n}"), t.detach())).collect();
+    tensors.extend(opt.state_tensors());
+    for (slot, inst) in comps.slots() {
+        let (json, ts) = inst.save_state().map_err(|m| Failure::new(FailureCause::Error, m))?;
+        meta.plugins.insert(slot.to_string(), json);
+        tensors.extend(ts.into_iter().map(|(n, t)| (format!("plugin.{slot}.{n}"), t)));
+    }
+    let path = checkpoint::save(run_dir, meta, &tensors).map_err(|m| Failure::new(FailureCause::Error, m))?;
+    Ok(path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default())
+}
+
+/// Puts model weights, optimizer state, plugin state and the random stream back.
+fn restore(
+    c: &checkpoint::Checkpoint,
+    named: &[(String, Tensor)],
+    opt: &mut Optimizer,
+    comps: &mut Components,
+    rng: &mut ChaCha8Rng,
+) -> Result<(), Failure> {
+    let bad = |m: String| Failure::new(FailureCause::Error, format!("checkpoint after epoch {}: {m}", c.meta.epoch));
+    tch::no_grad(|| -> Result<(), Failure> {
+        for (name, t) in named {
+            let key = format!("model.{name}");
+            let saved = c.tensors.iter().find(|(n, _)| *n == key).ok_or_else(|| bad(format!("no `{key}`")))?;
+            let mut t = t.shallow_clone();
+            t.f_copy_(&saved.1).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(())
+    })?;
+    opt.load_state(c.meta.optimizer_steps, &c.tensors).map_err(bad)?;
+    for (slot, inst) in comps.slots() {
+        let json = c.meta.plugins.get(slot).cloned().unwrap_or(serde_json::Value::Null);
+        let prefix = format!("plugin.{slot}.");
+        let ts: Vec<(String, Tensor)> = c
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|k| (k.to_string(), t.shallow_clone())))
+            .collect();
+        inst.load_state(&json, &ts).map_err(bad)?;
+    }
+    let pos: u128 = c.meta.plugin_rng_word_pos.parse().map_err(|e| bad(format!("random stream position: {e}")))?;
+    rng.set_word_pos(pos);
+    Ok(())
+}
+
 pub(crate) fn save_atomically_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(), Failure> {
     let tmp = path.with_extension("tmp.safetensors");
     Tensor::write_safetensors(tensors, &tmp)?;
