@@ -73,7 +73,7 @@ enum Command {
         #[arg(long, short = 'm', value_delimiter = ',')]
         metrics: Vec<String>,
     },
-    /// One job: config, provenance, status history, final metrics, artifacts (JSON).
+    /// One job: config, provenance, status history, final metrics, metric series, artifacts (JSON).
     Show { job: String },
     /// Report versions, libtorch, devices, store and plugin locations.
     Doctor,
@@ -170,7 +170,9 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 .job(job)
                 .map_err(env)?
                 .with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
-            println!("{}", serde_json::to_string_pretty(&rec).expect("json"));
+            let mut v = serde_json::to_value(&rec).expect("json");
+            v["metrics"] = serde_json::to_value(store.metrics_of(job).map_err(env)?).expect("json");
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
             Ok(0)
         }
         Command::Doctor => doctor(cli),

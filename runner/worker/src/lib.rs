@@ -82,6 +82,53 @@ fn load_components(req: &JobRequest, cfg: &JobConfig) -> Result<Components, Fail
     Ok(comps)
 }
 
+/// Takes the job's lock in its run folder, waiting up to a minute for a worker of an earlier
+/// attempt (say, one whose coordinator was killed) to notice and exit. Held until the process
+/// ends, so two workers never write one job's checkpoints.
+fn lock_job(run_dir: &Path) -> Result<std::fs::File, Failure> {
+    let path = run_dir.join("worker.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Failure::new(FailureCause::Error, format!("cannot open {}: {e}", path.display())))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Failure::new(
+                    FailureCause::Error,
+                    format!("another worker still holds {} after a minute", path.display()),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Failure::new(FailureCause::Error, format!("cannot lock {}: {e}", path.display())))
+            }
+        }
+    }
+}
+
+/// Ends this worker when its coordinator goes away (the worker is re-parented), so an orphan
+/// never trains on beside the next attempt; the job resumes from its last checkpoint.
+pub fn exit_with_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if std::os::unix::process::parent_id() != parent {
+                tracing::warn!("the coordinator (pid {parent}) went away; stopping");
+                std::process::exit(3);
+            }
+        })
+        .expect("a thread starts");
+}
+
 /// Runs one job and reports its events; returns the process exit code.
 pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
     let result = (|| {
@@ -97,6 +144,7 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         let device = device_of(&req.lease.device)?;
         std::fs::create_dir_all(&req.run_dir)
             .map_err(|e| Failure::new(FailureCause::Error, format!("cannot create {}: {e}", req.run_dir.display())))?;
+        let _job_lock = lock_job(&req.run_dir)?;
         out.send(&Event::Started {
             pid: std::process::id(),
             device: req.lease.device.clone(),

@@ -53,6 +53,7 @@ fn main() {
             println!("{}", serde_json::to_string(&registry).expect("the registry serializes"));
         }
         Command::Run { job } => {
+            xlab_worker::exit_with_parent();
             let mut out = Emitter::stdout();
             let req =
                 std::fs::read(&job).map_err(|e| format!("cannot read job request {}: {e}", job.display())).and_then(

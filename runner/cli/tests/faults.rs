@@ -1,0 +1,175 @@
+//! Fault injection: `xlab run` killed with SIGKILL at random moments, again and again, then run
+//! to the end, leaves exactly the store an uninterrupted run leaves: the same jobs, the same
+//! final metrics, every metric series complete, nothing duplicated. Likewise for a worker killed
+//! mid-job. Real coordinator and worker processes, a real sled store.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn xlab() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
+}
+
+fn cmd(store: &Path) -> Command {
+    let mut c = Command::new(xlab());
+    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
+    c
+}
+
+const SWEEP: &str = r#"
+name: faults
+defaults:
+  task: train
+  data: {name: spurious, n_train: 1024, n_val: 0, n_test: 256}
+  model: {name: mlp, hidden: [16]}
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+  epochs: 8
+  batch_size: 32
+stages:
+  erm:
+    grid: {optimizer.lr: [0.02, 0.05]}
+    seeds: 2
+  sam:
+    step_rule: {use: sam.sam, rho: 0.05}
+    objective: {use: dro.group_dro}
+"#;
+
+fn job_ids(store: &Path, file: &Path) -> Vec<String> {
+    let out = cmd(store).arg("plan").arg(file).output().unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
+    plan.lines().filter(|l| l.starts_with("    ")).map(|l| l.split_whitespace().next().unwrap().to_string()).collect()
+}
+
+/// Every job's record (status and final metrics) and metric series, as stored.
+fn snapshot(store: &Path, ids: &[String]) -> Vec<serde_json::Value> {
+    ids.iter()
+        .map(|id| {
+            let out = cmd(store).args(["show", id]).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            serde_json::json!({"id": id, "status": v["status"], "summary": v["summary"], "metrics": v["metrics"]})
+        })
+        .collect()
+}
+
+fn run_to_end(store: &Path, file: &Path) {
+    let out = cmd(store).arg("run").arg(file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// xorshift, for reproducible "random" kill times.
+fn delays(mut s: u64, n: usize) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            Duration::from_millis(150 + s % 1200)
+        })
+        .collect()
+}
+
+#[test]
+fn killing_the_coordinator_at_random_moments_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("faults.yaml");
+    std::fs::write(&file, SWEEP).unwrap();
+    let reference = dir.path().join("reference");
+    run_to_end(&reference, &file);
+    let ids = job_ids(&reference, &file);
+    assert_eq!(ids.len(), 5);
+    let expected = snapshot(&reference, &ids);
+
+    let faulty = dir.path().join("faulty");
+    for delay in delays(0x9E3779B97F4A7C15, 6) {
+        let mut run = cmd(&faulty).arg("run").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(delay);
+        let _ = run.kill();
+        let _ = run.wait();
+    }
+    run_to_end(&faulty, &file);
+    let got = snapshot(&faulty, &ids);
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g["status"], "done", "{}", g["id"]);
+        assert_eq!(g["summary"], e["summary"], "job {}: final metrics differ", g["id"]);
+        assert_eq!(g["metrics"], e["metrics"], "job {}: metric series differ", g["id"]);
+        assert_eq!(g["metrics"]["train.loss"].as_array().unwrap().len(), 8, "one point per epoch, no duplicates");
+    }
+    // The kills really cut jobs short: some attempts were interrupted, yet nothing differs.
+    let interrupted: usize = ids
+        .iter()
+        .map(|id| {
+            let v: serde_json::Value =
+                serde_json::from_slice(&cmd(&faulty).args(["show", id]).output().unwrap().stdout).unwrap();
+            v["attempts"].as_array().unwrap().iter().filter(|a| a["outcome"] == "interrupted").count()
+        })
+        .sum();
+    assert!(interrupted >= 2, "only {interrupted} attempts were interrupted; the kills came too early or too late");
+    // Nothing is left to run.
+    let out = cmd(&faulty).arg("plan").arg(&file).output().unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("stage `erm`: 4 job(s) over optimizer.lr: 4 done")
+            && plan.contains("stage `sam`: 1 job(s): 1 done"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn a_killed_worker_fails_its_job_as_crashed_and_the_rerun_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("faults.yaml");
+    std::fs::write(&file, SWEEP.replace("epochs: 8", "epochs: 40")).unwrap();
+    let store = dir.path().join("results");
+    let mut run = cmd(&store)
+        .arg("run")
+        .arg(&file)
+        .arg("-j")
+        .arg("1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first job's second checkpoint, then kill its worker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let victim = loop {
+        assert!(std::time::Instant::now() < deadline, "no worker reached its second checkpoint");
+        let found = std::fs::read_dir(store.join("runs")).ok().and_then(|rd| {
+            rd.filter_map(|e| e.ok()).find(|e| e.path().join("ckpt-000002.json").exists()).map(|e| e.path())
+        });
+        if let Some(run_dir) = found {
+            break run_dir;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let job = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()))
+        .find(|p| {
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let s = String::from_utf8_lossy(&cmdline);
+            s.contains("xlab-worker") && s.contains(&job)
+        })
+        .expect("the worker process is running");
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let out = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("FAILED (crashed)") && err.contains("killed by signal 9"), "{err}");
+
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resumed") && err.contains("from its checkpoint after epoch"), "{err}");
+    let out = cmd(&store).args(["show", &job]).output().unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rec["status"], "done");
+    let attempts = rec["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["outcome"], "crashed");
+    assert_eq!(attempts[1]["outcome"], "done");
+    assert_eq!(rec["metrics"]["train.loss"].as_array().unwrap().len(), 40);
+}
