@@ -122,7 +122,7 @@ fn a_killed_worker_fails_its_job_as_crashed_and_the_rerun_resumes_it() {
     let file = dir.path().join("faults.yaml");
     std::fs::write(&file, SWEEP.replace("epochs: 8", "epochs: 40")).unwrap();
     let store = dir.path().join("results");
-    let mut run = cmd(&store)
+    let run = cmd(&store)
         .arg("run")
         .arg(&file)
         .arg("-j")
