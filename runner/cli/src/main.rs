@@ -14,6 +14,28 @@ use xlab_store::{JobStatus, Store, StoreError};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Writes to standard output; a closed pipe (`xlab query | head`) ends the program quietly.
+fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let r = o.write_fmt(args).and_then(|_| if newline { o.write_all(b"\n") } else { Ok(()) });
+    if let Err(e) = r {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(exit::ENVIRONMENT.into());
+    }
+}
+
+macro_rules! outln {
+    ($($t:tt)*) => { emit(format_args!($($t)*), true) };
+}
+
+macro_rules! out {
+    ($($t:tt)*) => { emit(format_args!($($t)*), false) };
+}
+
 #[derive(Parser)]
 #[command(name = "xlab", version, about = "A declarative experiment runner for deep-learning research")]
 struct Cli {
@@ -37,6 +59,12 @@ struct Cli {
 enum LogFormat {
     Human,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,6 +101,20 @@ enum Command {
         #[arg(long, short = 'm', value_delimiter = ',')]
         metrics: Vec<String>,
     },
+    /// Export results: experiments and jobs with config, provenance and metric series.
+    Export {
+        /// Only this experiment.
+        #[arg(long, short = 'e')]
+        experiment: Option<String>,
+        /// `jsonl` (complete, for `xlab import`) or `csv` (one row per job, final metrics).
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
+    /// Merge results exported elsewhere (`xlab export --format jsonl`), by job identity.
+    Import { file: PathBuf },
     /// One job: config, provenance, status history, final metrics, metric series, artifacts (JSON).
     Show { job: String },
     /// Report versions, libtorch, devices, store and plugin locations.
@@ -154,13 +196,60 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Validate { file } => {
             let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
             let n: usize = plan.stages.iter().map(|s| s.jobs.len()).sum();
-            println!("{}: ok — experiment `{}`, {} stage(s), {n} job(s)", file.display(), plan.name, plan.stages.len());
+            outln!("{}: ok — experiment `{}`, {} stage(s), {n} job(s)", file.display(), plan.name, plan.stages.len());
             Ok(0)
         }
         Command::Plan { file } => plan(cli, file),
         Command::Query { experiment, format, metrics } => {
             let store = open_store(&cli.store)?;
             query(&store, experiment.as_deref(), *format, metrics)?;
+            Ok(0)
+        }
+        Command::Export { experiment, format, output } => {
+            let store = open_store(&cli.store)?;
+            let env = |e: StoreError| Failure { code: exit::ENVIRONMENT, error: e.into() };
+            if let Some(name) = experiment {
+                if store.experiment(name).map_err(env)?.is_none() {
+                    return Err(Failure {
+                        code: exit::USER,
+                        error: anyhow::anyhow!("no experiment `{name}` in store {}", store.dir().display()),
+                    });
+                }
+            }
+            let lines = store.export(experiment.as_deref()).map_err(env)?;
+            let text = match format {
+                ExportFormat::Jsonl => {
+                    lines.iter().map(|l| serde_json::to_string(l).expect("json") + "\n").collect::<String>()
+                }
+                ExportFormat::Csv => table::jobs_csv(&lines),
+            };
+            match output {
+                Some(path) => std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?,
+                None => out!("{text}"),
+            }
+            Ok(0)
+        }
+        Command::Import { file } => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let mut lines = Vec::new();
+            for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let line = serde_json::from_str(l).map_err(|e| Failure {
+                    code: exit::USER,
+                    error: anyhow::anyhow!("{}:{}: not an xlab export line: {e}\n  hint: import reads what `xlab export --format jsonl` writes", file.display(), i + 1),
+                })?;
+                lines.push(line);
+            }
+            let store = open_store(&cli.store)?;
+            let r = store.import(lines).map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })?;
+            outln!(
+                "imported {}: {} new job(s), {} updated, {} already here; {} new experiment(s), {} merged",
+                file.display(),
+                r.jobs_new,
+                r.jobs_updated,
+                r.jobs_kept,
+                r.experiments_new,
+                r.experiments_merged
+            );
             Ok(0)
         }
         Command::Show { job } => {
@@ -172,7 +261,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 .with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
             let mut v = serde_json::to_value(&rec).expect("json");
             v["metrics"] = serde_json::to_value(store.metrics_of(job).map_err(env)?).expect("json");
-            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
             Ok(0)
         }
         Command::Doctor => doctor(cli),
@@ -204,7 +293,12 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
         plan.stages.len(),
         cli.store.display()
     );
-    let opts = RunOptions { worker: worker_path(), pool: Pool::cpu(slots, threads), xlab_version: VERSION.into() };
+    let opts = RunOptions {
+        worker: worker_path(),
+        pool: Pool::cpu(slots, threads),
+        xlab_version: VERSION.into(),
+        git_commit: env!("XLAB_GIT_COMMIT").into(),
+    };
     let started = Instant::now();
     let mut finished = 0usize;
     let mut observe = |p: Progress<'_>| match p {
@@ -265,7 +359,7 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
 fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
     let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let store = if cli.store.join("db").exists() { Some(open_store(&cli.store)?) } else { None };
-    println!("experiment `{}` ({})", plan.name, file.display());
+    outln!("experiment `{}` ({})", plan.name, file.display());
     for stage in &plan.stages {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();
         for job in &stage.jobs {
@@ -287,9 +381,9 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
         let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         let sweep =
             if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
-        println!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
+        outln!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
         for job in &stage.jobs {
-            println!("    {}  {}", job.id, job.label());
+            outln!("    {}  {}", job.id, job.label());
         }
     }
     Ok(0)
@@ -328,10 +422,10 @@ fn query(store: &Store, experiment: Option<&str>, format: Format, wanted: &[Stri
     let metrics = if wanted.is_empty() { table::default_metrics(&rows) } else { wanted.to_vec() };
     match format {
         Format::Table => {
-            println!("experiment `{}`", exp.name);
-            println!("{}", table::render(&rows, &metrics));
+            outln!("experiment `{}`", exp.name);
+            outln!("{}", table::render(&rows, &metrics));
         }
-        Format::Csv => print!("{}", table::render_csv(&rows, &metrics)),
+        Format::Csv => out!("{}", table::render_csv(&rows, &metrics)),
         Format::Json => {
             let v: Vec<serde_json::Value> = rows
                 .iter()
@@ -348,7 +442,7 @@ fn query(store: &Store, experiment: Option<&str>, format: Format, wanted: &[Stri
                     serde_json::json!({"stage": r.stage, "point": point, "metrics": stats, "done": r.done, "jobs": r.jobs})
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         }
     }
     Ok(())
@@ -360,7 +454,7 @@ fn plugins_command(cmd: &PluginsCommand) -> Result<u8, Failure> {
     match cmd {
         PluginsCommand::List { json } => {
             if *json {
-                println!("{}", serde_json::to_string_pretty(&registry).expect("json"));
+                outln!("{}", serde_json::to_string_pretty(&registry).expect("json"));
                 return Ok(0);
             }
             let mut t = comfy_table::Table::new();
@@ -378,9 +472,9 @@ fn plugins_command(cmd: &PluginsCommand) -> Result<u8, Failure> {
                     ]);
                 }
             }
-            println!("{t}");
+            outln!("{t}");
             for r in &registry.refused {
-                println!("refused {}: {}", r.file, r.reason);
+                outln!("refused {}: {}", r.file, r.reason);
             }
             Ok(0)
         }
@@ -395,11 +489,11 @@ fn plugins_command(cmd: &PluginsCommand) -> Result<u8, Failure> {
                     error: anyhow::anyhow!("unknown plugin component `{id}`\n  hint: {hint}"),
                 });
             };
-            println!("{} ({}) from plugin `{}` {} ({})", c.id, c.kind, plugin.id, plugin.version, plugin.file);
-            println!("  {}", c.summary);
-            println!("  reference: {}", c.reference);
-            println!("  passes per step: {}; stateful: {}; random: {}", c.passes_per_step, c.stateful, c.random);
-            println!("parameters:");
+            outln!("{} ({}) from plugin `{}` {} ({})", c.id, c.kind, plugin.id, plugin.version, plugin.file);
+            outln!("  {}", c.summary);
+            outln!("  reference: {}", c.reference);
+            outln!("  passes per step: {}; stateful: {}; random: {}", c.passes_per_step, c.stateful, c.random);
+            outln!("parameters:");
             for p in &c.params {
                 let range = match (p.min, p.max) {
                     (Some(a), Some(b)) => format!(" in [{a}, {b}]"),
@@ -409,7 +503,7 @@ fn plugins_command(cmd: &PluginsCommand) -> Result<u8, Failure> {
                 };
                 let choices =
                     if p.choices.is_empty() { String::new() } else { format!(" one of {}", p.choices.join("|")) };
-                println!("  {:<14} {:?}{range}{choices}, default {}: {}", p.name, p.ty, p.default, p.doc);
+                outln!("  {:<14} {:?}{range}{choices}, default {}: {}", p.name, p.ty, p.default, p.doc);
             }
             Ok(0)
         }
@@ -417,9 +511,9 @@ fn plugins_command(cmd: &PluginsCommand) -> Result<u8, Failure> {
 }
 
 fn doctor(cli: &Cli) -> Result<u8, Failure> {
-    println!("xlab {VERSION}");
+    outln!("xlab {VERSION} ({})", env!("XLAB_GIT_COMMIT"));
     let worker = worker_path();
-    println!("worker:       {}", worker.display());
+    outln!("worker:       {}", worker.display());
     match std::process::Command::new(&worker).arg("probe").output() {
         Ok(out) if out.status.success() => {
             let v: serde_json::Value =
@@ -427,18 +521,18 @@ fn doctor(cli: &Cli) -> Result<u8, Failure> {
             let s = |k: &str| {
                 v.get(k).map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).unwrap_or_default()
             };
-            println!("libtorch:     {} at {}", s("libtorch_version"), s("libtorch_dir"));
-            println!("CUDA library: {}", s("cuda_library"));
-            println!(
+            outln!("libtorch:     {} at {}", s("libtorch_version"), s("libtorch_dir"));
+            outln!("CUDA library: {}", s("cuda_library"));
+            outln!(
                 "CUDA usable:  {} ({} device(s), cuDNN {})",
                 s("cuda_available"),
                 s("cuda_devices"),
                 s("cudnn_available")
             );
-            println!("CPU threads:  {} (host {})", s("cpu_threads"), s("host"));
+            outln!("CPU threads:  {} (host {})", s("cpu_threads"), s("host"));
         }
-        Ok(out) => println!("libtorch:     the worker's probe failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
-        Err(e) => println!("libtorch:     cannot start the worker: {e} (build it with `make build`)"),
+        Ok(out) => outln!("libtorch:     the worker's probe failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => outln!("libtorch:     cannot start the worker: {e} (build it with `make build`)"),
     }
     match std::process::Command::new("nvidia-smi")
         .args(["--query-gpu=index,name,memory.total", "--format=csv,noheader"])
@@ -446,10 +540,10 @@ fn doctor(cli: &Cli) -> Result<u8, Failure> {
     {
         Ok(out) if out.status.success() => {
             for l in String::from_utf8_lossy(&out.stdout).lines() {
-                println!("GPU:          {l}");
+                outln!("GPU:          {l}");
             }
         }
-        _ => println!("GPUs:         none found (no nvidia-smi); jobs run on CPU slots"),
+        _ => outln!("GPUs:         none found (no nvidia-smi); jobs run on CPU slots"),
     }
     let abs = std::path::absolute(&cli.store).unwrap_or_else(|_| cli.store.clone());
     let state = match Store::open(&cli.store) {
@@ -457,11 +551,11 @@ fn doctor(cli: &Cli) -> Result<u8, Failure> {
         Err(StoreError::InUse { pid, .. }) => format!("in use by pid {pid}"),
         Err(e) => format!("cannot open: {e}"),
     };
-    println!("store:        {} ({state})", abs.display());
+    outln!("store:        {} ({state})", abs.display());
     let mut path: Vec<String> = worker.parent().map(|d| vec![d.display().to_string()]).unwrap_or_default();
     if let Some(p) = std::env::var_os("XLAB_PLUGIN_PATH") {
         path.extend(std::env::split_paths(&p).map(|d| d.display().to_string()));
     }
-    println!("plugin path:  {}", path.join(":"));
+    outln!("plugin path:  {}", path.join(":"));
     Ok(0)
 }

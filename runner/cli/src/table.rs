@@ -159,6 +159,51 @@ pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
     out
 }
 
+/// One CSV row per exported job: identity, experiment, stage, seed, status, swept values and
+/// final metrics (columns are the union over jobs).
+pub fn jobs_csv(lines: &[xlab_store::ExportLine]) -> String {
+    let jobs: Vec<&xlab_store::JobRecord> = lines
+        .iter()
+        .filter_map(|l| if let xlab_store::ExportLine::Job { job, .. } = l { Some(&**job) } else { None })
+        .collect();
+    let mut points: Vec<String> = Vec::new();
+    let mut metrics: Vec<String> = Vec::new();
+    for j in &jobs {
+        for (k, _) in &j.point {
+            if !points.contains(k) {
+                points.push(k.clone());
+            }
+        }
+        for k in j.summary.keys() {
+            if !metrics.contains(k) {
+                metrics.push(k.clone());
+            }
+        }
+    }
+    metrics.sort();
+    let quote =
+        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let mut header = vec!["job".to_string(), "experiment".into(), "stage".into(), "seed".into(), "status".into()];
+    header.extend(points.iter().cloned());
+    header.extend(metrics.iter().cloned());
+    let mut out = header.iter().map(|h| quote(h)).collect::<Vec<_>>().join(",") + "\n";
+    for j in jobs {
+        let mut row = vec![
+            j.id.clone(),
+            j.experiment.clone(),
+            j.stage.clone(),
+            j.seed.to_string(),
+            j.status.as_str().to_string(),
+        ];
+        row.extend(
+            points.iter().map(|k| j.point.iter().find(|(p, _)| p == k).map(|(_, v)| fmt_value(v)).unwrap_or_default()),
+        );
+        row.extend(metrics.iter().map(|k| j.summary.get(k).map(|v| v.to_string()).unwrap_or_default()));
+        out += &(row.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",") + "\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,31 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
         assert!(run.join("worker.log").exists() && run.join("job.json").exists());
     }
 
+    // Export, then import into an empty store: the same table comes back; importing twice
+    // changes nothing.
+    let export = dir.path().join("tiny.jsonl");
+    run_ok(cmd(&store).args(["export", "--experiment", "tiny", "-o"]).arg(&export));
+    let other = dir.path().join("other");
+    let out = run_ok(cmd(&other).arg("import").arg(&export));
+    assert!(
+        text(&out.stdout).contains("4 new job(s), 0 updated, 0 already here; 1 new experiment(s)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run_ok(cmd(&other).arg("import").arg(&export));
+    assert!(text(&out.stdout).contains("0 new job(s), 0 updated, 4 already here"), "{}", text(&out.stdout));
+    let theirs = run_ok(cmd(&other).args(["query", "--experiment", "tiny", "--format", "json"]));
+    let ours = run_ok(cmd(&store).args(["query", "--experiment", "tiny", "--format", "json"]));
+    assert_eq!(text(&theirs.stdout), text(&ours.stdout));
+    let csv = text(&run_ok(cmd(&store).args(["export", "--format", "csv"])).stdout);
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    assert!(csv.starts_with("job,experiment,stage,seed,status,optimizer.lr,"), "{csv}");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"type\":\"job\"}\n").unwrap();
+    let out = cmd(&other).arg("import").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("bad.jsonl:1: not an xlab export line"), "{}", text(&out.stderr));
+
     // Running the same file again runs nothing.
     let out = run_ok(cmd(&store).arg("run").arg(&file));
     let err = text(&out.stderr);
@@ -208,4 +233,20 @@ fn the_worker_finds_libtorch_without_ld_library_path() {
     let s = text(&out.stdout);
     assert!(!s.contains("not found"), "{s}");
     assert!(s.contains("libtorch_cpu.so => ") && s.contains(".venv/torch/lib"), "{s}");
+}
+
+/// `xlab … | head` must end quietly when the pipe closes, not panic.
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = write_experiment(dir.path(), "1");
+    run_ok(cmd(&store).arg("run").arg(&file));
+    for args in [vec!["export"], vec!["query"], vec!["plan", file.to_str().unwrap()]] {
+        let mut child = cmd(&store).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+        assert!(!text(&out.stderr).contains("panicked"), "{args:?}: {}", text(&out.stderr));
+    }
 }

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub pool: Pool,
     /// The coordinator's version, recorded with every job.
     pub xlab_version: String,
+    /// The git commit the coordinator was built from.
+    pub git_commit: String,
 }
 
 /// What happened to one job, for whoever displays progress.
@@ -240,6 +242,7 @@ fn start(
     rec.status = JobStatus::Running;
     rec.summary.clear();
     rec.provenance.xlab_version = opts.xlab_version.clone();
+    rec.provenance.git_commit = Some(opts.git_commit.clone());
     rec.provenance.device = Some(s.device.clone());
     rec.provenance.plugins = job.plugins.clone();
     rec.attempts.push(Attempt {

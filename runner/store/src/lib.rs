@@ -327,6 +327,68 @@ mod tests {
         assert!(s.experiment("f").unwrap().is_none());
     }
 
+    fn job(id: &str, status: JobStatus, loss: f64) -> JobRecord {
+        let mut summary = BTreeMap::new();
+        summary.insert("test.loss".to_string(), loss);
+        JobRecord {
+            id: id.into(),
+            experiment: "e".into(),
+            stage: "s".into(),
+            seed: 0,
+            config: serde_json::json!({"lr": 0.1}),
+            point: vec![],
+            parents: vec![],
+            status,
+            attempts: vec![],
+            summary,
+            provenance: Provenance::default(),
+            artifacts: vec![],
+        }
+    }
+
+    #[test]
+    fn export_import_round_trips_and_is_idempotent() {
+        let a = tempfile::tempdir().unwrap();
+        let src = Store::open(a.path()).unwrap();
+        src.put_experiment(&ExperimentRecord {
+            name: "e".into(),
+            file: "e.yaml".into(),
+            source: "name: e".into(),
+            updated_unix: 5,
+            stages: vec![StageRecord { name: "s".into(), sweep_keys: vec![], jobs: vec!["j1".into(), "j2".into()] }],
+        })
+        .unwrap();
+        src.put_job(&job("j1", JobStatus::Done, 0.5)).unwrap();
+        src.put_job(&job("j2", JobStatus::Failed, 9.0)).unwrap();
+        let mut m = BTreeMap::new();
+        m.insert("train.loss".to_string(), 1.25);
+        src.put_metrics("j1", 1, &m).unwrap();
+        src.put_metrics("j1", 2, &m).unwrap();
+        let lines = src.export(Some("e")).unwrap();
+        assert_eq!(lines.len(), 3);
+        // Through text, as `xlab export`/`xlab import` do.
+        let text: String = lines.iter().map(|l| serde_json::to_string(l).unwrap() + "\n").collect();
+        let parsed: Vec<ExportLine> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(parsed, lines);
+
+        let b = tempfile::tempdir().unwrap();
+        let dst = Store::open(b.path()).unwrap();
+        // The destination already has j2 done elsewhere: it must keep it.
+        dst.put_job(&job("j2", JobStatus::Done, 0.25)).unwrap();
+        let r = dst.import(parsed.clone()).unwrap();
+        assert_eq!(
+            r,
+            ImportReport { experiments_new: 1, experiments_merged: 0, jobs_new: 1, jobs_updated: 0, jobs_kept: 1 }
+        );
+        assert_eq!(dst.job("j1").unwrap().unwrap(), job("j1", JobStatus::Done, 0.5));
+        assert_eq!(dst.job("j2").unwrap().unwrap().summary["test.loss"], 0.25);
+        assert_eq!(dst.metric_series("j1", "train.loss").unwrap(), vec![(1, 1.25), (2, 1.25)]);
+        let again = dst.import(parsed).unwrap();
+        assert_eq!(again.jobs_new + again.jobs_updated, 0);
+        assert_eq!(dst.metric_series("j1", "train.loss").unwrap().len(), 2);
+        assert_eq!(dst.experiment("e").unwrap().unwrap().stages[0].jobs, vec!["j1", "j2"]);
+    }
+
     #[test]
     fn newer_format_is_refused() {
         let d = tempfile::tempdir().unwrap();
@@ -334,5 +396,113 @@ mod tests {
         let err = Store::open(d.path()).err().expect("refused");
         assert!(matches!(err, StoreError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1), "{err}");
         assert!(err.to_string().contains("newer xlab"), "{err}");
+    }
+}
+
+/// One line of an export: an experiment, or a job with its metric series.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExportLine {
+    Experiment(ExperimentRecord),
+    Job { job: Box<JobRecord>, metrics: BTreeMap<String, Vec<(u64, f64)>> },
+}
+
+/// What an import changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    pub experiments_new: usize,
+    pub experiments_merged: usize,
+    pub jobs_new: usize,
+    pub jobs_updated: usize,
+    pub jobs_kept: usize,
+}
+
+impl Store {
+    /// Every experiment (or just `only`) and its jobs with their metric series, as export lines.
+    pub fn export(&self, only: Option<&str>) -> Result<Vec<ExportLine>> {
+        let mut lines = Vec::new();
+        let mut wanted = std::collections::BTreeSet::new();
+        for e in self.experiments()? {
+            if only.is_some_and(|n| n != e.name) {
+                continue;
+            }
+            wanted.extend(e.stages.iter().flat_map(|s| s.jobs.iter().cloned()));
+            lines.push(ExportLine::Experiment(e));
+        }
+        for id in wanted {
+            if let Some(job) = self.job(&id)? {
+                let metrics = self.metrics_of(&id)?;
+                lines.push(ExportLine::Job { job: Box::new(job), metrics });
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Merges exported lines into this store, by job identity: a job already done here is kept;
+    /// a job that is done in the import replaces one that is not; metric points are written by
+    /// key, so importing the same file twice changes nothing.
+    pub fn import(&self, lines: Vec<ExportLine>) -> Result<ImportReport> {
+        let mut report = ImportReport::default();
+        for line in lines {
+            match line {
+                ExportLine::Experiment(e) => match self.experiment(&e.name)? {
+                    None => {
+                        self.put_experiment(&e)?;
+                        report.experiments_new += 1;
+                    }
+                    Some(mut mine) => {
+                        let mut changed = false;
+                        for s in e.stages {
+                            match mine.stages.iter_mut().find(|m| m.name == s.name) {
+                                Some(m) => {
+                                    for j in s.jobs {
+                                        if !m.jobs.contains(&j) {
+                                            m.jobs.push(j);
+                                            changed = true;
+                                        }
+                                    }
+                                }
+                                None => {
+                                    mine.stages.push(s);
+                                    changed = true;
+                                }
+                            }
+                        }
+                        if changed {
+                            self.put_experiment(&mine)?;
+                        }
+                        report.experiments_merged += 1;
+                    }
+                },
+                ExportLine::Job { job, metrics } => {
+                    let take = match self.job(&job.id)? {
+                        None => {
+                            report.jobs_new += 1;
+                            true
+                        }
+                        Some(mine) if mine.status != JobStatus::Done && job.status == JobStatus::Done => {
+                            report.jobs_updated += 1;
+                            true
+                        }
+                        Some(_) => {
+                            report.jobs_kept += 1;
+                            false
+                        }
+                    };
+                    if take {
+                        for (name, points) in &metrics {
+                            for (step, v) in points {
+                                let mut one = BTreeMap::new();
+                                one.insert(name.clone(), *v);
+                                self.put_metrics(&job.id, *step, &one)?;
+                            }
+                        }
+                        self.put_job(&job)?;
+                    }
+                }
+            }
+        }
+        self.flush()?;
+        Ok(report)
     }
 }

@@ -62,6 +62,9 @@ pub struct Attempt {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Provenance {
     pub xlab_version: String,
+    /// The git commit the coordinator was built from (`-dirty` with uncommitted changes).
+    #[serde(default)]
+    pub git_commit: Option<String>,
     pub libtorch: Option<String>,
     pub host: Option<String>,
     pub device: Option<String>,
