@@ -8,7 +8,7 @@ TORCH_VERSION := 2.11.0
 CARGO ?= cargo
 RELEASE := --release
 
-.PHONY: setup build demo test lint fmt clean
+.PHONY: setup build demo test lint bench fmt clean
 
 # A project-local virtualenv with torch from PyPI; `.venv/torch` points at the installed torch
 # package, which holds libtorch (lib/, include/) for tch to build and link against.
@@ -36,6 +36,10 @@ test: build lint
 	else \
 	  $(CARGO) test $(RELEASE) --workspace --no-fail-fast; \
 	fi
+
+# Benchmarks (never timed assertions in tests): metric ingestion into the store.
+bench: setup
+	$(CARGO) bench -p xlab-store --bench ingest
 
 fmt:
 	$(CARGO) fmt --all

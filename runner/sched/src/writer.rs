@@ -3,7 +3,10 @@
 
 use crossbeam_channel::Receiver;
 use std::collections::BTreeMap;
-use xlab_store::{JobRecord, JobStatus, Store};
+use xlab_store::{JobRecord, Store};
+
+/// The metric values reported at one step.
+type StepPoints = (u64, BTreeMap<String, f64>);
 
 pub enum StoreOp {
     Job(Box<JobRecord>),
@@ -14,6 +17,7 @@ pub enum StoreOp {
 /// an error the writer keeps draining so that senders never block, but writes nothing more.
 pub fn run(store: &Store, ops: Receiver<StoreOp>) -> Result<(), xlab_store::StoreError> {
     let mut first_error = None;
+    let mut last_flush = std::time::Instant::now();
     while let Ok(op) = ops.recv() {
         let mut batch = vec![op];
         batch.extend(ops.try_iter().take(4096));
@@ -21,20 +25,41 @@ pub fn run(store: &Store, ops: Receiver<StoreOp>) -> Result<(), xlab_store::Stor
             continue;
         }
         let mut durable = false;
+        // Points that queued up together are written together, one batch per job.
+        let mut points: BTreeMap<String, Vec<StepPoints>> = BTreeMap::new();
         for op in batch {
             let r = match op {
                 StoreOp::Job(j) => {
-                    durable |= matches!(j.status, JobStatus::Done | JobStatus::Failed);
-                    store.put_job(&j)
+                    // Job records change rarely (attempt start, provenance, checkpoint, end) and
+                    // each change is worth keeping through a crash: make them durable at once.
+                    durable = true;
+                    // A job record follows its own points: write those first.
+                    match points.remove(&j.id) {
+                        Some(p) => store.put_metrics_batch(&j.id, &p).and_then(|_| store.put_job(&j)),
+                        None => store.put_job(&j),
+                    }
                 }
-                StoreOp::Metrics { job, step, values } => store.put_metrics(&job, step, &values),
+                StoreOp::Metrics { job, step, values } => {
+                    points.entry(job).or_default().push((step, values));
+                    Ok(())
+                }
             };
             if let Err(e) = r {
                 first_error = Some(e);
                 break;
             }
         }
+        if first_error.is_none() {
+            for (job, p) in points {
+                if let Err(e) = store.put_metrics_batch(&job, &p) {
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+        durable |= last_flush.elapsed() >= std::time::Duration::from_secs(1);
         if durable && first_error.is_none() {
+            last_flush = std::time::Instant::now();
             if let Err(e) = store.flush() {
                 first_error = Some(e);
             }

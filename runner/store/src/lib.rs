@@ -69,7 +69,10 @@ impl Store {
         let lock = take_lock(dir)?;
         let db = sled::Config::new()
             .path(dir.join("db"))
-            .flush_every_ms(Some(200))
+            // The coordinator's writer flushes (when a job ends, and at least every second while
+            // points arrive); sled's own background flusher, racing a stream of chunk rewrites,
+            // slowed ingestion by orders of magnitude (see benches/ingest.rs).
+            .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Db { dir: dir.to_path_buf(), source })?;
         let store = Self::from_db(dir, db, lock)?;
@@ -83,7 +86,7 @@ impl Store {
             dir: dir.to_path_buf(),
             experiments: tree("experiments")?,
             jobs: tree("jobs")?,
-            metrics: tree("metrics")?,
+            metrics: tree("series")?,
             db,
             _lock: lock,
         })
@@ -183,11 +186,29 @@ impl Store {
         self.all(&self.jobs)
     }
 
-    /// Writes metric points of one job at one step in one batch. Rewriting a point replaces it.
+    /// Writes metric points of one job at one step. Rewriting a point replaces it.
     pub fn put_metrics(&self, job: &str, step: u64, values: &BTreeMap<String, f64>) -> Result<()> {
+        self.put_metrics_batch(job, &[(step, values.clone())])
+    }
+
+    /// Writes metric points of one job at several steps. Points are kept in chunks of
+    /// [`CHUNK_STEPS`] steps per metric (16 bytes a point); each touched chunk is read, merged
+    /// (a rewritten point replaces the old one) and written back in one sled batch.
+    pub fn put_metrics_batch(&self, job: &str, points: &[(u64, BTreeMap<String, f64>)]) -> Result<()> {
+        let mut chunks: BTreeMap<Vec<u8>, BTreeMap<u64, f64>> = BTreeMap::new();
+        for (step, values) in points {
+            for (name, v) in values {
+                chunks.entry(chunk_key(job, name, step / CHUNK_STEPS)).or_default().insert(*step, *v);
+            }
+        }
         let mut batch = sled::Batch::default();
-        for (name, v) in values {
-            batch.insert(metric_key(job, name, step), &v.to_le_bytes());
+        for (key, new) in chunks {
+            let mut merged = match self.metrics.get(&key).map_err(|e| self.db_err(e))? {
+                Some(old) => decode_chunk(&self.dir, &old)?,
+                None => BTreeMap::new(),
+            };
+            merged.extend(new);
+            batch.insert(key, encode_chunk(&merged));
         }
         self.metrics.apply_batch(batch).map_err(|e| self.db_err(e))
     }
@@ -199,8 +220,8 @@ impl Store {
         prefix.push(0);
         let mut out = Vec::new();
         for kv in self.metrics.scan_prefix(&prefix) {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            out.push((decode_step(&self.dir, &k)?, decode_value(&self.dir, &v)?));
+            let (_, v) = kv.map_err(|e| self.db_err(e))?;
+            out.extend(decode_chunk(&self.dir, &v)?);
         }
         Ok(out)
     }
@@ -213,13 +234,16 @@ impl Store {
             let (k, v) = kv.map_err(|e| self.db_err(e))?;
             let rest = &k[prefix.len()..];
             let name_end =
-                rest.iter().position(|&b| b == 0).ok_or_else(|| self.corrupt("metric key without a step".into()))?;
+                rest.iter().position(|&b| b == 0).ok_or_else(|| self.corrupt("metric key without a chunk".into()))?;
             let name = String::from_utf8_lossy(&rest[..name_end]).into_owned();
-            out.entry(name).or_default().push((decode_step(&self.dir, &k)?, decode_value(&self.dir, &v)?));
+            out.entry(name).or_default().extend(decode_chunk(&self.dir, &v)?);
         }
         Ok(out)
     }
 }
+
+/// Steps per stored chunk of a metric series.
+pub const CHUNK_STEPS: u64 = 64;
 
 fn metric_prefix(job: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(job.len() + 32);
@@ -228,27 +252,38 @@ fn metric_prefix(job: &str) -> Vec<u8> {
     k
 }
 
-fn metric_key(job: &str, name: &str, step: u64) -> Vec<u8> {
+fn chunk_key(job: &str, name: &str, chunk: u64) -> Vec<u8> {
     let mut k = metric_prefix(job);
     k.extend_from_slice(name.as_bytes());
     k.push(0);
-    k.extend_from_slice(&step.to_be_bytes());
+    k.extend_from_slice(&chunk.to_be_bytes());
     k
 }
 
-fn decode_step(dir: &Path, key: &[u8]) -> Result<u64> {
-    let tail: [u8; 8] = key
-        .get(key.len().saturating_sub(8)..)
-        .and_then(|t| t.try_into().ok())
-        .ok_or_else(|| StoreError::Corrupt { dir: dir.to_path_buf(), message: "short metric key".into() })?;
-    Ok(u64::from_be_bytes(tail))
+fn encode_chunk(points: &BTreeMap<u64, f64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(points.len() * 16);
+    for (s, v) in points {
+        out.extend_from_slice(&s.to_le_bytes());
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
 }
 
-fn decode_value(dir: &Path, v: &[u8]) -> Result<f64> {
-    let b: [u8; 8] = v
-        .try_into()
-        .map_err(|_| StoreError::Corrupt { dir: dir.to_path_buf(), message: "metric value is not 8 bytes".into() })?;
-    Ok(f64::from_le_bytes(b))
+fn decode_chunk(dir: &Path, bytes: &[u8]) -> Result<BTreeMap<u64, f64>> {
+    if !bytes.len().is_multiple_of(16) {
+        return Err(StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            message: "a metric chunk is not a whole number of points".into(),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(16)
+        .map(|c| {
+            let s = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+            let v = f64::from_le_bytes(c[8..].try_into().expect("8 bytes"));
+            (s, v)
+        })
+        .collect())
 }
 
 fn take_lock(dir: &Path) -> Result<File> {
