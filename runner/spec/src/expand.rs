@@ -4,7 +4,9 @@ use crate::config::{JobConfig, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
 use crate::file::{ConfigPart, ExperimentFile, CONFIG_KEYS};
 use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
+use crate::sweep::{check_key, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point};
 use crate::SpecError;
+use indexmap::IndexMap;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -84,7 +86,11 @@ impl Plan {
 impl Job {
     /// A short human label of the sweep point, e.g. `optimizer.lr=0.1 seed=0`.
     pub fn label(&self) -> String {
-        let mut parts: Vec<String> = self.point.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let show = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let mut parts: Vec<String> = self.point.iter().map(|(k, v)| format!("{k}={}", show(v))).collect();
         parts.push(format!("seed={}", self.seed));
         parts.join(" ")
     }
@@ -201,28 +207,66 @@ pub fn expand(
         let mut base = defaults.clone();
         merge_part(file, &ctx, &mut base, &stage.config_part())?;
 
-        let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
+        let mut factors: Vec<Factor> = Vec::new();
         for (key, values) in &stage.grid {
-            let head = key.split('.').next().unwrap_or_default();
-            if !CONFIG_KEYS.contains(&head) {
-                let mut e = SpecError::new(file, format!("grid key `{key}` does not name a config key"))
-                    .context(format!("{ctx}.grid"));
-                e.hint = Some(match did_you_mean(head, CONFIG_KEYS.iter().copied()) {
-                    Some(c) => format!("did you mean `{c}{}`?", &key[head.len()..]),
-                    None => format!("grid keys start with one of: {}", CONFIG_KEYS.join(", ")),
-                });
-                return Err(e);
+            factors.push(grid_factor(key, &sweep_values(file, &format!("{ctx}.grid"), key, values)?));
+        }
+        if !stage.zip.is_empty() {
+            let mut keys = Vec::new();
+            for (key, values) in &stage.zip {
+                keys.push((key.clone(), sweep_values(file, &format!("{ctx}.zip"), key, values)?));
             }
-            if values.is_empty() {
-                return Err(SpecError::new(file, format!("grid key `{key}` has no values"))
-                    .context(format!("{ctx}.grid"))
-                    .hint("list at least one value, or remove the key"));
+            factors.push(zip_factor(&keys).map_err(|m| SpecError::new(file, m).context(format!("{ctx}.zip")))?);
+        }
+        if let Some(r) = &stage.random {
+            factors.push(
+                random_factor(r).map_err(|(m, h)| SpecError::new(file, m).context(format!("{ctx}.random")).hint(h))?,
+            );
+        }
+        if !stage.variants.is_empty() {
+            let mut alternatives = Vec::new();
+            for (i, v) in stage.variants.iter().enumerate() {
+                let here = format!("{ctx}.variants[{i}]");
+                let mut map = v.clone();
+                let grid = map.remove("grid");
+                for k in map.keys() {
+                    let name = k.as_str().unwrap_or_default();
+                    if !CONFIG_KEYS.contains(&name) {
+                        let mut e =
+                            SpecError::new(file, format!("unknown key `{name}` in a variant")).context(here.clone());
+                        e.hint = Some(match did_you_mean(name, CONFIG_KEYS.iter().copied()) {
+                            Some(c) => format!("did you mean `{c}`?"),
+                            None => {
+                                format!("a variant sets config keys ({}) and may have a `grid`", CONFIG_KEYS.join(", "))
+                            }
+                        });
+                        return Err(e);
+                    }
+                }
+                let partial = yaml_to_json(file, &here, &serde_yaml::Value::Mapping(map))?;
+                let mut label = Vec::new();
+                leaves("", &partial, &mut label);
+                let mut own: Vec<Factor> = vec![vec![Point { changes: vec![Change::Merge(partial)], label }]];
+                if let Some(g) = grid {
+                    let g: IndexMap<String, Vec<serde_yaml::Value>> = serde_yaml::from_value(g).map_err(|e| {
+                        SpecError::new(file, format!("`grid` must map keys to lists: {e}")).context(here.clone())
+                    })?;
+                    for (key, values) in &g {
+                        own.push(grid_factor(key, &sweep_values(file, &format!("{here}.grid"), key, values)?));
+                    }
+                }
+                alternatives.extend(product(&own));
             }
-            let vals = values
-                .iter()
-                .map(|v| yaml_to_json(file, &format!("{ctx}.grid.{key}"), v))
-                .collect::<Result<Vec<_>, _>>()?;
-            axes.push((key.clone(), vals));
+            factors.push(alternatives);
+        }
+        let points = product(&factors);
+        let mut sweep_keys: Vec<String> = Vec::new();
+        for p in &points {
+            for (k, _) in &p.label {
+                if !sweep_keys.contains(k) {
+                    sweep_keys.push(k.clone());
+                }
+            }
         }
         let exec = Exec { checkpoint_every_epochs: stage.checkpoint.as_ref().map(|c| c.every_epochs).unwrap_or(1) };
         if exec.checkpoint_every_epochs == 0 {
@@ -240,12 +284,17 @@ pub fn expand(
         }
 
         let mut jobs = Vec::new();
-        for point in cartesian(&axes) {
+        for sweep_point in points {
             let mut cfg = base.clone();
-            for (k, v) in &point {
-                set_dotted(&mut cfg, k, v.clone())
-                    .map_err(|m| SpecError::new(file, m).context(format!("{ctx}.grid")))?;
+            for change in &sweep_point.changes {
+                match change {
+                    Change::Set(k, v) => {
+                        set_dotted(&mut cfg, k, v.clone()).map_err(|m| SpecError::new(file, m).context(ctx.clone()))?
+                    }
+                    Change::Merge(partial) => deep_merge(&mut cfg, partial),
+                }
             }
+            let point = sweep_point.label;
             let point_ctx = if point.is_empty() {
                 ctx.clone()
             } else {
@@ -265,7 +314,7 @@ pub fn expand(
                         format!("two jobs resolve to the same config and seed (job {id})"),
                     )
                     .context(point_ctx)
-                    .hint("remove the repeated grid value or stage"));
+                    .hint("remove the repeated sweep value, variant or stage"));
                 }
                 jobs.push(Job {
                     id,
@@ -280,11 +329,7 @@ pub fn expand(
                 });
             }
         }
-        stages.push(StagePlan {
-            name: stage_name.clone(),
-            sweep_keys: axes.iter().map(|(k, _)| k.clone()).collect(),
-            jobs,
-        });
+        stages.push(StagePlan { name: stage_name.clone(), sweep_keys, jobs });
     }
     Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages })
 }
@@ -386,25 +431,20 @@ fn resolve_components(
     Ok(used)
 }
 
+/// Checks a sweep key and its values; returns the values as JSON.
+fn sweep_values(file: &Path, ctx: &str, key: &str, values: &[serde_yaml::Value]) -> Result<Vec<Value>, SpecError> {
+    check_key(key).map_err(|h| {
+        SpecError::new(file, format!("`{key}` does not name a config key")).context(ctx.to_string()).hint(h)
+    })?;
+    if values.is_empty() {
+        return Err(SpecError::new(file, format!("`{key}` has no values"))
+            .context(ctx.to_string())
+            .hint("list at least one value, or remove the key"));
+    }
+    values.iter().map(|v| yaml_to_json(file, &format!("{ctx}.{key}"), v)).collect()
+}
+
 fn first_duplicate(seeds: &[u64]) -> Option<u64> {
     let mut seen = HashSet::new();
     seeds.iter().copied().find(|s| !seen.insert(*s))
-}
-
-/// The cartesian product of the axes, first axis slowest; one empty point when there are none.
-fn cartesian(axes: &[(String, Vec<Value>)]) -> Vec<Vec<(String, Value)>> {
-    let mut points = vec![Vec::new()];
-    for (key, values) in axes {
-        points = points
-            .into_iter()
-            .flat_map(|p| {
-                values.iter().map(move |v| {
-                    let mut q = p.clone();
-                    q.push((key.clone(), v.clone()));
-                    q
-                })
-            })
-            .collect();
-    }
-    points
 }

@@ -44,38 +44,72 @@ pub struct ExperimentFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPart {
+    #[serde(default, deserialize_with = "explicit")]
     pub task: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub data: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub model: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub optimizer: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub epochs: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub batch_size: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub step_rule: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub batch_transform: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub objective: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub sampler: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub denoiser: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub samples: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageFile {
+    #[serde(default, deserialize_with = "explicit")]
     pub task: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub data: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub model: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub optimizer: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub epochs: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub batch_size: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub step_rule: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub batch_transform: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub objective: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub sampler: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub denoiser: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
     pub samples: Option<Value>,
     /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
     #[serde(default)]
     pub grid: IndexMap<String, Vec<Value>>,
+    /// Lists walked together: the i-th values of every key form one point.
+    #[serde(default)]
+    pub zip: IndexMap<String, Vec<Value>>,
+    /// `samples` points drawn with their own `seed` from distributions per key:
+    /// `uniform(a, b)`, `loguniform(a, b)`, `int(a, b)` (both ends included), `choice([x, y])`.
+    #[serde(default)]
+    pub random: Option<RandomSweep>,
+    /// Partial configs, each with its own `grid` (conditional parameters: momentum only for SGD).
+    #[serde(default)]
+    pub variants: Vec<serde_yaml::Mapping>,
     /// `seeds: 3` means seeds 0, 1, 2; `seeds: [7, 8]` lists them.
     #[serde(default)]
     pub seeds: Option<Seeds>,
@@ -83,6 +117,16 @@ pub struct StageFile {
     /// not what it computes.
     #[serde(default)]
     pub checkpoint: Option<CheckpointPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RandomSweep {
+    pub samples: u32,
+    #[serde(default)]
+    pub seed: u64,
+    /// Dotted key → distribution.
+    #[serde(flatten)]
+    pub params: IndexMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +192,12 @@ impl Seeds {
     }
 }
 
+/// A present key keeps its value even when it is `null` (`model: null` removes a default);
+/// only a missing key is `None`.
+fn explicit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 /// Reads and parses an experiment file. Every malformed input becomes a [`SpecError`].
 pub fn read(path: &Path) -> Result<(String, ExperimentFile), SpecError> {
     let bytes = std::fs::read(path).map_err(|e| {
@@ -176,7 +226,33 @@ pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
             .at(i + 1, col)
             .hint("YAML indents with spaces only; replace the tab with spaces"));
     }
-    serde_yaml::from_str::<ExperimentFile>(source).map_err(|e| SpecError::from_yaml(path, &e))
+    // Untyped first: this catches duplicate keys (which typed maps would silently overwrite)
+    // and syntax errors, with their positions.
+    serde_yaml::from_str::<serde_yaml::Value>(source).map_err(|e| yaml_error(path, &e))?;
+    serde_yaml::from_str::<ExperimentFile>(source).map_err(|e| yaml_error(path, &e))
+}
+
+/// A YAML error with a hint for the usual causes.
+fn yaml_error(path: &Path, e: &serde_yaml::Error) -> SpecError {
+    let err = SpecError::from_yaml(path, e);
+    let m = err.message.as_str();
+    let hint = if m.contains("did not find expected key") || m.contains("did not find expected '-'") {
+        Some("check the indentation here: the keys of one map start in the same column")
+    } else if m.contains("found unexpected end of stream") {
+        Some("a quoted string or a bracket is not closed")
+    } else if m.contains("mapping values are not allowed") {
+        Some("a `key: value` inside a value: quote the value, or fix the indentation")
+    } else if m.contains("duplicate entry") {
+        Some("each key may appear once in a map; remove or rename the repeated one")
+    } else if m.contains("repetition limit") || m.contains("recursion limit") {
+        Some("the file expands (through anchors and aliases) to an enormous document")
+    } else {
+        None
+    };
+    match (hint, err.hint.is_none()) {
+        (Some(h), true) => err.hint(h),
+        _ => err,
+    }
 }
 
 #[cfg(test)]
