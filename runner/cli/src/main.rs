@@ -379,8 +379,15 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
             *counts.entry(key).or_default() += 1;
         }
         let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        let sweep =
+        let mut sweep =
             if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
+        if let Some((parent, select)) = &stage.needs {
+            let how = match select {
+                xlab_spec::file::Select::Each => "one per job",
+                xlab_spec::file::Select::All => "all jobs",
+            };
+            sweep = format!(" needing `{parent}` ({how}){sweep}");
+        }
         outln!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
         for job in &stage.jobs {
             outln!("    {}  {}", job.id, job.label());

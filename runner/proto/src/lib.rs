@@ -35,6 +35,20 @@ pub struct JobRequest {
     /// Write a checkpoint every this many epochs (and after the last one).
     #[serde(default = "one")]
     pub checkpoint_every: u32,
+    /// The finished jobs this one consumes (`needs:` in the experiment file).
+    #[serde(default)]
+    pub parents: Vec<ParentRef>,
+}
+
+/// A finished parent job, as its child sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    pub job_id: String,
+    /// Its run folder, with its final weights and checkpoints.
+    pub run_dir: PathBuf,
+    /// Its resolved config.
+    pub config: serde_json::Value,
 }
 
 fn one() -> u32 {
@@ -69,6 +83,8 @@ pub enum FailureCause {
     Timeout,
     /// The user stopped the run.
     Cancelled,
+    /// A parent job failed, so this one could not run.
+    ParentFailed,
 }
 
 impl FailureCause {
@@ -81,6 +97,7 @@ impl FailureCause {
             Self::Crashed => "crashed",
             Self::Timeout => "timeout",
             Self::Cancelled => "cancelled",
+            Self::ParentFailed => "parent_failed",
         }
     }
 }

@@ -8,7 +8,7 @@ use crossbeam_channel::{unbounded, Sender};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
+use xlab_proto::{Event, FailureCause, JobRequest, ParentRef, PROTOCOL_VERSION};
 use xlab_spec::{Job, Plan};
 use xlab_store::{
     now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, StageRecord, Store,
@@ -108,6 +108,7 @@ pub fn run(
 
     let mut records: Vec<JobRecord> = Vec::with_capacity(jobs.len());
     let mut queue = VecDeque::new();
+    let mut waiting: Vec<usize> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         let mut rec = match store.job(job.id.as_str())? {
             Some(r) => r,
@@ -127,11 +128,30 @@ pub fn run(
             rec.point = job.point.clone();
             rec.experiment = plan.name.clone();
             store.put_job(&rec)?;
-            queue.push_back(i);
+            waiting.push(i);
         }
         records.push(rec);
     }
     store.flush()?;
+    let index: HashMap<&str, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id.as_str(), i)).collect();
+    // Jobs run in DAG order: a job is ready once all its parents are done.
+    let release =
+        |waiting: &mut Vec<usize>, queue: &mut VecDeque<usize>, records: &mut [JobRecord]| -> Vec<(usize, String)> {
+            let mut blocked = Vec::new();
+            waiting.retain(|&i| {
+                let parents: Vec<&JobRecord> = jobs[i].parents.iter().map(|p| &records[index[p.as_str()]]).collect();
+                if let Some(p) = parents.iter().find(|p| p.status == JobStatus::Failed) {
+                    blocked.push((i, format!("parent job {} ({}) failed", p.id, p.stage)));
+                    false
+                } else if parents.iter().all(|p| p.status == JobStatus::Done) {
+                    queue.push_back(i);
+                    false
+                } else {
+                    true
+                }
+            });
+            blocked
+        };
 
     let (ops_tx, ops_rx) = unbounded::<StoreOp>();
     let (tx, rx) = unbounded::<Msg>();
@@ -140,10 +160,42 @@ pub fn run(
         let mut running: HashMap<usize, Running> = HashMap::new();
         let mut result = Ok(());
         loop {
+            // Release what became ready; fail (without running) what a failed parent blocks.
+            loop {
+                let blocked = release(&mut waiting, &mut queue, &mut records);
+                if blocked.is_empty() {
+                    break;
+                }
+                for (i, message) in blocked {
+                    let rec = &mut records[i];
+                    rec.status = JobStatus::Failed;
+                    rec.attempts.push(Attempt {
+                        number: rec.attempts.len() as u32 + 1,
+                        started_unix: now_unix(),
+                        ended_unix: Some(now_unix()),
+                        device: String::new(),
+                        pid: None,
+                        outcome: Some(FailureCause::ParentFailed.as_str().into()),
+                        error: Some(message.clone()),
+                    });
+                    let _ = ops_tx.send(StoreOp::Job(Box::new(rec.clone())));
+                    report.failed.push((jobs[i].id.to_string(), FailureCause::ParentFailed, message.clone()));
+                    observe(Progress::Failed { job: jobs[i], cause: FailureCause::ParentFailed, message: &message });
+                }
+            }
             while !queue.is_empty() && opts.pool.free() > 0 {
                 let i = queue.pop_front().expect("not empty");
                 let slot = opts.pool.take().expect("a slot is free");
-                match start(store, &opts, jobs[i], &mut records[i], slot, i, tx.clone(), &ops_tx) {
+                let parents: Vec<ParentRef> = jobs[i]
+                    .parents
+                    .iter()
+                    .map(|p| ParentRef {
+                        job_id: p.to_string(),
+                        run_dir: store.run_dir(p.as_str()),
+                        config: jobs[index[p.as_str()]].config_json.clone(),
+                    })
+                    .collect();
+                match start(store, &opts, jobs[i], &mut records[i], slot, i, &parents, tx.clone(), &ops_tx) {
                     Ok(()) => {
                         let r = &records[i];
                         observe(Progress::Started {
@@ -161,7 +213,10 @@ pub fn run(
                 }
             }
             if running.is_empty() {
-                break;
+                if queue.is_empty() {
+                    break;
+                }
+                continue;
             }
             let msg = rx.recv().expect("a sender lives in every running job's reader");
             match msg {
@@ -185,6 +240,7 @@ pub fn run(
                     }
                     let _ = ops_tx.send(StoreOp::Job(Box::new(r.record.clone())));
                     records[i] = r.record;
+                    continue;
                 }
             }
         }
@@ -219,7 +275,8 @@ fn start(
     job: &Job,
     rec: &mut JobRecord,
     slot: usize,
-    index: usize,
+    index_in_plan: usize,
+    parents: &[ParentRef],
     tx: Sender<Msg>,
     ops: &Sender<StoreOp>,
 ) -> Result<(), SchedError> {
@@ -236,8 +293,9 @@ fn start(
         run_dir: store.run_dir(job.id.as_str()),
         plugins: job.plugins.clone(),
         checkpoint_every: job.exec.checkpoint_every_epochs,
+        parents: parents.to_vec(),
     };
-    let pid = spawn::spawn(&opts.worker, &req, &visible, index, tx)
+    let pid = spawn::spawn(&opts.worker, &req, &visible, index_in_plan, tx)
         .map_err(|source| SchedError::Spawn { worker: opts.worker.clone(), source })?;
     rec.status = JobStatus::Running;
     rec.summary.clear();

@@ -15,6 +15,9 @@ pub enum Task {
     Train,
     /// Draw samples with a sampler component from a denoiser.
     Sample,
+    /// Evaluate the final weights of the parent job(s) (`needs:`) on this stage's data; with
+    /// several parents (`select: all`), their averaged predictive distribution (an ensemble).
+    Evaluate,
 }
 
 /// The resolved config of one job.
@@ -334,6 +337,7 @@ impl JobConfig {
                     }
                 }
             }
+            Task::Evaluate => return Ok(()),
             Task::Sample => {
                 for (k, missing) in [
                     ("sampler", self.sampler.is_none()),

@@ -1,8 +1,9 @@
 //! Expansion: defaults ⊕ stage ⊕ sweep point → one validated job per point and seed.
 
+use crate::config::Task;
 use crate::config::{JobConfig, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
-use crate::file::{ConfigPart, ExperimentFile, CONFIG_KEYS};
+use crate::file::{ConfigPart, ExperimentFile, Select, CONFIG_KEYS};
 use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
 use crate::sweep::{check_key, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point};
 use crate::SpecError;
@@ -48,6 +49,8 @@ pub struct Plan {
 #[derive(Debug, Clone)]
 pub struct StagePlan {
     pub name: String,
+    /// The parent stage and how this one fans out over it.
+    pub needs: Option<(String, Select)>,
     /// The dotted keys this stage sweeps over, in file order.
     pub sweep_keys: Vec<String>,
     pub jobs: Vec<Job>,
@@ -202,8 +205,21 @@ pub fn expand(
     }
     let mut seen = HashSet::new();
     let mut stages = Vec::new();
-    for (stage_name, stage) in &exp.stages {
+    let order = stage_order(file, &exp)?;
+    let mut expanded: std::collections::HashMap<String, Vec<Job>> = std::collections::HashMap::new();
+    for stage_name in order {
+        let stage = &exp.stages[stage_name.as_str()];
+        let stage_name = &stage_name;
         let ctx = format!("stages.{stage_name}");
+        let needs = stage.needs.as_ref().map(|n| (n.stage().to_string(), n.select()));
+        if needs.as_ref().is_some_and(|(_, sel)| *sel == Select::Each) && stage.seeds.is_some() {
+            return Err(SpecError::new(
+                file,
+                "a stage that needs another with `select: each` takes its parents' seeds",
+            )
+            .context(format!("{ctx}.seeds"))
+            .hint("remove `seeds:` here, or use `select: all`"));
+        }
         let mut base = defaults.clone();
         merge_part(file, &ctx, &mut base, &stage.config_part())?;
 
@@ -305,9 +321,35 @@ pub fn expand(
             let used = resolve_components(file, &point_ctx, &mut config, plugins, &extra)?;
             let refs: Vec<PluginRef> =
                 used.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
+            if config.task == Task::Evaluate && needs.is_none() {
+                return Err(SpecError::new(
+                    file,
+                    "`task: evaluate` evaluates a parent stage's jobs, but this stage has no `needs:`",
+                )
+                .context(point_ctx)
+                .hint("add e.g. `needs: train`"));
+            }
             let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
-            for &seed in &seeds {
-                let id = job_id(&IdentityInput { config: &config_json, seed, plugins: &refs, parents: &[] });
+            // (seed, parents, extra label) of each job at this point.
+            let instances: Vec<Instance> = match &needs {
+                None => seeds.iter().map(|s| (*s, Vec::new(), Vec::new())).collect(),
+                Some((parent, Select::Each)) => expanded[parent.as_str()]
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.seed,
+                            vec![p.id.clone()],
+                            p.point.iter().map(|(k, v)| (format!("{parent}.{k}"), v.clone())).collect(),
+                        )
+                    })
+                    .collect(),
+                Some((parent, Select::All)) => {
+                    let ids: Vec<JobId> = expanded[parent.as_str()].iter().map(|p| p.id.clone()).collect();
+                    seeds.iter().map(|s| (*s, ids.clone(), Vec::new())).collect()
+                }
+            };
+            for (seed, parents, parent_label) in instances {
+                let id = job_id(&IdentityInput { config: &config_json, seed, plugins: &refs, parents: &parents });
                 if !seen.insert(id.clone()) {
                     return Err(SpecError::new(
                         file,
@@ -322,16 +364,61 @@ pub fn expand(
                     seed,
                     config: config.clone(),
                     config_json: config_json.clone(),
-                    point: point.clone(),
-                    parents: Vec::new(),
+                    point: parent_label.into_iter().chain(point.iter().cloned()).collect(),
+                    parents,
                     plugins: used.clone(),
                     exec: exec.clone(),
                 });
             }
         }
-        stages.push(StagePlan { name: stage_name.clone(), sweep_keys, jobs });
+        expanded.insert(stage_name.clone(), jobs.clone());
+        stages.push(StagePlan { name: stage_name.clone(), needs, sweep_keys, jobs });
     }
     Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages })
+}
+
+/// One job of a sweep point: its seed, its parents and the parents' sweep values (as labels).
+type Instance = (u64, Vec<JobId>, Vec<(String, Value)>);
+
+/// The stages in an order where every stage comes after the one it needs (file order
+/// otherwise). Unknown parents, self-dependence and cycles are errors.
+fn stage_order(file: &Path, exp: &ExperimentFile) -> Result<Vec<String>, SpecError> {
+    for (name, stage) in &exp.stages {
+        if let Some(n) = &stage.needs {
+            let parent = n.stage();
+            if parent == name {
+                return Err(SpecError::new(file, format!("stage `{name}` needs itself"))
+                    .context(format!("stages.{name}.needs")));
+            }
+            if !exp.stages.contains_key(parent) {
+                let mut e =
+                    SpecError::new(file, format!("stage `{name}` needs `{parent}`, which is not a stage of this file"))
+                        .context(format!("stages.{name}.needs"));
+                e.hint =
+                    did_you_mean(parent, exp.stages.keys().map(String::as_str)).map(|c| format!("did you mean `{c}`?"));
+                return Err(e);
+            }
+        }
+    }
+    let mut order: Vec<String> = Vec::new();
+    while order.len() < exp.stages.len() {
+        let next = exp.stages.iter().find(|(name, stage)| {
+            !order.contains(name) && stage.needs.as_ref().is_none_or(|n| order.iter().any(|o| o == n.stage()))
+        });
+        match next {
+            Some((name, _)) => order.push(name.clone()),
+            None => {
+                let stuck: Vec<&str> = exp.stages.keys().filter(|k| !order.contains(k)).map(String::as_str).collect();
+                return Err(SpecError::new(
+                    file,
+                    format!("the stages {} need each other in a cycle", stuck.join(", ")),
+                )
+                .context("stages")
+                .hint("a stage can only need a stage that does not need it back"));
+            }
+        }
+    }
+    Ok(order)
 }
 
 fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> {

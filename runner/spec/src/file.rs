@@ -117,6 +117,52 @@ pub struct StageFile {
     /// not what it computes.
     #[serde(default)]
     pub checkpoint: Option<CheckpointPolicy>,
+    /// The stage this one consumes: `needs: train` (one child per parent job) or
+    /// `needs: {stage: train, select: all}` (one child that sees every parent job).
+    #[serde(default)]
+    pub needs: Option<NeedsFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a stage name, or `{stage: NAME, select: each|all}`")]
+pub enum NeedsFile {
+    Stage(String),
+    Full(NeedsFull),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeedsFull {
+    pub stage: String,
+    #[serde(default)]
+    pub select: Select,
+}
+
+/// How a dependent stage fans out over its parent stage's jobs.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Select {
+    /// One child per parent job; the child takes the parent's seed and sweep point.
+    #[default]
+    Each,
+    /// One child (per own sweep point and seed) that sees every parent job.
+    All,
+}
+
+impl NeedsFile {
+    pub fn stage(&self) -> &str {
+        match self {
+            NeedsFile::Stage(s) => s,
+            NeedsFile::Full(f) => &f.stage,
+        }
+    }
+
+    pub fn select(&self) -> Select {
+        match self {
+            NeedsFile::Stage(_) => Select::Each,
+            NeedsFile::Full(f) => f.select,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

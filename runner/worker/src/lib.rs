@@ -158,6 +158,7 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
                 train::run(&cfg, req.seed, device, &req.run_dir, &plan, &mut comps, out)
             }
             Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
+            Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
         }
     })();
     match result {

@@ -47,32 +47,95 @@ fn evaluate(
     groups: usize,
     device: Device,
 ) -> Result<BTreeMap<String, f64>, Failure> {
-    tch::no_grad(|| {
-        let x = split.x.to_device(device);
-        let y = split.y.to_device(device);
-        let logits = net.forward(&x);
-        let mut out = BTreeMap::new();
-        out.insert(format!("{name}.loss"), f64::try_from(logits.cross_entropy_for_logits(&y))?);
-        let correct = logits.argmax(-1, false).eq_tensor(&y).to_kind(Kind::Double);
-        out.insert(format!("{name}.acc"), f64::try_from(correct.mean(Kind::Double))?);
-        if let Some(g) = &split.group {
-            let g = g.to_device(device);
-            let mut worst = f64::INFINITY;
-            for k in 0..groups as i64 {
-                let mask = g.eq(k).to_kind(Kind::Double);
-                let n = f64::try_from(mask.sum(Kind::Double))?;
-                if n > 0.0 {
-                    let acc = f64::try_from((&correct * &mask).sum(Kind::Double))? / n;
-                    out.insert(format!("{name}.group_acc.{k}"), acc);
-                    worst = worst.min(acc);
-                }
-            }
-            if worst.is_finite() {
-                out.insert(format!("{name}.worst_group_acc"), worst);
+    let probs = tch::no_grad(|| net.forward(&split.x.to_device(device)).softmax(-1, Kind::Double));
+    score(&probs, name, split, groups, device)
+}
+
+/// Loss, accuracy and per-group accuracies from predicted class probabilities.
+fn score(
+    probs: &Tensor,
+    name: &str,
+    split: &Split,
+    groups: usize,
+    device: Device,
+) -> Result<BTreeMap<String, f64>, Failure> {
+    let y = split.y.to_device(device);
+    let mut out = BTreeMap::new();
+    let picked = probs.gather(1, &y.unsqueeze(1), false).squeeze_dim(1).clamp_min(1e-12);
+    out.insert(format!("{name}.loss"), f64::try_from(-picked.log().mean(Kind::Double))?);
+    let correct = probs.argmax(-1, false).eq_tensor(&y).to_kind(Kind::Double);
+    out.insert(format!("{name}.acc"), f64::try_from(correct.mean(Kind::Double))?);
+    if let Some(g) = &split.group {
+        let g = g.to_device(device);
+        let mut worst = f64::INFINITY;
+        for k in 0..groups as i64 {
+            let mask = g.eq(k).to_kind(Kind::Double);
+            let n = f64::try_from(mask.sum(Kind::Double))?;
+            if n > 0.0 {
+                let acc = f64::try_from((&correct * &mask).sum(Kind::Double))? / n;
+                out.insert(format!("{name}.group_acc.{k}"), acc);
+                worst = worst.min(acc);
             }
         }
-        Ok(out)
-    })
+        if worst.is_finite() {
+            out.insert(format!("{name}.worst_group_acc"), worst);
+        }
+    }
+    Ok(out)
+}
+
+/// The `evaluate` task: loads each parent job's final weights (built with the parent's model
+/// config) and scores them on this job's validation and test splits. With several parents the
+/// score is that of their averaged predictive distribution (an ensemble).
+pub fn evaluate_parents(
+    cfg: &JobConfig,
+    parents: &[xlab_proto::ParentRef],
+    device: Device,
+    out: &mut Emitter,
+) -> Result<BTreeMap<String, f64>, Failure> {
+    if parents.is_empty() {
+        return Err(Failure::new(
+            FailureCause::Config,
+            "`task: evaluate` needs parent jobs (`needs:` in the experiment file)",
+        ));
+    }
+    let data = data::build(&cfg.data);
+    let mut probs: BTreeMap<&str, Tensor> = BTreeMap::new();
+    for p in parents {
+        let pcfg: JobConfig = serde_json::from_value(p.config.clone())
+            .map_err(|e| Failure::new(FailureCause::Config, format!("parent {}: config: {e}", p.job_id)))?;
+        let model_cfg = pcfg.model.ok_or_else(|| {
+            Failure::new(FailureCause::Config, format!("parent {} has no model to evaluate", p.job_id))
+        })?;
+        let mut vs = nn::VarStore::new(device);
+        let net = model::build(&vs.root(), &model_cfg, data.input_dim, data.classes);
+        let weights = p.run_dir.join("weights.safetensors");
+        vs.load(&weights).map_err(|e| {
+            Failure::new(FailureCause::Error, format!("cannot load {} into the parent's model: {e}", weights.display()))
+        })?;
+        tch::no_grad(|| {
+            for (name, split) in [("val", &data.val), ("test", &data.test)] {
+                if split.is_empty() {
+                    continue;
+                }
+                let pr = net.forward(&split.x.to_device(device)).softmax(-1, Kind::Double);
+                let sum = match probs.remove(name) {
+                    Some(acc) => acc + pr,
+                    None => pr,
+                };
+                probs.insert(name, sum);
+            }
+        });
+    }
+    let mut values = BTreeMap::new();
+    for (name, split) in [("val", &data.val), ("test", &data.test)] {
+        if let Some(p) = probs.get(name) {
+            values.extend(score(&(p / parents.len() as f64), name, split, data.groups, device)?);
+        }
+    }
+    values.insert("eval.models".to_string(), parents.len() as f64);
+    out.metrics(1, values.clone());
+    Ok(values)
 }
 
 /// What the loss compares the logits with.

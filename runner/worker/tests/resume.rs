@@ -46,6 +46,7 @@ fn request(run_dir: &Path, epochs: u32) -> JobRequest {
         run_dir: run_dir.to_path_buf(),
         plugins: vec![plugin("sam"), plugin("mixup"), plugin("dro")],
         checkpoint_every: 1,
+        parents: vec![],
     }
 }
 
