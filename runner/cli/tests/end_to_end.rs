@@ -159,6 +159,16 @@ fn a_diverging_job_fails_with_its_cause_and_the_sweep_goes_on() {
     assert!(err.contains("1 done, 0 skipped (already done), 1 failed"), "{err}");
     let out = run_ok(cmd(&store).arg("plan").arg(&file));
     assert!(text(&out.stdout).contains("1 done, 1 failed"), "{}", text(&out.stdout));
+    // Machine-readable logs: every line on stderr is a JSON object.
+    let out = cmd(&store).args(["--log-format", "json", "run"]).arg(&file).output().unwrap();
+    let err = text(&out.stderr);
+    let logs: Vec<&str> = err.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!logs.is_empty(), "{err}");
+    for l in &logs {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+    }
+    assert!(err.lines().all(|l| l.starts_with('{') || l.starts_with("error:") || l.contains("job(s) failed")), "{err}");
 }
 
 #[test]
