@@ -260,3 +260,25 @@ fn a_closed_stdout_pipe_ends_quietly() {
         assert!(!text(&out.stderr).contains("panicked"), "{args:?}: {}", text(&out.stderr));
     }
 }
+
+/// A missing worker is an environment problem, said once, with what to do.
+#[test]
+fn a_missing_worker_is_reported_once_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_experiment(dir.path(), "1");
+    let out = Command::new(xlab())
+        .arg("--store")
+        .arg(dir.path().join("results"))
+        .arg("run")
+        .arg(&file)
+        .env("XLAB_WORKER", dir.path().join("no-such-worker"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(err.contains("cannot start the worker") && err.contains("hint: build it with `make build`"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // Nothing ran, so the jobs are still new.
+    let out = run_ok(cmd(&dir.path().join("results")).arg("plan").arg(&file));
+    assert!(text(&out.stdout).contains("2 job(s) over optimizer.lr: 2 new"), "{}", text(&out.stdout));
+}

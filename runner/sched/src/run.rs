@@ -19,9 +19,9 @@ pub enum SchedError {
     #[error(transparent)]
     Store(#[from] xlab_store::StoreError),
     #[error(
-        "cannot start the worker {worker}: {source}\n  hint: build it with `make build`, or point XLAB_WORKER at it"
+        "cannot start the worker {worker}: {error}\n  hint: build it with `make build`, or point XLAB_WORKER at it"
     )]
-    Spawn { worker: PathBuf, source: std::io::Error },
+    Spawn { worker: PathBuf, error: std::io::Error },
 }
 
 pub struct RunOptions {
@@ -296,7 +296,7 @@ fn start(
         parents: parents.to_vec(),
     };
     let pid = spawn::spawn(&opts.worker, &req, &visible, index_in_plan, tx)
-        .map_err(|source| SchedError::Spawn { worker: opts.worker.clone(), source })?;
+        .map_err(|error| SchedError::Spawn { worker: opts.worker.clone(), error })?;
     rec.status = JobStatus::Running;
     rec.summary.clear();
     rec.provenance.xlab_version = opts.xlab_version.clone();

@@ -31,10 +31,10 @@ pub enum StoreError {
     NewerFormat { dir: PathBuf, found: u32, supported: u32 },
     #[error("store {dir}: {message}")]
     Corrupt { dir: PathBuf, message: String },
-    #[error("store {dir}: {source}")]
-    Io { dir: PathBuf, source: std::io::Error },
-    #[error("store {dir}: database error: {source}")]
-    Db { dir: PathBuf, source: sled::Error },
+    #[error("store {dir}: {error}")]
+    Io { dir: PathBuf, error: std::io::Error },
+    #[error("store {dir}: database error: {error}")]
+    Db { dir: PathBuf, error: sled::Error },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -64,7 +64,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store in `dir`, taking its lock.
     pub fn open(dir: &Path) -> Result<Store> {
-        let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+        let io = |source| StoreError::Io { dir: dir.to_path_buf(), error: source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = take_lock(dir)?;
         let db = sled::Config::new()
@@ -74,14 +74,15 @@ impl Store {
             // slowed ingestion by orders of magnitude (see benches/ingest.rs).
             .flush_every_ms(None)
             .open()
-            .map_err(|source| StoreError::Db { dir: dir.to_path_buf(), source })?;
+            .map_err(|source| StoreError::Db { dir: dir.to_path_buf(), error: source })?;
         let store = Self::from_db(dir, db, lock)?;
         store.check_format()?;
         Ok(store)
     }
 
     fn from_db(dir: &Path, db: sled::Db, lock: File) -> Result<Store> {
-        let tree = |name: &str| db.open_tree(name).map_err(|source| StoreError::Db { dir: dir.to_path_buf(), source });
+        let tree =
+            |name: &str| db.open_tree(name).map_err(|source| StoreError::Db { dir: dir.to_path_buf(), error: source });
         Ok(Store {
             dir: dir.to_path_buf(),
             experiments: tree("experiments")?,
@@ -93,7 +94,7 @@ impl Store {
     }
 
     fn db_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Db { dir: self.dir.clone(), source }
+        StoreError::Db { dir: self.dir.clone(), error: source }
     }
 
     fn corrupt(&self, message: String) -> StoreError {
@@ -287,7 +288,7 @@ fn decode_chunk(dir: &Path, bytes: &[u8]) -> Result<BTreeMap<u64, f64>> {
 }
 
 fn take_lock(dir: &Path) -> Result<File> {
-    let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+    let io = |source| StoreError::Io { dir: dir.to_path_buf(), error: source };
     let mut f =
         OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("lock")).map_err(io)?;
     match f.try_lock() {
