@@ -154,6 +154,8 @@ struct Failure {
     error: anyhow::Error,
 }
 
+/// Spec errors are the user's; everything else that reaches `?` (store, I/O) is the
+/// environment's.
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let error = e.into();
@@ -207,16 +209,15 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::Export { experiment, format, output } => {
             let store = open_store(&cli.store)?;
-            let env = |e: StoreError| Failure { code: exit::ENVIRONMENT, error: e.into() };
             if let Some(name) = experiment {
-                if store.experiment(name).map_err(env)?.is_none() {
+                if store.experiment(name)?.is_none() {
                     return Err(Failure {
                         code: exit::USER,
                         error: anyhow::anyhow!("no experiment `{name}` in store {}", store.dir().display()),
                     });
                 }
             }
-            let lines = store.export(experiment.as_deref()).map_err(env)?;
+            let lines = store.export(experiment.as_deref())?;
             let text = match format {
                 ExportFormat::Jsonl => {
                     lines.iter().map(|l| serde_json::to_string(l).expect("json") + "\n").collect::<String>()
@@ -240,7 +241,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 lines.push(line);
             }
             let store = open_store(&cli.store)?;
-            let r = store.import(lines).map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })?;
+            let r = store.import(lines)?;
             outln!(
                 "imported {}: {} new job(s), {} updated, {} already here; {} new experiment(s), {} merged",
                 file.display(),
@@ -254,13 +255,9 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::Show { job } => {
             let store = open_store(&cli.store)?;
-            let env = |e: StoreError| Failure { code: exit::ENVIRONMENT, error: e.into() };
-            let rec = store
-                .job(job)
-                .map_err(env)?
-                .with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
+            let rec = store.job(job)?.with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
             let mut v = serde_json::to_value(&rec).expect("json");
-            v["metrics"] = serde_json::to_value(store.metrics_of(job).map_err(env)?).expect("json");
+            v["metrics"] = serde_json::to_value(store.metrics_of(job)?).expect("json");
             outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
             Ok(0)
         }
@@ -270,7 +267,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
 }
 
 fn open_store(dir: &Path) -> Result<Store, Failure> {
-    Store::open(dir).map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })
+    Ok(Store::open(dir)?)
 }
 
 /// The `xlab-worker` executable: `XLAB_WORKER`, or the one beside this `xlab`.
@@ -364,10 +361,7 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();
         for job in &stage.jobs {
             let status = match &store {
-                Some(s) => s
-                    .job(job.id.as_str())
-                    .map_err(|e| Failure { code: exit::ENVIRONMENT, error: e.into() })?
-                    .map(|r| r.status),
+                Some(s) => s.job(job.id.as_str())?.map(|r| r.status),
                 None => None,
             };
             let key = match status {
@@ -397,13 +391,12 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
 }
 
 fn query(store: &Store, experiment: Option<&str>, format: Format, wanted: &[String]) -> Result<(), Failure> {
-    let env = |e: StoreError| Failure { code: exit::ENVIRONMENT, error: e.into() };
     let exp = match experiment {
-        Some(name) => store.experiment(name).map_err(env)?.with_context(|| {
+        Some(name) => store.experiment(name)?.with_context(|| {
             format!("no experiment `{name}` in store {}; `xlab run FILE` records one", store.dir().display())
         })?,
         None => {
-            let mut all = store.experiments().map_err(env)?;
+            let mut all = store.experiments()?;
             all.sort_by_key(|e| e.updated_unix);
             all.pop().with_context(|| {
                 format!("store {} holds no experiments yet; run one with `xlab run FILE`", store.dir().display())

@@ -91,6 +91,15 @@ fn fmt_stat(xs: &[f64]) -> String {
     }
 }
 
+/// A CSV cell, quoted when it holds a comma, a quote or a newline.
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
 fn columns(rows: &[Row]) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     for r in rows {
@@ -134,14 +143,12 @@ pub fn render(rows: &[Row], metrics: &[String]) -> String {
 /// Renders the rows as CSV: one column per sweep key, then mean, std and n for each metric.
 pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
     let keys = columns(rows);
-    let quote =
-        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
     let mut header = vec!["stage".to_string()];
     header.extend(keys.iter().cloned());
     for m in metrics {
         header.extend([format!("{m}.mean"), format!("{m}.std"), format!("{m}.n")]);
     }
-    let mut out = header.iter().map(|h| quote(h)).collect::<Vec<_>>().join(",") + "\n";
+    let mut out = header.iter().map(|h| csv_cell(h)).collect::<Vec<_>>().join(",") + "\n";
     for r in rows {
         let mut cells = vec![r.stage.clone()];
         cells.extend(keys.iter().map(|k| point_value(r, k)));
@@ -154,7 +161,7 @@ pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
                 cells.extend([mean.to_string(), std.map(|s| s.to_string()).unwrap_or_default(), xs.len().to_string()]);
             }
         }
-        out += &(cells.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",") + "\n");
+        out += &(cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",") + "\n");
     }
     out
 }
@@ -181,12 +188,10 @@ pub fn jobs_csv(lines: &[xlab_store::ExportLine]) -> String {
         }
     }
     metrics.sort();
-    let quote =
-        |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
     let mut header = vec!["job".to_string(), "experiment".into(), "stage".into(), "seed".into(), "status".into()];
     header.extend(points.iter().cloned());
     header.extend(metrics.iter().cloned());
-    let mut out = header.iter().map(|h| quote(h)).collect::<Vec<_>>().join(",") + "\n";
+    let mut out = header.iter().map(|h| csv_cell(h)).collect::<Vec<_>>().join(",") + "\n";
     for j in jobs {
         let mut row = vec![
             j.id.clone(),
@@ -199,7 +204,7 @@ pub fn jobs_csv(lines: &[xlab_store::ExportLine]) -> String {
             points.iter().map(|k| j.point.iter().find(|(p, _)| p == k).map(|(_, v)| fmt_value(v)).unwrap_or_default()),
         );
         row.extend(metrics.iter().map(|k| j.summary.get(k).map(|v| v.to_string()).unwrap_or_default()));
-        out += &(row.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",") + "\n");
+        out += &(row.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",") + "\n");
     }
     out
 }

@@ -272,6 +272,15 @@ pub struct Adam {
 }
 
 impl JobConfig {
+    /// The keys only `task: sample` uses, and whether each is set.
+    fn sample_fields(&self) -> [(&'static str, bool); 3] {
+        [
+            ("sampler", self.sampler.is_some()),
+            ("denoiser", self.denoiser.is_some()),
+            ("samples", self.samples.is_some()),
+        ]
+    }
+
     /// Checks the ranges that the types alone cannot express. Returns `(path, message)`.
     pub fn check(&self) -> Result<(), (String, String)> {
         let err = |p: &str, m: String| Err((p.to_string(), m));
@@ -327,11 +336,7 @@ impl JobConfig {
                         return err(k, "is required by `task: train`".into());
                     }
                 }
-                for (k, set) in [
-                    ("sampler", self.sampler.is_some()),
-                    ("denoiser", self.denoiser.is_some()),
-                    ("samples", self.samples.is_some()),
-                ] {
+                for (k, set) in self.sample_fields() {
                     if set {
                         return err(k, "belongs to `task: sample`, not `task: train`".into());
                     }
@@ -339,12 +344,8 @@ impl JobConfig {
             }
             Task::Evaluate => return Ok(()),
             Task::Sample => {
-                for (k, missing) in [
-                    ("sampler", self.sampler.is_none()),
-                    ("denoiser", self.denoiser.is_none()),
-                    ("samples", self.samples.is_none()),
-                ] {
-                    if missing {
+                for (k, set) in self.sample_fields() {
+                    if !set {
                         return err(k, "is required by `task: sample`".into());
                     }
                 }
