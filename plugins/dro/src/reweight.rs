@@ -9,7 +9,7 @@
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
 use xlab_plugin_api::{
-    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, PluginError, Result, RunInfo,
+    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, PluginError, Result, RunInfo, Sampling,
 };
 
 #[derive(Debug, Deserialize)]
@@ -65,7 +65,7 @@ impl Objective for Reweight {
         Ok(input.losses.mean(Kind::Float))
     }
 
-    fn sampling_weights(&mut self, _epoch: u64) -> Result<Option<Vec<f64>>> {
-        Ok(Some(self.weights.clone()))
+    fn sampling(&mut self, _epoch: u64) -> Result<Sampling> {
+        Ok(Sampling::Weighted(self.weights.clone()))
     }
 }

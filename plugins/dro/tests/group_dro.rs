@@ -3,7 +3,7 @@
 
 use xlab_plugin_api::tch::{Kind, Tensor};
 use xlab_plugin_api::testing::{built_plugin, conformance, instantiate};
-use xlab_plugin_api::RunInfo;
+use xlab_plugin_api::{RunInfo, Sampling};
 
 fn info(counts: Vec<u64>) -> RunInfo {
     RunInfo {
@@ -174,7 +174,7 @@ fn reweight_gives_every_group_equal_total_weight() {
     let groups = vec![0i64, 0, 0, 1, 2, 2];
     let run = RunInfo { group_counts: vec![3, 1, 2], train_groups: groups.clone(), n_train: 6, ..Default::default() };
     rw.setup(&run).unwrap();
-    let w = rw.sampling_weights(0, 6).unwrap().expect("weights are set");
+    let Sampling::Weighted(w) = rw.sampling(0, 6).unwrap() else { panic!("weights are set") };
     assert_eq!(w, vec![2.0, 2.0, 2.0, 6.0, 3.0, 3.0]);
     let per_group: Vec<f64> =
         (0..3).map(|g| groups.iter().zip(&w).filter(|(k, _)| **k == g).map(|(_, x)| x).sum()).collect();

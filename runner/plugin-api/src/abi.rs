@@ -16,7 +16,7 @@
 use std::ffi::c_void;
 
 /// Bumped on any incompatible change to the types in this module.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The exported entry point's name (NUL-terminated for `dlsym`).
 pub const ENTRY_SYMBOL: &[u8] = b"xlab_plugin_manifest_v1\0";
@@ -177,20 +177,31 @@ pub struct ComponentDecl {
             err: *const Sink,
         ) -> Status,
     >,
-    /// Objectives only: called at the start of every epoch. A component that wants the epoch's
-    /// examples drawn with replacement in proportion to weights writes `n` non-negative weights
-    /// into `out` (one per training example) and sets `*set = true`; otherwise the host keeps
-    /// its uniform shuffle.
-    pub sampling_weights: Option<
+    /// Objectives only: called at the start of every epoch to choose which training examples
+    /// the epoch visits. The component writes `n` numbers into `out` (one per training example,
+    /// by index) and sets `*mode` to one of [`sampling`]'s values; leaving it at
+    /// [`sampling::UNIFORM`] keeps the host's uniform shuffle.
+    pub epoch_sampling: Option<
         unsafe extern "C" fn(
             obj: *mut c_void,
             epoch: u64,
             out: *mut f64,
             n: usize,
-            set: *mut bool,
+            mode: *mut u32,
             err: *const Sink,
         ) -> Status,
     >,
+}
+
+/// How an epoch's examples are chosen (`ComponentDecl::epoch_sampling`).
+pub mod sampling {
+    /// Every example once, in the host's seeded shuffle.
+    pub const UNIFORM: u32 = 0;
+    /// `n` draws with replacement, example i with probability `out[i] / Σ out`.
+    pub const WEIGHTED: u32 = 1;
+    /// Example i appears exactly `out[i]` times (a non-negative integer); the multiset is
+    /// shuffled with the host's seeded shuffle.
+    pub const REPEAT: u32 = 2;
 }
 
 /// Where a component writes its state.

@@ -2,7 +2,7 @@
 //! through the C ABI. Used by the worker; the coordinator only sees the JSON description.
 
 use crate::abi::{self, ComponentDecl, ComponentKind, PluginManifest, RStr, Sink, Status};
-use crate::sdk::{vec_sink, RunInfo};
+use crate::sdk::{vec_sink, RunInfo, Sampling};
 use sha2::{Digest, Sha256};
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
@@ -492,16 +492,28 @@ impl Instance {
         out
     }
 
-    /// An objective's sampling weights for `epoch` over `n` training examples, if it sets any.
-    pub fn sampling_weights(&mut self, epoch: u64, n: usize) -> Result<Option<Vec<f64>>, String> {
-        let Some(f) = self.decl.sampling_weights else { return Ok(None) };
+    /// How an objective chooses `epoch`'s examples out of `n` training examples.
+    pub fn sampling(&mut self, epoch: u64, n: usize) -> Result<Sampling, String> {
+        let Some(f) = self.decl.epoch_sampling else { return Ok(Sampling::Uniform) };
         let mut buf = vec![0.0f64; n];
-        let mut set = false;
+        let mut mode = abi::sampling::UNIFORM;
         // SAFETY: obj is live; buf holds n f64s and outlives the call.
-        call(&format!("`{}` sampling weights", self.id), |err| unsafe {
-            f(self.obj, epoch, buf.as_mut_ptr(), n, &mut set, err)
+        call(&format!("`{}` epoch sampling", self.id), |err| unsafe {
+            f(self.obj, epoch, buf.as_mut_ptr(), n, &mut mode, err)
         })?;
-        Ok(set.then_some(buf))
+        let s = match mode {
+            abi::sampling::UNIFORM => Sampling::Uniform,
+            abi::sampling::WEIGHTED => Sampling::Weighted(buf),
+            abi::sampling::REPEAT => {
+                if let Some(bad) = buf.iter().find(|k| k.fract() != 0.0 || **k < 0.0 || **k > f64::from(u32::MAX)) {
+                    return Err(format!("`{}` epoch sampling: repeat count {bad} is not a count", self.id));
+                }
+                Sampling::Repeat(buf.iter().map(|&k| k as u32).collect())
+            }
+            other => return Err(format!("`{}` epoch sampling: unknown mode {other}", self.id)),
+        };
+        s.check(n).map_err(|m| format!("`{}` epoch sampling: {m}", self.id))?;
+        Ok(s)
     }
 
     /// Draws samples from `noise` with a denoiser; returns the samples and the evaluation count.

@@ -42,8 +42,13 @@ pub struct RunInfo {
     #[serde(default)]
     pub train_groups: Vec<i64>,
     pub epochs: u64,
+    /// Optimizer steps in an epoch that visits every example once.
     pub steps_per_epoch: u64,
     pub seed: u64,
+    /// The finished jobs this job depends on (`needs:`), with their run folders; e.g.
+    /// [`xlab_proto::artifacts::read_train_errors`] reads what a training parent left there.
+    #[serde(default)]
+    pub parents: Vec<xlab_proto::ParentRef>,
 }
 
 /// A component's checkpointable state: JSON plus named tensors.
@@ -297,11 +302,49 @@ impl ObjectiveCtx<'_> {
 pub trait Objective: Component {
     fn loss(&mut self, input: ObjectiveInput, ctx: &mut ObjectiveCtx<'_>) -> Result<Tensor>;
 
-    /// Per-example sampling weights for `epoch` (one per training example, by index), or
-    /// `None` to keep the host's uniform shuffle. With weights, the epoch's examples are drawn
-    /// with replacement in proportion to them.
-    fn sampling_weights(&mut self, _epoch: u64) -> Result<Option<Vec<f64>>> {
-        Ok(None)
+    /// Which training examples `epoch` visits. The default keeps the host's uniform shuffle.
+    fn sampling(&mut self, _epoch: u64) -> Result<Sampling> {
+        Ok(Sampling::Uniform)
+    }
+}
+
+/// How an epoch's training examples are chosen (one entry per training example, by index).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampling {
+    /// Every example once, shuffled.
+    Uniform,
+    /// As many draws as examples, with replacement, in proportion to the weights.
+    Weighted(Vec<f64>),
+    /// Example i exactly `counts[i]` times, the whole multiset shuffled (upsampling,
+    /// subsampling).
+    Repeat(Vec<u32>),
+}
+
+impl Sampling {
+    /// The epoch's size: how many examples it visits.
+    pub fn len(&self, n: usize) -> usize {
+        match self {
+            Sampling::Uniform | Sampling::Weighted(_) => n,
+            Sampling::Repeat(c) => c.iter().map(|&k| k as usize).sum(),
+        }
+    }
+
+    /// Checks the entries against the training-set size `n`.
+    pub fn check(&self, n: usize) -> std::result::Result<(), String> {
+        match self {
+            Sampling::Uniform => Ok(()),
+            Sampling::Weighted(w) if w.len() != n => Err(format!("{} sampling weights for {n} training examples", w.len())),
+            Sampling::Weighted(w) => {
+                if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+                    Err("sampling weights must be finite, ≥ 0 and not all 0".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Sampling::Repeat(c) if c.len() != n => Err(format!("{} repeat counts for {n} training examples", c.len())),
+            Sampling::Repeat(c) if c.iter().all(|&k| k == 0) => Err("repeat counts are all 0: the epoch is empty".into()),
+            Sampling::Repeat(_) => Ok(()),
+        }
     }
 }
 
@@ -550,32 +593,32 @@ pub mod glue {
         })
     }
 
-    pub unsafe extern "C" fn sampling_weights<T: Objective>(
+    pub unsafe extern "C" fn epoch_sampling<T: Objective>(
         o: *mut c_void,
         epoch: u64,
         out: *mut f64,
         n: usize,
-        set: *mut bool,
+        mode: *mut u32,
         err: *const Sink,
     ) -> Status {
         guard(err, || {
-            // SAFETY: o comes from create::<T>; out holds n f64s and set is valid (host-owned).
-            let w = unsafe { obj::<T>(o) }.sampling_weights(epoch)?;
-            unsafe { *set = false };
-            if let Some(w) = w {
-                if w.len() != n {
-                    return Err(PluginError(format!(
-                        "{}: {} sampling weights for {n} training examples",
-                        T::ID,
-                        w.len()
-                    )));
+            // SAFETY: o comes from create::<T>; out holds n f64s and mode is valid (host-owned).
+            let s = unsafe { obj::<T>(o) }.sampling(epoch)?;
+            unsafe { *mode = abi::sampling::UNIFORM };
+            s.check(n).map_err(|m| PluginError(format!("{}: {m}", T::ID)))?;
+            let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
+            let m = match s {
+                Sampling::Uniform => abi::sampling::UNIFORM,
+                Sampling::Weighted(w) => {
+                    out.copy_from_slice(&w);
+                    abi::sampling::WEIGHTED
                 }
-                if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
-                    return Err(PluginError(format!("{}: sampling weights must be finite, ≥ 0 and not all 0", T::ID)));
+                Sampling::Repeat(c) => {
+                    out.iter_mut().zip(&c).for_each(|(o, k)| *o = f64::from(*k));
+                    abi::sampling::REPEAT
                 }
-                unsafe { std::slice::from_raw_parts_mut(out, n) }.copy_from_slice(&w);
-                unsafe { *set = true };
-            }
+            };
+            unsafe { *mode = m };
             Ok(())
         })
     }
@@ -631,7 +674,7 @@ pub mod glue {
             transform: None,
             objective: None,
             sample: None,
-            sampling_weights: None,
+            epoch_sampling: None,
         }
     }
 
@@ -651,7 +694,7 @@ pub mod glue {
     pub fn objective_decl<T: Objective>() -> abi::ComponentDecl {
         abi::ComponentDecl {
             objective: Some(objective::<T>),
-            sampling_weights: Some(sampling_weights::<T>),
+            epoch_sampling: Some(epoch_sampling::<T>),
             ..decl_base::<T>(strings::<T>())
         }
     }

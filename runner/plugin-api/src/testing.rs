@@ -6,7 +6,7 @@
 //! shapes for its kind.
 
 use crate::host::{self, Instance, LoadedPlugin, StepDriver};
-use crate::sdk::RunInfo;
+use crate::sdk::{RunInfo, Sampling};
 use crate::ComponentKind;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -156,7 +156,16 @@ fn component<'a>(plugin: &'a LoadedPlugin, id: &str) -> &'a ComponentInfo {
     plugin.info.components.iter().find(|c| c.id == id).unwrap_or_else(|| panic!("no component {id}"))
 }
 
+/// The run every component is set up with: 8 examples, 3 classes, 2 groups, and one finished
+/// parent job (2 epochs) whose run folder holds the training-pass errors a training job leaves.
 fn run_info() -> RunInfo {
+    let run_dir = std::env::temp_dir().join(format!("xlab-conformance-{}", std::process::id())).join("parent");
+    for (epoch, errors) in [(1u64, vec![0u64, 3, 5]), (2, vec![3, 6])] {
+        let path = crate::artifacts::train_errors_path(&run_dir, epoch);
+        std::fs::create_dir_all(path.parent().expect("a folder")).expect("conformance parent folder");
+        let record = crate::artifacts::TrainErrors { epoch, n_train: 8, errors };
+        std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("conformance parent errors");
+    }
     RunInfo {
         num_classes: 3,
         n_train: 8,
@@ -166,6 +175,11 @@ fn run_info() -> RunInfo {
         epochs: 2,
         steps_per_epoch: 2,
         seed: 0,
+        parents: vec![crate::ParentRef {
+            job_id: "0123456789abcdef".into(),
+            run_dir,
+            config: serde_json::json!({"task": "train", "epochs": 2}),
+        }],
     }
 }
 
@@ -217,7 +231,12 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             assert_eq!(loss.dim(), 0, "{}: the training loss must be a scalar", inst.id);
             loss.backward();
             assert!(losses.grad().defined(), "{}: the loss must depend on the per-example losses", inst.id);
-            vec![to_vec(&loss), to_vec(&losses.grad())]
+            let sampling = match inst.sampling(0, 8).unwrap_or_else(|e| panic!("sampling: {e}")) {
+                Sampling::Uniform => vec![],
+                Sampling::Weighted(w) => w,
+                Sampling::Repeat(c) => c.into_iter().map(f64::from).collect(),
+            };
+            vec![to_vec(&loss), to_vec(&losses.grad()), sampling]
         }
         ComponentKind::Sampler => {
             let t = 1000;

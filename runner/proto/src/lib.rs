@@ -161,3 +161,38 @@ mod tests {
 }
 
 pub mod plugins;
+
+/// Files a training job leaves in its run folder for the jobs that depend on it.
+pub mod artifacts {
+    use serde::{Deserialize, Serialize};
+    use std::path::{Path, PathBuf};
+
+    /// The training examples a job misclassified during one epoch's training pass: each
+    /// minibatch predicted in train mode, before its own update (what JTT's error set is
+    /// built from).
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    pub struct TrainErrors {
+        /// 1-based: the epoch whose training pass made these predictions.
+        pub epoch: u64,
+        pub n_train: u64,
+        /// Indices of the misclassified examples, ascending.
+        pub errors: Vec<u64>,
+    }
+
+    /// Where a job's run folder keeps the training-pass errors of `epoch` (1-based).
+    pub fn train_errors_path(run_dir: &Path, epoch: u64) -> PathBuf {
+        run_dir.join("train-errors").join(format!("epoch-{epoch:05}.json"))
+    }
+
+    /// Reads the training-pass errors of `epoch` (1-based) from a job's run folder.
+    pub fn read_train_errors(run_dir: &Path, epoch: u64) -> Result<TrainErrors, String> {
+        let path = train_errors_path(run_dir, epoch);
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let t: TrainErrors = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if t.epoch != epoch || t.errors.iter().any(|&i| i >= t.n_train) {
+            return Err(format!("{} is inconsistent (epoch {}, n_train {})", path.display(), t.epoch, t.n_train));
+        }
+        Ok(t)
+    }
+}

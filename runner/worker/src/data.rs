@@ -175,6 +175,20 @@ pub fn weighted_epoch_order(weights: &[f64], seed: u64, epoch: u64) -> Vec<i64> 
         .collect()
 }
 
+/// An epoch in which example i appears `counts[i]` times, the multiset shuffled: a function of
+/// (counts, seed, epoch) only.
+pub fn repeat_epoch_order(counts: &[u32], seed: u64, epoch: u64) -> Vec<i64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch.wrapping_add(1) | (1 << 61));
+    let mut order: Vec<i64> =
+        counts.iter().enumerate().flat_map(|(i, &k)| std::iter::repeat_n(i as i64, k as usize)).collect();
+    for i in (1..order.len()).rev() {
+        let j = rng.gen_range(0..=i);
+        order.swap(i, j);
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +213,19 @@ mod tests {
         assert_eq!(o, epoch_order(100, 1, 0));
         assert_ne!(o, epoch_order(100, 1, 1));
         assert_ne!(o, epoch_order(100, 2, 0));
+    }
+
+    #[test]
+    fn repeat_epoch_order_holds_each_example_its_count_of_times() {
+        // The JTT vector of METHODS.md 4.3: N=10, E={2,7}, λ_up=3 gives 16 items, 2 and 7 four times.
+        let counts: Vec<u32> = (0..10).map(|i| if i == 2 || i == 7 { 4 } else { 1 }).collect();
+        let o = repeat_epoch_order(&counts, 5, 0);
+        assert_eq!(o.len(), 16);
+        for i in 0..10 {
+            assert_eq!(o.iter().filter(|&&k| k == i).count(), counts[i as usize] as usize);
+        }
+        assert_eq!(o, repeat_epoch_order(&counts, 5, 0));
+        assert_ne!(o, repeat_epoch_order(&counts, 5, 1));
     }
 
     #[test]

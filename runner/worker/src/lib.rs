@@ -155,7 +155,7 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         match cfg.task {
             Task::Train => {
                 let plan = train::CheckpointPlan { job_id: &req.job_id, every: req.checkpoint_every };
-                train::run(&cfg, req.seed, device, &req.run_dir, &plan, &mut comps, out)
+                train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out)
             }
             Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
             Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),

@@ -13,7 +13,7 @@ use std::path::Path;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::host::{Instance, StepDriver};
-use xlab_plugin_api::RunInfo;
+use xlab_plugin_api::{RunInfo, Sampling};
 use xlab_proto::FailureCause;
 use xlab_spec::config::JobConfig;
 
@@ -38,8 +38,9 @@ impl From<tch::TchError> for Failure {
     }
 }
 
-/// Loss, accuracy and (with groups) per-group and worst-group accuracy on one split, without
-/// gradients, as `name.loss`, `name.acc`, `name.group_acc.G`, `name.worst_group_acc`.
+/// Loss, accuracy and (with groups) per-group loss and accuracy and worst-group accuracy on one
+/// split, without gradients, as `name.loss`, `name.acc`, `name.group_loss.G`,
+/// `name.group_acc.G`, `name.worst_group_acc`.
 fn evaluate(
     net: &impl Module,
     name: &str,
@@ -62,7 +63,8 @@ fn score(
     let y = split.y.to_device(device);
     let mut out = BTreeMap::new();
     let picked = probs.gather(1, &y.unsqueeze(1), false).squeeze_dim(1).clamp_min(1e-12);
-    out.insert(format!("{name}.loss"), f64::try_from(-picked.log().mean(Kind::Double))?);
+    let nll = -picked.log();
+    out.insert(format!("{name}.loss"), f64::try_from(nll.mean(Kind::Double))?);
     let correct = probs.argmax(-1, false).eq_tensor(&y).to_kind(Kind::Double);
     out.insert(format!("{name}.acc"), f64::try_from(correct.mean(Kind::Double))?);
     if let Some(g) = &split.group {
@@ -74,6 +76,7 @@ fn score(
             if n > 0.0 {
                 let acc = f64::try_from((&correct * &mask).sum(Kind::Double))? / n;
                 out.insert(format!("{name}.group_acc.{k}"), acc);
+                out.insert(format!("{name}.group_loss.{k}"), f64::try_from((&nll * &mask).sum(Kind::Double))? / n);
                 worst = worst.min(acc);
             }
         }
@@ -182,6 +185,48 @@ struct EpochStats {
     steps: u64,
     passes: u64,
     plugin: BTreeMap<String, (f64, u32)>,
+    /// Per group: summed per-example loss, correct predictions, examples.
+    groups: Vec<(f64, f64, f64)>,
+    /// Per training example: 0 not visited, 1 right, 2 wrong at its latest visit this epoch.
+    verdict: Vec<u8>,
+}
+
+impl EpochStats {
+    fn new(n_train: usize, groups: usize) -> Self {
+        EpochStats { groups: vec![(0.0, 0.0, 0.0); groups], verdict: vec![0; n_train], ..Default::default() }
+    }
+
+    /// Records the training-pass predictions of one batch (before its update).
+    fn record(
+        &mut self,
+        per_example: &Tensor,
+        pred: &Tensor,
+        labels: &Tensor,
+        index: &Tensor,
+        group: Option<&Tensor>,
+    ) -> Result<(), tch::TchError> {
+        let right = Vec::<bool>::try_from(pred.eq_tensor(labels))?;
+        let idx = Vec::<i64>::try_from(index)?;
+        for (i, ok) in idx.iter().zip(&right) {
+            self.verdict[*i as usize] = if *ok { 1 } else { 2 };
+        }
+        if let Some(g) = group {
+            let losses = Vec::<f64>::try_from(per_example.detach().to_kind(Kind::Double))?;
+            for ((g, l), ok) in Vec::<i64>::try_from(g)?.into_iter().zip(losses).zip(right) {
+                if let Some(e) = self.groups.get_mut(g as usize) {
+                    e.0 += l;
+                    e.1 += f64::from(u8::from(ok));
+                    e.2 += 1.0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The examples misclassified at their latest visit.
+    fn errors(&self) -> Vec<u64> {
+        self.verdict.iter().enumerate().filter(|(_, v)| **v == 2).map(|(i, _)| i as u64).collect()
+    }
 }
 
 /// The host side of one optimizer step: the callbacks a step rule drives.
@@ -191,6 +236,8 @@ struct Driver<'a> {
     params: &'a mut [(Tensor, String, u32)],
     x: Tensor,
     target: Target,
+    /// The batch's class labels (before any batch transform).
+    labels: Tensor,
     group: Option<Tensor>,
     index: Tensor,
     objective: Option<&'a mut Instance>,
@@ -241,6 +288,7 @@ impl StepDriver for Driver<'_> {
             return Err(format!("{DIVERGED}training loss is {value}"));
         }
         if first {
+            stats.record(&per_example, &pred, &self.labels, &self.index, self.group.as_ref()).map_err(tch_err)?;
             let b = per_example.size()[0] as usize;
             stats.loss_sum += value * b as f64;
             stats.correct += f64::try_from(correct.sum(Kind::Double)).map_err(tch_err)?;
@@ -306,6 +354,7 @@ pub fn run(
     device: Device,
     run_dir: &Path,
     ckpt: &CheckpointPlan<'_>,
+    parents: &[xlab_proto::ParentRef],
     comps: &mut Components,
     out: &mut Emitter,
 ) -> Result<BTreeMap<String, f64>, Failure> {
@@ -340,6 +389,7 @@ pub fn run(
         epochs: u64::from(cfg.epochs),
         steps_per_epoch: n.div_ceil(bs) as u64,
         seed,
+        parents: parents.to_vec(),
     };
     for c in comps.all() {
         c.setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
@@ -379,20 +429,22 @@ pub fn run(
         for c in comps.all() {
             c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
         }
-        let weights = match comps.objective.as_mut() {
-            Some(o) => o.sampling_weights(epoch, n).map_err(|m| Failure::new(FailureCause::Error, m))?,
-            None => None,
+        let sampling = match comps.objective.as_mut() {
+            Some(o) => o.sampling(epoch, n).map_err(|m| Failure::new(FailureCause::Error, m))?,
+            None => Sampling::Uniform,
         };
-        let order = match &weights {
-            Some(w) => data::weighted_epoch_order(w, seed, epoch),
-            None => data::epoch_order(n, seed, epoch),
+        let order = match &sampling {
+            Sampling::Uniform => data::epoch_order(n, seed, epoch),
+            Sampling::Weighted(w) => data::weighted_epoch_order(w, seed, epoch),
+            Sampling::Repeat(c) => data::repeat_epoch_order(c, seed, epoch),
         };
-        let mut stats = EpochStats::default();
+        let mut stats = EpochStats::new(n, data.groups);
         for chunk in order.chunks(bs) {
             let idx = Tensor::from_slice(chunk).to_device(device);
             let xb = x_train.index_select(0, &idx);
             let yb = y_train.index_select(0, &idx);
             let gb = g_train.as_ref().map(|g| g.index_select(0, &idx));
+            let yb_labels = yb.shallow_clone();
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
                     let (x, soft) = t
@@ -408,6 +460,7 @@ pub fn run(
                 params: &mut params,
                 x,
                 target,
+                labels: yb_labels,
                 group: gb,
                 index: idx,
                 objective: comps.objective.as_mut(),
@@ -441,6 +494,14 @@ pub fn run(
         for (k, (sum, count)) in &stats.plugin {
             values.insert(k.clone(), sum / f64::from(*count));
         }
+        for (k, (loss, right, seen)) in stats.groups.iter().enumerate() {
+            if *seen > 0.0 {
+                values.insert(format!("train.group_loss.{k}"), loss / seen);
+                values.insert(format!("train.group_acc.{k}"), right / seen);
+            }
+        }
+        values.insert("train.examples".to_string(), stats.seen as f64);
+        write_train_errors(run_dir, epoch + 1, n, stats.errors())?;
         for (name, split) in [("val", &data.val), ("test", &data.test)] {
             if split.is_empty() {
                 continue;
@@ -480,6 +541,19 @@ pub fn run(
     save_atomically(&vs, &weights)?;
     out.artifact("weights", "weights.safetensors", "weights");
     Ok(summary)
+}
+
+/// Writes the epoch's training-pass errors into the run folder, for dependent jobs (JTT).
+fn write_train_errors(run_dir: &Path, epoch: u64, n: usize, errors: Vec<u64>) -> Result<(), Failure> {
+    let path = xlab_proto::artifacts::train_errors_path(run_dir, epoch);
+    let io = |e: std::io::Error| Failure::new(FailureCause::Error, format!("cannot write {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let record = xlab_proto::artifacts::TrainErrors { epoch, n_train: n as u64, errors };
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&record).expect("json")).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
 }
 
 /// Gathers model, optimizer and plugin state into a checkpoint and writes it.
