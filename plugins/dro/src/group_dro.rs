@@ -10,7 +10,8 @@
 //!    carries the adjustment too (the reference's aliasing, kept); if `normalize_loss`,
 //!    L̂ ← L̂/ΣL̂ (a new tensor). q ← q ⊙ exp(η·L̂), q ← q/Σq (q₀ = 1/G). Loss = Σ_g L_g q_g
 //!    with the updated q.
-//! 4. `btl`: groups sorted by ema_g + C_g/√N_g, descending; mask = cumsum(frac) ≤ α;
+//! 4. `btl`: groups sorted by ema_g + C_g/√N_g, descending (the adjustment only ranks; L stays
+//!    unadjusted); mask = cumsum(frac) ≤ α;
 //!    w = mask·frac/α, the next group gets 1 − Σw; w ← frac·mvw + w(1 − mvw); loss = Σ w·L_sorted.
 //!
 //! xlab convention for multi-pass step rules (SAM): the state (q, EMA) updates on the first
@@ -87,12 +88,13 @@ impl GroupDro {
                 s.init[k] |= present[k];
             }
         }
+        if self.p.btl {
+            // btl uses the adjustment only to rank the groups; the loss is unadjusted.
+            return self.btl_loss(&group_loss, &adj);
+        }
         // The reference's in-place add: L itself carries the adjustment when it is active.
         let adj_t = Tensor::from_slice(&adj).to_kind(kind).to_device(losses.device());
         let group_loss = if adj_active { group_loss + adj_t } else { group_loss };
-        if self.p.btl {
-            return self.btl_loss(&group_loss, &adj);
-        }
         if update {
             let mut adjusted: Vec<f64> = Vec::<f64>::try_from(group_loss.detach().to_kind(Kind::Double))?;
             if self.p.normalize_loss {
