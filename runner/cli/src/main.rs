@@ -376,9 +376,13 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
         let mut sweep =
             if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
         if let Some((parent, select)) = &stage.needs {
-            let how = match select {
-                xlab_spec::file::Select::Each => "one per job",
-                xlab_spec::file::Select::All => "all jobs",
+            let how = match (select, stage.jobs.first().and_then(|j| j.pick.as_ref())) {
+                (xlab_spec::file::Select::Each, _) => "one per job".to_string(),
+                (xlab_spec::file::Select::All, _) => "all jobs".to_string(),
+                (xlab_spec::file::Select::Best, Some(p)) => {
+                    format!("best by {} {}", p.metric, if p.mode == xlab_spec::file::Mode::Max { "max" } else { "min" })
+                }
+                (xlab_spec::file::Select::Best, None) => "best".to_string(),
             };
             sweep = format!(" needing `{parent}` ({how}){sweep}");
         }

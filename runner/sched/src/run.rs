@@ -134,24 +134,47 @@ pub fn run(
     }
     store.flush()?;
     let index: HashMap<&str, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id.as_str(), i)).collect();
-    // Jobs run in DAG order: a job is ready once all its parents are done.
-    let release =
-        |waiting: &mut Vec<usize>, queue: &mut VecDeque<usize>, records: &mut [JobRecord]| -> Vec<(usize, String)> {
-            let mut blocked = Vec::new();
-            waiting.retain(|&i| {
-                let parents: Vec<&JobRecord> = jobs[i].parents.iter().map(|p| &records[index[p.as_str()]]).collect();
-                if let Some(p) = parents.iter().find(|p| p.status == JobStatus::Failed) {
-                    blocked.push((i, format!("parent job {} ({}) failed", p.id, p.stage)));
-                    false
-                } else if parents.iter().all(|p| p.status == JobStatus::Done) {
-                    queue.push_back(i);
-                    false
-                } else {
-                    true
+    let chosen: std::cell::RefCell<HashMap<usize, String>> = Default::default();
+    // Jobs run in DAG order: a job is ready once all its parents are done. A `select: best`
+    // job waits for all its candidates to finish (done or failed), then picks among the done.
+    let release = |waiting: &mut Vec<usize>,
+                   queue: &mut VecDeque<usize>,
+                   records: &mut [JobRecord]|
+     -> Vec<(usize, FailureCause, String)> {
+        let mut blocked = Vec::new();
+        waiting.retain(|&i| {
+            let parents: Vec<&JobRecord> = jobs[i].parents.iter().map(|p| &records[index[p.as_str()]]).collect();
+            if let Some(pick) = &jobs[i].pick {
+                if !parents.iter().all(|p| matches!(p.status, JobStatus::Done | JobStatus::Failed)) {
+                    return true;
                 }
-            });
-            blocked
-        };
+                let done: Vec<(&str, &BTreeMap<String, f64>)> = parents
+                    .iter()
+                    .filter(|p| p.status == JobStatus::Done)
+                    .map(|p| (p.id.as_str(), &p.summary))
+                    .collect();
+                match pick.choose(&done) {
+                    Ok(id) => {
+                        chosen.borrow_mut().insert(i, id.to_string());
+                        queue.push_back(i);
+                    }
+                    Err(m) if done.len() < pick.rank as usize => blocked.push((i, FailureCause::ParentFailed, m)),
+                    Err(m) => blocked.push((i, FailureCause::Config, m)),
+                }
+                return false;
+            }
+            if let Some(p) = parents.iter().find(|p| p.status == JobStatus::Failed) {
+                blocked.push((i, FailureCause::ParentFailed, format!("parent job {} ({}) failed", p.id, p.stage)));
+                false
+            } else if parents.iter().all(|p| p.status == JobStatus::Done) {
+                queue.push_back(i);
+                false
+            } else {
+                true
+            }
+        });
+        blocked
+    };
 
     let (ops_tx, ops_rx) = unbounded::<StoreOp>();
     let (tx, rx) = unbounded::<Msg>();
@@ -166,7 +189,7 @@ pub fn run(
                 if blocked.is_empty() {
                     break;
                 }
-                for (i, message) in blocked {
+                for (i, cause, message) in blocked {
                     let rec = &mut records[i];
                     rec.status = JobStatus::Failed;
                     rec.attempts.push(Attempt {
@@ -175,20 +198,23 @@ pub fn run(
                         ended_unix: Some(now_unix()),
                         device: String::new(),
                         pid: None,
-                        outcome: Some(FailureCause::ParentFailed.as_str().into()),
+                        outcome: Some(cause.as_str().into()),
                         error: Some(message.clone()),
                     });
                     let _ = ops_tx.send(StoreOp::Job(Box::new(rec.clone())));
-                    report.failed.push((jobs[i].id.to_string(), FailureCause::ParentFailed, message.clone()));
-                    observe(Progress::Failed { job: jobs[i], cause: FailureCause::ParentFailed, message: &message });
+                    report.failed.push((jobs[i].id.to_string(), cause, message.clone()));
+                    observe(Progress::Failed { job: jobs[i], cause, message: &message });
                 }
             }
             while !queue.is_empty() && opts.pool.free() > 0 {
                 let i = queue.pop_front().expect("not empty");
                 let slot = opts.pool.take().expect("a slot is free");
+                let picked = chosen.borrow().get(&i).cloned();
+                records[i].selected = picked.clone();
                 let parents: Vec<ParentRef> = jobs[i]
                     .parents
                     .iter()
+                    .filter(|p| picked.as_ref().is_none_or(|c| c == p.as_str()))
                     .map(|p| ParentRef {
                         job_id: p.to_string(),
                         run_dir: store.run_dir(p.as_str()),
@@ -259,6 +285,7 @@ fn new_record(plan: &Plan, job: &Job) -> JobRecord {
         seed: job.seed,
         config: job.config_json.clone(),
         point: job.point.clone(),
+        selected: None,
         parents: job.parents.iter().map(|p| p.to_string()).collect(),
         status: JobStatus::Pending,
         attempts: Vec::new(),

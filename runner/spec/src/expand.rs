@@ -3,7 +3,7 @@
 use crate::config::Task;
 use crate::config::{JobConfig, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
-use crate::file::{ConfigPart, ExperimentFile, Select, CONFIG_KEYS};
+use crate::file::{BestSpec, ConfigPart, ExperimentFile, Mode, Select, CONFIG_KEYS};
 use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
 use crate::sweep::{check_key, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point};
 use crate::SpecError;
@@ -68,10 +68,57 @@ pub struct Job {
     /// The swept values of this job, e.g. `[("optimizer.lr", 0.1)]`.
     pub point: Vec<(String, Value)>,
     pub parents: Vec<JobId>,
+    /// With `select: best`: which of `parents` this job consumes, chosen when they have all
+    /// finished. `parents` are then the candidates.
+    pub pick: Option<Pick>,
     /// The plugin libraries its components come from.
     pub plugins: Vec<PluginUse>,
     /// How the job runs (not part of its identity).
     pub exec: Exec,
+}
+
+/// The parent a `select: best` job consumes: the one ranked `rank` (1 = best) by the final
+/// value of `metric` among its finished candidates (ties broken by job id).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Pick {
+    pub metric: String,
+    pub mode: Mode,
+    pub rank: u32,
+}
+
+impl Pick {
+    /// Ranks finished candidates `(job id, final metrics)`; returns the chosen id, or why none.
+    pub fn choose<'a>(
+        &self,
+        candidates: &[(&'a str, &std::collections::BTreeMap<String, f64>)],
+    ) -> Result<&'a str, String> {
+        let mut scored = Vec::new();
+        for (id, summary) in candidates {
+            match summary.get(&self.metric) {
+                Some(v) if v.is_finite() => scored.push((*v, *id)),
+                Some(v) => return Err(format!("parent job {id} has `{}` = {v}", self.metric)),
+                None => {
+                    let mut have: Vec<&str> = summary.keys().map(String::as_str).collect();
+                    have.truncate(12);
+                    return Err(format!(
+                        "parent job {id} has no metric `{}` to rank by (it has: {})",
+                        self.metric,
+                        have.join(", ")
+                    ));
+                }
+            }
+        }
+        scored.sort_by(|a, b| {
+            let by = match self.mode {
+                Mode::Max => b.0.total_cmp(&a.0),
+                Mode::Min => a.0.total_cmp(&b.0),
+            };
+            by.then(a.1.cmp(b.1))
+        });
+        scored.get(self.rank as usize - 1).map(|(_, id)| *id).ok_or_else(|| {
+            format!("rank {} of `{}` needs {} finished parent jobs, {} finished", self.rank, self.metric, self.rank, scored.len())
+        })
+    }
 }
 
 /// Execution settings of a job: they change how it runs, never what it computes.
@@ -212,6 +259,10 @@ pub fn expand(
         let stage_name = &stage_name;
         let ctx = format!("stages.{stage_name}");
         let needs = stage.needs.as_ref().map(|n| (n.stage().to_string(), n.select()));
+        let best = match &stage.needs {
+            Some(n) => n.best().map_err(|m| SpecError::new(file, m).context(format!("{ctx}.needs")))?,
+            None => None,
+        };
         if needs.as_ref().is_some_and(|(_, sel)| *sel == Select::Each) && stage.seeds.is_some() {
             return Err(SpecError::new(
                 file,
@@ -219,6 +270,11 @@ pub fn expand(
             )
             .context(format!("{ctx}.seeds"))
             .hint("remove `seeds:` here, or use `select: all`"));
+        }
+        if best.as_ref().is_some_and(|b| b.per.iter().any(|k| k == "seed")) && stage.seeds.is_some() {
+            return Err(SpecError::new(file, "a stage that picks the best job `per: [seed]` takes its parents' seeds")
+                .context(format!("{ctx}.seeds"))
+                .hint("remove `seeds:` here, or `seed` from `per`"));
         }
         let mut base = defaults.clone();
         merge_part(file, &ctx, &mut base, &stage.config_part())?;
@@ -330,9 +386,9 @@ pub fn expand(
                 .hint("add e.g. `needs: train`"));
             }
             let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
-            // (seed, parents, extra label) of each job at this point.
+            // (seed, parents, extra label, pick) of each job at this point.
             let instances: Vec<Instance> = match &needs {
-                None => seeds.iter().map(|s| (*s, Vec::new(), Vec::new())).collect(),
+                None => seeds.iter().map(|s| (*s, Vec::new(), Vec::new(), None)).collect(),
                 Some((parent, Select::Each)) => expanded[parent.as_str()]
                     .iter()
                     .map(|p| {
@@ -340,16 +396,28 @@ pub fn expand(
                             p.seed,
                             vec![p.id.clone()],
                             p.point.iter().map(|(k, v)| (format!("{parent}.{k}"), v.clone())).collect(),
+                            None,
                         )
                     })
                     .collect(),
                 Some((parent, Select::All)) => {
                     let ids: Vec<JobId> = expanded[parent.as_str()].iter().map(|p| p.id.clone()).collect();
-                    seeds.iter().map(|s| (*s, ids.clone(), Vec::new())).collect()
+                    seeds.iter().map(|s| (*s, ids.clone(), Vec::new(), None)).collect()
+                }
+                Some((parent, Select::Best)) => {
+                    let spec = best.as_ref().expect("select: best has its spec");
+                    best_instances(file, &ctx, parent, &expanded[parent.as_str()], spec, &seeds)?
                 }
             };
-            for (seed, parents, parent_label) in instances {
-                let id = job_id(&IdentityInput { config: &config_json, seed, plugins: &refs, parents: &parents });
+            for (seed, parents, parent_label, pick) in instances {
+                let pick_json = pick.as_ref().map(|p| serde_json::to_value(p).expect("picks serialize"));
+                let id = job_id(&IdentityInput {
+                    config: &config_json,
+                    seed,
+                    plugins: &refs,
+                    parents: &parents,
+                    pick: pick_json.as_ref(),
+                });
                 if !seen.insert(id.clone()) {
                     return Err(SpecError::new(
                         file,
@@ -366,6 +434,7 @@ pub fn expand(
                     config_json: config_json.clone(),
                     point: parent_label.into_iter().chain(point.iter().cloned()).collect(),
                     parents,
+                    pick,
                     plugins: used.clone(),
                     exec: exec.clone(),
                 });
@@ -377,8 +446,78 @@ pub fn expand(
     Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages })
 }
 
-/// One job of a sweep point: its seed, its parents and the parents' sweep values (as labels).
-type Instance = (u64, Vec<JobId>, Vec<(String, Value)>);
+/// One job of a sweep point: its seed, its parents, the parents' sweep values (as labels) and,
+/// with `select: best`, which parent it picks.
+type Instance = (u64, Vec<JobId>, Vec<(String, Value)>, Option<Pick>);
+
+/// The value at a dotted key of a resolved config, e.g. `objective.use`.
+fn get_dotted<'a>(root: &'a Value, key: &str) -> Option<&'a Value> {
+    key.split('.').try_fold(root, |cur, part| cur.get(part))
+}
+
+/// `select: best`: the parent jobs split into groups by their `per` values; each group gets
+/// one child per rank 1..=k and own seed, whose candidates are the group's jobs. `seed` in
+/// `per` groups by the parents' seed, and each child takes its group's seed.
+fn best_instances(
+    file: &Path,
+    ctx: &str,
+    parent: &str,
+    parent_jobs: &[Job],
+    spec: &BestSpec,
+    seeds: &[u64],
+) -> Result<Vec<Instance>, SpecError> {
+    // (per values, parent seed with `per: [seed]`, candidates)
+    let mut groups: Vec<(Vec<(String, Value)>, Option<u64>, Vec<JobId>)> = Vec::new();
+    let by_seed = spec.per.iter().any(|k| k == "seed");
+    for p in parent_jobs {
+        let mut key = Vec::new();
+        for k in spec.per.iter().filter(|k| *k != "seed") {
+            let v = get_dotted(&p.config_json, k).ok_or_else(|| {
+                SpecError::new(file, format!("`per: {k}`: the jobs of stage `{parent}` have no config key `{k}`"))
+                    .context(format!("{ctx}.needs.per"))
+                    .hint("`per` lists config keys of the parent stage, e.g. `objective.use` or `optimizer.lr`")
+            })?;
+            key.push((format!("{parent}.{k}"), v.clone()));
+        }
+        let seed = by_seed.then_some(p.seed);
+        match groups.iter_mut().find(|(g, s, _)| *g == key && *s == seed) {
+            Some((_, _, ids)) => ids.push(p.id.clone()),
+            None => groups.push((key, seed, vec![p.id.clone()])),
+        }
+    }
+    let mut out = Vec::new();
+    for (label, seed, ids) in groups {
+        if ids.len() < spec.k as usize {
+            let which: Vec<String> = label.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            return Err(SpecError::new(
+                file,
+                format!(
+                    "`k: {}` but {} has only {} job(s) to rank",
+                    spec.k,
+                    if which.is_empty() { format!("stage `{parent}`") } else { which.join(", ") },
+                    ids.len()
+                ),
+            )
+            .context(format!("{ctx}.needs.k")));
+        }
+        for rank in 1..=spec.k {
+            let mut l = label.clone();
+            if spec.k > 1 {
+                l.push(("rank".to_string(), Value::from(rank)));
+            }
+            let pick = Pick { metric: spec.metric.clone(), mode: spec.mode, rank };
+            // `per: [seed]` ranks each seed's jobs apart, and the child takes that seed.
+            let own: Vec<u64> = match seed {
+                Some(s) => vec![s],
+                None => seeds.to_vec(),
+            };
+            for s in own {
+                out.push((s, ids.clone(), l.clone(), Some(pick.clone())));
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// The stages in an order where every stage comes after the one it needs (file order
 /// otherwise). Unknown parents, self-dependence and cycles are errors.

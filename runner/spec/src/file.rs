@@ -2,7 +2,7 @@
 
 use crate::SpecError;
 use indexmap::IndexMap;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 use std::path::Path;
 
@@ -117,14 +117,16 @@ pub struct StageFile {
     /// not what it computes.
     #[serde(default)]
     pub checkpoint: Option<CheckpointPolicy>,
-    /// The stage this one consumes: `needs: train` (one child per parent job) or
-    /// `needs: {stage: train, select: all}` (one child that sees every parent job).
+    /// The stage this one consumes: `needs: train` (one child per parent job),
+    /// `needs: {stage: train, select: all}` (one child that sees every parent job) or
+    /// `needs: {stage: train, select: best, metric: val.acc, mode: max, k: 1, per: [...]}`
+    /// (a child for each of the k best parent jobs, per group of `per` values).
     #[serde(default)]
     pub needs: Option<NeedsFile>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged, expecting = "a stage name, or `{stage: NAME, select: each|all}`")]
+#[serde(untagged, expecting = "a stage name, or `{stage: NAME, select: each|all|best, ...}`")]
 pub enum NeedsFile {
     Stage(String),
     Full(NeedsFull),
@@ -136,6 +138,38 @@ pub struct NeedsFull {
     pub stage: String,
     #[serde(default)]
     pub select: Select,
+    /// `select: best`: the parent metric (its final value) that ranks the parents.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// `select: best`: whether larger (`max`, the default) or smaller (`min`) is better.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// `select: best`: how many of the best parents get a child (default 1).
+    #[serde(default)]
+    pub k: Option<u32>,
+    /// `select: best`: parent config keys (dotted) whose values split the parents into groups
+    /// ranked separately, e.g. `[objective.use]` for the best run of each method; `seed` ranks
+    /// each seed's jobs apart (the child then takes that seed).
+    #[serde(default)]
+    pub per: Vec<String>,
+}
+
+/// Which way a metric improves.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Max,
+    Min,
+}
+
+/// How a `select: best` stage ranks its parent stage's jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BestSpec {
+    pub metric: String,
+    pub mode: Mode,
+    pub k: u32,
+    pub per: Vec<String>,
 }
 
 /// How a dependent stage fans out over its parent stage's jobs.
@@ -147,6 +181,9 @@ pub enum Select {
     Each,
     /// One child (per own sweep point and seed) that sees every parent job.
     All,
+    /// One child per rank 1..=k (per group of `per` values, own sweep point and seed), that sees
+    /// the parent job ranked there by `metric` once every candidate has finished.
+    Best,
 }
 
 impl NeedsFile {
@@ -162,6 +199,29 @@ impl NeedsFile {
             NeedsFile::Stage(_) => Select::Each,
             NeedsFile::Full(f) => f.select,
         }
+    }
+
+    /// The ranking of `select: best`; an error names a setting that is missing or misplaced.
+    pub fn best(&self) -> Result<Option<BestSpec>, String> {
+        let NeedsFile::Full(f) = self else { return Ok(None) };
+        if f.select != Select::Best {
+            let stray = [
+                ("metric", f.metric.is_some()),
+                ("mode", f.mode.is_some()),
+                ("k", f.k.is_some()),
+                ("per", !f.per.is_empty()),
+            ];
+            if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(format!("`{key}` only applies to `select: best`"));
+            }
+            return Ok(None);
+        }
+        let metric = f.metric.clone().ok_or("`select: best` needs `metric:`, the parent metric that ranks the jobs")?;
+        let k = f.k.unwrap_or(1);
+        if k == 0 {
+            return Err("`k` must be at least 1".into());
+        }
+        Ok(Some(BestSpec { metric, mode: f.mode.unwrap_or_default(), k, per: f.per.clone() }))
     }
 }
 

@@ -39,6 +39,8 @@ pub struct IdentityInput<'a> {
     pub seed: u64,
     pub plugins: &'a [PluginRef],
     pub parents: &'a [JobId],
+    /// With `select: best`: which candidate the job consumes.
+    pub pick: Option<&'a Value>,
 }
 
 /// Computes a job's identity.
@@ -47,12 +49,15 @@ pub fn job_id(input: &IdentityInput<'_>) -> JobId {
     parents.sort_unstable();
     let mut plugins: Vec<(&str, &str)> = input.plugins.iter().map(|p| (p.id.as_str(), p.version.as_str())).collect();
     plugins.sort_unstable();
-    let doc = serde_json::json!({
+    let mut doc = serde_json::json!({
         "config": input.config,
         "seed": input.seed,
         "plugins": plugins,
         "parents": parents,
     });
+    if let Some(pick) = input.pick {
+        doc["pick"] = pick.clone();
+    }
     let digest = Sha256::digest(canonical_json(&doc).as_bytes());
     JobId(hex::encode(&digest[..8]))
 }
@@ -123,7 +128,7 @@ mod tests {
     use serde_json::json;
 
     fn id(config: &Value, seed: u64) -> JobId {
-        job_id(&IdentityInput { config, seed, plugins: &[], parents: &[] })
+        job_id(&IdentityInput { config, seed, plugins: &[], parents: &[], pick: None })
     }
 
     #[test]
@@ -152,10 +157,10 @@ mod tests {
             assert_ne!(base_id, id(&v, 0), "{v}");
         }
         let parent = JobId("0123456789abcdef".into());
-        let with_parent = job_id(&IdentityInput { config: &base, seed: 0, plugins: &[], parents: &[parent] });
+        let with_parent = job_id(&IdentityInput { config: &base, seed: 0, plugins: &[], parents: &[parent], pick: None });
         assert_ne!(base_id, with_parent);
         let plugin = [PluginRef { id: "sam.sam".into(), version: "0.1.0".into() }];
-        let with_plugin = job_id(&IdentityInput { config: &base, seed: 0, plugins: &plugin, parents: &[] });
+        let with_plugin = job_id(&IdentityInput { config: &base, seed: 0, plugins: &plugin, parents: &[], pick: None });
         assert_ne!(base_id, with_plugin);
     }
 

@@ -374,6 +374,7 @@ mod tests {
             config: serde_json::json!({"lr": 0.1}),
             point: vec![],
             parents: vec![],
+            selected: None,
             status,
             attempts: vec![],
             summary,

@@ -92,6 +92,9 @@ pub struct JobRecord {
     /// The swept values that distinguish this job within its stage.
     pub point: Vec<(String, serde_json::Value)>,
     pub parents: Vec<String>,
+    /// With `select: best`: the parent (one of `parents`) the job was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected: Option<String>,
     pub status: JobStatus,
     pub attempts: Vec<Attempt>,
     /// Final value of each metric.
