@@ -9,7 +9,8 @@
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
 use xlab_plugin_api::{
-    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, PluginError, Result, RunInfo, Sampling,
+    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, PluginError, Result, RunInfo,
+    Sampling,
 };
 
 #[derive(Debug, Deserialize)]

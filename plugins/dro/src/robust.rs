@@ -227,7 +227,9 @@ pub struct Core {
 impl Core {
     pub fn new(id: &str, reg: f64, dual: bool, eta_init: f64, eta_lr: f64, tol: f64, max_iter: u32) -> Result<Self> {
         if dual && reg > 0.0 {
-            return Err(PluginError(format!("{id}: the dual form has no regularised variant; set reg: 0 or dual: false")));
+            return Err(PluginError(format!(
+                "{id}: the dual form has no regularised variant; set reg: 0 or dual: false"
+            )));
         }
         Ok(Core { reg, tol, max_iter, eta: dual.then(|| Eta::new(eta_init, eta_lr)) })
     }

@@ -132,7 +132,9 @@ fn cvar_and_chi2_best_responses_match_fast_dro_in_pytorch() {
         for &size in &sizes {
             for &reg in &regs {
                 let v: Vec<f64> = (0..32).map(|_| rng.next() * 2.5).collect();
-                cases.push(json!({"v": v, "geometry": geometry, "size": size, "reg": reg, "tol": 1e-4, "max_iter": 1000}));
+                cases.push(
+                    json!({"v": v, "geometry": geometry, "size": size, "reg": reg, "tol": 1e-4, "max_iter": 1000}),
+                );
                 ours.push((id, json!({size_key: size, "reg": reg}), v));
             }
         }

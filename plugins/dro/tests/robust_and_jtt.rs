@@ -101,7 +101,8 @@ fn dual_eta_descends_and_survives_save_and_load() {
 #[test]
 fn dual_and_reg_together_are_refused() {
     let p = plugin();
-    let params = json!({"rho": 0.5, "reg": 0.1, "dual": true, "eta_init": 0.0, "eta_lr": 0.01, "tol": 1e-4, "max_iter": 1000});
+    let params =
+        json!({"rho": 0.5, "reg": 0.1, "dual": true, "eta_init": 0.0, "eta_lr": 0.01, "tol": 1e-4, "max_iter": 1000});
     let Err(err) = p.instantiate("dro.chi2", &params) else { panic!("dual with reg was accepted") };
     assert!(err.contains("dual form has no regularised variant"), "{err}");
 }
@@ -153,7 +154,17 @@ fn jtt_upsamples_the_parents_error_set() {
 #[test]
 fn subsample_keeps_a_group_balanced_subset() {
     let p = plugin();
-    let groups: Vec<i64> = (0..100).map(|i| if i < 70 { 0 } else if i < 90 { 1 } else { 2 }).collect();
+    let groups: Vec<i64> = (0..100)
+        .map(|i| {
+            if i < 70 {
+                0
+            } else if i < 90 {
+                1
+            } else {
+                2
+            }
+        })
+        .collect();
     let run = RunInfo { train_groups: groups.clone(), group_counts: vec![70, 20, 10], seed: 4, ..info(100) };
     let mut sub = instantiate(&p, "dro.subsample", json!({}));
     sub.setup(&run).unwrap();

@@ -317,8 +317,12 @@ fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8
         }
         Progress::Finished { job, summary } => {
             finished += 1;
-            let shown: Vec<String> =
-                summary.iter().filter(|(k, _)| k.starts_with("test.")).map(|(k, v)| format!("{k}={v:.4}")).collect();
+            // The headline test metrics; per-group values stay in the store (`xlab show`).
+            let shown: Vec<String> = summary
+                .iter()
+                .filter(|(k, _)| k.starts_with("test.") && !k.contains(".group_"))
+                .map(|(k, v)| format!("{k}={v:.4}"))
+                .collect();
             tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Failed { job, cause, message } => {

@@ -68,7 +68,7 @@ pub fn default_metrics(rows: &[Row]) -> Vec<String> {
     let pick = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).cloned().collect::<Vec<_>>();
     let headline: Vec<String> = names
         .iter()
-        .filter(|n| (n.starts_with("test.") && !n.contains(".group_acc.")) || n.starts_with("sample."))
+        .filter(|n| (n.starts_with("test.") && !n.contains(".group_")) || n.starts_with("sample."))
         .cloned()
         .collect();
     [headline, pick("val.")].into_iter().find(|m| !m.is_empty()).unwrap_or(names)

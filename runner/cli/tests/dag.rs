@@ -97,3 +97,64 @@ fn a_failed_parent_blocks_its_children() {
     assert_eq!(rec["attempts"][0]["outcome"], "parent_failed");
     assert!(rec["attempts"][0]["pid"].is_null(), "a blocked job never starts a worker");
 }
+
+/// `select: best` waits for every candidate, then hands the child the best one by the metric;
+/// the child's record names it, and evaluating it reproduces its validation accuracy.
+#[test]
+fn best_selects_the_parent_with_the_best_metric() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("best.yaml");
+    std::fs::write(
+        &file,
+        "name: best\ndefaults:\n  task: train\n  data: {name: two_moons, n_train: 200, n_val: 200, n_test: 200}\n  \
+         model: {name: mlp, hidden: [16]}\n  optimizer: {name: sgd, lr: 0.1}\n  epochs: 3\n  batch_size: 32\n\
+         stages:\n  train:\n    grid:\n      optimizer.lr: [0.00001, 0.001, 0.3]\n  \
+         pick:\n    task: evaluate\n    needs: {stage: train, select: best, metric: val.acc, k: 2}\n",
+    )
+    .unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let train = ids(&store, &file, "train");
+    let mut ranked: Vec<(f64, String)> =
+        train.iter().map(|id| (show(&store, id)["summary"]["val.acc"].as_f64().unwrap(), id.clone())).collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (rank, child) in ids(&store, &file, "pick").iter().enumerate() {
+        let c = show(&store, child);
+        assert_eq!(c["selected"], ranked[rank].1.as_str(), "rank {}", rank + 1);
+        assert_eq!(c["parents"].as_array().unwrap().len(), 3, "the record keeps every candidate");
+        assert_eq!(c["summary"]["val.acc"].as_f64().unwrap(), ranked[rank].0);
+        assert_eq!(c["summary"]["eval.models"], 1.0);
+    }
+}
+
+/// JTT across two stages: the ERM parent leaves its training-pass errors in its run folder, and
+/// the child visits each error example 1 + λ_up times per epoch.
+#[test]
+fn jtt_upsamples_what_its_parent_got_wrong_while_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("jtt.yaml");
+    std::fs::write(
+        &file,
+        "name: jtt\ndefaults:\n  task: train\n  data: {name: spurious, n_train: 600, n_val: 200, n_test: 200}\n  \
+         model: {name: mlp, hidden: [16]}\n  optimizer: {name: sgd, lr: 0.05}\n  epochs: 2\n  batch_size: 50\n\
+         stages:\n  erm:\n    epochs: 1\n    seeds: 2\n  \
+         jtt:\n    objective: {use: dro.jtt, up_weight: 3}\n    needs: erm\n",
+    )
+    .unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (child, parent) in ids(&store, &file, "jtt").iter().zip(ids(&store, &file, "erm")) {
+        let errors_file = store.join("runs").join(&parent).join("train-errors/epoch-00001.json");
+        let recorded: serde_json::Value = serde_json::from_slice(&std::fs::read(&errors_file).unwrap()).unwrap();
+        let e = recorded["errors"].as_array().unwrap().len() as f64;
+        assert!(e > 0.0, "one epoch of ERM on spurious data makes mistakes");
+        let p = show(&store, &parent);
+        // The error set is what the parent's training pass got wrong: 1 − train.acc of its epoch.
+        assert!((e / 600.0 - (1.0 - p["summary"]["train.acc"].as_f64().unwrap())).abs() < 1e-9);
+        let c = show(&store, child);
+        assert_eq!(c["summary"]["jtt.errors"].as_f64().unwrap(), e);
+        assert_eq!(c["summary"]["train.examples"].as_f64().unwrap(), 600.0 + 3.0 * e);
+    }
+}

@@ -333,7 +333,9 @@ impl Sampling {
     pub fn check(&self, n: usize) -> std::result::Result<(), String> {
         match self {
             Sampling::Uniform => Ok(()),
-            Sampling::Weighted(w) if w.len() != n => Err(format!("{} sampling weights for {n} training examples", w.len())),
+            Sampling::Weighted(w) if w.len() != n => {
+                Err(format!("{} sampling weights for {n} training examples", w.len()))
+            }
             Sampling::Weighted(w) => {
                 if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
                     Err("sampling weights must be finite, ≥ 0 and not all 0".into())
@@ -342,7 +344,9 @@ impl Sampling {
                 }
             }
             Sampling::Repeat(c) if c.len() != n => Err(format!("{} repeat counts for {n} training examples", c.len())),
-            Sampling::Repeat(c) if c.iter().all(|&k| k == 0) => Err("repeat counts are all 0: the epoch is empty".into()),
+            Sampling::Repeat(c) if c.iter().all(|&k| k == 0) => {
+                Err("repeat counts are all 0: the epoch is empty".into())
+            }
             Sampling::Repeat(_) => Ok(()),
         }
     }

@@ -116,7 +116,13 @@ impl Pick {
             by.then(a.1.cmp(b.1))
         });
         scored.get(self.rank as usize - 1).map(|(_, id)| *id).ok_or_else(|| {
-            format!("rank {} of `{}` needs {} finished parent jobs, {} finished", self.rank, self.metric, self.rank, scored.len())
+            format!(
+                "rank {} of `{}` needs {} finished parent jobs, {} finished",
+                self.rank,
+                self.metric,
+                self.rank,
+                scored.len()
+            )
         })
     }
 }
@@ -466,8 +472,9 @@ fn best_instances(
     spec: &BestSpec,
     seeds: &[u64],
 ) -> Result<Vec<Instance>, SpecError> {
-    // (per values, parent seed with `per: [seed]`, candidates)
-    let mut groups: Vec<(Vec<(String, Value)>, Option<u64>, Vec<JobId>)> = Vec::new();
+    // (per values as labels, parent seed with `per: [seed]`, candidates)
+    type Group = (Vec<(String, Value)>, Option<u64>, Vec<JobId>);
+    let mut groups: Vec<Group> = Vec::new();
     let by_seed = spec.per.iter().any(|k| k == "seed");
     for p in parent_jobs {
         let mut key = Vec::new();

@@ -125,11 +125,23 @@ pub struct StageFile {
     pub needs: Option<NeedsFile>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged, expecting = "a stage name, or `{stage: NAME, select: each|all|best, ...}`")]
+#[derive(Debug, Clone)]
 pub enum NeedsFile {
     Stage(String),
     Full(NeedsFull),
+}
+
+impl<'de> Deserialize<'de> for NeedsFile {
+    /// A stage name, or a map whose own errors (an unknown key, a bad `mode`) are reported as
+    /// they are rather than as "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(NeedsFile::Stage(s)),
+            v @ Value::Mapping(_) => NeedsFull::deserialize(v).map(NeedsFile::Full).map_err(D::Error::custom),
+            _ => Err(D::Error::custom("expected a stage name, or `{stage: NAME, select: each|all|best, ...}`")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -157,7 +157,8 @@ mod tests {
             assert_ne!(base_id, id(&v, 0), "{v}");
         }
         let parent = JobId("0123456789abcdef".into());
-        let with_parent = job_id(&IdentityInput { config: &base, seed: 0, plugins: &[], parents: &[parent], pick: None });
+        let with_parent =
+            job_id(&IdentityInput { config: &base, seed: 0, plugins: &[], parents: &[parent], pick: None });
         assert_ne!(base_id, with_parent);
         let plugin = [PluginRef { id: "sam.sam".into(), version: "0.1.0".into() }];
         let with_plugin = job_id(&IdentityInput { config: &base, seed: 0, plugins: &plugin, parents: &[], pick: None });

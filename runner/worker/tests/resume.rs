@@ -21,7 +21,16 @@ fn plugin(id: &str) -> PluginUse {
     PluginUse { id: id.into(), version: "0.1.0".into(), file: file.display().to_string(), sha256 }
 }
 
+fn group_dro() -> serde_json::Value {
+    serde_json::json!({"use": "dro.group_dro", "step_size": 0.01, "gamma": 0.1, "adjustment": 0.0,
+                       "normalize_loss": false, "btl": false, "alpha": 0.2, "min_var_weight": 0.0})
+}
+
 fn request(run_dir: &Path, epochs: u32) -> JobRequest {
+    request_with(run_dir, epochs, group_dro())
+}
+
+fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value) -> JobRequest {
     let config = serde_json::json!({
         "task": "train",
         "data": {"name": "spurious", "n_train": 512, "n_val": 0, "n_test": 256, "correlation": 0.9, "eval_correlation": 0.5,
@@ -32,8 +41,7 @@ fn request(run_dir: &Path, epochs: u32) -> JobRequest {
         "batch_size": 32,
         "step_rule": {"use": "sam.sam", "rho": 0.05},
         "batch_transform": {"use": "mixup.mixup", "alpha": 0.4},
-        "objective": {"use": "dro.group_dro", "step_size": 0.01, "gamma": 0.1, "adjustment": 0.0, "normalize_loss": false,
-                      "btl": false, "alpha": 0.2, "min_var_weight": 0.0},
+        "objective": objective,
     });
     JobRequest {
         protocol: PROTOCOL_VERSION,
@@ -108,23 +116,32 @@ fn series(events: &[Event]) -> Vec<(u64, serde_json::Value)> {
 
 #[test]
 fn a_killed_worker_resumes_with_identical_results() {
-    let dir = tempfile::tempdir().unwrap();
-    let reference = request(&dir.path().join("a"), 6);
-    let straight = run(&reference, None);
-    let weights_a = std::fs::read(reference.run_dir.join("weights.safetensors")).unwrap();
+    // Group DRO's q and EMA, and the dual χ² objective's learned η (with its pending gradient),
+    // are plugin state; both run under SAM (two passes) with mixup.
+    let chi2 = serde_json::json!({"use": "dro.chi2", "rho": 1.0, "reg": 0.0, "dual": true, "eta_init": 0.0,
+                                  "eta_lr": 0.05, "tol": 1e-4, "max_iter": 1000});
+    for (name, objective) in [("group_dro", group_dro()), ("chi2", chi2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = request_with(&dir.path().join("a"), 6, objective.clone());
+        let straight = run(&reference, None);
+        let weights_a = std::fs::read(reference.run_dir.join("weights.safetensors")).unwrap();
 
-    let interrupted = request(&dir.path().join("b"), 6);
-    let first = run(&interrupted, Some(3));
-    assert!(!first.iter().any(|e| matches!(e, Event::Finished { .. })));
-    assert!(!interrupted.run_dir.join("weights.safetensors").exists());
-    let second = run(&interrupted, None);
-    let resumed = second.iter().find_map(|e| if let Event::Resumed { epoch } = e { Some(*epoch) } else { None });
-    assert!(resumed.is_some_and(|e| e >= 3), "{second:?}");
-    let weights_b = std::fs::read(interrupted.run_dir.join("weights.safetensors")).unwrap();
-    assert!(weights_a == weights_b, "final weights differ after resume");
-    assert_eq!(finished(&straight), finished(&second));
-    // The resumed worker reports every epoch again, identical to the uninterrupted run.
-    assert_eq!(series(&straight), series(&second));
+        let interrupted = request_with(&dir.path().join("b"), 6, objective);
+        let first = run(&interrupted, Some(3));
+        assert!(!first.iter().any(|e| matches!(e, Event::Finished { .. })));
+        assert!(!interrupted.run_dir.join("weights.safetensors").exists());
+        let second = run(&interrupted, None);
+        let resumed = second.iter().find_map(|e| if let Event::Resumed { epoch } = e { Some(*epoch) } else { None });
+        assert!(resumed.is_some_and(|e| e >= 3), "{name}: {second:?}");
+        let weights_b = std::fs::read(interrupted.run_dir.join("weights.safetensors")).unwrap();
+        assert!(weights_a == weights_b, "{name}: final weights differ after resume");
+        assert_eq!(finished(&straight), finished(&second), "{name}");
+        // The resumed worker reports every epoch again, identical to the uninterrupted run.
+        assert_eq!(series(&straight), series(&second), "{name}");
+        if name == "chi2" {
+            assert!(finished(&straight)["dro.eta"].as_f64().is_some_and(|e| e != 0.0), "η was learned");
+        }
+    }
 }
 
 #[test]
