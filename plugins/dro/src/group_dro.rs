@@ -255,6 +255,9 @@ impl Objective for GroupDro {
             for (k, q) in self.state.q.iter().enumerate() {
                 ctx.log(&format!("dro.q.{k}"), *q);
             }
+            for (k, e) in self.state.ema.iter().enumerate() {
+                ctx.log(&format!("dro.ema_loss.{k}"), *e);
+            }
         }
         Ok(loss)
     }
