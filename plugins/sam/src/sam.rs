@@ -9,41 +9,41 @@
 //! 4. w ← saved w (restored, not subtracted: the reference's rounding); base optimizer step
 //!    with g_SAM.
 //!
-//! Cost 2F+2B. Stateless: the saved weights live only within a step.
+//! m-sharpness (METHODS.md 1.3, google-research/sam without `sync_perturbations`): with `m`
+//! set below the batch size, the batch is split into chunks of m rows; each chunk gets its own
+//! perturbation from its own gradient and its own perturbed gradient, and the base optimizer
+//! steps once with their row-weighted mean (the plain mean for equal chunks). `m: 0` (or
+//! m ≥ batch) is ordinary SAM.
+//!
+//! Cost 2F+2B (in 2·⌈B/m⌉ smaller passes with m). Stateless: the saved weights live only
+//! within a step.
 
+use crate::common::{add_to_weights, global_norm, grads, set_grads, tensors, Saved};
 use serde::Deserialize;
-use xlab_plugin_api::tch::{self, Tensor};
-use xlab_plugin_api::{param, Component, ComponentKind, ParamType, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::tch::Tensor;
+use xlab_plugin_api::{param, Component, ComponentKind, Param, ParamType, PluginError, Result, StepCtx, StepRule};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamParams {
     pub rho: f64,
+    pub m: u64,
 }
 
 pub struct Sam {
     rho: f64,
+    m: u64,
 }
 
-/// The global gradient norm over parameters that have a gradient, as the reference computes it.
-pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
-    if grads.is_empty() {
-        return Ok(0.0);
-    }
-    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
-    Ok(f64::try_from(Tensor::stack(&norms, 0).norm())?)
-}
-
-/// Gradients of the parameters that have one (the reference skips `p.grad is None`).
-pub fn defined_grads(params: &[xlab_plugin_api::Param]) -> Vec<(usize, Tensor)> {
-    params
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| {
-            let g = p.tensor.grad();
-            g.defined().then_some((i, g))
-        })
-        .collect()
+/// SAM's perturbation of the current gradients: returns the saved weights and ‖g‖.
+fn ascend(params: &mut [Param], rho: f64) -> Result<(Saved, f64)> {
+    let g = grads(params);
+    let norm = global_norm(&tensors(&g))?;
+    let scale = rho / (norm + 1e-12);
+    let saved = Saved::of(params, g.iter().map(|(i, _)| *i));
+    let e: Vec<(usize, Tensor)> = g.iter().map(|(i, g)| (*i, g * scale)).collect();
+    add_to_weights(params, &e, 1.0)?;
+    Ok((saved, norm))
 }
 
 impl Component for Sam {
@@ -62,44 +62,66 @@ impl Component for Sam {
             "neighbourhood radius ρ (paper grid 0.01–0.5; CIFAR usually 0.05–0.1)",
         );
         rho.min = Some(0.0);
-        vec![rho]
+        let mut m = param("m", ParamType::Int, 0, "m-sharpness: rows per perturbation (0: the whole batch)");
+        m.min = Some(0.0);
+        vec![rho, m]
     }
 
     fn new(p: SamParams) -> Result<Self> {
         if !(p.rho >= 0.0 && p.rho.is_finite()) {
             return Err(PluginError(format!("rho must be a finite number ≥ 0, got {}", p.rho)));
         }
-        Ok(Sam { rho: p.rho })
+        Ok(Sam { rho: p.rho, m: p.m })
     }
 }
 
 impl StepRule for Sam {
     fn step(&mut self, host: &mut StepCtx<'_>) -> Result<()> {
+        let batch = host.batch_size();
+        if self.m > 0 && self.m < batch {
+            return self.m_sharpness(host, batch);
+        }
         host.forward_backward()?;
         let mut params = host.params()?;
-        let grads = defined_grads(&params);
-        let norm = grad_norm(&grads.iter().map(|(_, g)| g.shallow_clone()).collect::<Vec<_>>())?;
-        let scale = self.rho / (norm + 1e-12);
-        let mut saved = Vec::with_capacity(grads.len());
-        tch::no_grad(|| -> Result<()> {
-            for (i, g) in &grads {
-                let p = &mut params[*i].tensor;
-                saved.push((*i, p.copy()));
-                let _ = p.f_add_(&(g * scale))?;
-            }
-            Ok(())
-        })?;
+        let (saved, norm) = ascend(&mut params, self.rho)?;
         host.freeze_norm_stats(true);
         let second = host.forward_backward();
         host.freeze_norm_stats(false);
-        tch::no_grad(|| -> Result<()> {
-            for (i, old) in &saved {
-                params[*i].tensor.f_copy_(old)?;
-            }
-            Ok(())
-        })?;
+        saved.restore(&mut params)?;
         second?;
         host.log("sam.grad_norm", norm);
+        host.optimizer_step()
+    }
+}
+
+impl Sam {
+    fn m_sharpness(&self, host: &mut StepCtx<'_>, batch: u64) -> Result<()> {
+        let mut params = host.params()?;
+        let mut sum: Vec<(usize, Tensor)> = Vec::new();
+        let mut norms = 0.0;
+        let chunks = batch.div_ceil(self.m);
+        for k in 0..chunks {
+            let (lo, hi) = (k * self.m, ((k + 1) * self.m).min(batch));
+            host.forward_backward_rows(lo, hi)?;
+            let (saved, norm) = ascend(&mut params, self.rho)?;
+            norms += norm;
+            host.freeze_norm_stats(true);
+            let second = host.forward_backward_rows(lo, hi);
+            host.freeze_norm_stats(false);
+            saved.restore(&mut params)?;
+            second?;
+            let w = (hi - lo) as f64 / batch as f64;
+            let g = grads(&params);
+            if sum.is_empty() {
+                sum = g.into_iter().map(|(i, g)| (i, g * w)).collect();
+            } else {
+                for ((_, s), (_, g)) in sum.iter_mut().zip(g) {
+                    *s += g * w;
+                }
+            }
+        }
+        set_grads(&params, &sum)?;
+        host.log("sam.grad_norm", norms / chunks as f64);
         host.optimizer_step()
     }
 }

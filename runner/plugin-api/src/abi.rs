@@ -274,6 +274,12 @@ pub struct StepHost {
     pub freeze_norm_stats: unsafe extern "C" fn(ctx: *mut c_void, frozen: bool),
     pub rng: Rng,
     pub log_metric: unsafe extern "C" fn(ctx: *mut c_void, name: RStr, value: f64),
+    /// Rows in the current batch.
+    pub batch_size: u64,
+    /// As `forward_backward`, on rows `lo..hi` of the batch only (the loss is their mean).
+    /// Each row's first pass in a step is the one the host reports.
+    pub forward_backward_rows:
+        unsafe extern "C" fn(ctx: *mut c_void, lo: u64, hi: u64, out: *mut PassOut, err: *const Sink) -> Status,
     /// 0-based epoch and global step.
     pub epoch: u64,
     pub step: u64,

@@ -228,6 +228,18 @@ fn call(what: &str, f: impl FnOnce(*const Sink) -> Status) -> Result<(), String>
 /// The worker's side of a step: what a step rule's callbacks do.
 pub trait StepDriver {
     fn forward_backward(&mut self) -> Result<f64, String>;
+    /// Rows in the current batch.
+    fn batch_size(&self) -> usize {
+        1
+    }
+    /// A pass on rows `lo..hi` only; a host without rows supports the whole batch alone.
+    fn forward_backward_rows(&mut self, lo: usize, hi: usize) -> Result<f64, String> {
+        if lo == 0 && hi == self.batch_size() {
+            self.forward_backward()
+        } else {
+            Err(format!("this host cannot run a pass on rows {lo}..{hi} of a batch of {}", self.batch_size()))
+        }
+    }
     fn n_params(&self) -> usize;
     /// Parameter `i`: tensor, name, tags.
     fn param(&mut self, i: usize) -> (&mut Tensor, &str, u32);
@@ -283,6 +295,30 @@ mod step_tramp {
     }
     pub unsafe extern "C" fn forward_backward(ctx: *mut c_void, out: *mut abi::PassOut, err: *const Sink) -> Status {
         match d(ctx).forward_backward() {
+            Ok(loss) => {
+                // SAFETY: out is a valid out-pointer from the plugin.
+                unsafe { (*out).loss = loss };
+                Status::Ok
+            }
+            Err(m) => {
+                err_to_sink(err, &m);
+                Status::Error
+            }
+        }
+    }
+    pub unsafe extern "C" fn forward_backward_rows(
+        ctx: *mut c_void,
+        lo: u64,
+        hi: u64,
+        out: *mut abi::PassOut,
+        err: *const Sink,
+    ) -> Status {
+        let drv = d(ctx);
+        if lo >= hi || hi as usize > drv.batch_size() {
+            err_to_sink(err, &format!("rows {lo}..{hi} are not a non-empty range of a batch of {}", drv.batch_size()));
+            return Status::Error;
+        }
+        match drv.forward_backward_rows(lo as usize, hi as usize) {
             Ok(loss) => {
                 // SAFETY: out is a valid out-pointer from the plugin.
                 unsafe { (*out).loss = loss };
@@ -410,6 +446,7 @@ impl Instance {
     /// Runs one optimizer step of a step rule.
     pub fn step(&mut self, driver: &mut dyn StepDriver, epoch: u64, step: u64) -> Result<(), String> {
         let f = self.decl.step.ok_or_else(|| format!("`{}` is not a step rule", self.id))?;
+        let driver_batch = driver.batch_size();
         let mut ctx: &mut dyn StepDriver = driver;
         let c = (&mut ctx as *mut &mut dyn StepDriver).cast::<c_void>();
         let host = abi::StepHost {
@@ -423,6 +460,8 @@ impl Instance {
             log_metric: step_tramp::log,
             epoch,
             step,
+            batch_size: driver_batch as u64,
+            forward_backward_rows: step_tramp::forward_backward_rows,
         };
         // SAFETY: obj is live; `host` and the driver outlive the call.
         call(&format!("`{}` step", self.id), |err| unsafe { f(self.obj, &host, err) })

@@ -201,6 +201,19 @@ impl StepCtx<'_> {
         Ok(out.loss)
     }
 
+    /// As [`Self::forward_backward`] on rows `lo..hi` of the batch (their mean loss).
+    pub fn forward_backward_rows(&mut self, lo: u64, hi: u64) -> Result<f64> {
+        let mut out = abi::PassOut::default();
+        // SAFETY: host callbacks are valid for the duration of the step call.
+        call_with_err(|err| unsafe { (self.host.forward_backward_rows)(self.host.ctx, lo, hi, &mut out, err) })?;
+        Ok(out.loss)
+    }
+
+    /// Rows in the current batch.
+    pub fn batch_size(&self) -> u64 {
+        self.host.batch_size
+    }
+
     /// The trainable parameters (new references to the host's tensors).
     pub fn params(&mut self) -> Result<Vec<Param>> {
         // SAFETY: as above.

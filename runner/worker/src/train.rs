@@ -245,41 +245,57 @@ struct Driver<'a> {
     stats: &'a mut EpochStats,
     passes: u32,
     frozen: bool,
+    /// Rows in the batch, and which of them a pass of this step has reported already.
+    batch: usize,
+    reported: Vec<bool>,
 }
 
 fn tch_err(e: tch::TchError) -> String {
     e.to_string()
 }
 
-impl StepDriver for Driver<'_> {
-    fn forward_backward(&mut self) -> Result<f64, String> {
+impl Driver<'_> {
+    /// Zero grads, forward, loss, backward on rows `lo..hi` of the batch. Rows seen for the
+    /// first time in this step are the ones whose loss and predictions are reported, and an
+    /// objective updates its state only on such a pass.
+    fn pass(&mut self, lo: usize, hi: usize) -> Result<f64, String> {
         // No model here has running statistics yet; `frozen` is honoured by the models that do.
         let _ = self.frozen;
         self.opt.zero_grad();
-        let logits = self.net.forward(&self.x);
+        let whole = lo == 0 && hi == self.batch;
+        let rows = |t: &Tensor| if whole { t.shallow_clone() } else { t.narrow(0, lo as i64, (hi - lo) as i64) };
+        let (x, labels, index) = (rows(&self.x), rows(&self.labels), rows(&self.index));
+        let group = self.group.as_ref().map(rows);
+        let logits = self.net.forward(&x);
         let pred = logits.argmax(-1, false);
         let (per_example, correct) = match &self.target {
-            Target::Hard(y) => (
-                logits.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::None, -100, 0.0).map_err(tch_err)?,
-                pred.eq_tensor(y).to_kind(Kind::Float),
-            ),
-            Target::Soft(t) => (
-                -(t * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float),
-                t.gather(1, &pred.unsqueeze(1), false).squeeze_dim(1),
-            ),
+            Target::Hard(y) => {
+                let y = rows(y);
+                (
+                    logits
+                        .f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::None, -100, 0.0)
+                        .map_err(tch_err)?,
+                    pred.eq_tensor(&y).to_kind(Kind::Float),
+                )
+            }
+            Target::Soft(t) => {
+                let t = rows(t);
+                (
+                    -(&t * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float),
+                    t.gather(1, &pred.unsqueeze(1), false).squeeze_dim(1),
+                )
+            }
         };
-        let first = self.passes == 0;
+        let first = self.reported[lo..hi].iter().all(|r| !r);
         let stats = &mut *self.stats;
         let loss = match self.objective.as_deref_mut() {
-            Some(obj) => {
-                obj.objective(&per_example, &correct, self.group.as_ref(), &self.index, first, &mut |k, v| {
-                    if first {
-                        let e = stats.plugin.entry(k.to_string()).or_default();
-                        e.0 += v;
-                        e.1 += 1;
-                    }
-                })?
-            }
+            Some(obj) => obj.objective(&per_example, &correct, group.as_ref(), &index, first, &mut |k, v| {
+                if first {
+                    let e = stats.plugin.entry(k.to_string()).or_default();
+                    e.0 += v;
+                    e.1 += 1;
+                }
+            })?,
             None => per_example.mean(Kind::Float),
         };
         loss.f_backward().map_err(tch_err)?;
@@ -288,14 +304,29 @@ impl StepDriver for Driver<'_> {
             return Err(format!("{DIVERGED}training loss is {value}"));
         }
         if first {
-            stats.record(&per_example, &pred, &self.labels, &self.index, self.group.as_ref()).map_err(tch_err)?;
-            let b = per_example.size()[0] as usize;
+            stats.record(&per_example, &pred, &labels, &index, group.as_ref()).map_err(tch_err)?;
+            let b = hi - lo;
             stats.loss_sum += value * b as f64;
             stats.correct += f64::try_from(correct.sum(Kind::Double)).map_err(tch_err)?;
             stats.seen += b;
+            self.reported[lo..hi].iter_mut().for_each(|r| *r = true);
         }
         self.passes += 1;
         Ok(value)
+    }
+}
+
+impl StepDriver for Driver<'_> {
+    fn forward_backward(&mut self) -> Result<f64, String> {
+        self.pass(0, self.batch)
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    fn forward_backward_rows(&mut self, lo: usize, hi: usize) -> Result<f64, String> {
+        self.pass(lo, hi)
     }
 
     fn n_params(&self) -> usize {
@@ -445,6 +476,7 @@ pub fn run(
             let yb = y_train.index_select(0, &idx);
             let gb = g_train.as_ref().map(|g| g.index_select(0, &idx));
             let yb_labels = yb.shallow_clone();
+            let rows = chunk.len();
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
                     let (x, soft) = t
@@ -468,6 +500,8 @@ pub fn run(
                 stats: &mut stats,
                 passes: 0,
                 frozen: false,
+                batch: rows,
+                reported: vec![false; rows],
             };
             let stepped = match comps.step_rule.as_mut() {
                 Some(rule) => rule.step(&mut driver, epoch, global_step),
