@@ -1,0 +1,169 @@
+//! Every SAM-family step rule against PyTorch: `tests/reference/sam_reference.py` writes each
+//! variant as its reference optimizer does and trains a tiny network (2 → 4 tanh, scaled by a
+//! normalization weight, → 3) for a few SGD-with-momentum steps; the plugin, loaded through the
+//! real boundary, drives the same network here in tch and must end at the same weights. Needs
+//! the project's Python environment (`make setup`), or a Python with torch in `XLAB_PYTHON`.
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use xlab_plugin_api::abi::tags;
+use xlab_plugin_api::host::{self, StepDriver};
+use xlab_plugin_api::tch::{self, Kind, Tensor};
+use xlab_plugin_api::testing::{built_plugin, instantiate, to_vec, SplitMix};
+
+const NAMES: [(&str, &[i64], u32); 5] = [
+    ("fc1.weight", &[4, 2], tags::WEIGHT),
+    ("fc1.bias", &[4], tags::BIAS),
+    ("norm.weight", &[4], tags::NORM),
+    ("fc2.weight", &[3, 4], tags::WEIGHT),
+    ("fc2.bias", &[3], tags::BIAS),
+];
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `make setup` (or set XLAB_PYTHON to a Python with torch)", p.display());
+    p
+}
+
+/// The tiny network with torch's SGD (momentum 0.9, no dampening) as the base optimizer.
+struct Tiny {
+    params: Vec<Tensor>,
+    momentum: Vec<Option<Tensor>>,
+    x: Tensor,
+    y: Tensor,
+    lr: f64,
+}
+
+impl Tiny {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let p = &self.params;
+        let h = (x.matmul(&p[0].tr()) + &p[1]).tanh() * &p[2];
+        h.matmul(&p[3].tr()) + &p[4]
+    }
+}
+
+impl StepDriver for Tiny {
+    fn forward_backward(&mut self) -> Result<f64, String> {
+        let n = self.batch_size();
+        self.forward_backward_rows(0, n)
+    }
+    fn batch_size(&self) -> usize {
+        self.y.size()[0] as usize
+    }
+    fn forward_backward_rows(&mut self, lo: usize, hi: usize) -> Result<f64, String> {
+        for p in &mut self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let x = self.x.narrow(0, lo as i64, (hi - lo) as i64);
+        let y = self.y.narrow(0, lo as i64, (hi - lo) as i64);
+        let loss = self.forward(&x).log_softmax(-1, Kind::Double).nll_loss(&y);
+        loss.backward();
+        f64::try_from(&loss).map_err(|e| e.to_string())
+    }
+    fn n_params(&self) -> usize {
+        self.params.len()
+    }
+    fn param(&mut self, i: usize) -> (&mut Tensor, &str, u32) {
+        (&mut self.params[i], NAMES[i].0, NAMES[i].2)
+    }
+    fn optimizer_step(&mut self) -> Result<(), String> {
+        tch::no_grad(|| {
+            for (p, buf) in self.params.iter_mut().zip(&mut self.momentum) {
+                let g = p.grad();
+                let b = match buf.take() {
+                    None => g.copy(),
+                    Some(b) => b * 0.9 + &g,
+                };
+                let _ = p.f_sub_(&(&b * self.lr)).map_err(|e| e.to_string())?;
+                *buf = Some(b);
+            }
+            Ok(())
+        })
+    }
+    fn freeze_norm_stats(&mut self, _: bool) {}
+    fn next_u64(&mut self) -> u64 {
+        0
+    }
+    fn log(&mut self, _: &str, _: f64) {}
+}
+
+#[test]
+fn every_variant_matches_its_pytorch_reference_on_a_tiny_network() {
+    let mut rng = SplitMix(42);
+    let mut u = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+    let mut init = serde_json::Map::new();
+    for (name, shape, _) in NAMES {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| if name == "norm.weight" { 1.0 + u() * 0.5 } else { u() * 1.5 }).collect();
+        init.insert(name.into(), json!(v));
+    }
+    let x: Vec<Vec<f64>> = (0..12).map(|_| vec![u() * 3.0, u() * 3.0]).collect();
+    let y: Vec<i64> = (0..12).map(|i| i % 3).collect();
+    let cases = vec![
+        json!({"id": "sam.sam", "params": {"rho": 0.05}}),
+        json!({"id": "sam.sam", "params": {"rho": 0.1, "m": 5}}),
+        json!({"id": "sam.asam", "params": {"rho": 0.5, "eta": 0.01}}),
+        json!({"id": "sam.asam", "params": {"rho": 1.0, "variant": "davda54"}}),
+        json!({"id": "sam.gam", "params": {"grad_rho": 0.03, "grad_norm_rho": 0.2, "beta0": 0.1, "beta1": 0.1, "gamma": 0.05}}),
+        json!({"id": "sam.fsam", "params": {"rho": 0.05, "keep_ratio": 0.25, "mask_iter": 2}}),
+        json!({"id": "sam.sam_on", "params": {"rho": 0.5, "eta": 0.01}}),
+        json!({"id": "sam.sam_on", "params": {"rho": 0.3, "adaptive": false}}),
+        json!({"id": "sam.amp", "params": {"epsilon": 0.1, "inner_lr": 1.0, "inner_iter": 2}}),
+        json!({"id": "sam.fd_gr", "params": {"gamma": 0.1, "epsilon": 0.05}}),
+        json!({"id": "sam.fd_gr", "params": {"gamma": 0.1, "epsilon": 0.05, "direction": "backward"}}),
+    ];
+    let (steps, lr) = (4, 0.1);
+    let request = json!({"init": init, "x": x, "y": y, "steps": steps, "lr": lr, "cases": cases});
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/sam_reference.py");
+    let mut child = Command::new(python())
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    let want: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+
+    let plugin = host::load(&built_plugin("xlab_plugin_sam")).unwrap();
+    let xs: Vec<f64> = x.iter().flatten().copied().collect();
+    for (case, want) in cases.iter().zip(&want) {
+        let mut rule = instantiate(&plugin, case["id"].as_str().unwrap(), case["params"].clone());
+        let mut net = Tiny {
+            params: NAMES
+                .iter()
+                .map(|(n, shape, _)| {
+                    let v: Vec<f64> = init[*n].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+                    Tensor::from_slice(&v).reshape(*shape).set_requires_grad(true)
+                })
+                .collect(),
+            momentum: NAMES.iter().map(|_| None).collect(),
+            x: Tensor::from_slice(&xs).reshape([12, 2]),
+            y: Tensor::from_slice(&y),
+            lr,
+        };
+        for s in 0..steps {
+            rule.step(&mut net, 0, s).unwrap_or_else(|e| panic!("{case}: {e}"));
+        }
+        for (i, (name, _, _)) in NAMES.iter().enumerate() {
+            let got = to_vec(&net.params[i]);
+            let expect: Vec<f64> = want[*name].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let moved: f64 =
+                expect.iter().zip(init[*name].as_array().unwrap()).map(|(a, b)| (a - b.as_f64().unwrap()).abs()).sum();
+            assert!(moved > 0.0, "{case}: {name} never moved");
+            for (a, b) in got.iter().zip(&expect) {
+                assert!((a - b).abs() < 1e-10, "{case}: {name}: plugin {got:?} vs PyTorch {expect:?}");
+            }
+        }
+    }
+}
