@@ -12,7 +12,15 @@ RELEASE := --release
 
 # A project-local virtualenv with torch from PyPI; `.venv/torch` points at the installed torch
 # package, which holds libtorch (lib/, include/) for tch to build and link against.
-setup: $(VENV)/torch/lib/libtorch_cpu.so
+# scikit-learn brings the handwritten digits (`data: {name: digits}`) as a file in its package,
+# read offline by the worker.
+SKLEARN_VERSION := 1.7.2
+
+setup: $(VENV)/torch/lib/libtorch_cpu.so $(VENV)/.sklearn-$(SKLEARN_VERSION)
+
+$(VENV)/.sklearn-$(SKLEARN_VERSION): $(VENV)/torch/lib/libtorch_cpu.so
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q scikit-learn==$(SKLEARN_VERSION)
+	@touch $@
 
 $(VENV)/torch/lib/libtorch_cpu.so:
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

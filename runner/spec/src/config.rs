@@ -140,7 +140,25 @@ pub enum DataConfig {
     /// Isotropic Gaussian blobs, one per class, centres drawn uniformly in [-10, 10]^dim (as
     /// scikit-learn's `make_blobs`).
     Blobs(Blobs),
+    /// The UCI handwritten digits as scikit-learn ships them (1797 images of 8×8 pixels,
+    /// 10 classes), read offline from the installed package; shuffled by `seed` and split
+    /// into test, validation and the remaining training examples.
+    Digits(Digits),
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Digits {
+    #[serde(default = "defaults::digits_val")]
+    pub n_val: usize,
+    #[serde(default = "defaults::digits_test")]
+    pub n_test: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Images in the digits set.
+pub const DIGITS_TOTAL: usize = 1797;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -213,6 +231,31 @@ pub struct Blobs {
 pub enum ModelConfig {
     /// A multilayer perceptron: linear layers of the given widths with an activation between.
     Mlp(Mlp),
+    /// A small convolutional network for images: per entry of `channels`, a 3×3 convolution
+    /// (padding 1), normalization, ReLU and 2×2 max-pooling; then a linear classifier.
+    Cnn(Cnn),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cnn {
+    #[serde(default = "defaults::channels")]
+    pub channels: Vec<usize>,
+    #[serde(default = "defaults::cnn_norm")]
+    pub norm: Norm,
+}
+
+/// A normalization layer after each hidden linear layer or convolution.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    #[default]
+    None,
+    /// BatchNorm (momentum 0.1, eps 1e-5): batch statistics in training, running ones in
+    /// evaluation.
+    Batch,
+    /// LayerNorm over the features (eps 1e-5).
+    Layer,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -222,6 +265,12 @@ pub struct Mlp {
     pub hidden: Vec<usize>,
     #[serde(default)]
     pub activation: Activation,
+    #[serde(default, skip_serializing_if = "is_no_norm")]
+    pub norm: Norm,
+}
+
+fn is_no_norm(n: &Norm) -> bool {
+    *n == Norm::None
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -322,6 +371,18 @@ impl JobConfig {
                 }
                 (d.n_train, d.n_test)
             }
+            DataConfig::Digits(d) => {
+                if d.n_val + d.n_test >= DIGITS_TOTAL {
+                    return err(
+                        "data.n_test",
+                        format!(
+                            "n_val + n_test = {} leaves no training images of the {DIGITS_TOTAL}",
+                            d.n_val + d.n_test
+                        ),
+                    );
+                }
+                (DIGITS_TOTAL - d.n_val - d.n_test, d.n_test)
+            }
         };
         if n_train == 0 {
             return err("data.n_train", "must be at least 1".into());
@@ -365,10 +426,30 @@ impl JobConfig {
                 return Ok(());
             }
         }
-        if let Some(ModelConfig::Mlp(m)) = &self.model {
-            if let Some(i) = m.hidden.iter().position(|&w| w == 0) {
-                return err(&format!("model.hidden[{i}]"), "a layer needs at least 1 unit".into());
+        match &self.model {
+            Some(ModelConfig::Mlp(m)) => {
+                if let Some(i) = m.hidden.iter().position(|&w| w == 0) {
+                    return err(&format!("model.hidden[{i}]"), "a layer needs at least 1 unit".into());
+                }
+                if m.norm != Norm::None && m.hidden.is_empty() {
+                    return err("model.norm", "normalizes hidden layers, and this MLP has none".into());
+                }
             }
+            Some(ModelConfig::Cnn(c)) => {
+                if !matches!(self.data, DataConfig::Digits(_)) {
+                    return err("model", "`cnn` needs image data (`data: {name: digits}`)".into());
+                }
+                if c.channels.is_empty() || c.channels.len() > 3 {
+                    return err(
+                        "model.channels",
+                        "lists 1 to 3 convolution widths (8×8 images halve each time)".into(),
+                    );
+                }
+                if let Some(i) = c.channels.iter().position(|&w| w == 0) {
+                    return err(&format!("model.channels[{i}]"), "a convolution needs at least 1 channel".into());
+                }
+            }
+            None => {}
         }
         let Some(optimizer) = &self.optimizer else { return Ok(()) };
         let (lr, wd) = match optimizer {
@@ -404,6 +485,18 @@ impl JobConfig {
 }
 
 mod defaults {
+    pub fn digits_val() -> usize {
+        300
+    }
+    pub fn digits_test() -> usize {
+        497
+    }
+    pub fn channels() -> Vec<usize> {
+        vec![16, 32]
+    }
+    pub fn cnn_norm() -> super::Norm {
+        super::Norm::Batch
+    }
     pub fn epochs() -> u32 {
         10
     }

@@ -3,8 +3,10 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::io::Read;
+use std::path::PathBuf;
 use tch::Tensor;
-use xlab_spec::config::{Blobs, DataConfig, Spurious, TwoMoons};
+use xlab_spec::config::{Blobs, DataConfig, Digits, Spurious, TwoMoons, DIGITS_TOTAL};
 
 /// Features, labels and (when the data has them) group ids of one split.
 pub struct Split {
@@ -31,6 +33,8 @@ pub struct Dataset {
     pub classes: usize,
     /// Number of groups (0 when the data has none).
     pub groups: usize,
+    /// Images: (channels, height, width) of each flattened row of `x`.
+    pub image: Option<[i64; 3]>,
 }
 
 impl Dataset {
@@ -55,12 +59,81 @@ pub fn normal(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-pub fn build(cfg: &DataConfig) -> Dataset {
-    match cfg {
+pub fn build(cfg: &DataConfig) -> Result<Dataset, String> {
+    Ok(match cfg {
         DataConfig::TwoMoons(c) => two_moons(c),
         DataConfig::Blobs(c) => blobs(c),
         DataConfig::Spurious(c) => spurious(c),
+        DataConfig::Digits(c) => digits(c)?,
+    })
+}
+
+/// Where scikit-learn's `digits.csv.gz` is: `XLAB_DIGITS`, or the scikit-learn installed beside
+/// the torch package this process runs (the project's `.venv`).
+fn digits_file() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("XLAB_DIGITS") {
+        return Ok(PathBuf::from(p));
     }
+    let site = crate::probe::libtorch_dir()
+        .and_then(|lib| lib.parent()?.parent().map(|d| d.to_path_buf()))
+        .ok_or("cannot tell where the torch package is installed")?;
+    let file = site.join("sklearn/datasets/data/digits.csv.gz");
+    if file.exists() {
+        Ok(file)
+    } else {
+        Err(format!(
+            "the digits dataset ships with scikit-learn, and {} is missing: run `make setup` \
+             (or set XLAB_DIGITS to a digits.csv.gz)",
+            file.display()
+        ))
+    }
+}
+
+/// The 1797 digits (8×8 pixels in 0..=16, scaled to [0, 1]), shuffled by the config's seed and
+/// split into test, validation and training examples in that order.
+fn digits(c: &Digits) -> Result<Dataset, String> {
+    let path = digits_file()?;
+    let bad = |m: String| format!("{}: {m}", path.display());
+    let raw = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&raw[..]).read_to_string(&mut text).map_err(|e| bad(e.to_string()))?;
+    let mut rows: Vec<(Vec<f32>, i64)> = Vec::with_capacity(DIGITS_TOTAL);
+    for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let v: Vec<f32> = line
+            .split(',')
+            .map(|f| f.trim().parse::<f32>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+        if v.len() != 65 {
+            return Err(bad(format!("line {}: {} fields, expected 65", i + 1, v.len())));
+        }
+        rows.push((v[..64].iter().map(|p| p / 16.0).collect(), v[64] as i64));
+    }
+    if rows.len() != DIGITS_TOTAL {
+        return Err(bad(format!("{} images, expected {DIGITS_TOTAL}", rows.len())));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(c.seed);
+    for i in (1..rows.len()).rev() {
+        let j = rng.gen_range(0..=i);
+        rows.swap(i, j);
+    }
+    let take = |part: &[(Vec<f32>, i64)]| Split {
+        x: Tensor::from_slice(&part.iter().flat_map(|(x, _)| x.iter().copied()).collect::<Vec<f32>>())
+            .reshape([part.len() as i64, 64]),
+        y: Tensor::from_slice(&part.iter().map(|(_, y)| *y).collect::<Vec<i64>>()),
+        group: None,
+    };
+    let (test, rest) = rows.split_at(c.n_test);
+    let (val, train) = rest.split_at(c.n_val);
+    Ok(Dataset {
+        train: take(train),
+        val: take(val),
+        test: take(test),
+        input_dim: 64,
+        classes: 10,
+        groups: 0,
+        image: Some([1, 8, 8]),
+    })
 }
 
 fn split(xs: Vec<f32>, ys: Vec<i64>, dim: usize, sizes: [usize; 3], classes: usize) -> Dataset {
@@ -72,7 +145,15 @@ fn split(xs: Vec<f32>, ys: Vec<i64>, dim: usize, sizes: [usize; 3], classes: usi
         y: y.narrow(0, start, len).contiguous(),
         group: None,
     };
-    Dataset { train: part(0, a), val: part(a, b), test: part(a + b, c), input_dim: dim, classes, groups: 0 }
+    Dataset {
+        train: part(0, a),
+        val: part(a, b),
+        test: part(a + b, c),
+        input_dim: dim,
+        classes,
+        groups: 0,
+        image: None,
+    }
 }
 
 /// Binary labels with a spurious attribute (see the config's doc); balanced labels in every
@@ -104,7 +185,7 @@ pub fn spurious(c: &Spurious) -> Dataset {
     let train = make(c.n_train, c.correlation);
     let val = make(c.n_val, c.eval_correlation);
     let test = make(c.n_test, c.eval_correlation);
-    Dataset { train, val, test, input_dim: dim, classes: 2, groups: 4 }
+    Dataset { train, val, test, input_dim: dim, classes: 2, groups: 4, image: None }
 }
 
 /// Two interleaved half circles (as scikit-learn's `make_moons`, with angles drawn uniformly at

@@ -66,7 +66,7 @@ pub fn run(
     };
     let sampler =
         comps.sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
-    let data = data::build(&cfg.data);
+    let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
     let x0 = to_unit_range(&data.train.x.to_kind(Kind::Double)).to_device(device);
     let ac = alphas_cumprod(den);
     let ac_t = Tensor::from_slice(&ac).to_device(device);

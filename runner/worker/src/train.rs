@@ -10,7 +10,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::host::{Instance, StepDriver};
 use xlab_plugin_api::{RunInfo, Sampling};
@@ -42,13 +42,13 @@ impl From<tch::TchError> for Failure {
 /// split, without gradients, as `name.loss`, `name.acc`, `name.group_loss.G`,
 /// `name.group_acc.G`, `name.worst_group_acc`.
 fn evaluate(
-    net: &impl Module,
+    net: &model::Model,
     name: &str,
     split: &Split,
     groups: usize,
     device: Device,
 ) -> Result<BTreeMap<String, f64>, Failure> {
-    let probs = tch::no_grad(|| net.forward(&split.x.to_device(device)).softmax(-1, Kind::Double));
+    let probs = tch::no_grad(|| net.forward_t(&split.x.to_device(device), false).softmax(-1, Kind::Double));
     score(&probs, name, split, groups, device)
 }
 
@@ -102,7 +102,7 @@ pub fn evaluate_parents(
             "`task: evaluate` needs parent jobs (`needs:` in the experiment file)",
         ));
     }
-    let data = data::build(&cfg.data);
+    let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
     let mut probs: BTreeMap<&str, Tensor> = BTreeMap::new();
     for p in parents {
         let pcfg: JobConfig = serde_json::from_value(p.config.clone())
@@ -111,7 +111,7 @@ pub fn evaluate_parents(
             Failure::new(FailureCause::Config, format!("parent {} has no model to evaluate", p.job_id))
         })?;
         let mut vs = nn::VarStore::new(device);
-        let net = model::build(&vs.root(), &model_cfg, data.input_dim, data.classes);
+        let net = model::build(&vs.root(), &model_cfg, data.input_dim, data.image, data.classes);
         let weights = p.run_dir.join("weights.safetensors");
         vs.load(&weights).map_err(|e| {
             Failure::new(FailureCause::Error, format!("cannot load {} into the parent's model: {e}", weights.display()))
@@ -121,7 +121,7 @@ pub fn evaluate_parents(
                 if split.is_empty() {
                     continue;
                 }
-                let pr = net.forward(&split.x.to_device(device)).softmax(-1, Kind::Double);
+                let pr = net.forward_t(&split.x.to_device(device), false).softmax(-1, Kind::Double);
                 let sum = match probs.remove(name) {
                     Some(acc) => acc + pr,
                     None => pr,
@@ -231,7 +231,7 @@ impl EpochStats {
 
 /// The host side of one optimizer step: the callbacks a step rule drives.
 struct Driver<'a> {
-    net: &'a nn::Sequential,
+    net: &'a model::Model,
     opt: &'a mut Optimizer,
     params: &'a mut [(Tensor, String, u32)],
     x: Tensor,
@@ -259,14 +259,13 @@ impl Driver<'_> {
     /// first time in this step are the ones whose loss and predictions are reported, and an
     /// objective updates its state only on such a pass.
     fn pass(&mut self, lo: usize, hi: usize) -> Result<f64, String> {
-        // No model here has running statistics yet; `frozen` is honoured by the models that do.
-        let _ = self.frozen;
+        self.net.set_frozen(self.frozen);
         self.opt.zero_grad();
         let whole = lo == 0 && hi == self.batch;
         let rows = |t: &Tensor| if whole { t.shallow_clone() } else { t.narrow(0, lo as i64, (hi - lo) as i64) };
         let (x, labels, index) = (rows(&self.x), rows(&self.labels), rows(&self.index));
         let group = self.group.as_ref().map(rows);
-        let logits = self.net.forward(&x);
+        let logits = self.net.forward_t(&x, true);
         let pred = logits.argmax(-1, false);
         let (per_example, correct) = match &self.target {
             Target::Hard(y) => {
@@ -361,15 +360,6 @@ impl StepDriver for Driver<'_> {
 /// Marks a driver error as divergence, so the job's failure is classified as such.
 const DIVERGED: &str = "diverged: ";
 
-fn tags_of(name: &str) -> u32 {
-    use xlab_plugin_api::abi::tags;
-    if name.ends_with(".bias") {
-        tags::BIAS
-    } else {
-        tags::WEIGHT
-    }
-}
-
 /// Where and how often a job checkpoints.
 pub struct CheckpointPlan<'a> {
     pub job_id: &'a str,
@@ -392,15 +382,20 @@ pub fn run(
     let (Some(model_cfg), Some(opt_cfg)) = (&cfg.model, &cfg.optimizer) else {
         return Err(Failure::new(FailureCause::Config, "`task: train` needs `model` and `optimizer`"));
     };
-    let data = data::build(&cfg.data);
+    let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
-    let net = model::build(&vs.root(), model_cfg, data.input_dim, data.classes);
+    let net = model::build(&vs.root(), model_cfg, data.input_dim, data.image, data.classes);
+    // Every variable (parameters and normalization buffers) is checkpointed; the trainable
+    // ones go to the optimizer and the step rule.
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = Optimizer::new(opt_cfg, named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+    let trainable: Vec<(String, Tensor)> =
+        named.iter().filter(|(_, t)| t.requires_grad()).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let mut opt = Optimizer::new(opt_cfg, trainable.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+    let norms = net.norm_prefixes();
     let mut params: Vec<(Tensor, String, u32)> =
-        named.iter().map(|(n, t)| (t.shallow_clone(), n.clone(), tags_of(n))).collect();
+        trainable.iter().map(|(n, t)| (t.shallow_clone(), n.clone(), model::tags_of(n, &norms))).collect();
     tracing::info!(params = model::parameter_count(&vs), train = data.train.len(), "model built");
 
     let x_train = data.train.x.to_device(device);

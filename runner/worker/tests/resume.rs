@@ -39,7 +39,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value) -> Jo
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "nesterov": false},
         "epochs": epochs,
         "batch_size": 32,
-        "step_rule": {"use": "sam.sam", "rho": 0.05},
+        "step_rule": {"use": "sam.sam", "rho": 0.05, "m": 0},
         "batch_transform": {"use": "mixup.mixup", "alpha": 0.4},
         "objective": objective,
     });
