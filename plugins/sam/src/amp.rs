@@ -92,7 +92,7 @@ impl StepRule for Amp {
                     let mut d = &prev + g * self.p.inner_lr;
                     let c = self.p.epsilon / (f64::try_from(d.norm().to_kind(Kind::Double))? + 1e-12);
                     if c < 1.0 {
-                        d = d * c;
+                        d *= c;
                     }
                     let _ = params[*i].tensor.f_sub_(&prev)?.f_add_(&d)?;
                     if it == 0 {

@@ -5,6 +5,7 @@
 //! ascent step ε (or ε = ρ/‖g‖ with `normalized`):
 //! - `direction: forward` (F-GR): G = (1 − γ/ε) g + (γ/ε) ∇L(w + εg);
 //! - `direction: backward` (B-GR): G = g + (γ/ε)[g − ∇L(w − εg)].
+//!
 //! With ε = γ, F-GR is the unnormalised SAM gradient ∇L(w + γg). The second pass runs with
 //! running statistics frozen; the saved weights are restored. Cost 2F+2B. Stateless.
 

@@ -119,7 +119,7 @@ impl StepRule for Fsam {
         host.forward_backward()?;
         let mut params = host.params()?;
         let g = grads(&params);
-        if host.step() % self.p.mask_iter == 0 || self.mask.is_empty() {
+        if host.step().is_multiple_of(self.p.mask_iter) || self.mask.is_empty() {
             self.recompute_mask(&params, &g)?;
         }
         let scale = self.p.rho / (global_norm(&tensors(&g))? + 1e-7);

@@ -9,6 +9,7 @@
 //!   "weight" parameters (all with `normalize_bias`), or T = ‖w‖(1 + η) with `layerwise`;
 //!   n = ‖T⊙g‖ + 1e-16 over the perturbed set, e = ρ T² g / n.
 //! - `norm: infinity`: e = ρ·T⊙sign(g), unnormalised (T = 1 without `adaptive`).
+//!
 //! No BN bypass: running statistics update in both passes. The saved weights are restored.
 //! Outside `start_epoch ≤ epoch < end_epoch` (end 0: no end) the step is a plain base step.
 //! Cost 2F+2B. Stateless.

@@ -116,19 +116,42 @@ fn point_value(r: &Row, key: &str) -> String {
     r.point.iter().find(|(k, _)| k == key).map(|(_, v)| fmt_value(v)).unwrap_or_else(|| "-".into())
 }
 
+/// Above this many sweep keys the terminal table shows one `point` column of `key=value`
+/// pairs instead of a column per key (CSV and JSON keep a column per key).
+const MAX_POINT_COLUMNS: usize = 4;
+
+/// A row's sweep values as `key=value` pairs, e.g. `step_rule.use=sam.sam step_rule.rho=0.05`.
+fn compact_point(r: &Row) -> String {
+    let parts: Vec<String> = r.point.iter().map(|(k, v)| format!("{k}={}", fmt_value(v))).collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 /// Renders the rows as a terminal table.
 pub fn render(rows: &[Row], metrics: &[String]) -> String {
     let keys = columns(rows);
+    let compact = keys.len() > MAX_POINT_COLUMNS;
     let mut t = Table::new();
     t.load_preset(presets::UTF8_FULL_CONDENSED);
     let mut header = vec![Cell::new("stage")];
-    header.extend(keys.iter().map(Cell::new));
+    if compact {
+        header.push(Cell::new("point"));
+    } else {
+        header.extend(keys.iter().map(Cell::new));
+    }
     header.extend(metrics.iter().map(|m| Cell::new(format!("{m} (mean ± std)"))));
     header.push(Cell::new("seeds"));
     t.set_header(header);
     for r in rows {
         let mut cells = vec![Cell::new(&r.stage)];
-        cells.extend(keys.iter().map(|k| Cell::new(point_value(r, k)).set_alignment(CellAlignment::Right)));
+        if compact {
+            cells.push(Cell::new(compact_point(r)));
+        } else {
+            cells.extend(keys.iter().map(|k| Cell::new(point_value(r, k)).set_alignment(CellAlignment::Right)));
+        }
         for m in metrics {
             let xs = r.metrics.get(m).map(Vec::as_slice).unwrap_or(&[]);
             cells.push(Cell::new(fmt_stat(xs)).set_alignment(CellAlignment::Right));

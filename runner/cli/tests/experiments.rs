@@ -96,3 +96,35 @@ fn the_dro_showcase_runs_from_one_command_and_shows_the_papers_direction() {
         assert!(wg > erm_wg + 0.03, "worst-group accuracy: ERM {erm_wg}, {stage} {wg}");
     }
 }
+
+/// The digits (read offline from the scikit-learn the setup installs) through a CNN with
+/// BatchNorm, trained with SAM-ON (which perturbs only the BatchNorm parameters) and evaluated
+/// with the sharpness diagnostics.
+#[test]
+fn digits_train_with_sam_on_and_evaluate_sharpness() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("digits.yaml");
+    std::fs::write(
+        &file,
+        "name: digits\ndefaults:\n  task: train\n  data: {name: digits}\n  model: {name: cnn, channels: [8]}\n  \
+         optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\n  epochs: 3\n  batch_size: 64\n\
+         stages:\n  train:\n    step_rule: {use: sam.sam_on, rho: 0.5}\n  \
+         sharp:\n    task: evaluate\n    needs: train\n    sharpness: {samples: 128, power_iterations: 5}\n",
+    )
+    .unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd(&store).args(["query", "-e", "digits", "--format", "json"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mean = |stage: &str, m: &str| {
+        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{stage} {m}"))
+    };
+    assert!(mean("train", "test.acc") > 0.8, "three epochs on digits");
+    assert_eq!(mean("train", "cost.passes_per_step"), 2.0);
+    assert!(mean("sharp", "sharpness.hessian_top") > 0.0);
+    assert!(mean("sharp", "sharpness.m_sharpness").is_finite());
+    assert_eq!(mean("sharp", "test.acc"), mean("train", "test.acc"), "evaluation reloads the same weights");
+}

@@ -57,6 +57,32 @@ pub struct JobConfig {
     /// `sample`: how many samples to draw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<u32>,
+    /// `evaluate`: sharpness of each parent's training loss at its final weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharpness: Option<Sharpness>,
+}
+
+/// Sharpness diagnostics of a trained model, on the first `samples` training examples with the
+/// model in evaluation mode (normalization layers use their running statistics):
+/// - `sharpness.hessian_top`: the top eigenvalue of the Hessian of the mean training loss, by
+///   `power_iterations` steps of power iteration on exact Hessian-vector products;
+/// - `sharpness.m_sharpness`: over chunks of `m` examples, the mean of
+///   L_k(w + ρ g_k/‖g_k‖) − L_k(w), the loss increase at the first-order worst point within
+///   radius ρ (Foret et al.'s estimate of m-sharpness).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sharpness {
+    #[serde(default = "defaults::sharpness_samples")]
+    pub samples: usize,
+    #[serde(default = "defaults::power_iterations")]
+    pub power_iterations: u32,
+    #[serde(default = "defaults::sharpness_rho")]
+    pub rho: f64,
+    #[serde(default = "defaults::sharpness_m")]
+    pub m: usize,
+    /// Seed of the power iteration's starting vector.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// A denoiser ε̂(x_t, t) for sampling.
@@ -376,7 +402,7 @@ impl JobConfig {
                     return err(
                         "data.n_test",
                         format!(
-                            "n_val + n_test = {} leaves no training images of the {DIGITS_TOTAL}",
+                            "is too large: n_val + n_test = {} leaves no training images of the {DIGITS_TOTAL}",
                             d.n_val + d.n_test
                         ),
                     );
@@ -402,8 +428,21 @@ impl JobConfig {
                         return err(k, "belongs to `task: sample`, not `task: train`".into());
                     }
                 }
+                if self.sharpness.is_some() {
+                    return err("sharpness", "belongs to `task: evaluate` (of a trained parent)".into());
+                }
             }
-            Task::Evaluate => return Ok(()),
+            Task::Evaluate => {
+                if let Some(sh) = &self.sharpness {
+                    if sh.samples == 0 || sh.m == 0 || sh.power_iterations == 0 {
+                        return err("sharpness", "samples, m and power_iterations must be at least 1".into());
+                    }
+                    if !(sh.rho > 0.0 && sh.rho.is_finite()) {
+                        return err("sharpness.rho", format!("must be a finite number > 0, got {}", sh.rho));
+                    }
+                }
+                return Ok(());
+            }
             Task::Sample => {
                 for (k, set) in self.sample_fields() {
                     if !set {
@@ -437,7 +476,7 @@ impl JobConfig {
             }
             Some(ModelConfig::Cnn(c)) => {
                 if !matches!(self.data, DataConfig::Digits(_)) {
-                    return err("model", "`cnn` needs image data (`data: {name: digits}`)".into());
+                    return err("model", "is `cnn`, which needs image data (`data: {name: digits}`)".into());
                 }
                 if c.channels.is_empty() || c.channels.len() > 3 {
                     return err(
@@ -485,6 +524,18 @@ impl JobConfig {
 }
 
 mod defaults {
+    pub fn sharpness_samples() -> usize {
+        512
+    }
+    pub fn power_iterations() -> u32 {
+        20
+    }
+    pub fn sharpness_rho() -> f64 {
+        0.05
+    }
+    pub fn sharpness_m() -> usize {
+        128
+    }
     pub fn digits_val() -> usize {
         300
     }

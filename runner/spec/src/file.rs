@@ -21,6 +21,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "sampler",
     "denoiser",
     "samples",
+    "sharpness",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +69,8 @@ pub struct ConfigPart {
     pub denoiser: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub samples: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub sharpness: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +100,8 @@ pub struct StageFile {
     pub denoiser: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub samples: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub sharpness: Option<Value>,
     /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
     #[serde(default)]
     pub grid: IndexMap<String, Vec<Value>>,
@@ -269,6 +274,7 @@ impl StageFile {
             sampler: self.sampler.clone(),
             denoiser: self.denoiser.clone(),
             samples: self.samples.clone(),
+            sharpness: self.sharpness.clone(),
         }
     }
 }
@@ -289,6 +295,7 @@ impl ConfigPart {
             &self.sampler,
             &self.denoiser,
             &self.samples,
+            &self.sharpness,
         ];
         CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
     }

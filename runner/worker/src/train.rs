@@ -104,6 +104,7 @@ pub fn evaluate_parents(
     }
     let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
     let mut probs: BTreeMap<&str, Tensor> = BTreeMap::new();
+    let mut sharp: BTreeMap<String, f64> = BTreeMap::new();
     for p in parents {
         let pcfg: JobConfig = serde_json::from_value(p.config.clone())
             .map_err(|e| Failure::new(FailureCause::Config, format!("parent {}: config: {e}", p.job_id)))?;
@@ -116,6 +117,12 @@ pub fn evaluate_parents(
         vs.load(&weights).map_err(|e| {
             Failure::new(FailureCause::Error, format!("cannot load {} into the parent's model: {e}", weights.display()))
         })?;
+        if let Some(sh) = &cfg.sharpness {
+            let trainable: Vec<Tensor> = vs.trainable_variables();
+            for (k, v) in sharpness(&net, &trainable, &data.train, sh, device)? {
+                *sharp.entry(k).or_insert(0.0) += v / parents.len() as f64;
+            }
+        }
         tch::no_grad(|| {
             for (name, split) in [("val", &data.val), ("test", &data.test)] {
                 if split.is_empty() {
@@ -137,8 +144,91 @@ pub fn evaluate_parents(
         }
     }
     values.insert("eval.models".to_string(), parents.len() as f64);
+    values.extend(sharp);
     out.metrics(1, values.clone());
     Ok(values)
+}
+
+/// Sharpness of the mean training loss at the model's weights (see `config::Sharpness`): the
+/// top Hessian eigenvalue by power iteration on Hessian-vector products, and the m-sharpness
+/// estimate. The model runs in evaluation mode, so the loss is a function of the weights alone.
+fn sharpness(
+    net: &model::Model,
+    params: &[Tensor],
+    train: &Split,
+    sh: &xlab_spec::config::Sharpness,
+    device: Device,
+) -> Result<BTreeMap<String, f64>, Failure> {
+    let n = train.len().min(sh.samples) as i64;
+    let x = train.x.narrow(0, 0, n).to_device(device);
+    let y = train.y.narrow(0, 0, n).to_device(device);
+    let loss_on = |lo: i64, len: i64| {
+        net.forward_t(&x.narrow(0, lo, len), false).log_softmax(-1, Kind::Float).nll_loss(&y.narrow(0, lo, len))
+    };
+    let dot = |a: &[Tensor], b: &[Tensor]| -> Result<f64, Failure> {
+        let mut s = 0.0;
+        for (u, v) in a.iter().zip(b) {
+            s += f64::try_from((u * v).sum(Kind::Double))?;
+        }
+        Ok(s)
+    };
+    // Power iteration: v ← Hv/‖Hv‖, λ = ⟨v, Hv⟩.
+    let loss = loss_on(0, n);
+    let grads = Tensor::f_run_backward(&[&loss], params, true, true)?;
+    let mut gen = ChaCha8Rng::seed_from_u64(sh.seed);
+    let mut v: Vec<Tensor> = params
+        .iter()
+        .map(|p| {
+            let vals: Vec<f32> = (0..p.numel()).map(|_| crate::data::normal(&mut gen) as f32).collect();
+            Tensor::from_slice(&vals).reshape(p.size()).to_device(device)
+        })
+        .collect();
+    let mut lambda = 0.0;
+    for _ in 0..sh.power_iterations {
+        let norm = dot(&v, &v)?.sqrt();
+        v = v.iter().map(|t| t / norm).collect();
+        let gv = grads.iter().zip(&v).map(|(g, v)| (g * v).sum(Kind::Float)).fold(None, |acc: Option<Tensor>, t| {
+            Some(match acc {
+                Some(a) => a + t,
+                None => t,
+            })
+        });
+        let Some(gv) = gv else { break };
+        let hv = Tensor::f_run_backward(&[&gv], params, true, false)?;
+        lambda = dot(&v, &hv)?;
+        v = hv;
+    }
+    // m-sharpness: one normalized ascent step per chunk of m examples.
+    let m = sh.m as i64;
+    let mut total = 0.0;
+    let mut chunks = 0;
+    let mut lo = 0;
+    while lo < n {
+        let len = m.min(n - lo);
+        let before = loss_on(lo, len);
+        let g = Tensor::f_run_backward(&[&before], params, false, false)?;
+        let gn = dot(&g, &g)?.sqrt();
+        let scale = sh.rho / (gn + 1e-12);
+        let saved: Vec<Tensor> = params.iter().map(|p| p.detach().copy()).collect();
+        tch::no_grad(|| {
+            for (p, g) in params.iter().zip(&g) {
+                let _ = p.shallow_clone().f_add_(&(g * scale));
+            }
+        });
+        let after = tch::no_grad(|| loss_on(lo, len));
+        tch::no_grad(|| {
+            for (p, s) in params.iter().zip(&saved) {
+                let _ = p.shallow_clone().f_copy_(s);
+            }
+        });
+        total += f64::try_from(&after)? - f64::try_from(&before)?;
+        chunks += 1;
+        lo += len;
+    }
+    Ok(BTreeMap::from([
+        ("sharpness.hessian_top".to_string(), lambda),
+        ("sharpness.m_sharpness".to_string(), total / f64::from(chunks)),
+    ]))
 }
 
 /// What the loss compares the logits with.
