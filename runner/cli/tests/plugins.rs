@@ -172,7 +172,8 @@ fn plugin_jobs_record_provenance_and_a_failing_plugin_fails_only_its_job() {
         .to_string();
     let out = cmd(&store).args(["show", &sam_job]).output().unwrap();
     let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rec["config"]["step_rule"], serde_json::json!({"use": "sam.sam", "rho": 0.1}));
+    // The resolved config: defaults filled in.
+    assert_eq!(rec["config"]["step_rule"], serde_json::json!({"use": "sam.sam", "rho": 0.1, "m": 0}));
     let used = &rec["provenance"]["plugins"][0];
     assert_eq!(used["id"], "sam");
     assert!(used["file"].as_str().unwrap().ends_with("libxlab_plugin_sam.so"));

@@ -401,6 +401,7 @@ objective: {use: a.d}
 sampler: {use: a.e}
 denoiser: {name: exact}
 samples: 3
+sharpness: {}
 "#;
         let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
         let v = serde_json::to_value(&cfg).unwrap();
