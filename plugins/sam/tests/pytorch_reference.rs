@@ -30,13 +30,15 @@ fn python() -> PathBuf {
     p
 }
 
-/// The tiny network with torch's SGD (momentum 0.9, no dampening) as the base optimizer.
+/// The tiny network with torch's SGD (momentum 0.9, no dampening) as the base optimizer; with
+/// an objective component, the loss goes through it (per-example losses and logits in).
 struct Tiny {
     params: Vec<Tensor>,
     momentum: Vec<Option<Tensor>>,
     x: Tensor,
     y: Tensor,
     lr: f64,
+    objective: Option<xlab_plugin_api::host::Instance>,
 }
 
 impl Tiny {
@@ -64,7 +66,15 @@ impl StepDriver for Tiny {
         }
         let x = self.x.narrow(0, lo as i64, (hi - lo) as i64);
         let y = self.y.narrow(0, lo as i64, (hi - lo) as i64);
-        let loss = self.forward(&x).log_softmax(-1, Kind::Double).nll_loss(&y);
+        let logits = self.forward(&x);
+        let loss = match &mut self.objective {
+            None => logits.log_softmax(-1, Kind::Double).nll_loss(&y),
+            Some(obj) => {
+                let per = logits.log_softmax(-1, Kind::Double).gather(1, &y.unsqueeze(1), false).squeeze_dim(1).neg();
+                let idx = Tensor::arange_start(lo as i64, hi as i64, (Kind::Int64, tch::Device::Cpu));
+                obj.objective_with_logits(&per, &per, None, &idx, Some(&logits), true, &mut |_, _| {})?
+            }
+        };
         loss.backward();
         f64::try_from(&loss).map_err(|e| e.to_string())
     }
@@ -119,6 +129,8 @@ fn every_variant_matches_its_pytorch_reference_on_a_tiny_network() {
         json!({"id": "sam.amp", "params": {"epsilon": 0.1, "inner_lr": 1.0, "inner_iter": 2}}),
         json!({"id": "sam.fd_gr", "params": {"gamma": 0.1, "epsilon": 0.05}}),
         json!({"id": "sam.fd_gr", "params": {"gamma": 0.1, "epsilon": 0.05, "direction": "backward"}}),
+        json!({"id": "sam.saf", "epochs": 4,
+               "params": {"lambda": 0.3, "tau": 2.0, "minus_epoch": 2, "kl_start": 0, "kl_end": 300}}),
     ];
     let (steps, lr) = (4, 0.1);
     let request = json!({"init": init, "x": x, "y": y, "steps": steps, "lr": lr, "cases": cases});
@@ -151,9 +163,24 @@ fn every_variant_matches_its_pytorch_reference_on_a_tiny_network() {
             x: Tensor::from_slice(&xs).reshape([12, 2]),
             y: Tensor::from_slice(&y),
             lr,
+            objective: None,
         };
-        for s in 0..steps {
-            rule.step(&mut net, 0, s).unwrap_or_else(|e| panic!("{case}: {e}"));
+        if case["id"] == "sam.saf" {
+            // An objective: plain SGD steps, the loss through the component, 3 epochs.
+            let mut saf = rule;
+            saf.setup(&xlab_plugin_api::RunInfo { num_classes: 3, n_train: 12, ..Default::default() }).unwrap();
+            net.objective = Some(saf);
+            for e in 0..case["epochs"].as_u64().unwrap() {
+                net.objective.as_mut().unwrap().on_epoch(e).unwrap();
+                for _ in 0..steps {
+                    net.forward_backward().unwrap_or_else(|m| panic!("{case}: {m}"));
+                    net.optimizer_step().unwrap();
+                }
+            }
+        } else {
+            for s in 0..steps {
+                rule.step(&mut net, 0, s).unwrap_or_else(|e| panic!("{case}: {e}"));
+            }
         }
         for (i, (name, _, _)) in NAMES.iter().enumerate() {
             let got = to_vec(&net.params[i]);

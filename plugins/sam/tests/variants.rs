@@ -272,3 +272,51 @@ fn m_sharpness_perturbs_each_chunk_with_its_own_gradient() {
     let want = [w0[0] - 0.1 * expect[0], w0[1] - 0.1 * expect[1]];
     assert!(close(&to_vec(&rows.w), &want, 1e-12), "{:?} vs {want:?}", to_vec(&rows.w));
 }
+
+#[test]
+fn saf_compares_with_the_logits_of_minus_epoch_epochs_ago() {
+    let p = plugin();
+    let params = serde_json::json!({"lambda": 0.5, "tau": 2.0, "minus_epoch": 1, "kl_start": 0, "kl_end": 10});
+    let mut saf = instantiate(&p, "sam.saf", params.clone());
+    let info = xlab_plugin_api::RunInfo { num_classes: 2, n_train: 4, ..Default::default() };
+    saf.setup(&info).unwrap();
+    let idx = Tensor::from_slice(&[2i64, 0]);
+    let losses = Tensor::from_slice(&[0.3f32, 0.7]);
+    let old = Tensor::from_slice(&[1.0f32, -1.0, 0.5, 0.0]).reshape([2, 2]);
+    let now = Tensor::from_slice(&[0.2f32, 0.4, -0.3, 0.9]).reshape([2, 2]).set_requires_grad(true);
+    // Epoch 0: the KL term is off (kl_start = 0 is strict); the logits are stored.
+    saf.on_epoch(0).unwrap();
+    let l0 = saf.objective_with_logits(&losses, &losses, None, &idx, Some(&old), true, &mut |_, _| {}).unwrap();
+    assert!((f64::try_from(&l0).unwrap() - 0.5).abs() < 1e-7);
+    // Epoch 1 reads what epoch 0 wrote for the same examples.
+    saf.on_epoch(1).unwrap();
+    let mut logged = vec![];
+    let l1 = saf
+        .objective_with_logits(&losses, &losses, None, &idx, Some(&now), true, &mut |k, v| {
+            logged.push((k.to_string(), v))
+        })
+        .unwrap();
+    let kl = |z: [f64; 2], r: [f64; 2]| {
+        let sm = |v: [f64; 2]| {
+            let e = [(v[0] / 2.0).exp(), (v[1] / 2.0).exp()];
+            [e[0] / (e[0] + e[1]), e[1] / (e[0] + e[1])]
+        };
+        let (pr, q) = (sm(r), sm(z));
+        pr[0] * (pr[0].ln() - q[0].ln()) + pr[1] * (pr[1].ln() - q[1].ln())
+    };
+    let want = (0.3 + 0.5 * 4.0 * kl([0.2, 0.4], [1.0, -1.0]) + 0.7 + 0.5 * 4.0 * kl([-0.3, 0.9], [0.5, 0.0])) / 2.0;
+    assert!((f64::try_from(&l1).unwrap() - want).abs() < 1e-6, "{l1} vs {want}");
+    l1.backward();
+    assert!(now.grad().defined(), "the KL term's gradient flows into the current logits");
+    assert!(logged.iter().any(|(k, _)| k == "saf.kl"));
+    // The buffer is state: a restored instance continues identically.
+    let (state, tensors) = saf.save_state().unwrap();
+    let mut restored = instantiate(&p, "sam.saf", params);
+    restored.setup(&info).unwrap();
+    restored.load_state(&state, &tensors).unwrap();
+    saf.on_epoch(2).unwrap();
+    restored.on_epoch(2).unwrap();
+    let a = saf.objective_with_logits(&losses, &losses, None, &idx, Some(&old), true, &mut |_, _| {}).unwrap();
+    let b = restored.objective_with_logits(&losses, &losses, None, &idx, Some(&old), true, &mut |_, _| {}).unwrap();
+    assert_eq!(f64::try_from(&a).unwrap(), f64::try_from(&b).unwrap());
+}

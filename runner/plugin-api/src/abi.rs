@@ -314,6 +314,8 @@ pub struct ObjectiveIo {
     pub correct: *mut c_void,
     pub group: *mut c_void,
     pub index: *mut c_void,
+    /// The model's logits `[B, C]` for the batch, with gradient (null if the host has none).
+    pub logits: *mut c_void,
     /// The training loss, a scalar with gradient (owned by the host once written).
     pub loss_out: *mut c_void,
 }

@@ -510,12 +510,28 @@ impl Instance {
         first_pass: bool,
         log: &mut dyn FnMut(&str, f64),
     ) -> Result<Tensor, String> {
+        self.objective_with_logits(losses, correct, group, index, None, first_pass, log)
+    }
+
+    /// As [`Self::objective`], also handing the objective the batch's logits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn objective_with_logits(
+        &mut self,
+        losses: &Tensor,
+        correct: &Tensor,
+        group: Option<&Tensor>,
+        index: &Tensor,
+        logits: Option<&Tensor>,
+        first_pass: bool,
+        log: &mut dyn FnMut(&str, f64),
+    ) -> Result<Tensor, String> {
         let f = self.decl.objective.ok_or_else(|| format!("`{}` is not an objective", self.id))?;
         let mut io = abi::ObjectiveIo {
             losses: borrow(Some(losses)),
             correct: borrow(Some(correct)),
             group: borrow(group),
             index: borrow(Some(index)),
+            logits: borrow(logits),
             loss_out: std::ptr::null_mut(),
         };
         let mut l: &mut dyn FnMut(&str, f64) = log;

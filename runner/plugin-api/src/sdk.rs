@@ -297,6 +297,9 @@ pub struct ObjectiveInput {
     pub correct: Tensor,
     pub group: Option<Tensor>,
     pub index: Tensor,
+    /// The model's logits `[B, C]`, with gradient, when the host provides them (xlab's worker
+    /// always does).
+    pub logits: Option<Tensor>,
     /// True on the first pass of a step; state updates happen only then.
     pub first_pass: bool,
 }
@@ -601,6 +604,7 @@ pub mod glue {
                 correct: opt_tensor(io.correct).ok_or_else(|| PluginError("no correctness".into()))?,
                 group: opt_tensor(io.group),
                 index: opt_tensor(io.index).ok_or_else(|| PluginError("no indices".into()))?,
+                logits: opt_tensor(io.logits),
                 first_pass: host.first_pass,
             };
             let mut ctx = ObjectiveCtx { host };

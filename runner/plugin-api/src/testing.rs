@@ -225,8 +225,9 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
         ComponentKind::Objective => {
             let losses = Tensor::from_slice(&[0.5f32, 1.0, 1.5, 2.0, 0.25, 0.75]).set_requires_grad(true);
             let correct = Tensor::from_slice(&[1.0f32, 0.0, 1.0, 0.0, 1.0, 1.0]);
+            let logits = (Tensor::arange(18, (Kind::Float, tch::Device::Cpu)).reshape([6, 3]) / 7.0).sin();
             let loss = inst
-                .objective(&losses, &correct, Some(&g), &idx, true, &mut |_, _| {})
+                .objective_with_logits(&losses, &correct, Some(&g), &idx, Some(&logits), true, &mut |_, _| {})
                 .unwrap_or_else(|e| panic!("objective: {e}"));
             assert_eq!(loss.dim(), 0, "{}: the training loss must be a scalar", inst.id);
             loss.backward();

@@ -378,13 +378,21 @@ impl Driver<'_> {
         let first = self.reported[lo..hi].iter().all(|r| !r);
         let stats = &mut *self.stats;
         let loss = match self.objective.as_deref_mut() {
-            Some(obj) => obj.objective(&per_example, &correct, group.as_ref(), &index, first, &mut |k, v| {
-                if first {
-                    let e = stats.plugin.entry(k.to_string()).or_default();
-                    e.0 += v;
-                    e.1 += 1;
-                }
-            })?,
+            Some(obj) => obj.objective_with_logits(
+                &per_example,
+                &correct,
+                group.as_ref(),
+                &index,
+                Some(&logits),
+                first,
+                &mut |k, v| {
+                    if first {
+                        let e = stats.plugin.entry(k.to_string()).or_default();
+                        e.0 += v;
+                        e.1 += 1;
+                    }
+                },
+            )?,
             None => per_example.mean(Kind::Float),
         };
         loss.f_backward().map_err(tch_err)?;

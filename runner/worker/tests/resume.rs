@@ -116,11 +116,14 @@ fn series(events: &[Event]) -> Vec<(u64, serde_json::Value)> {
 
 #[test]
 fn a_killed_worker_resumes_with_identical_results() {
-    // Group DRO's q and EMA, and the dual χ² objective's learned η (with its pending gradient),
-    // are plugin state; both run under SAM (two passes) with mixup.
+    // Group DRO's q and EMA, the dual χ² objective's learned η (with its pending gradient) and
+    // SAF's logit buffer are plugin state; each runs under SAM (two passes) with mixup.
     let chi2 = serde_json::json!({"use": "dro.chi2", "rho": 1.0, "reg": 0.0, "dual": true, "eta_init": 0.0,
                                   "eta_lr": 0.05, "tol": 1e-4, "max_iter": 1000});
-    for (name, objective) in [("group_dro", group_dro()), ("chi2", chi2)] {
+    // SAF's logit buffer is state too.
+    let saf = serde_json::json!({"use": "sam.saf", "lambda": 0.3, "tau": 2.0, "minus_epoch": 1, "kl_start": 0,
+                                 "kl_end": 300});
+    for (name, objective) in [("group_dro", group_dro()), ("chi2", chi2), ("saf", saf)] {
         let dir = tempfile::tempdir().unwrap();
         let reference = request_with(&dir.path().join("a"), 6, objective.clone());
         let straight = run(&reference, None);
@@ -140,6 +143,9 @@ fn a_killed_worker_resumes_with_identical_results() {
         assert_eq!(series(&straight), series(&second), "{name}");
         if name == "chi2" {
             assert!(finished(&straight)["dro.eta"].as_f64().is_some_and(|e| e != 0.0), "η was learned");
+        }
+        if name == "saf" {
+            assert!(finished(&straight)["saf.kl"].as_f64().is_some_and(|k| k > 0.0), "the KL term was on");
         }
     }
 }

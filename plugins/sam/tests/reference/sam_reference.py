@@ -250,11 +250,42 @@ def run(case, init, x, y, steps, lr):
     return {n: p.detach().flatten().tolist() for n, p in named}
 
 
+def run_saf(case, init, x, y, steps_per_epoch, epochs, lr):
+    """SAF (AngusDujw/SAF SAF_train.py) as a loss on top of plain SGD with momentum."""
+    model = Tiny(init)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    a = case["params"]
+    lam, tau, me, start, end = a["lambda"], a["tau"], a["minus_epoch"], a["kl_start"], a["kl_end"]
+    n, c = len(y), 3
+    buf = torch.zeros(n, me + 1, c, dtype=torch.float32)
+    idx = torch.arange(n)
+    for e in range(epochs):
+        for _ in range(steps_per_epoch):
+            opt.zero_grad()
+            z = model(x)
+            buf[idx, e % (me + 1)] = z.detach().float()
+            ref = buf[idx, (e - me) % (me + 1)].double()
+            loss = torch.nn.functional.cross_entropy(z, y, reduction="none")
+            if start < e < end:
+                p = torch.softmax(ref / tau, dim=-1)
+                kl = (p * (torch.log(p) - torch.log(torch.softmax(z / tau, dim=-1)))).sum(-1)
+                loss = loss + lam * tau * tau * kl
+            loss.mean().backward()
+            opt.step()
+    return {n_: p.detach().flatten().tolist() for n_, p in named}
+
+
 def main():
     req = json.load(sys.stdin)
     x = torch.tensor(req["x"])
     y = torch.tensor(req["y"])
-    out = [run(c, req["init"], x, y, req["steps"], req["lr"]) for c in req["cases"]]
+    out = [
+        run_saf(c, req["init"], x, y, req["steps"], c["epochs"], req["lr"]) if c["id"] == "sam.saf"
+        else run(c, req["init"], x, y, req["steps"], req["lr"])
+        for c in req["cases"]
+    ]
     json.dump(out, sys.stdout)
 
 
