@@ -6,6 +6,7 @@ pub mod common;
 pub mod fd_gr;
 pub mod fsam;
 pub mod gam;
+pub mod mesa;
 pub mod saf;
 pub mod sam;
 pub mod sam_on;
@@ -15,6 +16,6 @@ xlab_plugin_api::export_plugin! {
     version: env!("CARGO_PKG_VERSION"),
     step_rules: [sam::Sam, asam::Asam, gam::Gam, fsam::Fsam, sam_on::SamOn, amp::Amp, fd_gr::FdGr],
     batch_transforms: [],
-    objectives: [saf::Saf],
+    objectives: [saf::Saf, mesa::Mesa],
     samplers: [],
 }

@@ -41,11 +41,24 @@ struct Tiny {
     objective: Option<xlab_plugin_api::host::Instance>,
 }
 
-impl Tiny {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let p = &self.params;
-        let h = (x.matmul(&p[0].tr()) + &p[1]).tanh() * &p[2];
-        h.matmul(&p[3].tr()) + &p[4]
+fn forward(p: &[Tensor], x: &Tensor) -> Tensor {
+    let h = (x.matmul(&p[0].tr()) + &p[1]).tanh() * &p[2];
+    h.matmul(&p[3].tr()) + &p[4]
+}
+
+/// What an objective sees of the tiny network: its variables, and a forward pass with others.
+struct TinyHost<'a> {
+    params: &'a [Tensor],
+    x: &'a Tensor,
+}
+
+impl xlab_plugin_api::host::ObjectiveDriver for TinyHost<'_> {
+    fn log(&mut self, _: &str, _: f64) {}
+    fn model_state(&mut self) -> Vec<(String, Tensor)> {
+        NAMES.iter().zip(self.params).map(|((n, _, _), t)| (n.to_string(), t.shallow_clone())).collect()
+    }
+    fn forward_with(&mut self, vars: &[Tensor]) -> Result<Tensor, String> {
+        Ok(tch::no_grad(|| forward(vars, self.x)))
     }
 }
 
@@ -66,13 +79,14 @@ impl StepDriver for Tiny {
         }
         let x = self.x.narrow(0, lo as i64, (hi - lo) as i64);
         let y = self.y.narrow(0, lo as i64, (hi - lo) as i64);
-        let logits = self.forward(&x);
+        let logits = forward(&self.params, &x);
         let loss = match &mut self.objective {
             None => logits.log_softmax(-1, Kind::Double).nll_loss(&y),
             Some(obj) => {
                 let per = logits.log_softmax(-1, Kind::Double).gather(1, &y.unsqueeze(1), false).squeeze_dim(1).neg();
                 let idx = Tensor::arange_start(lo as i64, hi as i64, (Kind::Int64, tch::Device::Cpu));
-                obj.objective_with_logits(&per, &per, None, &idx, Some(&logits), true, &mut |_, _| {})?
+                let mut host = TinyHost { params: &self.params, x: &x };
+                obj.objective_full(&per, &per, None, &idx, Some(&logits), true, &mut host)?
             }
         };
         loss.backward();
@@ -131,6 +145,8 @@ fn every_variant_matches_its_pytorch_reference_on_a_tiny_network() {
         json!({"id": "sam.fd_gr", "params": {"gamma": 0.1, "epsilon": 0.05, "direction": "backward"}}),
         json!({"id": "sam.saf", "epochs": 4,
                "params": {"lambda": 0.3, "tau": 2.0, "minus_epoch": 2, "kl_start": 0, "kl_end": 300}}),
+        json!({"id": "sam.mesa", "epochs": 3,
+               "params": {"decay": 0.6, "lambda": 0.5, "tau": 2.0, "kl_start": 0, "kl_end": 360}}),
     ];
     let (steps, lr) = (4, 0.1);
     let request = json!({"init": init, "x": x, "y": y, "steps": steps, "lr": lr, "cases": cases});
@@ -165,8 +181,8 @@ fn every_variant_matches_its_pytorch_reference_on_a_tiny_network() {
             lr,
             objective: None,
         };
-        if case["id"] == "sam.saf" {
-            // An objective: plain SGD steps, the loss through the component, 3 epochs.
+        if case["id"] == "sam.saf" || case["id"] == "sam.mesa" {
+            // An objective: plain SGD steps, the loss through the component, over epochs.
             let mut saf = rule;
             saf.setup(&xlab_plugin_api::RunInfo { num_classes: 3, n_train: 12, ..Default::default() }).unwrap();
             net.objective = Some(saf);

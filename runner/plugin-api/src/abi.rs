@@ -327,6 +327,21 @@ pub struct ObjectiveHost {
     pub log_metric: unsafe extern "C" fn(ctx: *mut c_void, name: RStr, value: f64),
     /// Whether this is the first pass of the step (objectives update their state only then).
     pub first_pass: bool,
+    /// Number of the model's variables (parameters and buffers such as running statistics), in
+    /// a fixed order; 0 when the host has no model.
+    pub n_model_state: unsafe extern "C" fn(ctx: *mut c_void) -> usize,
+    /// Variable `i`: a borrowed handle and its name (valid during the objective call).
+    pub model_state: unsafe extern "C" fn(ctx: *mut c_void, i: usize, out: *mut ParamRef) -> Status,
+    /// Logits for this pass's inputs from the model with the `n` given tensors (one per
+    /// variable, in order) in place of its variables, in evaluation mode and without gradient
+    /// (an EMA teacher, say). Writes an owned handle.
+    pub forward_with: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        tensors: *const *mut c_void,
+        n: usize,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status,
 }
 
 /// A denoiser a sampler queries: ε̂ = model(x, t).

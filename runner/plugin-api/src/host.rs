@@ -226,6 +226,88 @@ fn call(what: &str, f: impl FnOnce(*const Sink) -> Status) -> Result<(), String>
 }
 
 /// The worker's side of a step: what a step rule's callbacks do.
+/// What an objective may ask of the host besides its inputs.
+pub trait ObjectiveDriver {
+    fn log(&mut self, name: &str, value: f64);
+    /// The model's variables (parameters and buffers), in a fixed order.
+    fn model_state(&mut self) -> Vec<(String, Tensor)> {
+        vec![]
+    }
+    /// Logits of the pass's inputs from the model with `vars` in place of its variables, in
+    /// evaluation mode, without gradient.
+    fn forward_with(&mut self, _vars: &[Tensor]) -> Result<Tensor, String> {
+        Err("this host cannot run its model for an objective".into())
+    }
+}
+
+/// A host with no model: objectives can only log.
+struct LogOnly<'a>(&'a mut dyn FnMut(&str, f64));
+
+impl ObjectiveDriver for LogOnly<'_> {
+    fn log(&mut self, name: &str, value: f64) {
+        (self.0)(name, value)
+    }
+}
+
+/// The context behind an `ObjectiveHost`: the driver, and the model state handed out (kept
+/// alive for the duration of the call).
+struct ObjCtx<'a> {
+    driver: &'a mut dyn ObjectiveDriver,
+    state: Option<Vec<(String, Tensor)>>,
+}
+
+mod obj_tramp {
+    use super::*;
+    fn c<'a>(ctx: *mut c_void) -> &'a mut ObjCtx<'a> {
+        // SAFETY: ctx is the ObjCtx set up by `Instance::objective_full`.
+        unsafe { &mut *(ctx as *mut ObjCtx<'a>) }
+    }
+    pub unsafe extern "C" fn log(ctx: *mut c_void, name: RStr, value: f64) {
+        // SAFETY: the plugin passes a valid string for the duration of the call.
+        if let Ok(n) = unsafe { name.as_str() } {
+            c(ctx).driver.log(n, value)
+        }
+    }
+    fn state<'a>(cx: &'a mut ObjCtx<'_>) -> &'a [(String, Tensor)] {
+        if cx.state.is_none() {
+            cx.state = Some(cx.driver.model_state());
+        }
+        cx.state.as_deref().unwrap_or_default()
+    }
+    pub unsafe extern "C" fn n_state(ctx: *mut c_void) -> usize {
+        state(c(ctx)).len()
+    }
+    pub unsafe extern "C" fn get_state(ctx: *mut c_void, i: usize, out: *mut abi::ParamRef) -> Status {
+        let Some((name, t)) = state(c(ctx)).get(i) else { return Status::Error };
+        // SAFETY: out is valid; the handle and name live until the objective call returns.
+        unsafe { *out = abi::ParamRef { tensor: t.as_ptr() as *mut c_void, name: RStr::borrowed(name), tags: 0 } };
+        Status::Ok
+    }
+    pub unsafe extern "C" fn forward_with(
+        ctx: *mut c_void,
+        tensors: *const *mut c_void,
+        n: usize,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status {
+        // SAFETY: the plugin passes n borrowed handles valid during the call.
+        let vars: Vec<Tensor> = (0..n).map(|i| unsafe { Tensor::clone_from_ptr((*tensors.add(i)).cast()) }).collect();
+        match c(ctx).driver.forward_with(&vars) {
+            Ok(t) => {
+                let mut owned = t.shallow_clone();
+                // SAFETY: hand the plugin an owned handle.
+                unsafe { *out = owned.as_mut_ptr().cast() };
+                std::mem::forget(owned);
+                Status::Ok
+            }
+            Err(m) => {
+                err_to_sink(err, &m);
+                Status::Error
+            }
+        }
+    }
+}
+
 pub trait StepDriver {
     fn forward_backward(&mut self) -> Result<f64, String>;
     /// Rows in the current batch.
@@ -268,15 +350,6 @@ unsafe extern "C" fn rng_trampoline(ctx: *mut c_void) -> u64 {
     // SAFETY: ctx is the `&mut dyn FnMut() -> u64` set up by the caller below.
     let f = unsafe { &mut *(ctx as *mut &mut dyn FnMut() -> u64) };
     f()
-}
-
-unsafe extern "C" fn log_trampoline(ctx: *mut c_void, name: RStr, value: f64) {
-    // SAFETY: ctx is the `&mut dyn FnMut(&str, f64)` set up by the caller.
-    let f = unsafe { &mut *(ctx as *mut &mut dyn FnMut(&str, f64)) };
-    // SAFETY: the plugin passes a valid string for the duration of the call.
-    if let Ok(n) = unsafe { name.as_str() } {
-        f(n, value)
-    }
 }
 
 fn err_to_sink(err: *const Sink, msg: &str) {
@@ -525,6 +598,22 @@ impl Instance {
         first_pass: bool,
         log: &mut dyn FnMut(&str, f64),
     ) -> Result<Tensor, String> {
+        self.objective_full(losses, correct, group, index, logits, first_pass, &mut LogOnly(log))
+    }
+
+    /// As [`Self::objective_with_logits`], with a host that can also show the objective its
+    /// model's state and run the model with other weights.
+    #[allow(clippy::too_many_arguments)]
+    pub fn objective_full(
+        &mut self,
+        losses: &Tensor,
+        correct: &Tensor,
+        group: Option<&Tensor>,
+        index: &Tensor,
+        logits: Option<&Tensor>,
+        first_pass: bool,
+        driver: &mut dyn ObjectiveDriver,
+    ) -> Result<Tensor, String> {
         let f = self.decl.objective.ok_or_else(|| format!("`{}` is not an objective", self.id))?;
         let mut io = abi::ObjectiveIo {
             losses: borrow(Some(losses)),
@@ -534,11 +623,14 @@ impl Instance {
             logits: borrow(logits),
             loss_out: std::ptr::null_mut(),
         };
-        let mut l: &mut dyn FnMut(&str, f64) = log;
+        let mut cx = ObjCtx { driver, state: None };
         let host = abi::ObjectiveHost {
-            ctx: (&mut l as *mut &mut dyn FnMut(&str, f64)).cast(),
-            log_metric: log_trampoline,
+            ctx: (&mut cx as *mut ObjCtx<'_>).cast(),
+            log_metric: obj_tramp::log,
             first_pass,
+            n_model_state: obj_tramp::n_state,
+            model_state: obj_tramp::get_state,
+            forward_with: obj_tramp::forward_with,
         };
         // SAFETY: obj is live; io, host and the tensors outlive the call.
         let res = call(&format!("`{}` objective", self.id), |err| unsafe { f(self.obj, &mut io, &host, err) });

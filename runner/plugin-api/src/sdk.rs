@@ -313,6 +313,43 @@ impl ObjectiveCtx<'_> {
         // SAFETY: the host's callback is valid during the call.
         unsafe { (self.host.log_metric)(self.host.ctx, RStr::borrowed(name), value) }
     }
+
+    /// The model's variables (parameters and buffers), named, in the host's fixed order;
+    /// empty when the host has no model. The tensors are the host's own (shallow references).
+    pub fn model_state(&mut self) -> Result<Vec<(String, Tensor)>> {
+        // SAFETY: host callbacks are valid during the objective call.
+        let n = unsafe { (self.host.n_model_state)(self.host.ctx) };
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut p = abi::ParamRef { tensor: std::ptr::null_mut(), name: RStr::from_static(""), tags: 0 };
+            // SAFETY: as above; the handle is borrowed, so we take our own reference.
+            let st = unsafe { (self.host.model_state)(self.host.ctx, i, &mut p) };
+            if st != Status::Ok || p.tensor.is_null() {
+                return Err(PluginError(format!("host has no model variable {i}")));
+            }
+            let tensor = unsafe { Tensor::clone_from_ptr(p.tensor.cast()) };
+            // SAFETY: the name lives as long as the call.
+            let name = unsafe { p.name.as_str() }.map_err(PluginError::from)?.to_string();
+            out.push((name, tensor));
+        }
+        Ok(out)
+    }
+
+    /// Logits for this pass's inputs from the model with `vars` (one per variable of
+    /// [`Self::model_state`], in order) in its place: evaluation mode, no gradient.
+    pub fn forward_with(&mut self, vars: &[Tensor]) -> Result<Tensor> {
+        let handles: Vec<*mut c_void> = vars.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the handles are borrowed for the call; the host writes an owned handle.
+        call_with_err(|err| unsafe {
+            (self.host.forward_with)(self.host.ctx, handles.as_ptr(), handles.len(), &mut out, err)
+        })?;
+        if out.is_null() {
+            return Err(PluginError("the host returned no logits".into()));
+        }
+        // SAFETY: an owned handle from the host.
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
 }
 
 pub trait Objective: Component {

@@ -187,6 +187,33 @@ fn state_eq(a: &(serde_json::Value, Vec<(String, Tensor)>), b: &(serde_json::Val
     a.0 == b.0 && a.1.len() == b.1.len() && a.1.iter().zip(&b.1).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
 }
 
+/// A host model for objectives: logits = x·W (W `[4, 3]`, fixed), its one variable shared.
+pub struct LinearModel {
+    pub w: Tensor,
+    x: Tensor,
+    pub logged: Vec<(String, f64)>,
+}
+
+impl LinearModel {
+    pub fn new(x: &Tensor) -> Self {
+        let w = (Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).reshape([4, 3]) / 5.0).cos();
+        LinearModel { w, x: x.shallow_clone(), logged: vec![] }
+    }
+}
+
+impl host::ObjectiveDriver for LinearModel {
+    fn log(&mut self, name: &str, value: f64) {
+        self.logged.push((name.to_string(), value));
+    }
+    fn model_state(&mut self) -> Vec<(String, Tensor)> {
+        vec![("w".to_string(), self.w.shallow_clone())]
+    }
+    fn forward_with(&mut self, vars: &[Tensor]) -> Result<Tensor, String> {
+        let [w] = vars else { return Err(format!("{} tensors for one variable", vars.len())) };
+        Ok(tch::no_grad(|| self.x.matmul(w)))
+    }
+}
+
 /// A fixed small batch: 6 examples, 4 features, 3 classes, 2 groups.
 fn batch() -> (Tensor, Tensor, Tensor, Tensor) {
     let x = Tensor::arange(24, (Kind::Float, tch::Device::Cpu)).reshape([6, 4]) / 10.0;
@@ -226,8 +253,9 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             let losses = Tensor::from_slice(&[0.5f32, 1.0, 1.5, 2.0, 0.25, 0.75]).set_requires_grad(true);
             let correct = Tensor::from_slice(&[1.0f32, 0.0, 1.0, 0.0, 1.0, 1.0]);
             let logits = (Tensor::arange(18, (Kind::Float, tch::Device::Cpu)).reshape([6, 3]) / 7.0).sin();
+            let mut model = LinearModel::new(&x);
             let loss = inst
-                .objective_with_logits(&losses, &correct, Some(&g), &idx, Some(&logits), true, &mut |_, _| {})
+                .objective_full(&losses, &correct, Some(&g), &idx, Some(&logits), true, &mut model)
                 .unwrap_or_else(|e| panic!("objective: {e}"));
             assert_eq!(loss.dim(), 0, "{}: the training loss must be a scalar", inst.id);
             loss.backward();

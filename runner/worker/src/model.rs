@@ -20,10 +20,12 @@ struct BatchNorm {
 }
 
 enum Layer {
-    Linear(nn::Linear),
-    Conv(nn::Conv2D),
+    /// Weight and bias (convolutions: 3×3, stride 1, padding 1).
+    Linear(Tensor, Tensor),
+    Conv(Tensor, Tensor),
     Batch(BatchNorm),
-    LayerNorm(nn::LayerNorm),
+    /// LayerNorm: weight, bias and the normalized shape.
+    Norm(Tensor, Tensor, Vec<i64>),
     Act(Activation),
     MaxPool,
     Flatten,
@@ -42,15 +44,31 @@ const EPS: f64 = 1e-5;
 impl Model {
     /// Logits; `train` selects batch statistics (and their running update) in BatchNorm.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.run(x, train, &|_, t| t.shallow_clone())
+    }
+
+    /// Logits in evaluation mode with other values for the model's variables: `vars` maps a
+    /// variable's name (`layers.N.weight`, `layers.N.running_mean`, ...) to the tensor to use.
+    /// The model's own variables are not touched.
+    pub fn forward_with(&self, x: &Tensor, vars: &std::collections::HashMap<String, Tensor>) -> Tensor {
+        self.run(x, false, &|name: &str, own: &Tensor| {
+            vars.get(name).map_or_else(|| own.shallow_clone(), |t| t.shallow_clone())
+        })
+    }
+
+    fn run(&self, x: &Tensor, train: bool, var: &dyn Fn(&str, &Tensor) -> Tensor) -> Tensor {
         let mut h = match self.image {
             Some([c, hh, w]) => x.reshape([-1, c, hh, w]),
             None => x.shallow_clone(),
         };
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
+            let v = |name: &str, own: &Tensor| var(&format!("layers.{i}.{name}"), own);
             h = match l {
-                Layer::Linear(m) => nn::Module::forward(m, &h),
-                Layer::Conv(m) => nn::Module::forward(m, &h),
-                Layer::LayerNorm(m) => nn::Module::forward(m, &h),
+                Layer::Linear(w, b) => h.linear(&v("weight", w), Some(v("bias", b))),
+                Layer::Conv(w, b) => h.conv2d(&v("weight", w), Some(v("bias", b)), [1, 1], [1, 1], [1, 1], 1),
+                Layer::Norm(w, b, shape) => {
+                    h.layer_norm(shape.as_slice(), Some(v("weight", w)), Some(v("bias", b)), EPS, false)
+                }
                 Layer::Batch(b) => {
                     if train {
                         tch::no_grad(|| {
@@ -61,10 +79,10 @@ impl Model {
                     let momentum = if self.frozen.get() { 0.0 } else { BN_MOMENTUM };
                     Tensor::batch_norm(
                         &h,
-                        Some(&b.weight),
-                        Some(&b.bias),
-                        Some(&b.running_mean),
-                        Some(&b.running_var),
+                        Some(&v("weight", &b.weight)),
+                        Some(&v("bias", &b.bias)),
+                        Some(&v("running_mean", &b.running_mean)),
+                        Some(&v("running_var", &b.running_var)),
                         train,
                         momentum,
                         EPS,
@@ -98,11 +116,20 @@ fn batch_norm(p: &nn::Path, n: i64) -> BatchNorm {
     }
 }
 
+fn layer_norm(p: &nn::Path, shape: Vec<i64>) -> Layer {
+    Layer::Norm(p.ones("weight", &shape), p.zeros("bias", &shape), shape)
+}
+
+fn linear(p: &nn::Path, i: i64, o: i64) -> Layer {
+    let l = nn::linear(p, i, o, Default::default());
+    Layer::Linear(l.ws, l.bs.expect("linear layers have a bias"))
+}
+
 fn norm_layer(p: &nn::Path, norm: Norm, n: i64) -> Option<Layer> {
     match norm {
         Norm::None => None,
         Norm::Batch => Some(Layer::Batch(batch_norm(p, n))),
-        Norm::Layer => Some(Layer::LayerNorm(nn::layer_norm(p, vec![n], Default::default()))),
+        Norm::Layer => Some(layer_norm(p, vec![n])),
     }
 }
 
@@ -115,16 +142,16 @@ pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option
         ModelConfig::Mlp(m) => {
             let mut width = input_dim as i64;
             for &h in &m.hidden {
-                let l = nn::linear(at(&layers), width, h as i64, Default::default());
-                layers.push(Layer::Linear(l));
+                let l = linear(&at(&layers), width, h as i64);
+                layers.push(l);
                 if let Some(n) = norm_layer(&at(&layers), m.norm, h as i64) {
                     layers.push(n);
                 }
                 layers.push(Layer::Act(m.activation));
                 width = h as i64;
             }
-            let l = nn::linear(at(&layers), width, classes as i64, Default::default());
-            layers.push(Layer::Linear(l));
+            let l = linear(&at(&layers), width, classes as i64);
+            layers.push(l);
             Model { layers, image: None, frozen: Cell::new(false) }
         }
         ModelConfig::Cnn(c) => {
@@ -132,13 +159,11 @@ pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option
             for &out in &c.channels {
                 let conv =
                     nn::conv2d(at(&layers), ch, out as i64, 3, nn::ConvConfig { padding: 1, ..Default::default() });
-                layers.push(Layer::Conv(conv));
+                layers.push(Layer::Conv(conv.ws, conv.bs.expect("convolutions have a bias")));
                 if let Some(n) = norm_layer(&at(&layers), c.norm, out as i64) {
                     // LayerNorm on images normalizes each channel map's (h, w).
                     let n = match n {
-                        Layer::LayerNorm(_) => {
-                            Layer::LayerNorm(nn::layer_norm(at(&layers), vec![h, w], Default::default()))
-                        }
+                        Layer::Norm(..) => layer_norm(&at(&layers), vec![h, w]),
                         other => other,
                     };
                     layers.push(n);
@@ -150,8 +175,8 @@ pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option
                 w /= 2;
             }
             layers.push(Layer::Flatten);
-            let l = nn::linear(at(&layers), ch * h * w, classes as i64, Default::default());
-            layers.push(Layer::Linear(l));
+            let l = linear(&at(&layers), ch * h * w, classes as i64);
+            layers.push(l);
             Model { layers, image, frozen: Cell::new(false) }
         }
     }
@@ -180,7 +205,7 @@ impl Model {
         self.layers
             .iter()
             .enumerate()
-            .filter(|(_, l)| matches!(l, Layer::Batch(_) | Layer::LayerNorm(_)))
+            .filter(|(_, l)| matches!(l, Layer::Batch(_) | Layer::Norm(..)))
             .map(|(i, _)| format!("layers.{i}."))
             .collect()
     }
@@ -239,6 +264,29 @@ mod tests {
         assert!(!mean().equal(&before), "training: running statistics move");
         assert_eq!(f64::try_from(&vs.variables()["layers.1.num_batches_tracked"]).unwrap(), 2.0);
         assert!(!vs.variables()["layers.1.running_mean"].requires_grad());
+    }
+
+    #[test]
+    fn forward_with_uses_other_values_and_leaves_the_model_alone() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let cfg = ModelConfig::Mlp(Mlp { hidden: vec![4], activation: Activation::Tanh, norm: Norm::Batch });
+        let m = build(&vs.root(), &cfg, 2, None, 3);
+        let x = Tensor::from_slice(&[1.0f32, 2.0, -3.0, 0.5, 2.0, 2.0]).reshape([3, 2]);
+        let vars = vs.variables();
+        let doubled: std::collections::HashMap<String, Tensor> =
+            vars.iter().map(|(n, t)| (n.clone(), t.detach() * 2.0 + 0.1)).collect();
+        let before: Vec<(String, Tensor)> = vars.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
+        let other = tch::no_grad(|| m.forward_with(&x, &doubled));
+        for (n, t) in &before {
+            assert!(vars[n].equal(t), "{n} changed");
+        }
+        // The same as a model that holds those values.
+        tch::no_grad(|| {
+            for (n, t) in &vars {
+                t.shallow_clone().copy_(&doubled[n]);
+            }
+        });
+        assert!(other.allclose(&m.forward_t(&x, false), 1e-6, 1e-6, false));
     }
 
     #[test]

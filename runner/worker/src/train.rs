@@ -338,6 +338,47 @@ struct Driver<'a> {
     /// Rows in the batch, and which of them a pass of this step has reported already.
     batch: usize,
     reported: Vec<bool>,
+    /// Every model variable (parameters and buffers), for objectives that read or swap them.
+    vars: &'a [(String, Tensor)],
+}
+
+/// What an objective sees of the host during one pass.
+struct ObjectiveHost<'a> {
+    stats: &'a mut EpochStats,
+    first: bool,
+    net: &'a model::Model,
+    vars: &'a [(String, Tensor)],
+    x: &'a Tensor,
+}
+
+impl xlab_plugin_api::host::ObjectiveDriver for ObjectiveHost<'_> {
+    fn log(&mut self, name: &str, value: f64) {
+        if self.first {
+            let e = self.stats.plugin.entry(name.to_string()).or_default();
+            e.0 += value;
+            e.1 += 1;
+        }
+    }
+
+    fn model_state(&mut self) -> Vec<(String, Tensor)> {
+        self.vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+
+    fn forward_with(&mut self, vars: &[Tensor]) -> Result<Tensor, String> {
+        if vars.len() != self.vars.len() {
+            return Err(format!("{} tensors for a model with {} variables", vars.len(), self.vars.len()));
+        }
+        let mut map = std::collections::HashMap::new();
+        for ((name, own), v) in self.vars.iter().zip(vars) {
+            if own.size() != v.size() {
+                return Err(format!("`{name}` has shape {:?}, given {:?}", own.size(), v.size()));
+            }
+            map.insert(name.clone(), v.to_kind(own.kind()).to_device(own.device()));
+        }
+        // The model's own variables are not modified: the autograd graph of the current pass
+        // still needs them as they are.
+        Ok(tch::no_grad(|| self.net.forward_with(self.x, &map)))
+    }
 }
 
 fn tch_err(e: tch::TchError) -> String {
@@ -378,21 +419,10 @@ impl Driver<'_> {
         let first = self.reported[lo..hi].iter().all(|r| !r);
         let stats = &mut *self.stats;
         let loss = match self.objective.as_deref_mut() {
-            Some(obj) => obj.objective_with_logits(
-                &per_example,
-                &correct,
-                group.as_ref(),
-                &index,
-                Some(&logits),
-                first,
-                &mut |k, v| {
-                    if first {
-                        let e = stats.plugin.entry(k.to_string()).or_default();
-                        e.0 += v;
-                        e.1 += 1;
-                    }
-                },
-            )?,
+            Some(obj) => {
+                let mut host = ObjectiveHost { stats: &mut *stats, first, net: self.net, vars: self.vars, x: &x };
+                obj.objective_full(&per_example, &correct, group.as_ref(), &index, Some(&logits), first, &mut host)?
+            }
             None => per_example.mean(Kind::Float),
         };
         loss.f_backward().map_err(tch_err)?;
@@ -595,6 +625,7 @@ pub fn run(
                 frozen: false,
                 batch: rows,
                 reported: vec![false; rows],
+                vars: &named,
             };
             let stepped = match comps.step_rule.as_mut() {
                 Some(rule) => rule.step(&mut driver, epoch, global_step),

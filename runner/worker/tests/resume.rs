@@ -1,7 +1,8 @@
 //! Resume, with the real worker process: a worker killed with SIGKILL mid-run and started again
 //! finishes with bit-identical weights and metrics; a truncated checkpoint falls back to the one
-//! before it. Uses the workspace's plugin libraries (SAM, mixup, Group DRO) so that optimizer
-//! momentum, plugin state and the plugins' random stream all have to survive.
+//! before it. Uses the workspace's plugin libraries (SAM, mixup, DRO and SAM-family objectives)
+//! and a BatchNorm MLP, so that optimizer momentum, running statistics, plugin state and the
+//! plugins' random stream all have to survive.
 
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader};
@@ -35,7 +36,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value) -> Jo
         "task": "train",
         "data": {"name": "spurious", "n_train": 512, "n_val": 0, "n_test": 256, "correlation": 0.9, "eval_correlation": 0.5,
                  "core_noise": 1.0, "spurious_noise": 0.1, "noise_dims": 0, "seed": 0},
-        "model": {"name": "mlp", "hidden": [16], "activation": "relu"},
+        "model": {"name": "mlp", "hidden": [16], "activation": "relu", "norm": "batch"},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "nesterov": false},
         "epochs": epochs,
         "batch_size": 32,
@@ -123,7 +124,10 @@ fn a_killed_worker_resumes_with_identical_results() {
     // SAF's logit buffer is state too.
     let saf = serde_json::json!({"use": "sam.saf", "lambda": 0.3, "tau": 2.0, "minus_epoch": 1, "kl_start": 0,
                                  "kl_end": 300});
-    for (name, objective) in [("group_dro", group_dro()), ("chi2", chi2), ("saf", saf)] {
+    // MESA's EMA teacher covers the BatchNorm buffers as well.
+    let mesa = serde_json::json!({"use": "sam.mesa", "decay": 0.9, "lambda": 0.3, "tau": 2.0, "kl_start": 0,
+                                  "kl_end": 360});
+    for (name, objective) in [("group_dro", group_dro()), ("chi2", chi2), ("saf", saf), ("mesa", mesa)] {
         let dir = tempfile::tempdir().unwrap();
         let reference = request_with(&dir.path().join("a"), 6, objective.clone());
         let straight = run(&reference, None);
@@ -144,8 +148,9 @@ fn a_killed_worker_resumes_with_identical_results() {
         if name == "chi2" {
             assert!(finished(&straight)["dro.eta"].as_f64().is_some_and(|e| e != 0.0), "η was learned");
         }
-        if name == "saf" {
-            assert!(finished(&straight)["saf.kl"].as_f64().is_some_and(|k| k > 0.0), "the KL term was on");
+        if name == "saf" || name == "mesa" {
+            let key = format!("{name}.kl");
+            assert!(finished(&straight)[key.as_str()].as_f64().is_some_and(|k| k > 0.0), "the KL term was on");
         }
     }
 }

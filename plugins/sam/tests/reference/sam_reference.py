@@ -277,12 +277,42 @@ def run_saf(case, init, x, y, steps_per_epoch, epochs, lr):
     return {n_: p.detach().flatten().tolist() for n_, p in named}
 
 
+def run_mesa(case, init, x, y, steps_per_epoch, epochs, lr):
+    """MESA (AngusDujw/SAF MESA_train.py): a KL to an EMA teacher (timm ModelEmaV2)."""
+    model = Tiny(init)
+    teacher = Tiny(init)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    a = case["params"]
+    d, lam, tau, start, end = a["decay"], a["lambda"], a["tau"], a["kl_start"], a["kl_end"]
+    for e in range(epochs):
+        for _ in range(steps_per_epoch):
+            opt.zero_grad()
+            z = model(x)
+            loss = torch.nn.functional.cross_entropy(z, y, reduction="none")
+            if start < e < end:
+                teacher.eval()
+                with torch.no_grad():
+                    ref = teacher(x)
+                p = torch.softmax(ref / tau, dim=-1)
+                kl = (p * (torch.log(p) - torch.log(torch.softmax(z / tau, dim=-1)))).sum(-1)
+                loss = loss + lam * tau * tau * kl
+            loss.mean().backward()
+            opt.step()
+            with torch.no_grad():
+                for ema_v, model_v in zip(teacher.state_dict().values(), model.state_dict().values()):
+                    ema_v.copy_(ema_v * d + (1.0 - d) * model_v)
+    return {n_: p.detach().flatten().tolist() for n_, p in named}
+
+
 def main():
     req = json.load(sys.stdin)
     x = torch.tensor(req["x"])
     y = torch.tensor(req["y"])
     out = [
         run_saf(c, req["init"], x, y, req["steps"], c["epochs"], req["lr"]) if c["id"] == "sam.saf"
+        else run_mesa(c, req["init"], x, y, req["steps"], c["epochs"], req["lr"]) if c["id"] == "sam.mesa"
         else run(c, req["init"], x, y, req["steps"], req["lr"])
         for c in req["cases"]
     ]
