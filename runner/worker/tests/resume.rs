@@ -27,11 +27,15 @@ fn group_dro() -> serde_json::Value {
                        "normalize_loss": false, "btl": false, "alpha": 0.2, "min_var_weight": 0.0})
 }
 
-fn request(run_dir: &Path, epochs: u32) -> JobRequest {
-    request_with(run_dir, epochs, group_dro())
+fn sam() -> serde_json::Value {
+    serde_json::json!({"use": "sam.sam", "rho": 0.05, "m": 0})
 }
 
-fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value) -> JobRequest {
+fn request(run_dir: &Path, epochs: u32) -> JobRequest {
+    request_with(run_dir, epochs, group_dro(), sam())
+}
+
+fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value, step_rule: serde_json::Value) -> JobRequest {
     let config = serde_json::json!({
         "task": "train",
         "data": {"name": "spurious", "n_train": 512, "n_val": 0, "n_test": 256, "correlation": 0.9, "eval_correlation": 0.5,
@@ -40,7 +44,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value) -> Jo
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "nesterov": false},
         "epochs": epochs,
         "batch_size": 32,
-        "step_rule": {"use": "sam.sam", "rho": 0.05, "m": 0},
+        "step_rule": step_rule,
         "batch_transform": {"use": "mixup.mixup", "alpha": 0.4},
         "objective": objective,
     });
@@ -127,13 +131,22 @@ fn a_killed_worker_resumes_with_identical_results() {
     // MESA's EMA teacher covers the BatchNorm buffers as well.
     let mesa = serde_json::json!({"use": "sam.mesa", "decay": 0.9, "lambda": 0.3, "tau": 2.0, "kl_start": 0,
                                   "kl_end": 360});
-    for (name, objective) in [("group_dro", group_dro()), ("chi2", chi2), ("saf", saf), ("mesa", mesa)] {
+    // FSAM's Fisher mask is step-rule state (recomputed every 5 steps, so a resume lands
+    // between two recomputations).
+    let fsam = serde_json::json!({"use": "sam.fsam", "rho": 0.05, "keep_ratio": 0.2, "mask_iter": 5});
+    for (name, objective, step_rule) in [
+        ("group_dro", group_dro(), sam()),
+        ("chi2", chi2, sam()),
+        ("saf", saf, sam()),
+        ("mesa", mesa, sam()),
+        ("fsam", group_dro(), fsam),
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let reference = request_with(&dir.path().join("a"), 6, objective.clone());
+        let reference = request_with(&dir.path().join("a"), 6, objective.clone(), step_rule.clone());
         let straight = run(&reference, None);
         let weights_a = std::fs::read(reference.run_dir.join("weights.safetensors")).unwrap();
 
-        let interrupted = request_with(&dir.path().join("b"), 6, objective);
+        let interrupted = request_with(&dir.path().join("b"), 6, objective, step_rule);
         let first = run(&interrupted, Some(3));
         assert!(!first.iter().any(|e| matches!(e, Event::Finished { .. })));
         assert!(!interrupted.run_dir.join("weights.safetensors").exists());
