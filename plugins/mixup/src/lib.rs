@@ -1,12 +1,15 @@
 //! The mixup family of batch transforms for xlab (METHODS.md section 2).
 
+pub mod cutmix;
 pub mod mixup;
+pub mod regmixup;
+pub mod timm;
 
 xlab_plugin_api::export_plugin! {
     id: "mixup",
     version: env!("CARGO_PKG_VERSION"),
     step_rules: [],
-    batch_transforms: [mixup::Mixup],
+    batch_transforms: [mixup::Mixup, cutmix::Cutmix, timm::Timm, regmixup::RegMixup],
     objectives: [],
     samplers: [],
 }

@@ -128,3 +128,36 @@ fn digits_train_with_sam_on_and_evaluate_sharpness() {
     assert!(mean("sharp", "sharpness.m_sharpness").is_finite());
     assert_eq!(mean("sharp", "test.acc"), mean("train", "test.acc"), "evaluation reloads the same weights");
 }
+
+/// CutMix, timm's Mixup (both modes it switches between, per example) and RegMixup through the
+/// real plugin on images: they train, and RegMixup's batches hold each example twice.
+#[test]
+fn image_mixing_transforms_train_on_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("mix.yaml");
+    std::fs::write(
+        &file,
+        "name: mix\ndefaults:\n  task: train\n  data: {name: digits}\n  model: {name: cnn, channels: [8]}\n  \
+         optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\n  epochs: 3\n  batch_size: 50\n\
+         stages:\n  cutmix:\n    batch_transform: {use: mixup.cutmix, prob: 1.0}\n  \
+         timm:\n    batch_transform: {use: mixup.timm, mixup_alpha: 0.8, cutmix_alpha: 1.0, mode: elem}\n  \
+         regmixup:\n    batch_transform: {use: mixup.regmixup, alpha: 10}\n",
+    )
+    .unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd(&store).args(["query", "-e", "mix", "--format", "json"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mean = |stage: &str, m: &str| {
+        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{stage} {m}"))
+    };
+    for stage in ["cutmix", "timm", "regmixup"] {
+        assert!(mean(stage, "test.acc") > 0.5, "{stage}: {}", mean(stage, "test.acc"));
+    }
+    // 1797 − 300 − 497 = 1000 training images, each seen twice per epoch by RegMixup.
+    assert_eq!(mean("cutmix", "train.examples"), 1000.0);
+    assert_eq!(mean("regmixup", "train.examples"), 2000.0);
+}

@@ -298,7 +298,8 @@ pub struct BatchIo {
     /// Example indices into the training set `[B]`.
     pub index: *mut c_void,
     pub num_classes: i64,
-    /// The new inputs `[B', ...]`.
+    /// The new inputs `[B', ...]`: B' = B, or k·B for a transform that returns each example
+    /// k times in blocks (row r stands for example r mod B: RegMixup's `[x; x̃]`).
     pub x_out: *mut c_void,
     /// Soft targets `[B', num_classes]` (rows sum to 1); the host's loss is the soft-target
     /// cross-entropy, and its accuracy the target mass on the predicted class.

@@ -49,6 +49,9 @@ pub struct RunInfo {
     /// [`xlab_proto::artifacts::read_train_errors`] reads what a training parent left there.
     #[serde(default)]
     pub parents: Vec<xlab_proto::ParentRef>,
+    /// For image data: (channels, height, width) of each input row, which arrives flattened.
+    #[serde(default)]
+    pub image: Option<[i64; 3]>,
 }
 
 /// A component's checkpointable state: JSON plus named tensors.
@@ -280,7 +283,8 @@ pub struct Batch {
     pub num_classes: i64,
 }
 
-/// A rewritten batch: inputs and soft targets `[B', C]`.
+/// A rewritten batch: inputs and soft targets `[B', C]`, with B' = B or k·B (k blocks of the
+/// batch's examples, in order).
 pub struct Transformed {
     pub x: Tensor,
     pub target: Tensor,

@@ -180,6 +180,8 @@ fn run_info() -> RunInfo {
             run_dir,
             config: serde_json::json!({"task": "train", "epochs": 2}),
         }],
+        // The test batch's 4 features as a 1×2×2 image.
+        image: Some([1, 2, 2]),
     }
 }
 

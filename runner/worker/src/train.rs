@@ -544,6 +544,7 @@ pub fn run(
         steps_per_epoch: n.div_ceil(bs) as u64,
         seed,
         parents: parents.to_vec(),
+        image: data.image,
     };
     for c in comps.all() {
         c.setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
@@ -598,13 +599,30 @@ pub fn run(
             let xb = x_train.index_select(0, &idx);
             let yb = y_train.index_select(0, &idx);
             let gb = g_train.as_ref().map(|g| g.index_select(0, &idx));
-            let yb_labels = yb.shallow_clone();
-            let rows = chunk.len();
+            let mut yb_labels = yb.shallow_clone();
+            let (mut idx, mut gb) = (idx, gb);
+            let mut rows = chunk.len();
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
                     let (x, soft) = t
                         .transform(&xb, &yb, gb.as_ref(), None, &idx, data.classes as i64, &mut || rng.next_u64())
                         .map_err(|m| Failure::new(FailureCause::Error, m))?;
+                    // A transform may return k blocks of the batch (RegMixup's [x; x̃]): each row
+                    // stands for example r mod B.
+                    let out_rows = x.size()[0] as usize;
+                    if out_rows != rows {
+                        if !out_rows.is_multiple_of(rows) || soft.size()[0] as usize != out_rows {
+                            return Err(Failure::new(
+                                FailureCause::Error,
+                                format!("the batch transform returned {out_rows} rows for a batch of {rows}"),
+                            ));
+                        }
+                        let k = (out_rows / rows) as i64;
+                        yb_labels = yb_labels.repeat([k]);
+                        idx = idx.repeat([k]);
+                        gb = gb.map(|g| g.repeat([k]));
+                        rows = out_rows;
+                    }
                     (x, Target::Soft(soft.to_kind(Kind::Float)))
                 }
                 None => (xb, Target::Hard(yb)),
