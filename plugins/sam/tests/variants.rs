@@ -320,3 +320,53 @@ fn saf_compares_with_the_logits_of_minus_epoch_epochs_ago() {
     let b = restored.objective_with_logits(&losses, &losses, None, &idx, Some(&old), true, &mut |_, _| {}).unwrap();
     assert_eq!(f64::try_from(&a).unwrap(), f64::try_from(&b).unwrap());
 }
+
+/// L = w⁴/4 in one dimension: ∇L = w³, a curvature that changes with w.
+struct Quartic {
+    w: Tensor,
+}
+
+impl StepDriver for Quartic {
+    fn forward_backward(&mut self) -> Result<f64, String> {
+        let mut g = self.w.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+        let loss = self.w.pow_tensor_scalar(4).sum(Kind::Double) / 4.0;
+        loss.backward();
+        f64::try_from(&loss).map_err(|e| e.to_string())
+    }
+    fn n_params(&self) -> usize {
+        1
+    }
+    fn param(&mut self, _: usize) -> (&mut Tensor, &str, u32) {
+        (&mut self.w, "w", xlab_plugin_api::abi::tags::WEIGHT)
+    }
+    fn optimizer_step(&mut self) -> Result<(), String> {
+        // SGD with lr 1: w' = w − G, so G = w − w'.
+        xlab_plugin_api::tch::no_grad(|| {
+            let g = self.w.grad();
+            let _ = self.w.f_sub_(&g).map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+    fn freeze_norm_stats(&mut self, _: bool) {}
+    fn next_u64(&mut self) -> u64 {
+        0
+    }
+    fn log(&mut self, _: &str, _: f64) {}
+}
+
+#[test]
+fn fd_gr_quartic_vectors_of_methods_md() {
+    // L = w⁴/4 at w = 1 with γ = ε = 0.1: F-GR 1.331 (= 1.1³), B-GR 1.271 (exact: 1.3).
+    let p = plugin();
+    for (direction, want) in [("forward", 1.331), ("backward", 1.271)] {
+        let params = serde_json::json!({"gamma": 0.1, "epsilon": 0.1, "direction": direction});
+        let mut fd = instantiate(&p, "sam.fd_gr", params);
+        let mut d = Quartic { w: Tensor::from_slice(&[1.0f64]).set_requires_grad(true) };
+        fd.step(&mut d, 0, 0).unwrap();
+        let g = 1.0 - to_vec(&d.w)[0];
+        assert!((g - want).abs() < 1e-12, "{direction}: G = {g}");
+    }
+}
