@@ -3,13 +3,22 @@
 pub mod cutmix;
 pub mod mixup;
 pub mod regmixup;
+pub mod resample;
+pub mod selective;
 pub mod timm;
 
 xlab_plugin_api::export_plugin! {
     id: "mixup",
     version: env!("CARGO_PKG_VERSION"),
     step_rules: [],
-    batch_transforms: [mixup::Mixup, cutmix::Cutmix, timm::Timm, regmixup::RegMixup],
-    objectives: [],
+    batch_transforms: [
+        mixup::Mixup,
+        cutmix::Cutmix,
+        timm::Timm,
+        regmixup::RegMixup,
+        selective::Selective,
+        selective::SelectiveNoMix,
+    ],
+    objectives: [resample::Resample],
     samplers: [],
 }

@@ -161,3 +161,36 @@ fn image_mixing_transforms_train_on_digits() {
     assert_eq!(mean("cutmix", "train.examples"), 1000.0);
     assert_eq!(mean("regmixup", "train.examples"), 2000.0);
 }
+
+/// Selective mixup and both its controls on the spurious-correlation data (domains are the
+/// attribute): they train, and the no-mix control trains on anchors and partners together.
+#[test]
+fn selective_mixup_and_its_controls_run_on_spurious_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("sel.yaml");
+    std::fs::write(
+        &file,
+        "name: sel\ndefaults:\n  task: train\n  data: {name: spurious, n_train: 600, n_val: 200, n_test: 400}\n  \
+         model: {name: mlp, hidden: [16]}\n  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\n  epochs: 3\n  \
+         batch_size: 50\nstages:\n  \
+         lisa:\n    batch_transform: {use: mixup.selective, class: same, domain: different}\n  \
+         no_mix:\n    batch_transform: {use: mixup.selective_no_mix, class: same, domain: different}\n  \
+         resample:\n    objective: {use: mixup.resample, by: class_domain}\n",
+    )
+    .unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd(&store).args(["query", "-e", "sel", "--format", "json"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mean = |stage: &str, m: &str| {
+        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{stage} {m}"))
+    };
+    for stage in ["lisa", "no_mix", "resample"] {
+        assert!(mean(stage, "test.acc") > 0.5, "{stage}");
+    }
+    assert_eq!(mean("no_mix", "train.examples"), 1200.0);
+    assert_eq!(mean("resample", "train.examples"), 600.0);
+}

@@ -41,6 +41,9 @@ pub struct RunInfo {
     /// Group ids of the training examples, by example index (empty without groups).
     #[serde(default)]
     pub train_groups: Vec<i64>,
+    /// Domain ids of the training examples, by example index (empty without domains).
+    #[serde(default)]
+    pub train_domains: Vec<i64>,
     pub epochs: u64,
     /// Optimizer steps in an epoch that visits every example once.
     pub steps_per_epoch: u64,

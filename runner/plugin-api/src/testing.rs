@@ -172,6 +172,7 @@ fn run_info() -> RunInfo {
         group_counts: vec![4, 4],
         train_labels: vec![0, 1, 2, 0, 1, 2, 0, 1],
         train_groups: vec![0, 1, 0, 1, 0, 1, 0, 1],
+        train_domains: vec![1, 1, 0, 0, 1, 0, 0, 1],
         epochs: 2,
         steps_per_epoch: 2,
         seed: 0,

@@ -13,6 +13,8 @@ pub struct Split {
     pub x: Tensor,
     pub y: Tensor,
     pub group: Option<Tensor>,
+    /// Domain ids (the spurious generator's attribute), when the data has domains.
+    pub domain: Option<Tensor>,
 }
 
 impl Split {
@@ -122,6 +124,7 @@ fn digits(c: &Digits) -> Result<Dataset, String> {
             .reshape([part.len() as i64, 64]),
         y: Tensor::from_slice(&part.iter().map(|(_, y)| *y).collect::<Vec<i64>>()),
         group: None,
+        domain: None,
     };
     let (test, rest) = rows.split_at(c.n_test);
     let (val, train) = rest.split_at(c.n_val);
@@ -144,6 +147,7 @@ fn split(xs: Vec<f32>, ys: Vec<i64>, dim: usize, sizes: [usize; 3], classes: usi
         x: x.narrow(0, start, len).contiguous(),
         y: y.narrow(0, start, len).contiguous(),
         group: None,
+        domain: None,
     };
     Dataset {
         train: part(0, a),
@@ -179,6 +183,7 @@ pub fn spurious(c: &Spurious) -> Dataset {
         Split {
             x: Tensor::from_slice(&xs).reshape([n as i64, dim as i64]),
             y: Tensor::from_slice(&ys),
+            domain: Some(Tensor::from_slice(&gs.iter().map(|g| g % 2).collect::<Vec<i64>>())),
             group: Some(Tensor::from_slice(&gs)),
         }
     };

@@ -529,6 +529,7 @@ pub fn run(
     let x_train = data.train.x.to_device(device);
     let y_train = data.train.y.to_device(device);
     let g_train = data.train.group.as_ref().map(|g| g.to_device(device));
+    let d_train = data.train.domain.as_ref().map(|d| d.to_device(device));
     let n = data.train.len();
     let bs = cfg.batch_size as usize;
     let info = RunInfo {
@@ -538,6 +539,10 @@ pub fn run(
         train_labels: Vec::<i64>::try_from(&data.train.y).map_err(Failure::from)?,
         train_groups: match &data.train.group {
             Some(g) => Vec::<i64>::try_from(g).map_err(Failure::from)?,
+            None => vec![],
+        },
+        train_domains: match &data.train.domain {
+            Some(d) => Vec::<i64>::try_from(d).map_err(Failure::from)?,
             None => vec![],
         },
         epochs: u64::from(cfg.epochs),
@@ -599,13 +604,16 @@ pub fn run(
             let xb = x_train.index_select(0, &idx);
             let yb = y_train.index_select(0, &idx);
             let gb = g_train.as_ref().map(|g| g.index_select(0, &idx));
+            let db = d_train.as_ref().map(|d| d.index_select(0, &idx));
             let mut yb_labels = yb.shallow_clone();
             let (mut idx, mut gb) = (idx, gb);
             let mut rows = chunk.len();
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
                     let (x, soft) = t
-                        .transform(&xb, &yb, gb.as_ref(), None, &idx, data.classes as i64, &mut || rng.next_u64())
+                        .transform(&xb, &yb, gb.as_ref(), db.as_ref(), &idx, data.classes as i64, &mut || {
+                            rng.next_u64()
+                        })
                         .map_err(|m| Failure::new(FailureCause::Error, m))?;
                     // A transform may return k blocks of the batch (RegMixup's [x; x̃]): each row
                     // stands for example r mod B.
