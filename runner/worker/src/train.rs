@@ -52,7 +52,28 @@ fn evaluate(
     score(&probs, name, split, groups, device)
 }
 
-/// Loss, accuracy and per-group accuracies from predicted class probabilities.
+/// Equal-width confidence bins of the expected calibration error.
+const ECE_BINS: usize = 15;
+
+/// Expected calibration error (Guo et al., 2017): over `bins` equal-width bins of the top-class
+/// confidence (a bin is (lo, hi], the first also takes 0), Σ_b (n_b/N)·|acc_b − conf_b|.
+pub fn expected_calibration_error(confidence: &[f64], correct: &[f64], bins: usize) -> f64 {
+    let n = confidence.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let mut sums = vec![(0.0f64, 0.0f64, 0usize); bins];
+    for (c, r) in confidence.iter().zip(correct) {
+        let b = ((c * bins as f64).ceil() as usize).clamp(1, bins) - 1;
+        sums[b].0 += c;
+        sums[b].1 += r;
+        sums[b].2 += 1;
+    }
+    // (n_b/N)·|acc_b − conf_b| = |Σ_b correct − Σ_b confidence| / N.
+    sums.iter().filter(|s| s.2 > 0).map(|(c, r, _)| (r - c).abs() / n as f64).sum()
+}
+
+/// Loss, accuracy, calibration and per-group accuracies from predicted class probabilities.
 fn score(
     probs: &Tensor,
     name: &str,
@@ -67,6 +88,9 @@ fn score(
     out.insert(format!("{name}.loss"), f64::try_from(nll.mean(Kind::Double))?);
     let correct = probs.argmax(-1, false).eq_tensor(&y).to_kind(Kind::Double);
     out.insert(format!("{name}.acc"), f64::try_from(correct.mean(Kind::Double))?);
+    let confidence = Vec::<f64>::try_from(probs.max_dim(-1, false).0.to_kind(Kind::Double))?;
+    let right = Vec::<f64>::try_from(&correct)?;
+    out.insert(format!("{name}.ece"), expected_calibration_error(&confidence, &right, ECE_BINS));
     if let Some(g) = &split.group {
         let g = g.to_device(device);
         let mut worst = f64::INFINITY;
@@ -815,4 +839,18 @@ fn finish_atomic(tmp: &Path, path: &Path) -> Result<(), Failure> {
         sync(dir).map_err(|e| Failure::new(FailureCause::Error, format!("cannot sync {}: {e}", dir.display())))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_calibration_error_by_hand() {
+        // Bin (13/15, 14/15]: confidence 0.9 twice, one right: |0.5 − 0.9|·2/4 = 0.2.
+        // Bin (8/15, 9/15]: confidence 0.6 twice, both right: |1 − 0.6|·2/4 = 0.2.
+        let ece = expected_calibration_error(&[0.9, 0.9, 0.6, 0.6], &[1.0, 0.0, 1.0, 1.0], 15);
+        assert!((ece - 0.4).abs() < 1e-12, "{ece}");
+        assert_eq!(expected_calibration_error(&[0.8, 0.8, 0.8, 0.8, 0.8], &[1.0, 1.0, 1.0, 1.0, 0.0], 15), 0.0);
+    }
 }
