@@ -177,7 +177,15 @@ impl BatchTransform for Timm {
                 .collect();
             let orig = batch.x.copy();
             let out = batch.x.copy();
+            // λ per example: the drawn one (1 where not mixed), CutMix's corrected to its box;
+            // in pair mode the partner B−1−i takes example i's.
             let mut lams = vec![1.0f64; b as usize];
+            for (i, &(lam, _)) in draws.iter().enumerate() {
+                lams[i] = lam;
+                if pair {
+                    lams[(b - 1) as usize - i] = lam;
+                }
+            }
             for (i, &(lam, cut)) in draws.iter().enumerate() {
                 let i = i as i64;
                 let j = b - 1 - i;
