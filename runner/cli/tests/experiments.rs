@@ -163,7 +163,8 @@ fn image_mixing_transforms_train_on_digits() {
 }
 
 /// Selective mixup and both its controls on the spurious-correlation data (domains are the
-/// attribute): they train, and the no-mix control trains on anchors and partners together.
+/// attribute): they train, the no-mix control trains on anchors and partners together, and
+/// selective mixup composes with a SAM step rule and Group DRO in one job.
 #[test]
 fn selective_mixup_and_its_controls_run_on_spurious_data() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,7 +177,9 @@ fn selective_mixup_and_its_controls_run_on_spurious_data() {
          batch_size: 50\nstages:\n  \
          lisa:\n    batch_transform: {use: mixup.selective, class: same, domain: different}\n  \
          no_mix:\n    batch_transform: {use: mixup.selective_no_mix, class: same, domain: different}\n  \
-         resample:\n    objective: {use: mixup.resample, by: class_domain}\n",
+         resample:\n    objective: {use: mixup.resample, by: class_domain}\n  \
+         composed:\n    batch_transform: {use: mixup.selective, class: same, domain: different}\n    \
+         step_rule: {use: sam.sam, rho: 0.05}\n    objective: {use: dro.group_dro}\n",
     )
     .unwrap();
     let out = cmd(&store).arg("run").arg(&file).output().unwrap();
@@ -188,9 +191,12 @@ fn selective_mixup_and_its_controls_run_on_spurious_data() {
             .as_f64()
             .unwrap_or_else(|| panic!("{stage} {m}"))
     };
-    for stage in ["lisa", "no_mix", "resample"] {
+    for stage in ["lisa", "no_mix", "resample", "composed"] {
         assert!(mean(stage, "test.acc") > 0.5, "{stage}");
     }
+    // A batch transform, a SAM step rule and a DRO objective in one job.
+    assert_eq!(mean("composed", "cost.passes_per_step"), 2.0);
+    assert!(mean("composed", "dro.q.0") > 0.0);
     assert_eq!(mean("no_mix", "train.examples"), 1200.0);
     assert_eq!(mean("resample", "train.examples"), 600.0);
 }
