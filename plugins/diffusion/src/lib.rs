@@ -1,6 +1,8 @@
 //! Diffusion samplers for xlab (METHODS.md section 3).
 
 pub mod ddim;
+pub mod ddpm;
+pub mod dpmpp_2m;
 pub mod timesteps;
 
 xlab_plugin_api::export_plugin! {
@@ -9,5 +11,5 @@ xlab_plugin_api::export_plugin! {
     step_rules: [],
     batch_transforms: [],
     objectives: [],
-    samplers: [ddim::Ddim],
+    samplers: [ddim::Ddim, ddpm::Ddpm, dpmpp_2m::Dpmpp2m],
 }

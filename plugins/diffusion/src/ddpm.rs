@@ -1,0 +1,139 @@
+//! `diffusion.ddpm`: the DDPM ancestral sampler (Ho et al., NeurIPS 2020).
+//!
+//! Reference: huggingface/diffusers `scheduling_ddpm.py` (`DDPMScheduler.step`). At each listed
+//! t, with t' the next listed timestep (−1 after the last):
+//! 1. ᾱ' = ᾱ[t'] (1 when t' < 0), α_t = ᾱ_t/ᾱ', β_t = 1 − α_t (the respaced β);
+//! 2. x̂₀ = (x − √(1−ᾱ_t)·ε̂)/√ᾱ_t, clipped to ±`clip_sample_range` if `clip_sample`;
+//! 3. μ = [√ᾱ'·β_t/(1−ᾱ_t)]·x̂₀ + [√α_t·(1−ᾱ')/(1−ᾱ_t)]·x;
+//! 4. for t > 0, x' = μ + σ·z with σ² = max((1−ᾱ')/(1−ᾱ_t)·β_t, 1e-20) (`fixed_small`, also
+//!    as exp(½ log σ²) for `fixed_small_log`) or σ² = β_t (`fixed_large`); at t = 0, x' = μ.
+//!
+//! NFE = N. Noise z from the host's seeded stream. Stateless.
+
+use crate::timesteps::{ddim_timesteps, Spacing};
+use serde::Deserialize;
+use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::{
+    param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdpmParams {
+    pub steps: i64,
+    pub variance_type: String,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub steps_offset: i64,
+    pub timestep_spacing: Spacing,
+}
+
+pub struct Ddpm {
+    p: DdpmParams,
+}
+
+/// σ² of the step from ᾱ_t to ᾱ' (before the choice of variance type): the posterior variance.
+pub fn posterior_variance(a_t: f64, a_prev: f64) -> f64 {
+    let beta_t = 1.0 - a_t / a_prev;
+    ((1.0 - a_prev) / (1.0 - a_t) * beta_t).max(1e-20)
+}
+
+/// One DDPM update from t (ᾱ_t) to t' (ᾱ'); `z` is added with the chosen σ when given (t > 0).
+pub fn ddpm_step(p: &DdpmParams, x: &Tensor, eps: &Tensor, a_t: f64, a_prev: f64, z: Option<&Tensor>) -> Tensor {
+    let alpha_t = a_t / a_prev;
+    let beta_t = 1.0 - alpha_t;
+    let mut x0 = (x - eps * (1.0 - a_t).sqrt()) / a_t.sqrt();
+    if p.clip_sample {
+        x0 = x0.clamp(-p.clip_sample_range, p.clip_sample_range);
+    }
+    let c0 = a_prev.sqrt() * beta_t / (1.0 - a_t);
+    let ct = alpha_t.sqrt() * (1.0 - a_prev) / (1.0 - a_t);
+    let mu = x0 * c0 + x * ct;
+    match z {
+        Some(z) => {
+            let sigma = match p.variance_type.as_str() {
+                "fixed_large" => beta_t.sqrt(),
+                "fixed_small_log" => (0.5 * posterior_variance(a_t, a_prev).ln()).exp(),
+                _ => posterior_variance(a_t, a_prev).sqrt(),
+            };
+            mu + z * sigma
+        }
+        None => mu,
+    }
+}
+
+impl Component for Ddpm {
+    const KIND: ComponentKind = ComponentKind::Sampler;
+    const ID: &'static str = "diffusion.ddpm";
+    const SUMMARY: &'static str = "DDPM: ancestral sampling, a fresh noise draw at every step";
+    const REFERENCE: &'static str =
+        "Ho et al., Denoising Diffusion Probabilistic Models, NeurIPS 2020; huggingface/diffusers scheduling_ddpm.py";
+    const RANDOM: bool = true;
+    type Params = DdpmParams;
+
+    fn params() -> Vec<ParamSpec> {
+        let mut steps = param("steps", ParamType::Int, 1000, "number of inference steps N (one evaluation each)");
+        steps.min = Some(1.0);
+        let mut var = param(
+            "variance_type",
+            ParamType::String,
+            "fixed_small",
+            "σ² of each step: fixed_small (posterior), fixed_small_log or fixed_large (β)",
+        );
+        var.choices = vec!["fixed_small".into(), "fixed_small_log".into(), "fixed_large".into()];
+        let mut spacing =
+            param("timestep_spacing", ParamType::String, "leading", "leading, trailing or linspace timesteps");
+        spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
+        let mut range = param("clip_sample_range", ParamType::Float, 1.0, "the clipping range of x̂₀");
+        range.min = Some(0.0);
+        vec![
+            steps,
+            var,
+            param("clip_sample", ParamType::Bool, true, "clip the predicted x̂₀ to ±clip_sample_range"),
+            range,
+            param("steps_offset", ParamType::Int, 0, "added to every leading timestep"),
+            spacing,
+        ]
+    }
+
+    fn new(p: DdpmParams) -> Result<Self> {
+        if p.steps < 1 {
+            return Err(PluginError(format!("steps must be at least 1, got {}", p.steps)));
+        }
+        if !["fixed_small", "fixed_small_log", "fixed_large"].contains(&p.variance_type.as_str()) {
+            return Err(PluginError(format!(
+                "variance_type is fixed_small, fixed_small_log or fixed_large, got `{}` (learned_range needs a model \
+                 that predicts its variance)",
+                p.variance_type
+            )));
+        }
+        Ok(Ddpm { p })
+    }
+}
+
+impl Sampler for Ddpm {
+    fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, rng: &mut HostRng<'_>) -> Result<Tensor> {
+        let ac: Vec<f64> = Vec::<f64>::try_from(den.alphas_cumprod().to_kind(Kind::Double))?;
+        let t_total = ac.len();
+        let n = self.p.steps as usize;
+        if n > t_total {
+            return Err(PluginError(format!("steps ({n}) exceeds the {t_total} training timesteps")));
+        }
+        let ts = ddim_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset);
+        let mut x = noise;
+        for (k, &t) in ts.iter().enumerate() {
+            if t < 0 || t as usize >= t_total {
+                return Err(PluginError(format!("timestep {t} is outside 0..{t_total}; check steps_offset")));
+            }
+            let eps = den.eps(&x, t as f64)?;
+            let prev = ts.get(k + 1).copied().unwrap_or(-1);
+            let a_prev = if prev >= 0 { ac[prev as usize] } else { 1.0 };
+            let z = (t > 0).then(|| {
+                let v: Vec<f64> = (0..x.numel()).map(|_| rng.normal()).collect();
+                Tensor::from_slice(&v).reshape(x.size()).to_kind(x.kind()).to_device(x.device())
+            });
+            x = ddpm_step(&self.p, &x, &eps, ac[t as usize], a_prev, z.as_ref());
+        }
+        Ok(x)
+    }
+}
