@@ -3,6 +3,9 @@
 pub mod ddim;
 pub mod ddpm;
 pub mod dpmpp_2m;
+pub mod euler;
+pub mod heun;
+pub mod karras;
 pub mod timesteps;
 
 xlab_plugin_api::export_plugin! {
@@ -11,5 +14,5 @@ xlab_plugin_api::export_plugin! {
     step_rules: [],
     batch_transforms: [],
     objectives: [],
-    samplers: [ddim::Ddim, ddpm::Ddpm, dpmpp_2m::Dpmpp2m],
+    samplers: [ddim::Ddim, ddpm::Ddpm, dpmpp_2m::Dpmpp2m, euler::Euler, heun::Heun],
 }

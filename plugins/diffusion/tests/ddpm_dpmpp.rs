@@ -97,3 +97,42 @@ fn ddpm_is_reproducible_and_dpmpp_deterministic() {
     assert_ne!(run("diffusion.ddpm", 1), run("diffusion.ddpm", 2));
     assert_eq!(run("diffusion.dpmpp_2m", 1), run("diffusion.dpmpp_2m", 2));
 }
+
+/// Euler and Heun with the oracle ε̂ at fractional timesteps (σ interpolated linearly in t,
+/// ᾱ = 1/(1+σ²), as the samplers assume): both return x₀* exactly, with N and 2N − 1
+/// evaluations.
+#[test]
+fn euler_and_heun_return_the_point_from_the_oracle() {
+    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
+    let ac = linear_alphas_cumprod();
+    let sig: Vec<f64> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+    for (id, params, nfe) in [
+        ("diffusion.euler", serde_json::json!({"steps": 7}), 7),
+        ("diffusion.euler", serde_json::json!({"steps": 7, "timestep_spacing": "leading"}), 7),
+        ("diffusion.heun", serde_json::json!({"steps": 10}), 19),
+        ("diffusion.heun", serde_json::json!({"steps": 4, "timestep_spacing": "trailing"}), 7),
+    ] {
+        let mut s = instantiate(&plugin, id, params.clone());
+        let noise = Tensor::from_slice(&[2.0f64, -1.0, 0.3, 1.7]).reshape([4, 1]);
+        let sigv = sig.clone();
+        let mut fractional = 0;
+        let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
+            if t.fract() != 0.0 {
+                fractional += 1;
+            }
+            let lo = t.floor() as usize;
+            let sigma =
+                if lo + 1 < sigv.len() { sigv[lo] + (sigv[lo + 1] - sigv[lo]) * (t - lo as f64) } else { sigv[lo] };
+            let a = 1.0 / (1.0 + sigma * sigma);
+            Ok((x - a.sqrt() * 0.5) / (1.0 - a).sqrt())
+        };
+        let (out, got) = s.sample(&noise, &mut eps, &Tensor::from_slice(&ac), &mut || 0).unwrap();
+        assert_eq!(got, nfe, "{id} {params}");
+        for v in to_vec(&out) {
+            assert!((v - 0.5).abs() < 1e-9, "{id} {params}: {v}");
+        }
+        if id == "diffusion.euler" && params.get("timestep_spacing").is_none() {
+            assert!(fractional > 0, "linspace timesteps are fractional");
+        }
+    }
+}

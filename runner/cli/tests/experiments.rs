@@ -200,3 +200,38 @@ fn selective_mixup_and_its_controls_run_on_spurious_data() {
     assert_eq!(mean("no_mix", "train.examples"), 1200.0);
     assert_eq!(mean("resample", "train.examples"), 600.0);
 }
+
+/// Every sampler through `task: sample` on the exact denoiser of 50 points: the samples land on
+/// training points, with the evaluation counts each sampler promises.
+#[test]
+fn every_sampler_lands_on_the_training_points_of_the_exact_denoiser() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("samplers.yaml");
+    std::fs::write(
+        &file,
+        "name: samplers\ndefaults:\n  task: sample\n  data: {name: two_moons, n_train: 50, n_val: 0, n_test: 1}\n  \
+         denoiser: {name: exact, schedule: linear}\n  samples: 64\nstages:\n  \
+         ddim:\n    sampler: {use: diffusion.ddim, steps: 20, clip_sample: false}\n  \
+         ddpm:\n    sampler: {use: diffusion.ddpm, steps: 100, clip_sample: false}\n  \
+         dpmpp:\n    sampler: {use: diffusion.dpmpp_2m, steps: 100}\n  \
+         euler:\n    sampler: {use: diffusion.euler, steps: 30}\n  \
+         heun:\n    sampler: {use: diffusion.heun, steps: 15}\n",
+    )
+    .unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd(&store).args(["query", "-e", "samplers", "--format", "json"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mean = |stage: &str, m: &str| {
+        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{stage} {m}"))
+    };
+    // DPM-Solver++ ends at the x₀ prediction of its last timestep (T/N; linspace drops t = 0),
+    // which averages neighbouring points until N is large.
+    for (stage, nfe) in [("ddim", 20.0), ("ddpm", 100.0), ("dpmpp", 100.0), ("euler", 30.0), ("heun", 29.0)] {
+        assert_eq!(mean(stage, "sample.nfe"), nfe, "{stage}");
+        assert!(mean(stage, "sample.nn_dist") < 0.05, "{stage}: {}", mean(stage, "sample.nn_dist"));
+    }
+}

@@ -81,9 +81,14 @@ pub fn run(
         if !(0.0..=t_max).contains(&t) {
             return Err(format!("timestep {t} is outside 0..={t_max}"));
         }
-        // The exact denoiser is defined at integer timesteps; fractional ones interpolate ᾱ.
+        // The exact denoiser is defined at integer timesteps. At a fractional one, σ = √((1−ᾱ)/ᾱ)
+        // is interpolated linearly, as diffusers' Euler and Heun schedulers interpolate their
+        // sigmas, and ᾱ = 1/(1+σ²): a sampler that scales its input by that σ then sees the
+        // exact ε̂.
         let (lo, hi) = (t.floor() as usize, t.ceil() as usize);
-        let a = ac[lo] + (ac[hi] - ac[lo]) * (t - lo as f64);
+        let sigma = |a: f64| ((1.0 - a) / a).sqrt();
+        let s = sigma(ac[lo]) + (sigma(ac[hi]) - sigma(ac[lo])) * (t - lo as f64);
+        let a = 1.0 / (1.0 + s * s);
         Ok(exact_eps(&x.to_kind(Kind::Double), &x0, a))
     };
     let (samples, nfe) = sampler
