@@ -5,21 +5,10 @@
 //! DPM-Solver++ casts samples to float32) and the same number of model calls. Needs the
 //! project's Python environment with diffusers (`make setup`), or `XLAB_PYTHON`.
 
-use serde_json::{json, Value};
-use std::io::Write;
+use serde_json::json;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::testing::{built_plugin, instantiate, to_vec};
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup` (or set XLAB_PYTHON to a Python with diffusers)", p.display());
-    p
-}
+use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec};
 
 #[test]
 fn samplers_match_the_diffusers_schedulers() {
@@ -35,17 +24,7 @@ fn samplers_match_the_diffusers_schedulers() {
     ];
     let request = json!({"noise": noise, "cases": cases});
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/diffusers_reference.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python starts");
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = run_python_reference(&script, &request);
     let ac: Vec<f64> = want["alphas_cumprod"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let alphas = Tensor::from_slice(&ac);
     let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();

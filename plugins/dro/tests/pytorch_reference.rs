@@ -5,37 +5,15 @@
 //! Python with torch in `XLAB_PYTHON`.
 
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use xlab_plugin_api::host::{self, Instance};
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate};
+use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference};
 use xlab_plugin_api::RunInfo;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
-        return p.into();
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let p = root.join(".venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup` (or set XLAB_PYTHON to a Python with torch)", p.display());
-    p
-}
 
 fn reference(request: &Value) -> Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/dro_reference.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python starts");
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    run_python_reference(&script, request)
 }
 
 /// A small deterministic stream for the test batches.

@@ -6,22 +6,11 @@
 //! environment (`make setup`), or a Python with torch in `XLAB_PYTHON`.
 
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use xlab_plugin_api::host;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, to_vec, SplitMix};
+use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
 use xlab_plugin_api::RunInfo;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup` (or set XLAB_PYTHON to a Python with torch)", p.display());
-    p
-}
 
 #[test]
 fn every_transform_trains_like_its_pytorch_reference() {
@@ -51,17 +40,7 @@ fn every_transform_trains_like_its_pytorch_reference() {
     let request = json!({"x": x, "y": y, "domain": domain, "classes": C, "w": w, "steps": steps, "lr": lr,
                          "seed": seed, "cases": cases});
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/mixup_reference.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python starts");
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    let want: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let want: Vec<Value> = serde_json::from_value(run_python_reference(&script, &request)).unwrap();
 
     let plugin = host::load(&built_plugin("xlab_plugin_mixup")).unwrap();
     let info = RunInfo {

@@ -5,13 +5,11 @@
 //! the project's Python environment (`make setup`), or a Python with torch in `XLAB_PYTHON`.
 
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use xlab_plugin_api::abi::tags;
 use xlab_plugin_api::host::{self, StepDriver};
 use xlab_plugin_api::tch::{self, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, to_vec, SplitMix};
+use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
 
 const NAMES: [(&str, &[i64], u32); 5] = [
     ("fc1.weight", &[4, 2], tags::WEIGHT),
@@ -20,15 +18,6 @@ const NAMES: [(&str, &[i64], u32); 5] = [
     ("fc2.weight", &[3, 4], tags::WEIGHT),
     ("fc2.bias", &[3], tags::BIAS),
 ];
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup` (or set XLAB_PYTHON to a Python with torch)", p.display());
-    p
-}
 
 /// The tiny network with torch's SGD (momentum 0.9, no dampening) as the base optimizer; with
 /// an objective component, the loss goes through it (per-example losses and logits in).
@@ -151,17 +140,7 @@ fn every_variant_matches_its_pytorch_reference_on_a_tiny_network() {
     let (steps, lr) = (4, 0.1);
     let request = json!({"init": init, "x": x, "y": y, "steps": steps, "lr": lr, "cases": cases});
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/sam_reference.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python starts");
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    let want: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let want: Vec<Value> = serde_json::from_value(run_python_reference(&script, &request)).unwrap();
 
     let plugin = host::load(&built_plugin("xlab_plugin_sam")).unwrap();
     let xs: Vec<f64> = x.iter().flatten().copied().collect();

@@ -27,6 +27,35 @@ pub fn built_plugin(lib_name: &str) -> PathBuf {
     panic!("{file} not found next to {}: build the workspace first (`make build`)", exe.display());
 }
 
+/// The Python the reference tests run: `XLAB_PYTHON`, or the project's `.venv` that
+/// `make setup` creates (with torch, scikit-learn and diffusers).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `make setup` (or set XLAB_PYTHON to a Python with torch)", p.display());
+    p
+}
+
+/// Runs a reference script with `python()`: the request as JSON on its stdin, its JSON answer
+/// from stdout; a failing script fails the test with its stderr.
+pub fn run_python_reference(script: &Path, request: &serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(python())
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", python().display()));
+    child.stdin.take().expect("piped stdin").write_all(request.to_string().as_bytes()).expect("request written");
+    let out = child.wait_with_output().expect("reference finished");
+    assert!(out.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{}: not JSON: {e}", script.display()))
+}
+
 /// A deterministic stream for tests (splitmix64).
 pub struct SplitMix(pub u64);
 

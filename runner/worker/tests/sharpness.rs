@@ -5,7 +5,7 @@
 //! environment (`make setup`), or a Python with torch in `XLAB_PYTHON`.
 
 use serde_json::json;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use tch::Tensor;
@@ -13,15 +13,6 @@ use xlab_proto::{Event, JobRequest, Lease, ParentRef, PROTOCOL_VERSION};
 
 fn worker() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xlab-worker"))
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup` (or set XLAB_PYTHON to a Python with torch)", p.display());
-    p
 }
 
 fn run(req: &JobRequest) -> serde_json::Value {
@@ -94,17 +85,7 @@ fn hessian_top_eigenvalue_and_m_sharpness_match_pytorch() {
     let x: Vec<Vec<f64>> = x.chunks(2).map(<[f64]>::to_vec).collect();
     let request = json!({"params": params, "shapes": shapes, "hidden": [6], "x": x, "y": y, "rho": 0.1, "m": 32});
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/sharpness_reference.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    let want: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = xlab_plugin_api::testing::run_python_reference(&script, &request);
     let eig: Vec<f64> = want["eigenvalues"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     // Power iteration finds the eigenvalue of largest magnitude.
     let top = eig.iter().copied().fold(0.0f64, |a, b| if b.abs() > a.abs() { b } else { a });
