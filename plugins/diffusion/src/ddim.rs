@@ -11,6 +11,7 @@
 //!
 //! NFE = N. Noise z comes from the host's seeded stream. Stateless.
 
+use crate::common::{normal_like, predict_x0};
 use crate::timesteps::{ddim_timesteps, Spacing};
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
@@ -38,10 +39,7 @@ pub struct Ddim {
 /// One DDIM update from timestep `t` to `t'`, given ε̂ (diffusers' `step`); `z` is the noise
 /// used when η > 0.
 pub fn ddim_step(p: &DdimParams, x: &Tensor, eps: &Tensor, a_t: f64, a_prev: f64, z: Option<&Tensor>) -> Tensor {
-    let mut x0 = (x - eps * (1.0 - a_t).sqrt()) / a_t.sqrt();
-    if p.clip_sample {
-        x0 = x0.clamp(-p.clip_sample_range, p.clip_sample_range);
-    }
+    let x0 = predict_x0(x, eps, a_t, p.clip_sample.then_some(p.clip_sample_range));
     let eps =
         if p.use_clipped_model_output { (x - &x0 * a_t.sqrt()) / (1.0 - a_t).sqrt() } else { eps.shallow_clone() };
     let sigma = p.eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).sqrt();
@@ -115,10 +113,7 @@ impl Sampler for Ddim {
             let eps = den.eps(&x, t as f64)?;
             let prev = t - stride;
             let a_prev = if prev >= 0 { ac[prev as usize] } else { final_alpha };
-            let z = (self.p.eta > 0.0).then(|| {
-                let v: Vec<f64> = (0..x.numel()).map(|_| rng.normal()).collect();
-                Tensor::from_slice(&v).reshape(x.size()).to_kind(x.kind()).to_device(x.device())
-            });
+            let z = (self.p.eta > 0.0).then(|| normal_like(rng, &x));
             x = ddim_step(&self.p, &x, &eps, ac[t as usize], a_prev, z.as_ref());
         }
         Ok(x)

@@ -10,6 +10,7 @@
 //!
 //! NFE = N. Noise z from the host's seeded stream. Stateless.
 
+use crate::common::{normal_like, predict_x0};
 use crate::timesteps::{ddim_timesteps, Spacing};
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
@@ -42,10 +43,7 @@ pub fn posterior_variance(a_t: f64, a_prev: f64) -> f64 {
 pub fn ddpm_step(p: &DdpmParams, x: &Tensor, eps: &Tensor, a_t: f64, a_prev: f64, z: Option<&Tensor>) -> Tensor {
     let alpha_t = a_t / a_prev;
     let beta_t = 1.0 - alpha_t;
-    let mut x0 = (x - eps * (1.0 - a_t).sqrt()) / a_t.sqrt();
-    if p.clip_sample {
-        x0 = x0.clamp(-p.clip_sample_range, p.clip_sample_range);
-    }
+    let x0 = predict_x0(x, eps, a_t, p.clip_sample.then_some(p.clip_sample_range));
     let c0 = a_prev.sqrt() * beta_t / (1.0 - a_t);
     let ct = alpha_t.sqrt() * (1.0 - a_prev) / (1.0 - a_t);
     let mu = x0 * c0 + x * ct;
@@ -128,10 +126,7 @@ impl Sampler for Ddpm {
             let eps = den.eps(&x, t as f64)?;
             let prev = ts.get(k + 1).copied().unwrap_or(-1);
             let a_prev = if prev >= 0 { ac[prev as usize] } else { 1.0 };
-            let z = (t > 0).then(|| {
-                let v: Vec<f64> = (0..x.numel()).map(|_| rng.normal()).collect();
-                Tensor::from_slice(&v).reshape(x.size()).to_kind(x.kind()).to_device(x.device())
-            });
+            let z = (t > 0).then(|| normal_like(rng, &x));
             x = ddpm_step(&self.p, &x, &eps, ac[t as usize], a_prev, z.as_ref());
         }
         Ok(x)

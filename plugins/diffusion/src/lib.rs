@@ -1,5 +1,6 @@
 //! Diffusion samplers for xlab (METHODS.md section 3).
 
+pub mod common;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpmpp_2m;

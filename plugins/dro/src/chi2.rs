@@ -68,21 +68,19 @@ impl Component for Chi2 {
 
 impl Objective for Chi2 {
     fn loss(&mut self, input: ObjectiveInput, ctx: &mut ObjectiveCtx<'_>) -> Result<Tensor> {
-        let v = &input.losses;
-        if let Some(eta) = &mut self.core.eta {
-            let e = eta.for_pass(input.first_pass, v)?;
-            if input.first_pass {
-                ctx.log("dro.eta", eta.value());
-            }
-            let r = (v - &e).relu();
-            return Ok(&e + (1.0 + 2.0 * self.rho).sqrt() * (&r * &r).mean(v.kind()).sqrt());
-        }
-        let values = robust::values(v)?;
-        let p = robust::chi2_weights(&values, self.rho, self.core.reg, self.core.tol, self.core.max_iter);
-        let penalty = if self.core.reg > 0.0 { robust::chi2_penalty(&p, self.core.reg) } else { 0.0 };
-        if input.first_pass {
-            ctx.log("dro.max_weight", p.iter().copied().fold(0.0, f64::max));
-        }
-        Ok(robust::weighted(v, &p, penalty))
+        let (rho, reg, tol, max_iter) = (self.rho, self.core.reg, self.core.tol, self.core.max_iter);
+        self.core.loss(
+            &input,
+            ctx,
+            |v, e| {
+                let r = (v - e).relu();
+                e + (1.0 + 2.0 * rho).sqrt() * (&r * &r).mean(v.kind()).sqrt()
+            },
+            |values| {
+                let p = robust::chi2_weights(values, rho, reg, tol, max_iter);
+                let penalty = if reg > 0.0 { robust::chi2_penalty(&p, reg) } else { 0.0 };
+                (p, penalty)
+            },
+        )
     }
 }

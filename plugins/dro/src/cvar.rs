@@ -82,20 +82,16 @@ impl Component for Cvar {
 
 impl Objective for Cvar {
     fn loss(&mut self, input: ObjectiveInput, ctx: &mut ObjectiveCtx<'_>) -> Result<Tensor> {
-        let v = &input.losses;
-        if let Some(eta) = &mut self.core.eta {
-            let e = eta.for_pass(input.first_pass, v)?;
-            if input.first_pass {
-                ctx.log("dro.eta", eta.value());
-            }
-            return Ok(&e + (v - &e).relu().mean(v.kind()) / self.alpha);
-        }
-        let values = robust::values(v)?;
-        let p = robust::cvar_weights(&values, self.alpha, self.core.reg, self.core.tol, self.core.max_iter);
-        let penalty = robust::cvar_penalty(&p, self.core.reg);
-        if input.first_pass {
-            ctx.log("dro.max_weight", p.iter().copied().fold(0.0, f64::max));
-        }
-        Ok(robust::weighted(v, &p, penalty))
+        let (alpha, reg, tol, max_iter) = (self.alpha, self.core.reg, self.core.tol, self.core.max_iter);
+        self.core.loss(
+            &input,
+            ctx,
+            |v, e| e + (v - e).relu().mean(v.kind()) / alpha,
+            |values| {
+                let p = robust::cvar_weights(values, alpha, reg, tol, max_iter);
+                let penalty = robust::cvar_penalty(&p, reg);
+                (p, penalty)
+            },
+        )
     }
 }

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{PluginError, Result};
+use xlab_plugin_api::{ObjectiveCtx, ObjectiveInput, PluginError, Result};
 
 /// Below this relative spread of the losses, χ² weights are uniform (the reference's
 /// `MIN_REL_DIFFERENCE`).
@@ -232,6 +232,31 @@ impl Core {
             )));
         }
         Ok(Core { reg, tol, max_iter, eta: dual.then(|| Eta::new(eta_init, eta_lr)) })
+    }
+
+    /// The minibatch loss: in the dual form `dual(v, η)` with the learned η (logged as
+    /// `dro.eta`); otherwise Σ p_i v_i − penalty for the best response `(p, penalty) =
+    /// respond(v)` over the detached losses (the largest weight logged as `dro.max_weight`).
+    pub fn loss(
+        &mut self,
+        input: &ObjectiveInput,
+        ctx: &mut ObjectiveCtx<'_>,
+        dual: impl FnOnce(&Tensor, &Tensor) -> Tensor,
+        respond: impl FnOnce(&[f64]) -> (Vec<f64>, f64),
+    ) -> Result<Tensor> {
+        let v = &input.losses;
+        if let Some(eta) = &mut self.eta {
+            let e = eta.for_pass(input.first_pass, v)?;
+            if input.first_pass {
+                ctx.log("dro.eta", eta.value());
+            }
+            return Ok(dual(v, &e));
+        }
+        let (p, penalty) = respond(&values(v)?);
+        if input.first_pass {
+            ctx.log("dro.max_weight", p.iter().copied().fold(0.0, f64::max));
+        }
+        Ok(weighted(v, &p, penalty))
     }
 
     pub fn save(&self) -> Result<xlab_plugin_api::State> {

@@ -11,7 +11,7 @@
 //!
 //! Cost 2F+2B. Stateless.
 
-use crate::common::{add_to_weights, global_norm, grads, Saved};
+use crate::common::{add_to_weights, frozen_pass_at, global_norm, grads, perturbation};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::{param, Component, ComponentKind, ParamType, PluginError, Result, StepCtx, StepRule};
@@ -70,23 +70,8 @@ impl StepRule for Asam {
         let g = grads(&params);
         let rho = self.p.rho;
         if self.p.variant == "davda54" {
-            let scaled: Vec<Tensor> = g.iter().map(|(i, g)| params[*i].tensor.detach().abs() * g).collect();
-            let n = global_norm(&scaled)?;
-            let scale = rho / (n + 1e-12);
-            let e: Vec<(usize, Tensor)> = g
-                .iter()
-                .map(|(i, g)| {
-                    let w = params[*i].tensor.detach();
-                    (*i, &w * &w * g * scale)
-                })
-                .collect();
-            let saved = Saved::of(&params, g.iter().map(|(i, _)| *i));
-            add_to_weights(&mut params, &e, 1.0)?;
-            host.freeze_norm_stats(true);
-            let second = host.forward_backward();
-            host.freeze_norm_stats(false);
-            saved.restore(&mut params)?;
-            second?;
+            let (e, _) = perturbation(&params, &g, rho, 1e-12, true)?;
+            frozen_pass_at(host, &mut params, &e, 1.0, None)?;
             return host.optimizer_step();
         }
         // Official: T_w only for "weight" parameters.

@@ -2,7 +2,7 @@
 //! them, saving and restoring weights, and writing a combined gradient back into `.grad`.
 
 use xlab_plugin_api::tch::{self, Tensor};
-use xlab_plugin_api::{Param, Result};
+use xlab_plugin_api::{Param, Result, StepCtx};
 
 /// `‖stack(‖t_p‖)‖`: the global L2 norm over a list of tensors, as the references compute it.
 pub fn global_norm(ts: &[Tensor]) -> Result<f64> {
@@ -70,6 +70,54 @@ pub fn set_grads(params: &[Param], grads: &[(usize, Tensor)]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The perturbation `radius·d/(‖d‖ + eps)` of directions `dir`, or with `adaptive`
+/// `radius·w²⊙d/(‖|w|⊙d‖ + eps)` (ASAM's elementwise scaling, as davda54/sam and GAM write it);
+/// also returns the norm it divided by.
+pub fn perturbation(
+    params: &[Param],
+    dir: &[(usize, Tensor)],
+    radius: f64,
+    eps: f64,
+    adaptive: bool,
+) -> Result<(Vec<(usize, Tensor)>, f64)> {
+    if !adaptive {
+        let n = global_norm(&tensors(dir))?;
+        return Ok((dir.iter().map(|(i, d)| (*i, d * (radius / (n + eps)))).collect(), n));
+    }
+    let scaled: Vec<Tensor> = dir.iter().map(|(i, d)| params[*i].tensor.detach().abs() * d).collect();
+    let n = global_norm(&scaled)?;
+    let e = dir
+        .iter()
+        .map(|(i, d)| {
+            let w = params[*i].tensor.detach();
+            (*i, &w * &w * d * (radius / (n + eps)))
+        })
+        .collect();
+    Ok((e, n))
+}
+
+/// One forward/backward pass (on `rows` of the batch, or all of it) at w + sign·e with
+/// normalization statistics frozen (the BN bypass), after which the saved weights are put
+/// back: the perturbed-point gradient is left in `.grad`.
+pub fn frozen_pass_at(
+    host: &mut StepCtx<'_>,
+    params: &mut [Param],
+    e: &[(usize, Tensor)],
+    sign: f64,
+    rows: Option<(u64, u64)>,
+) -> Result<f64> {
+    let saved = Saved::of(params, e.iter().map(|(i, _)| *i));
+    add_to_weights(params, e, sign)?;
+    host.freeze_norm_stats(true);
+    let pass = match rows {
+        Some((lo, hi)) => host.forward_backward_rows(lo, hi),
+        None => host.forward_backward(),
+    };
+    host.freeze_norm_stats(false);
+    saved.restore(params)?;
+    pass
 }
 
 /// The tensors of `(i, t)` pairs, in order.

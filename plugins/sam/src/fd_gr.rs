@@ -9,7 +9,7 @@
 //! With ε = γ, F-GR is the unnormalised SAM gradient ∇L(w + γg). The second pass runs with
 //! running statistics frozen; the saved weights are restored. Cost 2F+2B. Stateless.
 
-use crate::common::{add_to_weights, global_norm, grads, set_grads, tensors, Saved};
+use crate::common::{frozen_pass_at, global_norm, grads, set_grads, tensors};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::{param, Component, ComponentKind, ParamType, PluginError, Result, StepCtx, StepRule};
@@ -66,13 +66,7 @@ impl StepRule for FdGr {
             if self.p.normalized { self.p.epsilon / (global_norm(&tensors(&g))? + 1e-12) } else { self.p.epsilon };
         let forward = self.p.direction == "forward";
         let e: Vec<(usize, Tensor)> = g.iter().map(|(i, g)| (*i, g * eps)).collect();
-        let saved = Saved::of(&params, g.iter().map(|(i, _)| *i));
-        add_to_weights(&mut params, &e, if forward { 1.0 } else { -1.0 })?;
-        host.freeze_norm_stats(true);
-        let second = host.forward_backward();
-        host.freeze_norm_stats(false);
-        saved.restore(&mut params)?;
-        second?;
+        frozen_pass_at(host, &mut params, &e, if forward { 1.0 } else { -1.0 }, None)?;
         let k = self.p.gamma / eps;
         let g2 = grads(&params);
         let combined: Vec<(usize, Tensor)> = g

@@ -17,7 +17,7 @@
 //! decomposition's norms stay plain. Cost 4F+4B. Stateless (the reference's ρ schedulers are
 //! constant: their max and min are equal).
 
-use crate::common::{add_to_weights, global_norm, grads, set_grads, tensors};
+use crate::common::{add_to_weights, global_norm, grads, perturbation, set_grads};
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
 use xlab_plugin_api::{param, Component, ComponentKind, Param, ParamType, PluginError, Result, StepCtx, StepRule};
@@ -50,19 +50,7 @@ fn dot(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
 impl Gam {
     /// `radius · dir / (‖dir‖ + ε)`, or its adaptive form.
     fn perturbation(&self, params: &[Param], dir: &[(usize, Tensor)], radius: f64) -> Result<Vec<(usize, Tensor)>> {
-        if !self.p.adaptive {
-            let n = global_norm(&tensors(dir))?;
-            return Ok(dir.iter().map(|(i, d)| (*i, d * (radius / (n + EPS)))).collect());
-        }
-        let scaled: Vec<Tensor> = dir.iter().map(|(i, d)| params[*i].tensor.detach().abs() * d).collect();
-        let n = global_norm(&scaled)?;
-        Ok(dir
-            .iter()
-            .map(|(i, d)| {
-                let w = params[*i].tensor.detach();
-                (*i, &w * &w * d * (radius / (n + EPS)))
-            })
-            .collect())
+        Ok(perturbation(params, dir, radius, EPS, self.p.adaptive)?.0)
     }
 }
 

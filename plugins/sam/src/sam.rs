@@ -18,7 +18,7 @@
 //! Cost 2F+2B (in 2·⌈B/m⌉ smaller passes with m). Stateless: the saved weights live only
 //! within a step.
 
-use crate::common::{add_to_weights, global_norm, grads, set_grads, tensors, Saved};
+use crate::common::{frozen_pass_at, grads, perturbation, set_grads};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::{param, Component, ComponentKind, Param, ParamType, PluginError, Result, StepCtx, StepRule};
@@ -35,15 +35,9 @@ pub struct Sam {
     m: u64,
 }
 
-/// SAM's perturbation of the current gradients: returns the saved weights and ‖g‖.
-fn ascend(params: &mut [Param], rho: f64) -> Result<(Saved, f64)> {
-    let g = grads(params);
-    let norm = global_norm(&tensors(&g))?;
-    let scale = rho / (norm + 1e-12);
-    let saved = Saved::of(params, g.iter().map(|(i, _)| *i));
-    let e: Vec<(usize, Tensor)> = g.iter().map(|(i, g)| (*i, g * scale)).collect();
-    add_to_weights(params, &e, 1.0)?;
-    Ok((saved, norm))
+/// SAM's perturbation of the current gradients, e = ρ·g/(‖g‖ + 1e-12), and ‖g‖.
+fn ascent(params: &[Param], rho: f64) -> Result<(Vec<(usize, Tensor)>, f64)> {
+    perturbation(params, &grads(params), rho, 1e-12, false)
 }
 
 impl Component for Sam {
@@ -83,12 +77,8 @@ impl StepRule for Sam {
         }
         host.forward_backward()?;
         let mut params = host.params()?;
-        let (saved, norm) = ascend(&mut params, self.rho)?;
-        host.freeze_norm_stats(true);
-        let second = host.forward_backward();
-        host.freeze_norm_stats(false);
-        saved.restore(&mut params)?;
-        second?;
+        let (e, norm) = ascent(&params, self.rho)?;
+        frozen_pass_at(host, &mut params, &e, 1.0, None)?;
         host.log("sam.grad_norm", norm);
         host.optimizer_step()
     }
@@ -103,13 +93,9 @@ impl Sam {
         for k in 0..chunks {
             let (lo, hi) = (k * self.m, ((k + 1) * self.m).min(batch));
             host.forward_backward_rows(lo, hi)?;
-            let (saved, norm) = ascend(&mut params, self.rho)?;
+            let (e, norm) = ascent(&params, self.rho)?;
             norms += norm;
-            host.freeze_norm_stats(true);
-            let second = host.forward_backward_rows(lo, hi);
-            host.freeze_norm_stats(false);
-            saved.restore(&mut params)?;
-            second?;
+            frozen_pass_at(host, &mut params, &e, 1.0, Some((lo, hi)))?;
             let w = (hi - lo) as f64 / batch as f64;
             let g = grads(&params);
             if sum.is_empty() {
