@@ -18,6 +18,30 @@ fn cmd(store: &Path) -> Command {
     c
 }
 
+/// The results of an experiment run from a file written for the test.
+struct Results(Vec<serde_json::Value>);
+
+impl Results {
+    /// Writes `yaml` to `<dir>/<name>.yaml`, runs it in a store under `dir` (it must succeed)
+    /// and reads the query rows of experiment `name`.
+    fn of_run(dir: &Path, name: &str, yaml: &str) -> Results {
+        let store = dir.join("results");
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml).unwrap();
+        let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = cmd(&store).args(["query", "-e", name, "--format", "json"]).output().unwrap();
+        Results(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// The mean over seeds of metric `m` in the (first) row of `stage`.
+    fn mean(&self, stage: &str, m: &str) -> f64 {
+        self.0.iter().find(|r| r["stage"] == stage).unwrap_or_else(|| panic!("no row {stage}"))["metrics"][m]["mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{stage} {m}"))
+    }
+}
+
 #[test]
 fn every_shipped_experiment_validates() {
     let dir = tempfile::tempdir().unwrap();
@@ -103,25 +127,15 @@ fn the_dro_showcase_runs_from_one_command_and_shows_the_papers_direction() {
 #[test]
 fn digits_train_with_sam_on_and_evaluate_sharpness() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("results");
-    let file = dir.path().join("digits.yaml");
-    std::fs::write(
-        &file,
+    let results = Results::of_run(
+        dir.path(),
+        "digits",
         "name: digits\ndefaults:\n  task: train\n  data: {name: digits}\n  model: {name: cnn, channels: [8]}\n  \
          optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\n  epochs: 3\n  batch_size: 64\n\
          stages:\n  train:\n    step_rule: {use: sam.sam_on, rho: 0.5}\n  \
          sharp:\n    task: evaluate\n    needs: train\n    sharpness: {samples: 128, power_iterations: 5}\n",
-    )
-    .unwrap();
-    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cmd(&store).args(["query", "-e", "digits", "--format", "json"]).output().unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mean = |stage: &str, m: &str| {
-        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{stage} {m}"))
-    };
+    );
+    let mean = |stage: &str, m: &str| results.mean(stage, m);
     assert!(mean("train", "test.acc") > 0.8, "three epochs on digits");
     assert_eq!(mean("train", "cost.passes_per_step"), 2.0);
     assert!(mean("sharp", "sharpness.hessian_top") > 0.0);
@@ -134,26 +148,16 @@ fn digits_train_with_sam_on_and_evaluate_sharpness() {
 #[test]
 fn image_mixing_transforms_train_on_digits() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("results");
-    let file = dir.path().join("mix.yaml");
-    std::fs::write(
-        &file,
+    let results = Results::of_run(
+        dir.path(),
+        "mix",
         "name: mix\ndefaults:\n  task: train\n  data: {name: digits}\n  model: {name: cnn, channels: [8]}\n  \
          optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\n  epochs: 3\n  batch_size: 50\n\
          stages:\n  cutmix:\n    batch_transform: {use: mixup.cutmix, prob: 1.0}\n  \
          timm:\n    batch_transform: {use: mixup.timm, mixup_alpha: 0.8, cutmix_alpha: 1.0, mode: elem}\n  \
          regmixup:\n    batch_transform: {use: mixup.regmixup, alpha: 10}\n",
-    )
-    .unwrap();
-    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cmd(&store).args(["query", "-e", "mix", "--format", "json"]).output().unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mean = |stage: &str, m: &str| {
-        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{stage} {m}"))
-    };
+    );
+    let mean = |stage: &str, m: &str| results.mean(stage, m);
     for stage in ["cutmix", "timm", "regmixup"] {
         assert!(mean(stage, "test.acc") > 0.5, "{stage}: {}", mean(stage, "test.acc"));
     }
@@ -168,10 +172,9 @@ fn image_mixing_transforms_train_on_digits() {
 #[test]
 fn selective_mixup_and_its_controls_run_on_spurious_data() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("results");
-    let file = dir.path().join("sel.yaml");
-    std::fs::write(
-        &file,
+    let results = Results::of_run(
+        dir.path(),
+        "sel",
         "name: sel\ndefaults:\n  task: train\n  data: {name: spurious, n_train: 600, n_val: 200, n_test: 400}\n  \
          model: {name: mlp, hidden: [16]}\n  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\n  epochs: 3\n  \
          batch_size: 50\nstages:\n  \
@@ -180,17 +183,8 @@ fn selective_mixup_and_its_controls_run_on_spurious_data() {
          resample:\n    objective: {use: mixup.resample, by: class_domain}\n  \
          composed:\n    batch_transform: {use: mixup.selective, class: same, domain: different}\n    \
          step_rule: {use: sam.sam, rho: 0.05}\n    objective: {use: dro.group_dro}\n",
-    )
-    .unwrap();
-    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cmd(&store).args(["query", "-e", "sel", "--format", "json"]).output().unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mean = |stage: &str, m: &str| {
-        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{stage} {m}"))
-    };
+    );
+    let mean = |stage: &str, m: &str| results.mean(stage, m);
     for stage in ["lisa", "no_mix", "resample", "composed"] {
         assert!(mean(stage, "test.acc") > 0.5, "{stage}");
     }
@@ -206,10 +200,9 @@ fn selective_mixup_and_its_controls_run_on_spurious_data() {
 #[test]
 fn every_sampler_lands_on_the_training_points_of_the_exact_denoiser() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("results");
-    let file = dir.path().join("samplers.yaml");
-    std::fs::write(
-        &file,
+    let results = Results::of_run(
+        dir.path(),
+        "samplers",
         "name: samplers\ndefaults:\n  task: sample\n  data: {name: two_moons, n_train: 50, n_val: 0, n_test: 1}\n  \
          denoiser: {name: exact, schedule: linear}\n  samples: 64\nstages:\n  \
          ddim:\n    sampler: {use: diffusion.ddim, steps: 20, clip_sample: false}\n  \
@@ -217,17 +210,8 @@ fn every_sampler_lands_on_the_training_points_of_the_exact_denoiser() {
          dpmpp:\n    sampler: {use: diffusion.dpmpp_2m, steps: 100}\n  \
          euler:\n    sampler: {use: diffusion.euler, steps: 30}\n  \
          heun:\n    sampler: {use: diffusion.heun, steps: 15}\n",
-    )
-    .unwrap();
-    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cmd(&store).args(["query", "-e", "samplers", "--format", "json"]).output().unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mean = |stage: &str, m: &str| {
-        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"][m]["mean"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{stage} {m}"))
-    };
+    );
+    let mean = |stage: &str, m: &str| results.mean(stage, m);
     // DPM-Solver++ ends at the x₀ prediction of its last timestep (T/N; linspace drops t = 0),
     // which averages neighbouring points until N is large.
     for (stage, nfe) in [("ddim", 20.0), ("ddpm", 100.0), ("dpmpp", 100.0), ("euler", 30.0), ("heun", 29.0)] {
