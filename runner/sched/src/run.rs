@@ -134,7 +134,6 @@ pub fn run(
     }
     store.flush()?;
     let index: HashMap<&str, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id.as_str(), i)).collect();
-    let chosen: std::cell::RefCell<HashMap<usize, String>> = Default::default();
     // Jobs run in DAG order: a job is ready once all its parents are done. A `select: best`
     // job waits for all its candidates to finish (done or failed), then picks among the done.
     let release = |waiting: &mut Vec<usize>,
@@ -142,6 +141,7 @@ pub fn run(
                    records: &mut [JobRecord]|
      -> Vec<(usize, FailureCause, String)> {
         let mut blocked = Vec::new();
+        let mut picks: Vec<(usize, String)> = Vec::new();
         waiting.retain(|&i| {
             let parents: Vec<&JobRecord> = jobs[i].parents.iter().map(|p| &records[index[p.as_str()]]).collect();
             if let Some(pick) = &jobs[i].pick {
@@ -155,7 +155,7 @@ pub fn run(
                     .collect();
                 match pick.choose(&done) {
                     Ok(id) => {
-                        chosen.borrow_mut().insert(i, id.to_string());
+                        picks.push((i, id.to_string()));
                         queue.push_back(i);
                     }
                     Err(m) if done.len() < pick.rank as usize => blocked.push((i, FailureCause::ParentFailed, m)),
@@ -173,6 +173,10 @@ pub fn run(
                 true
             }
         });
+        // The parent each released `select: best` job is given, kept in its record.
+        for (i, id) in picks {
+            records[i].selected = Some(id);
+        }
         blocked
     };
 
@@ -209,8 +213,7 @@ pub fn run(
             while !queue.is_empty() && opts.pool.free() > 0 {
                 let i = queue.pop_front().expect("not empty");
                 let slot = opts.pool.take().expect("a slot is free");
-                let picked = chosen.borrow().get(&i).cloned();
-                records[i].selected = picked.clone();
+                let picked = records[i].selected.clone();
                 let parents: Vec<ParentRef> = jobs[i]
                     .parents
                     .iter()

@@ -337,6 +337,13 @@ impl EpochStats {
         Ok(())
     }
 
+    /// A value a plugin logged; the epoch reports the mean of each name's values.
+    fn log(&mut self, name: &str, value: f64) {
+        let e = self.plugin.entry(name.to_string()).or_default();
+        e.0 += value;
+        e.1 += 1;
+    }
+
     /// The examples misclassified at their latest visit.
     fn errors(&self) -> Vec<u64> {
         self.verdict.iter().enumerate().filter(|(_, v)| **v == 2).map(|(i, _)| i as u64).collect()
@@ -378,9 +385,7 @@ struct ObjectiveHost<'a> {
 impl xlab_plugin_api::host::ObjectiveDriver for ObjectiveHost<'_> {
     fn log(&mut self, name: &str, value: f64) {
         if self.first {
-            let e = self.stats.plugin.entry(name.to_string()).or_default();
-            e.0 += value;
-            e.1 += 1;
+            self.stats.log(name, value);
         }
     }
 
@@ -503,9 +508,7 @@ impl StepDriver for Driver<'_> {
     }
 
     fn log(&mut self, name: &str, value: f64) {
-        let e = self.stats.plugin.entry(name.to_string()).or_default();
-        e.0 += value;
-        e.1 += 1;
+        self.stats.log(name, value);
     }
 }
 
