@@ -8,7 +8,7 @@ TORCH_VERSION := 2.11.0
 CARGO ?= cargo
 RELEASE := --release
 
-.PHONY: setup build demo test lint bench fmt clean
+.PHONY: setup build demo test lint bench fmt clean device-bundle
 
 # A project-local virtualenv with torch from PyPI; `.venv/torch` points at the installed torch
 # package, which holds libtorch (lib/, include/) for tch to build and link against.
@@ -51,6 +51,12 @@ test: build lint
 # Benchmarks (never timed assertions in tests): metric ingestion into the store.
 bench: setup
 	$(CARGO) bench -p xlab-store --bench ingest
+
+# The binaries and plugins scripts/device-check.sh runs on a CUDA machine (against that machine's
+# own torch 2.11; they carry no libtorch).
+device-bundle: build
+	rm -rf .device && mkdir -p .device/bin
+	cp target/release/xlab target/release/xlab-worker target/release/libxlab_plugin_*.so .device/bin/
 
 fmt:
 	$(CARGO) fmt --all

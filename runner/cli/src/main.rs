@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
-use xlab_sched::{Pool, Progress, RunOptions};
+use xlab_sched::{Progress, RunOptions};
 use xlab_store::{JobStatus, Store, StoreError};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -79,12 +79,19 @@ enum Command {
     /// Run an experiment file: jobs already done in the store are skipped.
     Run {
         file: PathBuf,
-        /// Jobs at a time (default: one per CPU core).
+        /// CPU jobs at a time (default: one per CPU core, divided by --threads).
         #[arg(long, short = 'j')]
         jobs: Option<usize>,
         /// Threads per job.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Where jobs run: `auto` (every GPU `nvidia-smi` finds, else CPU slots), `cpu`, `cuda`
+        /// (every GPU) or a list such as `cuda:0,cuda:2` or `cpu,cuda:1`.
+        #[arg(long, env = "XLAB_DEVICES", default_value = "auto")]
+        devices: xlab_sched::Devices,
+        /// Jobs sharing one GPU at a time (small jobs pack; each sees only its GPU).
+        #[arg(long, default_value_t = 1)]
+        jobs_per_device: usize,
     },
     /// Check an experiment file without running anything.
     Validate { file: PathBuf },
@@ -194,7 +201,15 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: &Cli) -> Result<u8, Failure> {
     match &cli.command {
-        Command::Run { file, jobs, threads } => run(cli, file, *jobs, *threads),
+        Command::Run { file, jobs, threads, devices, jobs_per_device } => {
+            let req = xlab_sched::PoolRequest {
+                devices: devices.clone(),
+                cpu_jobs: *jobs,
+                jobs_per_gpu: *jobs_per_device,
+                threads: *threads,
+            };
+            run(cli, file, &req)
+        }
         Command::Validate { file } => {
             let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
             let n: usize = plan.stages.iter().map(|s| s.jobs.len()).sum();
@@ -279,20 +294,23 @@ fn worker_path() -> PathBuf {
     exe.and_then(|e| e.parent().map(|d| d.join("xlab-worker"))).unwrap_or_else(|| PathBuf::from("xlab-worker"))
 }
 
-fn run(cli: &Cli, file: &Path, jobs: Option<usize>, threads: usize) -> Result<u8, Failure> {
+fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest) -> Result<u8, Failure> {
     let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let pool = xlab_sched::build_pool(pool, &xlab_sched::detect_gpus())
+        .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
     let store = open_store(&cli.store)?;
-    let slots = jobs.unwrap_or_else(|| (xlab_sched::pool::default_cpu_slots() / threads.max(1)).max(1));
     let total = plan.jobs().count();
     tracing::info!(
-        "experiment `{}`: {total} job(s) in {} stage(s), {slots} at a time, store {}",
+        "experiment `{}`: {total} job(s) in {} stage(s), {} at a time on {}, store {}",
         plan.name,
         plan.stages.len(),
+        pool.len(),
+        pool.describe(),
         cli.store.display()
     );
     let opts = RunOptions {
         worker: worker_path(),
-        pool: Pool::cpu(slots, threads),
+        pool,
         xlab_version: VERSION.into(),
         git_commit: env!("XLAB_GIT_COMMIT").into(),
     };
@@ -542,16 +560,12 @@ fn doctor(cli: &Cli) -> Result<u8, Failure> {
         Ok(out) => outln!("libtorch:     the worker's probe failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
         Err(e) => outln!("libtorch:     cannot start the worker: {e} (build it with `make build`)"),
     }
-    match std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=index,name,memory.total", "--format=csv,noheader"])
-        .output()
-    {
-        Ok(out) if out.status.success() => {
-            for l in String::from_utf8_lossy(&out.stdout).lines() {
-                outln!("GPU:          {l}");
-            }
-        }
-        _ => outln!("GPUs:         none found (no nvidia-smi); jobs run on CPU slots"),
+    let gpus = xlab_sched::detect_gpus();
+    for g in &gpus {
+        outln!("GPU:          cuda:{} {} ({} MiB)", g.index, g.name, g.memory_mib);
+    }
+    if gpus.is_empty() {
+        outln!("GPUs:         none found (no nvidia-smi); jobs run on CPU slots");
     }
     let abs = std::path::absolute(&cli.store).unwrap_or_else(|_| cli.store.clone());
     let state = match Store::open(&cli.store) {

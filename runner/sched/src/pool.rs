@@ -55,11 +55,173 @@ impl Pool {
     pub fn slot(&self, i: usize) -> &Slot {
         &self.slots[i]
     }
+
+    /// `2 × cpu, 4 × cuda:0`: the devices and how many jobs each takes at once.
+    pub fn describe(&self) -> String {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for s in &self.slots {
+            match counts.iter_mut().find(|(d, _)| *d == s.device) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((&s.device, 1)),
+            }
+        }
+        counts.iter().map(|(d, n)| format!("{n} × {d}")).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// Default CPU slots for a machine: one single-threaded slot per core.
 pub fn default_cpu_slots() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A GPU of this machine, as `nvidia-smi` reports it (no libtorch in the coordinator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    /// The physical index (what `CUDA_VISIBLE_DEVICES` names).
+    pub index: u32,
+    pub name: String,
+    pub memory_mib: u64,
+}
+
+/// The GPUs `nvidia-smi` lists, restricted to the coordinator's own `CUDA_VISIBLE_DEVICES` when
+/// that names indices. Empty when there is no `nvidia-smi` or it fails (no driver).
+pub fn detect_gpus() -> Vec<Gpu> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"])
+        .output();
+    let gpus = match out {
+        Ok(o) if o.status.success() => parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)),
+        _ => Vec::new(),
+    };
+    match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) => restrict_to_visible(gpus, &v),
+        Err(_) => gpus,
+    }
+}
+
+/// Parses `nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader,nounits`.
+pub fn parse_nvidia_smi(text: &str) -> Vec<Gpu> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(',').map(str::trim);
+            let index = f.next()?.parse().ok()?;
+            let name = f.next()?.to_string();
+            let memory_mib = f.next()?.parse().ok()?;
+            Some(Gpu { index, name, memory_mib })
+        })
+        .collect()
+}
+
+/// Keeps the GPUs a `CUDA_VISIBLE_DEVICES` value names by index; a value that is not a list of
+/// indices (UUIDs, MIG names) leaves the list as it is.
+fn restrict_to_visible(gpus: Vec<Gpu>, visible: &str) -> Vec<Gpu> {
+    let visible = visible.trim();
+    if visible.is_empty() {
+        return Vec::new();
+    }
+    let Ok(indices) = visible.split(',').map(|s| s.trim().parse::<u32>()).collect::<Result<Vec<_>, _>>() else {
+        return gpus;
+    };
+    gpus.into_iter().filter(|g| indices.contains(&g.index)).collect()
+}
+
+/// Where jobs may run, as the user asks for it (`--devices`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Devices {
+    /// Every GPU found, or CPU slots when there is none.
+    Auto,
+    /// A list of `cpu` and `cuda` (every GPU) / `cuda:N` entries.
+    List(Vec<DeviceEntry>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEntry {
+    Cpu,
+    AllGpus,
+    Gpu(u32),
+}
+
+impl std::str::FromStr for Devices {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "auto" {
+            return Ok(Devices::Auto);
+        }
+        let mut list = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            let entry = match part {
+                "cpu" => DeviceEntry::Cpu,
+                "cuda" | "gpu" => DeviceEntry::AllGpus,
+                _ => match part.strip_prefix("cuda:").map(str::parse::<u32>) {
+                    Some(Ok(n)) => DeviceEntry::Gpu(n),
+                    _ => {
+                        return Err(format!(
+                            "unknown device `{part}`; write `auto`, `cpu`, `cuda` (every GPU) or `cuda:N`, \
+                             comma-separated (for example `cuda:0,cuda:2`)"
+                        ))
+                    }
+                },
+            };
+            if !list.contains(&entry) {
+                list.push(entry);
+            }
+        }
+        Ok(Devices::List(list))
+    }
+}
+
+/// How many jobs go where.
+#[derive(Debug, Clone)]
+pub struct PoolRequest {
+    pub devices: Devices,
+    /// CPU slots (`--jobs`); `None`: one per core divided by `threads`.
+    pub cpu_jobs: Option<usize>,
+    /// Jobs sharing one GPU (`--jobs-per-device`).
+    pub jobs_per_gpu: usize,
+    /// Threads per job.
+    pub threads: usize,
+}
+
+/// Builds the pool the request names from the GPUs found. Asking for a GPU this machine does not
+/// have is an error that lists the ones it has.
+pub fn build_pool(req: &PoolRequest, gpus: &[Gpu]) -> Result<Pool, String> {
+    let threads = req.threads.max(1);
+    let cpu_slots = req.cpu_jobs.unwrap_or_else(|| (default_cpu_slots() / threads).max(1)).max(1);
+    let found = || {
+        if gpus.is_empty() {
+            "this machine shows none (`nvidia-smi` finds no GPU)".to_string()
+        } else {
+            let l: Vec<String> = gpus.iter().map(|g| format!("cuda:{} ({})", g.index, g.name)).collect();
+            format!("this machine has {}", l.join(", "))
+        }
+    };
+    let entries = match &req.devices {
+        Devices::Auto if gpus.is_empty() => vec![DeviceEntry::Cpu],
+        Devices::Auto => vec![DeviceEntry::AllGpus],
+        Devices::List(l) => l.clone(),
+    };
+    let mut slots = Vec::new();
+    let gpu_slots = |index: u32, slots: &mut Vec<Slot>| {
+        let device = format!("cuda:{index}");
+        if !slots.iter().any(|s: &Slot| s.device == device) {
+            slots.extend((0..req.jobs_per_gpu.max(1)).map(|_| Slot { device: device.clone(), threads }));
+        }
+    };
+    for e in entries {
+        match e {
+            DeviceEntry::Cpu => slots.extend((0..cpu_slots).map(|_| Slot { device: "cpu".into(), threads })),
+            DeviceEntry::AllGpus if gpus.is_empty() => {
+                return Err(format!("`--devices cuda` asks for every GPU, but {}", found()));
+            }
+            DeviceEntry::AllGpus => gpus.iter().for_each(|g| gpu_slots(g.index, &mut slots)),
+            DeviceEntry::Gpu(n) if !gpus.iter().any(|g| g.index == n) => {
+                return Err(format!("`--devices` asks for cuda:{n}, but {}", found()));
+            }
+            DeviceEntry::Gpu(n) => gpu_slots(n, &mut slots),
+        }
+    }
+    Ok(Pool::new(slots))
 }
 
 #[cfg(test)]
@@ -76,5 +238,51 @@ mod tests {
         p.give_back(a);
         assert_eq!(p.free(), 1);
         assert_eq!(p.take(), Some(a));
+    }
+
+    fn h200s(n: u32) -> Vec<Gpu> {
+        (0..n).map(|index| Gpu { index, name: "NVIDIA H200".into(), memory_mib: 143771 }).collect()
+    }
+
+    fn devices(req: &str, jobs_per_gpu: usize, gpus: &[Gpu]) -> Result<Vec<String>, String> {
+        let req = PoolRequest { devices: req.parse()?, cpu_jobs: Some(2), jobs_per_gpu, threads: 1 };
+        let pool = build_pool(&req, gpus)?;
+        Ok((0..pool.len()).map(|i| pool.slot(i).device.clone()).collect())
+    }
+
+    #[test]
+    fn nvidia_smi_lines_parse() {
+        let text = "0, NVIDIA H200, 143771\n1, NVIDIA H200, 143771\n\ngarbage\n";
+        assert_eq!(parse_nvidia_smi(text), h200s(2));
+    }
+
+    #[test]
+    fn visible_devices_restrict_by_index() {
+        assert_eq!(restrict_to_visible(h200s(4), "1, 3").iter().map(|g| g.index).collect::<Vec<_>>(), [1, 3]);
+        assert!(restrict_to_visible(h200s(4), "").is_empty());
+        assert_eq!(restrict_to_visible(h200s(2), "GPU-5f0e").len(), 2, "UUIDs are left to the driver");
+    }
+
+    #[test]
+    fn auto_uses_every_gpu_or_the_cpu() {
+        assert_eq!(devices("auto", 1, &h200s(2)).unwrap(), ["cuda:0", "cuda:1"]);
+        assert_eq!(devices("auto", 1, &[]).unwrap(), ["cpu", "cpu"]);
+    }
+
+    #[test]
+    fn explicit_devices_and_jobs_per_gpu() {
+        assert_eq!(devices("cuda:2,cuda:0", 2, &h200s(4)).unwrap(), ["cuda:2", "cuda:2", "cuda:0", "cuda:0"]);
+        assert_eq!(devices("cuda,cuda:1", 1, &h200s(2)).unwrap(), ["cuda:0", "cuda:1"], "no GPU twice");
+        assert_eq!(devices("cpu,cuda:1", 1, &h200s(2)).unwrap(), ["cpu", "cpu", "cuda:1"]);
+    }
+
+    #[test]
+    fn missing_gpus_and_bad_names_are_clear_errors() {
+        let e = devices("cuda:3", 1, &h200s(2)).unwrap_err();
+        assert!(e.contains("cuda:3") && e.contains("cuda:0 (NVIDIA H200), cuda:1 (NVIDIA H200)"), "{e}");
+        let e = devices("cuda", 1, &[]).unwrap_err();
+        assert!(e.contains("finds no GPU"), "{e}");
+        let e = devices("gpu0", 1, &[]).unwrap_err();
+        assert!(e.contains("unknown device `gpu0`") && e.contains("cuda:N"), "{e}");
     }
 }

@@ -626,6 +626,7 @@ pub fn run(
             Sampling::Repeat(c) => data::repeat_epoch_order(c, seed, epoch),
         };
         let mut stats = EpochStats::new(n, data.groups);
+        let started = std::time::Instant::now();
         for chunk in order.chunks(bs) {
             let idx = Tensor::from_slice(chunk).to_device(device);
             let xb = x_train.index_select(0, &idx);
@@ -697,7 +698,12 @@ pub fn run(
             global_step += 1;
         }
         total_passes += stats.passes;
+        // The epoch's statistics are host values by now, so the device has finished its work.
+        let train_s = started.elapsed().as_secs_f64();
         let mut values = BTreeMap::new();
+        values.insert("time.train_s".to_string(), train_s);
+        values.insert("time.steps_per_s".to_string(), stats.steps as f64 / train_s);
+        values.insert("time.examples_per_s".to_string(), stats.seen as f64 / train_s);
         values.insert("train.loss".to_string(), stats.loss_sum / stats.seen as f64);
         values.insert("train.acc".to_string(), stats.correct / stats.seen as f64);
         values.insert("cost.passes_per_step".to_string(), stats.passes as f64 / stats.steps as f64);
@@ -719,6 +725,7 @@ pub fn run(
             }
             values.extend(evaluate(&net, name, split, data.groups, device)?);
         }
+        values.insert("time.epoch_s".to_string(), started.elapsed().as_secs_f64());
         values.insert("epoch".to_string(), (epoch + 1) as f64);
         tracing::info!(
             epoch = epoch + 1,

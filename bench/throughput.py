@@ -1,0 +1,196 @@
+"""Training throughput: xlab against a plain PyTorch eager loop, same model, data, batch, threads.
+
+For each case (model × method) this runs one xlab job (`xlab run` on a generated experiment file)
+and the same training in PyTorch eager, then reports steps/s side by side. xlab's figure is its
+own `time.steps_per_s` metric (the training pass of an epoch, evaluation excluded); the PyTorch
+figure times the same pass. The first epoch of both is a warm-up and is not counted.
+
+    python bench/throughput.py --xlab target/release/xlab --device cpu --out bench/out
+
+Peers, both in Python with the same torch: `eager` keeps the running loss on the device and reads
+it once per epoch (the fastest idiomatic loop); `eager+item` reads `loss.item()` every step, as
+most training scripts do for logging. xlab reads its per-example statistics every step.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (name, data, model, batch). Data and widths are larger on a GPU, where the small CPU cases
+# would measure only launch latency.
+CASES = {
+    "cpu": [
+        ("mlp", {"name": "blobs", "n_train": 8192, "n_val": 256, "n_test": 256, "classes": 10, "dim": 128},
+         {"name": "mlp", "hidden": [256, 256]}, 128),
+        ("cnn", {"name": "digits"}, {"name": "cnn", "channels": [16, 32]}, 64),
+    ],
+    "cuda": [
+        ("mlp", {"name": "blobs", "n_train": 65536, "n_val": 256, "n_test": 256, "classes": 10, "dim": 512},
+         {"name": "mlp", "hidden": [2048, 2048]}, 512),
+        ("mlp-small", {"name": "blobs", "n_train": 16384, "n_val": 256, "n_test": 256, "classes": 10, "dim": 128},
+         {"name": "mlp", "hidden": [256, 256]}, 128),
+        ("cnn", {"name": "digits"}, {"name": "cnn", "channels": [64, 128]}, 128),
+    ],
+}
+METHODS = {
+    "sgd": {},
+    "sam": {"step_rule": {"use": "sam.sam", "rho": 0.05}},
+    "mixup": {"batch_transform": {"use": "mixup.mixup", "alpha": 1.0}},
+}
+LR, MOMENTUM = 0.002, 0.9
+
+
+def xlab_steps_per_s(xlab, device, threads, epochs, case, method, workdir):
+    name, data, model, batch = case
+    exp = f"throughput-{name}-{method}"
+    stage = {"task": "train", "data": data, "model": model, "epochs": epochs, "batch_size": batch,
+             "optimizer": {"name": "sgd", "lr": LR, "momentum": MOMENTUM}}
+    stage.update(METHODS[method])
+    path = os.path.join(workdir, f"{exp}.yaml")
+    with open(path, "w") as f:
+        json.dump({"name": exp, "stages": {"train": stage}}, f)  # JSON is YAML
+    store = os.path.join(workdir, "store")
+    devices = "cpu" if device == "cpu" else "cuda:0"
+    subprocess.run([xlab, "--store", store, "-q", "run", path, "--devices", devices, "-j", "1",
+                    "--threads", str(threads)], check=True, stdout=subprocess.DEVNULL)
+    out = subprocess.run([xlab, "--store", store, "export", "-e", exp], check=True, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        rec = json.loads(line)
+        series = rec.get("metrics", {}).get("time.steps_per_s")
+        if series:
+            values = [v for _, v in series][1:]  # the first epoch warms up
+            return statistics.median(values)
+    raise SystemExit(f"no time.steps_per_s recorded for {exp}")
+
+
+def build_model(data, model, dev):
+    layers = []
+    if model["name"] == "mlp":
+        width = data["dim"]
+        for h in model["hidden"]:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+            width = h
+        layers.append(torch.nn.Linear(width, data["classes"]))
+    else:
+        ch, hw = 1, 8
+        for out in model["channels"]:
+            layers += [torch.nn.Conv2d(ch, out, 3, padding=1), torch.nn.BatchNorm2d(out), torch.nn.ReLU(),
+                       torch.nn.MaxPool2d(2)]
+            ch, hw = out, hw // 2
+        layers += [torch.nn.Flatten(), torch.nn.Linear(ch * hw * hw, 10)]
+    return torch.nn.Sequential(*layers).to(dev)
+
+
+def eager_steps_per_s(device, epochs, case, method, item_every_step):
+    name, data, model, batch = case
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    if data["name"] == "digits":
+        n, shape, classes = 1000, (1, 8, 8), 10
+    else:
+        n, shape, classes = data["n_train"], (data["dim"],), data["classes"]
+        data = dict(data)
+    x = torch.rand((n, *shape), device=dev)
+    y = torch.randint(0, classes, (n,), device=dev)
+    net = build_model({"dim": shape[0], "classes": classes}, model, dev)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    params = [p for p in net.parameters()]
+
+    def step(xb, yb):
+        if method == "mixup":
+            lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+            perm = torch.randperm(xb.shape[0], device=dev)
+            xb = lam * xb + (1 - lam) * xb[perm]
+            target = lam * F.one_hot(yb, classes).float() + (1 - lam) * F.one_hot(yb[perm], classes).float()
+            loss = torch.sum(-target * F.log_softmax(net(xb), dim=1), dim=1).mean()
+        else:
+            loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if method == "sam":
+            with torch.no_grad():
+                norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
+                scale = 0.05 / (norm + 1e-12)
+                eps = [p.grad * scale for p in params]
+                for p, e in zip(params, eps):
+                    p.add_(e)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(xb), yb).backward()
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    p.sub_(e)
+        opt.step()
+        return loss
+
+    rates = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, device=dev)
+        total = torch.zeros((), device=dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        steps = 0
+        for lo in range(0, n, batch):
+            idx = order[lo:lo + batch]
+            loss = step(x.index_select(0, idx), y.index_select(0, idx))
+            if item_every_step:
+                total += loss.item()
+            else:
+                total += loss.detach()
+            steps += 1
+        float(total)  # waits for the device
+        if epoch > 0:
+            rates.append(steps / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--xlab", default="target/release/xlab")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for case in CASES[args.device]:
+            for method in METHODS:
+                xl = xlab_steps_per_s(args.xlab, args.device, args.threads, args.epochs, case, method, work)
+                eager = eager_steps_per_s(args.device, args.epochs, case, method, False)
+                item = eager_steps_per_s(args.device, args.epochs, case, method, True)
+                row = {"case": case[0], "method": method, "batch": case[3], "xlab_steps_per_s": xl,
+                       "eager_steps_per_s": eager, "eager_item_steps_per_s": item,
+                       "ratio_vs_eager": xl / eager, "ratio_vs_eager_item": xl / item}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
+    meta = {"device": args.device, "gpu": gpu, "threads": args.threads, "epochs": args.epochs,
+            "torch": torch.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    with open(os.path.join(args.out, f"throughput-{args.device}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = ["| case | method | batch | xlab steps/s | eager steps/s | ratio | eager+item steps/s | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['method']} | {r['batch']} | {r['xlab_steps_per_s']:.0f} | "
+                     f"{r['eager_steps_per_s']:.0f} | {r['ratio_vs_eager']:.2f} | "
+                     f"{r['eager_item_steps_per_s']:.0f} | {r['ratio_vs_eager_item']:.2f} |")
+    with open(os.path.join(args.out, f"throughput-{args.device}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

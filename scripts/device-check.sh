@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# xlab on a CUDA machine: runs from the repository root of a machine that has a CUDA build of
+# torch 2.11 in its `python3` and the binaries `make device-bundle` put in .device/bin. Writes what
+# it saw under $OUT (default device-out/). DEVICE=cpu runs the same steps without a GPU, to check
+# the script itself.
+#
+#   1. `xlab doctor`: libtorch, CUDA, the GPUs nvidia-smi reports;
+#   2. experiments/components.yaml on cuda (4 jobs sharing the GPU) and on CPU slots, exported
+#      for a side-by-side comparison;
+#   3. a sweep killed mid-run and run again, which must resume from its checkpoints on cuda;
+#   4. bench/throughput.py --device cuda: xlab's training steps/s against a PyTorch eager loop.
+set -uo pipefail
+OUT=${OUT:-device-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+BIN=$PWD/.device/bin
+TORCH_LIB=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export XLAB_WORKER=$BIN/xlab-worker
+XLAB=$BIN/xlab
+# The digits ship with scikit-learn; the worker looks beside torch, else here.
+DIGITS=$(python3 -c 'import os, sklearn; print(os.path.join(os.path.dirname(sklearn.__file__), "datasets/data/digits.csv.gz"))' 2>/dev/null)
+[ -f "$DIGITS" ] && export XLAB_DIGITS=$DIGITS
+WORK=$(mktemp -d)
+DEVICE=${DEVICE:-cuda:0}
+if [ "$DEVICE" = cpu ]; then SHARE="-j 4"; BENCH=cpu; else SHARE="--jobs-per-device 4"; BENCH=cuda; fi
+TIMEFORMAT="wall %R s"
+step() { echo; echo "=== $* ($(date -u +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv || echo "no nvidia-smi"
+python3 -c 'import torch; print("python torch", torch.__version__, "cuda", torch.version.cuda)'
+step "xlab doctor"
+$XLAB --store "$WORK/store-cuda" doctor | tee "$OUT/doctor.txt"
+
+step "components.yaml on $DEVICE, 4 jobs at a time"
+( while sleep 2; do nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null; done ) &
+SAMPLER=$!
+time $XLAB --store "$WORK/store-cuda" run experiments/components.yaml \
+  --devices "$DEVICE" $SHARE
+kill $SAMPLER 2>/dev/null
+$XLAB --store "$WORK/store-cuda" export -e components -o "$OUT/components-cuda.jsonl"
+grep -o '"device":"[^"]*"' "$OUT/components-cuda.jsonl" | sort | uniq -c
+
+step "components.yaml on 8 CPU slots"
+time $XLAB --store "$WORK/store-cpu" run experiments/components.yaml --devices cpu -j 8
+$XLAB --store "$WORK/store-cpu" export -e components -o "$OUT/components-cpu.jsonl"
+
+step "cuda vs cpu: test.acc per job"
+python3 - "$OUT/components-cuda.jsonl" "$OUT/components-cpu.jsonl" <<'PY'
+import json, sys
+def final(path):
+    out = {}
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("type") == "job":
+            m = r["metrics"]
+            key = "test.acc" if "test.acc" in m else next((k for k in sorted(m) if k.startswith("sample.")), None)
+            if key:
+                out[r["job"]["id"]] = (r["job"].get("stage"), key, m[key][-1][1])
+    return out
+a, b = final(sys.argv[1]), final(sys.argv[2])
+for j in sorted(a):
+    s, k, va = a[j]
+    vb = b.get(j, (None, None, float("nan")))[2]
+    print(f"{j} {s:10} {k:24} cuda {va:.6f} cpu {vb:.6f} diff {va - vb:+.2e}")
+PY
+
+step "a sweep killed after 6 s resumes on $DEVICE"
+timeout -s KILL 6 $XLAB --store "$WORK/store-resume" run experiments/sam-family.yaml --devices "$DEVICE" $SHARE
+echo "killed (exit $?)"
+$XLAB --store "$WORK/store-resume" plan experiments/sam-family.yaml | head -3
+time $XLAB --store "$WORK/store-resume" run experiments/sam-family.yaml \
+  --devices "$DEVICE" $SHARE 2>&1 | grep -E 'resumed|done,|FAILED|wall' | head -40
+$XLAB --store "$WORK/store-resume" export -e sam-family -o "$OUT/sam-family-cuda.jsonl"
+
+step "training throughput, xlab vs PyTorch eager on $BENCH"
+python3 bench/throughput.py --xlab "$XLAB" --device $BENCH --threads ${BENCH_THREADS:-4} --epochs 4 --out "$OUT"
+step "done"
