@@ -290,7 +290,8 @@ impl Components {
     }
 }
 
-/// Running sums of what one epoch reports.
+/// Running sums of what one epoch reports. The per-example statistics of each batch stay on the
+/// device until the epoch ends (`settle`), so recording them costs no host synchronization.
 #[derive(Default)]
 struct EpochStats {
     loss_sum: f64,
@@ -303,6 +304,18 @@ struct EpochStats {
     groups: Vec<(f64, f64, f64)>,
     /// Per training example: 0 not visited, 1 right, 2 wrong at its latest visit this epoch.
     verdict: Vec<u8>,
+    /// Batches recorded since the last `settle`, in order.
+    pending: Vec<Recorded>,
+    /// The running count of correct predictions, on the device.
+    correct_on_device: Option<Tensor>,
+}
+
+/// One batch's training-pass statistics, still on the device.
+struct Recorded {
+    index: Tensor,
+    right: Tensor,
+    /// Per-example losses and group ids, when the data has groups.
+    by_group: Option<(Tensor, Tensor)>,
 }
 
 impl EpochStats {
@@ -310,23 +323,50 @@ impl EpochStats {
         EpochStats { groups: vec![(0.0, 0.0, 0.0); groups], verdict: vec![0; n_train], ..Default::default() }
     }
 
-    /// Records the training-pass predictions of one batch (before its update).
+    /// Records the training-pass predictions of one batch (before its update): `correct` is the
+    /// per-row credit (fractional for soft targets), `pred == labels` decides each example's
+    /// verdict.
     fn record(
         &mut self,
         per_example: &Tensor,
         pred: &Tensor,
         labels: &Tensor,
         index: &Tensor,
+        correct: &Tensor,
         group: Option<&Tensor>,
-    ) -> Result<(), tch::TchError> {
-        let right = Vec::<bool>::try_from(pred.eq_tensor(labels))?;
-        let idx = Vec::<i64>::try_from(index)?;
+    ) {
+        let batch_correct = correct.sum(Kind::Double);
+        self.correct_on_device = Some(match self.correct_on_device.take() {
+            Some(c) => c + batch_correct,
+            None => batch_correct,
+        });
+        self.pending.push(Recorded {
+            index: index.shallow_clone(),
+            right: pred.eq_tensor(labels),
+            by_group: group.map(|g| (per_example.detach().to_kind(Kind::Double), g.shallow_clone())),
+        });
+    }
+
+    /// Brings the recorded batches to the host, in the order they were recorded.
+    fn settle(&mut self) -> Result<(), tch::TchError> {
+        if let Some(c) = self.correct_on_device.take() {
+            self.correct += f64::try_from(c)?;
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let cat = |f: &dyn Fn(&Recorded) -> Tensor| Tensor::cat(&pending.iter().map(f).collect::<Vec<_>>(), 0);
+        let idx = Vec::<i64>::try_from(cat(&|r| r.index.shallow_clone()))?;
+        let right = Vec::<bool>::try_from(cat(&|r| r.right.shallow_clone()))?;
         for (i, ok) in idx.iter().zip(&right) {
             self.verdict[*i as usize] = if *ok { 1 } else { 2 };
         }
-        if let Some(g) = group {
-            let losses = Vec::<f64>::try_from(per_example.detach().to_kind(Kind::Double))?;
-            for ((g, l), ok) in Vec::<i64>::try_from(g)?.into_iter().zip(losses).zip(right) {
+        if pending.iter().all(|r| r.by_group.is_some()) {
+            let pair = |r: &Recorded| r.by_group.as_ref().map(|(l, g)| (l.shallow_clone(), g.shallow_clone()));
+            let losses = Vec::<f64>::try_from(cat(&|r| pair(r).expect("checked").0))?;
+            let groups = Vec::<i64>::try_from(cat(&|r| pair(r).expect("checked").1))?;
+            for ((g, l), ok) in groups.into_iter().zip(losses).zip(right) {
                 if let Some(e) = self.groups.get_mut(g as usize) {
                     e.0 += l;
                     e.1 += f64::from(u8::from(ok));
@@ -460,10 +500,9 @@ impl Driver<'_> {
             return Err(format!("{DIVERGED}training loss is {value}"));
         }
         if first {
-            stats.record(&per_example, &pred, &labels, &index, group.as_ref()).map_err(tch_err)?;
+            stats.record(&per_example, &pred, &labels, &index, &correct, group.as_ref());
             let b = hi - lo;
             stats.loss_sum += value * b as f64;
-            stats.correct += f64::try_from(correct.sum(Kind::Double)).map_err(tch_err)?;
             stats.seen += b;
             self.reported[lo..hi].iter_mut().for_each(|r| *r = true);
         }
@@ -627,8 +666,10 @@ pub fn run(
         };
         let mut stats = EpochStats::new(n, data.groups);
         let started = std::time::Instant::now();
-        for chunk in order.chunks(bs) {
-            let idx = Tensor::from_slice(chunk).to_device(device);
+        // One upload of the epoch's order; each batch is a slice of it on the device.
+        let order_on_device = Tensor::from_slice(&order).to_device(device);
+        for (k, chunk) in order.chunks(bs).enumerate() {
+            let idx = order_on_device.narrow(0, (k * bs) as i64, chunk.len() as i64);
             let xb = x_train.index_select(0, &idx);
             let yb = y_train.index_select(0, &idx);
             let gb = g_train.as_ref().map(|g| g.index_select(0, &idx));
@@ -697,8 +738,9 @@ pub fn run(
             stats.steps += 1;
             global_step += 1;
         }
+        stats.settle().map_err(Failure::from)?;
         total_passes += stats.passes;
-        // The epoch's statistics are host values by now, so the device has finished its work.
+        // The epoch's statistics are host values now, so the device has finished its work.
         let train_s = started.elapsed().as_secs_f64();
         let mut values = BTreeMap::new();
         values.insert("time.train_s".to_string(), train_s);
