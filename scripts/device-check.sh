@@ -2,7 +2,7 @@
 # xlab on a CUDA machine: runs from the repository root of a machine that has a CUDA build of
 # torch 2.11 in its `python3` and the binaries `make device-bundle` put in .device/bin. Writes what
 # it saw under $OUT (default device-out/). DEVICE=cpu runs the same steps without a GPU, to check
-# the script itself.
+# the script itself. STEPS="sweep resume throughput" (default: all three) picks steps 2–4.
 #
 #   1. `xlab doctor`: libtorch, CUDA, the GPUs nvidia-smi reports;
 #   2. experiments/components.yaml on cuda (4 jobs sharing the GPU) and on CPU slots, exported
@@ -25,6 +25,7 @@ WORK=$(mktemp -d)
 DEVICE=${DEVICE:-cuda:0}
 if [ "$DEVICE" = cpu ]; then SHARE="-j 4"; BENCH=cpu; else SHARE="--jobs-per-device 4"; BENCH=cuda; fi
 TIMEFORMAT="wall %R s"
+want() { [[ " ${STEPS:-sweep resume throughput} " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date -u +%T))"; }
 
 step "machine"
@@ -33,6 +34,7 @@ python3 -c 'import torch; print("python torch", torch.__version__, "cuda", torch
 step "xlab doctor"
 $XLAB --store "$WORK/store-cuda" doctor | tee "$OUT/doctor.txt"
 
+if want sweep; then
 step "components.yaml on $DEVICE, 4 jobs at a time"
 ( while sleep 2; do nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null; done ) &
 SAMPLER=$!
@@ -66,6 +68,9 @@ for j in sorted(a):
     print(f"{j} {s:10} {k:24} cuda {va:.6f} cpu {vb:.6f} diff {va - vb:+.2e}")
 PY
 
+fi
+
+if want resume; then
 step "a sweep killed after 6 s resumes on $DEVICE"
 timeout -s KILL 6 $XLAB --store "$WORK/store-resume" run experiments/sam-family.yaml --devices "$DEVICE" $SHARE
 echo "killed (exit $?)"
@@ -74,6 +79,10 @@ time $XLAB --store "$WORK/store-resume" run experiments/sam-family.yaml \
   --devices "$DEVICE" $SHARE 2>&1 | grep -E 'resumed|done,|FAILED|wall' | head -40
 $XLAB --store "$WORK/store-resume" export -e sam-family -o "$OUT/sam-family-cuda.jsonl"
 
+fi
+
+if want throughput; then
 step "training throughput, xlab vs PyTorch eager on $BENCH"
 python3 bench/throughput.py --xlab "$XLAB" --device $BENCH --threads ${BENCH_THREADS:-4} --epochs 4 --out "$OUT"
+fi
 step "done"

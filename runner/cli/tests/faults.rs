@@ -48,7 +48,13 @@ fn snapshot(store: &Path, ids: &[String]) -> Vec<serde_json::Value> {
             let out = cmd(store).args(["show", id]).output().unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            serde_json::json!({"id": id, "status": v["status"], "summary": v["summary"], "metrics": v["metrics"]})
+            // Wall-clock timings (`time.*`) are the only values two runs do not share.
+            let measured = |m: &serde_json::Value| {
+                let mut m = m.clone();
+                m.as_object_mut().unwrap().retain(|k, _| !k.starts_with("time."));
+                m
+            };
+            serde_json::json!({"id": id, "status": v["status"], "summary": measured(&v["summary"]), "metrics": measured(&v["metrics"])})
         })
         .collect()
 }

@@ -60,6 +60,148 @@ pub struct JobConfig {
     /// `evaluate`: sharpness of each parent's training loss at its final weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharpness: Option<Sharpness>,
+    /// `train`: the learning-rate schedule, a factor on the optimizer's `lr` at every step.
+    #[serde(default, skip_serializing_if = "Schedule::is_default")]
+    pub schedule: Schedule,
+    /// `train`: clip the gradient's global L2 norm to this before each optimizer step (as
+    /// `torch.nn.utils.clip_grad_norm_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
+    /// `train`: the training loss's targets are (1 − ε)·target + ε/classes (soft targets too).
+    /// Validation and test losses stay the plain NLL.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub label_smoothing: f64,
+    /// `train`: start from these weights (a safetensors file with PyTorch `state_dict` names,
+    /// e.g. `layers.0.weight`) instead of a random initialization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<FileRef>,
+    /// `train`: visit the training examples in a new random order every epoch (`true`), or in
+    /// file order (`false`, for step-by-step comparisons with another implementation).
+    #[serde(default = "defaults::yes", skip_serializing_if = "is_true")]
+    pub shuffle: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// A file a job reads. Written as a path (relative to the experiment file); the plan records
+/// the absolute path and the file's SHA-256, so a job's identity changes with the file's
+/// content. Writing `{path, sha256}` pins the content: a different file is an error.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FileRef {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for FileRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            path: String,
+            #[serde(default)]
+            sha256: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a file path, or `{path, sha256}`")]
+        enum Either {
+            Path(String),
+            Full(Full),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Path(path) => FileRef { path, sha256: None },
+            Either::Full(f) => FileRef { path: f.path, sha256: f.sha256 },
+        })
+    }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// A learning-rate schedule: the factor on `optimizer.lr` for the update at global step s
+/// (0-based) of T = epochs × ⌈n_train / batch_size⌉ (epochs that resample their examples, as
+/// JTT's, may take more steps; the cosine stays at its floor past T). `warmup_steps: w` multiplies it by (s + 1)/w for
+/// s < w, and the main schedule starts after the warmup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum Schedule {
+    /// 1.
+    Constant(ConstantSchedule),
+    /// γ^(number of milestones ≤ the current epoch, counted from 0): PyTorch's `MultiStepLR`
+    /// stepped once per epoch.
+    Step(StepSchedule),
+    /// η_min/η + (1 − η_min/η)(1 + cos(π (s − w)/(T − w)))/2: PyTorch's `CosineAnnealingLR`
+    /// with `T_max = T − w`, stepped once per optimizer step.
+    Cosine(CosineSchedule),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConstantSchedule {
+    #[serde(default)]
+    pub warmup_steps: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StepSchedule {
+    /// Epochs (counted from 0) at which the rate is multiplied by `gamma`.
+    pub milestones: Vec<u32>,
+    #[serde(default = "defaults::step_gamma")]
+    pub gamma: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CosineSchedule {
+    /// The rate at the last step (η_min).
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Constant(ConstantSchedule::default())
+    }
+}
+
+impl Schedule {
+    fn is_default(&self) -> bool {
+        *self == Schedule::default()
+    }
+
+    fn warmup_steps(&self) -> u64 {
+        match self {
+            Schedule::Constant(c) => c.warmup_steps,
+            Schedule::Step(c) => c.warmup_steps,
+            Schedule::Cosine(c) => c.warmup_steps,
+        }
+    }
+
+    /// The factor on the base rate `lr` for the update at global step `step` (0-based) in epoch
+    /// `epoch` (0-based), with `total` steps in the run.
+    pub fn factor(&self, lr: f64, step: u64, epoch: u64, total: u64) -> f64 {
+        let w = self.warmup_steps();
+        let warm = if step < w { (step + 1) as f64 / w as f64 } else { 1.0 };
+        let main = match self {
+            Schedule::Constant(_) => 1.0,
+            Schedule::Step(c) => c.gamma.powi(c.milestones.iter().filter(|&&m| u64::from(m) <= epoch).count() as i32),
+            Schedule::Cosine(c) => {
+                let span = total.saturating_sub(w).max(1) as f64;
+                let p = (step.saturating_sub(w) as f64 / span).min(1.0);
+                let floor = c.min_lr / lr;
+                floor + (1.0 - floor) * (1.0 + (std::f64::consts::PI * p).cos()) / 2.0
+            }
+        };
+        warm * main
+    }
 }
 
 /// Sharpness diagnostics of a trained model, on the first `samples` training examples with the
@@ -170,6 +312,20 @@ pub enum DataConfig {
     /// 10 classes), read offline from the installed package; shuffled by `seed` and split
     /// into test, validation and the remaining training examples.
     Digits(Digits),
+    /// Arrays from a NumPy `.npz` file: `x` (rows × features, or rows × …, flattened), `y`
+    /// (integer labels 0..classes), and optional `group` and `domain` (integer ids per row).
+    /// Rows are used in file order: the last `n_test` are the test split, the `n_val` before
+    /// them the validation split, the rest the training split.
+    Npz(Npz),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Npz {
+    pub path: FileRef,
+    #[serde(default)]
+    pub n_val: usize,
+    pub n_test: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -356,9 +512,37 @@ impl JobConfig {
         ]
     }
 
+    /// The training options only `task: train` uses, and whether each is set.
+    fn train_fields(&self) -> [(&'static str, bool); 5] {
+        [
+            ("schedule", !self.schedule.is_default()),
+            ("clip_grad_norm", self.clip_grad_norm.is_some()),
+            ("label_smoothing", self.label_smoothing != 0.0),
+            ("init", self.init.is_some()),
+            ("shuffle", !self.shuffle),
+        ]
+    }
+
+    /// The files this job reads, with their config paths.
+    pub fn files_mut(&mut self) -> Vec<(&'static str, &mut FileRef)> {
+        let mut out = Vec::new();
+        if let DataConfig::Npz(d) = &mut self.data {
+            out.push(("data.path", &mut d.path));
+        }
+        if let Some(f) = &mut self.init {
+            out.push(("init", f));
+        }
+        out
+    }
+
     /// Checks the ranges that the types alone cannot express. Returns `(path, message)`.
     pub fn check(&self) -> Result<(), (String, String)> {
         let err = |p: &str, m: String| Err((p.to_string(), m));
+        if self.task != Task::Train {
+            if let Some((k, _)) = self.train_fields().into_iter().find(|(_, set)| *set) {
+                return err(k, "is a training option; it belongs to `task: train`".into());
+            }
+        }
         if self.epochs == 0 {
             return err("epochs", "must be at least 1".into());
         }
@@ -409,6 +593,8 @@ impl JobConfig {
                 }
                 (DIGITS_TOTAL - d.n_val - d.n_test, d.n_test)
             }
+            // The file's row count is checked by the worker, which reads it.
+            DataConfig::Npz(d) => (1, d.n_test),
         };
         if n_train == 0 {
             return err("data.n_train", "must be at least 1".into());
@@ -430,6 +616,38 @@ impl JobConfig {
                 }
                 if self.sharpness.is_some() {
                     return err("sharpness", "belongs to `task: evaluate` (of a trained parent)".into());
+                }
+                if let Some(c) = self.clip_grad_norm {
+                    if !(c > 0.0 && c.is_finite()) {
+                        return err("clip_grad_norm", format!("must be a finite number > 0, got {c}"));
+                    }
+                }
+                if !(0.0..1.0).contains(&self.label_smoothing) {
+                    return err("label_smoothing", format!("must be in [0, 1), got {}", self.label_smoothing));
+                }
+                match &self.schedule {
+                    Schedule::Constant(_) => {}
+                    Schedule::Step(c) => {
+                        if !(c.gamma > 0.0 && c.gamma.is_finite()) {
+                            return err("schedule.gamma", format!("must be a finite number > 0, got {}", c.gamma));
+                        }
+                        if c.milestones.windows(2).any(|w| w[0] >= w[1]) {
+                            return err("schedule.milestones", "must be increasing epochs".into());
+                        }
+                    }
+                    Schedule::Cosine(c) => {
+                        let lr = match &self.optimizer {
+                            Some(OptimizerConfig::Sgd(o)) => o.lr,
+                            Some(OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o)) => o.lr,
+                            None => f64::INFINITY,
+                        };
+                        if !(c.min_lr >= 0.0 && c.min_lr <= lr) {
+                            return err(
+                                "schedule.min_lr",
+                                format!("must be in [0, optimizer.lr = {lr}], got {}", c.min_lr),
+                            );
+                        }
+                    }
                 }
             }
             Task::Evaluate => {
@@ -524,6 +742,14 @@ impl JobConfig {
 }
 
 mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+
+    pub fn step_gamma() -> f64 {
+        0.1
+    }
+
     pub fn sharpness_samples() -> usize {
         512
     }
@@ -613,5 +839,38 @@ mod defaults {
     }
     pub fn eps() -> f64 {
         1e-8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn factors(s: &Schedule, lr: f64, per_epoch: u64, epochs: u64) -> Vec<f64> {
+        let total = per_epoch * epochs;
+        (0..total).map(|step| s.factor(lr, step, step / per_epoch, total)).collect()
+    }
+
+    #[test]
+    fn warmup_is_linear_then_the_main_schedule() {
+        let s = Schedule::Constant(ConstantSchedule { warmup_steps: 4 });
+        assert_eq!(factors(&s, 0.1, 3, 2), [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn step_multiplies_at_each_milestone_epoch() {
+        let s = Schedule::Step(StepSchedule { milestones: vec![1, 3], gamma: 0.5, warmup_steps: 0 });
+        assert_eq!(factors(&s, 0.1, 2, 4), [1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]);
+    }
+
+    #[test]
+    fn cosine_runs_from_one_to_the_floor_after_warmup() {
+        let s = Schedule::Cosine(CosineSchedule { min_lr: 0.01, warmup_steps: 2 });
+        let f = factors(&s, 0.1, 5, 2);
+        assert_eq!(&f[..3], [0.5, 1.0, 1.0], "warmup, then the cosine starts at 1");
+        // Step s ≥ 2 is at progress (s − 2)/8: the midpoint s = 6 is halfway between 1 and 0.1.
+        assert!((f[6] - 0.55).abs() < 1e-12, "{f:?}");
+        assert!(f.windows(2).skip(2).all(|w| w[1] < w[0]));
+        assert!((s.factor(0.1, 10, 2, 10) - 0.1).abs() < 1e-12, "past T it stays at the floor");
     }
 }

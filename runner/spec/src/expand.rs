@@ -579,7 +579,38 @@ fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> 
         err
     })?;
     config.check().map_err(|(path, msg)| SpecError::new(file, format!("`{path}` {msg}")).context(ctx.to_string()))?;
+    let mut config = config;
+    resolve_files(file, ctx, &mut config)?;
     Ok(config)
+}
+
+/// Makes the job's file paths absolute (relative ones are relative to the experiment file) and
+/// records each file's SHA-256, which must equal a `sha256` written in the file.
+fn resolve_files(file: &Path, ctx: &str, config: &mut JobConfig) -> Result<(), SpecError> {
+    let base = file.parent().unwrap_or(Path::new("."));
+    for (key, f) in config.files_mut() {
+        let written = base.join(&f.path);
+        let path = std::path::absolute(&written).unwrap_or_else(|_| written.clone());
+        let bytes = std::fs::read(&path).map_err(|e| {
+            SpecError::new(file, format!("`{key}`: cannot read {}: {e}", written.display()))
+                .context(ctx.to_string())
+                .hint("paths are relative to the experiment file")
+        })?;
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if let Some(want) = &f.sha256 {
+            if !want.eq_ignore_ascii_case(&digest) {
+                return Err(SpecError::new(
+                    file,
+                    format!("`{key}`: {} has SHA-256 {digest}, not the {want} written here", path.display()),
+                )
+                .context(ctx.to_string())
+                .hint("the file changed since the experiment pinned it; restore it or update `sha256`"));
+            }
+        }
+        f.path = path.display().to_string();
+        f.sha256 = Some(digest);
+    }
+    Ok(())
 }
 
 /// Checks each component of a job against the plugin registry: the id exists, is of the slot's

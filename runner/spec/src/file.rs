@@ -22,6 +22,11 @@ pub const CONFIG_KEYS: &[&str] = &[
     "denoiser",
     "samples",
     "sharpness",
+    "schedule",
+    "clip_grad_norm",
+    "label_smoothing",
+    "init",
+    "shuffle",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +76,16 @@ pub struct ConfigPart {
     pub samples: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub sharpness: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub schedule: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub clip_grad_norm: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub label_smoothing: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub init: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub shuffle: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +117,16 @@ pub struct StageFile {
     pub samples: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub sharpness: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub schedule: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub clip_grad_norm: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub label_smoothing: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub init: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub shuffle: Option<Value>,
     /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
     #[serde(default)]
     pub grid: IndexMap<String, Vec<Value>>,
@@ -275,6 +300,11 @@ impl StageFile {
             denoiser: self.denoiser.clone(),
             samples: self.samples.clone(),
             sharpness: self.sharpness.clone(),
+            schedule: self.schedule.clone(),
+            clip_grad_norm: self.clip_grad_norm.clone(),
+            label_smoothing: self.label_smoothing.clone(),
+            init: self.init.clone(),
+            shuffle: self.shuffle.clone(),
         }
     }
 }
@@ -296,6 +326,11 @@ impl ConfigPart {
             &self.denoiser,
             &self.samples,
             &self.sharpness,
+            &self.schedule,
+            &self.clip_grad_norm,
+            &self.label_smoothing,
+            &self.init,
+            &self.shuffle,
         ];
         CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
     }
@@ -402,6 +437,11 @@ sampler: {use: a.e}
 denoiser: {name: exact}
 samples: 3
 sharpness: {}
+schedule: {name: cosine}
+clip_grad_norm: 1.0
+label_smoothing: 0.1
+init: w.safetensors
+shuffle: false
 "#;
         let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
         let v = serde_json::to_value(&cfg).unwrap();

@@ -5,8 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::io::Read;
 use std::path::PathBuf;
-use tch::Tensor;
-use xlab_spec::config::{Blobs, DataConfig, Digits, Spurious, TwoMoons, DIGITS_TOTAL};
+use tch::{Kind, Tensor};
+use xlab_spec::config::{Blobs, DataConfig, Digits, Npz, Spurious, TwoMoons, DIGITS_TOTAL};
 
 /// Features, labels and (when the data has them) group ids of one split.
 pub struct Split {
@@ -67,6 +67,7 @@ pub fn build(cfg: &DataConfig) -> Result<Dataset, String> {
         DataConfig::Blobs(c) => blobs(c),
         DataConfig::Spurious(c) => spurious(c),
         DataConfig::Digits(c) => digits(c)?,
+        DataConfig::Npz(c) => npz(c)?,
     })
 }
 
@@ -89,6 +90,65 @@ fn digits_file() -> Result<PathBuf, String> {
             file.display()
         ))
     }
+}
+
+/// Rows of a `.npz` file in file order: training, then `n_val` validation, then `n_test` test.
+fn npz(c: &Npz) -> Result<Dataset, String> {
+    let path = &c.path.path;
+    let arrays = Tensor::read_npz(path).map_err(|e| format!("cannot read {path} as .npz: {e}"))?;
+    let get = |name: &str| arrays.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+    let names = || arrays.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+    let x = get("x").ok_or_else(|| format!("{path} has no array `x` (it has {})", names()))?;
+    let y = get("y").ok_or_else(|| format!("{path} has no array `y` (it has {})", names()))?;
+    let rows = x.size().first().copied().unwrap_or(0);
+    if y.dim() != 1 || y.size()[0] != rows {
+        return Err(format!("{path}: `y` must be one label per row of `x` ({rows}), it has shape {:?}", y.size()));
+    }
+    if !matches!(y.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+        return Err(format!("{path}: `y` must hold integer class labels, it holds {:?}", y.kind()));
+    }
+    let ids = |name: &str| -> Result<Option<Tensor>, String> {
+        match get(name) {
+            None => Ok(None),
+            Some(t) if t.dim() == 1 && t.size()[0] == rows && !t.is_floating_point() => {
+                Ok(Some(t.to_kind(Kind::Int64)))
+            }
+            Some(t) => Err(format!(
+                "{path}: `{name}` must hold one integer id per row ({rows}), it has shape {:?} of {:?}",
+                t.size(),
+                t.kind()
+            )),
+        }
+    };
+    let (group, domain) = (ids("group")?, ids("domain")?);
+    let (n_val, n_test) = (c.n_val as i64, c.n_test as i64);
+    let n_train = rows - n_val - n_test;
+    if n_train < 1 {
+        return Err(format!("{path} has {rows} rows; n_val + n_test = {} leaves none for training", n_val + n_test));
+    }
+    let x = x.to_kind(Kind::Float).reshape([rows, -1]);
+    let y = y.to_kind(Kind::Int64);
+    let min = y.min().int64_value(&[]);
+    if min < 0 {
+        return Err(format!("{path}: labels must be 0, 1, …; found {min}"));
+    }
+    let classes = (y.max().int64_value(&[]) + 1).max(2) as usize;
+    let groups = group.as_ref().map(|g| g.max().int64_value(&[]) as usize + 1).unwrap_or(0);
+    let part = |start: i64, len: i64| Split {
+        x: x.narrow(0, start, len).contiguous(),
+        y: y.narrow(0, start, len).contiguous(),
+        group: group.as_ref().map(|g| g.narrow(0, start, len).contiguous()),
+        domain: domain.as_ref().map(|d| d.narrow(0, start, len).contiguous()),
+    };
+    Ok(Dataset {
+        train: part(0, n_train),
+        val: part(n_train, n_val),
+        test: part(n_train + n_val, n_test),
+        input_dim: x.size()[1] as usize,
+        classes,
+        groups,
+        image: None,
+    })
 }
 
 /// The 1797 digits (8×8 pixels in 0..=16, scaled to [0, 1]), shuffled by the config's seed and

@@ -26,13 +26,15 @@ pub struct Optimizer {
     slots: Vec<Slot>,
     /// Steps taken (Adam's t).
     pub steps: u64,
+    /// The learning-rate schedule's factor for the next step.
+    pub lr_factor: f64,
 }
 
 impl Optimizer {
     /// An optimizer over named parameters (references to the model's tensors).
     pub fn new(cfg: &OptimizerConfig, params: Vec<(String, Tensor)>) -> Self {
         let slots = params.iter().map(|_| Slot::default()).collect();
-        Optimizer { cfg: cfg.clone(), params, slots, steps: 0 }
+        Optimizer { cfg: cfg.clone(), params, slots, steps: 0, lr_factor: 1.0 }
     }
 
     pub fn zero_grad(&mut self) {
@@ -48,6 +50,7 @@ impl Optimizer {
     pub fn step(&mut self) {
         self.steps += 1;
         let t = self.steps as i32;
+        let factor = self.lr_factor;
         tch::no_grad(|| {
             for ((_, p), slot) in self.params.iter_mut().zip(&mut self.slots) {
                 let g = p.grad();
@@ -69,13 +72,14 @@ impl Optimizer {
                             d = if o.nesterov { &d + &buf * o.momentum } else { buf.shallow_clone() };
                             slot.momentum_buffer = Some(buf);
                         }
-                        let _ = p.g_sub_(&(d * o.lr));
+                        let _ = p.g_sub_(&(d * (o.lr * factor)));
                     }
                     OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => {
                         let decoupled = matches!(self.cfg, OptimizerConfig::AdamW(_));
                         let g = if o.weight_decay != 0.0 && !decoupled { &g + &*p * o.weight_decay } else { g };
+                        let lr = o.lr * factor;
                         if o.weight_decay != 0.0 && decoupled {
-                            let _ = p.g_mul_scalar_(1.0 - o.lr * o.weight_decay);
+                            let _ = p.g_mul_scalar_(1.0 - lr * o.weight_decay);
                         }
                         let m = slot.exp_avg.get_or_insert_with(|| g.zeros_like());
                         let _ = m.lerp_(&g, 1.0 - o.beta1);
@@ -85,7 +89,7 @@ impl Optimizer {
                         let bc1 = 1.0 - o.beta1.powi(t);
                         let bc2 = 1.0 - o.beta2.powi(t);
                         let denom = v.sqrt() / bc2.sqrt() + o.eps;
-                        let _ = p.g_sub_(&(&*m / denom * (o.lr / bc1)));
+                        let _ = p.g_sub_(&(&*m / denom * (lr / bc1)));
                     }
                 }
             }

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::host::{Instance, StepDriver};
 use xlab_plugin_api::{RunInfo, Sampling};
 use xlab_proto::FailureCause;
-use xlab_spec::config::JobConfig;
+use xlab_spec::config::{JobConfig, OptimizerConfig};
 
 /// A job failure with its classified cause.
 #[derive(Debug)]
@@ -411,6 +411,15 @@ struct Driver<'a> {
     reported: Vec<bool>,
     /// Every model variable (parameters and buffers), for objectives that read or swap them.
     vars: &'a [(String, Tensor)],
+    /// The training options that shape each pass and update.
+    options: &'a TrainOptions,
+}
+
+/// `label_smoothing` and `clip_grad_norm` of the job's config.
+struct TrainOptions {
+    label_smoothing: f64,
+    clip_grad_norm: Option<f64>,
+    classes: i64,
 }
 
 /// What an objective sees of the host during one pass.
@@ -470,17 +479,21 @@ impl Driver<'_> {
         let (per_example, correct) = match &self.target {
             Target::Hard(y) => {
                 let y = rows(y);
+                let eps = self.options.label_smoothing;
                 (
                     logits
-                        .f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::None, -100, 0.0)
+                        .f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::None, -100, eps)
                         .map_err(tch_err)?,
                     pred.eq_tensor(&y).to_kind(Kind::Float),
                 )
             }
             Target::Soft(t) => {
                 let t = rows(t);
+                let eps = self.options.label_smoothing;
+                let smoothed =
+                    if eps > 0.0 { &t * (1.0 - eps) + eps / self.options.classes as f64 } else { t.shallow_clone() };
                 (
-                    -(&t * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float),
+                    -(&smoothed * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float),
                     t.gather(1, &pred.unsqueeze(1), false).squeeze_dim(1),
                 )
             }
@@ -534,6 +547,9 @@ impl StepDriver for Driver<'_> {
     }
 
     fn optimizer_step(&mut self) -> Result<(), String> {
+        if let Some(max) = self.options.clip_grad_norm {
+            clip_grad_norm(self.params, max);
+        }
         self.opt.step();
         Ok(())
     }
@@ -549,6 +565,23 @@ impl StepDriver for Driver<'_> {
     fn log(&mut self, name: &str, value: f64) {
         self.stats.log(name, value);
     }
+}
+
+/// Scales the gradients so their global L2 norm is at most `max`, on the device (no host read),
+/// as `torch.nn.utils.clip_grad_norm_`: coefficient min(1, max/(‖g‖ + 1e-6)).
+fn clip_grad_norm(params: &[(Tensor, String, u32)], max: f64) {
+    let grads: Vec<Tensor> = params.iter().map(|(p, _, _)| p.grad()).filter(|g| g.defined()).collect();
+    if grads.is_empty() {
+        return;
+    }
+    tch::no_grad(|| {
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm().to_kind(Kind::Float)).collect();
+        let total = Tensor::stack(&norms, 0).norm();
+        let coef = (max / (total + 1e-6)).clamp_max(1.0);
+        for mut g in grads {
+            let _ = g.g_mul_(&coef.to_kind(g.kind()));
+        }
+    });
 }
 
 /// Marks a driver error as divergence, so the job's failure is classified as such.
@@ -591,6 +624,9 @@ pub fn run(
     let mut params: Vec<(Tensor, String, u32)> =
         trainable.iter().map(|(n, t)| (t.shallow_clone(), n.clone(), model::tags_of(n, &norms))).collect();
     tracing::info!(params = model::parameter_count(&vs), train = data.train.len(), "model built");
+    if let Some(init) = &cfg.init {
+        load_init(&named, &init.path)?;
+    }
 
     let x_train = data.train.x.to_device(device);
     let y_train = data.train.y.to_device(device);
@@ -598,6 +634,16 @@ pub fn run(
     let d_train = data.train.domain.as_ref().map(|d| d.to_device(device));
     let n = data.train.len();
     let bs = cfg.batch_size as usize;
+    let base_lr = match opt_cfg {
+        OptimizerConfig::Sgd(o) => o.lr,
+        OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => o.lr,
+    };
+    let total_steps = n.div_ceil(bs) as u64 * u64::from(cfg.epochs);
+    let options = TrainOptions {
+        label_smoothing: cfg.label_smoothing,
+        clip_grad_norm: cfg.clip_grad_norm,
+        classes: data.classes as i64,
+    };
     let info = RunInfo {
         num_classes: data.classes as i64,
         n_train: n as u64,
@@ -660,6 +706,7 @@ pub fn run(
             None => Sampling::Uniform,
         };
         let order = match &sampling {
+            Sampling::Uniform if !cfg.shuffle => (0..n as i64).collect(),
             Sampling::Uniform => data::epoch_order(n, seed, epoch),
             Sampling::Weighted(w) => data::weighted_epoch_order(w, seed, epoch),
             Sampling::Repeat(c) => data::repeat_epoch_order(c, seed, epoch),
@@ -704,6 +751,7 @@ pub fn run(
                 }
                 None => (xb, Target::Hard(yb)),
             };
+            opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
             let mut driver = Driver {
                 net: &net,
                 opt: &mut opt,
@@ -721,6 +769,7 @@ pub fn run(
                 batch: rows,
                 reported: vec![false; rows],
                 vars: &named,
+                options: &options,
             };
             let stepped = match comps.step_rule.as_mut() {
                 Some(rule) => rule.step(&mut driver, epoch, global_step),
@@ -760,6 +809,7 @@ pub fn run(
             }
         }
         values.insert("train.examples".to_string(), stats.seen as f64);
+        values.insert("train.lr".to_string(), base_lr * opt.lr_factor);
         write_train_errors(run_dir, epoch + 1, n, stats.errors())?;
         for (name, split) in [("val", &data.val), ("test", &data.test)] {
             if split.is_empty() {
@@ -801,6 +851,39 @@ pub fn run(
     save_atomically(&vs, &weights)?;
     out.artifact("weights", "weights.safetensors", "weights");
     Ok(summary)
+}
+
+/// Copies the tensors of a safetensors file into the model's variables, by name. Every variable
+/// must be there with its shape; PyTorch's integer `num_batches_tracked` converts.
+fn load_init(vars: &[(String, Tensor)], path: &str) -> Result<(), Failure> {
+    let fail = |m: String| Failure::new(FailureCause::Config, format!("`init` {path}: {m}"));
+    let given = Tensor::read_safetensors(path).map_err(|e| fail(format!("cannot read it as safetensors: {e}")))?;
+    let mut missing = Vec::new();
+    for (name, var) in vars {
+        match given.iter().find(|(n, _)| n == name) {
+            Some((_, t)) if t.size() == var.size() => {
+                tch::no_grad(|| var.shallow_clone().copy_(&t.to_kind(var.kind())));
+            }
+            Some((_, t)) => {
+                return Err(fail(format!("`{name}` has shape {:?}, the model's is {:?}", t.size(), var.size())));
+            }
+            None => missing.push(name.as_str()),
+        }
+    }
+    if !missing.is_empty() {
+        let have: Vec<&str> = given.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(fail(format!(
+            "has no tensor for {} (it has {}); names follow PyTorch's state_dict of the same model",
+            missing.join(", "),
+            have.join(", ")
+        )));
+    }
+    let unused: Vec<&str> =
+        given.iter().map(|(n, _)| n.as_str()).filter(|n| !vars.iter().any(|(v, _)| v == n)).collect();
+    if !unused.is_empty() {
+        return Err(fail(format!("has tensors the model does not: {}", unused.join(", "))));
+    }
+    Ok(())
 }
 
 /// Writes the epoch's training-pass errors into the run folder, for dependent jobs (JTT).

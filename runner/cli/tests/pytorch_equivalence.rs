@@ -1,0 +1,124 @@
+//! Exact reproduction: xlab trains from the same initial weights on the same rows in the same
+//! order as a plain PyTorch loop (tests/reference/pytorch_loop.py, run with the project's torch)
+//! and ends at the same weights to float tolerance. The data comes in as an `.npz` file and the
+//! initial weights as safetensors with PyTorch's `state_dict` names, both written by the script.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn xlab() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
+    p
+}
+
+/// The float32 tensors of a safetensors file, by name.
+fn read_safetensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = BTreeMap::new();
+    for (name, info) in header.as_object().unwrap() {
+        if name == "__metadata__" || info["dtype"] != "F32" {
+            continue;
+        }
+        let (a, b) =
+            (info["data_offsets"][0].as_u64().unwrap() as usize, info["data_offsets"][1].as_u64().unwrap() as usize);
+        out.insert(name.clone(), data[a..b].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect());
+    }
+    out
+}
+
+#[test]
+fn training_matches_a_pytorch_loop_from_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let request = serde_json::json!({
+        "dir": dir.path(), "seed": 3, "n_train": 200, "n_test": 50, "dim": 10, "classes": 3, "hidden": 32,
+        "epochs": 3, "batch_size": 16, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": true,
+        "label_smoothing": 0.1, "clip_grad_norm": 1.0, "min_lr": 0.001,
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/pytorch_loop.py");
+    let mut child = Command::new(python())
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let torch: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // 16 rows a batch over 200 rows: the last batch of each epoch has 8.
+    let yaml = r#"
+name: equivalence
+defaults:
+  task: train
+  data: {name: npz, path: data.npz, n_test: 50}
+  model: {name: mlp, hidden: [32]}
+  init: init.safetensors
+  shuffle: false
+  optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.0005, nesterov: true}
+  schedule: {name: cosine, min_lr: 0.001}
+  label_smoothing: 0.1
+  clip_grad_norm: 1.0
+  epochs: 3
+  batch_size: 16
+stages:
+  train: {}
+"#;
+    let file = dir.path().join("equivalence.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let store = dir.path().join("results");
+    let run = Command::new(xlab())
+        .arg("--store")
+        .arg(&store)
+        .arg("run")
+        .arg(&file)
+        .env("XLAB_WORKER", xlab().with_file_name("xlab-worker"))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let job = std::fs::read_dir(store.join("runs")).unwrap().next().unwrap().unwrap().path();
+    let ours = read_safetensors(&job.join("weights.safetensors"));
+    let theirs = read_safetensors(&dir.path().join("torch_final.safetensors"));
+    let init = read_safetensors(&dir.path().join("init.safetensors"));
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    let mut worst = 0.0f32;
+    for (name, a) in &ours {
+        let b = &theirs[name];
+        let moved = a.iter().zip(&init[name]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(moved > 1e-3, "{name} was trained");
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs() / (1e-3 + y.abs()));
+        }
+    }
+    assert!(worst < 1e-4, "final weights differ from PyTorch's by up to {worst:e} (relative)");
+
+    let show = Command::new(xlab())
+        .arg("--store")
+        .arg(&store)
+        .args(["show", job.file_name().unwrap().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let ours: Vec<f64> =
+        record["metrics"]["train.loss"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    let theirs: Vec<f64> = torch["train_loss"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(ours.len(), 3);
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "train.loss per epoch: xlab {ours:?}, PyTorch {theirs:?}");
+    }
+}

@@ -1,0 +1,62 @@
+"""The PyTorch loop xlab's training must reproduce (runner/cli/tests/pytorch_equivalence.rs).
+
+Reads a JSON request on stdin, writes into request["dir"]:
+- data.npz: x (float32), y (int64); the last n_test rows are the test split;
+- init.safetensors: the initial weights of `layers = Sequential(Linear, ReLU, Linear)`;
+- torch_final.safetensors: the weights after training with torch.optim.SGD, label smoothing,
+  clip_grad_norm_ and CosineAnnealingLR stepped per optimizer step, rows in file order;
+and prints {"train_loss": [per-epoch mean training loss]} on stdout.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+req = json.load(sys.stdin)
+out = req["dir"]
+torch.manual_seed(req["seed"])
+n, n_test, dim, classes = req["n_train"] + req["n_test"], req["n_test"], req["dim"], req["classes"]
+g = torch.Generator().manual_seed(req["seed"])
+y = torch.randint(0, classes, (n,), generator=g)
+x = torch.randn(n, dim, generator=g) + 2.0 * F.one_hot(y, classes).float() @ torch.randn(classes, dim, generator=g)
+np.savez(os.path.join(out, "data.npz"), x=x.numpy().astype(np.float32), y=y.numpy().astype(np.int64))
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(dim, req["hidden"]), torch.nn.ReLU(), torch.nn.Linear(req["hidden"], classes))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+net = Net()
+save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(out, "init.safetensors"))
+opt = torch.optim.SGD(net.parameters(), lr=req["lr"], momentum=req["momentum"], weight_decay=req["weight_decay"],
+                      nesterov=req["nesterov"])
+xt, yt = x[: req["n_train"]], y[: req["n_train"]]
+bs = req["batch_size"]
+steps_per_epoch = (len(xt) + bs - 1) // bs
+sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_per_epoch * req["epochs"], eta_min=req["min_lr"])
+losses = []
+for epoch in range(req["epochs"]):
+    total = 0.0
+    for lo in range(0, len(xt), bs):
+        xb, yb = xt[lo:lo + bs], yt[lo:lo + bs]
+        opt.zero_grad()
+        loss = F.cross_entropy(net(xb), yb, label_smoothing=req["label_smoothing"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), req["clip_grad_norm"])
+        opt.step()
+        sched.step()
+        total += loss.item() * len(xb)
+    losses.append(total / len(xt))
+save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(out, "torch_final.safetensors"))
+print(json.dumps({"train_loss": losses}))
