@@ -1,6 +1,7 @@
 //! `xlab`: the coordinator and command line. It owns the results store and the schedule and
 //! never links libtorch, so `xlab query` starts instantly anywhere the results folder is.
 
+mod filter;
 mod plugins;
 mod table;
 
@@ -72,6 +73,10 @@ enum Format {
     Table,
     Csv,
     Json,
+    /// A GitHub-flavoured Markdown table.
+    Markdown,
+    /// A booktabs table for a paper (`\usepackage{booktabs}`).
+    Latex,
 }
 
 #[derive(Subcommand)]
@@ -99,6 +104,10 @@ enum Command {
     Plan { file: PathBuf },
     /// Results of an experiment: one row per sweep point, mean ± std over seeds.
     Query {
+        /// Only jobs this matches, e.g. `stage == "train" and optimizer.lr < 0.1 and
+        /// last(val.acc) > 0.9` (names: stage, status, seed, id, config keys; last/max/min/at of
+        /// a metric; ==, !=, <, <=, >, >=, in [...], ~ "regex", and, or, not).
+        filter: Option<String>,
         /// The experiment (default: the only or most recently run one).
         #[arg(long, short = 'e')]
         experiment: Option<String>,
@@ -217,9 +226,16 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Plan { file } => plan(cli, file),
-        Command::Query { experiment, format, metrics } => {
+        Command::Query { filter, experiment, format, metrics } => {
+            let filter = match filter {
+                Some(q) => Some(filter::Filter::parse(q).map_err(|e| Failure {
+                    code: exit::USER,
+                    error: anyhow::anyhow!("bad filter:\n{}", e.render(q)),
+                })?),
+                None => None,
+            };
             let store = open_store(&cli.store)?;
-            query(&store, experiment.as_deref(), *format, metrics)?;
+            query(&store, experiment.as_deref(), *format, metrics, filter.as_ref())?;
             Ok(0)
         }
         Command::Export { experiment, format, output } => {
@@ -362,7 +378,7 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest) -> Result<u8, Fai
         report.failed.len(),
         started.elapsed().as_secs_f64()
     );
-    query(&store, Some(&plan.name), Format::Table, &[])?;
+    query(&store, Some(&plan.name), Format::Table, &[], None)?;
     if report.failed.is_empty() {
         Ok(0)
     } else {
@@ -416,7 +432,13 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn query(store: &Store, experiment: Option<&str>, format: Format, wanted: &[String]) -> Result<(), Failure> {
+fn query(
+    store: &Store,
+    experiment: Option<&str>,
+    format: Format,
+    wanted: &[String],
+    filter: Option<&filter::Filter>,
+) -> Result<(), Failure> {
     let exp = match experiment {
         Some(name) => store.experiment(name)?.with_context(|| {
             format!("no experiment `{name}` in store {}; `xlab run FILE` records one", store.dir().display())
@@ -429,7 +451,10 @@ fn query(store: &Store, experiment: Option<&str>, format: Format, wanted: &[Stri
             })?
         }
     };
-    let rows = table::rows(store, &exp)?;
+    let rows = table::rows(store, &exp, filter)?;
+    if rows.is_empty() && filter.is_some() {
+        eprintln!("no job of experiment `{}` matches the filter", exp.name);
+    }
     let known: Vec<&String> = rows.iter().flat_map(|r| r.metrics.keys()).collect();
     for m in wanted {
         if !known.contains(&m) {
@@ -452,6 +477,8 @@ fn query(store: &Store, experiment: Option<&str>, format: Format, wanted: &[Stri
             outln!("{}", table::render(&rows, &metrics));
         }
         Format::Csv => out!("{}", table::render_csv(&rows, &metrics)),
+        Format::Markdown => out!("{}", table::render_markdown(&rows, &metrics)),
+        Format::Latex => out!("{}", table::render_latex(&rows, &metrics)),
         Format::Json => {
             let v: Vec<serde_json::Value> = rows
                 .iter()

@@ -1,6 +1,7 @@
 //! The results table: one row per stage and sweep point, with each final metric's mean ± std
 //! over the seeds, read from the store.
 
+use crate::filter::{Filter, StoredJob};
 use comfy_table::{presets, Cell, CellAlignment, Table};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -28,12 +29,18 @@ pub fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
     (mean, Some(var.sqrt()))
 }
 
-/// Groups an experiment's jobs by stage and sweep point.
-pub fn rows(store: &Store, exp: &ExperimentRecord) -> anyhow::Result<Vec<Row>> {
+/// Groups an experiment's jobs (those the filter matches) by stage and sweep point.
+pub fn rows(store: &Store, exp: &ExperimentRecord, filter: Option<&Filter>) -> anyhow::Result<Vec<Row>> {
     let mut out: Vec<Row> = Vec::new();
     for stage in &exp.stages {
         for id in &stage.jobs {
             let Some(job) = store.job(id)? else { continue };
+            if let Some(f) = filter {
+                let series = if f.reads_series() { Some(store.metrics_of(id)?) } else { None };
+                if !f.matches(&StoredJob { record: &job, series }) {
+                    continue;
+                }
+            }
             let row = match out.iter_mut().find(|r| r.stage == stage.name && r.point == job.point) {
                 Some(r) => r,
                 None => {
@@ -163,6 +170,71 @@ pub fn render(rows: &[Row], metrics: &[String]) -> String {
     t.to_string()
 }
 
+/// Rows as text cells: the header, then per row the stage, each sweep key's value and each
+/// metric's `mean ± std` (`mean` alone for one seed), and the number of seeds.
+fn text_cells(rows: &[Row], metrics: &[String], pm: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let keys = columns(rows);
+    let mut header = vec!["stage".to_string()];
+    header.extend(keys.iter().cloned());
+    header.extend(metrics.iter().cloned());
+    header.push("n".into());
+    let body = rows
+        .iter()
+        .map(|r| {
+            let mut cells = vec![r.stage.clone()];
+            cells.extend(keys.iter().map(|k| point_value(r, k)));
+            for m in metrics {
+                let xs = r.metrics.get(m).map(Vec::as_slice).unwrap_or(&[]);
+                cells.push(match (xs.is_empty(), mean_std(xs)) {
+                    (true, _) => "-".into(),
+                    (false, (m, Some(s))) => format!("{m:.4} {pm} {s:.4}"),
+                    (false, (m, None)) => format!("{m:.4}"),
+                });
+            }
+            cells.push(r.done.to_string());
+            cells
+        })
+        .collect();
+    (header, body)
+}
+
+/// Renders the rows as a Markdown table (`mean ± std` over seeds).
+pub fn render_markdown(rows: &[Row], metrics: &[String]) -> String {
+    let (header, body) = text_cells(rows, metrics, "±");
+    let line = |cells: &[String]| {
+        format!("| {} |\n", cells.iter().map(|c| c.replace('|', "\\|")).collect::<Vec<_>>().join(" | "))
+    };
+    let mut out = line(&header);
+    out += &format!("|{}\n", ["---|"].repeat(header.len()).concat());
+    for r in &body {
+        out += &line(r);
+    }
+    out
+}
+
+/// Renders the rows as a LaTeX booktabs table (`mean $\pm$ std` over seeds).
+pub fn render_latex(rows: &[Row], metrics: &[String]) -> String {
+    let (header, body) = text_cells(rows, metrics, "±");
+    let esc = |s: &String| {
+        s.replace('\\', "\\textbackslash{}")
+            .replace('_', "\\_")
+            .replace('&', "\\&")
+            .replace('%', "\\%")
+            .replace('#', "\\#")
+            .replace('$', "\\$")
+            .replace('±', "$\\pm$")
+    };
+    let line = |cells: &[String]| cells.iter().map(esc).collect::<Vec<_>>().join(" & ") + " \\\\\n";
+    let mut out = format!("\\begin{{tabular}}{{l{}}}\n\\toprule\n", "r".repeat(header.len() - 1));
+    out += &line(&header);
+    out += "\\midrule\n";
+    for r in &body {
+        out += &line(r);
+    }
+    out += "\\bottomrule\n\\end{tabular}\n";
+    out
+}
+
 /// Renders the rows as CSV: one column per sweep key, then mean, std and n for each metric.
 pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
     let keys = columns(rows);
@@ -243,6 +315,30 @@ mod tests {
         assert!((m - 0.94).abs() < 1e-12);
         assert!((s.unwrap() - 0.036055512754639925).abs() < 1e-12);
         assert_eq!(mean_std(&[0.5]), (0.5, None));
+    }
+
+    fn two_seeds() -> Vec<Row> {
+        let metrics = BTreeMap::from([("test.acc".to_string(), vec![0.5, 0.7])]);
+        vec![Row {
+            stage: "train_a".into(),
+            point: vec![("optimizer.lr".into(), serde_json::json!(0.1))],
+            metrics,
+            done: 2,
+            jobs: 2,
+        }]
+    }
+
+    #[test]
+    fn markdown_and_latex_tables() {
+        assert_eq!(
+            render_markdown(&two_seeds(), &["test.acc".into()]),
+            "| stage | optimizer.lr | test.acc | n |\n|---|---|---|---|\n| train_a | 0.1 | 0.6000 ± 0.1414 | 2 |\n"
+        );
+        assert_eq!(
+            render_latex(&two_seeds(), &["test.acc".into()]),
+            "\\begin{tabular}{lrrr}\n\\toprule\nstage & optimizer.lr & test.acc & n \\\\\n\\midrule\n\
+             train\\_a & 0.1 & 0.6000 $\\pm$ 0.1414 & 2 \\\\\n\\bottomrule\n\\end{tabular}\n"
+        );
     }
 
     #[test]

@@ -87,6 +87,33 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
     let best = rows.iter().map(|r| r["metrics"]["test.acc"]["mean"].as_f64().unwrap()).fold(0.0, f64::max);
     assert!(best > 0.8, "best mean test accuracy {best}");
 
+    // A filter picks jobs by config, seed and metric before grouping; metric summaries read the
+    // stored series.
+    let filtered = |q: &str| {
+        let out = run_ok(cmd(&store).args(["query", q, "--experiment", "tiny", "--format", "json"]));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+    };
+    let low = filtered("optimizer.lr < 0.05 and seed == 1");
+    assert_eq!(low.len(), 1);
+    assert_eq!(low[0]["point"]["optimizer.lr"], 0.01);
+    assert_eq!(low[0]["metrics"]["test.acc"]["n"], 1);
+    let n_all =
+        |rows: &[serde_json::Value]| rows.iter().map(|r| r["metrics"]["test.acc"]["n"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(n_all(&filtered("max(train.acc) >= min(train.acc) and at(epoch, 3) == 3")), 4);
+    assert_eq!(n_all(&filtered(r#"stage ~ "^tr" and not status != "done""#)), 4);
+    assert!(filtered("last(test.acc) > 2").is_empty());
+    let md = run_ok(cmd(&store).args(["query", "-e", "tiny", "--format", "markdown", "-m", "test.acc"]));
+    assert!(
+        text(&md.stdout).starts_with("| stage | optimizer.lr | test.acc | n |\n|---|---|---|---|\n| train | 0.01 | 0.")
+    );
+    let bad = cmd(&store).args(["query", "optimizer.lr => 1"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("optimizer.lr => 1\n             ^ use `==` to compare"),
+        "{}",
+        text(&bad.stderr)
+    );
+
     // Final weights are an artifact with PyTorch names.
     let runs: Vec<PathBuf> = std::fs::read_dir(store.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(runs.len(), 4);
