@@ -97,6 +97,10 @@ enum Command {
         /// Jobs sharing one GPU at a time (small jobs pack; each sees only its GPU).
         #[arg(long, default_value_t = 1)]
         jobs_per_device: usize,
+        /// Stop starting jobs after the first deterministic failure (as `fail_fast: true` on
+        /// every stage).
+        #[arg(long)]
+        fail_fast: bool,
     },
     /// Check an experiment file without running anything.
     Validate { file: PathBuf },
@@ -162,6 +166,8 @@ mod exit {
     pub const USER: u8 = 2;
     /// The environment is wrong (store in use, missing worker, I/O).
     pub const ENVIRONMENT: u8 = 3;
+    /// Stopped by Ctrl-C or SIGTERM before every job ran (the shell's code for SIGINT).
+    pub const STOPPED: u8 = 130;
 }
 
 /// An error with the exit code it deserves.
@@ -210,14 +216,14 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: &Cli) -> Result<u8, Failure> {
     match &cli.command {
-        Command::Run { file, jobs, threads, devices, jobs_per_device } => {
+        Command::Run { file, jobs, threads, devices, jobs_per_device, fail_fast } => {
             let req = xlab_sched::PoolRequest {
                 devices: devices.clone(),
                 cpu_jobs: *jobs,
                 jobs_per_gpu: *jobs_per_device,
                 threads: *threads,
             };
-            run(cli, file, &req)
+            run(cli, file, &req, *fail_fast)
         }
         Command::Validate { file } => {
             let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
@@ -310,7 +316,26 @@ fn worker_path() -> PathBuf {
     exe.and_then(|e| e.parent().map(|d| d.join("xlab-worker"))).unwrap_or_else(|| PathBuf::from("xlab-worker"))
 }
 
-fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest) -> Result<u8, Failure> {
+/// Counts SIGINT and SIGTERM: the scheduler stops gracefully at the first and kills its
+/// workers at the second.
+fn count_stop_requests() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let stops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let s = std::sync::Arc::clone(&stops);
+        // SAFETY: the handler only increments an atomic, which is async-signal-safe.
+        let registered = unsafe {
+            signal_hook::low_level::register(sig, move || {
+                s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        if let Err(e) = registered {
+            tracing::warn!("cannot catch signal {sig}: {e}; Ctrl-C will end xlab without a graceful stop");
+        }
+    }
+    stops
+}
+
+fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) -> Result<u8, Failure> {
     let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let pool = xlab_sched::build_pool(pool, &xlab_sched::detect_gpus())
         .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
@@ -329,6 +354,8 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest) -> Result<u8, Fai
         pool,
         xlab_version: VERSION.into(),
         git_commit: env!("XLAB_GIT_COMMIT").into(),
+        stop: count_stop_requests(),
+        fail_fast,
     };
     let started = Instant::now();
     let mut finished = 0usize;
@@ -359,6 +386,19 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest) -> Result<u8, Fai
                 .collect();
             tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
         }
+        Progress::Retrying { job, cause, message, delay } => {
+            tracing::warn!(
+                "{} {} failed ({}): {message}; trying again in {} s (job {})",
+                job.stage,
+                job.label(),
+                cause.as_str(),
+                delay.as_secs(),
+                job.id
+            );
+        }
+        Progress::Stopped { job, message } => {
+            tracing::warn!("{} {} {message} (job {})", job.stage, job.label(), job.id);
+        }
         Progress::Failed { job, cause, message } => {
             finished += 1;
             tracing::error!(
@@ -379,6 +419,16 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest) -> Result<u8, Fai
         started.elapsed().as_secs_f64()
     );
     query(&store, Some(&plan.name), Format::Table, &[], None)?;
+    if let Some(why) = &report.ended_early {
+        eprintln!(
+            "{why}: {} job(s) stopped (each resumes from its last checkpoint), {} not started. Run the same command again to resume; \
+             nothing recorded is lost.",
+            report.stopped, report.not_started
+        );
+        if report.failed.is_empty() {
+            return Ok(exit::STOPPED);
+        }
+    }
     if report.failed.is_empty() {
         Ok(0)
     } else {

@@ -204,3 +204,128 @@ fn a_killed_worker_fails_its_job_as_crashed_and_the_rerun_resumes_it() {
     assert_eq!(attempts[1]["outcome"], "done");
     assert_eq!(rec["metrics"]["train.loss"].as_array().unwrap().len(), 40);
 }
+
+/// A stage that trains long enough to be stopped, timed out or interrupted mid-run.
+const LONG: &str = r#"
+name: long
+defaults:
+  task: train
+  data: {name: blobs, n_train: 8192, n_val: 0, n_test: 128, dim: 32}
+  model: {name: mlp, hidden: [128, 128]}
+  optimizer: {name: sgd, lr: 0.001}
+  epochs: EPOCHS
+  batch_size: 32
+stages:
+  train:
+    seeds: 2
+    STAGE_EXTRA
+"#;
+
+fn long_file(dir: &Path, epochs: u32, extra: &str) -> PathBuf {
+    let f = dir.join("long.yaml");
+    std::fs::write(&f, LONG.replace("EPOCHS", &epochs.to_string()).replace("STAGE_EXTRA", extra)).unwrap();
+    f
+}
+
+fn send(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+}
+
+fn wait_for_checkpoint(store: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while checkpoints(store).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn attempts(store: &Path, id: &str) -> Vec<String> {
+    let out = cmd(store).args(["show", id]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["attempts"].as_array().unwrap().iter().map(|a| a["outcome"].as_str().unwrap_or("").to_string()).collect()
+}
+
+#[test]
+fn ctrl_c_stops_at_a_checkpoint_and_the_rerun_finishes_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = long_file(dir.path(), 6, "");
+    let reference = dir.path().join("reference");
+    assert!(cmd(&reference).arg("run").arg(&file).output().unwrap().status.success());
+
+    let store = dir.path().join("results");
+    let child =
+        cmd(&store).args(["run", "-j", "2"]).arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(&store);
+    send(child.id(), "-INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped after epoch") && err.contains("Run the same command again to resume"), "{err}");
+    let ids = job_ids(&store, &file);
+    for id in &ids {
+        assert_eq!(attempts(&store, id), ["cancelled"], "each worker stopped itself at a checkpoint");
+    }
+    let plan = cmd(&store).arg("plan").arg(&file).output().unwrap();
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("2 interrupted"));
+
+    let again = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && err.matches("from its checkpoint after epoch").count() == 2, "{err}");
+    assert_eq!(snapshot(&store, &ids), snapshot(&reference, &ids), "the resumed results equal an uninterrupted run");
+}
+
+#[test]
+fn a_second_ctrl_c_kills_the_workers_and_keeps_the_jobs_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = long_file(dir.path(), 40, "");
+    let store = dir.path().join("results");
+    let child =
+        cmd(&store).args(["run", "-j", "2"]).arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(&store);
+    send(child.id(), "-INT");
+    std::thread::sleep(Duration::from_millis(50));
+    send(child.id(), "-INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("killing 2 running worker(s)"), "{err}");
+    for id in job_ids(&store, &file) {
+        let a = attempts(&store, &id);
+        assert!(a == ["interrupted"] || a == ["cancelled"], "{id}: {a:?}");
+    }
+}
+
+#[test]
+fn a_job_past_its_timeout_is_killed_and_retried_then_fails_as_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = long_file(dir.path(), 500, "timeout: 1s\n    retries: 1");
+    let store = dir.path().join("results");
+    let out = cmd(&store).args(["run", "-j", "2"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.matches("failed (timeout): ran past its timeout of 1 s and was killed; trying again in 1 s").count(),
+        2,
+        "{err}"
+    );
+    for id in job_ids(&store, &file) {
+        assert_eq!(attempts(&store, &id), ["timeout", "timeout"], "one retry, then failed");
+    }
+}
+
+#[test]
+fn fail_fast_stops_starting_jobs_after_a_deterministic_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ff.yaml");
+    std::fs::write(
+        &file,
+        "name: ff\ndefaults:\n  task: train\n  data: {name: two_moons, n_train: 256, n_test: 64}\n  model: {name: mlp, hidden: [8]}\n  epochs: 2\nstages:\n  train:\n    fail_fast: true\n    grid: {optimizer: [{name: sgd, lr: 1.0e+30}, {name: sgd, lr: 0.1}, {name: sgd, lr: 0.01}]}\n",
+    )
+    .unwrap();
+    let store = dir.path().join("results");
+    let out = cmd(&store).args(["run", "-j", "1"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("FAILED (diverged)") && err.contains("fail_fast: job"), "{err}");
+    assert!(err.contains("0 job(s) stopped (each resumes from its last checkpoint), 2 not started"), "{err}");
+}

@@ -47,6 +47,18 @@ impl Pool {
         Some(i)
     }
 
+    /// Takes a free slot on a device other than `avoid` when there is one, else any free slot.
+    pub fn take_avoiding(&mut self, avoid: Option<&str>) -> Option<usize> {
+        let other = (0..self.slots.len()).find(|&i| !self.busy[i] && Some(self.slots[i].device.as_str()) != avoid);
+        match other {
+            Some(i) => {
+                self.busy[i] = true;
+                Some(i)
+            }
+            None => self.take(),
+        }
+    }
+
     pub fn give_back(&mut self, i: usize) {
         assert!(self.busy[i], "slot {i} given back twice");
         self.busy[i] = false;
@@ -238,6 +250,15 @@ mod tests {
         p.give_back(a);
         assert_eq!(p.free(), 1);
         assert_eq!(p.take(), Some(a));
+    }
+
+    #[test]
+    fn a_retry_after_running_out_of_memory_prefers_another_device() {
+        let slot = |d: &str| Slot { device: d.into(), threads: 1 };
+        let mut p = Pool::new(vec![slot("cuda:0"), slot("cuda:1")]);
+        assert_eq!(p.take_avoiding(Some("cuda:0")), Some(1));
+        assert_eq!(p.take_avoiding(Some("cuda:0")), Some(0), "the avoided device when nothing else is free");
+        assert_eq!(p.take_avoiding(None), None);
     }
 
     fn h200s(n: u32) -> Vec<Gpu> {

@@ -4,10 +4,13 @@
 use crate::pool::Pool;
 use crate::spawn::{self, Msg};
 use crate::writer::{self, StoreOp};
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use xlab_proto::{Event, FailureCause, JobRequest, ParentRef, PROTOCOL_VERSION};
 use xlab_spec::{Job, Plan};
 use xlab_store::{
@@ -32,7 +35,15 @@ pub struct RunOptions {
     pub xlab_version: String,
     /// The git commit the coordinator was built from.
     pub git_commit: String,
+    /// Stop requests (Ctrl-C, SIGTERM) received so far: at 1, no job starts and running workers
+    /// are asked to stop at a checkpoint; at 2, they are killed. Their jobs stay resumable.
+    pub stop: Arc<AtomicUsize>,
+    /// Stop starting jobs after the first deterministic failure, in every stage.
+    pub fail_fast: bool,
 }
+
+/// How often the loop looks at stop requests, timeouts and retry delays while it waits.
+const TICK: Duration = Duration::from_millis(100);
 
 /// What happened to one job, for whoever displays progress.
 #[derive(Debug)]
@@ -65,6 +76,18 @@ pub enum Progress<'a> {
         cause: FailureCause,
         message: &'a str,
     },
+    /// The attempt failed in a way worth another try, which starts after `delay`.
+    Retrying {
+        job: &'a Job,
+        cause: FailureCause,
+        message: &'a str,
+        delay: Duration,
+    },
+    /// The job stopped at a checkpoint because the run was asked to stop; it resumes next time.
+    Stopped {
+        job: &'a Job,
+        message: &'a str,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -73,12 +96,39 @@ pub struct RunReport {
     pub skipped: usize,
     pub done: usize,
     pub failed: Vec<(String, FailureCause, String)>,
+    /// Jobs stopped by a stop request (resumable).
+    pub stopped: usize,
+    /// Why the run ended before every job ran, if it did: a stop request or `fail_fast`.
+    pub ended_early: Option<String>,
+    /// Jobs that never started because the run ended early.
+    pub not_started: usize,
 }
 
 struct Running {
     slot: usize,
+    pid: u32,
+    started: Instant,
+    timed_out: bool,
     record: JobRecord,
     terminal: Option<Result<BTreeMap<String, f64>, (FailureCause, String)>>,
+}
+
+/// Failures another attempt may cure.
+fn retryable(cause: FailureCause) -> bool {
+    matches!(cause, FailureCause::Crashed | FailureCause::OutOfMemory | FailureCause::Timeout)
+}
+
+/// Failures that repeat when the same job runs again.
+fn deterministic(cause: FailureCause) -> bool {
+    matches!(cause, FailureCause::Config | FailureCause::Diverged | FailureCause::Error)
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid this process started and has not reaped yet (its reader thread
+    // reaps it only after it exits), so the pid cannot name another process.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
 }
 
 /// Runs every job of the plan that the store does not hold as done.
@@ -186,6 +236,11 @@ pub fn run(
         let writer = scope.spawn(|| writer::run(store, ops_rx));
         let mut running: HashMap<usize, Running> = HashMap::new();
         let mut result = Ok(());
+        // Retries waiting for their delay, attempts made in this run, devices to avoid.
+        let mut delayed: Vec<(Instant, usize)> = Vec::new();
+        let mut attempts_here: HashMap<usize, u32> = HashMap::new();
+        let mut avoid: HashMap<usize, String> = HashMap::new();
+        let mut signalled = 0usize;
         loop {
             // Release what became ready; fail (without running) what a failed parent blocks.
             loop {
@@ -210,9 +265,54 @@ pub fn run(
                     observe(Progress::Failed { job: jobs[i], cause, message: &message });
                 }
             }
+            // Stop requests: the first stops new starts and asks workers to checkpoint and stop,
+            // the second kills them.
+            let stops = opts.stop.load(Ordering::SeqCst);
+            if stops >= 1 && signalled < 1 {
+                signalled = 1;
+                tracing::warn!(
+                    "stopping: no new jobs; {} running job(s) stop at their next epoch end, after a checkpoint \
+                     (press Ctrl-C again to kill them at once)",
+                    running.len()
+                );
+                report.ended_early.get_or_insert_with(|| "stopped by request".into());
+                for r in running.values() {
+                    signal(r.pid, libc::SIGTERM);
+                }
+            }
+            if stops >= 2 && signalled < 2 {
+                signalled = 2;
+                tracing::warn!(
+                    "killing {} running worker(s); their jobs resume from their last checkpoint",
+                    running.len()
+                );
+                for r in running.values() {
+                    signal(r.pid, libc::SIGKILL);
+                }
+            }
+            for r in running.values_mut() {
+                let limit = jobs_exec_timeout(&jobs, &index, &r.record.id);
+                if !r.timed_out && limit.is_some_and(|l| r.started.elapsed() > l) {
+                    r.timed_out = true;
+                    signal(r.pid, libc::SIGKILL);
+                }
+            }
+            if report.ended_early.is_some() {
+                queue.clear();
+                delayed.clear();
+            }
+            let now = Instant::now();
+            delayed.retain(|&(due, i)| {
+                if due <= now {
+                    queue.push_back(i);
+                    false
+                } else {
+                    true
+                }
+            });
             while !queue.is_empty() && opts.pool.free() > 0 {
                 let i = queue.pop_front().expect("not empty");
-                let slot = opts.pool.take().expect("a slot is free");
+                let slot = opts.pool.take_avoiding(avoid.get(&i).map(String::as_str)).expect("a slot is free");
                 let picked = records[i].selected.clone();
                 let parents: Vec<ParentRef> = jobs[i]
                     .parents
@@ -232,7 +332,18 @@ pub fn run(
                             device: &opts.pool.slot(slot).device,
                             attempt: r.attempts.len() as u32,
                         });
-                        running.insert(i, Running { slot, record: r.clone(), terminal: None });
+                        let pid = r.attempts.last().and_then(|a| a.pid).unwrap_or(0);
+                        running.insert(
+                            i,
+                            Running {
+                                slot,
+                                pid,
+                                started: Instant::now(),
+                                timed_out: false,
+                                record: r.clone(),
+                                terminal: None,
+                            },
+                        );
                     }
                     Err(e) => {
                         opts.pool.give_back(slot);
@@ -241,13 +352,17 @@ pub fn run(
                     }
                 }
             }
-            if running.is_empty() {
-                if queue.is_empty() {
-                    break;
-                }
+            if running.is_empty() && queue.is_empty() && (delayed.is_empty() || report.ended_early.is_some()) {
+                break;
+            }
+            if running.is_empty() && !queue.is_empty() {
                 continue;
             }
-            let msg = rx.recv().expect("a sender lives in every running job's reader");
+            let msg = match rx.recv_timeout(TICK) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
+            };
             match msg {
                 Msg::Event(i, e) => {
                     on_event(jobs[i], running.get_mut(&i).expect("event from a running job"), e, &ops_tx, observe)
@@ -256,15 +371,54 @@ pub fn run(
                 Msg::Exited(i, status) => {
                     let mut r = running.remove(&i).expect("exit of a running job");
                     opts.pool.give_back(r.slot);
-                    let outcome = finish(&mut r, status, store);
+                    let outcome = finish(&mut r, status, store, jobs[i].exec.timeout_ms);
+                    let tries = attempts_here.entry(i).or_insert(0);
+                    *tries += 1;
                     match &outcome {
                         Ok(summary) => {
                             report.done += 1;
                             observe(Progress::Finished { job: jobs[i], summary });
                         }
+                        Err((FailureCause::Cancelled, message)) => {
+                            r.record.status = JobStatus::Interrupted;
+                            report.stopped += 1;
+                            observe(Progress::Stopped { job: jobs[i], message });
+                        }
+                        Err((_, message)) if signalled >= 2 => {
+                            // Killed on the second stop request: interrupted, not failed.
+                            r.record.status = JobStatus::Interrupted;
+                            if let Some(a) = r.record.attempts.last_mut() {
+                                a.outcome = Some("interrupted".into());
+                            }
+                            report.stopped += 1;
+                            observe(Progress::Stopped { job: jobs[i], message });
+                        }
+                        Err((cause, message))
+                            if retryable(*cause) && *tries <= jobs[i].exec.retries && report.ended_early.is_none() =>
+                        {
+                            // 1 s, 2 s, 4 s, … up to a minute; after running out of memory, try
+                            // another device if there is one.
+                            let delay = Duration::from_secs(1u64 << (*tries - 1).min(6)).min(Duration::from_secs(60));
+                            r.record.status = JobStatus::Pending;
+                            if *cause == FailureCause::OutOfMemory {
+                                avoid.insert(i, opts.pool.slot(r.slot).device.clone());
+                            }
+                            delayed.push((Instant::now() + delay, i));
+                            observe(Progress::Retrying { job: jobs[i], cause: *cause, message, delay });
+                        }
                         Err((cause, message)) => {
                             report.failed.push((jobs[i].id.to_string(), *cause, message.clone()));
                             observe(Progress::Failed { job: jobs[i], cause: *cause, message });
+                            if deterministic(*cause) && (opts.fail_fast || jobs[i].exec.fail_fast) {
+                                report.ended_early.get_or_insert_with(|| {
+                                    format!(
+                                        "fail_fast: job {} ({}) failed ({})",
+                                        jobs[i].id,
+                                        jobs[i].stage,
+                                        cause.as_str()
+                                    )
+                                });
+                            }
                         }
                     }
                     let _ = ops_tx.send(StoreOp::Job(Box::new(r.record.clone())));
@@ -273,11 +427,16 @@ pub fn run(
                 }
             }
         }
+        report.not_started = records.iter().filter(|r| r.status == JobStatus::Pending).count();
         drop(ops_tx);
         let written = writer.join().expect("the store writer does not panic");
         result.and(written.map_err(SchedError::from))
     })?;
     Ok(report)
+}
+
+fn jobs_exec_timeout(jobs: &[&Job], index: &HashMap<&str, usize>, id: &str) -> Option<Duration> {
+    index.get(id).and_then(|&i| jobs[i].exec.timeout_ms).map(Duration::from_millis)
 }
 
 fn new_record(plan: &Plan, job: &Job) -> JobRecord {
@@ -384,8 +543,13 @@ fn finish(
     r: &mut Running,
     status: std::io::Result<std::process::ExitStatus>,
     store: &Store,
+    timeout_ms: Option<u64>,
 ) -> Result<BTreeMap<String, f64>, (FailureCause, String)> {
     let outcome = match (r.terminal.take(), status) {
+        (_, _) if r.timed_out => Err((
+            FailureCause::Timeout,
+            format!("ran past its timeout of {} s and was killed", timeout_ms.unwrap_or(0) as f64 / 1000.0),
+        )),
         (Some(Ok(summary)), Ok(s)) if s.success() => Ok(summary),
         (Some(Err(f)), _) => Err(f),
         (_, Err(e)) => Err((FailureCause::Crashed, format!("lost the worker: {e}"))),

@@ -48,6 +48,7 @@ pub fn spawn(
     std::fs::write(&request, serde_json::to_vec_pretty(req).expect("requests serialize"))?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&req.run_dir))?;
     let threads = req.lease.threads.to_string();
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(worker)
         .arg("run")
         .arg("--job")
@@ -58,6 +59,9 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
+        // Its own process group: a Ctrl-C at the terminal reaches the coordinator only, which
+        // asks each worker to stop at a checkpoint (and kills them on a second Ctrl-C).
+        .process_group(0)
         .spawn()?;
     let pid = child.id();
     let stdout = child.stdout.take().expect("stdout is piped");

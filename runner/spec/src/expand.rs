@@ -131,6 +131,40 @@ impl Pick {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exec {
     pub checkpoint_every_epochs: u32,
+    /// Further attempts after a crash, out-of-memory error or timeout.
+    pub retries: u32,
+    /// Wall-clock limit of one attempt, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    pub fail_fast: bool,
+}
+
+/// `3600`, `90s`, `30m`, `2h` → seconds.
+fn parse_duration(v: &serde_yaml::Value) -> Result<f64, String> {
+    let bad = || format!("must be seconds (`3600`) or a duration (`90s`, `30m`, `2h`), got {}", yaml_str(v));
+    let secs = match v {
+        serde_yaml::Value::Number(n) => n.as_f64().ok_or_else(bad)?,
+        serde_yaml::Value::String(s) => {
+            let s = s.trim();
+            let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+            let x: f64 = num.trim().parse().map_err(|_| bad())?;
+            x * match unit {
+                "" | "s" => 1.0,
+                "m" | "min" => 60.0,
+                "h" => 3600.0,
+                _ => return Err(bad()),
+            }
+        }
+        _ => return Err(bad()),
+    };
+    if secs > 0.0 && secs.is_finite() {
+        Ok(secs)
+    } else {
+        Err(bad())
+    }
+}
+
+fn yaml_str(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 impl Plan {
@@ -346,7 +380,20 @@ pub fn expand(
                 }
             }
         }
-        let exec = Exec { checkpoint_every_epochs: stage.checkpoint.as_ref().map(|c| c.every_epochs).unwrap_or(1) };
+        let timeout_ms = match &stage.timeout {
+            None => None,
+            Some(v) => Some(
+                parse_duration(v)
+                    .map(|s| (s * 1000.0).ceil() as u64)
+                    .map_err(|m| SpecError::new(file, format!("`timeout` {m}")).context(format!("{ctx}.timeout")))?,
+            ),
+        };
+        let exec = Exec {
+            checkpoint_every_epochs: stage.checkpoint.as_ref().map(|c| c.every_epochs).unwrap_or(1),
+            retries: stage.retries.unwrap_or(0),
+            timeout_ms,
+            fail_fast: stage.fail_fast.unwrap_or(false),
+        };
         if exec.checkpoint_every_epochs == 0 {
             return Err(SpecError::new(file, "`checkpoint.every_epochs` must be at least 1")
                 .context(format!("{ctx}.checkpoint")));

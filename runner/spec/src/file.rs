@@ -147,6 +147,19 @@ pub struct StageFile {
     /// not what it computes.
     #[serde(default)]
     pub checkpoint: Option<CheckpointPolicy>,
+    /// Run a job again after a crash, out-of-memory error or timeout, up to this many times
+    /// (waiting 1 s, 2 s, 4 s, … between attempts; an out-of-memory job prefers another device).
+    /// Not part of the identity, like the next two.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Each attempt's wall-clock limit, in seconds (`timeout: 3600`) or with a unit (`90s`,
+    /// `30m`, `2h`).
+    #[serde(default)]
+    pub timeout: Option<serde_yaml::Value>,
+    /// Stop starting jobs after the first job of this stage fails deterministically (config
+    /// error, divergence, worker error); running jobs finish.
+    #[serde(default)]
+    pub fail_fast: Option<bool>,
     /// The stage this one consumes: `needs: train` (one child per parent job),
     /// `needs: {stage: train, select: all}` (one child that sees every parent job) or
     /// `needs: {stage: train, select: best, metric: val.acc, mode: max, k: 1, per: [...]}`

@@ -113,6 +113,25 @@ fn lock_job(run_dir: &Path) -> Result<std::fs::File, Failure> {
     }
 }
 
+static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
+/// The first SIGINT or SIGTERM asks the job to stop at its next epoch boundary, after a
+/// checkpoint; a second one ends the process at once (exit code 130).
+pub fn stop_on_signals() {
+    let flag = STOP.get_or_init(Default::default);
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered in this order, the conditional shutdown sees the flag as it was before this
+        // signal: set by an earlier one.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, std::sync::Arc::clone(flag));
+        let _ = signal_hook::flag::register(sig, std::sync::Arc::clone(flag));
+    }
+}
+
+/// Whether a stop was asked for (see [`stop_on_signals`]).
+pub fn stop_requested() -> bool {
+    STOP.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Ends this worker when its coordinator goes away (the worker is re-parented), so an orphan
 /// never trains on beside the next attempt; the job resumes from its last checkpoint.
 pub fn exit_with_parent() {

@@ -54,6 +54,7 @@ fn main() {
         }
         Command::Run { job } => {
             xlab_worker::exit_with_parent();
+            xlab_worker::stop_on_signals();
             let mut out = Emitter::stdout();
             let req =
                 std::fs::read(&job).map_err(|e| format!("cannot read job request {}: {e}", job.display())).and_then(

@@ -829,7 +829,9 @@ pub fn run(
         history.push((epoch + 1, values.clone()));
         summary = values;
         let last = epoch + 1 == u64::from(cfg.epochs);
-        if last || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
+        // Asked to stop (Ctrl-C, SIGTERM): checkpoint this epoch whatever the cadence, then stop.
+        let stopping = !last && crate::stop_requested();
+        if last || stopping || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
             let meta = checkpoint::Meta {
                 format: checkpoint::FORMAT,
                 job_id: ckpt.job_id.to_string(),
@@ -845,6 +847,12 @@ pub fn run(
             };
             let path = save_checkpoint(run_dir, meta, &named, &opt, comps)?;
             out.send(&xlab_proto::Event::Checkpoint { epoch: epoch + 1, path });
+        }
+        if stopping {
+            return Err(Failure::new(
+                FailureCause::Cancelled,
+                format!("stopped after epoch {} of {}, at a checkpoint", epoch + 1, cfg.epochs),
+            ));
         }
     }
     let weights = run_dir.join("weights.safetensors");
