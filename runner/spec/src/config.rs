@@ -79,6 +79,22 @@ pub struct JobConfig {
     /// file order (`false`, for step-by-step comparisons with another implementation).
     #[serde(default = "defaults::yes", skip_serializing_if = "is_true")]
     pub shuffle: bool,
+    /// `train`, image data: random crops after zero padding and horizontal flips of the training
+    /// images, drawn per example from the job's seed and the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<Augment>,
+}
+
+/// Training-image augmentation (the standard CIFAR recipe is `{crop: 4, flip: true}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Augment {
+    /// Pad each side with this many zero pixels, then crop the original size at a random place.
+    #[serde(default)]
+    pub crop: u32,
+    /// Mirror left-right with probability 1/2.
+    #[serde(default)]
+    pub flip: bool,
 }
 
 fn is_true(b: &bool) -> bool {
@@ -317,6 +333,17 @@ pub enum DataConfig {
     /// Rows are used in file order: the last `n_test` are the test split, the `n_val` before
     /// them the validation split, the rest the training split.
     Npz(Npz),
+    /// CIFAR-10 in its binary form: `path` is the `cifar-10-batches-bin` folder
+    /// (`data_batch_1.bin` … `data_batch_5.bin`, `test_batch.bin`). The last `n_val` training
+    /// images are the validation split. Pixels are scaled to [0, 1] and, with `normalize`
+    /// (default), standardized per channel with the training split's mean and std.
+    Cifar10(Cifar),
+    /// CIFAR-100 in its binary form (`train.bin`, `test.bin` in `path`), fine labels.
+    Cifar100(Cifar),
+    /// MNIST-style IDX files (Fashion-MNIST too), gzipped or not: `path` is a folder with
+    /// `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
+    /// `t10k-labels-idx1-ubyte` (each optionally `.gz`).
+    Idx(Cifar),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -326,6 +353,31 @@ pub struct Npz {
     #[serde(default)]
     pub n_val: usize,
     pub n_test: usize,
+    /// The (channels, height, width) of each row of `x`, for image models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<[usize; 3]>,
+}
+
+/// An image dataset read from a folder of standard files.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cifar {
+    pub path: FileRef,
+    #[serde(default)]
+    pub n_val: usize,
+    #[serde(default = "defaults::yes")]
+    pub normalize: bool,
+}
+
+impl DataConfig {
+    /// Whether rows are images (for `cnn`, `resnet18`, `wrn` and augmentation).
+    pub fn is_image(&self) -> bool {
+        match self {
+            DataConfig::Digits(_) | DataConfig::Cifar10(_) | DataConfig::Cifar100(_) | DataConfig::Idx(_) => true,
+            DataConfig::Npz(n) => n.image.is_some(),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -416,6 +468,32 @@ pub enum ModelConfig {
     /// A small convolutional network for images: per entry of `channels`, a 3×3 convolution
     /// (padding 1), normalization, ReLU and 2×2 max-pooling; then a linear classifier.
     Cnn(Cnn),
+    /// ResNet-18 with the CIFAR stem (3×3 first convolution, no max-pooling), global average
+    /// pooling and a linear classifier; `norm: batch` (default) or `group`/`layer`.
+    Resnet18(ResNet),
+    /// WideResNet-depth-width (pre-activation blocks, e.g. WRN-16-4), `norm: batch` (default) or
+    /// `group`.
+    Wrn(Wrn),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResNet {
+    #[serde(default = "defaults::cnn_norm")]
+    pub norm: Norm,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Wrn {
+    /// 6n + 4 layers (16, 22, 28, …).
+    #[serde(default = "defaults::wrn_depth")]
+    pub depth: usize,
+    /// The widening factor k.
+    #[serde(default = "defaults::wrn_width")]
+    pub width: usize,
+    #[serde(default = "defaults::cnn_norm")]
+    pub norm: Norm,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -436,8 +514,10 @@ pub enum Norm {
     /// BatchNorm (momentum 0.1, eps 1e-5): batch statistics in training, running ones in
     /// evaluation.
     Batch,
-    /// LayerNorm over the features (eps 1e-5).
+    /// LayerNorm over the features (eps 1e-5); on images, over each channel map.
     Layer,
+    /// GroupNorm (eps 1e-5) with the largest group count ≤ 32 that divides the channels.
+    Group,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -513,8 +593,9 @@ impl JobConfig {
     }
 
     /// The training options only `task: train` uses, and whether each is set.
-    fn train_fields(&self) -> [(&'static str, bool); 5] {
+    fn train_fields(&self) -> [(&'static str, bool); 6] {
         [
+            ("augment", self.augment.is_some()),
             ("schedule", !self.schedule.is_default()),
             ("clip_grad_norm", self.clip_grad_norm.is_some()),
             ("label_smoothing", self.label_smoothing != 0.0),
@@ -526,8 +607,12 @@ impl JobConfig {
     /// The files this job reads, with their config paths.
     pub fn files_mut(&mut self) -> Vec<(&'static str, &mut FileRef)> {
         let mut out = Vec::new();
-        if let DataConfig::Npz(d) = &mut self.data {
-            out.push(("data.path", &mut d.path));
+        match &mut self.data {
+            DataConfig::Npz(d) => out.push(("data.path", &mut d.path)),
+            DataConfig::Cifar10(d) | DataConfig::Cifar100(d) | DataConfig::Idx(d) => {
+                out.push(("data.path", &mut d.path))
+            }
+            _ => {}
         }
         if let Some(f) = &mut self.init {
             out.push(("init", f));
@@ -595,6 +680,8 @@ impl JobConfig {
             }
             // The file's row count is checked by the worker, which reads it.
             DataConfig::Npz(d) => (1, d.n_test),
+            // Split sizes come from the files.
+            DataConfig::Cifar10(_) | DataConfig::Cifar100(_) | DataConfig::Idx(_) => (1, 1),
         };
         if n_train == 0 {
             return err("data.n_train", "must be at least 1".into());
@@ -616,6 +703,9 @@ impl JobConfig {
                 }
                 if self.sharpness.is_some() {
                     return err("sharpness", "belongs to `task: evaluate` (of a trained parent)".into());
+                }
+                if self.augment.is_some() && !self.data.is_image() {
+                    return err("augment", "crops and flips images; this data is not images".into());
                 }
                 if let Some(c) = self.clip_grad_norm {
                     if !(c > 0.0 && c.is_finite()) {
@@ -692,9 +782,28 @@ impl JobConfig {
                     return err("model.norm", "normalizes hidden layers, and this MLP has none".into());
                 }
             }
+            Some(ModelConfig::Resnet18(_) | ModelConfig::Wrn(_)) if !self.data.is_image() => {
+                return err(
+                    "model",
+                    "is an image model, which needs image data (digits, cifar10, cifar100, idx, or npz with `image`)"
+                        .into(),
+                );
+            }
+            Some(ModelConfig::Wrn(w)) => {
+                if w.depth < 10 || (w.depth - 4) % 6 != 0 {
+                    return err("model.depth", format!("must be 6n + 4 (10, 16, 22, 28, …), got {}", w.depth));
+                }
+                if w.width == 0 {
+                    return err("model.width", "must be at least 1".into());
+                }
+            }
+            Some(ModelConfig::Resnet18(_)) => {}
             Some(ModelConfig::Cnn(c)) => {
-                if !matches!(self.data, DataConfig::Digits(_)) {
-                    return err("model", "is `cnn`, which needs image data (`data: {name: digits}`)".into());
+                if !self.data.is_image() {
+                    return err(
+                        "model",
+                        "is `cnn`, which needs image data (digits, cifar10, cifar100, idx, or npz with `image`)".into(),
+                    );
                 }
                 if c.channels.is_empty() || c.channels.len() > 3 {
                     return err(
@@ -767,6 +876,12 @@ mod defaults {
     }
     pub fn digits_test() -> usize {
         497
+    }
+    pub fn wrn_depth() -> usize {
+        16
+    }
+    pub fn wrn_width() -> usize {
+        4
     }
     pub fn channels() -> Vec<usize> {
         vec![16, 32]

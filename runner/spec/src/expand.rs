@@ -9,7 +9,7 @@ use crate::sweep::{check_key, grid_factor, leaves, product, random_factor, zip_f
 use crate::SpecError;
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use xlab_proto::plugins::{resolve_params, ParamError, PluginUse, Registry};
 
@@ -631,6 +631,34 @@ fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> 
     Ok(config)
 }
 
+/// The SHA-256 of a file, or of a folder's files (each name and content, in name order). Each
+/// path is read once per process, however many jobs name it.
+fn digest_of(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    thread_local! {
+        static SEEN: std::cell::RefCell<HashMap<PathBuf, String>> = Default::default();
+    }
+    if let Some(d) = SEEN.with(|s| s.borrow().get(path).cloned()) {
+        return Ok(d);
+    }
+    let digest = if path.is_dir() {
+        let mut names: Vec<PathBuf> =
+            std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        names.retain(|p| p.is_file());
+        names.sort();
+        let mut h = Sha256::new();
+        for f in names {
+            h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+            h.update(Sha256::digest(std::fs::read(&f)?));
+        }
+        hex::encode(h.finalize())
+    } else {
+        hex::encode(Sha256::digest(std::fs::read(path)?))
+    };
+    SEEN.with(|s| s.borrow_mut().insert(path.to_path_buf(), digest.clone()));
+    Ok(digest)
+}
+
 /// Makes the job's file paths absolute (relative ones are relative to the experiment file) and
 /// records each file's SHA-256, which must equal a `sha256` written in the file.
 fn resolve_files(file: &Path, ctx: &str, config: &mut JobConfig) -> Result<(), SpecError> {
@@ -638,12 +666,11 @@ fn resolve_files(file: &Path, ctx: &str, config: &mut JobConfig) -> Result<(), S
     for (key, f) in config.files_mut() {
         let written = base.join(&f.path);
         let path = std::path::absolute(&written).unwrap_or_else(|_| written.clone());
-        let bytes = std::fs::read(&path).map_err(|e| {
+        let digest = digest_of(&path).map_err(|e| {
             SpecError::new(file, format!("`{key}`: cannot read {}: {e}", written.display()))
                 .context(ctx.to_string())
                 .hint("paths are relative to the experiment file")
         })?;
-        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         if let Some(want) = &f.sha256 {
             if !want.eq_ignore_ascii_case(&digest) {
                 return Err(SpecError::new(

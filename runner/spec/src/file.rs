@@ -27,6 +27,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "label_smoothing",
     "init",
     "shuffle",
+    "augment",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +87,8 @@ pub struct ConfigPart {
     pub init: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub shuffle: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub augment: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +130,8 @@ pub struct StageFile {
     pub init: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub shuffle: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub augment: Option<Value>,
     /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
     #[serde(default)]
     pub grid: IndexMap<String, Vec<Value>>,
@@ -318,6 +323,7 @@ impl StageFile {
             label_smoothing: self.label_smoothing.clone(),
             init: self.init.clone(),
             shuffle: self.shuffle.clone(),
+            augment: self.augment.clone(),
         }
     }
 }
@@ -344,6 +350,7 @@ impl ConfigPart {
             &self.label_smoothing,
             &self.init,
             &self.shuffle,
+            &self.augment,
         ];
         CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
     }
@@ -455,6 +462,7 @@ clip_grad_norm: 1.0
 label_smoothing: 0.1
 init: w.safetensors
 shuffle: false
+augment: {flip: true}
 "#;
         let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
         let v = serde_json::to_value(&cfg).unwrap();

@@ -4,9 +4,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-use xlab_spec::config::{Blobs, DataConfig, Digits, Npz, Spurious, TwoMoons, DIGITS_TOTAL};
+use xlab_spec::config::{Blobs, Cifar, DataConfig, Digits, Npz, Spurious, TwoMoons, DIGITS_TOTAL};
 
 /// Features, labels and (when the data has them) group ids of one split.
 pub struct Split {
@@ -68,6 +68,9 @@ pub fn build(cfg: &DataConfig) -> Result<Dataset, String> {
         DataConfig::Spurious(c) => spurious(c),
         DataConfig::Digits(c) => digits(c)?,
         DataConfig::Npz(c) => npz(c)?,
+        DataConfig::Cifar10(c) => cifar(c, false)?,
+        DataConfig::Cifar100(c) => cifar(c, true)?,
+        DataConfig::Idx(c) => idx(c)?,
     })
 }
 
@@ -90,6 +93,142 @@ fn digits_file() -> Result<PathBuf, String> {
             file.display()
         ))
     }
+}
+
+/// A file's bytes, gunzipped when it is gzip (by its magic bytes); `name` or `name.gz`.
+fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
+    let plain = dir.join(name);
+    let gz = dir.join(format!("{name}.gz"));
+    let path = if plain.exists() { plain } else { gz };
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(|e| format!("{} is not valid gzip: {e}", path.display()))?;
+        Ok(out)
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// CIFAR-10/100 binary files: per image a label byte (CIFAR-100: coarse, then fine) and
+/// 3×32×32 pixel bytes, channel-major.
+fn cifar(c: &Cifar, hundred: bool) -> Result<Dataset, String> {
+    let dir = Path::new(&c.path.path);
+    let (train_files, test_file, label_bytes): (Vec<String>, &str, usize) = if hundred {
+        (vec!["train.bin".into()], "test.bin", 2)
+    } else {
+        ((1..=5).map(|i| format!("data_batch_{i}.bin")).collect(), "test_batch.bin", 1)
+    };
+    let read = |names: &[String]| -> Result<(Vec<u8>, Vec<i64>), String> {
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for name in names {
+            let bytes = read_file(dir, name)?;
+            let rec = label_bytes + 3072;
+            if bytes.is_empty() || bytes.len() % rec != 0 {
+                return Err(format!(
+                    "{}: {} bytes is not a whole number of {rec}-byte CIFAR records",
+                    dir.join(name).display(),
+                    bytes.len()
+                ));
+            }
+            for r in bytes.chunks(rec) {
+                ys.push(i64::from(r[label_bytes - 1]));
+                xs.extend_from_slice(&r[label_bytes..]);
+            }
+        }
+        Ok((xs, ys))
+    };
+    let train = read(&train_files)?;
+    let test = read(&[test_file.to_string()])?;
+    images_split(train, test, [3, 32, 32], c.n_val, c.normalize, if hundred { 100 } else { 10 })
+}
+
+/// An IDX file's dimensions and bytes (MNIST: magic 0x00000803 for images, 0x00000801 labels).
+fn idx_file(dir: &Path, name: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
+    let bytes = read_file(dir, name)?;
+    let bad = || format!("{}: not an IDX file of unsigned bytes", dir.join(name).display());
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
+        return Err(bad());
+    }
+    let nd = bytes[3] as usize;
+    let header = 4 + 4 * nd;
+    if bytes.len() < header {
+        return Err(bad());
+    }
+    let dims: Vec<usize> = (0..nd)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+        .collect();
+    if bytes.len() - header != dims.iter().product::<usize>() {
+        return Err(format!("{}: the header's dimensions {dims:?} do not match its size", dir.join(name).display()));
+    }
+    Ok((dims, bytes[header..].to_vec()))
+}
+
+/// MNIST-style IDX files.
+fn idx(c: &Cifar) -> Result<Dataset, String> {
+    let dir = Path::new(&c.path.path);
+    let part = |images: &str, labels: &str| -> Result<((Vec<u8>, Vec<i64>), [usize; 2]), String> {
+        let (d, x) = idx_file(dir, images)?;
+        let (l, y) = idx_file(dir, labels)?;
+        if d.len() != 3 || l.len() != 1 || d[0] != l[0] {
+            return Err(format!("{images} and {labels} in {} do not hold images and their labels", dir.display()));
+        }
+        Ok(((x, y.into_iter().map(i64::from).collect()), [d[1], d[2]]))
+    };
+    let (train, [h, w]) = part("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
+    let (test, hw) = part("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
+    if hw != [h, w] {
+        return Err(format!("training images are {h}×{w}, test images {}×{}", hw[0], hw[1]));
+    }
+    let classes = train.1.iter().chain(&test.1).copied().max().unwrap_or(1) as usize + 1;
+    images_split(train, test, [1, h as i64, w as i64], c.n_val, c.normalize, classes.max(2))
+}
+
+/// Pixel bytes to floats in [0, 1] (standardized per channel by the training split's statistics
+/// with `normalize`); the last `n_val` training images become the validation split.
+fn images_split(
+    (train_x, train_y): (Vec<u8>, Vec<i64>),
+    (test_x, test_y): (Vec<u8>, Vec<i64>),
+    shape: [i64; 3],
+    n_val: usize,
+    normalize: bool,
+    classes: usize,
+) -> Result<Dataset, String> {
+    let n = train_y.len();
+    if n_val >= n {
+        return Err(format!("n_val = {n_val} leaves none of the {n} training images for training"));
+    }
+    let dim = shape.iter().product::<i64>();
+    let to_x = |b: &[u8], rows: usize| Tensor::from_slice(b).to_kind(Kind::Float).reshape([rows as i64, dim]) / 255.0;
+    let mut x = to_x(&train_x, n);
+    let mut xt = to_x(&test_x, test_y.len());
+    let n_train = (n - n_val) as i64;
+    if normalize {
+        let per_channel = x.narrow(0, 0, n_train).reshape([n_train, shape[0], -1]);
+        let mean = per_channel.mean_dim(&[0i64, 2][..], true, Kind::Float);
+        let std = per_channel.std_dim(&[0i64, 2][..], false, true).clamp_min(1e-8);
+        let norm = |t: &Tensor| ((t.reshape([-1, shape[0], shape[1] * shape[2]]) - &mean) / &std).reshape([-1, dim]);
+        x = norm(&x);
+        xt = norm(&xt);
+    }
+    let y = Tensor::from_slice(&train_y);
+    let split = |x: &Tensor, y: &Tensor, start: i64, len: i64| Split {
+        x: x.narrow(0, start, len).contiguous(),
+        y: y.narrow(0, start, len).contiguous(),
+        group: None,
+        domain: None,
+    };
+    Ok(Dataset {
+        train: split(&x, &y, 0, n_train),
+        val: split(&x, &y, n_train, n_val as i64),
+        test: split(&xt, &Tensor::from_slice(&test_y), 0, test_y.len() as i64),
+        input_dim: dim as usize,
+        classes,
+        groups: 0,
+        image: Some(shape),
+    })
 }
 
 /// Rows of a `.npz` file in file order: training, then `n_val` validation, then `n_test` test.
@@ -127,6 +266,11 @@ fn npz(c: &Npz) -> Result<Dataset, String> {
         return Err(format!("{path} has {rows} rows; n_val + n_test = {} leaves none for training", n_val + n_test));
     }
     let x = x.to_kind(Kind::Float).reshape([rows, -1]);
+    if let Some([c, h, w]) = c.image {
+        if x.size()[1] != (c * h * w) as i64 {
+            return Err(format!("{path}: rows of `x` hold {} values, not image: [{c}, {h}, {w}]", x.size()[1]));
+        }
+    }
     let y = y.to_kind(Kind::Int64);
     let min = y.min().int64_value(&[]);
     if min < 0 {
@@ -147,7 +291,7 @@ fn npz(c: &Npz) -> Result<Dataset, String> {
         input_dim: x.size()[1] as usize,
         classes,
         groups,
-        image: None,
+        image: c.image.map(|[c, h, w]| [c as i64, h as i64, w as i64]),
     })
 }
 
@@ -289,6 +433,39 @@ pub fn blobs(c: &Blobs) -> Dataset {
     split(xs, ys, c.dim, [c.n_train, c.n_val, c.n_test], c.classes)
 }
 
+/// Per-example augmentation draws for one epoch, in the epoch's visiting order: crop offsets
+/// in [0, 2·crop] and flips, a function of (seed, epoch) only (resumable like the order).
+pub fn augment_draws(n: usize, seed: u64, epoch: u64, crop: u32, flip: bool) -> (Vec<i64>, Vec<i64>, Vec<bool>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6175_676d_656e_7421);
+    rng.set_stream(epoch.wrapping_add(1));
+    let span = 2 * i64::from(crop) + 1;
+    let mut oy = Vec::with_capacity(n);
+    let mut ox = Vec::with_capacity(n);
+    let mut fl = Vec::with_capacity(n);
+    for _ in 0..n {
+        oy.push(rng.gen_range(0..span));
+        ox.push(rng.gen_range(0..span));
+        fl.push(flip && rng.gen_bool(0.5));
+    }
+    (oy, ox, fl)
+}
+
+/// Crops (after zero padding by `pad`) at offsets (`oy`, `ox`) and mirrors where `flip`, per
+/// image of a batch of flattened `image`-shaped rows; two gathers on the device.
+pub fn augment_batch(x: &Tensor, image: [i64; 3], pad: i64, oy: &Tensor, ox: &Tensor, flip: &Tensor) -> Tensor {
+    let [c, h, w] = image;
+    let b = x.size()[0];
+    let dev = x.device();
+    let padded = x.reshape([b, c, h, w]).constant_pad_nd([pad, pad, pad, pad]);
+    let ar = |n: i64| Tensor::arange(n, (Kind::Int64, dev));
+    let rows = (oy.unsqueeze(1) + ar(h).unsqueeze(0)).view([b, 1, h, 1]).expand([b, c, h, w + 2 * pad], false);
+    let cols_fwd = ar(w).unsqueeze(0);
+    let cols_rev = (ar(w) * -1 + (w - 1)).unsqueeze(0);
+    let cols = ox.unsqueeze(1) + cols_rev.where_self(&flip.unsqueeze(1), &cols_fwd);
+    let cols = cols.view([b, 1, 1, w]).expand([b, c, h, w], false);
+    padded.gather(2, &rows, false).gather(3, &cols, false).reshape([b, c * h * w])
+}
+
 /// The order of training examples in one epoch: a function of (seed, epoch) only, so a resumed
 /// job sees exactly the order an uninterrupted one would have.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<i64> {
@@ -338,6 +515,90 @@ pub fn repeat_epoch_order(counts: &[u32], seed: u64, epoch: u64) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use xlab_spec::config::FileRef;
+
+    fn folder(dir: &Path) -> Cifar {
+        Cifar { path: FileRef { path: dir.display().to_string(), sha256: None }, n_val: 1, normalize: false }
+    }
+
+    #[test]
+    fn cifar10_binary_batches_become_labelled_images() {
+        let dir = tempfile::tempdir().unwrap();
+        // Image i of file f: label (f + i) % 10, every pixel byte = 10·f + i.
+        for (f, name) in [
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+            "data_batch_5.bin",
+            "test_batch.bin",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut bytes = Vec::new();
+            for i in 0..2u8 {
+                bytes.push((f as u8 + i) % 10);
+                bytes.extend(std::iter::repeat_n(10 * f as u8 + i, 3072));
+            }
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let d = cifar(&folder(dir.path()), false).unwrap();
+        assert_eq!((d.train.len(), d.val.len(), d.test.len(), d.image), (9, 1, 2, Some([3, 32, 32])));
+        assert_eq!(Vec::<i64>::try_from(&d.train.y).unwrap(), [0, 1, 1, 2, 2, 3, 3, 4, 4]);
+        assert_eq!(Vec::<i64>::try_from(&d.test.y).unwrap(), [5, 6]);
+        assert!((d.train.x.double_value(&[2, 100]) - 10.0 / 255.0).abs() < 1e-6);
+        std::fs::write(dir.path().join("test_batch.bin"), [0u8; 100]).unwrap();
+        let e = cifar(&folder(dir.path()), false).err().unwrap();
+        assert!(e.contains("test_batch.bin: 100 bytes is not a whole number of 3073-byte CIFAR records"), "{e}");
+    }
+
+    #[test]
+    fn gzipped_idx_files_become_images_standardized_by_the_training_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let write_idx = |name: &str, dims: &[u32], data: &[u8]| {
+            let mut bytes = vec![0, 0, 8, dims.len() as u8];
+            for d in dims {
+                bytes.extend(d.to_be_bytes());
+            }
+            bytes.extend(data);
+            let f = std::fs::File::create(dir.path().join(format!("{name}.gz"))).unwrap();
+            let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+            gz.write_all(&bytes).unwrap();
+            gz.finish().unwrap();
+        };
+        let pixels: Vec<u8> = (0..5 * 4 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        write_idx("train-images-idx3-ubyte", &[5, 4, 3], &pixels);
+        write_idx("train-labels-idx1-ubyte", &[5], &[0, 1, 2, 1, 0]);
+        write_idx("t10k-images-idx3-ubyte", &[2, 4, 3], &pixels[..24]);
+        write_idx("t10k-labels-idx1-ubyte", &[2], &[2, 0]);
+        let mut c = folder(dir.path());
+        c.normalize = true;
+        let d = idx(&c).unwrap();
+        assert_eq!((d.train.len(), d.val.len(), d.test.len(), d.image, d.classes), (4, 1, 2, Some([1, 4, 3]), 3));
+        let mean = f64::try_from(d.train.x.mean(Kind::Double)).unwrap();
+        let std = f64::try_from(d.train.x.std(false)).unwrap();
+        assert!(mean.abs() < 1e-6 && (std - 1.0).abs() < 1e-5, "standardized: mean {mean}, std {std}");
+    }
+
+    #[test]
+    fn augmentation_crops_and_flips_each_image_as_drawn() {
+        // Two 1×3×3 images with pixel values 0..8 and 10..18.
+        let x = Tensor::from_slice(&(0..18).map(|i| (i % 9 + 10 * (i / 9)) as f32).collect::<Vec<_>>()).reshape([2, 9]);
+        let t = |v: &[i64]| Tensor::from_slice(v);
+        // Image 0: offset (0, 0) with padding 1 → shifted down-right, zeros at the top/left edge.
+        // Image 1: offset (1, 1) (no shift), mirrored.
+        let out = augment_batch(&x, [1, 3, 3], 1, &t(&[0, 1]), &t(&[0, 1]), &Tensor::from_slice(&[false, true]));
+        let got = Vec::<f32>::try_from(out.flatten(0, -1)).unwrap();
+        assert_eq!(&got[..9], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 3.0, 4.0]);
+        assert_eq!(&got[9..], [12.0, 11.0, 10.0, 15.0, 14.0, 13.0, 18.0, 17.0, 16.0]);
+        let (oy, ox, fl) = augment_draws(1000, 3, 2, 4, true);
+        assert!(oy.iter().chain(&ox).all(|o| (0..=8).contains(o)));
+        let flips = fl.iter().filter(|f| **f).count();
+        assert!((400..600).contains(&flips), "{flips}");
+        assert_eq!(augment_draws(1000, 3, 2, 4, true), (oy, ox, fl), "a function of (seed, epoch)");
+    }
 
     #[test]
     fn generators_are_deterministic_in_their_seed() {

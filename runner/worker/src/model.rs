@@ -19,16 +19,35 @@ struct BatchNorm {
     num_batches_tracked: Tensor,
 }
 
-enum Layer {
-    /// Weight and bias (convolutions: 3×3, stride 1, padding 1).
+enum Op {
     Linear(Tensor, Tensor),
-    Conv(Tensor, Tensor),
+    /// Weight, optional bias, stride, padding.
+    Conv(Tensor, Option<Tensor>, i64, i64),
     Batch(BatchNorm),
     /// LayerNorm: weight, bias and the normalized shape.
     Norm(Tensor, Tensor, Vec<i64>),
+    /// GroupNorm: weight, bias and the number of groups.
+    Group(Tensor, Tensor, i64),
     Act(Activation),
     MaxPool,
+    /// Average over the spatial dimensions: (N, C, H, W) → (N, C).
+    GlobalAvgPool,
     Flatten,
+    /// out = body(pre(x)) + shortcut(pre(x) if `shortcut_on_pre` else x), then ReLU if
+    /// `post_relu`. An empty shortcut is the identity.
+    Residual {
+        pre: Vec<Layer>,
+        body: Vec<Layer>,
+        shortcut: Vec<Layer>,
+        shortcut_on_pre: bool,
+        post_relu: bool,
+    },
+}
+
+/// An operation and the `state_dict` prefix of its variables (`layers.3`, `layer1.0.conv1`).
+struct Layer {
+    name: String,
+    op: Op,
 }
 
 pub struct Model {
@@ -57,19 +76,31 @@ impl Model {
     }
 
     fn run(&self, x: &Tensor, train: bool, var: &dyn Fn(&str, &Tensor) -> Tensor) -> Tensor {
-        let mut h = match self.image {
+        let h = match self.image {
             Some([c, hh, w]) => x.reshape([-1, c, hh, w]),
             None => x.shallow_clone(),
         };
-        for (i, l) in self.layers.iter().enumerate() {
-            let v = |name: &str, own: &Tensor| var(&format!("layers.{i}.{name}"), own);
-            h = match l {
-                Layer::Linear(w, b) => h.linear(&v("weight", w), Some(v("bias", b))),
-                Layer::Conv(w, b) => h.conv2d(&v("weight", w), Some(v("bias", b)), [1, 1], [1, 1], [1, 1], 1),
-                Layer::Norm(w, b, shape) => {
+        self.apply(&self.layers, h, train, var)
+    }
+
+    fn apply(&self, layers: &[Layer], mut h: Tensor, train: bool, var: &dyn Fn(&str, &Tensor) -> Tensor) -> Tensor {
+        for l in layers {
+            let v = |param: &str, own: &Tensor| var(&format!("{}.{param}", l.name), own);
+            h = match &l.op {
+                Op::Linear(w, b) => h.linear(&v("weight", w), Some(v("bias", b))),
+                Op::Conv(w, b, stride, pad) => h.conv2d(
+                    &v("weight", w),
+                    b.as_ref().map(|b| v("bias", b)),
+                    [*stride, *stride],
+                    [*pad, *pad],
+                    [1, 1],
+                    1,
+                ),
+                Op::Norm(w, b, shape) => {
                     h.layer_norm(shape.as_slice(), Some(v("weight", w)), Some(v("bias", b)), EPS, false)
                 }
-                Layer::Batch(b) => {
+                Op::Group(w, b, groups) => h.group_norm(*groups, Some(v("weight", w)), Some(v("bias", b)), EPS, true),
+                Op::Batch(b) => {
                     if train {
                         tch::no_grad(|| {
                             let mut n = b.num_batches_tracked.shallow_clone();
@@ -86,14 +117,26 @@ impl Model {
                         train,
                         momentum,
                         EPS,
-                        false,
+                        true,
                     )
                 }
-                Layer::Act(Activation::Relu) => h.relu(),
-                Layer::Act(Activation::Tanh) => h.tanh(),
-                Layer::Act(Activation::Gelu) => h.gelu("none"),
-                Layer::MaxPool => h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
-                Layer::Flatten => h.flatten(1, -1),
+                Op::Act(Activation::Relu) => h.relu(),
+                Op::Act(Activation::Tanh) => h.tanh(),
+                Op::Act(Activation::Gelu) => h.gelu("none"),
+                Op::MaxPool => h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+                Op::GlobalAvgPool => h.mean_dim(&[-2i64, -1][..], false, h.kind()),
+                Op::Flatten => h.flatten(1, -1),
+                Op::Residual { pre, body, shortcut, shortcut_on_pre, post_relu } => {
+                    let a = self.apply(pre, h.shallow_clone(), train, var);
+                    let from = if *shortcut_on_pre { &a } else { &h };
+                    let side = self.apply(shortcut, from.shallow_clone(), train, var);
+                    let out = self.apply(body, a.shallow_clone(), train, var) + side;
+                    if *post_relu {
+                        out.relu()
+                    } else {
+                        out
+                    }
+                }
             };
         }
         h
@@ -103,81 +146,209 @@ impl Model {
     pub fn set_frozen(&self, frozen: bool) {
         self.frozen.set(frozen);
     }
-}
 
-fn batch_norm(p: &nn::Path, n: i64) -> BatchNorm {
-    BatchNorm {
-        weight: p.ones("weight", &[n]),
-        bias: p.zeros("bias", &[n]),
-        running_mean: p.zeros_no_train("running_mean", &[n]),
-        running_var: p.ones_no_train("running_var", &[n]),
-        // A float here (tch variables are floats); PyTorch's `load_state_dict` converts it.
-        num_batches_tracked: p.zeros_no_train("num_batches_tracked", &[]),
+    /// Name prefixes (`layers.N.`, `layer1.0.bn1.`) of the normalization layers.
+    pub fn norm_prefixes(&self) -> Vec<String> {
+        fn walk(layers: &[Layer], out: &mut Vec<String>) {
+            for l in layers {
+                match &l.op {
+                    Op::Batch(_) | Op::Norm(..) | Op::Group(..) => out.push(format!("{}.", l.name)),
+                    Op::Residual { pre, body, shortcut, .. } => {
+                        walk(pre, out);
+                        walk(body, out);
+                        walk(shortcut, out);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.layers, &mut out);
+        out
     }
 }
 
-fn layer_norm(p: &nn::Path, shape: Vec<i64>) -> Layer {
-    Layer::Norm(p.ones("weight", &shape), p.zeros("bias", &shape), shape)
+/// The variable store path for a dotted name (`layer1.0.conv1`).
+fn path<'a>(root: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
+    let mut parts = name.split('.');
+    let first = root.sub(parts.next().unwrap_or_default());
+    parts.fold(first, |p, part| p.sub(part))
 }
 
-fn linear(p: &nn::Path, i: i64, o: i64) -> Layer {
-    let l = nn::linear(p, i, o, Default::default());
-    Layer::Linear(l.ws, l.bs.expect("linear layers have a bias"))
+fn batch_norm(p: &nn::Path, name: &str, n: i64) -> Layer {
+    let p = path(p, name);
+    Layer {
+        name: name.into(),
+        op: Op::Batch(BatchNorm {
+            weight: p.ones("weight", &[n]),
+            bias: p.zeros("bias", &[n]),
+            running_mean: p.zeros_no_train("running_mean", &[n]),
+            running_var: p.ones_no_train("running_var", &[n]),
+            // A float here (tch variables are floats); PyTorch's `load_state_dict` converts it.
+            num_batches_tracked: p.zeros_no_train("num_batches_tracked", &[]),
+        }),
+    }
 }
 
-fn norm_layer(p: &nn::Path, norm: Norm, n: i64) -> Option<Layer> {
+fn layer_norm(p: &nn::Path, name: &str, shape: Vec<i64>) -> Layer {
+    let q = path(p, name);
+    Layer { name: name.into(), op: Op::Norm(q.ones("weight", &shape), q.zeros("bias", &shape), shape) }
+}
+
+/// GroupNorm with the largest group count ≤ 32 that divides the channels.
+fn group_norm(p: &nn::Path, name: &str, channels: i64) -> Layer {
+    let q = path(p, name);
+    let groups = (1..=32.min(channels)).rev().find(|g| channels % g == 0).unwrap_or(1);
+    Layer { name: name.into(), op: Op::Group(q.ones("weight", &[channels]), q.zeros("bias", &[channels]), groups) }
+}
+
+fn linear(p: &nn::Path, name: &str, i: i64, o: i64) -> Layer {
+    let l = nn::linear(path(p, name), i, o, Default::default());
+    Layer { name: name.into(), op: Op::Linear(l.ws, l.bs.expect("linear layers have a bias")) }
+}
+
+/// A k×k convolution (PyTorch's default init, kaiming-uniform).
+fn conv(p: &nn::Path, name: &str, cin: i64, cout: i64, k: i64, stride: i64, padding: i64, bias: bool) -> Layer {
+    let c = nn::conv2d(path(p, name), cin, cout, k, nn::ConvConfig { stride, padding, bias, ..Default::default() });
+    Layer { name: name.into(), op: Op::Conv(c.ws, c.bs, stride, padding) }
+}
+
+fn act(a: Activation) -> Layer {
+    Layer { name: String::new(), op: Op::Act(a) }
+}
+
+fn bare(op: Op) -> Layer {
+    Layer { name: String::new(), op }
+}
+
+/// The normalization a config asks for, for `channels` features or channel maps of `hw`.
+fn norm_layer(p: &nn::Path, name: &str, norm: Norm, channels: i64, hw: Option<[i64; 2]>) -> Option<Layer> {
     match norm {
         Norm::None => None,
-        Norm::Batch => Some(Layer::Batch(batch_norm(p, n))),
-        Norm::Layer => Some(layer_norm(p, vec![n])),
+        Norm::Batch => Some(batch_norm(p, name, channels)),
+        // LayerNorm on images normalizes each channel map's (h, w).
+        Norm::Layer => Some(layer_norm(p, name, hw.map_or(vec![channels], |[h, w]| vec![h, w]))),
+        Norm::Group => Some(group_norm(p, name, channels)),
     }
+}
+
+/// ResNet-18 for small images (the CIFAR stem: a 3×3 convolution, no max-pooling), with the
+/// names of the widely used CIFAR implementation: `conv1`, `bn1`, `layer{1-4}.{0,1}.{conv1,
+/// bn1,conv2,bn2,shortcut.0,shortcut.1}`, `linear`.
+fn resnet18(root: &nn::Path, norm: Norm, cin: i64, classes: i64) -> Vec<Layer> {
+    let norm = if norm == Norm::None { Norm::Batch } else { norm };
+    let nl = |name: &str, c: i64| norm_layer(root, name, norm, c, None).expect("a norm is set");
+    let mut layers = vec![conv(root, "conv1", cin, 64, 3, 1, 1, false), nl("bn1", 64), act(Activation::Relu)];
+    let mut width = 64;
+    for (stage, out) in [64i64, 128, 256, 512].into_iter().enumerate() {
+        for block in 0..2 {
+            let stride = if stage > 0 && block == 0 { 2 } else { 1 };
+            let at = |part: &str| format!("layer{}.{block}.{part}", stage + 1);
+            let body = vec![
+                conv(root, &at("conv1"), width, out, 3, stride, 1, false),
+                nl(&at("bn1"), out),
+                act(Activation::Relu),
+                conv(root, &at("conv2"), out, out, 3, 1, 1, false),
+                nl(&at("bn2"), out),
+            ];
+            let shortcut = if stride != 1 || width != out {
+                vec![conv(root, &at("shortcut.0"), width, out, 1, stride, 0, false), nl(&at("shortcut.1"), out)]
+            } else {
+                vec![]
+            };
+            layers.push(bare(Op::Residual { pre: vec![], body, shortcut, shortcut_on_pre: false, post_relu: true }));
+            width = out;
+        }
+    }
+    layers.push(bare(Op::GlobalAvgPool));
+    layers.push(linear(root, "linear", 512, classes));
+    layers
+}
+
+/// WideResNet-depth-k (pre-activation blocks), with the names of the widely used PyTorch
+/// implementation: `conv1`, `block{1-3}.layer.N.{bn1,conv1,bn2,conv2,convShortcut}`, `bn1`, `fc`.
+fn wrn(root: &nn::Path, depth: usize, k: usize, norm: Norm, cin: i64, classes: i64) -> Vec<Layer> {
+    let norm = if norm == Norm::None { Norm::Batch } else { norm };
+    let nl = |name: &str, c: i64| norm_layer(root, name, norm, c, None).expect("a norm is set");
+    let n = (depth - 4) / 6;
+    let widths = [16i64, 16 * k as i64, 32 * k as i64, 64 * k as i64];
+    let mut layers = vec![conv(root, "conv1", cin, widths[0], 3, 1, 1, false)];
+    let mut width = widths[0];
+    for g in 0..3 {
+        let out = widths[g + 1];
+        for i in 0..n {
+            let stride = if g > 0 && i == 0 { 2 } else { 1 };
+            let at = |part: &str| format!("block{}.layer.{i}.{part}", g + 1);
+            let equal = width == out;
+            let pre = vec![nl(&at("bn1"), width), act(Activation::Relu)];
+            let body = vec![
+                conv(root, &at("conv1"), width, out, 3, stride, 1, false),
+                nl(&at("bn2"), out),
+                act(Activation::Relu),
+                conv(root, &at("conv2"), out, out, 3, 1, 1, false),
+            ];
+            let shortcut =
+                if equal { vec![] } else { vec![conv(root, &at("convShortcut"), width, out, 1, stride, 0, false)] };
+            layers.push(bare(Op::Residual { pre, body, shortcut, shortcut_on_pre: !equal, post_relu: false }));
+            width = out;
+        }
+    }
+    layers.extend([
+        nl("bn1", width),
+        act(Activation::Relu),
+        bare(Op::GlobalAvgPool),
+        linear(root, "fc", width, classes),
+    ]);
+    layers
 }
 
 /// Builds the model's parameters under `root`; `image` is the input's (c, h, w) for images.
 pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option<[i64; 3]>, classes: usize) -> Model {
-    let layers_path = root / "layers";
-    let mut layers = Vec::new();
-    let at = |layers: &Vec<Layer>| &layers_path / layers.len();
+    let mut layers: Vec<Layer> = Vec::new();
+    let at = |layers: &Vec<Layer>| format!("layers.{}", layers.len());
+    let classes = classes as i64;
     match cfg {
         ModelConfig::Mlp(m) => {
             let mut width = input_dim as i64;
             for &h in &m.hidden {
-                let l = linear(&at(&layers), width, h as i64);
+                let l = linear(root, &at(&layers), width, h as i64);
                 layers.push(l);
-                if let Some(n) = norm_layer(&at(&layers), m.norm, h as i64) {
+                if let Some(n) = norm_layer(root, &at(&layers), m.norm, h as i64, None) {
                     layers.push(n);
                 }
-                layers.push(Layer::Act(m.activation));
+                layers.push(act(m.activation));
                 width = h as i64;
             }
-            let l = linear(&at(&layers), width, classes as i64);
+            let l = linear(root, &at(&layers), width, classes);
             layers.push(l);
             Model { layers, image: None, frozen: Cell::new(false) }
         }
         ModelConfig::Cnn(c) => {
-            let [mut ch, mut h, mut w] = image.expect("cnn configs are checked to have image data");
+            let [mut ch, mut h, mut w] = image.expect("image models are checked to have image data");
             for &out in &c.channels {
-                let conv =
-                    nn::conv2d(at(&layers), ch, out as i64, 3, nn::ConvConfig { padding: 1, ..Default::default() });
-                layers.push(Layer::Conv(conv.ws, conv.bs.expect("convolutions have a bias")));
-                if let Some(n) = norm_layer(&at(&layers), c.norm, out as i64) {
-                    // LayerNorm on images normalizes each channel map's (h, w).
-                    let n = match n {
-                        Layer::Norm(..) => layer_norm(&at(&layers), vec![h, w]),
-                        other => other,
-                    };
+                let l = conv(root, &at(&layers), ch, out as i64, 3, 1, 1, true);
+                layers.push(l);
+                if let Some(n) = norm_layer(root, &at(&layers), c.norm, out as i64, Some([h, w])) {
                     layers.push(n);
                 }
-                layers.push(Layer::Act(Activation::Relu));
-                layers.push(Layer::MaxPool);
+                layers.push(act(Activation::Relu));
+                layers.push(bare(Op::MaxPool));
                 ch = out as i64;
                 h /= 2;
                 w /= 2;
             }
-            layers.push(Layer::Flatten);
-            let l = linear(&at(&layers), ch * h * w, classes as i64);
+            layers.push(bare(Op::Flatten));
+            let l = linear(root, &at(&layers), ch * h * w, classes);
             layers.push(l);
             Model { layers, image, frozen: Cell::new(false) }
+        }
+        ModelConfig::Resnet18(r) => {
+            let [c, _, _] = image.expect("image models are checked to have image data");
+            Model { layers: resnet18(root, r.norm, c, classes), image, frozen: Cell::new(false) }
+        }
+        ModelConfig::Wrn(r) => {
+            let [c, _, _] = image.expect("image models are checked to have image data");
+            Model { layers: wrn(root, r.depth, r.width, r.norm, c, classes), image, frozen: Cell::new(false) }
         }
     }
 }
@@ -196,18 +367,6 @@ pub fn tags_of(name: &str, norm_prefixes: &[String]) -> u32 {
         tags::BIAS
     } else {
         tags::WEIGHT
-    }
-}
-
-impl Model {
-    /// Name prefixes (`layers.N.`) of the normalization layers.
-    pub fn norm_prefixes(&self) -> Vec<String> {
-        self.layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| matches!(l, Layer::Batch(_) | Layer::Norm(..)))
-            .map(|(i, _)| format!("layers.{i}."))
-            .collect()
     }
 }
 

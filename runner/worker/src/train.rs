@@ -713,11 +713,32 @@ pub fn run(
         };
         let mut stats = EpochStats::new(n, data.groups);
         let started = std::time::Instant::now();
-        // One upload of the epoch's order; each batch is a slice of it on the device.
+        // One upload of the epoch's order (and augmentation draws); each batch is a slice of it
+        // on the device.
         let order_on_device = Tensor::from_slice(&order).to_device(device);
+        let draws = match (&cfg.augment, data.image) {
+            (Some(a), Some(image)) => {
+                let (oy, ox, flip) = data::augment_draws(order.len(), seed, epoch, a.crop, a.flip);
+                let up = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+                Some((up(&oy), up(&ox), Tensor::from_slice(&flip).to_device(device), i64::from(a.crop), image))
+            }
+            _ => None,
+        };
         for (k, chunk) in order.chunks(bs).enumerate() {
-            let idx = order_on_device.narrow(0, (k * bs) as i64, chunk.len() as i64);
+            let (at, len) = ((k * bs) as i64, chunk.len() as i64);
+            let idx = order_on_device.narrow(0, at, len);
             let xb = x_train.index_select(0, &idx);
+            let xb = match &draws {
+                Some((oy, ox, flip, pad, image)) => data::augment_batch(
+                    &xb,
+                    *image,
+                    *pad,
+                    &oy.narrow(0, at, len),
+                    &ox.narrow(0, at, len),
+                    &flip.narrow(0, at, len),
+                ),
+                None => xb,
+            };
             let yb = y_train.index_select(0, &idx);
             let gb = g_train.as_ref().map(|g| g.index_select(0, &idx));
             let db = d_train.as_ref().map(|d| d.index_select(0, &idx));
