@@ -39,8 +39,24 @@ CASES = {
         ("mlp-small", {"name": "blobs", "n_train": 16384, "n_val": 256, "n_test": 256, "classes": 10, "dim": 128},
          {"name": "mlp", "hidden": [256, 256]}, 128),
         ("cnn", {"name": "digits"}, {"name": "cnn", "channels": [64, 128]}, 128),
+        # A CIFAR-10-format folder of random images written by this script (10,000 training
+        # images): the compute-bound case.
+        ("resnet18", {"name": "cifar10", "path": "CIFAR", "n_val": 0}, {"name": "resnet18"}, 128),
     ],
 }
+CIFAR_PER_FILE = 2000
+
+
+def write_cifar(folder):
+    """Random images in the CIFAR-10 binary format (label byte + 3072 pixel bytes)."""
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        n = CIFAR_PER_FILE if name != "test_batch.bin" else 256
+        rec = torch.randint(0, 256, (n, 3073), generator=g, dtype=torch.uint8)
+        rec[:, 0] = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(rec.numpy().tobytes())
 METHODS = {
     "sgd": {},
     "sam": {"step_rule": {"use": "sam.sam", "rho": 0.05}},
@@ -72,8 +88,37 @@ def xlab_steps_per_s(xlab, device, threads, epochs, case, method, workdir):
     raise SystemExit(f"no time.steps_per_s recorded for {exp}")
 
 
+class Block(torch.nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.shortcut = torch.nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                                torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(classes):
+    layers = [torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(64), torch.nn.ReLU()]
+    cin = 64
+    for i, c in enumerate([64, 128, 256, 512]):
+        layers += [Block(cin, c, 1 if i == 0 else 2), Block(c, c, 1)]
+        cin = c
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(512, classes)]
+    return torch.nn.Sequential(*layers)
+
+
 def build_model(data, model, dev):
     layers = []
+    if model["name"] == "resnet18":
+        return resnet18(data["classes"]).to(dev)
     if model["name"] == "mlp":
         width = data["dim"]
         for h in model["hidden"]:
@@ -96,6 +141,8 @@ def eager_steps_per_s(device, epochs, case, method, item_every_step):
     torch.manual_seed(0)
     if data["name"] == "digits":
         n, shape, classes = 1000, (1, 8, 8), 10
+    elif data["name"] == "cifar10":
+        n, shape, classes = 5 * CIFAR_PER_FILE, (3, 32, 32), 10
     else:
         n, shape, classes = data["n_train"], (data["dim"],), data["classes"]
         data = dict(data)
@@ -160,12 +207,21 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--cases", help="comma-separated case names (default: the device's list)")
+    ap.add_argument("--cifar-per-file", type=int, default=2000)
     args = ap.parse_args()
+    global CIFAR_PER_FILE
+    CIFAR_PER_FILE = args.cifar_per_file
+    every = {c[0]: c for cases in CASES.values() for c in cases}
+    cases = [every[n] for n in args.cases.split(",")] if args.cases else CASES[args.device]
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for case in CASES[args.device]:
+        for case in cases:
+            if case[1].get("path") == "CIFAR":
+                write_cifar(os.path.join(work, "cifar"))
+                case = (case[0], dict(case[1], path=os.path.join(work, "cifar")), *case[2:])
             for method in METHODS:
                 xl = xlab_steps_per_s(args.xlab, args.device, args.threads, args.epochs, case, method, work)
                 eager = eager_steps_per_s(args.device, args.epochs, case, method, False)
@@ -184,9 +240,9 @@ def main():
     lines = ["| case | method | batch | xlab steps/s | eager steps/s | ratio | eager+item steps/s | ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['method']} | {r['batch']} | {r['xlab_steps_per_s']:.0f} | "
-                     f"{r['eager_steps_per_s']:.0f} | {r['ratio_vs_eager']:.2f} | "
-                     f"{r['eager_item_steps_per_s']:.0f} | {r['ratio_vs_eager_item']:.2f} |")
+        lines.append(f"| {r['case']} | {r['method']} | {r['batch']} | {r["xlab_steps_per_s"]:.4g} | "
+                     f"{r["eager_steps_per_s"]:.4g} | {r['ratio_vs_eager']:.2f} | "
+                     f"{r["eager_item_steps_per_s"]:.4g} | {r['ratio_vs_eager_item']:.2f} |")
     with open(os.path.join(args.out, f"throughput-{args.device}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -83,6 +83,6 @@ fi
 
 if want throughput; then
 step "training throughput, xlab vs PyTorch eager on $BENCH"
-python3 bench/throughput.py --xlab "$XLAB" --device $BENCH --threads ${BENCH_THREADS:-4} --epochs 4 --out "$OUT"
+python3 bench/throughput.py --xlab "$XLAB" --device $BENCH --threads ${BENCH_THREADS:-4} --epochs 4 --out "$OUT" ${BENCH_CASES:+--cases $BENCH_CASES}
 fi
 step "done"
