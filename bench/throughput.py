@@ -240,9 +240,9 @@ def main():
     lines = ["| case | method | batch | xlab steps/s | eager steps/s | ratio | eager+item steps/s | ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['method']} | {r['batch']} | {r["xlab_steps_per_s"]:.4g} | "
-                     f"{r["eager_steps_per_s"]:.4g} | {r['ratio_vs_eager']:.2f} | "
-                     f"{r["eager_item_steps_per_s"]:.4g} | {r['ratio_vs_eager_item']:.2f} |")
+        lines.append(f"| {r['case']} | {r['method']} | {r['batch']} | {r['xlab_steps_per_s']:.4g} | "
+                     f"{r['eager_steps_per_s']:.4g} | {r['ratio_vs_eager']:.2f} | "
+                     f"{r['eager_item_steps_per_s']:.4g} | {r['ratio_vs_eager_item']:.2f} |")
     with open(os.path.join(args.out, f"throughput-{args.device}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
