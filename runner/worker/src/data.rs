@@ -121,7 +121,7 @@ fn cifar(c: &Cifar, hundred: bool) -> Result<Dataset, String> {
     } else {
         ((1..=5).map(|i| format!("data_batch_{i}.bin")).collect(), "test_batch.bin", 1)
     };
-    let read = |names: &[String]| -> Result<(Vec<u8>, Vec<i64>), String> {
+    let read = |names: &[String]| -> Result<Labelled, String> {
         let (mut xs, mut ys) = (Vec::new(), Vec::new());
         for name in names {
             let bytes = read_file(dir, name)?;
@@ -166,10 +166,13 @@ fn idx_file(dir: &Path, name: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
     Ok((dims, bytes[header..].to_vec()))
 }
 
+/// Pixel bytes and their labels.
+type Labelled = (Vec<u8>, Vec<i64>);
+
 /// MNIST-style IDX files.
 fn idx(c: &Cifar) -> Result<Dataset, String> {
     let dir = Path::new(&c.path.path);
-    let part = |images: &str, labels: &str| -> Result<((Vec<u8>, Vec<i64>), [usize; 2]), String> {
+    let part = |images: &str, labels: &str| -> Result<(Labelled, [usize; 2]), String> {
         let (d, x) = idx_file(dir, images)?;
         let (l, y) = idx_file(dir, labels)?;
         if d.len() != 3 || l.len() != 1 || d[0] != l[0] {
@@ -189,8 +192,8 @@ fn idx(c: &Cifar) -> Result<Dataset, String> {
 /// Pixel bytes to floats in [0, 1] (standardized per channel by the training split's statistics
 /// with `normalize`); the last `n_val` training images become the validation split.
 fn images_split(
-    (train_x, train_y): (Vec<u8>, Vec<i64>),
-    (test_x, test_y): (Vec<u8>, Vec<i64>),
+    (train_x, train_y): Labelled,
+    (test_x, test_y): Labelled,
     shape: [i64; 3],
     n_val: usize,
     normalize: bool,

@@ -207,8 +207,8 @@ fn linear(p: &nn::Path, name: &str, i: i64, o: i64) -> Layer {
     Layer { name: name.into(), op: Op::Linear(l.ws, l.bs.expect("linear layers have a bias")) }
 }
 
-/// A k×k convolution (PyTorch's default init, kaiming-uniform).
-fn conv(p: &nn::Path, name: &str, cin: i64, cout: i64, k: i64, stride: i64, padding: i64, bias: bool) -> Layer {
+/// A k×k convolution, `[k, stride, padding]` (PyTorch's default init, kaiming-uniform).
+fn conv(p: &nn::Path, name: &str, cin: i64, cout: i64, [k, stride, padding]: [i64; 3], bias: bool) -> Layer {
     let c = nn::conv2d(path(p, name), cin, cout, k, nn::ConvConfig { stride, padding, bias, ..Default::default() });
     Layer { name: name.into(), op: Op::Conv(c.ws, c.bs, stride, padding) }
 }
@@ -238,21 +238,21 @@ fn norm_layer(p: &nn::Path, name: &str, norm: Norm, channels: i64, hw: Option<[i
 fn resnet18(root: &nn::Path, norm: Norm, cin: i64, classes: i64) -> Vec<Layer> {
     let norm = if norm == Norm::None { Norm::Batch } else { norm };
     let nl = |name: &str, c: i64| norm_layer(root, name, norm, c, None).expect("a norm is set");
-    let mut layers = vec![conv(root, "conv1", cin, 64, 3, 1, 1, false), nl("bn1", 64), act(Activation::Relu)];
+    let mut layers = vec![conv(root, "conv1", cin, 64, [3, 1, 1], false), nl("bn1", 64), act(Activation::Relu)];
     let mut width = 64;
     for (stage, out) in [64i64, 128, 256, 512].into_iter().enumerate() {
         for block in 0..2 {
             let stride = if stage > 0 && block == 0 { 2 } else { 1 };
             let at = |part: &str| format!("layer{}.{block}.{part}", stage + 1);
             let body = vec![
-                conv(root, &at("conv1"), width, out, 3, stride, 1, false),
+                conv(root, &at("conv1"), width, out, [3, stride, 1], false),
                 nl(&at("bn1"), out),
                 act(Activation::Relu),
-                conv(root, &at("conv2"), out, out, 3, 1, 1, false),
+                conv(root, &at("conv2"), out, out, [3, 1, 1], false),
                 nl(&at("bn2"), out),
             ];
             let shortcut = if stride != 1 || width != out {
-                vec![conv(root, &at("shortcut.0"), width, out, 1, stride, 0, false), nl(&at("shortcut.1"), out)]
+                vec![conv(root, &at("shortcut.0"), width, out, [1, stride, 0], false), nl(&at("shortcut.1"), out)]
             } else {
                 vec![]
             };
@@ -272,7 +272,7 @@ fn wrn(root: &nn::Path, depth: usize, k: usize, norm: Norm, cin: i64, classes: i
     let nl = |name: &str, c: i64| norm_layer(root, name, norm, c, None).expect("a norm is set");
     let n = (depth - 4) / 6;
     let widths = [16i64, 16 * k as i64, 32 * k as i64, 64 * k as i64];
-    let mut layers = vec![conv(root, "conv1", cin, widths[0], 3, 1, 1, false)];
+    let mut layers = vec![conv(root, "conv1", cin, widths[0], [3, 1, 1], false)];
     let mut width = widths[0];
     for g in 0..3 {
         let out = widths[g + 1];
@@ -282,13 +282,13 @@ fn wrn(root: &nn::Path, depth: usize, k: usize, norm: Norm, cin: i64, classes: i
             let equal = width == out;
             let pre = vec![nl(&at("bn1"), width), act(Activation::Relu)];
             let body = vec![
-                conv(root, &at("conv1"), width, out, 3, stride, 1, false),
+                conv(root, &at("conv1"), width, out, [3, stride, 1], false),
                 nl(&at("bn2"), out),
                 act(Activation::Relu),
-                conv(root, &at("conv2"), out, out, 3, 1, 1, false),
+                conv(root, &at("conv2"), out, out, [3, 1, 1], false),
             ];
             let shortcut =
-                if equal { vec![] } else { vec![conv(root, &at("convShortcut"), width, out, 1, stride, 0, false)] };
+                if equal { vec![] } else { vec![conv(root, &at("convShortcut"), width, out, [1, stride, 0], false)] };
             layers.push(bare(Op::Residual { pre, body, shortcut, shortcut_on_pre: !equal, post_relu: false }));
             width = out;
         }
@@ -326,7 +326,7 @@ pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option
         ModelConfig::Cnn(c) => {
             let [mut ch, mut h, mut w] = image.expect("image models are checked to have image data");
             for &out in &c.channels {
-                let l = conv(root, &at(&layers), ch, out as i64, 3, 1, 1, true);
+                let l = conv(root, &at(&layers), ch, out as i64, [3, 1, 1], true);
                 layers.push(l);
                 if let Some(n) = norm_layer(root, &at(&layers), c.norm, out as i64, Some([h, w])) {
                     layers.push(n);

@@ -28,13 +28,121 @@ pub struct Optimizer {
     pub steps: u64,
     /// The learning-rate schedule's factor for the next step.
     pub lr_factor: f64,
+    /// All parameters as views of one buffer (when they share a kind and device), so an update
+    /// is a handful of kernels over the buffer instead of a handful per parameter. The state
+    /// buffers are flat alike, and each slot holds views of them.
+    flat: Option<Flat>,
+}
+
+struct Flat {
+    params: Tensor,
+    sizes: Vec<i64>,
+    /// Flat state buffers, each `None` until it exists for every parameter.
+    momentum: Option<Tensor>,
+    exp_avg: Option<Tensor>,
+    exp_avg_sq: Option<Tensor>,
+}
+
+impl Flat {
+    /// Per-parameter views of a flat buffer, shaped like the parameters.
+    fn views(&self, buf: &Tensor, params: &[(String, Tensor)]) -> Vec<Tensor> {
+        let mut at = 0;
+        params
+            .iter()
+            .zip(&self.sizes)
+            .map(|((_, p), &n)| {
+                let v = buf.narrow(0, at, n).view(p.size().as_slice());
+                at += n;
+                v
+            })
+            .collect()
+    }
 }
 
 impl Optimizer {
-    /// An optimizer over named parameters (references to the model's tensors).
+    /// An optimizer over named parameters (references to the model's tensors). Parameters of
+    /// one kind on one device are moved into a single buffer (their values unchanged).
     pub fn new(cfg: &OptimizerConfig, params: Vec<(String, Tensor)>) -> Self {
         let slots = params.iter().map(|_| Slot::default()).collect();
-        Optimizer { cfg: cfg.clone(), params, slots, steps: 0, lr_factor: 1.0 }
+        let same = params.windows(2).all(|w| w[0].1.kind() == w[1].1.kind() && w[0].1.device() == w[1].1.device());
+        let flat = (params.len() > 1 && same).then(|| {
+            let sizes: Vec<i64> = params.iter().map(|(_, p)| p.numel() as i64).collect();
+            let buf = Tensor::cat(&params.iter().map(|(_, p)| p.detach().reshape([-1])).collect::<Vec<_>>(), 0);
+            let flat = Flat { params: buf, sizes, momentum: None, exp_avg: None, exp_avg_sq: None };
+            for ((_, p), v) in params.iter().zip(flat.views(&flat.params, &params)) {
+                p.shallow_clone().set_data(&v);
+            }
+            flat
+        });
+        Optimizer { cfg: cfg.clone(), params, slots, steps: 0, lr_factor: 1.0, flat }
+    }
+
+    /// One update over the flat buffer; `false` (nothing done) when some parameter has no
+    /// gradient or the state is not all flat, for the per-parameter path to take.
+    fn step_flat(&mut self, t: i32) -> bool {
+        let Some(flat) = self.flat.as_mut() else { return false };
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        if grads.iter().any(|g| !g.defined()) {
+            return false;
+        }
+        let fresh = self.steps == 1;
+        let g = Tensor::cat(&grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+        let p = &mut flat.params;
+        let factor = self.lr_factor;
+        match &self.cfg {
+            OptimizerConfig::Sgd(o) => {
+                if o.momentum != 0.0 && flat.momentum.is_none() && !fresh {
+                    return false;
+                }
+                let mut d = if o.weight_decay != 0.0 { &g + &*p * o.weight_decay } else { g };
+                if o.momentum != 0.0 {
+                    let buf = match flat.momentum.take() {
+                        None => d.detach().copy(),
+                        Some(mut b) => {
+                            let _ = b.g_mul_scalar_(o.momentum);
+                            let _ = b.g_add_(&d);
+                            b
+                        }
+                    };
+                    d = if o.nesterov { &d + &buf * o.momentum } else { buf.shallow_clone() };
+                    flat.momentum = Some(buf);
+                }
+                let _ = p.g_sub_(&(d * (o.lr * factor)));
+            }
+            OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => {
+                if (flat.exp_avg.is_none() || flat.exp_avg_sq.is_none()) && !fresh {
+                    return false;
+                }
+                let decoupled = matches!(self.cfg, OptimizerConfig::AdamW(_));
+                let g = if o.weight_decay != 0.0 && !decoupled { &g + &*p * o.weight_decay } else { g };
+                let lr = o.lr * factor;
+                if o.weight_decay != 0.0 && decoupled {
+                    let _ = p.g_mul_scalar_(1.0 - lr * o.weight_decay);
+                }
+                let m = flat.exp_avg.get_or_insert_with(|| g.zeros_like());
+                let _ = m.lerp_(&g, 1.0 - o.beta1);
+                let v = flat.exp_avg_sq.get_or_insert_with(|| g.zeros_like());
+                let _ = v.g_mul_scalar_(o.beta2);
+                let _ = v.g_add_(&(&g * &g * (1.0 - o.beta2)));
+                let bc1 = 1.0 - o.beta1.powi(t);
+                let bc2 = 1.0 - o.beta2.powi(t);
+                let denom = v.sqrt() / bc2.sqrt() + o.eps;
+                let _ = p.g_sub_(&(&*m / denom * (lr / bc1)));
+            }
+        }
+        self.link_slots();
+        true
+    }
+
+    /// Points every slot at its views of the flat state buffers.
+    fn link_slots(&mut self) {
+        let Some(flat) = &self.flat else { return };
+        for (buf, key) in [(&flat.momentum, 0), (&flat.exp_avg, 1), (&flat.exp_avg_sq, 2)] {
+            let Some(buf) = buf else { continue };
+            for (slot, v) in self.slots.iter_mut().zip(flat.views(buf, &self.params)) {
+                *[&mut slot.momentum_buffer, &mut slot.exp_avg, &mut slot.exp_avg_sq][key] = Some(v);
+            }
+        }
     }
 
     pub fn zero_grad(&mut self) {
@@ -50,6 +158,15 @@ impl Optimizer {
     pub fn step(&mut self) {
         self.steps += 1;
         let t = self.steps as i32;
+        if tch::no_grad(|| self.step_flat(t)) {
+            return;
+        }
+        // A per-parameter step leaves the slots' state apart from the flat buffers.
+        if let Some(f) = self.flat.as_mut() {
+            f.momentum = None;
+            f.exp_avg = None;
+            f.exp_avg_sq = None;
+        }
         let factor = self.lr_factor;
         tch::no_grad(|| {
             for ((_, p), slot) in self.params.iter_mut().zip(&mut self.slots) {
@@ -125,6 +242,18 @@ impl Optimizer {
             s.exp_avg = get("exp_avg");
             s.exp_avg_sq = get("exp_avg_sq");
         }
+        // Restored state that covers every parameter becomes flat again.
+        if let Some(flat) = self.flat.as_mut() {
+            let gather = |pick: &dyn Fn(&Slot) -> &Option<Tensor>| -> Option<Tensor> {
+                let parts: Option<Vec<Tensor>> =
+                    self.slots.iter().map(|s| pick(s).as_ref().map(|t| t.reshape([-1]))).collect();
+                parts.map(|p| Tensor::cat(&p, 0))
+            };
+            flat.momentum = gather(&|s| &s.momentum_buffer);
+            flat.exp_avg = gather(&|s| &s.exp_avg);
+            flat.exp_avg_sq = gather(&|s| &s.exp_avg_sq);
+        }
+        self.link_slots();
         Ok(())
     }
 }
@@ -175,6 +304,53 @@ mod tests {
         // AdamW wd 0.1: w ← w·(1 − 0.01) first, then the same Adam step (g taken before decay).
         let w = quad(OptimizerConfig::AdamW(Adam { weight_decay: 0.1, ..adam }), 1);
         assert!((w[0] - (3.0 * 0.99 - 0.1)).abs() < 1e-7 && (w[1] - (4.0 * 0.99 - 0.1)).abs() < 1e-7, "{w:?}");
+    }
+
+    /// Several parameters share one flat buffer; the arithmetic is the per-parameter one, bit
+    /// for bit, and the state saved per parameter restores into a flat optimizer.
+    #[test]
+    fn a_flat_update_equals_per_parameter_updates() {
+        let sgd = OptimizerConfig::Sgd(Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01, nesterov: true });
+        let adamw = OptimizerConfig::AdamW(Adam { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 });
+        for cfg in [sgd, adamw] {
+            let make = || {
+                vec![
+                    Tensor::from_slice(&[3.0f32, -4.0, 0.5]).set_requires_grad(true),
+                    Tensor::from_slice(&[1.5f32, 2.0, -1.0, 0.25]).reshape([2, 2]).set_requires_grad(true),
+                ]
+            };
+            let loss =
+                |ws: &[Tensor]| (&ws[0] * &ws[0]).sum(Kind::Float) * 0.7 + (&ws[1] * &ws[1] * &ws[1]).sum(Kind::Float);
+            let together = make();
+            let mut opt = Optimizer::new(
+                &cfg,
+                together.iter().enumerate().map(|(i, w)| (format!("w{i}"), w.shallow_clone())).collect(),
+            );
+            assert!(opt.flat.is_some());
+            let apart = make();
+            let mut opts: Vec<Optimizer> =
+                apart.iter().map(|w| Optimizer::new(&cfg, vec![("w".into(), w.shallow_clone())])).collect();
+            for _ in 0..3 {
+                opt.zero_grad();
+                opts.iter_mut().for_each(Optimizer::zero_grad);
+                loss(&together).backward();
+                loss(&apart).backward();
+                opt.step();
+                opts.iter_mut().for_each(Optimizer::step);
+            }
+            for (a, b) in together.iter().zip(&apart) {
+                assert!(a.equal(b), "{a:?} vs {b:?}");
+            }
+            let saved: Vec<(String, Tensor)> = opt.state_tensors().into_iter().map(|(n, t)| (n, t.copy())).collect();
+            let mut again = Optimizer::new(
+                &cfg,
+                together.iter().enumerate().map(|(i, w)| (format!("w{i}"), w.shallow_clone())).collect(),
+            );
+            again.load_state(opt.steps, &saved).unwrap();
+            for ((n, a), (m, b)) in again.state_tensors().iter().zip(&saved) {
+                assert!(n == m && a.equal(b), "{n}");
+            }
+        }
     }
 
     #[test]
