@@ -349,6 +349,25 @@ fn eval(e: &Expr, job: &dyn JobView) -> Value {
     }
 }
 
+/// An order for sorting values: numbers by value, then strings, booleans, and `null` last.
+pub fn order(a: &Value, b: &Value) -> std::cmp::Ordering {
+    let rank = |v: &Value| match v {
+        Value::Number(_) => 0,
+        Value::String(_) => 1,
+        Value::Bool(_) => 2,
+        Value::Null => 4,
+        _ => 3,
+    };
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            x.as_f64().unwrap_or(f64::NAN).total_cmp(&y.as_f64().unwrap_or(f64::NAN))
+        }
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        _ => rank(a).cmp(&rank(b)).then_with(|| a.to_string().cmp(&b.to_string())),
+    }
+}
+
 fn compare(op: &str, a: &Value, b: &Value) -> bool {
     use std::cmp::Ordering;
     if a.is_null() || b.is_null() {

@@ -1,6 +1,7 @@
 //! `xlab`: the coordinator and command line. It owns the results store and the schedule and
 //! never links libtorch, so `xlab query` starts instantly anywhere the results folder is.
 
+mod aggregate;
 mod filter;
 mod plugins;
 mod table;
@@ -120,6 +121,20 @@ enum Command {
         /// Metrics to show, comma-separated (default: the test and sample metrics).
         #[arg(long, short = 'm', value_delimiter = ',')]
         metrics: Vec<String>,
+        /// Group jobs by these config keys or job fields (stage, seed, status), comma-separated,
+        /// instead of by stage and sweep point.
+        #[arg(long, value_delimiter = ',')]
+        group_by: Vec<String>,
+        /// Aggregates per group: mean, std, sem, median, min, max, ci95 of a metric, and
+        /// count(); e.g. `mean(test.acc),ci95(test.acc),count()`.
+        #[arg(long)]
+        agg: Option<String>,
+        /// Sort rows by a column, e.g. `-mean(test.acc)` (descending) or `optimizer.lr`.
+        #[arg(long, allow_hyphen_values = true)]
+        sort: Option<String>,
+        /// At most this many rows.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Export results: experiments and jobs with config, provenance and metric series.
     Export {
@@ -232,7 +247,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Plan { file } => plan(cli, file),
-        Command::Query { filter, experiment, format, metrics } => {
+        Command::Query { filter, experiment, format, metrics, group_by, agg, sort, limit } => {
             let filter = match filter {
                 Some(q) => Some(filter::Filter::parse(q).map_err(|e| Failure {
                     code: exit::USER,
@@ -241,6 +256,11 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 None => None,
             };
             let store = open_store(&cli.store)?;
+            if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() {
+                let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), sort: sort.as_deref(), limit: *limit };
+                grouped_query(&store, experiment.as_deref(), *format, metrics, filter.as_ref(), &grouping)?;
+                return Ok(0);
+            }
             query(&store, experiment.as_deref(), *format, metrics, filter.as_ref())?;
             Ok(0)
         }
@@ -482,14 +502,16 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn query(
-    store: &Store,
-    experiment: Option<&str>,
-    format: Format,
-    wanted: &[String],
-    filter: Option<&filter::Filter>,
-) -> Result<(), Failure> {
-    let exp = match experiment {
+struct Grouping<'a> {
+    keys: &'a [String],
+    aggs: Option<&'a str>,
+    sort: Option<&'a str>,
+    limit: Option<usize>,
+}
+
+/// The experiment a query names, or the most recently run one.
+fn pick_experiment(store: &Store, experiment: Option<&str>) -> Result<xlab_store::ExperimentRecord, Failure> {
+    Ok(match experiment {
         Some(name) => store.experiment(name)?.with_context(|| {
             format!("no experiment `{name}` in store {}; `xlab run FILE` records one", store.dir().display())
         })?,
@@ -500,7 +522,73 @@ fn query(
                 format!("store {} holds no experiments yet; run one with `xlab run FILE`", store.dir().display())
             })?
         }
+    })
+}
+
+fn grouped_query(
+    store: &Store,
+    experiment: Option<&str>,
+    format: Format,
+    wanted: &[String],
+    filter: Option<&filter::Filter>,
+    g: &Grouping<'_>,
+) -> Result<(), Failure> {
+    let user = |m: String| Failure { code: exit::USER, error: anyhow::anyhow!(m) };
+    let exp = pick_experiment(store, experiment)?;
+    let keys: Vec<String> = if g.keys.is_empty() {
+        let mut k = vec!["stage".to_string()];
+        for s in &exp.stages {
+            k.extend(s.sweep_keys.iter().filter(|x| !k.contains(x)).cloned().collect::<Vec<_>>());
+        }
+        k
+    } else {
+        g.keys.to_vec()
     };
+    let aggs = match g.aggs {
+        Some(text) => aggregate::parse_aggs(text).map_err(|m| user(format!("bad --agg: {m}")))?,
+        None => {
+            let metrics = if wanted.is_empty() {
+                table::default_metrics(&table::rows(store, &exp, filter)?)
+            } else {
+                wanted.to_vec()
+            };
+            let mut a: Vec<aggregate::Agg> = metrics
+                .iter()
+                .flat_map(|m| ["mean", "std"].map(|f| aggregate::Agg { func: f, metric: m.clone() }))
+                .collect();
+            a.push(aggregate::Agg { func: "count", metric: String::new() });
+            a
+        }
+    };
+    let mut grouped = aggregate::group(store, &exp, filter, &keys, &aggs)?;
+    if let Some(by) = g.sort {
+        grouped.sort(by).map_err(|m| user(format!("bad --sort: {m}")))?;
+    }
+    if let Some(n) = g.limit {
+        grouped.rows.truncate(n);
+    }
+    let (header, cells) = (grouped.header(), grouped.cells());
+    match format {
+        Format::Table => {
+            outln!("experiment `{}`", exp.name);
+            outln!("{}", table::terminal(&header, &cells, keys.len()));
+        }
+        Format::Csv => out!("{}", table::csv(&header, &cells)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&grouped.json()).expect("json")),
+        Format::Markdown => out!("{}", table::markdown(&header, &cells)),
+        Format::Latex => out!("{}", table::latex(&header, &cells)),
+    }
+    Ok(())
+}
+
+fn query(
+    store: &Store,
+    experiment: Option<&str>,
+    format: Format,
+    wanted: &[String],
+    filter: Option<&filter::Filter>,
+) -> Result<(), Failure> {
+    let exp = pick_experiment(store, experiment)?;
     let rows = table::rows(store, &exp, filter)?;
     if rows.is_empty() && filter.is_some() {
         eprintln!("no job of experiment `{}` matches the filter", exp.name);

@@ -201,12 +201,17 @@ fn text_cells(rows: &[Row], metrics: &[String], pm: &str) -> (Vec<String>, Vec<V
 /// Renders the rows as a Markdown table (`mean ± std` over seeds).
 pub fn render_markdown(rows: &[Row], metrics: &[String]) -> String {
     let (header, body) = text_cells(rows, metrics, "±");
+    markdown(&header, &body)
+}
+
+/// A GitHub-flavoured Markdown table.
+pub fn markdown(header: &[String], body: &[Vec<String>]) -> String {
     let line = |cells: &[String]| {
         format!("| {} |\n", cells.iter().map(|c| c.replace('|', "\\|")).collect::<Vec<_>>().join(" | "))
     };
-    let mut out = line(&header);
+    let mut out = line(header);
     out += &format!("|{}\n", ["---|"].repeat(header.len()).concat());
-    for r in &body {
+    for r in body {
         out += &line(r);
     }
     out
@@ -215,6 +220,11 @@ pub fn render_markdown(rows: &[Row], metrics: &[String]) -> String {
 /// Renders the rows as a LaTeX booktabs table (`mean $\pm$ std` over seeds).
 pub fn render_latex(rows: &[Row], metrics: &[String]) -> String {
     let (header, body) = text_cells(rows, metrics, "±");
+    latex(&header, &body)
+}
+
+/// A LaTeX booktabs table; the first column left-aligned, the rest right-aligned.
+pub fn latex(header: &[String], body: &[Vec<String>]) -> String {
     let esc = |s: &String| {
         s.replace('\\', "\\textbackslash{}")
             .replace('_', "\\_")
@@ -225,14 +235,38 @@ pub fn render_latex(rows: &[Row], metrics: &[String]) -> String {
             .replace('±', "$\\pm$")
     };
     let line = |cells: &[String]| cells.iter().map(esc).collect::<Vec<_>>().join(" & ") + " \\\\\n";
-    let mut out = format!("\\begin{{tabular}}{{l{}}}\n\\toprule\n", "r".repeat(header.len() - 1));
-    out += &line(&header);
+    let mut out = format!("\\begin{{tabular}}{{l{}}}\n\\toprule\n", "r".repeat(header.len().saturating_sub(1)));
+    out += &line(header);
     out += "\\midrule\n";
-    for r in &body {
+    for r in body {
         out += &line(r);
     }
     out += "\\bottomrule\n\\end{tabular}\n";
     out
+}
+
+/// A CSV table.
+pub fn csv(header: &[String], body: &[Vec<String>]) -> String {
+    let line = |cells: &[String]| cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",") + "\n";
+    header.iter().map(|h| csv_cell(h)).collect::<Vec<_>>().join(",")
+        + "\n"
+        + &body.iter().map(|r| line(r)).collect::<String>()
+}
+
+/// A terminal table; columns after the first `left` are right-aligned.
+pub fn terminal(header: &[String], body: &[Vec<String>], left: usize) -> String {
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_FULL_CONDENSED);
+    t.set_header(header.iter().map(Cell::new).collect::<Vec<_>>());
+    for r in body {
+        t.add_row(
+            r.iter()
+                .enumerate()
+                .map(|(i, c)| if i < left { Cell::new(c) } else { Cell::new(c).set_alignment(CellAlignment::Right) })
+                .collect::<Vec<_>>(),
+        );
+    }
+    t.to_string()
 }
 
 /// Renders the rows as CSV: one column per sweep key, then mean, std and n for each metric.

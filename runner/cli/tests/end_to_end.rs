@@ -106,6 +106,41 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
     assert!(
         text(&md.stdout).starts_with("| stage | optimizer.lr | test.acc | n |\n|---|---|---|---|\n| train | 0.01 | 0.")
     );
+    // Group by any key, aggregate, sort and cut.
+    let out = run_ok(cmd(&store).args([
+        "query",
+        "-e",
+        "tiny",
+        "--group-by",
+        "seed",
+        "--agg",
+        "mean(test.acc),min(test.acc),max(test.acc),count()",
+        "--sort",
+        "-max(test.acc)",
+        "--format",
+        "json",
+    ]));
+    let groups: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(groups.len(), 2);
+    for g in &groups {
+        assert_eq!(g["count()"], 2.0);
+        let (lo, mean, hi) = (
+            g["min(test.acc)"].as_f64().unwrap(),
+            g["mean(test.acc)"].as_f64().unwrap(),
+            g["max(test.acc)"].as_f64().unwrap(),
+        );
+        assert!(lo <= mean && mean <= hi, "{g}");
+    }
+    assert!(groups[0]["max(test.acc)"].as_f64() >= groups[1]["max(test.acc)"].as_f64(), "sorted descending");
+    let one = run_ok(cmd(&store).args(["query", "-e", "tiny", "--limit", "1", "--format", "csv", "-m", "test.acc"]));
+    assert_eq!(
+        text(&one.stdout).lines().collect::<Vec<_>>()[0],
+        "stage,optimizer.lr,mean(test.acc),std(test.acc),count()"
+    );
+    assert_eq!(text(&one.stdout).lines().count(), 2);
+    let bad = cmd(&store).args(["query", "--agg", "avg(test.acc)"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad.stderr).contains("`avg` is not an aggregate"), "{}", text(&bad.stderr));
     let bad = cmd(&store).args(["query", "optimizer.lr => 1"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(
