@@ -4,6 +4,7 @@
 mod aggregate;
 mod filter;
 mod plugins;
+mod status;
 mod table;
 
 use anyhow::Context;
@@ -150,6 +151,13 @@ enum Command {
     },
     /// Merge results exported elsewhere (`xlab export --format jsonl`), by job identity.
     Import { file: PathBuf },
+    /// What a run is doing (from `xlab run`'s status file while it holds the store) or what the
+    /// store holds: jobs done, running, queued and failed, and each running job's progress.
+    Status {
+        /// The experiment (default: the most recently run one).
+        #[arg(long, short = 'e')]
+        experiment: Option<String>,
+    },
     /// One job: config, provenance, status history, final metrics, metric series, artifacts (JSON).
     Show { job: String },
     /// Report versions, libtorch, devices, store and plugin locations.
@@ -318,8 +326,60 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
             Ok(0)
         }
+        Command::Status { experiment } => status_command(cli, experiment.as_deref()),
         Command::Doctor => doctor(cli),
         Command::Plugins { command } => plugins_command(command),
+    }
+}
+
+fn status_command(cli: &Cli, experiment: Option<&str>) -> Result<u8, Failure> {
+    let snap: Option<status::Snapshot> =
+        std::fs::read(status::path(&cli.store)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    match Store::open(&cli.store) {
+        Err(StoreError::InUse { pid, .. }) => {
+            match snap.filter(|s| !s.finished && experiment.is_none_or(|e| e == s.experiment)) {
+                Some(s) => {
+                    outln!(
+                        "running (updated {} ago)",
+                        status::ago(xlab_store::now_unix().saturating_sub(s.updated_unix))
+                    );
+                    out!("{}", status::render(&s));
+                }
+                None => outln!("the store is in use by pid {pid}, which has not reported a run's status"),
+            }
+            Ok(0)
+        }
+        Err(e) => Err(e.into()),
+        Ok(store) => {
+            let exp = pick_experiment(&store, experiment)?;
+            outln!("experiment `{}` (no run in progress)", exp.name);
+            let mut failed = Vec::new();
+            for stage in &exp.stages {
+                let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+                for id in &stage.jobs {
+                    let Some(rec) = store.job(id)? else { continue };
+                    *counts.entry(rec.status.as_str()).or_default() += 1;
+                    if rec.status == JobStatus::Failed {
+                        let last = rec.attempts.last();
+                        let why = last.and_then(|a| a.error.as_deref()).unwrap_or("").lines().next().unwrap_or("");
+                        let cause = last.and_then(|a| a.outcome.as_deref()).unwrap_or("failed");
+                        failed.push(format!("  {} {} ({cause}): {why}", rec.id, rec.stage));
+                    }
+                }
+                let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+                outln!("  stage `{}`: {}", stage.name, parts.join(", "));
+            }
+            if !failed.is_empty() {
+                outln!("failed jobs (`xlab show JOB` has the full record):");
+                for f in failed {
+                    outln!("{f}");
+                }
+            }
+            if snap.is_some_and(|s| !s.finished && s.experiment == exp.name) {
+                outln!("its last run ended without finishing; run the same command again to resume");
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -379,12 +439,15 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
     };
     let started = Instant::now();
     let mut finished = 0usize;
+    let mut tracker = status::Tracker::new(&cli.store, &plan.name, total);
     let mut observe = |p: Progress<'_>| match p {
         Progress::Skipped { job } => {
+            tracker.snap.skipped += 1;
             finished += 1;
             tracing::info!("[{finished}/{total}] {} {} already done (job {})", job.stage, job.label(), job.id);
         }
         Progress::Started { job, device, attempt } => {
+            tracker.started(job, device, attempt);
             let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
@@ -392,11 +455,13 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
             tracing::info!("resumed {} {} from its checkpoint after epoch {epoch}", job.stage, job.label());
         }
         Progress::Metrics { job, step, values } => {
+            tracker.metrics(job.id.as_str(), step, values);
             let shown: Vec<String> =
                 values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
             tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Finished { job, summary } => {
+            tracker.ended(job.id.as_str(), "done");
             finished += 1;
             // The headline test metrics; per-group values stay in the store (`xlab show`).
             let shown: Vec<String> = summary
@@ -407,6 +472,7 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
             tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Retrying { job, cause, message, delay } => {
+            tracker.ended(job.id.as_str(), "retrying");
             tracing::warn!(
                 "{} {} failed ({}): {message}; trying again in {} s (job {})",
                 job.stage,
@@ -417,9 +483,11 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
             );
         }
         Progress::Stopped { job, message } => {
+            tracker.ended(job.id.as_str(), "stopped");
             tracing::warn!("{} {} {message} (job {})", job.stage, job.label(), job.id);
         }
         Progress::Failed { job, cause, message } => {
+            tracker.ended(job.id.as_str(), "failed");
             finished += 1;
             tracing::error!(
                 "[{finished}/{total}] FAILED ({}) {} {} (job {}): {message}",
@@ -431,6 +499,7 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
         }
     };
     let report = xlab_sched::run(&store, &plan, opts, &mut observe)?;
+    tracker.finish();
     tracing::info!(
         "{} done, {} skipped (already done), {} failed in {:.1}s",
         report.done,

@@ -329,3 +329,30 @@ fn fail_fast_stops_starting_jobs_after_a_deterministic_failure() {
     assert!(err.contains("FAILED (diverged)") && err.contains("fail_fast: job"), "{err}");
     assert!(err.contains("0 job(s) stopped (each resumes from its last checkpoint), 2 not started"), "{err}");
 }
+
+#[test]
+fn status_follows_a_run_in_progress_and_reads_the_store_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = long_file(dir.path(), 40, "");
+    let store = dir.path().join("results");
+    let child =
+        cmd(&store).args(["run", "-j", "1"]).arg(&file).stderr(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(&store);
+    std::thread::sleep(Duration::from_millis(600));
+    let live = cmd(&store).arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&live.stdout).into_owned();
+    assert!(live.status.success(), "{}", String::from_utf8_lossy(&live.stderr));
+    assert!(text.starts_with("running (updated"), "{text}");
+    assert!(text.contains("experiment `long`: 0 done, 1 running, 1 queued, 0 failed of 2"), "{text}");
+    assert!(text.contains("train seed=0 on cpu") && text.contains("/40") && text.contains("train.loss="), "{text}");
+    send(child.id(), "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let after = cmd(&store).arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&after.stdout).into_owned();
+    assert!(
+        text.contains("experiment `long` (no run in progress)")
+            && text.contains("stage `train`: 1 interrupted, 1 pending"),
+        "{text}"
+    );
+}

@@ -1,0 +1,172 @@
+//! The state of a run, for `xlab status`: `xlab run` keeps `<store>/status.json` current (jobs
+//! running, their device, epoch and latest metrics; counts of done, failed and queued jobs), so
+//! another terminal can follow a run while the store is locked by it. After the run, `xlab
+//! status` reads the store itself.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub experiment: String,
+    pub pid: u32,
+    pub started_unix: u64,
+    pub updated_unix: u64,
+    /// False while the run is going (or if it died without a word).
+    pub finished: bool,
+    pub total: usize,
+    pub done: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub stopped: usize,
+    pub running: Vec<RunningJob>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningJob {
+    pub job: String,
+    pub stage: String,
+    pub label: String,
+    pub device: String,
+    pub attempt: u32,
+    pub started_unix: u64,
+    pub epoch: u64,
+    pub epochs: u64,
+    /// The latest training loss and validation/test accuracy reported.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+pub fn path(store: &Path) -> PathBuf {
+    store.join("status.json")
+}
+
+/// Keeps the snapshot and writes it at most twice a second (and when asked to).
+pub struct Tracker {
+    file: PathBuf,
+    pub snap: Snapshot,
+    last: Option<Instant>,
+}
+
+fn now() -> u64 {
+    xlab_store::now_unix()
+}
+
+impl Tracker {
+    pub fn new(store: &Path, experiment: &str, total: usize) -> Self {
+        let snap = Snapshot {
+            experiment: experiment.into(),
+            pid: std::process::id(),
+            started_unix: now(),
+            updated_unix: now(),
+            total,
+            ..Default::default()
+        };
+        Tracker { file: path(store), snap, last: None }
+    }
+
+    pub fn started(&mut self, job: &xlab_spec::Job, device: &str, attempt: u32) {
+        let epochs = job.config_json.get("epochs").and_then(|e| e.as_u64()).unwrap_or(0);
+        self.snap.running.retain(|r| r.job != job.id.as_str());
+        self.snap.running.push(RunningJob {
+            job: job.id.to_string(),
+            stage: job.stage.clone(),
+            label: job.label(),
+            device: device.into(),
+            attempt,
+            started_unix: now(),
+            epoch: 0,
+            epochs,
+            metrics: BTreeMap::new(),
+        });
+        self.write(true);
+    }
+
+    pub fn metrics(&mut self, job: &str, step: u64, values: &BTreeMap<String, f64>) {
+        if let Some(r) = self.snap.running.iter_mut().find(|r| r.job == job) {
+            r.epoch = step;
+            for k in ["train.loss", "val.acc", "test.acc", "time.steps_per_s"] {
+                if let Some(v) = values.get(k) {
+                    r.metrics.insert(k.into(), *v);
+                }
+            }
+        }
+        self.write(false);
+    }
+
+    /// A job left the running set (`outcome`: done, failed, stopped, or retried).
+    pub fn ended(&mut self, job: &str, outcome: &str) {
+        self.snap.running.retain(|r| r.job != job);
+        match outcome {
+            "done" => self.snap.done += 1,
+            "failed" => self.snap.failed += 1,
+            "stopped" => self.snap.stopped += 1,
+            _ => {}
+        }
+        self.write(true);
+    }
+
+    pub fn finish(&mut self) {
+        self.snap.finished = true;
+        self.snap.running.clear();
+        self.write(true);
+    }
+
+    fn write(&mut self, now_anyway: bool) {
+        if !now_anyway && self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        self.snap.updated_unix = now();
+        let tmp = self.file.with_extension("json.tmp");
+        let ok = std::fs::write(&tmp, serde_json::to_vec_pretty(&self.snap).expect("snapshots serialize"))
+            .and_then(|_| std::fs::rename(&tmp, &self.file));
+        if let Err(e) = ok {
+            tracing::debug!("cannot write {}: {e}", self.file.display());
+        }
+    }
+}
+
+/// `3m 20s` style durations.
+pub fn ago(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!("{}h {:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// The live view of a snapshot: counts, then a line per running job.
+pub fn render(s: &Snapshot) -> String {
+    let queued = s.total.saturating_sub(s.done + s.skipped + s.failed + s.stopped + s.running.len());
+    let mut out = format!(
+        "experiment `{}`: {} done, {} running, {} queued, {} failed{} of {} (run by pid {}, {} elapsed)\n",
+        s.experiment,
+        s.done + s.skipped,
+        s.running.len(),
+        queued,
+        s.failed,
+        if s.stopped > 0 { format!(", {} stopped", s.stopped) } else { String::new() },
+        s.total,
+        s.pid,
+        ago(s.updated_unix.saturating_sub(s.started_unix)),
+    );
+    for r in &s.running {
+        let m: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+        out += &format!(
+            "  {} {} on {} (job {}{}): epoch {}/{}, {} running{}{}\n",
+            r.stage,
+            r.label,
+            r.device,
+            r.job,
+            if r.attempt > 1 { format!(", attempt {}", r.attempt) } else { String::new() },
+            r.epoch,
+            r.epochs,
+            ago(s.updated_unix.saturating_sub(r.started_unix)),
+            if m.is_empty() { "" } else { ", " },
+            m.join(" ")
+        );
+    }
+    out
+}
