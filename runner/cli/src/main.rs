@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod filter;
+mod live;
 mod plugins;
 mod status;
 mod table;
@@ -218,7 +219,7 @@ fn init_logging(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
+    let builder = tracing_subscriber::fmt().with_writer(|| live::LogWriter).with_ansi(ansi).with_env_filter(filter);
     match cli.log_format {
         LogFormat::Human => builder.without_time().with_target(false).init(),
         LogFormat::Json => builder.json().init(),
@@ -440,14 +441,23 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
     let started = Instant::now();
     let mut finished = 0usize;
     let mut tracker = status::Tracker::new(&cli.store, &plan.name, total);
+    let mut live =
+        live::wanted(matches!(cli.log_format, LogFormat::Human) && !cli.quiet).then(|| live::Live::start(total));
     let mut observe = |p: Progress<'_>| match p {
         Progress::Skipped { job } => {
             tracker.snap.skipped += 1;
+            if let Some(l) = live.as_mut() {
+                l.skipped();
+            }
             finished += 1;
             tracing::info!("[{finished}/{total}] {} {} already done (job {})", job.stage, job.label(), job.id);
         }
         Progress::Started { job, device, attempt } => {
             tracker.started(job, device, attempt);
+            if let Some(l) = live.as_mut() {
+                let epochs = job.config_json.get("epochs").and_then(|e| e.as_u64()).unwrap_or(1);
+                l.started(job.id.as_str(), format!("{} {} on {device}", job.stage, job.label()), epochs);
+            }
             let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
@@ -456,12 +466,18 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
         }
         Progress::Metrics { job, step, values } => {
             tracker.metrics(job.id.as_str(), step, values);
+            if let Some(l) = live.as_mut() {
+                l.metrics(job.id.as_str(), step, values);
+            }
             let shown: Vec<String> =
                 values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
             tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Finished { job, summary } => {
             tracker.ended(job.id.as_str(), "done");
+            if let Some(l) = live.as_mut() {
+                l.ended(job.id.as_str(), true, false);
+            }
             finished += 1;
             // The headline test metrics; per-group values stay in the store (`xlab show`).
             let shown: Vec<String> = summary
@@ -473,6 +489,9 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
         }
         Progress::Retrying { job, cause, message, delay } => {
             tracker.ended(job.id.as_str(), "retrying");
+            if let Some(l) = live.as_mut() {
+                l.ended(job.id.as_str(), false, false);
+            }
             tracing::warn!(
                 "{} {} failed ({}): {message}; trying again in {} s (job {})",
                 job.stage,
@@ -484,10 +503,16 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
         }
         Progress::Stopped { job, message } => {
             tracker.ended(job.id.as_str(), "stopped");
+            if let Some(l) = live.as_mut() {
+                l.ended(job.id.as_str(), false, false);
+            }
             tracing::warn!("{} {} {message} (job {})", job.stage, job.label(), job.id);
         }
         Progress::Failed { job, cause, message } => {
             tracker.ended(job.id.as_str(), "failed");
+            if let Some(l) = live.as_mut() {
+                l.ended(job.id.as_str(), true, true);
+            }
             finished += 1;
             tracing::error!(
                 "[{finished}/{total}] FAILED ({}) {} {} (job {}): {message}",
@@ -500,6 +525,9 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
     };
     let report = xlab_sched::run(&store, &plan, opts, &mut observe)?;
     tracker.finish();
+    if let Some(l) = live {
+        l.finish();
+    }
     tracing::info!(
         "{} done, {} skipped (already done), {} failed in {:.1}s",
         report.done,

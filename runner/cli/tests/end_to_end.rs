@@ -344,3 +344,27 @@ fn a_missing_worker_is_reported_once_with_a_hint() {
     let out = run_ok(cmd(&dir.path().join("results")).arg("plan").arg(&file));
     assert!(text(&out.stdout).contains("2 job(s) over optimizer.lr: 2 new"), "{}", text(&out.stdout));
 }
+
+/// On a terminal `xlab run` draws a live view: an overall bar with counts and ETA and a bar per
+/// running job, with log lines above. The test gives it a pseudo-terminal through `script`.
+#[test]
+fn a_terminal_gets_the_live_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = write_experiment(dir.path(), "1");
+    let line = format!(
+        "XLAB_WORKER={} {} --store {} run {}",
+        worker().display(),
+        xlab().display(),
+        store.display(),
+        file.display()
+    );
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .output()
+        .expect("`script` (util-linux) runs");
+    let tty = text(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(tty.contains("2/2 jobs (0 running, 0 queued)") && tty.contains("ETA"), "{tty}");
+    assert!(tty.contains("2 done, 0 skipped"), "{tty}");
+}
