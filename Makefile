@@ -49,10 +49,12 @@ test: build lint
 	fi
 
 # Benchmarks (never timed assertions in tests): metric ingestion into the store, and training
-# throughput against a PyTorch eager loop (bench/results/, summarized in BENCHMARKS.md).
+# throughput against a PyTorch eager loop, scheduler overhead with no-op jobs (bench/results/,
+# summarized in BENCHMARKS.md).
 bench: build
 	$(CARGO) bench -p xlab-store --bench ingest
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
+	$(VENV)/bin/python bench/scheduler.py --xlab target/release/xlab --out bench/results
 
 # The binaries and plugins scripts/device-check.sh runs on a CUDA machine (against that machine's
 # own torch 2.11; they carry no libtorch).

@@ -356,3 +356,37 @@ fn status_follows_a_run_in_progress_and_reads_the_store_after() {
         "{text}"
     );
 }
+
+/// Each failure class, from `task: noop` jobs that fail on purpose: a crash (SIGABRT), running
+/// out of memory (retried once), divergence, a worker error and a timeout, beside jobs that
+/// succeed. Each is recorded with its cause, and the sweep goes on.
+#[test]
+fn every_failure_class_is_recorded_with_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("noop.yaml");
+    std::fs::write(
+        &file,
+        "name: noop\ndefaults:\n  task: noop\n  data: {name: two_moons}\nstages:\n  ok: {noop: {sleep_s: 0.1}, seeds: 2}\n  crash: {noop: {fail: crash}}\n  oom: {noop: {fail: out_of_memory}, retries: 1}\n  diverge: {noop: {fail: diverge}}\n  error: {noop: {fail: error}}\n  slow: {noop: {sleep_s: 30}, timeout: 1}\n",
+    )
+    .unwrap();
+    let store = dir.path().join("results");
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("2 done, 0 skipped (already done), 5 failed"), "{err}");
+    let ids = job_ids(&store, &file);
+    let outcomes: Vec<Vec<String>> = ids.iter().map(|id| attempts(&store, id)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            vec!["done"],
+            vec!["done"],
+            vec!["crashed"],
+            vec!["out_of_memory", "out_of_memory"],
+            vec!["diverged"],
+            vec!["error"],
+            vec!["timeout"]
+        ]
+    );
+    assert!(err.contains("worker killed by signal 6"), "{err}");
+}

@@ -18,6 +18,33 @@ pub enum Task {
     /// Evaluate the final weights of the parent job(s) (`needs:`) on this stage's data; with
     /// several parents (`select: all`), their averaged predictive distribution (an ensemble).
     Evaluate,
+    /// Nothing but what `noop:` says (sleep, then succeed or fail a chosen way): for measuring
+    /// the scheduler and for exercising its failure handling.
+    Noop,
+}
+
+/// What a `task: noop` job does.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Noop {
+    /// Seconds to sleep first.
+    #[serde(default)]
+    pub sleep_s: f64,
+    /// `none` (succeed), `crash` (abort the process), `out_of_memory` (allocate more than the
+    /// device has), `diverge` (report a NaN loss) or `error` (fail with an error).
+    #[serde(default)]
+    pub fail: NoopFailure,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NoopFailure {
+    #[default]
+    None,
+    Crash,
+    OutOfMemory,
+    Diverge,
+    Error,
 }
 
 /// The resolved config of one job.
@@ -60,6 +87,9 @@ pub struct JobConfig {
     /// `evaluate`: sharpness of each parent's training loss at its final weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharpness: Option<Sharpness>,
+    /// `noop`: what the job does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noop: Option<Noop>,
     /// `train`: the learning-rate schedule, a factor on the optimizer's `lr` at every step.
     #[serde(default, skip_serializing_if = "Schedule::is_default")]
     pub schedule: Schedule,
@@ -623,6 +653,9 @@ impl JobConfig {
     /// Checks the ranges that the types alone cannot express. Returns `(path, message)`.
     pub fn check(&self) -> Result<(), (String, String)> {
         let err = |p: &str, m: String| Err((p.to_string(), m));
+        if self.task != Task::Noop && self.noop.is_some() {
+            return err("noop", "belongs to `task: noop`".into());
+        }
         if self.task != Task::Train {
             if let Some((k, _)) = self.train_fields().into_iter().find(|(_, set)| *set) {
                 return err(k, "is a training option; it belongs to `task: train`".into());
@@ -739,6 +772,13 @@ impl JobConfig {
                         }
                     }
                 }
+            }
+            Task::Noop => {
+                let sleep = self.noop.as_ref().map_or(0.0, |n| n.sleep_s);
+                if !(sleep >= 0.0 && sleep.is_finite()) {
+                    return err("noop.sleep_s", format!("must be a finite number ≥ 0, got {sleep}"));
+                }
+                return Ok(());
             }
             Task::Evaluate => {
                 if let Some(sh) = &self.sharpness {

@@ -28,6 +28,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "init",
     "shuffle",
     "augment",
+    "noop",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +90,8 @@ pub struct ConfigPart {
     pub shuffle: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub augment: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub noop: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +135,8 @@ pub struct StageFile {
     pub shuffle: Option<Value>,
     #[serde(default, deserialize_with = "explicit")]
     pub augment: Option<Value>,
+    #[serde(default, deserialize_with = "explicit")]
+    pub noop: Option<Value>,
     /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
     #[serde(default)]
     pub grid: IndexMap<String, Vec<Value>>,
@@ -324,6 +329,7 @@ impl StageFile {
             init: self.init.clone(),
             shuffle: self.shuffle.clone(),
             augment: self.augment.clone(),
+            noop: self.noop.clone(),
         }
     }
 }
@@ -351,6 +357,7 @@ impl ConfigPart {
             &self.init,
             &self.shuffle,
             &self.augment,
+            &self.noop,
         ];
         CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
     }
@@ -463,6 +470,7 @@ label_smoothing: 0.1
 init: w.safetensors
 shuffle: false
 augment: {flip: true}
+noop: {sleep_s: 0.1}
 "#;
         let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
         let v = serde_json::to_value(&cfg).unwrap();

@@ -148,6 +148,27 @@ pub fn exit_with_parent() {
         .expect("a thread starts");
 }
 
+/// `task: noop`: sleeps, then succeeds or fails the way the config asks.
+fn noop(n: xlab_spec::config::Noop, device: tch::Device) -> Result<std::collections::BTreeMap<String, f64>, Failure> {
+    use xlab_spec::config::NoopFailure;
+    std::thread::sleep(std::time::Duration::from_secs_f64(n.sleep_s));
+    match n.fail {
+        NoopFailure::None => Ok([("noop.sleep_s".to_string(), n.sleep_s)].into()),
+        NoopFailure::Crash => std::process::abort(),
+        NoopFailure::OutOfMemory => {
+            // 2^50 floats: more than any device holds; libtorch reports it as out of memory.
+            match tch::Tensor::f_empty([1i64 << 50], (tch::Kind::Float, device)) {
+                Ok(_) => Err(Failure::new(FailureCause::Error, "allocated 4 PiB without complaint")),
+                Err(e) => Err(Failure::from(e)),
+            }
+        }
+        NoopFailure::Diverge => {
+            Err(Failure::new(FailureCause::Diverged, "training loss is NaN (asked for by `noop.fail`)"))
+        }
+        NoopFailure::Error => Err(Failure::new(FailureCause::Error, "failed as `noop.fail: error` asks")),
+    }
+}
+
 /// Runs one job and reports its events; returns the process exit code.
 pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
     let result = (|| {
@@ -178,6 +199,7 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
             }
             Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
             Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
+            Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
         }
     })();
     match result {

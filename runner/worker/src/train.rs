@@ -33,9 +33,16 @@ impl Failure {
 impl From<tch::TchError> for Failure {
     fn from(e: tch::TchError) -> Self {
         let message = e.to_string();
-        let cause = if message.contains("out of memory") { FailureCause::OutOfMemory } else { FailureCause::Error };
-        Self { cause, message }
+        let cause = if is_out_of_memory(&message) { FailureCause::OutOfMemory } else { FailureCause::Error };
+        // libtorch appends a C++ backtrace; the first line says what happened.
+        Self { cause, message: message.lines().next().unwrap_or_default().to_string() }
     }
+}
+
+/// libtorch's words for a failed allocation: "CUDA out of memory", and on the CPU
+/// "DefaultCPUAllocator: can't allocate memory" or "not enough memory".
+pub fn is_out_of_memory(message: &str) -> bool {
+    ["out of memory", "not enough memory", "can't allocate memory"].iter().any(|m| message.contains(m))
 }
 
 /// Loss, accuracy and (with groups) per-group loss and accuracy and worst-group accuracy on one
