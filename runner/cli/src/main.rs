@@ -161,6 +161,9 @@ enum Command {
     },
     /// One job: config, provenance, status history, final metrics, metric series, artifacts (JSON).
     Show { job: String },
+    /// Two jobs side by side: the config keys that differ, then every final metric of either
+    /// with its difference (b − a).
+    Compare { a: String, b: String },
     /// Report versions, libtorch, devices, store and plugin locations.
     Doctor,
     /// Installed plugins and their components.
@@ -328,6 +331,53 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Status { experiment } => status_command(cli, experiment.as_deref()),
+        Command::Compare { a, b } => {
+            let store = open_store(&cli.store)?;
+            let get = |id: &str| -> Result<xlab_store::JobRecord, Failure> {
+                Ok(store.job(id)?.with_context(|| format!("no job `{id}` in store {}", store.dir().display()))?)
+            };
+            let (ra, rb) = (get(a)?, get(b)?);
+            outln!("a: {} ({} {}, {})", ra.id, ra.experiment, ra.stage, ra.status.as_str());
+            outln!("b: {} ({} {}, {})", rb.id, rb.experiment, rb.stage, rb.status.as_str());
+            let (fa, fb) = (flatten_json(&ra.config), flatten_json(&rb.config));
+            let keys: std::collections::BTreeSet<&String> = fa.keys().chain(fb.keys()).collect();
+            let mut config = Vec::new();
+            for k in keys {
+                let (x, y) = (fa.get(k), fb.get(k));
+                if x != y {
+                    let show = |v: Option<&serde_json::Value>| v.map_or("-".to_string(), |v| v.to_string());
+                    config.push(vec![k.clone(), show(x), show(y)]);
+                }
+            }
+            config.extend(
+                [("seed", ra.seed, rb.seed)]
+                    .iter()
+                    .filter(|(_, x, y)| x != y)
+                    .map(|(k, x, y)| vec![k.to_string(), x.to_string(), y.to_string()]),
+            );
+            if config.is_empty() {
+                outln!("same config");
+            } else {
+                let header = ["config".to_string(), "a".into(), "b".into()];
+                outln!("{}", table::terminal(&header, &config, 1));
+            }
+            let names: std::collections::BTreeSet<&String> = ra.summary.keys().chain(rb.summary.keys()).collect();
+            let rows: Vec<Vec<String>> = names
+                .into_iter()
+                .map(|m| {
+                    let (x, y) = (ra.summary.get(m), rb.summary.get(m));
+                    let f = |v: Option<&f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+                    let d = match (x, y) {
+                        (Some(x), Some(y)) => format!("{:+.4}", y - x),
+                        _ => "-".into(),
+                    };
+                    vec![m.clone(), f(x), f(y), d]
+                })
+                .collect();
+            let header = ["metric".to_string(), "a".into(), "b".into(), "b − a".into()];
+            outln!("{}", table::terminal(&header, &rows, 1));
+            Ok(0)
+        }
         Command::Doctor => doctor(cli),
         Command::Plugins { command } => plugins_command(command),
     }
@@ -382,6 +432,25 @@ fn status_command(cli: &Cli, experiment: Option<&str>) -> Result<u8, Failure> {
             Ok(0)
         }
     }
+}
+
+/// `{"optimizer": {"lr": 0.1}}` → `optimizer.lr = 0.1`.
+fn flatten_json(v: &serde_json::Value) -> std::collections::BTreeMap<String, serde_json::Value> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeMap<String, serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", v, &mut out);
+    out
 }
 
 fn open_store(dir: &Path) -> Result<Store, Failure> {

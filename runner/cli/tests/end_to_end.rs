@@ -149,6 +149,22 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
         text(&bad.stderr)
     );
 
+    // Two jobs side by side: the config keys that differ and every metric with b − a.
+    let out = run_ok(cmd(&store).args(["plan"]).arg(&file));
+    let ids: Vec<String> = text(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("    "))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    let a_b = run_ok(cmd(&store).args(["compare", &ids[0], &ids[3]]));
+    let cmp = text(&a_b.stdout);
+    assert!(
+        cmp.contains("optimizer.lr") && cmp.contains("seed") && cmp.contains("b − a") && cmp.contains("test.acc"),
+        "{cmp}"
+    );
+    let same = run_ok(cmd(&store).args(["compare", &ids[0], &ids[0]]));
+    assert!(text(&same.stdout).contains("same config") && text(&same.stdout).contains("+0.0000"));
+
     // Final weights are an artifact with PyTorch names.
     let runs: Vec<PathBuf> = std::fs::read_dir(store.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(runs.len(), 4);
