@@ -59,6 +59,53 @@ impl Flat {
     }
 }
 
+/// The optimizer state of one parameter, or of the flat buffer of all of them.
+struct State<'a> {
+    momentum: &'a mut Option<Tensor>,
+    exp_avg: &'a mut Option<Tensor>,
+    exp_avg_sq: &'a mut Option<Tensor>,
+}
+
+/// One update of `p` with gradient `g` (the rules in this module's documentation), at step `t`
+/// with the schedule's `factor` on the learning rate.
+fn update(cfg: &OptimizerConfig, p: &mut Tensor, g: Tensor, state: State<'_>, factor: f64, t: i32) {
+    match cfg {
+        OptimizerConfig::Sgd(o) => {
+            let mut d = if o.weight_decay != 0.0 { &g + &*p * o.weight_decay } else { g };
+            if o.momentum != 0.0 {
+                let buf = match state.momentum.take() {
+                    None => d.detach().copy(),
+                    Some(mut b) => {
+                        let _ = b.g_mul_scalar_(o.momentum);
+                        let _ = b.g_add_(&d);
+                        b
+                    }
+                };
+                d = if o.nesterov { &d + &buf * o.momentum } else { buf.shallow_clone() };
+                *state.momentum = Some(buf);
+            }
+            let _ = p.g_sub_(&(d * (o.lr * factor)));
+        }
+        OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => {
+            let decoupled = matches!(cfg, OptimizerConfig::AdamW(_));
+            let g = if o.weight_decay != 0.0 && !decoupled { &g + &*p * o.weight_decay } else { g };
+            let lr = o.lr * factor;
+            if o.weight_decay != 0.0 && decoupled {
+                let _ = p.g_mul_scalar_(1.0 - lr * o.weight_decay);
+            }
+            let m = state.exp_avg.get_or_insert_with(|| g.zeros_like());
+            let _ = m.lerp_(&g, 1.0 - o.beta1);
+            let v = state.exp_avg_sq.get_or_insert_with(|| g.zeros_like());
+            let _ = v.g_mul_scalar_(o.beta2);
+            let _ = v.g_add_(&(&g * &g * (1.0 - o.beta2)));
+            let bc1 = 1.0 - o.beta1.powi(t);
+            let bc2 = 1.0 - o.beta2.powi(t);
+            let denom = v.sqrt() / bc2.sqrt() + o.eps;
+            let _ = p.g_sub_(&(&*m / denom * (lr / bc1)));
+        }
+    }
+}
+
 impl Optimizer {
     /// An optimizer over named parameters (references to the model's tensors). Parameters of
     /// one kind on one device are moved into a single buffer (their values unchanged).
@@ -88,48 +135,16 @@ impl Optimizer {
         let fresh = self.steps == 1;
         let g = Tensor::cat(&grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
         let p = &mut flat.params;
-        let factor = self.lr_factor;
-        match &self.cfg {
-            OptimizerConfig::Sgd(o) => {
-                if o.momentum != 0.0 && flat.momentum.is_none() && !fresh {
-                    return false;
-                }
-                let mut d = if o.weight_decay != 0.0 { &g + &*p * o.weight_decay } else { g };
-                if o.momentum != 0.0 {
-                    let buf = match flat.momentum.take() {
-                        None => d.detach().copy(),
-                        Some(mut b) => {
-                            let _ = b.g_mul_scalar_(o.momentum);
-                            let _ = b.g_add_(&d);
-                            b
-                        }
-                    };
-                    d = if o.nesterov { &d + &buf * o.momentum } else { buf.shallow_clone() };
-                    flat.momentum = Some(buf);
-                }
-                let _ = p.g_sub_(&(d * (o.lr * factor)));
-            }
-            OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => {
-                if (flat.exp_avg.is_none() || flat.exp_avg_sq.is_none()) && !fresh {
-                    return false;
-                }
-                let decoupled = matches!(self.cfg, OptimizerConfig::AdamW(_));
-                let g = if o.weight_decay != 0.0 && !decoupled { &g + &*p * o.weight_decay } else { g };
-                let lr = o.lr * factor;
-                if o.weight_decay != 0.0 && decoupled {
-                    let _ = p.g_mul_scalar_(1.0 - lr * o.weight_decay);
-                }
-                let m = flat.exp_avg.get_or_insert_with(|| g.zeros_like());
-                let _ = m.lerp_(&g, 1.0 - o.beta1);
-                let v = flat.exp_avg_sq.get_or_insert_with(|| g.zeros_like());
-                let _ = v.g_mul_scalar_(o.beta2);
-                let _ = v.g_add_(&(&g * &g * (1.0 - o.beta2)));
-                let bc1 = 1.0 - o.beta1.powi(t);
-                let bc2 = 1.0 - o.beta2.powi(t);
-                let denom = v.sqrt() / bc2.sqrt() + o.eps;
-                let _ = p.g_sub_(&(&*m / denom * (lr / bc1)));
-            }
+        let state =
+            State { momentum: &mut flat.momentum, exp_avg: &mut flat.exp_avg, exp_avg_sq: &mut flat.exp_avg_sq };
+        let exists = match &self.cfg {
+            OptimizerConfig::Sgd(o) => o.momentum == 0.0 || state.momentum.is_some(),
+            _ => state.exp_avg.is_some() && state.exp_avg_sq.is_some(),
+        };
+        if !exists && !fresh {
+            return false;
         }
+        update(&self.cfg, p, g, state, self.lr_factor, t);
         self.link_slots();
         true
     }
@@ -167,47 +182,17 @@ impl Optimizer {
             f.exp_avg = None;
             f.exp_avg_sq = None;
         }
-        let factor = self.lr_factor;
+        let (cfg, factor) = (&self.cfg, self.lr_factor);
         tch::no_grad(|| {
             for ((_, p), slot) in self.params.iter_mut().zip(&mut self.slots) {
                 let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                match &self.cfg {
-                    OptimizerConfig::Sgd(o) => {
-                        let mut d = if o.weight_decay != 0.0 { &g + &*p * o.weight_decay } else { g.shallow_clone() };
-                        if o.momentum != 0.0 {
-                            let buf = match slot.momentum_buffer.take() {
-                                None => d.detach().copy(),
-                                Some(mut b) => {
-                                    let _ = b.g_mul_scalar_(o.momentum);
-                                    let _ = b.g_add_(&d);
-                                    b
-                                }
-                            };
-                            d = if o.nesterov { &d + &buf * o.momentum } else { buf.shallow_clone() };
-                            slot.momentum_buffer = Some(buf);
-                        }
-                        let _ = p.g_sub_(&(d * (o.lr * factor)));
-                    }
-                    OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => {
-                        let decoupled = matches!(self.cfg, OptimizerConfig::AdamW(_));
-                        let g = if o.weight_decay != 0.0 && !decoupled { &g + &*p * o.weight_decay } else { g };
-                        let lr = o.lr * factor;
-                        if o.weight_decay != 0.0 && decoupled {
-                            let _ = p.g_mul_scalar_(1.0 - lr * o.weight_decay);
-                        }
-                        let m = slot.exp_avg.get_or_insert_with(|| g.zeros_like());
-                        let _ = m.lerp_(&g, 1.0 - o.beta1);
-                        let v = slot.exp_avg_sq.get_or_insert_with(|| g.zeros_like());
-                        let _ = v.g_mul_scalar_(o.beta2);
-                        let _ = v.g_add_(&(&g * &g * (1.0 - o.beta2)));
-                        let bc1 = 1.0 - o.beta1.powi(t);
-                        let bc2 = 1.0 - o.beta2.powi(t);
-                        let denom = v.sqrt() / bc2.sqrt() + o.eps;
-                        let _ = p.g_sub_(&(&*m / denom * (lr / bc1)));
-                    }
+                if g.defined() {
+                    let state = State {
+                        momentum: &mut slot.momentum_buffer,
+                        exp_avg: &mut slot.exp_avg,
+                        exp_avg_sq: &mut slot.exp_avg_sq,
+                    };
+                    update(cfg, p, g, state, factor, t);
                 }
             }
         });

@@ -4,32 +4,16 @@
 //! counts agree, and the logits agree in evaluation mode and in training mode.
 
 use serde_json::json;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use tch::{nn, Kind, Tensor};
 use xlab_spec::config::{ModelConfig, Norm, ResNet, Wrn};
 
-fn python() -> std::path::PathBuf {
-    std::env::var_os("XLAB_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"))
-}
-
 fn reference(dir: &Path, norm: &str) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/torch_models.py");
-    let mut child = Command::new(python())
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let req = json!({"dir": dir, "seed": 0, "classes": 10, "norm": norm});
-    child.stdin.take().unwrap().write_all(req.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    xlab_plugin_api::testing::run_python_reference(
+        &script,
+        &json!({"dir": dir, "seed": 0, "classes": 10, "norm": norm}),
+    )
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
