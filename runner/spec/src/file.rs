@@ -45,6 +45,9 @@ pub struct ExperimentFile {
     /// Extra plugin libraries or folders, relative to this file.
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// Files merged under this one, in order (resolved before the rest is read; see [`parse`]).
+    #[serde(default)]
+    pub include: Vec<String>,
 }
 
 /// A partial job config, merged later; every key is checked against the job config's types
@@ -415,8 +418,158 @@ pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
     }
     // Untyped first: this catches duplicate keys (which typed maps would silently overwrite)
     // and syntax errors, with their positions.
-    serde_yaml::from_str::<serde_yaml::Value>(source).map_err(|e| yaml_error(path, &e))?;
-    serde_yaml::from_str::<ExperimentFile>(source).map_err(|e| yaml_error(path, &e))
+    let doc = serde_yaml::from_str::<serde_yaml::Value>(source).map_err(|e| yaml_error(path, &e))?;
+    if doc.get("include").is_none() && !has_interpolation(&doc) {
+        return serde_yaml::from_str::<ExperimentFile>(source).map_err(|e| yaml_error(path, &e));
+    }
+    // With `include:` or `${…}`, the merged document is read (without line numbers: the keys'
+    // paths still say where).
+    let mut chain = vec![std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())];
+    let mut merged = with_includes(path, doc, &mut chain)?;
+    if let Value::Mapping(m) = &mut merged {
+        m.remove("include");
+    }
+    let root = merged.clone();
+    interpolate(path, &root, &mut merged, "")?;
+    serde_yaml::from_value::<ExperimentFile>(merged).map_err(|e| yaml_error(path, &e))
+}
+
+/// A document with its `include:` files merged under it: each included file (relative to the
+/// including one, itself resolved the same way) in order, then the document over them. Maps
+/// merge key by key; anything else is replaced by the later value.
+fn with_includes(path: &Path, doc: Value, chain: &mut Vec<std::path::PathBuf>) -> Result<Value, SpecError> {
+    let includes: Vec<String> = match doc.get("include") {
+        None => return Ok(doc),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| SpecError::new(path, "`include` lists file paths").context("include"))?,
+        Some(_) => return Err(SpecError::new(path, "`include` is a file path or a list of them").context("include")),
+    };
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let mut merged = Value::Mapping(Default::default());
+    for inc in includes {
+        let p = base_dir.join(&inc);
+        let abs = std::path::absolute(&p).unwrap_or_else(|_| p.clone());
+        if chain.contains(&abs) {
+            let names: Vec<String> = chain.iter().chain([&abs]).map(|c| c.display().to_string()).collect();
+            return Err(SpecError::new(path, format!("`include` goes round in a circle: {}", names.join(" → ")))
+                .context("include"));
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            SpecError::new(path, format!("cannot read included file {}: {e}", p.display()))
+                .context("include")
+                .hint("included paths are relative to the file that includes them")
+        })?;
+        let sub = serde_yaml::from_str::<Value>(&text).map_err(|e| yaml_error(&p, &e))?;
+        chain.push(abs);
+        let sub = with_includes(&p, sub, chain)?;
+        chain.pop();
+        merge_yaml(&mut merged, sub);
+    }
+    merge_yaml(&mut merged, doc);
+    Ok(merged)
+}
+
+/// As the defaults merge into stages: maps merge key by key, except that a map naming another
+/// variant (`name:` or `use:`) replaces the old one whole; anything else is replaced.
+fn merge_yaml(base: &mut Value, over: Value) {
+    let switches = |b: &serde_yaml::Mapping, o: &serde_yaml::Mapping| {
+        ["name", "use"].iter().any(|k| matches!((b.get(*k), o.get(*k)), (Some(x), Some(y)) if x != y))
+    };
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) if switches(b, &o) => *b = o,
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_yaml(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn has_interpolation(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains("${"),
+        Value::Sequence(items) => items.iter().any(has_interpolation),
+        Value::Mapping(m) => m.iter().any(|(k, v)| has_interpolation(k) || has_interpolation(v)),
+        Value::Tagged(t) => has_interpolation(&t.value),
+        _ => false,
+    }
+}
+
+/// Replaces `${dotted.path}` references to other values of the document (`${defaults.optimizer.lr}`):
+/// a string that is one reference takes the value itself (a number stays a number); a reference
+/// inside longer text is spliced in as text.
+fn interpolate(path: &Path, root: &Value, v: &mut Value, at: &str) -> Result<(), SpecError> {
+    let lookup = |name: &str| -> Result<Value, SpecError> {
+        let mut cur = root;
+        for part in name.split('.') {
+            cur = match cur.get(part) {
+                Some(x) => x,
+                None => {
+                    return Err(SpecError::new(path, format!("`${{{name}}}` names nothing in this experiment"))
+                        .context(at.trim_start_matches('.').to_string())
+                        .hint("references are dotted paths from the top of the file, e.g. `${defaults.optimizer.lr}`"))
+                }
+            };
+        }
+        if has_interpolation(cur) {
+            return Err(SpecError::new(path, format!("`${{{name}}}` refers to a value that is itself a reference"))
+                .context(at.trim_start_matches('.').to_string()));
+        }
+        Ok(cur.clone())
+    };
+    match v {
+        Value::String(s) if s.contains("${") => {
+            let text = s.clone();
+            if let Some(name) = text.strip_prefix("${").and_then(|r| r.strip_suffix('}')).filter(|n| !n.contains("${"))
+            {
+                *v = lookup(name.trim())?;
+                return Ok(());
+            }
+            let mut out = String::new();
+            let mut rest = text.as_str();
+            while let Some(i) = rest.find("${") {
+                out.push_str(&rest[..i]);
+                let end = rest[i..].find('}').ok_or_else(|| {
+                    SpecError::new(path, format!("`{text}`: a `${{` is not closed"))
+                        .context(at.trim_start_matches('.').to_string())
+                })?;
+                let value = lookup(rest[i + 2..i + end].trim())?;
+                out.push_str(
+                    match &value {
+                        Value::String(s) => s.clone(),
+                        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+                    }
+                    .as_str(),
+                );
+                rest = &rest[i + end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Sequence(items) => {
+            for (i, x) in items.iter_mut().enumerate() {
+                interpolate(path, root, x, &format!("{at}[{i}]"))?;
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, x) in m.iter_mut() {
+                let key = k.as_str().map(str::to_string).unwrap_or_default();
+                interpolate(path, root, x, &format!("{at}.{key}"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// A YAML error with a hint for the usual causes.
