@@ -2,7 +2,9 @@
 # xlab on a CUDA machine: runs from the repository root of a machine that has a CUDA build of
 # torch 2.11 in its `python3` and the binaries `make device-bundle` put in .device/bin. Writes what
 # it saw under $OUT (default device-out/). DEVICE=cpu runs the same steps without a GPU, to check
-# the script itself. STEPS="sweep resume throughput" (default: all three) picks steps 2–4.
+# the script itself. STEPS="sweep resume images throughput" (default: all four) picks steps 2–5;
+# `images` trains ResNet-18 and a WideResNet with crop-and-flip augmentation and SAM on a
+# CIFAR-10-format folder of random images, stopped with Ctrl-C (SIGINT) and resumed.
 #
 #   1. `xlab doctor`: libtorch, CUDA, the GPUs nvidia-smi reports;
 #   2. experiments/components.yaml on cuda (4 jobs sharing the GPU) and on CPU slots, exported
@@ -25,7 +27,7 @@ WORK=$(mktemp -d)
 DEVICE=${DEVICE:-cuda:0}
 if [ "$DEVICE" = cpu ]; then SHARE="-j 4"; BENCH=cpu; else SHARE="--jobs-per-device 4"; BENCH=cuda; fi
 TIMEFORMAT="wall %R s"
-want() { [[ " ${STEPS:-sweep resume throughput} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-sweep resume images throughput} " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date -u +%T))"; }
 
 step "machine"
@@ -79,6 +81,42 @@ time $XLAB --store "$WORK/store-resume" run experiments/sam-family.yaml \
   --devices "$DEVICE" $SHARE 2>&1 | grep -E 'resumed|done,|FAILED|wall' | head -40
 $XLAB --store "$WORK/store-resume" export -e sam-family -o "$OUT/sam-family-cuda.jsonl"
 
+fi
+
+if want images; then
+step "ResNet-18 and WRN-16-4 with augmentation and SAM on $DEVICE, stopped and resumed"
+python3 - "$WORK/cifar" <<'PY'
+import os, sys, numpy as np
+d = sys.argv[1]; os.makedirs(d, exist_ok=True); rng = np.random.default_rng(0)
+for name, n in [(f"data_batch_{i}.bin", 1000) for i in range(1, 6)] + [("test_batch.bin", 500)]:
+    rec = rng.integers(0, 256, (n, 3073), dtype=np.uint8); rec[:, 0] = rng.integers(0, 10, n)
+    rec.tofile(os.path.join(d, name))
+PY
+cat > "$WORK/images.yaml" <<YAML
+name: images
+defaults:
+  task: train
+  data: {name: cifar10, path: $WORK/cifar, n_val: 500}
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}
+  schedule: {name: cosine}
+  augment: {crop: 4, flip: true}
+  epochs: 6
+  batch_size: 128
+stages:
+  train:
+    variants:
+      - model: {name: resnet18}
+      - model: {name: wrn, depth: 16, width: 4}
+      - model: {name: resnet18}
+        step_rule: {use: sam.sam, rho: 0.05}
+YAML
+$XLAB --store "$WORK/store-images" run "$WORK/images.yaml" --devices "$DEVICE" $SHARE > /dev/null 2>&1 &
+RUN=$!
+for i in $(seq 1 120); do ls "$WORK"/store-images/runs/*/ckpt-000002.json > /dev/null 2>&1 && break; sleep 0.5; done
+kill -INT $RUN; wait $RUN; echo "stopped with exit $?"
+$XLAB --store "$WORK/store-images" status
+time $XLAB --store "$WORK/store-images" run "$WORK/images.yaml" --devices "$DEVICE" $SHARE 2>&1 | grep -E 'resumed|done,|FAILED'
+$XLAB --store "$WORK/store-images" query -e images -m test.acc,train.examples,time.steps_per_s,train.lr
 fi
 
 if want throughput; then
