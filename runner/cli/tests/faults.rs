@@ -390,3 +390,38 @@ fn every_failure_class_is_recorded_with_its_cause() {
     );
     assert!(err.contains("worker killed by signal 6"), "{err}");
 }
+
+/// Ready jobs start by stage priority, then stage order; `max_parallel` caps a stage.
+#[test]
+fn priority_orders_ready_jobs_and_max_parallel_caps_a_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prio.yaml");
+    std::fs::write(
+        &file,
+        "name: prio\ndefaults:\n  task: noop\n  data: {name: two_moons}\n  noop: {sleep_s: 0.2}\nstages:\n  low: {seeds: 2}\n  high: {seeds: 2, priority: 5, noop: {sleep_s: 0.21}}\n  capped: {seeds: 3, max_parallel: 1, priority: -1, noop: {sleep_s: 0.22}}\n",
+    )
+    .unwrap();
+    let store = dir.path().join("results");
+    let out = cmd(&store).args(["run", "-j", "1"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let started: Vec<&str> =
+        err.lines().filter_map(|l| l.split("started ").nth(1)).map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(started, ["high", "high", "low", "low", "capped", "capped", "capped"], "{err}");
+
+    // With 3 slots, the capped stage still runs one job at a time: each of its starts follows
+    // the end of the one before.
+    let store = dir.path().join("results-3");
+    let out = cmd(&store).args(["run", "-j", "3"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let mut running = 0i32;
+    for l in err.lines() {
+        if l.contains("started capped") {
+            running += 1;
+            assert_eq!(running, 1, "two capped jobs at once:\n{err}");
+        } else if l.contains("done capped") {
+            running -= 1;
+        }
+    }
+}

@@ -310,8 +310,18 @@ pub fn run(
                     true
                 }
             });
-            while !queue.is_empty() && opts.pool.free() > 0 {
-                let i = queue.pop_front().expect("not empty");
+            while opts.pool.free() > 0 {
+                // The ready job to start: highest stage priority, then plan order, skipping
+                // stages at their `max_parallel`.
+                let busy = |stage: &str| running.keys().filter(|&&r| jobs[r].stage == stage).count();
+                let next = queue
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &i)| jobs[i].exec.max_parallel.is_none_or(|m| busy(&jobs[i].stage) < m as usize))
+                    .min_by_key(|(_, &i)| (std::cmp::Reverse(jobs[i].exec.priority), i))
+                    .map(|(at, _)| at);
+                let Some(at) = next else { break };
+                let i = queue.remove(at).expect("an index into the queue");
                 let slot = opts.pool.take_avoiding(avoid.get(&i).map(String::as_str)).expect("a slot is free");
                 let picked = records[i].selected.clone();
                 let parents: Vec<ParentRef> = jobs[i]
@@ -355,7 +365,7 @@ pub fn run(
             if running.is_empty() && queue.is_empty() && (delayed.is_empty() || report.ended_early.is_some()) {
                 break;
             }
-            if running.is_empty() && !queue.is_empty() {
+            if running.is_empty() && !queue.is_empty() && opts.pool.free() > 0 {
                 continue;
             }
             let msg = match rx.recv_timeout(TICK) {

@@ -136,6 +136,10 @@ pub struct Exec {
     /// Wall-clock limit of one attempt, in milliseconds.
     pub timeout_ms: Option<u64>,
     pub fail_fast: bool,
+    /// Higher starts first among ready jobs.
+    pub priority: i32,
+    /// The stage's cap on jobs running at once.
+    pub max_parallel: Option<u32>,
 }
 
 /// `3600`, `90s`, `30m`, `2h` → seconds.
@@ -393,7 +397,14 @@ pub fn expand(
             retries: stage.retries.unwrap_or(0),
             timeout_ms,
             fail_fast: stage.fail_fast.unwrap_or(false),
+            priority: stage.priority.unwrap_or(0),
+            max_parallel: stage.max_parallel,
         };
+        if exec.max_parallel == Some(0) {
+            return Err(
+                SpecError::new(file, "`max_parallel` must be at least 1").context(format!("{ctx}.max_parallel"))
+            );
+        }
         if exec.checkpoint_every_epochs == 0 {
             return Err(SpecError::new(file, "`checkpoint.every_epochs` must be at least 1")
                 .context(format!("{ctx}.checkpoint")));

@@ -173,6 +173,13 @@ pub struct StageFile {
     /// error, divergence, worker error); running jobs finish.
     #[serde(default)]
     pub fail_fast: Option<bool>,
+    /// Ready jobs of stages with a higher priority start first (default 0; ties go by stage
+    /// order, then sweep order).
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// At most this many of the stage's jobs run at once.
+    #[serde(default)]
+    pub max_parallel: Option<u32>,
     /// The stage this one consumes: `needs: train` (one child per parent job),
     /// `needs: {stage: train, select: all}` (one child that sees every parent job) or
     /// `needs: {stage: train, select: best, metric: val.acc, mode: max, k: 1, per: [...]}`
