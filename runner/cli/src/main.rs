@@ -166,6 +166,8 @@ enum Command {
     Compare { a: String, b: String },
     /// Report versions, libtorch, devices, store and plugin locations.
     Doctor,
+    /// Print the JSON Schema of experiment files (also in experiments/schema.json), for editors.
+    Schema,
     /// Installed plugins and their components.
     Plugins {
         #[command(subcommand)]
@@ -379,6 +381,10 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Doctor => doctor(cli),
+        Command::Schema => {
+            outln!("{}", serde_json::to_string_pretty(&xlab_spec::schema::schema()).expect("json"));
+            Ok(0)
+        }
         Command::Plugins { command } => plugins_command(command),
     }
 }

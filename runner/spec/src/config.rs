@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What a stage does.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
     /// Train a model and evaluate it on the validation and test splits after every epoch.
@@ -24,7 +24,7 @@ pub enum Task {
 }
 
 /// What a `task: noop` job does.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Noop {
     /// Seconds to sleep first.
@@ -36,7 +36,7 @@ pub struct Noop {
     pub fail: NoopFailure,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum NoopFailure {
     #[default]
@@ -48,7 +48,7 @@ pub enum NoopFailure {
 }
 
 /// The resolved config of one job.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
     pub task: Task,
@@ -116,7 +116,7 @@ pub struct JobConfig {
 }
 
 /// Training-image augmentation (the standard CIFAR recipe is `{crop: 4, flip: true}`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Augment {
     /// Pad each side with this many zero pixels, then crop the original size at a random place.
@@ -141,16 +141,36 @@ pub struct FileRef {
     pub sha256: Option<String>,
 }
 
+impl schemars::JsonSchema for FileRef {
+    fn schema_name() -> String {
+        "FileRef".into()
+    }
+
+    fn json_schema(gen: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        #[derive(schemars::JsonSchema)]
+        #[allow(dead_code)]
+        #[serde(deny_unknown_fields)]
+        struct Pinned {
+            path: String,
+            sha256: Option<String>,
+        }
+        let mut s = schemars::schema::SchemaObject::default();
+        s.subschemas().any_of = Some(vec![gen.subschema_for::<String>(), gen.subschema_for::<Pinned>()]);
+        s.metadata().description = Some("A file path relative to the experiment file, or `{path, sha256}`.".into());
+        s.into()
+    }
+}
+
 impl<'de> Deserialize<'de> for FileRef {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
+        #[derive(Deserialize, schemars::JsonSchema)]
         #[serde(deny_unknown_fields)]
         struct Full {
             path: String,
             #[serde(default)]
             sha256: Option<String>,
         }
-        #[derive(Deserialize)]
+        #[derive(Deserialize, schemars::JsonSchema)]
         #[serde(untagged, expecting = "a file path, or `{path, sha256}`")]
         enum Either {
             Path(String),
@@ -171,7 +191,7 @@ fn is_zero(x: &f64) -> bool {
 /// (0-based) of T = epochs × ⌈n_train / batch_size⌉ (epochs that resample their examples, as
 /// JTT's, may take more steps; the cosine stays at its floor past T). `warmup_steps: w` multiplies it by (s + 1)/w for
 /// s < w, and the main schedule starts after the warmup.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum Schedule {
     /// 1.
@@ -184,14 +204,14 @@ pub enum Schedule {
     Cosine(CosineSchedule),
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConstantSchedule {
     #[serde(default)]
     pub warmup_steps: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StepSchedule {
     /// Epochs (counted from 0) at which the rate is multiplied by `gamma`.
@@ -202,7 +222,7 @@ pub struct StepSchedule {
     pub warmup_steps: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CosineSchedule {
     /// The rate at the last step (η_min).
@@ -257,7 +277,7 @@ impl Schedule {
 /// - `sharpness.m_sharpness`: over chunks of `m` examples, the mean of
 ///   L_k(w + ρ g_k/‖g_k‖) − L_k(w), the loss increase at the first-order worst point within
 ///   radius ρ (Foret et al.'s estimate of m-sharpness).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Sharpness {
     #[serde(default = "defaults::sharpness_samples")]
@@ -274,7 +294,7 @@ pub struct Sharpness {
 }
 
 /// A denoiser ε̂(x_t, t) for sampling.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum DenoiserConfig {
     /// The exact ε-prediction for the data's training split (scaled to [-1, 1] per feature) as
@@ -283,7 +303,7 @@ pub enum DenoiserConfig {
     Exact(ExactDenoiser),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExactDenoiser {
     #[serde(default)]
@@ -297,7 +317,7 @@ pub struct ExactDenoiser {
 }
 
 /// The noise schedule (METHODS.md 3.1).
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum BetaSchedule {
     /// β = linspace(β_start, β_end, T).
@@ -311,7 +331,7 @@ pub enum BetaSchedule {
 }
 /// A plugin component and its parameters: `{use: family.variant, param: value, ...}`. After
 /// resolution every declared parameter is present, defaults filled in.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 pub struct ComponentUse {
     #[serde(rename = "use")]
     pub id: String,
@@ -342,7 +362,7 @@ impl JobConfig {
 
 /// A dataset. Generators are deterministic in their own `seed`, independent of the job's seed,
 /// so that every seed of a sweep sees the same data.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum DataConfig {
     /// Two interleaved half circles in 2-D with Gaussian noise; 2 classes.
@@ -376,7 +396,7 @@ pub enum DataConfig {
     Idx(Cifar),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Npz {
     pub path: FileRef,
@@ -389,7 +409,7 @@ pub struct Npz {
 }
 
 /// An image dataset read from a folder of standard files.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Cifar {
     pub path: FileRef,
@@ -410,7 +430,7 @@ impl DataConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Digits {
     #[serde(default = "defaults::digits_val")]
@@ -424,7 +444,7 @@ pub struct Digits {
 /// Images in the digits set.
 pub const DIGITS_TOTAL: usize = 1797;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TwoMoons {
     #[serde(default = "defaults::n_train")]
@@ -443,7 +463,7 @@ pub struct TwoMoons {
 /// Features: `[y' + core_noise·z₀, a' + spurious_noise·z₁, z₂, …]` with y' = 2y−1 and a' = 2a−1:
 /// the core feature predicts the label reliably only with all its noise averaged out, while the
 /// nearly noiseless spurious feature predicts it on the majority groups only.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Spurious {
     #[serde(default = "defaults::n_train")]
@@ -469,7 +489,7 @@ pub struct Spurious {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Blobs {
     #[serde(default = "defaults::n_train")]
@@ -490,7 +510,7 @@ pub struct Blobs {
 }
 
 /// A model architecture.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum ModelConfig {
     /// A multilayer perceptron: linear layers of the given widths with an activation between.
@@ -506,14 +526,14 @@ pub enum ModelConfig {
     Wrn(Wrn),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ResNet {
     #[serde(default = "defaults::cnn_norm")]
     pub norm: Norm,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Wrn {
     /// 6n + 4 layers (16, 22, 28, …).
@@ -526,7 +546,7 @@ pub struct Wrn {
     pub norm: Norm,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Cnn {
     #[serde(default = "defaults::channels")]
@@ -536,7 +556,7 @@ pub struct Cnn {
 }
 
 /// A normalization layer after each hidden linear layer or convolution.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Norm {
     #[default]
@@ -550,7 +570,7 @@ pub enum Norm {
     Group,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Mlp {
     #[serde(default = "defaults::hidden")]
@@ -565,7 +585,7 @@ fn is_no_norm(n: &Norm) -> bool {
     *n == Norm::None
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     #[default]
@@ -575,7 +595,7 @@ pub enum Activation {
 }
 
 /// The base optimizer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum OptimizerConfig {
     Sgd(Sgd),
@@ -584,7 +604,7 @@ pub enum OptimizerConfig {
     AdamW(Adam),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Sgd {
     #[serde(default = "defaults::sgd_lr")]
@@ -597,7 +617,7 @@ pub struct Sgd {
     pub nesterov: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Adam {
     #[serde(default = "defaults::adam_lr")]

@@ -8,6 +8,7 @@ mod error;
 pub mod expand;
 pub mod file;
 pub mod identity;
+pub mod schema;
 pub mod sweep;
 
 pub use config::JobConfig;
