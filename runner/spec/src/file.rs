@@ -6,30 +6,49 @@ use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 use std::path::Path;
 
-/// The keys of a job config that a file may set in `defaults` or in a stage. Kept equal to the
-/// fields of [`crate::JobConfig`] by a test.
-pub const CONFIG_KEYS: &[&str] = &[
-    "task",
-    "data",
-    "model",
-    "optimizer",
-    "epochs",
-    "batch_size",
-    "step_rule",
-    "batch_transform",
-    "objective",
-    "sampler",
-    "denoiser",
-    "samples",
-    "sharpness",
-    "schedule",
-    "clip_grad_norm",
-    "label_smoothing",
-    "init",
-    "shuffle",
-    "augment",
-    "noop",
-];
+/// Defines the config keys once: [`CONFIG_KEYS`], the fields of [`ConfigPart`] and of
+/// [`StageFile`] (followed by the stage's own fields), [`StageFile::config_part`] and
+/// [`ConfigPart::entries`]. A test keeps the list equal to the fields of [`crate::JobConfig`].
+macro_rules! config_keys {
+    ($($key:ident),* $(,)?; $(#[$stage_meta:meta])* pub struct StageFile { $($stage_fields:tt)* }) => {
+        /// The keys of a job config that a file may set in `defaults` or in a stage.
+        pub const CONFIG_KEYS: &[&str] = &[$(stringify!($key)),*];
+
+        /// A partial job config, merged later; every key is checked against the job config's
+        /// types after merging.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ConfigPart {
+            $(
+                #[serde(default, deserialize_with = "explicit")]
+                pub $key: Option<Value>,
+            )*
+        }
+
+        $(#[$stage_meta])*
+        pub struct StageFile {
+            $(
+                #[serde(default, deserialize_with = "explicit")]
+                pub $key: Option<Value>,
+            )*
+            $($stage_fields)*
+        }
+
+        impl StageFile {
+            pub fn config_part(&self) -> ConfigPart {
+                ConfigPart { $($key: self.$key.clone()),* }
+            }
+        }
+
+        impl ConfigPart {
+            /// The keys that are set, in [`CONFIG_KEYS`] order.
+            pub fn entries(&self) -> Vec<(&'static str, &Value)> {
+                let all = [$(&self.$key),*];
+                CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
+            }
+        }
+    };
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,142 +69,59 @@ pub struct ExperimentFile {
     pub include: Vec<String>,
 }
 
-/// A partial job config, merged later; every key is checked against the job config's types
-/// after merging.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigPart {
-    #[serde(default, deserialize_with = "explicit")]
-    pub task: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub data: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub model: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub optimizer: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub epochs: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub batch_size: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub step_rule: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub batch_transform: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub objective: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub sampler: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub denoiser: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub samples: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub sharpness: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub schedule: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub clip_grad_norm: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub label_smoothing: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub init: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub shuffle: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub augment: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub noop: Option<Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StageFile {
-    #[serde(default, deserialize_with = "explicit")]
-    pub task: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub data: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub model: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub optimizer: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub epochs: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub batch_size: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub step_rule: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub batch_transform: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub objective: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub sampler: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub denoiser: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub samples: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub sharpness: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub schedule: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub clip_grad_norm: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub label_smoothing: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub init: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub shuffle: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub augment: Option<Value>,
-    #[serde(default, deserialize_with = "explicit")]
-    pub noop: Option<Value>,
-    /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
-    #[serde(default)]
-    pub grid: IndexMap<String, Vec<Value>>,
-    /// Lists walked together: the i-th values of every key form one point.
-    #[serde(default)]
-    pub zip: IndexMap<String, Vec<Value>>,
-    /// `samples` points drawn with their own `seed` from distributions per key:
-    /// `uniform(a, b)`, `loguniform(a, b)`, `int(a, b)` (both ends included), `choice([x, y])`.
-    #[serde(default)]
-    pub random: Option<RandomSweep>,
-    /// Partial configs, each with its own `grid` (conditional parameters: momentum only for SGD).
-    #[serde(default)]
-    pub variants: Vec<serde_yaml::Mapping>,
-    /// `seeds: 3` means seeds 0, 1, 2; `seeds: [7, 8]` lists them.
-    #[serde(default)]
-    pub seeds: Option<Seeds>,
-    /// How often jobs checkpoint. Not part of a job's identity: it changes how a job runs,
-    /// not what it computes.
-    #[serde(default)]
-    pub checkpoint: Option<CheckpointPolicy>,
-    /// Run a job again after a crash, out-of-memory error or timeout, up to this many times
-    /// (waiting 1 s, 2 s, 4 s, … between attempts; an out-of-memory job prefers another device).
-    /// Not part of the identity, like the next two.
-    #[serde(default)]
-    pub retries: Option<u32>,
-    /// Each attempt's wall-clock limit, in seconds (`timeout: 3600`) or with a unit (`90s`,
-    /// `30m`, `2h`).
-    #[serde(default)]
-    pub timeout: Option<serde_yaml::Value>,
-    /// Stop starting jobs after the first job of this stage fails deterministically (config
-    /// error, divergence, worker error); running jobs finish.
-    #[serde(default)]
-    pub fail_fast: Option<bool>,
-    /// Ready jobs of stages with a higher priority start first (default 0; ties go by stage
-    /// order, then sweep order).
-    #[serde(default)]
-    pub priority: Option<i32>,
-    /// At most this many of the stage's jobs run at once.
-    #[serde(default)]
-    pub max_parallel: Option<u32>,
-    /// The stage this one consumes: `needs: train` (one child per parent job),
-    /// `needs: {stage: train, select: all}` (one child that sees every parent job) or
-    /// `needs: {stage: train, select: best, metric: val.acc, mode: max, k: 1, per: [...]}`
-    /// (a child for each of the k best parent jobs, per group of `per` values).
-    #[serde(default)]
-    pub needs: Option<NeedsFile>,
+config_keys! {
+    task, data, model, optimizer, epochs, batch_size, step_rule, batch_transform, objective, sampler, denoiser,
+    samples, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop;
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct StageFile {
+        /// Cartesian product over dotted config keys, e.g. `optimizer.lr: [0.01, 0.1]`.
+        #[serde(default)]
+        pub grid: IndexMap<String, Vec<Value>>,
+        /// Lists walked together: the i-th values of every key form one point.
+        #[serde(default)]
+        pub zip: IndexMap<String, Vec<Value>>,
+        /// `samples` points drawn with their own `seed` from distributions per key:
+        /// `uniform(a, b)`, `loguniform(a, b)`, `int(a, b)` (both ends included), `choice([x, y])`.
+        #[serde(default)]
+        pub random: Option<RandomSweep>,
+        /// Partial configs, each with its own `grid` (conditional parameters: momentum only for SGD).
+        #[serde(default)]
+        pub variants: Vec<serde_yaml::Mapping>,
+        /// `seeds: 3` means seeds 0, 1, 2; `seeds: [7, 8]` lists them.
+        #[serde(default)]
+        pub seeds: Option<Seeds>,
+        /// How often jobs checkpoint. Not part of a job's identity: it changes how a job runs,
+        /// not what it computes.
+        #[serde(default)]
+        pub checkpoint: Option<CheckpointPolicy>,
+        /// Run a job again after a crash, out-of-memory error or timeout, up to this many times
+        /// (waiting 1 s, 2 s, 4 s, … between attempts; an out-of-memory job prefers another device).
+        /// Not part of the identity, like the next two.
+        #[serde(default)]
+        pub retries: Option<u32>,
+        /// Each attempt's wall-clock limit, in seconds (`timeout: 3600`) or with a unit (`90s`,
+        /// `30m`, `2h`).
+        #[serde(default)]
+        pub timeout: Option<serde_yaml::Value>,
+        /// Stop starting jobs after the first job of this stage fails deterministically (config
+        /// error, divergence, worker error); running jobs finish.
+        #[serde(default)]
+        pub fail_fast: Option<bool>,
+        /// Ready jobs of stages with a higher priority start first (default 0; ties go by stage
+        /// order, then sweep order).
+        #[serde(default)]
+        pub priority: Option<i32>,
+        /// At most this many of the stage's jobs run at once.
+        #[serde(default)]
+        pub max_parallel: Option<u32>,
+        /// The stage this one consumes: `needs: train` (one child per parent job),
+        /// `needs: {stage: train, select: all}` (one child that sees every parent job) or
+        /// `needs: {stage: train, select: best, metric: val.acc, mode: max, k: 1, per: [...]}`
+        /// (a child for each of the k best parent jobs, per group of `per` values).
+        #[serde(default)]
+        pub needs: Option<NeedsFile>,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -315,62 +251,6 @@ pub struct RandomSweep {
 pub struct CheckpointPolicy {
     /// Checkpoint after every this many epochs (and after the last one).
     pub every_epochs: u32,
-}
-
-impl StageFile {
-    pub fn config_part(&self) -> ConfigPart {
-        ConfigPart {
-            task: self.task.clone(),
-            data: self.data.clone(),
-            model: self.model.clone(),
-            optimizer: self.optimizer.clone(),
-            epochs: self.epochs.clone(),
-            batch_size: self.batch_size.clone(),
-            step_rule: self.step_rule.clone(),
-            batch_transform: self.batch_transform.clone(),
-            objective: self.objective.clone(),
-            sampler: self.sampler.clone(),
-            denoiser: self.denoiser.clone(),
-            samples: self.samples.clone(),
-            sharpness: self.sharpness.clone(),
-            schedule: self.schedule.clone(),
-            clip_grad_norm: self.clip_grad_norm.clone(),
-            label_smoothing: self.label_smoothing.clone(),
-            init: self.init.clone(),
-            shuffle: self.shuffle.clone(),
-            augment: self.augment.clone(),
-            noop: self.noop.clone(),
-        }
-    }
-}
-
-impl ConfigPart {
-    /// The keys that are set, in [`CONFIG_KEYS`] order.
-    pub fn entries(&self) -> Vec<(&'static str, &Value)> {
-        let all = [
-            &self.task,
-            &self.data,
-            &self.model,
-            &self.optimizer,
-            &self.epochs,
-            &self.batch_size,
-            &self.step_rule,
-            &self.batch_transform,
-            &self.objective,
-            &self.sampler,
-            &self.denoiser,
-            &self.samples,
-            &self.sharpness,
-            &self.schedule,
-            &self.clip_grad_norm,
-            &self.label_smoothing,
-            &self.init,
-            &self.shuffle,
-            &self.augment,
-            &self.noop,
-        ];
-        CONFIG_KEYS.iter().zip(all).filter_map(|(k, v)| v.as_ref().map(|v| (*k, v))).collect()
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
