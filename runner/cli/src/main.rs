@@ -4,6 +4,7 @@
 mod aggregate;
 mod filter;
 mod live;
+mod plot;
 mod plugins;
 mod status;
 mod table;
@@ -137,6 +138,23 @@ enum Command {
         /// At most this many rows.
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Learning curves of a metric as SVG: a line per group (default: stage and sweep point)
+    /// with the mean over seeds and a ± std band.
+    Plot {
+        /// The metric, e.g. `val.acc`.
+        metric: String,
+        /// Only jobs this matches (the filter language of `xlab query`).
+        #[arg(long)]
+        filter: Option<String>,
+        #[arg(long, short = 'e')]
+        experiment: Option<String>,
+        /// Group jobs by these config keys or job fields (default: stage and the sweep keys).
+        #[arg(long, value_delimiter = ',')]
+        group_by: Vec<String>,
+        /// The SVG file to write (default: `<experiment>-<metric>.svg`).
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
     },
     /// Export results: experiments and jobs with config, provenance and metric series.
     Export {
@@ -381,6 +399,33 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Doctor => doctor(cli),
+        Command::Plot { metric, filter, experiment, group_by, output } => {
+            let filter = match filter {
+                Some(q) => Some(filter::Filter::parse(q).map_err(|e| Failure {
+                    code: exit::USER,
+                    error: anyhow::anyhow!("bad filter:\n{}", e.render(q)),
+                })?),
+                None => None,
+            };
+            let store = open_store(&cli.store)?;
+            let exp = pick_experiment(&store, experiment.as_deref())?;
+            let keys = if group_by.is_empty() { default_group_keys(&exp) } else { group_by.clone() };
+            let curves = plot::curves(&store, &exp, filter.as_ref(), &keys, metric)?;
+            if curves.is_empty() {
+                return Err(Failure {
+                    code: exit::USER,
+                    error: anyhow::anyhow!(
+                        "no job of experiment `{}` has a series for `{metric}`\n  hint: `xlab show JOB` lists a job's metrics",
+                        exp.name
+                    ),
+                });
+            }
+            let path = output.clone().unwrap_or_else(|| PathBuf::from(format!("{}-{metric}.svg", exp.name)));
+            let svg = plot::svg(&format!("experiment `{}`", exp.name), metric, &curves);
+            std::fs::write(&path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+            outln!("wrote {} ({} curve(s))", path.display(), curves.len());
+            Ok(0)
+        }
         Command::Schema => {
             outln!("{}", serde_json::to_string_pretty(&xlab_spec::schema::schema()).expect("json"));
             Ok(0)
@@ -697,6 +742,15 @@ fn pick_experiment(store: &Store, experiment: Option<&str>) -> Result<xlab_store
     })
 }
 
+/// Stage and every sweep key: the groups of the default results table.
+fn default_group_keys(exp: &xlab_store::ExperimentRecord) -> Vec<String> {
+    let mut k = vec!["stage".to_string()];
+    for s in &exp.stages {
+        k.extend(s.sweep_keys.iter().filter(|x| !k.contains(x)).cloned().collect::<Vec<_>>());
+    }
+    k
+}
+
 fn grouped_query(
     store: &Store,
     experiment: Option<&str>,
@@ -707,15 +761,7 @@ fn grouped_query(
 ) -> Result<(), Failure> {
     let user = |m: String| Failure { code: exit::USER, error: anyhow::anyhow!(m) };
     let exp = pick_experiment(store, experiment)?;
-    let keys: Vec<String> = if g.keys.is_empty() {
-        let mut k = vec!["stage".to_string()];
-        for s in &exp.stages {
-            k.extend(s.sweep_keys.iter().filter(|x| !k.contains(x)).cloned().collect::<Vec<_>>());
-        }
-        k
-    } else {
-        g.keys.to_vec()
-    };
+    let keys: Vec<String> = if g.keys.is_empty() { default_group_keys(&exp) } else { g.keys.to_vec() };
     let aggs = match g.aggs {
         Some(text) => aggregate::parse_aggs(text).map_err(|m| user(format!("bad --agg: {m}")))?,
         None => {

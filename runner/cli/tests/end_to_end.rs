@@ -165,6 +165,17 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
     let same = run_ok(cmd(&store).args(["compare", &ids[0], &ids[0]]));
     assert!(text(&same.stdout).contains("same config") && text(&same.stdout).contains("+0.0000"));
 
+    // Learning curves: a line (mean over the 2 seeds) and a band per learning rate.
+    let svg_path = dir.path().join("curves.svg");
+    run_ok(cmd(&store).args(["plot", "val.acc", "-e", "tiny", "-o"]).arg(&svg_path));
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+    assert!(svg.contains("optimizer.lr=0.01 (n=2)") && svg.contains("optimizer.lr=0.1 (n=2)"), "{svg}");
+    let bad = cmd(&store).args(["plot", "val.acu", "-e", "tiny"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad.stderr).contains("no job of experiment `tiny` has a series for `val.acu`"));
+
     // Final weights are an artifact with PyTorch names.
     let runs: Vec<PathBuf> = std::fs::read_dir(store.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(runs.len(), 4);
