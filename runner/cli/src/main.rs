@@ -280,13 +280,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::Plan { file } => plan(cli, file),
         Command::Query { filter, experiment, format, metrics, group_by, agg, sort, limit } => {
-            let filter = match filter {
-                Some(q) => Some(filter::Filter::parse(q).map_err(|e| Failure {
-                    code: exit::USER,
-                    error: anyhow::anyhow!("bad filter:\n{}", e.render(q)),
-                })?),
-                None => None,
-            };
+            let filter = parse_filter(filter.as_deref())?;
             let store = open_store(&cli.store)?;
             if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() {
                 let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), sort: sort.as_deref(), limit: *limit };
@@ -400,13 +394,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::Doctor => doctor(cli),
         Command::Plot { metric, filter, experiment, group_by, output } => {
-            let filter = match filter {
-                Some(q) => Some(filter::Filter::parse(q).map_err(|e| Failure {
-                    code: exit::USER,
-                    error: anyhow::anyhow!("bad filter:\n{}", e.render(q)),
-                })?),
-                None => None,
-            };
+            let filter = parse_filter(filter.as_deref())?;
             let store = open_store(&cli.store)?;
             let exp = pick_experiment(&store, experiment.as_deref())?;
             let keys = if group_by.is_empty() { default_group_keys(&exp) } else { group_by.clone() };
@@ -740,6 +728,15 @@ fn pick_experiment(store: &Store, experiment: Option<&str>) -> Result<xlab_store
             })?
         }
     })
+}
+
+/// A filter given on the command line; a mistake is the user's, with a caret under it.
+fn parse_filter(text: Option<&str>) -> Result<Option<filter::Filter>, Failure> {
+    text.map(|q| {
+        filter::Filter::parse(q)
+            .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!("bad filter:\n{}", e.render(q)) })
+    })
+    .transpose()
 }
 
 /// Stage and every sweep key: the groups of the default results table.
