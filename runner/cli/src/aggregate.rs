@@ -109,43 +109,67 @@ pub fn group(
     keys: &[String],
     aggs: &[Agg],
 ) -> anyhow::Result<Grouped> {
-    let mut groups: Vec<(Vec<Value>, Vec<xlab_store::JobRecord>)> = Vec::new();
-    for stage in &exp.stages {
-        for id in &stage.jobs {
-            let Some(job) = store.job(id)? else { continue };
-            let series = match filter {
-                Some(f) if f.reads_series() => Some(store.metrics_of(id)?),
-                _ => None,
+    // Reading and parsing the records is most of the work: split it over the cores, then group
+    // in the plan's order.
+    let ids: Vec<&String> = exp.stages.iter().flat_map(|s| &s.jobs).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(ids.len().max(1));
+    let per = ids.len().div_ceil(threads).max(1);
+    type Seen = (Vec<Value>, bool, Vec<Option<f64>>);
+    let parts: Vec<anyhow::Result<Vec<Seen>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ids
+            .chunks(per)
+            .map(|chunk| {
+                scope.spawn(move || -> anyhow::Result<Vec<Seen>> {
+                    let mut out = Vec::with_capacity(chunk.len());
+                    for id in chunk {
+                        let Some(job) = store.job(id)? else { continue };
+                        let series = match filter {
+                            Some(f) if f.reads_series() => Some(store.metrics_of(id)?),
+                            _ => None,
+                        };
+                        let view = StoredJob { record: &job, series };
+                        if filter.is_some_and(|f| !f.matches(&view)) {
+                            continue;
+                        }
+                        let key: Vec<Value> = keys.iter().map(|k| view.field(k)).collect();
+                        let values = aggs.iter().map(|a| job.summary.get(&a.metric).copied()).collect();
+                        out.push((key, job.status == JobStatus::Done, values));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("query threads do not panic")).collect()
+    });
+    // Per group: the number of jobs and, per aggregate, the values of its done jobs.
+    let mut groups: Vec<(Vec<Value>, usize, Vec<Vec<f64>>)> = Vec::new();
+    for part in parts {
+        for (key, done, values) in part? {
+            let at = match groups.iter().position(|(k, _, _)| *k == key) {
+                Some(i) => i,
+                None => {
+                    groups.push((key, 0, vec![Vec::new(); aggs.len()]));
+                    groups.len() - 1
+                }
             };
-            let view = StoredJob { record: &job, series };
-            if filter.is_some_and(|f| !f.matches(&view)) {
-                continue;
-            }
-            let key: Vec<Value> = keys.iter().map(|k| view.field(k)).collect();
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, jobs)) => jobs.push(job),
-                None => groups.push((key, vec![job])),
+            let g = &mut groups[at];
+            g.1 += 1;
+            if done {
+                for (xs, v) in g.2.iter_mut().zip(values) {
+                    xs.extend(v);
+                }
             }
         }
     }
     let rows = groups
         .into_iter()
-        .map(|(key, jobs)| {
-            let values = aggs
+        .map(|(key, count, values)| {
+            let out = aggs
                 .iter()
-                .map(|a| {
-                    if a.func == "count" {
-                        return Some(jobs.len() as f64);
-                    }
-                    let xs: Vec<f64> = jobs
-                        .iter()
-                        .filter(|j| j.status == JobStatus::Done)
-                        .filter_map(|j| j.summary.get(&a.metric).copied())
-                        .collect();
-                    apply(a.func, &xs)
-                })
+                .zip(&values)
+                .map(|(a, xs)| if a.func == "count" { Some(count as f64) } else { apply(a.func, xs) })
                 .collect();
-            (key, values)
+            (key, out)
         })
         .collect();
     Ok(Grouped { keys: keys.to_vec(), aggs: aggs.to_vec(), rows })
