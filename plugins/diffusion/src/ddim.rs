@@ -11,10 +11,10 @@
 //!
 //! NFE = N. Noise z comes from the host's seeded stream. Stateless.
 
-use crate::common::{normal_like, predict_x0};
+use crate::common::{alphas_cumprod, check_steps, check_timesteps, clip_params, normal_like, predict_x0};
 use crate::timesteps::{ddim_timesteps, Spacing};
 use serde::Deserialize;
-use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::{
     param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
 };
@@ -73,13 +73,12 @@ impl Component for Ddim {
             "how the N timesteps are picked: leading, trailing or linspace",
         );
         spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
-        let mut range = param("clip_sample_range", ParamType::Float, 1.0, "the clipping range of x̂₀");
-        range.min = Some(0.0);
+        let [clip_sample, clip_range] = clip_params();
         vec![
             steps,
             eta,
-            param("clip_sample", ParamType::Bool, true, "clip the predicted x̂₀ to ±clip_sample_range"),
-            range,
+            clip_sample,
+            clip_range,
             param("set_alpha_to_one", ParamType::Bool, true, "the last step targets ᾱ = 1 (else ᾱ₀)"),
             param("steps_offset", ParamType::Int, 0, "added to every leading timestep (Stable Diffusion uses 1)"),
             spacing,
@@ -88,16 +87,14 @@ impl Component for Ddim {
     }
 
     fn new(p: DdimParams) -> Result<Self> {
-        if p.steps < 1 {
-            return Err(PluginError(format!("steps must be at least 1, got {}", p.steps)));
-        }
+        check_steps(p.steps)?;
         Ok(Ddim { p })
     }
 }
 
 impl Sampler for Ddim {
     fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, rng: &mut HostRng<'_>) -> Result<Tensor> {
-        let ac: Vec<f64> = Vec::<f64>::try_from(den.alphas_cumprod().to_kind(Kind::Double))?;
+        let ac = alphas_cumprod(den)?;
         let t_total = ac.len();
         let n = self.p.steps as usize;
         if n > t_total {
@@ -105,11 +102,10 @@ impl Sampler for Ddim {
         }
         let stride = (t_total / n) as i64;
         let final_alpha = if self.p.set_alpha_to_one { 1.0 } else { ac[0] };
+        let ts = ddim_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset);
+        check_timesteps(ts.iter().map(|&t| t as f64), t_total)?;
         let mut x = noise;
-        for t in ddim_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset) {
-            if t < 0 || t as usize >= t_total {
-                return Err(PluginError(format!("timestep {t} is outside 0..{t_total}; check steps_offset")));
-            }
+        for t in ts {
             let eps = den.eps(&x, t as f64)?;
             let prev = t - stride;
             let a_prev = if prev >= 0 { ac[prev as usize] } else { final_alpha };

@@ -10,10 +10,10 @@
 //!
 //! NFE = N. Noise z from the host's seeded stream. Stateless.
 
-use crate::common::{normal_like, predict_x0};
+use crate::common::{alphas_cumprod, check_steps, check_timesteps, clip_params, normal_like, predict_x0};
 use crate::timesteps::{ddim_timesteps, Spacing};
 use serde::Deserialize;
-use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::{
     param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
 };
@@ -82,22 +82,19 @@ impl Component for Ddpm {
         let mut spacing =
             param("timestep_spacing", ParamType::String, "leading", "leading, trailing or linspace timesteps");
         spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
-        let mut range = param("clip_sample_range", ParamType::Float, 1.0, "the clipping range of x̂₀");
-        range.min = Some(0.0);
+        let [clip_sample, clip_range] = clip_params();
         vec![
             steps,
             var,
-            param("clip_sample", ParamType::Bool, true, "clip the predicted x̂₀ to ±clip_sample_range"),
-            range,
+            clip_sample,
+            clip_range,
             param("steps_offset", ParamType::Int, 0, "added to every leading timestep"),
             spacing,
         ]
     }
 
     fn new(p: DdpmParams) -> Result<Self> {
-        if p.steps < 1 {
-            return Err(PluginError(format!("steps must be at least 1, got {}", p.steps)));
-        }
+        check_steps(p.steps)?;
         if !["fixed_small", "fixed_small_log", "fixed_large"].contains(&p.variance_type.as_str()) {
             return Err(PluginError(format!(
                 "variance_type is fixed_small, fixed_small_log or fixed_large, got `{}` (learned_range needs a model \
@@ -111,18 +108,16 @@ impl Component for Ddpm {
 
 impl Sampler for Ddpm {
     fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, rng: &mut HostRng<'_>) -> Result<Tensor> {
-        let ac: Vec<f64> = Vec::<f64>::try_from(den.alphas_cumprod().to_kind(Kind::Double))?;
+        let ac = alphas_cumprod(den)?;
         let t_total = ac.len();
         let n = self.p.steps as usize;
         if n > t_total {
             return Err(PluginError(format!("steps ({n}) exceeds the {t_total} training timesteps")));
         }
         let ts = ddim_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset);
+        check_timesteps(ts.iter().map(|&t| t as f64), t_total)?;
         let mut x = noise;
         for (k, &t) in ts.iter().enumerate() {
-            if t < 0 || t as usize >= t_total {
-                return Err(PluginError(format!("timestep {t} is outside 0..{t_total}; check steps_offset")));
-            }
             let eps = den.eps(&x, t as f64)?;
             let prev = ts.get(k + 1).copied().unwrap_or(-1);
             let a_prev = if prev >= 0 { ac[prev as usize] } else { 1.0 };

@@ -15,9 +15,10 @@
 //!
 //! NFE = N. Deterministic; the history of model outputs lives within one call. Stateless.
 
+use crate::common::{alphas_cumprod, check_steps, check_timesteps};
 use crate::timesteps::{round_half_even, Spacing};
 use serde::Deserialize;
-use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::{
     param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
 };
@@ -100,25 +101,21 @@ impl Component for Dpmpp2m {
     }
 
     fn new(p: DpmppParams) -> Result<Self> {
-        if p.steps < 1 {
-            return Err(PluginError(format!("steps must be at least 1, got {}", p.steps)));
-        }
+        check_steps(p.steps)?;
         Ok(Dpmpp2m { p })
     }
 }
 
 impl Sampler for Dpmpp2m {
     fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, _rng: &mut HostRng<'_>) -> Result<Tensor> {
-        let ac: Vec<f64> = Vec::<f64>::try_from(den.alphas_cumprod().to_kind(Kind::Double))?;
+        let ac = alphas_cumprod(den)?;
         let t_total = ac.len();
         let n = self.p.steps as usize;
         if n >= t_total {
             return Err(PluginError(format!("steps ({n}) must be below the {t_total} training timesteps")));
         }
         let ts = dpm_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset);
-        if let Some(bad) = ts.iter().find(|&&t| t < 0 || t as usize >= t_total) {
-            return Err(PluginError(format!("timestep {bad} is outside 0..{t_total}; check steps_offset")));
-        }
+        check_timesteps(ts.iter().map(|&t| t as f64), t_total)?;
         let mut sigmas: Vec<f64> = ts.iter().map(|&t| ((1.0 - ac[t as usize]) / ac[t as usize]).sqrt()).collect();
         sigmas.push(0.0);
         let mut x = noise;

@@ -7,10 +7,11 @@
 //! (fractional) timestep; x̂₀ = x − σ·ε̂, d = (x − x̂₀)/σ, x' = x + d·(σ_next − σ). With a
 //! constant x₀ predictor this is exact. NFE = N. Deterministic; stateless.
 
+use crate::common::{alphas_cumprod, check_steps, check_timesteps};
 use crate::karras;
 use crate::timesteps::Spacing;
 use serde::Deserialize;
-use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::{
     param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
 };
@@ -42,9 +43,7 @@ pub fn schedule(p: &KarrasParams, ac: &[f64]) -> Result<(Vec<f64>, Vec<f64>, f64
         return Err(PluginError(format!("steps must be in 1..={t_total}, got {n}")));
     }
     let ts = karras::timesteps(p.timestep_spacing, t_total, n, p.steps_offset);
-    if let Some(bad) = ts.iter().find(|t| **t < 0.0 || **t > (t_total - 1) as f64) {
-        return Err(PluginError(format!("timestep {bad} is outside 0..{t_total}; check steps_offset")));
-    }
+    check_timesteps(ts.iter().copied(), t_total)?;
     let all = karras::train_sigmas(ac);
     let mut sigmas: Vec<f64> = ts.iter().map(|&t| karras::interp(&all, t)).collect();
     let init = karras::init_noise_sigma(p.timestep_spacing, &sigmas);
@@ -80,16 +79,14 @@ impl Component for Euler {
     }
 
     fn new(p: KarrasParams) -> Result<Self> {
-        if p.steps < 1 {
-            return Err(PluginError(format!("steps must be at least 1, got {}", p.steps)));
-        }
+        check_steps(p.steps)?;
         Ok(Euler { p })
     }
 }
 
 impl Sampler for Euler {
     fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, _rng: &mut HostRng<'_>) -> Result<Tensor> {
-        let ac: Vec<f64> = Vec::<f64>::try_from(den.alphas_cumprod().to_kind(Kind::Double))?;
+        let ac = alphas_cumprod(den)?;
         let (ts, sigmas, init) = schedule(&self.p, &ac)?;
         let mut x = noise * init;
         for (i, &t) in ts.iter().enumerate() {

@@ -8,9 +8,10 @@
 //! NFE = 2N − 1. (The reference's default β_start/β_end belong to its training schedule; here
 //! the denoiser supplies ᾱ.) Deterministic; stateless.
 
+use crate::common::{alphas_cumprod, check_steps};
 use crate::euler::{eps_at, euler_step, karras_params, schedule, KarrasParams};
-use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, PluginError, Result, Sampler};
+use xlab_plugin_api::tch::Tensor;
+use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, Result, Sampler};
 
 pub struct Heun {
     p: KarrasParams,
@@ -37,16 +38,14 @@ impl Component for Heun {
     }
 
     fn new(p: KarrasParams) -> Result<Self> {
-        if p.steps < 1 {
-            return Err(PluginError(format!("steps must be at least 1, got {}", p.steps)));
-        }
+        check_steps(p.steps)?;
         Ok(Heun { p })
     }
 }
 
 impl Sampler for Heun {
     fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, _rng: &mut HostRng<'_>) -> Result<Tensor> {
-        let ac: Vec<f64> = Vec::<f64>::try_from(den.alphas_cumprod().to_kind(Kind::Double))?;
+        let ac = alphas_cumprod(den)?;
         let (ts, sigmas, init) = schedule(&self.p, &ac)?;
         let mut x = noise * init;
         for (i, &t) in ts.iter().enumerate() {
