@@ -548,24 +548,16 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
     };
     let started = Instant::now();
     let mut finished = 0usize;
-    let mut tracker = status::Tracker::new(&cli.store, &plan.name, total);
-    let mut live =
-        live::wanted(matches!(cli.log_format, LogFormat::Human) && !cli.quiet).then(|| live::Live::start(total));
+    let live = live::wanted(matches!(cli.log_format, LogFormat::Human) && !cli.quiet).then(|| live::Live::start(total));
+    let mut tracker = status::Tracker::new(&cli.store, &plan.name, total, live);
     let mut observe = |p: Progress<'_>| match p {
         Progress::Skipped { job } => {
-            tracker.snap.skipped += 1;
-            if let Some(l) = live.as_mut() {
-                l.skipped();
-            }
+            tracker.skipped();
             finished += 1;
             tracing::info!("[{finished}/{total}] {} {} already done (job {})", job.stage, job.label(), job.id);
         }
         Progress::Started { job, device, attempt } => {
             tracker.started(job, device, attempt);
-            if let Some(l) = live.as_mut() {
-                let epochs = job.config_json.get("epochs").and_then(|e| e.as_u64()).unwrap_or(1);
-                l.started(job.id.as_str(), format!("{} {} on {device}", job.stage, job.label()), epochs);
-            }
             let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
@@ -574,18 +566,12 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
         }
         Progress::Metrics { job, step, values } => {
             tracker.metrics(job.id.as_str(), step, values);
-            if let Some(l) = live.as_mut() {
-                l.metrics(job.id.as_str(), step, values);
-            }
             let shown: Vec<String> =
                 values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
             tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Finished { job, summary } => {
-            tracker.ended(job.id.as_str(), "done");
-            if let Some(l) = live.as_mut() {
-                l.ended(job.id.as_str(), true, false);
-            }
+            tracker.ended(job.id.as_str(), status::Ended::Done);
             finished += 1;
             // The headline test metrics; per-group values stay in the store (`xlab show`).
             let shown: Vec<String> = summary
@@ -596,10 +582,7 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
             tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
         }
         Progress::Retrying { job, cause, message, delay } => {
-            tracker.ended(job.id.as_str(), "retrying");
-            if let Some(l) = live.as_mut() {
-                l.ended(job.id.as_str(), false, false);
-            }
+            tracker.ended(job.id.as_str(), status::Ended::Retrying);
             tracing::warn!(
                 "{} {} failed ({}): {message}; trying again in {} s (job {})",
                 job.stage,
@@ -610,17 +593,11 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
             );
         }
         Progress::Stopped { job, message } => {
-            tracker.ended(job.id.as_str(), "stopped");
-            if let Some(l) = live.as_mut() {
-                l.ended(job.id.as_str(), false, false);
-            }
+            tracker.ended(job.id.as_str(), status::Ended::Stopped);
             tracing::warn!("{} {} {message} (job {})", job.stage, job.label(), job.id);
         }
         Progress::Failed { job, cause, message } => {
-            tracker.ended(job.id.as_str(), "failed");
-            if let Some(l) = live.as_mut() {
-                l.ended(job.id.as_str(), true, true);
-            }
+            tracker.ended(job.id.as_str(), status::Ended::Failed);
             finished += 1;
             tracing::error!(
                 "[{finished}/{total}] FAILED ({}) {} {} (job {}): {message}",
@@ -633,9 +610,6 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
     };
     let report = xlab_sched::run(&store, &plan, opts, &mut observe)?;
     tracker.finish();
-    if let Some(l) = live {
-        l.finish();
-    }
     tracing::info!(
         "{} done, {} skipped (already done), {} failed in {:.1}s",
         report.done,

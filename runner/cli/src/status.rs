@@ -42,11 +42,24 @@ pub fn path(store: &Path) -> PathBuf {
     store.join("status.json")
 }
 
-/// Keeps the snapshot and writes it at most twice a second (and when asked to).
+/// Keeps the snapshot and writes it at most twice a second (and when asked to), and drives the
+/// terminal's live view when there is one.
 pub struct Tracker {
     file: PathBuf,
     pub snap: Snapshot,
     last: Option<Instant>,
+    live: Option<crate::live::Live>,
+}
+
+/// Why a job left the running set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Done,
+    Failed,
+    /// Stopped at a checkpoint by a stop request; it resumes next time.
+    Stopped,
+    /// Failed in a way worth another attempt, which is queued.
+    Retrying,
 }
 
 fn now() -> u64 {
@@ -54,7 +67,7 @@ fn now() -> u64 {
 }
 
 impl Tracker {
-    pub fn new(store: &Path, experiment: &str, total: usize) -> Self {
+    pub fn new(store: &Path, experiment: &str, total: usize, live: Option<crate::live::Live>) -> Self {
         let snap = Snapshot {
             experiment: experiment.into(),
             pid: std::process::id(),
@@ -63,11 +76,21 @@ impl Tracker {
             total,
             ..Default::default()
         };
-        Tracker { file: path(store), snap, last: None }
+        Tracker { file: path(store), snap, last: None, live }
+    }
+
+    pub fn skipped(&mut self) {
+        self.snap.skipped += 1;
+        if let Some(l) = self.live.as_mut() {
+            l.skipped();
+        }
     }
 
     pub fn started(&mut self, job: &xlab_spec::Job, device: &str, attempt: u32) {
         let epochs = job.config_json.get("epochs").and_then(|e| e.as_u64()).unwrap_or(0);
+        if let Some(l) = self.live.as_mut() {
+            l.started(job.id.as_str(), format!("{} {} on {device}", job.stage, job.label()), epochs.max(1));
+        }
         self.snap.running.retain(|r| r.job != job.id.as_str());
         self.snap.running.push(RunningJob {
             job: job.id.to_string(),
@@ -84,6 +107,9 @@ impl Tracker {
     }
 
     pub fn metrics(&mut self, job: &str, step: u64, values: &BTreeMap<String, f64>) {
+        if let Some(l) = self.live.as_mut() {
+            l.metrics(job, step, values);
+        }
         if let Some(r) = self.snap.running.iter_mut().find(|r| r.job == job) {
             r.epoch = step;
             for k in ["train.loss", "val.acc", "test.acc", "time.steps_per_s"] {
@@ -95,14 +121,17 @@ impl Tracker {
         self.write(false);
     }
 
-    /// A job left the running set (`outcome`: done, failed, stopped, or retried).
-    pub fn ended(&mut self, job: &str, outcome: &str) {
+    /// A job left the running set.
+    pub fn ended(&mut self, job: &str, how: Ended) {
         self.snap.running.retain(|r| r.job != job);
-        match outcome {
-            "done" => self.snap.done += 1,
-            "failed" => self.snap.failed += 1,
-            "stopped" => self.snap.stopped += 1,
-            _ => {}
+        match how {
+            Ended::Done => self.snap.done += 1,
+            Ended::Failed => self.snap.failed += 1,
+            Ended::Stopped => self.snap.stopped += 1,
+            Ended::Retrying => {}
+        }
+        if let Some(l) = self.live.as_mut() {
+            l.ended(job, matches!(how, Ended::Done | Ended::Failed), how == Ended::Failed);
         }
         self.write(true);
     }
@@ -110,6 +139,9 @@ impl Tracker {
     pub fn finish(&mut self) {
         self.snap.finished = true;
         self.snap.running.clear();
+        if let Some(l) = self.live.take() {
+            l.finish();
+        }
         self.write(true);
     }
 
