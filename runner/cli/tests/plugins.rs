@@ -202,12 +202,22 @@ fn component_mistakes_are_caught_before_anything_runs() {
         let f = dir.path().join(format!("{name}.yaml"));
         let body = base.replace("step_rule: {use: sam.sam, rho: 0.1}", line);
         let body = body.split("  broken:").next().unwrap().to_string();
-        std::fs::write(&f, body).unwrap();
+        std::fs::write(&f, &body).unwrap();
         let out = cmd(&store).arg("validate").arg(&f).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out.stderr));
         let err = text(&out.stderr);
         assert!(err.contains(message) && err.contains(hint), "{name}: {err}");
         assert!(err.contains("stages.sam: "), "{name}: {err}");
+        // The message points at the line of the component, and at the parameter itself.
+        let (l, text_line) = body.lines().enumerate().find(|(_, t)| t.contains(line)).unwrap();
+        let at = match name {
+            "rh0" | "negative" => {
+                let key = if name == "rh0" { "rh0" } else { "rho" };
+                format!("{name}.yaml:{}:{}: ", l + 1, text_line.find(key).unwrap() + 1)
+            }
+            _ => format!("{name}.yaml:{}:", l + 1),
+        };
+        assert!(err.contains(&at), "{name}: {at} in {err}");
     }
     assert!(!store.exists());
 }

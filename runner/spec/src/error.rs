@@ -13,13 +13,16 @@ pub struct SpecError {
     pub context: Option<String>,
     pub message: String,
     pub hint: Option<String>,
+    /// Key segments below the context that the error is about (a parameter name, say), used to
+    /// find its line and column; not shown.
+    pub keys: Vec<String>,
 }
 
 impl SpecError {
     pub fn new(file: &Path, message: impl Into<String>) -> Self {
         let message = message.into();
         let hint = suggest_from_serde_message(&message);
-        Self { file: file.to_path_buf(), location: None, context: None, message, hint }
+        Self { file: file.to_path_buf(), location: None, context: None, message, hint, keys: Vec::new() }
     }
 
     pub fn at(mut self, line: usize, column: usize) -> Self {
@@ -35,6 +38,47 @@ impl SpecError {
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
+    }
+
+    /// Names the key below the context the error is about, as it is written in the file (one
+    /// segment: `optimizer.lr` under `grid:` is one key).
+    pub fn key(mut self, segment: impl Into<String>) -> Self {
+        self.keys.push(segment.into());
+        self
+    }
+
+    /// The key paths of the file where the mistake may be written, most likely first. The
+    /// context reads `stages.<stage>[ [sweep point]][: <config path>]`; a config path may be
+    /// written in the stage, in a sweep of the stage, or in `defaults`.
+    pub(crate) fn key_paths(&self) -> Vec<Vec<String>> {
+        let ctx = self.context.as_deref().unwrap_or("");
+        let (head, tail) = match ctx.split_once(": ") {
+            Some((h, t)) => (h, t),
+            None => (ctx, ""),
+        };
+        let (head, point) = match head.split_once(" [") {
+            Some((h, p)) => (h, p.trim_end_matches(']')),
+            None => (head, ""),
+        };
+        let head = segments(head);
+        let mut tail = segments(tail);
+        tail.extend(self.keys.iter().cloned());
+        let mut out = vec![head.iter().chain(&tail).cloned().collect::<Vec<_>>()];
+        if head.len() == 2 && head[0] == "stages" && !tail.is_empty() {
+            // A swept key: `stages.a [optimizer.lr=0.1]: optimizer.lr` is written under the
+            // stage's grid, zip or random.
+            let dotted = tail.join(".");
+            for (key, _) in point.split(", ").filter_map(|kv| kv.split_once('=')) {
+                if dotted == key || dotted.starts_with(&format!("{key}.")) || key.starts_with(&format!("{dotted}.")) {
+                    for sweep in ["grid", "zip", "random"] {
+                        out.push(vec![head[0].clone(), head[1].clone(), sweep.to_string(), key.to_string()]);
+                    }
+                }
+            }
+            out.push(std::iter::once("defaults".to_string()).chain(tail.iter().cloned()).collect());
+        }
+        out.retain(|p| !p.is_empty());
+        out
     }
 
     /// Converts a YAML parse or shape error, keeping its position.
@@ -71,6 +115,16 @@ impl fmt::Display for SpecError {
 }
 
 impl std::error::Error for SpecError {}
+
+/// `stages.a.variants[0].grid` → `stages`, `a`, `variants`, `0`, `grid`.
+fn segments(dotted: &str) -> Vec<String> {
+    dotted
+        .split(['.', '['])
+        .map(|s| s.trim_end_matches(']').trim())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
 
 /// The closest candidate to `word`, if it is close enough to be a likely typo.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {

@@ -275,10 +275,13 @@ pub fn expand(
     plugins: &mut dyn PluginSource,
 ) -> Result<Plan, SpecError> {
     if exp.name.trim().is_empty() {
-        return Err(SpecError::new(file, "`name` is empty").hint("give the experiment a name, e.g. `name: quickstart`"));
+        return Err(SpecError::new(file, "`name` is empty")
+            .key("name")
+            .hint("give the experiment a name, e.g. `name: quickstart`"));
     }
     if exp.stages.is_empty() {
         return Err(SpecError::new(file, "`stages` is empty")
+            .key("stages")
             .hint("declare at least one stage, e.g. `stages: {train: {task: train}}`"));
     }
     let mut defaults = Value::Object(Map::new());
@@ -348,8 +351,9 @@ pub fn expand(
                 for k in map.keys() {
                     let name = k.as_str().unwrap_or_default();
                     if !CONFIG_KEYS.contains(&name) {
-                        let mut e =
-                            SpecError::new(file, format!("unknown key `{name}` in a variant")).context(here.clone());
+                        let mut e = SpecError::new(file, format!("unknown key `{name}` in a variant"))
+                            .context(here.clone())
+                            .key(name);
                         e.hint = Some(match did_you_mean(name, CONFIG_KEYS.iter().copied()) {
                             Some(c) => format!("did you mean `{c}`?"),
                             None => {
@@ -631,12 +635,17 @@ fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> 
         let inner = e.into_inner().to_string();
         let ctx = if path == "." { ctx.to_string() } else { format!("{ctx}: {path}") };
         let mut err = SpecError::new(file, inner.clone()).context(ctx);
+        if let Some(f) = crate::file::unknown_field(&inner) {
+            err = err.key(f);
+        }
         if inner.starts_with("missing field") && err.hint.is_none() {
             err.hint = Some("set it in `defaults:` or in the stage".into());
         }
         err
     })?;
-    config.check().map_err(|(path, msg)| SpecError::new(file, format!("`{path}` {msg}")).context(ctx.to_string()))?;
+    config.check().map_err(|(path, msg)| {
+        path.split('.').fold(SpecError::new(file, format!("`{path}` {msg}")).context(ctx.to_string()), |e, k| e.key(k))
+    })?;
     let mut config = config;
     resolve_files(file, ctx, &mut config)?;
     Ok(config)
@@ -750,8 +759,9 @@ fn resolve_components(
         }
         let resolved = resolve_params(info, &comp.params).map_err(|e| match e {
             ParamError::Unknown { name } => {
-                let mut err =
-                    SpecError::new(file, format!("unknown parameter `{name}` of `{}`", comp.id)).context(here.clone());
+                let mut err = SpecError::new(file, format!("unknown parameter `{name}` of `{}`", comp.id))
+                    .context(here.clone())
+                    .key(name.clone());
                 err.hint = Some(match did_you_mean(&name, info.params.iter().map(|p| p.name.as_str())) {
                     Some(c) => format!("did you mean `{c}`?"),
                     None if info.params.is_empty() => format!("`{}` takes no parameters", comp.id),
@@ -764,7 +774,9 @@ fn resolve_components(
                 err
             }
             ParamError::Invalid { name, message } => {
-                SpecError::new(file, format!("parameter `{name}` of `{}` {message}", comp.id)).context(here.clone())
+                SpecError::new(file, format!("parameter `{name}` of `{}` {message}", comp.id))
+                    .context(here.clone())
+                    .key(name)
             }
         })?;
         comp.params = resolved;
@@ -783,11 +795,12 @@ fn resolve_components(
 /// Checks a sweep key and its values; returns the values as JSON.
 fn sweep_values(file: &Path, ctx: &str, key: &str, values: &[serde_yaml::Value]) -> Result<Vec<Value>, SpecError> {
     check_key(key).map_err(|h| {
-        SpecError::new(file, format!("`{key}` does not name a config key")).context(ctx.to_string()).hint(h)
+        SpecError::new(file, format!("`{key}` does not name a config key")).context(ctx.to_string()).key(key).hint(h)
     })?;
     if values.is_empty() {
         return Err(SpecError::new(file, format!("`{key}` has no values"))
             .context(ctx.to_string())
+            .key(key)
             .hint("list at least one value, or remove the key"));
     }
     values.iter().map(|v| yaml_to_json(file, &format!("{ctx}.{key}"), v)).collect()

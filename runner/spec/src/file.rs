@@ -275,8 +275,8 @@ fn explicit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::
     Value::deserialize(d).map(Some)
 }
 
-/// Reads and parses an experiment file. Every malformed input becomes a [`SpecError`].
-pub fn read(path: &Path) -> Result<(String, ExperimentFile), SpecError> {
+/// Reads an experiment file's text; a missing or non-UTF-8 file is a [`SpecError`].
+pub fn read_text(path: &Path) -> Result<String, SpecError> {
     let bytes = std::fs::read(path).map_err(|e| {
         SpecError::new(path, format!("cannot read the experiment file: {e}"))
             .hint("check the path; experiment files usually live under experiments/")
@@ -285,8 +285,7 @@ pub fn read(path: &Path) -> Result<(String, ExperimentFile), SpecError> {
         SpecError::new(path, format!("not a UTF-8 text file (invalid byte at offset {})", e.utf8_error().valid_up_to()))
             .hint("an experiment file is YAML text")
     })?;
-    let file = parse(path, &source)?;
-    Ok((source, file))
+    Ok(source)
 }
 
 /// Parses experiment YAML from a string; `path` is used in messages only.
@@ -318,7 +317,15 @@ pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
     }
     let root = merged.clone();
     interpolate(path, &root, &mut merged, "")?;
-    serde_yaml::from_value::<ExperimentFile>(merged).map_err(|e| yaml_error(path, &e))
+    serde_path_to_error::deserialize::<_, ExperimentFile>(merged).map_err(|e| {
+        let at = e.path().to_string();
+        let err = yaml_error(path, e.inner());
+        let err = if at == "." { err } else { err.context(&at) };
+        match unknown_field(&err.message) {
+            Some(f) if !at.ends_with(&format!(".{f}")) => err.key(f),
+            _ => err,
+        }
+    })
 }
 
 /// A document with its `include:` files merged under it: each included file (relative to the
@@ -457,6 +464,12 @@ fn interpolate(path: &Path, root: &Value, v: &mut Value, at: &str) -> Result<(),
         _ => {}
     }
     Ok(())
+}
+
+/// The field serde names in "unknown field `x`, expected …".
+pub(crate) fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.split("unknown field `").nth(1)?;
+    rest.split_once('`').map(|(f, _)| f.to_string())
 }
 
 /// A YAML error with a hint for the usual causes.

@@ -8,6 +8,7 @@ mod error;
 pub mod expand;
 pub mod file;
 pub mod identity;
+pub mod locate;
 pub mod schema;
 pub mod sweep;
 
@@ -21,13 +22,13 @@ use std::path::Path;
 /// Reads, parses, resolves and validates an experiment file; plugin components are checked
 /// against `plugins`.
 pub fn load(path: &Path, plugins: &mut dyn PluginSource) -> Result<Plan, SpecError> {
-    let (source, parsed) = file::read(path)?;
-    expand::expand(path, source, parsed, plugins)
+    let source = file::read_text(path)?;
+    load_str(path, &source, plugins)
 }
 
 /// Like [`load`], from text already in memory; `path` is used in messages and to find plugin
 /// paths only.
 pub fn load_str(path: &Path, source: &str, plugins: &mut dyn PluginSource) -> Result<Plan, SpecError> {
-    let parsed = file::parse(path, source)?;
-    expand::expand(path, source.to_string(), parsed, plugins)
+    let parsed = file::parse(path, source).map_err(|e| locate::fill(e, path, source))?;
+    expand::expand(path, source.to_string(), parsed, plugins).map_err(|e| locate::fill(e, path, source))
 }

@@ -73,3 +73,33 @@ fn include_and_reference_mistakes_are_clear() {
     );
     assert!(xlab_spec::load(&p, &mut NoPlugins).is_ok());
 }
+
+/// A mistake found after merging still names the file and the line and column where it is
+/// written: the including file, or the included one.
+#[test]
+fn errors_after_merging_point_at_the_file_that_wrote_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.yaml",
+        "defaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd, lr: -1}\n",
+    );
+    let main = write(dir.path(), "exp.yaml", "name: x\ninclude: base.yaml\nstages:\n  a: {epochs: 3}\n");
+    let e = xlab_spec::load(&main, &mut NoPlugins).unwrap_err();
+    assert_eq!(e.file, dir.path().join("base.yaml"));
+    assert_eq!(e.location, Some((5, 26)), "{e}");
+    assert!(e.to_string().contains("base.yaml:5:26: stages.a: `optimizer.lr` must be a finite number > 0"), "{e}");
+    // The same key set again in the including file: that one is reported.
+    let main = write(dir.path(), "exp2.yaml", "name: x\ninclude: base.yaml\nstages:\n  a:\n    optimizer: {lr: -2}\n");
+    let e = xlab_spec::load(&main, &mut NoPlugins).unwrap_err();
+    assert_eq!((e.file.file_name().unwrap().to_str().unwrap(), e.location), ("exp2.yaml", Some((5, 17))), "{e}");
+    // An unknown key of the merged document, through a reference.
+    let main = write(
+        dir.path(),
+        "exp3.yaml",
+        "name: x\ninclude: base.yaml\nstages:\n  a:\n    epochs: 2\n    batchsize: '${stages.a.epochs}'\n",
+    );
+    let e = xlab_spec::load(&main, &mut NoPlugins).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:6:5: stages.a.batchsize: unknown field `batchsize`", main.display())), "{e}");
+    assert!(e.contains("did you mean `batch_size`?"), "{e}");
+}

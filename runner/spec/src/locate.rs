@@ -1,0 +1,218 @@
+//! Where each key of an experiment file is written. Most mistakes are found after the file is
+//! merged (defaults into stages, includes under the file, sweep points into configs), where the
+//! YAML parser's positions are gone; the error then names the key path, and this module finds
+//! that path's line and column in the file, or in the included file that wrote it.
+
+use crate::SpecError;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use yaml_rust2::parser::{Event, Parser};
+
+/// The 1-based line and column of every key (and of every list item, by index) of a YAML text.
+#[derive(Debug, Default)]
+pub struct Positions {
+    at: HashMap<Vec<String>, (usize, usize)>,
+}
+
+enum Frame {
+    /// A map; `key` is the key whose value comes next (none: a key comes next).
+    Map {
+        key: Option<String>,
+    },
+    Seq {
+        index: usize,
+    },
+}
+
+impl Positions {
+    /// Reads the positions of `source`; a text the parser rejects gives the positions it got to.
+    pub fn of(source: &str) -> Positions {
+        let mut at = HashMap::new();
+        let mut path: Vec<String> = Vec::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        let mut parser = Parser::new_from_str(source);
+        while let Ok((event, mark)) = parser.next_token() {
+            let here = (mark.line(), mark.col() + 1);
+            let opens = matches!(event, Event::MappingStart(..) | Event::SequenceStart(..));
+            match event {
+                Event::StreamEnd => break,
+                Event::MappingEnd | Event::SequenceEnd => {
+                    stack.pop();
+                    if !stack.is_empty() {
+                        path.pop();
+                    }
+                    value_done(&mut stack);
+                }
+                Event::Scalar(..) | Event::Alias(..) | Event::MappingStart(..) | Event::SequenceStart(..) => {
+                    // What this node is to its parent: a key, a value under a key, or a list item.
+                    let segment = match stack.last_mut() {
+                        None => None,
+                        Some(Frame::Map { key: None }) => {
+                            let key = match &event {
+                                Event::Scalar(s, ..) => s.clone(),
+                                _ => "?".to_string(),
+                            };
+                            path.push(key.clone());
+                            at.entry(path.clone()).or_insert(here);
+                            path.pop();
+                            if let Some(Frame::Map { key: k }) = stack.last_mut() {
+                                *k = Some(key);
+                            }
+                            if opens {
+                                // A complex key: its contents are skipped under the name "?".
+                                path.push("?".to_string());
+                                stack.push(if matches!(event, Event::MappingStart(..)) {
+                                    Frame::Map { key: None }
+                                } else {
+                                    Frame::Seq { index: 0 }
+                                });
+                            }
+                            continue;
+                        }
+                        Some(Frame::Map { key: Some(k) }) => Some(k.clone()),
+                        Some(Frame::Seq { index }) => {
+                            let seg = index.to_string();
+                            path.push(seg.clone());
+                            at.entry(path.clone()).or_insert(here);
+                            path.pop();
+                            Some(seg)
+                        }
+                    };
+                    if opens {
+                        if let Some(seg) = segment {
+                            path.push(seg);
+                        }
+                        stack.push(if matches!(event, Event::MappingStart(..)) {
+                            Frame::Map { key: None }
+                        } else {
+                            Frame::Seq { index: 0 }
+                        });
+                    } else {
+                        value_done(&mut stack);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Positions { at }
+    }
+
+    /// The position of a key path, e.g. `["stages", "train", "optimizer", "lr"]`.
+    pub fn get(&self, path: &[String]) -> Option<(usize, usize)> {
+        self.at.get(path).copied()
+    }
+
+    /// How many leading segments of `path` are written here.
+    fn prefix_len(&self, path: &[String]) -> usize {
+        (1..=path.len()).rev().find(|n| self.at.contains_key(&path[..*n])).unwrap_or(0)
+    }
+}
+
+/// After a value (a scalar, or a collection that ended): a map now expects a key, a list its
+/// next item.
+fn value_done(stack: &mut [Frame]) {
+    match stack.last_mut() {
+        Some(Frame::Map { key }) => *key = None,
+        Some(Frame::Seq { index }) => *index += 1,
+        None => {}
+    }
+}
+
+/// The files an experiment is written in, in the order a value is looked up: the file itself,
+/// then its includes from the last to the first (a later file overrides an earlier one).
+fn written_in(file: &Path, source: &str, out: &mut Vec<(PathBuf, Positions)>, depth: usize) {
+    out.push((file.to_path_buf(), Positions::of(source)));
+    if depth > 16 {
+        return;
+    }
+    let includes: Vec<String> = match serde_yaml::from_str::<serde_yaml::Value>(source) {
+        Ok(doc) => match doc.get("include") {
+            Some(serde_yaml::Value::String(s)) => vec![s.clone()],
+            Some(serde_yaml::Value::Sequence(items)) => {
+                items.iter().filter_map(|i| i.as_str().map(str::to_string)).collect()
+            }
+            _ => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    for inc in includes.iter().rev() {
+        let p = base.join(inc);
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            written_in(&p, &text, out, depth + 1);
+        }
+    }
+}
+
+/// Gives an error without a position the line and column of the key it is about: the first of
+/// its candidate key paths written exactly in the file or its includes, else the longest part of
+/// one that is written (the stage, say, for a key the stage lacks).
+pub fn fill(mut err: SpecError, file: &Path, source: &str) -> SpecError {
+    if err.location.is_some() {
+        return err;
+    }
+    let candidates = err.key_paths();
+    if candidates.is_empty() {
+        return err;
+    }
+    let mut files = Vec::new();
+    written_in(file, source, &mut files, 0);
+    for c in &candidates {
+        for (f, pos) in &files {
+            if let Some((l, col)) = pos.get(c) {
+                if f != file {
+                    err.file = f.clone();
+                }
+                return err.at(l, col);
+            }
+        }
+    }
+    let mut best: Option<(usize, &PathBuf, Vec<String>)> = None;
+    for c in &candidates {
+        for (f, pos) in &files {
+            let n = pos.prefix_len(c);
+            if n > 0 && best.as_ref().is_none_or(|(m, ..)| n > *m) {
+                best = Some((n, f, c[..n].to_vec()));
+            }
+        }
+    }
+    match best {
+        Some((_, f, path)) => {
+            let (l, col) = files.iter().find(|(g, _)| g == f).and_then(|(_, p)| p.get(&path)).expect("found above");
+            if f != file {
+                err.file = f.clone();
+            }
+            err.at(l, col)
+        }
+        None => err,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Vec<String> {
+        s.split('/').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn finds_keys_and_items_in_block_and_flow_style() {
+        let text = "name: x\nstages:\n  train:\n    optimizer: {name: sgd, lr: 0.1}\n    grid:\n      optimizer.lr: [1, 2]\n    hidden:\n      - 3\n      - {a: 1}\n";
+        let pos = Positions::of(text);
+        assert_eq!(pos.get(&p("name")), Some((1, 1)));
+        assert_eq!(pos.get(&p("stages/train")), Some((3, 3)));
+        assert_eq!(pos.get(&p("stages/train/optimizer/lr")), Some((4, 28)));
+        assert_eq!(pos.get(&p("stages/train/grid/optimizer.lr")), Some((6, 7)));
+        assert_eq!(pos.get(&p("stages/train/grid/optimizer.lr/1")), Some((6, 25)));
+        assert_eq!(pos.get(&p("stages/train/hidden/1/a")), Some((9, 10)));
+        assert_eq!(pos.get(&p("stages/train/epochs")), None);
+        assert_eq!(pos.prefix_len(&p("stages/train/epochs")), 2);
+    }
+
+    #[test]
+    fn a_broken_text_gives_the_positions_before_the_break() {
+        let pos = Positions::of("a: 1\nb: [\n");
+        assert_eq!(pos.get(&p("a")), Some((1, 1)));
+    }
+}
