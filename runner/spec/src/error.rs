@@ -2,31 +2,32 @@
 //! where the parser knows them, and suggests a fix where one is likely.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError {
-    pub file: PathBuf,
+    pub file: Box<Path>,
     /// 1-based line and column, when known.
-    pub location: Option<(usize, usize)>,
+    pub location: Option<(u32, u32)>,
     /// Where in the experiment the problem is, e.g. `stages.train (optimizer.lr=0.1, seed 0)`.
     pub context: Option<String>,
     pub message: String,
     pub hint: Option<String>,
     /// Key segments below the context that the error is about (a parameter name, say), used to
     /// find its line and column; not shown.
-    pub keys: Vec<String>,
+    pub keys: Box<[String]>,
 }
 
 impl SpecError {
     pub fn new(file: &Path, message: impl Into<String>) -> Self {
         let message = message.into();
         let hint = suggest_from_serde_message(&message);
-        Self { file: file.to_path_buf(), location: None, context: None, message, hint, keys: Vec::new() }
+        Self { file: file.into(), location: None, context: None, message, hint, keys: Box::default() }
     }
 
     pub fn at(mut self, line: usize, column: usize) -> Self {
-        self.location = Some((line, column));
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        self.location = Some((clamp(line), clamp(column)));
         self
     }
 
@@ -43,7 +44,9 @@ impl SpecError {
     /// Names the key below the context the error is about, as it is written in the file (one
     /// segment: `optimizer.lr` under `grid:` is one key).
     pub fn key(mut self, segment: impl Into<String>) -> Self {
-        self.keys.push(segment.into());
+        let mut keys = std::mem::take(&mut self.keys).into_vec();
+        keys.push(segment.into());
+        self.keys = keys.into();
         self
     }
 

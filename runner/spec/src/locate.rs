@@ -160,8 +160,8 @@ pub fn fill(mut err: SpecError, file: &Path, source: &str) -> SpecError {
     for c in &candidates {
         for (f, pos) in &files {
             if let Some((l, col)) = pos.get(c) {
-                if f != file {
-                    err.file = f.clone();
+                if f.as_path() != file {
+                    err.file = f.as_path().into();
                 }
                 return err.at(l, col);
             }
@@ -179,8 +179,8 @@ pub fn fill(mut err: SpecError, file: &Path, source: &str) -> SpecError {
     match best {
         Some((_, f, path)) => {
             let (l, col) = files.iter().find(|(g, _)| g == f).and_then(|(_, p)| p.get(&path)).expect("found above");
-            if f != file {
-                err.file = f.clone();
+            if f.as_path() != file {
+                err.file = f.as_path().into();
             }
             err.at(l, col)
         }

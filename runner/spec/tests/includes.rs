@@ -86,7 +86,7 @@ fn errors_after_merging_point_at_the_file_that_wrote_the_key() {
     );
     let main = write(dir.path(), "exp.yaml", "name: x\ninclude: base.yaml\nstages:\n  a: {epochs: 3}\n");
     let e = xlab_spec::load(&main, &mut NoPlugins).unwrap_err();
-    assert_eq!(e.file, dir.path().join("base.yaml"));
+    assert_eq!(&*e.file, dir.path().join("base.yaml").as_path());
     assert_eq!(e.location, Some((5, 26)), "{e}");
     assert!(e.to_string().contains("base.yaml:5:26: stages.a: `optimizer.lr` must be a finite number > 0"), "{e}");
     // The same key set again in the including file: that one is reported.
