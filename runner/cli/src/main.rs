@@ -646,6 +646,7 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
     outln!("experiment `{}` ({})", plan.name, file.display());
     for stage in &plan.stages {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        let mut each = Vec::with_capacity(stage.jobs.len());
         for job in &stage.jobs {
             let status = match &store {
                 Some(s) => s.job(job.id.as_str())?.map(|r| r.status),
@@ -658,6 +659,7 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
                 Some(JobStatus::Running | JobStatus::Interrupted) => "interrupted",
             };
             *counts.entry(key).or_default() += 1;
+            each.push(key);
         }
         let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         let mut sweep =
@@ -674,8 +676,8 @@ fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
             sweep = format!(" needing `{parent}` ({how}){sweep}");
         }
         outln!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
-        for job in &stage.jobs {
-            outln!("    {}  {}", job.id, job.label());
+        for (job, status) in stage.jobs.iter().zip(each) {
+            outln!("    {}  {status:<11}  {}", job.id, job.label());
         }
     }
     Ok(0)

@@ -441,19 +441,6 @@ pub fn expand(
                 let p: Vec<String> = point.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 format!("{ctx} [{}]", p.join(", "))
             };
-            let mut config = validate(file, &point_ctx, cfg)?;
-            let used = resolve_components(file, &point_ctx, &mut config, plugins, &extra)?;
-            let refs: Vec<PluginRef> =
-                used.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
-            if config.task == Task::Evaluate && needs.is_none() {
-                return Err(SpecError::new(
-                    file,
-                    "`task: evaluate` evaluates a parent stage's jobs, but this stage has no `needs:`",
-                )
-                .context(point_ctx)
-                .hint("add e.g. `needs: train`"));
-            }
-            let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
             // (seed, parents, extra label, pick) of each job at this point.
             let instances: Vec<Instance> = match &needs {
                 None => seeds.iter().map(|s| (*s, Vec::new(), Vec::new(), None)).collect(),
@@ -477,7 +464,39 @@ pub fn expand(
                     best_instances(file, &ctx, parent, &expanded[parent.as_str()], spec, &seeds)?
                 }
             };
+            let refers_to_parent = has_parent_ref(&cfg);
+            // Without `${parent.…}` every job of the point has the same config, checked once.
+            let mut shared: Option<Resolved> = None;
             for (seed, parents, parent_label, pick) in instances {
+                let resolved = if refers_to_parent {
+                    let parent_jobs: Vec<&Job> = match &needs {
+                        Some((parent, _)) => {
+                            expanded[parent.as_str()].iter().filter(|j| parents.contains(&j.id)).collect()
+                        }
+                        None => Vec::new(),
+                    };
+                    let mut cfg = cfg.clone();
+                    let parent_stage = needs.as_ref().map(|(p, _)| p.as_str());
+                    resolve_parent_refs(file, &point_ctx, &mut cfg, parent_stage, &parent_jobs, "")?;
+                    resolve_job_config(file, &point_ctx, cfg, needs.is_some(), plugins, &extra)?
+                } else {
+                    match &shared {
+                        Some(r) => r.clone(),
+                        None => shared
+                            .insert(resolve_job_config(
+                                file,
+                                &point_ctx,
+                                cfg.clone(),
+                                needs.is_some(),
+                                plugins,
+                                &extra,
+                            )?)
+                            .clone(),
+                    }
+                };
+                let Resolved { config, config_json, used } = resolved;
+                let refs: Vec<PluginRef> =
+                    used.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
                 let pick_json = pick.as_ref().map(|p| serde_json::to_value(p).expect("picks serialize"));
                 let id = job_id(&IdentityInput {
                     config: &config_json,
@@ -498,12 +517,12 @@ pub fn expand(
                     id,
                     stage: stage_name.clone(),
                     seed,
-                    config: config.clone(),
-                    config_json: config_json.clone(),
+                    config,
+                    config_json,
                     point: parent_label.into_iter().chain(point.iter().cloned()).collect(),
                     parents,
                     pick,
-                    plugins: used.clone(),
+                    plugins: used,
                     exec: exec.clone(),
                 });
             }
@@ -512,6 +531,115 @@ pub fn expand(
         stages.push(StagePlan { name: stage_name.clone(), needs, sweep_keys, jobs });
     }
     Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages })
+}
+
+/// A job's config checked and resolved: typed, canonical JSON, and the plugins it uses.
+#[derive(Clone)]
+struct Resolved {
+    config: JobConfig,
+    config_json: Value,
+    used: Vec<PluginUse>,
+}
+
+fn resolve_job_config(
+    file: &Path,
+    ctx: &str,
+    cfg: Value,
+    has_needs: bool,
+    plugins: &mut dyn PluginSource,
+    extra: &[PathBuf],
+) -> Result<Resolved, SpecError> {
+    let mut config = validate(file, ctx, cfg)?;
+    let used = resolve_components(file, ctx, &mut config, plugins, extra)?;
+    if config.task == Task::Evaluate && !has_needs {
+        return Err(SpecError::new(
+            file,
+            "`task: evaluate` evaluates a parent stage's jobs, but this stage has no `needs:`",
+        )
+        .context(ctx.to_string())
+        .hint("add e.g. `needs: train`"));
+    }
+    let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
+    Ok(Resolved { config, config_json, used })
+}
+
+/// Whether a config refers to its parent job (`${parent.config.optimizer.lr}`).
+fn has_parent_ref(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains("${parent"),
+        Value::Array(items) => items.iter().any(has_parent_ref),
+        Value::Object(m) => m.values().any(has_parent_ref),
+        _ => false,
+    }
+}
+
+/// Replaces `${parent.config.<key>}` and `${parent.seed}` with the value the child's parent jobs
+/// share (one parent with `select: each`; every candidate or parent must agree otherwise).
+fn resolve_parent_refs(
+    file: &Path,
+    ctx: &str,
+    v: &mut Value,
+    parent_stage: Option<&str>,
+    parents: &[&Job],
+    at: &str,
+) -> Result<(), SpecError> {
+    match v {
+        Value::String(s) if s.contains("${") => {
+            let err = |m: String| {
+                let e = SpecError::new(file, m).context(format!("{ctx}: {}", at.trim_start_matches('.')));
+                e.hint("a child refers to its parent job as `${parent.config.<key>}` or `${parent.seed}`")
+            };
+            let lookup = |name: &str| -> Result<Option<Value>, SpecError> {
+                let Some(stage) = parent_stage else {
+                    return Err(err(format!("`${{{name}}}` refers to the parent job, but this stage has no `needs:`")));
+                };
+                let mut seen: Option<Value> = None;
+                for p in parents {
+                    let got = match name.strip_prefix("parent.config.") {
+                        _ if name == "parent.seed" => Some(Value::from(p.seed)),
+                        Some(key) => get_dotted(&p.config_json, key).cloned(),
+                        None => return Err(err(format!("`${{{name}}}` is not a reference to the parent job"))),
+                    };
+                    let Some(got) = got else {
+                        return Err(err(format!("`${{{name}}}`: the jobs of stage `{stage}` have no such config key")));
+                    };
+                    match &seen {
+                        Some(prev) if *prev != got => {
+                            return Err(SpecError::new(
+                                file,
+                                format!("`${{{name}}}`: the parent jobs of stage `{stage}` differ there ({prev} and {got})"),
+                            )
+                            .context(format!("{ctx}: {}", at.trim_start_matches('.')))
+                            .hint("a reference names a value every parent shares: use `select: each`, or add the key to `per:` of `select: best`"))
+                        }
+                        _ => seen = Some(got),
+                    }
+                }
+                Ok(seen)
+            };
+            let as_text = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let unclosed = || err(format!("`{s}`: a `${{` is not closed"));
+            *v = match crate::file::splice(s, lookup, as_text, unclosed)? {
+                crate::file::Spliced::Value(x) => x,
+                crate::file::Spliced::Text(t) => Value::String(t),
+            };
+        }
+        Value::Array(items) => {
+            for (i, x) in items.iter_mut().enumerate() {
+                resolve_parent_refs(file, ctx, x, parent_stage, parents, &format!("{at}[{i}]"))?;
+            }
+        }
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                resolve_parent_refs(file, ctx, x, parent_stage, parents, &format!("{at}.{k}"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// One job of a sweep point: its seed, its parents, the parents' sweep values (as labels) and,

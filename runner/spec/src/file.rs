@@ -399,56 +399,88 @@ fn has_interpolation(v: &Value) -> bool {
     }
 }
 
+/// A string with its `${…}` references replaced.
+pub(crate) enum Spliced<V> {
+    /// The string was one reference: the value itself (a number stays a number).
+    Value(V),
+    Text(String),
+}
+
+/// Replaces the `${name}` references of `text`. A text that is one reference becomes the value;
+/// references inside longer text are spliced in as text. `lookup` answers `None` for a reference
+/// to leave as written (one resolved later).
+pub(crate) fn splice<V, E>(
+    text: &str,
+    mut lookup: impl FnMut(&str) -> Result<Option<V>, E>,
+    as_text: impl Fn(&V) -> String,
+    unclosed: impl FnOnce() -> E,
+) -> Result<Spliced<V>, E> {
+    if let Some(name) = text.strip_prefix("${").and_then(|r| r.strip_suffix('}')).filter(|n| !n.contains("${")) {
+        return Ok(match lookup(name.trim())? {
+            Some(v) => Spliced::Value(v),
+            None => Spliced::Text(text.to_string()),
+        });
+    }
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let Some(end) = rest[i..].find('}') else {
+            return Err(unclosed());
+        };
+        match lookup(rest[i + 2..i + end].trim())? {
+            Some(v) => out.push_str(&as_text(&v)),
+            None => out.push_str(&rest[i..i + end + 1]),
+        }
+        rest = &rest[i + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(Spliced::Text(out))
+}
+
+/// A reference to the parent job (`${parent.config.optimizer.lr}`, `${parent.seed}`): resolved
+/// per child job when the stages are expanded, not here.
+pub(crate) fn is_parent_ref(name: &str) -> bool {
+    name == "parent" || name.starts_with("parent.")
+}
+
 /// Replaces `${dotted.path}` references to other values of the document (`${defaults.optimizer.lr}`):
 /// a string that is one reference takes the value itself (a number stays a number); a reference
-/// inside longer text is spliced in as text.
+/// inside longer text is spliced in as text. `${parent.…}` is left for the expansion.
 fn interpolate(path: &Path, root: &Value, v: &mut Value, at: &str) -> Result<(), SpecError> {
-    let lookup = |name: &str| -> Result<Value, SpecError> {
+    let here = || at.trim_start_matches('.').to_string();
+    let lookup = |name: &str| -> Result<Option<Value>, SpecError> {
+        if is_parent_ref(name) {
+            return Ok(None);
+        }
         let mut cur = root;
         for part in name.split('.') {
             cur = match cur.get(part) {
                 Some(x) => x,
                 None => {
                     return Err(SpecError::new(path, format!("`${{{name}}}` names nothing in this experiment"))
-                        .context(at.trim_start_matches('.').to_string())
+                        .context(here())
                         .hint("references are dotted paths from the top of the file, e.g. `${defaults.optimizer.lr}`"))
                 }
             };
         }
         if has_interpolation(cur) {
             return Err(SpecError::new(path, format!("`${{{name}}}` refers to a value that is itself a reference"))
-                .context(at.trim_start_matches('.').to_string()));
+                .context(here()));
         }
-        Ok(cur.clone())
+        Ok(Some(cur.clone()))
     };
     match v {
         Value::String(s) if s.contains("${") => {
-            let text = s.clone();
-            if let Some(name) = text.strip_prefix("${").and_then(|r| r.strip_suffix('}')).filter(|n| !n.contains("${"))
-            {
-                *v = lookup(name.trim())?;
-                return Ok(());
-            }
-            let mut out = String::new();
-            let mut rest = text.as_str();
-            while let Some(i) = rest.find("${") {
-                out.push_str(&rest[..i]);
-                let end = rest[i..].find('}').ok_or_else(|| {
-                    SpecError::new(path, format!("`{text}`: a `${{` is not closed"))
-                        .context(at.trim_start_matches('.').to_string())
-                })?;
-                let value = lookup(rest[i + 2..i + end].trim())?;
-                out.push_str(
-                    match &value {
-                        Value::String(s) => s.clone(),
-                        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
-                    }
-                    .as_str(),
-                );
-                rest = &rest[i + end + 1..];
-            }
-            out.push_str(rest);
-            *s = out;
+            let as_text = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+            };
+            let unclosed = || SpecError::new(path, format!("`{s}`: a `${{` is not closed")).context(here());
+            *v = match splice(s, lookup, as_text, unclosed)? {
+                Spliced::Value(x) => x,
+                Spliced::Text(t) => Value::String(t),
+            };
         }
         Value::Sequence(items) => {
             for (i, x) in items.iter_mut().enumerate() {

@@ -67,3 +67,62 @@ fn choose_ranks_by_the_metric_with_ties_by_id() {
     let err = min.choose(&[("ddd", &other)]).unwrap_err();
     assert!(err.contains("has no metric `val.acc`") && err.contains("test.acc"), "{err}");
 }
+
+fn error(child: &str) -> String {
+    let text = format!("{BASE}{child}");
+    match load_str(Path::new("stages.yaml"), &text, &mut Registry::default()) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_child_refers_to_its_parents_config() {
+    // One child per parent: each takes its own parent's learning rate and seed.
+    let p = plan("  tune:\n    needs: train\n    label_smoothing: '${parent.config.optimizer.momentum}'\n    optimizer: {name: sgd, lr: '${parent.config.optimizer.lr}', momentum: 0.5}\n    data: {name: two_moons, noise: '${parent.seed}'}\n");
+    let (train, tune) = (&p.stages[0].jobs, &p.stages[1].jobs);
+    assert_eq!(tune.len(), 8);
+    for (c, parent) in tune.iter().zip(train) {
+        assert_eq!(c.parents, vec![parent.id.clone()]);
+        assert_eq!(c.config_json["optimizer"]["lr"], parent.config_json["optimizer"]["lr"]);
+        assert_eq!(c.config_json["optimizer"]["momentum"], 0.5);
+        // (0 is the default, which the canonical config leaves out.)
+        let smoothing = c.config_json["label_smoothing"].as_f64().unwrap_or(0.0);
+        assert_eq!(smoothing, parent.config_json["optimizer"]["momentum"].as_f64().unwrap());
+        assert_eq!(c.config_json["data"]["noise"], parent.seed);
+    }
+    let mut ids: Vec<&str> = tune.iter().map(|j| j.id.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 8);
+
+    // `select: all` and `select: best` take a value every parent shares.
+    let p = plan("  ens:\n    needs: {stage: train, select: all}\n    task: evaluate\n    data: {name: '${parent.config.data.name}', n_test: 50}\n");
+    assert_eq!(p.stages[1].jobs[0].config_json["data"]["name"], "two_moons");
+    let p = plan("  pick:\n    needs: {stage: train, select: best, metric: val.acc, per: [optimizer.lr]}\n    task: evaluate\n    data: {name: two_moons, noise: '${parent.config.optimizer.lr}'}\n")
+        .stages
+        .remove(1);
+    let noise: Vec<f64> = p.jobs.iter().map(|j| j.config_json["data"]["noise"].as_f64().unwrap()).collect();
+    assert_eq!(noise, [0.1, 0.01]);
+}
+
+#[test]
+fn parent_reference_mistakes_are_clear() {
+    let e = error("  ens:\n    needs: {stage: train, select: all}\n    task: evaluate\n    data: {name: two_moons, noise: '${parent.config.optimizer.lr}'}\n");
+    assert!(
+        e.contains("stages.ens: data.noise: `${parent.config.optimizer.lr}`: the parent jobs of stage `train` differ there (0.1 and 0.01)"),
+        "{e}"
+    );
+    assert!(e.contains("hint: a reference names a value every parent shares"), "{e}");
+    assert!(e.starts_with("stages.yaml:16:29: "), "{e}");
+    let e = error("  lone:\n    epochs: '${parent.seed}'\n");
+    assert!(
+        e.contains("stages.lone: epochs: `${parent.seed}` refers to the parent job, but this stage has no `needs:`"),
+        "{e}"
+    );
+    assert!(e.starts_with("stages.yaml:14:5: "), "{e}");
+    let e = error("  tune:\n    needs: train\n    epochs: '${parent.config.epoch}'\n");
+    assert!(e.contains("`${parent.config.epoch}`: the jobs of stage `train` have no such config key"), "{e}");
+    let e = error("  tune:\n    needs: train\n    epochs: '${parent.id}'\n");
+    assert!(e.contains("`${parent.id}` is not a reference to the parent job"), "{e}");
+    assert!(e.contains("${parent.config.<key>}` or `${parent.seed}`"), "{e}");
+}
