@@ -38,7 +38,7 @@ fn write(e: &Exp, r: &mut Rng) -> String {
         _ => format!("{:.12}", x),
     };
     let mut opt =
-        vec![format!("name: sgd"), format!("lr: {}", num(e.lr, r)), format!("momentum: {}", num(e.momentum, r))];
+        [String::from("name: sgd"), format!("lr: {}", num(e.lr, r)), format!("momentum: {}", num(e.momentum, r))];
     if r.below(2) == 0 {
         opt.reverse();
     }
