@@ -528,6 +528,7 @@ fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) 
     let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let pool = xlab_sched::build_pool(pool, &xlab_sched::detect_gpus())
         .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+    xlab_sched::check_placement(&plan, &pool).map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
     let store = open_store(&cli.store)?;
     let total = plan.jobs().count();
     tracing::info!(

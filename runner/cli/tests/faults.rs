@@ -426,3 +426,90 @@ fn priority_orders_ready_jobs_and_max_parallel_caps_a_stage() {
         }
     }
 }
+
+/// `resources: {slots: 2}` takes two slots of one device: the job runs alone on a 2-slot pool,
+/// with the threads of both; a stage that asks for more than the pool has is refused before
+/// anything runs.
+#[test]
+fn a_job_takes_the_slots_its_stage_asks_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("res.yaml");
+    let text = "name: res\ndefaults:\n  task: noop\n  data: {name: two_moons}\n  noop: {sleep_s: 0.3}\nstages:\n  small: {seeds: 3}\n  big: {seeds: 2, noop: {sleep_s: 0.31}, resources: {slots: 2, device: cpu}}\n";
+    std::fs::write(&file, text).unwrap();
+    let store = dir.path().join("results");
+    let out = cmd(&store).args(["run", "-j", "2", "--threads", "1"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    // While a big job runs, nothing else does.
+    let (mut small, mut big) = (0i32, 0i32);
+    for l in err.lines() {
+        if l.contains("started small") {
+            small += 1;
+        } else if l.contains("done small") {
+            small -= 1;
+        } else if l.contains("started big") {
+            big += 1;
+        } else if l.contains("done big") {
+            big -= 1;
+        }
+        assert!(big == 0 || (big == 1 && small == 0), "a big job shares the pool:\n{err}");
+    }
+    let ids = job_ids(&store, &file);
+    let threads: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let v: serde_json::Value =
+                serde_json::from_slice(&cmd(&store).args(["show", id]).output().unwrap().stdout).unwrap();
+            v["provenance"]["threads"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(threads, [1, 1, 1, 2, 2], "the big jobs get both slots' threads");
+
+    // More slots than a device has, or a GPU on a CPU-only pool: refused, nothing runs.
+    for (resources, says) in [
+        ("{slots: 3}", "stage `big` asks for 3 slot(s) of any device (`resources:`), but the pool (2 × cpu) has at most 2 per device"),
+        ("{device: cuda}", "stage `big` asks for 1 slot(s) of a GPU (`resources:`), but the pool (2 × cpu) has none"),
+    ] {
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, text.replace("{slots: 2, device: cpu}", resources)).unwrap();
+        let store = dir.path().join("refused");
+        let out = cmd(&store).args(["run", "-j", "2", "--devices", "cpu"]).arg(&bad).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says) && err.contains("hint: run with more `--jobs-per-device`"), "{err}");
+        assert!(!store.exists(), "nothing ran");
+    }
+}
+
+/// `checkpoint: {every_minutes: M}` checkpoints at the end of an epoch once M minutes have
+/// passed since the last checkpoint; alone, it leaves epochs without one until then.
+#[test]
+fn checkpoints_follow_the_time_cadence() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoints = |policy: &str| {
+        // The cadence is not part of the identity: each run gets its own store.
+        let store = dir.path().join(format!("results-{}", policy.len()));
+        let file = dir.path().join("ckpt.yaml");
+        std::fs::write(
+            &file,
+            format!("name: ckpt\ndefaults:\n  task: train\n  data: {{name: two_moons, n_train: 256, n_val: 0, n_test: 64}}\n  model: {{name: mlp, hidden: [8]}}\n  optimizer: {{name: sgd}}\n  epochs: 4\nstages:\n  a: {{checkpoint: {policy}}}\n"),
+        )
+        .unwrap();
+        let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let id = job_ids(&store, &file).remove(0);
+        let mut names: Vec<String> = std::fs::read_dir(store.join("runs").join(&id))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ckpt-") && n.ends_with(".json"))
+            .collect();
+        names.sort();
+        names
+    };
+    // An hour never passes: only the final epoch's checkpoint.
+    assert_eq!(checkpoints("{every_minutes: 60}"), ["ckpt-000004.json"]);
+    // A millisecond always does, so every epoch checkpoints though `every_epochs` says 100
+    // (the newest two are kept).
+    assert_eq!(checkpoints("{every_epochs: 100, every_minutes: 0.00001}"), ["ckpt-000003.json", "ckpt-000004.json"]);
+    assert_eq!(checkpoints("{every_epochs: 2}"), ["ckpt-000002.json", "ckpt-000004.json"]);
+}

@@ -35,6 +35,9 @@ pub struct JobRequest {
     /// Write a checkpoint every this many epochs (and after the last one).
     #[serde(default = "one")]
     pub checkpoint_every: u32,
+    /// Also write one at the end of an epoch when this many milliseconds passed since the last.
+    #[serde(default)]
+    pub checkpoint_every_ms: Option<u64>,
     /// The finished jobs this one consumes (`needs:` in the experiment file).
     #[serde(default)]
     pub parents: Vec<ParentRef>,

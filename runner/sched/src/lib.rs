@@ -8,4 +8,4 @@ pub mod spawn;
 mod writer;
 
 pub use pool::{build_pool, detect_gpus, Devices, Gpu, Pool, PoolRequest, Slot};
-pub use run::{run, Progress, RunOptions, RunReport, SchedError};
+pub use run::{check_placement, run, Progress, RunOptions, RunReport, SchedError};

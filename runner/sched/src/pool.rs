@@ -1,5 +1,15 @@
 //! The device pool: the slots jobs run in, each with its device and thread count.
 
+use xlab_spec::file::DeviceKind;
+
+fn kind_matches(kind: DeviceKind, device: &str) -> bool {
+    match kind {
+        DeviceKind::Any => true,
+        DeviceKind::Cpu => device == "cpu",
+        DeviceKind::Cuda => device.starts_with("cuda"),
+    }
+}
+
 /// One place a job can run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
@@ -40,23 +50,41 @@ impl Pool {
         self.busy.iter().filter(|b| !**b).count()
     }
 
-    /// Takes a free slot, returning its index.
-    pub fn take(&mut self) -> Option<usize> {
-        let i = self.busy.iter().position(|b| !*b)?;
-        self.busy[i] = true;
-        Some(i)
+    /// Takes `n` free slots of one device of `kind`, on a device other than `avoid` when one
+    /// has room; `None` when no device has `n` free slots now.
+    pub fn take_many(&mut self, n: usize, kind: DeviceKind, avoid: Option<&str>) -> Option<Vec<usize>> {
+        let mut devices: Vec<&str> = Vec::new();
+        for s in &self.slots {
+            if kind_matches(kind, &s.device) && !devices.contains(&s.device.as_str()) {
+                devices.push(&s.device);
+            }
+        }
+        // Devices other than `avoid` first; the order is otherwise the pool's.
+        devices.sort_by_key(|d| Some(*d) == avoid);
+        let device = devices.into_iter().find(|d| {
+            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == *d).count() >= n.max(1)
+        })?;
+        let device = device.to_string();
+        let taken: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == device).take(n.max(1)).collect();
+        for &i in &taken {
+            self.busy[i] = true;
+        }
+        Some(taken)
     }
 
-    /// Takes a free slot on a device other than `avoid` when there is one, else any free slot.
-    pub fn take_avoiding(&mut self, avoid: Option<&str>) -> Option<usize> {
-        let other = (0..self.slots.len()).find(|&i| !self.busy[i] && Some(self.slots[i].device.as_str()) != avoid);
-        match other {
-            Some(i) => {
-                self.busy[i] = true;
-                Some(i)
-            }
-            None => self.take(),
+    /// Whether some device of `kind` has `n` slots at all (busy or not).
+    pub fn could_ever(&self, n: usize, kind: DeviceKind) -> bool {
+        self.most_slots(kind) >= n
+    }
+
+    /// The most slots one device of `kind` has.
+    pub fn most_slots(&self, kind: DeviceKind) -> usize {
+        let mut most = 0;
+        for s in self.slots.iter().filter(|s| kind_matches(kind, &s.device)) {
+            most = most.max(self.slots.iter().filter(|t| t.device == s.device).count());
         }
+        most
     }
 
     pub fn give_back(&mut self, i: usize) {
@@ -243,22 +271,40 @@ mod tests {
     #[test]
     fn slots_are_taken_and_given_back() {
         let mut p = Pool::cpu(2, 1);
-        let a = p.take().unwrap();
-        let b = p.take().unwrap();
+        let a = p.take_many(1, DeviceKind::Any, None).unwrap();
+        let b = p.take_many(1, DeviceKind::Any, None).unwrap();
         assert_ne!(a, b);
-        assert_eq!(p.take(), None);
-        p.give_back(a);
+        assert_eq!(p.take_many(1, DeviceKind::Any, None), None);
+        p.give_back(a[0]);
         assert_eq!(p.free(), 1);
-        assert_eq!(p.take(), Some(a));
+        assert_eq!(p.take_many(1, DeviceKind::Cpu, None), Some(a));
     }
 
     #[test]
     fn a_retry_after_running_out_of_memory_prefers_another_device() {
         let slot = |d: &str| Slot { device: d.into(), threads: 1 };
         let mut p = Pool::new(vec![slot("cuda:0"), slot("cuda:1")]);
-        assert_eq!(p.take_avoiding(Some("cuda:0")), Some(1));
-        assert_eq!(p.take_avoiding(Some("cuda:0")), Some(0), "the avoided device when nothing else is free");
-        assert_eq!(p.take_avoiding(None), None);
+        assert_eq!(p.take_many(1, DeviceKind::Any, Some("cuda:0")), Some(vec![1]));
+        let again = p.take_many(1, DeviceKind::Cuda, Some("cuda:0"));
+        assert_eq!(again, Some(vec![0]), "the avoided device when nothing else is free");
+        assert_eq!(p.take_many(1, DeviceKind::Any, None), None);
+    }
+
+    #[test]
+    fn a_job_takes_several_slots_of_one_device_of_its_kind() {
+        let slot = |d: &str| Slot { device: d.into(), threads: 2 };
+        let mut p = Pool::new(vec![slot("cpu"), slot("cuda:0"), slot("cuda:0"), slot("cuda:1"), slot("cuda:1")]);
+        assert_eq!((p.most_slots(DeviceKind::Cuda), p.most_slots(DeviceKind::Cpu)), (2, 1));
+        assert!(
+            p.could_ever(2, DeviceKind::Any) && !p.could_ever(2, DeviceKind::Cpu) && !p.could_ever(3, DeviceKind::Any)
+        );
+        assert_eq!(p.take_many(1, DeviceKind::Cuda, None), Some(vec![1]));
+        // cuda:0 has one slot left, so two slots come from cuda:1.
+        assert_eq!(p.take_many(2, DeviceKind::Cuda, None), Some(vec![3, 4]));
+        assert_eq!(p.take_many(2, DeviceKind::Any, None), None);
+        assert_eq!(p.take_many(1, DeviceKind::Cpu, None), Some(vec![0]));
+        assert_eq!(p.take_many(1, DeviceKind::Cpu, None), None, "a cpu job never lands on a GPU");
+        assert_eq!(p.take_many(1, DeviceKind::Any, None), Some(vec![2]));
     }
 
     fn h200s(n: u32) -> Vec<Gpu> {

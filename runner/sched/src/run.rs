@@ -1,7 +1,7 @@
 //! The scheduler loop: decide what to run, place ready jobs on free slots, turn worker events
 //! into store writes.
 
-use crate::pool::Pool;
+use crate::pool::{Pool, Slot};
 use crate::spawn::{self, Msg};
 use crate::writer::{self, StoreOp};
 use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
@@ -105,7 +105,9 @@ pub struct RunReport {
 }
 
 struct Running {
-    slot: usize,
+    /// The pool slots it holds (several with `resources: {slots: N}`), all of one device.
+    slots: Vec<usize>,
+    device: String,
     pid: u32,
     started: Instant,
     timed_out: bool,
@@ -129,6 +131,32 @@ fn signal(pid: u32, sig: i32) {
     unsafe {
         libc::kill(pid as i32, sig);
     }
+}
+
+/// Checks that the pool can hold every stage's jobs (`resources:`): a device of the asked kind
+/// with the asked number of slots. Says which stage asks for what, and what the pool has.
+pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
+    for stage in &plan.stages {
+        let Some(e) = stage.jobs.first().map(|j| &j.exec) else { continue };
+        if pool.could_ever(e.slots as usize, e.device) {
+            continue;
+        }
+        let kind = match e.device {
+            xlab_spec::file::DeviceKind::Any => "any device",
+            xlab_spec::file::DeviceKind::Cpu => "the CPU",
+            xlab_spec::file::DeviceKind::Cuda => "a GPU",
+        };
+        let most = pool.most_slots(e.device);
+        let has = if most == 0 { "has none".to_string() } else { format!("has at most {most} per device") };
+        return Err(format!(
+            "stage `{}` asks for {} slot(s) of {kind} (`resources:`), but the pool ({}) {has}\n  hint: run with \
+             more `--jobs-per-device`, other `--devices`, or lower `resources.slots`",
+            stage.name,
+            e.slots,
+            pool.describe()
+        ));
+    }
+    Ok(())
 }
 
 /// Runs every job of the plan that the store does not hold as done.
@@ -312,17 +340,26 @@ pub fn run(
             });
             while opts.pool.free() > 0 {
                 // The ready job to start: highest stage priority, then plan order, skipping
-                // stages at their `max_parallel`.
+                // stages at their `max_parallel` and jobs whose slots are not free now.
                 let busy = |stage: &str| running.keys().filter(|&&r| jobs[r].stage == stage).count();
-                let next = queue
+                let mut ready: Vec<(usize, usize)> = queue
                     .iter()
                     .enumerate()
                     .filter(|(_, &i)| jobs[i].exec.max_parallel.is_none_or(|m| busy(&jobs[i].stage) < m as usize))
-                    .min_by_key(|(_, &i)| (std::cmp::Reverse(jobs[i].exec.priority), i))
-                    .map(|(at, _)| at);
-                let Some(at) = next else { break };
+                    .map(|(at, &i)| (at, i))
+                    .collect();
+                ready.sort_by_key(|&(_, i)| (std::cmp::Reverse(jobs[i].exec.priority), i));
+                let placed = ready.into_iter().find_map(|(at, i)| {
+                    let e = &jobs[i].exec;
+                    let avoid = avoid.get(&i).map(String::as_str);
+                    opts.pool.take_many(e.slots as usize, e.device, avoid).map(|slots| (at, slots))
+                });
+                let Some((at, slots)) = placed else { break };
                 let i = queue.remove(at).expect("an index into the queue");
-                let slot = opts.pool.take_avoiding(avoid.get(&i).map(String::as_str)).expect("a slot is free");
+                let slot = Slot {
+                    device: opts.pool.slot(slots[0]).device.clone(),
+                    threads: slots.iter().map(|&s| opts.pool.slot(s).threads).sum(),
+                };
                 let picked = records[i].selected.clone();
                 let parents: Vec<ParentRef> = jobs[i]
                     .parents
@@ -334,19 +371,20 @@ pub fn run(
                         config: jobs[index[p.as_str()]].config_json.clone(),
                     })
                     .collect();
-                match start(store, &opts, jobs[i], &mut records[i], slot, i, &parents, tx.clone(), &ops_tx) {
+                match start(store, &opts, jobs[i], &mut records[i], &slot, i, &parents, tx.clone(), &ops_tx) {
                     Ok(()) => {
                         let r = &records[i];
                         observe(Progress::Started {
                             job: jobs[i],
-                            device: &opts.pool.slot(slot).device,
+                            device: &slot.device,
                             attempt: r.attempts.len() as u32,
                         });
                         let pid = r.attempts.last().and_then(|a| a.pid).unwrap_or(0);
                         running.insert(
                             i,
                             Running {
-                                slot,
+                                slots,
+                                device: slot.device,
                                 pid,
                                 started: Instant::now(),
                                 timed_out: false,
@@ -356,7 +394,9 @@ pub fn run(
                         );
                     }
                     Err(e) => {
-                        opts.pool.give_back(slot);
+                        for s in slots {
+                            opts.pool.give_back(s);
+                        }
                         result = Err(e);
                         queue.clear();
                     }
@@ -380,7 +420,9 @@ pub fn run(
                 Msg::Noise(i, line) => tracing::warn!(job = %jobs[i].id, "worker wrote a non-event line: {line}"),
                 Msg::Exited(i, status) => {
                     let mut r = running.remove(&i).expect("exit of a running job");
-                    opts.pool.give_back(r.slot);
+                    for &s in &r.slots {
+                        opts.pool.give_back(s);
+                    }
                     let outcome = finish(&mut r, status, store, jobs[i].exec.timeout_ms);
                     let tries = attempts_here.entry(i).or_insert(0);
                     *tries += 1;
@@ -411,7 +453,7 @@ pub fn run(
                             let delay = Duration::from_secs(1u64 << (*tries - 1).min(6)).min(Duration::from_secs(60));
                             r.record.status = JobStatus::Pending;
                             if *cause == FailureCause::OutOfMemory {
-                                avoid.insert(i, opts.pool.slot(r.slot).device.clone());
+                                avoid.insert(i, r.device.clone());
                             }
                             delayed.push((Instant::now() + delay, i));
                             observe(Progress::Retrying { job: jobs[i], cause: *cause, message, delay });
@@ -473,13 +515,13 @@ fn start(
     opts: &RunOptions,
     job: &Job,
     rec: &mut JobRecord,
-    slot: usize,
+    slot: &Slot,
     index_in_plan: usize,
     parents: &[ParentRef],
     tx: Sender<Msg>,
     ops: &Sender<StoreOp>,
 ) -> Result<(), SchedError> {
-    let s = opts.pool.slot(slot);
+    let s = slot;
     let (lease, visible) = spawn::lease_for(s);
     let req = JobRequest {
         protocol: PROTOCOL_VERSION,
@@ -492,6 +534,7 @@ fn start(
         run_dir: store.run_dir(job.id.as_str()),
         plugins: job.plugins.clone(),
         checkpoint_every: job.exec.checkpoint_every_epochs,
+        checkpoint_every_ms: job.exec.checkpoint_every_ms,
         parents: parents.to_vec(),
     };
     let pid = spawn::spawn(&opts.worker, &req, &visible, index_in_plan, tx)
@@ -501,6 +544,7 @@ fn start(
     rec.provenance.xlab_version = opts.xlab_version.clone();
     rec.provenance.git_commit = Some(opts.git_commit.clone());
     rec.provenance.device = Some(s.device.clone());
+    rec.provenance.threads = Some(s.threads);
     rec.provenance.plugins = job.plugins.clone();
     rec.attempts.push(Attempt {
         number: rec.attempts.len() as u32 + 1,

@@ -3,7 +3,7 @@
 use crate::config::Task;
 use crate::config::{JobConfig, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
-use crate::file::{BestSpec, ConfigPart, ExperimentFile, Mode, Select, CONFIG_KEYS};
+use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Select, CONFIG_KEYS};
 use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
 use crate::sweep::{check_key, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point};
 use crate::SpecError;
@@ -131,6 +131,11 @@ impl Pick {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exec {
     pub checkpoint_every_epochs: u32,
+    /// Also checkpoint at the end of an epoch when this many milliseconds passed since the last.
+    pub checkpoint_every_ms: Option<u64>,
+    /// Slots of one device the job takes.
+    pub slots: u32,
+    pub device: DeviceKind,
     /// Further attempts after a crash, out-of-memory error or timeout.
     pub retries: u32,
     /// Wall-clock limit of one attempt, in milliseconds.
@@ -396,8 +401,25 @@ pub fn expand(
                     .map_err(|m| SpecError::new(file, format!("`timeout` {m}")).context(format!("{ctx}.timeout")))?,
             ),
         };
+        let ckpt = stage.checkpoint.as_ref();
+        let every_minutes = ckpt.and_then(|c| c.every_minutes);
+        if every_minutes.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+            return Err(SpecError::new(file, "`checkpoint.every_minutes` must be a number > 0")
+                .context(format!("{ctx}.checkpoint"))
+                .key("every_minutes"));
+        }
+        let every_epochs = match ckpt {
+            // Only a time cadence: epochs end without a checkpoint until the time is up.
+            Some(c) if c.every_epochs.is_none() && c.every_minutes.is_some() => u32::MAX,
+            Some(c) => c.every_epochs.unwrap_or(1),
+            None => 1,
+        };
+        let resources = stage.resources.as_ref();
         let exec = Exec {
-            checkpoint_every_epochs: stage.checkpoint.as_ref().map(|c| c.every_epochs).unwrap_or(1),
+            checkpoint_every_epochs: every_epochs,
+            checkpoint_every_ms: every_minutes.map(|m| (m * 60_000.0).round().max(1.0) as u64),
+            slots: resources.and_then(|r| r.slots).unwrap_or(1),
+            device: resources.and_then(|r| r.device).unwrap_or_default(),
             retries: stage.retries.unwrap_or(0),
             timeout_ms,
             fail_fast: stage.fail_fast.unwrap_or(false),
@@ -411,7 +433,13 @@ pub fn expand(
         }
         if exec.checkpoint_every_epochs == 0 {
             return Err(SpecError::new(file, "`checkpoint.every_epochs` must be at least 1")
-                .context(format!("{ctx}.checkpoint")));
+                .context(format!("{ctx}.checkpoint"))
+                .key("every_epochs"));
+        }
+        if exec.slots == 0 {
+            return Err(SpecError::new(file, "`resources.slots` must be at least 1")
+                .context(format!("{ctx}.resources"))
+                .key("slots"));
         }
         let seeds = stage.seeds.as_ref().map(|s| s.list()).unwrap_or_else(|| vec![0]);
         if seeds.is_empty() {

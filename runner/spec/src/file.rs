@@ -95,6 +95,10 @@ config_keys! {
         /// not what it computes.
         #[serde(default)]
         pub checkpoint: Option<CheckpointPolicy>,
+        /// What each job takes from the device pool: `{slots: 2, device: cuda}`. Not part of
+        /// the identity.
+        #[serde(default)]
+        pub resources: Option<ResourcesFile>,
         /// Run a job again after a crash, out-of-memory error or timeout, up to this many times
         /// (waiting 1 s, 2 s, 4 s, … between attempts; an out-of-memory job prefers another device).
         /// Not part of the identity, like the next two.
@@ -250,7 +254,35 @@ pub struct RandomSweep {
 #[serde(deny_unknown_fields)]
 pub struct CheckpointPolicy {
     /// Checkpoint after every this many epochs (and after the last one).
-    pub every_epochs: u32,
+    #[serde(default)]
+    pub every_epochs: Option<u32>,
+    /// Checkpoint at the end of the first epoch that ends this many minutes or more after the
+    /// last checkpoint (with `every_epochs` too: whichever comes first).
+    #[serde(default)]
+    pub every_minutes: Option<f64>,
+}
+
+/// What one job of a stage takes from the device pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesFile {
+    /// Slots of one device the job takes (`--jobs-per-device` slots per device): a job with
+    /// `slots: 2` on a CPU runs with the threads of two slots; on a GPU it shares the GPU with
+    /// fewer jobs.
+    #[serde(default)]
+    pub slots: Option<u32>,
+    /// The kind of device the job runs on: `cpu`, `cuda` or `any` (the default).
+    #[serde(default)]
+    pub device: Option<DeviceKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Any,
+    Cpu,
+    Cuda,
 }
 
 #[derive(Debug, Clone, Deserialize)]

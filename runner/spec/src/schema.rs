@@ -36,8 +36,14 @@ pub fn schema() -> Value {
         ),
         (
             "checkpoint",
-            json!({"type": "object", "properties": {"every_epochs": {"type": "integer", "minimum": 1}},
-                "required": ["every_epochs"], "additionalProperties": false}),
+            json!({"type": "object", "properties": {"every_epochs": {"type": "integer", "minimum": 1},
+                "every_minutes": {"type": "number", "exclusiveMinimum": 0}},
+                "minProperties": 1, "additionalProperties": false}),
+        ),
+        (
+            "resources",
+            json!({"type": "object", "additionalProperties": false, "properties": {
+                "slots": {"type": "integer", "minimum": 1}, "device": {"enum": ["any", "cpu", "cuda"]}}}),
         ),
         (
             "needs",

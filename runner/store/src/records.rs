@@ -68,6 +68,9 @@ pub struct Provenance {
     pub libtorch: Option<String>,
     pub host: Option<String>,
     pub device: Option<String>,
+    /// Threads the job's worker was given (CPU results depend on it: reductions split by thread).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
     /// Plugin libraries used: id, version, file and its sha256.
     #[serde(default)]
     pub plugins: Vec<xlab_proto::plugins::PluginUse>,

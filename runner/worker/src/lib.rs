@@ -194,7 +194,11 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         let mut comps = load_components(req, &cfg)?;
         match cfg.task {
             Task::Train => {
-                let plan = train::CheckpointPlan { job_id: &req.job_id, every: req.checkpoint_every };
+                let plan = train::CheckpointPlan {
+                    job_id: &req.job_id,
+                    every: req.checkpoint_every,
+                    every_ms: req.checkpoint_every_ms,
+                };
                 train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out)
             }
             Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),

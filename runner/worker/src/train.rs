@@ -597,7 +597,10 @@ const DIVERGED: &str = "diverged: ";
 /// Where and how often a job checkpoints.
 pub struct CheckpointPlan<'a> {
     pub job_id: &'a str,
+    /// After every this many epochs.
     pub every: u32,
+    /// And at the end of an epoch this many milliseconds or more after the last checkpoint.
+    pub every_ms: Option<u64>,
 }
 
 /// Trains the job's model, resuming from the newest valid checkpoint in its run folder; returns
@@ -704,6 +707,7 @@ pub fn run(
     }
 
     let mut summary = history.last().map(|(_, v)| v.clone()).unwrap_or_default();
+    let mut last_checkpoint = std::time::Instant::now();
     for epoch in first_epoch..u64::from(cfg.epochs) {
         for c in comps.all() {
             c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
@@ -859,7 +863,9 @@ pub fn run(
         let last = epoch + 1 == u64::from(cfg.epochs);
         // Asked to stop (Ctrl-C, SIGTERM): checkpoint this epoch whatever the cadence, then stop.
         let stopping = !last && crate::stop_requested();
-        if last || stopping || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
+        let time_is_up = ckpt.every_ms.is_some_and(|ms| last_checkpoint.elapsed().as_millis() >= u128::from(ms));
+        if last || stopping || time_is_up || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
+            last_checkpoint = std::time::Instant::now();
             let meta = checkpoint::Meta {
                 format: checkpoint::FORMAT,
                 job_id: ckpt.job_id.to_string(),

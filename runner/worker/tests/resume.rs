@@ -59,6 +59,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value, step_
         run_dir: run_dir.to_path_buf(),
         plugins: vec![plugin("sam"), plugin("mixup"), plugin("dro")],
         checkpoint_every: 1,
+        checkpoint_every_ms: None,
         parents: vec![],
     }
 }

@@ -51,6 +51,7 @@ fn request(dir: &Path, id: &str, config: serde_json::Value, parents: Vec<ParentR
         run_dir: dir.join(id),
         plugins: vec![],
         checkpoint_every: 1,
+        checkpoint_every_ms: None,
         parents,
     }
 }
