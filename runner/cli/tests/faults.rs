@@ -245,12 +245,28 @@ fn attempts(store: &Path, id: &str) -> Vec<String> {
     v["attempts"].as_array().unwrap().iter().map(|a| a["outcome"].as_str().unwrap_or("").to_string()).collect()
 }
 
+/// The SHA-256 of each job's final weights file.
+fn weights(store: &Path, ids: &[String]) -> Vec<String> {
+    use sha2::Digest;
+    ids.iter()
+        .map(|id| {
+            hex::encode(sha2::Sha256::digest(
+                std::fs::read(store.join("runs").join(id).join("weights.safetensors")).unwrap(),
+            ))
+        })
+        .collect()
+}
+
+/// With `deterministic: true`, a sweep stopped by Ctrl-C and resumed (on slots of one thread)
+/// ends with the same metrics and bit-identical final weights as an uninterrupted run (on a
+/// slot of two threads).
 #[test]
 fn ctrl_c_stops_at_a_checkpoint_and_the_rerun_finishes_the_same_results() {
     let dir = tempfile::tempdir().unwrap();
-    let file = long_file(dir.path(), 6, "");
+    let file = long_file(dir.path(), 6, "deterministic: true");
     let reference = dir.path().join("reference");
-    assert!(cmd(&reference).arg("run").arg(&file).output().unwrap().status.success());
+    let out = cmd(&reference).args(["run", "-j", "1", "--threads", "2"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let store = dir.path().join("results");
     let child =
@@ -272,6 +288,10 @@ fn ctrl_c_stops_at_a_checkpoint_and_the_rerun_finishes_the_same_results() {
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success() && err.matches("from its checkpoint after epoch").count() == 2, "{err}");
     assert_eq!(snapshot(&store, &ids), snapshot(&reference, &ids), "the resumed results equal an uninterrupted run");
+    assert_eq!(weights(&store, &ids), weights(&reference, &ids), "and so do the final weights, bit for bit");
+    let show: serde_json::Value =
+        serde_json::from_slice(&cmd(&reference).args(["show", &ids[0]]).output().unwrap().stdout).unwrap();
+    assert_eq!(show["provenance"]["threads"], 1, "a deterministic job runs on one thread");
 }
 
 #[test]

@@ -544,7 +544,7 @@ fn start(
     rec.provenance.xlab_version = opts.xlab_version.clone();
     rec.provenance.git_commit = Some(opts.git_commit.clone());
     rec.provenance.device = Some(s.device.clone());
-    rec.provenance.threads = Some(s.threads);
+    rec.provenance.threads = Some(if job.config.deterministic { 1 } else { s.threads });
     rec.provenance.plugins = job.plugins.clone();
     rec.attempts.push(Attempt {
         number: rec.attempts.len() as u32 + 1,

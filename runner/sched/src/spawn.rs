@@ -47,9 +47,16 @@ pub fn spawn(
     let request = request_path(&req.run_dir);
     std::fs::write(&request, serde_json::to_vec_pretty(req).expect("requests serialize"))?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&req.run_dir))?;
-    let threads = req.lease.threads.to_string();
+    // `deterministic: true`: one thread (the worker does the same for libtorch's own pool), and
+    // cuBLAS's reproducible workspace, which must be set before CUDA starts.
+    let deterministic = req.config.get("deterministic") == Some(&serde_json::Value::Bool(true));
+    let threads = if deterministic { "1".to_string() } else { req.lease.threads.to_string() };
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(worker)
+    let mut command = Command::new(worker);
+    if deterministic {
+        command.env("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+    }
+    let mut child = command
         .arg("run")
         .arg("--job")
         .arg(&request)

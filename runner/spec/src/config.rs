@@ -113,6 +113,11 @@ pub struct JobConfig {
     /// images, drawn per example from the job's seed and the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augment: Option<Augment>,
+    /// Results that depend only on the config and seed: one CPU thread whatever the slot
+    /// (a thread count changes how sums are split), and on CUDA no cuDNN autotuning (cuDNN off)
+    /// and cuBLAS's deterministic workspace. Slower; part of the identity.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deterministic: bool,
 }
 
 /// Training-image augmentation (the standard CIFAR recipe is `{crop: 4, flip: true}`).
@@ -125,6 +130,10 @@ pub struct Augment {
     /// Mirror left-right with probability 1/2.
     #[serde(default)]
     pub flip: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_true(b: &bool) -> bool {

@@ -71,7 +71,7 @@ pub struct ExperimentFile {
 
 config_keys! {
     task, data, model, optimizer, epochs, batch_size, step_rule, batch_transform, objective, sampler, denoiser,
-    samples, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop;
+    samples, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop, deterministic;
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct StageFile {
@@ -588,6 +588,7 @@ init: w.safetensors
 shuffle: false
 augment: {flip: true}
 noop: {sleep_s: 0.1}
+deterministic: true
 "#;
         let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
         let v = serde_json::to_value(&cfg).unwrap();

@@ -180,8 +180,17 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         }
         let cfg: JobConfig = serde_json::from_value(req.config.clone())
             .map_err(|e| Failure::new(FailureCause::Config, format!("job config: {e}")))?;
-        tch::set_num_threads(req.lease.threads.max(1) as i32);
         let device = device_of(&req.lease.device)?;
+        if cfg.deterministic {
+            // The same sums in the same order on every run and every resume.
+            tch::set_num_threads(1);
+            if device.is_cuda() {
+                tch::Cuda::cudnn_set_benchmark(false);
+                tch::Cuda::set_user_enabled_cudnn(false);
+            }
+        } else {
+            tch::set_num_threads(req.lease.threads.max(1) as i32);
+        }
         std::fs::create_dir_all(&req.run_dir)
             .map_err(|e| Failure::new(FailureCause::Error, format!("cannot create {}: {e}", req.run_dir.display())))?;
         let _job_lock = lock_job(&req.run_dir)?;
