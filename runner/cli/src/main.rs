@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod filter;
+mod gc;
 mod live;
 mod plot;
 mod plugins;
@@ -170,6 +171,19 @@ enum Command {
     },
     /// Merge results exported elsewhere (`xlab export --format jsonl`), by job identity.
     Import { file: PathBuf },
+    /// Remove checkpoints no job needs: a done job's (it has its final weights), and all but
+    /// the newest valid one of an unfinished job (its resume point), and leftover temporary files.
+    Gc {
+        /// Only this experiment's jobs.
+        #[arg(long, short = 'e')]
+        experiment: Option<String>,
+        /// Keep each done job's newest checkpoint too.
+        #[arg(long)]
+        keep_last: bool,
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// What a run is doing (from `xlab run`'s status file while it holds the store) or what the
     /// store holds: jobs done, running, queued and failed, and each running job's progress.
     Status {
@@ -203,6 +217,16 @@ enum PluginsCommand {
     },
     /// One component's parameters with types, defaults and docs, and the paper it implements.
     Describe { id: String },
+}
+
+/// `1.5 MB`, `312 kB`, `12 B`.
+fn human_bytes(b: u64) -> String {
+    match b {
+        0..1_000 => format!("{b} B"),
+        1_000..1_000_000 => format!("{:.0} kB", b as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        _ => format!("{:.2} GB", b as f64 / 1e9),
+    }
 }
 
 /// Exit codes by who is at fault.
@@ -288,6 +312,30 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 return Ok(0);
             }
             query(&store, experiment.as_deref(), *format, metrics, filter.as_ref())?;
+            Ok(0)
+        }
+        Command::Gc { experiment, keep_last, dry_run } => {
+            let store = open_store(&cli.store)?;
+            if let Some(name) = experiment {
+                if store.experiment(name)?.is_none() {
+                    return Err(Failure {
+                        code: exit::USER,
+                        error: anyhow::anyhow!("no experiment `{name}` in store {}", store.dir().display()),
+                    });
+                }
+            }
+            let report = gc::collect(&store, experiment.as_deref(), *keep_last, *dry_run)?;
+            for (path, bytes) in report.files.iter().filter(|_| *dry_run) {
+                outln!("would remove {} ({})", path.display(), human_bytes(*bytes));
+            }
+            let verb = if *dry_run { "would remove" } else { "removed" };
+            outln!(
+                "{verb} {} file(s), {}, from {} job(s); {} unfinished job(s) keep their newest checkpoint to resume from",
+                report.files.len(),
+                human_bytes(report.bytes()),
+                report.jobs,
+                report.kept_for_resume
+            );
             Ok(0)
         }
         Command::Export { experiment, format, output } => {

@@ -533,3 +533,97 @@ fn checkpoints_follow_the_time_cadence() {
     assert_eq!(checkpoints("{every_epochs: 100, every_minutes: 0.00001}"), ["ckpt-000003.json", "ckpt-000004.json"]);
     assert_eq!(checkpoints("{every_epochs: 2}"), ["ckpt-000002.json", "ckpt-000004.json"]);
 }
+
+fn checkpoint_files(store: &Path, id: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.join("runs").join(id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ckpt-") || n.ends_with(".tmp"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `xlab gc` refuses a store in use; removes a done job's checkpoints (its weights stay, and
+/// the sweep stays done); keeps an interrupted job's newest checkpoint, which the rerun resumes
+/// from; removes leftovers of killed writes; `--dry-run` removes nothing.
+#[test]
+fn gc_removes_the_checkpoints_no_job_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = long_file(dir.path(), 40, "");
+    let store = dir.path().join("results");
+    let ids = job_ids(&store, &file);
+    let child =
+        cmd(&store).args(["run", "-j", "2"]).arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(&store);
+    let busy = cmd(&store).arg("gc").output().unwrap();
+    assert_eq!(busy.status.code(), Some(3), "{}", String::from_utf8_lossy(&busy.stderr));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("in use by pid"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    // Let each job write at least two checkpoints, then stop the run at the next one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ids.iter().any(|id| checkpoint_files(&store, id).len() < 4) {
+        assert!(std::time::Instant::now() < deadline, "no second checkpoint within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send(child.id(), "-INT");
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
+    let stray = store.join("runs").join(&ids[0]).join("ckpt-000099.safetensors.tmp");
+    std::fs::write(&stray, b"half a checkpoint").unwrap();
+
+    let dry = cmd(&store).args(["gc", "--dry-run"]).output().unwrap();
+    let text = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(
+        text.contains("would remove 5 file(s)") && text.contains("2 unfinished job(s) keep their newest"),
+        "{text}"
+    );
+    assert_eq!(checkpoint_files(&store, &ids[0]).len(), 5, "a dry run removes nothing");
+
+    let out = cmd(&store).arg("gc").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed 5 file(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for id in &ids {
+        let left = checkpoint_files(&store, id);
+        assert_eq!(left.len(), 2, "the newest checkpoint, json and tensors: {left:?}");
+    }
+    let again = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && err.matches("from its checkpoint after epoch").count() == 2, "{err}");
+
+    let keep = cmd(&store).args(["gc", "--keep-last", "--dry-run"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&keep.stdout).contains("would remove 4 file(s)"),
+        "{}",
+        String::from_utf8_lossy(&keep.stdout)
+    );
+    // Done: the checkpoints go (the newest two of each job), the weights and the results stay.
+    let out = cmd(&store).args(["gc", "-e", "long"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed 8 file(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for id in &ids {
+        assert!(checkpoint_files(&store, id).is_empty());
+        assert!(store.join("runs").join(id).join("weights.safetensors").exists());
+        let v: serde_json::Value =
+            serde_json::from_slice(&cmd(&store).args(["show", id]).output().unwrap().stdout).unwrap();
+        let names: Vec<&str> = v["artifacts"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+        assert!(!names.contains(&"checkpoint") && names.contains(&"weights"), "{names:?}");
+    }
+    let rerun = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&rerun.stderr).contains("0 done, 2 skipped"),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    let unknown = cmd(&store).args(["gc", "-e", "lng"]).output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+}

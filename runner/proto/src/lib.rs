@@ -188,6 +188,27 @@ pub mod artifacts {
         run_dir.join("train-errors").join(format!("epoch-{epoch:05}.json"))
     }
 
+    /// The file stem of the checkpoint after `epoch`: `ckpt-00000E` (`.json` and `.safetensors`).
+    pub fn checkpoint_stem(epoch: u64) -> String {
+        format!("ckpt-{epoch:06}")
+    }
+
+    /// Epochs with a checkpoint JSON in a run folder, newest first.
+    pub fn checkpoint_epochs(run_dir: &Path) -> Vec<u64> {
+        let mut epochs: Vec<u64> = std::fs::read_dir(run_dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let n = e.file_name().into_string().ok()?;
+                        n.strip_prefix("ckpt-")?.strip_suffix(".json")?.parse().ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        epochs.sort_unstable_by(|a, b| b.cmp(a));
+        epochs
+    }
+
     /// Reads the training-pass errors of `epoch` (1-based) from a job's run folder.
     pub fn read_train_errors(run_dir: &Path, epoch: u64) -> Result<TrainErrors, String> {
         let path = train_errors_path(run_dir, epoch);

@@ -45,9 +45,7 @@ pub struct Checkpoint {
     pub tensors: Vec<(String, Tensor)>,
 }
 
-fn stem(epoch: u64) -> String {
-    format!("ckpt-{epoch:06}")
-}
+use xlab_proto::artifacts::{checkpoint_epochs as list, checkpoint_stem as stem};
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -86,22 +84,6 @@ pub fn save(dir: &Path, mut meta: Meta, tensors: &[(String, Tensor)]) -> Result<
         let _ = std::fs::remove_file(dir.join(format!("{}.safetensors", stem(old))));
     }
     Ok(json_path)
-}
-
-/// Epochs with a checkpoint JSON in `dir`, newest first.
-fn list(dir: &Path) -> Vec<u64> {
-    let mut epochs: Vec<u64> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let n = e.file_name().into_string().ok()?;
-                    n.strip_prefix("ckpt-")?.strip_suffix(".json")?.parse().ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    epochs.sort_unstable_by(|a, b| b.cmp(a));
-    epochs
 }
 
 /// The newest valid checkpoint of `job_id` in `dir`; invalid ones are reported in `skipped`.
