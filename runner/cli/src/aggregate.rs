@@ -7,7 +7,7 @@
 
 use crate::filter::{Filter, JobView, StoredJob};
 use serde_json::Value;
-use xlab_store::{ExperimentRecord, JobStatus, Store};
+use xlab_store::{ExperimentRecord, JobStatus, ResultStore};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agg {
@@ -103,7 +103,7 @@ pub struct Grouped {
 
 /// Groups the experiment's jobs (those `filter` matches) by `keys` and aggregates.
 pub fn group(
-    store: &Store,
+    store: &dyn ResultStore,
     exp: &ExperimentRecord,
     filter: Option<&Filter>,
     keys: &[String],

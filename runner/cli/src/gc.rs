@@ -7,7 +7,7 @@
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use xlab_proto::artifacts::{checkpoint_epochs, checkpoint_stem};
-use xlab_store::{JobRecord, JobStatus, Store};
+use xlab_store::{JobRecord, JobStatus, ResultStore};
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -62,7 +62,7 @@ fn leftovers(run_dir: &Path) -> Vec<(PathBuf, u64)> {
 }
 
 /// What to remove from one job's run folder.
-fn plan_job(store: &Store, job: &JobRecord, keep_last: bool) -> (Vec<(PathBuf, u64)>, bool) {
+fn plan_job(store: &dyn ResultStore, job: &JobRecord, keep_last: bool) -> (Vec<(PathBuf, u64)>, bool) {
     let dir = store.run_dir(&job.id);
     let mut remove = leftovers(&dir);
     let epochs = checkpoint_epochs(&dir);
@@ -82,7 +82,7 @@ fn plan_job(store: &Store, job: &JobRecord, keep_last: bool) -> (Vec<(PathBuf, u
 
 /// Removes (or, with `dry_run`, lists) what no job needs, for the jobs of `experiment` or all.
 pub fn collect(
-    store: &Store,
+    store: &dyn ResultStore,
     experiment: Option<&str>,
     keep_last: bool,
     dry_run: bool,

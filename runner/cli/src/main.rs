@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use xlab_sched::{Progress, RunOptions};
-use xlab_store::{JobStatus, Store, StoreError};
+use xlab_store::{JobStatus, ResultStore, Store, StoreError};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -740,7 +740,7 @@ struct Grouping<'a> {
 }
 
 /// The experiment a query names, or the most recently run one.
-fn pick_experiment(store: &Store, experiment: Option<&str>) -> Result<xlab_store::ExperimentRecord, Failure> {
+fn pick_experiment(store: &dyn ResultStore, experiment: Option<&str>) -> Result<xlab_store::ExperimentRecord, Failure> {
     Ok(match experiment {
         Some(name) => store.experiment(name)?.with_context(|| {
             format!("no experiment `{name}` in store {}; `xlab run FILE` records one", store.dir().display())
@@ -774,7 +774,7 @@ fn default_group_keys(exp: &xlab_store::ExperimentRecord) -> Vec<String> {
 }
 
 fn grouped_query(
-    store: &Store,
+    store: &dyn ResultStore,
     experiment: Option<&str>,
     format: Format,
     wanted: &[String],
@@ -822,7 +822,7 @@ fn grouped_query(
 }
 
 fn query(
-    store: &Store,
+    store: &dyn ResultStore,
     experiment: Option<&str>,
     format: Format,
     wanted: &[String],

@@ -5,7 +5,7 @@ use crate::filter::{Filter, JobView, StoredJob};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use xlab_store::{ExperimentRecord, Store};
+use xlab_store::{ExperimentRecord, ResultStore};
 
 /// One curve: its label and, per step, the values of its jobs.
 pub struct Curve {
@@ -15,7 +15,7 @@ pub struct Curve {
 
 /// The curves of `metric`, one per distinct value of `keys` among the matching jobs.
 pub fn curves(
-    store: &Store,
+    store: &dyn ResultStore,
     exp: &ExperimentRecord,
     filter: Option<&Filter>,
     keys: &[String],

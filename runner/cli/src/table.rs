@@ -5,7 +5,7 @@ use crate::filter::{Filter, StoredJob};
 use comfy_table::{presets, Cell, CellAlignment, Table};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use xlab_store::{ExperimentRecord, JobStatus, Store};
+use xlab_store::{ExperimentRecord, JobStatus, ResultStore};
 
 /// One group: the jobs of a stage that differ only in their seed.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +30,7 @@ pub fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
 }
 
 /// Groups an experiment's jobs (those the filter matches) by stage and sweep point.
-pub fn rows(store: &Store, exp: &ExperimentRecord, filter: Option<&Filter>) -> anyhow::Result<Vec<Row>> {
+pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Filter>) -> anyhow::Result<Vec<Row>> {
     let mut out: Vec<Row> = Vec::new();
     for stage in &exp.stages {
         for id in &stage.jobs {

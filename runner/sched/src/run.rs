@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use xlab_proto::{Event, FailureCause, JobRequest, ParentRef, PROTOCOL_VERSION};
 use xlab_spec::{Job, Plan};
 use xlab_store::{
-    now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, StageRecord, Store,
+    now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, ResultStore, StageRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +161,7 @@ pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
 
 /// Runs every job of the plan that the store does not hold as done.
 pub fn run(
-    store: &Store,
+    store: &dyn ResultStore,
     plan: &Plan,
     mut opts: RunOptions,
     observe: &mut dyn FnMut(Progress<'_>),
@@ -511,7 +511,7 @@ fn new_record(plan: &Plan, job: &Job) -> JobRecord {
 
 #[allow(clippy::too_many_arguments)]
 fn start(
-    store: &Store,
+    store: &dyn ResultStore,
     opts: &RunOptions,
     job: &Job,
     rec: &mut JobRecord,
@@ -596,7 +596,7 @@ fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe
 fn finish(
     r: &mut Running,
     status: std::io::Result<std::process::ExitStatus>,
-    store: &Store,
+    store: &dyn ResultStore,
     timeout_ms: Option<u64>,
 ) -> Result<BTreeMap<String, f64>, (FailureCause, String)> {
     let outcome = match (r.terminal.take(), status) {

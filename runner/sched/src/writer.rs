@@ -3,7 +3,7 @@
 
 use crossbeam_channel::Receiver;
 use std::collections::BTreeMap;
-use xlab_store::{JobRecord, Store};
+use xlab_store::{JobRecord, ResultStore};
 
 /// The metric values reported at one step.
 type StepPoints = (u64, BTreeMap<String, f64>);
@@ -15,7 +15,7 @@ pub enum StoreOp {
 
 /// Applies operations until every sender is gone. Returns the first store error, if any; after
 /// an error the writer keeps draining so that senders never block, but writes nothing more.
-pub fn run(store: &Store, ops: Receiver<StoreOp>) -> Result<(), xlab_store::StoreError> {
+pub fn run(store: &dyn ResultStore, ops: Receiver<StoreOp>) -> Result<(), xlab_store::StoreError> {
     let mut first_error = None;
     let mut last_flush = std::time::Instant::now();
     while let Ok(op) = ops.recv() {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Instant;
-use xlab_store::Store;
+use xlab_store::{ResultStore, Store};
 
 fn dir_size(p: &std::path::Path) -> u64 {
     std::fs::read_dir(p)

@@ -127,20 +127,6 @@ impl Store {
         self.flush()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The run folder of a job, where its artifacts and logs live.
-    pub fn run_dir(&self, job: &str) -> PathBuf {
-        self.dir.join("runs").join(job)
-    }
-
-    /// Makes everything written so far durable.
-    pub fn flush(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
-    }
-
     fn get<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &str) -> Result<Option<T>> {
         match tree.get(key).map_err(|e| self.db_err(e))? {
             None => Ok(None),
@@ -162,40 +148,46 @@ impl Store {
             })
             .collect()
     }
+}
 
-    pub fn put_experiment(&self, e: &ExperimentRecord) -> Result<()> {
+impl ResultStore for Store {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
+    }
+
+    fn put_experiment(&self, e: &ExperimentRecord) -> Result<()> {
         self.put(&self.experiments, &e.name, e)
     }
 
-    pub fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>> {
+    fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>> {
         self.get(&self.experiments, name)
     }
 
-    pub fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
+    fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
         self.all(&self.experiments)
     }
 
-    pub fn put_job(&self, j: &JobRecord) -> Result<()> {
+    fn put_job(&self, j: &JobRecord) -> Result<()> {
         self.put(&self.jobs, &j.id, j)
     }
 
-    pub fn job(&self, id: &str) -> Result<Option<JobRecord>> {
+    fn job(&self, id: &str) -> Result<Option<JobRecord>> {
         self.get(&self.jobs, id)
     }
 
-    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+    fn jobs(&self) -> Result<Vec<JobRecord>> {
         self.all(&self.jobs)
-    }
-
-    /// Writes metric points of one job at one step. Rewriting a point replaces it.
-    pub fn put_metrics(&self, job: &str, step: u64, values: &BTreeMap<String, f64>) -> Result<()> {
-        self.put_metrics_batch(job, &[(step, values.clone())])
     }
 
     /// Writes metric points of one job at several steps. Points are kept in chunks of
     /// [`CHUNK_STEPS`] steps per metric (16 bytes a point); each touched chunk is read, merged
     /// (a rewritten point replaces the old one) and written back in one sled batch.
-    pub fn put_metrics_batch(&self, job: &str, points: &[(u64, BTreeMap<String, f64>)]) -> Result<()> {
+    fn put_metrics_batch(&self, job: &str, points: &[(u64, BTreeMap<String, f64>)]) -> Result<()> {
         let mut chunks: BTreeMap<Vec<u8>, BTreeMap<u64, f64>> = BTreeMap::new();
         for (step, values) in points {
             for (name, v) in values {
@@ -215,7 +207,7 @@ impl Store {
     }
 
     /// The points of one metric of one job, by step.
-    pub fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>> {
+    fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>> {
         let mut prefix = metric_prefix(job);
         prefix.extend_from_slice(name.as_bytes());
         prefix.push(0);
@@ -228,7 +220,7 @@ impl Store {
     }
 
     /// Every metric series of one job.
-    pub fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
+    fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
         let prefix = metric_prefix(job);
         let mut out: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
         for kv in self.metrics.scan_prefix(&prefix) {
@@ -240,6 +232,138 @@ impl Store {
             out.entry(name).or_default().extend(decode_chunk(&self.dir, &v)?);
         }
         Ok(out)
+    }
+}
+
+/// What xlab needs of a results store: experiment and job records, metric series, and a folder
+/// for each job's files. The scheduler and every command go through it; [`Store`] (sled) is
+/// the implementation, and export and import are written once here for any implementation.
+pub trait ResultStore: Send + Sync {
+    /// The store's folder.
+    fn dir(&self) -> &Path;
+
+    /// The run folder of a job, where its artifacts and logs live.
+    fn run_dir(&self, job: &str) -> PathBuf {
+        self.dir().join("runs").join(job)
+    }
+
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()>;
+
+    fn put_experiment(&self, e: &ExperimentRecord) -> Result<()>;
+
+    fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>>;
+
+    fn experiments(&self) -> Result<Vec<ExperimentRecord>>;
+
+    fn put_job(&self, j: &JobRecord) -> Result<()>;
+
+    fn job(&self, id: &str) -> Result<Option<JobRecord>>;
+
+    fn jobs(&self) -> Result<Vec<JobRecord>>;
+
+    /// Writes metric points of one job at one step. Rewriting a point replaces it.
+    fn put_metrics(&self, job: &str, step: u64, values: &BTreeMap<String, f64>) -> Result<()> {
+        self.put_metrics_batch(job, &[(step, values.clone())])
+    }
+
+    /// Writes metric points of one job at several steps; a rewritten point replaces the old one.
+    fn put_metrics_batch(&self, job: &str, points: &[(u64, BTreeMap<String, f64>)]) -> Result<()>;
+
+    /// The points of one metric of one job, by step.
+    fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>>;
+
+    /// Every metric series of one job.
+    fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>>;
+
+    /// Every experiment (or just `only`) and its jobs with their metric series, as export lines.
+    fn export(&self, only: Option<&str>) -> Result<Vec<ExportLine>> {
+        let mut lines = Vec::new();
+        let mut wanted = std::collections::BTreeSet::new();
+        for e in self.experiments()? {
+            if only.is_some_and(|n| n != e.name) {
+                continue;
+            }
+            wanted.extend(e.stages.iter().flat_map(|s| s.jobs.iter().cloned()));
+            lines.push(ExportLine::Experiment(e));
+        }
+        for id in wanted {
+            if let Some(job) = self.job(&id)? {
+                let metrics = self.metrics_of(&id)?;
+                lines.push(ExportLine::Job { job: Box::new(job), metrics });
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Merges exported lines into this store, by job identity: a job already done here is kept;
+    /// a job that is done in the import replaces one that is not; metric points are written by
+    /// key, so importing the same file twice changes nothing.
+    fn import(&self, lines: Vec<ExportLine>) -> Result<ImportReport> {
+        let mut report = ImportReport::default();
+        for line in lines {
+            match line {
+                ExportLine::Experiment(e) => match self.experiment(&e.name)? {
+                    None => {
+                        self.put_experiment(&e)?;
+                        report.experiments_new += 1;
+                    }
+                    Some(mut mine) => {
+                        let mut changed = false;
+                        for s in e.stages {
+                            match mine.stages.iter_mut().find(|m| m.name == s.name) {
+                                Some(m) => {
+                                    for j in s.jobs {
+                                        if !m.jobs.contains(&j) {
+                                            m.jobs.push(j);
+                                            changed = true;
+                                        }
+                                    }
+                                }
+                                None => {
+                                    mine.stages.push(s);
+                                    changed = true;
+                                }
+                            }
+                        }
+                        if changed {
+                            self.put_experiment(&mine)?;
+                        }
+                        report.experiments_merged += 1;
+                    }
+                },
+                ExportLine::Job { job, metrics } => {
+                    let take = match self.job(&job.id)? {
+                        None => {
+                            report.jobs_new += 1;
+                            true
+                        }
+                        Some(mine) if mine.status != JobStatus::Done && job.status == JobStatus::Done => {
+                            report.jobs_updated += 1;
+                            true
+                        }
+                        Some(_) => {
+                            report.jobs_kept += 1;
+                            false
+                        }
+                    };
+                    if take {
+                        // One batch per job: every point of every series, by step.
+                        let mut by_step: BTreeMap<u64, BTreeMap<String, f64>> = BTreeMap::new();
+                        for (name, points) in &metrics {
+                            for (step, v) in points {
+                                by_step.entry(*step).or_default().insert(name.clone(), *v);
+                            }
+                        }
+                        let batch: Vec<(u64, BTreeMap<String, f64>)> = by_step.into_iter().collect();
+                        self.put_metrics_batch(&job.id, &batch)?;
+                        self.put_job(&job)?;
+                    }
+                }
+            }
+        }
+        self.flush()?;
+        Ok(report)
     }
 }
 
@@ -452,94 +576,4 @@ pub struct ImportReport {
     pub jobs_new: usize,
     pub jobs_updated: usize,
     pub jobs_kept: usize,
-}
-
-impl Store {
-    /// Every experiment (or just `only`) and its jobs with their metric series, as export lines.
-    pub fn export(&self, only: Option<&str>) -> Result<Vec<ExportLine>> {
-        let mut lines = Vec::new();
-        let mut wanted = std::collections::BTreeSet::new();
-        for e in self.experiments()? {
-            if only.is_some_and(|n| n != e.name) {
-                continue;
-            }
-            wanted.extend(e.stages.iter().flat_map(|s| s.jobs.iter().cloned()));
-            lines.push(ExportLine::Experiment(e));
-        }
-        for id in wanted {
-            if let Some(job) = self.job(&id)? {
-                let metrics = self.metrics_of(&id)?;
-                lines.push(ExportLine::Job { job: Box::new(job), metrics });
-            }
-        }
-        Ok(lines)
-    }
-
-    /// Merges exported lines into this store, by job identity: a job already done here is kept;
-    /// a job that is done in the import replaces one that is not; metric points are written by
-    /// key, so importing the same file twice changes nothing.
-    pub fn import(&self, lines: Vec<ExportLine>) -> Result<ImportReport> {
-        let mut report = ImportReport::default();
-        for line in lines {
-            match line {
-                ExportLine::Experiment(e) => match self.experiment(&e.name)? {
-                    None => {
-                        self.put_experiment(&e)?;
-                        report.experiments_new += 1;
-                    }
-                    Some(mut mine) => {
-                        let mut changed = false;
-                        for s in e.stages {
-                            match mine.stages.iter_mut().find(|m| m.name == s.name) {
-                                Some(m) => {
-                                    for j in s.jobs {
-                                        if !m.jobs.contains(&j) {
-                                            m.jobs.push(j);
-                                            changed = true;
-                                        }
-                                    }
-                                }
-                                None => {
-                                    mine.stages.push(s);
-                                    changed = true;
-                                }
-                            }
-                        }
-                        if changed {
-                            self.put_experiment(&mine)?;
-                        }
-                        report.experiments_merged += 1;
-                    }
-                },
-                ExportLine::Job { job, metrics } => {
-                    let take = match self.job(&job.id)? {
-                        None => {
-                            report.jobs_new += 1;
-                            true
-                        }
-                        Some(mine) if mine.status != JobStatus::Done && job.status == JobStatus::Done => {
-                            report.jobs_updated += 1;
-                            true
-                        }
-                        Some(_) => {
-                            report.jobs_kept += 1;
-                            false
-                        }
-                    };
-                    if take {
-                        for (name, points) in &metrics {
-                            for (step, v) in points {
-                                let mut one = BTreeMap::new();
-                                one.insert(name.clone(), *v);
-                                self.put_metrics(&job.id, *step, &one)?;
-                            }
-                        }
-                        self.put_job(&job)?;
-                    }
-                }
-            }
-        }
-        self.flush()?;
-        Ok(report)
-    }
 }
