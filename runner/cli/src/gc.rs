@@ -6,7 +6,7 @@
 
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use xlab_proto::artifacts::{checkpoint_epochs, checkpoint_stem};
+use xlab_proto::artifacts::{checkpoint_points, CheckpointPoint};
 use xlab_store::{JobRecord, JobStatus, ResultStore};
 
 #[derive(Debug, Default)]
@@ -26,8 +26,8 @@ impl Report {
 }
 
 /// Whether a checkpoint's tensor file has the size and SHA-256 its JSON records.
-fn valid(run_dir: &Path, epoch: u64) -> bool {
-    let json = run_dir.join(format!("{}.json", checkpoint_stem(epoch)));
+fn valid(run_dir: &Path, point: CheckpointPoint) -> bool {
+    let json = run_dir.join(format!("{}.json", point.stem()));
     let Ok(meta) = std::fs::read(&json).map(|b| serde_json::from_slice::<serde_json::Value>(&b)) else {
         return false;
     };
@@ -43,11 +43,11 @@ fn valid(run_dir: &Path, epoch: u64) -> bool {
     }
 }
 
-/// The files of the checkpoint after `epoch` that exist, with their sizes.
-fn checkpoint_files(run_dir: &Path, epoch: u64) -> Vec<(PathBuf, u64)> {
+/// The files of a checkpoint that exist, with their sizes.
+fn checkpoint_files(run_dir: &Path, point: CheckpointPoint) -> Vec<(PathBuf, u64)> {
     ["json", "safetensors"]
         .iter()
-        .map(|ext| run_dir.join(format!("{}.{ext}", checkpoint_stem(epoch))))
+        .map(|ext| run_dir.join(format!("{}.{ext}", point.stem())))
         .filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m.len())))
         .collect()
 }
@@ -65,16 +65,16 @@ fn leftovers(run_dir: &Path) -> Vec<(PathBuf, u64)> {
 fn plan_job(store: &dyn ResultStore, job: &JobRecord, keep_last: bool) -> (Vec<(PathBuf, u64)>, bool) {
     let dir = store.run_dir(&job.id);
     let mut remove = leftovers(&dir);
-    let epochs = checkpoint_epochs(&dir);
+    let points = checkpoint_points(&dir);
     let keep = match job.status {
-        JobStatus::Done if keep_last => epochs.iter().copied().find(|&e| valid(&dir, e)),
+        JobStatus::Done if keep_last => points.iter().copied().find(|&p| valid(&dir, p)),
         JobStatus::Done => None,
         // A resume starts from the newest valid checkpoint; an invalid newer one is garbage.
-        _ => epochs.iter().copied().find(|&e| valid(&dir, e)),
+        _ => points.iter().copied().find(|&p| valid(&dir, p)),
     };
-    for e in epochs {
-        if Some(e) != keep {
-            remove.extend(checkpoint_files(&dir, e));
+    for p in points {
+        if Some(p) != keep {
+            remove.extend(checkpoint_files(&dir, p));
         }
     }
     (remove, keep.is_some() && job.status != JobStatus::Done)

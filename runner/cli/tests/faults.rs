@@ -627,3 +627,49 @@ fn gc_removes_the_checkpoints_no_job_needs() {
     let unknown = cmd(&store).args(["gc", "-e", "lng"]).output().unwrap();
     assert_eq!(unknown.status.code(), Some(2));
 }
+
+/// `checkpoint: {every_steps: N}` checkpoints inside epochs; Ctrl-C stops at the next such step,
+/// and the rerun resumes in the middle of the epoch (its order, statistics, plugin and random
+/// state) and ends with an uninterrupted run's metrics and final weights, bit for bit.
+#[test]
+fn a_run_stopped_inside_an_epoch_resumes_there() {
+    let dir = tempfile::tempdir().unwrap();
+    // 256 batches an epoch, a checkpoint every 10 steps of the run: a stop request lands inside
+    // an epoch unless it comes in an epoch's last 6 batches.
+    let extra = "checkpoint: {every_steps: 10}\n    data: {name: spurious, n_train: 8192, n_val: 0, n_test: 128}\n    batch_transform: {use: mixup.mixup, alpha: 0.4}\n    objective: {use: dro.group_dro}";
+    let file = long_file(dir.path(), 3, extra);
+    let reference = dir.path().join("reference");
+    let out = cmd(&reference).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let store = dir.path().join("results");
+    let ids = job_ids(&store, &file);
+    let child =
+        cmd(&store).args(["run", "-j", "2"]).arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let first = store.join("runs").join(&ids[0]).join("ckpt-000000-s00000030.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !first.exists() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint inside the first epoch within 60 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    send(child.id(), "-INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped in epoch ") && err.contains(" batches, at a checkpoint"), "{err}");
+    // (A job whose worker was still starting stops without a checkpoint.)
+    let kinds: Vec<String> = ids
+        .iter()
+        .filter_map(|id| {
+            let show: serde_json::Value =
+                serde_json::from_slice(&cmd(&store).args(["show", id]).output().unwrap().stdout).unwrap();
+            show["artifacts"][0]["kind"].as_str().map(str::to_string)
+        })
+        .collect();
+    assert!(kinds.iter().any(|k| k.starts_with("checkpoint in epoch ") && k.ends_with("0 batches")), "{kinds:?}");
+
+    let again = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(snapshot(&store, &ids), snapshot(&reference, &ids), "the resumed results equal an uninterrupted run");
+    assert_eq!(weights(&store, &ids), weights(&reference, &ids), "and so do the final weights, bit for bit");
+}

@@ -35,6 +35,10 @@ pub struct JobRequest {
     /// Write a checkpoint every this many epochs (and after the last one).
     #[serde(default = "one")]
     pub checkpoint_every: u32,
+    /// Also write one inside an epoch after every this many optimizer steps (counted over the
+    /// whole run).
+    #[serde(default)]
+    pub checkpoint_every_steps: Option<u32>,
     /// Also write one at the end of an epoch when this many milliseconds passed since the last.
     #[serde(default)]
     pub checkpoint_every_ms: Option<u64>,
@@ -116,7 +120,13 @@ pub enum Event {
     /// The job continues from a checkpoint written by an earlier attempt.
     Resumed { epoch: u64 },
     /// A checkpoint after `epoch` is durable at `path` (relative to the run folder).
-    Checkpoint { epoch: u64, path: String },
+    Checkpoint {
+        epoch: u64,
+        path: String,
+        /// Batches into epoch `epoch + 1` (0: at the end of epoch `epoch`).
+        #[serde(default)]
+        step_in_epoch: u64,
+    },
     /// A file the job produced and made durable, relative to the run folder.
     Artifact { name: String, path: String, kind: String },
     /// The job finished; `summary` holds its final metrics.
@@ -188,25 +198,44 @@ pub mod artifacts {
         run_dir.join("train-errors").join(format!("epoch-{epoch:05}.json"))
     }
 
-    /// The file stem of the checkpoint after `epoch`: `ckpt-00000E` (`.json` and `.safetensors`).
-    pub fn checkpoint_stem(epoch: u64) -> String {
-        format!("ckpt-{epoch:06}")
+    /// Where a checkpoint was taken: `epoch` epochs completed, and `step` batches into the next
+    /// one (0 at an epoch's end). Orders by progress.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub struct CheckpointPoint {
+        pub epoch: u64,
+        pub step: u64,
     }
 
-    /// Epochs with a checkpoint JSON in a run folder, newest first.
-    pub fn checkpoint_epochs(run_dir: &Path) -> Vec<u64> {
-        let mut epochs: Vec<u64> = std::fs::read_dir(run_dir)
+    impl CheckpointPoint {
+        /// The file stem: `ckpt-00000E` after an epoch, `ckpt-00000E-s0000000S` inside the next.
+        pub fn stem(&self) -> String {
+            match self.step {
+                0 => format!("ckpt-{:06}", self.epoch),
+                s => format!("ckpt-{:06}-s{s:08}", self.epoch),
+            }
+        }
+
+        fn parse(name: &str) -> Option<CheckpointPoint> {
+            let rest = name.strip_prefix("ckpt-")?.strip_suffix(".json")?;
+            let (epoch, step) = match rest.split_once("-s") {
+                Some((e, s)) => (e.parse().ok()?, s.parse().ok()?),
+                None => (rest.parse().ok()?, 0),
+            };
+            Some(CheckpointPoint { epoch, step })
+        }
+    }
+
+    /// The checkpoints in a run folder (by their JSON files), newest first.
+    pub fn checkpoint_points(run_dir: &Path) -> Vec<CheckpointPoint> {
+        let mut points: Vec<CheckpointPoint> = std::fs::read_dir(run_dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
-                    .filter_map(|e| {
-                        let n = e.file_name().into_string().ok()?;
-                        n.strip_prefix("ckpt-")?.strip_suffix(".json")?.parse().ok()
-                    })
+                    .filter_map(|e| CheckpointPoint::parse(&e.file_name().into_string().ok()?))
                     .collect()
             })
             .unwrap_or_default();
-        epochs.sort_unstable_by(|a, b| b.cmp(a));
-        epochs
+        points.sort_unstable_by(|a, b| b.cmp(a));
+        points
     }
 
     /// Reads the training-pass errors of `epoch` (1-based) from a job's run folder.

@@ -111,6 +111,9 @@ struct Running {
     pid: u32,
     started: Instant,
     timed_out: bool,
+    /// Sent SIGTERM on a stop request: a worker still starting up (before its handler is in
+    /// place) dies of it, having done nothing that could be lost.
+    asked_to_stop: bool,
     record: JobRecord,
     terminal: Option<Result<BTreeMap<String, f64>, (FailureCause, String)>>,
 }
@@ -299,12 +302,13 @@ pub fn run(
             if stops >= 1 && signalled < 1 {
                 signalled = 1;
                 tracing::warn!(
-                    "stopping: no new jobs; {} running job(s) stop at their next epoch end, after a checkpoint \
+                    "stopping: no new jobs; {} running job(s) stop at their next epoch end (or `checkpoint.every_steps` step), after a checkpoint \
                      (press Ctrl-C again to kill them at once)",
                     running.len()
                 );
                 report.ended_early.get_or_insert_with(|| "stopped by request".into());
-                for r in running.values() {
+                for r in running.values_mut() {
+                    r.asked_to_stop = true;
                     signal(r.pid, libc::SIGTERM);
                 }
             }
@@ -388,6 +392,7 @@ pub fn run(
                                 pid,
                                 started: Instant::now(),
                                 timed_out: false,
+                                asked_to_stop: false,
                                 record: r.clone(),
                                 terminal: None,
                             },
@@ -535,6 +540,7 @@ fn start(
         plugins: job.plugins.clone(),
         checkpoint_every: job.exec.checkpoint_every_epochs,
         checkpoint_every_ms: job.exec.checkpoint_every_ms,
+        checkpoint_every_steps: job.exec.checkpoint_every_steps,
         parents: parents.to_vec(),
     };
     let pid = spawn::spawn(&opts.worker, &req, &visible, index_in_plan, tx)
@@ -571,14 +577,14 @@ fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe
             let _ = ops.send(StoreOp::Metrics { job: job.id.to_string(), step, values });
         }
         Event::Resumed { epoch } => observe(Progress::Resumed { job, epoch }),
-        Event::Checkpoint { epoch, path } => {
+        Event::Checkpoint { epoch, path, step_in_epoch } => {
             let path = format!("runs/{}/{path}", job.id);
             r.record.artifacts.retain(|a| a.name != "checkpoint");
-            r.record.artifacts.push(ArtifactRecord {
-                name: "checkpoint".into(),
-                kind: format!("checkpoint after epoch {epoch}"),
-                path,
-            });
+            let kind = match step_in_epoch {
+                0 => format!("checkpoint after epoch {epoch}"),
+                s => format!("checkpoint in epoch {}, after {s} batches", epoch + 1),
+            };
+            r.record.artifacts.push(ArtifactRecord { name: "checkpoint".into(), kind, path });
             let _ = ops.send(StoreOp::Job(Box::new(r.record.clone())));
         }
         Event::Artifact { name, path, kind } => {
@@ -607,6 +613,9 @@ fn finish(
         (Some(Ok(summary)), Ok(s)) if s.success() => Ok(summary),
         (Some(Err(f)), _) => Err(f),
         (_, Err(e)) => Err((FailureCause::Crashed, format!("lost the worker: {e}"))),
+        (_, Ok(s)) if r.asked_to_stop && s.signal() == Some(libc::SIGTERM) => {
+            Err((FailureCause::Cancelled, "stopped while it was starting, before its first epoch".into()))
+        }
         (_, Ok(s)) => {
             let tail = log_tail(&spawn::log_path(&store.run_dir(&r.record.id)), 5);
             let what = match s.signal() {

@@ -133,6 +133,8 @@ pub struct Exec {
     pub checkpoint_every_epochs: u32,
     /// Also checkpoint at the end of an epoch when this many milliseconds passed since the last.
     pub checkpoint_every_ms: Option<u64>,
+    /// Also checkpoint inside an epoch after every this many optimizer steps.
+    pub checkpoint_every_steps: Option<u32>,
     /// Slots of one device the job takes.
     pub slots: u32,
     pub device: DeviceKind,
@@ -410,13 +412,14 @@ pub fn expand(
         }
         let every_epochs = match ckpt {
             // Only a time cadence: epochs end without a checkpoint until the time is up.
-            Some(c) if c.every_epochs.is_none() && c.every_minutes.is_some() => u32::MAX,
+            Some(c) if c.every_epochs.is_none() && (c.every_minutes.is_some() || c.every_steps.is_some()) => u32::MAX,
             Some(c) => c.every_epochs.unwrap_or(1),
             None => 1,
         };
         let resources = stage.resources.as_ref();
         let exec = Exec {
             checkpoint_every_epochs: every_epochs,
+            checkpoint_every_steps: ckpt.and_then(|c| c.every_steps),
             checkpoint_every_ms: every_minutes.map(|m| (m * 60_000.0).round().max(1.0) as u64),
             slots: resources.and_then(|r| r.slots).unwrap_or(1),
             device: resources.and_then(|r| r.device).unwrap_or_default(),
@@ -435,6 +438,11 @@ pub fn expand(
             return Err(SpecError::new(file, "`checkpoint.every_epochs` must be at least 1")
                 .context(format!("{ctx}.checkpoint"))
                 .key("every_epochs"));
+        }
+        if exec.checkpoint_every_steps == Some(0) {
+            return Err(SpecError::new(file, "`checkpoint.every_steps` must be at least 1")
+                .context(format!("{ctx}.checkpoint"))
+                .key("every_steps"));
         }
         if exec.slots == 0 {
             return Err(SpecError::new(file, "`resources.slots` must be at least 1")

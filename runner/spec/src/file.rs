@@ -260,6 +260,10 @@ pub struct CheckpointPolicy {
     /// last checkpoint (with `every_epochs` too: whichever comes first).
     #[serde(default)]
     pub every_minutes: Option<f64>,
+    /// Checkpoint inside epochs too, after every this many optimizer steps (counted over the
+    /// whole run); Ctrl-C then stops at the next such step instead of the epoch's end.
+    #[serde(default)]
+    pub every_steps: Option<u32>,
 }
 
 /// What one job of a stage takes from the device pool.

@@ -35,9 +35,29 @@ pub struct Meta {
     pub plugins: BTreeMap<String, serde_json::Value>,
     /// Metrics reported so far: (step, values).
     pub metrics: Vec<(u64, BTreeMap<String, f64>)>,
+    /// Batches done in epoch `epoch + 1` when the checkpoint was taken inside it (0: at the
+    /// end of epoch `epoch`); the epoch's order and example verdicts are then tensors
+    /// `state.order` and `state.verdict`.
+    #[serde(default)]
+    pub step_in_epoch: u64,
+    /// The epoch's statistics so far, for a checkpoint inside an epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
     pub tensors_file: String,
     pub tensors_bytes: u64,
     pub tensors_sha256: String,
+}
+
+/// The host-side statistics of an epoch in progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct PartialEpoch {
+    pub loss_sum: f64,
+    pub correct: f64,
+    pub seen: usize,
+    pub steps: u64,
+    pub passes: u64,
+    pub plugin: BTreeMap<String, (f64, u32)>,
+    pub groups: Vec<(f64, f64, f64)>,
 }
 
 pub struct Checkpoint {
@@ -45,7 +65,7 @@ pub struct Checkpoint {
     pub tensors: Vec<(String, Tensor)>,
 }
 
-use xlab_proto::artifacts::{checkpoint_epochs as list, checkpoint_stem as stem};
+use xlab_proto::artifacts::{checkpoint_points as list, CheckpointPoint};
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -65,7 +85,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Writes a checkpoint and removes all but the newest [`KEEP`].
 pub fn save(dir: &Path, mut meta: Meta, tensors: &[(String, Tensor)]) -> Result<PathBuf, String> {
-    let name = stem(meta.epoch);
+    let name = CheckpointPoint { epoch: meta.epoch, step: meta.step_in_epoch }.stem();
     let tensor_path = dir.join(format!("{name}.safetensors"));
     let tmp = dir.join(format!("{name}.safetensors.tmp"));
     let refs: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.to_device(tch::Device::Cpu))).collect();
@@ -80,25 +100,25 @@ pub fn save(dir: &Path, mut meta: Meta, tensors: &[(String, Tensor)]) -> Result<
     write_atomic(&json_path, &serde_json::to_vec_pretty(&meta).expect("meta serializes"))
         .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
     for old in list(dir).into_iter().skip(KEEP) {
-        let _ = std::fs::remove_file(dir.join(format!("{}.json", stem(old))));
-        let _ = std::fs::remove_file(dir.join(format!("{}.safetensors", stem(old))));
+        let _ = std::fs::remove_file(dir.join(format!("{}.json", old.stem())));
+        let _ = std::fs::remove_file(dir.join(format!("{}.safetensors", old.stem())));
     }
     Ok(json_path)
 }
 
 /// The newest valid checkpoint of `job_id` in `dir`; invalid ones are reported in `skipped`.
 pub fn latest(dir: &Path, job_id: &str, skipped: &mut Vec<String>) -> Option<Checkpoint> {
-    for epoch in list(dir) {
-        match load(dir, epoch, job_id) {
+    for point in list(dir) {
+        match load(dir, point, job_id) {
             Ok(c) => return Some(c),
-            Err(why) => skipped.push(format!("{}: {why}", stem(epoch))),
+            Err(why) => skipped.push(format!("{}: {why}", point.stem())),
         }
     }
     None
 }
 
-fn load(dir: &Path, epoch: u64, job_id: &str) -> Result<Checkpoint, String> {
-    let json = std::fs::read(dir.join(format!("{}.json", stem(epoch)))).map_err(|e| e.to_string())?;
+fn load(dir: &Path, point: CheckpointPoint, job_id: &str) -> Result<Checkpoint, String> {
+    let json = std::fs::read(dir.join(format!("{}.json", point.stem()))).map_err(|e| e.to_string())?;
     let meta: Meta = serde_json::from_slice(&json).map_err(|e| format!("unreadable: {e}"))?;
     if meta.format != FORMAT {
         return Err(format!("format {} (this worker reads {FORMAT})", meta.format));

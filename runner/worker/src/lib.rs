@@ -207,6 +207,7 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
                     job_id: &req.job_id,
                     every: req.checkpoint_every,
                     every_ms: req.checkpoint_every_ms,
+                    every_steps: req.checkpoint_every_steps,
                 };
                 train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out)
             }

@@ -391,6 +391,19 @@ impl EpochStats {
         e.1 += 1;
     }
 
+    /// The host-side statistics, for a checkpoint inside the epoch (after `settle`).
+    fn partial(&self) -> checkpoint::PartialEpoch {
+        checkpoint::PartialEpoch {
+            loss_sum: self.loss_sum,
+            correct: self.correct,
+            seen: self.seen,
+            steps: self.steps,
+            passes: self.passes,
+            plugin: self.plugin.clone(),
+            groups: self.groups.clone(),
+        }
+    }
+
     /// The examples misclassified at their latest visit.
     fn errors(&self) -> Vec<u64> {
         self.verdict.iter().enumerate().filter(|(_, v)| **v == 2).map(|(i, _)| i as u64).collect()
@@ -601,6 +614,8 @@ pub struct CheckpointPlan<'a> {
     pub every: u32,
     /// And at the end of an epoch this many milliseconds or more after the last checkpoint.
     pub every_ms: Option<u64>,
+    /// And inside epochs, after every this many optimizer steps (of the whole run).
+    pub every_steps: Option<u32>,
 }
 
 /// Trains the job's model, resuming from the newest valid checkpoint in its run folder; returns
@@ -684,17 +699,22 @@ pub fn run(
     let mut global_step = 0u64;
     let mut first_epoch = 0u64;
 
+    // A checkpoint inside an epoch: batches done, the epoch's order, its statistics so far.
+    let mut resume_inside: Option<(u64, Vec<i64>, EpochStats)> = None;
     let mut skipped = Vec::new();
     if let Some(c) = checkpoint::latest(run_dir, ckpt.job_id, &mut skipped) {
         for s in &skipped {
             tracing::warn!("skipping checkpoint {s}");
         }
         restore(&c, &named, &mut opt, comps, &mut rng)?;
+        if c.meta.step_in_epoch > 0 {
+            resume_inside = Some(inside_epoch(&c, n, data.groups)?);
+        }
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
         history = c.meta.metrics;
         total_passes = history.last().and_then(|(_, v)| v.get("cost.passes")).map(|p| *p as u64).unwrap_or(0);
-        tracing::info!(epoch = first_epoch, "resuming from checkpoint");
+        tracing::info!(epoch = first_epoch, step_in_epoch = c.meta.step_in_epoch, "resuming from checkpoint");
         out.send(&xlab_proto::Event::Resumed { epoch: first_epoch });
         // Re-send what was measured before, so a store that lost its last writes is made whole.
         for (step, values) in &history {
@@ -709,20 +729,27 @@ pub fn run(
     let mut summary = history.last().map(|(_, v)| v.clone()).unwrap_or_default();
     let mut last_checkpoint = std::time::Instant::now();
     for epoch in first_epoch..u64::from(cfg.epochs) {
-        for c in comps.all() {
-            c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
-        }
-        let sampling = match comps.objective.as_mut() {
-            Some(o) => o.sampling(epoch, n).map_err(|m| Failure::new(FailureCause::Error, m))?,
-            None => Sampling::Uniform,
+        // Resuming inside this epoch: its hooks ran and its order was drawn before the checkpoint.
+        let (done_before, order, mut stats) = match resume_inside.take() {
+            Some(inside) => inside,
+            None => {
+                for c in comps.all() {
+                    c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
+                }
+                let sampling = match comps.objective.as_mut() {
+                    Some(o) => o.sampling(epoch, n).map_err(|m| Failure::new(FailureCause::Error, m))?,
+                    None => Sampling::Uniform,
+                };
+                let order = match &sampling {
+                    Sampling::Uniform if !cfg.shuffle => (0..n as i64).collect(),
+                    Sampling::Uniform => data::epoch_order(n, seed, epoch),
+                    Sampling::Weighted(w) => data::weighted_epoch_order(w, seed, epoch),
+                    Sampling::Repeat(c) => data::repeat_epoch_order(c, seed, epoch),
+                };
+                (0, order, EpochStats::new(n, data.groups))
+            }
         };
-        let order = match &sampling {
-            Sampling::Uniform if !cfg.shuffle => (0..n as i64).collect(),
-            Sampling::Uniform => data::epoch_order(n, seed, epoch),
-            Sampling::Weighted(w) => data::weighted_epoch_order(w, seed, epoch),
-            Sampling::Repeat(c) => data::repeat_epoch_order(c, seed, epoch),
-        };
-        let mut stats = EpochStats::new(n, data.groups);
+        let batches = order.len().div_ceil(bs) as u64;
         let started = std::time::Instant::now();
         // One upload of the epoch's order (and augmentation draws); each batch is a slice of it
         // on the device.
@@ -735,7 +762,7 @@ pub fn run(
             }
             _ => None,
         };
-        for (k, chunk) in order.chunks(bs).enumerate() {
+        for (k, chunk) in order.chunks(bs).enumerate().skip(done_before as usize) {
             let (at, len) = ((k * bs) as i64, chunk.len() as i64);
             let idx = order_on_device.narrow(0, at, len);
             let xb = x_train.index_select(0, &idx);
@@ -818,6 +845,34 @@ pub fn run(
             stats.passes += u64::from(passes);
             stats.steps += 1;
             global_step += 1;
+            // A checkpoint inside the epoch, at every `every_steps` steps of the run (the
+            // statistics are brought to the host there in every run, interrupted or not, so
+            // their sums are the same).
+            let done = k as u64 + 1;
+            if done < batches && ckpt.every_steps.is_some_and(|e| global_step.is_multiple_of(u64::from(e))) {
+                stats.settle().map_err(Failure::from)?;
+                let stopping = crate::stop_requested();
+                let mut meta = checkpoint_meta(ckpt, epoch, global_step, &opt, &rng, &history);
+                meta.step_in_epoch = done;
+                meta.partial = Some(stats.partial());
+                let extra = vec![
+                    ("state.order".to_string(), Tensor::from_slice(&order)),
+                    ("state.verdict".to_string(), Tensor::from_slice(&stats.verdict)),
+                ];
+                let path = save_checkpoint(run_dir, meta, &named, &opt, comps, extra)?;
+                out.send(&xlab_proto::Event::Checkpoint { epoch, path, step_in_epoch: done });
+                last_checkpoint = std::time::Instant::now();
+                if stopping {
+                    return Err(Failure::new(
+                        FailureCause::Cancelled,
+                        format!(
+                            "stopped in epoch {} of {} after {done} of {batches} batches, at a checkpoint",
+                            epoch + 1,
+                            cfg.epochs
+                        ),
+                    ));
+                }
+            }
         }
         stats.settle().map_err(Failure::from)?;
         total_passes += stats.passes;
@@ -866,21 +921,9 @@ pub fn run(
         let time_is_up = ckpt.every_ms.is_some_and(|ms| last_checkpoint.elapsed().as_millis() >= u128::from(ms));
         if last || stopping || time_is_up || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
             last_checkpoint = std::time::Instant::now();
-            let meta = checkpoint::Meta {
-                format: checkpoint::FORMAT,
-                job_id: ckpt.job_id.to_string(),
-                epoch: epoch + 1,
-                global_step,
-                optimizer_steps: opt.steps,
-                plugin_rng_word_pos: rng.get_word_pos().to_string(),
-                plugins: BTreeMap::new(),
-                metrics: history.clone(),
-                tensors_file: String::new(),
-                tensors_bytes: 0,
-                tensors_sha256: String::new(),
-            };
-            let path = save_checkpoint(run_dir, meta, &named, &opt, comps)?;
-            out.send(&xlab_proto::Event::Checkpoint { epoch: epoch + 1, path });
+            let meta = checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &rng, &history);
+            let path = save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())?;
+            out.send(&xlab_proto::Event::Checkpoint { epoch: epoch + 1, path, step_in_epoch: 0 });
         }
         if stopping {
             return Err(Failure::new(
@@ -941,15 +984,75 @@ fn write_train_errors(run_dir: &Path, epoch: u64, n: usize, errors: Vec<u64>) ->
     std::fs::rename(&tmp, &path).map_err(io)
 }
 
-/// Gathers model, optimizer and plugin state into a checkpoint and writes it.
+/// A checkpoint's description with `epoch` epochs completed (plugin state, file and hash are
+/// filled in when it is written).
+fn checkpoint_meta(
+    ckpt: &CheckpointPlan<'_>,
+    epoch: u64,
+    global_step: u64,
+    opt: &Optimizer,
+    rng: &ChaCha8Rng,
+    history: &[(u64, BTreeMap<String, f64>)],
+) -> checkpoint::Meta {
+    checkpoint::Meta {
+        format: checkpoint::FORMAT,
+        job_id: ckpt.job_id.to_string(),
+        epoch,
+        global_step,
+        optimizer_steps: opt.steps,
+        plugin_rng_word_pos: rng.get_word_pos().to_string(),
+        plugins: BTreeMap::new(),
+        metrics: history.to_vec(),
+        step_in_epoch: 0,
+        partial: None,
+        tensors_file: String::new(),
+        tensors_bytes: 0,
+        tensors_sha256: String::new(),
+    }
+}
+
+/// The epoch in progress at a checkpoint taken inside it: batches done, order, statistics.
+fn inside_epoch(c: &checkpoint::Checkpoint, n: usize, groups: usize) -> Result<(u64, Vec<i64>, EpochStats), Failure> {
+    let bad = |m: String| Failure::new(FailureCause::Error, format!("checkpoint in epoch {}: {m}", c.meta.epoch + 1));
+    let tensor = |name: &str| {
+        c.tensors
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, t)| t.shallow_clone())
+            .ok_or_else(|| bad(format!("no `{name}`")))
+    };
+    let order = Vec::<i64>::try_from(tensor("state.order")?).map_err(|e| bad(e.to_string()))?;
+    let verdict = Vec::<u8>::try_from(tensor("state.verdict")?).map_err(|e| bad(e.to_string()))?;
+    let p = c.meta.partial.clone().ok_or_else(|| bad("no epoch statistics".into()))?;
+    if verdict.len() != n || p.groups.len() != groups {
+        return Err(bad(format!("it was taken with {} training examples, the data has {n}", verdict.len())));
+    }
+    let stats = EpochStats {
+        loss_sum: p.loss_sum,
+        correct: p.correct,
+        seen: p.seen,
+        steps: p.steps,
+        passes: p.passes,
+        plugin: p.plugin,
+        groups: p.groups,
+        verdict,
+        ..Default::default()
+    };
+    Ok((c.meta.step_in_epoch, order, stats))
+}
+
+/// Gathers model, optimizer and plugin state (and `extra` tensors) into a checkpoint and
+/// writes it.
 fn save_checkpoint(
     run_dir: &Path,
     mut meta: checkpoint::Meta,
     named: &[(String, Tensor)],
     opt: &Optimizer,
     comps: &mut Components,
+    extra: Vec<(String, Tensor)>,
 ) -> Result<String, Failure> {
     let mut tensors: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (format!("model.{n}"), t.detach())).collect();
+    tensors.extend(extra);
     tensors.extend(opt.state_tensors());
     for (slot, inst) in comps.slots() {
         let (json, ts) = inst.save_state().map_err(|m| Failure::new(FailureCause::Error, m))?;

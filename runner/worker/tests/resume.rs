@@ -60,6 +60,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value, step_
         plugins: vec![plugin("sam"), plugin("mixup"), plugin("dro")],
         checkpoint_every: 1,
         checkpoint_every_ms: None,
+        checkpoint_every_steps: None,
         parents: vec![],
     }
 }

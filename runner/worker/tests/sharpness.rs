@@ -52,6 +52,7 @@ fn request(dir: &Path, id: &str, config: serde_json::Value, parents: Vec<ParentR
         plugins: vec![],
         checkpoint_every: 1,
         checkpoint_every_ms: None,
+        checkpoint_every_steps: None,
         parents,
     }
 }
