@@ -175,16 +175,8 @@ fn a_killed_worker_fails_its_job_as_crashed_and_the_rerun_resumes_it() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let job = victim.file_name().unwrap().to_string_lossy().into_owned();
-    let pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()))
-        .find(|p| {
-            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            let s = String::from_utf8_lossy(&cmdline);
-            s.contains("xlab-worker") && s.contains(&job)
-        })
-        .expect("the worker process is running");
+    // The worker running a job writes its pid into the job's lock file.
+    let pid: u32 = std::fs::read_to_string(victim.join("worker.lock")).unwrap().trim().parse().unwrap();
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     let out = run.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -265,6 +265,16 @@ pub fn run(
     let (tx, rx) = unbounded::<Msg>();
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| writer::run(store, ops_rx));
+        // One worker per slot starts loading libtorch now; each job started takes one and
+        // starts a replacement while work remains.
+        let mut standbys = spawn::Standbys::new(&opts.worker, store.dir().join("standby.log"));
+        if !queue.is_empty() || !waiting.is_empty() {
+            for i in 0..opts.pool.len() {
+                let (lease, visible) = spawn::lease_for(opts.pool.slot(i));
+                let key = spawn::WorkerKey { visible, threads: lease.threads, deterministic: false };
+                standbys.fill(&key);
+            }
+        }
         let mut running: HashMap<usize, Running> = HashMap::new();
         let mut result = Ok(());
         // Retries waiting for their delay, attempts made in this run, devices to avoid.
@@ -375,8 +385,24 @@ pub fn run(
                         config: jobs[index[p.as_str()]].config_json.clone(),
                     })
                     .collect();
-                match start(store, &opts, jobs[i], &mut records[i], &slot, i, &parents, tx.clone(), &ops_tx) {
-                    Ok(()) => {
+                let started = start(
+                    store,
+                    &opts,
+                    jobs[i],
+                    &mut records[i],
+                    &slot,
+                    i,
+                    &parents,
+                    tx.clone(),
+                    &ops_tx,
+                    &mut standbys,
+                );
+                match started {
+                    Ok(key) => {
+                        // The next job of this kind finds a worker that has loaded libtorch.
+                        if !queue.is_empty() || !waiting.is_empty() || !delayed.is_empty() {
+                            standbys.fill(&key);
+                        }
                         let r = &records[i];
                         observe(Progress::Started {
                             job: jobs[i],
@@ -485,6 +511,7 @@ pub fn run(
             }
         }
         report.not_started = records.iter().filter(|r| r.status == JobStatus::Pending).count();
+        standbys.close();
         drop(ops_tx);
         let written = writer.join().expect("the store writer does not panic");
         result.and(written.map_err(SchedError::from))
@@ -525,7 +552,8 @@ fn start(
     parents: &[ParentRef],
     tx: Sender<Msg>,
     ops: &Sender<StoreOp>,
-) -> Result<(), SchedError> {
+    standbys: &mut spawn::Standbys,
+) -> Result<spawn::WorkerKey, SchedError> {
     let s = slot;
     let (lease, visible) = spawn::lease_for(s);
     let req = JobRequest {
@@ -543,8 +571,12 @@ fn start(
         checkpoint_every_steps: job.exec.checkpoint_every_steps,
         parents: parents.to_vec(),
     };
-    let pid = spawn::spawn(&opts.worker, &req, &visible, index_in_plan, tx)
-        .map_err(|error| SchedError::Spawn { worker: opts.worker.clone(), error })?;
+    let key = spawn::WorkerKey::of(&req, &visible);
+    let pid = match standbys.hand_over(&key, &req, index_in_plan, &tx) {
+        Some(pid) => pid,
+        None => spawn::spawn(&opts.worker, &req, &key, index_in_plan, tx)
+            .map_err(|error| SchedError::Spawn { worker: opts.worker.clone(), error })?,
+    };
     rec.status = JobStatus::Running;
     rec.summary.clear();
     rec.provenance.xlab_version = opts.xlab_version.clone();
@@ -562,7 +594,7 @@ fn start(
         error: None,
     });
     let _ = ops.send(StoreOp::Job(Box::new(rec.clone())));
-    Ok(())
+    Ok(key)
 }
 
 fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe: &mut dyn FnMut(Progress<'_>)) {

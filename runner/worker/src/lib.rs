@@ -96,7 +96,13 @@ fn lock_job(run_dir: &Path) -> Result<std::fs::File, Failure> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         match f.try_lock() {
-            Ok(()) => return Ok(f),
+            Ok(()) => {
+                // The holder's pid, for whoever looks for the process running this job.
+                use std::io::Write;
+                let mut w = &f;
+                let _ = f.set_len(0).and_then(|_| writeln!(w, "{}", std::process::id()));
+                return Ok(f);
+            }
             Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50))
             }
@@ -125,6 +131,18 @@ pub fn stop_on_signals() {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, std::sync::Arc::clone(flag));
         let _ = signal_hook::flag::register(sig, std::sync::Arc::clone(flag));
     }
+}
+
+/// Sends this process's standard error (its log) to the end of `path`.
+pub fn log_to(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    // SAFETY: dup2 onto fd 2 with a descriptor this function owns; the file is closed after,
+    // fd 2 keeps its own reference.
+    if unsafe { libc::dup2(file.as_raw_fd(), 2) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether a stop was asked for (see [`stop_on_signals`]).

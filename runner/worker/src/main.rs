@@ -19,6 +19,10 @@ enum Command {
         #[arg(long)]
         job: PathBuf,
     },
+    /// Start (loading libtorch, which takes a while), then wait for one job: the path of its
+    /// request file on standard input; run it as `run --job` would. End quietly if standard
+    /// input closes first. The coordinator keeps one ready per slot so jobs start at once.
+    Standby,
     /// Print the libtorch version and location and the devices it sees, as JSON.
     Probe,
     /// Load every plugin from the default folders plus those given, and print the registry as
@@ -55,20 +59,41 @@ fn main() {
         Command::Run { job } => {
             xlab_worker::exit_with_parent();
             xlab_worker::stop_on_signals();
-            let mut out = Emitter::stdout();
-            let req =
-                std::fs::read(&job).map_err(|e| format!("cannot read job request {}: {e}", job.display())).and_then(
-                    |b| serde_json::from_slice(&b).map_err(|e| format!("bad job request {}: {e}", job.display())),
-                );
-            let code = match req {
-                Ok(req) => xlab_worker::run_job(&req, &mut out),
-                Err(message) => {
-                    tracing::error!("{message}");
-                    out.failed(xlab_proto::FailureCause::Config, message);
-                    2
+            std::process::exit(run(&job));
+        }
+        Command::Standby => {
+            xlab_worker::exit_with_parent();
+            xlab_worker::stop_on_signals();
+            let mut line = String::new();
+            match std::io::stdin().read_line(&mut line) {
+                Ok(n) if n > 0 && !line.trim().is_empty() => {
+                    let job = PathBuf::from(line.trim());
+                    // From here on this worker's log is the job's.
+                    if let Some(dir) = job.parent() {
+                        if let Err(e) = xlab_worker::log_to(&dir.join("worker.log")) {
+                            tracing::warn!("cannot log to {}: {e}", dir.display());
+                        }
+                    }
+                    std::process::exit(run(&job));
                 }
-            };
-            std::process::exit(code);
+                _ => std::process::exit(0),
+            }
+        }
+    }
+}
+
+/// Runs the job of a request file; returns the exit code.
+fn run(job: &std::path::Path) -> i32 {
+    let mut out = Emitter::stdout();
+    let req = std::fs::read(job)
+        .map_err(|e| format!("cannot read job request {}: {e}", job.display()))
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("bad job request {}: {e}", job.display())));
+    match req {
+        Ok(req) => xlab_worker::run_job(&req, &mut out),
+        Err(message) => {
+            tracing::error!("{message}");
+            out.failed(xlab_proto::FailureCause::Config, message);
+            2
         }
     }
 }
