@@ -84,28 +84,54 @@ enum Format {
     Latex,
 }
 
+/// Where and how `xlab run` and `xlab resume` run jobs.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// CPU jobs at a time (default: one per CPU core, divided by --threads).
+    #[arg(long, short = 'j')]
+    jobs: Option<usize>,
+    /// Threads per job.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Where jobs run: `auto` (every GPU `nvidia-smi` finds, else CPU slots), `cpu`, `cuda`
+    /// (every GPU) or a list such as `cuda:0,cuda:2` or `cpu,cuda:1`.
+    #[arg(long, env = "XLAB_DEVICES", default_value = "auto")]
+    devices: xlab_sched::Devices,
+    /// Jobs sharing one GPU at a time (small jobs pack; each sees only its GPU).
+    #[arg(long, default_value_t = 1)]
+    jobs_per_device: usize,
+    /// Stop starting jobs after the first deterministic failure (as `fail_fast: true` on
+    /// every stage).
+    #[arg(long)]
+    fail_fast: bool,
+}
+
+impl RunArgs {
+    fn pool(&self) -> xlab_sched::PoolRequest {
+        xlab_sched::PoolRequest {
+            devices: self.devices.clone(),
+            cpu_jobs: self.jobs,
+            jobs_per_gpu: self.jobs_per_device,
+            threads: self.threads,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run an experiment file: jobs already done in the store are skipped.
     Run {
         file: PathBuf,
-        /// CPU jobs at a time (default: one per CPU core, divided by --threads).
-        #[arg(long, short = 'j')]
-        jobs: Option<usize>,
-        /// Threads per job.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Where jobs run: `auto` (every GPU `nvidia-smi` finds, else CPU slots), `cpu`, `cuda`
-        /// (every GPU) or a list such as `cuda:0,cuda:2` or `cpu,cuda:1`.
-        #[arg(long, env = "XLAB_DEVICES", default_value = "auto")]
-        devices: xlab_sched::Devices,
-        /// Jobs sharing one GPU at a time (small jobs pack; each sees only its GPU).
-        #[arg(long, default_value_t = 1)]
-        jobs_per_device: usize,
-        /// Stop starting jobs after the first deterministic failure (as `fail_fast: true` on
-        /// every stage).
-        #[arg(long)]
-        fail_fast: bool,
+        #[command(flatten)]
+        how: RunArgs,
+    },
+    /// Run a stored experiment again as it was last run (the file's text kept in the store):
+    /// done jobs are skipped, interrupted ones continue from their checkpoints, failed ones retry.
+    Resume {
+        /// The experiment's name (`xlab query` and `xlab status` show it).
+        name: String,
+        #[command(flatten)]
+        how: RunArgs,
     },
     /// Check an experiment file without running anything.
     Validate { file: PathBuf },
@@ -287,14 +313,41 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: &Cli) -> Result<u8, Failure> {
     match &cli.command {
-        Command::Run { file, jobs, threads, devices, jobs_per_device, fail_fast } => {
-            let req = xlab_sched::PoolRequest {
-                devices: devices.clone(),
-                cpu_jobs: *jobs,
-                jobs_per_gpu: *jobs_per_device,
-                threads: *threads,
+        Command::Run { file, how } => {
+            let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+            run(cli, plan, &how.pool(), how.fail_fast)
+        }
+        Command::Resume { name, how } => {
+            let exp = {
+                let store = open_store(&cli.store)?;
+                store.experiment(name)?.ok_or_else(|| {
+                    let known: Vec<String> =
+                        store.experiments().map(|v| v.into_iter().map(|e| e.name).collect()).unwrap_or_default();
+                    let hint = match xlab_spec::did_you_mean(name, known.iter().map(String::as_str)) {
+                        Some(c) => format!("did you mean `{c}`?"),
+                        None if known.is_empty() => "the store holds no experiments yet".to_string(),
+                        None => format!("it holds: {}", known.join(", ")),
+                    };
+                    Failure {
+                        code: exit::USER,
+                        error: anyhow::anyhow!(
+                            "no experiment `{name}` in store {}\n  hint: {hint}",
+                            cli.store.display()
+                        ),
+                    }
+                })?
             };
-            run(cli, file, &req, *fail_fast)
+            // The text as it was run; relative paths (data, includes, plugins) still resolve
+            // from where the file was.
+            let file = PathBuf::from(&exp.file);
+            if std::fs::read_to_string(&file).is_ok_and(|now| now != exp.source) {
+                tracing::warn!(
+                    "{} changed since `{name}` last ran; resuming the experiment as it was then",
+                    file.display()
+                );
+            }
+            let plan = xlab_spec::load_str(&file, &exp.source, &mut plugins::WorkerPlugins::new(worker_path()))?;
+            run(cli, plan, &how.pool(), how.fail_fast)
         }
         Command::Validate { file } => {
             let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
@@ -572,8 +625,7 @@ fn count_stop_requests() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     stops
 }
 
-fn run(cli: &Cli, file: &Path, pool: &xlab_sched::PoolRequest, fail_fast: bool) -> Result<u8, Failure> {
-    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+fn run(cli: &Cli, plan: xlab_spec::Plan, pool: &xlab_sched::PoolRequest, fail_fast: bool) -> Result<u8, Failure> {
     let pool = xlab_sched::build_pool(pool, &xlab_sched::detect_gpus())
         .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
     xlab_sched::check_placement(&plan, &pool).map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;

@@ -665,3 +665,34 @@ fn a_run_stopped_inside_an_epoch_resumes_there() {
     assert_eq!(snapshot(&store, &ids), snapshot(&reference, &ids), "the resumed results equal an uninterrupted run");
     assert_eq!(weights(&store, &ids), weights(&reference, &ids), "and so do the final weights, bit for bit");
 }
+
+/// `xlab resume NAME` runs a stored experiment again as it last ran, from the text kept in the
+/// store, even after its file was edited or removed.
+#[test]
+fn resume_by_name_finishes_a_stopped_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = long_file(dir.path(), 6, "");
+    let store = dir.path().join("results");
+    let ids = job_ids(&store, &file);
+    let child =
+        cmd(&store).args(["run", "-j", "2"]).arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(&store);
+    send(child.id(), "-INT");
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
+    // The file now says something else; `resume` runs what ran.
+    std::fs::write(&file, "name: long\nstages: {}\n").unwrap();
+    let out = cmd(&store).args(["resume", "long"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("changed since `long` last ran; resuming the experiment as it was then"), "{err}");
+    assert!(err.matches("from its checkpoint after epoch").count() == 2, "{err}");
+    for id in &ids {
+        assert_eq!(attempts(&store, id).last().map(String::as_str), Some("done"));
+    }
+    let out = cmd(&store).args(["resume", "lnog"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no experiment `lnog`")
+            && String::from_utf8_lossy(&out.stderr).contains("did you mean `long`?")
+    );
+}

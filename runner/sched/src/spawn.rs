@@ -184,7 +184,14 @@ fn read_events(mut child: Child, index: usize, tx: Sender<Msg>) -> std::io::Resu
 pub fn spawn(worker: &Path, req: &JobRequest, key: &WorkerKey, index: usize, tx: Sender<Msg>) -> std::io::Result<u32> {
     let request = write_request(req)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(&req.run_dir))?;
-    let child = key.command(worker).arg("run").arg("--job").arg(&request).stdin(Stdio::null()).stderr(Stdio::from(log)).spawn()?;
+    let child = key
+        .command(worker)
+        .arg("run")
+        .arg("--job")
+        .arg(&request)
+        .stdin(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()?;
     let pid = child.id();
     read_events(child, index, tx)?;
     Ok(pid)
