@@ -59,7 +59,7 @@ fn main() {
         Command::Run { job } => {
             xlab_worker::exit_with_parent();
             xlab_worker::stop_on_signals();
-            std::process::exit(run(&job));
+            quit(run(&job));
         }
         Command::Standby => {
             xlab_worker::exit_with_parent();
@@ -74,12 +74,24 @@ fn main() {
                             tracing::warn!("cannot log to {}: {e}", dir.display());
                         }
                     }
-                    std::process::exit(run(&job));
+                    quit(run(&job));
                 }
                 _ => std::process::exit(0),
             }
         }
     }
+}
+
+/// Ends the worker once its job is over. Everything the job wrote is durable (files are synced
+/// before they are reported), so after its report and log are flushed, the process skips
+/// libtorch's teardown (about 0.15 s, during which its slot would sit idle).
+fn quit(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit ends the process at once; nothing after it runs, and no state other
+    // processes see is left half-written (see above).
+    unsafe { libc::_exit(code) }
 }
 
 /// Runs the job of a request file; returns the exit code.
