@@ -491,6 +491,46 @@ fn a_job_takes_the_slots_its_stage_asks_for() {
         assert!(err.contains(says) && err.contains("hint: run with more `--jobs-per-device`"), "{err}");
         assert!(!store.exists(), "nothing ran");
     }
+
+    // Memory estimates: two jobs that each need 60% of the machine's memory never run together
+    // on its 2 CPU slots; one that needs more than it has is refused.
+    let total_gb = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1024.0
+        / 1024.0;
+    let mem = dir.path().join("mem.yaml");
+    let text = format!("name: mem\ndefaults:\n  task: noop\n  data: {{name: two_moons}}\n  noop: {{sleep_s: 0.3}}\nstages:\n  big: {{seeds: 3, resources: {{memory_gb: {:.1}}}}}\n", total_gb * 0.6);
+    std::fs::write(&mem, &text).unwrap();
+    let store = dir.path().join("mem-results");
+    let out = cmd(&store).args(["run", "-j", "2", "--devices", "cpu"]).arg(&mem).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let mut running = 0;
+    for l in err.lines() {
+        if l.contains("started big") {
+            running += 1;
+            assert_eq!(running, 1, "two 60% jobs at once:\n{err}");
+        } else if l.contains("done big") {
+            running -= 1;
+        }
+    }
+    std::fs::write(&mem, text.replace("memory_gb: ", "memory_gb: 1000")).unwrap();
+    let out = cmd(&dir.path().join("mem-refused")).args(["run", "--devices", "cpu"]).arg(&mem).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("(`resources:`), but the pool (2 × cpu) has no device with 1")
+            && err.contains("GB of memory (cpu "),
+        "{err}"
+    );
 }
 
 /// `checkpoint: {every_minutes: M}` checkpoints at the end of an epoch once M minutes have

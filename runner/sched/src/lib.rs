@@ -7,5 +7,5 @@ mod run;
 pub mod spawn;
 mod writer;
 
-pub use pool::{build_pool, detect_gpus, Devices, Gpu, Pool, PoolRequest, Slot};
+pub use pool::{build_pool, detect_gpus, Devices, Gpu, Held, Need, Pool, PoolRequest, Slot};
 pub use run::{check_placement, run, Progress, RunOptions, RunReport, SchedError};

@@ -19,11 +19,39 @@ pub struct Slot {
     pub threads: usize,
 }
 
-/// A fixed set of slots; jobs take a free one and give it back when they end.
+/// What one job takes from the pool (a stage's `resources:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    /// Slots of one device.
+    pub slots: usize,
+    pub kind: DeviceKind,
+    /// The job's memory estimate on its device, in MiB (0: none given).
+    pub memory_mib: u64,
+}
+
+impl Need {
+    /// One slot of any device, no memory estimate.
+    pub fn one() -> Need {
+        Need { slots: 1, kind: DeviceKind::Any, memory_mib: 0 }
+    }
+}
+
+/// What a running job holds: its slots, all on `device`, and the memory it reserved there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub slots: Vec<usize>,
+    pub device: String,
+    pub memory_mib: u64,
+}
+
+/// A fixed set of slots; jobs take free ones and give them back when they end. A device may
+/// also have a memory capacity, which jobs with a memory estimate share.
 #[derive(Debug)]
 pub struct Pool {
     slots: Vec<Slot>,
     busy: Vec<bool>,
+    /// Per device with a known capacity: (capacity, reserved), in MiB.
+    memory: std::collections::HashMap<String, (u64, u64)>,
 }
 
 impl Pool {
@@ -35,7 +63,18 @@ impl Pool {
 
     pub fn new(slots: Vec<Slot>) -> Self {
         let busy = vec![false; slots.len()];
-        Self { slots, busy }
+        Self { slots, busy, memory: Default::default() }
+    }
+
+    /// Gives `device` a memory capacity that jobs with an estimate share.
+    pub fn with_memory(mut self, device: &str, capacity_mib: u64) -> Self {
+        self.memory.insert(device.to_string(), (capacity_mib, 0));
+        self
+    }
+
+    /// Whether `device` has room for `mib` more (always, without a known capacity).
+    fn memory_fits(&self, device: &str, mib: u64) -> bool {
+        self.memory.get(device).is_none_or(|(cap, used)| mib == 0 || used + mib <= *cap)
     }
 
     pub fn len(&self) -> usize {
@@ -50,46 +89,75 @@ impl Pool {
         self.busy.iter().filter(|b| !**b).count()
     }
 
-    /// Takes `n` free slots of one device of `kind`, on a device other than `avoid` when one
-    /// has room; `None` when no device has `n` free slots now.
-    pub fn take_many(&mut self, n: usize, kind: DeviceKind, avoid: Option<&str>) -> Option<Vec<usize>> {
+    /// Takes what `need` asks for on one device: free slots of its kind, and room for its memory
+    /// estimate; a device other than `avoid` when one has room. `None` when none has room now.
+    pub fn take(&mut self, need: Need, avoid: Option<&str>) -> Option<Held> {
+        let n = need.slots.max(1);
         let mut devices: Vec<&str> = Vec::new();
         for s in &self.slots {
-            if kind_matches(kind, &s.device) && !devices.contains(&s.device.as_str()) {
+            if kind_matches(need.kind, &s.device) && !devices.contains(&s.device.as_str()) {
                 devices.push(&s.device);
             }
         }
         // Devices other than `avoid` first; the order is otherwise the pool's.
         devices.sort_by_key(|d| Some(*d) == avoid);
         let device = devices.into_iter().find(|d| {
-            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == *d).count() >= n.max(1)
+            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == *d).count() >= n
+                && self.memory_fits(d, need.memory_mib)
         })?;
         let device = device.to_string();
         let taken: Vec<usize> =
-            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == device).take(n.max(1)).collect();
+            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == device).take(n).collect();
         for &i in &taken {
             self.busy[i] = true;
         }
-        Some(taken)
-    }
-
-    /// Whether some device of `kind` has `n` slots at all (busy or not).
-    pub fn could_ever(&self, n: usize, kind: DeviceKind) -> bool {
-        self.most_slots(kind) >= n
-    }
-
-    /// The most slots one device of `kind` has.
-    pub fn most_slots(&self, kind: DeviceKind) -> usize {
-        let mut most = 0;
-        for s in self.slots.iter().filter(|s| kind_matches(kind, &s.device)) {
-            most = most.max(self.slots.iter().filter(|t| t.device == s.device).count());
+        if let Some((_, used)) = self.memory.get_mut(&device) {
+            *used += need.memory_mib;
         }
-        most
+        Some(Held { slots: taken, device, memory_mib: need.memory_mib })
     }
 
-    pub fn give_back(&mut self, i: usize) {
-        assert!(self.busy[i], "slot {i} given back twice");
-        self.busy[i] = false;
+    /// Why the pool can never hold a job that needs `need`, or `None` if it can.
+    pub fn never_fits(&self, need: Need) -> Option<String> {
+        let mut devices: Vec<&str> = Vec::new();
+        for s in self.slots.iter().filter(|s| kind_matches(need.kind, &s.device)) {
+            if !devices.contains(&s.device.as_str()) {
+                devices.push(&s.device);
+            }
+        }
+        if devices.is_empty() {
+            return Some("has none".into());
+        }
+        let count = |d: &str| self.slots.iter().filter(|s| s.device == d).count();
+        let most = devices.iter().map(|d| count(d)).max().unwrap_or(0);
+        if most < need.slots {
+            return Some(format!("has at most {most} per device"));
+        }
+        let fits =
+            |d: &str| count(d) >= need.slots && self.memory.get(d).is_none_or(|(cap, _)| need.memory_mib <= *cap);
+        if !devices.iter().any(|d| fits(d)) {
+            let caps: Vec<String> = devices
+                .iter()
+                .filter_map(|d| self.memory.get(*d).map(|(cap, _)| format!("{d} {:.1} GB", *cap as f64 / 1024.0)))
+                .collect();
+            return Some(format!(
+                "has no device with {:.1} GB of memory ({})",
+                need.memory_mib as f64 / 1024.0,
+                caps.join(", ")
+            ));
+        }
+        None
+    }
+
+    /// Gives back what a job held.
+    pub fn give_back(&mut self, held: &Held) {
+        for &i in &held.slots {
+            assert!(self.busy[i], "slot {i} given back twice");
+            self.busy[i] = false;
+        }
+        if let Some((_, used)) = self.memory.get_mut(&held.device) {
+            *used = used.saturating_sub(held.memory_mib);
+        }
     }
 
     pub fn slot(&self, i: usize) -> &Slot {
@@ -261,50 +329,92 @@ pub fn build_pool(req: &PoolRequest, gpus: &[Gpu]) -> Result<Pool, String> {
             DeviceEntry::Gpu(n) => gpu_slots(n, &mut slots),
         }
     }
-    Ok(Pool::new(slots))
+    let mut pool = Pool::new(slots);
+    for g in gpus {
+        pool = pool.with_memory(&format!("cuda:{}", g.index), g.memory_mib);
+    }
+    if let Some(mib) = host_memory_mib() {
+        pool = pool.with_memory("cpu", mib);
+    }
+    Ok(pool)
+}
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), in MiB.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn need(slots: usize, kind: DeviceKind) -> Need {
+        Need { slots, kind, memory_mib: 0 }
+    }
+
     #[test]
     fn slots_are_taken_and_given_back() {
         let mut p = Pool::cpu(2, 1);
-        let a = p.take_many(1, DeviceKind::Any, None).unwrap();
-        let b = p.take_many(1, DeviceKind::Any, None).unwrap();
-        assert_ne!(a, b);
-        assert_eq!(p.take_many(1, DeviceKind::Any, None), None);
-        p.give_back(a[0]);
+        let a = p.take(Need::one(), None).unwrap();
+        let b = p.take(Need::one(), None).unwrap();
+        assert_ne!(a.slots, b.slots);
+        assert_eq!(p.take(Need::one(), None), None);
+        p.give_back(&a);
         assert_eq!(p.free(), 1);
-        assert_eq!(p.take_many(1, DeviceKind::Cpu, None), Some(a));
+        assert_eq!(p.take(need(1, DeviceKind::Cpu), None), Some(a));
     }
 
     #[test]
     fn a_retry_after_running_out_of_memory_prefers_another_device() {
         let slot = |d: &str| Slot { device: d.into(), threads: 1 };
         let mut p = Pool::new(vec![slot("cuda:0"), slot("cuda:1")]);
-        assert_eq!(p.take_many(1, DeviceKind::Any, Some("cuda:0")), Some(vec![1]));
-        let again = p.take_many(1, DeviceKind::Cuda, Some("cuda:0"));
-        assert_eq!(again, Some(vec![0]), "the avoided device when nothing else is free");
-        assert_eq!(p.take_many(1, DeviceKind::Any, None), None);
+        assert_eq!(p.take(Need::one(), Some("cuda:0")).unwrap().slots, vec![1]);
+        let again = p.take(need(1, DeviceKind::Cuda), Some("cuda:0")).unwrap();
+        assert_eq!(again.slots, vec![0], "the avoided device when nothing else is free");
+        assert_eq!(p.take(Need::one(), None), None);
     }
 
     #[test]
     fn a_job_takes_several_slots_of_one_device_of_its_kind() {
         let slot = |d: &str| Slot { device: d.into(), threads: 2 };
         let mut p = Pool::new(vec![slot("cpu"), slot("cuda:0"), slot("cuda:0"), slot("cuda:1"), slot("cuda:1")]);
-        assert_eq!((p.most_slots(DeviceKind::Cuda), p.most_slots(DeviceKind::Cpu)), (2, 1));
-        assert!(
-            p.could_ever(2, DeviceKind::Any) && !p.could_ever(2, DeviceKind::Cpu) && !p.could_ever(3, DeviceKind::Any)
-        );
-        assert_eq!(p.take_many(1, DeviceKind::Cuda, None), Some(vec![1]));
+        assert_eq!(p.never_fits(need(2, DeviceKind::Any)), None);
+        assert_eq!(p.never_fits(need(2, DeviceKind::Cpu)).as_deref(), Some("has at most 1 per device"));
+        assert_eq!(p.never_fits(need(3, DeviceKind::Any)).as_deref(), Some("has at most 2 per device"));
+        assert_eq!(p.take(need(1, DeviceKind::Cuda), None).unwrap().slots, vec![1]);
         // cuda:0 has one slot left, so two slots come from cuda:1.
-        assert_eq!(p.take_many(2, DeviceKind::Cuda, None), Some(vec![3, 4]));
-        assert_eq!(p.take_many(2, DeviceKind::Any, None), None);
-        assert_eq!(p.take_many(1, DeviceKind::Cpu, None), Some(vec![0]));
-        assert_eq!(p.take_many(1, DeviceKind::Cpu, None), None, "a cpu job never lands on a GPU");
-        assert_eq!(p.take_many(1, DeviceKind::Any, None), Some(vec![2]));
+        assert_eq!(p.take(need(2, DeviceKind::Cuda), None).unwrap().slots, vec![3, 4]);
+        assert_eq!(p.take(need(2, DeviceKind::Any), None), None);
+        assert_eq!(p.take(need(1, DeviceKind::Cpu), None).unwrap().slots, vec![0]);
+        assert_eq!(p.take(need(1, DeviceKind::Cpu), None), None, "a cpu job never lands on a GPU");
+        assert_eq!(p.take(Need::one(), None).unwrap().slots, vec![2]);
+    }
+
+    #[test]
+    fn memory_estimates_pack_jobs_onto_a_device() {
+        let slot = |d: &str| Slot { device: d.into(), threads: 1 };
+        // Two 80 GB GPUs with four slots each.
+        let mut p = Pool::new((0..8).map(|i| slot(if i < 4 { "cuda:0" } else { "cuda:1" })).collect())
+            .with_memory("cuda:0", 81920)
+            .with_memory("cuda:1", 81920);
+        let gb = |g: u64| Need { slots: 1, kind: DeviceKind::Cuda, memory_mib: g * 1024 };
+        let a = p.take(gb(50), None).unwrap();
+        let b = p.take(gb(50), None).unwrap();
+        assert_eq!((a.device.as_str(), b.device.as_str()), ("cuda:0", "cuda:1"), "50 + 50 GB do not fit on one");
+        assert_eq!(p.take(gb(40), None), None, "30 GB are left on each");
+        let c = p.take(gb(30), None).unwrap();
+        assert_eq!(c.device, "cuda:0");
+        // Jobs without an estimate still take the free slots.
+        assert!(p.take(Need::one(), None).is_some());
+        p.give_back(&a);
+        assert_eq!(p.take(gb(40), None).unwrap().device, "cuda:0");
+        assert_eq!(
+            p.never_fits(gb(90)).as_deref(),
+            Some("has no device with 90.0 GB of memory (cuda:0 80.0 GB, cuda:1 80.0 GB)")
+        );
     }
 
     fn h200s(n: u32) -> Vec<Gpu> {

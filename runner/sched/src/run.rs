@@ -1,7 +1,7 @@
 //! The scheduler loop: decide what to run, place ready jobs on free slots, turn worker events
 //! into store writes.
 
-use crate::pool::{Pool, Slot};
+use crate::pool::{Held, Need, Pool, Slot};
 use crate::spawn::{self, Msg};
 use crate::writer::{self, StoreOp};
 use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
@@ -105,9 +105,9 @@ pub struct RunReport {
 }
 
 struct Running {
-    /// The pool slots it holds (several with `resources: {slots: N}`), all of one device.
-    slots: Vec<usize>,
-    device: String,
+    /// The pool slots it holds (several with `resources: {slots: N}`), all of one device, and
+    /// the memory it reserved there.
+    held: Held,
     pid: u32,
     started: Instant,
     timed_out: bool,
@@ -140,26 +140,32 @@ fn signal(pid: u32, sig: i32) {
 /// with the asked number of slots. Says which stage asks for what, and what the pool has.
 pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
     for stage in &plan.stages {
-        let Some(e) = stage.jobs.first().map(|j| &j.exec) else { continue };
-        if pool.could_ever(e.slots as usize, e.device) {
-            continue;
-        }
-        let kind = match e.device {
+        let Some(job) = stage.jobs.first() else { continue };
+        let need = need_of(job);
+        let Some(why) = pool.never_fits(need) else { continue };
+        let kind = match need.kind {
             xlab_spec::file::DeviceKind::Any => "any device",
             xlab_spec::file::DeviceKind::Cpu => "the CPU",
             xlab_spec::file::DeviceKind::Cuda => "a GPU",
         };
-        let most = pool.most_slots(e.device);
-        let has = if most == 0 { "has none".to_string() } else { format!("has at most {most} per device") };
+        let memory = match need.memory_mib {
+            0 => String::new(),
+            m => format!(" with {:.1} GB", m as f64 / 1024.0),
+        };
         return Err(format!(
-            "stage `{}` asks for {} slot(s) of {kind} (`resources:`), but the pool ({}) {has}\n  hint: run with \
-             more `--jobs-per-device`, other `--devices`, or lower `resources.slots`",
+            "stage `{}` asks for {} slot(s) of {kind}{memory} (`resources:`), but the pool ({}) {why}\n  hint: run with \
+             more `--jobs-per-device`, other `--devices`, or lower `resources`",
             stage.name,
-            e.slots,
+            need.slots,
             pool.describe()
         ));
     }
     Ok(())
+}
+
+/// What a job takes from the pool.
+fn need_of(job: &Job) -> Need {
+    Need { slots: job.exec.slots as usize, kind: job.exec.device, memory_mib: job.exec.memory_mib }
 }
 
 /// Runs every job of the plan that the store does not hold as done.
@@ -364,15 +370,14 @@ pub fn run(
                     .collect();
                 ready.sort_by_key(|&(_, i)| (std::cmp::Reverse(jobs[i].exec.priority), i));
                 let placed = ready.into_iter().find_map(|(at, i)| {
-                    let e = &jobs[i].exec;
                     let avoid = avoid.get(&i).map(String::as_str);
-                    opts.pool.take_many(e.slots as usize, e.device, avoid).map(|slots| (at, slots))
+                    opts.pool.take(need_of(jobs[i]), avoid).map(|held| (at, held))
                 });
-                let Some((at, slots)) = placed else { break };
+                let Some((at, held)) = placed else { break };
                 let i = queue.remove(at).expect("an index into the queue");
                 let slot = Slot {
-                    device: opts.pool.slot(slots[0]).device.clone(),
-                    threads: slots.iter().map(|&s| opts.pool.slot(s).threads).sum(),
+                    device: held.device.clone(),
+                    threads: held.slots.iter().map(|&s| opts.pool.slot(s).threads).sum(),
                 };
                 let picked = records[i].selected.clone();
                 let parents: Vec<ParentRef> = jobs[i]
@@ -413,8 +418,7 @@ pub fn run(
                         running.insert(
                             i,
                             Running {
-                                slots,
-                                device: slot.device,
+                                held,
                                 pid,
                                 started: Instant::now(),
                                 timed_out: false,
@@ -425,9 +429,7 @@ pub fn run(
                         );
                     }
                     Err(e) => {
-                        for s in slots {
-                            opts.pool.give_back(s);
-                        }
+                        opts.pool.give_back(&held);
                         result = Err(e);
                         queue.clear();
                     }
@@ -451,9 +453,7 @@ pub fn run(
                 Msg::Noise(i, line) => tracing::warn!(job = %jobs[i].id, "worker wrote a non-event line: {line}"),
                 Msg::Exited(i, status) => {
                     let mut r = running.remove(&i).expect("exit of a running job");
-                    for &s in &r.slots {
-                        opts.pool.give_back(s);
-                    }
+                    opts.pool.give_back(&r.held);
                     let outcome = finish(&mut r, status, store, jobs[i].exec.timeout_ms);
                     let tries = attempts_here.entry(i).or_insert(0);
                     *tries += 1;
@@ -484,7 +484,7 @@ pub fn run(
                             let delay = Duration::from_secs(1u64 << (*tries - 1).min(6)).min(Duration::from_secs(60));
                             r.record.status = JobStatus::Pending;
                             if *cause == FailureCause::OutOfMemory {
-                                avoid.insert(i, r.device.clone());
+                                avoid.insert(i, r.held.device.clone());
                             }
                             delayed.push((Instant::now() + delay, i));
                             observe(Progress::Retrying { job: jobs[i], cause: *cause, message, delay });

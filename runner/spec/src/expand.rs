@@ -138,6 +138,8 @@ pub struct Exec {
     /// Slots of one device the job takes.
     pub slots: u32,
     pub device: DeviceKind,
+    /// The job's memory estimate on its device, in MiB (0: none).
+    pub memory_mib: u64,
     /// Further attempts after a crash, out-of-memory error or timeout.
     pub retries: u32,
     /// Wall-clock limit of one attempt, in milliseconds.
@@ -423,6 +425,7 @@ pub fn expand(
             checkpoint_every_ms: every_minutes.map(|m| (m * 60_000.0).round().max(1.0) as u64),
             slots: resources.and_then(|r| r.slots).unwrap_or(1),
             device: resources.and_then(|r| r.device).unwrap_or_default(),
+            memory_mib: resources.and_then(|r| r.memory_gb).map(|g| (g * 1024.0).ceil() as u64).unwrap_or(0),
             retries: stage.retries.unwrap_or(0),
             timeout_ms,
             fail_fast: stage.fail_fast.unwrap_or(false),
@@ -443,6 +446,11 @@ pub fn expand(
             return Err(SpecError::new(file, "`checkpoint.every_steps` must be at least 1")
                 .context(format!("{ctx}.checkpoint"))
                 .key("every_steps"));
+        }
+        if resources.and_then(|r| r.memory_gb).is_some_and(|g| !(g > 0.0 && g.is_finite())) {
+            return Err(SpecError::new(file, "`resources.memory_gb` must be a number > 0")
+                .context(format!("{ctx}.resources"))
+                .key("memory_gb"));
         }
         if exec.slots == 0 {
             return Err(SpecError::new(file, "`resources.slots` must be at least 1")

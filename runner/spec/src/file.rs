@@ -278,6 +278,10 @@ pub struct ResourcesFile {
     /// The kind of device the job runs on: `cpu`, `cuda` or `any` (the default).
     #[serde(default)]
     pub device: Option<DeviceKind>,
+    /// The job's memory estimate on its device, in GB: jobs with estimates share a device only
+    /// while their sum fits its memory (a GPU's, or the machine's for the CPU).
+    #[serde(default)]
+    pub memory_gb: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]

@@ -44,7 +44,8 @@ pub fn schema() -> Value {
         (
             "resources",
             json!({"type": "object", "additionalProperties": false, "properties": {
-                "slots": {"type": "integer", "minimum": 1}, "device": {"enum": ["any", "cpu", "cuda"]}}}),
+                "slots": {"type": "integer", "minimum": 1}, "device": {"enum": ["any", "cpu", "cuda"]},
+                "memory_gb": {"type": "number", "exclusiveMinimum": 0}}}),
         ),
         (
             "needs",
