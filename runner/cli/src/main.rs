@@ -93,7 +93,7 @@ struct RunArgs {
     /// Threads per job.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Where jobs run: `auto` (every GPU `nvidia-smi` finds, else CPU slots), `cpu`, `cuda`
+    /// Where jobs run: `auto` (every GPU NVML or `nvidia-smi` finds, else CPU slots), `cpu`, `cuda`
     /// (every GPU) or a list such as `cuda:0,cuda:2` or `cpu,cuda:1`.
     #[arg(long, env = "XLAB_DEVICES", default_value = "auto")]
     devices: xlab_sched::Devices,
@@ -1022,7 +1022,7 @@ fn doctor(cli: &Cli) -> Result<u8, Failure> {
         outln!("GPU:          cuda:{} {} ({} MiB)", g.index, g.name, g.memory_mib);
     }
     if gpus.is_empty() {
-        outln!("GPUs:         none found (no nvidia-smi); jobs run on CPU slots");
+        outln!("GPUs:         none found (neither NVML nor nvidia-smi answers); jobs run on CPU slots");
     }
     let abs = std::path::absolute(&cli.store).unwrap_or_else(|_| cli.store.clone());
     let state = match Store::open(&cli.store) {

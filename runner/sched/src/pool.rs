@@ -182,7 +182,7 @@ pub fn default_cpu_slots() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// A GPU of this machine, as `nvidia-smi` reports it (no libtorch in the coordinator).
+/// A GPU of this machine, as NVML or `nvidia-smi` reports it (no libtorch in the coordinator).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gpu {
     /// The physical index (what `CUDA_VISIBLE_DEVICES` names).
@@ -191,20 +191,47 @@ pub struct Gpu {
     pub memory_mib: u64,
 }
 
-/// The GPUs `nvidia-smi` lists, restricted to the coordinator's own `CUDA_VISIBLE_DEVICES` when
-/// that names indices. Empty when there is no `nvidia-smi` or it fails (no driver).
+/// The GPUs NVML reports (through `nvml-wrapper`, which loads the driver's library at run time),
+/// else those `nvidia-smi` lists, restricted to the coordinator's own `CUDA_VISIBLE_DEVICES` when
+/// that names indices. Empty without a driver.
 pub fn detect_gpus() -> Vec<Gpu> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"])
-        .output();
-    let gpus = match out {
-        Ok(o) if o.status.success() => parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)),
-        _ => Vec::new(),
-    };
+    let gpus = nvml_gpus().unwrap_or_else(|why| {
+        tracing::debug!("NVML: {why}; asking nvidia-smi");
+        let out = std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)),
+            _ => Vec::new(),
+        }
+    });
     match std::env::var("CUDA_VISIBLE_DEVICES") {
         Ok(v) => restrict_to_visible(gpus, &v),
         Err(_) => gpus,
     }
+}
+
+/// The GPUs NVML (the driver's management library, loaded at run time) reports, or why not.
+fn nvml_gpus() -> Result<Vec<Gpu>, String> {
+    use nvml_wrapper::Nvml;
+    // Drivers install `libnvidia-ml.so.1`; the unversioned name comes with development files.
+    let nvml = Nvml::builder()
+        .lib_path(std::ffi::OsStr::new("libnvidia-ml.so.1"))
+        .init()
+        .or_else(|_| Nvml::init())
+        .map_err(|e| e.to_string())?;
+    let count = nvml.device_count().map_err(|e| e.to_string())?;
+    let mut gpus = Vec::new();
+    for i in 0..count {
+        let d = nvml.device_by_index(i).map_err(|e| e.to_string())?;
+        let memory = d.memory_info().map_err(|e| e.to_string())?;
+        gpus.push(Gpu {
+            index: i,
+            name: d.name().map_err(|e| e.to_string())?,
+            memory_mib: memory.total / (1024 * 1024),
+        });
+    }
+    Ok(gpus)
 }
 
 /// Parses `nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader,nounits`.
