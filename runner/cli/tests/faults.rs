@@ -481,6 +481,7 @@ fn a_job_takes_the_slots_its_stage_asks_for() {
     for (resources, says) in [
         ("{slots: 3}", "stage `big` asks for 3 slot(s) of any device (`resources:`), but the pool (2 × cpu) has at most 2 per device"),
         ("{device: cuda}", "stage `big` asks for 1 slot(s) of a GPU (`resources:`), but the pool (2 × cpu) has none"),
+        ("{gpus: 1}", "stage `big` asks for 1 whole GPU(s) (`resources:`), but the pool (2 × cpu) has 0 GPU(s)"),
     ] {
         let bad = dir.path().join("bad.yaml");
         std::fs::write(&bad, text.replace("{slots: 2, device: cpu}", resources)).unwrap();

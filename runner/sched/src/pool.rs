@@ -27,16 +27,19 @@ pub struct Need {
     pub kind: DeviceKind,
     /// The job's memory estimate on its device, in MiB (0: none given).
     pub memory_mib: u64,
+    /// Whole GPUs (every slot of each); 0 for slots of one device.
+    pub gpus: usize,
 }
 
 impl Need {
     /// One slot of any device, no memory estimate.
     pub fn one() -> Need {
-        Need { slots: 1, kind: DeviceKind::Any, memory_mib: 0 }
+        Need { slots: 1, kind: DeviceKind::Any, memory_mib: 0, gpus: 0 }
     }
 }
 
-/// What a running job holds: its slots, all on `device`, and the memory it reserved there.
+/// What a running job holds: its slots, all on `device` (whole GPUs: `cuda:1,cuda:3`), and the
+/// memory it reserved on each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     pub slots: Vec<usize>,
@@ -92,6 +95,9 @@ impl Pool {
     /// Takes what `need` asks for on one device: free slots of its kind, and room for its memory
     /// estimate; a device other than `avoid` when one has room. `None` when none has room now.
     pub fn take(&mut self, need: Need, avoid: Option<&str>) -> Option<Held> {
+        if need.gpus > 0 {
+            return self.take_gpus(need, avoid);
+        }
         let n = need.slots.max(1);
         let mut devices: Vec<&str> = Vec::new();
         for s in &self.slots {
@@ -117,8 +123,66 @@ impl Pool {
         Some(Held { slots: taken, device, memory_mib: need.memory_mib })
     }
 
+    /// The GPUs (`cuda:N`) of the pool, in pool order.
+    fn gpus(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for s in self.slots.iter().filter(|s| s.device.starts_with("cuda:")) {
+            if !out.contains(&s.device.as_str()) {
+                out.push(&s.device);
+            }
+        }
+        out
+    }
+
+    /// `need.gpus` whole GPUs: every slot of each free, and room for the memory estimate.
+    fn take_gpus(&mut self, need: Need, avoid: Option<&str>) -> Option<Held> {
+        let mut idle: Vec<String> = self
+            .gpus()
+            .into_iter()
+            .filter(|d| {
+                (0..self.slots.len()).all(|i| self.slots[i].device != *d || !self.busy[i])
+                    && self.memory_fits(d, need.memory_mib)
+            })
+            .map(str::to_string)
+            .collect();
+        idle.sort_by_key(|d| Some(d.as_str()) == avoid);
+        if idle.len() < need.gpus {
+            return None;
+        }
+        idle.truncate(need.gpus);
+        let slots: Vec<usize> = (0..self.slots.len()).filter(|&i| idle.contains(&self.slots[i].device)).collect();
+        for &i in &slots {
+            self.busy[i] = true;
+        }
+        for d in &idle {
+            if let Some((_, used)) = self.memory.get_mut(d) {
+                *used += need.memory_mib;
+            }
+        }
+        Some(Held { slots, device: idle.join(","), memory_mib: need.memory_mib })
+    }
+
     /// Why the pool can never hold a job that needs `need`, or `None` if it can.
     pub fn never_fits(&self, need: Need) -> Option<String> {
+        if need.gpus > 0 {
+            let gpus = self.gpus();
+            return if gpus.len() < need.gpus {
+                Some(format!("has {} GPU(s)", gpus.len()))
+            } else if gpus
+                .iter()
+                .filter(|d| self.memory.get(**d).is_none_or(|(cap, _)| need.memory_mib <= *cap))
+                .count()
+                < need.gpus
+            {
+                Some(format!(
+                    "has fewer than {} GPUs with {:.1} GB of memory",
+                    need.gpus,
+                    need.memory_mib as f64 / 1024.0
+                ))
+            } else {
+                None
+            };
+        }
         let mut devices: Vec<&str> = Vec::new();
         for s in self.slots.iter().filter(|s| kind_matches(need.kind, &s.device)) {
             if !devices.contains(&s.device.as_str()) {
@@ -155,8 +219,10 @@ impl Pool {
             assert!(self.busy[i], "slot {i} given back twice");
             self.busy[i] = false;
         }
-        if let Some((_, used)) = self.memory.get_mut(&held.device) {
-            *used = used.saturating_sub(held.memory_mib);
+        for d in held.device.split(',') {
+            if let Some((_, used)) = self.memory.get_mut(d) {
+                *used = used.saturating_sub(held.memory_mib);
+            }
         }
     }
 
@@ -379,7 +445,7 @@ mod tests {
     use super::*;
 
     fn need(slots: usize, kind: DeviceKind) -> Need {
-        Need { slots, kind, memory_mib: 0 }
+        Need { slots, kind, memory_mib: 0, gpus: 0 }
     }
 
     #[test]
@@ -427,7 +493,7 @@ mod tests {
         let mut p = Pool::new((0..8).map(|i| slot(if i < 4 { "cuda:0" } else { "cuda:1" })).collect())
             .with_memory("cuda:0", 81920)
             .with_memory("cuda:1", 81920);
-        let gb = |g: u64| Need { slots: 1, kind: DeviceKind::Cuda, memory_mib: g * 1024 };
+        let gb = |g: u64| Need { slots: 1, kind: DeviceKind::Cuda, memory_mib: g * 1024, gpus: 0 };
         let a = p.take(gb(50), None).unwrap();
         let b = p.take(gb(50), None).unwrap();
         assert_eq!((a.device.as_str(), b.device.as_str()), ("cuda:0", "cuda:1"), "50 + 50 GB do not fit on one");
@@ -442,6 +508,32 @@ mod tests {
             p.never_fits(gb(90)).as_deref(),
             Some("has no device with 90.0 GB of memory (cuda:0 80.0 GB, cuda:1 80.0 GB)")
         );
+    }
+
+    #[test]
+    fn a_job_takes_whole_gpus() {
+        let slot = |d: &str| Slot { device: d.into(), threads: 1 };
+        let mut p = Pool::new(vec![
+            slot("cpu"),
+            slot("cuda:0"),
+            slot("cuda:0"),
+            slot("cuda:1"),
+            slot("cuda:1"),
+            slot("cuda:2"),
+        ]);
+        let two = Need { gpus: 2, ..Need::one() };
+        let one_slot = p.take(need(1, DeviceKind::Cuda), None).unwrap();
+        assert_eq!(one_slot.device, "cuda:0");
+        // cuda:0 is partly busy: the two whole GPUs are cuda:1 and cuda:2, with all their slots.
+        let held = p.take(two, None).unwrap();
+        assert_eq!((held.device.as_str(), held.slots.clone()), ("cuda:1,cuda:2", vec![3, 4, 5]));
+        let (lease, visible) = crate::spawn::lease_for(&Slot { device: held.device.clone(), threads: 1 });
+        assert_eq!((lease.device.as_str(), visible.as_str()), ("cuda:0", "1,2"));
+        assert_eq!(p.take(two, None), None);
+        p.give_back(&held);
+        p.give_back(&one_slot);
+        assert_eq!(p.take(Need { gpus: 3, ..Need::one() }, None).unwrap().slots, vec![1, 2, 3, 4, 5]);
+        assert_eq!(p.never_fits(Need { gpus: 4, ..Need::one() }).as_deref(), Some("has 3 GPU(s)"));
     }
 
     fn h200s(n: u32) -> Vec<Gpu> {

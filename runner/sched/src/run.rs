@@ -144,6 +144,7 @@ pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
         let need = need_of(job);
         let Some(why) = pool.never_fits(need) else { continue };
         let kind = match need.kind {
+            _ if need.gpus > 0 => "whole GPU(s)",
             xlab_spec::file::DeviceKind::Any => "any device",
             xlab_spec::file::DeviceKind::Cpu => "the CPU",
             xlab_spec::file::DeviceKind::Cuda => "a GPU",
@@ -153,10 +154,11 @@ pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
             m => format!(" with {:.1} GB", m as f64 / 1024.0),
         };
         return Err(format!(
-            "stage `{}` asks for {} slot(s) of {kind}{memory} (`resources:`), but the pool ({}) {why}\n  hint: run with \
+            "stage `{}` asks for {} {}{kind}{memory} (`resources:`), but the pool ({}) {why}\n  hint: run with \
              more `--jobs-per-device`, other `--devices`, or lower `resources`",
             stage.name,
-            need.slots,
+            need.gpus.max(need.slots),
+            if need.gpus > 0 { "" } else { "slot(s) of " },
             pool.describe()
         ));
     }
@@ -165,7 +167,12 @@ pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
 
 /// What a job takes from the pool.
 fn need_of(job: &Job) -> Need {
-    Need { slots: job.exec.slots as usize, kind: job.exec.device, memory_mib: job.exec.memory_mib }
+    Need {
+        slots: job.exec.slots as usize,
+        kind: job.exec.device,
+        memory_mib: job.exec.memory_mib,
+        gpus: job.exec.gpus as usize,
+    }
 }
 
 /// Runs every job of the plan that the store does not hold as done.

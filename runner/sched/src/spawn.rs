@@ -27,10 +27,11 @@ pub fn log_path(run_dir: &Path) -> std::path::PathBuf {
 }
 
 /// The lease a worker sees: a GPU slot's physical index becomes `cuda:0` behind
-/// `CUDA_VISIBLE_DEVICES`.
+/// `CUDA_VISIBLE_DEVICES`; whole GPUs `cuda:1,cuda:3` become `cuda:0` and `cuda:1`.
 pub fn lease_for(slot: &Slot) -> (Lease, String) {
-    match slot.device.strip_prefix("cuda:") {
-        Some(physical) => (Lease { device: "cuda:0".into(), threads: slot.threads }, physical.to_string()),
+    let physical: Option<Vec<&str>> = slot.device.split(',').map(|d| d.strip_prefix("cuda:")).collect();
+    match physical {
+        Some(list) => (Lease { device: "cuda:0".into(), threads: slot.threads }, list.join(",")),
         None => (Lease { device: "cpu".into(), threads: slot.threads }, String::new()),
     }
 }

@@ -140,6 +140,8 @@ pub struct Exec {
     pub device: DeviceKind,
     /// The job's memory estimate on its device, in MiB (0: none).
     pub memory_mib: u64,
+    /// Whole GPUs the job takes (0: slots of one device instead).
+    pub gpus: u32,
     /// Further attempts after a crash, out-of-memory error or timeout.
     pub retries: u32,
     /// Wall-clock limit of one attempt, in milliseconds.
@@ -426,6 +428,7 @@ pub fn expand(
             slots: resources.and_then(|r| r.slots).unwrap_or(1),
             device: resources.and_then(|r| r.device).unwrap_or_default(),
             memory_mib: resources.and_then(|r| r.memory_gb).map(|g| (g * 1024.0).ceil() as u64).unwrap_or(0),
+            gpus: resources.and_then(|r| r.gpus).unwrap_or(0),
             retries: stage.retries.unwrap_or(0),
             timeout_ms,
             fail_fast: stage.fail_fast.unwrap_or(false),
@@ -451,6 +454,20 @@ pub fn expand(
             return Err(SpecError::new(file, "`resources.memory_gb` must be a number > 0")
                 .context(format!("{ctx}.resources"))
                 .key("memory_gb"));
+        }
+        if let Some(r) = resources.filter(|r| r.gpus.is_some()) {
+            let why = if r.gpus == Some(0) {
+                Some("`resources.gpus` must be at least 1")
+            } else if r.slots.is_some() {
+                Some("`resources` asks for whole GPUs (`gpus`) or slots of one device (`slots`), not both")
+            } else if r.device == Some(DeviceKind::Cpu) {
+                Some("`resources.gpus` asks for GPUs, but `device` is `cpu`")
+            } else {
+                None
+            };
+            if let Some(m) = why {
+                return Err(SpecError::new(file, m).context(format!("{ctx}.resources")).key("gpus"));
+            }
         }
         if exec.slots == 0 {
             return Err(SpecError::new(file, "`resources.slots` must be at least 1")

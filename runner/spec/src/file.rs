@@ -282,6 +282,10 @@ pub struct ResourcesFile {
     /// while their sum fits its memory (a GPU's, or the machine's for the CPU).
     #[serde(default)]
     pub memory_gb: Option<f64>,
+    /// Whole GPUs for the job (every slot of each); the worker sees them as `cuda:0`,
+    /// `cuda:1`, … and trains on `cuda:0`. Instead of `slots`.
+    #[serde(default)]
+    pub gpus: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]

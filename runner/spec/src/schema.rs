@@ -45,7 +45,7 @@ pub fn schema() -> Value {
             "resources",
             json!({"type": "object", "additionalProperties": false, "properties": {
                 "slots": {"type": "integer", "minimum": 1}, "device": {"enum": ["any", "cpu", "cuda"]},
-                "memory_gb": {"type": "number", "exclusiveMinimum": 0}}}),
+                "memory_gb": {"type": "number", "exclusiveMinimum": 0}, "gpus": {"type": "integer", "minimum": 1}}}),
         ),
         (
             "needs",
