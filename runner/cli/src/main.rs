@@ -104,6 +104,9 @@ struct RunArgs {
     /// every stage).
     #[arg(long)]
     fail_fast: bool,
+    /// At most this many jobs at once in the whole run (overrides the file's `max_parallel:`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_parallel: Option<u32>,
 }
 
 impl RunArgs {
@@ -315,7 +318,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Run { file, how } => {
             let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
-            run(cli, plan, &how.pool(), how.fail_fast)
+            run(cli, plan, how)
         }
         Command::Resume { name, how } => {
             let exp = {
@@ -347,7 +350,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 );
             }
             let plan = xlab_spec::load_str(&file, &exp.source, &mut plugins::WorkerPlugins::new(worker_path()))?;
-            run(cli, plan, &how.pool(), how.fail_fast)
+            run(cli, plan, how)
         }
         Command::Validate { file } => {
             let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
@@ -625,7 +628,8 @@ fn count_stop_requests() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     stops
 }
 
-fn run(cli: &Cli, plan: xlab_spec::Plan, pool: &xlab_sched::PoolRequest, fail_fast: bool) -> Result<u8, Failure> {
+fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
+    let (pool, fail_fast) = (&how.pool(), how.fail_fast);
     let pool = xlab_sched::build_pool(pool, &xlab_sched::detect_gpus())
         .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
     xlab_sched::check_placement(&plan, &pool).map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
@@ -635,7 +639,7 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, pool: &xlab_sched::PoolRequest, fail_fa
         "experiment `{}`: {total} job(s) in {} stage(s), {} at a time on {}, store {}",
         plan.name,
         plan.stages.len(),
-        pool.len(),
+        pool.len().min(how.max_parallel.or(plan.max_parallel).map_or(usize::MAX, |m| m as usize)),
         pool.describe(),
         cli.store.display()
     );
@@ -646,6 +650,7 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, pool: &xlab_sched::PoolRequest, fail_fa
         git_commit: env!("XLAB_GIT_COMMIT").into(),
         stop: count_stop_requests(),
         fail_fast,
+        max_parallel: how.max_parallel.map(|m| m as usize),
     };
     let started = Instant::now();
     let mut finished = 0usize;

@@ -439,6 +439,32 @@ fn priority_orders_ready_jobs_and_max_parallel_caps_a_stage() {
     }
 }
 
+/// `max_parallel:` at the top of a file caps the whole run, and `--max-parallel` overrides it.
+#[test]
+fn max_parallel_caps_the_whole_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cap.yaml");
+    let text = "name: cap\nmax_parallel: 1\ndefaults:\n  task: noop\n  data: {name: two_moons}\n  noop: {sleep_s: 0.2}\nstages:\n  a: {seeds: 2}\n  b: {seeds: 2, noop: {sleep_s: 0.21}}\n";
+    std::fs::write(&file, text).unwrap();
+    let most_at_once = |store: &str, args: &[&str]| {
+        let out = cmd(&dir.path().join(store)).args(["run", "-j", "2"]).args(args).arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        let (mut now, mut most) = (0, 0);
+        for l in err.lines() {
+            if l.contains(" started ") {
+                now += 1;
+                most = most.max(now);
+            } else if l.contains("] done ") {
+                now -= 1;
+            }
+        }
+        most
+    };
+    assert_eq!(most_at_once("file-cap", &[]), 1);
+    assert_eq!(most_at_once("flag-cap", &["--max-parallel", "2"]), 2);
+}
+
 /// `resources: {slots: 2}` takes two slots of one device: the job runs alone on a 2-slot pool,
 /// with the threads of both; a stage that asks for more than the pool has is refused before
 /// anything runs.

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub stop: Arc<AtomicUsize>,
     /// Stop starting jobs after the first deterministic failure, in every stage.
     pub fail_fast: bool,
+    /// At most this many jobs at once (`--max-parallel`; else the file's `max_parallel:`).
+    pub max_parallel: Option<usize>,
 }
 
 /// How often the loop looks at stop requests, timeouts and retry delays while it waits.
@@ -365,7 +367,8 @@ pub fn run(
                     true
                 }
             });
-            while opts.pool.free() > 0 {
+            let cap = opts.max_parallel.or(plan.max_parallel.map(|m| m as usize)).unwrap_or(usize::MAX);
+            while opts.pool.free() > 0 && running.len() < cap {
                 // The ready job to start: highest stage priority, then plan order, skipping
                 // stages at their `max_parallel` and jobs whose slots are not free now.
                 let busy = |stage: &str| running.keys().filter(|&&r| jobs[r].stage == stage).count();

@@ -44,6 +44,8 @@ pub struct Plan {
     /// The file's text, kept with the results for provenance.
     pub source: String,
     pub stages: Vec<StagePlan>,
+    /// At most this many jobs of the whole run at once (`max_parallel:` at the top of the file).
+    pub max_parallel: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -591,7 +593,10 @@ pub fn expand(
         expanded.insert(stage_name.clone(), jobs.clone());
         stages.push(StagePlan { name: stage_name.clone(), needs, sweep_keys, jobs });
     }
-    Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages })
+    if exp.max_parallel == Some(0) {
+        return Err(SpecError::new(file, "`max_parallel` must be at least 1").key("max_parallel"));
+    }
+    Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages, max_parallel: exp.max_parallel })
 }
 
 /// A job's config checked and resolved: typed, canonical JSON, and the plugins it uses.

@@ -67,6 +67,9 @@ pub struct ExperimentFile {
     /// Files merged under this one, in order (resolved before the rest is read; see [`parse`]).
     #[serde(default)]
     pub include: Vec<String>,
+    /// At most this many jobs of the whole run at once (a stage's own `max_parallel` caps it).
+    #[serde(default)]
+    pub max_parallel: Option<u32>,
 }
 
 config_keys! {

@@ -76,6 +76,7 @@ pub fn schema() -> Value {
             "description": {"type": "string"},
             "include": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "plugins": {"type": "array", "items": {"type": "string"}},
+            "max_parallel": {"type": "integer", "minimum": 1},
             "defaults": partial,
             "stages": {"type": "object", "minProperties": 1,
                 "additionalProperties": {"type": "object", "properties": stage_props, "additionalProperties": false}}
