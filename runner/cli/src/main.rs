@@ -667,8 +667,16 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
             let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
-        Progress::Resumed { job, epoch } => {
+        Progress::Resumed { job, epoch, step_in_epoch: 0 } => {
             tracing::info!("resumed {} {} from its checkpoint after epoch {epoch}", job.stage, job.label());
+        }
+        Progress::Resumed { job, epoch, step_in_epoch } => {
+            tracing::info!(
+                "resumed {} {} from its checkpoint in epoch {}, after {step_in_epoch} batches",
+                job.stage,
+                job.label(),
+                epoch + 1
+            );
         }
         Progress::Metrics { job, step, values } => {
             tracker.metrics(job.id.as_str(), step, values);

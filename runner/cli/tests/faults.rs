@@ -728,7 +728,9 @@ fn a_run_stopped_inside_an_epoch_resumes_there() {
     assert!(kinds.iter().any(|k| k.starts_with("checkpoint in epoch ") && k.ends_with("0 batches")), "{kinds:?}");
 
     let again = cmd(&store).arg("run").arg(&file).output().unwrap();
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("from its checkpoint in epoch ") && err.contains("0 batches"), "{err}");
     assert_eq!(snapshot(&store, &ids), snapshot(&reference, &ids), "the resumed results equal an uninterrupted run");
     assert_eq!(weights(&store, &ids), weights(&reference, &ids), "and so do the final weights, bit for bit");
 }

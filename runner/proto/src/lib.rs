@@ -118,7 +118,12 @@ pub enum Event {
     /// Scalar metric points, e.g. `train.loss` at step 3.
     Metrics { step: u64, values: BTreeMap<String, f64> },
     /// The job continues from a checkpoint written by an earlier attempt.
-    Resumed { epoch: u64 },
+    Resumed {
+        epoch: u64,
+        /// Batches into epoch `epoch + 1` (0: from the end of epoch `epoch`).
+        #[serde(default)]
+        step_in_epoch: u64,
+    },
     /// A checkpoint after `epoch` is durable at `path` (relative to the run folder).
     Checkpoint {
         epoch: u64,

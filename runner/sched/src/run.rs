@@ -63,6 +63,8 @@ pub enum Progress<'a> {
     Resumed {
         job: &'a Job,
         epoch: u64,
+        /// Batches into epoch `epoch + 1` (0: from the end of epoch `epoch`).
+        step_in_epoch: u64,
     },
     Metrics {
         job: &'a Job,
@@ -618,7 +620,7 @@ fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe
             observe(Progress::Metrics { job, step, values: &values });
             let _ = ops.send(StoreOp::Metrics { job: job.id.to_string(), step, values });
         }
-        Event::Resumed { epoch } => observe(Progress::Resumed { job, epoch }),
+        Event::Resumed { epoch, step_in_epoch } => observe(Progress::Resumed { job, epoch, step_in_epoch }),
         Event::Checkpoint { epoch, path, step_in_epoch } => {
             let path = format!("runs/{}/{path}", job.id);
             r.record.artifacts.retain(|a| a.name != "checkpoint");

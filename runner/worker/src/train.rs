@@ -715,7 +715,7 @@ pub fn run(
         history = c.meta.metrics;
         total_passes = history.last().and_then(|(_, v)| v.get("cost.passes")).map(|p| *p as u64).unwrap_or(0);
         tracing::info!(epoch = first_epoch, step_in_epoch = c.meta.step_in_epoch, "resuming from checkpoint");
-        out.send(&xlab_proto::Event::Resumed { epoch: first_epoch });
+        out.send(&xlab_proto::Event::Resumed { epoch: first_epoch, step_in_epoch: c.meta.step_in_epoch });
         // Re-send what was measured before, so a store that lost its last writes is made whole.
         for (step, values) in &history {
             out.metrics(*step, values.clone());

@@ -155,7 +155,8 @@ fn a_killed_worker_resumes_with_identical_results() {
         assert!(!first.iter().any(|e| matches!(e, Event::Finished { .. })));
         assert!(!interrupted.run_dir.join("weights.safetensors").exists());
         let second = run(&interrupted, None);
-        let resumed = second.iter().find_map(|e| if let Event::Resumed { epoch } = e { Some(*epoch) } else { None });
+        let resumed =
+            second.iter().find_map(|e| if let Event::Resumed { epoch, .. } = e { Some(*epoch) } else { None });
         assert!(resumed.is_some_and(|e| e >= 3), "{name}: {second:?}");
         let weights_b = std::fs::read(interrupted.run_dir.join("weights.safetensors")).unwrap();
         assert!(weights_a == weights_b, "{name}: final weights differ after resume");
@@ -183,7 +184,7 @@ fn a_truncated_checkpoint_falls_back_to_the_one_before() {
     std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
     std::fs::remove_file(req.run_dir.join("weights.safetensors")).unwrap();
     let again = run(&req, None);
-    assert!(again.contains(&Event::Resumed { epoch: 3 }), "{again:?}");
+    assert!(again.contains(&Event::Resumed { epoch: 3, step_in_epoch: 0 }), "{again:?}");
     assert_eq!(std::fs::read(req.run_dir.join("weights.safetensors")).unwrap(), weights);
     assert_eq!(finished(&straight), finished(&again));
     let log = std::fs::read_to_string(req.run_dir.join("worker.log")).unwrap();
