@@ -1,6 +1,12 @@
 //! `xlab`: the coordinator and command line. It owns the results store and the schedule and
 //! never links libtorch, so `xlab query` starts instantly anywhere the results folder is.
 
+// Queries read and parse every record of an experiment on every core; with glibc's allocator
+// most of that time went to growing per-thread arenas (page faults, mprotect). 100,000 jobs:
+// 0.83 s → 0.60 s on 2 cores.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod aggregate;
 mod filter;
 mod gc;
