@@ -188,6 +188,13 @@ enum Command {
         /// Group jobs by these config keys or job fields (default: stage and the sweep keys).
         #[arg(long, value_delimiter = ',')]
         group_by: Vec<String>,
+        /// Plot the metric's final value against this config key (e.g. `optimizer.lr`) instead of
+        /// the learning curve; groups default to the other sweep keys.
+        #[arg(long)]
+        x: Option<String>,
+        /// A logarithmic x axis (for learning rates and other log-spaced sweeps).
+        #[arg(long)]
+        log_x: bool,
         /// The SVG file to write (default: `<experiment>-<metric>.svg`).
         #[arg(long, short = 'o')]
         output: Option<PathBuf>,
@@ -503,23 +510,37 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Doctor => doctor(cli),
-        Command::Plot { metric, filter, experiment, group_by, output } => {
+        Command::Plot { metric, filter, experiment, group_by, x, log_x, output } => {
             let filter = parse_filter(filter.as_deref())?;
             let store = open_store(&cli.store)?;
             let exp = pick_experiment(&store, experiment.as_deref())?;
-            let keys = if group_by.is_empty() { default_group_keys(&exp) } else { group_by.clone() };
-            let curves = plot::curves(&store, &exp, filter.as_ref(), &keys, metric)?;
+            let mut keys = if group_by.is_empty() { default_group_keys(&exp) } else { group_by.clone() };
+            if group_by.is_empty() {
+                keys.retain(|k| Some(k) != x.as_ref());
+            }
+            let curves = plot::curves(&store, &exp, filter.as_ref(), &keys, metric, x.as_deref())?;
             if curves.is_empty() {
+                let what = match x {
+                    Some(k) => format!("a final `{metric}` and a number at `{k}`"),
+                    None => format!("a series for `{metric}`"),
+                };
                 return Err(Failure {
                     code: exit::USER,
                     error: anyhow::anyhow!(
-                        "no job of experiment `{}` has a series for `{metric}`\n  hint: `xlab show JOB` lists a job's metrics",
+                        "no job of experiment `{}` has {what}\n  hint: `xlab show JOB` lists a job's metrics and config",
                         exp.name
                     ),
                 });
             }
-            let path = output.clone().unwrap_or_else(|| PathBuf::from(format!("{}-{metric}.svg", exp.name)));
-            let svg = plot::svg(&format!("experiment `{}`", exp.name), metric, &curves);
+            if *log_x && curves.iter().flat_map(|c| c.points.keys()).any(|p| p.0 <= 0.0) {
+                return Err(Failure { code: exit::USER, error: anyhow::anyhow!("`--log-x` needs x values above 0") });
+            }
+            let path = output.clone().unwrap_or_else(|| match x {
+                Some(k) => PathBuf::from(format!("{}-{metric}-vs-{k}.svg", exp.name)),
+                None => PathBuf::from(format!("{}-{metric}.svg", exp.name)),
+            });
+            let axis = plot::XAxis { label: x.as_deref().unwrap_or("step"), log: *log_x };
+            let svg = plot::svg(&format!("experiment `{}`", exp.name), metric, &curves, &axis);
             std::fs::write(&path, svg).with_context(|| format!("cannot write {}", path.display()))?;
             outln!("wrote {} ({} curve(s))", path.display(), curves.len());
             Ok(0)

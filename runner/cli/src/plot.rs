@@ -1,5 +1,6 @@
 //! `xlab plot METRIC`: learning curves as SVG, one line per group of jobs (by default a stage's
-//! sweep point) with the mean over its seeds and a band of ± one standard deviation.
+//! sweep point) with the mean over its seeds and a band of ± one standard deviation; with
+//! `--x KEY`, the metric's final value against a swept parameter instead of the step.
 
 use crate::filter::{Filter, JobView, StoredJob};
 use serde_json::Value;
@@ -7,30 +8,67 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use xlab_store::{ExperimentRecord, ResultStore};
 
-/// One curve: its label and, per step, the values of its jobs.
+/// One curve: its label and, per x (a step, or a parameter's value), the values of its jobs.
 pub struct Curve {
     pub label: String,
-    pub points: BTreeMap<u64, Vec<f64>>,
+    pub points: BTreeMap<X, Vec<f64>>,
 }
 
-/// The curves of `metric`, one per distinct value of `keys` among the matching jobs.
+/// An x coordinate, ordered (by `f64::total_cmp`).
+#[derive(Debug, Clone, Copy)]
+pub struct X(pub f64);
+
+impl PartialEq for X {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.total_cmp(&o.0).is_eq()
+    }
+}
+
+impl Eq for X {}
+
+impl PartialOrd for X {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for X {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+/// The curves of `metric`, one per distinct value of `keys` among the matching jobs: against the
+/// step, or with `x`, its final value against that config key's value (done jobs with a
+/// numeric value there).
 pub fn curves(
     store: &dyn ResultStore,
     exp: &ExperimentRecord,
     filter: Option<&Filter>,
     keys: &[String],
     metric: &str,
+    x: Option<&str>,
 ) -> anyhow::Result<Vec<Curve>> {
     let mut out: Vec<(Vec<Value>, Curve)> = Vec::new();
     for stage in &exp.stages {
         for id in &stage.jobs {
             let Some(job) = store.job(id)? else { continue };
-            let series = store.metrics_of(id)?;
-            let view = StoredJob { record: &job, series: Some(series) };
+            let series = match (x, filter) {
+                (Some(_), Some(f)) if !f.reads_series() => None,
+                (Some(_), None) => None,
+                _ => Some(store.metrics_of(id)?),
+            };
+            let view = StoredJob { record: &job, series };
             if filter.is_some_and(|f| !f.matches(&view)) {
                 continue;
             }
-            let points = view.series(metric);
+            let points: Vec<(X, f64)> = match x {
+                None => view.series(metric).into_iter().map(|(s, v)| (X(s as f64), v)).collect(),
+                Some(key) => match (view.field(key).as_f64(), job.summary.get(metric)) {
+                    (Some(at), Some(v)) if job.status == xlab_store::JobStatus::Done => vec![(X(at), *v)],
+                    _ => Vec::new(),
+                },
+            };
             if points.is_empty() {
                 continue;
             }
@@ -52,8 +90,8 @@ pub fn curves(
                     out.len() - 1
                 }
             };
-            for (step, v) in points {
-                out[idx].1.points.entry(step).or_default().push(v);
+            for (at, v) in points {
+                out[idx].1.points.entry(at).or_default().push(v);
             }
         }
     }
@@ -81,8 +119,15 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// How the x axis reads: its label, and whether it is logarithmic.
+pub struct XAxis<'a> {
+    pub label: &'a str,
+    pub log: bool,
+}
+
 /// The SVG: mean lines with ± std bands, axes with ticks, a legend.
-pub fn svg(title: &str, metric: &str, curves: &[Curve]) -> String {
+pub fn svg(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> String {
+    let tx = |x: f64| if axis.log { x.log10() } else { x };
     let (w, h, left, right, top, bottom) = (720.0, 440.0, 70.0, 200.0, 40.0, 50.0);
     let stats: Vec<Vec<(f64, f64, f64)>> = curves
         .iter()
@@ -91,7 +136,7 @@ pub fn svg(title: &str, metric: &str, curves: &[Curve]) -> String {
                 .iter()
                 .map(|(s, xs)| {
                     let (m, sd) = crate::table::mean_std(xs);
-                    (*s as f64, m, sd.unwrap_or(0.0))
+                    (tx(s.0), m, sd.unwrap_or(0.0))
                 })
                 .collect()
         })
@@ -129,8 +174,9 @@ pub fn svg(title: &str, metric: &str, curves: &[Curve]) -> String {
     let _ = writeln!(s, r#"<path d="M{ax0},{ay0} V{ay1} H{ax1}" fill="none" stroke="black"/>"#);
     for t in ticks(x0, x1) {
         let x = px(t);
+        let shown = if axis.log { format!("1e{}", fmt_tick(t)) } else { fmt_tick(t) };
         let _ = writeln!(s, r#"<line x1="{x:.1}" y1="{ay1}" x2="{x:.1}" y2="{:.1}" stroke="black"/>"#, ay1 + 5.0);
-        let _ = writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{t}</text>"#, ay1 + 18.0);
+        let _ = writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{shown}</text>"#, ay1 + 18.0);
     }
     for t in ticks(y0, y1) {
         let y = py(t);
@@ -138,7 +184,13 @@ pub fn svg(title: &str, metric: &str, curves: &[Curve]) -> String {
         let _ =
             writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, ax0 - 6.0, y + 4.0, fmt_tick(t));
     }
-    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">step</text>"#, (ax0 + ax1) / 2.0, h - 12.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+        (ax0 + ax1) / 2.0,
+        h - 12.0,
+        esc(&format!("{}{}", axis.label, if axis.log { " (log scale)" } else { "" }))
+    );
     let _ = writeln!(
         s,
         r#"<text transform="translate(16,{:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
@@ -202,9 +254,10 @@ mod tests {
     fn an_svg_has_a_band_and_line_per_curve_and_a_legend() {
         let c = |label: &str, off: f64| Curve {
             label: label.into(),
-            points: (1..=5).map(|s| (s, vec![off + s as f64 * 0.1, off + s as f64 * 0.1 + 0.02])).collect(),
+            points: (1..=5).map(|s| (X(s as f64), vec![off + s as f64 * 0.1, off + s as f64 * 0.1 + 0.02])).collect(),
         };
-        let svg = svg("experiment `x`", "val.acc", &[c("lr=0.1", 0.0), c("lr=0.01", 0.2)]);
+        let axis = XAxis { label: "step", log: false };
+        let svg = svg("experiment `x`", "val.acc", &[c("lr=0.1", 0.0), c("lr=0.01", 0.2)], &axis);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<polygon").count(), 2, "seeds differ, so each curve has a band");

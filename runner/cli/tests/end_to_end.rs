@@ -172,6 +172,17 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
     assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
     assert!(svg.contains("optimizer.lr=0.01 (n=2)") && svg.contains("optimizer.lr=0.1 (n=2)"), "{svg}");
+    // The final value against the learning rate: one line (the stage) through both rates.
+    let vs_path = dir.path().join("vs.svg");
+    run_ok(cmd(&store).args(["plot", "test.acc", "-e", "tiny", "--x", "optimizer.lr", "--log-x", "-o"]).arg(&vs_path));
+    let svg = std::fs::read_to_string(&vs_path).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 1, "{svg}");
+    assert!(
+        svg.contains(">optimizer.lr (log scale)<") && svg.contains(">train (n=2)<") && svg.contains(">1e-1<"),
+        "{svg}"
+    );
+    let line = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
+    assert_eq!(line.split("points=\"").nth(1).unwrap().split('"').next().unwrap().split(' ').count(), 2, "{line}");
     let bad = cmd(&store).args(["plot", "val.acu", "-e", "tiny"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(text(&bad.stderr).contains("no job of experiment `tiny` has a series for `val.acu`"));
