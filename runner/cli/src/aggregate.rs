@@ -5,7 +5,7 @@
 //! half-width of Student's t 95% interval of the mean), each over the done jobs of a group that
 //! report the metric: `mean(test.acc)`; `count()` counts the group's jobs.
 
-use crate::filter::{Filter, JobView, StoredJob};
+use crate::filter::{Filter, JobView};
 use serde_json::Value;
 use xlab_store::{ExperimentRecord, JobStatus, ResultStore};
 
@@ -109,42 +109,17 @@ pub fn group(
     keys: &[String],
     aggs: &[Agg],
 ) -> anyhow::Result<Grouped> {
-    // Reading and parsing the records is most of the work: split it over the cores, then group
-    // in the plan's order.
-    let ids: Vec<&String> = exp.stages.iter().flat_map(|s| &s.jobs).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(ids.len().max(1));
-    let per = ids.len().div_ceil(threads).max(1);
     type Seen = (Vec<Value>, bool, Vec<Option<f64>>);
-    let parts: Vec<anyhow::Result<Vec<Seen>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ids
-            .chunks(per)
-            .map(|chunk| {
-                scope.spawn(move || -> anyhow::Result<Vec<Seen>> {
-                    let mut out = Vec::with_capacity(chunk.len());
-                    for id in chunk {
-                        let Some(job) = store.job(id)? else { continue };
-                        let series = match filter {
-                            Some(f) if f.reads_series() => Some(store.metrics_of(id)?),
-                            _ => None,
-                        };
-                        let view = StoredJob { record: &job, series };
-                        if filter.is_some_and(|f| !f.matches(&view)) {
-                            continue;
-                        }
-                        let key: Vec<Value> = keys.iter().map(|k| view.field(k)).collect();
-                        let values = aggs.iter().map(|a| job.summary.get(&a.metric).copied()).collect();
-                        out.push((key, job.status == JobStatus::Done, values));
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("query threads do not panic")).collect()
-    });
+    let seen: Vec<Seen> = crate::scan::matching(store, exp, filter, false, &|_, view| {
+        let job = view.record;
+        let key: Vec<Value> = keys.iter().map(|k| view.field(k)).collect();
+        let values = aggs.iter().map(|a| job.summary.get(&a.metric).copied()).collect();
+        Some((key, job.status == JobStatus::Done, values))
+    })?;
     // Per group: the number of jobs and, per aggregate, the values of its done jobs.
     let mut groups: Vec<(Vec<Value>, usize, Vec<Vec<f64>>)> = Vec::new();
-    for part in parts {
-        for (key, done, values) in part? {
+    {
+        for (key, done, values) in seen {
             let at = match groups.iter().position(|(k, _, _)| *k == key) {
                 Some(i) => i,
                 None => {

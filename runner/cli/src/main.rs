@@ -13,6 +13,7 @@ mod gc;
 mod live;
 mod plot;
 mod plugins;
+mod scan;
 mod status;
 mod table;
 

@@ -2,7 +2,7 @@
 //! sweep point) with the mean over its seeds and a band of ± one standard deviation; with
 //! `--x KEY`, the metric's final value against a swept parameter instead of the step.
 
-use crate::filter::{Filter, JobView, StoredJob};
+use crate::filter::{Filter, JobView};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -49,50 +49,40 @@ pub fn curves(
     metric: &str,
     x: Option<&str>,
 ) -> anyhow::Result<Vec<Curve>> {
+    // Per matching job: its group key and its points.
+    type Seen = (Vec<Value>, Vec<(X, f64)>);
+    let seen: Vec<Seen> = crate::scan::matching(store, exp, filter, x.is_none(), &|_, view| {
+        let job = view.record;
+        let points: Vec<(X, f64)> = match x {
+            None => view.series(metric).into_iter().map(|(s, v)| (X(s as f64), v)).collect(),
+            Some(key) => match (view.field(key).as_f64(), job.summary.get(metric)) {
+                (Some(at), Some(v)) if job.status == xlab_store::JobStatus::Done => vec![(X(at), *v)],
+                _ => Vec::new(),
+            },
+        };
+        (!points.is_empty()).then(|| (keys.iter().map(|k| view.field(k)).collect(), points))
+    })?;
     let mut out: Vec<(Vec<Value>, Curve)> = Vec::new();
-    for stage in &exp.stages {
-        for id in &stage.jobs {
-            let Some(job) = store.job(id)? else { continue };
-            let series = match (x, filter) {
-                (Some(_), Some(f)) if !f.reads_series() => None,
-                (Some(_), None) => None,
-                _ => Some(store.metrics_of(id)?),
-            };
-            let view = StoredJob { record: &job, series };
-            if filter.is_some_and(|f| !f.matches(&view)) {
-                continue;
+    for (key, points) in seen {
+        let idx = match out.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                let label = keys
+                    .iter()
+                    .zip(&key)
+                    .map(|(k, v)| match v {
+                        Value::String(s) if k == "stage" => s.clone(),
+                        Value::String(s) => format!("{k}={s}"),
+                        other => format!("{k}={other}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                out.push((key, Curve { label, points: BTreeMap::new() }));
+                out.len() - 1
             }
-            let points: Vec<(X, f64)> = match x {
-                None => view.series(metric).into_iter().map(|(s, v)| (X(s as f64), v)).collect(),
-                Some(key) => match (view.field(key).as_f64(), job.summary.get(metric)) {
-                    (Some(at), Some(v)) if job.status == xlab_store::JobStatus::Done => vec![(X(at), *v)],
-                    _ => Vec::new(),
-                },
-            };
-            if points.is_empty() {
-                continue;
-            }
-            let key: Vec<Value> = keys.iter().map(|k| view.field(k)).collect();
-            let idx = match out.iter().position(|(k, _)| *k == key) {
-                Some(i) => i,
-                None => {
-                    let label = keys
-                        .iter()
-                        .zip(&key)
-                        .map(|(k, v)| match v {
-                            Value::String(s) if k == "stage" => s.clone(),
-                            Value::String(s) => format!("{k}={s}"),
-                            other => format!("{k}={other}"),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" ");
-                    out.push((key, Curve { label, points: BTreeMap::new() }));
-                    out.len() - 1
-                }
-            };
-            for (at, v) in points {
-                out[idx].1.points.entry(at).or_default().push(v);
-            }
+        };
+        for (at, v) in points {
+            out[idx].1.points.entry(at).or_default().push(v);
         }
     }
     Ok(out.into_iter().map(|(_, c)| c).collect())

@@ -1,7 +1,7 @@
 //! The results table: one row per stage and sweep point, with each final metric's mean ± std
 //! over the seeds, read from the store.
 
-use crate::filter::{Filter, StoredJob};
+use crate::filter::Filter;
 use comfy_table::{presets, Cell, CellAlignment, Table};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -31,35 +31,26 @@ pub fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
 
 /// Groups an experiment's jobs (those the filter matches) by stage and sweep point.
 pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Filter>) -> anyhow::Result<Vec<Row>> {
+    type Seen = (String, Vec<(String, Value)>, Option<BTreeMap<String, f64>>);
+    let seen: Vec<Seen> = crate::scan::matching(store, exp, filter, false, &|stage, view| {
+        let job = view.record;
+        let done = (job.status == JobStatus::Done).then(|| job.summary.clone());
+        Some((stage.to_string(), job.point.clone(), done))
+    })?;
     let mut out: Vec<Row> = Vec::new();
-    for stage in &exp.stages {
-        for id in &stage.jobs {
-            let Some(job) = store.job(id)? else { continue };
-            if let Some(f) = filter {
-                let series = if f.reads_series() { Some(store.metrics_of(id)?) } else { None };
-                if !f.matches(&StoredJob { record: &job, series }) {
-                    continue;
-                }
-            }
-            let row = match out.iter_mut().find(|r| r.stage == stage.name && r.point == job.point) {
-                Some(r) => r,
-                None => {
-                    out.push(Row {
-                        stage: stage.name.clone(),
-                        point: job.point.clone(),
-                        metrics: BTreeMap::new(),
-                        done: 0,
-                        jobs: 0,
-                    });
-                    out.last_mut().expect("just pushed")
-                }
-            };
-            row.jobs += 1;
-            if job.status == JobStatus::Done {
-                row.done += 1;
-                for (k, v) in &job.summary {
-                    row.metrics.entry(k.clone()).or_default().push(*v);
-                }
+    let mut at: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+    for (stage, point, summary) in seen {
+        let key = (stage, serde_json::to_string(&point).expect("points serialize"));
+        let i = *at.entry(key).or_insert_with_key(|(stage, _)| {
+            out.push(Row { stage: stage.clone(), point, metrics: BTreeMap::new(), done: 0, jobs: 0 });
+            out.len() - 1
+        });
+        let row = &mut out[i];
+        row.jobs += 1;
+        if let Some(summary) = summary {
+            row.done += 1;
+            for (k, v) in summary {
+                row.metrics.entry(k).or_default().push(v);
             }
         }
     }
