@@ -193,19 +193,30 @@ impl Grouped {
     }
 
     /// Display cells: keys as written, aggregates to 4 decimals (`count` whole), `-` when empty.
+    /// The rows as text for people: 4 decimals, `-` where there is no value.
     pub fn cells(&self) -> Vec<Vec<String>> {
+        self.text(false)
+    }
+
+    /// The rows as text for programs (CSV): every digit, empty where there is no value.
+    pub fn exact_cells(&self) -> Vec<Vec<String>> {
+        self.text(true)
+    }
+
+    fn text(&self, exact: bool) -> Vec<Vec<String>> {
+        let missing = if exact { "" } else { "-" };
         self.rows
             .iter()
             .map(|(k, v)| {
                 k.iter()
                     .map(|x| match x {
                         Value::String(s) => s.clone(),
-                        Value::Null => "-".into(),
+                        Value::Null => missing.into(),
                         other => other.to_string(),
                     })
                     .chain(self.aggs.iter().zip(v).map(|(a, x)| match x {
-                        None => "-".into(),
-                        Some(x) if a.func == "count" => format!("{x}"),
+                        None => missing.into(),
+                        Some(x) if a.func == "count" || exact => format!("{x}"),
                         Some(x) => format!("{x:.4}"),
                     }))
                     .collect()

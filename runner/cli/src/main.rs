@@ -906,7 +906,7 @@ fn grouped_query(
             outln!("experiment `{}`", exp.name);
             outln!("{}", table::terminal(&header, &cells, keys.len()));
         }
-        Format::Csv => out!("{}", table::csv(&header, &cells)),
+        Format::Csv => out!("{}", table::csv(&header, &grouped.exact_cells())),
         Format::Json => outln!("{}", serde_json::to_string_pretty(&grouped.json()).expect("json")),
         Format::Markdown => out!("{}", table::markdown(&header, &cells)),
         Format::Latex => out!("{}", table::latex(&header, &cells)),

@@ -1,0 +1,91 @@
+//! `xlab query` output in every format, pinned word for word, over a store built by `xlab
+//! import` from records this test writes (fixed values, so the snapshots hold on any machine).
+//! `XLAB_BLESS=1 cargo test --release --test query_formats` rewrites the snapshots.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn xlab() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
+}
+
+fn run(store: &Path, args: &[&str]) -> String {
+    let out = Command::new(xlab()).arg("--store").arg(store).args(args).env("NO_COLOR", "1").output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Two stages: `train` sweeps two learning rates over three seeds; `tune` is one point with two
+/// seeds, one of them failed.
+fn export_lines() -> String {
+    let mut ids = Vec::new();
+    let mut jobs = Vec::new();
+    let mut n = 0;
+    for (stage, lr, seeds) in [("train", 0.01, 3), ("train", 0.1, 3), ("tune", 0.05, 2)] {
+        for seed in 0..seeds {
+            n += 1;
+            let id = format!("{n:016x}");
+            let done = !(stage == "tune" && seed == 1);
+            let acc = 0.5 + lr * 3.0 + f64::from(seed) * 0.0125;
+            let loss = 1.0 - acc / 2.0;
+            let summary = if done {
+                serde_json::json!({"test.acc": acc, "test.loss": loss, "val.acc": acc - 0.01})
+            } else {
+                serde_json::json!({})
+            };
+            let point =
+                if stage == "train" { serde_json::json!([["optimizer.lr", lr]]) } else { serde_json::json!([]) };
+            let job = serde_json::json!({
+                "id": id, "experiment": "formats", "stage": stage, "seed": seed,
+                "config": {"task": "train", "optimizer": {"name": "sgd", "lr": lr}},
+                "point": point, "parents": [], "status": if done { "done" } else { "failed" },
+                "attempts": [], "summary": summary,
+                "provenance": {"xlab_version": "test", "libtorch": null, "host": null, "device": null},
+                "artifacts": []
+            });
+            let metrics =
+                if done { serde_json::json!({"test.acc": [[1, acc - 0.1], [2, acc]]}) } else { serde_json::json!({}) };
+            jobs.push(serde_json::json!({"type": "job", "job": job, "metrics": metrics}).to_string());
+            ids.push((stage, id));
+        }
+    }
+    let stage_ids = |s: &str| ids.iter().filter(|(st, _)| *st == s).map(|(_, id)| id.clone()).collect::<Vec<_>>();
+    let exp = serde_json::json!({"type": "experiment", "name": "formats", "file": "formats.yaml", "source": "", "updated_unix": 0,
+        "stages": [{"name": "train", "sweep_keys": ["optimizer.lr"], "jobs": stage_ids("train")},
+                   {"name": "tune", "sweep_keys": [], "jobs": stage_ids("tune")}]});
+    std::iter::once(exp.to_string()).chain(jobs).map(|l| l + "\n").collect()
+}
+
+#[test]
+fn every_output_format_is_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("formats.jsonl");
+    std::fs::write(&lines, export_lines()).unwrap();
+    let store = dir.path().join("results");
+    run(&store, &["import", lines.to_str().unwrap()]);
+    let grouped = [
+        "--group-by",
+        "stage",
+        "--agg",
+        "mean(test.acc),std(test.acc),ci95(test.acc),count()",
+        "--sort",
+        "-mean(test.acc)",
+    ];
+    let mut got = String::new();
+    for format in ["table", "csv", "json", "markdown", "latex"] {
+        got += &format!("## query --format {format}\n");
+        got += &run(&store, &["query", "-e", "formats", "--format", format]);
+        got += &format!("## query 'last(test.acc) > 0.55' --group-by stage … --format {format}\n");
+        let mut args = vec!["query", "last(test.acc) > 0.55", "-e", "formats", "--format", format];
+        args.extend(grouped);
+        got += &run(&store, &args);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/query/formats.txt");
+    if std::env::var_os("XLAB_BLESS").is_some() {
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; bless with XLAB_BLESS=1", path.display()));
+    assert_eq!(got, want, "the query output changed; if intended, bless with XLAB_BLESS=1");
+}
