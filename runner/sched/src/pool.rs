@@ -99,34 +99,21 @@ impl Pool {
             return self.take_gpus(need, avoid);
         }
         let n = need.slots.max(1);
-        let mut devices: Vec<&str> = Vec::new();
-        for s in &self.slots {
-            if kind_matches(need.kind, &s.device) && !devices.contains(&s.device.as_str()) {
-                devices.push(&s.device);
-            }
-        }
+        let mut devices = self.devices(need.kind);
         // Devices other than `avoid` first; the order is otherwise the pool's.
         devices.sort_by_key(|d| Some(*d) == avoid);
-        let device = devices.into_iter().find(|d| {
-            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == *d).count() >= n
-                && self.memory_fits(d, need.memory_mib)
-        })?;
-        let device = device.to_string();
-        let taken: Vec<usize> =
-            (0..self.slots.len()).filter(|&i| !self.busy[i] && self.slots[i].device == device).take(n).collect();
-        for &i in &taken {
-            self.busy[i] = true;
-        }
-        if let Some((_, used)) = self.memory.get_mut(&device) {
-            *used += need.memory_mib;
-        }
-        Some(Held { slots: taken, device, memory_mib: need.memory_mib })
+        let device = devices
+            .into_iter()
+            .find(|d| self.free_on(d).count() >= n && self.memory_fits(d, need.memory_mib))?
+            .to_string();
+        let taken: Vec<usize> = self.free_on(&device).take(n).collect();
+        Some(self.hold(taken, vec![device], need.memory_mib))
     }
 
-    /// The GPUs (`cuda:N`) of the pool, in pool order.
-    fn gpus(&self) -> Vec<&str> {
+    /// The distinct devices of `kind` in the pool, in pool order.
+    fn devices(&self, kind: DeviceKind) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
-        for s in self.slots.iter().filter(|s| s.device.starts_with("cuda:")) {
+        for s in self.slots.iter().filter(|s| kind_matches(kind, &s.device)) {
             if !out.contains(&s.device.as_str()) {
                 out.push(&s.device);
             }
@@ -134,15 +121,40 @@ impl Pool {
         out
     }
 
+    /// How many slots `device` has, busy or not.
+    fn slots_of(&self, device: &str) -> usize {
+        self.slots.iter().filter(|s| s.device == device).count()
+    }
+
+    /// The free slots of `device`.
+    fn free_on<'a>(&'a self, device: &'a str) -> impl Iterator<Item = usize> + 'a {
+        (0..self.slots.len()).filter(move |&i| !self.busy[i] && self.slots[i].device == device)
+    }
+
+    /// Whether `device` could ever hold `mib` (its capacity, unknown capacities always).
+    fn memory_could_fit(&self, device: &str, mib: u64) -> bool {
+        self.memory.get(device).is_none_or(|(cap, _)| mib <= *cap)
+    }
+
+    /// Marks `slots` busy and reserves `mib` on each of `devices`.
+    fn hold(&mut self, slots: Vec<usize>, devices: Vec<String>, mib: u64) -> Held {
+        for &i in &slots {
+            self.busy[i] = true;
+        }
+        for d in &devices {
+            if let Some((_, used)) = self.memory.get_mut(d) {
+                *used += mib;
+            }
+        }
+        Held { slots, device: devices.join(","), memory_mib: mib }
+    }
+
     /// `need.gpus` whole GPUs: every slot of each free, and room for the memory estimate.
     fn take_gpus(&mut self, need: Need, avoid: Option<&str>) -> Option<Held> {
         let mut idle: Vec<String> = self
-            .gpus()
+            .devices(DeviceKind::Cuda)
             .into_iter()
-            .filter(|d| {
-                (0..self.slots.len()).all(|i| self.slots[i].device != *d || !self.busy[i])
-                    && self.memory_fits(d, need.memory_mib)
-            })
+            .filter(|d| self.free_on(d).count() == self.slots_of(d) && self.memory_fits(d, need.memory_mib))
             .map(str::to_string)
             .collect();
         idle.sort_by_key(|d| Some(d.as_str()) == avoid);
@@ -151,29 +163,16 @@ impl Pool {
         }
         idle.truncate(need.gpus);
         let slots: Vec<usize> = (0..self.slots.len()).filter(|&i| idle.contains(&self.slots[i].device)).collect();
-        for &i in &slots {
-            self.busy[i] = true;
-        }
-        for d in &idle {
-            if let Some((_, used)) = self.memory.get_mut(d) {
-                *used += need.memory_mib;
-            }
-        }
-        Some(Held { slots, device: idle.join(","), memory_mib: need.memory_mib })
+        Some(self.hold(slots, idle, need.memory_mib))
     }
 
     /// Why the pool can never hold a job that needs `need`, or `None` if it can.
     pub fn never_fits(&self, need: Need) -> Option<String> {
         if need.gpus > 0 {
-            let gpus = self.gpus();
+            let gpus = self.devices(DeviceKind::Cuda);
             return if gpus.len() < need.gpus {
                 Some(format!("has {} GPU(s)", gpus.len()))
-            } else if gpus
-                .iter()
-                .filter(|d| self.memory.get(**d).is_none_or(|(cap, _)| need.memory_mib <= *cap))
-                .count()
-                < need.gpus
-            {
+            } else if gpus.iter().filter(|d| self.memory_could_fit(d, need.memory_mib)).count() < need.gpus {
                 Some(format!(
                     "has fewer than {} GPUs with {:.1} GB of memory",
                     need.gpus,
@@ -183,23 +182,15 @@ impl Pool {
                 None
             };
         }
-        let mut devices: Vec<&str> = Vec::new();
-        for s in self.slots.iter().filter(|s| kind_matches(need.kind, &s.device)) {
-            if !devices.contains(&s.device.as_str()) {
-                devices.push(&s.device);
-            }
-        }
+        let devices = self.devices(need.kind);
         if devices.is_empty() {
             return Some("has none".into());
         }
-        let count = |d: &str| self.slots.iter().filter(|s| s.device == d).count();
-        let most = devices.iter().map(|d| count(d)).max().unwrap_or(0);
+        let most = devices.iter().map(|d| self.slots_of(d)).max().unwrap_or(0);
         if most < need.slots {
             return Some(format!("has at most {most} per device"));
         }
-        let fits =
-            |d: &str| count(d) >= need.slots && self.memory.get(d).is_none_or(|(cap, _)| need.memory_mib <= *cap);
-        if !devices.iter().any(|d| fits(d)) {
+        if !devices.iter().any(|d| self.slots_of(d) >= need.slots && self.memory_could_fit(d, need.memory_mib)) {
             let caps: Vec<String> = devices
                 .iter()
                 .filter_map(|d| self.memory.get(*d).map(|(cap, _)| format!("{d} {:.1} GB", *cap as f64 / 1024.0)))
