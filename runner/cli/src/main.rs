@@ -335,25 +335,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             run(cli, plan, how)
         }
         Command::Resume { name, how } => {
-            let exp = {
-                let store = open_store(&cli.store)?;
-                store.experiment(name)?.ok_or_else(|| {
-                    let known: Vec<String> =
-                        store.experiments().map(|v| v.into_iter().map(|e| e.name).collect()).unwrap_or_default();
-                    let hint = match xlab_spec::did_you_mean(name, known.iter().map(String::as_str)) {
-                        Some(c) => format!("did you mean `{c}`?"),
-                        None if known.is_empty() => "the store holds no experiments yet".to_string(),
-                        None => format!("it holds: {}", known.join(", ")),
-                    };
-                    Failure {
-                        code: exit::USER,
-                        error: anyhow::anyhow!(
-                            "no experiment `{name}` in store {}\n  hint: {hint}",
-                            cli.store.display()
-                        ),
-                    }
-                })?
-            };
+            let exp = named_experiment(&open_store(&cli.store)?, name)?;
             // The text as it was run; relative paths (data, includes, plugins) still resolve
             // from where the file was.
             let file = PathBuf::from(&exp.file);
@@ -387,12 +369,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Gc { experiment, keep_last, dry_run } => {
             let store = open_store(&cli.store)?;
             if let Some(name) = experiment {
-                if store.experiment(name)?.is_none() {
-                    return Err(Failure {
-                        code: exit::USER,
-                        error: anyhow::anyhow!("no experiment `{name}` in store {}", store.dir().display()),
-                    });
-                }
+                named_experiment(&store, name)?;
             }
             let report = gc::collect(&store, experiment.as_deref(), *keep_last, *dry_run)?;
             for (path, bytes) in report.files.iter().filter(|_| *dry_run) {
@@ -411,12 +388,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Export { experiment, format, output } => {
             let store = open_store(&cli.store)?;
             if let Some(name) = experiment {
-                if store.experiment(name)?.is_none() {
-                    return Err(Failure {
-                        code: exit::USER,
-                        error: anyhow::anyhow!("no experiment `{name}` in store {}", store.dir().display()),
-                    });
-                }
+                named_experiment(&store, name)?;
             }
             let lines = store.export(experiment.as_deref())?;
             let text = match format {
@@ -845,6 +817,24 @@ fn pick_experiment(store: &dyn ResultStore, experiment: Option<&str>) -> Result<
                 format!("store {} holds no experiments yet; run one with `xlab run FILE`", store.dir().display())
             })?
         }
+    })
+}
+
+/// The experiment a command names; a name the store lacks is the user's mistake, with the
+/// closest stored name or the names it holds.
+fn named_experiment(store: &dyn ResultStore, name: &str) -> Result<xlab_store::ExperimentRecord, Failure> {
+    if let Some(e) = store.experiment(name)? {
+        return Ok(e);
+    }
+    let known: Vec<String> = store.experiments()?.into_iter().map(|e| e.name).collect();
+    let hint = match xlab_spec::did_you_mean(name, known.iter().map(String::as_str)) {
+        Some(c) => format!("did you mean `{c}`?"),
+        None if known.is_empty() => "the store holds no experiments yet".to_string(),
+        None => format!("it holds: {}", known.join(", ")),
+    };
+    Err(Failure {
+        code: exit::USER,
+        error: anyhow::anyhow!("no experiment `{name}` in store {}\n  hint: {hint}", store.dir().display()),
     })
 }
 
