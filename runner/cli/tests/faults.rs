@@ -428,15 +428,22 @@ fn priority_orders_ready_jobs_and_max_parallel_caps_a_stage() {
     let out = cmd(&store).args(["run", "-j", "3"]).arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
-    let mut running = 0i32;
-    for l in err.lines() {
-        if l.contains("started capped") {
-            running += 1;
-            assert_eq!(running, 1, "two capped jobs at once:\n{err}");
-        } else if l.contains("done capped") {
-            running -= 1;
+    assert_eq!(most_at_once(&err, "started capped", "done capped"), 1, "two capped jobs at once:\n{err}");
+}
+
+/// The most jobs running at once in a run's log: lines with `started` begin one, lines with
+/// `done` end one.
+fn most_at_once(log: &str, started: &str, done: &str) -> i32 {
+    let (mut now, mut most) = (0, 0);
+    for l in log.lines() {
+        if l.contains(started) {
+            now += 1;
+            most = most.max(now);
+        } else if l.contains(done) {
+            now -= 1;
         }
     }
+    most
 }
 
 /// `max_parallel:` at the top of a file caps the whole run, and `--max-parallel` overrides it.
@@ -450,16 +457,7 @@ fn max_parallel_caps_the_whole_run() {
         let out = cmd(&dir.path().join(store)).args(["run", "-j", "2"]).args(args).arg(&file).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{err}");
-        let (mut now, mut most) = (0, 0);
-        for l in err.lines() {
-            if l.contains(" started ") {
-                now += 1;
-                most = most.max(now);
-            } else if l.contains("] done ") {
-                now -= 1;
-            }
-        }
-        most
+        most_at_once(&err, " started ", "] done ")
     };
     assert_eq!(most_at_once("file-cap", &[]), 1);
     assert_eq!(most_at_once("flag-cap", &["--max-parallel", "2"]), 2);
@@ -540,15 +538,7 @@ fn a_job_takes_the_slots_its_stage_asks_for() {
     let out = cmd(&store).args(["run", "-j", "2", "--devices", "cpu"]).arg(&mem).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
-    let mut running = 0;
-    for l in err.lines() {
-        if l.contains("started big") {
-            running += 1;
-            assert_eq!(running, 1, "two 60% jobs at once:\n{err}");
-        } else if l.contains("done big") {
-            running -= 1;
-        }
-    }
+    assert_eq!(most_at_once(&err, "started big", "done big"), 1, "two 60% jobs at once:\n{err}");
     std::fs::write(&mem, text.replace("memory_gb: ", "memory_gb: 1000")).unwrap();
     let out = cmd(&dir.path().join("mem-refused")).args(["run", "--devices", "cpu"]).arg(&mem).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -577,13 +567,7 @@ fn checkpoints_follow_the_time_cadence() {
         let out = cmd(&store).arg("run").arg(&file).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let id = job_ids(&store, &file).remove(0);
-        let mut names: Vec<String> = std::fs::read_dir(store.join("runs").join(&id))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("ckpt-") && n.ends_with(".json"))
-            .collect();
-        names.sort();
-        names
+        checkpoint_files(&store, &id).into_iter().filter(|n| n.ends_with(".json")).collect::<Vec<_>>()
     };
     // An hour never passes: only the final epoch's checkpoint.
     assert_eq!(checkpoints("{every_minutes: 60}"), ["ckpt-000004.json"]);
@@ -593,6 +577,7 @@ fn checkpoints_follow_the_time_cadence() {
     assert_eq!(checkpoints("{every_epochs: 2}"), ["ckpt-000002.json", "ckpt-000004.json"]);
 }
 
+/// A job's checkpoint files and leftover temporary files, by name, sorted.
 fn checkpoint_files(store: &Path, id: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(store.join("runs").join(id))
         .unwrap()
