@@ -4,9 +4,8 @@
 //! files a killed writer left behind go too. It runs under the store's lock, so never beside a
 //! run that could be writing a checkpoint.
 
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use xlab_proto::artifacts::{checkpoint_points, CheckpointPoint};
+use xlab_proto::artifacts::{check_tensor_file, checkpoint_points, CheckpointPoint};
 use xlab_store::{JobRecord, JobStatus, ResultStore};
 
 #[derive(Debug, Default)]
@@ -37,10 +36,7 @@ fn valid(run_dir: &Path, point: CheckpointPoint) -> bool {
     else {
         return false;
     };
-    match std::fs::read(run_dir.join(file)) {
-        Ok(bytes) => bytes.len() as u64 == size && hex::encode(Sha256::digest(&bytes)) == sha,
-        Err(_) => false,
-    }
+    check_tensor_file(run_dir, file, size, sha).is_ok()
 }
 
 /// The files of a checkpoint that exist, with their sizes.

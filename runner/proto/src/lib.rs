@@ -230,6 +230,18 @@ pub mod artifacts {
         }
     }
 
+    /// Checks that a checkpoint's tensor file (in `run_dir`) has the size and SHA-256 its JSON
+    /// records; a truncated or corrupt one is refused with what was found.
+    pub fn check_tensor_file(run_dir: &Path, file: &str, bytes: u64, sha256: &str) -> Result<(), String> {
+        use sha2::{Digest, Sha256};
+        let path = run_dir.join(file);
+        let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if data.len() as u64 != bytes || hex::encode(Sha256::digest(&data)) != sha256 {
+            return Err(format!("{file} is truncated or corrupt ({} bytes, {bytes} expected)", data.len()));
+        }
+        Ok(())
+    }
+
     /// The checkpoints in a run folder (by their JSON files), newest first.
     pub fn checkpoint_points(run_dir: &Path) -> Vec<CheckpointPoint> {
         let mut points: Vec<CheckpointPoint> = std::fs::read_dir(run_dir)

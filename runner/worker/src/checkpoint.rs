@@ -65,7 +65,7 @@ pub struct Checkpoint {
     pub tensors: Vec<(String, Tensor)>,
 }
 
-use xlab_proto::artifacts::{checkpoint_points as list, CheckpointPoint};
+use xlab_proto::artifacts::{check_tensor_file, checkpoint_points as list, CheckpointPoint};
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -126,16 +126,8 @@ fn load(dir: &Path, point: CheckpointPoint, job_id: &str) -> Result<Checkpoint, 
     if meta.job_id != job_id {
         return Err(format!("belongs to job {}", meta.job_id));
     }
+    check_tensor_file(dir, &meta.tensors_file, meta.tensors_bytes, &meta.tensors_sha256)?;
     let path = dir.join(&meta.tensors_file);
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if bytes.len() as u64 != meta.tensors_bytes || hex::encode(Sha256::digest(&bytes)) != meta.tensors_sha256 {
-        return Err(format!(
-            "{} is truncated or corrupt ({} bytes, {} expected)",
-            meta.tensors_file,
-            bytes.len(),
-            meta.tensors_bytes
-        ));
-    }
     let tensors = Tensor::read_safetensors(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(Checkpoint { meta, tensors })
 }
