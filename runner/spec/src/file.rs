@@ -379,16 +379,10 @@ pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
 /// including one, itself resolved the same way) in order, then the document over them. Maps
 /// merge key by key; anything else is replaced by the later value.
 fn with_includes(path: &Path, doc: Value, chain: &mut Vec<std::path::PathBuf>) -> Result<Value, SpecError> {
-    let includes: Vec<String> = match doc.get("include") {
-        None => return Ok(doc),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Sequence(items)) => items
-            .iter()
-            .map(|i| i.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| SpecError::new(path, "`include` lists file paths").context("include"))?,
-        Some(_) => return Err(SpecError::new(path, "`include` is a file path or a list of them").context("include")),
-    };
+    if doc.get("include").is_none() {
+        return Ok(doc);
+    }
+    let includes = include_list(&doc).map_err(|m| SpecError::new(path, m).context("include"))?;
     let base_dir = path.parent().unwrap_or(Path::new("."));
     let mut merged = Value::Mapping(Default::default());
     for inc in includes {
@@ -412,6 +406,20 @@ fn with_includes(path: &Path, doc: Value, chain: &mut Vec<std::path::PathBuf>) -
     }
     merge_yaml(&mut merged, doc);
     Ok(merged)
+}
+
+/// The files a document's `include:` names (a path or a list of paths; none without the key).
+pub(crate) fn include_list(doc: &Value) -> Result<Vec<String>, &'static str> {
+    match doc.get("include") {
+        None => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("`include` lists file paths"),
+        Some(_) => Err("`include` is a file path or a list of them"),
+    }
 }
 
 /// As the defaults merge into stages: maps merge key by key, except that a map naming another

@@ -125,16 +125,8 @@ fn written_in(file: &Path, source: &str, out: &mut Vec<(PathBuf, Positions)>, de
     if depth > 16 {
         return;
     }
-    let includes: Vec<String> = match serde_yaml::from_str::<serde_yaml::Value>(source) {
-        Ok(doc) => match doc.get("include") {
-            Some(serde_yaml::Value::String(s)) => vec![s.clone()],
-            Some(serde_yaml::Value::Sequence(items)) => {
-                items.iter().filter_map(|i| i.as_str().map(str::to_string)).collect()
-            }
-            _ => Vec::new(),
-        },
-        Err(_) => Vec::new(),
-    };
+    let includes =
+        serde_yaml::from_str(source).ok().and_then(|doc| crate::file::include_list(&doc).ok()).unwrap_or_default();
     let base = file.parent().unwrap_or(Path::new("."));
     for inc in includes.iter().rev() {
         let p = base.join(inc);
