@@ -583,7 +583,7 @@ fn start(
         checkpoint_every_steps: job.exec.checkpoint_every_steps,
         parents: parents.to_vec(),
     };
-    let key = spawn::WorkerKey::of(&req, &visible);
+    let key = spawn::WorkerKey { visible, threads: req.lease.threads, deterministic: job.config.deterministic };
     let pid = match standbys.hand_over(&key, &req, index_in_plan, &tx) {
         Some(pid) => pid,
         None => spawn::spawn(&opts.worker, &req, &key, index_in_plan, tx)
@@ -594,7 +594,7 @@ fn start(
     rec.provenance.xlab_version = opts.xlab_version.clone();
     rec.provenance.git_commit = Some(opts.git_commit.clone());
     rec.provenance.device = Some(s.device.clone());
-    rec.provenance.threads = Some(if job.config.deterministic { 1 } else { s.threads });
+    rec.provenance.threads = Some(key.threads_used());
     rec.provenance.plugins = job.plugins.clone();
     rec.attempts.push(Attempt {
         number: rec.attempts.len() as u32 + 1,

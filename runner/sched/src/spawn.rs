@@ -47,15 +47,20 @@ pub struct WorkerKey {
 }
 
 impl WorkerKey {
-    pub fn of(req: &JobRequest, visible: &str) -> WorkerKey {
-        let deterministic = req.config.get("deterministic") == Some(&serde_json::Value::Bool(true));
-        WorkerKey { visible: visible.to_string(), threads: req.lease.threads, deterministic }
+    /// The threads the worker runs with: `deterministic: true` means one (the worker does the
+    /// same for libtorch's own pool), whatever the slot.
+    pub fn threads_used(&self) -> usize {
+        if self.deterministic {
+            1
+        } else {
+            self.threads
+        }
     }
 
     fn command(&self, worker: &Path) -> Command {
-        // `deterministic: true`: one thread (the worker does the same for libtorch's own pool),
-        // and cuBLAS's reproducible workspace, which must be set before CUDA starts.
-        let threads = if self.deterministic { "1".to_string() } else { self.threads.to_string() };
+        // With `deterministic: true`, also cuBLAS's reproducible workspace, which must be set
+        // before CUDA starts.
+        let threads = self.threads_used().to_string();
         let mut c = Command::new(worker);
         if self.deterministic {
             c.env("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
