@@ -48,7 +48,7 @@ pub struct Meta {
     pub tensors_sha256: String,
 }
 
-/// The host-side statistics of an epoch in progress.
+/// The host-side sums of an epoch's statistics (see the training loop's `EpochStats`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct PartialEpoch {
     pub loss_sum: f64,

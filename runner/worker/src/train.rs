@@ -301,14 +301,9 @@ impl Components {
 /// device until the epoch ends (`settle`), so recording them costs no host synchronization.
 #[derive(Default)]
 struct EpochStats {
-    loss_sum: f64,
-    correct: f64,
-    seen: usize,
-    steps: u64,
-    passes: u64,
-    plugin: BTreeMap<String, (f64, u32)>,
-    /// Per group: summed per-example loss, correct predictions, examples.
-    groups: Vec<(f64, f64, f64)>,
+    /// The host-side sums (loss, correct, examples, steps, passes, plugin values, per group);
+    /// a checkpoint inside the epoch saves them as they are.
+    totals: checkpoint::PartialEpoch,
     /// Per training example: 0 not visited, 1 right, 2 wrong at its latest visit this epoch.
     verdict: Vec<u8>,
     /// Batches recorded since the last `settle`, in order.
@@ -327,7 +322,8 @@ struct Recorded {
 
 impl EpochStats {
     fn new(n_train: usize, groups: usize) -> Self {
-        EpochStats { groups: vec![(0.0, 0.0, 0.0); groups], verdict: vec![0; n_train], ..Default::default() }
+        let totals = checkpoint::PartialEpoch { groups: vec![(0.0, 0.0, 0.0); groups], ..Default::default() };
+        EpochStats { totals, verdict: vec![0; n_train], ..Default::default() }
     }
 
     /// Records the training-pass predictions of one batch (before its update): `correct` is the
@@ -357,7 +353,7 @@ impl EpochStats {
     /// Brings the recorded batches to the host, in the order they were recorded.
     fn settle(&mut self) -> Result<(), tch::TchError> {
         if let Some(c) = self.correct_on_device.take() {
-            self.correct += f64::try_from(c)?;
+            self.totals.correct += f64::try_from(c)?;
         }
         if self.pending.is_empty() {
             return Ok(());
@@ -374,7 +370,7 @@ impl EpochStats {
             let losses = Vec::<f64>::try_from(cat(&|r| pair(r).expect("checked").0))?;
             let groups = Vec::<i64>::try_from(cat(&|r| pair(r).expect("checked").1))?;
             for ((g, l), ok) in groups.into_iter().zip(losses).zip(right) {
-                if let Some(e) = self.groups.get_mut(g as usize) {
+                if let Some(e) = self.totals.groups.get_mut(g as usize) {
                     e.0 += l;
                     e.1 += f64::from(u8::from(ok));
                     e.2 += 1.0;
@@ -386,22 +382,9 @@ impl EpochStats {
 
     /// A value a plugin logged; the epoch reports the mean of each name's values.
     fn log(&mut self, name: &str, value: f64) {
-        let e = self.plugin.entry(name.to_string()).or_default();
+        let e = self.totals.plugin.entry(name.to_string()).or_default();
         e.0 += value;
         e.1 += 1;
-    }
-
-    /// The host-side statistics, for a checkpoint inside the epoch (after `settle`).
-    fn partial(&self) -> checkpoint::PartialEpoch {
-        checkpoint::PartialEpoch {
-            loss_sum: self.loss_sum,
-            correct: self.correct,
-            seen: self.seen,
-            steps: self.steps,
-            passes: self.passes,
-            plugin: self.plugin.clone(),
-            groups: self.groups.clone(),
-        }
     }
 
     /// The examples misclassified at their latest visit.
@@ -535,8 +518,8 @@ impl Driver<'_> {
         if first {
             stats.record(&per_example, &pred, &labels, &index, &correct, group.as_ref());
             let b = hi - lo;
-            stats.loss_sum += value * b as f64;
-            stats.seen += b;
+            stats.totals.loss_sum += value * b as f64;
+            stats.totals.seen += b;
             self.reported[lo..hi].iter_mut().for_each(|r| *r = true);
         }
         self.passes += 1;
@@ -842,8 +825,8 @@ pub fn run(
                     format!("epoch {}, step {}: {}", epoch + 1, global_step, m.replace(DIVERGED, "")),
                 ));
             }
-            stats.passes += u64::from(passes);
-            stats.steps += 1;
+            stats.totals.passes += u64::from(passes);
+            stats.totals.steps += 1;
             global_step += 1;
             // A checkpoint inside the epoch, at every `every_steps` steps of the run (the
             // statistics are brought to the host there in every run, interrupted or not, so
@@ -854,7 +837,7 @@ pub fn run(
                 let stopping = crate::stop_requested();
                 let mut meta = checkpoint_meta(ckpt, epoch, global_step, &opt, &rng, &history);
                 meta.step_in_epoch = done;
-                meta.partial = Some(stats.partial());
+                meta.partial = Some(stats.totals.clone());
                 let extra = vec![
                     ("state.order".to_string(), Tensor::from_slice(&order)),
                     ("state.verdict".to_string(), Tensor::from_slice(&stats.verdict)),
@@ -875,27 +858,28 @@ pub fn run(
             }
         }
         stats.settle().map_err(Failure::from)?;
-        total_passes += stats.passes;
+        let t = &stats.totals;
+        total_passes += t.passes;
         // The epoch's statistics are host values now, so the device has finished its work.
         let train_s = started.elapsed().as_secs_f64();
         let mut values = BTreeMap::new();
         values.insert("time.train_s".to_string(), train_s);
-        values.insert("time.steps_per_s".to_string(), stats.steps as f64 / train_s);
-        values.insert("time.examples_per_s".to_string(), stats.seen as f64 / train_s);
-        values.insert("train.loss".to_string(), stats.loss_sum / stats.seen as f64);
-        values.insert("train.acc".to_string(), stats.correct / stats.seen as f64);
-        values.insert("cost.passes_per_step".to_string(), stats.passes as f64 / stats.steps as f64);
+        values.insert("time.steps_per_s".to_string(), t.steps as f64 / train_s);
+        values.insert("time.examples_per_s".to_string(), t.seen as f64 / train_s);
+        values.insert("train.loss".to_string(), t.loss_sum / t.seen as f64);
+        values.insert("train.acc".to_string(), t.correct / t.seen as f64);
+        values.insert("cost.passes_per_step".to_string(), t.passes as f64 / t.steps as f64);
         values.insert("cost.passes".to_string(), total_passes as f64);
-        for (k, (sum, count)) in &stats.plugin {
+        for (k, (sum, count)) in &t.plugin {
             values.insert(k.clone(), sum / f64::from(*count));
         }
-        for (k, (loss, right, seen)) in stats.groups.iter().enumerate() {
+        for (k, (loss, right, seen)) in t.groups.iter().enumerate() {
             if *seen > 0.0 {
                 values.insert(format!("train.group_loss.{k}"), loss / seen);
                 values.insert(format!("train.group_acc.{k}"), right / seen);
             }
         }
-        values.insert("train.examples".to_string(), stats.seen as f64);
+        values.insert("train.examples".to_string(), t.seen as f64);
         values.insert("train.lr".to_string(), base_lr * opt.lr_factor);
         write_train_errors(run_dir, epoch + 1, n, stats.errors())?;
         for (name, split) in [("val", &data.val), ("test", &data.test)] {
@@ -1027,17 +1011,7 @@ fn inside_epoch(c: &checkpoint::Checkpoint, n: usize, groups: usize) -> Result<(
     if verdict.len() != n || p.groups.len() != groups {
         return Err(bad(format!("it was taken with {} training examples, the data has {n}", verdict.len())));
     }
-    let stats = EpochStats {
-        loss_sum: p.loss_sum,
-        correct: p.correct,
-        seen: p.seen,
-        steps: p.steps,
-        passes: p.passes,
-        plugin: p.plugin,
-        groups: p.groups,
-        verdict,
-        ..Default::default()
-    };
+    let stats = EpochStats { totals: p, verdict, ..Default::default() };
     Ok((c.meta.step_in_epoch, order, stats))
 }
 
