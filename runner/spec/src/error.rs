@@ -22,7 +22,12 @@ impl SpecError {
     pub fn new(file: &Path, message: impl Into<String>) -> Self {
         let message = message.into();
         let hint = suggest_from_serde_message(&message);
-        Self { file: file.into(), location: None, context: None, message, hint, keys: Box::default() }
+        // serde's "unknown field `x`": the error is about `x`, below its context.
+        let keys = match unknown_name(&message) {
+            Some(("field", word, _)) => Box::new([word.to_string()]) as Box<[String]>,
+            _ => Box::default(),
+        };
+        Self { file: file.into(), location: None, context: None, message, hint, keys }
     }
 
     pub fn at(mut self, line: usize, column: usize) -> Self {
@@ -139,15 +144,20 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
         .map(|(_, c)| c)
 }
 
+/// serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown variant `x` …"), anywhere
+/// in a message: "field" or "variant", the word, and what follows it.
+fn unknown_name(message: &str) -> Option<(&'static str, &str, &str)> {
+    let (kind, rest) = ["field", "variant"]
+        .into_iter()
+        .find_map(|k| message.split_once(&format!("unknown {k} `")).map(|(_, rest)| (k, rest)))?;
+    let (word, rest) = rest.split_once('`')?;
+    Some((kind, word, rest))
+}
+
 /// serde reports "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"); turn that
 /// into a "did you mean" hint, or a list of what is allowed.
 fn suggest_from_serde_message(message: &str) -> Option<String> {
-    let rest = message
-        .strip_prefix("unknown field `")
-        .or_else(|| message.strip_prefix("unknown variant `"))
-        .or_else(|| message.split(": unknown field `").nth(1))
-        .or_else(|| message.split(": unknown variant `").nth(1))?;
-    let (word, rest) = rest.split_once('`')?;
+    let (_, word, rest) = unknown_name(message)?;
     let candidates: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
     if candidates.is_empty() {
         return None;

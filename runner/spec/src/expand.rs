@@ -829,9 +829,6 @@ fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> 
         let inner = e.into_inner().to_string();
         let ctx = if path == "." { ctx.to_string() } else { format!("{ctx}: {path}") };
         let mut err = SpecError::new(file, inner.clone()).context(ctx);
-        if let Some(f) = crate::file::unknown_field(&inner) {
-            err = err.key(f);
-        }
         if inner.starts_with("missing field") && err.hint.is_none() {
             err.hint = Some("set it in `defaults:` or in the stage".into());
         }

@@ -367,10 +367,10 @@ pub fn parse(path: &Path, source: &str) -> Result<ExperimentFile, SpecError> {
     serde_path_to_error::deserialize::<_, ExperimentFile>(merged).map_err(|e| {
         let at = e.path().to_string();
         let err = yaml_error(path, e.inner());
-        let err = if at == "." { err } else { err.context(&at) };
-        match unknown_field(&err.message) {
-            Some(f) if !at.ends_with(&format!(".{f}")) => err.key(f),
-            _ => err,
+        if at == "." {
+            err
+        } else {
+            err.context(&at)
         }
     })
 }
@@ -551,12 +551,6 @@ fn interpolate(path: &Path, root: &Value, v: &mut Value, at: &str) -> Result<(),
         _ => {}
     }
     Ok(())
-}
-
-/// The field serde names in "unknown field `x`, expected …".
-pub(crate) fn unknown_field(message: &str) -> Option<String> {
-    let rest = message.split("unknown field `").nth(1)?;
-    rest.split_once('`').map(|(f, _)| f.to_string())
 }
 
 /// A YAML error with a hint for the usual causes.
