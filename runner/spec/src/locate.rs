@@ -33,7 +33,12 @@ impl Positions {
         let mut parser = Parser::new_from_str(source);
         while let Ok((event, mark)) = parser.next_token() {
             let here = (mark.line(), mark.col() + 1);
-            let opens = matches!(event, Event::MappingStart(..) | Event::SequenceStart(..));
+            // The frame a collection opens.
+            let opened = match event {
+                Event::MappingStart(..) => Some(Frame::Map { key: None }),
+                Event::SequenceStart(..) => Some(Frame::Seq { index: 0 }),
+                _ => None,
+            };
             match event {
                 Event::StreamEnd => break,
                 Event::MappingEnd | Event::SequenceEnd => {
@@ -44,51 +49,39 @@ impl Positions {
                     value_done(&mut stack);
                 }
                 Event::Scalar(..) | Event::Alias(..) | Event::MappingStart(..) | Event::SequenceStart(..) => {
-                    // What this node is to its parent: a key, a value under a key, or a list item.
+                    // What this node is to its parent: a key (recorded, then the map waits for
+                    // its value), a value under a key, or a list item (recorded by index).
                     let segment = match stack.last_mut() {
                         None => None,
-                        Some(Frame::Map { key: None }) => {
+                        Some(Frame::Map { key: k @ None }) => {
                             let key = match &event {
                                 Event::Scalar(s, ..) => s.clone(),
                                 _ => "?".to_string(),
                             };
-                            path.push(key.clone());
+                            *k = Some(key.clone());
+                            path.push(key);
                             at.entry(path.clone()).or_insert(here);
                             path.pop();
-                            if let Some(Frame::Map { key: k }) = stack.last_mut() {
-                                *k = Some(key);
-                            }
-                            if opens {
+                            if let Some(frame) = opened {
                                 // A complex key: its contents are skipped under the name "?".
                                 path.push("?".to_string());
-                                stack.push(if matches!(event, Event::MappingStart(..)) {
-                                    Frame::Map { key: None }
-                                } else {
-                                    Frame::Seq { index: 0 }
-                                });
+                                stack.push(frame);
                             }
                             continue;
                         }
                         Some(Frame::Map { key: Some(k) }) => Some(k.clone()),
                         Some(Frame::Seq { index }) => {
-                            let seg = index.to_string();
-                            path.push(seg.clone());
+                            path.push(index.to_string());
                             at.entry(path.clone()).or_insert(here);
-                            path.pop();
-                            Some(seg)
+                            path.pop()
                         }
                     };
-                    if opens {
-                        if let Some(seg) = segment {
-                            path.push(seg);
+                    match opened {
+                        Some(frame) => {
+                            path.extend(segment);
+                            stack.push(frame);
                         }
-                        stack.push(if matches!(event, Event::MappingStart(..)) {
-                            Frame::Map { key: None }
-                        } else {
-                            Frame::Seq { index: 0 }
-                        });
-                    } else {
-                        value_done(&mut stack);
+                        None => value_done(&mut stack),
                     }
                 }
                 _ => {}
