@@ -392,6 +392,10 @@ pub enum DataConfig {
     /// Rows are used in file order: the last `n_test` are the test split, the `n_val` before
     /// them the validation split, the rest the training split.
     Npz(Npz),
+    /// A CSV file with a header row: the `label` column holds the class (integers 0, 1, …, or
+    /// names, numbered in sorted order), the optional `group` and `domain` columns integer ids,
+    /// and every other column a numeric feature. Rows are split in file order as for `npz`.
+    Csv(Csv),
     /// CIFAR-10 in its binary form: `path` is the `cifar-10-batches-bin` folder
     /// (`data_batch_1.bin` … `data_batch_5.bin`, `test_batch.bin`). The last `n_val` training
     /// images are the validation split. Pixels are scaled to [0, 1] and, with `normalize`
@@ -417,6 +421,27 @@ pub struct Npz {
     pub image: Option<[usize; 3]>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Csv {
+    pub path: FileRef,
+    /// The name of the label column.
+    #[serde(default = "defaults::label_column")]
+    pub label: String,
+    /// The name of a column of group ids (for group metrics and DRO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The name of a column of domain ids (for selective mixup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub n_val: usize,
+    pub n_test: usize,
+    /// The (channels, height, width) of each row's features, for image models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<[usize; 3]>,
+}
+
 /// An image dataset read from a folder of standard files.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -434,6 +459,7 @@ impl DataConfig {
         match self {
             DataConfig::Digits(_) | DataConfig::Cifar10(_) | DataConfig::Cifar100(_) | DataConfig::Idx(_) => true,
             DataConfig::Npz(n) => n.image.is_some(),
+            DataConfig::Csv(c) => c.image.is_some(),
             _ => false,
         }
     }
@@ -668,6 +694,7 @@ impl JobConfig {
         let mut out = Vec::new();
         match &mut self.data {
             DataConfig::Npz(d) => out.push(("data.path", &mut d.path)),
+            DataConfig::Csv(d) => out.push(("data.path", &mut d.path)),
             DataConfig::Cifar10(d) | DataConfig::Cifar100(d) | DataConfig::Idx(d) => {
                 out.push(("data.path", &mut d.path))
             }
@@ -742,6 +769,7 @@ impl JobConfig {
             }
             // The file's row count is checked by the worker, which reads it.
             DataConfig::Npz(d) => (1, d.n_test),
+            DataConfig::Csv(d) => (1, d.n_test),
             // Split sizes come from the files.
             DataConfig::Cifar10(_) | DataConfig::Cifar100(_) | DataConfig::Idx(_) => (1, 1),
         };
@@ -854,7 +882,7 @@ impl JobConfig {
             Some(ModelConfig::Resnet18(_) | ModelConfig::Wrn(_)) if !self.data.is_image() => {
                 return err(
                     "model",
-                    "is an image model, which needs image data (digits, cifar10, cifar100, idx, or npz with `image`)"
+                    "is an image model, which needs image data (digits, cifar10, cifar100, idx, or npz or csv with `image`)"
                         .into(),
                 );
             }
@@ -871,7 +899,7 @@ impl JobConfig {
                 if !self.data.is_image() {
                     return err(
                         "model",
-                        "is `cnn`, which needs image data (digits, cifar10, cifar100, idx, or npz with `image`)".into(),
+                        "is `cnn`, which needs image data (digits, cifar10, cifar100, idx, or npz or csv with `image`)".into(),
                     );
                 }
                 if c.channels.is_empty() || c.channels.len() > 3 {
@@ -922,6 +950,10 @@ impl JobConfig {
 mod defaults {
     pub fn yes() -> bool {
         true
+    }
+
+    pub fn label_column() -> String {
+        "label".into()
     }
 
     pub fn step_gamma() -> f64 {

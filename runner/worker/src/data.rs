@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-use xlab_spec::config::{Blobs, Cifar, DataConfig, Digits, Npz, Spurious, TwoMoons, DIGITS_TOTAL};
+use xlab_spec::config::{Blobs, Cifar, Csv, DataConfig, Digits, Npz, Spurious, TwoMoons, DIGITS_TOTAL};
 
 /// Features, labels and (when the data has them) group ids of one split.
 pub struct Split {
@@ -68,6 +68,7 @@ pub fn build(cfg: &DataConfig) -> Result<Dataset, String> {
         DataConfig::Spurious(c) => spurious(c),
         DataConfig::Digits(c) => digits(c)?,
         DataConfig::Npz(c) => npz(c)?,
+        DataConfig::Csv(c) => csv(c)?,
         DataConfig::Cifar10(c) => cifar(c, false)?,
         DataConfig::Cifar100(c) => cifar(c, true)?,
         DataConfig::Idx(c) => idx(c)?,
@@ -263,23 +264,45 @@ fn npz(c: &Npz) -> Result<Dataset, String> {
         }
     };
     let (group, domain) = (ids("group")?, ids("domain")?);
-    let (n_val, n_test) = (c.n_val as i64, c.n_test as i64);
+    let x = x.to_kind(Kind::Float).reshape([rows, -1]);
+    in_file_order(path, x, y.to_kind(Kind::Int64), group, domain, (c.n_val, c.n_test), c.image)
+}
+
+/// A dataset from whole-file arrays: the rows in file order are training, then `n_val`
+/// validation, then `n_test` test examples.
+fn in_file_order(
+    path: &str,
+    x: Tensor,
+    y: Tensor,
+    group: Option<Tensor>,
+    domain: Option<Tensor>,
+    (n_val, n_test): (usize, usize),
+    image: Option<[usize; 3]>,
+) -> Result<Dataset, String> {
+    let rows = x.size()[0];
+    let (n_val, n_test) = (n_val as i64, n_test as i64);
     let n_train = rows - n_val - n_test;
     if n_train < 1 {
         return Err(format!("{path} has {rows} rows; n_val + n_test = {} leaves none for training", n_val + n_test));
     }
-    let x = x.to_kind(Kind::Float).reshape([rows, -1]);
-    if let Some([c, h, w]) = c.image {
+    if let Some([c, h, w]) = image {
         if x.size()[1] != (c * h * w) as i64 {
-            return Err(format!("{path}: rows of `x` hold {} values, not image: [{c}, {h}, {w}]", x.size()[1]));
+            return Err(format!("{path}: rows hold {} features, not image: [{c}, {h}, {w}]", x.size()[1]));
         }
     }
-    let y = y.to_kind(Kind::Int64);
     let min = y.min().int64_value(&[]);
     if min < 0 {
         return Err(format!("{path}: labels must be 0, 1, …; found {min}"));
     }
     let classes = (y.max().int64_value(&[]) + 1).max(2) as usize;
+    for (name, ids) in [("group", &group), ("domain", &domain)] {
+        if let Some(t) = ids {
+            let min = t.min().int64_value(&[]);
+            if min < 0 {
+                return Err(format!("{path}: {name} ids must be 0, 1, …; found {min}"));
+            }
+        }
+    }
     let groups = group.as_ref().map(|g| g.max().int64_value(&[]) as usize + 1).unwrap_or(0);
     let part = |start: i64, len: i64| Split {
         x: x.narrow(0, start, len).contiguous(),
@@ -294,8 +317,68 @@ fn npz(c: &Npz) -> Result<Dataset, String> {
         input_dim: x.size()[1] as usize,
         classes,
         groups,
-        image: c.image.map(|[c, h, w]| [c as i64, h as i64, w as i64]),
+        image: image.map(|[c, h, w]| [c as i64, h as i64, w as i64]),
     })
+}
+
+/// A CSV file with a header: the label column (integers, or names numbered in sorted order),
+/// optional group and domain id columns, and numeric features in every other column.
+fn csv(c: &Csv) -> Result<Dataset, String> {
+    let path = &c.path.path;
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(path)
+        .map_err(|e| format!("cannot read {path} as CSV: {e}"))?;
+    let header: Vec<String> =
+        reader.headers().map_err(|e| format!("{path}: header: {e}"))?.iter().map(str::to_string).collect();
+    let column = |name: &str, what: &str| {
+        header.iter().position(|h| h == name).ok_or_else(|| {
+            format!("{path} has no {what} column `{name}`; its columns are {}", header.join(", "))
+        })
+    };
+    let label = column(&c.label, "label")?;
+    let group = c.group.as_deref().map(|g| column(g, "group")).transpose()?;
+    let domain = c.domain.as_deref().map(|d| column(d, "domain")).transpose()?;
+    let features: Vec<usize> = (0..header.len()).filter(|i| ![Some(label), group, domain].contains(&Some(*i))).collect();
+    if features.is_empty() {
+        return Err(format!("{path} has no feature columns besides the label, group and domain"));
+    }
+    let (mut xs, mut labels, mut gs, mut ds) = (Vec::new(), Vec::<String>::new(), Vec::new(), Vec::new());
+    for (i, record) in reader.records().enumerate() {
+        let line = i + 2;
+        let record = record.map_err(|e| format!("{path}: line {line}: {e}"))?;
+        let field = |col: usize| record.get(col).unwrap_or("");
+        for &f in &features {
+            let v = field(f).parse::<f32>().map_err(|_| {
+                format!("{path}:{line}: column `{}` holds `{}`, which is not a number", header[f], field(f))
+            })?;
+            xs.push(v);
+        }
+        labels.push(field(label).to_string());
+        for (col, out) in [(group, &mut gs), (domain, &mut ds)] {
+            if let Some(col) = col {
+                let v = field(col).parse::<i64>().map_err(|_| {
+                    format!("{path}:{line}: column `{}` holds `{}`, which is not an integer id", header[col], field(col))
+                })?;
+                out.push(v);
+            }
+        }
+    }
+    if labels.is_empty() {
+        return Err(format!("{path} has a header and no rows"));
+    }
+    let y: Vec<i64> = match labels.iter().map(|l| l.parse::<i64>()).collect::<Result<Vec<_>, _>>() {
+        Ok(y) => y,
+        Err(_) => {
+            let names: std::collections::BTreeSet<&String> = labels.iter().collect();
+            let names: Vec<&String> = names.into_iter().collect();
+            labels.iter().map(|l| names.binary_search(&l).expect("every label is a name") as i64).collect()
+        }
+    };
+    let rows = y.len() as i64;
+    let x = Tensor::from_slice(&xs).reshape([rows, features.len() as i64]);
+    let ids = |v: Vec<i64>| (!v.is_empty()).then(|| Tensor::from_slice(&v));
+    in_file_order(path, x, Tensor::from_slice(&y), ids(gs), ids(ds), (c.n_val, c.n_test), c.image)
 }
 
 /// The 1797 digits (8×8 pixels in 0..=16, scaled to [0, 1]), shuffled by the config's seed and

@@ -45,8 +45,9 @@ pub fn is_out_of_memory(message: &str) -> bool {
     ["out of memory", "not enough memory", "can't allocate memory"].iter().any(|m| message.contains(m))
 }
 
-/// Loss, accuracy and (with groups) per-group loss and accuracy and worst-group accuracy on one
-/// split, without gradients, as `name.loss`, `name.acc`, `name.group_loss.G`,
+/// Loss, accuracy, calibration, per-class recall and (with groups) per-group loss and accuracy
+/// and worst-group accuracy on one split, without gradients, as `name.loss`, `name.acc`,
+/// `name.ece`, `name.class_recall.C`, `name.worst_class_recall`, `name.group_loss.G`,
 /// `name.group_acc.G`, `name.worst_group_acc`.
 fn evaluate(
     net: &model::Model,
@@ -98,6 +99,21 @@ fn score(
     let confidence = Vec::<f64>::try_from(probs.max_dim(-1, false).0.to_kind(Kind::Double))?;
     let right = Vec::<f64>::try_from(&correct)?;
     out.insert(format!("{name}.ece"), expected_calibration_error(&confidence, &right, ECE_BINS));
+    // Recall of each class present in the split, and the worst of them.
+    let classes = probs.size()[1];
+    let hits = y.bincount(Some(&correct), classes);
+    let counts = y.bincount::<Tensor>(None, classes).to_kind(Kind::Double);
+    let (hits, counts) = (Vec::<f64>::try_from(hits.to_kind(Kind::Double))?, Vec::<f64>::try_from(counts)?);
+    let mut worst_recall = f64::INFINITY;
+    for (c, (h, n)) in hits.iter().zip(&counts).enumerate() {
+        if *n > 0.0 {
+            out.insert(format!("{name}.class_recall.{c}"), h / n);
+            worst_recall = worst_recall.min(h / n);
+        }
+    }
+    if worst_recall.is_finite() {
+        out.insert(format!("{name}.worst_class_recall"), worst_recall);
+    }
     if let Some(g) = &split.group {
         let g = g.to_device(device);
         let mut worst = f64::INFINITY;
@@ -387,6 +403,18 @@ impl EpochStats {
         e.1 += 1;
     }
 
+    /// Recall of each class over the examples visited this epoch, judged at their latest visit.
+    fn class_recall(&self, labels: &[i64], classes: usize) -> Vec<Option<f64>> {
+        let mut hit = vec![(0u64, 0u64); classes];
+        for (v, y) in self.verdict.iter().zip(labels) {
+            if let (1 | 2, Some(h)) = (v, hit.get_mut(*y as usize)) {
+                h.0 += u64::from(*v == 1);
+                h.1 += 1;
+            }
+        }
+        hit.iter().map(|(r, n)| (*n > 0).then(|| *r as f64 / *n as f64)).collect()
+    }
+
     /// The examples misclassified at their latest visit.
     fn errors(&self) -> Vec<u64> {
         self.verdict.iter().enumerate().filter(|(_, v)| **v == 2).map(|(i, _)| i as u64).collect()
@@ -641,6 +669,7 @@ pub fn run(
     let g_train = data.train.group.as_ref().map(|g| g.to_device(device));
     let d_train = data.train.domain.as_ref().map(|d| d.to_device(device));
     let n = data.train.len();
+    let train_labels = Vec::<i64>::try_from(&data.train.y)?;
     let bs = cfg.batch_size as usize;
     let base_lr = match opt_cfg {
         OptimizerConfig::Sgd(o) => o.lr,
@@ -878,6 +907,15 @@ pub fn run(
                 values.insert(format!("train.group_loss.{k}"), loss / seen);
                 values.insert(format!("train.group_acc.{k}"), right / seen);
             }
+        }
+        let recall = stats.class_recall(&train_labels, data.classes);
+        for (c, r) in recall.iter().enumerate() {
+            if let Some(r) = r {
+                values.insert(format!("train.class_recall.{c}"), *r);
+            }
+        }
+        if let Some(w) = recall.iter().flatten().copied().reduce(f64::min) {
+            values.insert("train.worst_class_recall".to_string(), w);
         }
         values.insert("train.examples".to_string(), t.seen as f64);
         values.insert("train.lr".to_string(), base_lr * opt.lr_factor);
