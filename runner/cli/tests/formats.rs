@@ -223,7 +223,8 @@ stages:
     assert_eq!(seen.len(), 24, "{seen:?}");
 
     // The CSV's group column gives group metrics, and each class its recall.
-    let show = cmd(&store).args(["query", "-e", "formats", "stage == \"learns\"", "--format", "json"]).output().unwrap();
+    let show =
+        cmd(&store).args(["query", "-e", "formats", "stage == \"learns\"", "--format", "json"]).output().unwrap();
     let text = String::from_utf8_lossy(&show.stdout);
     for key in ["test.group_acc.1", "test.worst_group_acc", "test.class_recall.3", "train.class_recall.0"] {
         assert!(text.contains(key), "{key} missing: {text}");

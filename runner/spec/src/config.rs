@@ -899,7 +899,8 @@ impl JobConfig {
                 if !self.data.is_image() {
                     return err(
                         "model",
-                        "is `cnn`, which needs image data (digits, cifar10, cifar100, idx, or npz or csv with `image`)".into(),
+                        "is `cnn`, which needs image data (digits, cifar10, cifar100, idx, or npz or csv with `image`)"
+                            .into(),
                     );
                 }
                 if c.channels.is_empty() || c.channels.len() > 3 {

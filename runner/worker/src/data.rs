@@ -332,14 +332,16 @@ fn csv(c: &Csv) -> Result<Dataset, String> {
     let header: Vec<String> =
         reader.headers().map_err(|e| format!("{path}: header: {e}"))?.iter().map(str::to_string).collect();
     let column = |name: &str, what: &str| {
-        header.iter().position(|h| h == name).ok_or_else(|| {
-            format!("{path} has no {what} column `{name}`; its columns are {}", header.join(", "))
-        })
+        header
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| format!("{path} has no {what} column `{name}`; its columns are {}", header.join(", ")))
     };
     let label = column(&c.label, "label")?;
     let group = c.group.as_deref().map(|g| column(g, "group")).transpose()?;
     let domain = c.domain.as_deref().map(|d| column(d, "domain")).transpose()?;
-    let features: Vec<usize> = (0..header.len()).filter(|i| ![Some(label), group, domain].contains(&Some(*i))).collect();
+    let features: Vec<usize> =
+        (0..header.len()).filter(|i| ![Some(label), group, domain].contains(&Some(*i))).collect();
     if features.is_empty() {
         return Err(format!("{path} has no feature columns besides the label, group and domain"));
     }
@@ -358,7 +360,11 @@ fn csv(c: &Csv) -> Result<Dataset, String> {
         for (col, out) in [(group, &mut gs), (domain, &mut ds)] {
             if let Some(col) = col {
                 let v = field(col).parse::<i64>().map_err(|_| {
-                    format!("{path}:{line}: column `{}` holds `{}`, which is not an integer id", header[col], field(col))
+                    format!(
+                        "{path}:{line}: column `{}` holds `{}`, which is not an integer id",
+                        header[col],
+                        field(col)
+                    )
                 })?;
                 out.push(v);
             }
