@@ -1,10 +1,14 @@
-//! Diffusion samplers for xlab (METHODS.md section 3).
+//! The diffusion family for xlab (METHODS.md section 3): samplers, guidance, closed-form sampling
+//! and DDPM-IP training.
 
+pub mod closed_form;
 pub mod common;
+pub mod ddpm_ip;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpmpp_2m;
 pub mod euler;
+pub mod guidance;
 pub mod heun;
 pub mod karras;
 pub mod timesteps;
@@ -13,7 +17,8 @@ xlab_plugin_api::export_plugin! {
     id: "diffusion",
     version: env!("CARGO_PKG_VERSION"),
     step_rules: [],
-    batch_transforms: [],
+    batch_transforms: [ddpm_ip::DdpmIp],
     objectives: [],
-    samplers: [ddim::Ddim, ddpm::Ddpm, dpmpp_2m::Dpmpp2m, euler::Euler, heun::Heun],
+    samplers: [ddim::Ddim, ddpm::Ddpm, dpmpp_2m::Dpmpp2m, euler::Euler, heun::Heun, closed_form::ClosedForm],
+    guidances: [guidance::Cfg, guidance::Adaptive],
 }

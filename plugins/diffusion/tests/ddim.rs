@@ -71,7 +71,7 @@ fn single_point_oracle_returns_the_point_through_the_boundary() {
                 let a = acv[t as usize];
                 Ok((x - a.sqrt() * 0.5) / (1.0 - a).sqrt())
             };
-            let (out, nfe) = ddim.sample(&noise, &mut eps, &alphas_tensor(), &mut || 0).unwrap();
+            let (out, nfe) = ddim.sample(&noise, &mut eps, &alphas_tensor(), None, &mut || 0).unwrap();
             assert_eq!(nfe, steps as u64);
             assert_eq!(calls.len(), steps);
             for v in to_vec(&out) {
@@ -100,7 +100,7 @@ fn stochastic_ddim_is_reproducible_from_the_host_seed() {
             Ok((x - x0 * a.sqrt()) / (1.0 - a).sqrt())
         };
         let mut rng = SplitMix(seed);
-        to_vec(&ddim.sample(&noise, &mut eps, &alphas_tensor(), &mut || rng.next_u64()).unwrap().0)
+        to_vec(&ddim.sample(&noise, &mut eps, &alphas_tensor(), None, &mut || rng.next_u64()).unwrap().0)
     };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));

@@ -65,7 +65,7 @@ fn single_point_oracle_returns_the_point_through_the_boundary() {
             Ok((x - a.sqrt() * 0.5) / (1.0 - a).sqrt())
         };
         let mut rng = SplitMix(4);
-        let (out, nfe) = s.sample(&noise, &mut eps, &alphas, &mut || rng.next_u64()).unwrap();
+        let (out, nfe) = s.sample(&noise, &mut eps, &alphas, None, &mut || rng.next_u64()).unwrap();
         assert_eq!(nfe, steps, "{id} {params}");
         for v in to_vec(&out) {
             assert!((v - 0.5).abs() < 1e-9, "{id} {params}: {v}");
@@ -91,7 +91,7 @@ fn ddpm_is_reproducible_and_dpmpp_deterministic() {
             Ok((x - x0 * a.sqrt()) / (1.0 - a).sqrt())
         };
         let mut rng = SplitMix(seed);
-        to_vec(&s.sample(&noise, &mut eps, &Tensor::from_slice(&ac), &mut || rng.next_u64()).unwrap().0)
+        to_vec(&s.sample(&noise, &mut eps, &Tensor::from_slice(&ac), None, &mut || rng.next_u64()).unwrap().0)
     };
     assert_eq!(run("diffusion.ddpm", 1), run("diffusion.ddpm", 1));
     assert_ne!(run("diffusion.ddpm", 1), run("diffusion.ddpm", 2));
@@ -126,7 +126,7 @@ fn euler_and_heun_return_the_point_from_the_oracle() {
             let a = 1.0 / (1.0 + sigma * sigma);
             Ok((x - a.sqrt() * 0.5) / (1.0 - a).sqrt())
         };
-        let (out, got) = s.sample(&noise, &mut eps, &Tensor::from_slice(&ac), &mut || 0).unwrap();
+        let (out, got) = s.sample(&noise, &mut eps, &Tensor::from_slice(&ac), None, &mut || 0).unwrap();
         assert_eq!(got, nfe, "{id} {params}");
         for v in to_vec(&out) {
             assert!((v - 0.5).abs() < 1e-9, "{id} {params}: {v}");

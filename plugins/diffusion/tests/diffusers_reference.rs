@@ -31,7 +31,7 @@ fn samplers_match_the_diffusers_schedulers() {
     for (case, w) in cases.iter().zip(want["cases"].as_array().unwrap()) {
         let mut s = instantiate(&plugin, case["id"].as_str().unwrap(), case["params"].clone());
         let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> { Ok(x * 0.3 + (x * 2.0).sin() * 0.1 + 1e-4 * t) };
-        let (x, nfe) = s.sample(&Tensor::from_slice(&noise), &mut eps, &alphas, &mut || 0).unwrap();
+        let (x, nfe) = s.sample(&Tensor::from_slice(&noise), &mut eps, &alphas, None, &mut || 0).unwrap();
         assert_eq!(nfe, w["nfe"].as_u64().unwrap(), "{case}: model calls");
         let expect: Vec<f64> = w["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let got = to_vec(&x);

@@ -16,7 +16,7 @@
 use std::ffi::c_void;
 
 /// Bumped on any incompatible change to the types in this module.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The exported entry point's name (NUL-terminated for `dlsym`).
 pub const ENTRY_SYMBOL: &[u8] = b"xlab_plugin_manifest_v1\0";
@@ -86,6 +86,9 @@ pub enum ComponentKind {
     Objective = 3,
     /// Draws samples from a denoiser (diffusion family).
     Sampler = 4,
+    /// Combines a conditional and an unconditional prediction while sampling (classifier-free
+    /// guidance and its variants).
+    Guidance = 5,
 }
 
 impl ComponentKind {
@@ -95,6 +98,7 @@ impl ComponentKind {
             2 => Self::BatchTransform,
             3 => Self::Objective,
             4 => Self::Sampler,
+            5 => Self::Guidance,
             _ => return None,
         })
     }
@@ -105,6 +109,7 @@ impl ComponentKind {
             Self::BatchTransform => "batch_transform",
             Self::Objective => "objective",
             Self::Sampler => "sampler",
+            Self::Guidance => "guidance",
         }
     }
 }
@@ -115,6 +120,10 @@ pub mod flags {
     pub const STATEFUL: u64 = 1;
     /// Draws random numbers (from the host's seeded generator only).
     pub const RANDOM: u64 = 1 << 1;
+    /// A batch transform of diffusion training: its inputs are the drawn noise ε `[B, ...]` (the
+    /// labels as usual) and it returns the noise that forms x_t and the regression target, both
+    /// shaped like ε.
+    pub const NOISE: u64 = 1 << 2;
 }
 
 /// The static description of a plugin library.
@@ -177,6 +186,8 @@ pub struct ComponentDecl {
             err: *const Sink,
         ) -> Status,
     >,
+    /// Guidance only: combines one evaluation's conditional and unconditional predictions.
+    pub guide: Option<unsafe extern "C" fn(obj: *mut c_void, io: *mut GuideIo, err: *const Sink) -> Status>,
     /// Objectives only: called at the start of every epoch to choose which training examples
     /// the epoch visits. The component writes `n` numbers into `out` (one per training example,
     /// by index) and sets `*mode` to one of [`sampling`]'s values; leaving it at
@@ -359,6 +370,25 @@ pub struct Denoiser {
     ) -> Status,
     /// ᾱ_t for t = 0..T−1, float64 `[T]`, borrowed.
     pub alphas_cumprod: *mut c_void,
+    /// The training examples the denoiser stands for, `[N, ...]` in the samples' space,
+    /// borrowed; null when the host has none to give. Samplers that need no training (the
+    /// closed-form family) read it.
+    pub data: *mut c_void,
+}
+
+/// One guided evaluation: the host ran the model with the condition (and, when the previous
+/// call asked for it, without); the guidance writes the prediction the sampler sees.
+#[repr(C)]
+pub struct GuideIo {
+    /// ε̂ with the condition, borrowed.
+    pub eps_cond: *mut c_void,
+    /// ε̂ without it (the null label), borrowed; null when the previous call said it is not needed.
+    pub eps_uncond: *mut c_void,
+    /// The guided prediction (owned by the host once written).
+    pub eps_out: *mut c_void,
+    /// Whether the next evaluation needs the unconditional prediction. The host starts each
+    /// sampling run asking for it and sets this to true before every call.
+    pub need_uncond_next: bool,
 }
 
 /// A sampling request: initial noise in, samples and evaluation count out.

@@ -81,6 +81,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
             ComponentKind::BatchTransform => d.transform.is_some(),
             ComponentKind::Objective => d.objective.is_some(),
             ComponentKind::Sampler => d.sample.is_some(),
+            ComponentKind::Guidance => d.guide.is_some(),
         };
         if !has_entry {
             return Err(format!("component `{cid}` is a {} but has no {} function", kind.as_str(), kind.as_str()));
@@ -96,6 +97,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
             passes_per_step: d.passes_per_step,
             stateful: d.flags & abi::flags::STATEFUL != 0,
             random: d.flags & abi::flags::RANDOM != 0,
+            noise: d.flags & abi::flags::NOISE != 0,
         });
     }
     std::mem::forget(lib);
@@ -337,6 +339,8 @@ pub struct Instance {
     decl: &'static ComponentDecl,
     pub id: String,
     pub kind: ComponentKind,
+    /// A batch transform of diffusion training (`abi::flags::NOISE`).
+    pub noise: bool,
 }
 
 impl Drop for Instance {
@@ -464,7 +468,8 @@ impl LoadedPlugin {
         let mut obj = std::ptr::null_mut();
         // SAFETY: create is the declaration's constructor; text outlives the call.
         call(&format!("creating `{component}`"), |err| unsafe { (decl.create)(RStr::borrowed(&text), &mut obj, err) })?;
-        Ok(Instance { obj, decl, id: component.to_string(), kind })
+        let noise = decl.flags & abi::flags::NOISE != 0;
+        Ok(Instance { obj, decl, id: component.to_string(), kind, noise })
     }
 }
 
@@ -663,12 +668,30 @@ impl Instance {
         Ok(s)
     }
 
+    /// One guided evaluation (see `abi::GuideIo`): the prediction the sampler sees, and whether
+    /// the next evaluation needs the unconditional prediction.
+    pub fn guide(&mut self, eps_cond: &Tensor, eps_uncond: Option<&Tensor>) -> Result<(Tensor, bool), String> {
+        let f = self.decl.guide.ok_or_else(|| format!("`{}` is not a guidance", self.id))?;
+        let mut io = abi::GuideIo {
+            eps_cond: borrow(Some(eps_cond)),
+            eps_uncond: borrow(eps_uncond),
+            eps_out: std::ptr::null_mut(),
+            need_uncond_next: true,
+        };
+        // SAFETY: obj is live; io and the tensors outlive the call.
+        let res = call(&format!("`{}` guidance", self.id), |err| unsafe { f(self.obj, &mut io, err) });
+        let out = take(io.eps_out, "guided prediction");
+        res?;
+        Ok((out?, io.need_uncond_next))
+    }
+
     /// Draws samples from `noise` with a denoiser; returns the samples and the evaluation count.
     pub fn sample(
         &mut self,
         noise: &Tensor,
         eps: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>,
         alphas_cumprod: &Tensor,
+        data: Option<&Tensor>,
         next_u64: &mut dyn FnMut() -> u64,
     ) -> Result<(Tensor, u64), String> {
         type Eps<'a> = &'a mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>;
@@ -703,6 +726,7 @@ impl Instance {
             ctx: (&mut e as *mut Eps<'_>).cast(),
             eps: eps_tramp,
             alphas_cumprod: borrow(Some(alphas_cumprod)),
+            data: borrow(data),
         };
         let mut r: &mut dyn FnMut() -> u64 = next_u64;
         let rng = abi::Rng { ctx: (&mut r as *mut &mut dyn FnMut() -> u64).cast(), next_u64: rng_trampoline };

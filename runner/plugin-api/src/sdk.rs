@@ -77,6 +77,8 @@ pub trait Component: Sized + 'static {
     const STATEFUL: bool = false;
     /// Set when the component draws random numbers (always from the host's seeded stream).
     const RANDOM: bool = false;
+    /// Set by a batch transform of diffusion training (see `abi::flags::NOISE`).
+    const NOISE_TRANSFORM: bool = false;
     /// The parameters, deserialized from the checked JSON the host passes.
     type Params: DeserializeOwned;
 
@@ -419,6 +421,11 @@ pub struct DenoiserCtx<'a> {
 }
 
 impl DenoiserCtx<'_> {
+    /// The training examples the denoiser stands for, when the host gives them.
+    pub fn data(&self) -> Option<Tensor> {
+        opt_tensor(self.host.data)
+    }
+
     /// ε̂(x, t); counts one evaluation.
     pub fn eps(&mut self, x: &Tensor, t: f64) -> Result<Tensor> {
         let mut x = x.shallow_clone();
@@ -439,6 +446,12 @@ impl DenoiserCtx<'_> {
         unsafe { Tensor::clone_from_ptr(self.host.alphas_cumprod.cast()) }
     }
 
+    /// Counts evaluations of a score the sampler computes itself (from `data`), which go into
+    /// the reported NFE like the denoiser's.
+    pub fn count_evaluations(&mut self, n: u64) {
+        self.nfe += n;
+    }
+
     pub fn nfe(&self) -> u64 {
         self.nfe
     }
@@ -447,6 +460,15 @@ impl DenoiserCtx<'_> {
 pub trait Sampler: Component {
     /// Turns standard normal noise into samples.
     fn sample(&mut self, noise: Tensor, denoiser: &mut DenoiserCtx<'_>, rng: &mut HostRng<'_>) -> Result<Tensor>;
+}
+
+/// A guidance rule (classifier-free guidance and its variants). The host calls `setup` before
+/// each sampling run, then `guide` at every evaluation of the sampler.
+pub trait Guidance: Component {
+    /// The prediction the sampler sees, from the conditional one and (when the previous call
+    /// asked for it; always at the first call) the unconditional one; and whether the next
+    /// evaluation needs the unconditional prediction.
+    fn guide(&mut self, eps_cond: Tensor, eps_uncond: Option<Tensor>) -> Result<(Tensor, bool)>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,6 +730,19 @@ pub mod glue {
         })
     }
 
+    pub unsafe extern "C" fn guide<T: Guidance>(o: *mut c_void, io: *mut abi::GuideIo, err: *const Sink) -> Status {
+        guard(err, || {
+            // SAFETY: io is valid during the call; its input handles are borrowed.
+            let io = unsafe { &mut *io };
+            let cond = opt_tensor(io.eps_cond).ok_or_else(|| PluginError("no conditional prediction".into()))?;
+            let uncond = opt_tensor(io.eps_uncond);
+            let (eps, next) = unsafe { obj::<T>(o) }.guide(cond, uncond)?;
+            io.need_uncond_next = next;
+            io.eps_out = give(eps);
+            Ok(())
+        })
+    }
+
     /// Owned strings behind a component's declaration (the manifest points into them).
     pub struct DeclStrings {
         pub params_json: String,
@@ -720,6 +755,9 @@ pub mod glue {
         }
         if T::RANDOM {
             flags |= abi::flags::RANDOM;
+        }
+        if T::NOISE_TRANSFORM {
+            flags |= abi::flags::NOISE;
         }
         abi::ComponentDecl {
             kind: T::KIND as u32,
@@ -739,6 +777,7 @@ pub mod glue {
             transform: None,
             objective: None,
             sample: None,
+            guide: None,
             epoch_sampling: None,
         }
     }
@@ -766,6 +805,10 @@ pub mod glue {
 
     pub fn sampler<T: Sampler>() -> abi::ComponentDecl {
         abi::ComponentDecl { sample: Some(sample::<T>), ..decl_base::<T>(strings::<T>()) }
+    }
+
+    pub fn guidance<T: Guidance>() -> abi::ComponentDecl {
+        abi::ComponentDecl { guide: Some(guide::<T>), ..decl_base::<T>(strings::<T>()) }
     }
 
     /// Builds the static manifest once; the entry point returns a pointer to it.
@@ -796,6 +839,7 @@ pub mod glue {
 ///     batch_transforms: [],
 ///     objectives: [],
 ///     samplers: [],
+///     guidances: [], // optional
 /// }
 /// ```
 #[macro_export]
@@ -806,7 +850,8 @@ macro_rules! export_plugin {
         step_rules: [$($s:ty),* $(,)?],
         batch_transforms: [$($b:ty),* $(,)?],
         objectives: [$($o:ty),* $(,)?],
-        samplers: [$($x:ty),* $(,)?] $(,)?
+        samplers: [$($x:ty),* $(,)?]
+        $(, guidances: [$($g:ty),* $(,)?])? $(,)?
     ) => {
         /// The plugin's entry point, read by the xlab worker.
         #[no_mangle]
@@ -819,6 +864,7 @@ macro_rules! export_plugin {
                         $($crate::sdk::glue::batch_transform::<$b>(),)*
                         $($crate::sdk::glue::objective_decl::<$o>(),)*
                         $($crate::sdk::glue::sampler::<$x>(),)*
+                        $($($crate::sdk::glue::guidance::<$g>(),)*)?
                     ];
                     $crate::sdk::glue::manifest($id, $version, decls) as *const _ as usize
                 })

@@ -270,6 +270,15 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             }
             d.weights()
         }
+        ComponentKind::BatchTransform if inst.noise => {
+            // The batch's inputs are noise: what forms x_t and the target keep its shape.
+            let (xo, t) = inst
+                .transform(&x, &y, Some(&g), Some(&g), &idx, 3, &mut || rng.next_u64())
+                .unwrap_or_else(|e| panic!("transform: {e}"));
+            assert_eq!(xo.size(), x.size(), "{}: the noise's shape changed", inst.id);
+            assert_eq!(t.size(), x.size(), "{}: the target must be shaped like the noise", inst.id);
+            vec![to_vec(&xo), to_vec(&t)]
+        }
         ComponentKind::BatchTransform => {
             let (xo, t) = inst
                 .transform(&x, &y, Some(&g), Some(&g), &idx, 3, &mut || rng.next_u64())
@@ -311,11 +320,25 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
                 let a: f64 = f64::try_from(ac2.get(i)).map_err(|e| e.to_string())?;
                 Ok((x - a.sqrt() * 0.5) / (1.0 - a).sqrt())
             };
-            let (out, nfe) =
-                inst.sample(&noise, &mut eps, &ac, &mut || rng.next_u64()).unwrap_or_else(|e| panic!("sample: {e}"));
+            // The same point as the training set, for samplers that read it.
+            let data = Tensor::from_slice(&[0.5f64, 0.5]).reshape([1, 2]);
+            let (out, nfe) = inst
+                .sample(&noise, &mut eps, &ac, Some(&data), &mut || rng.next_u64())
+                .unwrap_or_else(|e| panic!("sample: {e}"));
             assert_eq!(out.size(), noise.size(), "{}: samples must have the noise's shape", inst.id);
             assert!(nfe > 0, "{}: a sampler must evaluate the denoiser", inst.id);
             vec![to_vec(&out), vec![nfe as f64]]
+        }
+        ComponentKind::Guidance => {
+            let cond = Tensor::from_slice(&[1.0f64, 0.0, 0.5, -0.5]).reshape([2, 2]);
+            let uncond = Tensor::from_slice(&[0.8f64, 0.2, 0.4, -0.1]).reshape([2, 2]);
+            let (out, next) = inst.guide(&cond, Some(&uncond)).unwrap_or_else(|e| panic!("guide: {e}"));
+            assert_eq!(out.size(), cond.size(), "{}: guidance must keep the prediction's shape", inst.id);
+            // The host passes ε_u again exactly when the guidance asked for it.
+            let (alone, _) =
+                inst.guide(&cond, next.then_some(&uncond)).unwrap_or_else(|e| panic!("second guide: {e}"));
+            assert_eq!(alone.size(), cond.size(), "{}: guidance must keep the prediction's shape", inst.id);
+            vec![to_vec(&out), to_vec(&alone)]
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct ComponentInfo {
     pub passes_per_step: u32,
     pub stateful: bool,
     pub random: bool,
+    /// A batch transform of diffusion training: it rewrites the drawn noise, not a labelled batch.
+    #[serde(default)]
+    pub noise: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -172,6 +175,7 @@ mod tests {
             passes_per_step: 2,
             stateful: false,
             random: false,
+            noise: false,
         }
     }
 

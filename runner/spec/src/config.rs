@@ -78,6 +78,14 @@ pub struct JobConfig {
     /// `sample`: the sampler component (e.g. `{use: diffusion.ddim, steps: 50}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<ComponentUse>,
+    /// `sample`, with a trained denoiser whose model is class-conditional: how the conditional
+    /// and unconditional predictions combine (e.g. `{use: diffusion.cfg, guidance_scale: 3}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<ComponentUse>,
+    /// `train`: train a diffusion model (`time_mlp` or `unet`) to predict the noise instead of a
+    /// classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffusion: Option<Diffusion>,
     /// `sample`: the denoiser the sampler queries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denoiser: Option<DenoiserConfig>,
@@ -310,6 +318,75 @@ pub enum DenoiserConfig {
     /// the whole data distribution: x̂₀ = Σᵢ softmax(−‖x − √ᾱ xᵢ‖²/(2(1−ᾱ)))ᵢ xᵢ and
     /// ε̂ = (x − √ᾱ x̂₀)/√(1−ᾱ). No training; samplers can be checked against it exactly.
     Exact(ExactDenoiser),
+    /// The diffusion model the parent job (`needs:`) trained, with its noise schedule.
+    Trained(Trained),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Trained {}
+
+/// What a diffusion model is trained to predict.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// The noise ε.
+    #[default]
+    Epsilon,
+    /// v = √ᾱ ε − √(1−ᾱ) x₀.
+    V,
+}
+
+/// Diffusion training (METHODS.md 3.1): data scaled to [-1, 1], t ~ U{0..T−1}, ε ~ N(0, I),
+/// x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε, and the mean squared error of the model's prediction.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Diffusion {
+    #[serde(default)]
+    pub schedule: BetaSchedule,
+    #[serde(default = "defaults::timesteps")]
+    pub timesteps: u32,
+    #[serde(default = "defaults::beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "defaults::beta_end")]
+    pub beta_end: f64,
+    #[serde(default)]
+    pub prediction: Prediction,
+    /// Condition the model on the class label (an embedding of the label, plus a null label).
+    #[serde(default)]
+    pub conditional: bool,
+    /// Classifier-free guidance training: the probability that a training example's label is
+    /// replaced by the null label.
+    #[serde(default)]
+    pub p_uncond: f64,
+}
+
+impl Diffusion {
+    /// The noise schedule, as the exact denoiser spells it.
+    pub fn noise(&self) -> ExactDenoiser {
+        ExactDenoiser {
+            schedule: self.schedule,
+            timesteps: self.timesteps,
+            beta_start: self.beta_start,
+            beta_end: self.beta_end,
+        }
+    }
+}
+
+impl ExactDenoiser {
+    /// Checks the schedule's numbers; the message names the key.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.timesteps < 2 {
+            return Err(("timesteps", "must be at least 2".into()));
+        }
+        if !(0.0 < self.beta_start && self.beta_start < self.beta_end && self.beta_end < 1.0) {
+            return Err((
+                "beta_start",
+                format!("needs 0 < beta_start < beta_end < 1, got {} and {}", self.beta_start, self.beta_end),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
@@ -354,17 +431,19 @@ pub const COMPONENT_SLOTS: &[(&str, &str)] = &[
     ("batch_transform", "batch_transform"),
     ("objective", "objective"),
     ("sampler", "sampler"),
+    ("guidance", "guidance"),
 ];
 
 impl JobConfig {
     /// The components the job uses, by slot name.
     pub fn components(&self) -> Vec<(&'static str, &ComponentUse)> {
-        let slots = [&self.step_rule, &self.batch_transform, &self.objective, &self.sampler];
+        let slots = [&self.step_rule, &self.batch_transform, &self.objective, &self.sampler, &self.guidance];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_ref().map(|c| (*slot, c))).collect()
     }
 
     pub fn components_mut(&mut self) -> Vec<(&'static str, &mut ComponentUse)> {
-        let slots = [&mut self.step_rule, &mut self.batch_transform, &mut self.objective, &mut self.sampler];
+        let slots =
+            [&mut self.step_rule, &mut self.batch_transform, &mut self.objective, &mut self.sampler, &mut self.guidance];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_mut().map(|c| (*slot, c))).collect()
     }
 }
@@ -454,6 +533,19 @@ pub struct Cifar {
 }
 
 impl DataConfig {
+    /// `Some(shape)` for image data, with the (channels, height, width) when the config fixes it
+    /// (`None` inside for folders whose files tell); `None` for vectors.
+    pub fn image_shape(&self) -> Option<Option<[usize; 3]>> {
+        match self {
+            DataConfig::Digits(_) => Some(Some([1, 8, 8])),
+            DataConfig::Cifar10(_) | DataConfig::Cifar100(_) => Some(Some([3, 32, 32])),
+            DataConfig::Idx(_) => Some(None),
+            DataConfig::Npz(n) => n.image.map(Some),
+            DataConfig::Csv(c) => c.image.map(Some),
+            _ => None,
+        }
+    }
+
     /// Whether rows are images (for `cnn`, `resnet18`, `wrn` and augmentation).
     pub fn is_image(&self) -> bool {
         match self {
@@ -559,6 +651,40 @@ pub enum ModelConfig {
     /// WideResNet-depth-width (pre-activation blocks, e.g. WRN-16-4), `norm: batch` (default) or
     /// `group`.
     Wrn(Wrn),
+    /// A diffusion model for vectors: the input and a sinusoidal embedding of t (and a label
+    /// embedding when conditional) through an MLP with SiLU; predicts ε (or v).
+    TimeMlp(TimeMlp),
+    /// A small UNet for images: per entry of `channels` a residual block (GroupNorm, SiLU, 3×3
+    /// convolutions, the time and label embedding added), downsampling between levels, the
+    /// mirror path up with skip connections; predicts ε (or v).
+    Unet(Unet),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TimeMlp {
+    #[serde(default = "defaults::time_mlp_hidden")]
+    pub hidden: Vec<usize>,
+    /// Width of the time (and label) embedding.
+    #[serde(default = "defaults::time_dim")]
+    pub time_dim: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Unet {
+    /// Channels of each resolution level; the image is halved between levels.
+    #[serde(default = "defaults::unet_channels")]
+    pub channels: Vec<usize>,
+    #[serde(default = "defaults::time_dim")]
+    pub time_dim: usize,
+}
+
+impl ModelConfig {
+    /// Whether this is a diffusion model (trained with `diffusion:`).
+    pub fn is_diffusion(&self) -> bool {
+        matches!(self, ModelConfig::TimeMlp(_) | ModelConfig::Unet(_))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
@@ -794,6 +920,43 @@ impl JobConfig {
                 if self.sharpness.is_some() {
                     return err("sharpness", "belongs to `task: evaluate` (of a trained parent)".into());
                 }
+                if self.guidance.is_some() {
+                    return err("guidance", "belongs to `task: sample`".into());
+                }
+                let diffusion_model = self.model.as_ref().is_some_and(ModelConfig::is_diffusion);
+                match (&self.diffusion, diffusion_model) {
+                    (Some(_), false) => {
+                        return err(
+                            "model",
+                            "must be a diffusion model (`time_mlp` or `unet`) when the job has `diffusion:`".into(),
+                        )
+                    }
+                    (None, true) => {
+                        return err("diffusion", "is required by a diffusion model (`time_mlp`, `unet`)".into())
+                    }
+                    _ => {}
+                }
+                if let Some(d) = &self.diffusion {
+                    if let Err((k, m)) = d.noise().check() {
+                        return err(&format!("diffusion.{k}"), m);
+                    }
+                    if !(0.0..1.0).contains(&d.p_uncond) {
+                        return err("diffusion.p_uncond", format!("must be in [0, 1), got {}", d.p_uncond));
+                    }
+                    if d.p_uncond > 0.0 && !d.conditional {
+                        return err("diffusion.p_uncond", "drops labels, so it needs `conditional: true`".into());
+                    }
+                    for (k, set) in [
+                        ("step_rule", self.step_rule.is_some()),
+                        ("objective", self.objective.is_some()),
+                        ("augment", self.augment.is_some()),
+                        ("label_smoothing", self.label_smoothing != 0.0),
+                    ] {
+                        if set {
+                            return err(k, "is not available to diffusion training".into());
+                        }
+                    }
+                }
                 if self.augment.is_some() && !self.data.is_image() {
                     return err("augment", "crops and flips images; this data is not images".into());
                 }
@@ -857,15 +1020,21 @@ impl JobConfig {
                 if self.samples == Some(0) {
                     return err("samples", "must be at least 1".into());
                 }
-                let Some(DenoiserConfig::Exact(d)) = &self.denoiser else { unreachable!("checked above") };
-                if d.timesteps < 2 {
-                    return err("denoiser.timesteps", "must be at least 2".into());
-                }
-                if !(0.0 < d.beta_start && d.beta_start < d.beta_end && d.beta_end < 1.0) {
-                    return err(
-                        "denoiser.beta_start",
-                        format!("needs 0 < beta_start < beta_end < 1, got {} and {}", d.beta_start, d.beta_end),
-                    );
+                match &self.denoiser {
+                    Some(DenoiserConfig::Exact(d)) => {
+                        if let Err((k, m)) = d.check() {
+                            return err(&format!("denoiser.{k}"), m);
+                        }
+                        if self.guidance.is_some() {
+                            return err(
+                                "guidance",
+                                "needs a class-conditional model (`denoiser: {name: trained}`); the exact denoiser has no condition"
+                                    .into(),
+                            );
+                        }
+                    }
+                    Some(DenoiserConfig::Trained(_)) => {}
+                    None => unreachable!("checked above"),
                 }
                 return Ok(());
             }
@@ -895,6 +1064,39 @@ impl JobConfig {
                 }
             }
             Some(ModelConfig::Resnet18(_)) => {}
+            Some(ModelConfig::TimeMlp(m)) => {
+                if m.hidden.is_empty() || m.hidden.contains(&0) || m.time_dim < 2 || m.time_dim % 2 != 0 {
+                    return err(
+                        "model",
+                        "`time_mlp` needs at least one hidden layer, none of width 0, and an even time_dim ≥ 2".into(),
+                    );
+                }
+            }
+            Some(ModelConfig::Unet(u)) => {
+                let Some(image) = self.data.image_shape() else {
+                    return err(
+                        "model",
+                        "is `unet`, which needs image data (digits, cifar10, cifar100, idx, or npz or csv with `image`)"
+                            .into(),
+                    );
+                };
+                let levels = u.channels.len();
+                let step = 1usize << levels.saturating_sub(1);
+                if levels == 0 || u.channels.contains(&0) || levels > 4 {
+                    return err("model.channels", "lists 1 to 4 level widths, none 0".into());
+                }
+                if let Some([_, h, w]) = image {
+                    if h % step != 0 || w % step != 0 {
+                        return err(
+                            "model.channels",
+                            format!("{levels} levels halve the image {} times; {h}×{w} is not divisible by {step}", levels - 1),
+                        );
+                    }
+                }
+                if u.time_dim < 2 || u.time_dim % 2 != 0 {
+                    return err("model.time_dim", "must be even and at least 2".into());
+                }
+            }
             Some(ModelConfig::Cnn(c)) => {
                 if !self.data.is_image() {
                     return err(
@@ -951,6 +1153,18 @@ impl JobConfig {
 mod defaults {
     pub fn yes() -> bool {
         true
+    }
+
+    pub fn time_mlp_hidden() -> Vec<usize> {
+        vec![128, 128, 128]
+    }
+
+    pub fn time_dim() -> usize {
+        32
+    }
+
+    pub fn unet_channels() -> Vec<usize> {
+        vec![32, 64]
     }
 
     pub fn label_column() -> String {

@@ -908,6 +908,7 @@ fn resolve_components(
     extra: &[PathBuf],
 ) -> Result<Vec<PluginUse>, SpecError> {
     let mut used: Vec<PluginUse> = Vec::new();
+    let diffusion = config.diffusion.is_some();
     for (slot, comp) in config.components_mut() {
         let here = format!("{ctx}: {slot}");
         let registry = plugins.registry(extra).map_err(|m| {
@@ -947,6 +948,17 @@ fn resolve_components(
             )
             .context(here)
             .hint(format!("use it under `{}:`", info.kind)));
+        }
+        if slot == "batch_transform" && info.noise != diffusion {
+            let why = if info.noise {
+                format!("`{}` perturbs the noise of diffusion training; this job trains a classifier", comp.id)
+            } else {
+                format!(
+                    "in diffusion training a batch transform perturbs the noise (e.g. `diffusion.ddpm_ip`); `{}` transforms labelled batches",
+                    comp.id
+                )
+            };
+            return Err(SpecError::new(file, why).context(here));
         }
         let resolved = resolve_params(info, &comp.params).map_err(|e| match e {
             ParamError::Unknown { name } => {

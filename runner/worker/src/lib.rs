@@ -3,10 +3,12 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod diffusion;
 pub mod events;
 pub mod model;
 pub mod optim;
 pub mod probe;
+pub mod quality;
 pub mod sample;
 pub mod train;
 
@@ -76,6 +78,7 @@ fn load_components(req: &JobRequest, cfg: &JobConfig) -> Result<Components, Fail
             "step_rule" => comps.step_rule = Some(inst),
             "batch_transform" => comps.batch_transform = Some(inst),
             "sampler" => comps.sampler = Some(inst),
+            "guidance" => comps.guidance = Some(inst),
             _ => comps.objective = Some(inst),
         }
     }
@@ -227,9 +230,12 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
                     every_ms: req.checkpoint_every_ms,
                     every_steps: req.checkpoint_every_steps,
                 };
-                train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out)
+                match &cfg.diffusion {
+                    Some(d) => diffusion::run(&cfg, d, req.seed, device, &req.run_dir, &plan, &mut comps, out),
+                    None => train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out),
+                }
             }
-            Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &mut comps, out),
+            Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &req.parents, &mut comps, out),
             Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
             Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
         }

@@ -350,6 +350,9 @@ pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option
             let [c, _, _] = image.expect("image models are checked to have image data");
             Model { layers: wrn(root, r.depth, r.width, r.norm, c, classes), image, frozen: Cell::new(false) }
         }
+        ModelConfig::TimeMlp(_) | ModelConfig::Unet(_) => {
+            unreachable!("diffusion models are built by `diffusion::DiffusionNet`; callers check `is_diffusion`")
+        }
     }
 }
 

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use xlab_proto::FailureCause;
-use xlab_spec::config::{BetaSchedule, DenoiserConfig, ExactDenoiser, JobConfig};
+use tch::nn;
+use xlab_spec::config::{BetaSchedule, DenoiserConfig, ExactDenoiser, JobConfig, Prediction};
 
 /// ᾱ_t for t = 0..T−1 in float64 (METHODS.md 3.1). diffusers builds the linear schedules in
 /// float32; computing in float64 differs by about 1e-6 relative.
@@ -53,22 +54,97 @@ fn to_unit_range(x: &Tensor) -> Tensor {
     (x - &lo) / (hi - &lo).clamp_min(1e-12) * 2.0 - 1.0
 }
 
+/// ᾱ at a possibly fractional timestep: σ = √((1−ᾱ)/ᾱ) is interpolated linearly between the
+/// neighbouring integer timesteps, as diffusers' Euler and Heun schedulers interpolate their
+/// sigmas, and ᾱ = 1/(1+σ²). At integer timesteps this is ᾱ_t itself.
+fn alpha_at(ac: &[f64], t: f64) -> f64 {
+    let (lo, hi) = (t.floor() as usize, t.ceil() as usize);
+    let sigma = |a: f64| ((1.0 - a) / a).sqrt();
+    let s = sigma(ac[lo]) + (sigma(ac[hi]) - sigma(ac[lo])) * (t - lo as f64);
+    1.0 / (1.0 + s * s)
+}
+
+/// What a trained denoiser needs at sampling time: the parent's network and its conditioning.
+struct TrainedModel {
+    net: crate::diffusion::DiffusionNet,
+    prediction: Prediction,
+    /// The label of each sample (class i mod K), when the model is conditional.
+    labels: Option<Tensor>,
+    null_label: i64,
+    /// Keeps the network's variables alive.
+    _vs: nn::VarStore,
+}
+
+/// Evaluation counts of one sampling run.
+#[derive(Default)]
+struct Evals {
+    /// Network passes over the whole batch: conditional and unconditional.
+    passes: u64,
+    /// Denoiser calls whose unconditional pass the guidance found unneeded.
+    skipped_uncond: u64,
+}
+
 pub fn run(
     cfg: &JobConfig,
     seed: u64,
     device: Device,
     run_dir: &Path,
+    parents: &[xlab_proto::ParentRef],
     comps: &mut Components,
     out: &mut Emitter,
 ) -> Result<BTreeMap<String, f64>, Failure> {
-    let (Some(DenoiserConfig::Exact(den)), Some(n)) = (&cfg.denoiser, cfg.samples) else {
+    let (Some(denoiser), Some(n)) = (&cfg.denoiser, cfg.samples) else {
         return Err(Failure::new(FailureCause::Config, "`task: sample` needs `denoiser` and `samples`"));
     };
-    let sampler =
-        comps.sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
     let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
-    let x0 = to_unit_range(&data.train.x.to_kind(Kind::Double)).to_device(device);
-    let ac = alphas_cumprod(den);
+    // The training points (for the exact denoiser and the closed-form samplers), the held-out
+    // points the samples are scored against, and the schedule: all in the model's [-1, 1] space.
+    let (x0, held_out, ac, model) = match denoiser {
+        DenoiserConfig::Exact(den) => {
+            let train = data.train.x.to_kind(Kind::Double);
+            let (lo, hi) = (train.amin(0, true), train.amax(0, true));
+            let scale = |x: &Tensor| (x.to_kind(Kind::Double) - &lo) / (&hi - &lo).clamp_min(1e-12) * 2.0 - 1.0;
+            (to_unit_range(&train), scale(&data.test.x), alphas_cumprod(den), None)
+        }
+        DenoiserConfig::Trained(_) => {
+            let [parent] = parents else {
+                return Err(Failure::new(
+                    FailureCause::Config,
+                    format!(
+                        "`denoiser: {{name: trained}}` samples from one trained parent; this job has {} (use `select: each` or `best`)",
+                        parents.len()
+                    ),
+                ));
+            };
+            let pcfg: JobConfig = serde_json::from_value(parent.config.clone())
+                .map_err(|e| Failure::new(FailureCause::Config, format!("parent {}: config: {e}", parent.job_id)))?;
+            let d = pcfg.diffusion.clone().ok_or_else(|| {
+                Failure::new(FailureCause::Config, format!("parent {} did not train a diffusion model", parent.job_id))
+            })?;
+            let p = crate::diffusion::prepare(&pcfg, &d)?;
+            let mut vs = nn::VarStore::new(device);
+            let net = crate::diffusion::network(&vs, &pcfg, &d, &p.data)?;
+            let weights = parent.run_dir.join("weights.safetensors");
+            vs.load(&weights).map_err(|e| {
+                Failure::new(FailureCause::Error, format!("cannot load {} into the parent's model: {e}", weights.display()))
+            })?;
+            let classes = p.data.classes as i64;
+            let labels = net
+                .is_conditional()
+                .then(|| Tensor::arange(i64::from(n), (Kind::Int64, device)).remainder(classes));
+            let x0 = p.scale.apply(&p.data.train.x).to_kind(Kind::Double);
+            let held_out = p.scale.apply(&data.test.x).to_kind(Kind::Double);
+            let model = TrainedModel { net, prediction: d.prediction, labels, null_label: classes, _vs: vs };
+            (x0, held_out, p.alphas, Some(model))
+        }
+    };
+    if comps.guidance.is_some() && !model.as_ref().is_some_and(|m| m.labels.is_some()) {
+        return Err(Failure::new(
+            FailureCause::Config,
+            "`guidance` needs a class-conditional trained model (`diffusion: {conditional: true}` in the parent)",
+        ));
+    }
+    let x0 = x0.to_device(device);
     let ac_t = Tensor::from_slice(&ac).to_device(device);
     let dim = x0.size()[1];
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -77,22 +153,74 @@ pub fn run(
     let mut plugin_rng = ChaCha8Rng::seed_from_u64(seed);
     plugin_rng.set_stream(u64::MAX);
     let t_max = ac.len() as f64 - 1.0;
+    let mut evals = Evals::default();
+    let mut need_uncond = true;
+    if let Some(g) = comps.guidance.as_mut() {
+        g.setup(&xlab_plugin_api::RunInfo {
+            num_classes: model.as_ref().map_or(0, |m| m.null_label),
+            n_train: x0.size()[0] as u64,
+            group_counts: vec![],
+            train_labels: vec![],
+            train_groups: vec![],
+            train_domains: vec![],
+            epochs: 0,
+            steps_per_epoch: 0,
+            seed,
+            parents: parents.to_vec(),
+            image: data.image,
+        })
+        .map_err(|m| Failure::new(FailureCause::Error, m))?;
+    }
+    let Components { sampler, guidance, .. } = comps;
+    let sampler = sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
     let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
         if !(0.0..=t_max).contains(&t) {
             return Err(format!("timestep {t} is outside 0..={t_max}"));
         }
-        // The exact denoiser is defined at integer timesteps. At a fractional one, σ = √((1−ᾱ)/ᾱ)
-        // is interpolated linearly, as diffusers' Euler and Heun schedulers interpolate their
-        // sigmas, and ᾱ = 1/(1+σ²): a sampler that scales its input by that σ then sees the
-        // exact ε̂.
-        let (lo, hi) = (t.floor() as usize, t.ceil() as usize);
-        let sigma = |a: f64| ((1.0 - a) / a).sqrt();
-        let s = sigma(ac[lo]) + (sigma(ac[hi]) - sigma(ac[lo])) * (t - lo as f64);
-        let a = 1.0 / (1.0 + s * s);
-        Ok(exact_eps(&x.to_kind(Kind::Double), &x0, a))
+        let a = alpha_at(&ac, t);
+        let Some(m) = &model else {
+            return Ok(exact_eps(&x.to_kind(Kind::Double), &x0, a));
+        };
+        let b = x.size()[0];
+        let xf = x.to_kind(Kind::Float);
+        // The network's prediction as ε: v = √ᾱ ε − √(1−ᾱ) x₀ gives ε = √ᾱ v + √(1−ᾱ) x_t.
+        let as_eps = |p: Tensor, xt: &Tensor| match m.prediction {
+            Prediction::Epsilon => p,
+            Prediction::V => p * a.sqrt() + xt * (1.0 - a).sqrt(),
+        };
+        let run = |xs: &Tensor, labels: Option<&Tensor>| {
+            let ts = Tensor::full([xs.size()[0]], t, (Kind::Float, xs.device()));
+            tch::no_grad(|| m.net.forward(xs, &ts, labels))
+        };
+        let out = match (guidance.as_mut(), &m.labels) {
+            (Some(g), Some(labels)) => {
+                let (cond, uncond) = if need_uncond {
+                    // One batched pass of 2B rows: with the labels, then with the null label.
+                    let both = run(
+                        &Tensor::cat(&[&xf, &xf], 0),
+                        Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(m.null_label)], 0)),
+                    );
+                    evals.passes += 2;
+                    let both = as_eps(both, &Tensor::cat(&[&xf, &xf], 0));
+                    (both.narrow(0, 0, b), Some(both.narrow(0, b, b)))
+                } else {
+                    evals.passes += 1;
+                    evals.skipped_uncond += 1;
+                    (as_eps(run(&xf, Some(labels)), &xf), None)
+                };
+                let (e, next) = g.guide(&cond, uncond.as_ref())?;
+                need_uncond = next;
+                e
+            }
+            (_, labels) => {
+                evals.passes += 1;
+                as_eps(run(&xf, labels.as_ref()), &xf)
+            }
+        };
+        Ok(out.to_kind(x.kind()))
     };
     let (samples, nfe) = sampler
-        .sample(&noise, &mut eps, &ac_t, &mut || rand::RngCore::next_u64(&mut plugin_rng))
+        .sample(&noise, &mut eps, &ac_t, Some(&x0), &mut || rand::RngCore::next_u64(&mut plugin_rng))
         .map_err(|m| Failure::new(FailureCause::Error, m))?;
     let samples = samples.to_kind(Kind::Double);
     if samples.size() != noise.size() {
@@ -109,16 +237,29 @@ pub fn run(
     let nn = d.amin(1, false);
     let mut values = BTreeMap::new();
     values.insert("sample.nfe".to_string(), nfe as f64);
+    if model.is_some() {
+        values.insert("sample.model_passes".to_string(), evals.passes as f64);
+        if guidance.is_some() {
+            values.insert("sample.uncond_skipped".to_string(), evals.skipped_uncond as f64);
+        }
+    }
     values.insert("sample.nn_dist".to_string(), f64::try_from(nn.mean(Kind::Double))?);
     values.insert("sample.nn_dist_max".to_string(), f64::try_from(nn.max())?);
     let mean_gap = (samples.mean_dim(0, false, Kind::Double) - x0.mean_dim(0, false, Kind::Double)).norm();
     values.insert("sample.mean_gap".to_string(), f64::try_from(mean_gap)?);
+    let held_out = held_out.to_device(device);
+    values.insert("sample.swd".to_string(), crate::quality::sliced_wasserstein(&samples, &held_out, 128, 0)?);
+    values.insert("sample.mmd".to_string(), crate::quality::mmd_rbf(&samples, &held_out)?);
     out.metrics(1, values.clone());
     save_atomically_tensors(
         &run_dir.join("samples.safetensors"),
         &[("samples", &samples.to_kind(Kind::Float).to_device(Device::Cpu))],
     )?;
     out.artifact("samples", "samples.safetensors", "samples");
+    if let Some(image) = data.image {
+        crate::quality::write_grid_png(&run_dir.join("samples.png"), &samples.to_device(Device::Cpu), image, 8)?;
+        out.artifact("samples_grid", "samples.png", "image");
+    }
     Ok(values)
 }
 

@@ -158,6 +158,12 @@ pub fn evaluate_parents(
         let model_cfg = pcfg.model.ok_or_else(|| {
             Failure::new(FailureCause::Config, format!("parent {} has no model to evaluate", p.job_id))
         })?;
+        if model_cfg.is_diffusion() {
+            return Err(Failure::new(
+                FailureCause::Config,
+                format!("parent {} trained a diffusion model; sample from it with `task: sample`", p.job_id),
+            ));
+        }
         let mut vs = nn::VarStore::new(device);
         let net = model::build(&vs.root(), &model_cfg, data.input_dim, data.image, data.classes);
         let weights = p.run_dir.join("weights.safetensors");
@@ -293,6 +299,7 @@ pub struct Components {
     pub batch_transform: Option<Instance>,
     pub objective: Option<Instance>,
     pub sampler: Option<Instance>,
+    pub guidance: Option<Instance>,
 }
 
 impl Components {
@@ -307,6 +314,7 @@ impl Components {
             ("batch_transform", &mut self.batch_transform),
             ("objective", &mut self.objective),
             ("sampler", &mut self.sampler),
+            ("guidance", &mut self.guidance),
         ]
         .into_iter()
         .filter_map(|(k, i)| i.as_mut().map(|i| (k, i)))
@@ -600,7 +608,7 @@ impl StepDriver for Driver<'_> {
 
 /// Scales the gradients so their global L2 norm is at most `max`, on the device (no host read),
 /// as `torch.nn.utils.clip_grad_norm_`: coefficient min(1, max/(‖g‖ + 1e-6)).
-fn clip_grad_norm(params: &[(Tensor, String, u32)], max: f64) {
+pub(crate) fn clip_grad_norm(params: &[(Tensor, String, u32)], max: f64) {
     let grads: Vec<Tensor> = params.iter().map(|(p, _, _)| p.grad()).filter(|g| g.defined()).collect();
     if grads.is_empty() {
         return;
@@ -645,6 +653,9 @@ pub fn run(
     let (Some(model_cfg), Some(opt_cfg)) = (&cfg.model, &cfg.optimizer) else {
         return Err(Failure::new(FailureCause::Config, "`task: train` needs `model` and `optimizer`"));
     };
+    if model_cfg.is_diffusion() {
+        return Err(Failure::new(FailureCause::Config, "a diffusion model trains with `diffusion:`"));
+    }
     let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
@@ -962,7 +973,7 @@ pub fn run(
 
 /// Copies the tensors of a safetensors file into the model's variables, by name. Every variable
 /// must be there with its shape; PyTorch's integer `num_batches_tracked` converts.
-fn load_init(vars: &[(String, Tensor)], path: &str) -> Result<(), Failure> {
+pub(crate) fn load_init(vars: &[(String, Tensor)], path: &str) -> Result<(), Failure> {
     let fail = |m: String| Failure::new(FailureCause::Config, format!("`init` {path}: {m}"));
     let given = Tensor::read_safetensors(path).map_err(|e| fail(format!("cannot read it as safetensors: {e}")))?;
     let mut missing = Vec::new();
@@ -1008,7 +1019,7 @@ fn write_train_errors(run_dir: &Path, epoch: u64, n: usize, errors: Vec<u64>) ->
 
 /// A checkpoint's description with `epoch` epochs completed (plugin state, file and hash are
 /// filled in when it is written).
-fn checkpoint_meta(
+pub(crate) fn checkpoint_meta(
     ckpt: &CheckpointPlan<'_>,
     epoch: u64,
     global_step: u64,
@@ -1055,7 +1066,7 @@ fn inside_epoch(c: &checkpoint::Checkpoint, n: usize, groups: usize) -> Result<(
 
 /// Gathers model, optimizer and plugin state (and `extra` tensors) into a checkpoint and
 /// writes it.
-fn save_checkpoint(
+pub(crate) fn save_checkpoint(
     run_dir: &Path,
     mut meta: checkpoint::Meta,
     named: &[(String, Tensor)],
@@ -1076,7 +1087,7 @@ fn save_checkpoint(
 }
 
 /// Puts model weights, optimizer state, plugin state and the random stream back.
-fn restore(
+pub(crate) fn restore(
     c: &checkpoint::Checkpoint,
     named: &[(String, Tensor)],
     opt: &mut Optimizer,
@@ -1115,7 +1126,7 @@ pub(crate) fn save_atomically_tensors(path: &Path, tensors: &[(&str, &Tensor)]) 
     finish_atomic(&tmp, path)
 }
 
-fn save_atomically(vs: &nn::VarStore, path: &Path) -> Result<(), Failure> {
+pub(crate) fn save_atomically(vs: &nn::VarStore, path: &Path) -> Result<(), Failure> {
     let tmp = path.with_extension("tmp.safetensors");
     vs.save(&tmp)?;
     finish_atomic(&tmp, path)
