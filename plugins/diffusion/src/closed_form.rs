@@ -83,7 +83,11 @@ impl Sampler for ClosedForm {
         let (b, shape) = (noise.size()[0], noise.size());
         let mut z = noise.to_kind(Kind::Double).reshape([b, -1]);
         if x.size()[1] != z.size()[1] {
-            return Err(PluginError(format!("training points have {} features, the noise {}", x.size()[1], z.size()[1])));
+            return Err(PluginError(format!(
+                "training points have {} features, the noise {}",
+                x.size()[1],
+                z.size()[1]
+            )));
         }
         let xi = normal_like(rng, &Tensor::zeros([b, self.p.draws, z.size()[1]], (Kind::Double, z.device())));
         let h = 1.0 / self.p.steps as f64;

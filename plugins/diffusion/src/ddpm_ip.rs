@@ -34,7 +34,8 @@ impl Component for DdpmIp {
     const KIND: ComponentKind = ComponentKind::BatchTransform;
     const ID: &'static str = "diffusion.ddpm_ip";
     const SUMMARY: &'static str = "DDPM-IP: train on inputs formed with ε + γξ, regress ε";
-    const REFERENCE: &'static str = "Ning et al., Input Perturbation Reduces Exposure Bias in Diffusion Models, ICML 2023; forever208/DDPM-IP";
+    const REFERENCE: &'static str =
+        "Ning et al., Input Perturbation Reduces Exposure Bias in Diffusion Models, ICML 2023; forever208/DDPM-IP";
     const RANDOM: bool = true;
     const NOISE_TRANSFORM: bool = true;
     type Params = DdpmIpParams;

@@ -203,7 +203,13 @@ mod tests {
         assert!(!next);
         assert_eq!(Vec::<f64>::try_from(out.reshape([-1])).unwrap(), vec![1.0, 0.0]);
         // A new run starts guided again; below the threshold guidance stays on.
-        g.setup(&serde_json::from_value(serde_json::json!({"num_classes": 2, "n_train": 1, "epochs": 0, "steps_per_epoch": 0, "seed": 0})).unwrap()).unwrap();
+        g.setup(
+            &serde_json::from_value(
+                serde_json::json!({"num_classes": 2, "n_train": 1, "epochs": 0, "steps_per_epoch": 0, "seed": 0}),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         let (_, next) = g.guide(c, Some(t(&[0.0, 1.0]))).unwrap();
         assert!(next);
     }

@@ -3,9 +3,9 @@
 
 pub mod closed_form;
 pub mod common;
-pub mod ddpm_ip;
 pub mod ddim;
 pub mod ddpm;
+pub mod ddpm_ip;
 pub mod dpmpp_2m;
 pub mod euler;
 pub mod guidance;

@@ -335,8 +335,7 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             let (out, next) = inst.guide(&cond, Some(&uncond)).unwrap_or_else(|e| panic!("guide: {e}"));
             assert_eq!(out.size(), cond.size(), "{}: guidance must keep the prediction's shape", inst.id);
             // The host passes ε_u again exactly when the guidance asked for it.
-            let (alone, _) =
-                inst.guide(&cond, next.then_some(&uncond)).unwrap_or_else(|e| panic!("second guide: {e}"));
+            let (alone, _) = inst.guide(&cond, next.then_some(&uncond)).unwrap_or_else(|e| panic!("second guide: {e}"));
             assert_eq!(alone.size(), cond.size(), "{}: guidance must keep the prediction's shape", inst.id);
             vec![to_vec(&out), to_vec(&alone)]
         }

@@ -442,8 +442,13 @@ impl JobConfig {
     }
 
     pub fn components_mut(&mut self) -> Vec<(&'static str, &mut ComponentUse)> {
-        let slots =
-            [&mut self.step_rule, &mut self.batch_transform, &mut self.objective, &mut self.sampler, &mut self.guidance];
+        let slots = [
+            &mut self.step_rule,
+            &mut self.batch_transform,
+            &mut self.objective,
+            &mut self.sampler,
+            &mut self.guidance,
+        ];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_mut().map(|c| (*slot, c))).collect()
     }
 }
@@ -1089,7 +1094,10 @@ impl JobConfig {
                     if h % step != 0 || w % step != 0 {
                         return err(
                             "model.channels",
-                            format!("{levels} levels halve the image {} times; {h}×{w} is not divisible by {step}", levels - 1),
+                            format!(
+                                "{levels} levels halve the image {} times; {h}×{w} is not divisible by {step}",
+                                levels - 1
+                            ),
                         );
                     }
                 }

@@ -73,8 +73,8 @@ pub struct ExperimentFile {
 }
 
 config_keys! {
-    task, data, model, optimizer, epochs, batch_size, step_rule, batch_transform, objective, sampler, denoiser,
-    samples, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop, deterministic;
+    task, data, model, optimizer, epochs, batch_size, step_rule, batch_transform, objective, sampler, guidance, denoiser,
+    samples, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop, deterministic, diffusion;
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct StageFile {

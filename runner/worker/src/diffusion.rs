@@ -319,7 +319,8 @@ pub fn prepare(cfg: &JobConfig, d: &Diffusion) -> Result<Prepared, Failure> {
 
 /// Builds the job's network under `vs`.
 pub fn network(vs: &nn::VarStore, cfg: &JobConfig, d: &Diffusion, data: &Dataset) -> Result<DiffusionNet, Failure> {
-    let model = cfg.model.as_ref().ok_or_else(|| Failure::new(FailureCause::Config, "a diffusion job needs `model`"))?;
+    let model =
+        cfg.model.as_ref().ok_or_else(|| Failure::new(FailureCause::Config, "a diffusion job needs `model`"))?;
     DiffusionNet::build(&vs.root(), model, data.input_dim, data.image, d.conditional.then_some(data.classes))
         .map_err(|m| Failure::new(FailureCause::Config, m))
 }
@@ -438,7 +439,10 @@ pub fn run(
             None => f64::NAN,
         };
         if !train_loss.is_finite() {
-            return Err(Failure::new(FailureCause::Diverged, format!("the training loss is {train_loss} in epoch {}", epoch + 1)));
+            return Err(Failure::new(
+                FailureCause::Diverged,
+                format!("the training loss is {train_loss} in epoch {}", epoch + 1),
+            ));
         }
         let train_s = started.elapsed().as_secs_f64();
         let mut values = BTreeMap::new();

@@ -8,9 +8,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_proto::FailureCause;
-use tch::nn;
 use xlab_spec::config::{BetaSchedule, DenoiserConfig, ExactDenoiser, JobConfig, Prediction};
 
 /// ᾱ_t for t = 0..T−1 in float64 (METHODS.md 3.1). diffusers builds the linear schedules in
@@ -126,12 +126,14 @@ pub fn run(
             let net = crate::diffusion::network(&vs, &pcfg, &d, &p.data)?;
             let weights = parent.run_dir.join("weights.safetensors");
             vs.load(&weights).map_err(|e| {
-                Failure::new(FailureCause::Error, format!("cannot load {} into the parent's model: {e}", weights.display()))
+                Failure::new(
+                    FailureCause::Error,
+                    format!("cannot load {} into the parent's model: {e}", weights.display()),
+                )
             })?;
             let classes = p.data.classes as i64;
-            let labels = net
-                .is_conditional()
-                .then(|| Tensor::arange(i64::from(n), (Kind::Int64, device)).remainder(classes));
+            let labels =
+                net.is_conditional().then(|| Tensor::arange(i64::from(n), (Kind::Int64, device)).remainder(classes));
             let x0 = p.scale.apply(&p.data.train.x).to_kind(Kind::Double);
             let held_out = p.scale.apply(&data.test.x).to_kind(Kind::Double);
             let model = TrainedModel { net, prediction: d.prediction, labels, null_label: classes, _vs: vs };
@@ -172,7 +174,8 @@ pub fn run(
         .map_err(|m| Failure::new(FailureCause::Error, m))?;
     }
     let Components { sampler, guidance, .. } = comps;
-    let sampler = sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
+    let sampler =
+        sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
     let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
         if !(0.0..=t_max).contains(&t) {
             return Err(format!("timestep {t} is outside 0..={t_max}"));
