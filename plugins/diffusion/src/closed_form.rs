@@ -96,7 +96,7 @@ impl Sampler for ClosedForm {
             let s = smoothed_score(&z, &x, &xi, self.p.sigma, t);
             den.count_evaluations(1);
             let v = (&z + s * (1.0 - t)) / t;
-            z = z + v * h;
+            z += v * h;
         }
         Ok(z.reshape(shape.as_slice()).to_kind(noise.kind()))
     }

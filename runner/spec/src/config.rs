@@ -1069,14 +1069,15 @@ impl JobConfig {
                 }
             }
             Some(ModelConfig::Resnet18(_)) => {}
-            Some(ModelConfig::TimeMlp(m)) => {
-                if m.hidden.is_empty() || m.hidden.contains(&0) || m.time_dim < 2 || m.time_dim % 2 != 0 {
-                    return err(
-                        "model",
-                        "`time_mlp` needs at least one hidden layer, none of width 0, and an even time_dim ≥ 2".into(),
-                    );
-                }
+            Some(ModelConfig::TimeMlp(m))
+                if m.hidden.is_empty() || m.hidden.contains(&0) || m.time_dim < 2 || m.time_dim % 2 != 0 =>
+            {
+                return err(
+                    "model",
+                    "`time_mlp` needs at least one hidden layer, none of width 0, and an even time_dim ≥ 2".into(),
+                );
             }
+            Some(ModelConfig::TimeMlp(_)) => {}
             Some(ModelConfig::Unet(u)) => {
                 let Some(image) = self.data.image_shape() else {
                     return err(

@@ -88,19 +88,18 @@ impl ResBlock {
 }
 
 enum Body {
-    Mlp {
-        layers: Vec<nn::Linear>,
-        out: nn::Linear,
-    },
-    Unet {
-        image: [i64; 3],
-        conv_in: nn::Conv2D,
-        down: Vec<ResBlock>,
-        mid: ResBlock,
-        up: Vec<ResBlock>,
-        norm_out: nn::GroupNorm,
-        conv_out: nn::Conv2D,
-    },
+    Mlp { layers: Vec<nn::Linear>, out: nn::Linear },
+    Unet(Box<UnetBody>),
+}
+
+struct UnetBody {
+    image: [i64; 3],
+    conv_in: nn::Conv2D,
+    down: Vec<ResBlock>,
+    mid: ResBlock,
+    up: Vec<ResBlock>,
+    norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
 }
 
 /// A network that predicts ε (or v) from x_t, t and, when conditional, the class label; the
@@ -159,7 +158,7 @@ impl DiffusionNet {
                 }
                 let norm_out = nn::group_norm(root / "norm_out", groups_for(prev), prev, Default::default());
                 let conv_out = nn::conv2d(root / "conv_out", prev, image[0], 3, same);
-                Body::Unet { image, conv_in, down, mid, up, norm_out, conv_out }
+                Body::Unet(Box::new(UnetBody { image, conv_in, down, mid, up, norm_out, conv_out }))
             }
             _ => unreachable!("checked above"),
         };
@@ -174,7 +173,7 @@ impl DiffusionNet {
     pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
         let mut temb = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
         if let (Some(e), Some(l)) = (&self.label, labels) {
-            temb = temb + e.forward(l);
+            temb += e.forward(l);
         }
         match &self.body {
             Body::Mlp { layers, out } => {
@@ -184,7 +183,8 @@ impl DiffusionNet {
                 }
                 out.forward(&h)
             }
-            Body::Unet { image, conv_in, down, mid, up, norm_out, conv_out } => {
+            Body::Unet(u) => {
+                let UnetBody { image, conv_in, down, mid, up, norm_out, conv_out } = &**u;
                 let b = x.size()[0];
                 let mut h = conv_in.forward(&x.reshape([b, image[0], image[1], image[2]]));
                 let mut skips = Vec::new();

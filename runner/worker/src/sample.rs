@@ -140,7 +140,7 @@ pub fn run(
             (x0, held_out, p.alphas, Some(model))
         }
     };
-    if comps.guidance.is_some() && !model.as_ref().is_some_and(|m| m.labels.is_some()) {
+    if comps.guidance.is_some() && model.as_ref().is_none_or(|m| m.labels.is_none()) {
         return Err(Failure::new(
             FailureCause::Config,
             "`guidance` needs a class-conditional trained model (`diffusion: {conditional: true}` in the parent)",
