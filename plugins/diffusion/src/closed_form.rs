@@ -118,7 +118,7 @@ mod tests {
             // v = (x₁ − z)/(1 − t) for a single point, whatever ξ.
             let want = (2.0 - z.double_value(&[0, 0])) / (1.0 - t);
             assert!((v.double_value(&[0, 0]) - want).abs() < 1e-12);
-            z = z + v * 0.1;
+            z += v * 0.1;
         }
         assert!((z.double_value(&[0, 0]) - 2.0).abs() < 1e-12, "{}", z.double_value(&[0, 0]));
     }
