@@ -33,9 +33,10 @@ impl Scale {
         }
     }
 
+    /// `x` mapped onto the training data's [-1, 1], in float64.
     pub fn apply(&self, x: &Tensor) -> Tensor {
         let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
-        ((x.to_kind(Kind::Double) - &lo) / (&hi - &lo).clamp_min(1e-12) * 2.0 - 1.0).to_kind(Kind::Float)
+        (x.to_kind(Kind::Double) - &lo) / (&hi - &lo).clamp_min(1e-12) * 2.0 - 1.0
     }
 }
 
@@ -351,7 +352,7 @@ pub fn run(
     }
     tracing::info!(params = crate::model::parameter_count(&vs), train = p.data.train.len(), "diffusion model built");
     let ac = Tensor::from_slice(&p.alphas).to_kind(Kind::Float).to_device(device);
-    let x_train = p.scale.apply(&p.data.train.x).to_device(device);
+    let x_train = p.scale.apply(&p.data.train.x).to_kind(Kind::Float).to_device(device);
     let y_train = p.data.train.y.to_device(device);
     let classes = p.data.classes as i64;
     let n = p.data.train.len();
@@ -456,7 +457,7 @@ pub fn run(
             if split.is_empty() {
                 continue;
             }
-            let x0 = p.scale.apply(&split.x).to_device(device);
+            let x0 = p.scale.apply(&split.x).to_kind(Kind::Float).to_device(device);
             let loss = split_loss(&net, d, &ac, &x0, &split.y.to_device(device), classes, seed)?;
             values.insert(format!("{name}.loss"), loss);
         }

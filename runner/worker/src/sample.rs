@@ -47,13 +47,6 @@ pub fn exact_eps(x: &Tensor, x0: &Tensor, alpha_bar: f64) -> Tensor {
     (x - x0_hat * sa) / var.sqrt()
 }
 
-/// Scales each feature to [-1, 1] (diffusion models' data range).
-fn to_unit_range(x: &Tensor) -> Tensor {
-    let lo = x.amin(0, true);
-    let hi = x.amax(0, true);
-    (x - &lo) / (hi - &lo).clamp_min(1e-12) * 2.0 - 1.0
-}
-
 /// ᾱ at a possibly fractional timestep: σ = √((1−ᾱ)/ᾱ) is interpolated linearly between the
 /// neighbouring integer timesteps, as diffusers' Euler and Heun schedulers interpolate their
 /// sigmas, and ᾱ = 1/(1+σ²). At integer timesteps this is ᾱ_t itself.
@@ -101,10 +94,9 @@ pub fn run(
     // points the samples are scored against, and the schedule: all in the model's [-1, 1] space.
     let (x0, held_out, ac, model) = match denoiser {
         DenoiserConfig::Exact(den) => {
-            let train = data.train.x.to_kind(Kind::Double);
-            let (lo, hi) = (train.amin(0, true), train.amax(0, true));
-            let scale = |x: &Tensor| (x.to_kind(Kind::Double) - &lo) / (&hi - &lo).clamp_min(1e-12) * 2.0 - 1.0;
-            (to_unit_range(&train), scale(&data.test.x), alphas_cumprod(den), None)
+            // Per feature for vectors, one range over all pixels for images (as training does).
+            let scale = crate::diffusion::Scale::fit(&data.train.x, data.image.is_some());
+            (scale.apply(&data.train.x), scale.apply(&data.test.x), alphas_cumprod(den), None)
         }
         DenoiserConfig::Trained(_) => {
             let [parent] = parents else {
@@ -134,8 +126,8 @@ pub fn run(
             let classes = p.data.classes as i64;
             let labels =
                 net.is_conditional().then(|| Tensor::arange(i64::from(n), (Kind::Int64, device)).remainder(classes));
-            let x0 = p.scale.apply(&p.data.train.x).to_kind(Kind::Double);
-            let held_out = p.scale.apply(&data.test.x).to_kind(Kind::Double);
+            let x0 = p.scale.apply(&p.data.train.x);
+            let held_out = p.scale.apply(&data.test.x);
             let model = TrainedModel { net, prediction: d.prediction, labels, null_label: classes, _vs: vs };
             (x0, held_out, p.alphas, Some(model))
         }
@@ -222,10 +214,14 @@ pub fn run(
         };
         Ok(out.to_kind(x.kind()))
     };
+    let started = std::time::Instant::now();
     let (samples, nfe) = sampler
         .sample(&noise, &mut eps, &ac_t, Some(&x0), &mut || rand::RngCore::next_u64(&mut plugin_rng))
         .map_err(|m| Failure::new(FailureCause::Error, m))?;
     let samples = samples.to_kind(Kind::Double);
+    // Bringing one value to the host waits for the device to finish the samples.
+    let _ = f64::try_from(samples.sum(Kind::Double))?;
+    let sample_s = started.elapsed().as_secs_f64();
     if samples.size() != noise.size() {
         return Err(Failure::new(
             FailureCause::Error,
@@ -240,6 +236,8 @@ pub fn run(
     let nn = d.amin(1, false);
     let mut values = BTreeMap::new();
     values.insert("sample.nfe".to_string(), nfe as f64);
+    values.insert("time.sample_s".to_string(), sample_s);
+    values.insert("time.nfe_per_s".to_string(), nfe as f64 / sample_s);
     if model.is_some() {
         values.insert("sample.model_passes".to_string(), evals.passes as f64);
         if guidance.is_some() {
