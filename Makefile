@@ -55,6 +55,7 @@ bench: build
 	$(CARGO) bench -p xlab-store --bench ingest
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
 	$(VENV)/bin/python bench/scheduler.py --xlab target/release/xlab --out bench/results
+	$(VENV)/bin/python bench/sampling.py --xlab target/release/xlab --device cpu --out bench/results
 
 # The binaries and plugins scripts/device-check.sh runs on a CUDA machine (against that machine's
 # own torch 2.11; they carry no libtorch).
