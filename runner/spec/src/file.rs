@@ -595,6 +595,8 @@ step_rule: {use: a.b}
 batch_transform: {use: a.c}
 objective: {use: a.d}
 sampler: {use: a.e}
+guidance: {use: a.f}
+diffusion: {}
 denoiser: {name: exact}
 samples: 3
 sharpness: {}
