@@ -13,6 +13,7 @@ mod gc;
 mod live;
 mod plot;
 mod plugins;
+mod raster;
 mod scan;
 mod status;
 mod table;
@@ -196,7 +197,7 @@ enum Command {
         /// A logarithmic x axis (for learning rates and other log-spaced sweeps).
         #[arg(long)]
         log_x: bool,
-        /// The SVG file to write (default: `<experiment>-<metric>.svg`).
+        /// The file to write, `.svg` or `.png` (default: `<experiment>-<metric>.svg`).
         #[arg(long, short = 'o')]
         output: Option<PathBuf>,
     },
@@ -513,8 +514,21 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 None => PathBuf::from(format!("{}-{metric}.svg", exp.name)),
             });
             let axis = plot::XAxis { label: x.as_deref().unwrap_or("step"), log: *log_x };
-            let svg = plot::svg(&format!("experiment `{}`", exp.name), metric, &curves, &axis);
-            std::fs::write(&path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+            let scene = plot::layout(&format!("experiment `{}`", exp.name), metric, &curves, &axis);
+            let bytes = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+                Some("png") => raster::png(&scene),
+                Some("svg") => plot::svg(&scene).into_bytes(),
+                _ => {
+                    return Err(Failure {
+                        code: exit::USER,
+                        error: anyhow::anyhow!(
+                            "cannot tell the format of {}\n  hint: name the file .svg or .png",
+                            path.display()
+                        ),
+                    })
+                }
+            };
+            std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
             outln!("wrote {} ({} curve(s))", path.display(), curves.len());
             Ok(0)
         }

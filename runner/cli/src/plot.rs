@@ -1,4 +1,4 @@
-//! `xlab plot METRIC`: learning curves as SVG, one line per group of jobs (by default a stage's
+//! `xlab plot METRIC`: learning curves as SVG or PNG, one line per group of jobs (by default a stage's
 //! sweep point) with the mean over its seeds and a band of ± one standard deviation; with
 //! `--x KEY`, the metric's final value against a swept parameter instead of the step.
 
@@ -115,10 +115,60 @@ pub struct XAxis<'a> {
     pub log: bool,
 }
 
-/// The SVG: mean lines with ± std bands, axes with ticks, a legend.
-pub fn svg(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> String {
+/// A colour as `#rrggbb`.
+pub type Color = &'static str;
+
+/// Where a text's anchor point sits on it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Anchor {
+    Start,
+    Middle,
+    End,
+}
+
+/// What a plot is drawn with: one list, written out as SVG or rasterized to PNG.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    Line {
+        from: (f64, f64),
+        to: (f64, f64),
+        color: Color,
+        width: f64,
+    },
+    Polyline {
+        points: Vec<(f64, f64)>,
+        color: Color,
+        width: f64,
+    },
+    Polygon {
+        points: Vec<(f64, f64)>,
+        color: Color,
+        opacity: f64,
+    },
+    /// `y` is the text's baseline; `vertical` turns it 90° counter-clockwise about (x, y).
+    Text {
+        at: (f64, f64),
+        text: String,
+        size: f64,
+        anchor: Anchor,
+        vertical: bool,
+    },
+}
+
+/// A laid-out plot: its size and shapes, on a white background.
+pub struct Scene {
+    pub width: f64,
+    pub height: f64,
+    pub shapes: Vec<Shape>,
+}
+
+/// The plot: mean lines with ± std bands, axes with ticks, a legend.
+pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> Scene {
     let tx = |x: f64| if axis.log { x.log10() } else { x };
-    let (w, h, left, right, top, bottom) = (720.0, 440.0, 70.0, 200.0, 40.0, 50.0);
+    // The legend's column is as wide as its longest label (about 6.5 units a character).
+    let longest = curves.iter().map(|c| c.label.chars().count() + 8).max().unwrap_or(0) as f64;
+    let right = (50.0 + 6.5 * longest).clamp(200.0, 900.0);
+    let (w, h, left, top, bottom) = (520.0 + right, 440.0, 70.0, 40.0, 50.0);
     let stats: Vec<Vec<(f64, f64, f64)>> = curves
         .iter()
         .map(|c| {
@@ -152,68 +202,99 @@ pub fn svg(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> Str
     let (y0, y1) = (y0 - pad, y1 + pad);
     let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let py = |y: f64| h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom);
+    let text =
+        |at: (f64, f64), text: String, anchor: Anchor| Shape::Text { at, text, size: 12.0, anchor, vertical: false };
+    let mut out = vec![Shape::Text {
+        at: (left, 24.0),
+        text: title.to_string(),
+        size: 15.0,
+        anchor: Anchor::Start,
+        vertical: false,
+    }];
+    // Axes and ticks.
+    let (ax0, ax1, ay0, ay1) = (left, w - right, top, h - bottom);
+    out.push(Shape::Line { from: (ax0, ay0), to: (ax0, ay1), color: "#000000", width: 1.0 });
+    out.push(Shape::Line { from: (ax0, ay1), to: (ax1, ay1), color: "#000000", width: 1.0 });
+    for t in ticks(x0, x1) {
+        let x = px(t);
+        let shown = if axis.log { format!("1e{}", fmt_tick(t)) } else { fmt_tick(t) };
+        out.push(Shape::Line { from: (x, ay1), to: (x, ay1 + 5.0), color: "#000000", width: 1.0 });
+        out.push(text((x, ay1 + 18.0), shown, Anchor::Middle));
+    }
+    for t in ticks(y0, y1) {
+        let y = py(t);
+        out.push(Shape::Line { from: (ax0, y), to: (ax1, y), color: "#e0e0e0", width: 1.0 });
+        out.push(text((ax0 - 6.0, y + 4.0), fmt_tick(t), Anchor::End));
+    }
+    let x_label = format!("{}{}", axis.label, if axis.log { " (log scale)" } else { "" });
+    out.push(text(((ax0 + ax1) / 2.0, h - 12.0), x_label, Anchor::Middle));
+    out.push(Shape::Text {
+        at: (16.0, (ay0 + ay1) / 2.0),
+        text: metric.to_string(),
+        size: 12.0,
+        anchor: Anchor::Middle,
+        vertical: true,
+    });
+    // Bands, then lines, then the legend.
+    for (i, st) in stats.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        if st.iter().any(|p| p.2 > 0.0) {
+            let upper = st.iter().map(|&(x, m, sd)| (px(x), py(m + sd)));
+            let lower = st.iter().rev().map(|&(x, m, sd)| (px(x), py(m - sd)));
+            out.push(Shape::Polygon { points: upper.chain(lower).collect(), color, opacity: 0.18 });
+        }
+        out.push(Shape::Polyline { points: st.iter().map(|&(x, m, _)| (px(x), py(m))).collect(), color, width: 2.0 });
+        let ly = top + 10.0 + 18.0 * i as f64;
+        let n = curves[i].points.values().map(Vec::len).max().unwrap_or(0);
+        out.push(Shape::Line { from: (ax1 + 12.0, ly), to: (ax1 + 32.0, ly), color, width: 3.0 });
+        out.push(text((ax1 + 38.0, ly + 4.0), format!("{} (n={n})", curves[i].label), Anchor::Start));
+    }
+    Scene { width: w, height: h, shapes: out }
+}
+
+/// The scene as an SVG document.
+pub fn svg(scene: &Scene) -> String {
+    let (w, h) = (scene.width, scene.height);
+    let pts = |ps: &[(f64, f64)]| ps.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect::<Vec<_>>().join(" ");
     let mut s = String::new();
     let _ = writeln!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{left}" y="24" font-size="15">{}</text>"#, esc(title));
-    // Axes and ticks.
-    let (ax0, ax1, ay0, ay1) = (left, w - right, top, h - bottom);
-    let _ = writeln!(s, r#"<path d="M{ax0},{ay0} V{ay1} H{ax1}" fill="none" stroke="black"/>"#);
-    for t in ticks(x0, x1) {
-        let x = px(t);
-        let shown = if axis.log { format!("1e{}", fmt_tick(t)) } else { fmt_tick(t) };
-        let _ = writeln!(s, r#"<line x1="{x:.1}" y1="{ay1}" x2="{x:.1}" y2="{:.1}" stroke="black"/>"#, ay1 + 5.0);
-        let _ = writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{shown}</text>"#, ay1 + 18.0);
-    }
-    for t in ticks(y0, y1) {
-        let y = py(t);
-        let _ = writeln!(s, r##"<line x1="{ax0}" y1="{y:.1}" x2="{ax1}" y2="{y:.1}" stroke="#e0e0e0"/>"##);
-        let _ =
-            writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, ax0 - 6.0, y + 4.0, fmt_tick(t));
-    }
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-        (ax0 + ax1) / 2.0,
-        h - 12.0,
-        esc(&format!("{}{}", axis.label, if axis.log { " (log scale)" } else { "" }))
-    );
-    let _ = writeln!(
-        s,
-        r#"<text transform="translate(16,{:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
-        (ay0 + ay1) / 2.0,
-        esc(metric)
-    );
-    // Bands, then lines, then the legend.
-    for (i, st) in stats.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        if st.iter().any(|p| p.2 > 0.0) {
-            let upper: Vec<String> = st.iter().map(|&(x, m, sd)| format!("{:.1},{:.1}", px(x), py(m + sd))).collect();
-            let lower: Vec<String> =
-                st.iter().rev().map(|&(x, m, sd)| format!("{:.1},{:.1}", px(x), py(m - sd))).collect();
-            let _ = writeln!(
+    for shape in &scene.shapes {
+        let _ = match shape {
+            Shape::Line { from, to, color, width } => writeln!(
                 s,
-                r#"<polygon points="{} {}" fill="{color}" fill-opacity="0.18" stroke="none"/>"#,
-                upper.join(" "),
-                lower.join(" ")
-            );
-        }
-        let line: Vec<String> = st.iter().map(|&(x, m, _)| format!("{:.1},{:.1}", px(x), py(m))).collect();
-        let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, line.join(" "));
-        let ly = top + 10.0 + 18.0 * i as f64;
-        let n = curves[i].points.values().map(Vec::len).max().unwrap_or(0);
-        let _ = writeln!(
-            s,
-            r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{} (n={n})</text>"#,
-            ax1 + 12.0,
-            ax1 + 32.0,
-            ax1 + 38.0,
-            ly + 4.0,
-            esc(&curves[i].label)
-        );
+                r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{color}" stroke-width="{width}"/>"#,
+                from.0, from.1, to.0, to.1
+            ),
+            Shape::Polyline { points, color, width } => {
+                writeln!(
+                    s,
+                    r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="{width}"/>"#,
+                    pts(points)
+                )
+            }
+            Shape::Polygon { points, color, opacity } => writeln!(
+                s,
+                r#"<polygon points="{}" fill="{color}" fill-opacity="{opacity}" stroke="none"/>"#,
+                pts(points)
+            ),
+            Shape::Text { at, text, size, anchor, vertical } => {
+                let anchor = match anchor {
+                    Anchor::Start => "start",
+                    Anchor::Middle => "middle",
+                    Anchor::End => "end",
+                };
+                let place = if *vertical {
+                    format!(r#"transform="translate({:.1},{:.1}) rotate(-90)""#, at.0, at.1)
+                } else {
+                    format!(r#"x="{:.1}" y="{:.1}""#, at.0, at.1)
+                };
+                writeln!(s, r#"<text {place} font-size="{size}" text-anchor="{anchor}">{}</text>"#, esc(text))
+            }
+        };
     }
     s.push_str("</svg>\n");
     s
@@ -247,7 +328,7 @@ mod tests {
             points: (1..=5).map(|s| (X(s as f64), vec![off + s as f64 * 0.1, off + s as f64 * 0.1 + 0.02])).collect(),
         };
         let axis = XAxis { label: "step", log: false };
-        let svg = svg("experiment `x`", "val.acc", &[c("lr=0.1", 0.0), c("lr=0.01", 0.2)], &axis);
+        let svg = svg(&layout("experiment `x`", "val.acc", &[c("lr=0.1", 0.0), c("lr=0.01", 0.2)], &axis));
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<polygon").count(), 2, "seeds differ, so each curve has a band");

@@ -183,6 +183,18 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
     );
     let line = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
     assert_eq!(line.split("points=\"").nth(1).unwrap().split('"').next().unwrap().split(' ').count(), 2, "{line}");
+    // The same plot as PNG: the SVG's scene rasterized at twice its size, with the curves'
+    // colours in it.
+    let png_path = dir.path().join("curves.png");
+    run_ok(cmd(&store).args(["plot", "val.acc", "-e", "tiny", "-o"]).arg(&png_path));
+    let png = std::fs::read(&png_path).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let size = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    let width_svg: f64 = svg_width(&std::fs::read_to_string(&svg_path).unwrap());
+    assert_eq!((f64::from(size(16)), size(20)), (2.0 * width_svg, 880), "width and height");
+    let jpg = cmd(&store).args(["plot", "val.acc", "-e", "tiny", "-o", "x.jpg"]).output().unwrap();
+    assert_eq!(jpg.status.code(), Some(2));
+    assert!(text(&jpg.stderr).contains("name the file .svg or .png"), "{}", text(&jpg.stderr));
     let bad = cmd(&store).args(["plot", "val.acu", "-e", "tiny"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(text(&bad.stderr).contains("no job of experiment `tiny` has a series for `val.acu`"));
@@ -405,4 +417,9 @@ fn a_terminal_gets_the_live_view() {
     assert!(out.status.success(), "{tty}");
     assert!(tty.contains("2/2 jobs (0 running, 0 queued)") && tty.contains("ETA"), "{tty}");
     assert!(tty.contains("2 done, 0 skipped"), "{tty}");
+}
+
+/// The `width` attribute of an SVG document.
+fn svg_width(svg: &str) -> f64 {
+    svg.split("width=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|w| w.parse().ok()).unwrap()
 }
