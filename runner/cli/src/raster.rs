@@ -58,9 +58,9 @@ impl Canvas {
             return;
         }
         let i = (y as usize * self.w + x as usize) * 3;
-        for k in 0..3 {
-            let old = f64::from(self.px[i + k]);
-            self.px[i + k] = (old + (f64::from(c[k]) - old) * alpha).round() as u8;
+        for (p, new) in self.px[i..i + 3].iter_mut().zip(c) {
+            let old = f64::from(*p);
+            *p = (old + (f64::from(new) - old) * alpha).round() as u8;
         }
     }
 
