@@ -190,3 +190,40 @@ fn a_truncated_checkpoint_falls_back_to_the_one_before() {
     let log = std::fs::read_to_string(req.run_dir.join("worker.log")).unwrap();
     assert!(log.contains("skipping checkpoint ckpt-000004: ckpt-000004.safetensors is truncated or corrupt"), "{log}");
 }
+
+/// Diffusion training resumes exactly too: a class-conditional UNet with label dropout and
+/// DDPM-IP (a plugin noise transform drawing from the host's stream), Adam's moments, killed
+/// after epoch 2 of 4.
+#[test]
+fn a_killed_diffusion_training_resumes_with_identical_results() {
+    let request = |dir: &Path| {
+        let mut r = request(dir, 4);
+        r.config = serde_json::json!({
+            "task": "train",
+            "data": {"name": "digits", "n_val": 100, "n_test": 1597, "seed": 0},
+            "model": {"name": "unet", "channels": [8, 16], "time_dim": 16},
+            "diffusion": {"schedule": "linear", "timesteps": 100, "beta_start": 1e-4, "beta_end": 0.02,
+                          "prediction": "v", "conditional": true, "p_uncond": 0.2},
+            "optimizer": {"name": "adam", "lr": 0.002, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+            "epochs": 4,
+            "batch_size": 25,
+            "batch_transform": {"use": "diffusion.ddpm_ip", "gamma": 0.1},
+        });
+        r.plugins = vec![plugin("diffusion")];
+        r
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let reference = request(&dir.path().join("a"));
+    let straight = run(&reference, None);
+    let interrupted = request(&dir.path().join("b"));
+    let first = run(&interrupted, Some(2));
+    assert!(!first.iter().any(|e| matches!(e, Event::Finished { .. })));
+    let second = run(&interrupted, None);
+    assert!(second.contains(&Event::Resumed { epoch: 2, step_in_epoch: 0 }), "{second:?}");
+    let weights = |r: &JobRequest| std::fs::read(r.run_dir.join("weights.safetensors")).unwrap();
+    assert!(weights(&reference) == weights(&interrupted), "final weights differ after resume");
+    assert_eq!(finished(&straight), finished(&second));
+    assert_eq!(series(&straight), series(&second));
+    let losses: Vec<f64> = series(&straight).iter().map(|(_, v)| v["train.loss"].as_f64().unwrap()).collect();
+    assert!(losses.len() == 4 && losses[3] < losses[0], "the loss went down: {losses:?}");
+}
