@@ -656,6 +656,11 @@ pub enum ModelConfig {
     /// WideResNet-depth-width (pre-activation blocks, e.g. WRN-16-4), `norm: batch` (default) or
     /// `group`.
     Wrn(Wrn),
+    /// A TorchScript module exported from PyTorch (`torch.jit.script(model).save(path)`): your own
+    /// architecture, trained or evaluated as it is. It gets each batch's inputs (images as
+    /// `[B, C, H, W]`, other rows as `[B, D]`) and returns logits `[B, classes]`. Its parameters
+    /// keep their PyTorch names in checkpoints and in `weights.safetensors`.
+    Torchscript(TorchScript),
     /// A diffusion model for vectors: the input and a sinusoidal embedding of t (and a label
     /// embedding when conditional) through an MLP with SiLU; predicts ε (or v).
     TimeMlp(TimeMlp),
@@ -663,6 +668,12 @@ pub enum ModelConfig {
     /// convolutions, the time and label embedding added), downsampling between levels, the
     /// mirror path up with skip connections; predicts ε (or v).
     Unet(Unet),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TorchScript {
+    pub path: FileRef,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
@@ -833,6 +844,9 @@ impl JobConfig {
         }
         if let Some(f) = &mut self.init {
             out.push(("init", f));
+        }
+        if let Some(ModelConfig::Torchscript(t)) = &mut self.model {
+            out.push(("model.path", &mut t.path));
         }
         out
     }
@@ -1078,6 +1092,7 @@ impl JobConfig {
                 );
             }
             Some(ModelConfig::TimeMlp(_)) => {}
+            Some(ModelConfig::Torchscript(_)) => {}
             Some(ModelConfig::Unet(u)) => {
                 let Some(image) = self.data.image_shape() else {
                     return err(

@@ -52,6 +52,8 @@ struct Layer {
 
 pub struct Model {
     layers: Vec<Layer>,
+    /// A TorchScript module instead of `layers`.
+    script: Option<std::cell::RefCell<tch::CModule>>,
     /// (channels, height, width) the flat input rows are reshaped to, for convolutions.
     image: Option<[i64; 3]>,
     frozen: Cell<bool>,
@@ -63,7 +65,25 @@ const EPS: f64 = 1e-5;
 impl Model {
     /// Logits; `train` selects batch statistics (and their running update) in BatchNorm.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        if let Some(m) = &self.script {
+            let h = match self.image {
+                Some([c, hh, w]) => x.reshape([-1, c, hh, w]),
+                None => x.shallow_clone(),
+            };
+            let mut m = m.borrow_mut();
+            if train {
+                m.set_train();
+            } else {
+                m.set_eval();
+            }
+            return m.forward_ts(&[h]).unwrap_or_else(|e| panic!("the TorchScript module's forward failed: {e}"));
+        }
         self.run(x, train, &|_, t| t.shallow_clone())
+    }
+
+    /// Whether the model is a TorchScript module (whose forward cannot take other weights).
+    pub fn is_script(&self) -> bool {
+        self.script.is_some()
     }
 
     /// Logits in evaluation mode with other values for the model's variables: `vars` maps a
@@ -169,7 +189,7 @@ impl Model {
 }
 
 /// The variable store path for a dotted name (`layer1.0.conv1`).
-fn path<'a>(root: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
+pub(crate) fn path<'a>(root: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
     let mut parts = name.split('.');
     let first = root.sub(parts.next().unwrap_or_default());
     parts.fold(first, |p, part| p.sub(part))
@@ -321,7 +341,7 @@ pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option
             }
             let l = linear(root, &at(&layers), width, classes);
             layers.push(l);
-            Model { layers, image: None, frozen: Cell::new(false) }
+            Model { layers, script: None, image: None, frozen: Cell::new(false) }
         }
         ModelConfig::Cnn(c) => {
             let [mut ch, mut h, mut w] = image.expect("image models are checked to have image data");
@@ -340,20 +360,94 @@ pub fn build(root: &nn::Path, cfg: &ModelConfig, input_dim: usize, image: Option
             layers.push(bare(Op::Flatten));
             let l = linear(root, &at(&layers), ch * h * w, classes);
             layers.push(l);
-            Model { layers, image, frozen: Cell::new(false) }
+            Model { layers, script: None, image, frozen: Cell::new(false) }
         }
         ModelConfig::Resnet18(r) => {
             let [c, _, _] = image.expect("image models are checked to have image data");
-            Model { layers: resnet18(root, r.norm, c, classes), image, frozen: Cell::new(false) }
+            Model { layers: resnet18(root, r.norm, c, classes), script: None, image, frozen: Cell::new(false) }
         }
         ModelConfig::Wrn(r) => {
             let [c, _, _] = image.expect("image models are checked to have image data");
-            Model { layers: wrn(root, r.depth, r.width, r.norm, c, classes), image, frozen: Cell::new(false) }
+            Model {
+                layers: wrn(root, r.depth, r.width, r.norm, c, classes),
+                script: None,
+                image,
+                frozen: Cell::new(false),
+            }
         }
+        ModelConfig::Torchscript(_) => unreachable!("TorchScript modules are built by `model::torchscript`"),
         ModelConfig::TimeMlp(_) | ModelConfig::Unet(_) => {
             unreachable!("diffusion models are built by `diffusion::DiffusionNet`; callers check `is_diffusion`")
         }
     }
+}
+
+/// Builds any classification model: a built-in one, or a TorchScript module from its file.
+pub fn build_checked(
+    root: &nn::Path,
+    cfg: &ModelConfig,
+    input_dim: usize,
+    image: Option<[i64; 3]>,
+    classes: usize,
+) -> Result<Model, String> {
+    match cfg {
+        ModelConfig::Torchscript(t) => torchscript(root, &t.path.path, image),
+        _ => Ok(build(root, cfg, input_dim, image, classes)),
+    }
+}
+
+/// Loads a TorchScript module onto `root`'s device and registers its parameters under their
+/// PyTorch names, so that the optimizer, step rules, checkpoints and `weights.safetensors` see
+/// them as any model's. Modules with buffers (BatchNorm running statistics) are refused: libtorch's
+/// C API that xlab links gives no access to a scripted module's buffers, so they could be neither
+/// checkpointed nor restored.
+pub fn torchscript(root: &nn::Path, path: &str, image: Option<[i64; 3]>) -> Result<Model, String> {
+    let module = tch::CModule::load_on_device(path, root.device()).map_err(|e| {
+        format!("cannot load {path} as a TorchScript module: {}", e.to_string().lines().next().unwrap_or(""))
+    })?;
+    let params = module.named_parameters().map_err(|e| format!("{path}: {e}"))?;
+    let stored = stored_tensors(path)?;
+    if stored > params.len() {
+        return Err(format!(
+            "{path} holds {stored} tensors but {} parameters: it has buffers (e.g. BatchNorm running statistics), \
+             which xlab cannot checkpoint in a TorchScript module; export it with GroupNorm or LayerNorm, or use a built-in model",
+            params.len()
+        ));
+    }
+    for (name, t) in params {
+        let (parent, last) = match name.rsplit_once('.') {
+            Some((p, l)) => (crate::model::path(root, p), l.to_string()),
+            None => (root.clone(), name.clone()),
+        };
+        let trainable = t.requires_grad();
+        let _ = parent.add(&last, t, trainable);
+    }
+    Ok(Model { layers: vec![], script: Some(std::cell::RefCell::new(module)), image, frozen: Cell::new(false) })
+}
+
+/// The number of tensor storages in a TorchScript archive (a zip whose `data/N` entries are the
+/// parameters and buffers), read from the zip's central directory.
+fn stored_tensors(path: &str) -> Result<usize, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let mut count = 0;
+    let mut i = 0;
+    while i + 46 <= bytes.len() {
+        if bytes[i..i + 4] == [0x50, 0x4b, 0x01, 0x02] {
+            let le16 = |at: usize| usize::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+            let (n, extra, comment) = (le16(i + 28), le16(i + 30), le16(i + 32));
+            let name = bytes.get(i + 46..i + 46 + n).unwrap_or_default();
+            let name = String::from_utf8_lossy(name);
+            if let Some((_, rest)) = name.split_once("/data/") {
+                if !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()) {
+                    count += 1;
+                }
+            }
+            i += 46 + n + extra + comment;
+        } else {
+            i += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// Number of trainable scalar parameters.

@@ -165,7 +165,8 @@ pub fn evaluate_parents(
             ));
         }
         let mut vs = nn::VarStore::new(device);
-        let net = model::build(&vs.root(), &model_cfg, data.input_dim, data.image, data.classes);
+        let net = model::build_checked(&vs.root(), &model_cfg, data.input_dim, data.image, data.classes)
+            .map_err(|m| Failure::new(FailureCause::Config, m))?;
         let weights = p.run_dir.join("weights.safetensors");
         vs.load(&weights).map_err(|e| {
             Failure::new(FailureCause::Error, format!("cannot load {} into the parent's model: {e}", weights.display()))
@@ -482,6 +483,9 @@ impl xlab_plugin_api::host::ObjectiveDriver for ObjectiveHost<'_> {
     }
 
     fn forward_with(&mut self, vars: &[Tensor]) -> Result<Tensor, String> {
+        if self.net.is_script() {
+            return Err("this objective runs the model with other weights, which a TorchScript model cannot do".into());
+        }
         if vars.len() != self.vars.len() {
             return Err(format!("{} tensors for a model with {} variables", vars.len(), self.vars.len()));
         }
@@ -659,7 +663,8 @@ pub fn run(
     let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
-    let net = model::build(&vs.root(), model_cfg, data.input_dim, data.image, data.classes);
+    let net = model::build_checked(&vs.root(), model_cfg, data.input_dim, data.image, data.classes)
+        .map_err(|m| Failure::new(FailureCause::Config, m))?;
     // Every variable (parameters and normalization buffers) is checkpointed; the trainable
     // ones go to the optimizer and the step rule.
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();

@@ -1,0 +1,153 @@
+//! A model brought as TorchScript: PyTorch (the setup's venv) scripts a small network and writes
+//! the data; xlab trains it with plain SGD over the rows in file order and must end on the weights
+//! the same PyTorch loop reaches, name for name. A module with buffers is refused with the reason.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn xlab() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
+}
+
+fn cmd(store: &Path) -> Command {
+    let mut c = Command::new(xlab());
+    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
+    c
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
+    p
+}
+
+const SCRIPT: &str = r#"
+import sys, json, numpy as np, torch
+import torch.nn.functional as F
+out = sys.argv[1]
+torch.manual_seed(0)
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 8)
+        self.head = torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    def forward(self, x):
+        return self.head(self.fc1(x))
+
+class WithBn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+net = Net()
+torch.jit.script(net).save(f"{out}/net.pt")
+torch.jit.script(WithBn()).save(f"{out}/bn.pt")
+x = torch.randn(64, 4)
+y = torch.randint(0, 3, (64,))
+np.savez(f"{out}/rows.npz", x=x.numpy(), y=y.numpy())
+# The loop xlab must match: SGD, batches of 16 of the first 56 rows in order, 3 epochs.
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+for epoch in range(3):
+    for lo in range(0, 56, 16):
+        opt.zero_grad()
+        hi = min(lo + 16, 56)
+        F.cross_entropy(net(x[lo:hi]), y[lo:hi]).backward()
+        opt.step()
+json.dump({k: v.flatten().tolist() for k, v in net.state_dict().items()}, open(f"{out}/expected.json", "w"))
+"#;
+
+/// The float32 tensors of a safetensors file, by name.
+fn read_safetensors(path: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = serde_json::Map::new();
+    for (name, info) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(info["dtype"], "F32", "{name}");
+        let [a, b] = [0, 1].map(|i| info["data_offsets"][i].as_u64().unwrap() as usize);
+        let vals: Vec<f32> = data[a..b].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        out.insert(name.clone(), serde_json::json!(vals));
+    }
+    out
+}
+
+#[test]
+fn a_torchscript_module_trains_as_pytorch_trains_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // `torch.jit.script` reads the classes' source, so the script runs from a file.
+    std::fs::write(d.join("export.py"), SCRIPT).unwrap();
+    let out = Command::new(python()).arg(d.join("export.py")).arg(d).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = d.join("ts.yaml");
+    std::fs::write(
+        &file,
+        r#"
+name: ts
+defaults:
+  data: {name: npz, path: rows.npz, n_test: 8}
+stages:
+  train:
+    task: train
+    model: {name: torchscript, path: net.pt}
+    optimizer: {name: sgd, lr: 0.1}
+    batch_size: 16
+    epochs: 3
+    shuffle: false
+    deterministic: true
+  eval:
+    needs: train
+    task: evaluate
+"#,
+    )
+    .unwrap();
+    let store = d.join("results");
+    let run = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("2 done"), "{err}");
+    let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("expected.json")).unwrap()).unwrap();
+    let weights = std::fs::read_dir(store.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("weights.safetensors"))
+        .find(|p| p.exists())
+        .unwrap();
+    let got = read_safetensors(&weights);
+    let names = |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&got), names(expected.as_object().unwrap()), "PyTorch's state_dict names");
+    for (name, want) in expected.as_object().unwrap() {
+        for (a, b) in got[name].as_array().unwrap().iter().zip(want.as_array().unwrap()) {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            assert!((a - b).abs() < 1e-5, "{name}: {a} vs {b}");
+        }
+    }
+    // The evaluation stage scored the trained module on the test rows.
+    let q = cmd(&store)
+        .args(["query", "-e", "ts", "stage == \"eval\"", "--format", "json", "-m", "test.acc"])
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&q.stdout).unwrap();
+    assert!(rows[0]["metrics"]["test.acc"]["mean"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{rows}");
+
+    // A module with buffers is refused, saying why.
+    std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("net.pt", "bn.pt")).unwrap();
+    let run = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(!run.status.success());
+    let logs: String = std::fs::read_dir(store.join("runs"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("worker.log")).ok())
+        .collect();
+    let all = format!("{}{logs}", String::from_utf8_lossy(&run.stderr));
+    assert!(all.contains("it has buffers (e.g. BatchNorm running statistics)"), "{all}");
+}
