@@ -120,11 +120,18 @@ fn a_unet_on_digits_draws_a_grid_of_samples() {
         r#"
 name: digits
 stages:
+  classifier:
+    task: train
+    data: {name: digits}
+    model: {name: mlp, hidden: [32]}
+    optimizer: {name: adam, lr: 0.01}
+    epochs: 5
   train:
+    needs: classifier
     task: train
     data: {name: digits}
     model: {name: unet, channels: [8, 16], time_dim: 16}
-    diffusion: {timesteps: 200}
+    diffusion: {timesteps: 200, conditional: true}
     optimizer: {name: adam, lr: 0.002}
     batch_size: 128
     epochs: 1
@@ -144,6 +151,12 @@ stages:
     assert!(out.status.success(), "{err}");
     let show = cmd(&store).args(["query", "-e", "digits", "stage == \"sample\"", "--format", "json"]).output().unwrap();
     let rows: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    // The classifier the training kept scores the samples: its accuracy on the labels asked
+    // for, its confidence, and the Fréchet distance in its hidden features to the test images.
+    let m = |k: &str| rows[0]["metrics"][k]["mean"].as_f64().unwrap_or_else(|| panic!("no {k}: {rows}"));
+    assert!((0.0..=1.0).contains(&m("sample.class_acc")), "{rows}");
+    assert!((0.1..=1.0).contains(&m("sample.class_confidence")), "{rows}");
+    assert!(m("sample.fd") > 0.0, "{rows}");
     let id = rows[0]["jobs"].as_array().and_then(|j| j.first()).and_then(|j| j.as_str()).map(str::to_string);
     // The grid is in the job's run folder: 20 samples of 8×8 zoomed to 32 px, 8 a row.
     let png = walk(&store).into_iter().find(|p| p.ends_with("samples.png")).unwrap_or_else(|| panic!("{rows} {id:?}"));
@@ -152,6 +165,7 @@ stages:
     let (w, h) =
         (u32::from_be_bytes(bytes[16..20].try_into().unwrap()), u32::from_be_bytes(bytes[20..24].try_into().unwrap()));
     assert_eq!((w, h), (8 * 34 + 2, 3 * 34 + 2));
+    assert!(walk(&store).iter().any(|p| p.ends_with("scorer.safetensors")), "the training kept its classifier");
     // A classifier model on a diffusion job, or guidance without a conditional model, is refused
     // before anything runs.
     let bad = dir.path().join("bad.yaml");

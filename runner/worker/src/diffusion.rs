@@ -38,6 +38,12 @@ impl Scale {
         let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
         (x.to_kind(Kind::Double) - &lo) / (&hi - &lo).clamp_min(1e-12) * 2.0 - 1.0
     }
+
+    /// The inverse map: model space back to the data's own units (float64).
+    pub fn invert(&self, x: &Tensor) -> Tensor {
+        let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
+        (x.to_kind(Kind::Double) + 1.0) / 2.0 * (&hi - &lo).clamp_min(1e-12) + &lo
+    }
 }
 
 /// The sinusoidal embedding of (possibly fractional) timesteps `t` `[B]`: `[sin(t·f), cos(t·f)]`
@@ -336,9 +342,11 @@ pub fn run(
     device: Device,
     run_dir: &Path,
     ckpt: &CheckpointPlan<'_>,
+    parents: &[xlab_proto::ParentRef],
     comps: &mut Components,
     out: &mut Emitter,
 ) -> Result<BTreeMap<String, f64>, Failure> {
+    let scorer = scorer_parent(parents)?;
     let opt_cfg = cfg.optimizer.as_ref().ok_or_else(|| Failure::new(FailureCause::Config, "needs `optimizer`"))?;
     let p = prepare(cfg, d)?;
     tch::manual_seed(seed as i64);
@@ -484,7 +492,50 @@ pub fn run(
     }
     train::save_atomically(&vs, &run_dir.join("weights.safetensors"))?;
     out.artifact("weights", "weights.safetensors", "weights");
+    if let Some(p) = scorer {
+        keep_scorer(p, run_dir)?;
+        out.artifact("scorer", SCORER_CONFIG, "scorer");
+    }
     Ok(summary)
+}
+
+/// The classifier a diffusion training keeps for scoring its samples: its config, and its final
+/// weights beside it.
+pub const SCORER_CONFIG: &str = "scorer.json";
+pub const SCORER_WEIGHTS: &str = "scorer.safetensors";
+
+/// A diffusion training that `needs:` a classifier stage keeps that one classifier as the scorer
+/// of the samples drawn from it later.
+fn scorer_parent(parents: &[xlab_proto::ParentRef]) -> Result<Option<&xlab_proto::ParentRef>, Failure> {
+    match parents {
+        [] => Ok(None),
+        [p] => {
+            let cfg: JobConfig = serde_json::from_value(p.config.clone())
+                .map_err(|e| Failure::new(FailureCause::Config, format!("parent {}: config: {e}", p.job_id)))?;
+            match cfg.model {
+                Some(m) if !m.is_diffusion() && cfg.diffusion.is_none() => Ok(Some(p)),
+                _ => Err(Failure::new(
+                    FailureCause::Config,
+                    format!("a diffusion training's parent is the classifier that scores its samples; {} is not one", p.job_id),
+                )),
+            }
+        }
+        more => Err(Failure::new(
+            FailureCause::Config,
+            format!("a diffusion training keeps one classifier to score its samples; it has {} parents (use `select: best`)", more.len()),
+        )),
+    }
+}
+
+fn keep_scorer(p: &xlab_proto::ParentRef, run_dir: &Path) -> Result<(), Failure> {
+    let fail = |m: String| Failure::new(FailureCause::Error, m);
+    let weights = p.run_dir.join("weights.safetensors");
+    let tmp = run_dir.join("scorer.tmp.safetensors");
+    std::fs::copy(&weights, &tmp).map_err(|e| fail(format!("cannot copy {}: {e}", weights.display())))?;
+    train::finish_atomic(&tmp, &run_dir.join(SCORER_WEIGHTS))?;
+    let json = serde_json::json!({"job_id": p.job_id, "config": p.config});
+    crate::checkpoint::write_atomic(&run_dir.join(SCORER_CONFIG), &serde_json::to_vec_pretty(&json).expect("json"))
+        .map_err(|e| fail(format!("cannot write {SCORER_CONFIG}: {e}")))
 }
 
 #[cfg(test)]

@@ -231,7 +231,9 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
                     every_steps: req.checkpoint_every_steps,
                 };
                 match &cfg.diffusion {
-                    Some(d) => diffusion::run(&cfg, d, req.seed, device, &req.run_dir, &plan, &mut comps, out),
+                    Some(d) => {
+                        diffusion::run(&cfg, d, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out)
+                    }
                     None => train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out),
                 }
             }

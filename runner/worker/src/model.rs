@@ -81,6 +81,19 @@ impl Model {
         self.run(x, train, &|_, t| t.shallow_clone())
     }
 
+    /// Features in evaluation mode: the input of the last layer (the classifier head) for
+    /// built-in models, the logits for a TorchScript module.
+    pub fn features(&self, x: &Tensor) -> Tensor {
+        if self.script.is_some() || self.layers.len() < 2 {
+            return self.forward_t(x, false);
+        }
+        let h = match self.image {
+            Some([c, hh, w]) => x.reshape([-1, c, hh, w]),
+            None => x.shallow_clone(),
+        };
+        self.apply(&self.layers[..self.layers.len() - 1], h, false, &|_, t| t.shallow_clone()).flatten(1, -1)
+    }
+
     /// Whether the model is a TorchScript module (whose forward cannot take other weights).
     pub fn is_script(&self) -> bool {
         self.script.is_some()

@@ -60,6 +60,9 @@ fn alpha_at(ac: &[f64], t: f64) -> f64 {
 /// What a trained denoiser needs at sampling time: the parent's network and its conditioning.
 struct TrainedModel {
     net: crate::diffusion::DiffusionNet,
+    /// The classifier kept by the training job, to score the samples in the data's own units.
+    scorer: Option<(crate::model::Model, nn::VarStore)>,
+    scale: crate::diffusion::Scale,
     prediction: Prediction,
     /// The label of each sample (class i mod K), when the model is conditional.
     labels: Option<Tensor>,
@@ -128,7 +131,16 @@ pub fn run(
                 net.is_conditional().then(|| Tensor::arange(i64::from(n), (Kind::Int64, device)).remainder(classes));
             let x0 = p.scale.apply(&p.data.train.x);
             let held_out = p.scale.apply(&data.test.x);
-            let model = TrainedModel { net, prediction: d.prediction, labels, null_label: classes, _vs: vs };
+            let scorer = load_scorer(&parent.run_dir, &p.data, device)?;
+            let model = TrainedModel {
+                net,
+                scorer,
+                scale: p.scale,
+                prediction: d.prediction,
+                labels,
+                null_label: classes,
+                _vs: vs,
+            };
             (x0, held_out, p.alphas, Some(model))
         }
     };
@@ -251,6 +263,22 @@ pub fn run(
     let held_out = held_out.to_device(device);
     values.insert("sample.swd".to_string(), crate::quality::sliced_wasserstein(&samples, &held_out, 128, 0)?);
     values.insert("sample.mmd".to_string(), crate::quality::mmd_rbf(&samples, &held_out)?);
+    if let Some(m) = &model {
+        if let Some((scorer, _)) = &m.scorer {
+            // In the data's own units, as the classifier was trained.
+            let own = m.scale.invert(&samples).to_kind(Kind::Float);
+            let probs = tch::no_grad(|| scorer.forward_t(&own, false).softmax(-1, Kind::Double));
+            let (conf, pred) = probs.max_dim(-1, false);
+            values.insert("sample.class_confidence".to_string(), f64::try_from(conf.mean(Kind::Double))?);
+            if let Some(labels) = &m.labels {
+                let right = pred.eq_tensor(labels).to_kind(Kind::Double).mean(Kind::Double);
+                values.insert("sample.class_acc".to_string(), f64::try_from(right)?);
+            }
+            let feats = |x: &Tensor| tch::no_grad(|| scorer.features(&x.to_kind(Kind::Float).to_device(device)));
+            let fd = crate::quality::frechet(&feats(&own), &feats(&data.test.x))?;
+            values.insert("sample.fd".to_string(), fd);
+        }
+    }
     out.metrics(1, values.clone());
     save_atomically_tensors(
         &run_dir.join("samples.safetensors"),
@@ -262,6 +290,29 @@ pub fn run(
         out.artifact("samples_grid", "samples.png", "image");
     }
     Ok(values)
+}
+
+/// The classifier a diffusion training kept (`diffusion::SCORER_CONFIG`), built for the data.
+fn load_scorer(
+    run_dir: &Path,
+    data: &data::Dataset,
+    device: Device,
+) -> Result<Option<(crate::model::Model, nn::VarStore)>, Failure> {
+    let path = run_dir.join(crate::diffusion::SCORER_CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bad = |m: String| Failure::new(FailureCause::Error, format!("{}: {m}", path.display()));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).map_err(|e| bad(e.to_string()))?)
+        .map_err(|e| bad(e.to_string()))?;
+    let cfg: JobConfig = serde_json::from_value(json["config"].clone()).map_err(|e| bad(e.to_string()))?;
+    let model_cfg = cfg.model.ok_or_else(|| bad("the scorer has no model".into()))?;
+    let mut vs = nn::VarStore::new(device);
+    let net =
+        crate::model::build_checked(&vs.root(), &model_cfg, data.input_dim, data.image, data.classes).map_err(bad)?;
+    let weights = run_dir.join(crate::diffusion::SCORER_WEIGHTS);
+    vs.load(&weights).map_err(|e| bad(format!("cannot load {} into it: {e}", weights.display())))?;
+    Ok(Some((net, vs)))
 }
 
 #[cfg(test)]

@@ -1138,7 +1138,7 @@ pub(crate) fn save_atomically(vs: &nn::VarStore, path: &Path) -> Result<(), Fail
 }
 
 /// Syncs a temporary file, renames it into place and syncs the folder.
-fn finish_atomic(tmp: &Path, path: &Path) -> Result<(), Failure> {
+pub(crate) fn finish_atomic(tmp: &Path, path: &Path) -> Result<(), Failure> {
     let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
     sync(tmp).map_err(|e| Failure::new(FailureCause::Error, format!("cannot sync {}: {e}", tmp.display())))?;
     std::fs::rename(tmp, path)
