@@ -190,8 +190,9 @@ enum Command {
         /// Group jobs by these config keys or job fields (default: stage and the sweep keys).
         #[arg(long, value_delimiter = ',')]
         group_by: Vec<String>,
-        /// Plot the metric's final value against this config key (e.g. `optimizer.lr`) instead of
-        /// the learning curve; groups default to the other sweep keys.
+        /// Plot the metric's final value against this config key (e.g. `optimizer.lr`), or against
+        /// another metric's final value (e.g. `sample.nfe`), instead of the learning curve; groups
+        /// default to the other sweep keys.
         #[arg(long)]
         x: Option<String>,
         /// A logarithmic x axis (for learning rates and other log-spaced sweeps).

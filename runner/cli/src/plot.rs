@@ -55,10 +55,13 @@ pub fn curves(
         let job = view.record;
         let points: Vec<(X, f64)> = match x {
             None => view.series(metric).into_iter().map(|(s, v)| (X(s as f64), v)).collect(),
-            Some(key) => match (view.field(key).as_f64(), job.summary.get(metric)) {
-                (Some(at), Some(v)) if job.status == xlab_store::JobStatus::Done => vec![(X(at), *v)],
-                _ => Vec::new(),
-            },
+            // A config key or job field, else another metric's final value (e.g. `sample.nfe`).
+            Some(key) => {
+                match (view.field(key).as_f64().or_else(|| job.summary.get(key).copied()), job.summary.get(metric)) {
+                    (Some(at), Some(v)) if job.status == xlab_store::JobStatus::Done => vec![(X(at), *v)],
+                    _ => Vec::new(),
+                }
+            }
         };
         (!points.is_empty()).then(|| (keys.iter().map(|k| view.field(k)).collect(), points))
     })?;

@@ -106,6 +106,16 @@ fn a_trained_mixture_model_samples_close_to_held_out_data() {
     for r in [cfg, ada] {
         assert!(metric(r, "sample.swd") < 0.4, "{r}");
     }
+    // Quality against NFE, one line per guidance variant: the x axis is another metric.
+    let svg = dir.path().join("nfe.svg");
+    let plot = cmd(&store)
+        .args(["plot", "sample.swd", "-e", "mixture", "--x", "sample.model_passes", "--group-by", "stage", "-o"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains(">sample.model_passes<") && text.contains(">guided (n=1)<") && text.contains(">sample (n=3)<"), "{text}");
     let cf = stage("closed_form");
     assert_eq!(metric(cf[0], "sample.nfe"), 49.0, "S − 1 score evaluations");
     assert!(metric(cf[0], "sample.swd") < 0.2, "{}", cf[0]);
