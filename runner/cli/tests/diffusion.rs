@@ -115,7 +115,10 @@ fn a_trained_mixture_model_samples_close_to_held_out_data() {
         .unwrap();
     assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.contains(">sample.model_passes<") && text.contains(">guided (n=1)<") && text.contains(">sample (n=3)<"), "{text}");
+    assert!(
+        text.contains(">sample.model_passes<") && text.contains(">guided (n=1)<") && text.contains(">sample (n=3)<"),
+        "{text}"
+    );
     let cf = stage("closed_form");
     assert_eq!(metric(cf[0], "sample.nfe"), 49.0, "S − 1 score evaluations");
     assert!(metric(cf[0], "sample.swd") < 0.2, "{}", cf[0]);
