@@ -1,4 +1,4 @@
-//! Every built-in model trains on every data format, from real files the test writes: MNIST-style
+//! Every built-in model, and a TorchScript module, trains on every data format, from real files the test writes: MNIST-style
 //! IDX (gzipped and not), CIFAR-10 and CIFAR-100 binaries, NPZ and CSV. Each image's class is
 //! readable from it (a bright square whose place depends on the class), and the CSV rows are
 //! separable, so the test also checks that training learns.
@@ -139,6 +139,30 @@ fn write_npz(path: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A TorchScript model for any of the test's images: channels averaged, one convolution, pooled
+/// to 2×2, and 100 logits (as many as CIFAR-100 has classes; fewer classes leave some unused).
+const TORCHSCRIPT: &str = r#"
+import sys, torch
+import torch.nn.functional as F
+class AnyImage(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(32, 100)
+    def forward(self, x):
+        h = F.relu(self.conv(x.mean(1, keepdim=True)))
+        return self.fc(F.adaptive_avg_pool2d(h, 2).flatten(1))
+torch.manual_seed(0)
+torch.jit.script(AnyImage()).save(sys.argv[1])
+"#;
+
+fn write_torchscript(dir: &Path) {
+    // `torch.jit.script` reads the class's source, so the script runs from a file.
+    std::fs::write(dir.join("export.py"), TORCHSCRIPT).unwrap();
+    let out = Command::new(python()).arg(dir.join("export.py")).arg(dir.join("any.pt")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn every_model_trains_on_every_format() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,6 +173,7 @@ fn every_model_trains_on_every_format() {
     write_cifar100(&d.join("cifar100"));
     write_csv(&d.join("rows.csv"));
     write_npz(&d.join("rows.npz"));
+    write_torchscript(d);
     let file = d.join("formats.yaml");
     std::fs::write(
         &file,
@@ -174,6 +199,7 @@ stages:
         - {name: cnn, channels: [4, 8]}
         - {name: resnet18, norm: group}
         - {name: wrn, depth: 10, width: 1}
+        - {name: torchscript, path: any.pt}
   learns:
     data: {name: csv, path: rows.csv, group: group, n_val: 10, n_test: 10}
     model: {name: mlp, hidden: [32]}
@@ -185,7 +211,7 @@ stages:
     let out = cmd(&store).arg("run").arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("25 done, 0 skipped"), "{err}");
+    assert!(err.contains("31 done, 0 skipped"), "{err}");
     let q = cmd(&store)
         .args(["query", "-e", "formats", "--format", "json", "-m", "train.examples,test.acc,test.worst_class_recall"])
         .output()
@@ -193,7 +219,7 @@ stages:
     assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
     let rows: serde_json::Value = serde_json::from_slice(&q.stdout).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 25);
+    assert_eq!(rows.len(), 31);
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for r in rows {
         let examples = r["metrics"]["train.examples"]["mean"].as_f64().unwrap();
@@ -219,8 +245,8 @@ stages:
         assert_eq!(examples, expected, "{data}/{model}: {r}");
         assert!((0.0..=1.0).contains(&acc) && worst <= acc, "{data}/{model}: {r}");
     }
-    // 6 formats × 4 models, once each.
-    assert_eq!(seen.len(), 24, "{seen:?}");
+    // 6 formats × 5 models, once each.
+    assert_eq!(seen.len(), 30, "{seen:?}");
 
     // The CSV's group column gives group metrics, and each class its recall.
     let show =
