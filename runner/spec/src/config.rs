@@ -781,6 +781,16 @@ pub enum OptimizerConfig {
     AdamW(Adam),
 }
 
+impl OptimizerConfig {
+    /// The base learning rate (the schedule's factor multiplies it).
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerConfig::Sgd(o) => o.lr,
+            OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => o.lr,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Sgd {
@@ -998,11 +1008,7 @@ impl JobConfig {
                         }
                     }
                     Schedule::Cosine(c) => {
-                        let lr = match &self.optimizer {
-                            Some(OptimizerConfig::Sgd(o)) => o.lr,
-                            Some(OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o)) => o.lr,
-                            None => f64::INFINITY,
-                        };
+                        let lr = self.optimizer.as_ref().map_or(f64::INFINITY, OptimizerConfig::lr);
                         if !(c.min_lr >= 0.0 && c.min_lr <= lr) {
                             return err(
                                 "schedule.min_lr",

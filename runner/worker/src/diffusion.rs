@@ -14,7 +14,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::RunInfo;
 use xlab_proto::FailureCause;
-use xlab_spec::config::{Diffusion, JobConfig, ModelConfig, OptimizerConfig, Prediction};
+use xlab_spec::config::{Diffusion, JobConfig, ModelConfig, Prediction};
 
 /// The affine map of the training data onto [-1, 1]: per feature for vectors, one range over
 /// all pixels for images. Sampling uses the same map, fitted on the same training split.
@@ -367,22 +367,16 @@ pub fn run(
     let bs = cfg.batch_size as usize;
     let steps_per_epoch = n.div_ceil(bs) as u64;
     let total_steps = steps_per_epoch * u64::from(cfg.epochs);
-    let base_lr = match opt_cfg {
-        OptimizerConfig::Sgd(o) => o.lr,
-        OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => o.lr,
-    };
+    let base_lr = opt_cfg.lr();
     let info = RunInfo {
         num_classes: classes,
         n_train: n as u64,
-        group_counts: vec![],
         train_labels: Vec::<i64>::try_from(&p.data.train.y)?,
-        train_groups: vec![],
-        train_domains: vec![],
         epochs: u64::from(cfg.epochs),
         steps_per_epoch,
         seed,
-        parents: vec![],
         image: p.data.image,
+        ..Default::default()
     };
     for c in comps.all() {
         c.setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
@@ -393,21 +387,13 @@ pub fn run(
     let mut history: Vec<(u64, BTreeMap<String, f64>)> = Vec::new();
     let mut first_epoch = 0;
     let mut global_step = 0;
-    let mut skipped = Vec::new();
-    let latest = crate::checkpoint::latest(run_dir, ckpt.job_id, &mut skipped);
-    for s in &skipped {
-        tracing::warn!("skipping checkpoint {s}");
-    }
-    if let Some(c) = latest {
+    if let Some(c) = ckpt.latest(run_dir) {
         let mut r = unused_rng.clone();
         train::restore(&c, &named, &mut opt, comps, &mut r)?;
+        train::announce_resume(out, &c);
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
         history = c.meta.metrics;
-        out.send(&xlab_proto::Event::Resumed { epoch: first_epoch, step_in_epoch: 0 });
-        for (step, values) in &history {
-            out.metrics(*step, values.clone());
-        }
     }
     let mut summary = history.last().map(|(_, v)| v.clone()).unwrap_or_default();
     let mut last_checkpoint = std::time::Instant::now();
@@ -474,21 +460,10 @@ pub fn run(
         out.metrics(epoch + 1, values.clone());
         history.push((epoch + 1, values.clone()));
         summary = values;
-        let last = epoch + 1 == u64::from(cfg.epochs);
-        let stopping = !last && crate::stop_requested();
-        let time_is_up = ckpt.every_ms.is_some_and(|ms| last_checkpoint.elapsed().as_millis() >= u128::from(ms));
-        if last || stopping || time_is_up || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
-            last_checkpoint = std::time::Instant::now();
+        ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
             let meta = train::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
-            let path = train::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())?;
-            out.send(&xlab_proto::Event::Checkpoint { epoch: epoch + 1, path, step_in_epoch: 0 });
-        }
-        if stopping {
-            return Err(Failure::new(
-                FailureCause::Cancelled,
-                format!("stopped after epoch {} of {}, at a checkpoint", epoch + 1, cfg.epochs),
-            ));
-        }
+            train::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())
+        })?;
     }
     train::save_atomically(&vs, &run_dir.join("weights.safetensors"))?;
     out.artifact("weights", "weights.safetensors", "weights");

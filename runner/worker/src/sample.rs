@@ -165,15 +165,10 @@ pub fn run(
         g.setup(&xlab_plugin_api::RunInfo {
             num_classes: model.as_ref().map_or(0, |m| m.null_label),
             n_train: x0.size()[0] as u64,
-            group_counts: vec![],
-            train_labels: vec![],
-            train_groups: vec![],
-            train_domains: vec![],
-            epochs: 0,
-            steps_per_epoch: 0,
             seed,
             parents: parents.to_vec(),
             image: data.image,
+            ..Default::default()
         })
         .map_err(|m| Failure::new(FailureCause::Error, m))?;
     }

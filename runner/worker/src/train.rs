@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::host::{Instance, StepDriver};
 use xlab_plugin_api::{RunInfo, Sampling};
 use xlab_proto::FailureCause;
-use xlab_spec::config::{JobConfig, OptimizerConfig};
+use xlab_spec::config::JobConfig;
 
 /// A job failure with its classified cause.
 #[derive(Debug)]
@@ -641,6 +641,56 @@ pub struct CheckpointPlan<'a> {
     pub every_steps: Option<u32>,
 }
 
+impl CheckpointPlan<'_> {
+    /// The newest valid checkpoint in `run_dir`, warning about each one skipped as invalid.
+    pub(crate) fn latest(&self, run_dir: &Path) -> Option<checkpoint::Checkpoint> {
+        let mut skipped = Vec::new();
+        let latest = checkpoint::latest(run_dir, self.job_id, &mut skipped);
+        for s in &skipped {
+            tracing::warn!("skipping checkpoint {s}");
+        }
+        latest
+    }
+
+    /// At the end of epoch `done` (1-based) of `epochs`: writes a checkpoint with `save` after
+    /// the last epoch, when asked to stop (Ctrl-C, SIGTERM), when `every_ms` has passed since
+    /// `last_saved`, and every `every` epochs; asked to stop, the job then ends as cancelled.
+    pub(crate) fn end_of_epoch(
+        &self,
+        done: u64,
+        epochs: u32,
+        last_saved: &mut std::time::Instant,
+        out: &mut Emitter,
+        save: impl FnOnce() -> Result<String, Failure>,
+    ) -> Result<(), Failure> {
+        let last = done == u64::from(epochs);
+        let stopping = !last && crate::stop_requested();
+        let time_is_up = self.every_ms.is_some_and(|ms| last_saved.elapsed().as_millis() >= u128::from(ms));
+        if last || stopping || time_is_up || done.is_multiple_of(u64::from(self.every.max(1))) {
+            *last_saved = std::time::Instant::now();
+            let path = save()?;
+            out.send(&xlab_proto::Event::Checkpoint { epoch: done, path, step_in_epoch: 0 });
+        }
+        if stopping {
+            return Err(Failure::new(
+                FailureCause::Cancelled,
+                format!("stopped after epoch {done} of {epochs}, at a checkpoint"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Tells the coordinator that the job resumed, and re-sends what was measured before, so a
+/// store that lost its last writes is made whole.
+pub(crate) fn announce_resume(out: &mut Emitter, c: &checkpoint::Checkpoint) {
+    tracing::info!(epoch = c.meta.epoch, step_in_epoch = c.meta.step_in_epoch, "resuming from checkpoint");
+    out.send(&xlab_proto::Event::Resumed { epoch: c.meta.epoch, step_in_epoch: c.meta.step_in_epoch });
+    for (step, values) in &c.meta.metrics {
+        out.metrics(*step, values.clone());
+    }
+}
+
 /// Trains the job's model, resuming from the newest valid checkpoint in its run folder; returns
 /// the final metrics.
 #[allow(clippy::too_many_arguments)]
@@ -687,10 +737,7 @@ pub fn run(
     let n = data.train.len();
     let train_labels = Vec::<i64>::try_from(&data.train.y)?;
     let bs = cfg.batch_size as usize;
-    let base_lr = match opt_cfg {
-        OptimizerConfig::Sgd(o) => o.lr,
-        OptimizerConfig::Adam(o) | OptimizerConfig::AdamW(o) => o.lr,
-    };
+    let base_lr = opt_cfg.lr();
     let total_steps = n.div_ceil(bs) as u64 * u64::from(cfg.epochs);
     let options = TrainOptions {
         label_smoothing: cfg.label_smoothing,
@@ -701,7 +748,7 @@ pub fn run(
         num_classes: data.classes as i64,
         n_train: n as u64,
         group_counts: data.group_counts(),
-        train_labels: Vec::<i64>::try_from(&data.train.y).map_err(Failure::from)?,
+        train_labels: train_labels.clone(),
         train_groups: match &data.train.group {
             Some(g) => Vec::<i64>::try_from(g).map_err(Failure::from)?,
             None => vec![],
@@ -729,29 +776,16 @@ pub fn run(
 
     // A checkpoint inside an epoch: batches done, the epoch's order, its statistics so far.
     let mut resume_inside: Option<(u64, Vec<i64>, EpochStats)> = None;
-    let mut skipped = Vec::new();
-    if let Some(c) = checkpoint::latest(run_dir, ckpt.job_id, &mut skipped) {
-        for s in &skipped {
-            tracing::warn!("skipping checkpoint {s}");
-        }
+    if let Some(c) = ckpt.latest(run_dir) {
         restore(&c, &named, &mut opt, comps, &mut rng)?;
         if c.meta.step_in_epoch > 0 {
             resume_inside = Some(inside_epoch(&c, n, data.groups)?);
         }
+        announce_resume(out, &c);
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
         history = c.meta.metrics;
         total_passes = history.last().and_then(|(_, v)| v.get("cost.passes")).map(|p| *p as u64).unwrap_or(0);
-        tracing::info!(epoch = first_epoch, step_in_epoch = c.meta.step_in_epoch, "resuming from checkpoint");
-        out.send(&xlab_proto::Event::Resumed { epoch: first_epoch, step_in_epoch: c.meta.step_in_epoch });
-        // Re-send what was measured before, so a store that lost its last writes is made whole.
-        for (step, values) in &history {
-            out.metrics(*step, values.clone());
-        }
-    } else {
-        for s in &skipped {
-            tracing::warn!("skipping checkpoint {s}");
-        }
     }
 
     let mut summary = history.last().map(|(_, v)| v.clone()).unwrap_or_default();
@@ -953,22 +987,10 @@ pub fn run(
         out.metrics(epoch + 1, values.clone());
         history.push((epoch + 1, values.clone()));
         summary = values;
-        let last = epoch + 1 == u64::from(cfg.epochs);
-        // Asked to stop (Ctrl-C, SIGTERM): checkpoint this epoch whatever the cadence, then stop.
-        let stopping = !last && crate::stop_requested();
-        let time_is_up = ckpt.every_ms.is_some_and(|ms| last_checkpoint.elapsed().as_millis() >= u128::from(ms));
-        if last || stopping || time_is_up || (epoch + 1) % u64::from(ckpt.every.max(1)) == 0 {
-            last_checkpoint = std::time::Instant::now();
+        ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
             let meta = checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &rng, &history);
-            let path = save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())?;
-            out.send(&xlab_proto::Event::Checkpoint { epoch: epoch + 1, path, step_in_epoch: 0 });
-        }
-        if stopping {
-            return Err(Failure::new(
-                FailureCause::Cancelled,
-                format!("stopped after epoch {} of {}, at a checkpoint", epoch + 1, cfg.epochs),
-            ));
-        }
+            save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())
+        })?;
     }
     let weights = run_dir.join("weights.safetensors");
     save_atomically(&vs, &weights)?;
