@@ -2,18 +2,10 @@
 //! fan out one per parent (`each`) or see them all (`all`), and a failed parent blocks its
 //! children without running them.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn xlab() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
-}
-
-fn cmd(store: &Path) -> Command {
-    let mut c = Command::new(xlab());
-    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
-    c
-}
+mod common;
+use common::cmd;
 
 fn show(store: &Path, id: &str) -> serde_json::Value {
     serde_json::from_slice(&cmd(store).args(["show", id]).output().unwrap().stdout).unwrap()

@@ -3,18 +3,10 @@
 //! same graph with and without guidance; the closed-form sampler on the training set; and a UNet
 //! on the offline digits whose samples come back as a picture.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn xlab() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
-}
-
-fn cmd(store: &Path) -> Command {
-    let mut c = Command::new(xlab());
-    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
-    c
-}
+mod common;
+use common::{cmd, files_under};
 
 fn query(store: &Path, experiment: &str, metrics: &str) -> Vec<serde_json::Value> {
     let out = cmd(store).args(["query", "-e", experiment, "--format", "json", "-m", metrics]).output().unwrap();
@@ -172,13 +164,14 @@ stages:
     assert!(m("sample.fd") > 0.0, "{rows}");
     let id = rows[0]["jobs"].as_array().and_then(|j| j.first()).and_then(|j| j.as_str()).map(str::to_string);
     // The grid is in the job's run folder: 20 samples of 8×8 zoomed to 32 px, 8 a row.
-    let png = walk(&store).into_iter().find(|p| p.ends_with("samples.png")).unwrap_or_else(|| panic!("{rows} {id:?}"));
+    let png =
+        files_under(&store).into_iter().find(|p| p.ends_with("samples.png")).unwrap_or_else(|| panic!("{rows} {id:?}"));
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let (w, h) =
         (u32::from_be_bytes(bytes[16..20].try_into().unwrap()), u32::from_be_bytes(bytes[20..24].try_into().unwrap()));
     assert_eq!((w, h), (8 * 34 + 2, 3 * 34 + 2));
-    assert!(walk(&store).iter().any(|p| p.ends_with("scorer.safetensors")), "the training kept its classifier");
+    assert!(files_under(&store).iter().any(|p| p.ends_with("scorer.safetensors")), "the training kept its classifier");
     // A classifier model on a diffusion job, or guidance without a conditional model, is refused
     // before anything runs.
     let bad = dir.path().join("bad.yaml");
@@ -199,19 +192,4 @@ stages:
     let out = cmd(&store).arg("validate").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a class-conditional model"));
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }

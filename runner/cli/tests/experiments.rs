@@ -2,20 +2,12 @@
 //! to end through the real plugin libraries with the results its README section reports.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn xlab() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
-}
+mod common;
+use common::cmd;
 
 fn experiments() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments")
-}
-
-fn cmd(store: &Path) -> Command {
-    let mut c = Command::new(xlab());
-    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
-    c
 }
 
 /// The results of an experiment run from a file written for the test.

@@ -5,27 +5,11 @@
 
 use flate2::write::GzEncoder;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn xlab() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
-}
-
-fn cmd(store: &Path) -> Command {
-    let mut c = Command::new(xlab());
-    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
-    c
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
-        return p.into();
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
-    p
-}
+mod common;
+use common::{cmd, files_under, python};
 
 /// Pixel bytes of `n` single-channel or RGB images of side `side` with labels `0..classes` in
 /// turn: class k has a bright 2×2 square at row and column 2·(k mod side/2), noise elsewhere.
@@ -287,19 +271,6 @@ fn csv_mistakes_name_the_file_line_and_column() {
 
 /// Every job log under the store, concatenated.
 fn walk_logs(store: &Path) -> String {
-    let mut out = String::new();
-    let mut stack = vec![store.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        if let Ok(rd) = std::fs::read_dir(&p) {
-            for e in rd.flatten() {
-                let path = e.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if path.extension().is_some_and(|x| x == "log") {
-                    out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
-                }
-            }
-        }
-    }
-    out
+    let logs = files_under(store).into_iter().filter(|p| p.extension().is_some_and(|x| x == "log"));
+    logs.map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
 }

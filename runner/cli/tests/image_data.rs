@@ -2,18 +2,10 @@
 //! trains a WideResNet and a ResNet-18 with crop-and-flip augmentation end to end, and the jobs'
 //! identity follows the files' content.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn xlab() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
-}
-
-fn cmd(store: &Path) -> Command {
-    let mut c = Command::new(xlab());
-    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
-    c
-}
+mod common;
+use common::cmd;
 
 /// A CIFAR-10 folder of `per_file` images per batch file whose class is readable from the
 /// image: class k has a bright square at row/column 3k (with noise elsewhere).

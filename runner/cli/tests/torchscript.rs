@@ -2,27 +2,11 @@
 //! the data; xlab trains it with plain SGD over the rows in file order and must end on the weights
 //! the same PyTorch loop reaches, name for name. A module with buffers is refused with the reason.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn xlab() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
-}
-
-fn cmd(store: &Path) -> Command {
-    let mut c = Command::new(xlab());
-    c.arg("--store").arg(store).env("XLAB_WORKER", xlab().with_file_name("xlab-worker")).env_remove("XLAB_PLUGIN_PATH");
-    c
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLAB_PYTHON") {
-        return p.into();
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
-    p
-}
+mod common;
+use common::{cmd, python};
 
 const SCRIPT: &str = r#"
 import sys, json, numpy as np, torch
