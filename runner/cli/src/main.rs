@@ -115,6 +115,17 @@ struct RunArgs {
     /// At most this many jobs at once in the whole run (overrides the file's `max_parallel:`).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_parallel: Option<u32>,
+    /// Where jobs run: `local` (this machine) or `slurm` (one batch job per job, with the file's
+    /// `executor: {slurm: {...}}` settings if it has them). Default: the file's `executor:`, else
+    /// local.
+    #[arg(long, value_enum)]
+    executor: Option<ExecutorKind>,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum ExecutorKind {
+    Local,
+    Slurm,
 }
 
 impl RunArgs {
@@ -578,6 +589,24 @@ fn status_command(cli: &Cli, experiment: Option<&str>) -> Result<u8, Failure> {
                 let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
                 outln!("  stage `{}`: {}", stage.name, parts.join(", "));
             }
+            // Jobs a stopped `xlab run --executor slurm` left in Slurm, with what Slurm says now.
+            let mut in_slurm = Vec::new();
+            for stage in &exp.stages {
+                for id in &stage.jobs {
+                    let Some(rec) = store.job(id)? else { continue };
+                    let attempt = rec.attempts.last().filter(|a| a.ended_unix.is_none());
+                    if let (JobStatus::Running, Some(slurm)) = (rec.status, attempt.and_then(|a| a.slurm_job.clone())) {
+                        in_slurm.push((rec.id, rec.stage, slurm));
+                    }
+                }
+            }
+            if !in_slurm.is_empty() {
+                let queue = xlab_sched::slurm::queue();
+                outln!("in Slurm (run the same command again to re-attach and collect their results):");
+                for (id, stage, slurm) in in_slurm {
+                    outln!("  {id} {stage}: Slurm job {slurm}, {}", status::slurm_state(&queue, &slurm));
+                }
+            }
             if !failed.is_empty() {
                 outln!("failed jobs (`xlab show JOB` has the full record):");
                 for f in failed {
@@ -643,24 +672,49 @@ fn count_stop_requests() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     stops
 }
 
+/// The Slurm settings when jobs go to Slurm: `--executor`, else the file's `executor:`.
+fn slurm_settings(how: &RunArgs, plan: &xlab_spec::Plan) -> Option<xlab_spec::file::Slurm> {
+    use xlab_spec::file::Executor;
+    match (how.executor, &plan.executor) {
+        (Some(ExecutorKind::Local), _) | (None, None | Some(Executor::Local)) => None,
+        (_, Some(Executor::Slurm(s))) => Some(s.clone()),
+        (Some(ExecutorKind::Slurm), _) => Some(Default::default()),
+    }
+}
+
 fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
-    let (pool, fail_fast) = (&how.pool(), how.fail_fast);
-    let pool = xlab_sched::build_pool(pool, &xlab_sched::detect_gpus())
-        .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
-    xlab_sched::check_placement(&plan, &pool).map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+    let fail_fast = how.fail_fast;
+    let (pool, slurm) = match slurm_settings(how, &plan) {
+        Some(settings) => {
+            let s = xlab_sched::slurm::SlurmExec::new(settings, &worker_path(), &cli.store, how.threads)
+                .map_err(|e| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!(e) })?;
+            (xlab_sched::Pool::new(Vec::new()), Some(s))
+        }
+        None => {
+            let pool = xlab_sched::build_pool(&how.pool(), &xlab_sched::detect_gpus())
+                .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+            xlab_sched::check_placement(&plan, &pool)
+                .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+            (pool, None)
+        }
+    };
     let store = open_store(&cli.store)?;
     let total = plan.jobs().count();
+    let cap = how.max_parallel.or(plan.max_parallel).map(|m| m as usize);
+    let (at_once, on) = match &slurm {
+        Some(s) => (cap.map_or("every ready job".into(), |c| format!("up to {c}")), s.describe()),
+        None => (pool.len().min(cap.unwrap_or(usize::MAX)).to_string(), pool.describe()),
+    };
     tracing::info!(
-        "experiment `{}`: {total} job(s) in {} stage(s), {} at a time on {}, store {}",
+        "experiment `{}`: {total} job(s) in {} stage(s), {at_once} at a time on {on}, store {}",
         plan.name,
         plan.stages.len(),
-        pool.len().min(how.max_parallel.or(plan.max_parallel).map_or(usize::MAX, |m| m as usize)),
-        pool.describe(),
         cli.store.display()
     );
     let opts = RunOptions {
         worker: worker_path(),
         pool,
+        slurm,
         xlab_version: VERSION.into(),
         git_commit: env!("XLAB_GIT_COMMIT").into(),
         stop: count_stop_requests(),
@@ -677,8 +731,8 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
             finished += 1;
             tracing::info!("[{finished}/{total}] {} {} already done (job {})", job.stage, job.label(), job.id);
         }
-        Progress::Started { job, device, attempt } => {
-            tracker.started(job, device, attempt);
+        Progress::Started { job, device, attempt, slurm_job } => {
+            tracker.started(job, device, attempt, slurm_job);
             let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
@@ -747,7 +801,16 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
         started.elapsed().as_secs_f64()
     );
     query(&store, Some(&plan.name), Format::Table, &[], None)?;
-    if let Some(why) = &report.ended_early {
+    if report.detached > 0 {
+        eprintln!(
+            "{} job(s) keep running in Slurm. Run the same command again to re-attach to them (their results are \
+             collected then); `scancel` stops them.",
+            report.detached
+        );
+    }
+    if let Some(why) =
+        report.ended_early.as_ref().filter(|_| report.detached == 0 || report.stopped + report.not_started > 0)
+    {
         eprintln!(
             "{why}: {} job(s) stopped (each resumes from its last checkpoint), {} not started. Run the same command again to resume; \
              nothing recorded is lost.",

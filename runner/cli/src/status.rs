@@ -4,7 +4,7 @@
 //! status` reads the store itself.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,9 @@ pub struct RunningJob {
     pub epochs: u64,
     /// The latest training loss and validation/test accuracy reported.
     pub metrics: BTreeMap<String, f64>,
+    /// The Slurm job running it, under the Slurm executor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
 }
 
 pub fn path(store: &Path) -> PathBuf {
@@ -86,7 +89,7 @@ impl Tracker {
         }
     }
 
-    pub fn started(&mut self, job: &xlab_spec::Job, device: &str, attempt: u32) {
+    pub fn started(&mut self, job: &xlab_spec::Job, device: &str, attempt: u32, slurm_job: Option<&str>) {
         let epochs = job.config_json.get("epochs").and_then(|e| e.as_u64()).unwrap_or(0);
         if let Some(l) = self.live.as_mut() {
             l.started(job.id.as_str(), format!("{} {} on {device}", job.stage, job.label()), epochs.max(1));
@@ -102,6 +105,7 @@ impl Tracker {
             epoch: 0,
             epochs,
             metrics: BTreeMap::new(),
+            slurm_job: slurm_job.map(str::to_string),
         });
         self.write(true);
     }
@@ -169,8 +173,22 @@ pub fn ago(secs: u64) -> String {
     }
 }
 
+/// What Slurm says of a job, for `xlab status`: `RUNNING on node7`, `PENDING (Resources)`.
+pub fn slurm_state(queue: &Result<HashMap<String, xlab_sched::slurm::QueueEntry>, String>, id: &str) -> String {
+    match queue {
+        Err(_) => "state unknown: squeue did not answer".into(),
+        Ok(q) => match q.get(id) {
+            None => "no longer in Slurm's queue".into(),
+            Some(e) if e.state == "PENDING" => format!("PENDING ({})", e.reason),
+            Some(e) if e.node.is_empty() => e.state.clone(),
+            Some(e) => format!("{} on {}", e.state, e.node),
+        },
+    }
+}
+
 /// The live view of a snapshot: counts, then a line per running job.
 pub fn render(s: &Snapshot) -> String {
+    let slurm = s.running.iter().any(|r| r.slurm_job.is_some()).then(xlab_sched::slurm::queue);
     let queued = s.total.saturating_sub(s.done + s.skipped + s.failed + s.stopped + s.running.len());
     let mut out = format!(
         "experiment `{}`: {} done, {} running, {} queued, {} failed{} of {} (run by pid {}, {} elapsed)\n",
@@ -186,11 +204,15 @@ pub fn render(s: &Snapshot) -> String {
     );
     for r in &s.running {
         let m: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+        let device = match (&r.slurm_job, &slurm) {
+            (Some(id), Some(q)) => format!("Slurm job {id}, {}", slurm_state(q, id)),
+            _ => r.device.clone(),
+        };
         out += &format!(
             "  {} {} on {} (job {}{}): epoch {}/{}, {} running{}{}\n",
             r.stage,
             r.label,
-            r.device,
+            device,
             r.job,
             if r.attempt > 1 { format!(", attempt {}", r.attempt) } else { String::new() },
             r.epoch,

@@ -1,9 +1,10 @@
 //! The xlab scheduler: places the jobs of a validated plan on a pool of device slots, runs one
 //! `xlab-worker` process per job, and records everything they report through a single store
-//! writer. Never links libtorch.
+//! writer; or submits them to Slurm (see [`slurm`]). Never links libtorch.
 
 pub mod pool;
 mod run;
+pub mod slurm;
 pub mod spawn;
 mod writer;
 

@@ -2,7 +2,8 @@
 //! into store writes.
 
 use crate::pool::{Held, Need, Pool, Slot};
-use crate::spawn::{self, Msg};
+use crate::slurm::{self, SlurmExec};
+use crate::spawn::{self, Exit, Msg};
 use crate::writer::{self, StoreOp};
 use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use xlab_proto::{Event, FailureCause, JobRequest, ParentRef, PROTOCOL_VERSION};
+use xlab_proto::{Event, FailureCause, JobRequest, Lease, ParentRef, PROTOCOL_VERSION};
 use xlab_spec::{Job, Plan};
 use xlab_store::{
     now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, ResultStore, StageRecord,
@@ -25,12 +26,22 @@ pub enum SchedError {
         "cannot start the worker {worker}: {error}\n  hint: build it with `make build`, or point XLAB_WORKER at it"
     )]
     Spawn { worker: PathBuf, error: std::io::Error },
+    #[error("cannot submit to Slurm: {0}")]
+    Submit(String),
+    #[error(
+        "job {job} ({stage}) is still in Slurm as job {slurm}, submitted by an earlier `xlab run --executor slurm`\n  hint: run with \
+         `--executor slurm` to re-attach to it, or `scancel {slurm}` first to run it here"
+    )]
+    StillInSlurm { job: String, stage: String, slurm: String },
 }
 
 pub struct RunOptions {
     /// The `xlab-worker` executable.
     pub worker: PathBuf,
+    /// The local slots jobs run on (not used when `slurm` is set).
     pub pool: Pool,
+    /// Submit jobs to Slurm instead of running them here.
+    pub slurm: Option<SlurmExec>,
     /// The coordinator's version, recorded with every job.
     pub xlab_version: String,
     /// The git commit the coordinator was built from.
@@ -58,6 +69,8 @@ pub enum Progress<'a> {
         job: &'a Job,
         device: &'a str,
         attempt: u32,
+        /// The Slurm job running it, under the Slurm executor.
+        slurm_job: Option<&'a str>,
     },
     /// The worker continues from a checkpoint of an earlier attempt.
     Resumed {
@@ -106,13 +119,17 @@ pub struct RunReport {
     pub ended_early: Option<String>,
     /// Jobs that never started because the run ended early.
     pub not_started: usize,
+    /// Slurm jobs left running when the run was stopped; the next run re-attaches to them.
+    pub detached: usize,
 }
 
 struct Running {
     /// The pool slots it holds (several with `resources: {slots: N}`), all of one device, and
-    /// the memory it reserved there.
-    held: Held,
+    /// the memory it reserved there; none for a Slurm job.
+    held: Option<Held>,
     pid: u32,
+    /// The Slurm job running it, once submitted.
+    slurm_id: Option<String>,
     started: Instant,
     timed_out: bool,
     /// Sent SIGTERM on a stop request: a worker still starting up (before its handler is in
@@ -207,6 +224,9 @@ pub fn run(
     let mut records: Vec<JobRecord> = Vec::with_capacity(jobs.len());
     let mut queue = VecDeque::new();
     let mut waiting: Vec<usize> = Vec::new();
+    // Jobs an earlier run left in Slurm: (index, Slurm id), followed again rather than resubmitted.
+    let mut reattach: Vec<(usize, String)> = Vec::new();
+    let mut slurm_queue: Option<Option<std::collections::HashMap<String, slurm::QueueEntry>>> = None;
     for (i, job) in jobs.iter().enumerate() {
         let mut rec = match store.job(job.id.as_str())? {
             Some(r) => r,
@@ -216,6 +236,22 @@ pub fn run(
             report.skipped += 1;
             observe(Progress::Skipped { job });
         } else {
+            let in_slurm = (rec.status == JobStatus::Running)
+                .then(|| rec.attempts.last().filter(|a| a.ended_unix.is_none()).and_then(|a| a.slurm_job.clone()))
+                .flatten();
+            if let Some(id) = in_slurm {
+                if opts.slurm.is_some() {
+                    reattach.push((i, id));
+                    records.push(rec);
+                    continue;
+                }
+                // Running it here while Slurm still runs it would have two workers write one
+                // run folder.
+                let listed = slurm_queue.get_or_insert_with(|| slurm::queue().ok());
+                if listed.as_ref().and_then(|q| q.get(&id)).is_some_and(|e| !e.ended()) {
+                    return Err(SchedError::StillInSlurm { job: rec.id.clone(), stage: rec.stage.clone(), slurm: id });
+                }
+            }
             if rec.status == JobStatus::Running {
                 // We hold the store's lock, so whoever ran it is gone.
                 rec.status = JobStatus::Interrupted;
@@ -285,7 +321,7 @@ pub fn run(
         // One worker per slot starts loading libtorch now; each job started takes one and
         // starts a replacement while work remains.
         let mut standbys = spawn::Standbys::new(&opts.worker, store.dir().join("standby.log"));
-        if !queue.is_empty() || !waiting.is_empty() {
+        if opts.slurm.is_none() && (!queue.is_empty() || !waiting.is_empty()) {
             for i in 0..opts.pool.len() {
                 let (lease, visible) = spawn::lease_for(opts.pool.slot(i));
                 let key = spawn::WorkerKey { visible, threads: lease.threads, deterministic: false };
@@ -293,6 +329,43 @@ pub fn run(
             }
         }
         let mut running: HashMap<usize, Running> = HashMap::new();
+        // Slurm jobs are followed by a watcher thread: their event files and the queue.
+        let (watch_tx, watch_rx) = unbounded::<slurm::Watched>();
+        if let Some(s) = &opts.slurm {
+            let (tx, poll) = (tx.clone(), s.poll());
+            scope.spawn(move || slurm::watch(watch_rx, tx, poll));
+            for (i, id) in std::mem::take(&mut reattach) {
+                let r = &records[i];
+                let attempt = r.attempts.len() as u32;
+                watch_tx
+                    .send(slurm::Watched {
+                        index: i,
+                        id: id.clone(),
+                        events: store.run_dir(&r.id).join(events_file(attempt)),
+                        output: s.output_path(&id),
+                    })
+                    .expect("the watcher runs");
+                observe(Progress::Started {
+                    job: jobs[i],
+                    device: &format!("Slurm job {id} (re-attached)"),
+                    attempt,
+                    slurm_job: Some(&id),
+                });
+                running.insert(
+                    i,
+                    Running {
+                        held: None,
+                        pid: 0,
+                        slurm_id: Some(id),
+                        started: Instant::now(),
+                        timed_out: false,
+                        asked_to_stop: false,
+                        record: r.clone(),
+                        terminal: None,
+                    },
+                );
+            }
+        }
         let mut result = Ok(());
         // Retries waiting for their delay, attempts made in this run, devices to avoid.
         let mut delayed: Vec<(Instant, usize)> = Vec::new();
@@ -317,6 +390,7 @@ pub fn run(
                         pid: None,
                         outcome: Some(cause.as_str().into()),
                         error: Some(message.clone()),
+                        slurm_job: None,
                     });
                     let _ = ops_tx.send(StoreOp::Job(Box::new(rec.clone())));
                     report.failed.push((jobs[i].id.to_string(), cause, message.clone()));
@@ -326,6 +400,18 @@ pub fn run(
             // Stop requests: the first stops new starts and asks workers to checkpoint and stop,
             // the second kills them.
             let stops = opts.stop.load(Ordering::SeqCst);
+            if stops >= 1 && opts.slurm.is_some() {
+                // Slurm jobs do not need this process: leave them running, recorded as such, for
+                // the next run to re-attach to.
+                tracing::warn!(
+                    "stopping: no new jobs; {} job(s) keep running in Slurm, and the same command re-attaches to them \
+                     (`scancel` stops them)",
+                    running.len()
+                );
+                report.ended_early.get_or_insert_with(|| "stopped by request".into());
+                report.detached = running.len();
+                break;
+            }
             if stops >= 1 && signalled < 1 {
                 signalled = 1;
                 tracing::warn!(
@@ -353,7 +439,10 @@ pub fn run(
                 let limit = jobs_exec_timeout(&jobs, &index, &r.record.id);
                 if !r.timed_out && limit.is_some_and(|l| r.started.elapsed() > l) {
                     r.timed_out = true;
-                    signal(r.pid, libc::SIGKILL);
+                    match &r.slurm_id {
+                        Some(id) => SlurmExec::cancel(id),
+                        None => signal(r.pid, libc::SIGKILL),
+                    }
                 }
             }
             if report.ended_early.is_some() {
@@ -370,7 +459,9 @@ pub fn run(
                 }
             });
             let cap = opts.max_parallel.or(plan.max_parallel.map(|m| m as usize)).unwrap_or(usize::MAX);
-            while opts.pool.free() > 0 && running.len() < cap {
+            // Slurm: the jobs placed in this round, submitted together below.
+            let mut to_submit: Vec<(usize, JobRequest)> = Vec::new();
+            while (opts.slurm.is_some() || opts.pool.free() > 0) && running.len() < cap {
                 // The ready job to start: highest stage priority, then plan order, skipping
                 // stages at their `max_parallel` and jobs whose slots are not free now.
                 let busy = |stage: &str| running.keys().filter(|&&r| jobs[r].stage == stage).count();
@@ -382,15 +473,15 @@ pub fn run(
                     .collect();
                 ready.sort_by_key(|&(_, i)| (std::cmp::Reverse(jobs[i].exec.priority), i));
                 let placed = ready.into_iter().find_map(|(at, i)| {
+                    if opts.slurm.is_some() {
+                        // Slurm's queue holds what its nodes cannot run yet.
+                        return Some((at, None));
+                    }
                     let avoid = avoid.get(&i).map(String::as_str);
-                    opts.pool.take(need_of(jobs[i]), avoid).map(|held| (at, held))
+                    opts.pool.take(need_of(jobs[i]), avoid).map(|held| (at, Some(held)))
                 });
                 let Some((at, held)) = placed else { break };
                 let i = queue.remove(at).expect("an index into the queue");
-                let slot = Slot {
-                    device: held.device.clone(),
-                    threads: held.slots.iter().map(|&s| opts.pool.slot(s).threads).sum(),
-                };
                 let picked = records[i].selected.clone();
                 let parents: Vec<ParentRef> = jobs[i]
                     .parents
@@ -402,48 +493,117 @@ pub fn run(
                         config: jobs[index[p.as_str()]].config_json.clone(),
                     })
                     .collect();
-                let started = start(
-                    store,
-                    &opts,
-                    jobs[i],
-                    &mut records[i],
-                    &slot,
-                    i,
-                    &parents,
-                    tx.clone(),
-                    &ops_tx,
-                    &mut standbys,
-                );
-                match started {
-                    Ok(key) => {
+                let Some(held) = held else {
+                    let s = opts.slurm.as_ref().expect("only Slurm places jobs without slots");
+                    let gpus = s.gpus_for(jobs[i]);
+                    let lease =
+                        Lease { device: if gpus > 0 { "cuda:0" } else { "cpu" }.into(), threads: s.cpus() as usize };
+                    to_submit.push((i, request(store, jobs[i], &records[i], lease, &parents)));
+                    // Holds its place under `max_parallel` until submitted.
+                    running.insert(i, Running::new(None, 0, None, records[i].clone()));
+                    continue;
+                };
+                let slot = Slot {
+                    device: held.device.clone(),
+                    threads: held.slots.iter().map(|&s| opts.pool.slot(s).threads).sum(),
+                };
+                let (lease, visible) = spawn::lease_for(&slot);
+                let req = request(store, jobs[i], &records[i], lease, &parents);
+                let key = spawn::WorkerKey {
+                    visible,
+                    threads: req.lease.threads,
+                    deterministic: jobs[i].config.deterministic,
+                };
+                let pid = match standbys.hand_over(&key, &req, i, &tx) {
+                    Some(pid) => Ok(pid),
+                    None => spawn::spawn(&opts.worker, &req, &key, i, tx.clone())
+                        .map_err(|error| SchedError::Spawn { worker: opts.worker.clone(), error }),
+                };
+                match pid {
+                    Ok(pid) => {
+                        record_start(
+                            &opts,
+                            jobs[i],
+                            &mut records[i],
+                            &slot.device,
+                            key.threads_used(),
+                            Start::Pid(pid),
+                            &ops_tx,
+                        );
                         // The next job of this kind finds a worker that has loaded libtorch.
                         if !queue.is_empty() || !waiting.is_empty() || !delayed.is_empty() {
                             standbys.fill(&key);
                         }
-                        let r = &records[i];
-                        observe(Progress::Started {
-                            job: jobs[i],
-                            device: &slot.device,
-                            attempt: r.attempts.len() as u32,
-                        });
-                        let pid = r.attempts.last().and_then(|a| a.pid).unwrap_or(0);
-                        running.insert(
-                            i,
-                            Running {
-                                held,
-                                pid,
-                                started: Instant::now(),
-                                timed_out: false,
-                                asked_to_stop: false,
-                                record: r.clone(),
-                                terminal: None,
-                            },
-                        );
+                        let attempt = records[i].attempts.len() as u32;
+                        observe(Progress::Started { job: jobs[i], device: &slot.device, attempt, slurm_job: None });
+                        running.insert(i, Running::new(Some(held), pid, None, records[i].clone()));
                     }
                     Err(e) => {
                         opts.pool.give_back(&held);
                         result = Err(e);
                         queue.clear();
+                    }
+                }
+            }
+            if let (Some(s), false) = (&opts.slurm, to_submit.is_empty()) {
+                // One `sbatch` per stage and resources: a job array when several are ready.
+                let mut groups: Vec<(SubmitKey, Vec<(usize, JobRequest)>)> = Vec::new();
+                for (i, req) in to_submit {
+                    let key = (jobs[i].stage.clone(), s.gpus_for(jobs[i]), jobs[i].config.deterministic);
+                    match groups.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, g)) => g.push((i, req)),
+                        None => groups.push((key, vec![(i, req)])),
+                    }
+                }
+                for ((stage, gpus, deterministic), group) in groups {
+                    let submitted = if result.is_ok() {
+                        submit(s, &plan.name, &stage, gpus, deterministic, &group, &records)
+                    } else {
+                        Err(SchedError::Submit("an earlier submission failed".into()))
+                    };
+                    let ids = match submitted {
+                        Ok(ids) => ids,
+                        Err(e) => {
+                            for (i, _) in &group {
+                                running.remove(i);
+                            }
+                            if result.is_ok() {
+                                result = Err(e);
+                            }
+                            queue.clear();
+                            continue;
+                        }
+                    };
+                    for ((i, req), id) in group.into_iter().zip(ids) {
+                        let (device, threads) = (&req.lease.device, req.lease.threads);
+                        record_start(
+                            &opts,
+                            jobs[i],
+                            &mut records[i],
+                            device,
+                            threads,
+                            Start::Slurm(id.clone()),
+                            &ops_tx,
+                        );
+                        let attempt = records[i].attempts.len() as u32;
+                        watch_tx
+                            .send(slurm::Watched {
+                                index: i,
+                                id: id.clone(),
+                                events: req.run_dir.join(events_file(attempt)),
+                                output: s.output_path(&id),
+                            })
+                            .expect("the watcher runs");
+                        observe(Progress::Started {
+                            job: jobs[i],
+                            device: &format!("Slurm job {id}"),
+                            attempt,
+                            slurm_job: Some(&id),
+                        });
+                        let r = running.get_mut(&i).expect("placed above");
+                        r.record = records[i].clone();
+                        r.slurm_id = Some(id);
+                        r.started = Instant::now();
                     }
                 }
             }
@@ -465,7 +625,9 @@ pub fn run(
                 Msg::Noise(i, line) => tracing::warn!(job = %jobs[i].id, "worker wrote a non-event line: {line}"),
                 Msg::Exited(i, status) => {
                     let mut r = running.remove(&i).expect("exit of a running job");
-                    opts.pool.give_back(&r.held);
+                    if let Some(held) = &r.held {
+                        opts.pool.give_back(held);
+                    }
                     let outcome = finish(&mut r, status, store, jobs[i].exec.timeout_ms);
                     let tries = attempts_here.entry(i).or_insert(0);
                     *tries += 1;
@@ -495,8 +657,8 @@ pub fn run(
                             // another device if there is one.
                             let delay = Duration::from_secs(1u64 << (*tries - 1).min(6)).min(Duration::from_secs(60));
                             r.record.status = JobStatus::Pending;
-                            if *cause == FailureCause::OutOfMemory {
-                                avoid.insert(i, r.held.device.clone());
+                            if let (FailureCause::OutOfMemory, Some(held)) = (cause, &r.held) {
+                                avoid.insert(i, held.device.clone());
                             }
                             delayed.push((Instant::now() + delay, i));
                             observe(Progress::Retrying { job: jobs[i], cause: *cause, message, delay });
@@ -553,22 +715,30 @@ fn new_record(plan: &Plan, job: &Job) -> JobRecord {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn start(
-    store: &dyn ResultStore,
-    opts: &RunOptions,
-    job: &Job,
-    rec: &mut JobRecord,
-    slot: &Slot,
-    index_in_plan: usize,
-    parents: &[ParentRef],
-    tx: Sender<Msg>,
-    ops: &Sender<StoreOp>,
-    standbys: &mut spawn::Standbys,
-) -> Result<spawn::WorkerKey, SchedError> {
-    let s = slot;
-    let (lease, visible) = spawn::lease_for(s);
-    let req = JobRequest {
+impl Running {
+    fn new(held: Option<Held>, pid: u32, slurm_id: Option<String>, record: JobRecord) -> Self {
+        Running {
+            held,
+            pid,
+            slurm_id,
+            started: Instant::now(),
+            timed_out: false,
+            asked_to_stop: false,
+            record,
+            terminal: None,
+        }
+    }
+}
+
+/// The file a Slurm job's worker writes its events to, per attempt (a later attempt never
+/// writes into an earlier one's).
+fn events_file(attempt: u32) -> String {
+    format!("events-{attempt}.jsonl")
+}
+
+/// What the worker of `job` is told.
+fn request(store: &dyn ResultStore, job: &Job, rec: &JobRecord, lease: Lease, parents: &[ParentRef]) -> JobRequest {
+    JobRequest {
         protocol: PROTOCOL_VERSION,
         job_id: job.id.to_string(),
         experiment: rec.experiment.clone(),
@@ -582,31 +752,78 @@ fn start(
         checkpoint_every_ms: job.exec.checkpoint_every_ms,
         checkpoint_every_steps: job.exec.checkpoint_every_steps,
         parents: parents.to_vec(),
-    };
-    let key = spawn::WorkerKey { visible, threads: req.lease.threads, deterministic: job.config.deterministic };
-    let pid = match standbys.hand_over(&key, &req, index_in_plan, &tx) {
-        Some(pid) => pid,
-        None => spawn::spawn(&opts.worker, &req, &key, index_in_plan, tx)
-            .map_err(|error| SchedError::Spawn { worker: opts.worker.clone(), error })?,
-    };
+    }
+}
+
+/// Jobs submitted together share their stage, GPU count and `deterministic`.
+type SubmitKey = (String, u32, bool);
+
+/// Who runs an attempt: a local worker process or a Slurm job.
+enum Start {
+    Pid(u32),
+    Slurm(String),
+}
+
+/// Records a new attempt of `job`, started on `device`.
+fn record_start(
+    opts: &RunOptions,
+    job: &Job,
+    rec: &mut JobRecord,
+    device: &str,
+    threads: usize,
+    by: Start,
+    ops: &Sender<StoreOp>,
+) {
     rec.status = JobStatus::Running;
     rec.summary.clear();
     rec.provenance.xlab_version = opts.xlab_version.clone();
     rec.provenance.git_commit = Some(opts.git_commit.clone());
-    rec.provenance.device = Some(s.device.clone());
-    rec.provenance.threads = Some(key.threads_used());
+    rec.provenance.device = Some(device.to_string());
+    rec.provenance.threads = Some(if job.config.deterministic { 1 } else { threads });
     rec.provenance.plugins = job.plugins.clone();
+    let (pid, slurm_job) = match by {
+        Start::Pid(pid) => (Some(pid), None),
+        Start::Slurm(id) => (None, Some(id)),
+    };
     rec.attempts.push(Attempt {
         number: rec.attempts.len() as u32 + 1,
         started_unix: now_unix(),
         ended_unix: None,
-        device: s.device.clone(),
-        pid: Some(pid),
+        device: device.to_string(),
+        pid,
         outcome: None,
         error: None,
+        slurm_job,
     });
     let _ = ops.send(StoreOp::Job(Box::new(rec.clone())));
-    Ok(key)
+}
+
+/// Writes the requests of jobs of one stage with the same resources and submits them with one
+/// `sbatch`; their Slurm ids, in order.
+fn submit(
+    s: &SlurmExec,
+    experiment: &str,
+    stage: &str,
+    gpus: u32,
+    deterministic: bool,
+    group: &[(usize, JobRequest)],
+    records: &[JobRecord],
+) -> Result<Vec<String>, SchedError> {
+    let mut subs = Vec::with_capacity(group.len());
+    for (i, req) in group {
+        let request = spawn::write_request(req)
+            .map_err(|e| SchedError::Submit(format!("cannot write the request of job {}: {e}", req.job_id)))?;
+        let attempt = records[*i].attempts.len() as u32 + 1;
+        subs.push(slurm::Submission {
+            request,
+            events: req.run_dir.join(events_file(attempt)),
+            log: spawn::log_path(&req.run_dir),
+            stage: stage.to_string(),
+            gpus,
+            deterministic,
+        });
+    }
+    s.submit(experiment, &subs).map_err(SchedError::Submit)
 }
 
 fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe: &mut dyn FnMut(Progress<'_>)) {
@@ -645,28 +862,41 @@ fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe
 /// crash with the end of its log.
 fn finish(
     r: &mut Running,
-    status: std::io::Result<std::process::ExitStatus>,
+    exit: Exit,
     store: &dyn ResultStore,
     timeout_ms: Option<u64>,
 ) -> Result<BTreeMap<String, f64>, (FailureCause, String)> {
-    let outcome = match (r.terminal.take(), status) {
-        (_, _) if r.timed_out => Err((
+    let log = || log_tail(&spawn::log_path(&store.run_dir(&r.record.id)), 5);
+    let with_log =
+        |what: String, tail: String| if tail.is_empty() { what } else { format!("{what}; its log ends:\n{tail}") };
+    let terminal = r.terminal.take();
+    let outcome = if r.timed_out {
+        Err((
             FailureCause::Timeout,
             format!("ran past its timeout of {} s and was killed", timeout_ms.unwrap_or(0) as f64 / 1000.0),
-        )),
-        (Some(Ok(summary)), Ok(s)) if s.success() => Ok(summary),
-        (Some(Err(f)), _) => Err(f),
-        (_, Err(e)) => Err((FailureCause::Crashed, format!("lost the worker: {e}"))),
-        (_, Ok(s)) if r.asked_to_stop && s.signal() == Some(libc::SIGTERM) => {
-            Err((FailureCause::Cancelled, "stopped while it was starting, before its first epoch".into()))
-        }
-        (_, Ok(s)) => {
-            let tail = log_tail(&spawn::log_path(&store.run_dir(&r.record.id)), 5);
-            let what = match s.signal() {
-                Some(sig) => format!("worker killed by signal {sig}"),
-                None => format!("worker exited with {s} without a final report"),
-            };
-            Err((FailureCause::Crashed, if tail.is_empty() { what } else { format!("{what}; its log ends:\n{tail}") }))
+        ))
+    } else {
+        match (terminal, exit) {
+            (Some(Ok(summary)), Exit::Process(Ok(s))) if s.success() => Ok(summary),
+            (Some(Ok(summary)), Exit::Slurm { .. }) => Ok(summary),
+            // SIGTERM from Slurm (scancel, time limit, preemption) makes the worker stop at a
+            // checkpoint and say it was stopped; Slurm's state says why.
+            (Some(Err((FailureCause::Cancelled, _))) | None, Exit::Slurm { id, state, note }) => {
+                let (cause, what) = slurm::classify(state.as_deref(), &note);
+                Err((cause, with_log(format!("Slurm job {id} {what}"), log())))
+            }
+            (Some(Err(f)), _) => Err(f),
+            (_, Exit::Process(Err(e))) => Err((FailureCause::Crashed, format!("lost the worker: {e}"))),
+            (_, Exit::Process(Ok(s))) if r.asked_to_stop && s.signal() == Some(libc::SIGTERM) => {
+                Err((FailureCause::Cancelled, "stopped while it was starting, before its first epoch".into()))
+            }
+            (_, Exit::Process(Ok(s))) => {
+                let what = match s.signal() {
+                    Some(sig) => format!("worker killed by signal {sig}"),
+                    None => format!("worker exited with {s} without a final report"),
+                };
+                Err((FailureCause::Crashed, with_log(what, log())))
+            }
         }
     };
     let attempt = r.record.attempts.last_mut().expect("a started job has an attempt");

@@ -14,7 +14,17 @@ pub enum Msg {
     Event(usize, Event),
     /// A line on the worker's stdout that is not an event (kept in the job's log).
     Noise(usize, String),
-    Exited(usize, std::io::Result<ExitStatus>),
+    Exited(usize, Exit),
+}
+
+/// How a job's worker ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// A local worker process exited (or could not be waited for).
+    Process(std::io::Result<ExitStatus>),
+    /// A Slurm job left the queue: its final state while Slurm still listed it (`None`: gone
+    /// from the queue), and the line Slurm wrote about its end, if any.
+    Slurm { id: String, state: Option<String>, note: String },
 }
 
 /// The request file and log file of a job, inside its run folder.
@@ -158,7 +168,7 @@ impl Drop for Standbys {
     }
 }
 
-fn write_request(req: &JobRequest) -> std::io::Result<PathBuf> {
+pub(crate) fn write_request(req: &JobRequest) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&req.run_dir)?;
     let request = request_path(&req.run_dir);
     std::fs::write(&request, serde_json::to_vec_pretty(req).expect("requests serialize"))?;
@@ -180,7 +190,7 @@ fn read_events(mut child: Child, index: usize, tx: Sender<Msg>) -> std::io::Resu
                 break;
             }
         }
-        let _ = tx.send(Msg::Exited(index, child.wait()));
+        let _ = tx.send(Msg::Exited(index, Exit::Process(child.wait())));
     })?;
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct Plan {
     pub stages: Vec<StagePlan>,
     /// At most this many jobs of the whole run at once (`max_parallel:` at the top of the file).
     pub max_parallel: Option<u32>,
+    /// `executor:` at the top of the file, if set.
+    pub executor: Option<crate::file::Executor>,
 }
 
 #[derive(Debug, Clone)]
@@ -596,7 +598,24 @@ pub fn expand(
     if exp.max_parallel == Some(0) {
         return Err(SpecError::new(file, "`max_parallel` must be at least 1").key("max_parallel"));
     }
-    Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages, max_parallel: exp.max_parallel })
+    if let Some(crate::file::Executor::Slurm(s)) = &exp.executor {
+        if s.array_parallelism == Some(0) || s.cpus_per_job == Some(0) {
+            return Err(
+                SpecError::new(file, "`array_parallelism` and `cpus_per_job` must be at least 1").key("executor.slurm")
+            );
+        }
+        if s.poll_s.is_some_and(|p| !(p > 0.0 && p <= 600.0)) {
+            return Err(SpecError::new(file, "`poll_s` must be above 0 and at most 600").key("executor.slurm.poll_s"));
+        }
+    }
+    Ok(Plan {
+        name: exp.name,
+        file: file.to_path_buf(),
+        source,
+        stages,
+        max_parallel: exp.max_parallel,
+        executor: exp.executor,
+    })
 }
 
 /// A job's config checked and resolved: typed, canonical JSON, and the plugins it uses.

@@ -70,6 +70,78 @@ pub struct ExperimentFile {
     /// At most this many jobs of the whole run at once (a stage's own `max_parallel` caps it).
     #[serde(default)]
     pub max_parallel: Option<u32>,
+    /// Where the jobs run: `local` (this machine's devices, the default) or `{slurm: {...}}`.
+    /// Not part of any job's identity: the same file gives the same jobs on either.
+    #[serde(default)]
+    pub executor: Option<Executor>,
+}
+
+/// `executor:` at the top of a file: `local`, `slurm` (with Slurm's defaults) or
+/// `{slurm: {partition: …, …}}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "Value")]
+pub enum Executor {
+    Local,
+    Slurm(Slurm),
+}
+
+impl TryFrom<Value> for Executor {
+    type Error = String;
+
+    fn try_from(v: Value) -> Result<Self, String> {
+        const EXPECTED: &str = "expected `local`, `slurm` or `{slurm: {partition: …, time: …}}`";
+        let (name, body) = match v {
+            Value::String(s) => (s, None),
+            Value::Mapping(m) if m.len() == 1 => {
+                let (k, body) = m.into_iter().next().expect("one entry");
+                (k.as_str().unwrap_or_default().to_string(), Some(body))
+            }
+            _ => return Err(EXPECTED.into()),
+        };
+        match (name.as_str(), body) {
+            ("local", None) => Ok(Executor::Local),
+            ("local", Some(Value::Mapping(m))) if m.is_empty() => Ok(Executor::Local),
+            ("slurm", None | Some(Value::Null)) => Ok(Executor::Slurm(Slurm::default())),
+            ("slurm", Some(body)) => {
+                serde_yaml::from_value(body).map(Executor::Slurm).map_err(|e| format!("slurm: {e}"))
+            }
+            (other, _) => Err(format!("unknown executor `{other}`: {EXPECTED}")),
+        }
+    }
+}
+
+/// `executor: {slurm: {...}}`: each ready job becomes a Slurm batch job (a job array when a
+/// stage has several ready at once) running `xlab-worker` on the node Slurm allocates.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slurm {
+    /// `--partition`.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// `--account`.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// `--time`, in any form Slurm takes (`30`, `2:00:00`, `1-12`).
+    #[serde(default)]
+    pub time: Option<String>,
+    /// `--gpus` of each job (0: a CPU job); a stage's `resources: {gpus: N}` overrides it.
+    #[serde(default)]
+    pub gpus_per_job: Option<u32>,
+    /// `--cpus-per-task`, the job's thread count (default: `--threads`).
+    #[serde(default)]
+    pub cpus_per_job: Option<u32>,
+    /// `--mem`, e.g. `16G`.
+    #[serde(default)]
+    pub mem: Option<String>,
+    /// More `sbatch` arguments, as given (e.g. `--qos=high`, `--signal=TERM@120`).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// At most this many tasks of one job array run at once (`--array=…%N`).
+    #[serde(default)]
+    pub array_parallelism: Option<u32>,
+    /// Seconds between looks at the queue and the workers' event files (default 2).
+    #[serde(default)]
+    pub poll_s: Option<f64>,
 }
 
 config_keys! {

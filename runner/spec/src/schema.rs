@@ -77,6 +77,15 @@ pub fn schema() -> Value {
             "include": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "plugins": {"type": "array", "items": {"type": "string"}},
             "max_parallel": {"type": "integer", "minimum": 1},
+            "executor": {"anyOf": [{"const": "local"}, {"type": "object", "additionalProperties": false, "required": ["slurm"],
+                "properties": {"slurm": {"type": "object", "additionalProperties": false, "properties": {
+                    "partition": {"type": "string"}, "account": {"type": "string"},
+                    "time": {"type": ["string", "integer"]}, "mem": {"type": "string"},
+                    "gpus_per_job": {"type": "integer", "minimum": 0},
+                    "cpus_per_job": {"type": "integer", "minimum": 1},
+                    "extra_args": {"type": "array", "items": {"type": "string"}},
+                    "array_parallelism": {"type": "integer", "minimum": 1},
+                    "poll_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}}}}}]},
             "defaults": partial,
             "stages": {"type": "object", "minProperties": 1,
                 "additionalProperties": {"type": "object", "properties": stage_props, "additionalProperties": false}}

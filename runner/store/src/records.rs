@@ -56,6 +56,10 @@ pub struct Attempt {
     /// `done`, or the failure cause (`error`, `crashed`, `diverged`, ...).
     pub outcome: Option<String>,
     pub error: Option<String>,
+    /// The Slurm job that ran it (`1234`, or `1234_5` for a task of a job array), when the run
+    /// used the Slurm executor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
 }
 
 /// Where a result came from.

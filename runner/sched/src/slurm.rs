@@ -1,0 +1,472 @@
+//! The Slurm executor: the coordinator stays where it is (a login node) and keeps the store;
+//! each ready job is submitted with `sbatch` (one job array per stage when several are ready at
+//! once) and runs `xlab-worker` on the node Slurm allocates. Nodes cannot reach the store's
+//! database, so a worker writes its event stream to `runs/<job>/events-<attempt>.jsonl` beside its
+//! artifacts (the store's folder must be on a filesystem the nodes share, as home and scratch
+//! folders are). A watcher thread tails those files and polls `squeue`; it turns lines into the
+//! same messages a local worker's pipe gives, and a job that leaves the queue into an exit with
+//! Slurm's final state. Reading a file again from its start (after a coordinator restart) writes
+//! the same points again, never new ones: the store keys a point by job, metric and step.
+
+use crate::spawn::{Exit, Msg};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use xlab_proto::{Event, FailureCause};
+
+/// How the run reaches Slurm.
+#[derive(Debug, Clone)]
+pub struct SlurmExec {
+    cfg: xlab_spec::file::Slurm,
+    /// `xlab-worker`, as an absolute path (nodes run it from the shared filesystem).
+    worker: PathBuf,
+    /// `<store>/slurm`: batch scripts, task lists and Slurm's own output files.
+    dir: PathBuf,
+    /// The folder jobs start in (the coordinator's).
+    cwd: PathBuf,
+    /// `--cpus-per-task` when the file does not set `cpus_per_job`.
+    threads: u32,
+}
+
+/// One job to submit.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub request: PathBuf,
+    pub events: PathBuf,
+    pub log: PathBuf,
+    pub stage: String,
+    pub gpus: u32,
+    pub deterministic: bool,
+}
+
+/// A job's line in `squeue`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueEntry {
+    /// `PENDING`, `RUNNING`, `COMPLETED`, `CANCELLED`, `TIMEOUT`, `PREEMPTED`, `NODE_FAIL`, ...
+    pub state: String,
+    /// Why it waits, while it does (`Resources`, `Priority`, `JobArrayTaskLimit`).
+    pub reason: String,
+    /// The node it runs on, once it does.
+    pub node: String,
+}
+
+impl QueueEntry {
+    /// Whether Slurm is done with the job (it stays listed a while, `MinJobAge`).
+    pub fn ended(&self) -> bool {
+        !matches!(
+            self.state.as_str(),
+            "PENDING"
+                | "RUNNING"
+                | "CONFIGURING"
+                | "COMPLETING"
+                | "SUSPENDED"
+                | "REQUEUED"
+                | "RESIZING"
+                | "SIGNALING"
+                | "STAGE_OUT"
+                | "STOPPED"
+                | "REQUEUE_HOLD"
+                | "REQUEUE_FED"
+                | "RESV_DEL_HOLD"
+        )
+    }
+}
+
+/// Runs a Slurm command; its standard output, or an error naming it and what it said.
+fn slurm_command(mut c: Command) -> Result<String, String> {
+    let name = c.get_program().to_string_lossy().into_owned();
+    let out = c.output().map_err(|e| {
+        format!("cannot run `{name}`: {e}\n  hint: the Slurm executor needs Slurm's commands (sbatch, squeue, scancel) on PATH")
+    })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("`{name}` failed ({}): {}", out.status, err.trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `'…'` for bash, whatever the text holds.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn absolute(p: &Path) -> std::io::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+impl SlurmExec {
+    /// Checks that Slurm answers and makes the paths absolute. `threads`: `--threads`.
+    pub fn new(cfg: xlab_spec::file::Slurm, worker: &Path, store: &Path, threads: usize) -> Result<Self, String> {
+        let worker = absolute(worker).map_err(|e| format!("cannot resolve {}: {e}", worker.display()))?;
+        if !worker.is_file() {
+            return Err(format!(
+                "the worker {} does not exist\n  hint: build it with `make build`, or point XLAB_WORKER at it",
+                worker.display()
+            ));
+        }
+        let mut probe = Command::new("squeue");
+        probe.arg("--version");
+        slurm_command(probe)?;
+        let dir = absolute(&store.join("slurm")).map_err(|e| format!("cannot resolve the store's folder: {e}"))?;
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
+        Ok(SlurmExec { cfg, worker, dir, cwd, threads: threads.max(1) as u32 })
+    }
+
+    /// The thread count of each job (`--cpus-per-task`).
+    pub fn cpus(&self) -> u32 {
+        self.cfg.cpus_per_job.unwrap_or(self.threads)
+    }
+
+    /// The GPUs a job asks for: its stage's `resources: {gpus: N}`, else none for a CPU-only
+    /// stage, else the executor's `gpus_per_job`.
+    pub fn gpus_for(&self, job: &xlab_spec::Job) -> u32 {
+        if job.exec.gpus > 0 {
+            job.exec.gpus
+        } else if job.exec.device == xlab_spec::file::DeviceKind::Cpu {
+            0
+        } else {
+            self.cfg.gpus_per_job.unwrap_or(0)
+        }
+    }
+
+    pub fn poll(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.poll_s.unwrap_or(2.0))
+    }
+
+    /// One line for the run's log: where jobs go.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!("{} CPU(s)", self.cpus())];
+        if let Some(g) = self.cfg.gpus_per_job.filter(|&g| g > 0) {
+            parts.push(format!("{g} GPU(s)"));
+        }
+        if let Some(p) = &self.cfg.partition {
+            parts.push(format!("partition {p}"));
+        }
+        if let Some(t) = &self.cfg.time {
+            parts.push(format!("time {t}"));
+        }
+        format!("Slurm ({} a job)", parts.join(", "))
+    }
+
+    /// Slurm's output file for a job id (`--output`): the `*** JOB … CANCELLED …` line is there.
+    pub fn output_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.out"))
+    }
+
+    /// Submits jobs of one stage that ask for the same resources: one `sbatch`, a job array
+    /// when there are several. Returns each one's Slurm id (`1234` or `1234_5`), in order.
+    pub fn submit(&self, experiment: &str, jobs: &[Submission]) -> Result<Vec<String>, String> {
+        let first = jobs.first().expect("something to submit");
+        let stamp = format!(
+            "{}-{}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
+            std::process::id()
+        );
+        let list = self.dir.join(format!("{stamp}.tasks"));
+        let script = self.dir.join(format!("{stamp}.sh"));
+        let mut lines = String::new();
+        for j in jobs {
+            for p in [&j.request, &j.events, &j.log] {
+                let p = p.to_string_lossy();
+                if p.contains(['\t', '\n']) {
+                    return Err(format!("the path {p} holds a tab or a newline, which a Slurm task list cannot carry"));
+                }
+            }
+            lines += &format!("{}\t{}\t{}\n", j.request.display(), j.events.display(), j.log.display());
+        }
+        let threads = self.cpus();
+        let mut body = format!(
+            "#!/bin/bash\n# xlab: {n} job(s) of stage `{stage}` of experiment `{experiment}`; line N+1 of the task list is \
+             array task N.\nIFS=$'\\t' read -r request events log < <(sed -n \"$(( ${{SLURM_ARRAY_TASK_ID:-0}} + 1 ))p\" \
+             {list})\nexport OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}\n",
+            n = jobs.len(),
+            stage = first.stage,
+            list = quote(&list.to_string_lossy()),
+        );
+        if first.gpus == 0 {
+            body += "export CUDA_VISIBLE_DEVICES=\n";
+        }
+        if first.deterministic {
+            body += "export CUBLAS_WORKSPACE_CONFIG=:4096:8\n";
+        }
+        // `exec`: the worker itself gets Slurm's SIGTERM (scancel, time limit, preemption) and
+        // stops at a checkpoint.
+        body += &format!(
+            "exec {} run --job \"$request\" > \"$events\" 2>> \"$log\"\n",
+            quote(&self.worker.to_string_lossy())
+        );
+        let write =
+            |p: &Path, text: &str| std::fs::write(p, text).map_err(|e| format!("cannot write {}: {e}", p.display()));
+        write(&list, &lines)?;
+        write(&script, &body)?;
+        let mut c = Command::new("sbatch");
+        c.arg("--parsable")
+            .arg(format!("--job-name=xlab-{experiment}"))
+            .arg(format!("--chdir={}", self.cwd.display()))
+            // A preempted or failed job is resubmitted by xlab's retry policy, never requeued by
+            // Slurm (a requeued job would write its attempt's event file again from the start).
+            .arg("--no-requeue")
+            .arg(format!("--cpus-per-task={threads}"));
+        if first.gpus > 0 {
+            c.arg(format!("--gpus={}", first.gpus));
+        }
+        for (flag, v) in [
+            ("partition", &self.cfg.partition),
+            ("account", &self.cfg.account),
+            ("time", &self.cfg.time),
+            ("mem", &self.cfg.mem),
+        ] {
+            if let Some(v) = v {
+                c.arg(format!("--{flag}={v}"));
+            }
+        }
+        if jobs.len() > 1 {
+            let cap = self.cfg.array_parallelism.map(|p| format!("%{p}")).unwrap_or_default();
+            c.arg(format!("--array=0-{}{cap}", jobs.len() - 1));
+            c.arg(format!("--output={}", self.dir.join("%A_%a.out").display()));
+        } else {
+            c.arg(format!("--output={}", self.dir.join("%j.out").display()));
+        }
+        c.args(&self.cfg.extra_args).arg(&script);
+        let out = slurm_command(c)?;
+        // `--parsable`: `jobid` or `jobid;cluster`.
+        let id = out.trim().split(';').next().unwrap_or("").to_string();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+            return Err(format!("sbatch answered `{}`, not a job id", out.trim()));
+        }
+        Ok(if jobs.len() > 1 { (0..jobs.len()).map(|k| format!("{id}_{k}")).collect() } else { vec![id] })
+    }
+
+    /// `scancel ID`: Slurm sends the worker SIGTERM (then SIGKILL after its `KillWait`).
+    pub fn cancel(id: &str) {
+        let mut c = Command::new("scancel");
+        c.arg(id);
+        if let Err(e) = slurm_command(c) {
+            tracing::warn!("cannot cancel Slurm job {id}: {e}");
+        }
+    }
+}
+
+/// This user's jobs as `squeue` lists them, finished ones included while Slurm still keeps
+/// them, each array task on its own line.
+pub fn queue() -> Result<HashMap<String, QueueEntry>, String> {
+    let mut c = Command::new("squeue");
+    c.args(["--noheader", "--me", "--array", "--states=all", "--format=%i|%T|%r|%N"]);
+    let out = slurm_command(c)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('|');
+            let id = f.next()?.trim().to_string();
+            let state = f.next()?.trim().to_string();
+            let reason = f.next().unwrap_or("").trim().to_string();
+            let node = f.next().unwrap_or("").trim().to_string();
+            Some((id, QueueEntry { state, reason, node }))
+        })
+        .collect())
+}
+
+/// What Slurm's output file says about how the job ended: the `*** JOB 12 ON node CANCELLED AT
+/// … DUE TO TIME LIMIT ***` line slurmstepd writes, if there is one.
+pub fn slurm_note(output: &Path) -> String {
+    let text = std::fs::read_to_string(output).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| l.contains("*** JOB") || l.contains("*** STEP"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// How a Slurm job ended when its worker did not say (or said only that it was stopped, which is
+/// what SIGTERM from Slurm makes it say): a failure classified like its local counterpart, so
+/// the retry policy resumes it from its last checkpoint.
+pub fn classify(state: Option<&str>, note: &str) -> (FailureCause, String) {
+    let state = match state {
+        Some(s) => s.to_string(),
+        None if note.contains("DUE TO TIME LIMIT") => "TIMEOUT".into(),
+        None if note.contains("DUE TO PREEMPTION") => "PREEMPTED".into(),
+        None if note.contains("DUE TO NODE FAILURE") => "NODE_FAIL".into(),
+        None if note.contains("CANCELLED AT") => "CANCELLED".into(),
+        None => String::new(),
+    };
+    let (cause, what) = match state.as_str() {
+        "TIMEOUT" | "DEADLINE" => (FailureCause::Timeout, "reached its Slurm time limit (`time:`)".to_string()),
+        "CANCELLED" => (FailureCause::Crashed, "was cancelled in Slurm (scancel, or an administrator)".into()),
+        "PREEMPTED" => (FailureCause::Crashed, "was preempted by Slurm".into()),
+        "NODE_FAIL" | "BOOT_FAIL" => (FailureCause::Crashed, "lost its node (Slurm: node failure)".into()),
+        "OUT_OF_MEMORY" => (FailureCause::OutOfMemory, "ran out of host memory (Slurm's `mem:` limit)".into()),
+        "" => (FailureCause::Crashed, "left Slurm's queue without a final report from its worker".into()),
+        s => (FailureCause::Crashed, format!("ended in Slurm as {s} without a final report from its worker")),
+    };
+    (cause, if note.is_empty() { what } else { format!("{what}; Slurm says: {note}") })
+}
+
+/// A job the watcher follows.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub index: usize,
+    pub id: String,
+    pub events: PathBuf,
+    pub output: PathBuf,
+}
+
+struct Tail {
+    w: Watched,
+    offset: u64,
+    partial: Vec<u8>,
+    /// The worker's last word (`finished` or `failed`) is in the file.
+    reported: bool,
+    /// When the queue first showed the job ended: the file gets a moment to catch up (a shared
+    /// filesystem shows a node's last writes late).
+    ended: Option<(Instant, Option<String>)>,
+}
+
+impl Tail {
+    /// Sends the complete lines written since the last read.
+    fn read(&mut self, tx: &Sender<Msg>) {
+        let Ok(mut f) = std::fs::File::open(&self.w.events) else { return };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if f.read_to_end(&mut buf).is_err() {
+            return;
+        }
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let Some(last) = self.partial.iter().rposition(|&b| b == b'\n') else { return };
+        let complete: Vec<u8> = self.partial.drain(..=last).collect();
+        for line in String::from_utf8_lossy(&complete).lines().filter(|l| !l.is_empty()) {
+            let msg = match Event::from_line(line) {
+                Ok(e) => {
+                    self.reported |= matches!(e, Event::Finished { .. } | Event::Failed { .. });
+                    Msg::Event(self.w.index, e)
+                }
+                Err(_) => Msg::Noise(self.w.index, line.to_string()),
+            };
+            let _ = tx.send(msg);
+        }
+    }
+}
+
+/// Follows submitted jobs until the run drops `add`: their event files, and their state in the
+/// queue every `poll`. A job that ended is reported once its file has its last word, or a few
+/// polls after it ended without one.
+pub fn watch(add: Receiver<Watched>, tx: Sender<Msg>, poll: Duration) {
+    let settle = (poll * 3).max(Duration::from_secs(3));
+    let mut tails: Vec<Tail> = Vec::new();
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        match add.recv_timeout(poll) {
+            Ok(w) => {
+                tails.push(Tail { w, offset: 0, partial: Vec::new(), reported: false, ended: None });
+                tails.extend(add.try_iter().map(|w| Tail {
+                    w,
+                    offset: 0,
+                    partial: Vec::new(),
+                    reported: false,
+                    ended: None,
+                }));
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        for t in &mut tails {
+            t.read(&tx);
+        }
+        if tails.is_empty() {
+            continue;
+        }
+        let listed = match queue() {
+            Ok(q) => {
+                failing_since = None;
+                q
+            }
+            Err(e) => {
+                // Slurm's controller can be busy or restarting: keep the jobs and ask again.
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(60) {
+                    tracing::warn!("squeue has not answered for {} s: {e}", since.elapsed().as_secs());
+                }
+                continue;
+            }
+        };
+        let now = Instant::now();
+        tails.retain_mut(|t| {
+            let entry = listed.get(&t.w.id);
+            if entry.is_some_and(|e| !e.ended()) {
+                return true;
+            }
+            let (since, _) = t.ended.get_or_insert_with(|| (now, entry.map(|e| e.state.clone())));
+            if !t.reported && now.duration_since(*since) < settle {
+                return true;
+            }
+            t.read(&tx);
+            let state = t.ended.as_ref().and_then(|(_, s)| s.clone());
+            let note = slurm_note(&t.w.output);
+            let _ = tx.send(Msg::Exited(t.w.index, Exit::Slurm { id: t.w.id.clone(), state, note }));
+            false
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endings_are_classified_like_local_failures() {
+        assert_eq!(classify(Some("TIMEOUT"), "").0, FailureCause::Timeout);
+        assert_eq!(classify(Some("CANCELLED"), "").0, FailureCause::Crashed);
+        assert_eq!(classify(Some("OUT_OF_MEMORY"), "").0, FailureCause::OutOfMemory);
+        let (cause, why) =
+            classify(None, "slurmstepd: error: *** JOB 7 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO TIME LIMIT ***");
+        assert_eq!(cause, FailureCause::Timeout);
+        assert!(why.contains("time limit") && why.contains("DUE TO TIME LIMIT"), "{why}");
+        assert!(classify(None, "*** JOB 7 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO PREEMPTION ***")
+            .1
+            .contains("preempted"));
+        assert!(classify(None, "").1.contains("left Slurm's queue"));
+    }
+
+    #[test]
+    fn queue_states_that_are_over() {
+        let e = |s: &str| QueueEntry { state: s.into(), reason: String::new(), node: String::new() };
+        assert!(!e("PENDING").ended() && !e("RUNNING").ended() && !e("COMPLETING").ended());
+        assert!(e("COMPLETED").ended() && e("CANCELLED").ended() && e("NODE_FAIL").ended());
+    }
+
+    #[test]
+    fn quoting_survives_any_path() {
+        assert_eq!(quote("/a b/it's"), r"'/a b/it'\''s'");
+    }
+
+    #[test]
+    fn a_tail_sends_only_complete_lines_once() {
+        let dir = std::env::temp_dir().join(format!("xlab-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let events = dir.join("events-1.jsonl");
+        let line = Event::Metrics { step: 1, values: [("a".to_string(), 1.0)].into() }.to_line();
+        std::fs::write(&events, format!("{line}\n{}", &line[..5])).unwrap();
+        let w = Watched { index: 3, id: "1".into(), events: events.clone(), output: dir.join("1.out") };
+        let mut t = Tail { w, offset: 0, partial: Vec::new(), reported: false, ended: None };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        t.read(&tx);
+        assert_eq!(rx.try_iter().count(), 1, "the unfinished second line waits");
+        let done = Event::Finished { summary: Default::default() }.to_line();
+        std::fs::write(&events, format!("{line}\n{line}\n{done}\n")).unwrap();
+        t.read(&tx);
+        let got: Vec<Msg> = rx.try_iter().collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(t.reported);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
