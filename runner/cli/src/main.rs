@@ -808,14 +808,14 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
             report.detached
         );
     }
-    if let Some(why) =
-        report.ended_early.as_ref().filter(|_| report.detached == 0 || report.stopped + report.not_started > 0)
-    {
-        eprintln!(
-            "{why}: {} job(s) stopped (each resumes from its last checkpoint), {} not started. Run the same command again to resume; \
-             nothing recorded is lost.",
-            report.stopped, report.not_started
-        );
+    if let Some(why) = &report.ended_early {
+        if report.detached == 0 || report.stopped + report.not_started > 0 {
+            eprintln!(
+                "{why}: {} job(s) stopped (each resumes from its last checkpoint), {} not started. Run the same command \
+                 again to resume; nothing recorded is lost.",
+                report.stopped, report.not_started
+            );
+        }
         if report.failed.is_empty() {
             return Ok(exit::STOPPED);
         }

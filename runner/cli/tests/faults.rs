@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::cmd;
+use common::{attempts, cmd, job_ids, snapshot, weights};
 
 const SWEEP: &str = r#"
 name: faults
@@ -27,30 +27,6 @@ stages:
     step_rule: {use: sam.sam, rho: 0.05}
     objective: {use: dro.group_dro}
 "#;
-
-fn job_ids(store: &Path, file: &Path) -> Vec<String> {
-    let out = cmd(store).arg("plan").arg(file).output().unwrap();
-    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
-    plan.lines().filter(|l| l.starts_with("    ")).map(|l| l.split_whitespace().next().unwrap().to_string()).collect()
-}
-
-/// Every job's record (status and final metrics) and metric series, as stored.
-fn snapshot(store: &Path, ids: &[String]) -> Vec<serde_json::Value> {
-    ids.iter()
-        .map(|id| {
-            let out = cmd(store).args(["show", id]).output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            // Wall-clock timings (`time.*`) are the only values two runs do not share.
-            let measured = |m: &serde_json::Value| {
-                let mut m = m.clone();
-                m.as_object_mut().unwrap().retain(|k, _| !k.starts_with("time."));
-                m
-            };
-            serde_json::json!({"id": id, "status": v["status"], "summary": measured(&v["summary"]), "metrics": measured(&v["metrics"])})
-        })
-        .collect()
-}
 
 /// The checkpoint files in a store's run folders.
 fn checkpoints(store: &Path) -> std::collections::BTreeSet<PathBuf> {
@@ -222,24 +198,6 @@ fn wait_for_checkpoint(store: &Path) {
         assert!(std::time::Instant::now() < deadline, "no checkpoint within 60 s");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn attempts(store: &Path, id: &str) -> Vec<String> {
-    let out = cmd(store).args(["show", id]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["attempts"].as_array().unwrap().iter().map(|a| a["outcome"].as_str().unwrap_or("").to_string()).collect()
-}
-
-/// The SHA-256 of each job's final weights file.
-fn weights(store: &Path, ids: &[String]) -> Vec<String> {
-    use sha2::Digest;
-    ids.iter()
-        .map(|id| {
-            hex::encode(sha2::Sha256::digest(
-                std::fs::read(store.join("runs").join(id).join("weights.safetensors")).unwrap(),
-            ))
-        })
-        .collect()
 }
 
 /// With `deterministic: true`, a sweep stopped by Ctrl-C and resumed (on slots of one thread)

@@ -48,6 +48,15 @@ impl SpecError {
 
     /// Names the key below the context the error is about, as it is written in the file (one
     /// segment: `optimizer.lr` under `grid:` is one key).
+    /// Puts the keys found so far under `parents` (an error about a field of a map that was
+    /// read on its own: `executor.slurm` above `gpu_per_job`).
+    pub fn under(mut self, parents: &[&str]) -> Self {
+        let keys: Vec<String> =
+            parents.iter().map(|p| p.to_string()).chain(std::mem::take(&mut self.keys).into_vec()).collect();
+        self.keys = keys.into();
+        self
+    }
+
     pub fn key(mut self, segment: impl Into<String>) -> Self {
         let mut keys = std::mem::take(&mut self.keys).into_vec();
         keys.push(segment.into());

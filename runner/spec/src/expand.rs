@@ -598,24 +598,33 @@ pub fn expand(
     if exp.max_parallel == Some(0) {
         return Err(SpecError::new(file, "`max_parallel` must be at least 1").key("max_parallel"));
     }
-    if let Some(crate::file::Executor::Slurm(s)) = &exp.executor {
-        if s.array_parallelism == Some(0) || s.cpus_per_job == Some(0) {
-            return Err(
-                SpecError::new(file, "`array_parallelism` and `cpus_per_job` must be at least 1").key("executor.slurm")
-            );
+    let executor = match exp.executor {
+        None => None,
+        Some(v) => {
+            let e = crate::file::Executor::try_from(v).map_err(|m| match m.strip_prefix("slurm: ") {
+                Some(m) => SpecError::new(file, m).under(&["executor", "slurm"]),
+                None => SpecError::new(file, m).under(&["executor"]),
+            })?;
+            if let crate::file::Executor::Slurm(s) = &e {
+                for (key, v) in [("array_parallelism", s.array_parallelism), ("cpus_per_job", s.cpus_per_job)] {
+                    if v == Some(0) {
+                        return Err(SpecError::new(file, format!("`{key}` must be at least 1"))
+                            .key("executor")
+                            .key("slurm")
+                            .key(key));
+                    }
+                }
+                if s.poll_s.is_some_and(|p| !(p > 0.0 && p <= 600.0)) {
+                    return Err(SpecError::new(file, "`poll_s` must be above 0 and at most 600")
+                        .key("executor")
+                        .key("slurm")
+                        .key("poll_s"));
+                }
+            }
+            Some(e)
         }
-        if s.poll_s.is_some_and(|p| !(p > 0.0 && p <= 600.0)) {
-            return Err(SpecError::new(file, "`poll_s` must be above 0 and at most 600").key("executor.slurm.poll_s"));
-        }
-    }
-    Ok(Plan {
-        name: exp.name,
-        file: file.to_path_buf(),
-        source,
-        stages,
-        max_parallel: exp.max_parallel,
-        executor: exp.executor,
-    })
+    };
+    Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages, max_parallel: exp.max_parallel, executor })
 }
 
 /// A job's config checked and resolved: typed, canonical JSON, and the plugins it uses.

@@ -73,13 +73,12 @@ pub struct ExperimentFile {
     /// Where the jobs run: `local` (this machine's devices, the default) or `{slurm: {...}}`.
     /// Not part of any job's identity: the same file gives the same jobs on either.
     #[serde(default)]
-    pub executor: Option<Executor>,
+    pub executor: Option<Value>,
 }
 
 /// `executor:` at the top of a file: `local`, `slurm` (with Slurm's defaults) or
 /// `{slurm: {partition: …, …}}`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(try_from = "Value")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Executor {
     Local,
     Slurm(Slurm),

@@ -1,0 +1,330 @@
+//! The Slurm executor against a real single-node Slurm cluster (munged, slurmctld and slurmd
+//! from Debian's packages, which `make setup` installs when it runs as root), started by each
+//! test in its own folder on free ports and stopped after it. Where the cluster cannot start
+//! (the packages are missing, or not root), each test says so and is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{attempts, cmd, job_ids, snapshot, weights};
+
+/// A sweep with a job array (three seeds of one stage) and a single job (a SAM stage); every
+/// job is deterministic, so the Slurm results must equal a local run's bit for bit.
+const SWEEP: &str = r#"
+name: on-slurm
+executor: {slurm: {poll_s: 0.25, array_parallelism: 2}}
+defaults:
+  task: train
+  data: {name: spurious, n_train: 8192, n_val: 0, n_test: 256}
+  model: {name: mlp, hidden: [16]}
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+  epochs: EPOCHS
+  batch_size: 32
+  deterministic: true
+stages:
+  erm:
+    seeds: 3
+    retries: 1
+  sam:
+    step_rule: {use: sam.sam, rho: 0.05}
+    retries: 1
+"#;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+fn tool(name: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run(c: &mut Command) -> Result<String, String> {
+    let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{c:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Cluster {
+    /// A single-node cluster: munge authentication, cons_tres selection, no accounting.
+    fn start() -> Result<Cluster, String> {
+        let missing: Vec<&str> = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo"]
+            .into_iter()
+            .filter(|t| !tool(t))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "{} not installed (Debian: slurmctld slurmd slurm-client munge; `make setup` installs them as root)",
+                missing.join(", ")
+            ));
+        }
+        if run(Command::new("id").arg("-u"))?.trim() != "0" {
+            return Err("slurmd must run as root to start jobs, and this test is not root".into());
+        }
+        let dir = tempfile::Builder::new().prefix("xlab-slurm-").tempdir_in("/tmp").map_err(|e| e.to_string())?;
+        let d = dir.path();
+        for sub in ["state", "spool", "log"] {
+            std::fs::create_dir_all(d.join(sub)).map_err(|e| e.to_string())?;
+        }
+        let mut key = vec![0u8; 1024];
+        {
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(d.join("munge.key"), key).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("munge.key"), std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+        let socket = d.join("munge.sock");
+        run(Command::new("munged")
+            .arg("--force")
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--key-file={}", d.join("munge.key").display()))
+            .arg(format!("--log-file={}", d.join("log/munged.log").display()))
+            .arg(format!("--pid-file={}", d.join("munged.pid").display()))
+            .arg(format!("--seed-file={}", d.join("munged.seed").display())))?;
+        let host = run(Command::new("hostname").arg("-s"))?.trim().to_string();
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let p = |s: &str| d.join(s).display().to_string();
+        let conf = format!(
+            "ClusterName=xlabtest\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={}\nSlurmdPort={}\n\
+             AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={}\n\
+             SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\nProctrackType=proctrack/linuxproc\n\
+             TaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
+             MpiDefault=none\nSlurmUser=root\nSlurmdUser=root\nStateSaveLocation={}\nSlurmdSpoolDir={}\n\
+             SlurmctldPidFile={}\nSlurmdPidFile={}\nSlurmctldLogFile={}\nSlurmdLogFile={}\n\
+             ReturnToService=2\nKillWait=5\nMinJobAge=600\nSchedulerParameters=sched_interval=1\n\
+             NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN\n\
+             PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
+            free_port(),
+            free_port(),
+            socket.display(),
+            p("state"),
+            p("spool"),
+            p("slurmctld.pid"),
+            p("slurmd.pid"),
+            p("log/slurmctld.log"),
+            p("log/slurmd.log"),
+        );
+        let conf_path = d.join("slurm.conf");
+        std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
+        let cluster = Cluster { dir, conf: conf_path };
+        run(Command::new("slurmctld").arg("-i").env("SLURM_CONF", &cluster.conf))?;
+        run(Command::new("slurmd").env("SLURM_CONF", &cluster.conf))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let state = run(Command::new("sinfo").args(["-h", "-o", "%t"]).env("SLURM_CONF", &cluster.conf));
+            if state.as_deref().is_ok_and(|s| s.trim() == "idle") {
+                return Ok(cluster);
+            }
+            if Instant::now() > deadline {
+                let logs = ["slurmctld.log", "slurmd.log"]
+                    .iter()
+                    .map(|l| std::fs::read_to_string(cluster.dir.path().join("log").join(l)).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Err(format!("the node did not come up within 30 s (sinfo: {state:?}); logs:\n{logs}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `xlab --store STORE` talking to this cluster.
+    fn xlab(&self, store: &Path) -> Command {
+        let mut c = cmd(store);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+
+    fn slurm(&self, tool: &str) -> Command {
+        let mut c = Command::new(tool);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.slurm("scancel").arg("--me").output();
+        std::thread::sleep(Duration::from_millis(500));
+        for pid in ["slurmd.pid", "slurmctld.pid", "munged.pid"] {
+            if let Ok(p) = std::fs::read_to_string(self.dir.path().join(pid)) {
+                let _ = Command::new("kill").arg(p.trim()).status();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn cluster_or_skip(test: &str) -> Option<Cluster> {
+    match Cluster::start() {
+        Ok(c) => Some(c),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: no Slurm test cluster on this machine: {why}");
+            None
+        }
+    }
+}
+
+fn sweep(dir: &Path, epochs: u32) -> PathBuf {
+    let f = dir.join("sweep.yaml");
+    std::fs::write(&f, SWEEP.replace("EPOCHS", &epochs.to_string())).unwrap();
+    f
+}
+
+/// The same sweep run here, for comparison.
+fn local_reference(dir: &Path, file: &Path) -> PathBuf {
+    let reference = dir.join("reference");
+    let out = cmd(&reference).args(["run", "--executor", "local", "-j", "2"]).arg(file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    reference
+}
+
+/// `runs/<job>/events-1.jsonl` of a job that has written a checkpoint after epoch `epoch`.
+fn job_past_epoch(store: &Path, epoch: u64, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        for run in std::fs::read_dir(store.join("runs")).into_iter().flatten().flatten() {
+            let events = std::fs::read_to_string(run.path().join("events-1.jsonl")).unwrap_or_default();
+            let reached = events
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|e| e["event"] == "checkpoint" && e["epoch"].as_u64().is_some_and(|n| n >= epoch));
+            if reached {
+                return run.file_name().to_string_lossy().into_owned();
+            }
+        }
+        assert!(Instant::now() < deadline, "no job reached a checkpoint after epoch {epoch} in Slurm");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn record(store: &Path, id: &str) -> serde_json::Value {
+    let out = cmd(store).args(["show", id]).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn slurm_ids(store: &Path, id: &str) -> Vec<String> {
+    record(store, id)["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["slurm_job"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
+    let Some(cluster) = cluster_or_skip("a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = sweep(dir.path(), 10);
+    let reference = local_reference(dir.path(), &file);
+
+    let store = dir.path().join("results");
+    let child =
+        cluster.xlab(&store).arg("run").arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    // Cancel a job in Slurm once it has checkpointed twice, as a user or an administrator would.
+    let victim = job_past_epoch(&store, 2, Duration::from_secs(120));
+    // The store is the running coordinator's; its status file names each job's Slurm id.
+    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(store.join("status.json")).unwrap()).unwrap();
+    let running = status["running"].as_array().unwrap();
+    let slurm_id =
+        running.iter().find(|r| r["job"] == victim.as_str()).unwrap()["slurm_job"].as_str().unwrap().to_string();
+    run(cluster.slurm("scancel").arg(&slurm_id)).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("Slurm job {slurm_id} was cancelled in Slurm")), "{err}");
+    assert!(err.contains("from its checkpoint after epoch"), "the retry resumed: {err}");
+
+    assert_eq!(attempts(&store, &victim), ["crashed", "done"], "{err}");
+    let ids = slurm_ids(&store, &victim);
+    assert!(ids[0] == slurm_id && !ids[1].is_empty() && ids[1] != slurm_id, "{ids:?}");
+    // The three ready seeds went in as one job array, the SAM job alone.
+    let jobs = job_ids(&store, &file);
+    let firsts: Vec<String> = jobs.iter().map(|j| slurm_ids(&store, j)[0].clone()).collect();
+    let array = firsts[0].split('_').next().unwrap().to_string();
+    for (k, f) in firsts[..3].iter().enumerate() {
+        assert_eq!(f, &format!("{array}_{k}"), "{firsts:?}");
+    }
+    assert!(!firsts[3].contains('_'), "{firsts:?}");
+    // Every metric series is complete, once, and equal to the local run's; so are the weights.
+    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "Slurm results equal local ones");
+    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    let status = cluster.xlab(&store).arg("status").output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("stage `erm`: 3 done"), "{status:?}");
+}
+
+#[test]
+fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_again() {
+    let Some(cluster) =
+        cluster_or_skip("a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_again")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = sweep(dir.path(), 30);
+    let reference = local_reference(dir.path(), &file);
+    let store = dir.path().join("results");
+
+    // Ctrl-C: the coordinator leaves; its jobs keep running in Slurm.
+    let child =
+        cluster.xlab(&store).arg("run").arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    job_past_epoch(&store, 1, Duration::from_secs(120));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("job(s) keep running in Slurm"), "{err}");
+    let status = cluster.xlab(&store).arg("status").output().unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.contains("in Slurm (run the same command again") && shown.contains("Slurm job "), "{shown}");
+
+    // Running them here as well would have two workers write one run folder.
+    let local = cluster.xlab(&store).args(["run", "--executor", "local"]).arg(&file).output().unwrap();
+    let lerr = String::from_utf8_lossy(&local.stderr);
+    assert!(!local.status.success() && lerr.contains("is still in Slurm as job"), "{lerr}");
+
+    // Restarted, killed hard mid-run, restarted again: the same Slurm jobs to the end.
+    let child =
+        cluster.xlab(&store).arg("run").arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap().success());
+    let _ = child.wait_with_output();
+    let out = cluster.xlab(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(re-attached)"), "{err}");
+
+    let jobs = job_ids(&store, &file);
+    for j in &jobs {
+        assert_eq!(attempts(&store, j), ["done"], "{j}: one Slurm job from start to end\n{err}");
+    }
+    let scripts = std::fs::read_dir(store.join("slurm"))
+        .unwrap()
+        .flatten()
+        .filter(|f| f.path().extension().is_some_and(|e| e == "sh"))
+        .count();
+    assert_eq!(scripts, 2, "one array for the seeds and one job for SAM, never submitted again");
+    assert_eq!(
+        snapshot(&store, &jobs),
+        snapshot(&reference, &jobs),
+        "every point ingested once, as a local run has it"
+    );
+    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+}
