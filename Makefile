@@ -8,7 +8,7 @@ TORCH_VERSION := 2.11.0
 CARGO ?= cargo
 RELEASE := --release
 
-.PHONY: setup build demo test lint bench fmt clean device-bundle
+.PHONY: setup build demo test lint bench fmt clean device-bundle slurm-packages
 
 # A project-local virtualenv with torch from PyPI; `.venv/torch` points at the installed torch
 # package, which holds libtorch (lib/, include/) for tch to build and link against.
@@ -41,7 +41,24 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy $(RELEASE) --workspace --all-targets -- -D warnings
 
-test: build lint
+# The Slurm executor's tests start a single-node cluster from Debian's packages (munged,
+# slurmctld, slurmd): installed here when this runs as root with apt. Elsewhere those tests say
+# why they skip.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-packages:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+	    && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $(SLURM_PACKAGES) for the Slurm executor's tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) >/dev/null \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) >/dev/null; } \
+	    || echo "could not install Slurm: the Slurm executor's tests will be skipped"; \
+	else \
+	  echo "Slurm is not installed and this is not root with apt: the Slurm executor's tests will be skipped"; \
+	fi
+
+test: build lint slurm-packages
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run $(RELEASE) --workspace --no-fail-fast; \
 	else \

@@ -16,6 +16,8 @@ pub struct Report {
     pub jobs: usize,
     /// Unfinished jobs whose newest checkpoint was kept for their resume.
     pub kept_for_resume: usize,
+    /// Jobs left alone because a worker in Slurm may still be writing their folders.
+    pub in_slurm: usize,
 }
 
 impl Report {
@@ -86,6 +88,12 @@ pub fn collect(
     let mut report = Report::default();
     for mut job in store.jobs()? {
         if experiment.is_some_and(|e| e != job.experiment) {
+            continue;
+        }
+        // A stopped `xlab run --executor slurm` leaves its jobs running in Slurm: their workers
+        // write checkpoints (and temporary files) without the store's lock.
+        if job.status == JobStatus::Running && job.attempts.last().is_some_and(|a| a.slurm_job.is_some()) {
+            report.in_slurm += 1;
             continue;
         }
         let (remove, kept_for_resume) = plan_job(store, &job, keep_last);

@@ -396,6 +396,13 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
                 report.jobs,
                 report.kept_for_resume
             );
+            if report.in_slurm > 0 {
+                outln!(
+                    "left {} job(s) alone that may still run in Slurm (`xlab status` shows them; run the experiment again \
+                     to collect them first)",
+                    report.in_slurm
+                );
+            }
             Ok(0)
         }
         Command::Export { experiment, format, output } => {

@@ -67,7 +67,7 @@ impl Cluster {
             .collect();
         if !missing.is_empty() {
             return Err(format!(
-                "{} not installed (Debian: slurmctld slurmd slurm-client munge; `make setup` installs them as root)",
+                "{} not installed (Debian: slurmctld slurmd slurm-client munge; `make slurm-packages` installs them as root)",
                 missing.join(", ")
             ));
         }
@@ -294,6 +294,11 @@ fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_ag
     let status = cluster.xlab(&store).arg("status").output().unwrap();
     let shown = String::from_utf8_lossy(&status.stdout);
     assert!(shown.contains("in Slurm (run the same command again") && shown.contains("Slurm job "), "{shown}");
+
+    // Their workers write checkpoints without the store's lock: gc leaves them alone.
+    let gc = cluster.xlab(&store).arg("gc").output().unwrap();
+    let said = String::from_utf8_lossy(&gc.stdout);
+    assert!(gc.status.success() && said.contains("left 4 job(s) alone that may still run in Slurm"), "{said}");
 
     // Running them here as well would have two workers write one run folder.
     let local = cluster.xlab(&store).args(["run", "--executor", "local"]).arg(&file).output().unwrap();
