@@ -65,14 +65,17 @@ test: build lint slurm-packages
 	  $(CARGO) test $(RELEASE) --workspace --no-fail-fast; \
 	fi
 
-# Benchmarks (never timed assertions in tests): metric ingestion into the store, and training
-# throughput against a PyTorch eager loop, scheduler overhead with no-op jobs (bench/results/,
-# summarized in BENCHMARKS.md).
+# Benchmarks (never timed assertions in tests): training throughput and DDIM sampling against
+# PyTorch loops, scheduler overhead with no-op jobs, store ingestion against SQLite and resume
+# detection, query speed. Each writes bench/results/*.json; bench/report.py then writes
+# BENCHMARKS.md from bench/BENCHMARKS.in.md and those files.
 bench: build
-	$(CARGO) bench -p xlab-store --bench ingest
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
-	$(VENV)/bin/python bench/scheduler.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/sampling.py --xlab target/release/xlab --device cpu --out bench/results
+	$(VENV)/bin/python bench/scheduler.py --xlab target/release/xlab --out bench/results
+	CARGO="$(CARGO)" $(VENV)/bin/python bench/store.py --xlab target/release/xlab --out bench/results
+	$(VENV)/bin/python bench/query.py --xlab target/release/xlab --out bench/results
+	$(VENV)/bin/python bench/report.py
 
 # The binaries and plugins scripts/device-check.sh runs on a CUDA machine (against that machine's
 # own torch 2.11; they carry no libtorch).

@@ -1,5 +1,5 @@
 """Query speed over large stores: a filter, a group-by and aggregates over 10^4 and 10^5 jobs
-(10^6 with --sizes) with 10 metrics each, in stores built by `xlab import` from generated
+(10^6 with `--sizes 1000000 --name query-large`) with 10 metrics each, in stores built by `xlab import` from generated
 export lines.
 
     python bench/query.py --xlab target/release/xlab --out bench/results
@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--xlab", default="target/release/xlab")
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default="query", help="the result file's name (query-large for 10^6 jobs)")
     args = ap.parse_args()
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
@@ -68,7 +69,7 @@ def main():
                        "query": "xlab query " + " ".join(QUERY),
                        "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "query.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 

@@ -10,6 +10,11 @@ figure times the same pass. The first epoch of both is a warm-up and is not coun
 Peers, both in Python with the same torch: `eager` keeps the running loss on the device and reads
 it once per epoch (the fastest idiomatic loop); `eager+item` reads `loss.item()` every step, as
 most training scripts do for logging. xlab reads its per-example statistics every step.
+
+How close a step comes to the machine: the FLOPs of one training step are counted by PyTorch's
+`FlopCounterMode` on the eager step (matrix products and convolutions, forward and backward,
+both passes for SAM), and the machine's matmul throughput is a square fp32 `torch.mm` on the same
+device and threads (the median of 10). xlab's GFLOP/s is its steps/s times the step's FLOPs.
 """
 
 import argparse
@@ -135,7 +140,23 @@ def build_model(data, model, dev):
     return torch.nn.Sequential(*layers).to(dev)
 
 
+def matmul_gflops(device, n):
+    """fp32 matrix-multiply throughput of the device: the median of 10 products of n x n."""
+    dev = torch.device(device)
+    a, b = torch.rand((n, n), device=dev), torch.rand((n, n), device=dev)
+    times = []
+    for _ in range(12):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        c = a @ b
+        float(c[0, 0])
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[2:]) / 1e9
+
+
 def eager_steps_per_s(device, epochs, case, method, item_every_step):
+    """The eager loop's steps/s, and the FLOPs of one of its steps."""
     name, data, model, batch = case
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -178,6 +199,12 @@ def eager_steps_per_s(device, epochs, case, method, item_every_step):
         opt.step()
         return loss
 
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(x[:batch], y[:batch])
+    flops = counter.get_total_flops()
+
     rates = []
     for epoch in range(epochs):
         order = torch.randperm(n, device=dev)
@@ -197,7 +224,7 @@ def eager_steps_per_s(device, epochs, case, method, item_every_step):
         float(total)  # waits for the device
         if epoch > 0:
             rates.append(steps / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return statistics.median(rates), flops
 
 
 def main():
@@ -217,6 +244,8 @@ def main():
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows = []
+    peak = matmul_gflops(args.device, 8192 if args.device == "cuda" else 2048)
+    print(f"matmul: {peak:.1f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as work:
         for case in cases:
             if case[1].get("path") == "CIFAR":
@@ -224,29 +253,23 @@ def main():
                 case = (case[0], dict(case[1], path=os.path.join(work, "cifar")), *case[2:])
             for method in METHODS:
                 xl = xlab_steps_per_s(args.xlab, args.device, args.threads, args.epochs, case, method, work)
-                eager = eager_steps_per_s(args.device, args.epochs, case, method, False)
-                item = eager_steps_per_s(args.device, args.epochs, case, method, True)
+                eager, flops = eager_steps_per_s(args.device, args.epochs, case, method, False)
+                item, _ = eager_steps_per_s(args.device, args.epochs, case, method, True)
                 row = {"case": case[0], "method": method, "batch": case[3], "xlab_steps_per_s": xl,
                        "eager_steps_per_s": eager, "eager_item_steps_per_s": item,
-                       "ratio_vs_eager": xl / eager, "ratio_vs_eager_item": xl / item}
+                       "ratio_vs_eager": xl / eager, "ratio_vs_eager_item": xl / item,
+                       "step_gflop": flops / 1e9, "xlab_gflops": xl * flops / 1e9,
+                       "of_matmul_peak": xl * flops / 1e9 / peak}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
     meta = {"device": args.device, "gpu": gpu, "threads": args.threads, "epochs": args.epochs,
+            "matmul_gflops": peak,
             "torch": torch.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"), "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     with open(os.path.join(args.out, f"throughput-{args.device}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = ["| case | method | batch | xlab steps/s | eager steps/s | ratio | eager+item steps/s | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['method']} | {r['batch']} | {r['xlab_steps_per_s']:.4g} | "
-                     f"{r['eager_steps_per_s']:.4g} | {r['ratio_vs_eager']:.2f} | "
-                     f"{r['eager_item_steps_per_s']:.4g} | {r['ratio_vs_eager_item']:.2f} |")
-    with open(os.path.join(args.out, f"throughput-{args.device}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    print(f"wrote {args.out}/throughput-{args.device}.json; `bench/report.py` puts it into BENCHMARKS.md")
 
 if __name__ == "__main__":
     main()

@@ -149,6 +149,13 @@ impl Cluster {
         c
     }
 
+    /// `xlab run FILE` in the background.
+    fn run_in_background(&self, store: &Path, file: &Path) -> Coordinator {
+        let mut c = self.xlab(store);
+        c.arg("run").arg(file);
+        Coordinator::start(c)
+    }
+
     fn slurm(&self, tool: &str) -> Command {
         let mut c = Command::new(tool);
         c.env("SLURM_CONF", &self.conf);
@@ -166,6 +173,32 @@ impl Drop for Cluster {
             }
         }
         std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A coordinator started in the background, killed if the test ends early (a failed assertion).
+struct Coordinator(Option<std::process::Child>);
+
+impl Coordinator {
+    fn start(mut c: Command) -> Self {
+        Coordinator(Some(c.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap()))
+    }
+
+    fn pid(&self) -> String {
+        self.0.as_ref().unwrap().id().to_string()
+    }
+
+    fn wait(mut self) -> std::process::Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -236,8 +269,7 @@ fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
     let reference = local_reference(dir.path(), &file);
 
     let store = dir.path().join("results");
-    let child =
-        cluster.xlab(&store).arg("run").arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let child = cluster.run_in_background(&store, &file);
     // Cancel a job in Slurm once it has checkpointed twice, as a user or an administrator would.
     let victim = job_past_epoch(&store, 2, Duration::from_secs(120));
     // The store is the running coordinator's; its status file names each job's Slurm id.
@@ -246,7 +278,7 @@ fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
     let slurm_id =
         running.iter().find(|r| r["job"] == victim.as_str()).unwrap()["slurm_job"].as_str().unwrap().to_string();
     run(cluster.slurm("scancel").arg(&slurm_id)).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&format!("Slurm job {slurm_id} was cancelled in Slurm")), "{err}");
@@ -283,11 +315,10 @@ fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_ag
     let store = dir.path().join("results");
 
     // Ctrl-C: the coordinator leaves; its jobs keep running in Slurm.
-    let child =
-        cluster.xlab(&store).arg("run").arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let child = cluster.run_in_background(&store, &file);
     job_past_epoch(&store, 1, Duration::from_secs(120));
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
+    assert!(Command::new("kill").args(["-INT", &child.pid()]).status().unwrap().success());
+    let out = child.wait();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("job(s) keep running in Slurm"), "{err}");
@@ -306,11 +337,10 @@ fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_ag
     assert!(!local.status.success() && lerr.contains("is still in Slurm as job"), "{lerr}");
 
     // Restarted, killed hard mid-run, restarted again: the same Slurm jobs to the end.
-    let child =
-        cluster.xlab(&store).arg("run").arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let child = cluster.run_in_background(&store, &file);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap().success());
-    let _ = child.wait_with_output();
+    assert!(Command::new("kill").args(["-KILL", &child.pid()]).status().unwrap().success());
+    let _ = child.wait();
     let out = cluster.xlab(&store).arg("run").arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

@@ -4,6 +4,8 @@
 //! `cargo bench -p xlab-store --bench ingest` (or `make bench`). Writes 1,000,000 points: 100
 //! jobs × 10 metrics × 1,000 steps, one batch per (job, step) as the coordinator's writer does,
 //! and with 16 and 64 steps per batch (what the writer coalesces when points arrive faster).
+//! With `XLAB_BENCH_JSON=FILE`, also writes the figures there (`bench/store.py` does, for
+//! BENCHMARKS.md).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -34,6 +36,7 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or(vec![64, 16, 1]);
+    let mut rows = Vec::new();
     for per_batch in sizes {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -63,5 +66,13 @@ fn main() {
             points as f64 / secs,
             bytes as f64 / 1e6 / (points as f64 / 1e6)
         );
+        rows.push(format!(
+            "{{\"steps_per_batch\": {per_batch}, \"points\": {points}, \"seconds\": {secs}, \"points_per_s\": {}, \"bytes\": {bytes}, \"bytes_per_point\": {}}}",
+            points as f64 / secs,
+            bytes as f64 / points as f64
+        ));
+    }
+    if let Some(path) = std::env::var_os("XLAB_BENCH_JSON") {
+        std::fs::write(&path, format!("[{}]\n", rows.join(",\n"))).expect("the JSON file is writable");
     }
 }

@@ -1,0 +1,134 @@
+"""Writes BENCHMARKS.md from bench/BENCHMARKS.in.md and the figures in bench/results/*.json.
+
+The template holds the prose; each `<!-- bench: NAME -->` line becomes the table of
+`bench/results/NAME.json`, with the machine, the date and the command that measured it, so every
+table shows figures from one run side by side. `make bench` runs every benchmark, then this.
+
+    python bench/report.py [--results bench/results] [--out BENCHMARKS.md]
+"""
+
+import argparse
+import json
+import os
+import re
+
+
+def num(v, digits=4):
+    """Figures to `digits` significant digits, without exponent notation for ordinary sizes."""
+    if v is None:
+        return "—"
+    if abs(v) >= 10 ** digits:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def ratio(v):
+    return "—" if v is None else f"{v:.2f}"
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine(meta):
+    parts = [meta.get("host", "?"), f"{meta.get('cpu_count', '?')} CPUs"]
+    if meta.get("gpu"):
+        parts.append(meta["gpu"])
+    if meta.get("torch"):
+        parts.append(f"torch {meta['torch']}")
+    if meta.get("threads"):
+        parts.append(f"{meta['threads']} threads")
+    if meta.get("sqlite"):
+        parts.append(f"SQLite {meta['sqlite']}")
+    return ", ".join(parts)
+
+
+def footer(meta, extra=""):
+    line = f"Measured on {machine(meta)}, {meta.get('date', '?')}{extra}: `{meta.get('command', '?')}`"
+    return "\n\n" + line
+
+
+def throughput(d):
+    m = d["meta"]
+    rows = []
+    for r in d["rows"]:
+        peak = r.get("of_matmul_peak")
+        rows.append([r["case"], r["method"], r["batch"], num(r["xlab_steps_per_s"]), num(r["eager_steps_per_s"]),
+                     ratio(r["ratio_vs_eager"]), num(r["eager_item_steps_per_s"]), ratio(r["ratio_vs_eager_item"]),
+                     num(r.get("step_gflop"), 3), num(r.get("xlab_gflops"), 3),
+                     "—" if peak is None else f"{100 * peak:.1f}%"])
+    head = ["model", "method", "batch", "xlab steps/s", "PyTorch eager steps/s", "ratio",
+            "eager + `.item()` each step", "ratio", "GFLOP a step", "xlab GFLOP/s", "of matmul peak"]
+    peak = m.get("matmul_gflops")
+    extra = "" if peak is None else f"; fp32 matmul {num(peak, 3)} GFLOP/s"
+    return table(head, rows) + footer(m, extra)
+
+
+def sampling(d):
+    rows = [[r["case"], r["steps"], r["batch"], num(r["xlab_nfe_per_s"], 3), num(r["eager_nfe_per_s"], 3),
+             ratio(r["ratio"])] for r in d["rows"]]
+    return table(["case", "steps", "batch", "xlab NFE/s", "PyTorch loop NFE/s", "ratio"], rows) + footer(d["meta"])
+
+
+def scheduler(d):
+    n, s = d["noop"], d["sleep"]
+    rows = [
+        [f"{n['jobs']} no-op jobs on {n['slots']} CPU slots", f"{num(n['jobs_per_s'], 3)} jobs/s ({n['wall_s']:.0f} s)",
+         "—", "—"],
+        [f"{s['jobs']} jobs of {s['job_s']:g} s on {s['slots']} slots", f"{s['wall_s']:.1f} s",
+         f"{s['ideal_s']:.0f} s (ideal)", f"{100 * s['overhead']:.1f}% overhead"],
+        [f"rerunning the {n['jobs']}-job file once all are done", f"{1000 * n['rerun_all_done_s']:.0f} ms", "—", "—"],
+    ]
+    return table(["measure", "xlab", "reference", "ratio"], rows) + footer(d["meta"])
+
+
+def store(d):
+    rows = [[r["steps_per_batch"], f"{r['points']:,}", num(r["xlab_points_per_s"]), num(r["sqlite_points_per_s"]),
+             ratio(r["ratio"]), f"{r['xlab_bytes_per_point']:.1f}", f"{r['sqlite_bytes_per_point']:.1f}"]
+            for r in d["ingest"]]
+    out = table(["steps per batch", "points", "xlab points/s", "SQLite points/s", "ratio", "xlab bytes/point",
+                 "SQLite bytes/point"], rows)
+    r = d["resume"]
+    out += "\n\n" + table(["resume detection", "xlab"],
+                          [[f"`xlab run` on a {r['jobs']:,}-job sweep the store holds as done", f"{r['seconds']:.2f} s"]])
+    return out + footer(d["meta"])
+
+
+def query(d):
+    rows = [[f"{r['jobs']:,}", f"{r['query_s']:.2f} s", f"{r['import_s']:.1f} s", f"{r['store_bytes'] / 1e6:,.0f} MB"]
+            for r in d["rows"]]
+    return table(["jobs", "query", "import", "store on disk"], rows) + footer(d["meta"])
+
+
+RENDER = {"throughput": throughput, "sampling": sampling, "scheduler": scheduler, "store": store, "query": query}
+
+
+def render(name, results):
+    path = os.path.join(results, f"{name}.json")
+    if not os.path.exists(path):
+        return f"_Not measured yet: there is no `bench/results/{name}.json`._"
+    with open(path) as f:
+        data = json.load(f)
+    return RENDER[name.split("-")[0]](data)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--template", default=os.path.join(here, "BENCHMARKS.in.md"))
+    ap.add_argument("--results", default=os.path.join(here, "results"))
+    ap.add_argument("--out", default=os.path.join(here, "..", "BENCHMARKS.md"))
+    args = ap.parse_args()
+    with open(args.template) as f:
+        text = f.read()
+    text = re.sub(r"^<!-- bench: ([\w-]+) -->$", lambda m: render(m.group(1), args.results), text, flags=re.M)
+    note = "<!-- Written by bench/report.py from bench/BENCHMARKS.in.md and bench/results/; edit those. -->\n"
+    with open(args.out, "w") as f:
+        f.write(note + text)
+    print(f"wrote {os.path.normpath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
