@@ -226,8 +226,8 @@ fn local_reference(dir: &Path, file: &Path) -> PathBuf {
     reference
 }
 
-/// `runs/<job>/events-1.jsonl` of a job that has written a checkpoint after epoch `epoch`.
-fn job_past_epoch(store: &Path, epoch: u64, within: Duration) -> String {
+/// A job whose first attempt has written a checkpoint after epoch `epoch` (not one of `but`).
+fn job_past_epoch(store: &Path, epoch: u64, but: &[&str], within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
         for run in std::fs::read_dir(store.join("runs")).into_iter().flatten().flatten() {
@@ -236,8 +236,9 @@ fn job_past_epoch(store: &Path, epoch: u64, within: Duration) -> String {
                 .lines()
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .any(|e| e["event"] == "checkpoint" && e["epoch"].as_u64().is_some_and(|n| n >= epoch));
-            if reached {
-                return run.file_name().to_string_lossy().into_owned();
+            let id = run.file_name().to_string_lossy().into_owned();
+            if reached && !but.contains(&id.as_str()) {
+                return id;
             }
         }
         assert!(Instant::now() < deadline, "no job reached a checkpoint after epoch {epoch} in Slurm");
@@ -265,19 +266,27 @@ fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let file = sweep(dir.path(), 10);
+    let file = sweep(dir.path(), 20);
     let reference = local_reference(dir.path(), &file);
 
     let store = dir.path().join("results");
     let child = cluster.run_in_background(&store, &file);
     // Cancel a job in Slurm once it has checkpointed twice, as a user or an administrator would.
-    let victim = job_past_epoch(&store, 2, Duration::from_secs(120));
+    let victim = job_past_epoch(&store, 2, &[], Duration::from_secs(120));
     // The store is the running coordinator's; its status file names each job's Slurm id.
-    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(store.join("status.json")).unwrap()).unwrap();
-    let running = status["running"].as_array().unwrap();
-    let slurm_id =
-        running.iter().find(|r| r["job"] == victim.as_str()).unwrap()["slurm_job"].as_str().unwrap().to_string();
+    let slurm_id_of = |job: &str| {
+        let status: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(store.join("status.json")).unwrap()).unwrap();
+        let running = status["running"].as_array().unwrap();
+        running.iter().find(|r| r["job"] == job).unwrap()["slurm_job"].as_str().unwrap().to_string()
+    };
+    let slurm_id = slurm_id_of(&victim);
     run(cluster.slurm("scancel").arg(&slurm_id)).unwrap();
+    // Another one gets only a SIGTERM, as `--signal=B:TERM@T` sends it T seconds before the
+    // time limit: it stops at a checkpoint and ends its Slurm job itself.
+    let signalled = job_past_epoch(&store, 2, &[&victim], Duration::from_secs(120));
+    let signalled_id = slurm_id_of(&signalled);
+    run(cluster.slurm("scancel").args(["--batch", "--signal=TERM"]).arg(&signalled_id)).unwrap();
     let out = child.wait();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -285,6 +294,9 @@ fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
     assert!(err.contains("from its checkpoint after epoch"), "the retry resumed: {err}");
 
     assert_eq!(attempts(&store, &victim), ["crashed", "done"], "{err}");
+    assert_eq!(attempts(&store, &signalled), ["timeout", "done"], "{err}");
+    assert!(err.contains(&format!("Slurm job {signalled_id} was signalled to stop before its time limit")), "{err}");
+    assert_eq!(err.matches("from its checkpoint after epoch").count(), 2, "both retries resumed: {err}");
     let ids = slurm_ids(&store, &victim);
     assert!(ids[0] == slurm_id && !ids[1].is_empty() && ids[1] != slurm_id, "{ids:?}");
     // The three ready seeds went in as one job array, the SAM job alone.
@@ -316,7 +328,7 @@ fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_ag
 
     // Ctrl-C: the coordinator leaves; its jobs keep running in Slurm.
     let child = cluster.run_in_background(&store, &file);
-    job_past_epoch(&store, 1, Duration::from_secs(120));
+    job_past_epoch(&store, 1, &[], Duration::from_secs(120));
     assert!(Command::new("kill").args(["-INT", &child.pid()]).status().unwrap().success());
     let out = child.wait();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -881,6 +881,16 @@ fn finish(
             (Some(Ok(summary)), Exit::Slurm { .. }) => Ok(summary),
             // SIGTERM from Slurm (scancel, time limit, preemption) makes the worker stop at a
             // checkpoint and say it was stopped; Slurm's state says why.
+            (Some(Err((FailureCause::Cancelled, m))), Exit::Slurm { id, state, note })
+                if matches!(state.as_deref(), Some("COMPLETED" | "FAILED")) && note.is_empty() =>
+            {
+                // Only the worker was signalled and the job ended on its own: Slurm's
+                // `--signal=B:TERM@T`, sent T seconds before the time limit.
+                Err((
+                    FailureCause::Timeout,
+                    format!("Slurm job {id} was signalled to stop before its time limit (`--signal`) and {m}"),
+                ))
+            }
             (Some(Err((FailureCause::Cancelled, _))) | None, Exit::Slurm { id, state, note }) => {
                 let (cause, what) = slurm::classify(state.as_deref(), &note);
                 Err((cause, with_log(format!("Slurm job {id} {what}"), log())))

@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p xlab-store --bench ingest` (or `make bench`). Writes 1,000,000 points: 100
 //! jobs × 10 metrics × 1,000 steps, one batch per (job, step) as the coordinator's writer does,
-//! and with 16 and 64 steps per batch (what the writer coalesces when points arrive faster).
+//! and with 16 and 64 steps per batch (what the writer coalesces when points arrive faster),
+//! flushing once a second as the writer does.
 //! With `XLAB_BENCH_JSON=FILE`, also writes the figures there (`bench/store.py` does, for
 //! BENCHMARKS.md).
 
@@ -41,6 +42,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let start = Instant::now();
+        let mut last_flush = Instant::now();
         let mut points = 0u64;
         for j in 0..jobs {
             let id = format!("{j:016x}");
@@ -55,6 +57,12 @@ fn main() {
                 }
                 store.put_metrics_batch(&id, &batch).unwrap();
                 step += per_batch;
+                // As the coordinator's writer does: durable at least once a second while points
+                // arrive.
+                if last_flush.elapsed().as_secs_f64() >= 1.0 {
+                    store.flush().unwrap();
+                    last_flush = Instant::now();
+                }
             }
         }
         store.flush().unwrap();

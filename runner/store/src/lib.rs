@@ -61,6 +61,22 @@ pub struct Store {
     _lock: File,
 }
 
+/// The size of sled's log segments for a new store. With sled's default of 512 KiB, a stream of
+/// small batches rewriting metric chunks stalled sled 0.34.7 for good within 100,000 points in
+/// most runs (every thread waiting on another: its writer for a free segment, its I/O threads for
+/// the segment accountant); with 8 MiB segments the same stream never stalled (benches/ingest.rs).
+const SEGMENT_SIZE: usize = 8 << 20;
+
+/// The segment size of the database in `db` (sled refuses to reopen one with another), or
+/// [`SEGMENT_SIZE`] for a new one.
+fn segment_size(db: &Path) -> usize {
+    let conf = std::fs::read(db.join("conf")).unwrap_or_default();
+    String::from_utf8_lossy(&conf)
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size:").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(SEGMENT_SIZE)
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`, taking its lock.
     pub fn open(dir: &Path) -> Result<Store> {
@@ -73,6 +89,7 @@ impl Store {
             // points arrive); sled's own background flusher, racing a stream of chunk rewrites,
             // slowed ingestion by orders of magnitude (see benches/ingest.rs).
             .flush_every_ms(None)
+            .segment_size(segment_size(&dir.join("db")))
             .open()
             .map_err(|source| StoreError::Db { dir: dir.to_path_buf(), error: source })?;
         let store = Self::from_db(dir, db, lock)?;
@@ -450,6 +467,24 @@ fn take_lock(dir: &Path) -> Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_store_gets_large_segments_and_an_older_store_keeps_its_own() {
+        let new = tempfile::tempdir().unwrap();
+        drop(Store::open(new.path()).unwrap());
+        assert_eq!(segment_size(&new.path().join("db")), SEGMENT_SIZE);
+        assert!(Store::open(new.path()).is_ok());
+        // A store written before the change has sled's default segments, which sled refuses to
+        // reopen with any other size.
+        let old = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(old.path().join("db")).open().unwrap();
+        db.open_tree("jobs").unwrap();
+        db.flush().unwrap();
+        drop(db);
+        assert_eq!(segment_size(&old.path().join("db")), 512 * 1024);
+        let s = Store::open(old.path()).unwrap();
+        s.put_metrics("aaaa", 1, &[("m".to_string(), 1.0)].into()).unwrap();
+    }
 
     #[test]
     fn metric_points_are_replaced_not_duplicated() {
