@@ -1147,6 +1147,19 @@ fn doctor(cli: &Cli) -> Result<u8, Failure> {
         Err(e) => format!("cannot open: {e}"),
     };
     outln!("store:        {} ({state})", abs.display());
+    // `--executor slurm` needs Slurm's commands here, and a controller that answers.
+    let slurm = match std::process::Command::new("sbatch").arg("--version").output() {
+        Err(_) => "no `sbatch` on PATH (`--executor slurm` needs Slurm's commands)".into(),
+        Ok(o) if !o.status.success() => {
+            let said = String::from_utf8_lossy(&o.stderr);
+            format!("`sbatch` is installed but fails: {}", said.lines().last().unwrap_or("").trim())
+        }
+        Ok(o) => match xlab_sched::slurm::queue() {
+            Ok(q) => format!("{} ({} job(s) of yours listed)", String::from_utf8_lossy(&o.stdout).trim(), q.len()),
+            Err(e) => format!("{}, but {}", String::from_utf8_lossy(&o.stdout).trim(), e.lines().next().unwrap_or("")),
+        },
+    };
+    outln!("Slurm:        {slurm}");
     let mut path: Vec<String> = worker.parent().map(|d| vec![d.display().to_string()]).unwrap_or_default();
     if let Some(p) = std::env::var_os("XLAB_PLUGIN_PATH") {
         path.extend(std::env::split_paths(&p).map(|d| d.display().to_string()));

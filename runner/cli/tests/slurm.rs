@@ -266,7 +266,7 @@ fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let file = sweep(dir.path(), 20);
+    let file = sweep(dir.path(), 40);
     let reference = local_reference(dir.path(), &file);
 
     let store = dir.path().join("results");
@@ -312,6 +312,9 @@ fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
     assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
     let status = cluster.xlab(&store).arg("status").output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("stage `erm`: 3 done"), "{status:?}");
+    let doctor = cluster.xlab(&store).arg("doctor").output().unwrap();
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert!(said.contains("Slurm:        slurm") && said.contains("job(s) of yours listed"), "{said}");
 }
 
 #[test]

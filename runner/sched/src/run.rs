@@ -882,10 +882,12 @@ fn finish(
             // SIGTERM from Slurm (scancel, time limit, preemption) makes the worker stop at a
             // checkpoint and say it was stopped; Slurm's state says why.
             (Some(Err((FailureCause::Cancelled, m))), Exit::Slurm { id, state, note })
-                if matches!(state.as_deref(), Some("COMPLETED" | "FAILED")) && note.is_empty() =>
+                if matches!(state.as_deref(), Some("COMPLETED" | "FAILED")) =>
             {
-                // Only the worker was signalled and the job ended on its own: Slurm's
-                // `--signal=B:TERM@T`, sent T seconds before the time limit.
+                // The worker was signalled but the job was not cancelled: it ended on its own.
+                // That is Slurm's `--signal=B:TERM@T`, sent T seconds before the time limit (or
+                // `scancel --batch --signal=TERM` by hand).
+                let _ = note;
                 Err((
                     FailureCause::Timeout,
                     format!("Slurm job {id} was signalled to stop before its time limit (`--signal`) and {m}"),
