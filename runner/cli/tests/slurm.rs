@@ -378,3 +378,27 @@ fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_ag
     );
     assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
 }
+
+/// A stage DAG (one child per parent, and one child of all parents) runs in Slurm stage by stage,
+/// from the command line's `--executor slurm` alone, and ends with a local run's results.
+#[test]
+fn a_stage_dag_runs_in_slurm_as_it_runs_here() {
+    let Some(cluster) = cluster_or_skip("a_stage_dag_runs_in_slurm_as_it_runs_here") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/evaluate.yaml");
+    let reference = local_reference(dir.path(), &file);
+    let store = dir.path().join("results");
+    let out = cluster.xlab(&store).args(["run", "--executor", "slurm"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("on Slurm (1 CPU(s) a job)"), "{err}");
+    let jobs = job_ids(&store, &file);
+    assert_eq!(jobs.len(), 9);
+    for j in &jobs {
+        assert_eq!(attempts(&store, j), ["done"], "{j}");
+        assert!(!slurm_ids(&store, j)[0].is_empty(), "{j} ran in Slurm");
+    }
+    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs));
+}
