@@ -42,10 +42,29 @@ fn read_safetensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
 #[test]
 fn training_matches_a_pytorch_loop_from_the_same_weights() {
     let dir = tempfile::tempdir().unwrap();
+    train_both(dir.path(), "fp32");
+}
+
+/// `precision: bf16` runs the forward pass under libtorch's CPU autocast, as `torch.autocast("cpu",
+/// dtype=torch.bfloat16)` does in the PyTorch loop, and ends at its weights; those differ from
+/// the fp32 run's, so the autocast did take effect.
+#[test]
+fn bf16_training_matches_a_pytorch_autocast_loop() {
+    let (d32, d16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let fp32 = train_both(d32.path(), "fp32");
+    let bf16 = train_both(d16.path(), "bf16");
+    let apart =
+        fp32.iter().flat_map(|(name, a)| a.iter().zip(&bf16[name]).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
+    assert!(apart > 1e-3, "bf16 weights differ from fp32 ones by at most {apart:e}");
+}
+
+/// Trains the same MLP with xlab and with the PyTorch loop at `precision`, checks that they end
+/// at the same weights and losses, and returns xlab's final weights.
+fn train_both(dir: &Path, precision: &str) -> BTreeMap<String, Vec<f32>> {
     let request = serde_json::json!({
-        "dir": dir.path(), "seed": 3, "n_train": 200, "n_test": 50, "dim": 10, "classes": 3, "hidden": 32,
+        "dir": dir, "seed": 3, "n_train": 200, "n_test": 50, "dim": 10, "classes": 3, "hidden": 32,
         "epochs": 3, "batch_size": 16, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": true,
-        "label_smoothing": 0.1, "clip_grad_norm": 1.0, "min_lr": 0.001,
+        "label_smoothing": 0.1, "clip_grad_norm": 1.0, "min_lr": 0.001, "precision": precision,
     });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/pytorch_loop.py");
     let mut child = Command::new(python())
@@ -75,12 +94,13 @@ defaults:
   clip_grad_norm: 1.0
   epochs: 3
   batch_size: 16
+  precision: PRECISION
 stages:
   train: {}
 "#;
-    let file = dir.path().join("equivalence.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let store = dir.path().join("results");
+    let file = dir.join("equivalence.yaml");
+    std::fs::write(&file, yaml.replace("PRECISION", precision)).unwrap();
+    let store = dir.join("results");
     let run = Command::new(xlab())
         .arg("--store")
         .arg(&store)
@@ -93,8 +113,8 @@ stages:
 
     let job = std::fs::read_dir(store.join("runs")).unwrap().next().unwrap().unwrap().path();
     let ours = read_safetensors(&job.join("weights.safetensors"));
-    let theirs = read_safetensors(&dir.path().join("torch_final.safetensors"));
-    let init = read_safetensors(&dir.path().join("init.safetensors"));
+    let theirs = read_safetensors(&dir.join("torch_final.safetensors"));
+    let init = read_safetensors(&dir.join("init.safetensors"));
     assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
     let mut worst = 0.0f32;
     for (name, a) in &ours {
@@ -105,7 +125,7 @@ stages:
             worst = worst.max((x - y).abs() / (1e-3 + y.abs()));
         }
     }
-    assert!(worst < 1e-4, "final weights differ from PyTorch's by up to {worst:e} (relative)");
+    assert!(worst < 1e-4, "{precision}: final weights differ from PyTorch's by up to {worst:e} (relative)");
 
     let show = Command::new(xlab())
         .arg("--store")
@@ -121,4 +141,5 @@ stages:
     for (a, b) in ours.iter().zip(&theirs) {
         assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "train.loss per epoch: xlab {ours:?}, PyTorch {theirs:?}");
     }
+    read_safetensors(&job.join("weights.safetensors"))
 }

@@ -126,6 +126,27 @@ pub struct JobConfig {
     /// and cuBLAS's deterministic workspace. Slower; part of the identity.
     #[serde(default, skip_serializing_if = "is_false")]
     pub deterministic: bool,
+    /// `train` and `evaluate` of classifiers: run the forward pass and the loss under libtorch's
+    /// autocast in `bf16` (CPU or CUDA): matrix products and convolutions in bfloat16, reductions
+    /// and the loss in fp32. Weights, gradients and optimizer state stay in fp32. Part of the
+    /// identity.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
+}
+
+/// The precision of the forward pass (`precision:`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_fp32(&self) -> bool {
+        *self == Precision::Fp32
+    }
 }
 
 /// Training-image augmentation (the standard CIFAR recipe is `{crop: 4, flip: true}`).

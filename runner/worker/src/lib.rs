@@ -1,6 +1,7 @@
 //! The xlab worker: runs one job in its own process, on the device the coordinator leased to it,
 //! and reports back as a stream of events (see `xlab-proto`).
 
+pub mod amp;
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
@@ -202,6 +203,14 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         let cfg: JobConfig = serde_json::from_value(req.config.clone())
             .map_err(|e| Failure::new(FailureCause::Config, format!("job config: {e}")))?;
         let device = device_of(&req.lease.device)?;
+        if !cfg.precision.is_fp32() && (cfg.diffusion.is_some() || matches!(cfg.task, Task::Sample | Task::Noop)) {
+            return Err(Failure::new(
+                FailureCause::Config,
+                "`precision: bf16` applies to training and evaluating classifiers; diffusion training and sampling run \
+                 in fp32 (remove `precision` from this stage)",
+            ));
+        }
+        crate::amp::set_job_precision(cfg.precision);
         if cfg.deterministic {
             // The same sums in the same order on every run and every resume.
             tch::set_num_threads(1);

@@ -56,7 +56,10 @@ fn evaluate(
     groups: usize,
     device: Device,
 ) -> Result<BTreeMap<String, f64>, Failure> {
-    let probs = tch::no_grad(|| net.forward_t(&split.x.to_device(device), false).softmax(-1, Kind::Double));
+    let region = crate::amp::job_region(device).map_err(|m| Failure::new(FailureCause::Error, m))?;
+    let probs =
+        tch::no_grad(|| crate::amp::full(net.forward_t(&split.x.to_device(device), false)).softmax(-1, Kind::Double));
+    drop(region);
     score(&probs, name, split, groups, device)
 }
 
@@ -177,12 +180,13 @@ pub fn evaluate_parents(
                 *sharp.entry(k).or_insert(0.0) += v / parents.len() as f64;
             }
         }
+        let region = crate::amp::job_region(device).map_err(|m| Failure::new(FailureCause::Error, m))?;
         tch::no_grad(|| {
             for (name, split) in [("val", &data.val), ("test", &data.test)] {
                 if split.is_empty() {
                     continue;
                 }
-                let pr = net.forward_t(&split.x.to_device(device), false).softmax(-1, Kind::Double);
+                let pr = crate::amp::full(net.forward_t(&split.x.to_device(device), false)).softmax(-1, Kind::Double);
                 let sum = match probs.remove(name) {
                     Some(acc) => acc + pr,
                     None => pr,
@@ -190,6 +194,7 @@ pub fn evaluate_parents(
                 probs.insert(name, sum);
             }
         });
+        drop(region);
     }
     let mut values = BTreeMap::new();
     for (name, split) in [("val", &data.val), ("test", &data.test)] {
@@ -517,7 +522,9 @@ impl Driver<'_> {
         let rows = |t: &Tensor| if whole { t.shallow_clone() } else { t.narrow(0, lo as i64, (hi - lo) as i64) };
         let (x, labels, index) = (rows(&self.x), rows(&self.labels), rows(&self.index));
         let group = self.group.as_ref().map(rows);
-        let logits = self.net.forward_t(&x, true);
+        // `precision: bf16`: the forward pass and the loss under autocast, the backward after it.
+        let region = crate::amp::job_region(x.device())?;
+        let logits = crate::amp::full(self.net.forward_t(&x, true));
         let pred = logits.argmax(-1, false);
         let (per_example, correct) = match &self.target {
             Target::Hard(y) => {
@@ -550,6 +557,7 @@ impl Driver<'_> {
             }
             None => per_example.mean(Kind::Float),
         };
+        drop(region);
         loss.f_backward().map_err(tch_err)?;
         let value = f64::try_from(&loss).map_err(tch_err)?;
         if !value.is_finite() {

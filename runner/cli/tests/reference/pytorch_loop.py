@@ -51,7 +51,10 @@ for epoch in range(req["epochs"]):
     for lo in range(0, len(xt), bs):
         xb, yb = xt[lo:lo + bs], yt[lo:lo + bs]
         opt.zero_grad()
-        loss = F.cross_entropy(net(xb), yb, label_smoothing=req["label_smoothing"])
+        # `precision: bf16`: the forward pass under CPU autocast, the loss on the fp32 logits.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=req.get("precision") == "bf16"):
+            logits = net(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=req["label_smoothing"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), req["clip_grad_norm"])
         opt.step()
