@@ -1001,6 +1001,7 @@ impl JobConfig {
                         ("objective", self.objective.is_some()),
                         ("augment", self.augment.is_some()),
                         ("label_smoothing", self.label_smoothing != 0.0),
+                        ("precision", !self.precision.is_fp32()),
                     ] {
                         if set {
                             return err(k, "is not available to diffusion training".into());
@@ -1058,6 +1059,12 @@ impl JobConfig {
                 return Ok(());
             }
             Task::Sample => {
+                if !self.precision.is_fp32() {
+                    return err(
+                        "precision",
+                        "applies to training and evaluating classifiers; sampling runs in fp32".into(),
+                    );
+                }
                 for (k, set) in self.sample_fields() {
                     if !set {
                         return err(k, "is required by `task: sample`".into());
