@@ -92,7 +92,7 @@ pub fn collect(
         }
         // A stopped `xlab run --executor slurm` leaves its jobs running in Slurm: their workers
         // write checkpoints (and temporary files) without the store's lock.
-        if job.status == JobStatus::Running && job.attempts.last().is_some_and(|a| a.slurm_job.is_some()) {
+        if job.in_slurm().is_some() {
             report.in_slurm += 1;
             continue;
         }

@@ -581,11 +581,16 @@ fn status_command(cli: &Cli, experiment: Option<&str>) -> Result<u8, Failure> {
             let exp = pick_experiment(&store, experiment)?;
             outln!("experiment `{}` (no run in progress)", exp.name);
             let mut failed = Vec::new();
+            // Jobs a stopped `xlab run --executor slurm` left in Slurm, with what Slurm says now.
+            let mut in_slurm = Vec::new();
             for stage in &exp.stages {
                 let mut counts = std::collections::BTreeMap::<&str, usize>::new();
                 for id in &stage.jobs {
                     let Some(rec) = store.job(id)? else { continue };
                     *counts.entry(rec.status.as_str()).or_default() += 1;
+                    if let Some(slurm) = rec.in_slurm() {
+                        in_slurm.push((rec.id.clone(), rec.stage.clone(), slurm.to_string()));
+                    }
                     if rec.status == JobStatus::Failed {
                         let last = rec.attempts.last();
                         let why = last.and_then(|a| a.error.as_deref()).unwrap_or("").lines().next().unwrap_or("");
@@ -595,17 +600,6 @@ fn status_command(cli: &Cli, experiment: Option<&str>) -> Result<u8, Failure> {
                 }
                 let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
                 outln!("  stage `{}`: {}", stage.name, parts.join(", "));
-            }
-            // Jobs a stopped `xlab run --executor slurm` left in Slurm, with what Slurm says now.
-            let mut in_slurm = Vec::new();
-            for stage in &exp.stages {
-                for id in &stage.jobs {
-                    let Some(rec) = store.job(id)? else { continue };
-                    let attempt = rec.attempts.last().filter(|a| a.ended_unix.is_none());
-                    if let (JobStatus::Running, Some(slurm)) = (rec.status, attempt.and_then(|a| a.slurm_job.clone())) {
-                        in_slurm.push((rec.id, rec.stage, slurm));
-                    }
-                }
             }
             if !in_slurm.is_empty() {
                 let queue = xlab_sched::slurm::queue();

@@ -236,10 +236,7 @@ pub fn run(
             report.skipped += 1;
             observe(Progress::Skipped { job });
         } else {
-            let in_slurm = (rec.status == JobStatus::Running)
-                .then(|| rec.attempts.last().filter(|a| a.ended_unix.is_none()).and_then(|a| a.slurm_job.clone()))
-                .flatten();
-            if let Some(id) = in_slurm {
+            if let Some(id) = rec.in_slurm().map(str::to_string) {
                 if opts.slurm.is_some() {
                     reattach.push((i, id));
                     records.push(rec);
@@ -335,35 +332,8 @@ pub fn run(
             let (tx, poll) = (tx.clone(), s.poll());
             scope.spawn(move || slurm::watch(watch_rx, tx, poll));
             for (i, id) in std::mem::take(&mut reattach) {
-                let r = &records[i];
-                let attempt = r.attempts.len() as u32;
-                watch_tx
-                    .send(slurm::Watched {
-                        index: i,
-                        id: id.clone(),
-                        events: store.run_dir(&r.id).join(events_file(attempt)),
-                        output: s.output_path(&id),
-                    })
-                    .expect("the watcher runs");
-                observe(Progress::Started {
-                    job: jobs[i],
-                    device: &format!("Slurm job {id} (re-attached)"),
-                    attempt,
-                    slurm_job: Some(&id),
-                });
-                running.insert(
-                    i,
-                    Running {
-                        held: None,
-                        pid: 0,
-                        slurm_id: Some(id),
-                        started: Instant::now(),
-                        timed_out: false,
-                        asked_to_stop: false,
-                        record: r.clone(),
-                        terminal: None,
-                    },
-                );
+                follow(s, &watch_tx, store, jobs[i], i, &records[i], &id, " (re-attached)", observe);
+                running.insert(i, Running::new(None, 0, Some(id), records[i].clone()));
             }
         }
         let mut result = Ok(());
@@ -585,21 +555,7 @@ pub fn run(
                             Start::Slurm(id.clone()),
                             &ops_tx,
                         );
-                        let attempt = records[i].attempts.len() as u32;
-                        watch_tx
-                            .send(slurm::Watched {
-                                index: i,
-                                id: id.clone(),
-                                events: req.run_dir.join(events_file(attempt)),
-                                output: s.output_path(&id),
-                            })
-                            .expect("the watcher runs");
-                        observe(Progress::Started {
-                            job: jobs[i],
-                            device: &format!("Slurm job {id}"),
-                            attempt,
-                            slurm_job: Some(&id),
-                        });
+                        follow(s, &watch_tx, store, jobs[i], i, &records[i], &id, "", observe);
                         let r = running.get_mut(&i).expect("placed above");
                         r.record = records[i].clone();
                         r.slurm_id = Some(id);
@@ -734,6 +690,31 @@ impl Running {
 /// writes into an earlier one's).
 fn events_file(attempt: u32) -> String {
     format!("events-{attempt}.jsonl")
+}
+
+/// Has the watcher follow the Slurm job `id` running the latest attempt of `rec`, and reports it
+/// started (`how`: what to add after its id, e.g. that it was re-attached).
+#[allow(clippy::too_many_arguments)]
+fn follow(
+    s: &SlurmExec,
+    watch: &Sender<slurm::Watched>,
+    store: &dyn ResultStore,
+    job: &Job,
+    index: usize,
+    rec: &JobRecord,
+    id: &str,
+    how: &str,
+    observe: &mut dyn FnMut(Progress<'_>),
+) {
+    let attempt = rec.attempts.len() as u32;
+    let watched = slurm::Watched {
+        index,
+        id: id.to_string(),
+        events: store.run_dir(&rec.id).join(events_file(attempt)),
+        output: s.output_path(id),
+    };
+    watch.send(watched).expect("the watcher runs until the run ends");
+    observe(Progress::Started { job, device: &format!("Slurm job {id}{how}"), attempt, slurm_job: Some(id) });
 }
 
 /// What the worker of `job` is told.
@@ -881,13 +862,12 @@ fn finish(
             (Some(Ok(summary)), Exit::Slurm { .. }) => Ok(summary),
             // SIGTERM from Slurm (scancel, time limit, preemption) makes the worker stop at a
             // checkpoint and say it was stopped; Slurm's state says why.
-            (Some(Err((FailureCause::Cancelled, m))), Exit::Slurm { id, state, note })
+            (Some(Err((FailureCause::Cancelled, m))), Exit::Slurm { id, state, .. })
                 if matches!(state.as_deref(), Some("COMPLETED" | "FAILED")) =>
             {
                 // The worker was signalled but the job was not cancelled: it ended on its own.
                 // That is Slurm's `--signal=B:TERM@T`, sent T seconds before the time limit (or
                 // `scancel --batch --signal=TERM` by hand).
-                let _ = note;
                 Err((
                     FailureCause::Timeout,
                     format!("Slurm job {id} was signalled to stop before its time limit (`--signal`) and {m}"),

@@ -109,3 +109,14 @@ pub struct JobRecord {
     pub provenance: Provenance,
     pub artifacts: Vec<ArtifactRecord>,
 }
+
+impl JobRecord {
+    /// The Slurm job of a running attempt that a Slurm run submitted: the job may still run in
+    /// Slurm whether or not a coordinator follows it.
+    pub fn in_slurm(&self) -> Option<&str> {
+        if self.status != JobStatus::Running {
+            return None;
+        }
+        self.attempts.last().filter(|a| a.ended_unix.is_none()).and_then(|a| a.slurm_job.as_deref())
+    }
+}
