@@ -330,6 +330,11 @@ struct Tail {
 }
 
 impl Tail {
+    /// A job followed from the start of its event file.
+    fn new(w: Watched) -> Self {
+        Tail { w, offset: 0, partial: Vec::new(), reported: false, ended: None }
+    }
+
     /// Sends the complete lines written since the last read.
     fn read(&mut self, tx: &Sender<Msg>) {
         let Ok(mut f) = std::fs::File::open(&self.w.events) else { return };
@@ -367,14 +372,8 @@ pub fn watch(add: Receiver<Watched>, tx: Sender<Msg>, poll: Duration) {
     loop {
         match add.recv_timeout(poll) {
             Ok(w) => {
-                tails.push(Tail { w, offset: 0, partial: Vec::new(), reported: false, ended: None });
-                tails.extend(add.try_iter().map(|w| Tail {
-                    w,
-                    offset: 0,
-                    partial: Vec::new(),
-                    reported: false,
-                    ended: None,
-                }));
+                tails.push(Tail::new(w));
+                tails.extend(add.try_iter().map(Tail::new));
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
@@ -457,7 +456,7 @@ mod tests {
         let line = Event::Metrics { step: 1, values: [("a".to_string(), 1.0)].into() }.to_line();
         std::fs::write(&events, format!("{line}\n{}", &line[..5])).unwrap();
         let w = Watched { index: 3, id: "1".into(), events: events.clone(), output: dir.join("1.out") };
-        let mut t = Tail { w, offset: 0, partial: Vec::new(), reported: false, ended: None };
+        let mut t = Tail::new(w);
         let (tx, rx) = crossbeam_channel::unbounded();
         t.read(&tx);
         assert_eq!(rx.try_iter().count(), 1, "the unfinished second line waits");
