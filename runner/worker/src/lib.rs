@@ -203,13 +203,6 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
         let cfg: JobConfig = serde_json::from_value(req.config.clone())
             .map_err(|e| Failure::new(FailureCause::Config, format!("job config: {e}")))?;
         let device = device_of(&req.lease.device)?;
-        if !cfg.precision.is_fp32() && (cfg.diffusion.is_some() || matches!(cfg.task, Task::Sample | Task::Noop)) {
-            return Err(Failure::new(
-                FailureCause::Config,
-                "`precision: bf16` applies to training and evaluating classifiers; diffusion training and sampling run \
-                 in fp32 (remove `precision` from this stage)",
-            ));
-        }
         crate::amp::set_job_precision(cfg.precision);
         if cfg.deterministic {
             // The same sums in the same order on every run and every resume.
