@@ -1,6 +1,8 @@
 //! The mixup family of batch transforms for xlab (METHODS.md section 2).
 
+pub mod comixup;
 pub mod cutmix;
+pub mod graphcut;
 pub mod mixup;
 pub mod regmixup;
 pub mod resample;
@@ -18,6 +20,7 @@ xlab_plugin_api::export_plugin! {
         regmixup::RegMixup,
         selective::Selective,
         selective::SelectiveNoMix,
+        comixup::CoMixup,
     ],
     objectives: [resample::Resample],
     samplers: [],

@@ -16,7 +16,7 @@
 use std::ffi::c_void;
 
 /// Bumped on any incompatible change to the types in this module.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// The exported entry point's name (NUL-terminated for `dlsym`).
 pub const ENTRY_SYMBOL: &[u8] = b"xlab_plugin_manifest_v1\0";
@@ -124,6 +124,9 @@ pub mod flags {
     /// labels as usual) and it returns the noise that forms x_t and the regression target, both
     /// shaped like ε.
     pub const NOISE: u64 = 1 << 2;
+    /// A batch transform that asks the host for the model's gradient with respect to the batch's
+    /// inputs (`BatchIo::host`), as saliency-guided mixing does.
+    pub const INPUT_GRAD: u64 = 1 << 3;
 }
 
 /// The static description of a plugin library.
@@ -315,6 +318,30 @@ pub struct BatchIo {
     /// Soft targets `[B', num_classes]` (rows sum to 1); the host's loss is the soft-target
     /// cross-entropy, and its accuracy the target mass on the predicted class.
     pub target_out: *mut c_void,
+    /// What the transform may ask of the model, borrowed for the call; null when the host runs
+    /// no model here (the conformance kit's plain batches, diffusion noise).
+    pub host: *const TransformHost,
+}
+
+/// The model, as a batch transform may query it before it rewrites the batch.
+#[repr(C)]
+pub struct TransformHost {
+    pub ctx: *mut c_void,
+    /// Runs the model at the step's weights on the batch's inputs `x` with its labels `y` and
+    /// writes an owned handle to ∂L/∂x, shaped like `x`, where
+    /// L = `weight` · mean over the batch of the cross-entropy of f(x) with y.
+    /// `train`: the model in training mode (normalization layers use and update batch
+    /// statistics), else in evaluation mode. `keep`: the parameter gradient of L is added to the
+    /// gradient of every pass of this step (a clean-loss term of the update); otherwise it is
+    /// discarded.
+    pub input_grad: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        weight: f64,
+        train: bool,
+        keep: bool,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status,
 }
 
 /// Per-example losses to turn into the training loss.

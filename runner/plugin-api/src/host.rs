@@ -341,12 +341,46 @@ pub struct Instance {
     pub kind: ComponentKind,
     /// A batch transform of diffusion training (`abi::flags::NOISE`).
     pub noise: bool,
+    /// A batch transform that asks for the model's input gradient (`abi::flags::INPUT_GRAD`).
+    pub input_grad: bool,
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
         // SAFETY: obj was created by this declaration's create and is destroyed once.
         unsafe { (self.decl.destroy)(self.obj) }
+    }
+}
+
+/// What a host gives a batch transform that queries the model: `(weight, train, keep)` to
+/// ∂L/∂x (see [`abi::TransformHost`]).
+pub type InputGradFn<'a> = dyn FnMut(f64, bool, bool) -> Result<Tensor, String> + 'a;
+
+mod transform_tramp {
+    use super::*;
+    pub unsafe extern "C" fn input_grad(
+        ctx: *mut c_void,
+        weight: f64,
+        train: bool,
+        keep: bool,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status {
+        // SAFETY: ctx is the `&mut InputGradFn` set up by `Instance::transform_with`.
+        let f = unsafe { &mut *(ctx as *mut &mut InputGradFn<'_>) };
+        match f(weight, train, keep) {
+            Ok(t) => {
+                let mut owned = t.shallow_clone();
+                // SAFETY: hand the plugin an owned handle.
+                unsafe { *out = owned.as_mut_ptr().cast() };
+                std::mem::forget(owned);
+                Status::Ok
+            }
+            Err(m) => {
+                err_to_sink(err, &m);
+                Status::Error
+            }
+        }
     }
 }
 
@@ -469,7 +503,8 @@ impl LoadedPlugin {
         // SAFETY: create is the declaration's constructor; text outlives the call.
         call(&format!("creating `{component}`"), |err| unsafe { (decl.create)(RStr::borrowed(&text), &mut obj, err) })?;
         let noise = decl.flags & abi::flags::NOISE != 0;
-        Ok(Instance { obj, decl, id: component.to_string(), kind, noise })
+        let input_grad = decl.flags & abi::flags::INPUT_GRAD != 0;
+        Ok(Instance { obj, decl, id: component.to_string(), kind, noise, input_grad })
     }
 }
 
@@ -557,7 +592,30 @@ impl Instance {
         num_classes: i64,
         next_u64: &mut dyn FnMut() -> u64,
     ) -> Result<(Tensor, Tensor), String> {
+        self.transform_with(x, y, group, domain, index, num_classes, next_u64, None)
+    }
+
+    /// As [`Self::transform`], with the model the transform may query: `input_grad(weight,
+    /// train, keep)` returns ∂L/∂x for L = weight · mean cross-entropy of the batch (see
+    /// [`abi::TransformHost`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn transform_with(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        group: Option<&Tensor>,
+        domain: Option<&Tensor>,
+        index: &Tensor,
+        num_classes: i64,
+        next_u64: &mut dyn FnMut() -> u64,
+        input_grad: Option<&mut InputGradFn<'_>>,
+    ) -> Result<(Tensor, Tensor), String> {
         let f = self.decl.transform.ok_or_else(|| format!("`{}` is not a batch transform", self.id))?;
+        let mut model = input_grad;
+        let host = model.as_mut().map(|g| abi::TransformHost {
+            ctx: (g as *mut &mut InputGradFn<'_>).cast(),
+            input_grad: transform_tramp::input_grad,
+        });
         let mut io = abi::BatchIo {
             x: borrow(Some(x)),
             y: borrow(Some(y)),
@@ -567,10 +625,11 @@ impl Instance {
             num_classes,
             x_out: std::ptr::null_mut(),
             target_out: std::ptr::null_mut(),
+            host: host.as_ref().map_or(std::ptr::null(), |h| h as *const abi::TransformHost),
         };
         let mut r: &mut dyn FnMut() -> u64 = next_u64;
         let rng = abi::Rng { ctx: (&mut r as *mut &mut dyn FnMut() -> u64).cast(), next_u64: rng_trampoline };
-        // SAFETY: obj is live; io, rng and the tensors outlive the call.
+        // SAFETY: obj is live; io, rng, the host and the tensors outlive the call.
         let res = call(&format!("`{}` transform", self.id), |err| unsafe { f(self.obj, &mut io, &rng, err) });
         let x_out = take(io.x_out, "inputs");
         let t_out = take(io.target_out, "targets");

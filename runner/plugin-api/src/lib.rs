@@ -13,9 +13,9 @@ pub mod testing;
 
 pub use abi::ComponentKind;
 pub use sdk::{
-    param, Batch, BatchTransform, Component, DenoiserCtx, Guidance, HostRng, Objective, ObjectiveCtx, ObjectiveInput,
-    Param, ParamSpec, ParamType, PluginError, Result, RunInfo, Sampler, Sampling, State, StepCtx, StepRule,
-    Transformed,
+    param, Batch, BatchTransform, Component, DenoiserCtx, Guidance, HostRng, ModelHost, Objective, ObjectiveCtx,
+    ObjectiveInput, Param, ParamSpec, ParamType, PluginError, Result, RunInfo, Sampler, Sampling, State, StepCtx,
+    StepRule, Transformed,
 };
 pub use tch;
 pub use xlab_proto::{artifacts, ParentRef};

@@ -79,6 +79,9 @@ pub trait Component: Sized + 'static {
     const RANDOM: bool = false;
     /// Set by a batch transform of diffusion training (see `abi::flags::NOISE`).
     const NOISE_TRANSFORM: bool = false;
+    /// Set by a batch transform that queries the model's input gradient (`Batch::model`; see
+    /// `abi::flags::INPUT_GRAD`).
+    const INPUT_GRAD: bool = false;
     /// The parameters, deserialized from the checked JSON the host passes.
     type Params: DeserializeOwned;
 
@@ -279,13 +282,37 @@ pub trait StepRule: Component {
 }
 
 /// A batch handed to a transform.
-pub struct Batch {
+pub struct Batch<'a> {
     pub x: Tensor,
     pub y: Tensor,
     pub group: Option<Tensor>,
     pub domain: Option<Tensor>,
     pub index: Tensor,
     pub num_classes: i64,
+    /// The model, for a transform that declares `INPUT_GRAD`; `None` where the host runs none.
+    pub model: Option<ModelHost<'a>>,
+}
+
+/// The model as a batch transform may query it (see [`abi::TransformHost`]).
+pub struct ModelHost<'a> {
+    host: &'a abi::TransformHost,
+}
+
+impl ModelHost<'_> {
+    /// ∂L/∂x for the batch's inputs, L = `weight` · mean cross-entropy of the model's logits
+    /// with the batch's labels, at the step's weights. `train`: training mode (normalization
+    /// layers use and update batch statistics). `keep`: the parameter gradient of L joins every
+    /// pass of this step's update; otherwise it is discarded.
+    pub fn input_grad(&self, weight: f64, train: bool, keep: bool) -> Result<Tensor> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the host is valid during the transform call; it writes an owned handle.
+        call_with_err(|err| unsafe { (self.host.input_grad)(self.host.ctx, weight, train, keep, &mut out, err) })?;
+        if out.is_null() {
+            return Err(PluginError("the host returned no input gradient".into()));
+        }
+        // SAFETY: an owned handle from the host.
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
 }
 
 /// A rewritten batch: inputs and soft targets `[B', C]`, with B' = B or k·B (k blocks of the
@@ -646,6 +673,8 @@ pub mod glue {
                 domain: opt_tensor(io.domain),
                 index: opt_tensor(io.index).ok_or_else(|| PluginError("no indices".into()))?,
                 num_classes: io.num_classes,
+                // SAFETY: a non-null host is valid during the call.
+                model: (!io.host.is_null()).then(|| ModelHost { host: unsafe { &*io.host } }),
             };
             let mut rng = HostRng { rng: unsafe { &*rng } };
             let out = unsafe { obj::<T>(o) }.transform(batch, &mut rng)?;
@@ -755,6 +784,9 @@ pub mod glue {
         }
         if T::RANDOM {
             flags |= abi::flags::RANDOM;
+        }
+        if T::INPUT_GRAD {
+            flags |= abi::flags::INPUT_GRAD;
         }
         if T::NOISE_TRANSFORM {
             flags |= abi::flags::NOISE;

@@ -255,6 +255,27 @@ fn batch() -> (Tensor, Tensor, Tensor, Tensor) {
     (x, y, g, idx)
 }
 
+/// A classification transform's output: rows agree, one target column per class summing to 1,
+/// the input shape kept.
+fn check_transformed(id: &str, x: &Tensor, xo: &Tensor, t: &Tensor) {
+    assert_eq!(xo.size()[0], t.size()[0], "{id}: inputs and targets disagree on the batch size");
+    assert_eq!(t.size()[1], 3, "{id}: targets must have one column per class");
+    assert_eq!(xo.size()[1..], x.size()[1..], "{id}: the input shape changed");
+    let sums = to_vec(&t.sum_dim_intlist(1, false, Kind::Double));
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{id}: target rows must sum to 1: {sums:?}");
+}
+
+/// What the conformance kit tells a component about the run: image data (1×8×8) for a
+/// transform that queries the model, the plain run otherwise.
+fn info_for(inst: &Instance) -> RunInfo {
+    let info = run_info();
+    if inst.input_grad {
+        RunInfo { image: Some([1, 8, 8]), ..info }
+    } else {
+        info
+    }
+}
+
 /// Exercises one component: a few calls of its kind, returning what it produced.
 fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
     let (x, y, g, idx) = batch();
@@ -279,15 +300,30 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             assert_eq!(t.size(), x.size(), "{}: the target must be shaped like the noise", inst.id);
             vec![to_vec(&xo), to_vec(&t)]
         }
+        ComponentKind::BatchTransform if inst.input_grad => {
+            // Six 1×8×8 images and a linear model whose input gradient the transform asks for.
+            let x = (Tensor::arange(6 * 64, (Kind::Float, tch::Device::Cpu)).reshape([6, 64]) * 0.37).sin();
+            let w = (Tensor::arange(64 * 3, (Kind::Float, tch::Device::Cpu)).reshape([64, 3]) * 0.11).cos();
+            let mut asked = 0;
+            let mut grad = |weight: f64, _train: bool, _keep: bool| -> Result<Tensor, String> {
+                asked += 1;
+                let xv = x.detach().set_requires_grad(true);
+                let loss =
+                    xv.matmul(&w).cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0) * weight;
+                Ok(Tensor::run_backward(&[&loss], &[&xv], false, false).remove(0))
+            };
+            let (xo, t) = inst
+                .transform_with(&x, &y, Some(&g), Some(&g), &idx, 3, &mut || rng.next_u64(), Some(&mut grad))
+                .unwrap_or_else(|e| panic!("transform: {e}"));
+            assert!(asked > 0, "{}: declares INPUT_GRAD but never asked for the input gradient", inst.id);
+            check_transformed(&inst.id, &x, &xo, &t);
+            vec![to_vec(&xo), to_vec(&t)]
+        }
         ComponentKind::BatchTransform => {
             let (xo, t) = inst
                 .transform(&x, &y, Some(&g), Some(&g), &idx, 3, &mut || rng.next_u64())
                 .unwrap_or_else(|e| panic!("transform: {e}"));
-            assert_eq!(xo.size()[0], t.size()[0], "{}: inputs and targets disagree on the batch size", inst.id);
-            assert_eq!(t.size()[1], 3, "{}: targets must have one column per class", inst.id);
-            assert_eq!(xo.size()[1..], x.size()[1..], "{}: the input shape changed", inst.id);
-            let sums = to_vec(&t.sum_dim_intlist(1, false, Kind::Double));
-            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{}: target rows must sum to 1: {sums:?}", inst.id);
+            check_transformed(&inst.id, &x, &xo, &t);
             vec![to_vec(&xo), to_vec(&t)]
         }
         ComponentKind::Objective => {
@@ -363,7 +399,7 @@ pub fn conformance(path: &Path) -> LoadedPlugin {
         }
         // Construction with defaults, setup, and unknown parameters refused by the component itself.
         let mut a = instantiate(&plugin, &c.id, serde_json::json!({}));
-        a.setup(&run_info()).unwrap_or_else(|e| panic!("{e}"));
+        a.setup(&info_for(&a)).unwrap_or_else(|e| panic!("{e}"));
         let mut bad = defaults.clone();
         bad.insert("no_such_parameter".into(), serde_json::json!(1));
         assert!(
@@ -373,7 +409,7 @@ pub fn conformance(path: &Path) -> LoadedPlugin {
         );
         // Determinism under a fixed seed, from fresh instances.
         let mut b = instantiate(&plugin, &c.id, serde_json::json!({}));
-        b.setup(&run_info()).unwrap();
+        b.setup(&info_for(&b)).unwrap();
         let out_a = exercise(&mut a, 11);
         let out_b = exercise(&mut b, 11);
         assert_eq!(out_a, out_b, "{}: not deterministic under a fixed seed", c.id);
@@ -383,7 +419,7 @@ pub fn conformance(path: &Path) -> LoadedPlugin {
             assert!(saved.0.is_null() && saved.1.is_empty(), "{}: declared stateless but has state", c.id);
         }
         let mut fresh = instantiate(&plugin, &c.id, serde_json::json!({}));
-        fresh.setup(&run_info()).unwrap();
+        fresh.setup(&info_for(&fresh)).unwrap();
         fresh.load_state(&saved.0, &saved.1).unwrap_or_else(|e| panic!("{e}"));
         let again = fresh.save_state().unwrap();
         assert!(state_eq(&saved, &again), "{}: state changed across save/load", c.id);

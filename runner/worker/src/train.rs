@@ -458,6 +458,44 @@ struct Driver<'a> {
     vars: &'a [(String, Tensor)],
     /// The training options that shape each pass and update.
     options: &'a TrainOptions,
+    /// A parameter gradient added to every pass's (by parameter; a batch transform's clean-loss
+    /// term, see `input_grad`).
+    clean_grad: Option<CleanGrad>,
+}
+
+/// A kept parameter gradient, by parameter (`None` where a parameter got none).
+type CleanGrad = Vec<Option<Tensor>>;
+
+/// The gradient of `weight` · mean cross-entropy of the model on a batch with respect to its
+/// inputs, for a batch transform that asks (saliency-guided mixing). `train` runs the model in
+/// training mode; with `keep` the parameter gradient is returned too, for the step's passes to
+/// add (it is otherwise discarded). Leaves the parameters' `.grad` zeroed.
+#[allow(clippy::too_many_arguments)]
+fn input_grad(
+    net: &model::Model,
+    opt: &mut Optimizer,
+    params: &[(Tensor, String, u32)],
+    x: &Tensor,
+    y: &Tensor,
+    weight: f64,
+    train: bool,
+    keep: bool,
+) -> Result<(Tensor, Option<CleanGrad>), String> {
+    net.set_frozen(false);
+    opt.zero_grad();
+    let x = x.detach().set_requires_grad(true);
+    let region = crate::amp::job_region(x.device())?;
+    let logits = crate::amp::full(net.forward_t(&x, train));
+    let loss =
+        logits.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0).map_err(tch_err)? * weight;
+    drop(region);
+    loss.f_backward().map_err(tch_err)?;
+    let g = x.grad().detach();
+    let kept = keep.then(|| {
+        params.iter().map(|(p, _, _)| Some(p.grad()).filter(Tensor::defined).map(|g| g.detach().copy())).collect()
+    });
+    opt.zero_grad();
+    Ok((g, kept))
 }
 
 /// `label_smoothing` and `clip_grad_norm` of the job's config.
@@ -559,6 +597,18 @@ impl Driver<'_> {
         };
         drop(region);
         loss.f_backward().map_err(tch_err)?;
+        if let Some(extra) = &self.clean_grad {
+            tch::no_grad(|| {
+                for ((p, _, _), e) in self.params.iter().zip(extra) {
+                    if let Some(e) = e {
+                        let mut g = p.grad();
+                        if g.defined() {
+                            let _ = g.g_add_(e);
+                        }
+                    }
+                }
+            });
+        }
         let value = f64::try_from(&loss).map_err(tch_err)?;
         if !value.is_finite() {
             return Err(format!("{DIVERGED}training loss is {value}"));
@@ -853,12 +903,28 @@ pub fn run(
             let mut yb_labels = yb.shallow_clone();
             let (mut idx, mut gb) = (idx, gb);
             let mut rows = chunk.len();
+            // A clean-loss gradient a transform asked the step to keep (Co-Mixup's clean_lam).
+            let mut clean_grad = None;
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
+                    let mut grad = |weight: f64, train: bool, keep: bool| {
+                        let (g, kept) = input_grad(&net, &mut opt, &params, &xb, &yb, weight, train, keep)?;
+                        clean_grad = kept;
+                        Ok(g)
+                    };
+                    let model: Option<&mut xlab_plugin_api::host::InputGradFn<'_>> =
+                        if t.input_grad { Some(&mut grad) } else { None };
                     let (x, soft) = t
-                        .transform(&xb, &yb, gb.as_ref(), db.as_ref(), &idx, data.classes as i64, &mut || {
-                            rng.next_u64()
-                        })
+                        .transform_with(
+                            &xb,
+                            &yb,
+                            gb.as_ref(),
+                            db.as_ref(),
+                            &idx,
+                            data.classes as i64,
+                            &mut || rng.next_u64(),
+                            model,
+                        )
                         .map_err(|m| Failure::new(FailureCause::Error, m))?;
                     // A transform may return k blocks of the batch (RegMixup's [x; x̃]): each row
                     // stands for example r mod B.
@@ -899,6 +965,7 @@ pub fn run(
                 reported: vec![false; rows],
                 vars: &named,
                 options: &options,
+                clean_grad,
             };
             let stepped = match comps.step_rule.as_mut() {
                 Some(rule) => rule.step(&mut driver, epoch, global_step),
