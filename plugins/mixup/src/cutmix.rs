@@ -62,7 +62,7 @@ pub fn mixed_targets(y: &Tensor, perm: &Tensor, lam: f64, num_classes: i64, kind
 /// The (c, h, w) of image inputs, or a clear error.
 pub fn image_shape(id: &str, image: Option<[i64; 3]>) -> Result<[i64; 3]> {
     image
-        .ok_or_else(|| PluginError(format!("{id} cuts boxes out of images; use image data (`data: {{name: digits}}`)")))
+        .ok_or_else(|| PluginError(format!("{id} mixes regions of images; use image data (`data: {{name: digits}}`, IDX or CIFAR files, or npz/csv with `image: [C, H, W]`)")))
 }
 
 impl Component for Cutmix {

@@ -42,7 +42,21 @@ fn read_safetensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
 #[test]
 fn training_matches_a_pytorch_loop_from_the_same_weights() {
     let dir = tempfile::tempdir().unwrap();
-    train_both(dir.path(), "fp32");
+    train_both(dir.path(), "fp32", None);
+}
+
+/// A batch transform that asks the worker for the model's input gradient and keeps the clean
+/// loss's parameter gradient (Co-Mixup's clean_lam) gets exactly that: the worker's update adds
+/// the gradient of weight · CE of the clean batch, as the PyTorch loop does by hand. The
+/// transform is the fixture plugin's `fixture.clean_loss`, which leaves the batch unmixed.
+#[test]
+fn a_kept_clean_loss_gradient_joins_the_update_as_in_pytorch() {
+    let (plain, kept) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let without = train_both(plain.path(), "fp32", None);
+    let with = train_both(kept.path(), "fp32", Some(0.7));
+    let apart =
+        without.iter().flat_map(|(n, a)| a.iter().zip(&with[n]).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
+    assert!(apart > 1e-3, "the clean loss moved the weights by at most {apart:e}");
 }
 
 /// `precision: bf16` runs the forward pass under libtorch's CPU autocast, as `torch.autocast("cpu",
@@ -51,20 +65,22 @@ fn training_matches_a_pytorch_loop_from_the_same_weights() {
 #[test]
 fn bf16_training_matches_a_pytorch_autocast_loop() {
     let (d32, d16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let fp32 = train_both(d32.path(), "fp32");
-    let bf16 = train_both(d16.path(), "bf16");
+    let fp32 = train_both(d32.path(), "fp32", None);
+    let bf16 = train_both(d16.path(), "bf16", None);
     let apart =
         fp32.iter().flat_map(|(name, a)| a.iter().zip(&bf16[name]).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
     assert!(apart > 1e-3, "bf16 weights differ from fp32 ones by at most {apart:e}");
 }
 
-/// Trains the same MLP with xlab and with the PyTorch loop at `precision`, checks that they end
-/// at the same weights and losses, and returns xlab's final weights.
-fn train_both(dir: &Path, precision: &str) -> BTreeMap<String, Vec<f32>> {
+/// Trains the same MLP with xlab and with the PyTorch loop at `precision` (with `clean`, through
+/// `fixture.clean_loss` of that weight), checks that they end at the same weights and losses,
+/// and returns xlab's final weights.
+fn train_both(dir: &Path, precision: &str, clean: Option<f64>) -> BTreeMap<String, Vec<f32>> {
     let request = serde_json::json!({
         "dir": dir, "seed": 3, "n_train": 200, "n_test": 50, "dim": 10, "classes": 3, "hidden": 32,
         "epochs": 3, "batch_size": 16, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": true,
         "label_smoothing": 0.1, "clip_grad_norm": 1.0, "min_lr": 0.001, "precision": precision,
+        "clean_weight": clean,
     });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/pytorch_loop.py");
     let mut child = Command::new(python())
@@ -98,6 +114,17 @@ defaults:
 stages:
   train: {}
 "#;
+    let yaml = match clean {
+        Some(w) => {
+            std::fs::copy(xlab().with_file_name("libxlab_fixture_plugin.so"), dir.join("fixture.so"))
+                .expect("the fixture plugin is built with the workspace");
+            yaml.replacen("defaults:", "plugins: [fixture.so]\ndefaults:", 1).replace(
+                "  train: {}",
+                &format!("  train:\n    batch_transform: {{use: fixture.clean_loss, weight: {w}}}"),
+            )
+        }
+        None => yaml.to_string(),
+    };
     let file = dir.join("equivalence.yaml");
     std::fs::write(&file, yaml.replace("PRECISION", precision)).unwrap();
     let store = dir.join("results");

@@ -4,12 +4,17 @@
 //! `XLAB_FIXTURE_MANIFEST` chooses what the entry point returns: unset, a valid plugin `fixture`
 //! with two step rules that fail on purpose; `abi`, a manifest of ABI version 999; `torch`, one
 //! built against libtorch 1.0.0; `panic`, a panic while building the manifest (the entry point
-//! then returns null, as the SDK's does).
+//! then returns null, as the SDK's does). The valid plugin also has `fixture.clean_loss`, a batch
+//! transform that asks for the model's input gradient and keeps the clean loss's gradient, so a
+//! test can check the host's side of that request against a PyTorch loop.
 
 use serde::Deserialize;
 use std::sync::OnceLock;
 use xlab_plugin_api::abi::{PluginManifest, RStr, ABI_VERSION, TORCH_VERSION};
-use xlab_plugin_api::{Component, ComponentKind, ParamSpec, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::{
+    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
+    StepCtx, StepRule, Transformed,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +67,46 @@ impl StepRule for Fails {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanLossParams {
+    weight: f64,
+}
+
+/// Leaves the batch as it is (one-hot targets) and asks the host for the input gradient of
+/// `weight` · CE on the clean batch, in training mode, keeping its parameter gradient: the step
+/// then trains on CE + weight · CE.
+pub struct CleanLoss {
+    weight: f64,
+}
+
+impl Component for CleanLoss {
+    const KIND: ComponentKind = ComponentKind::BatchTransform;
+    const ID: &'static str = "fixture.clean_loss";
+    const SUMMARY: &'static str = "keeps the batch and adds weight · CE of the clean batch to the update (host test)";
+    const REFERENCE: &'static str = "none: a test fixture";
+    const INPUT_GRAD: bool = true;
+    type Params = CleanLossParams;
+    fn params() -> Vec<ParamSpec> {
+        vec![param("weight", ParamType::Float, 0.5, "weight of the clean loss")]
+    }
+    fn new(p: CleanLossParams) -> Result<Self> {
+        Ok(CleanLoss { weight: p.weight })
+    }
+}
+
+impl BatchTransform for CleanLoss {
+    fn transform(&mut self, batch: Batch, _rng: &mut HostRng<'_>) -> Result<Transformed> {
+        let model = batch.model.as_ref().ok_or_else(|| PluginError("no model to ask".into()))?;
+        let g = model.input_grad(self.weight, true, true)?;
+        if g.size() != batch.x.size() {
+            return Err(PluginError(format!("input gradient of shape {:?} for inputs {:?}", g.size(), batch.x.size())));
+        }
+        let target = batch.y.one_hot(batch.num_classes).to_kind(batch.x.kind());
+        Ok(Transformed { x: batch.x, target })
+    }
+}
+
 fn wrong(abi_version: u32, torch: &'static str) -> &'static PluginManifest {
     Box::leak(Box::new(PluginManifest {
         abi_version,
@@ -89,6 +134,7 @@ pub extern "C" fn xlab_plugin_manifest_v1() -> *const PluginManifest {
                     vec![
                         xlab_plugin_api::sdk::glue::step_rule::<Panics>(),
                         xlab_plugin_api::sdk::glue::step_rule::<Fails>(),
+                        xlab_plugin_api::sdk::glue::batch_transform::<CleanLoss>(),
                     ],
                 ),
             };

@@ -6,6 +6,9 @@ Reads a JSON request on stdin, writes into request["dir"]:
 - torch_final.safetensors: the weights after training with torch.optim.SGD, label smoothing,
   clip_grad_norm_ and CosineAnnealingLR stepped per optimizer step, rows in file order;
 and prints {"train_loss": [per-epoch mean training loss]} on stdout.
+With "clean_weight" w in the request, each step also adds the gradient of w · CE (no label
+smoothing) of the same batch at the same weights, as a batch transform that keeps the clean
+loss's gradient asks xlab's worker to; the reported loss stays the smoothed CE.
 """
 
 import json
@@ -56,6 +59,10 @@ for epoch in range(req["epochs"]):
             logits = net(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=req["label_smoothing"])
         loss.backward()
+        if req.get("clean_weight"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=req.get("precision") == "bf16"):
+                clean_logits = net(xb)
+            (F.cross_entropy(clean_logits.float(), yb) * req["clean_weight"]).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), req["clip_grad_norm"])
         opt.step()
         sched.step()
