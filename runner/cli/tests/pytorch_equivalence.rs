@@ -42,7 +42,7 @@ fn read_safetensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
 #[test]
 fn training_matches_a_pytorch_loop_from_the_same_weights() {
     let dir = tempfile::tempdir().unwrap();
-    train_both(dir.path(), "fp32", None);
+    train_both(dir.path(), &Run::default());
 }
 
 /// A batch transform that asks the worker for the model's input gradient and keeps the clean
@@ -52,11 +52,24 @@ fn training_matches_a_pytorch_loop_from_the_same_weights() {
 #[test]
 fn a_kept_clean_loss_gradient_joins_the_update_as_in_pytorch() {
     let (plain, kept) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let without = train_both(plain.path(), "fp32", None);
-    let with = train_both(kept.path(), "fp32", Some(0.7));
-    let apart =
-        without.iter().flat_map(|(n, a)| a.iter().zip(&with[n]).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
-    assert!(apart > 1e-3, "the clean loss moved the weights by at most {apart:e}");
+    let (without, _) = train_both(plain.path(), &Run::default());
+    let (with, _) = train_both(kept.path(), &Run { clean: Some(0.7), ..Run::default() });
+    let d = apart(&without, &with);
+    assert!(d > 1e-3, "the clean loss moved the weights by at most {d:e}");
+}
+
+/// One side-by-side run: the precision, a clean-loss weight for `fixture.clean_loss`, and an
+/// fp16 loss scale (initial scale, growth interval).
+struct Run {
+    precision: &'static str,
+    clean: Option<f64>,
+    loss_scale: Option<(f64, u32)>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run { precision: "fp32", clean: None, loss_scale: None }
+    }
 }
 
 /// `precision: bf16` runs the forward pass under libtorch's CPU autocast, as `torch.autocast("cpu",
@@ -65,22 +78,49 @@ fn a_kept_clean_loss_gradient_joins_the_update_as_in_pytorch() {
 #[test]
 fn bf16_training_matches_a_pytorch_autocast_loop() {
     let (d32, d16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let fp32 = train_both(d32.path(), "fp32", None);
-    let bf16 = train_both(d16.path(), "bf16", None);
-    let apart =
-        fp32.iter().flat_map(|(name, a)| a.iter().zip(&bf16[name]).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
-    assert!(apart > 1e-3, "bf16 weights differ from fp32 ones by at most {apart:e}");
+    let (fp32, _) = train_both(d32.path(), &Run::default());
+    let (bf16, _) = train_both(d16.path(), &Run { precision: "bf16", ..Run::default() });
+    assert!(apart(&fp32, &bf16) > 1e-3, "bf16 weights differ from fp32 ones by at most {:e}", apart(&fp32, &bf16));
 }
 
-/// Trains the same MLP with xlab and with the PyTorch loop at `precision` (with `clean`, through
-/// `fixture.clean_loss` of that weight), checks that they end at the same weights and losses,
-/// and returns xlab's final weights.
-fn train_both(dir: &Path, precision: &str, clean: Option<f64>) -> BTreeMap<String, Vec<f32>> {
+/// `precision: fp16` runs the forward pass under CPU fp16 autocast with dynamic loss scaling and
+/// matches `torch.amp.GradScaler("cpu")` in the documented loop (unscale, clip, step, update):
+/// the same weights, the same steps skipped for overflowing gradients, the same final scale. The
+/// initial scale of 2²⁴ overflows fp16 at first, so the scale backs off; a growth interval of 10
+/// steps grows it again within the run.
+#[test]
+fn fp16_training_matches_a_pytorch_grad_scaler_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, record) =
+        train_both(dir.path(), &Run { precision: "fp16", loss_scale: Some((16777216.0, 10)), ..Run::default() });
+    let (ours, torch) = (&record["xlab"], &record["torch"]);
+    let skipped: Vec<f64> = torch["skipped"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!(skipped[0] >= 2.0, "the first steps overflow at 2^24: {skipped:?}");
+    // 13 steps an epoch (200 rows, 16 a batch); xlab reports the fraction of the epoch's steps.
+    let frac: Vec<f64> =
+        ours["metrics"]["amp.skipped"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert_eq!(frac, skipped.iter().map(|s| s / 13.0).collect::<Vec<_>>(), "skipped steps per epoch");
+    let scale: Vec<f64> =
+        ours["metrics"]["amp.loss_scale"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert_eq!(scale.last().copied(), torch["loss_scale"].as_f64(), "final loss scale");
+}
+
+/// The largest absolute difference between two sets of weights.
+fn apart(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    a.iter().flat_map(|(n, x)| x.iter().zip(&b[n]).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max)
+}
+
+/// Trains the same MLP with xlab and with the PyTorch loop as `run` says, checks that they end
+/// at the same weights and losses, and returns xlab's final weights and both sides' records
+/// (`{"xlab": the job as \`xlab show\` prints it, "torch": the loop's output}`).
+fn train_both(dir: &Path, run: &Run) -> (BTreeMap<String, Vec<f32>>, serde_json::Value) {
+    let (precision, clean) = (run.precision, run.clean);
     let request = serde_json::json!({
         "dir": dir, "seed": 3, "n_train": 200, "n_test": 50, "dim": 10, "classes": 3, "hidden": 32,
         "epochs": 3, "batch_size": 16, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": true,
         "label_smoothing": 0.1, "clip_grad_norm": 1.0, "min_lr": 0.001, "precision": precision,
         "clean_weight": clean,
+        "loss_scale": run.loss_scale.map(|(init, interval)| serde_json::json!({"init": init, "growth_interval": interval})),
     });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/pytorch_loop.py");
     let mut child = Command::new(python())
@@ -125,6 +165,13 @@ stages:
         }
         None => yaml.to_string(),
     };
+    let yaml = match run.loss_scale {
+        Some((init, interval)) => yaml.replace(
+            "  precision: PRECISION",
+            &format!("  precision: PRECISION\n  loss_scale: {{init: {init}, growth_interval: {interval}}}"),
+        ),
+        None => yaml,
+    };
     let file = dir.join("equivalence.yaml");
     std::fs::write(&file, yaml.replace("PRECISION", precision)).unwrap();
     let store = dir.join("results");
@@ -168,5 +215,5 @@ stages:
     for (a, b) in ours.iter().zip(&theirs) {
         assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "train.loss per epoch: xlab {ours:?}, PyTorch {theirs:?}");
     }
-    read_safetensors(&job.join("weights.safetensors"))
+    (read_safetensors(&job.join("weights.safetensors")), serde_json::json!({"xlab": record, "torch": torch}))
 }

@@ -127,11 +127,15 @@ pub struct JobConfig {
     #[serde(default, skip_serializing_if = "is_false")]
     pub deterministic: bool,
     /// `train` and `evaluate` of classifiers: run the forward pass and the loss under libtorch's
-    /// autocast in `bf16` (CPU or CUDA): matrix products and convolutions in bfloat16, reductions
-    /// and the loss in fp32. Weights, gradients and optimizer state stay in fp32. Part of the
-    /// identity.
+    /// autocast in `bf16` or `fp16` (CPU or CUDA): matrix products and convolutions in the half
+    /// type, reductions and the loss in fp32. Weights, gradients and optimizer state stay in
+    /// fp32. `fp16` training scales the loss dynamically (`loss_scale`). Part of the identity.
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
+    /// `precision: fp16` training: the dynamic loss scale, as PyTorch's `GradScaler` keeps it
+    /// (its defaults). Part of the identity when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
 }
 
 /// The precision of the forward pass (`precision:`).
@@ -141,6 +145,50 @@ pub enum Precision {
     #[default]
     Fp32,
     Bf16,
+    Fp16,
+}
+
+/// Dynamic loss scaling for fp16 training (`loss_scale:`), PyTorch's `GradScaler`: the loss is
+/// multiplied by the scale before backward and the gradients divided by it after; a step whose
+/// gradients are not all finite is skipped and the scale multiplied by `backoff_factor`, and
+/// after `growth_interval` finite steps in a row it is multiplied by `growth_factor`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LossScale {
+    #[serde(default = "LossScale::default_init")]
+    pub init: f64,
+    #[serde(default = "LossScale::default_growth_factor")]
+    pub growth_factor: f64,
+    #[serde(default = "LossScale::default_backoff_factor")]
+    pub backoff_factor: f64,
+    #[serde(default = "LossScale::default_growth_interval")]
+    pub growth_interval: u32,
+}
+
+impl LossScale {
+    fn default_init() -> f64 {
+        65536.0
+    }
+    fn default_growth_factor() -> f64 {
+        2.0
+    }
+    fn default_backoff_factor() -> f64 {
+        0.5
+    }
+    fn default_growth_interval() -> u32 {
+        2000
+    }
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale {
+            init: Self::default_init(),
+            growth_factor: Self::default_growth_factor(),
+            backoff_factor: Self::default_backoff_factor(),
+            growth_interval: Self::default_growth_interval(),
+        }
+    }
 }
 
 impl Precision {
@@ -1006,6 +1054,29 @@ impl JobConfig {
                         if set {
                             return err(k, "is not available to diffusion training".into());
                         }
+                    }
+                }
+                if let Some(ls) = &self.loss_scale {
+                    if self.precision != Precision::Fp16 {
+                        return err(
+                            "loss_scale",
+                            "scales the loss of fp16 training; it needs `precision: fp16`".into(),
+                        );
+                    }
+                    if !(ls.init > 0.0 && ls.init.is_finite()) {
+                        return err("loss_scale.init", format!("must be a finite number > 0, got {}", ls.init));
+                    }
+                    if !(ls.growth_factor > 1.0 && ls.growth_factor.is_finite()) {
+                        return err("loss_scale.growth_factor", format!("must be > 1, got {}", ls.growth_factor));
+                    }
+                    if !(ls.backoff_factor > 0.0 && ls.backoff_factor < 1.0) {
+                        return err(
+                            "loss_scale.backoff_factor",
+                            format!("must be in (0, 1), got {}", ls.backoff_factor),
+                        );
+                    }
+                    if ls.growth_interval == 0 {
+                        return err("loss_scale.growth_interval", "must be at least 1".into());
                     }
                 }
                 if self.augment.is_some() && !self.data.is_image() {

@@ -146,7 +146,7 @@ pub struct Slurm {
 config_keys! {
     task, data, model, optimizer, epochs, batch_size, step_rule, batch_transform, objective, sampler, guidance, denoiser,
     samples, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop, deterministic, diffusion,
-    precision;
+    precision, loss_scale;
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct StageFile {
@@ -680,7 +680,8 @@ shuffle: false
 augment: {flip: true}
 noop: {sleep_s: 0.1}
 deterministic: true
-precision: bf16
+precision: fp16
+loss_scale: {init: 1024}
 "#;
         let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
         let v = serde_json::to_value(&cfg).unwrap();

@@ -1,6 +1,7 @@
-//! Mixed precision (`precision: bf16`): libtorch's autocast around the forward pass and the loss,
-//! through a small C++ shim (`cpp/autocast.cpp`), since tch turns on only CUDA's fp16 autocast.
-//! bfloat16 has fp32's exponent range, so no loss scaling is needed.
+//! Mixed precision (`precision: bf16 | fp16`): libtorch's autocast around the forward pass and
+//! the loss, through a small C++ shim (`cpp/autocast.cpp`), since tch turns on only CUDA's fp16
+//! autocast. bfloat16 has fp32's exponent range, so it needs no loss scaling; fp16 training
+//! scales the loss dynamically ([`Scaler`], PyTorch's `GradScaler`).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use tch::{Device, Kind, Tensor};
@@ -24,14 +25,19 @@ fn device_code(device: Device) -> i32 {
 static JOB_PRECISION: AtomicU8 = AtomicU8::new(0);
 
 pub fn set_job_precision(p: Precision) {
-    JOB_PRECISION.store(if p == Precision::Bf16 { 1 } else { 0 }, Ordering::SeqCst);
+    let code = match p {
+        Precision::Fp32 => 0,
+        Precision::Bf16 => 1,
+        Precision::Fp16 => 2,
+    };
+    JOB_PRECISION.store(code, Ordering::SeqCst);
 }
 
 fn job_precision() -> Precision {
-    if JOB_PRECISION.load(Ordering::SeqCst) == 1 {
-        Precision::Bf16
-    } else {
-        Precision::Fp32
+    match JOB_PRECISION.load(Ordering::SeqCst) {
+        1 => Precision::Bf16,
+        2 => Precision::Fp16,
+        _ => Precision::Fp32,
     }
 }
 
@@ -50,6 +56,7 @@ impl Region {
         let dtype = match precision {
             Precision::Fp32 => return Ok(Region { device: None }),
             Precision::Bf16 => 0,
+            Precision::Fp16 => 1,
         };
         let code = device_code(device);
         // SAFETY: plain C calls into libtorch's thread-local autocast state; the shim catches
@@ -86,6 +93,60 @@ pub fn full(t: Tensor) -> Tensor {
     }
 }
 
+/// Dynamic loss scaling for fp16 training, as PyTorch's `GradScaler` with `unscale_` before the
+/// step: the scale is a float32, the gradients are multiplied by its float32 reciprocal, and
+/// [`Scaler::update`] backs off or grows it once per optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scaler {
+    pub scale: f32,
+    /// Finite steps in a row since the scale last changed.
+    pub growth_tracker: u32,
+    cfg: xlab_spec::config::LossScale,
+}
+
+impl Scaler {
+    pub fn new(cfg: xlab_spec::config::LossScale) -> Self {
+        Scaler { scale: cfg.init as f32, growth_tracker: 0, cfg }
+    }
+
+    /// Divides the gradients by the scale in place; returns whether any was not finite (inf or
+    /// NaN), in which case all of them are zeroed, so a step rule reading them sees no step.
+    pub fn unscale(&self, grads: &[Tensor]) -> bool {
+        if grads.is_empty() {
+            return false;
+        }
+        let inv = (1.0 / f64::from(self.scale)) as f32;
+        tch::no_grad(|| {
+            let bad: Vec<Tensor> = grads.iter().map(|g| g.isfinite().logical_not().any()).collect();
+            let found = bool::try_from(Tensor::stack(&bad, 0).any()).unwrap_or(true);
+            for g in grads {
+                let mut g = g.shallow_clone();
+                if found {
+                    let _ = g.zero_();
+                } else {
+                    let _ = g.g_mul_(&Tensor::from(inv).to_device(g.device()).to_kind(g.kind()));
+                }
+            }
+            found
+        })
+    }
+
+    /// After an optimizer step: back off if the step found a non-finite gradient, else count it
+    /// and grow the scale every `growth_interval` such steps (`torch._amp_update_scale_`).
+    pub fn update(&mut self, found_inf: bool) {
+        if found_inf {
+            self.scale = (f64::from(self.scale) * self.cfg.backoff_factor) as f32;
+            self.growth_tracker = 0;
+        } else {
+            self.growth_tracker += 1;
+            if self.growth_tracker == self.cfg.growth_interval {
+                self.scale = (f64::from(self.scale) * self.cfg.growth_factor) as f32;
+                self.growth_tracker = 0;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +166,33 @@ mod tests {
         assert_eq!(a.mm(&a).kind(), Kind::Float);
         let _none = Region::enter(Precision::Fp32, Device::Cpu).unwrap();
         assert!(!Region::is_enabled(Device::Cpu));
+    }
+
+    #[test]
+    fn fp16_autocast_runs_a_matmul_in_half_on_the_cpu() {
+        let a = Tensor::ones([4, 4], (Kind::Float, Device::Cpu));
+        let _r = Region::enter(Precision::Fp16, Device::Cpu).unwrap();
+        assert_eq!(a.mm(&a).kind(), Kind::Half);
+    }
+
+    #[test]
+    fn the_scaler_backs_off_on_overflow_and_grows_after_its_interval() {
+        let cfg =
+            xlab_spec::config::LossScale { init: 1024.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 3 };
+        let mut s = Scaler::new(cfg);
+        let g = Tensor::from_slice(&[2048.0f32, -512.0]);
+        assert!(!s.unscale(std::slice::from_ref(&g)));
+        assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![2.0, -0.5]);
+        let bad = Tensor::from_slice(&[f32::INFINITY, 1.0]);
+        assert!(s.unscale(&[g.shallow_clone(), bad.shallow_clone()]));
+        assert_eq!(Vec::<f32>::try_from(&bad).unwrap(), vec![0.0, 0.0], "a skipped step's gradients are zeroed");
+        s.update(true);
+        assert_eq!((s.scale, s.growth_tracker), (512.0, 0));
+        for _ in 0..2 {
+            s.update(false);
+        }
+        assert_eq!((s.scale, s.growth_tracker), (512.0, 2));
+        s.update(false);
+        assert_eq!((s.scale, s.growth_tracker), (1024.0, 0));
     }
 }

@@ -43,6 +43,9 @@ pub struct Meta {
     /// The epoch's statistics so far, for a checkpoint inside an epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<PartialEpoch>,
+    /// `precision: fp16`: the loss scale and its count of finite steps in a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<(f32, u32)>,
     pub tensors_file: String,
     pub tensors_bytes: u64,
     pub tensors_sha256: String,

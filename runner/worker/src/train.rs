@@ -461,26 +461,36 @@ struct Driver<'a> {
     /// A parameter gradient added to every pass's (by parameter; a batch transform's clean-loss
     /// term, see `input_grad`).
     clean_grad: Option<CleanGrad>,
+    /// `precision: fp16`: the loss scale, and whether a pass of this step found a non-finite
+    /// gradient (the optimizer step is then skipped).
+    scaler: Option<&'a crate::amp::Scaler>,
+    found_inf: bool,
 }
 
 /// A kept parameter gradient, by parameter (`None` where a parameter got none).
 type CleanGrad = Vec<Option<Tensor>>;
 
+/// What `input_grad` gives back: ∂L/∂x, the kept parameter gradient, and whether fp16 loss
+/// scaling found a non-finite gradient (the step is then skipped).
+type InputGrad = (Tensor, Option<CleanGrad>, bool);
+
 /// The gradient of `weight` · mean cross-entropy of the model on a batch with respect to its
 /// inputs, for a batch transform that asks (saliency-guided mixing). `train` runs the model in
 /// training mode; with `keep` the parameter gradient is returned too, for the step's passes to
-/// add (it is otherwise discarded). Leaves the parameters' `.grad` zeroed.
+/// add (it is otherwise discarded). Under fp16 the loss is scaled and the gradients unscaled as
+/// in a training pass. Leaves the parameters' `.grad` zeroed.
 #[allow(clippy::too_many_arguments)]
 fn input_grad(
     net: &model::Model,
     opt: &mut Optimizer,
     params: &[(Tensor, String, u32)],
+    scaler: Option<&crate::amp::Scaler>,
     x: &Tensor,
     y: &Tensor,
     weight: f64,
     train: bool,
     keep: bool,
-) -> Result<(Tensor, Option<CleanGrad>), String> {
+) -> Result<InputGrad, String> {
     net.set_frozen(false);
     opt.zero_grad();
     let x = x.detach().set_requires_grad(true);
@@ -489,13 +499,35 @@ fn input_grad(
     let loss =
         logits.f_cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, 0.0).map_err(tch_err)? * weight;
     drop(region);
-    loss.f_backward().map_err(tch_err)?;
+    backward_scaled(&loss, scaler)?;
     let g = x.grad().detach();
+    let found_inf = match scaler {
+        Some(s) => {
+            let mut grads = defined_grads(params);
+            grads.push(g.shallow_clone());
+            s.unscale(&grads)
+        }
+        None => false,
+    };
     let kept = keep.then(|| {
         params.iter().map(|(p, _, _)| Some(p.grad()).filter(Tensor::defined).map(|g| g.detach().copy())).collect()
     });
     opt.zero_grad();
-    Ok((g, kept))
+    Ok((g, kept, found_inf))
+}
+
+/// Backward of `loss`, multiplied by the fp16 loss scale when there is one.
+fn backward_scaled(loss: &Tensor, scaler: Option<&crate::amp::Scaler>) -> Result<(), String> {
+    match scaler {
+        Some(s) => (loss * f64::from(s.scale)).f_backward(),
+        None => loss.f_backward(),
+    }
+    .map_err(tch_err)
+}
+
+/// The parameters' gradients that exist.
+fn defined_grads(params: &[(Tensor, String, u32)]) -> Vec<Tensor> {
+    params.iter().map(|(p, _, _)| p.grad()).filter(Tensor::defined).collect()
 }
 
 /// `label_smoothing` and `clip_grad_norm` of the job's config.
@@ -560,7 +592,7 @@ impl Driver<'_> {
         let rows = |t: &Tensor| if whole { t.shallow_clone() } else { t.narrow(0, lo as i64, (hi - lo) as i64) };
         let (x, labels, index) = (rows(&self.x), rows(&self.labels), rows(&self.index));
         let group = self.group.as_ref().map(rows);
-        // `precision: bf16`: the forward pass and the loss under autocast, the backward after it.
+        // `precision: bf16 | fp16`: the forward pass and the loss under autocast, the backward after it.
         let region = crate::amp::job_region(x.device())?;
         let logits = crate::amp::full(self.net.forward_t(&x, true));
         let pred = logits.argmax(-1, false);
@@ -596,8 +628,10 @@ impl Driver<'_> {
             None => per_example.mean(Kind::Float),
         };
         drop(region);
-        loss.f_backward().map_err(tch_err)?;
-        if let Some(extra) = &self.clean_grad {
+        backward_scaled(&loss, self.scaler)?;
+        let overflow = self.scaler.is_some_and(|s| s.unscale(&defined_grads(self.params)));
+        self.found_inf |= overflow;
+        if let (Some(extra), false) = (&self.clean_grad, overflow) {
             tch::no_grad(|| {
                 for ((p, _, _), e) in self.params.iter().zip(extra) {
                     if let Some(e) = e {
@@ -648,6 +682,10 @@ impl StepDriver for Driver<'_> {
     }
 
     fn optimizer_step(&mut self) -> Result<(), String> {
+        // fp16: a step whose gradients overflowed is skipped, as `GradScaler.step` does.
+        if self.found_inf {
+            return Ok(());
+        }
         if let Some(max) = self.options.clip_grad_norm {
             clip_grad_norm(self.params, max);
         }
@@ -832,10 +870,17 @@ pub fn run(
     let mut global_step = 0u64;
     let mut first_epoch = 0u64;
 
+    // `precision: fp16`: the dynamic loss scale, checkpointed with the run.
+    let mut scaler = (cfg.precision == xlab_spec::config::Precision::Fp16)
+        .then(|| crate::amp::Scaler::new(cfg.loss_scale.clone().unwrap_or_default()));
     // A checkpoint inside an epoch: batches done, the epoch's order, its statistics so far.
     let mut resume_inside: Option<(u64, Vec<i64>, EpochStats)> = None;
     if let Some(c) = ckpt.latest(run_dir) {
         restore(&c, &named, &mut opt, comps, &mut rng)?;
+        if let (Some(sc), Some((scale, tracker))) = (scaler.as_mut(), c.meta.loss_scale) {
+            sc.scale = scale;
+            sc.growth_tracker = tracker;
+        }
         if c.meta.step_in_epoch > 0 {
             resume_inside = Some(inside_epoch(&c, n, data.groups)?);
         }
@@ -905,11 +950,14 @@ pub fn run(
             let mut rows = chunk.len();
             // A clean-loss gradient a transform asked the step to keep (Co-Mixup's clean_lam).
             let mut clean_grad = None;
+            let mut found_inf = false;
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
                     let mut grad = |weight: f64, train: bool, keep: bool| {
-                        let (g, kept) = input_grad(&net, &mut opt, &params, &xb, &yb, weight, train, keep)?;
+                        let (g, kept, overflow) =
+                            input_grad(&net, &mut opt, &params, scaler.as_ref(), &xb, &yb, weight, train, keep)?;
                         clean_grad = kept;
+                        found_inf |= overflow;
                         Ok(g)
                     };
                     let model: Option<&mut xlab_plugin_api::host::InputGradFn<'_>> =
@@ -966,12 +1014,19 @@ pub fn run(
                 vars: &named,
                 options: &options,
                 clean_grad,
+                scaler: scaler.as_ref(),
+                found_inf,
             };
             let stepped = match comps.step_rule.as_mut() {
                 Some(rule) => rule.step(&mut driver, epoch, global_step),
                 None => driver.forward_backward().and_then(|_| driver.optimizer_step()),
             };
             let passes = driver.passes;
+            let found_inf = driver.found_inf;
+            if let Some(sc) = scaler.as_mut() {
+                sc.update(found_inf);
+                stats.log("amp.skipped", f64::from(u8::from(found_inf)));
+            }
             if let Err(m) = stepped {
                 let cause = if m.contains(DIVERGED) { FailureCause::Diverged } else { FailureCause::Error };
                 return Err(Failure::new(
@@ -990,6 +1045,7 @@ pub fn run(
                 stats.settle().map_err(Failure::from)?;
                 let stopping = crate::stop_requested();
                 let mut meta = checkpoint_meta(ckpt, epoch, global_step, &opt, &rng, &history);
+                meta.loss_scale = scaler.as_ref().map(|s| (s.scale, s.growth_tracker));
                 meta.step_in_epoch = done;
                 meta.partial = Some(stats.totals.clone());
                 let extra = vec![
@@ -1024,6 +1080,9 @@ pub fn run(
         values.insert("train.acc".to_string(), t.correct / t.seen as f64);
         values.insert("cost.passes_per_step".to_string(), t.passes as f64 / t.steps as f64);
         values.insert("cost.passes".to_string(), total_passes as f64);
+        if let Some(sc) = &scaler {
+            values.insert("amp.loss_scale".to_string(), f64::from(sc.scale));
+        }
         for (k, (sum, count)) in &t.plugin {
             values.insert(k.clone(), sum / f64::from(*count));
         }
@@ -1063,7 +1122,8 @@ pub fn run(
         history.push((epoch + 1, values.clone()));
         summary = values;
         ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
-            let meta = checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &rng, &history);
+            let mut meta = checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &rng, &history);
+            meta.loss_scale = scaler.as_ref().map(|s| (s.scale, s.growth_tracker));
             save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())
         })?;
     }
@@ -1140,6 +1200,7 @@ pub(crate) fn checkpoint_meta(
         metrics: history.to_vec(),
         step_in_epoch: 0,
         partial: None,
+        loss_scale: None,
         tensors_file: String::new(),
         tensors_bytes: 0,
         tensors_sha256: String::new(),

@@ -144,13 +144,23 @@ fn a_killed_worker_resumes_with_identical_results() {
         ("saf", saf, sam()),
         ("mesa", mesa, sam()),
         ("fsam", group_dro(), fsam),
+        // fp16's dynamic loss scale (backed off from 2^24, grown every 7 finite steps) is
+        // checkpointed with the run.
+        ("fp16", group_dro(), sam()),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let reference = request_with(&dir.path().join("a"), 6, objective.clone(), step_rule.clone());
+        let precision = |mut r: JobRequest| {
+            if name == "fp16" {
+                r.config["precision"] = serde_json::json!("fp16");
+                r.config["loss_scale"] = serde_json::json!({"init": 16777216.0, "growth_interval": 7});
+            }
+            r
+        };
+        let reference = precision(request_with(&dir.path().join("a"), 6, objective.clone(), step_rule.clone()));
         let straight = run(&reference, None);
         let weights_a = std::fs::read(reference.run_dir.join("weights.safetensors")).unwrap();
 
-        let interrupted = request_with(&dir.path().join("b"), 6, objective, step_rule);
+        let interrupted = precision(request_with(&dir.path().join("b"), 6, objective, step_rule));
         let first = run(&interrupted, Some(3));
         assert!(!first.iter().any(|e| matches!(e, Event::Finished { .. })));
         assert!(!interrupted.run_dir.join("weights.safetensors").exists());
@@ -165,6 +175,12 @@ fn a_killed_worker_resumes_with_identical_results() {
         assert_eq!(series(&straight), series(&second), "{name}");
         if name == "chi2" {
             assert!(finished(&straight)["dro.eta"].as_f64().is_some_and(|e| e != 0.0), "η was learned");
+        }
+        if name == "fp16" {
+            let s = series(&straight);
+            assert!(s[0].1["amp.skipped"].as_f64().is_some_and(|f| f > 0.0), "steps were skipped at 2^24");
+            let scales: Vec<f64> = s.iter().map(|(_, v)| v["amp.loss_scale"].as_f64().unwrap()).collect();
+            assert!(scales.windows(2).any(|w| w[1] > w[0]), "the scale grew again within the run: {scales:?}");
         }
         if name == "saf" || name == "mesa" {
             let key = format!("{name}.kl");

@@ -9,6 +9,10 @@ and prints {"train_loss": [per-epoch mean training loss]} on stdout.
 With "clean_weight" w in the request, each step also adds the gradient of w · CE (no label
 smoothing) of the same batch at the same weights, as a batch transform that keeps the clean
 loss's gradient asks xlab's worker to; the reported loss stays the smoothed CE.
+With "precision": "fp16", the forward pass runs under CPU fp16 autocast and the loss is scaled by
+torch.amp.GradScaler("cpu") with request["loss_scale"] (init, growth_interval), unscaled before
+clipping (the documented recipe); the output then also has "skipped" (steps skipped per epoch)
+and "loss_scale" (the final scale).
 """
 
 import json
@@ -48,25 +52,41 @@ xt, yt = x[: req["n_train"]], y[: req["n_train"]]
 bs = req["batch_size"]
 steps_per_epoch = (len(xt) + bs - 1) // bs
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_per_epoch * req["epochs"], eta_min=req["min_lr"])
-losses = []
+precision = req.get("precision")
+half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
+scaler = None
+if precision == "fp16":
+    ls = req["loss_scale"]
+    scaler = torch.amp.GradScaler("cpu", init_scale=ls["init"], growth_interval=ls["growth_interval"])
+losses, skipped = [], []
 for epoch in range(req["epochs"]):
-    total = 0.0
+    total, skips = 0.0, 0
     for lo in range(0, len(xt), bs):
         xb, yb = xt[lo:lo + bs], yt[lo:lo + bs]
         opt.zero_grad()
-        # `precision: bf16`: the forward pass under CPU autocast, the loss on the fp32 logits.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=req.get("precision") == "bf16"):
+        # `precision: bf16 | fp16`: the forward pass under CPU autocast, the loss on fp32 logits.
+        with torch.autocast("cpu", dtype=half, enabled=precision in ("bf16", "fp16")):
             logits = net(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=req["label_smoothing"])
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         if req.get("clean_weight"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=req.get("precision") == "bf16"):
+            with torch.autocast("cpu", dtype=half, enabled=precision in ("bf16", "fp16")):
                 clean_logits = net(xb)
-            (F.cross_entropy(clean_logits.float(), yb) * req["clean_weight"]).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), req["clip_grad_norm"])
-        opt.step()
+            clean = F.cross_entropy(clean_logits.float(), yb) * req["clean_weight"]
+            (scaler.scale(clean) if scaler else clean).backward()
+        if scaler:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), req["clip_grad_norm"])
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skips += scaler.get_scale() < before
+        else:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), req["clip_grad_norm"])
+            opt.step()
         sched.step()
         total += loss.item() * len(xb)
     losses.append(total / len(xt))
+    skipped.append(skips)
 save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(out, "torch_final.safetensors"))
-print(json.dumps({"train_loss": losses}))
+print(json.dumps({"train_loss": losses, "skipped": skipped, "loss_scale": scaler.get_scale() if scaler else None}))
