@@ -294,19 +294,8 @@ mod obj_tramp {
     ) -> Status {
         // SAFETY: the plugin passes n borrowed handles valid during the call.
         let vars: Vec<Tensor> = (0..n).map(|i| unsafe { Tensor::clone_from_ptr((*tensors.add(i)).cast()) }).collect();
-        match c(ctx).driver.forward_with(&vars) {
-            Ok(t) => {
-                let mut owned = t.shallow_clone();
-                // SAFETY: hand the plugin an owned handle.
-                unsafe { *out = owned.as_mut_ptr().cast() };
-                std::mem::forget(owned);
-                Status::Ok
-            }
-            Err(m) => {
-                err_to_sink(err, &m);
-                Status::Error
-            }
-        }
+        // SAFETY: out and err are valid during the call.
+        unsafe { hand_over(c(ctx).driver.forward_with(&vars), out, err) }
     }
 }
 
@@ -368,19 +357,8 @@ mod transform_tramp {
     ) -> Status {
         // SAFETY: ctx is the `&mut InputGradFn` set up by `Instance::transform_with`.
         let f = unsafe { &mut *(ctx as *mut &mut InputGradFn<'_>) };
-        match f(weight, train, keep) {
-            Ok(t) => {
-                let mut owned = t.shallow_clone();
-                // SAFETY: hand the plugin an owned handle.
-                unsafe { *out = owned.as_mut_ptr().cast() };
-                std::mem::forget(owned);
-                Status::Ok
-            }
-            Err(m) => {
-                err_to_sink(err, &m);
-                Status::Error
-            }
-        }
+        // SAFETY: out and err are valid during the call.
+        unsafe { hand_over(f(weight, train, keep), out, err) }
     }
 }
 
@@ -388,6 +366,26 @@ unsafe extern "C" fn rng_trampoline(ctx: *mut c_void) -> u64 {
     // SAFETY: ctx is the `&mut dyn FnMut() -> u64` set up by the caller below.
     let f = unsafe { &mut *(ctx as *mut &mut dyn FnMut() -> u64) };
     f()
+}
+
+/// A host callback's answer to the plugin: an owned handle in `out`, or the message in `err`.
+///
+/// # Safety
+/// `out` must be writable and `err` null or a valid sink.
+unsafe fn hand_over(r: Result<Tensor, String>, out: *mut *mut c_void, err: *const Sink) -> Status {
+    match r {
+        Ok(t) => {
+            let mut owned = t.shallow_clone();
+            // SAFETY: guaranteed by the caller; the plugin owns the handle from here.
+            unsafe { *out = owned.as_mut_ptr().cast() };
+            std::mem::forget(owned);
+            Status::Ok
+        }
+        Err(m) => {
+            err_to_sink(err, &m);
+            Status::Error
+        }
+    }
 }
 
 fn err_to_sink(err: *const Sink, msg: &str) {
