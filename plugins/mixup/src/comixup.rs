@@ -86,6 +86,8 @@ impl Component for CoMixup {
     const REFERENCE: &'static str = "Kim et al., Co-Mixup: Saliency Guided Joint Mixup with Supermodular Diversity, ICLR 2021; snu-mllab/Co-Mixup main.py, mixup.py, match.py";
     const RANDOM: bool = true;
     const INPUT_GRAD: bool = true;
+    /// The saliency pass on the clean batch, then the training pass on the mixed one.
+    const PASSES_PER_STEP: u32 = 2;
     type Params = CoMixupParams;
 
     fn params() -> Vec<ParamSpec> {

@@ -951,6 +951,8 @@ pub fn run(
             // A clean-loss gradient a transform asked the step to keep (Co-Mixup's clean_lam).
             let mut clean_grad = None;
             let mut found_inf = false;
+            // Forward/backward passes a transform asked for (counted in `cost.passes`).
+            let mut grad_passes = 0u32;
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
                     let mut grad = |weight: f64, train: bool, keep: bool| {
@@ -958,6 +960,7 @@ pub fn run(
                             input_grad(&net, &mut opt, &params, scaler.as_ref(), &xb, &yb, weight, train, keep)?;
                         clean_grad = kept;
                         found_inf |= overflow;
+                        grad_passes += 1;
                         Ok(g)
                     };
                     let model: Option<&mut xlab_plugin_api::host::InputGradFn<'_>> =
@@ -1034,7 +1037,7 @@ pub fn run(
                     format!("epoch {}, step {}: {}", epoch + 1, global_step, m.replace(DIVERGED, "")),
                 ));
             }
-            stats.totals.passes += u64::from(passes);
+            stats.totals.passes += u64::from(passes + grad_passes);
             stats.totals.steps += 1;
             global_step += 1;
             // A checkpoint inside the epoch, at every `every_steps` steps of the run (the
