@@ -70,14 +70,16 @@ test: build lint slurm-packages
 
 # Benchmarks (never timed assertions in tests): training throughput and DDIM sampling against
 # PyTorch loops, scheduler overhead with no-op jobs, store ingestion against SQLite and resume
-# detection, query speed. Each writes bench/results/*.json; bench/report.py then writes
-# BENCHMARKS.md from bench/BENCHMARKS.in.md and those files.
+# detection, query speed, Co-Mixup's mixing cost against its reference algorithm. Each writes
+# bench/results/*.json; bench/report.py then writes BENCHMARKS.md from bench/BENCHMARKS.in.md
+# and those files.
 bench: build
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
 	$(VENV)/bin/python bench/sampling.py --xlab target/release/xlab --device cpu --out bench/results
 	$(VENV)/bin/python bench/scheduler.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/store.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/query.py --xlab target/release/xlab --out bench/results
+	CARGO="$(CARGO)" $(VENV)/bin/python bench/comixup.py --out bench/results
 	$(VENV)/bin/python bench/report.py
 
 # The binaries and plugins scripts/device-check.sh runs on a CUDA machine (against that machine's

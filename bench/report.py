@@ -102,7 +102,15 @@ def query(d):
     return table(["jobs", "query", "import", "store on disk"], rows) + footer(d["meta"])
 
 
-RENDER = {"throughput": throughput, "sampling": sampling, "scheduler": scheduler, "store": store, "query": query}
+def comixup(d):
+    rows = [[r["block_num"], r["batch"], r["part"], num(r["xlab_ms"]), num(r["reference_ms"]), ratio(r["speedup"])]
+            for r in d["rows"]]
+    header = ["blocks per side", "batch", "partition", "xlab ms/batch", "reference ms/batch", "speed-up"]
+    return table(header, rows) + footer(d["meta"])
+
+
+RENDER = {"throughput": throughput, "sampling": sampling, "scheduler": scheduler, "store": store, "query": query,
+          "comixup": comixup}
 
 
 def render(name, results):

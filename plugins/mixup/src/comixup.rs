@@ -278,14 +278,7 @@ impl Search<'_> {
         // The half-half labels added after the n inputs: their parents and shares.
         let (parents, halves): (Vec<usize>, Vec<[f64; 3]>) = match n_label {
             2 => (assigned.clone(), vec![[0.5, 0.5, 0.0]]),
-            k if k >= 3 => {
-                let lc = Tensor::from_slice(label_count);
-                let (_, top) = lc.topk(3, -1, true, true);
-                let mut top: Vec<usize> =
-                    Vec::<i64>::try_from(&top).expect("indices").iter().map(|&v| v as usize).collect();
-                top.sort_unstable();
-                (top, vec![[0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]])
-            }
+            k if k >= 3 => (top3(label_count), vec![[0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]]),
             _ => (vec![], vec![]),
         };
         let labels = n + halves.len();
@@ -361,6 +354,22 @@ impl Search<'_> {
         let own: f64 = per.iter().flatten().map(|c| c * c).sum();
         unary + beta / 2.0 * smooth + gamma * (total - own)
     }
+}
+
+/// The three most used inputs, in index order, as the reference's `torch.topk(label_count, 3)`
+/// picks them. Only a tie across the third place needs torch's own choice, so only then is it
+/// asked.
+fn top3(label_count: &[f64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..label_count.len()).collect();
+    order.sort_by(|&a, &b| label_count[b].total_cmp(&label_count[a]));
+    let mut top = if order.get(3).is_some_and(|&j| label_count[j] == label_count[order[2]]) {
+        let (_, idx) = Tensor::from_slice(label_count).topk(3, -1, true, true);
+        Vec::<i64>::try_from(&idx).expect("indices").into_iter().map(|v| v as usize).collect()
+    } else {
+        order[..3].to_vec()
+    };
+    top.sort_unstable();
+    top
 }
 
 /// Each input's total share of an output.

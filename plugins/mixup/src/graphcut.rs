@@ -70,20 +70,23 @@ impl Grid {
     /// gco's `swap(-1)` from the all-zero labeling: the labels of the sites.
     pub fn swap(&self) -> Vec<usize> {
         let n = self.labels;
-        let edges = self.edges();
-        let mut nbrs = vec![Vec::new(); self.height * self.width];
-        for &(s, t) in &edges {
+        let sites = self.height * self.width;
+        let mut nbrs = vec![Vec::new(); sites];
+        for (s, t) in self.edges() {
             nbrs[s].push(t);
             nbrs[t].push(s);
         }
-        let mut lab = vec![0usize; self.height * self.width];
+        let mut lab = vec![0usize; sites];
+        let mut count = vec![0usize; n];
+        count[0] = sites;
+        let mut work = Work { flow: Flow::default(), active: Vec::new(), var: vec![usize::MAX; sites], count };
         let mut new = self.energy(&lab);
         let mut old = new + 1;
         while old > new {
             old = new;
             for a in 0..n {
                 for b in (a + 1..n).rev() {
-                    self.swap_move(&mut lab, &nbrs, a, b);
+                    self.swap_move(&mut lab, &nbrs, a, b, &mut work);
                 }
             }
             new = self.energy(&lab);
@@ -92,125 +95,168 @@ impl Grid {
     }
 
     /// One α-β swap: the sites at `a` or `b` take whichever of the two the minimum cut gives.
-    fn swap_move(&self, lab: &mut [usize], nbrs: &[Vec<usize>], a: usize, b: usize) {
+    fn swap_move(&self, lab: &mut [usize], nbrs: &[Vec<usize>], a: usize, b: usize, w: &mut Work) {
         let n = self.labels;
-        let active: Vec<usize> = (0..lab.len()).filter(|&s| lab[s] == a || lab[s] == b).collect();
-        if active.is_empty() {
+        if w.count[a] + w.count[b] == 0 {
             return;
         }
-        let mut var = vec![usize::MAX; lab.len()];
-        for (i, &s) in active.iter().enumerate() {
-            var[s] = i;
+        w.active.clear();
+        w.active.extend((0..lab.len()).filter(|&s| lab[s] == a || lab[s] == b));
+        if w.active.is_empty() {
+            return;
+        }
+        for (i, &s) in w.active.iter().enumerate() {
+            w.var[s] = i;
         }
         // Binary variable i: 0 keeps site active[i] at a (source side), 1 puts it at b (sink
         // side). E_i(0) is paid on the edge i→t, E_i(1) on s→i; the pair cost w·V(a, b) on i→j
         // (i at a, j at b) and on j→i.
-        let (src, snk) = (active.len(), active.len() + 1);
-        let mut g = Flow::new(active.len() + 2);
-        for (i, &s) in active.iter().enumerate() {
+        let (src, snk) = (w.active.len(), w.active.len() + 1);
+        w.flow.reset(w.active.len() + 2);
+        for (i, &s) in w.active.iter().enumerate() {
             let (mut e0, mut e1) = (self.data[s * n + a], self.data[s * n + b]);
             for &t in &nbrs[s] {
-                if var[t] == usize::MAX {
+                if w.var[t] == usize::MAX {
                     e0 += self.weight * self.smooth[a * n + lab[t]];
                     e1 += self.weight * self.smooth[b * n + lab[t]];
-                } else if var[t] > i {
-                    let (j, c) = (var[t], self.weight * self.smooth[a * n + b]);
-                    g.add(i, j, c, c);
+                } else if w.var[t] > i {
+                    let (j, c) = (w.var[t], self.weight * self.smooth[a * n + b]);
+                    w.flow.add(i, j, c, c);
                 }
             }
             let m = e0.min(e1);
-            g.add(src, i, e1 - m, 0);
-            g.add(i, snk, e0 - m, 0);
+            w.flow.add(src, i, e1 - m, 0);
+            w.flow.add(i, snk, e0 - m, 0);
         }
-        g.max_flow(src, snk);
-        let at_b = g.reaches(snk);
-        for (i, &s) in active.iter().enumerate() {
+        w.flow.max_flow(src, snk);
+        let at_b = w.flow.reaches(snk);
+        for (i, &s) in w.active.iter().enumerate() {
             lab[s] = if at_b[i] { b } else { a };
+            w.var[s] = usize::MAX;
         }
+        let at = w.active.iter().filter(|&&s| lab[s] == b).count();
+        w.count[b] = at;
+        w.count[a] = w.active.len() - at;
     }
 }
 
-/// A small max-flow network (Dinic's algorithm) with integer capacities.
+/// Buffers one `swap` reuses across its moves.
+struct Work {
+    flow: Flow,
+    active: Vec<usize>,
+    /// The binary variable of each site in the current move (`usize::MAX`: not in it).
+    var: Vec<usize>,
+    /// Sites at each label, so moves between two absent labels cost nothing.
+    count: Vec<usize>,
+}
+
+const NONE: usize = usize::MAX;
+
+/// A small max-flow network (Dinic's algorithm) with integer capacities, its edges in linked
+/// lists over flat arrays so a move allocates nothing once the buffers have grown.
+#[derive(Default)]
 struct Flow {
-    head: Vec<Vec<usize>>,
+    /// First edge out of each node, and each edge's next one out of the same node.
+    first: Vec<usize>,
+    next: Vec<usize>,
     to: Vec<usize>,
     cap: Vec<i64>,
+    level: Vec<usize>,
+    cursor: Vec<usize>,
+    queue: Vec<usize>,
+    seen: Vec<bool>,
 }
 
 impl Flow {
-    fn new(n: usize) -> Self {
-        Flow { head: vec![Vec::new(); n], to: Vec::new(), cap: Vec::new() }
+    fn reset(&mut self, n: usize) {
+        self.first.clear();
+        self.first.resize(n, NONE);
+        self.next.clear();
+        self.to.clear();
+        self.cap.clear();
     }
 
     /// An edge u→v with capacity `c` and its reverse v→u with capacity `rc`.
     fn add(&mut self, u: usize, v: usize, c: i64, rc: i64) {
-        self.head[u].push(self.to.len());
-        self.to.push(v);
-        self.cap.push(c);
-        self.head[v].push(self.to.len());
-        self.to.push(u);
-        self.cap.push(rc);
+        for (from, to, cap) in [(u, v, c), (v, u, rc)] {
+            self.next.push(self.first[from]);
+            self.first[from] = self.to.len();
+            self.to.push(to);
+            self.cap.push(cap);
+        }
     }
 
     fn max_flow(&mut self, s: usize, t: usize) {
-        let n = self.head.len();
+        let n = self.first.len();
         loop {
-            let mut level = vec![usize::MAX; n];
-            level[s] = 0;
-            let mut queue = std::collections::VecDeque::from([s]);
-            while let Some(u) = queue.pop_front() {
-                for &e in &self.head[u] {
+            self.level.clear();
+            self.level.resize(n, NONE);
+            self.level[s] = 0;
+            self.queue.clear();
+            self.queue.push(s);
+            let mut head = 0;
+            while head < self.queue.len() {
+                let u = self.queue[head];
+                head += 1;
+                let mut e = self.first[u];
+                while e != NONE {
                     let v = self.to[e];
-                    if self.cap[e] > 0 && level[v] == usize::MAX {
-                        level[v] = level[u] + 1;
-                        queue.push_back(v);
+                    if self.cap[e] > 0 && self.level[v] == NONE {
+                        self.level[v] = self.level[u] + 1;
+                        self.queue.push(v);
                     }
+                    e = self.next[e];
                 }
             }
-            if level[t] == usize::MAX {
+            if self.level[t] == NONE {
                 return;
             }
-            let mut next = vec![0usize; n];
-            while self.augment(s, t, i64::MAX, &level, &mut next) > 0 {}
+            self.cursor.clear();
+            self.cursor.extend_from_slice(&self.first);
+            while self.augment(s, t, i64::MAX) > 0 {}
         }
     }
 
-    fn augment(&mut self, u: usize, t: usize, limit: i64, level: &[usize], next: &mut [usize]) -> i64 {
+    fn augment(&mut self, u: usize, t: usize, limit: i64) -> i64 {
         if u == t {
             return limit;
         }
-        while next[u] < self.head[u].len() {
-            let e = self.head[u][next[u]];
+        while self.cursor[u] != NONE {
+            let e = self.cursor[u];
             let v = self.to[e];
-            if self.cap[e] > 0 && level[v] == level[u] + 1 {
-                let pushed = self.augment(v, t, limit.min(self.cap[e]), level, next);
+            if self.cap[e] > 0 && self.level[v] == self.level[u] + 1 {
+                let pushed = self.augment(v, t, limit.min(self.cap[e]));
                 if pushed > 0 {
                     self.cap[e] -= pushed;
                     self.cap[e ^ 1] += pushed;
                     return pushed;
                 }
             }
-            next[u] += 1;
+            self.cursor[u] = self.next[e];
         }
         0
     }
 
     /// Which nodes can still reach `t` through edges with capacity left.
-    fn reaches(&self, t: usize) -> Vec<bool> {
-        let mut seen = vec![false; self.head.len()];
-        seen[t] = true;
-        let mut stack = vec![t];
-        while let Some(v) = stack.pop() {
+    fn reaches(&mut self, t: usize) -> &[bool] {
+        self.seen.clear();
+        self.seen.resize(self.first.len(), false);
+        self.seen[t] = true;
+        self.queue.clear();
+        self.queue.push(t);
+        while let Some(v) = self.queue.pop() {
             // An edge u→v with capacity left is the reverse of an edge v→u, numbered e ^ 1.
-            for &e in &self.head[v] {
+            let mut e = self.first[v];
+            while e != NONE {
                 let u = self.to[e];
-                if !seen[u] && self.cap[e ^ 1] > 0 {
-                    seen[u] = true;
-                    stack.push(u);
+                if !self.seen[u] && self.cap[e ^ 1] > 0 {
+                    self.seen[u] = true;
+                    self.queue.push(u);
                 }
+                e = self.next[e];
             }
         }
-        seen
+        &self.seen
     }
 }
 
