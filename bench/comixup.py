@@ -49,11 +49,12 @@ def reference_ms(blocks, reps):
     p = {"block_num": blocks, "part": PART, "beta": 0.32, "gamma": 1.0, "thres": 0.83, "thres_type": "hard",
          "eta": 0.05, "alpha": 2.0, "omega": 0.001, "set_resolve": True, "niter": 4, "clean_lam": 0.0}
     rng = Rng(7)
-    co_mixup(x, y, g, CLASSES, p, rng)
+    _, t = co_mixup(x, y, g, CLASSES, p, rng)
+    checksum = float((t**2 * (torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape) + 1)).sum())
     t0 = time.perf_counter()
     for _ in range(reps):
         co_mixup(x, y, g, CLASSES, p, rng)
-    return (time.perf_counter() - t0) * 1e3 / reps
+    return (time.perf_counter() - t0) * 1e3 / reps, checksum
 
 
 def main():
@@ -68,8 +69,10 @@ def main():
         with open(out) as f:
             rows = json.load(f)
     for r in rows:
-        r["reference_ms"] = reference_ms(r["block_num"], max(1, r["reps"] // 2))
+        r["reference_ms"], checksum = reference_ms(r["block_num"], max(1, r["reps"] // 2))
         r["speedup"] = r["reference_ms"] / r["xlab_ms"]
+        # The first batch's Σ (k + 1)·t_k² on both sides: the same masks give the same sum.
+        r["same_targets"] = abs(checksum - r["checksum"]) <= 1e-9 * abs(checksum)
         print(f"block_num {r['block_num']:>2}: xlab {r['xlab_ms']:8.1f} ms, reference {r['reference_ms']:8.1f} ms")
     meta = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),

@@ -103,9 +103,10 @@ def query(d):
 
 
 def comixup(d):
-    rows = [[r["block_num"], r["batch"], r["part"], num(r["xlab_ms"]), num(r["reference_ms"]), ratio(r["speedup"])]
-            for r in d["rows"]]
-    header = ["blocks per side", "batch", "partition", "xlab ms/batch", "reference ms/batch", "speed-up"]
+    rows = [[r["block_num"], r["batch"], r["part"], num(r["xlab_ms"]), num(r["reference_ms"]), ratio(r["speedup"]),
+             "yes" if r.get("same_targets") else "no"] for r in d["rows"]]
+    header = ["blocks per side", "batch", "partition", "xlab ms/batch", "reference ms/batch", "speed-up",
+              "same targets"]
     return table(header, rows) + footer(d["meta"])
 
 

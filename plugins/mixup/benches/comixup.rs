@@ -40,23 +40,29 @@ fn main() {
     let (x, y, g) = inputs();
     let idx = Tensor::arange(B, (Kind::Int64, Device::Cpu));
     let mut rows = Vec::new();
-    for (blocks, reps) in [(4i64, 10u32), (8, 5), (16, 3)] {
+    for (blocks, reps) in [(4i64, 20u32), (8, 10), (16, 6)] {
         let mut t = instantiate(&plugin, "mixup.comixup", json!({"block_num": blocks, "part": 20, "clean_lam": 0.0}));
         t.setup(&info).expect("setup");
         let mut rng = SplitMix(7);
         let mut grad = |_: f64, _: bool, _: bool| Ok(g.shallow_clone());
+        // Σ_k (k + 1)·t_k² over the batch's targets in row-major order: the reference, drawing
+        // the same numbers, must reach the same.
+        let weights = Tensor::arange(B * CLASSES, (Kind::Double, Device::Cpu)).reshape([B, CLASSES]) + 1.0;
         let mut once = |rng: &mut SplitMix| {
-            t.transform_with(&x, &y, None, None, &idx, CLASSES, &mut || rng.next_u64(), Some(&mut grad))
-                .expect("transform")
+            let (_, target) = t
+                .transform_with(&x, &y, None, None, &idx, CLASSES, &mut || rng.next_u64(), Some(&mut grad))
+                .expect("transform");
+            f64::try_from((target.square() * &weights).sum(Kind::Double)).expect("a number")
         };
-        once(&mut rng);
+        let checksum = once(&mut rng);
         let start = Instant::now();
         for _ in 0..reps {
             once(&mut rng);
         }
         let ms = start.elapsed().as_secs_f64() * 1e3 / f64::from(reps);
         println!("block_num {blocks:>2}: {ms:8.1} ms per batch of {B}");
-        rows.push(json!({"block_num": blocks, "part": 20, "batch": B, "side": SIDE, "xlab_ms": ms, "reps": reps}));
+        rows.push(json!({"block_num": blocks, "part": 20, "batch": B, "side": SIDE, "xlab_ms": ms, "reps": reps,
+                         "checksum": checksum}));
     }
     if let Ok(path) = std::env::var("XLAB_BENCH_JSON") {
         std::fs::write(path, serde_json::to_vec_pretty(&rows).unwrap()).expect("bench json");
