@@ -174,3 +174,45 @@ fn trains_like_the_reference_algorithm() {
     // The batches really were mixed: several outputs draw on more than one class.
     assert!(mixed_outputs >= 3, "only {mixed_outputs} outputs mixed classes");
 }
+
+/// Each mistake is refused at setup or at the first batch with a message that says what to do.
+#[test]
+fn mistakes_are_refused_with_what_to_do() {
+    let plugin = host::load(&built_plugin("xlab_plugin_mixup")).unwrap();
+    let setup = |image: Option<[i64; 3]>, params: Value| {
+        let mut t = instantiate(&plugin, "mixup.comixup", params);
+        t.setup(&RunInfo { num_classes: 3, n_train: 4, image, ..Default::default() }).err().unwrap_or_default()
+    };
+    let cases = [
+        (None, json!({}), "use image data"),
+        (Some([1, 12, 16]), json!({}), "square images"),
+        (Some([1, 8, 8]), json!({"block_num": 9}), "exceeds the image side 8"),
+        (Some([1, 8, 8]), json!({"block_num": -1}), "may draw 16 blocks"),
+        (Some([1, 6, 6]), json!({"block_num": 2}), "set omega: 0"),
+    ];
+    for (image, params, want) in cases {
+        let got = setup(image, params.clone());
+        assert!(got.contains(want), "{params} on {image:?}: {got:?}");
+    }
+    for (params, want) in [
+        (json!({"block_num": 0}), "block_num is a positive count or −1"),
+        (json!({"thres_type": "medium"}), "`hard` or `soft`"),
+        (json!({"alpha": 0.0}), "alpha > 0"),
+    ] {
+        // The defaults with one value changed, past the schema's own range checks.
+        let spec = plugin.info.components.iter().find(|c| c.id == "mixup.comixup").unwrap();
+        let mut full: serde_json::Map<String, Value> =
+            spec.params.iter().map(|p| (p.name.clone(), p.default.clone())).collect();
+        full.extend(params.as_object().unwrap().clone());
+        let err = plugin.instantiate("mixup.comixup", &Value::Object(full)).err().unwrap_or_default();
+        assert!(err.contains(want), "{params}: {err}");
+    }
+    // A host that runs no model here (the batch alone) gets a clear refusal, not a wrong mix.
+    let mut t = instantiate(&plugin, "mixup.comixup", json!({"omega": 0.0}));
+    t.setup(&RunInfo { num_classes: 3, n_train: 4, image: Some([1, 4, 4]), ..Default::default() }).unwrap();
+    let x = Tensor::zeros([4, 16], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 1, 2, 0]);
+    let mut rng = SplitMix(1);
+    let err = t.transform(&x, &y, None, None, &y, 3, &mut || rng.next_u64()).unwrap_err();
+    assert!(err.contains("needs the model's input gradient"), "{err}");
+}
