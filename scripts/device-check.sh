@@ -2,9 +2,11 @@
 # xlab on a CUDA machine: runs from the repository root of a machine that has a CUDA build of
 # torch 2.11 in its `python3` and the binaries `make device-bundle` put in .device/bin. Writes what
 # it saw under $OUT (default device-out/). DEVICE=cpu runs the same steps without a GPU, to check
-# the script itself. STEPS="sweep resume images throughput" (default: all four) picks steps 2–5;
-# `images` trains ResNet-18 and a WideResNet with crop-and-flip augmentation and SAM on a
-# CIFAR-10-format folder of random images, stopped with Ctrl-C (SIGINT) and resumed.
+# the script itself. STEPS="sweep resume images precision throughput" (default: all five) picks
+# steps 2–6; `images` trains ResNet-18 and a WideResNet with crop-and-flip augmentation and SAM on
+# a CIFAR-10-format folder of random images, stopped with Ctrl-C (SIGINT) and resumed;
+# `precision` trains the digits CNN in fp32, bf16 and fp16 (CUDA autocast, dynamic loss scale),
+# and with Co-Mixup (its saliency pass and graph cuts on that device).
 #
 #   1. `xlab doctor`: libtorch, CUDA, the GPUs nvidia-smi reports;
 #   2. experiments/components.yaml on cuda (4 jobs sharing the GPU) and on CPU slots, exported
@@ -27,7 +29,7 @@ WORK=$(mktemp -d)
 DEVICE=${DEVICE:-cuda:0}
 if [ "$DEVICE" = cpu ]; then SHARE="-j 4"; BENCH=cpu; else SHARE="--jobs-per-device 4"; BENCH=cuda; fi
 TIMEFORMAT="wall %R s"
-want() { [[ " ${STEPS:-sweep resume images throughput} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-sweep resume images precision throughput} " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date -u +%T))"; }
 
 step "machine"
@@ -117,6 +119,35 @@ kill -INT $RUN; wait $RUN; echo "stopped with exit $?"
 $XLAB --store "$WORK/store-images" status
 time $XLAB --store "$WORK/store-images" run "$WORK/images.yaml" --devices "$DEVICE" $SHARE 2>&1 | grep -E 'resumed|done,|FAILED'
 $XLAB --store "$WORK/store-images" query -e images -m test.acc,train.examples,time.steps_per_s,train.lr
+fi
+
+if want precision; then
+step "fp32, bf16, fp16 and Co-Mixup on the digits on $DEVICE"
+cat > "$WORK/precision.yaml" <<YAML
+name: precision
+defaults:
+  task: train
+  data: {name: digits}
+  model: {name: cnn, channels: [16, 32], norm: batch}
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+  epochs: 5
+  batch_size: 64
+stages:
+  train:
+    variants:
+      - {}
+      - precision: bf16
+      - precision: fp16
+      - precision: fp16
+        loss_scale: {init: 16777216, growth_interval: 20}
+      - batch_transform: {use: mixup.comixup, omega: 0}
+      - batch_transform: {use: mixup.comixup, omega: 0}
+        precision: fp16
+YAML
+time $XLAB --store "$WORK/store-precision" run "$WORK/precision.yaml" --devices "$DEVICE" $SHARE 2>&1 | grep -E 'done,|FAILED'
+$XLAB --store "$WORK/store-precision" query -e precision \
+  -m test.acc,amp.loss_scale,amp.skipped,cost.passes_per_step,time.steps_per_s
+$XLAB --store "$WORK/store-precision" export -e precision -o "$OUT/precision.jsonl"
 fi
 
 if want throughput; then
