@@ -85,7 +85,7 @@ impl Component for CoMixup {
         "Co-Mixup: each output mixes salient blocks of several inputs, the batch's outputs kept diverse by a graph-cut search";
     const REFERENCE: &'static str = "Kim et al., Co-Mixup: Saliency Guided Joint Mixup with Supermodular Diversity, ICLR 2021; snu-mllab/Co-Mixup main.py, mixup.py, match.py";
     const RANDOM: bool = true;
-    const INPUT_GRAD: bool = true;
+    const QUERIES_MODEL: bool = true;
     /// The saliency pass on the clean batch, then the training pass on the mixed one.
     const PASSES_PER_STEP: u32 = 2;
     type Params = CoMixupParams;

@@ -7,6 +7,7 @@ pub mod mixup;
 pub mod regmixup;
 pub mod resample;
 pub mod selective;
+pub mod selmix;
 pub mod timm;
 
 xlab_plugin_api::export_plugin! {
@@ -21,6 +22,7 @@ xlab_plugin_api::export_plugin! {
         selective::Selective,
         selective::SelectiveNoMix,
         comixup::CoMixup,
+        selmix::SelMix,
     ],
     objectives: [resample::Resample],
     samplers: [],

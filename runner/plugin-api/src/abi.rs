@@ -124,9 +124,10 @@ pub mod flags {
     /// labels as usual) and it returns the noise that forms x_t and the regression target, both
     /// shaped like ε.
     pub const NOISE: u64 = 1 << 2;
-    /// A batch transform that asks the host for the model's gradient with respect to the batch's
-    /// inputs (`BatchIo::host`), as saliency-guided mixing does.
-    pub const INPUT_GRAD: u64 = 1 << 3;
+    /// A batch transform that queries the model through `BatchIo::host` ([`TransformHost`]): its
+    /// input gradient (saliency-guided mixing), the validation split's features and predictions,
+    /// the classifier head, training rows, feature mixing (SelMix).
+    pub const MODEL: u64 = 1 << 3;
 }
 
 /// The static description of a plugin library.
@@ -340,6 +341,40 @@ pub struct TransformHost {
         train: bool,
         keep: bool,
         out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status,
+    /// The validation split through the model in evaluation mode: writes owned handles to the
+    /// penultimate features `[N, d]` (the classifier head's input), the predicted classes `[N]`
+    /// and the labels `[N]` (int64). An error when the data has no validation split or the
+    /// model no separate head.
+    pub validation: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        features: *mut *mut c_void,
+        pred: *mut *mut c_void,
+        labels: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status,
+    /// The classifier head on features `[M, d]` (borrowed), in evaluation mode and without
+    /// gradient: writes an owned handle to the logits `[M, C]`.
+    pub head: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        features: *mut c_void,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status,
+    /// The training examples with indices `index` `[M]` (int64, borrowed): writes an owned
+    /// handle to their inputs `[M, ...]` as the model takes them (without augmentation).
+    pub rows:
+        unsafe extern "C" fn(ctx: *mut c_void, index: *mut c_void, out: *mut *mut c_void, err: *const Sink) -> Status,
+    /// Declares that the batch the transform returns mixes in feature space: row r's logits are
+    /// head(μ_r·f(x_r) + (1−μ_r)·f(partner_r)), both feature passes in training mode with the
+    /// normalization statistics frozen; `index` `[B']` names the training examples of the
+    /// returned rows, whose labels and groups the host's statistics then follow. All borrowed.
+    pub feature_mix: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        partner: *mut c_void,
+        mu: *mut c_void,
+        index: *mut c_void,
         err: *const Sink,
     ) -> Status,
 }

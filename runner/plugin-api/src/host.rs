@@ -330,8 +330,8 @@ pub struct Instance {
     pub kind: ComponentKind,
     /// A batch transform of diffusion training (`abi::flags::NOISE`).
     pub noise: bool,
-    /// A batch transform that asks for the model's input gradient (`abi::flags::INPUT_GRAD`).
-    pub input_grad: bool,
+    /// A batch transform that queries the model (`abi::flags::MODEL`).
+    pub queries_model: bool,
 }
 
 impl Drop for Instance {
@@ -341,12 +341,45 @@ impl Drop for Instance {
     }
 }
 
-/// What a host gives a batch transform that queries the model: `(weight, train, keep)` to
-/// ∂L/∂x (see [`abi::TransformHost`]).
-pub type InputGradFn<'a> = dyn FnMut(f64, bool, bool) -> Result<Tensor, String> + 'a;
+/// The model as a host lets a batch transform query it (see [`abi::TransformHost`]). A closure
+/// `(weight, train, keep) -> ∂L/∂x` is a model that answers the input gradient only.
+pub trait TransformModel {
+    fn input_grad(&mut self, weight: f64, train: bool, keep: bool) -> Result<Tensor, String>;
+    /// Features `[N, d]`, predicted classes and labels of the validation split.
+    fn validation(&mut self) -> Result<(Tensor, Tensor, Tensor), String> {
+        Err("this host gives no validation split to a batch transform".into())
+    }
+    /// The classifier head's logits for features, in evaluation mode.
+    fn head(&mut self, _features: &Tensor) -> Result<Tensor, String> {
+        Err("this host runs no classifier head for a batch transform".into())
+    }
+    /// The inputs of training examples by index.
+    fn rows(&mut self, _index: &Tensor) -> Result<Tensor, String> {
+        Err("this host gives no training rows to a batch transform".into())
+    }
+    /// The returned batch mixes in feature space with these partners and weights.
+    fn feature_mix(&mut self, _partner: &Tensor, _mu: &Tensor, _index: &Tensor) -> Result<(), String> {
+        Err("this host cannot mix features".into())
+    }
+}
+
+impl<F: FnMut(f64, bool, bool) -> Result<Tensor, String>> TransformModel for F {
+    fn input_grad(&mut self, weight: f64, train: bool, keep: bool) -> Result<Tensor, String> {
+        self(weight, train, keep)
+    }
+}
 
 mod transform_tramp {
     use super::*;
+    fn m<'a>(ctx: *mut c_void) -> &'a mut dyn TransformModel {
+        // SAFETY: ctx is the `&mut dyn TransformModel` set up by `Instance::transform_with`,
+        // valid during the transform call.
+        unsafe { &mut **(ctx as *mut &mut dyn TransformModel) }
+    }
+    fn borrowed(p: *mut c_void) -> Result<Tensor, String> {
+        // SAFETY: a non-null handle the plugin passes in is valid during the call.
+        (!p.is_null()).then(|| unsafe { Tensor::clone_from_ptr(p.cast()) }).ok_or_else(|| "a null tensor".to_string())
+    }
     pub unsafe extern "C" fn input_grad(
         ctx: *mut c_void,
         weight: f64,
@@ -355,10 +388,68 @@ mod transform_tramp {
         out: *mut *mut c_void,
         err: *const Sink,
     ) -> Status {
-        // SAFETY: ctx is the `&mut InputGradFn` set up by `Instance::transform_with`.
-        let f = unsafe { &mut *(ctx as *mut &mut InputGradFn<'_>) };
         // SAFETY: out and err are valid during the call.
-        unsafe { hand_over(f(weight, train, keep), out, err) }
+        unsafe { hand_over(m(ctx).input_grad(weight, train, keep), out, err) }
+    }
+    pub unsafe extern "C" fn validation(
+        ctx: *mut c_void,
+        features: *mut *mut c_void,
+        pred: *mut *mut c_void,
+        labels: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status {
+        match m(ctx).validation() {
+            Ok((f, p, l)) => {
+                for (t, out) in [(f, features), (p, pred), (l, labels)] {
+                    // SAFETY: the out-pointers are valid during the call.
+                    unsafe { hand_over(Ok(t), out, err) };
+                }
+                Status::Ok
+            }
+            Err(e) => {
+                err_to_sink(err, &e);
+                Status::Error
+            }
+        }
+    }
+    pub unsafe extern "C" fn head(
+        ctx: *mut c_void,
+        features: *mut c_void,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status {
+        let r = borrowed(features).and_then(|f| m(ctx).head(&f));
+        // SAFETY: out and err are valid during the call.
+        unsafe { hand_over(r, out, err) }
+    }
+    pub unsafe extern "C" fn rows(
+        ctx: *mut c_void,
+        index: *mut c_void,
+        out: *mut *mut c_void,
+        err: *const Sink,
+    ) -> Status {
+        let r = borrowed(index).and_then(|i| m(ctx).rows(&i));
+        // SAFETY: out and err are valid during the call.
+        unsafe { hand_over(r, out, err) }
+    }
+    pub unsafe extern "C" fn feature_mix(
+        ctx: *mut c_void,
+        partner: *mut c_void,
+        mu: *mut c_void,
+        index: *mut c_void,
+        err: *const Sink,
+    ) -> Status {
+        let r = (|| {
+            let (p, u, i) = (borrowed(partner)?, borrowed(mu)?, borrowed(index)?);
+            m(ctx).feature_mix(&p, &u, &i)
+        })();
+        match r {
+            Ok(()) => Status::Ok,
+            Err(e) => {
+                err_to_sink(err, &e);
+                Status::Error
+            }
+        }
     }
 }
 
@@ -501,8 +592,8 @@ impl LoadedPlugin {
         // SAFETY: create is the declaration's constructor; text outlives the call.
         call(&format!("creating `{component}`"), |err| unsafe { (decl.create)(RStr::borrowed(&text), &mut obj, err) })?;
         let noise = decl.flags & abi::flags::NOISE != 0;
-        let input_grad = decl.flags & abi::flags::INPUT_GRAD != 0;
-        Ok(Instance { obj, decl, id: component.to_string(), kind, noise, input_grad })
+        let queries_model = decl.flags & abi::flags::MODEL != 0;
+        Ok(Instance { obj, decl, id: component.to_string(), kind, noise, queries_model })
     }
 }
 
@@ -593,9 +684,8 @@ impl Instance {
         self.transform_with(x, y, group, domain, index, num_classes, next_u64, None)
     }
 
-    /// As [`Self::transform`], with the model the transform may query: `input_grad(weight,
-    /// train, keep)` returns ∂L/∂x for L = weight · mean cross-entropy of the batch (see
-    /// [`abi::TransformHost`]).
+    /// As [`Self::transform`], with the model the transform may query (see [`TransformModel`]
+    /// and [`abi::TransformHost`]).
     #[allow(clippy::too_many_arguments)]
     pub fn transform_with(
         &mut self,
@@ -606,13 +696,17 @@ impl Instance {
         index: &Tensor,
         num_classes: i64,
         next_u64: &mut dyn FnMut() -> u64,
-        input_grad: Option<&mut InputGradFn<'_>>,
+        model: Option<&mut dyn TransformModel>,
     ) -> Result<(Tensor, Tensor), String> {
         let f = self.decl.transform.ok_or_else(|| format!("`{}` is not a batch transform", self.id))?;
-        let mut model = input_grad;
+        let mut model = model;
         let host = model.as_mut().map(|g| abi::TransformHost {
-            ctx: (g as *mut &mut InputGradFn<'_>).cast(),
+            ctx: (g as *mut &mut dyn TransformModel).cast(),
             input_grad: transform_tramp::input_grad,
+            validation: transform_tramp::validation,
+            head: transform_tramp::head,
+            rows: transform_tramp::rows,
+            feature_mix: transform_tramp::feature_mix,
         });
         let mut io = abi::BatchIo {
             x: borrow(Some(x)),

@@ -80,8 +80,8 @@ pub trait Component: Sized + 'static {
     /// Set by a batch transform of diffusion training (see `abi::flags::NOISE`).
     const NOISE_TRANSFORM: bool = false;
     /// Set by a batch transform that queries the model's input gradient (`Batch::model`; see
-    /// `abi::flags::INPUT_GRAD`).
-    const INPUT_GRAD: bool = false;
+    /// `abi::flags::MODEL`).
+    const QUERIES_MODEL: bool = false;
     /// The parameters, deserialized from the checked JSON the host passes.
     type Params: DeserializeOwned;
 
@@ -289,7 +289,7 @@ pub struct Batch<'a> {
     pub domain: Option<Tensor>,
     pub index: Tensor,
     pub num_classes: i64,
-    /// The model, for a transform that declares `INPUT_GRAD`; `None` where the host runs none.
+    /// The model, for a transform that declares `QUERIES_MODEL`; `None` where the host runs none.
     pub model: Option<ModelHost<'a>>,
 }
 
@@ -313,6 +313,59 @@ impl ModelHost<'_> {
         // SAFETY: an owned handle from the host.
         Ok(unsafe { Tensor::from_ptr(out.cast()) })
     }
+
+    /// The validation split through the model in evaluation mode: penultimate features
+    /// `[N, d]`, predicted classes `[N]` and labels `[N]`.
+    pub fn validation(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut outs: [*mut c_void; 3] = [std::ptr::null_mut(); 3];
+        let [f, p, l] = &mut outs;
+        // SAFETY: the host is valid during the transform call; it writes owned handles.
+        call_with_err(|err| unsafe { (self.host.validation)(self.host.ctx, f, p, l, err) })?;
+        let [f, p, l] = outs.map(|o| {
+            // SAFETY: owned handles from the host (null only on failure, checked above).
+            (!o.is_null()).then(|| unsafe { Tensor::from_ptr(o.cast()) })
+        });
+        match (f, p, l) {
+            (Some(f), Some(p), Some(l)) => Ok((f, p, l)),
+            _ => Err(PluginError("the host returned an incomplete validation pass".into())),
+        }
+    }
+
+    /// The classifier head's logits for `features` `[M, d]`, in evaluation mode.
+    pub fn head(&self, features: &Tensor) -> Result<Tensor> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the handle is borrowed for the call; the host writes an owned handle.
+        call_with_err(|err| unsafe {
+            (self.host.head)(self.host.ctx, features.as_ptr() as *mut c_void, &mut out, err)
+        })?;
+        owned(out, "logits")
+    }
+
+    /// The inputs of the training examples `index` `[M]`, as the model takes them.
+    pub fn rows(&self, index: &Tensor) -> Result<Tensor> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the handle is borrowed for the call; the host writes an owned handle.
+        call_with_err(|err| unsafe { (self.host.rows)(self.host.ctx, index.as_ptr() as *mut c_void, &mut out, err) })?;
+        owned(out, "rows")
+    }
+
+    /// Makes the returned batch mix in feature space: row r's logits become
+    /// head(μ_r·f(x_r) + (1−μ_r)·f(partner_r)); `index` names the training examples of the
+    /// returned rows.
+    pub fn feature_mix(&self, partner: &Tensor, mu: &Tensor, index: &Tensor) -> Result<()> {
+        let h = |t: &Tensor| t.as_ptr() as *mut c_void;
+        // SAFETY: the handles are borrowed for the call.
+        call_with_err(|err| unsafe { (self.host.feature_mix)(self.host.ctx, h(partner), h(mu), h(index), err) })
+    }
+}
+
+/// An owned handle the host wrote, or an error naming what was missing.
+fn owned(p: *mut c_void, what: &str) -> Result<Tensor> {
+    if p.is_null() {
+        return Err(PluginError(format!("the host returned no {what}")));
+    }
+    // SAFETY: an owned handle from the host.
+    Ok(unsafe { Tensor::from_ptr(p.cast()) })
 }
 
 /// A rewritten batch: inputs and soft targets `[B', C]`, with B' = B or k·B (k blocks of the
@@ -785,8 +838,8 @@ pub mod glue {
         if T::RANDOM {
             flags |= abi::flags::RANDOM;
         }
-        if T::INPUT_GRAD {
-            flags |= abi::flags::INPUT_GRAD;
+        if T::QUERIES_MODEL {
+            flags |= abi::flags::MODEL;
         }
         if T::NOISE_TRANSFORM {
             flags |= abi::flags::NOISE;

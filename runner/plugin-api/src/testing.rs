@@ -255,6 +255,45 @@ fn batch() -> (Tensor, Tensor, Tensor, Tensor) {
     (x, y, g, idx)
 }
 
+/// The conformance kit's model for transforms that query one: logits x·W of 64-pixel images,
+/// whose features are the pixels; the validation split is the training set.
+struct LinearHost {
+    /// The training images and their labels; the batch is the first six, with labels `y`.
+    train: Tensor,
+    labels: Tensor,
+    y: Tensor,
+    w: Tensor,
+    asked: u32,
+    mix: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl host::TransformModel for LinearHost {
+    fn input_grad(&mut self, weight: f64, _train: bool, _keep: bool) -> Result<Tensor, String> {
+        self.asked += 1;
+        let xv = self.train.narrow(0, 0, 6).detach().set_requires_grad(true);
+        let loss =
+            xv.matmul(&self.w).cross_entropy_loss::<Tensor>(&self.y, None, tch::Reduction::Mean, -100, 0.0) * weight;
+        Ok(Tensor::run_backward(&[&loss], &[&xv], false, false).remove(0))
+    }
+    fn validation(&mut self) -> Result<(Tensor, Tensor, Tensor), String> {
+        self.asked += 1;
+        let pred = self.train.matmul(&self.w).argmax(-1, false);
+        Ok((self.train.shallow_clone(), pred, self.labels.shallow_clone()))
+    }
+    fn head(&mut self, features: &Tensor) -> Result<Tensor, String> {
+        Ok(features.to_kind(Kind::Float).matmul(&self.w))
+    }
+    fn rows(&mut self, index: &Tensor) -> Result<Tensor, String> {
+        self.asked += 1;
+        Ok(self.train.index_select(0, index))
+    }
+    fn feature_mix(&mut self, partner: &Tensor, mu: &Tensor, index: &Tensor) -> Result<(), String> {
+        self.asked += 1;
+        self.mix = Some((partner.shallow_clone(), mu.to_kind(Kind::Double), index.shallow_clone()));
+        Ok(())
+    }
+}
+
 /// A classification transform's output: rows agree, one target column per class summing to 1,
 /// the input shape kept.
 fn check_transformed(id: &str, x: &Tensor, xo: &Tensor, t: &Tensor) {
@@ -269,7 +308,7 @@ fn check_transformed(id: &str, x: &Tensor, xo: &Tensor, t: &Tensor) {
 /// transform that queries the model, the plain run otherwise.
 fn info_for(inst: &Instance) -> RunInfo {
     let info = run_info();
-    if inst.input_grad {
+    if inst.queries_model {
         RunInfo { image: Some([1, 8, 8]), ..info }
     } else {
         info
@@ -300,24 +339,25 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             assert_eq!(t.size(), x.size(), "{}: the target must be shaped like the noise", inst.id);
             vec![to_vec(&xo), to_vec(&t)]
         }
-        ComponentKind::BatchTransform if inst.input_grad => {
-            // Six 1×8×8 images and a linear model whose input gradient the transform asks for.
-            let x = (Tensor::arange(6 * 64, (Kind::Float, tch::Device::Cpu)).reshape([6, 64]) * 0.37).sin();
+        ComponentKind::BatchTransform if inst.queries_model => {
+            // The run's eight 1×8×8 training images (the batch is the first six) and a linear
+            // model, whose features are the pixels, that the transform may query.
+            let train = (Tensor::arange(8 * 64, (Kind::Float, tch::Device::Cpu)).reshape([8, 64]) * 0.37).sin();
+            let x = train.narrow(0, 0, 6);
             let w = (Tensor::arange(64 * 3, (Kind::Float, tch::Device::Cpu)).reshape([64, 3]) * 0.11).cos();
-            let mut asked = 0;
-            let mut grad = |weight: f64, _train: bool, _keep: bool| -> Result<Tensor, String> {
-                asked += 1;
-                let xv = x.detach().set_requires_grad(true);
-                let loss =
-                    xv.matmul(&w).cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0) * weight;
-                Ok(Tensor::run_backward(&[&loss], &[&xv], false, false).remove(0))
-            };
+            let labels = Tensor::from_slice(&run_info().train_labels);
+            let mut model = LinearHost { train, labels, y: y.shallow_clone(), w, asked: 0, mix: None };
             let (xo, t) = inst
-                .transform_with(&x, &y, Some(&g), Some(&g), &idx, 3, &mut || rng.next_u64(), Some(&mut grad))
+                .transform_with(&x, &y, Some(&g), Some(&g), &idx, 3, &mut || rng.next_u64(), Some(&mut model))
                 .unwrap_or_else(|e| panic!("transform: {e}"));
-            assert!(asked > 0, "{}: declares INPUT_GRAD but never asked for the input gradient", inst.id);
+            assert!(model.asked > 0, "{}: declares that it queries the model but never did", inst.id);
             check_transformed(&inst.id, &x, &xo, &t);
-            vec![to_vec(&xo), to_vec(&t)]
+            let mut out = vec![to_vec(&xo), to_vec(&t)];
+            if let Some((p, mu, i)) = model.mix {
+                assert_eq!(p.size(), xo.size(), "{}: one partner per row", inst.id);
+                out.extend([to_vec(&p), to_vec(&mu), to_vec(&i.to_kind(Kind::Double))]);
+            }
+            out
         }
         ComponentKind::BatchTransform => {
             let (xo, t) = inst

@@ -85,7 +85,7 @@ impl Component for CleanLoss {
     const ID: &'static str = "fixture.clean_loss";
     const SUMMARY: &'static str = "keeps the batch and adds weight · CE of the clean batch to the update (host test)";
     const REFERENCE: &'static str = "none: a test fixture";
-    const INPUT_GRAD: bool = true;
+    const QUERIES_MODEL: bool = true;
     type Params = CleanLossParams;
     fn params() -> Vec<ParamSpec> {
         vec![param("weight", ParamType::Float, 0.5, "weight of the clean loss")]

@@ -94,6 +94,31 @@ impl Model {
         self.apply(&self.layers[..self.layers.len() - 1], h, false, &|_, t| t.shallow_clone()).flatten(1, -1)
     }
 
+    /// The classifier head's input with `train` as in [`Self::forward_t`], for built-in models
+    /// (`None` for a TorchScript module, whose layers are not split).
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Option<Tensor> {
+        if self.script.is_some() || self.layers.len() < 2 {
+            return None;
+        }
+        let h = match self.image {
+            Some([c, hh, w]) => x.reshape([-1, c, hh, w]),
+            None => x.shallow_clone(),
+        };
+        Some(self.apply(&self.layers[..self.layers.len() - 1], h, train, &|_, t| t.shallow_clone()).flatten(1, -1))
+    }
+
+    /// The classifier head (the last layer) on features from [`Self::features_t`].
+    pub fn head(&self, features: &Tensor) -> Option<Tensor> {
+        if self.script.is_some() || self.layers.len() < 2 {
+            return None;
+        }
+        Some(
+            self.apply(&self.layers[self.layers.len() - 1..], features.shallow_clone(), false, &|_, t| {
+                t.shallow_clone()
+            }),
+        )
+    }
+
     /// Whether the model is a TorchScript module (whose forward cannot take other weights).
     pub fn is_script(&self) -> bool {
         self.script.is_some()

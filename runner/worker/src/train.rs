@@ -465,6 +465,9 @@ struct Driver<'a> {
     /// gradient (the optimizer step is then skipped).
     scaler: Option<&'a crate::amp::Scaler>,
     found_inf: bool,
+    /// Feature mixing (SelMix): each row's partner inputs and μ; the logits are then
+    /// head(μ·f(x) + (1−μ)·f(partner)).
+    partner: Option<(Tensor, Tensor)>,
 }
 
 /// A kept parameter gradient, by parameter (`None` where a parameter got none).
@@ -514,6 +517,77 @@ fn input_grad(
     });
     opt.zero_grad();
     Ok((g, kept, found_inf))
+}
+
+/// The model as the step's batch transform may query it (`TransformModel`), and what the
+/// transform asked of the step.
+struct BatchModel<'b> {
+    net: &'b model::Model,
+    opt: &'b mut Optimizer,
+    params: &'b [(Tensor, String, u32)],
+    scaler: Option<&'b crate::amp::Scaler>,
+    x: &'b Tensor,
+    y: &'b Tensor,
+    x_train: &'b Tensor,
+    val: &'b Split,
+    device: Device,
+    clean_grad: Option<CleanGrad>,
+    found_inf: bool,
+    grad_passes: u32,
+    /// Feature mixing of the returned batch: partners, μ and the rows' training indices.
+    mix: Option<(Tensor, Tensor, Tensor)>,
+}
+
+const NO_HEAD: &str = "needs the model split into features and a classifier head, which a TorchScript module is not";
+
+impl xlab_plugin_api::host::TransformModel for BatchModel<'_> {
+    fn input_grad(&mut self, weight: f64, train: bool, keep: bool) -> Result<Tensor, String> {
+        let (g, kept, overflow) =
+            input_grad(self.net, self.opt, self.params, self.scaler, self.x, self.y, weight, train, keep)?;
+        self.clean_grad = kept;
+        self.found_inf |= overflow;
+        self.grad_passes += 1;
+        Ok(g)
+    }
+
+    fn validation(&mut self) -> Result<(Tensor, Tensor, Tensor), String> {
+        if self.val.len() == 0 {
+            return Err("needs a validation split: give the data `n_val` examples".into());
+        }
+        let x = self.val.x.to_device(self.device);
+        let _region = crate::amp::job_region(self.device)?;
+        let (features, logits) = tch::no_grad(|| {
+            let f = self.net.features_t(&x, false).ok_or(NO_HEAD)?;
+            let l = self.net.head(&f).ok_or(NO_HEAD)?;
+            Ok::<_, String>((crate::amp::full(f), crate::amp::full(l)))
+        })?;
+        Ok((features, logits.argmax(-1, false), self.val.y.to_device(self.device)))
+    }
+
+    fn head(&mut self, features: &Tensor) -> Result<Tensor, String> {
+        let f = features.to_device(self.device).to_kind(Kind::Float);
+        tch::no_grad(|| self.net.head(&f)).ok_or_else(|| NO_HEAD.to_string())
+    }
+
+    fn rows(&mut self, index: &Tensor) -> Result<Tensor, String> {
+        let n = self.x_train.size()[0];
+        let idx = index.to_device(self.device).to_kind(Kind::Int64);
+        if idx.numel() > 0
+            && !(bool::try_from(idx.ge(0).all()).unwrap_or(false) && i64::try_from(idx.max()).unwrap_or(n) < n)
+        {
+            return Err(format!("training example indices must be in 0..{n}"));
+        }
+        Ok(self.x_train.index_select(0, &idx))
+    }
+
+    fn feature_mix(&mut self, partner: &Tensor, mu: &Tensor, index: &Tensor) -> Result<(), String> {
+        if self.net.is_script() {
+            return Err(NO_HEAD.into());
+        }
+        let d = self.device;
+        self.mix = Some((partner.to_device(d), mu.to_device(d).to_kind(Kind::Float), index.to_device(d)));
+        Ok(())
+    }
 }
 
 /// Backward of `loss`, multiplied by the fp16 loss scale when there is one.
@@ -594,7 +668,20 @@ impl Driver<'_> {
         let group = self.group.as_ref().map(rows);
         // `precision: bf16 | fp16`: the forward pass and the loss under autocast, the backward after it.
         let region = crate::amp::job_region(x.device())?;
-        let logits = crate::amp::full(self.net.forward_t(&x, true));
+        let logits = match &self.partner {
+            Some((p, mu)) => {
+                // Both feature passes in training mode with the normalization statistics frozen
+                // (the reference fine-tunes with BatchNorm's momentum at 0).
+                self.net.set_frozen(true);
+                let f1 = self.net.features_t(&x, true).ok_or(NO_HEAD)?;
+                let f2 = self.net.features_t(&rows(p), true).ok_or(NO_HEAD)?;
+                self.net.set_frozen(self.frozen);
+                let mu = rows(mu).to_kind(f1.kind()).unsqueeze(1);
+                let mixed = &f1 * &mu + f2 * (mu.ones_like() - &mu);
+                crate::amp::full(self.net.head(&mixed).ok_or(NO_HEAD)?)
+            }
+            None => crate::amp::full(self.net.forward_t(&x, true)),
+        };
         let pred = logits.argmax(-1, false);
         let (per_example, correct) = match &self.target {
             Target::Hard(y) => {
@@ -948,23 +1035,31 @@ pub fn run(
             let mut yb_labels = yb.shallow_clone();
             let (mut idx, mut gb) = (idx, gb);
             let mut rows = chunk.len();
-            // A clean-loss gradient a transform asked the step to keep (Co-Mixup's clean_lam).
+            // What the batch transform asked of the step: a clean-loss gradient to keep
+            // (Co-Mixup's clean_lam), the passes it ran (counted in `cost.passes`), feature mixing.
             let mut clean_grad = None;
             let mut found_inf = false;
-            // Forward/backward passes a transform asked for (counted in `cost.passes`).
             let mut grad_passes = 0u32;
+            let mut partner = None;
             let (x, target) = match comps.batch_transform.as_mut() {
                 Some(t) => {
-                    let mut grad = |weight: f64, train: bool, keep: bool| {
-                        let (g, kept, overflow) =
-                            input_grad(&net, &mut opt, &params, scaler.as_ref(), &xb, &yb, weight, train, keep)?;
-                        clean_grad = kept;
-                        found_inf |= overflow;
-                        grad_passes += 1;
-                        Ok(g)
+                    let mut bm = BatchModel {
+                        net: &net,
+                        opt: &mut opt,
+                        params: &params,
+                        scaler: scaler.as_ref(),
+                        x: &xb,
+                        y: &yb,
+                        x_train: &x_train,
+                        val: &data.val,
+                        device,
+                        clean_grad: None,
+                        found_inf: false,
+                        grad_passes: 0,
+                        mix: None,
                     };
-                    let model: Option<&mut xlab_plugin_api::host::InputGradFn<'_>> =
-                        if t.input_grad { Some(&mut grad) } else { None };
+                    let model: Option<&mut dyn xlab_plugin_api::host::TransformModel> =
+                        if t.queries_model { Some(&mut bm) } else { None };
                     let (x, soft) = t
                         .transform_with(
                             &xb,
@@ -977,10 +1072,27 @@ pub fn run(
                             model,
                         )
                         .map_err(|m| Failure::new(FailureCause::Error, m))?;
-                    // A transform may return k blocks of the batch (RegMixup's [x; x̃]): each row
-                    // stands for example r mod B.
+                    clean_grad = bm.clean_grad;
+                    found_inf = bm.found_inf;
+                    grad_passes = bm.grad_passes;
                     let out_rows = x.size()[0] as usize;
-                    if out_rows != rows {
+                    if let Some((p, mu, index)) = bm.mix {
+                        // The transform drew its own examples: the rows' labels, groups and
+                        // indices follow them.
+                        if p.size()[0] as usize != out_rows || mu.numel() != out_rows || index.numel() != out_rows {
+                            return Err(Failure::new(
+                                FailureCause::Error,
+                                format!("feature mixing needs one partner, μ and index per row ({out_rows} rows)"),
+                            ));
+                        }
+                        yb_labels = y_train.index_select(0, &index);
+                        gb = g_train.as_ref().map(|g| g.index_select(0, &index));
+                        idx = index;
+                        rows = out_rows;
+                        partner = Some((p, mu));
+                    } else if out_rows != rows {
+                        // A transform may return k blocks of the batch (RegMixup's [x; x̃]): each
+                        // row stands for example r mod B.
                         if !out_rows.is_multiple_of(rows) || soft.size()[0] as usize != out_rows {
                             return Err(Failure::new(
                                 FailureCause::Error,
@@ -1019,6 +1131,7 @@ pub fn run(
                 clean_grad,
                 scaler: scaler.as_ref(),
                 found_inf,
+                partner,
             };
             let stepped = match comps.step_rule.as_mut() {
                 Some(rule) => rule.step(&mut driver, epoch, global_step),
