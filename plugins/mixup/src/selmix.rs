@@ -172,13 +172,16 @@ pub struct Estimate {
     pub prototypes: Vec<Vec<f64>>,
 }
 
+/// The classifier head on feature rows: logits, one row per input row.
+pub type HeadFn<'a> = dyn FnMut(&[Vec<f64>]) -> Result<Vec<Vec<f64>>> + 'a;
+
 /// Gains and sampling distribution for one estimate: `head` gives softmax inputs (logits) for
 /// feature rows. Returns (P, G), row-major K×K; `lambdas` is `min_recall`'s state, updated.
 pub fn sampling_distribution(
     p: &SelMixParams,
     est: &Estimate,
     lambdas: &mut [f64],
-    head: &mut dyn FnMut(&[Vec<f64>]) -> Result<Vec<Vec<f64>>>,
+    head: &mut HeadFn<'_>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let k = est.prototypes.len();
     let kf = k as f64;

@@ -58,17 +58,29 @@ fn a_kept_clean_loss_gradient_joins_the_update_as_in_pytorch() {
     assert!(d > 1e-3, "the clean loss moved the weights by at most {d:e}");
 }
 
-/// One side-by-side run: the precision, a clean-loss weight for `fixture.clean_loss`, and an
-/// fp16 loss scale (initial scale, growth interval).
+/// The worker's feature mixing (SelMix's path) trains exactly as a PyTorch loop that mixes the
+/// hidden features by hand: `fixture.feature_mix` pairs each row with its mirror at μ = 0.7.
+#[test]
+fn feature_mixed_batches_train_as_in_pytorch() {
+    let (plain, mixed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (without, _) = train_both(plain.path(), &Run::default());
+    let (with, _) = train_both(mixed.path(), &Run { feature_mix: Some(0.7), ..Run::default() });
+    let d = apart(&without, &with);
+    assert!(d > 1e-3, "feature mixing moved the weights by at most {d:e}");
+}
+
+/// One side-by-side run: the precision, a clean-loss weight for `fixture.clean_loss`, an fp16
+/// loss scale (initial scale, growth interval), and a μ for `fixture.feature_mix`.
 struct Run {
     precision: &'static str,
     clean: Option<f64>,
     loss_scale: Option<(f64, u32)>,
+    feature_mix: Option<f64>,
 }
 
 impl Default for Run {
     fn default() -> Self {
-        Run { precision: "fp32", clean: None, loss_scale: None }
+        Run { precision: "fp32", clean: None, loss_scale: None, feature_mix: None }
     }
 }
 
@@ -121,6 +133,7 @@ fn train_both(dir: &Path, run: &Run) -> (BTreeMap<String, Vec<f32>>, serde_json:
         "label_smoothing": 0.1, "clip_grad_norm": 1.0, "min_lr": 0.001, "precision": precision,
         "clean_weight": clean,
         "loss_scale": run.loss_scale.map(|(init, interval)| serde_json::json!({"init": init, "growth_interval": interval})),
+        "feature_mix": run.feature_mix,
     });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/pytorch_loop.py");
     let mut child = Command::new(python())
@@ -154,14 +167,17 @@ defaults:
 stages:
   train: {}
 "#;
-    let yaml = match clean {
-        Some(w) => {
+    let fixture = match (clean, run.feature_mix) {
+        (Some(w), _) => Some(format!("{{use: fixture.clean_loss, weight: {w}}}")),
+        (None, Some(mu)) => Some(format!("{{use: fixture.feature_mix, mu: {mu}}}")),
+        (None, None) => None,
+    };
+    let yaml = match fixture {
+        Some(transform) => {
             std::fs::copy(xlab().with_file_name("libxlab_fixture_plugin.so"), dir.join("fixture.so"))
                 .expect("the fixture plugin is built with the workspace");
-            yaml.replacen("defaults:", "plugins: [fixture.so]\ndefaults:", 1).replace(
-                "  train: {}",
-                &format!("  train:\n    batch_transform: {{use: fixture.clean_loss, weight: {w}}}"),
-            )
+            yaml.replacen("defaults:", "plugins: [fixture.so]\ndefaults:", 1)
+                .replace("  train: {}", &format!("  train:\n    batch_transform: {transform}"))
         }
         None => yaml.to_string(),
     };

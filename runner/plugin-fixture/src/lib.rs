@@ -6,7 +6,9 @@
 //! built against libtorch 1.0.0; `panic`, a panic while building the manifest (the entry point
 //! then returns null, as the SDK's does). The valid plugin also has `fixture.clean_loss`, a batch
 //! transform that asks for the model's input gradient and keeps the clean loss's gradient, so a
-//! test can check the host's side of that request against a PyTorch loop.
+//! test can check the host's side of that request against a PyTorch loop, and
+//! `fixture.feature_mix`, which makes the host mix features (SelMix's path) in a way a PyTorch
+//! loop can follow.
 
 use serde::Deserialize;
 use std::sync::OnceLock;
@@ -107,6 +109,44 @@ impl BatchTransform for CleanLoss {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureMixParams {
+    mu: f64,
+}
+
+/// Mixes each example's features with its mirror's in the batch (row r with row B−1−r) at a
+/// fixed μ, through the host's feature mixing, so a test can check that path against a
+/// PyTorch loop.
+pub struct FeatureMix {
+    mu: f64,
+}
+
+impl Component for FeatureMix {
+    const KIND: ComponentKind = ComponentKind::BatchTransform;
+    const ID: &'static str = "fixture.feature_mix";
+    const SUMMARY: &'static str = "mixes each example's features with its mirror's at a fixed μ (host test)";
+    const REFERENCE: &'static str = "none: a test fixture";
+    const QUERIES_MODEL: bool = true;
+    type Params = FeatureMixParams;
+    fn params() -> Vec<ParamSpec> {
+        vec![param("mu", ParamType::Float, 0.7, "the weight of the example's own features")]
+    }
+    fn new(p: FeatureMixParams) -> Result<Self> {
+        Ok(FeatureMix { mu: p.mu })
+    }
+}
+
+impl BatchTransform for FeatureMix {
+    fn transform(&mut self, batch: Batch, _rng: &mut HostRng<'_>) -> Result<Transformed> {
+        let model = batch.model.as_ref().ok_or_else(|| PluginError("no model to ask".into()))?;
+        let mu = batch.y.ones_like().to_kind(batch.x.kind()) * self.mu;
+        model.feature_mix(&batch.x.flip([0]), &mu, &batch.index)?;
+        let target = batch.y.one_hot(batch.num_classes).to_kind(batch.x.kind());
+        Ok(Transformed { x: batch.x, target })
+    }
+}
+
 fn wrong(abi_version: u32, torch: &'static str) -> &'static PluginManifest {
     Box::leak(Box::new(PluginManifest {
         abi_version,
@@ -135,6 +175,7 @@ pub extern "C" fn xlab_plugin_manifest_v1() -> *const PluginManifest {
                         xlab_plugin_api::sdk::glue::step_rule::<Panics>(),
                         xlab_plugin_api::sdk::glue::step_rule::<Fails>(),
                         xlab_plugin_api::sdk::glue::batch_transform::<CleanLoss>(),
+                        xlab_plugin_api::sdk::glue::batch_transform::<FeatureMix>(),
                     ],
                 ),
             };

@@ -551,7 +551,7 @@ impl xlab_plugin_api::host::TransformModel for BatchModel<'_> {
     }
 
     fn validation(&mut self) -> Result<(Tensor, Tensor, Tensor), String> {
-        if self.val.len() == 0 {
+        if self.val.is_empty() {
             return Err("needs a validation split: give the data `n_val` examples".into());
         }
         let x = self.val.x.to_device(self.device);

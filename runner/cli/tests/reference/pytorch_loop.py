@@ -12,7 +12,9 @@ loss's gradient asks xlab's worker to; the reported loss stays the smoothed CE.
 With "precision": "fp16", the forward pass runs under CPU fp16 autocast and the loss is scaled by
 torch.amp.GradScaler("cpu") with request["loss_scale"] (init, growth_interval), unscaled before
 clipping (the documented recipe); the output then also has "skipped" (steps skipped per epoch)
-and "loss_scale" (the final scale).
+and "loss_scale" (the final scale). With "feature_mix" μ, each row's logits are
+head(μ·f(x) + (1−μ)·f(x')) with x' the row's mirror in the batch (f: Linear and ReLU; head: the last
+Linear), as fixture.feature_mix asks xlab's worker to do.
 """
 
 import json
@@ -66,7 +68,12 @@ for epoch in range(req["epochs"]):
         opt.zero_grad()
         # `precision: bf16 | fp16`: the forward pass under CPU autocast, the loss on fp32 logits.
         with torch.autocast("cpu", dtype=half, enabled=precision in ("bf16", "fp16")):
-            logits = net(xb)
+            if req.get("feature_mix"):
+                mu = req["feature_mix"]
+                feats = lambda t: net.layers[1](net.layers[0](t))  # noqa: E731
+                logits = net.layers[2](feats(xb) * mu + feats(xb.flip(0)) * (1 - mu))
+            else:
+                logits = net(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=req["label_smoothing"])
         (scaler.scale(loss) if scaler else loss).backward()
         if req.get("clean_weight"):
