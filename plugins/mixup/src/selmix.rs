@@ -22,8 +22,8 @@
 //! weight p₁(y_n)/prior(y_n), then for each drawn example of class i a partner m with weight
 //! p₂(y_m|i)/prior(y_m) (the training set is both sides of the pair); then μ ~ U(mix_min, 1) per
 //! row. The rows train as head(μ·f(x) + (1−μ)·f(x')) against the first example's label (the
-//! host's feature mixing; both feature passes in training mode with BatchNorm's statistics
-//! frozen).
+//! host's feature mixing; both feature passes with BatchNorm frozen, normalizing by its running
+//! statistics).
 //!
 //! Randomness, from the host's stream only: all first examples, then all partners, then all μ,
 //! each weighted draw as one uniform against the cumulative weights.
@@ -32,9 +32,9 @@
 //! - The reference fine-tunes a FixMatch-pretrained model on labelled and pseudo-labelled data;
 //!   here both examples of a pair come from the labelled training set, as the reference's
 //!   sampler does with `semi_supervised=False`. Start it from a trained model with `init:`.
-//! - The reference's BatchNorm keeps no running statistics at all (batch statistics in
-//!   evaluation too); here the running statistics are frozen during the mixed passes and used
-//!   in evaluation.
+//! - The reference turns BatchNorm's updates off by keeping no running statistics at all
+//!   (batch statistics in evaluation too); here BatchNorm is frozen at its running statistics
+//!   during the mixed passes, as in evaluation.
 //! - C is always K×K (sklearn's drops a class that neither appears nor is predicted); a class
 //!   with no validation example is refused.
 //! - The loss's logit temperature is 1.

@@ -367,9 +367,9 @@ pub struct TransformHost {
     pub rows:
         unsafe extern "C" fn(ctx: *mut c_void, index: *mut c_void, out: *mut *mut c_void, err: *const Sink) -> Status,
     /// Declares that the batch the transform returns mixes in feature space: row r's logits are
-    /// head(μ_r·f(x_r) + (1−μ_r)·f(partner_r)), both feature passes in training mode with the
-    /// normalization statistics frozen; `index` `[B']` names the training examples of the
-    /// returned rows, whose labels and groups the host's statistics then follow. All borrowed.
+    /// head(μ_r·f(x_r) + (1−μ_r)·f(partner_r)), both feature passes with BatchNorm frozen at its
+    /// running statistics; `index` `[B']` names the training examples of the returned rows,
+    /// whose labels and groups the host's statistics then follow. All borrowed.
     pub feature_mix: unsafe extern "C" fn(
         ctx: *mut c_void,
         partner: *mut c_void,

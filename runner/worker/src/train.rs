@@ -670,12 +670,11 @@ impl Driver<'_> {
         let region = crate::amp::job_region(x.device())?;
         let logits = match &self.partner {
             Some((p, mu)) => {
-                // Both feature passes in training mode with the normalization statistics frozen
-                // (the reference fine-tunes with BatchNorm's momentum at 0).
-                self.net.set_frozen(true);
-                let f1 = self.net.features_t(&x, true).ok_or(NO_HEAD)?;
-                let f2 = self.net.features_t(&rows(p), true).ok_or(NO_HEAD)?;
-                self.net.set_frozen(self.frozen);
+                // Both feature passes with BatchNorm frozen: normalized by the running
+                // statistics, which stay as they are (the reference fine-tunes with BatchNorm's
+                // updates turned off).
+                let f1 = self.net.features_t(&x, false).ok_or(NO_HEAD)?;
+                let f2 = self.net.features_t(&rows(p), false).ok_or(NO_HEAD)?;
                 let mu = rows(mu).to_kind(f1.kind()).unsqueeze(1);
                 let mixed = &f1 * &mu + f2 * (mu.ones_like() - &mu);
                 crate::amp::full(self.net.head(&mixed).ok_or(NO_HEAD)?)
