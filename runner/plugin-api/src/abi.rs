@@ -324,6 +324,10 @@ pub struct BatchIo {
     pub host: *const TransformHost,
 }
 
+/// A host callback from one borrowed tensor to one owned tensor written to `out`.
+pub type TensorToTensor =
+    unsafe extern "C" fn(ctx: *mut c_void, input: *mut c_void, out: *mut *mut c_void, err: *const Sink) -> Status;
+
 /// The model, as a batch transform may query it before it rewrites the batch.
 #[repr(C)]
 pub struct TransformHost {
@@ -356,16 +360,10 @@ pub struct TransformHost {
     ) -> Status,
     /// The classifier head on features `[M, d]` (borrowed), in evaluation mode and without
     /// gradient: writes an owned handle to the logits `[M, C]`.
-    pub head: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        features: *mut c_void,
-        out: *mut *mut c_void,
-        err: *const Sink,
-    ) -> Status,
+    pub head: TensorToTensor,
     /// The training examples with indices `index` `[M]` (int64, borrowed): writes an owned
     /// handle to their inputs `[M, ...]` as the model takes them (without augmentation).
-    pub rows:
-        unsafe extern "C" fn(ctx: *mut c_void, index: *mut c_void, out: *mut *mut c_void, err: *const Sink) -> Status,
+    pub rows: TensorToTensor,
     /// Declares that the batch the transform returns mixes in feature space: row r's logits are
     /// head(μ_r·f(x_r) + (1−μ_r)·f(partner_r)), both feature passes with BatchNorm frozen at its
     /// running statistics; `index` `[B']` names the training examples of the returned rows,

@@ -398,39 +398,39 @@ mod transform_tramp {
         labels: *mut *mut c_void,
         err: *const Sink,
     ) -> Status {
-        match m(ctx).validation() {
-            Ok((f, p, l)) => {
-                for (t, out) in [(f, features), (p, pred), (l, labels)] {
-                    // SAFETY: the out-pointers are valid during the call.
-                    unsafe { hand_over(Ok(t), out, err) };
-                }
-                Status::Ok
+        let r = m(ctx).validation().map(|(f, p, l)| {
+            for (t, out) in [(f, features), (p, pred), (l, labels)] {
+                // SAFETY: the out-pointers are valid during the call.
+                unsafe { hand_over(Ok(t), out, err) };
             }
-            Err(e) => {
-                err_to_sink(err, &e);
-                Status::Error
-            }
-        }
+        });
+        report(r, err)
+    }
+    /// `head` and `rows`: one borrowed tensor in, one owned tensor out.
+    fn tensor_to_tensor(
+        input: *mut c_void,
+        out: *mut *mut c_void,
+        err: *const Sink,
+        f: impl FnOnce(&Tensor) -> Result<Tensor, String>,
+    ) -> Status {
+        // SAFETY: out and err are valid during the host call this serves.
+        unsafe { hand_over(borrowed(input).and_then(|t| f(&t)), out, err) }
     }
     pub unsafe extern "C" fn head(
         ctx: *mut c_void,
-        features: *mut c_void,
+        input: *mut c_void,
         out: *mut *mut c_void,
         err: *const Sink,
     ) -> Status {
-        let r = borrowed(features).and_then(|f| m(ctx).head(&f));
-        // SAFETY: out and err are valid during the call.
-        unsafe { hand_over(r, out, err) }
+        tensor_to_tensor(input, out, err, |f| m(ctx).head(f))
     }
     pub unsafe extern "C" fn rows(
         ctx: *mut c_void,
-        index: *mut c_void,
+        input: *mut c_void,
         out: *mut *mut c_void,
         err: *const Sink,
     ) -> Status {
-        let r = borrowed(index).and_then(|i| m(ctx).rows(&i));
-        // SAFETY: out and err are valid during the call.
-        unsafe { hand_over(r, out, err) }
+        tensor_to_tensor(input, out, err, |i| m(ctx).rows(i))
     }
     pub unsafe extern "C" fn feature_mix(
         ctx: *mut c_void,
@@ -443,13 +443,7 @@ mod transform_tramp {
             let (p, u, i) = (borrowed(partner)?, borrowed(mu)?, borrowed(index)?);
             m(ctx).feature_mix(&p, &u, &i)
         })();
-        match r {
-            Ok(()) => Status::Ok,
-            Err(e) => {
-                err_to_sink(err, &e);
-                Status::Error
-            }
-        }
+        report(r, err)
     }
 }
 
@@ -464,14 +458,19 @@ unsafe extern "C" fn rng_trampoline(ctx: *mut c_void) -> u64 {
 /// # Safety
 /// `out` must be writable and `err` null or a valid sink.
 unsafe fn hand_over(r: Result<Tensor, String>, out: *mut *mut c_void, err: *const Sink) -> Status {
+    let r = r.map(|t| {
+        let mut owned = t.shallow_clone();
+        // SAFETY: guaranteed by the caller; the plugin owns the handle from here.
+        unsafe { *out = owned.as_mut_ptr().cast() };
+        std::mem::forget(owned);
+    });
+    report(r, err)
+}
+
+/// A host callback's status: `Ok`, or the message written to `err` and `Error`.
+fn report(r: Result<(), String>, err: *const Sink) -> Status {
     match r {
-        Ok(t) => {
-            let mut owned = t.shallow_clone();
-            // SAFETY: guaranteed by the caller; the plugin owns the handle from here.
-            unsafe { *out = owned.as_mut_ptr().cast() };
-            std::mem::forget(owned);
-            Status::Ok
-        }
+        Ok(()) => Status::Ok,
         Err(m) => {
             err_to_sink(err, &m);
             Status::Error

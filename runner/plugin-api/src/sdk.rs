@@ -79,7 +79,7 @@ pub trait Component: Sized + 'static {
     const RANDOM: bool = false;
     /// Set by a batch transform of diffusion training (see `abi::flags::NOISE`).
     const NOISE_TRANSFORM: bool = false;
-    /// Set by a batch transform that queries the model's input gradient (`Batch::model`; see
+    /// Set by a batch transform that queries the model (`Batch::model`; see
     /// `abi::flags::MODEL`).
     const QUERIES_MODEL: bool = false;
     /// The parameters, deserialized from the checked JSON the host passes.
@@ -307,11 +307,7 @@ impl ModelHost<'_> {
         let mut out: *mut c_void = std::ptr::null_mut();
         // SAFETY: the host is valid during the transform call; it writes an owned handle.
         call_with_err(|err| unsafe { (self.host.input_grad)(self.host.ctx, weight, train, keep, &mut out, err) })?;
-        if out.is_null() {
-            return Err(PluginError("the host returned no input gradient".into()));
-        }
-        // SAFETY: an owned handle from the host.
-        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+        owned(out, "input gradient")
     }
 
     /// The validation split through the model in evaluation mode: penultimate features
@@ -333,20 +329,20 @@ impl ModelHost<'_> {
 
     /// The classifier head's logits for `features` `[M, d]`, in evaluation mode.
     pub fn head(&self, features: &Tensor) -> Result<Tensor> {
-        let mut out: *mut c_void = std::ptr::null_mut();
-        // SAFETY: the handle is borrowed for the call; the host writes an owned handle.
-        call_with_err(|err| unsafe {
-            (self.host.head)(self.host.ctx, features.as_ptr() as *mut c_void, &mut out, err)
-        })?;
-        owned(out, "logits")
+        self.tensor_to_tensor(self.host.head, features, "logits")
     }
 
     /// The inputs of the training examples `index` `[M]`, as the model takes them.
     pub fn rows(&self, index: &Tensor) -> Result<Tensor> {
+        self.tensor_to_tensor(self.host.rows, index, "rows")
+    }
+
+    /// A host callback that takes one borrowed tensor and writes one owned tensor.
+    fn tensor_to_tensor(&self, f: abi::TensorToTensor, input: &Tensor, what: &str) -> Result<Tensor> {
         let mut out: *mut c_void = std::ptr::null_mut();
         // SAFETY: the handle is borrowed for the call; the host writes an owned handle.
-        call_with_err(|err| unsafe { (self.host.rows)(self.host.ctx, index.as_ptr() as *mut c_void, &mut out, err) })?;
-        owned(out, "rows")
+        call_with_err(|err| unsafe { f(self.host.ctx, input.as_ptr() as *mut c_void, &mut out, err) })?;
+        owned(out, what)
     }
 
     /// Makes the returned batch mix in feature space: row r's logits become
@@ -433,11 +429,7 @@ impl ObjectiveCtx<'_> {
         call_with_err(|err| unsafe {
             (self.host.forward_with)(self.host.ctx, handles.as_ptr(), handles.len(), &mut out, err)
         })?;
-        if out.is_null() {
-            return Err(PluginError("the host returned no logits".into()));
-        }
-        // SAFETY: an owned handle from the host.
-        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+        owned(out, "logits")
     }
 }
 
