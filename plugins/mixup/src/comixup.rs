@@ -293,7 +293,7 @@ impl Search<'_> {
         // Smoothness between a half-half label and an input: 0.25 to a parent, 1 otherwise.
         for (k, share) in halves.iter().enumerate() {
             for (m, &j) in parents.iter().enumerate() {
-                let v = if parents.len() == 2 || share[m] > 0.0 { 0.25 } else { 1.0 };
+                let v = if share[m] > 0.0 { 0.25 } else { 1.0 };
                 smooth[(n + k) * labels + j] = v;
                 smooth[j * labels + n + k] = v;
             }

@@ -115,7 +115,8 @@ impl Scaler {
         if grads.is_empty() {
             return false;
         }
-        let inv = (1.0 / f64::from(self.scale)) as f32;
+        // The float32 reciprocal; a float tensor times this (exact in f64) computes in float32.
+        let inv = f64::from((1.0 / f64::from(self.scale)) as f32);
         tch::no_grad(|| {
             let bad: Vec<Tensor> = grads.iter().map(|g| g.isfinite().logical_not().any()).collect();
             let found = bool::try_from(Tensor::stack(&bad, 0).any()).unwrap_or(true);
@@ -124,7 +125,7 @@ impl Scaler {
                 if found {
                     let _ = g.zero_();
                 } else {
-                    let _ = g.g_mul_(&Tensor::from(inv).to_device(g.device()).to_kind(g.kind()));
+                    let _ = g.g_mul_scalar_(inv);
                 }
             }
             found
