@@ -234,7 +234,7 @@ impl Grouped {
                         m.insert(name.clone(), x.clone());
                     }
                     for (a, x) in self.aggs.iter().zip(v) {
-                        m.insert(a.label(), x.map(|x| serde_json::json!(x)).unwrap_or(Value::Null));
+                        m.insert(a.label(), x.map(xlab_proto::floats::to_json).unwrap_or(Value::Null));
                     }
                     Value::Object(m)
                 })

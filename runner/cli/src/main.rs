@@ -450,7 +450,8 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             let store = open_store(&cli.store)?;
             let rec = store.job(job)?.with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
             let mut v = serde_json::to_value(&rec).expect("json");
-            v["metrics"] = serde_json::to_value(store.metrics_of(job)?).expect("json");
+            let metrics = xlab_proto::floats::Floats::to_repr(&store.metrics_of(job)?);
+            v["metrics"] = serde_json::to_value(metrics).expect("json");
             outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
             Ok(0)
         }
@@ -1029,7 +1030,10 @@ fn query(
                         .iter()
                         .map(|(k, xs)| {
                             let (mean, std) = table::mean_std(xs);
-                            (k.clone(), serde_json::json!({"mean": mean, "std": std, "n": xs.len(), "values": xs}))
+                            let f = xlab_proto::floats::to_json;
+                            let values: Vec<serde_json::Value> = xs.iter().copied().map(f).collect();
+                            let std = std.map(f);
+                            (k.clone(), serde_json::json!({"mean": f(mean), "std": std, "n": xs.len(), "values": values}))
                         })
                         .collect();
                     serde_json::json!({"stage": r.stage, "point": point, "metrics": stats, "done": r.done, "jobs": r.jobs})

@@ -184,7 +184,10 @@ pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> 
                 .collect()
         })
         .collect();
-    let all = stats.iter().flatten();
+    // A point whose mean is NaN or infinite (a metric that diverged) is not drawn: the line
+    // breaks there and the legend counts it.
+    let finite = |p: &&(f64, f64, f64)| p.0.is_finite() && p.1.is_finite() && p.2.is_finite();
+    let all = stats.iter().flatten().filter(finite);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, m, s) in all {
         x0 = x0.min(x);
@@ -241,16 +244,28 @@ pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> 
     // Bands, then lines, then the legend.
     for (i, st) in stats.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        if st.iter().any(|p| p.2 > 0.0) {
-            let upper = st.iter().map(|&(x, m, sd)| (px(x), py(m + sd)));
-            let lower = st.iter().rev().map(|&(x, m, sd)| (px(x), py(m - sd)));
-            out.push(Shape::Polygon { points: upper.chain(lower).collect(), color, opacity: 0.18 });
+        let runs = st.split(|p| !finite(&p)).filter(|r| !r.is_empty());
+        for run in runs {
+            if run.iter().any(|p| p.2 > 0.0) {
+                let upper = run.iter().map(|&(x, m, sd)| (px(x), py(m + sd)));
+                let lower = run.iter().rev().map(|&(x, m, sd)| (px(x), py(m - sd)));
+                out.push(Shape::Polygon { points: upper.chain(lower).collect(), color, opacity: 0.18 });
+            }
+            out.push(Shape::Polyline {
+                points: run.iter().map(|&(x, m, _)| (px(x), py(m))).collect(),
+                color,
+                width: 2.0,
+            });
         }
-        out.push(Shape::Polyline { points: st.iter().map(|&(x, m, _)| (px(x), py(m))).collect(), color, width: 2.0 });
         let ly = top + 10.0 + 18.0 * i as f64;
         let n = curves[i].points.values().map(Vec::len).max().unwrap_or(0);
+        let skipped = st.iter().filter(|p| !finite(p)).count();
+        let note = match skipped {
+            0 => String::new(),
+            k => format!(", {k} NaN/inf not drawn"),
+        };
         out.push(Shape::Line { from: (ax1 + 12.0, ly), to: (ax1 + 32.0, ly), color, width: 3.0 });
-        out.push(text((ax1 + 38.0, ly + 4.0), format!("{} (n={n})", curves[i].label), Anchor::Start));
+        out.push(text((ax1 + 38.0, ly + 4.0), format!("{} (n={n}{note})", curves[i].label), Anchor::Start));
     }
     Scene { width: w, height: h, shapes: out }
 }

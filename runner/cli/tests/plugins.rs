@@ -95,13 +95,19 @@ fn broken_libraries_are_refused_with_the_reason() {
 
 /// The plugin ABI this xlab speaks (`xlab_plugin_api::abi::ABI_VERSION`; this crate has no
 /// libtorch, so it cannot import it).
-const ABI: u32 = 4;
+const ABI: u32 = 5;
 
 #[test]
 fn wrong_manifests_are_refused() {
     let fixture = release_file("libxlab_fixture_plugin.so");
     for (mode, reason) in [
-        ("abi", format!("built for plugin ABI v{}, but this xlab speaks v{}", ABI + 998, ABI)),
+        ("abi", format!("plugin `fixture` was built for plugin ABI v{}, but this xlab speaks v{}", ABI + 998, ABI)),
+        (
+            "layout",
+            format!(
+                "plugin `fixture` was built against another layout of plugin ABI v{ABI} (layout 0x5eed000000000004"
+            ),
+        ),
         ("torch", "built against libtorch 1.0.0, but this worker runs libtorch 2.11.0".into()),
         ("panic", "entry point panicked".into()),
     ] {

@@ -25,6 +25,17 @@ fn rstr(s: RStr, what: &str) -> Result<String, String> {
     unsafe { s.as_str() }.map(str::to_string).map_err(|e| format!("{what} is not UTF-8: {e}"))
 }
 
+/// A manifest's plugin id when it is short, non-empty UTF-8 of an id's characters; `None` for
+/// anything else (a manifest of an unknown layout may hold anything there).
+fn plugin_name(s: RStr) -> Option<String> {
+    if s.ptr.is_null() || s.len == 0 || s.len > 64 {
+        return None;
+    }
+    // SAFETY: every ABI version's manifest has the id here, pointing into the library's static data.
+    let id = unsafe { s.as_str() }.ok()?;
+    id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)).then(|| id.to_string())
+}
+
 /// Loads a plugin library and checks its manifest; the error says what is wrong and what to do.
 pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
@@ -32,7 +43,10 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
     let sha256 = hex::encode(Sha256::digest(&bytes));
     // SAFETY: loading runs the library's initializers. Plugins are code the user chose to run;
     // the ELF check above keeps arbitrary files out.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("cannot load: {e}"))?;
+    // dlopen searches the library path for a name without a slash (`fixture.so`): give it the
+    // file itself.
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let lib = unsafe { libloading::Library::new(&abs) }.map_err(|e| format!("cannot load: {e}"))?;
     // SAFETY: the symbol's type is fixed by the ABI; a wrong type would have a wrong name.
     let entry: abi::EntryFn = match unsafe { lib.get::<abi::EntryFn>(abi::ENTRY_SYMBOL) } {
         Ok(f) => *f,
@@ -48,11 +62,28 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
     }
     // SAFETY: non-null and static (the library stays loaded: `lib` is leaked below).
     let manifest: &'static PluginManifest = unsafe { &*manifest };
+    // `abi_version` and `plugin_id` open the manifest in every ABI version, so a plugin built
+    // for another one is still named; the id is read only if it looks like one.
+    let name = || match plugin_name(manifest.plugin_id) {
+        Some(id) => format!("plugin `{id}`"),
+        None => "the plugin".to_string(),
+    };
     if manifest.abi_version != abi::ABI_VERSION {
         return Err(format!(
-            "built for plugin ABI v{}, but this xlab speaks v{}; rebuild the plugin against this xlab's xlab-plugin-api",
+            "{} was built for plugin ABI v{}, but this xlab speaks v{}; rebuild it against this xlab's xlab-plugin-api",
+            name(),
             manifest.abi_version,
             abi::ABI_VERSION
+        ));
+    }
+    if manifest.layout_hash != abi::LAYOUT_HASH {
+        return Err(format!(
+            "{} was built against another layout of plugin ABI v{} (layout {:#018x}, this xlab's {:#018x}): an \
+             xlab-plugin-api from another commit; rebuild it against this xlab",
+            name(),
+            abi::ABI_VERSION,
+            manifest.layout_hash,
+            abi::LAYOUT_HASH
         ));
     }
     let torch = rstr(manifest.torch_version, "torch version")?;

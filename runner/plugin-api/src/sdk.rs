@@ -898,6 +898,7 @@ pub mod glue {
         Box::leak(Box::new(abi::PluginManifest {
             abi_version: abi::ABI_VERSION,
             plugin_id: RStr::from_static(id),
+            layout_hash: abi::LAYOUT_HASH,
             plugin_version: RStr::from_static(version),
             torch_version: RStr::from_static(abi::TORCH_VERSION),
             components: decls.as_ptr(),

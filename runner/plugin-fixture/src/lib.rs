@@ -8,11 +8,13 @@
 //! transform that asks for the model's input gradient and keeps the clean loss's gradient, so a
 //! test can check the host's side of that request against a PyTorch loop, and
 //! `fixture.feature_mix`, which makes the host mix features (SelMix's path) in a way a PyTorch
-//! loop can follow.
+//! loop can follow. `fixture.odd_metrics` logs a NaN and an infinite metric every step;
+//! `fixture.crashes` raises a signal and `fixture.hangs` sleeps for good at a chosen step, for
+//! the scheduler's fault classification.
 
 use serde::Deserialize;
 use std::sync::OnceLock;
-use xlab_plugin_api::abi::{PluginManifest, RStr, ABI_VERSION, TORCH_VERSION};
+use xlab_plugin_api::abi::{PluginManifest, RStr, ABI_VERSION, LAYOUT_HASH, TORCH_VERSION};
 use xlab_plugin_api::{
     param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
     StepCtx, StepRule, Transformed,
@@ -66,6 +68,109 @@ impl Component for Fails {
 impl StepRule for Fails {
     fn step(&mut self, _host: &mut StepCtx<'_>) -> Result<()> {
         Err(PluginError("fixture.fails refuses to step".into()))
+    }
+}
+
+/// A plain step that logs `nan` = NaN and `inf` = +∞ every step (so every epoch's mean of them,
+/// and the job's summary, holds them too).
+pub struct OddMetrics;
+
+impl Component for OddMetrics {
+    const KIND: ComponentKind = ComponentKind::StepRule;
+    const ID: &'static str = "fixture.odd_metrics";
+    const SUMMARY: &'static str = "a plain step that logs a NaN and an infinite metric (host test)";
+    const REFERENCE: &'static str = "none: a test fixture";
+    type Params = NoParams;
+    fn params() -> Vec<ParamSpec> {
+        vec![]
+    }
+    fn new(_: NoParams) -> Result<Self> {
+        Ok(OddMetrics)
+    }
+}
+
+impl StepRule for OddMetrics {
+    fn step(&mut self, host: &mut StepCtx<'_>) -> Result<()> {
+        host.forward_backward()?;
+        host.log("nan", f64::NAN);
+        host.log("inf", f64::INFINITY);
+        host.optimizer_step()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtStepParams {
+    at_step: u64,
+    signal: i64,
+}
+
+/// A plain step that raises `signal` (default SIGSEGV) at global step `at_step`, on every attempt.
+pub struct Crashes {
+    at_step: u64,
+    signal: i32,
+}
+
+impl Component for Crashes {
+    const KIND: ComponentKind = ComponentKind::StepRule;
+    const ID: &'static str = "fixture.crashes";
+    const SUMMARY: &'static str = "raises a signal at a chosen step (host test)";
+    const REFERENCE: &'static str = "none: a test fixture";
+    type Params = AtStepParams;
+    fn params() -> Vec<ParamSpec> {
+        vec![
+            param("at_step", ParamType::Int, 3, "the global step (0-based) to crash at"),
+            param("signal", ParamType::Int, libc::SIGSEGV, "the signal to raise"),
+        ]
+    }
+    fn new(p: AtStepParams) -> Result<Self> {
+        Ok(Crashes { at_step: p.at_step, signal: p.signal as i32 })
+    }
+}
+
+impl StepRule for Crashes {
+    fn step(&mut self, host: &mut StepCtx<'_>) -> Result<()> {
+        if host.step() == self.at_step {
+            // SAFETY: raising a signal in this process is what the fixture is for.
+            unsafe { libc::raise(self.signal) };
+        }
+        host.forward_backward()?;
+        host.optimizer_step()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HangParams {
+    at_step: u64,
+}
+
+/// A plain step that never returns from global step `at_step`.
+pub struct Hangs {
+    at_step: u64,
+}
+
+impl Component for Hangs {
+    const KIND: ComponentKind = ComponentKind::StepRule;
+    const ID: &'static str = "fixture.hangs";
+    const SUMMARY: &'static str = "sleeps for good at a chosen step (host test)";
+    const REFERENCE: &'static str = "none: a test fixture";
+    type Params = HangParams;
+    fn params() -> Vec<ParamSpec> {
+        vec![param("at_step", ParamType::Int, 3, "the global step (0-based) to hang at")]
+    }
+    fn new(p: HangParams) -> Result<Self> {
+        Ok(Hangs { at_step: p.at_step })
+    }
+}
+
+impl StepRule for Hangs {
+    fn step(&mut self, host: &mut StepCtx<'_>) -> Result<()> {
+        while host.step() == self.at_step {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+        host.forward_backward()?;
+        host.optimizer_step()
     }
 }
 
@@ -147,16 +252,21 @@ impl BatchTransform for FeatureMix {
     }
 }
 
-fn wrong(abi_version: u32, torch: &'static str) -> &'static PluginManifest {
+fn wrong(abi_version: u32, layout_hash: u64, torch: &'static str) -> &'static PluginManifest {
     Box::leak(Box::new(PluginManifest {
         abi_version,
         plugin_id: RStr::from_static("fixture"),
+        layout_hash,
         plugin_version: RStr::from_static("0.0.0"),
         torch_version: RStr::from_static(torch),
         components: std::ptr::null(),
         n_components: 0,
     }))
 }
+
+/// The layout hash this fixture reports in its "layout" mode: any value but this xlab's, as a
+/// plugin built against an older xlab-plugin-api of the same ABI version would carry.
+const OLDER_LAYOUT: u64 = 0x5eed_0000_0000_0004;
 
 /// The entry point, as `export_plugin!` writes it, with the manifest chosen by the environment.
 #[no_mangle]
@@ -165,8 +275,11 @@ pub extern "C" fn xlab_plugin_manifest_v1() -> *const PluginManifest {
     let addr = *MANIFEST.get_or_init(|| {
         std::panic::catch_unwind(|| {
             let m: &'static PluginManifest = match std::env::var("XLAB_FIXTURE_MANIFEST").as_deref() {
-                Ok("abi") => wrong(ABI_VERSION + 998, TORCH_VERSION),
-                Ok("torch") => wrong(ABI_VERSION, "1.0.0"),
+                Ok("abi") => wrong(ABI_VERSION + 998, LAYOUT_HASH, TORCH_VERSION),
+                // Built against an xlab-plugin-api whose types differ from this one's although
+                // its version number is the same (a layout change that forgot the bump).
+                Ok("layout") => wrong(ABI_VERSION, OLDER_LAYOUT, TORCH_VERSION),
+                Ok("torch") => wrong(ABI_VERSION, LAYOUT_HASH, "1.0.0"),
                 Ok("panic") => panic!("the manifest could not be built"),
                 _ => xlab_plugin_api::sdk::glue::manifest(
                     "fixture",
@@ -174,6 +287,9 @@ pub extern "C" fn xlab_plugin_manifest_v1() -> *const PluginManifest {
                     vec![
                         xlab_plugin_api::sdk::glue::step_rule::<Panics>(),
                         xlab_plugin_api::sdk::glue::step_rule::<Fails>(),
+                        xlab_plugin_api::sdk::glue::step_rule::<OddMetrics>(),
+                        xlab_plugin_api::sdk::glue::step_rule::<Crashes>(),
+                        xlab_plugin_api::sdk::glue::step_rule::<Hangs>(),
                         xlab_plugin_api::sdk::glue::batch_transform::<CleanLoss>(),
                         xlab_plugin_api::sdk::glue::batch_transform::<FeatureMix>(),
                     ],

@@ -116,7 +116,11 @@ pub enum Event {
     /// The worker set up its device and is about to run.
     Started { pid: u32, device: String, libtorch: String, host: String },
     /// Scalar metric points, e.g. `train.loss` at step 3.
-    Metrics { step: u64, values: BTreeMap<String, f64> },
+    Metrics {
+        step: u64,
+        #[serde(with = "floats::json")]
+        values: BTreeMap<String, f64>,
+    },
     /// The job continues from a checkpoint written by an earlier attempt.
     Resumed {
         epoch: u64,
@@ -135,7 +139,10 @@ pub enum Event {
     /// A file the job produced and made durable, relative to the run folder.
     Artifact { name: String, path: String, kind: String },
     /// The job finished; `summary` holds its final metrics.
-    Finished { summary: BTreeMap<String, f64> },
+    Finished {
+        #[serde(with = "floats::json")]
+        summary: BTreeMap<String, f64>,
+    },
     /// The job failed; the worker exits non-zero after sending this.
     Failed { cause: FailureCause, message: String },
 }
@@ -172,12 +179,33 @@ mod tests {
     }
 
     #[test]
+    fn nan_and_infinite_metrics_cross_the_stream() {
+        let values: BTreeMap<String, f64> =
+            [("plugin.ratio".to_string(), f64::NAN), ("train.loss".to_string(), 0.5)].into();
+        let summary: BTreeMap<String, f64> = [("test.loss".to_string(), f64::INFINITY)].into();
+        for e in [Event::Metrics { step: 4, values }, Event::Finished { summary }] {
+            let back = Event::from_line(&e.to_line()).unwrap();
+            match (&e, &back) {
+                (Event::Metrics { values: a, .. }, Event::Metrics { values: b, .. })
+                | (Event::Finished { summary: a }, Event::Finished { summary: b }) => {
+                    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+                    for (k, v) in a {
+                        assert!(v.to_bits() == b[k].to_bits() || (v.is_nan() && b[k].is_nan()), "{k}");
+                    }
+                }
+                _ => panic!("{back:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn unknown_event_is_an_error() {
         assert!(Event::from_line(r#"{"event":"exploded"}"#).is_err());
         assert!(Event::from_line(r#"{"event":"finished","summary":{},"extra":1}"#).is_err());
     }
 }
 
+pub mod floats;
 pub mod plugins;
 
 /// Files a training job leaves in its run folder for the jobs that depend on it.

@@ -600,7 +600,11 @@ mod tests {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExportLine {
     Experiment(ExperimentRecord),
-    Job { job: Box<JobRecord>, metrics: BTreeMap<String, Vec<(u64, f64)>> },
+    Job {
+        job: Box<JobRecord>,
+        #[serde(with = "xlab_proto::floats::json")]
+        metrics: BTreeMap<String, Vec<(u64, f64)>>,
+    },
 }
 
 /// What an import changed.

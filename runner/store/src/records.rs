@@ -104,7 +104,8 @@ pub struct JobRecord {
     pub selected: Option<String>,
     pub status: JobStatus,
     pub attempts: Vec<Attempt>,
-    /// Final value of each metric.
+    /// Final value of each metric (NaN and infinities kept, see `xlab_proto::floats`).
+    #[serde(with = "xlab_proto::floats::json")]
     pub summary: BTreeMap<String, f64>,
     pub provenance: Provenance,
     pub artifacts: Vec<ArtifactRecord>,

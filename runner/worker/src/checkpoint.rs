@@ -34,6 +34,7 @@ pub struct Meta {
     /// JSON state of each plugin component, by slot.
     pub plugins: BTreeMap<String, serde_json::Value>,
     /// Metrics reported so far: (step, values).
+    #[serde(with = "xlab_proto::floats::json")]
     pub metrics: Vec<(u64, BTreeMap<String, f64>)>,
     /// Batches done in epoch `epoch + 1` when the checkpoint was taken inside it (0: at the
     /// end of epoch `epoch`); the epoch's order and example verdicts are then tensors
@@ -45,6 +46,7 @@ pub struct Meta {
     pub partial: Option<PartialEpoch>,
     /// `precision: fp16`: the loss scale and its count of finite steps in a row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(with = "xlab_proto::floats::json")]
     pub loss_scale: Option<(f32, u32)>,
     pub tensors_file: String,
     pub tensors_bytes: u64,
@@ -54,12 +56,16 @@ pub struct Meta {
 /// The host-side sums of an epoch's statistics (see the training loop's `EpochStats`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct PartialEpoch {
+    #[serde(with = "xlab_proto::floats::json")]
     pub loss_sum: f64,
+    #[serde(with = "xlab_proto::floats::json")]
     pub correct: f64,
     pub seen: usize,
     pub steps: u64,
     pub passes: u64,
+    #[serde(with = "xlab_proto::floats::json")]
     pub plugin: BTreeMap<String, (f64, u32)>,
+    #[serde(with = "xlab_proto::floats::json")]
     pub groups: Vec<(f64, f64, f64)>,
 }
 

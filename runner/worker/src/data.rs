@@ -161,7 +161,8 @@ fn idx_file(dir: &Path, name: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
     let dims: Vec<usize> = (0..nd)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
-    if bytes.len() - header != dims.iter().product::<usize>() {
+    // Dimensions whose product overflows can never match the file's size.
+    if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(bytes.len() - header) {
         return Err(format!("{}: the header's dimensions {dims:?} do not match its size", dir.join(name).display()));
     }
     Ok((dims, bytes[header..].to_vec()))
@@ -238,12 +239,20 @@ fn images_split(
 /// Rows of a `.npz` file in file order: training, then `n_val` validation, then `n_test` test.
 fn npz(c: &Npz) -> Result<Dataset, String> {
     let path = &c.path.path;
-    let arrays = Tensor::read_npz(path).map_err(|e| format!("cannot read {path} as .npz: {e}"))?;
-    let get = |name: &str| arrays.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
-    let names = || arrays.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
-    let x = get("x").ok_or_else(|| format!("{path} has no array `x` (it has {})", names()))?;
-    let y = get("y").ok_or_else(|| format!("{path} has no array `y` (it has {})", names()))?;
+    let arrays = crate::npz::read(path).map_err(|e| format!("cannot read {path} as .npz: {e}"))?;
+    let get = |name: &str| -> Option<Result<Tensor, String>> {
+        arrays.iter().find(|a| a.name == name).map(|a| a.to_tensor().map_err(|e| format!("{path}: {e}")))
+    };
+    let names = || arrays.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ");
+    let x = get("x").ok_or_else(|| format!("{path} has no array `x` (it has {})", names()))??;
+    let y = get("y").ok_or_else(|| format!("{path} has no array `y` (it has {})", names()))??;
     let rows = x.size().first().copied().unwrap_or(0);
+    if x.dim() == 0 {
+        return Err(format!("{path}: `x` must hold one row of features per example, it is a single number"));
+    }
+    if rows == 0 || x.numel() == 0 {
+        return Err(format!("{path}: `x` has no examples (shape {:?})", x.size()));
+    }
     if y.dim() != 1 || y.size()[0] != rows {
         return Err(format!("{path}: `y` must be one label per row of `x` ({rows}), it has shape {:?}", y.size()));
     }
@@ -251,7 +260,7 @@ fn npz(c: &Npz) -> Result<Dataset, String> {
         return Err(format!("{path}: `y` must hold integer class labels, it holds {:?}", y.kind()));
     }
     let ids = |name: &str| -> Result<Option<Tensor>, String> {
-        match get(name) {
+        match get(name).transpose()? {
             None => Ok(None),
             Some(t) if t.dim() == 1 && t.size()[0] == rows && !t.is_floating_point() => {
                 Ok(Some(t.to_kind(Kind::Int64)))
@@ -612,6 +621,19 @@ mod tests {
 
     fn folder(dir: &Path) -> Cifar {
         Cifar { path: FileRef { path: dir.display().to_string(), sha256: None }, n_val: 1, normalize: false }
+    }
+
+    #[test]
+    fn idx_headers_whose_dimensions_overflow_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // 2³¹ · 2³¹ · 4 = 2⁶⁴: a product that wraps to 0, which an empty body would "match".
+        let mut bytes = vec![0, 0, 0x08, 3];
+        for d in [1u32 << 31, 1 << 31, 4] {
+            bytes.extend(d.to_be_bytes());
+        }
+        std::fs::write(dir.path().join("f"), &bytes).unwrap();
+        let err = idx_file(dir.path(), "f").unwrap_err();
+        assert!(err.contains("do not match its size"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod data;
 pub mod diffusion;
 pub mod events;
 pub mod model;
+pub mod npz;
 pub mod optim;
 pub mod probe;
 pub mod quality;

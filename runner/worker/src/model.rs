@@ -81,6 +81,37 @@ impl Model {
         self.run(x, train, &|_, t| t.shallow_clone())
     }
 
+    /// Runs a TorchScript module once on two rows of zeros, in evaluation mode and without
+    /// gradient, so that a module that cannot take the data's inputs or does not return one row
+    /// of `classes` logits per example is refused before training, with what it said.
+    fn check_script(&self, path: &str, input_dim: usize, classes: usize, device: tch::Device) -> Result<(), String> {
+        let Some(m) = &self.script else { return Ok(()) };
+        let x = Tensor::zeros([2, input_dim as i64], (tch::Kind::Float, device));
+        let h = match self.image {
+            Some([c, hh, w]) => x.f_reshape([-1, c, hh, w]).map_err(|e| e.to_string())?,
+            None => x,
+        };
+        let shown = h.size();
+        let mut m = m.borrow_mut();
+        m.set_eval();
+        let out = tch::no_grad(|| m.forward_ts(&[h]));
+        m.set_train();
+        let expect = "its forward must take a batch of inputs [B, features] (or [B, C, H, W] with `image:`) and \
+                      return logits [B, classes]";
+        match out {
+            Err(e) => Err(format!(
+                "{path}: the TorchScript module's forward fails on a batch of shape {shown:?}: {}; {expect}",
+                e.to_string().lines().next().unwrap_or_default()
+            )),
+            Ok(y) if y.size() != [2, classes as i64] => Err(format!(
+                "{path}: the TorchScript module returns shape {:?} for a batch of shape {shown:?}, not [2, {classes}] \
+                 ({classes} classes); {expect}",
+                y.size()
+            )),
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// Features in evaluation mode: the input of the last layer (the classifier head) for
     /// built-in models, the logits for a TorchScript module.
     pub fn features(&self, x: &Tensor) -> Tensor {
@@ -429,7 +460,11 @@ pub fn build_checked(
     classes: usize,
 ) -> Result<Model, String> {
     match cfg {
-        ModelConfig::Torchscript(t) => torchscript(root, &t.path.path, image),
+        ModelConfig::Torchscript(t) => {
+            let m = torchscript(root, &t.path.path, image)?;
+            m.check_script(&t.path.path, input_dim, classes, root.device())?;
+            Ok(m)
+        }
         _ => Ok(build(root, cfg, input_dim, image, classes)),
     }
 }

@@ -1,0 +1,117 @@
+//! Failure paths that used to lose or misreport results: NaN and infinite metrics through every
+//! boundary, libtorch errors in the middle of a step, plugins that crash or hang the same way on
+//! every attempt, and `select: best` over candidates whose metric is NaN. Real coordinator and
+//! worker processes, the real fixture plugin, a real sled store.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{attempts, cmd, job_ids};
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+/// A copy of the fixture plugin beside the experiment file, named as the file's `plugins:` does.
+fn with_fixture(dir: &Path) {
+    let built = common::xlab().with_file_name("libxlab_fixture_plugin.so");
+    assert!(built.exists(), "{} is missing: build the workspace first (`make build`)", built.display());
+    std::fs::copy(built, dir.join("fixture.so")).unwrap();
+}
+
+fn experiment(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let f = dir.join(format!("{name}.yaml"));
+    std::fs::write(&f, body).unwrap();
+    f
+}
+
+fn show(store: &Path, id: &str) -> serde_json::Value {
+    let out = cmd(store).args(["show", id]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const ODD: &str = r#"
+name: odd
+plugins: [fixture.so]
+defaults:
+  task: train
+  data: {name: two_moons, n_train: 4096, n_val: 64, n_test: 128}
+  model: {name: mlp, hidden: [64, 64]}
+  optimizer: {name: sgd, lr: 0.05}
+  batch_size: 16
+  epochs: 12
+stages:
+  odd:
+    step_rule: {use: fixture.odd_metrics}
+"#;
+
+/// A plugin metric that is NaN every step and one that is +∞: the job finishes `done` (not
+/// `crashed`), every epoch's point is stored, a checkpoint holding them resumes after the
+/// coordinator is killed, and show, query (table and JSON), export/import and plot keep them.
+#[test]
+fn nan_and_infinite_metrics_cross_every_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    with_fixture(dir.path());
+    let file = experiment(dir.path(), "odd", ODD);
+    let store = dir.path().join("results");
+    let id = job_ids(&store, &file).remove(0);
+    // Kill the coordinator (its worker follows) once a checkpoint holding NaN and ∞ is written.
+    let mut run = cmd(&store).arg("run").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let ckpt = store.join("runs").join(&id).join("ckpt-000002.json");
+    wait_for("checkpoint after epoch 2", Duration::from_secs(120), || ckpt.exists());
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let meta = std::fs::read_to_string(&ckpt).unwrap();
+    assert!(meta.contains("\"NaN\"") && meta.contains("\"inf\""), "{meta}");
+
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("from its checkpoint after epoch"), "the job resumed from its checkpoint: {err}");
+    let rec = show(&store, &id);
+    assert_eq!(rec["status"], "done");
+    assert_eq!(rec["summary"]["nan"], "NaN");
+    assert_eq!(rec["summary"]["inf"], "inf");
+    assert_eq!(rec["metrics"]["nan"].as_array().unwrap().len(), 12, "{}", rec["metrics"]["nan"]);
+    assert!(rec["metrics"]["inf"].as_array().unwrap().iter().all(|p| p[1] == "inf"));
+    assert!(rec["summary"]["test.acc"].as_f64().unwrap() > 0.5);
+
+    let out = cmd(&store).args(["query", "-m", "nan,inf,test.acc"]).output().unwrap();
+    let table = text(&out.stdout);
+    assert!(table.contains("NaN") && table.contains(" inf "), "{table}");
+    let out = cmd(&store).args(["query", "-m", "nan,inf", "--format", "json"]).output().unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["metrics"]["nan"]["values"][0], "NaN", "{rows}");
+    assert_eq!(rows[0]["metrics"]["inf"]["mean"], "inf", "{rows}");
+    let out = cmd(&store).args(["query", "-m", "nan,inf", "--format", "csv"]).output().unwrap();
+    assert!(text(&out.stdout).contains("NaN") && text(&out.stdout).contains("inf"), "{}", text(&out.stdout));
+
+    // Export, then import into a new store: the values survive the round trip.
+    let export = dir.path().join("odd.jsonl");
+    let out = cmd(&store).args(["export", "-o"]).arg(&export).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::read_to_string(&export).unwrap().contains("\"NaN\""));
+    let other = dir.path().join("other");
+    let out = cmd(&other).arg("import").arg(&export).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let copy = show(&other, &id);
+    assert_eq!((&copy["summary"], &copy["metrics"]["nan"]), (&rec["summary"], &rec["metrics"]["nan"]));
+
+    // A plot of a metric that is NaN throughout draws no line and says why.
+    let svg = dir.path().join("nan.svg");
+    let out = cmd(&store).args(["plot", "nan", "-o"]).arg(&svg).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.contains("12 NaN/inf not drawn") && !drawn.contains("NaN,"), "{drawn}");
+}
