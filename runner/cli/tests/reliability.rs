@@ -115,3 +115,27 @@ fn nan_and_infinite_metrics_cross_every_boundary() {
     let drawn = std::fs::read_to_string(&svg).unwrap();
     assert!(drawn.contains("12 NaN/inf not drawn") && !drawn.contains("NaN,"), "{drawn}");
 }
+
+/// A forward pass that cannot allocate its activations (a batch of 2¹⁸ rows through 2²⁰ hidden
+/// units: 1 TiB) fails inside a panicking tensor method; the job is recorded `out_of_memory`
+/// with libtorch's words and retried as the policy says, not recorded as a crash.
+#[test]
+fn running_out_of_memory_in_the_forward_pass_is_out_of_memory_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = experiment(
+        dir.path(),
+        "oom",
+        "name: oom\ndefaults:\n  task: train\n  data: {name: two_moons, n_train: 262144, n_val: 0, n_test: 16}\n  \
+         model: {name: mlp, hidden: [1048576]}\n  optimizer: {name: sgd, lr: 0.1}\n  batch_size: 262144\n  epochs: 1\n\
+         stages:\n  big: {retries: 1}\n",
+    );
+    let store = dir.path().join("results");
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let id = job_ids(&store, &file).remove(0);
+    assert_eq!(attempts(&store, &id), ["out_of_memory", "out_of_memory"], "{err}");
+    let rec = show(&store, &id);
+    let message = rec["attempts"][0]["error"].as_str().unwrap();
+    assert!(message.contains("can't allocate memory"), "{message}");
+}

@@ -92,6 +92,7 @@ pub struct Pick {
 
 impl Pick {
     /// Ranks finished candidates `(job id, final metrics)`; returns the chosen id, or why none.
+    /// A candidate whose metric is NaN (a diverged run) ranks after every other, in either mode.
     pub fn choose<'a>(
         &self,
         candidates: &[(&'a str, &std::collections::BTreeMap<String, f64>)],
@@ -99,8 +100,7 @@ impl Pick {
         let mut scored = Vec::new();
         for (id, summary) in candidates {
             match summary.get(&self.metric) {
-                Some(v) if v.is_finite() => scored.push((*v, *id)),
-                Some(v) => return Err(format!("parent job {id} has `{}` = {v}", self.metric)),
+                Some(v) => scored.push((*v, *id)),
                 None => {
                     let mut have: Vec<&str> = summary.keys().map(String::as_str).collect();
                     have.truncate(12);
@@ -117,7 +117,7 @@ impl Pick {
                 Mode::Max => b.0.total_cmp(&a.0),
                 Mode::Min => a.0.total_cmp(&b.0),
             };
-            by.then(a.1.cmp(b.1))
+            a.0.is_nan().cmp(&b.0.is_nan()).then(by).then(a.1.cmp(b.1))
         });
         scored.get(self.rank as usize - 1).map(|(_, id)| *id).ok_or_else(|| {
             format!(

@@ -307,6 +307,9 @@ impl NeedsFile {
             return Ok(None);
         }
         let metric = f.metric.clone().ok_or("`select: best` needs `metric:`, the parent metric that ranks the jobs")?;
+        if metric.trim().is_empty() {
+            return Err("`metric:` is empty; name the parent metric that ranks the jobs, e.g. `metric: val.acc`".into());
+        }
         let k = f.k.unwrap_or(1);
         if k == 0 {
             return Err("`k` must be at least 1".into());

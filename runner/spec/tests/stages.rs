@@ -68,6 +68,25 @@ fn choose_ranks_by_the_metric_with_ties_by_id() {
     assert!(err.contains("has no metric `val.acc`") && err.contains("test.acc"), "{err}");
 }
 
+/// A diverged candidate (its metric NaN) ranks last in either mode instead of failing the whole
+/// selection; infinities rank as the numbers they are.
+#[test]
+fn a_nan_candidate_ranks_last() {
+    let m = |v: f64| BTreeMap::from([("val.loss".to_string(), v)]);
+    let (nan, low, inf) = (m(f64::NAN), m(0.25), m(f64::INFINITY));
+    let cands = [("aaa", &nan), ("bbb", &low), ("ccc", &inf)];
+    let pick = |mode, rank| xlab_spec::Pick { metric: "val.loss".into(), mode, rank }.choose(&cands).unwrap();
+    use xlab_spec::file::Mode::{Max, Min};
+    assert_eq!([pick(Min, 1), pick(Min, 2), pick(Min, 3)], ["bbb", "ccc", "aaa"]);
+    assert_eq!([pick(Max, 1), pick(Max, 2), pick(Max, 3)], ["ccc", "bbb", "aaa"]);
+}
+
+#[test]
+fn an_empty_metric_name_is_refused_at_its_line() {
+    let err = error("  pick:\n    task: evaluate\n    needs: {stage: train, select: best, metric: \"\"}\n");
+    assert!(err.contains("stages.yaml:") && err.contains("`metric:` is empty"), "{err}");
+}
+
 fn error(child: &str) -> String {
     let text = format!("{BASE}{child}");
     match load_str(Path::new("stages.yaml"), &text, &mut Registry::default()) {

@@ -192,9 +192,57 @@ fn noop(n: xlab_spec::config::Noop, device: tch::Device) -> Result<std::collecti
     }
 }
 
+/// What a panic in the job says about the job: most tensor operations panic on a libtorch error
+/// (tch's non-`f_` methods), so a panic carrying one is that error, classified as any other
+/// (`out_of_memory` when libtorch could not allocate, on the CPU or a GPU); any other panic is a
+/// bug in the worker, reported as an error with its message.
+pub fn failure_of_panic(payload: &(dyn std::any::Any + Send)) -> Failure {
+    let raw = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    // `called Result::unwrap() on an Err value: Torch("…\n…")`: the libtorch message, whose
+    // first line says what happened (a C++ backtrace follows).
+    let (libtorch, message) = match raw.split_once("Torch(\"") {
+        Some((_, rest)) => {
+            let inner = rest.strip_suffix("\")").unwrap_or(rest);
+            let first = inner.split("\\n").next().unwrap_or(inner).replace("\\\"", "\"");
+            (true, first)
+        }
+        None => (raw.contains("libtorch") || raw.contains("Torch"), raw.lines().next().unwrap_or(raw).to_string()),
+    };
+    if train::is_out_of_memory(&message) {
+        Failure::new(FailureCause::OutOfMemory, format!("libtorch could not allocate memory: {message}"))
+    } else if libtorch {
+        Failure::new(FailureCause::Error, format!("libtorch error: {message}"))
+    } else {
+        Failure::new(
+            FailureCause::Error,
+            format!("the worker panicked (a bug in xlab; its log has the place): {message}"),
+        )
+    }
+}
+
 /// Runs one job and reports its events; returns the process exit code.
 pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
-    let result = (|| {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job_inner(req, out)))
+        .unwrap_or_else(|payload| Err(failure_of_panic(payload.as_ref())));
+    match result {
+        Ok(summary) => {
+            out.send(&Event::Finished { summary });
+            0
+        }
+        Err(f) => {
+            tracing::error!(cause = f.cause.as_str(), "{}", f.message);
+            out.failed(f.cause, f.message);
+            1
+        }
+    }
+}
+
+fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections::BTreeMap<String, f64>, Failure> {
+    (|| {
         if req.protocol != PROTOCOL_VERSION {
             return Err(Failure::new(
                 FailureCause::Config,
@@ -244,16 +292,44 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
             Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
             Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
         }
-    })();
-    match result {
-        Ok(summary) => {
-            out.send(&Event::Finished { summary });
-            0
-        }
-        Err(f) => {
-            tracing::error!(cause = f.cause.as_str(), "{}", f.message);
-            out.failed(f.cause, f.message);
-            1
-        }
+    })()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caught(f: impl FnOnce() + std::panic::UnwindSafe) -> Failure {
+        let payload = std::panic::catch_unwind(f).expect_err("it panics");
+        failure_of_panic(payload.as_ref())
+    }
+
+    #[test]
+    fn libtorch_panics_are_classified() {
+        // A failed CPU allocation inside a panicking tensor method: out of memory.
+        let f = caught(|| {
+            let _ = tch::Tensor::empty([1i64 << 50], (tch::Kind::Float, tch::Device::Cpu));
+        });
+        assert_eq!(f.cause, FailureCause::OutOfMemory, "{}", f.message);
+        assert!(
+            f.message.contains("can't allocate memory") && !f.message.contains("Exception raised"),
+            "{}",
+            f.message
+        );
+        // A shape error: a libtorch error, its first line only.
+        let f = caught(|| {
+            let _ = tch::Tensor::zeros([2, 3], tch::kind::FLOAT_CPU)
+                .matmul(&tch::Tensor::zeros([2, 3], tch::kind::FLOAT_CPU));
+        });
+        assert_eq!(f.cause, FailureCause::Error);
+        assert!(
+            f.message.starts_with("libtorch error: ") && f.message.contains("cannot be multiplied"),
+            "{}",
+            f.message
+        );
+        assert!(!f.message.contains('\n'), "{}", f.message);
+        // Anything else is a bug in the worker.
+        let f = caught(|| panic!("index out of bounds"));
+        assert_eq!((f.cause, f.message.contains("a bug in xlab")), (FailureCause::Error, true), "{}", f.message);
     }
 }
