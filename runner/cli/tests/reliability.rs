@@ -4,7 +4,7 @@
 //! worker processes, the real fixture plugin, a real sled store.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -138,4 +138,79 @@ fn running_out_of_memory_in_the_forward_pass_is_out_of_memory_and_retried() {
     let rec = show(&store, &id);
     let message = rec["attempts"][0]["error"].as_str().unwrap();
     assert!(message.contains("can't allocate memory"), "{message}");
+}
+
+const FAULTY: &str = r#"
+name: faulty
+plugins: [fixture.so]
+defaults:
+  task: train
+  data: {name: two_moons, n_train: 256, n_val: 0, n_test: 64}
+  model: {name: mlp, hidden: [16]}
+  optimizer: {name: sgd, lr: 0.1}
+  batch_size: 32
+  epochs: 2
+stages:
+  STAGE
+"#;
+
+/// A plugin that segfaults at the same step on every attempt: the second attempt ends exactly as
+/// the first, so the job is not retried further although `retries: 3` allows it, and the record
+/// says where (signal, step, plugin call).
+#[test]
+fn a_crash_that_repeats_at_the_same_step_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    with_fixture(dir.path());
+    let file = experiment(
+        dir.path(),
+        "faulty",
+        &FAULTY.replace("STAGE", "segv: {step_rule: {use: fixture.crashes, at_step: 11}, retries: 3}"),
+    );
+    let store = dir.path().join("results");
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let id = job_ids(&store, &file).remove(0);
+    assert_eq!(attempts(&store, &id), ["crashed", "crashed"], "{err}");
+    let rec = show(&store, &id);
+    let message = rec["attempts"][1]["error"].as_str().unwrap();
+    assert!(
+        message.contains("worker killed by signal 11 (SIGSEGV) at step 11 (epoch 2), inside `fixture.crashes` step"),
+        "{message}"
+    );
+    assert!(message.contains("attempt 1 ended the same way at the same step") && message.contains("not retried"));
+    assert_eq!(
+        rec["attempts"][0]["site"],
+        serde_json::json!({"signal": 11, "step": 11, "call": "`fixture.crashes` step"})
+    );
+}
+
+/// A plugin that never returns from a step: the worker's watchdog ends the job as `hung` after
+/// the stage's `step_timeout`, naming the plugin call, and a hang at the same step again is not
+/// retried either.
+#[test]
+fn a_step_past_its_limit_is_hung_and_names_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    with_fixture(dir.path());
+    let file = experiment(
+        dir.path(),
+        "faulty",
+        &FAULTY.replace("STAGE", "stuck: {step_rule: {use: fixture.hangs, at_step: 2}, step_timeout: 1s, retries: 2}"),
+    );
+    let store = dir.path().join("results");
+    let started = Instant::now();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "the hung job held its slot: {err}");
+    let id = job_ids(&store, &file).remove(0);
+    assert_eq!(attempts(&store, &id), ["hung", "hung"], "{err}");
+    let rec = show(&store, &id);
+    let message = rec["attempts"][0]["error"].as_str().unwrap();
+    assert!(
+        message.contains("step 2 (epoch 1) made no progress for 1 s, inside `fixture.hangs` step")
+            && message.contains("`step_timeout:`"),
+        "{message}"
+    );
+    assert!(rec["attempts"][1]["error"].as_str().unwrap().contains("not retried"));
 }

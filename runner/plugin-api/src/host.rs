@@ -246,11 +246,35 @@ pub fn discover(dirs: &[PathBuf], files: &[PathBuf]) -> (Vec<LoadedPlugin>, Regi
     (loaded, registry)
 }
 
+/// Who is told when a plugin call starts and ends: the worker's watch over its steps, which
+/// names the call a crash or a hang happened in.
+static CALL_LISTENER: std::sync::OnceLock<fn(Option<&str>)> = std::sync::OnceLock::new();
+/// The plugin calls in progress, innermost last (an objective called from a step rule's pass).
+static CALLS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Has `f` told of every plugin call: `Some(label)` (e.g. "`sam.sam` step") when one starts,
+/// and the call that is then innermost, or `None`, when one ends. The first listener stays.
+pub fn on_plugin_calls(f: fn(Option<&str>)) {
+    let _ = CALL_LISTENER.set(f);
+}
+
 /// Runs a call that may write an error message, turning its status into a `Result`.
 fn call(what: &str, f: impl FnOnce(*const Sink) -> Status) -> Result<(), String> {
     let mut msg = Vec::new();
     let sink = vec_sink(&mut msg);
-    match f(&sink) {
+    let listener = CALL_LISTENER.get();
+    if let Some(tell) = listener {
+        let mut calls = CALLS.lock().unwrap_or_else(|e| e.into_inner());
+        calls.push(what.to_string());
+        tell(Some(what));
+    }
+    let status = f(&sink);
+    if let Some(tell) = listener {
+        let mut calls = CALLS.lock().unwrap_or_else(|e| e.into_inner());
+        calls.pop();
+        tell(calls.last().map(String::as_str));
+    }
+    match status {
         Status::Ok => Ok(()),
         Status::Panic => Err(format!("{what} panicked: {}", String::from_utf8_lossy(&msg))),
         Status::Unsupported => Err(format!("{what} is not supported by this component")),

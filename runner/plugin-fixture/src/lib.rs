@@ -131,8 +131,13 @@ impl Component for Crashes {
 impl StepRule for Crashes {
     fn step(&mut self, host: &mut StepCtx<'_>) -> Result<()> {
         if host.step() == self.at_step {
-            // SAFETY: raising a signal in this process is what the fixture is for.
-            unsafe { libc::raise(self.signal) };
+            // SAFETY: raising a signal in this process is what the fixture is for. The default
+            // action first: Rust's own SIGSEGV handler (stack overflow detection) would return
+            // from a raised, not faulting, SIGSEGV.
+            unsafe {
+                libc::signal(self.signal, libc::SIG_DFL);
+                libc::raise(self.signal);
+            }
         }
         host.forward_backward()?;
         host.optimizer_step()

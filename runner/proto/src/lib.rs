@@ -42,6 +42,9 @@ pub struct JobRequest {
     /// Also write one at the end of an epoch when this many milliseconds passed since the last.
     #[serde(default)]
     pub checkpoint_every_ms: Option<u64>,
+    /// A training step that makes no progress for this long is a hung job (`step_timeout:`).
+    #[serde(default)]
+    pub step_timeout_ms: Option<u64>,
     /// The finished jobs this one consumes (`needs:` in the experiment file).
     #[serde(default)]
     pub parents: Vec<ParentRef>,
@@ -88,6 +91,8 @@ pub enum FailureCause {
     Crashed,
     /// The job ran past its time limit.
     Timeout,
+    /// One training step made no progress for longer than the stage's `step_timeout`.
+    Hung,
     /// The user stopped the run.
     Cancelled,
     /// A parent job failed, so this one could not run.
@@ -103,6 +108,7 @@ impl FailureCause {
             Self::Error => "error",
             Self::Crashed => "crashed",
             Self::Timeout => "timeout",
+            Self::Hung => "hung",
             Self::Cancelled => "cancelled",
             Self::ParentFailed => "parent_failed",
         }
@@ -207,6 +213,7 @@ mod tests {
 
 pub mod floats;
 pub mod plugins;
+pub mod progress;
 
 /// Files a training job leaves in its run folder for the jobs that depend on it.
 pub mod artifacts {

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use xlab_proto::{Event, FailureCause, JobRequest, Lease, ParentRef, PROTOCOL_VERSION};
 use xlab_spec::{Job, Plan};
 use xlab_store::{
-    now_unix, ArtifactRecord, Attempt, ExperimentRecord, JobRecord, JobStatus, Provenance, ResultStore, StageRecord,
+    now_unix, ArtifactRecord, Attempt, ExperimentRecord, FaultSite, JobRecord, JobStatus, Provenance, ResultStore,
+    StageRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +142,38 @@ struct Running {
 
 /// Failures another attempt may cure.
 fn retryable(cause: FailureCause) -> bool {
-    matches!(cause, FailureCause::Crashed | FailureCause::OutOfMemory | FailureCause::Timeout)
+    matches!(cause, FailureCause::Crashed | FailureCause::OutOfMemory | FailureCause::Timeout | FailureCause::Hung)
+}
+
+/// Whether the job's last attempt crashed or hung exactly as the one before it: the same
+/// outcome, signal, training step and plugin call. Such a failure is the job's own and would
+/// repeat on every attempt, so it is not retried; returns what to add to the message.
+fn repeated_fault(rec: &JobRecord) -> Option<String> {
+    let [.., before, last] = rec.attempts.as_slice() else { return None };
+    let (a, b) = (last.site.as_ref()?, before.site.as_ref()?);
+    let same = last.outcome.is_some() && last.outcome == before.outcome && a == b && a.step.is_some();
+    same.then(|| {
+        format!(
+            "; attempt {} ended the same way at the same step, so the fault is the job's own and it is not retried              (fix the cause, then run the same command again)",
+            before.number
+        )
+    })
+}
+
+/// `11 (SIGSEGV)`.
+fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        _ => return sig.to_string(),
+    };
+    format!("{sig} ({name})")
 }
 
 /// Failures that repeat when the same job runs again.
@@ -361,6 +393,7 @@ pub fn run(
                         outcome: Some(cause.as_str().into()),
                         error: Some(message.clone()),
                         slurm_job: None,
+                        site: None,
                     });
                     let _ = ops_tx.send(StoreOp::Job(Box::new(rec.clone())));
                     report.failed.push((jobs[i].id.to_string(), cause, message.clone()));
@@ -584,7 +617,17 @@ pub fn run(
                     if let Some(held) = &r.held {
                         opts.pool.give_back(held);
                     }
-                    let outcome = finish(&mut r, status, store, jobs[i].exec.timeout_ms);
+                    let mut outcome = finish(&mut r, status, store, jobs[i].exec.timeout_ms);
+                    // A crash or hang that repeats the previous attempt's is not worth another.
+                    let repeat = match &mut outcome {
+                        Err((c, message)) if retryable(*c) => repeated_fault(&r.record).inspect(|more| {
+                            message.push_str(more);
+                            if let Some(a) = r.record.attempts.last_mut() {
+                                a.error = Some(message.clone());
+                            }
+                        }),
+                        _ => None,
+                    };
                     let tries = attempts_here.entry(i).or_insert(0);
                     *tries += 1;
                     match &outcome {
@@ -607,7 +650,10 @@ pub fn run(
                             observe(Progress::Stopped { job: jobs[i], message });
                         }
                         Err((cause, message))
-                            if retryable(*cause) && *tries <= jobs[i].exec.retries && report.ended_early.is_none() =>
+                            if retryable(*cause)
+                                && *tries <= jobs[i].exec.retries
+                                && report.ended_early.is_none()
+                                && repeat.is_none() =>
                         {
                             // 1 s, 2 s, 4 s, … up to a minute; after running out of memory, try
                             // another device if there is one.
@@ -622,7 +668,8 @@ pub fn run(
                         Err((cause, message)) => {
                             report.failed.push((jobs[i].id.to_string(), *cause, message.clone()));
                             observe(Progress::Failed { job: jobs[i], cause: *cause, message });
-                            if deterministic(*cause) && (opts.fail_fast || jobs[i].exec.fail_fast) {
+                            if (deterministic(*cause) || repeat.is_some()) && (opts.fail_fast || jobs[i].exec.fail_fast)
+                            {
                                 report.ended_early.get_or_insert_with(|| {
                                     format!(
                                         "fail_fast: job {} ({}) failed ({})",
@@ -732,6 +779,7 @@ fn request(store: &dyn ResultStore, job: &Job, rec: &JobRecord, lease: Lease, pa
         checkpoint_every: job.exec.checkpoint_every_epochs,
         checkpoint_every_ms: job.exec.checkpoint_every_ms,
         checkpoint_every_steps: job.exec.checkpoint_every_steps,
+        step_timeout_ms: Some(job.exec.step_timeout_ms),
         parents: parents.to_vec(),
     }
 }
@@ -775,6 +823,7 @@ fn record_start(
         outcome: None,
         error: None,
         slurm_job,
+        site: None,
     });
     let _ = ops.send(StoreOp::Job(Box::new(rec.clone())));
 }
@@ -848,6 +897,9 @@ fn finish(
     timeout_ms: Option<u64>,
 ) -> Result<BTreeMap<String, f64>, (FailureCause, String)> {
     let log = || log_tail(&spawn::log_path(&store.run_dir(&r.record.id)), 5);
+    // Where the worker was: its step and plugin call, from the progress file it left.
+    let progress = || xlab_proto::progress::Progress::read(&store.run_dir(&r.record.id));
+    let mut site: Option<FaultSite> = None;
     let with_log =
         |what: String, tail: String| if tail.is_empty() { what } else { format!("{what}; its log ends:\n{tail}") };
     let terminal = r.terminal.take();
@@ -877,22 +929,39 @@ fn finish(
                 let (cause, what) = slurm::classify(state.as_deref(), &note);
                 Err((cause, with_log(format!("Slurm job {id} {what}"), log())))
             }
+            (Some(Err((FailureCause::Hung, m))), _) => {
+                let p = progress();
+                site = Some(FaultSite {
+                    signal: None,
+                    step: p.as_ref().and_then(|p| p.step),
+                    call: p.and_then(|p| p.call),
+                });
+                Err((FailureCause::Hung, m))
+            }
             (Some(Err(f)), _) => Err(f),
             (_, Exit::Process(Err(e))) => Err((FailureCause::Crashed, format!("lost the worker: {e}"))),
             (_, Exit::Process(Ok(s))) if r.asked_to_stop && s.signal() == Some(libc::SIGTERM) => {
                 Err((FailureCause::Cancelled, "stopped while it was starting, before its first epoch".into()))
             }
             (_, Exit::Process(Ok(s))) => {
+                let p = progress();
+                let at = p.as_ref().map(|p| format!(" {}", p.describe())).unwrap_or_default();
                 let what = match s.signal() {
-                    Some(sig) => format!("worker killed by signal {sig}"),
-                    None => format!("worker exited with {s} without a final report"),
+                    Some(sig) => format!("worker killed by signal {}{at}", signal_name(sig)),
+                    None => format!("worker exited with {s} without a final report{at}"),
                 };
+                site = Some(FaultSite {
+                    signal: s.signal(),
+                    step: p.as_ref().and_then(|p| p.step),
+                    call: p.and_then(|p| p.call),
+                });
                 Err((FailureCause::Crashed, with_log(what, log())))
             }
         }
     };
     let attempt = r.record.attempts.last_mut().expect("a started job has an attempt");
     attempt.ended_unix = Some(now_unix());
+    attempt.site = site;
     match &outcome {
         Ok(summary) => {
             r.record.status = JobStatus::Done;

@@ -150,12 +150,18 @@ pub struct Exec {
     pub retries: u32,
     /// Wall-clock limit of one attempt, in milliseconds.
     pub timeout_ms: Option<u64>,
+    /// The longest one training step may take before the job is `hung`, in milliseconds.
+    pub step_timeout_ms: u64,
     pub fail_fast: bool,
     /// Higher starts first among ready jobs.
     pub priority: i32,
     /// The stage's cap on jobs running at once.
     pub max_parallel: Option<u32>,
 }
+
+/// A training step that runs longer than this (30 minutes) is taken as hung, unless the stage
+/// sets `step_timeout:`.
+pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 
 /// `3600`, `90s`, `30m`, `2h` → seconds.
 fn parse_duration(v: &serde_yaml::Value) -> Result<f64, String> {
@@ -411,6 +417,12 @@ pub fn expand(
                     .map_err(|m| SpecError::new(file, format!("`timeout` {m}")).context(format!("{ctx}.timeout")))?,
             ),
         };
+        let step_timeout_ms = match &stage.step_timeout {
+            None => DEFAULT_STEP_TIMEOUT_MS,
+            Some(v) => parse_duration(v).map(|s| (s * 1000.0).ceil() as u64).map_err(|m| {
+                SpecError::new(file, format!("`step_timeout` {m}")).context(format!("{ctx}.step_timeout"))
+            })?,
+        };
         let ckpt = stage.checkpoint.as_ref();
         let every_minutes = ckpt.and_then(|c| c.every_minutes);
         if every_minutes.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
@@ -435,6 +447,7 @@ pub fn expand(
             gpus: resources.and_then(|r| r.gpus).unwrap_or(0),
             retries: stage.retries.unwrap_or(0),
             timeout_ms,
+            step_timeout_ms,
             fail_fast: stage.fail_fast.unwrap_or(false),
             priority: stage.priority.unwrap_or(0),
             max_parallel: stage.max_parallel,

@@ -183,6 +183,10 @@ config_keys! {
         /// `30m`, `2h`).
         #[serde(default)]
         pub timeout: Option<serde_yaml::Value>,
+        /// The longest one training step may take (`10m`, `90s`, or seconds; 30 minutes unless
+        /// set): a step past it ends its job as `hung`, naming the plugin call it is stuck in.
+        #[serde(default)]
+        pub step_timeout: Option<serde_yaml::Value>,
         /// Stop starting jobs after the first job of this stage fails deterministically (config
         /// error, divergence, worker error); running jobs finish.
         #[serde(default)]

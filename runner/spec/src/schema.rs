@@ -59,6 +59,10 @@ pub fn schema() -> Value {
             "timeout",
             json!({"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": "^[0-9.]+ *(s|m|min|h)?$"}]}),
         ),
+        (
+            "step_timeout",
+            json!({"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": "^[0-9.]+ *(s|m|min|h)?$"}]}),
+        ),
         ("fail_fast", json!({"type": "boolean"})),
         ("priority", json!({"type": "integer"})),
         ("max_parallel", json!({"type": "integer", "minimum": 1})),

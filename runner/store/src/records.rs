@@ -60,6 +60,21 @@ pub struct Attempt {
     /// used the Slurm executor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_job: Option<String>,
+    /// Where the worker was when it crashed or hung (from its progress file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<FaultSite>,
+}
+
+/// Where a crash or a hang happened: the signal that ended the worker (none for a hang or an
+/// exit without a report), the training step it was in, and the plugin call it was inside.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FaultSite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
 }
 
 /// Where a result came from.

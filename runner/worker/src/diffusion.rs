@@ -406,6 +406,7 @@ pub fn run(
         let started = std::time::Instant::now();
         let mut loss_sum: Option<Tensor> = None;
         for (k, chunk) in order.chunks(bs).enumerate() {
+            crate::watch::step_begins(epoch, global_step);
             let idx = order_on_device.narrow(0, (k * bs) as i64, chunk.len() as i64);
             let x0 = x_train.index_select(0, &idx);
             let y = y_train.index_select(0, &idx);
@@ -422,6 +423,7 @@ pub fn run(
             }
             opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
             opt.step();
+            crate::watch::step_ends();
             global_step += 1;
             let weighted = loss.detach().to_kind(Kind::Double) * chunk.len() as f64;
             loss_sum = Some(match loss_sum.take() {

@@ -13,6 +13,7 @@ pub mod probe;
 pub mod quality;
 pub mod sample;
 pub mod train;
+pub mod watch;
 
 use events::Emitter;
 use std::path::{Path, PathBuf};
@@ -266,6 +267,9 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
         std::fs::create_dir_all(&req.run_dir)
             .map_err(|e| Failure::new(FailureCause::Error, format!("cannot create {}: {e}", req.run_dir.display())))?;
         let _job_lock = lock_job(&req.run_dir)?;
+        if let Err(m) = watch::start(&req.run_dir, req.step_timeout_ms.map(std::time::Duration::from_millis)) {
+            tracing::warn!("{m}; crashes and hangs of this job will be reported without their step");
+        }
         out.send(&Event::Started {
             pid: std::process::id(),
             device: req.lease.device.clone(),

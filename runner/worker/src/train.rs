@@ -1014,6 +1014,7 @@ pub fn run(
             _ => None,
         };
         for (k, chunk) in order.chunks(bs).enumerate().skip(done_before as usize) {
+            crate::watch::step_begins(epoch, global_step);
             let (at, len) = ((k * bs) as i64, chunk.len() as i64);
             let idx = order_on_device.narrow(0, at, len);
             let xb = x_train.index_select(0, &idx);
@@ -1149,6 +1150,7 @@ pub fn run(
                     format!("epoch {}, step {}: {}", epoch + 1, global_step, m.replace(DIVERGED, "")),
                 ));
             }
+            crate::watch::step_ends();
             stats.totals.passes += u64::from(passes + grad_passes);
             stats.totals.steps += 1;
             global_step += 1;

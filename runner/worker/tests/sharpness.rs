@@ -53,6 +53,7 @@ fn request(dir: &Path, id: &str, config: serde_json::Value, parents: Vec<ParentR
         checkpoint_every: 1,
         checkpoint_every_ms: None,
         checkpoint_every_steps: None,
+        step_timeout_ms: None,
         parents,
     }
 }
