@@ -818,6 +818,9 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
                 report.stopped, report.not_started
             );
         }
+        if report.disk_full.is_some() {
+            return Ok(exit::ENVIRONMENT);
+        }
         if report.failed.is_empty() {
             return Ok(exit::STOPPED);
         }

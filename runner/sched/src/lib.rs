@@ -2,6 +2,7 @@
 //! `xlab-worker` process per job, and records everything they report through a single store
 //! writer; or submits them to Slurm (see [`slurm`]). Never links libtorch.
 
+pub mod disk;
 pub mod pool;
 mod run;
 pub mod slurm;

@@ -1,6 +1,7 @@
 //! The scheduler loop: decide what to run, place ready jobs on free slots, turn worker events
 //! into store writes.
 
+use crate::disk;
 use crate::pool::{Held, Need, Pool, Slot};
 use crate::slurm::{self, SlurmExec};
 use crate::spawn::{self, Exit, Msg};
@@ -122,6 +123,9 @@ pub struct RunReport {
     pub not_started: usize,
     /// Slurm jobs left running when the run was stopped; the next run re-attaches to them.
     pub detached: usize,
+    /// Why the run stopped starting jobs for want of room on the store's disk (or a store that
+    /// could not be written), if it did.
+    pub disk_full: Option<String>,
 }
 
 struct Running {
@@ -345,8 +349,10 @@ pub fn run(
 
     let (ops_tx, ops_rx) = unbounded::<StoreOp>();
     let (tx, rx) = unbounded::<Msg>();
+    let health = writer::Health::default();
+    let mut room = disk::Room::new(store.dir());
     std::thread::scope(|scope| {
-        let writer = scope.spawn(|| writer::run(store, ops_rx));
+        let writer = scope.spawn(|| writer::run(store, ops_rx, &health));
         // One worker per slot starts loading libtorch now; each job started takes one and
         // starts a replacement while work remains.
         let mut standbys = spawn::Standbys::new(&opts.worker, store.dir().join("standby.log"));
@@ -461,10 +467,37 @@ pub fn run(
                     true
                 }
             });
+            // No new job while the store cannot be written or its disk lacks room for one;
+            // running jobs go on, and jobs start again once there is room.
+            let short = match queue.is_empty() {
+                true => None,
+                false => health
+                    .failing()
+                    .map(|e| format!("cannot write the store ({e})"))
+                    .or_else(|| room.short(running.len())),
+            };
+            match (&short, &report.disk_full) {
+                (Some(m), None) => tracing::warn!(
+                    "{m}\n  starting no more jobs until there is room; {} running job(s) go on",
+                    running.len()
+                ),
+                (None, Some(_)) if !queue.is_empty() => {
+                    tracing::info!("there is room on the disk again; starting jobs")
+                }
+                _ => {}
+            }
+            if short.is_some() || !queue.is_empty() {
+                report.disk_full = short;
+            }
+            if report.disk_full.is_some() && running.is_empty() && report.ended_early.is_none() {
+                report.ended_early = report.disk_full.clone();
+                queue.clear();
+                delayed.clear();
+            }
             let cap = opts.max_parallel.or(plan.max_parallel.map(|m| m as usize)).unwrap_or(usize::MAX);
             // Slurm: the jobs placed in this round, submitted together below.
             let mut to_submit: Vec<(usize, JobRequest)> = Vec::new();
-            while (opts.slurm.is_some() || opts.pool.free() > 0) && running.len() < cap {
+            while report.disk_full.is_none() && (opts.slurm.is_some() || opts.pool.free() > 0) && running.len() < cap {
                 // The ready job to start: highest stage priority, then plan order, skipping
                 // stages at their `max_parallel` and jobs whose slots are not free now.
                 let busy = |stage: &str| running.keys().filter(|&&r| jobs[r].stage == stage).count();
@@ -541,6 +574,18 @@ pub fn run(
                         observe(Progress::Started { job: jobs[i], device: &slot.device, attempt, slurm_job: None });
                         running.insert(i, Running::new(Some(held), pid, None, records[i].clone()));
                     }
+                    Err(SchedError::Spawn { error, .. }) if disk::is_full(&error) => {
+                        // Its request could not be written: the job waits for room.
+                        opts.pool.give_back(&held);
+                        queue.push_front(i);
+                        report.disk_full = Some(room.describe_now(running.len()));
+                        tracing::warn!(
+                            "cannot start job {}: {}\n  starting no more jobs until there is room",
+                            jobs[i].id,
+                            room.describe_now(running.len())
+                        );
+                        break;
+                    }
                     Err(e) => {
                         opts.pool.give_back(&held);
                         result = Err(e);
@@ -609,6 +654,9 @@ pub fn run(
             };
             match msg {
                 Msg::Event(i, e) => {
+                    if let Event::Checkpoint { path, .. } = &e {
+                        room.saw_checkpoint(&store.run_dir(jobs[i].id.as_str()).join(path));
+                    }
                     on_event(jobs[i], running.get_mut(&i).expect("event from a running job"), e, &ops_tx, observe)
                 }
                 Msg::Noise(i, line) => tracing::warn!(job = %jobs[i].id, "worker wrote a non-event line: {line}"),
@@ -638,6 +686,17 @@ pub fn run(
                         Err((FailureCause::Cancelled, message)) => {
                             r.record.status = JobStatus::Interrupted;
                             report.stopped += 1;
+                            observe(Progress::Stopped { job: jobs[i], message });
+                        }
+                        Err((_, message)) if disk::says_full(message) => {
+                            // The job could not write (a checkpoint, its samples): it resumes from
+                            // its last good checkpoint once there is room; no more jobs start.
+                            r.record.status = JobStatus::Interrupted;
+                            if let Some(a) = r.record.attempts.last_mut() {
+                                a.outcome = Some("interrupted".into());
+                            }
+                            report.stopped += 1;
+                            report.disk_full.get_or_insert_with(|| room.describe_now(running.len()));
                             observe(Progress::Stopped { job: jobs[i], message });
                         }
                         Err((_, message)) if signalled >= 2 => {
@@ -691,6 +750,11 @@ pub fn run(
         standbys.close();
         drop(ops_tx);
         let written = writer.join().expect("the store writer does not panic");
+        if report.disk_full.is_none() {
+            if let Some(e) = health.failing() {
+                report.disk_full = Some(format!("cannot write the store ({e})"));
+            }
+        }
         result.and(written.map_err(SchedError::from))
     })?;
     Ok(report)

@@ -35,6 +35,17 @@ pub enum StoreError {
     Io { dir: PathBuf, error: std::io::Error },
     #[error("store {dir}: database error: {error}")]
     Db { dir: PathBuf, error: sled::Error },
+    #[error(
+        "store {dir} cannot be opened: the disk holding it is full ({error})\n  hint: the database writes when it \
+         opens a store, even to read it; free some space there and run this again"
+    )]
+    DiskFull { dir: PathBuf, error: String },
+    #[error(
+        "store {dir}: {records} job record(s) and {points} metric point(s) could not be written ({error})\n  hint: \
+         their jobs are not lost: free the space (or fix the cause) and run the same command again; each resumes \
+         from its last checkpoint"
+    )]
+    Unwritten { dir: PathBuf, error: String, records: usize, points: usize },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -91,7 +102,12 @@ impl Store {
             .flush_every_ms(None)
             .segment_size(segment_size(&dir.join("db")))
             .open()
-            .map_err(|source| StoreError::Db { dir: dir.to_path_buf(), error: source })?;
+            .map_err(|source| match &source {
+                sled::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) => {
+                    StoreError::DiskFull { dir: dir.to_path_buf(), error: source.to_string() }
+                }
+                _ => StoreError::Db { dir: dir.to_path_buf(), error: source },
+            })?;
         let store = Self::from_db(dir, db, lock)?;
         store.check_format()?;
         Ok(store)

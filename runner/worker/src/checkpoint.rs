@@ -80,13 +80,18 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Writes `bytes` to `path` atomically.
+/// Writes `bytes` to `path` atomically. A failed write (a full disk) leaves no partial file
+/// behind, so it takes no room from what comes after.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
@@ -98,9 +103,15 @@ pub fn save(dir: &Path, mut meta: Meta, tensors: &[(String, Tensor)]) -> Result<
     let tensor_path = dir.join(format!("{name}.safetensors"));
     let tmp = dir.join(format!("{name}.safetensors.tmp"));
     let refs: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.to_device(tch::Device::Cpu))).collect();
-    Tensor::write_safetensors(&refs, &tmp).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    let bytes = std::fs::read(&tmp).map_err(|e| format!("cannot read back {}: {e}", tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
+    let cleanup = |m: String| {
+        let _ = std::fs::remove_file(&tmp);
+        m
+    };
+    Tensor::write_safetensors(&refs, &tmp).map_err(|e| cleanup(format!("cannot write {}: {e}", tmp.display())))?;
+    let bytes = std::fs::read(&tmp).map_err(|e| cleanup(format!("cannot read back {}: {e}", tmp.display())))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| cleanup(format!("cannot sync {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, &tensor_path).map_err(|e| format!("cannot rename {}: {e}", tmp.display()))?;
     meta.tensors_file = format!("{name}.safetensors");
     meta.tensors_bytes = bytes.len() as u64;
