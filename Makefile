@@ -8,7 +8,7 @@ TORCH_VERSION := 2.11.0
 CARGO ?= cargo
 RELEASE := --release
 
-.PHONY: setup build demo test lint bench fmt clean device-bundle slurm-packages
+.PHONY: setup build demo test lint bench fuzz fmt clean device-bundle slurm-packages
 
 # A project-local virtualenv with torch from PyPI; `.venv/torch` points at the installed torch
 # package, which holds libtorch (lib/, include/) for tch to build and link against.
@@ -70,16 +70,25 @@ test: build lint slurm-packages
 
 # Benchmarks (never timed assertions in tests): training throughput and DDIM sampling against
 # PyTorch loops, scheduler overhead with no-op jobs, store ingestion against SQLite and resume
-# detection, query speed, Co-Mixup's mixing cost against its reference algorithm. Each writes
-# bench/results/*.json; bench/report.py then writes BENCHMARKS.md from bench/BENCHMARKS.in.md
-# and those files.
+# detection, a soak of the store (10^7 points with concurrent readers), query speed, Co-Mixup's
+# mixing cost against its reference algorithm. Each writes bench/results/*.json; bench/report.py
+# then writes BENCHMARKS.md from bench/BENCHMARKS.in.md and those files.
 bench: build
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
 	$(VENV)/bin/python bench/sampling.py --xlab target/release/xlab --device cpu --out bench/results
 	$(VENV)/bin/python bench/scheduler.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/store.py --xlab target/release/xlab --out bench/results
+	CARGO="$(CARGO)" $(VENV)/bin/python bench/soak.py --out bench/results
 	$(VENV)/bin/python bench/query.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/comixup.py --out bench/results
+	$(VENV)/bin/python bench/report.py
+
+# Fuzzing (see runner/fuzz): each parser target (experiment files, query filters, worker event
+# lines, NPZ, CSV, IDX) for FUZZ_INPUTS inputs from its corpus in fuzz/corpus/, which keeps the
+# inputs that reached new outcomes; a panic fails and leaves its input in fuzz/crashes/.
+FUZZ_INPUTS ?= 1000000
+fuzz: setup
+	CARGO="$(CARGO)" $(VENV)/bin/python bench/fuzz.py --inputs $(FUZZ_INPUTS) --out bench/results
 	$(VENV)/bin/python bench/report.py
 
 # The binaries and plugins scripts/device-check.sh runs on a CUDA machine (against that machine's

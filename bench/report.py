@@ -110,7 +110,24 @@ def comixup(d):
     return table(header, rows) + footer(d["meta"])
 
 
-RENDER = {"throughput": throughput, "sampling": sampling, "scheduler": scheduler, "store": store, "query": query,
+def soak(d):
+    r = d["row"]
+    rows = [[f"{r['points']:,}", f"{r['seconds']:.0f} s", num(r["points_per_s"]), num(r["first_tenth_per_s"]),
+             num(r["last_tenth_per_s"]), f"{r['longest_write_ms']:.1f} ms", f"{r['longest_flush_ms']:.1f} ms",
+             f"{r['reads']:,}", f"{r['read_points']:,}"]]
+    head = ["points", "time", "points/s", "first tenth points/s", "last tenth points/s", "longest write",
+            "longest flush", "reads", "points read"]
+    return table(head, rows) + footer(d["meta"])
+
+
+def fuzz(d):
+    rows = [[f"`{r['target']}`", f"{r['inputs']:,}", r["panics"], num(r["inputs_per_s"], 3), f"{r['seconds']:.0f} s",
+             r["outcomes"], f"{r['corpus_start']} → {r['corpus_end']}"] for r in d["rows"]]
+    head = ["target", "inputs", "panics", "inputs/s", "time", "distinct outcomes", "corpus (files → in memory)"]
+    return table(head, rows) + footer(d["meta"])
+
+
+RENDER = {"fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "scheduler": scheduler, "store": store, "query": query,
           "comixup": comixup}
 
 

@@ -460,6 +460,59 @@ mod tests {
         assert!(eval_str("seed in [1, 2, 3] or false"));
     }
 
+    /// The filter language never panics: parsing, rendering the caret, evaluating on a job
+    /// (`make fuzz` runs it for longer; see the xlab-fuzz crate).
+    #[test]
+    fn fuzz_filters() {
+        let dict: &[&[u8]] = &[
+            b"last(",
+            b"max(",
+            b"min(",
+            b"at(",
+            b"val.acc",
+            b"seed",
+            b"stage",
+            b" == ",
+            b" != ",
+            b" <= ",
+            b" >= ",
+            b" < ",
+            b" > ",
+            b" ~ ",
+            b" in ",
+            b" and ",
+            b" or ",
+            b"not ",
+            b"null",
+            b"true",
+            b"[",
+            b"]",
+            b"(",
+            b")",
+            b",",
+            b"\"",
+            b"1e-3",
+            b"-0.5",
+            b"\"^a.*$\"",
+            b"optimizer.lr",
+        ];
+        let j = job();
+        xlab_fuzz::check("filter", dict, 20_000, |bytes| {
+            let q = String::from_utf8_lossy(bytes);
+            match Filter::parse(&q) {
+                Ok(f) => {
+                    let _ = f.matches(&j);
+                    let _ = f.reads_series();
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = e.render(&q);
+                    Err(e.message)
+                }
+            }
+        });
+    }
+
     #[test]
     fn errors_point_at_the_character() {
         let cases = [

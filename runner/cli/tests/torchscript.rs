@@ -33,6 +33,9 @@ class WithBn(torch.nn.Module):
 net = Net()
 torch.jit.script(net).save(f"{out}/net.pt")
 torch.jit.script(WithBn()).save(f"{out}/bn.pt")
+# Modules that cannot serve the data: 5 input features where the rows have 4; 2 outputs for 3 classes.
+torch.jit.script(torch.nn.Linear(5, 3)).save(f"{out}/wide.pt")
+torch.jit.script(torch.nn.Linear(4, 2)).save(f"{out}/narrow.pt")
 x = torch.randn(64, 4)
 y = torch.randint(0, 3, (64,))
 np.savez(f"{out}/rows.npz", x=x.numpy(), y=y.numpy())
@@ -134,4 +137,19 @@ stages:
         .collect();
     let all = format!("{}{logs}", String::from_utf8_lossy(&run.stderr));
     assert!(all.contains("it has buffers (e.g. BatchNorm running statistics)"), "{all}");
+
+    // A module whose forward cannot take the rows, or returns the wrong number of logits, is a
+    // config error with what the module said, before any training (not a panic, not a crash).
+    for (module, said) in [
+        ("wide.pt", "the TorchScript module's forward fails on a batch of shape [2, 4]"),
+        ("narrow.pt", "the TorchScript module returns shape [2, 2] for a batch of shape [2, 4], not [2, 3]"),
+    ] {
+        let text = std::fs::read_to_string(&file).unwrap().replace("bn.pt", module).replace("net.pt", module);
+        std::fs::write(&file, text).unwrap();
+        let run = cmd(&store).arg("run").arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert_eq!(run.status.code(), Some(1), "{err}");
+        assert!(err.contains(said) && err.contains("FAILED (config)") && !err.contains("panicked"), "{module}: {err}");
+        std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace(module, "bn.pt")).unwrap();
+    }
 }

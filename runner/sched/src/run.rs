@@ -350,9 +350,23 @@ pub fn run(
     let (ops_tx, ops_rx) = unbounded::<StoreOp>();
     let (tx, rx) = unbounded::<Msg>();
     let health = writer::Health::default();
+    let busy = writer::Busy::default();
+    let writer_done = std::sync::atomic::AtomicBool::new(false);
     let mut room = disk::Room::new(store.dir());
     std::thread::scope(|scope| {
-        let writer = scope.spawn(|| writer::run(store, ops_rx, &health));
+        let writer = scope.spawn(|| {
+            let r = writer::run(store, ops_rx, &health, &busy);
+            writer_done.store(true, Ordering::Release);
+            r
+        });
+        // A store call that never returns ends the run with what to do; the workers, whose
+        // parent then goes away, stop too, and every job resumes from its last checkpoint.
+        scope.spawn(|| {
+            writer::watch_stalls(&busy, writer::stall_limit(), &writer_done, |message| {
+                tracing::error!("{message}");
+                std::process::exit(3);
+            })
+        });
         // One worker per slot starts loading libtorch now; each job started takes one and
         // starts a replacement while work remains.
         let mut standbys = spawn::Standbys::new(&opts.worker, store.dir().join("standby.log"));

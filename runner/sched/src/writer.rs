@@ -6,9 +6,14 @@
 //! every second with what arrives meanwhile (every write replaces by key, so writing twice is
 //! harmless). The scheduler reads [`Health`] and starts no job while the store cannot be
 //! written; when the writes go through again, it goes on.
+//!
+//! A write that never returns (sled 0.34 can stall for good, every thread waiting on another)
+//! is caught by [`watch_stalls`]: one store call busy for longer than the limit is reported with
+//! what to do, instead of a run that hangs for ever.
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use xlab_store::{JobRecord, ResultStore, StoreError};
@@ -33,6 +38,68 @@ impl Health {
 
     fn set(&self, v: Option<String>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+}
+
+/// When the writer's current store call began, for [`watch_stalls`].
+pub struct Busy {
+    /// Milliseconds since `base`, plus one; 0 while no store call runs.
+    since: AtomicU64,
+    base: Instant,
+}
+
+impl Default for Busy {
+    fn default() -> Self {
+        Busy { since: AtomicU64::new(0), base: Instant::now() }
+    }
+}
+
+impl Busy {
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Runs one store call, marked busy while it runs.
+    fn during<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.since.store(self.now(), Ordering::Release);
+        let out = f();
+        self.since.store(0, Ordering::Release);
+        out
+    }
+
+    /// How long the current store call has run, if one runs.
+    fn busy_for(&self) -> Option<Duration> {
+        match self.since.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(Duration::from_millis(self.now().saturating_sub(t))),
+        }
+    }
+}
+
+/// The longest one store call may take before the database counts as stalled: 120 s, or
+/// `XLAB_STORE_STALL_S` seconds.
+pub fn stall_limit() -> Duration {
+    let secs = std::env::var("XLAB_STORE_STALL_S").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0);
+    Duration::from_secs_f64(secs.unwrap_or(120.0))
+}
+
+/// Watches the writer until `done` is set: when one store call has been busy for longer than
+/// `limit`, calls `stalled` once with what to tell the user and returns.
+pub fn watch_stalls(busy: &Busy, limit: Duration, done: &AtomicBool, stalled: impl FnOnce(String)) {
+    let tick = (limit / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    while !done.load(Ordering::Acquire) {
+        std::thread::sleep(tick);
+        if busy.busy_for().is_some_and(|d| d > limit) {
+            stalled(format!(
+                "the store's database has made no progress on one write for {} s: it is stalled (sled 0.34 can \
+                 stall for good, every thread waiting on another)\n  hint: nothing finished is lost: stop here and run \
+                 the same command again (every job resumes from its last checkpoint); if it stalls again, `xlab export` \
+                 this store and `xlab import` it into a new one (new stores use 8 MiB log segments, with which the \
+                 stall was not seen); `XLAB_STORE_STALL_S` sets this limit",
+                (limit.as_secs_f64() * 10.0).round() / 10.0
+            ));
+            return;
+        }
     }
 }
 
@@ -72,7 +139,7 @@ fn units(batch: Vec<StoreOp>, out: &mut Vec<Unit>) {
 /// Applies operations until every sender is gone, then makes them durable. Returns an error
 /// only if some could still not be written at the end: it says how many, and that their jobs
 /// resume from their checkpoints on the next run.
-pub fn run(store: &dyn ResultStore, ops: Receiver<StoreOp>, health: &Health) -> Result<(), StoreError> {
+pub fn run(store: &dyn ResultStore, ops: Receiver<StoreOp>, health: &Health, busy: &Busy) -> Result<(), StoreError> {
     let mut last_flush = Instant::now();
     // Written since the last successful flush, and not yet written.
     let mut unflushed: Vec<Unit> = Vec::new();
@@ -99,7 +166,7 @@ pub fn run(store: &dyn ResultStore, ops: Receiver<StoreOp>, health: &Health) -> 
             || last_flush.elapsed() >= Duration::from_secs(1)
             || error.is_some();
         units(batch, &mut pending);
-        match write(store, &mut pending, &mut unflushed, durable) {
+        match write(store, &mut pending, &mut unflushed, durable, busy) {
             Ok(flushed) => {
                 if flushed {
                     last_flush = Instant::now();
@@ -121,7 +188,7 @@ pub fn run(store: &dyn ResultStore, ops: Receiver<StoreOp>, health: &Health) -> 
             }
         }
     }
-    match write(store, &mut pending, &mut unflushed, true) {
+    match write(store, &mut pending, &mut unflushed, true, busy) {
         Ok(_) => Ok(()),
         Err(e) => {
             let jobs = pending.iter().filter(|u| matches!(u, Unit::Job(_))).count();
@@ -139,10 +206,11 @@ fn write(
     pending: &mut Vec<Unit>,
     unflushed: &mut Vec<Unit>,
     durable: bool,
+    busy: &Busy,
 ) -> Result<bool, StoreError> {
     let mut rest = std::mem::take(pending).into_iter();
     for u in rest.by_ref() {
-        if let Err(e) = u.write(store) {
+        if let Err(e) = busy.during(|| u.write(store)) {
             // Not written, nor anything after it; and what was written since the last flush
             // may not survive. All of it is tried again.
             unflushed.push(u);
@@ -155,7 +223,7 @@ fn write(
     if !durable {
         return Ok(false);
     }
-    match store.flush() {
+    match busy.during(|| store.flush()) {
         Ok(()) => {
             unflushed.clear();
             Ok(true)
@@ -164,5 +232,100 @@ fn write(
             *pending = std::mem::take(unflushed);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use xlab_store::{ExperimentRecord, Store};
+
+    /// A real store whose flush blocks until released: sled's stall, which cannot be brought
+    /// about on demand, as the writer sees it (a call that does not return).
+    struct Stuck {
+        inner: Store,
+        release: crossbeam_channel::Receiver<()>,
+    }
+
+    impl ResultStore for Stuck {
+        fn dir(&self) -> &std::path::Path {
+            self.inner.dir()
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            let _ = self.release.recv();
+            self.inner.flush()
+        }
+        fn put_experiment(&self, e: &ExperimentRecord) -> Result<(), StoreError> {
+            self.inner.put_experiment(e)
+        }
+        fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>, StoreError> {
+            self.inner.experiment(name)
+        }
+        fn experiments(&self) -> Result<Vec<ExperimentRecord>, StoreError> {
+            self.inner.experiments()
+        }
+        fn put_job(&self, j: &JobRecord) -> Result<(), StoreError> {
+            self.inner.put_job(j)
+        }
+        fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+            self.inner.job(id)
+        }
+        fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+            self.inner.jobs()
+        }
+        fn put_metrics_batch(&self, job: &str, points: &[(u64, BTreeMap<String, f64>)]) -> Result<(), StoreError> {
+            self.inner.put_metrics_batch(job, points)
+        }
+        fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>, StoreError> {
+            self.inner.metric_series(job, name)
+        }
+        fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>, StoreError> {
+            self.inner.metrics_of(job)
+        }
+    }
+
+    #[test]
+    fn a_store_call_that_does_not_return_is_reported_as_a_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let (release_tx, release) = crossbeam_channel::unbounded();
+        let store = Stuck { inner: Store::open(dir.path()).unwrap(), release };
+        let (ops_tx, ops) = crossbeam_channel::unbounded();
+        let (health, busy, done) = (Health::default(), Busy::default(), AtomicBool::new(false));
+        let (said_tx, said) = crossbeam_channel::unbounded();
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| run(&store, ops, &health, &busy));
+            s.spawn(|| watch_stalls(&busy, Duration::from_millis(200), &done, |m| said_tx.send(m).unwrap()));
+            let values: BTreeMap<String, f64> = [("train.loss".to_string(), 0.5)].into();
+            ops_tx.send(StoreOp::Metrics { job: "j".into(), step: 1, values }).unwrap();
+            drop(ops_tx);
+            // The final flush blocks: the watchdog speaks within its limit.
+            let message = said.recv_timeout(Duration::from_secs(10)).expect("the stall is reported");
+            assert!(
+                message.contains("no progress on one write for 0.2 s")
+                    && message.contains("run the same command again")
+            );
+            release_tx.send(()).unwrap();
+            writer.join().unwrap().unwrap();
+            done.store(true, Ordering::Release);
+        });
+        assert_eq!(store.inner.metric_series("j", "train.loss").unwrap(), vec![(1, 0.5)]);
+    }
+
+    #[test]
+    fn a_quick_store_is_never_reported() {
+        let (busy, done) = (Busy::default(), AtomicBool::new(false));
+        std::thread::scope(|s| {
+            let w = s.spawn(|| {
+                let mut said = false;
+                watch_stalls(&busy, Duration::from_millis(300), &done, |_| said = true);
+                said
+            });
+            for _ in 0..20 {
+                busy.during(|| std::thread::sleep(Duration::from_millis(10)));
+            }
+            done.store(true, Ordering::Release);
+            assert!(!w.join().unwrap());
+        });
     }
 }

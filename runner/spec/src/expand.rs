@@ -893,7 +893,12 @@ fn digest_of(path: &Path) -> std::io::Result<String> {
     if let Some(d) = SEEN.with(|s| s.borrow().get(path).cloned()) {
         return Ok(d);
     }
-    let digest = if path.is_dir() {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() && !meta.is_file() {
+        // A device or a pipe (`/dev/zero`) would be read for ever.
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or a folder"));
+    }
+    let digest = if meta.is_dir() {
         let mut names: Vec<PathBuf> =
             std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
         names.retain(|p| p.is_file());

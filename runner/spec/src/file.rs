@@ -472,7 +472,14 @@ fn with_includes(path: &Path, doc: Value, chain: &mut Vec<std::path::PathBuf>) -
             return Err(SpecError::new(path, format!("`include` goes round in a circle: {}", names.join(" → ")))
                 .context("include"));
         }
-        let text = std::fs::read_to_string(&p).map_err(|e| {
+        let regular = std::fs::metadata(&p).and_then(|m| {
+            if m.is_file() {
+                Ok(())
+            } else {
+                Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"))
+            }
+        });
+        let text = regular.and_then(|_| std::fs::read_to_string(&p)).map_err(|e| {
             SpecError::new(path, format!("cannot read included file {}: {e}", p.display()))
                 .context("include")
                 .hint("included paths are relative to the file that includes them")

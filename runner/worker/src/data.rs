@@ -148,8 +148,12 @@ fn cifar(c: &Cifar, hundred: bool) -> Result<Dataset, String> {
 
 /// An IDX file's dimensions and bytes (MNIST: magic 0x00000803 for images, 0x00000801 labels).
 fn idx_file(dir: &Path, name: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
-    let bytes = read_file(dir, name)?;
-    let bad = || format!("{}: not an IDX file of unsigned bytes", dir.join(name).display());
+    parse_idx(&read_file(dir, name)?, &dir.join(name).display().to_string())
+}
+
+/// An IDX file's dimensions and bytes from its content (`name` for messages).
+fn parse_idx(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
+    let bad = || format!("{name}: not an IDX file of unsigned bytes");
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
         return Err(bad());
     }
@@ -163,7 +167,7 @@ fn idx_file(dir: &Path, name: &str) -> Result<(Vec<usize>, Vec<u8>), String> {
         .collect();
     // Dimensions whose product overflows can never match the file's size.
     if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(bytes.len() - header) {
-        return Err(format!("{}: the header's dimensions {dims:?} do not match its size", dir.join(name).display()));
+        return Err(format!("{name}: the header's dimensions {dims:?} do not match its size"));
     }
     Ok((dims, bytes[header..].to_vec()))
 }
@@ -334,10 +338,14 @@ fn in_file_order(
 /// optional group and domain id columns, and numeric features in every other column.
 fn csv(c: &Csv) -> Result<Dataset, String> {
     let path = &c.path.path;
-    let mut reader = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_path(path)
-        .map_err(|e| format!("cannot read {path} as CSV: {e}"))?;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {path} as CSV: {e}"))?;
+    csv_from(c, std::io::BufReader::new(file))
+}
+
+/// [`csv`] from any reader (`c.path` names it in messages).
+fn csv_from(c: &Csv, input: impl std::io::Read) -> Result<Dataset, String> {
+    let path = &c.path.path;
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(input);
     let header: Vec<String> =
         reader.headers().map_err(|e| format!("{path}: header: {e}"))?.iter().map(str::to_string).collect();
     let column = |name: &str, what: &str| {
@@ -621,6 +629,37 @@ mod tests {
 
     fn folder(dir: &Path) -> Cifar {
         Cifar { path: FileRef { path: dir.display().to_string(), sha256: None }, n_val: 1, normalize: false }
+    }
+
+    /// The CSV and IDX readers never panic, whatever the file holds (`make fuzz` runs them
+    /// longer; see the xlab-fuzz crate).
+    #[test]
+    fn fuzz_csv_files() {
+        let dict: &[&[u8]] = &[
+            b"label", b"group", b",", b"\n", b"\r\n", b"\"", b"nan", b"inf", b"-1", b"1e40", b"cat", b" ", b"\"a,b\"",
+            b"x1",
+        ];
+        let mut cfg = Csv {
+            path: FileRef { path: "fuzz.csv".into(), sha256: None },
+            label: "label".into(),
+            group: None,
+            domain: None,
+            n_val: 1,
+            n_test: 1,
+            image: None,
+        };
+        let mut k = 0u64;
+        xlab_fuzz::check("csv", dict, 3_000, |bytes| {
+            k += 1;
+            cfg.group = k.is_multiple_of(3).then(|| "group".to_string());
+            csv_from(&cfg, bytes).map(|_| ())
+        });
+    }
+
+    #[test]
+    fn fuzz_idx_files() {
+        let dict: &[&[u8]] = &[b"\x00\x00\x08\x03", b"\x00\x00\x08\x01", b"\x00\x00\x00\x02", b"\xff\xff\xff\xff"];
+        xlab_fuzz::check("idx", dict, 50_000, |bytes| parse_idx(bytes, "fuzz").map(|_| ()));
     }
 
     #[test]

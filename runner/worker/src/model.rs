@@ -83,7 +83,7 @@ impl Model {
 
     /// Runs a TorchScript module once on two rows of zeros, in evaluation mode and without
     /// gradient, so that a module that cannot take the data's inputs or does not return one row
-    /// of `classes` logits per example is refused before training, with what it said.
+    /// of (at least) `classes` logits per example is refused before training, with what it said.
     fn check_script(&self, path: &str, input_dim: usize, classes: usize, device: tch::Device) -> Result<(), String> {
         let Some(m) = &self.script else { return Ok(()) };
         let x = Tensor::zeros([2, input_dim as i64], (tch::Kind::Float, device));
@@ -103,7 +103,8 @@ impl Model {
                 "{path}: the TorchScript module's forward fails on a batch of shape {shown:?}: {}; {expect}",
                 e.to_string().lines().next().unwrap_or_default()
             )),
-            Ok(y) if y.size() != [2, classes as i64] => Err(format!(
+            // More logits than classes is a model with room for more classes, which trains.
+            Ok(y) if y.dim() != 2 || y.size()[0] != 2 || y.size()[1] < classes as i64 => Err(format!(
                 "{path}: the TorchScript module returns shape {:?} for a batch of shape {shown:?}, not [2, {classes}] \
                  ({classes} classes); {expect}",
                 y.size()

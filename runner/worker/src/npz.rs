@@ -291,6 +291,45 @@ mod tests {
         assert!(read_from(std::io::Cursor::new(b"PK\x03\x04 nope".to_vec())).unwrap_err().contains("not an .npz"));
     }
 
+    /// The reader never panics, whatever the archive holds (`make fuzz` runs it longer).
+    #[test]
+    fn fuzz_npz_archives() {
+        let dict: &[&[u8]] = &[
+            b"\x93NUMPY\x01\x00",
+            b"'descr': '<f4'",
+            b"'descr': '<i8'",
+            b"'descr': '|O'",
+            b"'fortran_order': True",
+            b"'shape': (",
+            b"2, 3",
+            b"0,",
+            b")",
+            b"PK\x03\x04",
+            b"PK\x01\x02",
+            b"PK\x05\x06",
+            b"x.npy",
+            b"y.npy",
+        ];
+        // Each input twice: as the archive itself (the zip layer), and as one array's bytes in a
+        // well-formed archive (the .npy layer, which the zip's checksums would otherwise guard
+        // from most mutations).
+        let read = |archive: Vec<u8>| -> Result<(), String> {
+            for a in &read_from(std::io::Cursor::new(archive))? {
+                let _ = a.to_tensor()?;
+            }
+            Ok(())
+        };
+        xlab_fuzz::check("npz", dict, 20_000, |bytes| {
+            let outer = read(bytes.to_vec());
+            let inner = read(archive(&[("x", bytes.to_vec())]));
+            match (outer, inner) {
+                (Ok(()), _) => Ok(()),
+                (Err(a), Err(b)) => Err(format!("{a} | {b}")),
+                (Err(_), Ok(())) => Err("an array".into()),
+            }
+        });
+    }
+
     #[test]
     fn zero_rows_read_as_an_empty_array() {
         let a = archive(&[("x", npy("<f4", false, "(0, 5)", &[]))]);
