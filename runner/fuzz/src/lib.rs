@@ -6,7 +6,8 @@
 //! repository: hand-written valid and broken inputs), and each round mutates a corpus entry
 //! (bit flips, byte edits, chunk deletions, duplications and splices, tokens from the target's
 //! dictionary, interesting numbers) with a seeded generator, so a run is reproducible from its
-//! seed. An input whose outcome is new (the error's text with its numbers and quoted parts
+//! seed. The input being tried is also in `fuzz/crashes/<target>/last-input` while it runs, so
+//! one that aborts the process (a failed allocation) is found there. An input whose outcome is new (the error's text with its numbers and quoted parts
 //! blanked, a cheap stand-in for new code reached) joins the corpus in memory, and with
 //! `save` on disk too, so the next run starts from there. A panic is caught, counted, and its
 //! input written to `fuzz/crashes/<target>/`.
@@ -50,6 +51,7 @@ pub struct Report {
     /// Distinct outcomes seen.
     pub outcomes: usize,
     pub corpus_start: usize,
+    /// The corpus at the end, in memory (at most [`MAX_CORPUS`]).
     pub corpus_end: usize,
     /// Where the panicking inputs were written.
     pub crashes: Vec<PathBuf>,
@@ -119,6 +121,9 @@ const INTERESTING: &[&[u8]] = &[
     b"\xce\xbb",
 ];
 
+/// The most inputs a run keeps in memory to mutate.
+const MAX_CORPUS: usize = 4096;
+
 /// Mutates `input` in place: one to four edits.
 fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], dict: &[&[u8]]) {
     for _ in 0..1 + rng.below(4) {
@@ -176,33 +181,32 @@ fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], dict: &[&[u8]]
     }
 }
 
-/// An outcome's shape: its first clause (up to `;` or a line break, where xlab's messages put
-/// their details) with digits and quoted parts blanked, so that "line 3" and "line 7" are one
-/// outcome but a different message is another.
-pub fn shape(outcome: &str) -> String {
-    let mut out = String::with_capacity(outcome.len());
-    let mut quote: Option<char> = None;
+/// An outcome's shape: the words of its first clause (up to `;` or a line break, where xlab's
+/// messages put their details), without quoted parts, numbers, punctuation, repeats, or words the
+/// input also holds (a stage's name, a key, a value echoed back). So "line 3" and "line 7",
+/// "unknown field `a`" and "unknown field `b`", or dimensions `[2, 3]` and `[2, 3, 4]` are one
+/// outcome, but a different message is another.
+pub fn shape(outcome: &str, input: &[u8]) -> String {
     let head = outcome.split(['\n', ';']).next().unwrap_or_default();
-    for c in head.chars().take(200) {
+    let mut bare = String::with_capacity(head.len());
+    let mut quote: Option<char> = None;
+    for c in head.chars() {
         match quote {
-            Some(q) if c == q => {
-                quote = None;
-                out.push(c);
-            }
+            Some(q) if c == q => quote = None,
             Some(_) => {}
-            None if c == '`' || c == '"' => {
-                quote = Some(c);
-                out.push(c);
-            }
-            None if c.is_ascii_digit() => {
-                if !out.ends_with('#') {
-                    out.push('#');
-                }
-            }
-            None => out.push(c),
+            None if c == '`' || c == '"' => quote = Some(c),
+            None => bare.push(c),
         }
     }
-    out
+    let text = String::from_utf8_lossy(input);
+    let echoed: HashSet<&str> = text.split(|c: char| !c.is_alphabetic()).collect();
+    let mut words: Vec<&str> = Vec::new();
+    for w in bare.split(|c: char| !c.is_alphabetic()) {
+        if w.len() > 1 && !echoed.contains(w) && words.last() != Some(&w) {
+            words.push(w);
+        }
+    }
+    words.join(" ")
 }
 
 /// Reads a target's corpus folder (every file, sorted by name).
@@ -246,6 +250,8 @@ pub fn run(
     // Quiet the default panic message: a caught panic is reported once, with its input.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
+    let _ = std::fs::create_dir_all(&crash_dir);
+    let last = std::fs::File::create(crash_dir.join("last-input")).ok();
     let mut input = Vec::new();
     let mut k = 0usize;
     while inputs < budget.inputs && (inputs % 256 != 0 || started.elapsed() < budget.time) {
@@ -258,15 +264,31 @@ pub fn run(
         }
         k += 1;
         inputs += 1;
+        // An abort (a failed allocation) ends the process without unwinding: the input it
+        // came from is then the one in `last-input`.
+        if let Some(f) = &last {
+            use std::os::unix::fs::FileExt;
+            let _ = f.set_len(0).and_then(|_| f.write_all_at(&input, 0));
+        }
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target(&input)));
         match outcome {
             Ok(r) => {
-                let s = shape(&match r {
-                    Ok(()) => "ok".to_string(),
-                    Err(e) => e,
-                });
+                let s = shape(
+                    &match r {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => e,
+                    },
+                    &input,
+                );
                 if seen.insert(s) && k > corpus_start {
-                    corpus.push(input.clone());
+                    // A bounded corpus: past its size, a new entry takes a random old one's
+                    // place (the seed inputs stay).
+                    if corpus.len() < MAX_CORPUS {
+                        corpus.push(input.clone());
+                    } else {
+                        let at = corpus_start + rng.below(corpus.len() - corpus_start);
+                        corpus[at] = input.clone();
+                    }
                     if save && saved < 256 {
                         let _ = std::fs::create_dir_all(&corpus_dir);
                         if std::fs::write(corpus_dir.join(hash(&input)), &input).is_ok() {
@@ -291,6 +313,9 @@ pub fn run(
         }
     }
     std::panic::set_hook(hook);
+    drop(last);
+    let _ = std::fs::remove_file(crash_dir.join("last-input"));
+    let _ = std::fs::remove_dir(&crash_dir);
     Report {
         target: name.to_string(),
         inputs,
@@ -328,8 +353,12 @@ mod tests {
 
     #[test]
     fn shapes_blank_numbers_and_quotes() {
-        assert_eq!(shape("x.yaml:3:14: unknown key `rh0`"), shape("x.yaml:12:1: unknown key `foo`"));
-        assert_ne!(shape("unknown key `a`"), shape("bad value `a`"));
+        assert_eq!(shape("x.yaml:3:14: unknown key `rh0`", b""), shape("x.yaml:12:1: unknown key `foo`", b""));
+        assert_eq!(shape("dimensions [2, 3] differ", b""), shape("dimensions [2, 3, 4, 5] differ", b""));
+        assert_ne!(shape("unknown key `a`", b""), shape("bad value `a`", b""));
+        // Words the input holds are its own, not the message's.
+        assert_eq!(shape("stages.erm: bad", b"erm: {}"), shape("stages.sam: bad", b"sam: {}"));
+        assert_ne!(shape("stages.erm: bad", b"erm: {}"), shape("stages.erm: good", b"erm: {}"));
     }
 
     #[test]

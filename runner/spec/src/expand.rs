@@ -3,9 +3,12 @@
 use crate::config::Task;
 use crate::config::{JobConfig, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
-use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Select, CONFIG_KEYS};
+use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Seeds, Select, CONFIG_KEYS};
 use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
-use crate::sweep::{check_key, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point};
+use crate::sweep::{
+    check_key, check_size, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point,
+    MAX_STAGE_JOBS,
+};
 use crate::SpecError;
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
@@ -396,10 +399,14 @@ pub fn expand(
                         own.push(grid_factor(key, &sweep_values(file, &format!("{here}.grid"), key, values)?));
                     }
                 }
+                check_size(&own, "a variant's grid")
+                    .map_err(|m| SpecError::new(file, m).context(here.clone()).hint("sweep fewer values"))?;
                 alternatives.extend(product(&own));
             }
             factors.push(alternatives);
         }
+        check_size(&factors, "the sweep")
+            .map_err(|m| SpecError::new(file, m).context(ctx.clone()).hint("sweep fewer values"))?;
         let points = product(&factors);
         let mut sweep_keys: Vec<String> = Vec::new();
         for p in &points {
@@ -490,6 +497,22 @@ pub fn expand(
             return Err(SpecError::new(file, "`resources.slots` must be at least 1")
                 .context(format!("{ctx}.resources"))
                 .key("slots"));
+        }
+        let n_seeds = match &stage.seeds {
+            Some(Seeds::Count(n)) => *n,
+            Some(Seeds::List(v)) => v.len() as u64,
+            None => 1,
+        };
+        if (points.len() as u64).checked_mul(n_seeds).is_none_or(|n| n > MAX_STAGE_JOBS) {
+            return Err(SpecError::new(
+                file,
+                format!(
+                    "{} point(s) × {n_seeds} seed(s) is more than the {MAX_STAGE_JOBS} jobs a stage may run",
+                    points.len()
+                ),
+            )
+            .context(format!("{ctx}.seeds"))
+            .hint("run fewer seeds or sweep fewer values"));
         }
         let seeds = stage.seeds.as_ref().map(|s| s.list()).unwrap_or_else(|| vec![0]);
         if seeds.is_empty() {

@@ -26,6 +26,31 @@ pub struct Point {
 /// A list of alternatives; the product of factors gives the points.
 pub type Factor = Vec<Point>;
 
+/// The most jobs one stage may expand to. Past it a sweep is a slip of the pen (a grid of ten
+/// keys with ten values each is 10¹⁰ jobs; `seeds: 4000000000`), and expanding it would only
+/// exhaust the memory; an adaptive search explores larger spaces without listing them.
+pub const MAX_STAGE_JOBS: u64 = 1_000_000;
+
+/// How many points the product of `factors` has (`None` past `u64`).
+pub fn product_size(factors: &[Factor]) -> Option<u64> {
+    factors.iter().try_fold(1u64, |n, f| n.checked_mul(f.len() as u64))
+}
+
+/// Refuses a product of more than [`MAX_STAGE_JOBS`] points before it is built.
+pub fn check_size(factors: &[Factor], what: &str) -> Result<(), String> {
+    match product_size(factors) {
+        Some(n) if n <= MAX_STAGE_JOBS => Ok(()),
+        n => {
+            let sizes: Vec<String> = factors.iter().map(|f| f.len().to_string()).collect();
+            let count = n.map(|n| n.to_string()).unwrap_or_else(|| "more than 2⁶⁴".into());
+            Err(format!(
+                "{what} expands to {count} points ({}); a stage runs at most {MAX_STAGE_JOBS} jobs",
+                sizes.join(" × ")
+            ))
+        }
+    }
+}
+
 pub fn product(factors: &[Factor]) -> Vec<Point> {
     let mut points = vec![Point::default()];
     for f in factors {
@@ -156,6 +181,12 @@ pub fn random_factor(r: &RandomSweep) -> Result<Factor, (String, String)> {
     }
     if r.samples == 0 {
         return Err(("`random.samples` must be at least 1".into(), "draw at least one point".into()));
+    }
+    if u64::from(r.samples) > MAX_STAGE_JOBS {
+        return Err((
+            format!("`random.samples` is {}; a stage runs at most {MAX_STAGE_JOBS} jobs", r.samples),
+            "draw fewer points".into(),
+        ));
     }
     if dists.is_empty() {
         return Err(("`random` has no keys to draw".into(), "add e.g. `optimizer.lr: loguniform(1e-4, 1e-1)`".into()));

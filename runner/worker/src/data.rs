@@ -662,6 +662,40 @@ mod tests {
         xlab_fuzz::check("idx", dict, 50_000, |bytes| parse_idx(bytes, "fuzz").map(|_| ()));
     }
 
+    fn npz_at(path: &Path) -> Npz {
+        Npz { path: FileRef { path: path.display().to_string(), sha256: None }, n_val: 0, n_test: 1, image: None }
+    }
+
+    /// numpy saves a transposed array in Fortran order; xlab reads it as numpy does (it used
+    /// to refuse it), and an archive with no rows is refused with a message (it used to panic).
+    #[test]
+    fn npz_files_in_fortran_order_read_as_numpy_and_empty_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let py = dir.path().join("write.py");
+        std::fs::write(
+            &py,
+            "import sys, numpy as np\nd = sys.argv[1]\nx = np.arange(12, dtype=np.float32).reshape(3, 4)\n\
+             y = np.array([0, 1, 0])\nnp.savez(d + '/c.npz', x=x, y=y)\nnp.savez(d + '/f.npz', x=np.asfortranarray(x), y=y)\n\
+             np.savez(d + '/t.npz', x=np.ascontiguousarray(x.T).T, y=y)\n\
+             np.savez(d + '/empty.npz', x=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int64))\n",
+        )
+        .unwrap();
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+        let out = std::process::Command::new(python).arg(&py).arg(dir.path()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let c = npz(&npz_at(&dir.path().join("c.npz"))).unwrap();
+        for name in ["f.npz", "t.npz"] {
+            let f = npz(&npz_at(&dir.path().join(name))).unwrap();
+            assert_eq!(
+                Vec::<f32>::try_from(f.train.x.flatten(0, -1)).unwrap(),
+                Vec::<f32>::try_from(c.train.x.flatten(0, -1)).unwrap()
+            );
+            assert_eq!(Vec::<f32>::try_from(f.test.x.flatten(0, -1)).unwrap(), vec![8.0, 9.0, 10.0, 11.0]);
+        }
+        let err = npz(&npz_at(&dir.path().join("empty.npz"))).err().unwrap();
+        assert!(err.contains("`x` has no examples (shape [0, 4])"), "{err}");
+    }
+
     #[test]
     fn idx_headers_whose_dimensions_overflow_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -222,9 +222,17 @@ pub fn run(
         Ok(out.to_kind(x.kind()))
     };
     let started = std::time::Instant::now();
-    let (samples, nfe) = sampler
-        .sample(&noise, &mut eps, &ac_t, Some(&x0), &mut || rand::RngCore::next_u64(&mut plugin_rng))
-        .map_err(|m| Failure::new(FailureCause::Error, m))?;
+    let mut evaluations = 0u64;
+    let mut watched = |x: &Tensor, t: f64| {
+        crate::watch::evaluation_begins(evaluations);
+        evaluations += 1;
+        eps(x, t)
+    };
+    crate::watch::evaluation_begins(0);
+    let sampled =
+        sampler.sample(&noise, &mut watched, &ac_t, Some(&x0), &mut || rand::RngCore::next_u64(&mut plugin_rng));
+    crate::watch::step_ends();
+    let (samples, nfe) = sampled.map_err(|m| Failure::new(FailureCause::Error, m))?;
     let samples = samples.to_kind(Kind::Double);
     // Bringing one value to the host waits for the device to finish the samples.
     let _ = f64::try_from(samples.sum(Kind::Double))?;

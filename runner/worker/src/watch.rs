@@ -8,8 +8,9 @@
 //!   otherwise), a thread checks that no step runs longer; one that does ends the job as `hung`,
 //!   naming the plugin call it is stuck in, instead of holding its slot forever.
 //!
-//! The limit covers training steps only (the batch transform, the step rule with its passes, the
-//! objective, the optimizer), not evaluation or checkpoints between them.
+//! The limit covers training steps (the batch transform, the step rule with its passes, the
+//! objective, the optimizer), not evaluation or checkpoints between them; in a sampling job, the
+//! time from one denoiser evaluation to the next (so a sampler plugin that stops is caught).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -24,6 +25,8 @@ static MAP: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
 static ARMED: AtomicU64 = AtomicU64::new(0);
 static STEP: AtomicU64 = AtomicU64::new(0);
 static EPOCH: AtomicU64 = AtomicU64::new(0);
+/// Whether the steps are a sampler's denoiser evaluations rather than training steps.
+static SAMPLING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static BASE: OnceLock<Instant> = OnceLock::new();
 /// The plugin call in progress, for the hung message.
 static CALL: Mutex<String> = Mutex::new(String::new());
@@ -95,6 +98,13 @@ pub fn step_begins(epoch: u64, step: u64) {
     ARMED.store(now_ms() + 1, Ordering::Release);
 }
 
+/// A sampling job is about to ask its denoiser for evaluation `k` (0-based): for the watchdog,
+/// each evaluation is a step of the sampler, so a sampler that stops asking is caught too.
+pub fn evaluation_begins(k: u64) {
+    SAMPLING.store(true, Ordering::Relaxed);
+    step_begins(0, k);
+}
+
 /// The step ended (or failed): the watchdog rests until the next.
 pub fn step_ends() {
     ARMED.store(0, Ordering::Release);
@@ -126,10 +136,13 @@ fn watchdog(limit: Duration) {
         } else {
             format!("inside {call}")
         };
+        let what = match SAMPLING.load(Ordering::Relaxed) {
+            true => format!("the sampler, at denoiser evaluation {step},"),
+            false => format!("step {step} (epoch {})", epoch + 1),
+        };
         let message = format!(
-            "step {step} (epoch {}) made no progress for {}, {inside}; a step that slow is taken as hung \
-             (`step_timeout:` on the stage raises the limit)",
-            epoch + 1,
+            "{what} made no progress for {}, {inside}; a step that slow is taken as hung (`step_timeout:` on the \
+             stage raises the limit)",
             human(limit)
         );
         tracing::error!("{message}");
