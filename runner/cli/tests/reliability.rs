@@ -154,25 +154,27 @@ stages:
   STAGE
 "#;
 
-/// A plugin that segfaults at the same step on every attempt: the second attempt ends exactly as
-/// the first, so the job is not retried further although `retries: 3` allows it, and the record
-/// says where (signal, step, plugin call).
-#[test]
-fn a_crash_that_repeats_at_the_same_step_is_not_retried() {
+/// Runs FAULTY with `stage`, which must fail its one job with `outcome` on exactly two
+/// attempts; returns the job's record.
+fn fails_twice(stage: &str, outcome: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     with_fixture(dir.path());
-    let file = experiment(
-        dir.path(),
-        "faulty",
-        &FAULTY.replace("STAGE", "segv: {step_rule: {use: fixture.crashes, at_step: 11}, retries: 3}"),
-    );
+    let file = experiment(dir.path(), "faulty", &FAULTY.replace("STAGE", stage));
     let store = dir.path().join("results");
     let out = cmd(&store).arg("run").arg(&file).output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let id = job_ids(&store, &file).remove(0);
-    assert_eq!(attempts(&store, &id), ["crashed", "crashed"], "{err}");
-    let rec = show(&store, &id);
+    assert_eq!(attempts(&store, &id), [outcome, outcome], "{err}");
+    show(&store, &id)
+}
+
+/// A plugin that segfaults at the same step on every attempt: the second attempt ends exactly as
+/// the first, so the job is not retried further although `retries: 3` allows it, and the record
+/// says where (signal, step, plugin call).
+#[test]
+fn a_crash_that_repeats_at_the_same_step_is_not_retried() {
+    let rec = fails_twice("segv: {step_rule: {use: fixture.crashes, at_step: 11}, retries: 3}", "crashed");
     let message = rec["attempts"][1]["error"].as_str().unwrap();
     assert!(
         message.contains("worker killed by signal 11 (SIGSEGV) at step 11 (epoch 2), inside `fixture.crashes` step"),
@@ -190,22 +192,7 @@ fn a_crash_that_repeats_at_the_same_step_is_not_retried() {
 /// retried either.
 #[test]
 fn a_step_past_its_limit_is_hung_and_names_the_plugin() {
-    let dir = tempfile::tempdir().unwrap();
-    with_fixture(dir.path());
-    let file = experiment(
-        dir.path(),
-        "faulty",
-        &FAULTY.replace("STAGE", "stuck: {step_rule: {use: fixture.hangs, at_step: 2}, step_timeout: 1s, retries: 2}"),
-    );
-    let store = dir.path().join("results");
-    let started = Instant::now();
-    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(60), "the hung job held its slot: {err}");
-    let id = job_ids(&store, &file).remove(0);
-    assert_eq!(attempts(&store, &id), ["hung", "hung"], "{err}");
-    let rec = show(&store, &id);
+    let rec = fails_twice("stuck: {step_rule: {use: fixture.hangs, at_step: 2}, step_timeout: 1s, retries: 2}", "hung");
     let message = rec["attempts"][0]["error"].as_str().unwrap();
     assert!(
         message.contains("step 2 (epoch 1) made no progress for 1 s, inside `fixture.hangs` step")
