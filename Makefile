@@ -86,9 +86,12 @@ bench: build
 # Fuzzing (see runner/fuzz): each parser target (experiment files, query filters, worker event
 # lines, NPZ, CSV, IDX) for FUZZ_INPUTS inputs from its corpus in fuzz/corpus/, which keeps the
 # inputs that reached new outcomes; a panic fails and leaves its input in fuzz/crashes/.
+# `make fuzz FUZZ_SECONDS=600` runs each target for that long instead.
 FUZZ_INPUTS ?= 1000000
+FUZZ_SECONDS ?=
 fuzz: setup
-	CARGO="$(CARGO)" $(VENV)/bin/python bench/fuzz.py --inputs $(FUZZ_INPUTS) --out bench/results
+	CARGO="$(CARGO)" $(VENV)/bin/python bench/fuzz.py --inputs $(FUZZ_INPUTS) $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS)) \
+	  --out bench/results
 	$(VENV)/bin/python bench/report.py
 
 # The binaries and plugins scripts/device-check.sh runs on a CUDA machine (against that machine's
