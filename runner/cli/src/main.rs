@@ -348,7 +348,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             run(cli, plan, how)
         }
         Command::Resume { name, how } => {
-            let exp = named_experiment(&open_store(&cli.store)?, name)?;
+            let exp = named_experiment(&existing_store(&cli.store)?, name)?;
             // The text as it was run; relative paths (data, includes, plugins) still resolve
             // from where the file was.
             let file = PathBuf::from(&exp.file);
@@ -370,7 +370,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Plan { file } => plan(cli, file),
         Command::Query { filter, experiment, format, metrics, group_by, agg, sort, limit } => {
             let filter = parse_filter(filter.as_deref())?;
-            let store = open_store(&cli.store)?;
+            let store = existing_store(&cli.store)?;
             if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() {
                 let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), sort: sort.as_deref(), limit: *limit };
                 grouped_query(&store, experiment.as_deref(), *format, metrics, filter.as_ref(), &grouping)?;
@@ -380,7 +380,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Gc { experiment, keep_last, dry_run } => {
-            let store = open_store(&cli.store)?;
+            let store = existing_store(&cli.store)?;
             if let Some(name) = experiment {
                 named_experiment(&store, name)?;
             }
@@ -406,7 +406,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Export { experiment, format, output } => {
-            let store = open_store(&cli.store)?;
+            let store = existing_store(&cli.store)?;
             if let Some(name) = experiment {
                 named_experiment(&store, name)?;
             }
@@ -447,7 +447,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Show { job } => {
-            let store = open_store(&cli.store)?;
+            let store = existing_store(&cli.store)?;
             let rec = store.job(job)?.with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
             let mut v = serde_json::to_value(&rec).expect("json");
             let metrics = xlab_proto::floats::Floats::to_repr(&store.metrics_of(job)?);
@@ -457,7 +457,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         }
         Command::Status { experiment } => status_command(cli, experiment.as_deref()),
         Command::Compare { a, b } => {
-            let store = open_store(&cli.store)?;
+            let store = existing_store(&cli.store)?;
             let get = |id: &str| -> Result<xlab_store::JobRecord, Failure> {
                 Ok(store.job(id)?.with_context(|| format!("no job `{id}` in store {}", store.dir().display()))?)
             };
@@ -506,7 +506,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Doctor => doctor(cli),
         Command::Plot { metric, filter, experiment, group_by, x, log_x, output } => {
             let filter = parse_filter(filter.as_deref())?;
-            let store = open_store(&cli.store)?;
+            let store = existing_store(&cli.store)?;
             let exp = pick_experiment(&store, experiment.as_deref())?;
             let mut keys = if group_by.is_empty() { default_group_keys(&exp) } else { group_by.clone() };
             if group_by.is_empty() {
@@ -561,6 +561,9 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
 }
 
 fn status_command(cli: &Cli, experiment: Option<&str>) -> Result<u8, Failure> {
+    if !cli.store.join("db").is_dir() {
+        existing_store(&cli.store)?;
+    }
     let snap: Option<status::Snapshot> =
         std::fs::read(status::path(&cli.store)).ok().and_then(|b| serde_json::from_slice(&b).ok());
     match Store::open(&cli.store) {
@@ -644,6 +647,23 @@ fn flatten_json(v: &serde_json::Value) -> std::collections::BTreeMap<String, ser
 
 fn open_store(dir: &Path) -> Result<Store, Failure> {
     Ok(Store::open(dir)?)
+}
+
+/// Opens the store a read command reads: a folder without one (a mistyped `--store`) is an
+/// error, and nothing is created there.
+fn existing_store(dir: &Path) -> Result<Store, Failure> {
+    if !dir.join("db").is_dir() {
+        return Err(Failure {
+            code: exit::USER,
+            error: anyhow::anyhow!(
+                "there is no xlab store at {}{}\n  hint: check `--store` (or `XLAB_STORE`); `xlab run FILE` makes a \
+                 store where it is told to",
+                dir.display(),
+                if dir.exists() { " (the folder has no `db/`)" } else { " (no such folder)" }
+            ),
+        });
+    }
+    open_store(dir)
 }
 
 /// The `xlab-worker` executable: `XLAB_WORKER`, or the one beside this `xlab`.

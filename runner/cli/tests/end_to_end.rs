@@ -423,3 +423,34 @@ fn a_terminal_gets_the_live_view() {
 fn svg_width(svg: &str) -> f64 {
     svg.split("width=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|w| w.parse().ok()).unwrap()
 }
+
+/// A read command pointed at a folder that holds no store (a mistyped `--store`) is a user
+/// error that says so, and creates nothing there; it used to make an empty store and answer
+/// "holds no experiments yet".
+#[test]
+fn a_read_command_on_a_folder_without_a_store_is_refused_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("resluts");
+    for args in [
+        vec!["query"],
+        vec!["show", "0123456789abcdef"],
+        vec!["export"],
+        vec!["plot", "test.acc"],
+        vec!["status"],
+        vec!["gc", "--dry-run"],
+        vec!["compare", "a", "b"],
+        vec!["resume", "x"],
+    ] {
+        let out =
+            Command::new(xlab()).arg("--store").arg(&typo).args(&args).env("XLAB_WORKER", worker()).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&format!("there is no xlab store at {} (no such folder)", typo.display())), "{err}");
+        assert!(err.contains("hint: check `--store`"), "{err}");
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+    std::fs::create_dir(&typo).unwrap();
+    let out = Command::new(xlab()).arg("--store").arg(&typo).arg("query").output().unwrap();
+    assert!(text(&out.stderr).contains("(the folder has no `db/`)"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_dir(&typo).unwrap().count(), 0);
+}
