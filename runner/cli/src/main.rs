@@ -1016,10 +1016,21 @@ fn query(
 ) -> Result<(), Failure> {
     let exp = pick_experiment(store, experiment)?;
     let rows = table::rows(store, &exp, filter)?;
+    // Metric names are checked against every job of the experiment, not only the ones the
+    // filter kept: a filter that matches nothing does not make a metric unknown.
+    let unfiltered;
+    let every: &[table::Row] = match filter {
+        Some(_) => {
+            unfiltered = table::rows(store, &exp, None)?;
+            &unfiltered
+        }
+        None => &rows,
+    };
     if rows.is_empty() && filter.is_some() {
-        eprintln!("no job of experiment `{}` matches the filter", exp.name);
+        let n: usize = every.iter().map(|r| r.jobs).sum();
+        eprintln!("the filter matched 0 of the {n} job(s) of experiment `{}`", exp.name);
     }
-    let known: Vec<&String> = rows.iter().flat_map(|r| r.metrics.keys()).collect();
+    let known: Vec<&String> = every.iter().flat_map(|r| r.metrics.keys()).collect();
     for m in wanted {
         if !known.contains(&m) {
             let hint =

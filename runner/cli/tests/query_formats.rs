@@ -89,3 +89,33 @@ fn every_output_format_is_pinned() {
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; bless with XLAB_BLESS=1", path.display()));
     assert_eq!(got, want, "the query output changed; if intended, bless with XLAB_BLESS=1");
 }
+
+/// A valid filter that matches nothing says so, with how many jobs there are, and the metrics
+/// asked for are checked against every job of the experiment: a filter matching nothing does not
+/// make `test.acc` "unknown" (it used to).
+#[test]
+fn a_filter_that_matches_nothing_says_so_and_metrics_stay_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("formats.jsonl");
+    std::fs::write(&lines, export_lines()).unwrap();
+    let store = dir.path().join("results");
+    run(&store, &["import", lines.to_str().unwrap()]);
+    let out = Command::new(xlab())
+        .arg("--store")
+        .arg(&store)
+        .args(["query", "seed == 99", "-m", "test.acc"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("the filter matched 0 of the 8 job(s) of experiment `formats`"), "{err}");
+    let out = Command::new(xlab())
+        .arg("--store")
+        .arg(&store)
+        .args(["query", "seed == 99", "-m", "test.accc"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no metric `test.accc`") && err.contains("did you mean `test.acc`?"), "{err}");
+}
