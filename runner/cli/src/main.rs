@@ -508,6 +508,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             let filter = parse_filter(filter.as_deref())?;
             let store = existing_store(&cli.store)?;
             let exp = pick_experiment(&store, experiment.as_deref())?;
+            check_group_keys(&store, &exp, group_by, "--group-by")?;
             let mut keys = if group_by.is_empty() { default_group_keys(&exp) } else { group_by.clone() };
             if group_by.is_empty() {
                 keys.retain(|k| Some(k) != x.as_ref());
@@ -959,6 +960,52 @@ fn default_group_keys(exp: &xlab_store::ExperimentRecord) -> Vec<String> {
     k
 }
 
+/// Refuses a key to group by that no job of the experiment has (`--group-by stagee` used to put
+/// every job in one group with an empty key): a job field (stage, status, seed, id, experiment)
+/// or a dotted config key of at least one job, with a "did you mean".
+fn check_group_keys(
+    store: &dyn ResultStore,
+    exp: &xlab_store::ExperimentRecord,
+    keys: &[String],
+    flag: &str,
+) -> Result<(), Failure> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    fn paths(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        if let serde_json::Value::Object(m) = v {
+            for (k, v) in m {
+                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                paths(&p, v, out);
+                out.insert(p);
+            }
+        }
+    }
+    let mut known: std::collections::BTreeSet<String> =
+        ["stage", "status", "seed", "id", "experiment"].into_iter().map(String::from).collect();
+    for id in exp.stages.iter().flat_map(|s| s.jobs.iter()) {
+        if let Some(j) = store.job(id)? {
+            paths("", &j.config, &mut known);
+        }
+    }
+    for k in keys {
+        if !known.contains(k) {
+            let hint = match xlab_spec::did_you_mean(k, known.iter().map(String::as_str)) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => "group by a job field (stage, status, seed, id) or a config key, e.g. `optimizer.lr`".into(),
+            };
+            return Err(Failure {
+                code: exit::USER,
+                error: anyhow::anyhow!(
+                    "{flag} `{k}`: no job of experiment `{}` has this field or config key\n  hint: {hint}",
+                    exp.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn grouped_query(
     store: &dyn ResultStore,
     experiment: Option<&str>,
@@ -969,6 +1016,7 @@ fn grouped_query(
 ) -> Result<(), Failure> {
     let user = |m: String| Failure { code: exit::USER, error: anyhow::anyhow!(m) };
     let exp = pick_experiment(store, experiment)?;
+    check_group_keys(store, &exp, g.keys, "--group-by")?;
     let keys: Vec<String> = if g.keys.is_empty() { default_group_keys(&exp) } else { g.keys.to_vec() };
     let aggs = match g.aggs {
         Some(text) => aggregate::parse_aggs(text).map_err(|m| user(format!("bad --agg: {m}")))?,

@@ -119,3 +119,19 @@ fn a_filter_that_matches_nothing_says_so_and_metrics_stay_known() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no metric `test.accc`") && err.contains("did you mean `test.acc`?"), "{err}");
 }
+
+/// `--group-by` with a key no job has is refused with a did-you-mean, instead of one group with
+/// an empty key.
+#[test]
+fn an_unknown_group_by_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("formats.jsonl");
+    std::fs::write(&lines, export_lines()).unwrap();
+    let store = dir.path().join("results");
+    run(&store, &["import", lines.to_str().unwrap()]);
+    let out = Command::new(xlab()).arg("--store").arg(&store).args(["query", "--group-by", "stagee"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--group-by `stagee`") && err.contains("did you mean `stage`?"), "{err}");
+    run(&store, &["query", "--group-by", "optimizer.lr"]);
+}
