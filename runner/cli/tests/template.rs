@@ -76,7 +76,8 @@ fn a_plugin_built_from_the_template_loads_and_runs() {
         .env("XLAB_WORKER", xlab.with_file_name("xlab-worker"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "an empty store has nothing to show");
+    assert_eq!(out.status.code(), Some(2), "there is no store yet to show");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there is no xlab store at"));
     let out = Command::new(&xlab)
         .arg("--store")
         .arg(dir.path().join("results"))
