@@ -243,60 +243,61 @@ pub fn run_job(req: &JobRequest, out: &mut Emitter) -> i32 {
 }
 
 fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections::BTreeMap<String, f64>, Failure> {
-    (|| {
-        if req.protocol != PROTOCOL_VERSION {
-            return Err(Failure::new(
-                FailureCause::Config,
-                format!("the coordinator speaks protocol {} but this worker speaks {PROTOCOL_VERSION}; rebuild both together", req.protocol),
-            ));
+    if req.protocol != PROTOCOL_VERSION {
+        return Err(Failure::new(
+            FailureCause::Config,
+            format!(
+                "the coordinator speaks protocol {} but this worker speaks {PROTOCOL_VERSION}; rebuild both together",
+                req.protocol
+            ),
+        ));
+    }
+    let cfg: JobConfig = serde_json::from_value(req.config.clone())
+        .map_err(|e| Failure::new(FailureCause::Config, format!("job config: {e}")))?;
+    let device = device_of(&req.lease.device)?;
+    crate::amp::set_job_precision(cfg.precision);
+    if cfg.deterministic {
+        // The same sums in the same order on every run and every resume.
+        tch::set_num_threads(1);
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(false);
+            tch::Cuda::set_user_enabled_cudnn(false);
         }
-        let cfg: JobConfig = serde_json::from_value(req.config.clone())
-            .map_err(|e| Failure::new(FailureCause::Config, format!("job config: {e}")))?;
-        let device = device_of(&req.lease.device)?;
-        crate::amp::set_job_precision(cfg.precision);
-        if cfg.deterministic {
-            // The same sums in the same order on every run and every resume.
-            tch::set_num_threads(1);
-            if device.is_cuda() {
-                tch::Cuda::cudnn_set_benchmark(false);
-                tch::Cuda::set_user_enabled_cudnn(false);
-            }
-        } else {
-            tch::set_num_threads(req.lease.threads.max(1) as i32);
-        }
-        std::fs::create_dir_all(&req.run_dir)
-            .map_err(|e| Failure::new(FailureCause::Error, format!("cannot create {}: {e}", req.run_dir.display())))?;
-        let _job_lock = lock_job(&req.run_dir)?;
-        if let Err(m) = watch::start(&req.run_dir, req.step_timeout_ms.map(std::time::Duration::from_millis)) {
-            tracing::warn!("{m}; crashes and hangs of this job will be reported without their step");
-        }
-        out.send(&Event::Started {
-            pid: std::process::id(),
-            device: req.lease.device.clone(),
-            libtorch: probe::libtorch_version(),
-            host: probe::host(),
-        });
-        let mut comps = load_components(req, &cfg)?;
-        match cfg.task {
-            Task::Train => {
-                let plan = train::CheckpointPlan {
-                    job_id: &req.job_id,
-                    every: req.checkpoint_every,
-                    every_ms: req.checkpoint_every_ms,
-                    every_steps: req.checkpoint_every_steps,
-                };
-                match &cfg.diffusion {
-                    Some(d) => {
-                        diffusion::run(&cfg, d, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out)
-                    }
-                    None => train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out),
+    } else {
+        tch::set_num_threads(req.lease.threads.max(1) as i32);
+    }
+    std::fs::create_dir_all(&req.run_dir)
+        .map_err(|e| Failure::new(FailureCause::Error, format!("cannot create {}: {e}", req.run_dir.display())))?;
+    let _job_lock = lock_job(&req.run_dir)?;
+    if let Err(m) = watch::start(&req.run_dir, req.step_timeout_ms.map(std::time::Duration::from_millis)) {
+        tracing::warn!("{m}; crashes and hangs of this job will be reported without their step");
+    }
+    out.send(&Event::Started {
+        pid: std::process::id(),
+        device: req.lease.device.clone(),
+        libtorch: probe::libtorch_version(),
+        host: probe::host(),
+    });
+    let mut comps = load_components(req, &cfg)?;
+    match cfg.task {
+        Task::Train => {
+            let plan = train::CheckpointPlan {
+                job_id: &req.job_id,
+                every: req.checkpoint_every,
+                every_ms: req.checkpoint_every_ms,
+                every_steps: req.checkpoint_every_steps,
+            };
+            match &cfg.diffusion {
+                Some(d) => {
+                    diffusion::run(&cfg, d, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out)
                 }
+                None => train::run(&cfg, req.seed, device, &req.run_dir, &plan, &req.parents, &mut comps, out),
             }
-            Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &req.parents, &mut comps, out),
-            Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
-            Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
         }
-    })()
+        Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &req.parents, &mut comps, out),
+        Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
+        Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
+    }
 }
 
 #[cfg(test)]
