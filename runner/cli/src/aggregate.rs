@@ -183,7 +183,11 @@ impl Grouped {
             });
         } else {
             let known: Vec<String> = self.aggs.iter().map(Agg::label).chain(self.keys.iter().cloned()).collect();
-            return Err(format!("cannot sort by `{name}`: it is not a column ({})", known.join(", ")));
+            let hint = match xlab_spec::did_you_mean(name, known.iter().map(String::as_str)) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => format!("the columns are {}", known.join(", ")),
+            };
+            return Err(format!("cannot sort by `{name}`: it is not a column of this table\n  hint: {hint}"));
         }
         Ok(())
     }

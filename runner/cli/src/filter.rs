@@ -10,6 +10,7 @@
 //!
 //! Parse errors carry the offending character's position for a caret under the query.
 
+use crate::vocab::Vocab;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -103,8 +104,10 @@ fn lex(q: &str) -> Result<Vec<(usize, Tok)>, ParseError> {
 #[derive(Debug, Clone)]
 enum Expr {
     Lit(Value),
-    Name(String),
-    Metric(&'static str, String, Option<u64>),
+    /// A job field or config key (or, once bound, a bare metric name), at its offset.
+    Name(usize, String),
+    /// A metric summary, with the offset of the metric's name.
+    Metric(&'static str, String, Option<u64>, usize),
     List(Vec<Expr>),
     Not(Box<Expr>),
     And(Box<Expr>, Box<Expr>),
@@ -252,6 +255,7 @@ impl Parser {
                 let Some(Tok::Name(metric)) = self.peek().cloned() else {
                     return self.err(format!("`{func}(…)` takes a metric name, e.g. `{func}(val.acc)`"));
                 };
+                let metric_at = self.at();
                 self.pos += 1;
                 let step = if func == "at" {
                     self.expect_op(",")?;
@@ -266,13 +270,18 @@ impl Parser {
                     None
                 };
                 self.expect_op(")")?;
-                Ok(Expr::Metric(func, metric, step))
+                Ok(Expr::Metric(func, metric, step, metric_at))
             }
             Tok::Name(n) if ["and", "or", "not", "in"].contains(&n.as_str()) => {
                 self.pos -= 1;
                 self.err(format!("expected a value before `{n}`"))
             }
-            Tok::Name(n) => Ok(Expr::Name(n)),
+            Tok::Name(n) => {
+                self.pos -= 1;
+                let at = self.at();
+                self.pos += 1;
+                Ok(Expr::Name(at, n))
+            }
             Tok::Op(o) => {
                 self.pos -= 1;
                 self.err(format!("expected a value, found `{o}`"))
@@ -292,6 +301,14 @@ impl Filter {
         Ok(Filter(e))
     }
 
+    /// Checks every name against what the experiment's jobs hold, so a typo is an error (with
+    /// a caret and a "did you mean") rather than an empty answer. A bare metric name means its
+    /// final value (`val.acc > 0.9` is `last(val.acc) > 0.9`); an unquoted word compared with a
+    /// key (`stage == train`) gets a hint to quote it.
+    pub fn bind(&mut self, v: &Vocab) -> Result<(), ParseError> {
+        bind(&mut self.0, v, None)
+    }
+
     pub fn matches(&self, job: &dyn JobView) -> bool {
         truthy(&eval(&self.0, job))
     }
@@ -301,13 +318,62 @@ impl Filter {
         fn walk(e: &Expr) -> bool {
             match e {
                 Expr::Metric(f, ..) => *f != "last",
-                Expr::Lit(_) | Expr::Name(_) => false,
+                Expr::Lit(_) | Expr::Name(..) => false,
                 Expr::List(v) => v.iter().any(walk),
                 Expr::Not(a) | Expr::Match(a, _) => walk(a),
                 Expr::And(a, b) | Expr::Or(a, b) | Expr::Cmp(_, a, b) | Expr::In(a, b) => walk(a) || walk(b),
             }
         }
         walk(&self.0)
+    }
+}
+
+fn bind(e: &mut Expr, v: &Vocab, compared_with: Option<&str>) -> Result<(), ParseError> {
+    match e {
+        Expr::Name(at, n) => {
+            if v.is_key(n) {
+                return Ok(());
+            }
+            if v.is_metric(n) {
+                *e = Expr::Metric("last", std::mem::take(n), None, *at);
+                return Ok(());
+            }
+            let message = match (compared_with, v.suggest(n)) {
+                (Some(key), _) => format!(
+                    "`{n}` is not a field, config key or metric of this experiment; to compare `{key}` with the text, quote it: `{key} == \"{n}\"`"
+                ),
+                (None, Some(c)) => format!("no job of this experiment has a field, config key or metric `{n}`; did you mean `{c}`?"),
+                (None, None) => format!(
+                    "no job of this experiment has a field, config key or metric `{n}`; names are stage, status, seed, id, config keys (`optimizer.lr`) and metrics (`val.acc`)"
+                ),
+            };
+            Err(ParseError { at: *at, message })
+        }
+        Expr::Metric(_, m, _, at) => {
+            if v.is_metric(m) {
+                return Ok(());
+            }
+            let hint = match v.suggest_metric(m) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => "`xlab show JOB` lists a job's metrics".into(),
+            };
+            Err(ParseError { at: *at, message: format!("no job of this experiment logged a metric `{m}`; {hint}") })
+        }
+        Expr::Lit(_) => Ok(()),
+        Expr::List(items) => items.iter_mut().try_for_each(|i| bind(i, v, compared_with)),
+        Expr::Not(a) | Expr::Match(a, _) => bind(a, v, None),
+        Expr::And(a, b) | Expr::Or(a, b) => {
+            bind(a, v, None)?;
+            bind(b, v, None)
+        }
+        Expr::Cmp(_, a, b) | Expr::In(a, b) => {
+            bind(a, v, None)?;
+            let key = match &**a {
+                Expr::Name(_, k) => Some(k.clone()),
+                _ => None,
+            };
+            bind(b, v, key.as_deref())
+        }
     }
 }
 
@@ -318,8 +384,8 @@ fn truthy(v: &Value) -> bool {
 fn eval(e: &Expr, job: &dyn JobView) -> Value {
     match e {
         Expr::Lit(v) => v.clone(),
-        Expr::Name(n) => job.field(n),
-        Expr::Metric(f, m, step) => {
+        Expr::Name(_, n) => job.field(n),
+        Expr::Metric(f, m, step, _) => {
             let s = job.series(m);
             let v = match *f {
                 "last" => s.last().map(|p| p.1),
@@ -344,7 +410,10 @@ fn eval(e: &Expr, job: &dyn JobView) -> Value {
         Expr::Match(a, re) => Value::Bool(match eval(a, job) {
             Value::String(s) => re.is_match(&s),
             Value::Null => false,
-            other => re.is_match(&other.to_string()),
+            other => match file_path(&other) {
+                Some(p) => re.is_match(p),
+                None => re.is_match(&other.to_string()),
+            },
         }),
     }
 }
@@ -368,8 +437,29 @@ pub fn order(a: &Value, b: &Value) -> std::cmp::Ordering {
     }
 }
 
+/// The path of a file reference (`{path, sha256}`), which compares as its path.
+fn file_path(v: &Value) -> Option<&str> {
+    match v {
+        Value::Object(m) if m.contains_key("sha256") => m.get("path").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
 fn compare(op: &str, a: &Value, b: &Value) -> bool {
     use std::cmp::Ordering;
+    // `data.path == "x.csv"`: the recorded path is absolute; a written one matches its tail.
+    let file = match (file_path(a), file_path(b), a, b) {
+        (Some(p), _, _, Value::String(s)) | (_, Some(p), Value::String(s), _) => Some((p, s)),
+        _ => None,
+    };
+    if let Some((p, s)) = file {
+        let same = p == s || std::path::Path::new(p).ends_with(s);
+        return match op {
+            "==" => same,
+            "!=" => !same,
+            _ => compare(op, &Value::String(p.to_string()), &Value::String(s.clone())),
+        };
+    }
     if a.is_null() || b.is_null() {
         return match op {
             "==" => a.is_null() && b.is_null(),
@@ -511,6 +601,55 @@ mod tests {
                 }
             }
         });
+    }
+
+    fn vocab() -> Vocab {
+        let keys = ["stage", "seed", "optimizer", "optimizer.lr", "optimizer.name", "data", "data.path"];
+        Vocab {
+            keys: keys.into_iter().map(String::from).collect(),
+            metrics: ["val.acc", "test.acc"].into_iter().map(String::from).collect(),
+        }
+    }
+
+    fn bind_err(q: &str) -> ParseError {
+        let mut f = Filter::parse(q).unwrap();
+        f.bind(&vocab()).expect_err(q)
+    }
+
+    #[test]
+    fn binding_refuses_unknown_names_and_reads_bare_metrics_as_final_values() {
+        let e = bind_err("last(val.accuracy) > 0.9");
+        assert_eq!((e.at, e.message.contains("did you mean `val.acc`?")), (5, true), "{e:?}");
+        let e = bind_err("optimizr.lr < 0.1");
+        assert_eq!((e.at, e.message.contains("did you mean `optimizer.lr`?")), (0, true), "{e:?}");
+        let e = bind_err("seed == 1 and stage == train");
+        assert_eq!(e.at, 23);
+        assert!(e.message.contains(r#"quote it: `stage == "train"`"#), "{e:?}");
+        let e = bind_err(r#"stage in ["train", tune]"#);
+        assert!(e.message.contains("to compare `stage` with the text"), "{e:?}");
+        // A bare metric is its final value.
+        let mut f = Filter::parse("val.acc > 0.9 and val.acc < 0.94").unwrap();
+        f.bind(&vocab()).unwrap();
+        assert!(f.matches(&job()), "last(val.acc) is 0.93");
+        let mut f = Filter::parse("val.acc > 0.94").unwrap();
+        f.bind(&vocab()).unwrap();
+        assert!(!f.matches(&job()), "the final value, not the best one");
+    }
+
+    #[test]
+    fn a_file_reference_compares_by_its_path() {
+        let cfg = serde_json::json!({"data": {"name": "csv", "path": {"path": "/home/ann/exp/data/bc.csv", "sha256": "ab12"}}});
+        let j = Fake(cfg, BTreeMap::new());
+        for (q, want) in [
+            (r#"data.path == "bc.csv""#, true),
+            (r#"data.path == "data/bc.csv""#, true),
+            (r#"data.path == "/home/ann/exp/data/bc.csv""#, true),
+            (r#"data.path == "c.csv""#, false),
+            (r#"data.path != "other.csv""#, true),
+            (r#"data.path ~ "bc\.csv$""#, true),
+        ] {
+            assert_eq!(Filter::parse(q).unwrap().matches(&j), want, "{q}");
+        }
     }
 
     #[test]

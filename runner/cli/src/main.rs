@@ -17,6 +17,7 @@ mod raster;
 mod scan;
 mod status;
 mod table;
+mod vocab;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -371,12 +372,16 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Query { filter, experiment, format, metrics, group_by, agg, sort, limit } => {
             let filter = parse_filter(filter.as_deref())?;
             let store = existing_store(&cli.store)?;
+            let exp = pick_experiment(&store, experiment.as_deref())?;
+            let (vocab, filter) = bind_filter(&store, &exp, filter)?;
+            check_metrics(&vocab, &exp, metrics, "-m")?;
+            check_group_keys(&vocab, &exp, group_by, "--group-by")?;
             if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() {
                 let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), sort: sort.as_deref(), limit: *limit };
-                grouped_query(&store, experiment.as_deref(), *format, metrics, filter.as_ref(), &grouping)?;
+                grouped_query(&store, &exp, &vocab, *format, metrics, filter.as_ref(), &grouping)?;
                 return Ok(0);
             }
-            query(&store, experiment.as_deref(), *format, metrics, filter.as_ref())?;
+            query(&store, &exp, *format, metrics, filter.as_ref())?;
             Ok(0)
         }
         Command::Gc { experiment, keep_last, dry_run } => {
@@ -508,7 +513,24 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             let filter = parse_filter(filter.as_deref())?;
             let store = existing_store(&cli.store)?;
             let exp = pick_experiment(&store, experiment.as_deref())?;
-            check_group_keys(&store, &exp, group_by, "--group-by")?;
+            let (vocab, filter) = bind_filter(&store, &exp, filter)?;
+            check_metrics(&vocab, &exp, std::slice::from_ref(metric), "the metric")?;
+            check_group_keys(&vocab, &exp, group_by, "--group-by")?;
+            if let Some(k) = x {
+                if !vocab.is_key(k) && !vocab.is_metric(k) {
+                    let hint = vocab.suggest(k).map_or_else(
+                        || {
+                            "plot against a config key (`optimizer.lr`) or another metric's final value (`sample.nfe`)"
+                                .into()
+                        },
+                        |c| format!("did you mean `{c}`?"),
+                    );
+                    return Err(user_error(format!(
+                        "--x `{k}`: no job of experiment `{}` has this config key or metric\n  hint: {hint}",
+                        exp.name
+                    )));
+                }
+            }
             let mut keys = if group_by.is_empty() { default_group_keys(&exp) } else { group_by.clone() };
             if group_by.is_empty() {
                 keys.retain(|k| Some(k) != x.as_ref());
@@ -823,7 +845,7 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
         report.failed.len(),
         started.elapsed().as_secs_f64()
     );
-    query(&store, Some(&plan.name), Format::Table, &[], None)?;
+    query(&store, &pick_experiment(&store, Some(&plan.name))?, Format::Table, &[], None)?;
     if report.detached > 0 {
         eprintln!(
             "{} job(s) keep running in Slurm. Run the same command again to re-attach to them (their results are \
@@ -943,12 +965,55 @@ fn named_experiment(store: &dyn ResultStore, name: &str) -> Result<xlab_store::E
 }
 
 /// A filter given on the command line; a mistake is the user's, with a caret under it.
-fn parse_filter(text: Option<&str>) -> Result<Option<filter::Filter>, Failure> {
+fn parse_filter(text: Option<&str>) -> Result<Option<(filter::Filter, &str)>, Failure> {
     text.map(|q| {
         filter::Filter::parse(q)
+            .map(|f| (f, q))
             .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!("bad filter:\n{}", e.render(q)) })
     })
     .transpose()
+}
+
+fn user_error(message: String) -> Failure {
+    Failure { code: exit::USER, error: anyhow::anyhow!(message) }
+}
+
+/// What the experiment's jobs hold, and the filter checked against it (a name no job has is
+/// the user's mistake, with a caret under it).
+fn bind_filter(
+    store: &dyn ResultStore,
+    exp: &xlab_store::ExperimentRecord,
+    filter: Option<(filter::Filter, &str)>,
+) -> Result<(vocab::Vocab, Option<filter::Filter>), Failure> {
+    let vocab = vocab::Vocab::of(store, exp)?;
+    let filter = match filter {
+        Some((mut f, q)) => {
+            f.bind(&vocab).map_err(|e| user_error(format!("bad filter:\n{}", e.render(q))))?;
+            Some(f)
+        }
+        None => None,
+    };
+    Ok((vocab, filter))
+}
+
+/// Refuses metric names no job of the experiment has logged, with a "did you mean".
+fn check_metrics(
+    vocab: &vocab::Vocab,
+    exp: &xlab_store::ExperimentRecord,
+    metrics: &[String],
+    what: &str,
+) -> Result<(), Failure> {
+    for m in metrics {
+        if !vocab.is_metric(m) {
+            let hint = match vocab.suggest_metric(m) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None if vocab.metrics.is_empty() => "no job of it has logged a metric yet".into(),
+                None => "`xlab show JOB` lists a job's metrics".into(),
+            };
+            return Err(user_error(format!("{what}: no metric `{m}` in experiment `{}`\n  hint: {hint}", exp.name)));
+        }
+    }
+    Ok(())
 }
 
 /// Stage and every sweep key: the groups of the default results table.
@@ -964,65 +1029,53 @@ fn default_group_keys(exp: &xlab_store::ExperimentRecord) -> Vec<String> {
 /// every job in one group with an empty key): a job field (stage, status, seed, id, experiment)
 /// or a dotted config key of at least one job, with a "did you mean".
 fn check_group_keys(
-    store: &dyn ResultStore,
+    vocab: &vocab::Vocab,
     exp: &xlab_store::ExperimentRecord,
     keys: &[String],
     flag: &str,
 ) -> Result<(), Failure> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    fn paths(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
-        if let serde_json::Value::Object(m) = v {
-            for (k, v) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                paths(&p, v, out);
-                out.insert(p);
-            }
-        }
-    }
-    let mut known: std::collections::BTreeSet<String> =
-        ["stage", "status", "seed", "id", "experiment"].into_iter().map(String::from).collect();
-    for id in exp.stages.iter().flat_map(|s| s.jobs.iter()) {
-        if let Some(j) = store.job(id)? {
-            paths("", &j.config, &mut known);
-        }
-    }
     for k in keys {
-        if !known.contains(k) {
-            let hint = match xlab_spec::did_you_mean(k, known.iter().map(String::as_str)) {
+        if !vocab.is_key(k) {
+            let hint = match vocab.suggest_key(k) {
                 Some(c) => format!("did you mean `{c}`?"),
                 None => "group by a job field (stage, status, seed, id) or a config key, e.g. `optimizer.lr`".into(),
             };
-            return Err(Failure {
-                code: exit::USER,
-                error: anyhow::anyhow!(
-                    "{flag} `{k}`: no job of experiment `{}` has this field or config key\n  hint: {hint}",
-                    exp.name
-                ),
-            });
+            return Err(user_error(format!(
+                "{flag} `{k}`: no job of experiment `{}` has this field or config key\n  hint: {hint}",
+                exp.name
+            )));
         }
     }
     Ok(())
 }
 
+/// A valid filter that matched no job says so (on stderr; the empty table still prints).
+fn say_matched_none(exp: &xlab_store::ExperimentRecord) {
+    let n: usize = exp.stages.iter().map(|s| s.jobs.len()).sum();
+    eprintln!("the filter matched 0 of the {n} job(s) of experiment `{}`", exp.name);
+}
+
 fn grouped_query(
     store: &dyn ResultStore,
-    experiment: Option<&str>,
+    exp: &xlab_store::ExperimentRecord,
+    vocab: &vocab::Vocab,
     format: Format,
     wanted: &[String],
     filter: Option<&filter::Filter>,
     g: &Grouping<'_>,
 ) -> Result<(), Failure> {
     let user = |m: String| Failure { code: exit::USER, error: anyhow::anyhow!(m) };
-    let exp = pick_experiment(store, experiment)?;
-    check_group_keys(store, &exp, g.keys, "--group-by")?;
-    let keys: Vec<String> = if g.keys.is_empty() { default_group_keys(&exp) } else { g.keys.to_vec() };
+    let keys: Vec<String> = if g.keys.is_empty() { default_group_keys(exp) } else { g.keys.to_vec() };
     let aggs = match g.aggs {
-        Some(text) => aggregate::parse_aggs(text).map_err(|m| user(format!("bad --agg: {m}")))?,
+        Some(text) => {
+            let aggs = aggregate::parse_aggs(text).map_err(|m| user(format!("bad --agg: {m}")))?;
+            let named: Vec<String> = aggs.iter().filter(|a| a.func != "count").map(|a| a.metric.clone()).collect();
+            check_metrics(vocab, exp, &named, "--agg")?;
+            aggs
+        }
         None => {
             let metrics = if wanted.is_empty() {
-                table::default_metrics(&table::rows(store, &exp, filter)?)
+                table::default_metrics(&table::rows(store, exp, filter)?)
             } else {
                 wanted.to_vec()
             };
@@ -1034,7 +1087,10 @@ fn grouped_query(
             a
         }
     };
-    let mut grouped = aggregate::group(store, &exp, filter, &keys, &aggs)?;
+    let mut grouped = aggregate::group(store, exp, filter, &keys, &aggs)?;
+    if grouped.rows.is_empty() && filter.is_some() {
+        say_matched_none(exp);
+    }
     if let Some(by) = g.sort {
         grouped.sort(by).map_err(|m| user(format!("bad --sort: {m}")))?;
     }
@@ -1057,41 +1113,14 @@ fn grouped_query(
 
 fn query(
     store: &dyn ResultStore,
-    experiment: Option<&str>,
+    exp: &xlab_store::ExperimentRecord,
     format: Format,
     wanted: &[String],
     filter: Option<&filter::Filter>,
 ) -> Result<(), Failure> {
-    let exp = pick_experiment(store, experiment)?;
-    let rows = table::rows(store, &exp, filter)?;
-    // Metric names are checked against every job of the experiment, not only the ones the
-    // filter kept: a filter that matches nothing does not make a metric unknown.
-    let unfiltered;
-    let every: &[table::Row] = match filter {
-        Some(_) => {
-            unfiltered = table::rows(store, &exp, None)?;
-            &unfiltered
-        }
-        None => &rows,
-    };
+    let rows = table::rows(store, exp, filter)?;
     if rows.is_empty() && filter.is_some() {
-        let n: usize = every.iter().map(|r| r.jobs).sum();
-        eprintln!("the filter matched 0 of the {n} job(s) of experiment `{}`", exp.name);
-    }
-    let known: Vec<&String> = every.iter().flat_map(|r| r.metrics.keys()).collect();
-    for m in wanted {
-        if !known.contains(&m) {
-            let hint =
-                xlab_spec::did_you_mean(m, known.iter().map(|k| k.as_str())).map(|c| format!("did you mean `{c}`?"));
-            return Err(Failure {
-                code: exit::USER,
-                error: anyhow::anyhow!(
-                    "no metric `{m}` in experiment `{}`\n  hint: {}",
-                    exp.name,
-                    hint.unwrap_or_else(|| "`xlab query --format json` lists every metric".into())
-                ),
-            });
-        }
+        say_matched_none(exp);
     }
     let metrics = if wanted.is_empty() { table::default_metrics(&rows) } else { wanted.to_vec() };
     match format {

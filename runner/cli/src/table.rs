@@ -57,18 +57,17 @@ pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Fil
     Ok(out)
 }
 
-/// The metrics shown by default: the `test.*` metrics without per-group breakdowns and the
-/// `sample.*` metrics; else `val.*`; else all.
+/// The metrics shown by default, a compact set: of the `test.*` metrics (else `val.*`, else
+/// all) accuracy, loss, ECE and the worst group's accuracy, without per-class recalls or
+/// per-group breakdowns (`-m test.class_recall.3` asks for one); and the `sample.*` metrics.
 pub fn default_metrics(rows: &[Row]) -> Vec<String> {
     let mut names: Vec<String> = rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
     names.sort();
     names.dedup();
-    let pick = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).cloned().collect::<Vec<_>>();
-    let headline: Vec<String> = names
-        .iter()
-        .filter(|n| (n.starts_with("test.") && !n.contains(".group_")) || n.starts_with("sample."))
-        .cloned()
-        .collect();
+    let compact = |n: &&String| !n.contains(".group_") && !n.contains("class_recall");
+    let pick =
+        |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).filter(compact).cloned().collect::<Vec<_>>();
+    let headline: Vec<String> = pick("test.").into_iter().chain(pick("sample.")).collect();
     [headline, pick("val.")].into_iter().find(|m| !m.is_empty()).unwrap_or(names)
 }
 

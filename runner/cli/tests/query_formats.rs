@@ -135,3 +135,37 @@ fn an_unknown_group_by_key_is_refused() {
     assert!(err.contains("--group-by `stagee`") && err.contains("did you mean `stage`?"), "{err}");
     run(&store, &["query", "--group-by", "optimizer.lr"]);
 }
+
+/// Every name a query is given is checked against what the experiment's jobs hold: a typo in a
+/// filter, `-m`, `--agg`, `--sort`, `--x` or a plot's metric is an error (exit 2) with a
+/// "did you mean", never an empty table; an unquoted word gets a hint to quote it; a bare
+/// metric name means its final value.
+#[test]
+fn typos_in_queries_and_plots_are_errors_with_a_did_you_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("formats.jsonl");
+    std::fs::write(&lines, export_lines()).unwrap();
+    let store = dir.path().join("results");
+    run(&store, &["import", lines.to_str().unwrap()]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["query", "last(val.accuracy) > 0.5"], "did you mean `val.acc`?"),
+        (&["query", "max(test.acc) > 0.5 and optimizer.lrr < 1"], "did you mean `optimizer.lr`?"),
+        (&["query", "stage == train"], r#"quote it: `stage == "train"`"#),
+        (&["query", "--group-by", "stage", "--sort", "-mean(test.accc)"], "did you mean `mean(test.acc)`?"),
+        (&["query", "--agg", "mean(test.ac),count()"], "did you mean `test.acc`?"),
+        (&["plot", "test.accuracy"], "did you mean `test.acc`?"),
+        (&["plot", "test.acc", "--x", "optimizer.lrr"], "did you mean `optimizer.lr`?"),
+        (&["plot", "test.acc", "--filter", "seeed == 1"], "did you mean `seed`?"),
+    ];
+    for (args, hint) in cases {
+        let out = Command::new(xlab()).arg("--store").arg(&store).current_dir(dir.path()).args(*args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(hint), "{args:?}: {err}");
+    }
+    // `val.acc > 0.8` is `last(val.acc) > 0.8`.
+    let bare = run(&store, &["query", "val.acc > 0.8", "--format", "csv"]);
+    let last = run(&store, &["query", "last(val.acc) > 0.8", "--format", "csv"]);
+    assert_eq!(bare, last);
+    assert_eq!(bare.lines().count(), 2, "only the lr=0.1 row: {bare}");
+}

@@ -1,0 +1,61 @@
+//! What an experiment's jobs can be asked about: their fields, config keys and metrics. Every
+//! name a query, table or plot is given is checked against it, so a typo is an error with a
+//! "did you mean" instead of an empty or one-group answer.
+
+use std::collections::BTreeSet;
+use xlab_store::{ExperimentRecord, ResultStore};
+
+/// Job fields every job has, besides its config keys.
+pub const FIELDS: [&str; 5] = ["stage", "status", "seed", "id", "experiment"];
+
+pub struct Vocab {
+    /// Job fields and every dotted config key (maps included: `data`, `data.path`) of at
+    /// least one job.
+    pub keys: BTreeSet<String>,
+    /// Every metric at least one job has logged.
+    pub metrics: BTreeSet<String>,
+}
+
+impl Vocab {
+    pub fn of(store: &dyn ResultStore, exp: &ExperimentRecord) -> anyhow::Result<Vocab> {
+        fn paths(prefix: &str, v: &serde_json::Value, out: &mut BTreeSet<String>) {
+            if let serde_json::Value::Object(m) = v {
+                for (k, v) in m {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    paths(&p, v, out);
+                    out.insert(p);
+                }
+            }
+        }
+        let mut keys: BTreeSet<String> = FIELDS.into_iter().map(String::from).collect();
+        let mut metrics = BTreeSet::new();
+        for id in exp.stages.iter().flat_map(|s| s.jobs.iter()) {
+            if let Some(j) = store.job(id)? {
+                paths("", &j.config, &mut keys);
+                metrics.extend(j.summary.keys().cloned());
+            }
+        }
+        Ok(Vocab { keys, metrics })
+    }
+
+    pub fn is_key(&self, name: &str) -> bool {
+        self.keys.contains(name)
+    }
+
+    pub fn is_metric(&self, name: &str) -> bool {
+        self.metrics.contains(name)
+    }
+
+    /// The closest key or metric to a mistyped name.
+    pub fn suggest(&self, name: &str) -> Option<String> {
+        xlab_spec::did_you_mean(name, self.keys.iter().chain(&self.metrics).map(String::as_str)).map(str::to_string)
+    }
+
+    pub fn suggest_metric(&self, name: &str) -> Option<String> {
+        xlab_spec::did_you_mean(name, self.metrics.iter().map(String::as_str)).map(str::to_string)
+    }
+
+    pub fn suggest_key(&self, name: &str) -> Option<String> {
+        xlab_spec::did_you_mean(name, self.keys.iter().map(String::as_str)).map(str::to_string)
+    }
+}
