@@ -15,6 +15,7 @@ mod plot;
 mod plugins;
 mod raster;
 mod scan;
+mod show;
 mod status;
 mod table;
 mod vocab;
@@ -121,6 +122,11 @@ struct RunArgs {
     /// local.
     #[arg(long, value_enum)]
     executor: Option<ExecutorKind>,
+    /// Run the done jobs this filter matches again, as new attempts (the earlier attempts stay
+    /// in each job's record, its earlier files in `runs/JOB/attempt-N/`), e.g. after changing
+    /// a plugin: `--rerun 'step_rule.use ~ "^sam"'`. The filter language of `xlab query`.
+    #[arg(long, value_name = "FILTER")]
+    rerun: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -248,8 +254,16 @@ enum Command {
         #[arg(long, short = 'e')]
         experiment: Option<String>,
     },
-    /// One job: config, provenance, status history, final metrics, metric series, artifacts (JSON).
-    Show { job: String },
+    /// One job, readably: status, sweep point, config, attempts, final metrics, provenance and
+    /// files. JOB may be a unique prefix of its id. `--json`: the whole record, with every
+    /// metric series.
+    Show {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The experiments the store holds: their files, stages and how many jobs are done.
+    Experiments,
     /// Two jobs side by side: the config keys that differ, then every final metric of either
     /// with its difference (b − a).
     Compare { a: String, b: String },
@@ -451,22 +465,28 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        Command::Show { job } => {
+        Command::Show { job, json } => {
             let store = existing_store(&cli.store)?;
-            let rec = store.job(job)?.with_context(|| format!("no job `{job}` in store {}", store.dir().display()))?;
-            let mut v = serde_json::to_value(&rec).expect("json");
-            let metrics = xlab_proto::floats::Floats::to_repr(&store.metrics_of(job)?);
-            v["metrics"] = serde_json::to_value(metrics).expect("json");
-            outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            let rec = find_job(&store, job)?;
+            let series = store.metrics_of(&rec.id)?;
+            if *json {
+                let mut v = serde_json::to_value(&rec).expect("json");
+                v["metrics"] = serde_json::to_value(xlab_proto::floats::Floats::to_repr(&series)).expect("json");
+                outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                out!("{}", show::summary(&store, &rec, &series));
+            }
+            Ok(0)
+        }
+        Command::Experiments => {
+            let store = existing_store(&cli.store)?;
+            out!("{}", show::experiments(&store)?);
             Ok(0)
         }
         Command::Status { experiment } => status_command(cli, experiment.as_deref()),
         Command::Compare { a, b } => {
             let store = existing_store(&cli.store)?;
-            let get = |id: &str| -> Result<xlab_store::JobRecord, Failure> {
-                Ok(store.job(id)?.with_context(|| format!("no job `{id}` in store {}", store.dir().display()))?)
-            };
-            let (ra, rb) = (get(a)?, get(b)?);
+            let (ra, rb) = (find_job(&store, a)?, find_job(&store, b)?);
             outln!("a: {} ({} {}, {})", ra.id, ra.experiment, ra.stage, ra.status.as_str());
             outln!("b: {} ({} {}, {})", rb.id, rb.experiment, rb.stage, rb.status.as_str());
             let (fa, fb) = (flatten_json(&ra.config), flatten_json(&rb.config));
@@ -650,7 +670,7 @@ fn status_command(cli: &Cli, experiment: Option<&str>) -> Result<u8, Failure> {
 }
 
 /// `{"optimizer": {"lr": 0.1}}` → `optimizer.lr = 0.1`.
-fn flatten_json(v: &serde_json::Value) -> std::collections::BTreeMap<String, serde_json::Value> {
+pub(crate) fn flatten_json(v: &serde_json::Value) -> std::collections::BTreeMap<String, serde_json::Value> {
     fn walk(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeMap<String, serde_json::Value>) {
         match v {
             serde_json::Value::Object(m) => {
@@ -727,6 +747,63 @@ fn slurm_settings(how: &RunArgs, plan: &xlab_spec::Plan) -> Option<xlab_spec::fi
     }
 }
 
+/// Looks at the plan's jobs the store already holds as done, before a run skips them: returns
+/// those `--rerun` selects, and warns about the others that a different build of one of their
+/// plugins produced (same id and version, another file: a plugin edited and rebuilt without a
+/// version bump), which would otherwise be reused without a word.
+fn review_done_jobs(
+    store: &dyn ResultStore,
+    plan: &xlab_spec::Plan,
+    rerun: Option<&str>,
+) -> Result<std::collections::HashSet<String>, Failure> {
+    let mut filter = parse_filter(rerun)?;
+    let mut done = Vec::new();
+    for job in plan.jobs() {
+        if let Some(rec) = store.job(job.id.as_str())?.filter(|r| r.status == xlab_store::JobStatus::Done) {
+            done.push((job, rec));
+        }
+    }
+    let mut selected = std::collections::HashSet::new();
+    if let Some((f, q)) = &mut filter {
+        let vocab = vocab::Vocab::of_records(done.iter().map(|(_, r)| r));
+        if done.is_empty() {
+            tracing::warn!("--rerun: no job of `{}` is done yet, so there is nothing to run again", plan.name);
+        } else {
+            f.bind(&vocab).map_err(|e| user_error(format!("bad --rerun filter:\n{}", e.render(q))))?;
+            for (job, rec) in &done {
+                if f.matches(&filter::StoredJob { record: rec, series: None }) {
+                    selected.insert(job.id.to_string());
+                }
+            }
+            tracing::info!(
+                "--rerun matched {} of the {} done job(s); they run again as new attempts",
+                selected.len(),
+                done.len()
+            );
+        }
+    }
+    // Plugin id -> (version, jobs built by another file of it).
+    let mut stale: std::collections::BTreeMap<&str, (&str, usize)> = Default::default();
+    for (job, rec) in done.iter().filter(|(j, _)| !selected.contains(j.id.as_str())) {
+        for used in &job.plugins {
+            let before = rec.provenance.plugins.iter().find(|p| p.id == used.id);
+            if before.is_some_and(|b| !b.sha256.is_empty() && b.sha256 != used.sha256) {
+                stale.entry(&used.id).or_insert((&used.version, 0)).1 += 1;
+            }
+        }
+    }
+    for (plugin, (version, n)) in stale {
+        tracing::warn!(
+            "{n} done job(s) of `{}` were produced by another build of plugin `{plugin}` {version} (its file's SHA-256 \
+             differs) and are kept as done, since the version did not change\n  hint: to run them with this build, \
+             `xlab run FILE --rerun FILTER` (e.g. --rerun 'step_rule.use ~ \"^{plugin}\\.\"'); bump the plugin's version \
+             when its behaviour changes",
+            plan.name
+        );
+    }
+    Ok(selected)
+}
+
 fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
     let (pool, slurm) = match slurm_settings(how, &plan) {
@@ -744,6 +821,7 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
         }
     };
     let store = open_store(&cli.store)?;
+    let rerun = review_done_jobs(&store, &plan, how.rerun.as_deref())?;
     let total = plan.jobs().count();
     let cap = how.max_parallel.or(plan.max_parallel).map(|m| m as usize);
     let (at_once, on) = match &slurm {
@@ -765,6 +843,7 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
         stop: count_stop_requests(),
         fail_fast,
         max_parallel: how.max_parallel.map(|m| m as usize),
+        rerun,
     };
     let started = Instant::now();
     let mut finished = 0usize;
@@ -962,6 +1041,27 @@ fn named_experiment(store: &dyn ResultStore, name: &str) -> Result<xlab_store::E
         code: exit::USER,
         error: anyhow::anyhow!("no experiment `{name}` in store {}\n  hint: {hint}", store.dir().display()),
     })
+}
+
+/// The job a command names by its id or a unique prefix of it (`xlab show 3f2a`).
+fn find_job(store: &dyn ResultStore, id: &str) -> Result<xlab_store::JobRecord, Failure> {
+    if let Some(rec) = store.job(id)? {
+        return Ok(rec);
+    }
+    let found = if id.is_empty() { Vec::new() } else { store.job_ids_with_prefix(id, 6)? };
+    match found.as_slice() {
+        [one] => Ok(store.job(one)?.with_context(|| format!("job {one} vanished from the store"))?),
+        [] => Err(user_error(format!(
+            "no job `{id}` in store {}\n  hint: `xlab query --format json` and `xlab plan FILE` list job ids",
+            store.dir().display()
+        ))),
+        many => Err(user_error(format!(
+            "`{id}` is the start of {} job ids ({}{}); give more of it",
+            if many.len() > 5 { "more than 5".to_string() } else { many.len().to_string() },
+            many.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if many.len() > 5 { ", …" } else { "" }
+        ))),
+    }
 }
 
 /// A filter given on the command line; a mistake is the user's, with a caret under it.

@@ -3,7 +3,7 @@
 //! "did you mean" instead of an empty or one-group answer.
 
 use std::collections::BTreeSet;
-use xlab_store::{ExperimentRecord, ResultStore};
+use xlab_store::{ExperimentRecord, JobRecord, ResultStore};
 
 /// Job fields every job has, besides its config keys.
 pub const FIELDS: [&str; 5] = ["stage", "status", "seed", "id", "experiment"];
@@ -18,6 +18,14 @@ pub struct Vocab {
 
 impl Vocab {
     pub fn of(store: &dyn ResultStore, exp: &ExperimentRecord) -> anyhow::Result<Vocab> {
+        let mut records = Vec::new();
+        for id in exp.stages.iter().flat_map(|s| s.jobs.iter()) {
+            records.extend(store.job(id)?);
+        }
+        Ok(Vocab::of_records(records.iter()))
+    }
+
+    pub fn of_records<'a>(records: impl Iterator<Item = &'a JobRecord>) -> Vocab {
         fn paths(prefix: &str, v: &serde_json::Value, out: &mut BTreeSet<String>) {
             if let serde_json::Value::Object(m) = v {
                 for (k, v) in m {
@@ -29,13 +37,11 @@ impl Vocab {
         }
         let mut keys: BTreeSet<String> = FIELDS.into_iter().map(String::from).collect();
         let mut metrics = BTreeSet::new();
-        for id in exp.stages.iter().flat_map(|s| s.jobs.iter()) {
-            if let Some(j) = store.job(id)? {
-                paths("", &j.config, &mut keys);
-                metrics.extend(j.summary.keys().cloned());
-            }
+        for j in records {
+            paths("", &j.config, &mut keys);
+            metrics.extend(j.summary.keys().cloned());
         }
-        Ok(Vocab { keys, metrics })
+        Vocab { keys, metrics }
     }
 
     pub fn is_key(&self, name: &str) -> bool {

@@ -101,7 +101,7 @@ fn killing_the_coordinator_at_random_moments_loses_nothing() {
         .iter()
         .map(|id| {
             let v: serde_json::Value =
-                serde_json::from_slice(&cmd(&faulty).args(["show", id]).output().unwrap().stdout).unwrap();
+                serde_json::from_slice(&cmd(&faulty).args(["show", id, "--json"]).output().unwrap().stdout).unwrap();
             v["attempts"].as_array().unwrap().iter().filter(|a| a["outcome"] == "interrupted").count()
         })
         .sum();
@@ -156,7 +156,7 @@ fn a_killed_worker_fails_its_job_as_crashed_and_the_rerun_resumes_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("resumed") && err.contains("from its checkpoint after epoch"), "{err}");
-    let out = cmd(&store).args(["show", &job]).output().unwrap();
+    let out = cmd(&store).args(["show", &job, "--json"]).output().unwrap();
     let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rec["status"], "done");
     let attempts = rec["attempts"].as_array().unwrap();
@@ -446,7 +446,7 @@ fn a_job_takes_the_slots_its_stage_asks_for() {
         .iter()
         .map(|id| {
             let v: serde_json::Value =
-                serde_json::from_slice(&cmd(&store).args(["show", id]).output().unwrap().stdout).unwrap();
+                serde_json::from_slice(&cmd(&store).args(["show", id, "--json"]).output().unwrap().stdout).unwrap();
             v["provenance"]["threads"].as_u64().unwrap()
         })
         .collect();
@@ -609,7 +609,7 @@ fn gc_removes_the_checkpoints_no_job_needs() {
         assert!(checkpoint_files(&store, id).is_empty());
         assert!(store.join("runs").join(id).join("weights.safetensors").exists());
         let v: serde_json::Value =
-            serde_json::from_slice(&cmd(&store).args(["show", id]).output().unwrap().stdout).unwrap();
+            serde_json::from_slice(&cmd(&store).args(["show", id, "--json"]).output().unwrap().stdout).unwrap();
         let names: Vec<&str> = v["artifacts"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
         assert!(!names.contains(&"checkpoint") && names.contains(&"weights"), "{names:?}");
     }
@@ -657,7 +657,7 @@ fn a_run_stopped_inside_an_epoch_resumes_there() {
         .iter()
         .filter_map(|id| {
             let show: serde_json::Value =
-                serde_json::from_slice(&cmd(&store).args(["show", id]).output().unwrap().stdout).unwrap();
+                serde_json::from_slice(&cmd(&store).args(["show", id, "--json"]).output().unwrap().stdout).unwrap();
             show["artifacts"][0]["kind"].as_str().map(str::to_string)
         })
         .collect();

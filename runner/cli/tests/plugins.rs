@@ -176,7 +176,7 @@ fn plugin_jobs_record_provenance_and_a_failing_plugin_fails_only_its_job() {
         .next()
         .unwrap()
         .to_string();
-    let out = cmd(&store).args(["show", &sam_job]).output().unwrap();
+    let out = cmd(&store).args(["show", &sam_job, "--json"]).output().unwrap();
     let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // The resolved config: defaults filled in.
     assert_eq!(rec["config"]["step_rule"], serde_json::json!({"use": "sam.sam", "rho": 0.1, "m": 0}));
@@ -226,4 +226,68 @@ fn component_mistakes_are_caught_before_anything_runs() {
         assert!(err.contains(&at), "{name}: {at} in {err}");
     }
     assert!(!store.exists());
+}
+
+/// A plugin edited and rebuilt without a version bump: its done jobs are kept (the identity
+/// holds the plugin's id and version), but the run says which plugin and how many jobs; `--rerun
+/// FILTER` runs them again as new attempts, keeping the first attempt in the record and its
+/// files in `runs/JOB/attempt-1/`.
+#[test]
+fn a_rebuilt_plugin_is_named_and_rerun_runs_selected_jobs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("rebuilt.yaml");
+    let so = dir.path().join("fixture.so");
+    std::fs::copy(release_file("libxlab_fixture_plugin.so"), &so).unwrap();
+    std::fs::write(
+        &file,
+        "name: rebuilt\nplugins: [fixture.so]\ndefaults:\n  task: train\n  data: {name: two_moons, n_train: 128, n_val: 0, n_test: 64}\n  model: {name: mlp, hidden: [8]}\n  optimizer: {name: sgd, lr: 0.1}\n  epochs: 1\nstages:\n  plain: {}\n  fx:\n    batch_transform: {use: fixture.clean_loss}\n",
+    )
+    .unwrap();
+    let ok = |out: Output| {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    assert!(!err.contains("another build"), "nothing changed yet: {err}");
+
+    // "Rebuild" the plugin: same id and version, different bytes.
+    let mut bytes = std::fs::read(&so).unwrap();
+    bytes.extend_from_slice(b"rebuilt");
+    std::fs::write(&so, bytes).unwrap();
+    let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    assert!(err.contains("1 done job(s) of `rebuilt` were produced by another build of plugin `fixture`"), "{err}");
+    assert!(err.contains("--rerun"), "{err}");
+    assert!(err.contains("0 done, 2 skipped"), "{err}");
+
+    let ids = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
+    let fx = ids
+        .lines()
+        .skip_while(|l| !l.contains("stage `fx`"))
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let err = ok(cmd(&store).arg("run").arg(&file).args(["--rerun", "stage == \"fx\""]).output().unwrap());
+    assert!(err.contains("--rerun matched 1 of the 2 done job(s)"), "{err}");
+    assert!(err.contains("1 done, 1 skipped"), "{err}");
+    assert!(!err.contains("another build"), "the rerun job is this build's now: {err}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&cmd(&store).args(["show", &fx, "--json"]).output().unwrap().stdout).unwrap();
+    assert_eq!(rec["status"], "done");
+    assert_eq!(rec["attempts"].as_array().unwrap().len(), 2, "{rec}");
+    assert!(
+        store.join("runs").join(&fx).join("attempt-1").read_dir().unwrap().next().is_some(),
+        "first attempt's files kept"
+    );
+    // Now nothing differs: a plain run keeps everything without a warning.
+    let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    assert!(!err.contains("another build") && err.contains("0 done, 2 skipped"), "{err}");
+    // A filter mistake is caught before anything runs.
+    let out = cmd(&store).arg("run").arg(&file).args(["--rerun", "stagee == \"fx\""]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("did you mean `stage`?"), "{}", text(&out.stderr));
 }

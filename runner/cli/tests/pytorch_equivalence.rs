@@ -220,7 +220,7 @@ stages:
     let show = Command::new(xlab())
         .arg("--store")
         .arg(&store)
-        .args(["show", job.file_name().unwrap().to_str().unwrap()])
+        .args(["show", job.file_name().unwrap().to_str().unwrap(), "--json"])
         .output()
         .unwrap();
     let record: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();

@@ -169,3 +169,35 @@ fn typos_in_queries_and_plots_are_errors_with_a_did_you_mean() {
     assert_eq!(bare, last);
     assert_eq!(bare.lines().count(), 2, "only the lr=0.1 row: {bare}");
 }
+
+/// `xlab show` is readable by default and takes a unique prefix of an id; `xlab experiments`
+/// lists what the store holds.
+#[test]
+fn show_reads_well_and_takes_a_prefix_and_experiments_lists_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("formats.jsonl");
+    std::fs::write(&lines, export_lines()).unwrap();
+    let store = dir.path().join("results");
+    run(&store, &["import", lines.to_str().unwrap()]);
+    let shown = run(&store, &["show", "0000000000000002"]);
+    for want in [
+        "job 0000000000000002: done",
+        "stage `train`, seed 1",
+        "point: optimizer.lr=0.01",
+        "optimizer.name: sgd",
+        "test.acc",
+    ] {
+        assert!(shown.contains(want), "{want}: {shown}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&run(&store, &["show", "0000000000000002", "--json"])).unwrap();
+    assert_eq!(json["metrics"]["test.acc"].as_array().unwrap().len(), 2);
+    let out = Command::new(xlab()).arg("--store").arg(&store).args(["show", "000000000000000"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is the start of more than 5 job ids"), "{err}");
+    let listed = run(&store, &["experiments"]);
+    assert!(
+        listed.contains("formats") && listed.contains("8: 7 done, 1 failed") && listed.contains("train, tune"),
+        "{listed}"
+    );
+}

@@ -28,7 +28,7 @@ fn experiment(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn show(store: &Path, id: &str) -> serde_json::Value {
-    let out = cmd(store).args(["show", id]).output().unwrap();
+    let out = cmd(store).args(["show", id, "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }

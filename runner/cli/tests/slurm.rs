@@ -247,7 +247,7 @@ fn job_past_epoch(store: &Path, epoch: u64, but: &[&str], within: Duration) -> S
 }
 
 fn record(store: &Path, id: &str) -> serde_json::Value {
-    let out = cmd(store).args(["show", id]).output().unwrap();
+    let out = cmd(store).args(["show", id, "--json"]).output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

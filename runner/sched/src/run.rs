@@ -35,6 +35,8 @@ pub enum SchedError {
          `--executor slurm` to re-attach to it, or `scancel {slurm}` first to run it here"
     )]
     StillInSlurm { job: String, stage: String, slurm: String },
+    #[error("{0}")]
+    Io(String),
 }
 
 pub struct RunOptions {
@@ -55,6 +57,10 @@ pub struct RunOptions {
     pub fail_fast: bool,
     /// At most this many jobs at once (`--max-parallel`; else the file's `max_parallel:`).
     pub max_parallel: Option<usize>,
+    /// Jobs to run again although the store holds them as done (`xlab run --rerun FILTER`):
+    /// each gets a new attempt, its earlier attempts stay in its record and its earlier files
+    /// move to `runs/JOB/attempt-N/`.
+    pub rerun: std::collections::HashSet<String>,
 }
 
 /// How often the loop looks at stop requests, timeouts and retry delays while it waits.
@@ -268,6 +274,12 @@ pub fn run(
             Some(r) => r,
             None => new_record(plan, job),
         };
+        if rec.status == JobStatus::Done && opts.rerun.contains(job.id.as_str()) {
+            set_aside_files(store, &rec)?;
+            rec.status = JobStatus::Pending;
+            rec.summary.clear();
+            rec.artifacts.clear();
+        }
         if rec.status == JobStatus::Done {
             report.skipped += 1;
             observe(Progress::Skipped { job });
@@ -776,6 +788,27 @@ pub fn run(
 
 fn jobs_exec_timeout(jobs: &[&Job], index: &HashMap<&str, usize>, id: &str) -> Option<Duration> {
     index.get(id).and_then(|&i| jobs[i].exec.timeout_ms).map(Duration::from_millis)
+}
+
+/// Moves the files a finished job left in its run folder (checkpoints, weights, samples) to
+/// `attempt-N/` inside it, N its last attempt, so that running it again starts afresh and
+/// keeps them.
+fn set_aside_files(store: &dyn ResultStore, rec: &JobRecord) -> Result<(), SchedError> {
+    let dir = store.run_dir(&rec.id);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+    let last = rec.attempts.last().map_or(0, |a| a.number);
+    let to = dir.join(format!("attempt-{last}"));
+    let io = |e: std::io::Error| {
+        SchedError::Io(format!("cannot set aside the files of job {} in {}: {e}", rec.id, dir.display()))
+    };
+    for entry in entries {
+        let entry = entry.map_err(io)?;
+        if entry.file_type().map_err(io)?.is_file() {
+            std::fs::create_dir_all(&to).map_err(io)?;
+            std::fs::rename(entry.path(), to.join(entry.file_name())).map_err(io)?;
+        }
+    }
+    Ok(())
 }
 
 fn new_record(plan: &Plan, job: &Job) -> JobRecord {

@@ -274,6 +274,9 @@ mod tests {
         fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
             self.inner.jobs()
         }
+        fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> Result<Vec<String>, StoreError> {
+            self.inner.job_ids_with_prefix(prefix, at_most)
+        }
         fn put_metrics_batch(&self, job: &str, points: &[(u64, BTreeMap<String, f64>)]) -> Result<(), StoreError> {
             self.inner.put_metrics_batch(job, points)
         }

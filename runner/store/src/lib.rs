@@ -217,6 +217,15 @@ impl ResultStore for Store {
         self.all(&self.jobs)
     }
 
+    fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for kv in self.jobs.scan_prefix(prefix.as_bytes()).take(at_most) {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+
     /// Writes metric points of one job at several steps. Points are kept in chunks of
     /// [`CHUNK_STEPS`] steps per metric (16 bytes a point); each touched chunk is read, merged
     /// (a rewritten point replaces the old one) and written back in one sled batch.
@@ -294,6 +303,9 @@ pub trait ResultStore: Send + Sync {
     fn job(&self, id: &str) -> Result<Option<JobRecord>>;
 
     fn jobs(&self) -> Result<Vec<JobRecord>>;
+
+    /// Up to `at_most` ids of jobs that start with `prefix`, in order.
+    fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> Result<Vec<String>>;
 
     /// Writes metric points of one job at one step. Rewriting a point replaces it.
     fn put_metrics(&self, job: &str, step: u64, values: &BTreeMap<String, f64>) -> Result<()> {

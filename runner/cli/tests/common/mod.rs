@@ -53,7 +53,7 @@ pub fn job_ids(store: &Path, file: &Path) -> Vec<String> {
 pub fn snapshot(store: &Path, ids: &[String]) -> Vec<serde_json::Value> {
     ids.iter()
         .map(|id| {
-            let out = cmd(store).args(["show", id]).output().unwrap();
+            let out = cmd(store).args(["show", id, "--json"]).output().unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             // Wall-clock timings (`time.*`) are the only values two runs do not share.
@@ -68,7 +68,7 @@ pub fn snapshot(store: &Path, ids: &[String]) -> Vec<serde_json::Value> {
 }
 
 pub fn attempts(store: &Path, id: &str) -> Vec<String> {
-    let out = cmd(store).args(["show", id]).output().unwrap();
+    let out = cmd(store).args(["show", id, "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["attempts"].as_array().unwrap().iter().map(|a| a["outcome"].as_str().unwrap_or("").to_string()).collect()
 }
