@@ -804,7 +804,16 @@ fn review_done_jobs(
     Ok(selected)
 }
 
-fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
+/// Finds the jobs a store recorded before files were identified by content (see
+/// `Plan::adopt_earlier_ids`).
+fn adopt_earlier_ids(store: &dyn ResultStore, plan: &mut xlab_spec::Plan) {
+    let n = plan.adopt_earlier_ids(&mut |id| store.job(id).ok().flatten().is_some());
+    if n > 0 {
+        tracing::debug!("{n} job(s) of `{}` found under the ids they were recorded with", plan.name);
+    }
+}
+
+fn run(cli: &Cli, mut plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
     let (pool, slurm) = match slurm_settings(how, &plan) {
         Some(settings) => {
@@ -821,6 +830,7 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
         }
     };
     let store = open_store(&cli.store)?;
+    adopt_earlier_ids(&store, &mut plan);
     let rerun = review_done_jobs(&store, &plan, how.rerun.as_deref())?;
     let total = plan.jobs().count();
     let cap = how.max_parallel.or(plan.max_parallel).map(|m| m as usize);
@@ -960,8 +970,11 @@ fn run(cli: &Cli, plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
 }
 
 fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {
-    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let mut plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let store = if cli.store.join("db").exists() { Some(open_store(&cli.store)?) } else { None };
+    if let Some(s) = &store {
+        adopt_earlier_ids(s, &mut plan);
+    }
     outln!("experiment `{}` ({})", plan.name, file.display());
     for stage in &plan.stages {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();

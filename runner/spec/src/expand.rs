@@ -4,7 +4,7 @@ use crate::config::Task;
 use crate::config::{JobConfig, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
 use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Seeds, Select, CONFIG_KEYS};
-use crate::identity::{job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
+use crate::identity::{content_config, job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
 use crate::sweep::{
     check_key, check_size, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point,
     MAX_STAGE_JOBS,
@@ -67,6 +67,10 @@ pub struct StagePlan {
 #[derive(Debug, Clone)]
 pub struct Job {
     pub id: JobId,
+    /// The identity xlab gave this job before files were identified by content alone (their
+    /// absolute path was part of it), when that differs: a store made then holds the job under
+    /// it, and [`Plan::adopt_earlier_ids`] finds it there.
+    pub earlier_id: Option<JobId>,
     pub stage: String,
     pub seed: u64,
     pub config: JobConfig,
@@ -198,6 +202,30 @@ fn yaml_str(v: &serde_yaml::Value) -> String {
 impl Plan {
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
         self.stages.iter().flat_map(|s| s.jobs.iter())
+    }
+
+    /// Gives each job that a store holds only under its earlier identity (see
+    /// [`Job::earlier_id`]) that identity back, and its children the parent ids that go with it,
+    /// so results recorded before files were identified by content are found, not rerun.
+    /// `held`: whether the store holds a job. Returns how many jobs took their earlier id.
+    pub fn adopt_earlier_ids(&mut self, held: &mut dyn FnMut(&str) -> bool) -> usize {
+        let mut renamed: std::collections::HashMap<JobId, JobId> = std::collections::HashMap::new();
+        for stage in &mut self.stages {
+            for job in &mut stage.jobs {
+                for p in &mut job.parents {
+                    if let Some(to) = renamed.get(p) {
+                        *p = to.clone();
+                    }
+                }
+                if let Some(earlier) = &job.earlier_id {
+                    if !held(job.id.as_str()) && held(earlier.as_str()) {
+                        renamed.insert(job.id.clone(), earlier.clone());
+                        job.id = earlier.clone();
+                    }
+                }
+            }
+        }
+        renamed.len()
     }
 }
 
@@ -599,13 +627,34 @@ pub fn expand(
                 let refs: Vec<PluginRef> =
                     used.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
                 let pick_json = pick.as_ref().map(|p| serde_json::to_value(p).expect("picks serialize"));
+                let by_content = content_config(&config_json);
                 let id = job_id(&IdentityInput {
-                    config: &config_json,
+                    config: &by_content,
                     seed,
                     plugins: &refs,
                     parents: &parents,
                     pick: pick_json.as_ref(),
                 });
+                // The same job as identified before: absolute paths in the config, and the
+                // parents' earlier ids.
+                let parent_jobs = needs.as_ref().map(|(p, _)| &expanded[p.as_str()]);
+                let earlier_parents: Vec<JobId> = parents
+                    .iter()
+                    .map(|p| {
+                        parent_jobs
+                            .and_then(|js| js.iter().find(|j| &j.id == p))
+                            .and_then(|j| j.earlier_id.clone())
+                            .unwrap_or_else(|| p.clone())
+                    })
+                    .collect();
+                let earlier = job_id(&IdentityInput {
+                    config: &config_json,
+                    seed,
+                    plugins: &refs,
+                    parents: &earlier_parents,
+                    pick: pick_json.as_ref(),
+                });
+                let earlier_id = (earlier != id).then_some(earlier);
                 if !seen.insert(id.clone()) {
                     return Err(SpecError::new(
                         file,
@@ -616,6 +665,7 @@ pub fn expand(
                 }
                 jobs.push(Job {
                     id,
+                    earlier_id,
                     stage: stage_name.clone(),
                     seed,
                     config,

@@ -43,6 +43,20 @@ pub struct IdentityInput<'a> {
     pub pick: Option<&'a Value>,
 }
 
+/// The config as its identity sees it: each file (`{path, sha256}`) by its content alone, so the
+/// same experiment run from another folder (a moved checkout, a colleague's clone, a cluster
+/// mount) keeps its jobs.
+pub fn content_config(config: &Value) -> Value {
+    match config {
+        Value::Object(m) if m.len() == 2 && m.contains_key("path") && m.get("sha256").is_some_and(Value::is_string) => {
+            serde_json::json!({"sha256": m["sha256"]})
+        }
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), content_config(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(content_config).collect()),
+        other => other.clone(),
+    }
+}
+
 /// Computes a job's identity.
 pub fn job_id(input: &IdentityInput<'_>) -> JobId {
     let mut parents: Vec<&str> = input.parents.iter().map(JobId::as_str).collect();
@@ -163,6 +177,20 @@ mod tests {
         let plugin = [PluginRef { id: "sam.sam".into(), version: "0.1.0".into() }];
         let with_plugin = job_id(&IdentityInput { config: &base, seed: 0, plugins: &plugin, parents: &[], pick: None });
         assert_ne!(base_id, with_plugin);
+    }
+
+    #[test]
+    fn files_are_identified_by_content_alone() {
+        let here =
+            json!({"data": {"name": "csv", "path": {"path": "/home/ann/exp/bc.csv", "sha256": "ab12"}}, "epochs": 3});
+        let there =
+            json!({"data": {"name": "csv", "path": {"path": "/scratch/bob/x/bc.csv", "sha256": "ab12"}}, "epochs": 3});
+        let changed =
+            json!({"data": {"name": "csv", "path": {"path": "/home/ann/exp/bc.csv", "sha256": "cd34"}}, "epochs": 3});
+        let key = |c: &Value| id(&content_config(c), 0);
+        assert_eq!(key(&here), key(&there), "the same content in another folder is the same job");
+        assert_ne!(key(&here), key(&changed), "other content is another job");
+        assert_eq!(content_config(&here)["data"]["path"], json!({"sha256": "ab12"}));
     }
 
     #[test]

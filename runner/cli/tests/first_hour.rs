@@ -1,0 +1,111 @@
+//! What a new user meets in the first hour: a moved or cloned experiment keeps its results,
+//! stores made before files were identified by content still find their jobs, and editing an
+//! experiment file never hides what it ran before.
+
+use std::path::Path;
+use std::process::Output;
+
+mod common;
+use common::cmd;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    text(&out.stderr)
+}
+
+/// A small two-feature CSV with a header and a named label column.
+fn write_csv(path: &Path) {
+    let mut s = String::from("f1,f2,label\n");
+    for i in 0..120 {
+        let x = (i as f64 * 0.37).sin();
+        let y = (i as f64 * 0.11).cos();
+        s += &format!("{x:.4},{y:.4},{}\n", if x + y > 0.0 { "pos" } else { "neg" });
+    }
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, s).unwrap();
+}
+
+const CSV_EXPERIMENT: &str = "name: moved
+defaults:
+  task: train
+  data: {name: csv, path: data/points.csv, label: label, n_val: 20, n_test: 20}
+  model: {name: mlp, hidden: [8]}
+  optimizer: {name: sgd, lr: 0.1}
+  epochs: 2
+  batch_size: 16
+stages:
+  train: {seeds: 2}
+  eval:
+    needs: train
+    task: evaluate
+";
+
+#[test]
+fn a_moved_experiment_keeps_its_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    for at in ["here", "elsewhere/clone"] {
+        write_csv(&dir.path().join(at).join("data/points.csv"));
+        std::fs::write(dir.path().join(at).join("moved.yaml"), CSV_EXPERIMENT).unwrap();
+    }
+    let err = ok(cmd(&store).arg("run").arg(dir.path().join("here/moved.yaml")).output().unwrap());
+    assert!(err.contains("4 done, 0 skipped"), "{err}");
+    let err = ok(cmd(&store).arg("run").arg(dir.path().join("elsewhere/clone/moved.yaml")).output().unwrap());
+    assert!(err.contains("0 done, 4 skipped"), "the same content in another folder is the same jobs: {err}");
+    // Other content is other jobs.
+    let other = dir.path().join("elsewhere/clone/data/points.csv");
+    let changed = std::fs::read_to_string(&other).unwrap().replacen("pos", "neg", 3);
+    std::fs::write(&other, changed).unwrap();
+    let err = ok(cmd(&store).arg("run").arg(dir.path().join("elsewhere/clone/moved.yaml")).output().unwrap());
+    assert!(err.contains("4 done, 0 skipped"), "{err}");
+}
+
+/// A store written before files were identified by content holds the jobs under ids that hash
+/// the data file's absolute path. Such a store (made here by renaming a fresh store's ids to
+/// those, through export and import) still has its jobs found: nothing reruns, and a new stage
+/// consumes the old jobs.
+#[test]
+fn a_store_made_before_content_identity_still_finds_its_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    write_csv(&dir.path().join("data/points.csv"));
+    let file = dir.path().join("moved.yaml");
+    std::fs::write(&file, CSV_EXPERIMENT).unwrap();
+    let fresh = dir.path().join("fresh");
+    ok(cmd(&fresh).arg("run").arg(&file).output().unwrap());
+    ok(cmd(&fresh).args(["export", "-o"]).arg(dir.path().join("new.jsonl")).output().unwrap());
+    let old = dir.path().join("old");
+    let plan = xlab_spec::load(&file, &mut xlab_spec::NoPlugins).unwrap();
+    let mut lines = std::fs::read_to_string(dir.path().join("new.jsonl")).unwrap();
+    let mut renamed = 0;
+    for job in plan.jobs() {
+        let earlier = job.earlier_id.as_ref().expect("a job with a file has an earlier id that differs");
+        assert_ne!(&job.id, earlier);
+        renamed += lines.matches(job.id.as_str()).count();
+        lines = lines.replace(job.id.as_str(), earlier.as_str());
+        // The job's files (weights the next stage loads) go with it.
+        let (from, to) = (fresh.join("runs").join(job.id.as_str()), old.join("runs").join(earlier.as_str()));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&from).unwrap().flatten().filter(|f| f.path().is_file()) {
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+    assert!(renamed >= 4);
+    std::fs::write(dir.path().join("old.jsonl"), lines).unwrap();
+    ok(cmd(&old).arg("import").arg(dir.path().join("old.jsonl")).output().unwrap());
+    let err = ok(cmd(&old).arg("run").arg(&file).output().unwrap());
+    assert!(err.contains("0 done, 4 skipped"), "{err}");
+    // A stage added later runs against the jobs found under their earlier ids.
+    std::fs::write(
+        &file,
+        format!("{CSV_EXPERIMENT}  again:\n    needs: train\n    task: evaluate\n    data: {{n_test: 10}}\n"),
+    )
+    .unwrap();
+    let err = ok(cmd(&old).arg("run").arg(&file).output().unwrap());
+    assert!(err.contains("2 done, 4 skipped"), "{err}");
+    let q = text(&cmd(&old).args(["query", "--format", "csv"]).output().unwrap().stdout);
+    assert_eq!(q.lines().filter(|l| l.starts_with("train,")).count(), 1, "{q}");
+}
