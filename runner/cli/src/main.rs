@@ -194,6 +194,10 @@ enum Command {
         /// At most this many rows.
         #[arg(long)]
         limit: Option<usize>,
+        /// Also the jobs of earlier versions of the experiment's file (before an edit, or another
+        /// file with the same `name:`), which the current version does not have.
+        #[arg(long)]
+        all_versions: bool,
     },
     /// Learning curves of a metric as SVG: a line per group (default: stage and sweep point)
     /// with the mean over seeds and a ± std band.
@@ -216,6 +220,21 @@ enum Command {
         /// A logarithmic x axis (for learning rates and other log-spaced sweeps).
         #[arg(long)]
         log_x: bool,
+        /// A logarithmic y axis (losses, FID); the band is then the geometric ± std.
+        #[arg(long)]
+        log_y: bool,
+        /// The plot's title (default: the experiment).
+        #[arg(long)]
+        title: Option<String>,
+        /// The x axis's label (default: `epoch`, `step` or the --x key).
+        #[arg(long)]
+        xlabel: Option<String>,
+        /// The y axis's label (default: the metric).
+        #[arg(long)]
+        ylabel: Option<String>,
+        /// Also the jobs of earlier versions of the experiment's file.
+        #[arg(long)]
+        all_versions: bool,
         /// The file to write, `.svg` or `.png` (default: `<experiment>-<metric>.svg`).
         #[arg(long, short = 'o')]
         output: Option<PathBuf>,
@@ -383,10 +402,10 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Plan { file } => plan(cli, file),
-        Command::Query { filter, experiment, format, metrics, group_by, agg, sort, limit } => {
+        Command::Query { filter, experiment, format, metrics, group_by, agg, sort, limit, all_versions } => {
             let filter = parse_filter(filter.as_deref())?;
             let store = existing_store(&cli.store)?;
-            let exp = pick_experiment(&store, experiment.as_deref())?;
+            let exp = versions_of(pick_experiment(&store, experiment.as_deref())?, *all_versions);
             let (vocab, filter) = bind_filter(&store, &exp, filter)?;
             check_metrics(&vocab, &exp, metrics, "-m")?;
             check_group_keys(&vocab, &exp, group_by, "--group-by")?;
@@ -529,10 +548,23 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Doctor => doctor(cli),
-        Command::Plot { metric, filter, experiment, group_by, x, log_x, output } => {
+        Command::Plot {
+            metric,
+            filter,
+            experiment,
+            group_by,
+            x,
+            log_x,
+            log_y,
+            title,
+            xlabel,
+            ylabel,
+            all_versions,
+            output,
+        } => {
             let filter = parse_filter(filter.as_deref())?;
             let store = existing_store(&cli.store)?;
-            let exp = pick_experiment(&store, experiment.as_deref())?;
+            let exp = versions_of(pick_experiment(&store, experiment.as_deref())?, *all_versions);
             let (vocab, filter) = bind_filter(&store, &exp, filter)?;
             check_metrics(&vocab, &exp, std::slice::from_ref(metric), "the metric")?;
             check_group_keys(&vocab, &exp, group_by, "--group-by")?;
@@ -555,7 +587,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             if group_by.is_empty() {
                 keys.retain(|k| Some(k) != x.as_ref());
             }
-            let curves = plot::curves(&store, &exp, filter.as_ref(), &keys, metric, x.as_deref())?;
+            let (curves, per_epoch) = plot::curves(&store, &exp, filter.as_ref(), &keys, metric, x.as_deref())?;
             if curves.is_empty() {
                 let what = match x {
                     Some(k) => format!("a final `{metric}` and a number at `{k}`"),
@@ -572,12 +604,22 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
             if *log_x && curves.iter().flat_map(|c| c.points.keys()).any(|p| p.0 <= 0.0) {
                 return Err(Failure { code: exit::USER, error: anyhow::anyhow!("`--log-x` needs x values above 0") });
             }
+            if *log_y && curves.iter().flat_map(|c| c.points.values().flatten()).any(|v| *v <= 0.0) {
+                return Err(user_error(format!("`--log-y` needs values of `{metric}` above 0")));
+            }
             let path = output.clone().unwrap_or_else(|| match x {
                 Some(k) => PathBuf::from(format!("{}-{metric}-vs-{k}.svg", exp.name)),
                 None => PathBuf::from(format!("{}-{metric}.svg", exp.name)),
             });
-            let axis = plot::XAxis { label: x.as_deref().unwrap_or("step"), log: *log_x };
-            let scene = plot::layout(&format!("experiment `{}`", exp.name), metric, &curves, &axis);
+            let x_label = match (xlabel, x) {
+                (Some(l), _) => l.as_str(),
+                (None, Some(k)) => k.as_str(),
+                (None, None) if per_epoch => "epoch",
+                (None, None) => "step",
+            };
+            let axis = plot::XAxis { label: x_label, log: *log_x, y_label: ylabel.as_deref(), log_y: *log_y };
+            let title = title.clone().unwrap_or_else(|| format!("experiment `{}`", exp.name));
+            let scene = plot::layout(&title, metric, &curves, &axis);
             let bytes = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
                 Some("png") => raster::png(&scene),
                 Some("svg") => plot::svg(&scene).into_bytes(),
@@ -813,6 +855,33 @@ fn adopt_earlier_ids(store: &dyn ResultStore, plan: &mut xlab_spec::Plan) {
     }
 }
 
+/// Says when this run replaces the file an experiment last ran from (an edit, or another file
+/// with the same `name:`): the earlier version and its jobs stay, and how to see them.
+fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_spec::Plan) -> Result<(), Failure> {
+    let Some(before) = store.experiment(&plan.name)? else { return Ok(()) };
+    let file = plan.file.display().to_string();
+    if before.source == plan.source && before.file == file {
+        return Ok(());
+    }
+    let planned: std::collections::HashSet<&str> = plan.jobs().map(|j| j.id.as_str()).collect();
+    let all = before.with_all_versions();
+    let earlier_only = all.stages.iter().flat_map(|s| &s.jobs).filter(|j| !planned.contains(j.as_str())).count();
+    let what = if before.file == file {
+        format!("an edited {file}")
+    } else {
+        format!("{file} (it last ran from {})", before.file)
+    };
+    tracing::warn!(
+        "experiment `{}` runs from {what}: version {} of it, after version {}. {earlier_only} job(s) of earlier versions \
+         are not in this one; they stay in the store, and `xlab query --all-versions` shows \
+         them",
+        plan.name,
+        before.version() + 1,
+        before.version()
+    );
+    Ok(())
+}
+
 fn run(cli: &Cli, mut plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
     let (pool, slurm) = match slurm_settings(how, &plan) {
@@ -831,6 +900,7 @@ fn run(cli: &Cli, mut plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failur
     };
     let store = open_store(&cli.store)?;
     adopt_earlier_ids(&store, &mut plan);
+    say_if_replacing(&store, &plan)?;
     let rerun = review_done_jobs(&store, &plan, how.rerun.as_deref())?;
     let total = plan.jobs().count();
     let cap = how.max_parallel.or(plan.max_parallel).map(|m| m as usize);
@@ -1036,6 +1106,23 @@ fn pick_experiment(store: &dyn ResultStore, experiment: Option<&str>) -> Result<
             })?
         }
     })
+}
+
+/// The experiment with the jobs of its earlier versions (`--all-versions`), or as last run,
+/// with a note when earlier versions hold jobs it does not show.
+fn versions_of(exp: xlab_store::ExperimentRecord, all: bool) -> xlab_store::ExperimentRecord {
+    if all {
+        return exp.with_all_versions();
+    }
+    let hidden = exp.hidden_jobs().len();
+    if hidden > 0 {
+        eprintln!(
+            "note: {hidden} job(s) of earlier versions of `{}`'s file are not shown (this is version {}); --all-versions shows them",
+            exp.name,
+            exp.version()
+        );
+    }
+    exp
 }
 
 /// The experiment a command names; a name the store lacks is the user's mistake, with the

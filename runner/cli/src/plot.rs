@@ -48,9 +48,10 @@ pub fn curves(
     keys: &[String],
     metric: &str,
     x: Option<&str>,
-) -> anyhow::Result<Vec<Curve>> {
-    // Per matching job: its group key and its points.
-    type Seen = (Vec<Value>, Vec<(X, f64)>);
+) -> anyhow::Result<(Vec<Curve>, bool)> {
+    // Per matching job: its group key, its points, and whether its steps are epochs (its
+    // `epoch` metric equals the step wherever the metric has a point).
+    type Seen = (Vec<Value>, Vec<(X, f64)>, bool);
     let seen: Vec<Seen> = crate::scan::matching(store, exp, filter, x.is_none(), &|_, view| {
         let job = view.record;
         let points: Vec<(X, f64)> = match x {
@@ -63,17 +64,37 @@ pub fn curves(
                 }
             }
         };
-        (!points.is_empty()).then(|| (keys.iter().map(|k| view.field(k)).collect(), points))
+        let epochs: BTreeMap<u64, f64> = view.series("epoch").into_iter().collect();
+        let per_epoch = x.is_none()
+            && !epochs.is_empty()
+            && points.iter().all(|(at, _)| epochs.get(&(at.0 as u64)).is_some_and(|e| *e == at.0));
+        (!points.is_empty()).then(|| (keys.iter().map(|k| view.field(k)).collect(), points, per_epoch))
     })?;
+    let per_epoch = !seen.is_empty() && seen.iter().all(|s| s.2);
+    // A legend names what differs between the curves: a key whose value is the same in every
+    // curve (the one stage of a one-stage experiment) is left out.
+    let mut values: Vec<std::collections::BTreeSet<String>> = vec![Default::default(); keys.len()];
+    for (key, _, _) in &seen {
+        for (i, v) in key.iter().enumerate() {
+            values[i].insert(v.to_string());
+        }
+    }
+    let shown: Vec<bool> = if values.iter().any(|v| v.len() > 1) {
+        values.iter().map(|v| v.len() > 1).collect()
+    } else {
+        vec![true; keys.len()]
+    };
     let mut out: Vec<(Vec<Value>, Curve)> = Vec::new();
-    for (key, points) in seen {
+    for (key, points, _) in seen {
         let idx = match out.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
             None => {
                 let label = keys
                     .iter()
                     .zip(&key)
-                    .map(|(k, v)| match v {
+                    .zip(&shown)
+                    .filter(|(_, show)| **show)
+                    .map(|((k, v), _)| match v {
                         Value::String(s) if k == "stage" => s.clone(),
                         Value::String(s) => format!("{k}={s}"),
                         other => format!("{k}={other}"),
@@ -88,10 +109,55 @@ pub fn curves(
             out[idx].1.points.entry(at).or_default().push(v);
         }
     }
-    Ok(out.into_iter().map(|(_, c)| c).collect())
+    Ok((out.into_iter().map(|(_, c)| c).collect(), per_epoch))
 }
 
 const PALETTE: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+
+/// Dash patterns (on, off lengths), taken in turn once the colours run out: 8 solid curves,
+/// then 8 dashed, then 8 dotted, so 24 curves stay distinguishable.
+const DASHES: [Option<(f64, f64)>; 3] = [None, Some((7.0, 4.0)), Some((2.0, 3.0))];
+
+/// Curve `i`'s colour and dash.
+fn style(i: usize) -> (Color, Option<(f64, f64)>) {
+    (PALETTE[i % PALETTE.len()], DASHES[(i / PALETTE.len()) % DASHES.len()])
+}
+
+/// A polyline cut into the pieces a dash pattern draws.
+pub fn dashed(points: &[(f64, f64)], (on, off): (f64, f64)) -> Vec<Vec<(f64, f64)>> {
+    let mut out = Vec::new();
+    let mut piece: Vec<(f64, f64)> = Vec::new();
+    // Where in the pattern the pen is: drawing for `on`, then lifted for `off`.
+    let (mut drawing, mut left) = (true, on);
+    for seg in points.windows(2) {
+        let (a, b) = (seg[0], seg[1]);
+        let len = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt();
+        let mut t = 0.0;
+        while t < len {
+            let step = left.min(len - t);
+            let p = |u: f64| (a.0 + (b.0 - a.0) * u / len, a.1 + (b.1 - a.1) * u / len);
+            if drawing {
+                if piece.is_empty() {
+                    piece.push(p(t));
+                }
+                piece.push(p(t + step));
+            }
+            t += step;
+            left -= step;
+            if left <= 1e-9 {
+                if drawing {
+                    out.push(std::mem::take(&mut piece));
+                }
+                drawing = !drawing;
+                left = if drawing { on } else { off };
+            }
+        }
+    }
+    if piece.len() > 1 {
+        out.push(piece);
+    }
+    out
+}
 
 /// Round tick values spanning [lo, hi].
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
@@ -112,10 +178,13 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// How the x axis reads: its label, and whether it is logarithmic.
+/// How the axes read: their labels, and whether each is logarithmic.
 pub struct XAxis<'a> {
     pub label: &'a str,
     pub log: bool,
+    /// The y axis's label (default: the metric).
+    pub y_label: Option<&'a str>,
+    pub log_y: bool,
 }
 
 /// A colour as `#rrggbb`.
@@ -142,6 +211,8 @@ pub enum Shape {
         points: Vec<(f64, f64)>,
         color: Color,
         width: f64,
+        /// Dash pattern (on, off), or a solid line.
+        dash: Option<(f64, f64)>,
     },
     Polygon {
         points: Vec<(f64, f64)>,
@@ -168,6 +239,7 @@ pub struct Scene {
 /// The plot: mean lines with ± std bands, axes with ticks, a legend.
 pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> Scene {
     let tx = |x: f64| if axis.log { x.log10() } else { x };
+    let ty = |y: f64| if axis.log_y { y.log10() } else { y };
     // The legend's column is as wide as its longest label (about 6.5 units a character).
     let longest = curves.iter().map(|c| c.label.chars().count() + 8).max().unwrap_or(0) as f64;
     let right = (50.0 + 6.5 * longest).clamp(200.0, 900.0);
@@ -178,6 +250,12 @@ pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> 
             c.points
                 .iter()
                 .map(|(s, xs)| {
+                    if axis.log_y {
+                        // The band of a log axis: the spread of the logs (a geometric ± std).
+                        let logs: Vec<f64> = xs.iter().map(|v| ty(*v)).collect();
+                        let (m, sd) = crate::table::mean_std(&logs);
+                        return (tx(s.0), m, sd.unwrap_or(0.0));
+                    }
                     let (m, sd) = crate::table::mean_std(xs);
                     (tx(s.0), m, sd.unwrap_or(0.0))
                 })
@@ -223,27 +301,28 @@ pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> 
     out.push(Shape::Line { from: (ax0, ay1), to: (ax1, ay1), color: "#000000", width: 1.0 });
     for t in ticks(x0, x1) {
         let x = px(t);
-        let shown = if axis.log { format!("1e{}", fmt_tick(t)) } else { fmt_tick(t) };
+        let shown = if axis.log { fmt_log_tick(t) } else { fmt_tick(t) };
         out.push(Shape::Line { from: (x, ay1), to: (x, ay1 + 5.0), color: "#000000", width: 1.0 });
         out.push(text((x, ay1 + 18.0), shown, Anchor::Middle));
     }
     for t in ticks(y0, y1) {
         let y = py(t);
+        let shown = if axis.log_y { fmt_log_tick(t) } else { fmt_tick(t) };
         out.push(Shape::Line { from: (ax0, y), to: (ax1, y), color: "#e0e0e0", width: 1.0 });
-        out.push(text((ax0 - 6.0, y + 4.0), fmt_tick(t), Anchor::End));
+        out.push(text((ax0 - 6.0, y + 4.0), shown, Anchor::End));
     }
     let x_label = format!("{}{}", axis.label, if axis.log { " (log scale)" } else { "" });
     out.push(text(((ax0 + ax1) / 2.0, h - 12.0), x_label, Anchor::Middle));
     out.push(Shape::Text {
         at: (16.0, (ay0 + ay1) / 2.0),
-        text: metric.to_string(),
+        text: format!("{}{}", axis.y_label.unwrap_or(metric), if axis.log_y { " (log scale)" } else { "" }),
         size: 12.0,
         anchor: Anchor::Middle,
         vertical: true,
     });
     // Bands, then lines, then the legend.
     for (i, st) in stats.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+        let (color, dash) = style(i);
         let runs = st.split(|p| !finite(&p)).filter(|r| !r.is_empty());
         for run in runs {
             if run.iter().any(|p| p.2 > 0.0) {
@@ -255,6 +334,7 @@ pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> 
                 points: run.iter().map(|&(x, m, _)| (px(x), py(m))).collect(),
                 color,
                 width: 2.0,
+                dash,
             });
         }
         let ly = top + 10.0 + 18.0 * i as f64;
@@ -264,7 +344,11 @@ pub fn layout(title: &str, metric: &str, curves: &[Curve], axis: &XAxis<'_>) -> 
             0 => String::new(),
             k => format!(", {k} NaN/inf not drawn"),
         };
-        out.push(Shape::Line { from: (ax1 + 12.0, ly), to: (ax1 + 32.0, ly), color, width: 3.0 });
+        let (from, to) = ((ax1 + 12.0, ly), (ax1 + 32.0, ly));
+        out.push(match dash {
+            None => Shape::Line { from, to, color, width: 3.0 },
+            Some(_) => Shape::Polyline { points: vec![from, to], color, width: 3.0, dash },
+        });
         out.push(text((ax1 + 38.0, ly + 4.0), format!("{} (n={n}{note})", curves[i].label), Anchor::Start));
     }
     Scene { width: w, height: h, shapes: out }
@@ -287,10 +371,11 @@ pub fn svg(scene: &Scene) -> String {
                 r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{color}" stroke-width="{width}"/>"#,
                 from.0, from.1, to.0, to.1
             ),
-            Shape::Polyline { points, color, width } => {
+            Shape::Polyline { points, color, width, dash } => {
+                let dash = dash.map_or(String::new(), |(on, off)| format!(r#" stroke-dasharray="{on} {off}""#));
                 writeln!(
                     s,
-                    r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="{width}"/>"#,
+                    r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="{width}"{dash}/>"#,
                     pts(points)
                 )
             }
@@ -316,6 +401,17 @@ pub fn svg(scene: &Scene) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// A tick of a log axis at 10^t: `1e-2` at whole powers, else the value itself.
+fn fmt_log_tick(t: f64) -> String {
+    if (t - t.round()).abs() < 1e-9 {
+        format!("1e{}", fmt_tick(t.round()))
+    } else {
+        let v = 10f64.powf(t);
+        let digits = (2 - v.log10().floor() as i32).clamp(0, 8) as usize;
+        format!("{v:.digits$}")
+    }
 }
 
 fn fmt_tick(t: f64) -> String {
@@ -345,11 +441,39 @@ mod tests {
             label: label.into(),
             points: (1..=5).map(|s| (X(s as f64), vec![off + s as f64 * 0.1, off + s as f64 * 0.1 + 0.02])).collect(),
         };
-        let axis = XAxis { label: "step", log: false };
+        let axis = XAxis { label: "step", log: false, y_label: None, log_y: false };
         let svg = svg(&layout("experiment `x`", "val.acc", &[c("lr=0.1", 0.0), c("lr=0.01", 0.2)], &axis));
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<polygon").count(), 2, "seeds differ, so each curve has a band");
         assert!(svg.contains(">lr=0.1 (n=2)</text>") && svg.contains("experiment `x`") && svg.contains(">val.acc<"));
+    }
+
+    /// Twelve curves (and more) stay distinguishable: no two share a colour and a dash.
+    #[test]
+    fn many_curves_differ_in_colour_or_dash() {
+        let styles: Vec<_> = (0..24).map(style).collect();
+        for (i, a) in styles.iter().enumerate() {
+            assert!(styles[..i].iter().all(|b| b != a), "curve {i} repeats a style");
+        }
+        let c = |i: usize| Curve {
+            label: format!("c{i}"),
+            points: (1..=3).map(|s| (X(s as f64), vec![i as f64 + s as f64])).collect(),
+        };
+        let curves: Vec<Curve> = (0..12).map(c).collect();
+        let axis = XAxis { label: "epoch", log: false, y_label: Some("accuracy"), log_y: true };
+        let svg = svg(&layout("t", "val.acc", &curves, &axis));
+        assert_eq!(svg.matches("stroke-dasharray=\"7 4\"").count(), 2 * 4, "curves 8..11 are dashed, legend too");
+        assert!(svg.contains(">accuracy (log scale)<") && svg.contains(">epoch<"));
+    }
+
+    #[test]
+    fn a_dash_pattern_cuts_a_line_into_pieces() {
+        let pieces = dashed(&[(0.0, 0.0), (10.0, 0.0), (10.0, 10.0)], (3.0, 2.0));
+        // 20 units: on 0-3, 5-8, 10-13, 15-18 (the third turns the corner).
+        assert_eq!(pieces.len(), 4, "{pieces:?}");
+        assert_eq!(pieces[0], vec![(0.0, 0.0), (3.0, 0.0)]);
+        assert_eq!(pieces[2], vec![(10.0, 0.0), (10.0, 3.0)]);
+        assert_eq!(pieces[3], vec![(10.0, 5.0), (10.0, 8.0)]);
     }
 }

@@ -147,9 +147,15 @@ pub fn png(scene: &Scene) -> Vec<u8> {
     for shape in &scene.shapes {
         match shape {
             Shape::Line { from, to, color, width } => c.line(at(*from), at(*to), rgb(color), width * SCALE),
-            Shape::Polyline { points, color, width } => {
-                for seg in points.windows(2) {
-                    c.line(at(seg[0]), at(seg[1]), rgb(color), width * SCALE);
+            Shape::Polyline { points, color, width, dash } => {
+                let pieces = match dash {
+                    Some(d) => crate::plot::dashed(points, *d),
+                    None => vec![points.clone()],
+                };
+                for piece in pieces {
+                    for seg in piece.windows(2) {
+                        c.line(at(seg[0]), at(seg[1]), rgb(color), width * SCALE);
+                    }
                 }
             }
             Shape::Polygon { points, color, opacity } => {

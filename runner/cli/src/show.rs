@@ -150,14 +150,20 @@ pub fn experiments(store: &dyn ResultStore) -> anyhow::Result<String> {
             *counts.entry(status).or_default() += 1;
         }
         let by: Vec<String> = counts.iter().map(|(s, c)| format!("{c} {s}")).collect();
+        let hidden = e.hidden_jobs().len();
+        let version = match hidden {
+            0 => e.version().to_string(),
+            n => format!("{} ({n} earlier job(s))", e.version()),
+        };
         rows.push(vec![
             e.name.clone(),
+            version,
             e.file.clone(),
             e.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
             format!("{n}: {}", by.join(", ")),
             when(e.updated_unix),
         ]);
     }
-    let header = ["experiment", "file", "stages", "jobs", "last run"].map(String::from);
-    Ok(format!("{}\n", crate::table::terminal(&header, &rows, 5)))
+    let header = ["experiment", "version", "file", "stages", "jobs", "last run"].map(String::from);
+    Ok(format!("{}\n", crate::table::terminal(&header, &rows, 6)))
 }

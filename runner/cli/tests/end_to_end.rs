@@ -172,6 +172,19 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
     assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
     assert!(svg.contains("optimizer.lr=0.01 (n=2)") && svg.contains("optimizer.lr=0.1 (n=2)"), "{svg}");
+    assert!(svg.contains(">epoch<") && svg.contains(">val.acc<"), "per-epoch series say so: {svg}");
+    // Titles, axis labels and a log y axis on request.
+    let titled = dir.path().join("titled.svg");
+    run_ok(
+        cmd(&store)
+            .args(["plot", "train.loss", "-e", "tiny", "--title", "Tiny sweep", "--ylabel", "training loss", "--log-y"])
+            .args(["--xlabel", "pass over the data", "-o"])
+            .arg(&titled),
+    );
+    let svg = std::fs::read_to_string(&titled).unwrap();
+    for want in [">Tiny sweep<", ">training loss (log scale)<", ">pass over the data<", ">1e-"] {
+        assert!(svg.contains(want), "{want}: {svg}");
+    }
     // The final value against the learning rate: one line (the stage) through both rates.
     let vs_path = dir.path().join("vs.svg");
     run_ok(cmd(&store).args(["plot", "test.acc", "-e", "tiny", "--x", "optimizer.lr", "--log-x", "-o"]).arg(&vs_path));
@@ -197,7 +210,8 @@ fn a_sweep_runs_is_stored_and_is_not_run_twice() {
     assert!(text(&jpg.stderr).contains("name the file .svg or .png"), "{}", text(&jpg.stderr));
     let bad = cmd(&store).args(["plot", "val.acu", "-e", "tiny"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
-    assert!(text(&bad.stderr).contains("no job of experiment `tiny` has a series for `val.acu`"));
+    assert!(text(&bad.stderr).contains("no metric `val.acu` in experiment `tiny`"), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains("did you mean `val.acc`?"), "{}", text(&bad.stderr));
 
     // Final weights are an artifact with PyTorch names.
     let runs: Vec<PathBuf> = std::fs::read_dir(store.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();

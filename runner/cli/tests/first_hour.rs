@@ -109,3 +109,45 @@ fn a_store_made_before_content_identity_still_finds_its_jobs() {
     let q = text(&cmd(&old).args(["query", "--format", "csv"]).output().unwrap().stdout);
     assert_eq!(q.lines().filter(|l| l.starts_with("train,")).count(), 1, "{q}");
 }
+
+/// Editing an experiment file (or running another file with the same `name:`) keeps the jobs
+/// the earlier version ran: the run says so, the default query notes what it does not show, and
+/// `--all-versions` shows them.
+#[test]
+fn an_edited_experiment_keeps_its_earlier_jobs_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("edited.yaml");
+    let v1 = "name: edited\ndefaults:\n  task: noop\n  data: {name: two_moons}\n  noop: {sleep_s: 0}\nstages:\n  a: {seeds: 2}\n";
+    std::fs::write(&file, v1).unwrap();
+    let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    assert!(!err.contains("version"), "{err}");
+    std::fs::write(&file, v1.replace("seeds: 2", "seeds: [5]")).unwrap();
+    let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    assert!(
+        err.contains("version 2 of it, after version 1. 2 job(s) of earlier versions are not in this one"),
+        "{err}"
+    );
+    let seeds = |extra: &[&str]| {
+        let out = cmd(&store).args(["query", "--group-by", "seed", "--format", "csv"]).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mut s: Vec<String> =
+            text(&out.stdout).lines().skip(1).map(|l| l.split(',').next().unwrap().to_string()).collect();
+        s.sort();
+        (s, text(&out.stderr))
+    };
+    let (now, note) = seeds(&[]);
+    assert_eq!(now, ["5"]);
+    assert!(
+        note.contains("2 job(s) of earlier versions of `edited`'s file are not shown (this is version 2)"),
+        "{note}"
+    );
+    let (all, note) = seeds(&["--all-versions"]);
+    assert_eq!(all, ["0", "1", "5"]);
+    assert!(!note.contains("not shown"), "{note}");
+    // Running the same text again is not a new version.
+    let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    assert!(!err.contains("after version"), "{err}");
+    let listed = text(&cmd(&store).arg("experiments").output().unwrap().stdout);
+    assert!(listed.contains("edited"), "{listed}");
+}

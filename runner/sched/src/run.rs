@@ -247,7 +247,7 @@ pub fn run(
 ) -> Result<RunReport, SchedError> {
     let jobs: Vec<&Job> = plan.jobs().collect();
     let mut report = RunReport { total: jobs.len(), ..Default::default() };
-    store.put_experiment(&ExperimentRecord {
+    let next = ExperimentRecord {
         name: plan.name.clone(),
         file: plan.file.display().to_string(),
         source: plan.source.clone(),
@@ -261,7 +261,18 @@ pub fn run(
                 jobs: s.jobs.iter().map(|j| j.id.to_string()).collect(),
             })
             .collect(),
-    })?;
+        earlier: Vec::new(),
+    };
+    // Running another version of the file (an edit, or another file with the same `name:`)
+    // keeps the earlier version and its jobs, and says so.
+    let record = match store.experiment(&plan.name)? {
+        Some(mut before) => {
+            before.replace_with(next);
+            before
+        }
+        None => next,
+    };
+    store.put_experiment(&record)?;
 
     let mut records: Vec<JobRecord> = Vec::with_capacity(jobs.len());
     let mut queue = VecDeque::new();

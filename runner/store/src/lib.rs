@@ -329,7 +329,7 @@ pub trait ResultStore: Send + Sync {
             if only.is_some_and(|n| n != e.name) {
                 continue;
             }
-            wanted.extend(e.stages.iter().flat_map(|s| s.jobs.iter().cloned()));
+            wanted.extend(e.with_all_versions().stages.iter().flat_map(|s| s.jobs.iter().cloned()));
             lines.push(ExportLine::Experiment(e));
         }
         for id in wanted {
@@ -354,23 +354,7 @@ pub trait ResultStore: Send + Sync {
                         report.experiments_new += 1;
                     }
                     Some(mut mine) => {
-                        let mut changed = false;
-                        for s in e.stages {
-                            match mine.stages.iter_mut().find(|m| m.name == s.name) {
-                                Some(m) => {
-                                    for j in s.jobs {
-                                        if !m.jobs.contains(&j) {
-                                            m.jobs.push(j);
-                                            changed = true;
-                                        }
-                                    }
-                                }
-                                None => {
-                                    mine.stages.push(s);
-                                    changed = true;
-                                }
-                            }
-                        }
+                        let changed = records::merge_stages(&mut mine.stages, e.stages);
                         if changed {
                             self.put_experiment(&mine)?;
                         }
@@ -541,6 +525,7 @@ mod tests {
                 source: "name: e".into(),
                 updated_unix: 1,
                 stages: vec![],
+                earlier: Vec::new(),
             })
             .unwrap();
             s.flush().unwrap();
@@ -580,6 +565,7 @@ mod tests {
             source: "name: e".into(),
             updated_unix: 5,
             stages: vec![StageRecord { name: "s".into(), sweep_keys: vec![], jobs: vec!["j1".into(), "j2".into()] }],
+            earlier: Vec::new(),
         })
         .unwrap();
         src.put_job(&job("j1", JobStatus::Done, 0.5)).unwrap();

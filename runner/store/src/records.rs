@@ -11,6 +11,103 @@ pub struct ExperimentRecord {
     pub source: String,
     pub updated_unix: u64,
     pub stages: Vec<StageRecord>,
+    /// The versions of the file run before this one (an edit, or another file with the same
+    /// `name:`), oldest first; their jobs stay in the store and in `--all-versions` views.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<ExperimentVersion>,
+}
+
+/// A version of an experiment's file that was run and then replaced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExperimentVersion {
+    /// 1 for the first version run.
+    pub version: u32,
+    pub file: String,
+    pub source: String,
+    pub updated_unix: u64,
+    pub stages: Vec<StageRecord>,
+}
+
+impl ExperimentRecord {
+    /// The current version's number (1 when the file was never replaced).
+    pub fn version(&self) -> u32 {
+        self.earlier.last().map_or(1, |e| e.version + 1)
+    }
+
+    /// Records that `next` replaces this run of the experiment: when the text or the file
+    /// differs, the current version joins `earlier` (and keeps its jobs). Returns whether it did.
+    pub fn replace_with(&mut self, next: ExperimentRecord) -> bool {
+        let replaced = next.source != self.source || next.file != self.file;
+        let earlier = std::mem::take(&mut self.earlier);
+        let old = std::mem::replace(self, next);
+        self.earlier = earlier;
+        if replaced {
+            let version = old.version();
+            self.earlier.push(ExperimentVersion {
+                version,
+                file: old.file,
+                source: old.source,
+                updated_unix: old.updated_unix,
+                stages: old.stages,
+            });
+        }
+        replaced
+    }
+
+    /// Jobs of earlier versions that the current one does not have: (stage, job id, version).
+    pub fn hidden_jobs(&self) -> Vec<(&str, &str, u32)> {
+        let current: std::collections::HashSet<&str> =
+            self.stages.iter().flat_map(|s| s.jobs.iter().map(String::as_str)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for v in self.earlier.iter().rev() {
+            for s in &v.stages {
+                for j in &s.jobs {
+                    if !current.contains(j.as_str()) && seen.insert(j.as_str()) {
+                        out.push((s.name.as_str(), j.as_str(), v.version));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The experiment with the jobs of every version: each stage's jobs of the current version,
+    /// then those only earlier versions ran (newest version first).
+    pub fn with_all_versions(&self) -> ExperimentRecord {
+        let mut all = ExperimentRecord { earlier: Vec::new(), ..self.clone() };
+        for v in self.earlier.iter().rev() {
+            merge_stages(&mut all.stages, v.stages.clone());
+        }
+        all
+    }
+}
+
+/// Adds the stages and jobs of `from` that `into` lacks; returns whether it added any.
+pub fn merge_stages(into: &mut Vec<StageRecord>, from: Vec<StageRecord>) -> bool {
+    let mut changed = false;
+    for s in from {
+        match into.iter_mut().find(|m| m.name == s.name) {
+            Some(m) => {
+                for j in s.jobs {
+                    if !m.jobs.contains(&j) {
+                        m.jobs.push(j);
+                        changed = true;
+                    }
+                }
+                for k in s.sweep_keys {
+                    if !m.sweep_keys.contains(&k) {
+                        m.sweep_keys.push(k);
+                    }
+                }
+            }
+            None => {
+                into.push(s);
+                changed = true;
+            }
+        }
+    }
+    changed
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
