@@ -151,3 +151,61 @@ fn an_edited_experiment_keeps_its_earlier_jobs_visible() {
     let listed = text(&cmd(&store).arg("experiments").output().unwrap().stdout);
     assert!(listed.contains("edited"), "{listed}");
 }
+
+/// Mistakes only running code can find are caught by `xlab validate` and `xlab run` before any
+/// job starts, at the line they are written on: a CSV column that does not exist, an npz
+/// without `y`, an objective that needs groups on data without them, a parameter value the
+/// method's constructor refuses.
+#[test]
+fn data_and_constructor_mistakes_are_caught_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    write_csv(&dir.path().join("points.csv"));
+    let npz = dir.path().join("no_y.npz");
+    let made = std::process::Command::new(common::python())
+        .args(["-c", "import numpy as np, sys; np.savez(sys.argv[1], x=np.zeros((10, 2), np.float32))"])
+        .arg(&npz)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let base = "name: mistakes\ndefaults:\n  task: train\n  data: {name: csv, path: points.csv, label: label, n_val: 20, n_test: 20}\n  model: {name: mlp, hidden: [8]}\n  optimizer: {name: sgd, lr: 0.1}\n  epochs: 1\nstages:\n";
+    let cases = [
+        (
+            "a label column",
+            "  s:\n    data: {label: diagnosis}\n",
+            "points.csv has no label column `diagnosis`; its columns are f1, f2, label",
+            "10:5",
+        ),
+        ("a group column", "  s:\n    data: {group: site}\n", "has no group column `site`", "10:5"),
+        (
+            "npz without y",
+            "  s:\n    data: {name: npz, path: no_y.npz, n_val: 2, n_test: 2}\n",
+            "no_y.npz has no array `y` (it has x)",
+            "10:5",
+        ),
+        (
+            "groups",
+            "  s:\n    objective: {use: dro.group_dro}\n",
+            "`dro.group_dro` cannot train on this job's data: dro.group_dro needs data with group labels",
+            "10:5",
+        ),
+        (
+            "constructor",
+            "  s:\n    objective: {use: dro.group_dro, btl: true, alpha: 0}\n",
+            "btl needs alpha > 0",
+            "10:5",
+        ),
+    ];
+    for (what, stage, message, at) in cases {
+        let file = dir.path().join("mistakes.yaml");
+        std::fs::write(&file, format!("{base}{stage}")).unwrap();
+        let store = dir.path().join(format!("results-{}", what.replace(' ', "-")));
+        for command in ["validate", "run"] {
+            let out = cmd(&store).arg(command).arg(&file).output().unwrap();
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what}, {command}: {err}");
+            assert!(err.contains(message), "{what}, {command}: {err}");
+            assert!(err.contains(&format!("mistakes.yaml:{at}")), "{what}, {command}: {err}");
+        }
+        assert!(!store.join("runs").exists(), "{what}: nothing ran");
+    }
+}

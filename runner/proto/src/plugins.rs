@@ -209,3 +209,28 @@ pub struct PluginUse {
     pub file: String,
     pub sha256: String,
 }
+
+/// One job as `xlab-worker check` examines it before anything runs: its data is read, its model
+/// built and its components constructed with their parameters (and, for a training job of its
+/// own, set up with the data), so a mistake only running code can find is reported at
+/// validation, once, instead of failing every job of the sweep.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobCheck {
+    /// The job's resolved config (`JobConfig` as JSON).
+    pub config: serde_json::Value,
+    pub seed: u64,
+    /// Whether the job consumes other jobs (`needs:`); such a job's components are constructed
+    /// but not set up, since the parents have not run.
+    pub has_parents: bool,
+    pub plugins: Vec<PluginUse>,
+}
+
+/// What `xlab-worker check` found wrong with one job of the list it was given.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckFailure {
+    /// Its position in the list.
+    pub index: usize,
+    /// The config key at fault: `data`, `model`, or a component slot (`step_rule`, …).
+    pub key: String,
+    pub message: String,
+}

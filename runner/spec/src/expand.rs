@@ -14,13 +14,19 @@ use indexmap::IndexMap;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use xlab_proto::plugins::{resolve_params, ParamError, PluginUse, Registry};
+use xlab_proto::plugins::{resolve_params, CheckFailure, JobCheck, ParamError, PluginUse, Registry};
 
 /// Where plugin descriptions come from. The coordinator asks a worker process (it never loads a
 /// plugin itself), and only when an experiment uses a component.
 pub trait PluginSource {
     /// The registry, including the extra libraries or folders an experiment file names.
     fn registry(&mut self, extra: &[PathBuf]) -> Result<&Registry, String>;
+
+    /// Checks what only running code can (see [`JobCheck`]): the coordinator asks
+    /// `xlab-worker check`. Without a worker there is nothing more to check.
+    fn check_jobs(&mut self, _jobs: &[JobCheck]) -> Result<Vec<CheckFailure>, String> {
+        Ok(Vec::new())
+    }
 }
 
 /// A fixed registry (tests, or a registry fetched earlier).
@@ -319,6 +325,34 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// The config keys `xlab-worker check` reads: jobs that agree on them are checked once.
+const CHECKED_KEYS: [&str; 12] = [
+    "task",
+    "data",
+    "model",
+    "step_rule",
+    "batch_transform",
+    "objective",
+    "sampler",
+    "guidance",
+    "diffusion",
+    "denoiser",
+    "epochs",
+    "batch_size",
+];
+
+/// Whether a job has anything that only running code can check: components, data read from a
+/// file, or a TorchScript model. (Built-in data and models are checked here.)
+fn worth_checking(config: &JobConfig) -> bool {
+    use crate::config::{DataConfig, ModelConfig};
+    if config.task == Task::Noop {
+        return false;
+    }
+    !config.components().is_empty()
+        || matches!(config.data, DataConfig::Npz(_) | DataConfig::Csv(_))
+        || matches!(config.model, Some(ModelConfig::Torchscript(_)))
+}
+
 /// Resolves, validates and identifies every job of a parsed experiment file.
 pub fn expand(
     file: &Path,
@@ -350,6 +384,9 @@ pub fn expand(
         }
     }
     let mut seen = HashSet::new();
+    // Jobs for `xlab-worker check`, one per distinct data, model and components: (context, job).
+    let mut checked: HashSet<String> = HashSet::new();
+    let mut to_check: Vec<(String, JobCheck)> = Vec::new();
     let mut stages = Vec::new();
     let order = stage_order(file, &exp)?;
     let mut expanded: std::collections::HashMap<String, Vec<Job>> = std::collections::HashMap::new();
@@ -655,6 +692,24 @@ pub fn expand(
                     pick: pick_json.as_ref(),
                 });
                 let earlier_id = (earlier != id).then_some(earlier);
+                if worth_checking(&config) {
+                    let what: Map<String, Value> = CHECKED_KEYS
+                        .iter()
+                        .filter_map(|k| config_json.get(*k).map(|v| (k.to_string(), v.clone())))
+                        .chain([("needs".to_string(), Value::Bool(!parents.is_empty()))])
+                        .collect();
+                    if checked.insert(crate::identity::canonical_json(&Value::Object(what))) {
+                        to_check.push((
+                            point_ctx.clone(),
+                            JobCheck {
+                                config: config_json.clone(),
+                                seed,
+                                has_parents: !parents.is_empty(),
+                                plugins: used.clone(),
+                            },
+                        ));
+                    }
+                }
                 if !seen.insert(id.clone()) {
                     return Err(SpecError::new(
                         file,
@@ -683,6 +738,23 @@ pub fn expand(
     }
     if exp.max_parallel == Some(0) {
         return Err(SpecError::new(file, "`max_parallel` must be at least 1").key("max_parallel"));
+    }
+    if !to_check.is_empty() {
+        let jobs: Vec<JobCheck> = to_check.iter().map(|(_, j)| j.clone()).collect();
+        let found = plugins.check_jobs(&jobs).map_err(|m| {
+            SpecError::new(file, format!("cannot check the jobs' data and components before running them: {m}"))
+                .hint("build the worker with `make build`, or point XLAB_WORKER at it")
+        })?;
+        if let Some(f) = found.first() {
+            let ctx = &to_check.get(f.index).map_or("", |(c, _)| c.as_str());
+            let context = if f.key.is_empty() { ctx.to_string() } else { format!("{ctx}: {}", f.key) };
+            let hint = match f.key.as_str() {
+                "data" => "xlab reads each job's data before running anything; fix the file or the data keys",
+                "model" => "xlab builds each job's model before running anything",
+                _ => "xlab constructs each component with its parameters (and sets it up with the job's data) before running anything",
+            };
+            return Err(SpecError::new(file, f.message.clone()).context(context).hint(hint));
+        }
     }
     let executor = match exp.executor {
         None => None,

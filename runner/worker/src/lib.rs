@@ -2,6 +2,7 @@
 //! and reports back as a stream of events (see `xlab-proto`).
 
 pub mod amp;
+pub mod check;
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;

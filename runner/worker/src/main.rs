@@ -27,6 +27,9 @@ enum Command {
     Probe,
     /// Load every plugin from the default folders plus those given, and print the registry as
     /// JSON (plugins with their components and parameter schemas, and refused files with why).
+    /// Check jobs before a run (a JSON list of `JobCheck` on standard input): read their data,
+    /// build their models, construct and set up their components. Prints the failures as JSON.
+    Check,
     Plugins {
         /// Extra folders to search for `libxlab_plugin_*.so`.
         #[arg(long)]
@@ -55,6 +58,17 @@ fn main() {
             dirs.append(&mut dir);
             let (_, registry) = xlab_plugin_api::host::discover(&dirs, &file);
             println!("{}", serde_json::to_string(&registry).expect("the registry serializes"));
+        }
+        Command::Check => {
+            let jobs: Vec<xlab_proto::plugins::JobCheck> = match serde_json::from_reader(std::io::stdin()) {
+                Ok(j) => j,
+                Err(e) => {
+                    eprintln!("bad check request: {e}");
+                    std::process::exit(2);
+                }
+            };
+            println!("{}", serde_json::to_string(&xlab_worker::check::check(&jobs)).expect("failures serialize"));
+            quit(0);
         }
         Command::Run { job } => {
             xlab_worker::exit_with_parent();

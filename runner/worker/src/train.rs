@@ -873,6 +873,36 @@ pub(crate) fn announce_resume(out: &mut Emitter, c: &checkpoint::Checkpoint) {
     }
 }
 
+/// What a training job's components are told at setup: the data's classes, sizes, labels,
+/// groups and domains, and the run's length.
+pub fn run_info(
+    cfg: &JobConfig,
+    data: &data::Dataset,
+    seed: u64,
+    parents: &[xlab_proto::ParentRef],
+) -> Result<RunInfo, Failure> {
+    let n = data.train.len();
+    let ids = |t: &Option<Tensor>| -> Result<Vec<i64>, Failure> {
+        match t {
+            Some(t) => Vec::<i64>::try_from(t).map_err(Failure::from),
+            None => Ok(vec![]),
+        }
+    };
+    Ok(RunInfo {
+        num_classes: data.classes as i64,
+        n_train: n as u64,
+        group_counts: data.group_counts(),
+        train_labels: Vec::<i64>::try_from(&data.train.y)?,
+        train_groups: ids(&data.train.group)?,
+        train_domains: ids(&data.train.domain)?,
+        epochs: u64::from(cfg.epochs),
+        steps_per_epoch: n.div_ceil(cfg.batch_size as usize) as u64,
+        seed,
+        parents: parents.to_vec(),
+        image: data.image,
+    })
+}
+
 /// Trains the job's model, resuming from the newest valid checkpoint in its run folder; returns
 /// the final metrics.
 #[allow(clippy::too_many_arguments)]
@@ -926,25 +956,7 @@ pub fn run(
         clip_grad_norm: cfg.clip_grad_norm,
         classes: data.classes as i64,
     };
-    let info = RunInfo {
-        num_classes: data.classes as i64,
-        n_train: n as u64,
-        group_counts: data.group_counts(),
-        train_labels: train_labels.clone(),
-        train_groups: match &data.train.group {
-            Some(g) => Vec::<i64>::try_from(g).map_err(Failure::from)?,
-            None => vec![],
-        },
-        train_domains: match &data.train.domain {
-            Some(d) => Vec::<i64>::try_from(d).map_err(Failure::from)?,
-            None => vec![],
-        },
-        epochs: u64::from(cfg.epochs),
-        steps_per_epoch: n.div_ceil(bs) as u64,
-        seed,
-        parents: parents.to_vec(),
-        image: data.image,
-    };
+    let info = run_info(cfg, &data, seed, parents)?;
     for c in comps.all() {
         c.setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
     }
