@@ -1028,15 +1028,29 @@ fn run(cli: &Cli, mut plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failur
         }
     }
     if report.failed.is_empty() {
-        Ok(0)
-    } else {
+        return Ok(0);
+    }
+    let config = report.failed.iter().filter(|f| f.1 == xlab_proto::FailureCause::Config).count();
+    let other = report.failed.len() - config;
+    let held: usize = report.held_back.iter().map(|h| h.1).sum();
+    if config > 0 {
+        let held = if held > 0 {
+            format!(" ({held} more job(s) of the same stage(s) were not started)")
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{} job(s) failed; their logs are in {}/runs/<job>/worker.log. Run the same command again to retry them.",
-            report.failed.len(),
+            "{config} job(s) failed with a config error{held}: running them again as they are fails the same way. \
+             Fix the experiment file (or the data it names) and run it again."
+        );
+    }
+    if other > 0 {
+        eprintln!(
+            "{other} job(s) failed; their logs are in {}/runs/<job>/worker.log. Run the same command again to retry them.",
             cli.store.display()
         );
-        Ok(exit::JOBS_FAILED)
     }
+    Ok(exit::JOBS_FAILED)
 }
 
 fn plan(cli: &Cli, file: &Path) -> Result<u8, Failure> {

@@ -132,6 +132,9 @@ pub struct RunReport {
     /// Why the run stopped starting jobs for want of room on the store's disk (or a store that
     /// could not be written), if it did.
     pub disk_full: Option<String>,
+    /// Stages whose first config error held their other jobs back (a config error repeats in
+    /// every job that shares the config): the stage, how many jobs it held back, the error.
+    pub held_back: Vec<(String, usize, String)>,
 }
 
 struct Running {
@@ -764,6 +767,23 @@ pub fn run(
                         Err((cause, message)) => {
                             report.failed.push((jobs[i].id.to_string(), *cause, message.clone()));
                             observe(Progress::Failed { job: jobs[i], cause: *cause, message });
+                            if *cause == FailureCause::Config {
+                                // The stage's other jobs share its config: they would fail the
+                                // same way. They stay pending, to run once the file is fixed.
+                                let stage = &jobs[i].stage;
+                                let before = queue.len() + delayed.len() + waiting.len();
+                                queue.retain(|&q| jobs[q].stage != *stage);
+                                delayed.retain(|(_, q)| jobs[*q].stage != *stage);
+                                waiting.retain(|&q| jobs[q].stage != *stage);
+                                let held = before - queue.len() - delayed.len() - waiting.len();
+                                if held > 0 {
+                                    tracing::warn!(
+                                        "stage `{stage}`: a config error, so its {held} other job(s) are not started \
+                                         (they would fail the same way)"
+                                    );
+                                    report.held_back.push((stage.clone(), held, message.clone()));
+                                }
+                            }
                             if (deterministic(*cause) || repeat.is_some()) && (opts.fail_fast || jobs[i].exec.fail_fast)
                             {
                                 report.ended_early.get_or_insert_with(|| {

@@ -918,15 +918,23 @@ fn best_instances(
     type Group = (Vec<(String, Value)>, Option<u64>, Vec<JobId>);
     let mut groups: Vec<Group> = Vec::new();
     let by_seed = spec.per.iter().any(|k| k == "seed");
+    // A key some parent jobs lack (plain SGD has no `step_rule.use`) groups those jobs under
+    // `null`; a key none of them has is a mistake.
+    for k in spec.per.iter().filter(|k| *k != "seed") {
+        if !parent_jobs.iter().any(|p| get_dotted(&p.config_json, k).is_some()) {
+            return Err(SpecError::new(
+                file,
+                format!("`per: {k}`: the jobs of stage `{parent}` have no config key `{k}`"),
+            )
+            .context(format!("{ctx}.needs.per"))
+            .hint("`per` lists config keys of the parent stage, e.g. `objective.use` or `optimizer.lr`"));
+        }
+    }
     for p in parent_jobs {
         let mut key = Vec::new();
         for k in spec.per.iter().filter(|k| *k != "seed") {
-            let v = get_dotted(&p.config_json, k).ok_or_else(|| {
-                SpecError::new(file, format!("`per: {k}`: the jobs of stage `{parent}` have no config key `{k}`"))
-                    .context(format!("{ctx}.needs.per"))
-                    .hint("`per` lists config keys of the parent stage, e.g. `objective.use` or `optimizer.lr`")
-            })?;
-            key.push((format!("{parent}.{k}"), v.clone()));
+            let v = get_dotted(&p.config_json, k).cloned().unwrap_or(Value::Null);
+            key.push((format!("{parent}.{k}"), v));
         }
         let seed = by_seed.then_some(p.seed);
         match groups.iter_mut().find(|(g, s, _)| *g == key && *s == seed) {

@@ -145,3 +145,23 @@ fn parent_reference_mistakes_are_clear() {
     assert!(e.contains("`${parent.id}` is not a reference to the parent job"), "{e}");
     assert!(e.contains("${parent.config.<key>}` or `${parent.seed}`"), "{e}");
 }
+
+/// `per:` with a key only some parent jobs have (plain SGD has no `step_rule.use`; here only one
+/// variant sets `clip_grad_norm`) ranks the jobs without it as their own group, `null`; a key
+/// none of them has is still a mistake.
+#[test]
+fn best_per_a_key_some_parents_lack_groups_them_under_null() {
+    let text = "name: s\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd}\nstages:\n  train:\n    seeds: 2\n    variants: [{}, {clip_grad_norm: 1.0}]\n  pick:\n    task: evaluate\n    needs: {stage: train, select: best, metric: val.acc, per: [clip_grad_norm]}\n";
+    let p = load_str(Path::new("stages.yaml"), text, &mut Registry::default()).unwrap();
+    let pick = &p.stages[1].jobs;
+    assert_eq!(pick.len(), 2 * 2, "two groups (null and 1.0), a child per seed each");
+    let groups: Vec<String> = pick.iter().map(|j| j.label()).collect();
+    assert!(groups.contains(&"train.clip_grad_norm=null seed=0".to_string()), "{groups:?}");
+    assert!(groups.contains(&"train.clip_grad_norm=1 seed=1".to_string()), "{groups:?}");
+    for j in pick {
+        assert_eq!(j.parents.len(), 2, "each group ranks its variant's two seeds");
+    }
+    let typo = text.replace("per: [clip_grad_norm]", "per: [clip_grad_nrom]");
+    let e = load_str(Path::new("stages.yaml"), &typo, &mut Registry::default()).unwrap_err();
+    assert!(e.to_string().contains("have no config key `clip_grad_nrom`"), "{e}");
+}
