@@ -500,7 +500,13 @@ impl JobView for StoredJob<'_> {
             "seed" => serde_json::json!(r.seed),
             "id" => Value::String(r.id.clone()),
             "experiment" => Value::String(r.experiment.clone()),
-            key => key.split('.').try_fold(&r.config, |v, k| v.get(k)).cloned().unwrap_or(Value::Null),
+            // A config key, else a label of the job's sweep point (a named variant's `variant`).
+            key => key
+                .split('.')
+                .try_fold(&r.config, |v, k| v.get(k))
+                .or_else(|| r.point.iter().find(|(k, _)| k == key).map(|(_, v)| v))
+                .cloned()
+                .unwrap_or(Value::Null),
         }
     }
 

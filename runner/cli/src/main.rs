@@ -968,6 +968,9 @@ fn run(cli: &Cli, mut plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failur
                 .collect();
             tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
         }
+        Progress::Warning { job, message } => {
+            tracing::warn!("{} {} (job {}): {message}", job.stage, job.label(), job.id);
+        }
         Progress::Retrying { job, cause, message, delay } => {
             tracker.ended(job.id.as_str(), status::Ended::Retrying);
             tracing::warn!(

@@ -103,6 +103,9 @@ pub fn summary(store: &dyn ResultStore, rec: &JobRecord, series: &BTreeMap<Strin
             .collect();
         let _ = writeln!(o, "latest metrics: {}", latest.join(", "));
     }
+    for w in &rec.warnings {
+        let _ = writeln!(o, "warning: {w}");
+    }
     let p = &rec.provenance;
     if !p.xlab_version.is_empty() {
         let mut prov = vec![format!("xlab {}", p.xlab_version)];

@@ -39,6 +39,7 @@ impl Vocab {
         let mut metrics = BTreeSet::new();
         for j in records {
             paths("", &j.config, &mut keys);
+            keys.extend(j.point.iter().map(|(k, _)| k.clone()));
             metrics.extend(j.summary.keys().cloned());
         }
         Vocab { keys, metrics }

@@ -8,7 +8,7 @@ mod common;
 use common::cmd;
 
 fn show(store: &Path, id: &str) -> serde_json::Value {
-    serde_json::from_slice(&cmd(store).args(["show", id]).output().unwrap().stdout).unwrap()
+    serde_json::from_slice(&cmd(store).args(["show", id, "--json"]).output().unwrap().stdout).unwrap()
 }
 
 fn ids(store: &Path, file: &Path, stage: &str) -> Vec<String> {

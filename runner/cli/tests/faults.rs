@@ -233,7 +233,7 @@ fn ctrl_c_stops_at_a_checkpoint_and_the_rerun_finishes_the_same_results() {
     assert_eq!(snapshot(&store, &ids), snapshot(&reference, &ids), "the resumed results equal an uninterrupted run");
     assert_eq!(weights(&store, &ids), weights(&reference, &ids), "and so do the final weights, bit for bit");
     let show: serde_json::Value =
-        serde_json::from_slice(&cmd(&reference).args(["show", &ids[0]]).output().unwrap().stdout).unwrap();
+        serde_json::from_slice(&cmd(&reference).args(["show", &ids[0], "--json"]).output().unwrap().stdout).unwrap();
     assert_eq!(show["provenance"]["threads"], 1, "a deterministic job runs on one thread");
 }
 

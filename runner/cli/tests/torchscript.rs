@@ -139,7 +139,8 @@ stages:
     assert!(all.contains("it has buffers (e.g. BatchNorm running statistics)"), "{all}");
 
     // A module whose forward cannot take the rows, or returns the wrong number of logits, is a
-    // config error with what the module said, before any training (not a panic, not a crash).
+    // mistake in the experiment with what the module said, found when `xlab run` checks the
+    // jobs before starting any (not a panic, not a crash, not a failed sweep).
     for (module, said) in [
         ("wide.pt", "the TorchScript module's forward fails on a batch of shape [2, 4]"),
         ("narrow.pt", "the TorchScript module returns shape [2, 2] for a batch of shape [2, 4], not [2, 3]"),
@@ -148,8 +149,8 @@ stages:
         std::fs::write(&file, text).unwrap();
         let run = cmd(&store).arg("run").arg(&file).output().unwrap();
         let err = String::from_utf8_lossy(&run.stderr).into_owned();
-        assert_eq!(run.status.code(), Some(1), "{err}");
-        assert!(err.contains(said) && err.contains("FAILED (config)") && !err.contains("panicked"), "{module}: {err}");
+        assert_eq!(run.status.code(), Some(2), "{err}");
+        assert!(err.contains(said) && err.contains("ts.yaml:") && !err.contains("panicked"), "{module}: {err}");
         std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace(module, "bn.pt")).unwrap();
     }
 }

@@ -144,6 +144,9 @@ pub enum Event {
     },
     /// A file the job produced and made durable, relative to the run folder.
     Artifact { name: String, path: String, kind: String },
+    /// Something the researcher should know about the job's result although it did not fail
+    /// (e.g. it predicts a single class on features that look unscaled).
+    Warning { message: String },
     /// The job finished; `summary` holds its final metrics.
     Finished {
         #[serde(with = "floats::json")]

@@ -108,6 +108,11 @@ pub enum Progress<'a> {
         message: &'a str,
         delay: Duration,
     },
+    /// The worker warns about the job's result (it did not fail).
+    Warning {
+        job: &'a Job,
+        message: &'a str,
+    },
     /// The job stopped at a checkpoint because the run was asked to stop; it resumes next time.
     Stopped {
         job: &'a Job,
@@ -857,6 +862,7 @@ fn new_record(plan: &Plan, job: &Job) -> JobRecord {
         summary: BTreeMap::new(),
         provenance: Provenance::default(),
         artifacts: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 
@@ -947,6 +953,7 @@ fn record_start(
 ) {
     rec.status = JobStatus::Running;
     rec.summary.clear();
+    rec.warnings.clear();
     rec.provenance.xlab_version = opts.xlab_version.clone();
     rec.provenance.git_commit = Some(opts.git_commit.clone());
     rec.provenance.device = Some(device.to_string());
@@ -1024,6 +1031,12 @@ fn on_event(job: &Job, r: &mut Running, e: Event, ops: &Sender<StoreOp>, observe
             let path = format!("runs/{}/{path}", job.id);
             r.record.artifacts.retain(|a| a.name != name);
             r.record.artifacts.push(ArtifactRecord { name, kind, path });
+        }
+        Event::Warning { message } => {
+            observe(Progress::Warning { job, message: &message });
+            if !r.record.warnings.contains(&message) {
+                r.record.warnings.push(message);
+            }
         }
         Event::Finished { summary } => r.terminal = Some(Ok(summary)),
         Event::Failed { cause, message } => r.terminal = Some(Err((cause, message))),

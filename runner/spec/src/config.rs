@@ -572,6 +572,10 @@ pub struct Npz {
     /// The (channels, height, width) of each row of `x`, for image models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<[usize; 3]>,
+    /// Scale each feature to mean 0 and standard deviation 1 with the training split's
+    /// statistics (as scikit-learn's `StandardScaler`), applied to every split.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub standardize: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
@@ -593,6 +597,10 @@ pub struct Csv {
     /// The (channels, height, width) of each row's features, for image models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<[usize; 3]>,
+    /// Scale each feature to mean 0 and standard deviation 1 with the training split's
+    /// statistics, applied to every split.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub standardize: bool,
 }
 
 /// An image dataset read from a folder of standard files.

@@ -433,10 +433,40 @@ pub fn expand(
         }
         if !stage.variants.is_empty() {
             let mut alternatives = Vec::new();
+            let named = stage.variants.iter().filter(|v| v.contains_key("name")).count();
+            if named > 0 && named < stage.variants.len() {
+                let i = stage.variants.iter().position(|v| !v.contains_key("name")).unwrap_or(0);
+                return Err(SpecError::new(file, "some variants have a `name` and this one has none")
+                    .context(format!("{ctx}.variants[{i}]"))
+                    .hint("name every variant (tables and legends then show `variant=NAME`) or none"));
+            }
+            let mut names: Vec<String> = Vec::new();
             for (i, v) in stage.variants.iter().enumerate() {
                 let here = format!("{ctx}.variants[{i}]");
                 let mut map = v.clone();
                 let grid = map.remove("grid");
+                // `name:` labels the variant in tables and legends instead of the keys it sets.
+                let name = match map.remove("name") {
+                    None => None,
+                    Some(serde_yaml::Value::String(n)) if !n.trim().is_empty() => {
+                        if names.contains(&n) {
+                            return Err(SpecError::new(file, format!("two variants are named `{n}`"))
+                                .context(here.clone())
+                                .key("name")
+                                .hint("give each variant its own name"));
+                        }
+                        names.push(n.clone());
+                        Some(n)
+                    }
+                    Some(other) => {
+                        return Err(SpecError::new(
+                            file,
+                            format!("a variant's `name` is text, not {}", yaml_str(&other)),
+                        )
+                        .context(here.clone())
+                        .key("name"))
+                    }
+                };
                 for k in map.keys() {
                     let name = k.as_str().unwrap_or_default();
                     if !CONFIG_KEYS.contains(&name) {
@@ -446,7 +476,10 @@ pub fn expand(
                         e.hint = Some(match did_you_mean(name, CONFIG_KEYS.iter().copied()) {
                             Some(c) => format!("did you mean `{c}`?"),
                             None => {
-                                format!("a variant sets config keys ({}) and may have a `grid`", CONFIG_KEYS.join(", "))
+                                format!(
+                                    "a variant sets config keys ({}) and may have a `name` and a `grid`",
+                                    CONFIG_KEYS.join(", ")
+                                )
                             }
                         });
                         return Err(e);
@@ -454,7 +487,10 @@ pub fn expand(
                 }
                 let partial = yaml_to_json(file, &here, &serde_yaml::Value::Mapping(map))?;
                 let mut label = Vec::new();
-                leaves("", &partial, &mut label);
+                match name {
+                    Some(n) => label.push(("variant".to_string(), Value::String(n))),
+                    None => leaves("", &partial, &mut label),
+                }
                 let mut own: Vec<Factor> = vec![vec![Point { changes: vec![Change::Merge(partial)], label }]];
                 if let Some(g) = grid {
                     let g: IndexMap<String, Vec<serde_yaml::Value>> = serde_yaml::from_value(g).map_err(|e| {
@@ -1121,10 +1157,13 @@ fn resolve_components(
                 Some(c) => format!("did you mean `{c}`?"),
                 None if registry.refused.is_empty() => {
                     let ids: Vec<&str> = registry.component_ids().collect();
+                    let yours =
+                        "a plugin of your own is found through `plugins: [path/to/libxlab_plugin_NAME.so]` in the \
+                                 experiment file or its folder in XLAB_PLUGIN_PATH";
                     if ids.is_empty() {
-                        "no plugins are installed; see `xlab plugins list`".into()
+                        format!("no plugins are installed (`xlab plugins list`); {yours}")
                     } else {
-                        format!("available: {}", ids.join(", "))
+                        format!("available: {}; {yours}", ids.join(", "))
                     }
                 }
                 None => format!(

@@ -29,6 +29,7 @@ pub fn load(path: &Path, plugins: &mut dyn PluginSource) -> Result<Plan, SpecErr
 /// Like [`load`], from text already in memory; `path` is used in messages and to find plugin
 /// paths only.
 pub fn load_str(path: &Path, source: &str, plugins: &mut dyn PluginSource) -> Result<Plan, SpecError> {
-    let parsed = file::parse(path, source).map_err(|e| locate::fill(e, path, source))?;
+    let parsed =
+        file::parse(path, source).map_err(|e| locate::indentation_hint(locate::fill(e, path, source), path, source))?;
     expand::expand(path, source.to_string(), parsed, plugins).map_err(|e| locate::fill(e, path, source))
 }

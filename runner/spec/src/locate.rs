@@ -132,6 +132,43 @@ fn written_in(file: &Path, source: &str, out: &mut Vec<(PathBuf, Positions)>, de
 /// Gives an error without a position the line and column of the key it is about: the first of
 /// its candidate key paths written exactly in the file or its includes, else the longest part of
 /// one that is written (the stage, say, for a key the stage lacks).
+/// A key whose line comes right after a key with nothing under it, at the same indentation or
+/// less (`grid:` then `optimizer.lr: [...]` under-indented), is most likely meant to be under
+/// it: a hint says so, instead of what the misplaced key makes of the file ("expected struct
+/// StageFile", or an unknown field with a did-you-mean that cannot help).
+pub fn indentation_hint(mut err: SpecError, file: &Path, source: &str) -> SpecError {
+    let Some((line, _)) = err.location else { return err };
+    // A hint that knows better (a tab, say) stays; a did-you-mean cannot help here.
+    if &*err.file != file || line < 2 || err.hint.as_ref().is_some_and(|h| !h.starts_with("did you mean")) {
+        return err;
+    }
+    let lines: Vec<&str> = source.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start_matches(' ').len();
+    let code = |l: &str| l.split(" #").next().unwrap_or("").trim_end().to_string();
+    let Some(here) = lines.get(line as usize - 1) else { return err };
+    if here.trim().is_empty() {
+        return err;
+    }
+    let Some((at, before)) = lines[..line as usize - 1]
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    else {
+        return err;
+    };
+    let prev = code(before);
+    let bare_key = prev.ends_with(':') && !prev.trim_start().starts_with('-') && !prev.contains(": ");
+    if bare_key && indent(here) <= indent(before) {
+        let key = prev.trim().trim_end_matches(':');
+        err.hint = Some(format!(
+            "`{key}:` on line {} has nothing under it; if line {line} belongs to it, indent it further than `{key}` (YAML nests by indentation)",
+            at + 1
+        ));
+    }
+    err
+}
+
 pub fn fill(mut err: SpecError, file: &Path, source: &str) -> SpecError {
     if err.location.is_some() {
         return err;

@@ -28,7 +28,7 @@ pub fn schema() -> Value {
         ),
         (
             "variants",
-            json!({"type": "array", "items": {"type": "object"}, "description": "partial configs, each with its own `grid`"}),
+            json!({"type": "array", "items": {"type": "object"}, "description": "partial configs, each with its own `grid` and an optional `name` (tables and legends show `variant=NAME`)"}),
         ),
         (
             "seeds",

@@ -82,3 +82,32 @@ fn adding_a_seed_or_grid_value_keeps_the_existing_ids() {
     let ids: Vec<String> = explicit.jobs().map(|j| j.id.to_string()).collect();
     assert_eq!(ids, old);
 }
+
+/// Named variants label their points `variant=NAME` instead of the keys they set; naming some
+/// but not all, or two alike, is refused.
+#[test]
+fn named_variants_label_their_points_by_name() {
+    let base = "name: v\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd}\nstages:\n  a:\n    variants:\n";
+    let text = format!("{base}      - {{name: plain}}\n      - {{name: smooth, label_smoothing: 0.1, grid: {{optimizer.lr: [0.1, 0.01]}}}}\n");
+    let p = xlab_spec::load_str(std::path::Path::new("v.yaml"), &text, &mut xlab_spec::NoPlugins).unwrap();
+    let labels: Vec<String> = p.stages[0].jobs.iter().map(|j| j.label()).collect();
+    assert_eq!(
+        labels,
+        ["variant=plain seed=0", "variant=smooth optimizer.lr=0.1 seed=0", "variant=smooth optimizer.lr=0.01 seed=0"]
+    );
+    assert_eq!(p.stages[0].sweep_keys, ["variant", "optimizer.lr"]);
+    assert_eq!(p.stages[0].jobs[1].config_json["label_smoothing"], 0.1);
+    for (bad, msg) in [
+        (
+            format!("{base}      - {{name: plain}}\n      - {{label_smoothing: 0.1}}\n"),
+            "some variants have a `name` and this one has none",
+        ),
+        (
+            format!("{base}      - {{name: x}}\n      - {{name: x, label_smoothing: 0.1}}\n"),
+            "two variants are named `x`",
+        ),
+    ] {
+        let e = xlab_spec::load_str(std::path::Path::new("v.yaml"), &bad, &mut xlab_spec::NoPlugins).unwrap_err();
+        assert!(e.to_string().contains(msg), "{e}");
+    }
+}

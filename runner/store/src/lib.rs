@@ -552,6 +552,7 @@ mod tests {
             summary,
             provenance: Provenance::default(),
             artifacts: vec![],
+            warnings: vec![],
         }
     }
 

@@ -221,6 +221,10 @@ pub struct JobRecord {
     pub summary: BTreeMap<String, f64>,
     pub provenance: Provenance,
     pub artifacts: Vec<ArtifactRecord>,
+    /// What the worker warned about (its latest attempt), e.g. a single predicted class on
+    /// unscaled features.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl JobRecord {

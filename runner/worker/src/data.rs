@@ -37,6 +37,46 @@ pub struct Dataset {
     pub groups: usize,
     /// Images: (channels, height, width) of each flattened row of `x`.
     pub image: Option<[i64; 3]>,
+    /// With `standardize: true`: the training split's per-feature statistics every split was
+    /// scaled with.
+    pub standardized: Option<Standardization>,
+}
+
+/// Per-feature mean and standard deviation (of the training split; a constant feature's
+/// standard deviation is taken as 1, as scikit-learn's `StandardScaler` does).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Standardization {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+impl Dataset {
+    /// Scales every split's features by the training split's mean and standard deviation
+    /// (population, ddof 0, in double precision).
+    pub fn standardize(mut self) -> Dataset {
+        let x = self.train.x.to_kind(Kind::Double);
+        let mean = x.mean_dim(Some([0i64].as_slice()), false, Kind::Double);
+        let std = x.std_dim(Some([0i64].as_slice()), false, false);
+        let std = std.where_self(&std.gt(0.0), &std.ones_like());
+        for split in [&mut self.train, &mut self.val, &mut self.test] {
+            if split.x.numel() > 0 {
+                split.x = ((split.x.to_kind(Kind::Double) - &mean) / &std).to_kind(Kind::Float);
+            }
+        }
+        let v = |t: &Tensor| Vec::<f64>::try_from(t).unwrap_or_default();
+        self.standardized = Some(Standardization { mean: v(&mean), std: v(&std) });
+        self
+    }
+
+    /// Whether the training features look unscaled: some feature's typical magnitude is in the
+    /// hundreds or more (a raw tabular file), which plain SGD often cannot train on.
+    pub fn looks_unscaled(&self) -> bool {
+        self.standardized.is_none()
+            && self.image.is_none()
+            && self.train.x.numel() > 0
+            && self.train.x.abs().mean_dim(Some([0i64].as_slice()), false, Kind::Double).max().double_value(&[])
+                >= 100.0
+    }
 }
 
 impl Dataset {
@@ -237,6 +277,7 @@ fn images_split(
         classes,
         groups: 0,
         image: Some(shape),
+        standardized: None,
     })
 }
 
@@ -278,7 +319,8 @@ fn npz(c: &Npz) -> Result<Dataset, String> {
     };
     let (group, domain) = (ids("group")?, ids("domain")?);
     let x = x.to_kind(Kind::Float).reshape([rows, -1]);
-    in_file_order(path, x, y.to_kind(Kind::Int64), group, domain, (c.n_val, c.n_test), c.image)
+    let d = in_file_order(path, x, y.to_kind(Kind::Int64), group, domain, (c.n_val, c.n_test), c.image)?;
+    Ok(if c.standardize { d.standardize() } else { d })
 }
 
 /// A dataset from whole-file arrays: the rows in file order are training, then `n_val`
@@ -331,6 +373,7 @@ fn in_file_order(
         classes,
         groups,
         image: image.map(|[c, h, w]| [c as i64, h as i64, w as i64]),
+        standardized: None,
     })
 }
 
@@ -401,7 +444,8 @@ fn csv_from(c: &Csv, input: impl std::io::Read) -> Result<Dataset, String> {
     let rows = y.len() as i64;
     let x = Tensor::from_slice(&xs).reshape([rows, features.len() as i64]);
     let ids = |v: Vec<i64>| (!v.is_empty()).then(|| Tensor::from_slice(&v));
-    in_file_order(path, x, Tensor::from_slice(&y), ids(gs), ids(ds), (c.n_val, c.n_test), c.image)
+    let d = in_file_order(path, x, Tensor::from_slice(&y), ids(gs), ids(ds), (c.n_val, c.n_test), c.image)?;
+    Ok(if c.standardize { d.standardize() } else { d })
 }
 
 /// The 1797 digits (8×8 pixels in 0..=16, scaled to [0, 1]), shuffled by the config's seed and
@@ -449,6 +493,7 @@ fn digits(c: &Digits) -> Result<Dataset, String> {
         classes: 10,
         groups: 0,
         image: Some([1, 8, 8]),
+        standardized: None,
     })
 }
 
@@ -470,6 +515,7 @@ fn split(xs: Vec<f32>, ys: Vec<i64>, dim: usize, sizes: [usize; 3], classes: usi
         classes,
         groups: 0,
         image: None,
+        standardized: None,
     }
 }
 
@@ -503,7 +549,7 @@ pub fn spurious(c: &Spurious) -> Dataset {
     let train = make(c.n_train, c.correlation);
     let val = make(c.n_val, c.eval_correlation);
     let test = make(c.n_test, c.eval_correlation);
-    Dataset { train, val, test, input_dim: dim, classes: 2, groups: 4, image: None }
+    Dataset { train, val, test, input_dim: dim, classes: 2, groups: 4, image: None, standardized: None }
 }
 
 /// Two interleaved half circles (as scikit-learn's `make_moons`, with angles drawn uniformly at
@@ -647,6 +693,7 @@ mod tests {
             n_val: 1,
             n_test: 1,
             image: None,
+            standardize: false,
         };
         let mut k = 0u64;
         xlab_fuzz::check("csv", dict, 3_000, |bytes| {
@@ -662,8 +709,46 @@ mod tests {
         xlab_fuzz::check("idx", dict, 50_000, |bytes| parse_idx(bytes, "fuzz").map(|_| ()));
     }
 
+    /// `standardize: true` scales every split by the training split's mean and population
+    /// standard deviation (scikit-learn's `StandardScaler`); a constant feature keeps std 1.
+    #[test]
+    fn standardize_uses_the_training_split_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.csv");
+        std::fs::write(&path, "a,b,label\n1,5,0\n2,5,1\n3,5,0\n10,5,1\n").unwrap();
+        let cfg = Csv {
+            path: FileRef { path: path.display().to_string(), sha256: None },
+            label: "label".into(),
+            group: None,
+            domain: None,
+            n_val: 0,
+            n_test: 1,
+            image: None,
+            standardize: true,
+        };
+        let d = csv(&cfg).unwrap();
+        let st = d.standardized.as_ref().unwrap();
+        let sd = (2.0f64 / 3.0).sqrt();
+        assert!((st.mean[0] - 2.0).abs() < 1e-12 && (st.std[0] - sd).abs() < 1e-12, "{st:?}");
+        assert_eq!((st.mean[1], st.std[1]), (5.0, 1.0), "a constant feature");
+        let train = Vec::<f32>::try_from(d.train.x.flatten(0, -1)).unwrap();
+        let want = [-1.0 / sd, 0.0, 0.0, 0.0, 1.0 / sd, 0.0];
+        for (g, w) in train.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-6, "{train:?}");
+        }
+        let test = Vec::<f32>::try_from(d.test.x.flatten(0, -1)).unwrap();
+        assert!((f64::from(test[0]) - 8.0 / sd).abs() < 1e-5, "the test row uses the training statistics: {test:?}");
+        assert!(!d.looks_unscaled());
+    }
+
     fn npz_at(path: &Path) -> Npz {
-        Npz { path: FileRef { path: path.display().to_string(), sha256: None }, n_val: 0, n_test: 1, image: None }
+        Npz {
+            path: FileRef { path: path.display().to_string(), sha256: None },
+            n_val: 0,
+            n_test: 1,
+            image: None,
+            standardize: false,
+        }
     }
 
     /// numpy saves a transposed array in Fortran order; xlab reads it as numpy does (it used

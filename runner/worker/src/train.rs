@@ -957,6 +957,7 @@ pub fn run(
         classes: data.classes as i64,
     };
     let info = run_info(cfg, &data, seed, parents)?;
+    record_standardization(run_dir, &data, out)?;
     for c in comps.all() {
         c.setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
     }
@@ -1259,7 +1260,38 @@ pub fn run(
     let weights = run_dir.join("weights.safetensors");
     save_atomically(&vs, &weights)?;
     out.artifact("weights", "weights.safetensors", "weights");
+    if let Some(split) = single_class(&summary, data.classes) {
+        if data.looks_unscaled() {
+            out.send(&xlab_proto::Event::Warning {
+                message: format!(
+                    "it predicts a single class on the {split} split, and its features look unscaled (magnitudes in \
+                     the hundreds or more); `standardize: true` under `data:` scales them with the training split's \
+                     statistics"
+                ),
+            });
+        }
+    }
     Ok(summary)
+}
+
+/// The split (test, else validation) on which every example was predicted as one class: one
+/// class has recall 1 and every other 0.
+fn single_class(summary: &BTreeMap<String, f64>, classes: usize) -> Option<&'static str> {
+    ["test", "val"].into_iter().find(|split| {
+        let recalls: Vec<f64> =
+            (0..classes).filter_map(|c| summary.get(&format!("{split}.class_recall.{c}")).copied()).collect();
+        recalls.len() == classes && classes >= 2 && recalls.iter().filter(|r| **r > 0.0).count() == 1
+    })
+}
+
+/// Writes the training split's statistics a `standardize: true` job scaled its data with.
+fn record_standardization(run_dir: &Path, data: &data::Dataset, out: &mut Emitter) -> Result<(), Failure> {
+    let Some(st) = &data.standardized else { return Ok(()) };
+    let bytes = serde_json::to_vec_pretty(st).expect("statistics serialize");
+    checkpoint::write_atomic(&run_dir.join("standardization.json"), &bytes)
+        .map_err(|e| Failure::new(FailureCause::Error, format!("cannot write standardization.json: {e}")))?;
+    out.artifact("standardization", "standardization.json", "training-split feature mean and std");
+    Ok(())
 }
 
 /// Copies the tensors of a safetensors file into the model's variables, by name. Every variable
