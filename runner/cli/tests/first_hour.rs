@@ -209,3 +209,91 @@ fn data_and_constructor_mistakes_are_caught_before_anything_runs() {
         assert!(!store.join("runs").exists(), "{what}: nothing ran");
     }
 }
+
+/// Raw tabular features in the hundreds train plain SGD to the majority class: the run says so
+/// for each such job, `xlab show` keeps the warning, and `standardize: true` fixes it (its
+/// training-split statistics kept beside the job).
+#[test]
+fn unscaled_features_are_named_and_standardize_fixes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("f1,f2,label\n");
+    for i in 0..300 {
+        let a = 800.0 + 300.0 * (i as f64 * 0.7).sin();
+        let b = 1200.0 + 200.0 * (i as f64 * 0.3).cos();
+        csv += &format!("{a:.2},{b:.2},{}\n", if a > 900.0 { "M" } else { "B" });
+    }
+    std::fs::write(dir.path().join("raw.csv"), csv).unwrap();
+    let file = dir.path().join("raw.yaml");
+    std::fs::write(
+        &file,
+        "name: raw\ndefaults:\n  task: train\n  data: {name: csv, path: raw.csv, n_val: 50, n_test: 50}\n  model: {name: mlp, hidden: [16]}\n  optimizer: {name: sgd, lr: 0.05}\n  epochs: 3\nstages:\n  raw: {}\n  scaled:\n    data: {standardize: true}\n",
+    )
+    .unwrap();
+    let store = dir.path().join("results");
+    let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    let warned: Vec<&str> = err.lines().filter(|l| l.contains("predicts a single class")).collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(warned[0].contains("raw seed=0") && warned[0].contains("standardize: true"), "{err}");
+    let rows: serde_json::Value =
+        serde_json::from_slice(&cmd(&store).args(["query", "--format", "json"]).output().unwrap().stdout).unwrap();
+    let acc = |stage: &str| {
+        rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"]["test.acc"]["mean"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(acc("scaled") > acc("raw") + 0.2, "standardized features train: {rows}");
+    let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
+    let id = |stage: &str| {
+        plan.lines()
+            .skip_while(|l| !l.contains(&format!("stage `{stage}`")))
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let shown = text(&cmd(&store).args(["show", &id("raw")]).output().unwrap().stdout);
+    assert!(shown.contains("warning: it predicts a single class on the test split"), "{shown}");
+    let stats: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(store.join("runs").join(id("scaled")).join("standardization.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["mean"].as_array().unwrap().len(), 2);
+    assert!(stats["mean"][1].as_f64().unwrap() > 1000.0, "{stats}");
+}
+
+/// A config error that only shows at run time (here weights under `init:` that do not fit the
+/// model) holds back the rest of its stage instead of failing every job, and the run says to fix
+/// the file rather than to retry.
+#[test]
+fn a_config_error_holds_back_its_stage_and_is_not_called_retryable() {
+    let dir = tempfile::tempdir().unwrap();
+    // A safetensors file with one tensor the MLP does not have.
+    let header = br#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let mut padded = header.to_vec();
+    while padded.len() % 8 != 0 {
+        padded.push(b' ');
+    }
+    let mut bytes = (padded.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(padded);
+    bytes.extend(1.0f32.to_le_bytes());
+    std::fs::write(dir.path().join("wrong.safetensors"), bytes).unwrap();
+    let file = dir.path().join("held.yaml");
+    std::fs::write(
+        &file,
+        "name: held\nmax_parallel: 1\ndefaults:\n  task: train\n  data: {name: two_moons, n_train: 64, n_val: 0, n_test: 32}\n  model: {name: mlp, hidden: [8]}\n  optimizer: {name: sgd, lr: 0.1}\n  epochs: 1\nstages:\n  fine:\n    seeds: 1\n  warm:\n    init: wrong.safetensors\n    seeds: 4\n",
+    )
+    .unwrap();
+    let store = dir.path().join("results");
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("stage `warm`: a config error, so its 3 other job(s) are not started"), "{err}");
+    assert!(
+        err.contains("1 job(s) failed with a config error (3 more job(s) of the same stage(s) were not started)"),
+        "{err}"
+    );
+    assert!(err.contains("Fix the experiment file") && !err.contains("retry them"), "{err}");
+    assert!(err.contains("1 done, 0 skipped (already done), 1 failed"), "the other stage ran: {err}");
+}
