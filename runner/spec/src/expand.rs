@@ -956,8 +956,12 @@ fn best_instances(
     let by_seed = spec.per.iter().any(|k| k == "seed");
     // A key some parent jobs lack (plain SGD has no `step_rule.use`) groups those jobs under
     // `null`; a key none of them has is a mistake.
+    // A config key, else a label of the parent's sweep point (a named variant's `variant`).
+    let value_of = |p: &Job, k: &str| -> Option<Value> {
+        get_dotted(&p.config_json, k).or_else(|| p.point.iter().find(|(pk, _)| pk == k).map(|(_, v)| v)).cloned()
+    };
     for k in spec.per.iter().filter(|k| *k != "seed") {
-        if !parent_jobs.iter().any(|p| get_dotted(&p.config_json, k).is_some()) {
+        if !parent_jobs.iter().any(|p| value_of(p, k).is_some()) {
             return Err(SpecError::new(
                 file,
                 format!("`per: {k}`: the jobs of stage `{parent}` have no config key `{k}`"),
@@ -969,7 +973,7 @@ fn best_instances(
     for p in parent_jobs {
         let mut key = Vec::new();
         for k in spec.per.iter().filter(|k| *k != "seed") {
-            let v = get_dotted(&p.config_json, k).cloned().unwrap_or(Value::Null);
+            let v = value_of(p, k).unwrap_or(Value::Null);
             key.push((format!("{parent}.{k}"), v));
         }
         let seed = by_seed.then_some(p.seed);

@@ -97,6 +97,13 @@ fn named_variants_label_their_points_by_name() {
     );
     assert_eq!(p.stages[0].sweep_keys, ["variant", "optimizer.lr"]);
     assert_eq!(p.stages[0].jobs[1].config_json["label_smoothing"], 0.1);
+    // `select: best` can rank per named variant.
+    let per = format!(
+        "{text}  pick:\n    task: evaluate\n    needs: {{stage: a, select: best, metric: val.acc, per: [variant]}}\n"
+    );
+    let p = xlab_spec::load_str(std::path::Path::new("v.yaml"), &per, &mut xlab_spec::NoPlugins).unwrap();
+    let picks: Vec<String> = p.stages[1].jobs.iter().map(|j| j.label()).collect();
+    assert_eq!(picks, ["a.variant=plain seed=0", "a.variant=smooth seed=0"]);
     for (bad, msg) in [
         (
             format!("{base}      - {{name: plain}}\n      - {{label_smoothing: 0.1}}\n"),
