@@ -332,6 +332,26 @@ pub fn jobs_csv(lines: &[xlab_store::ExportLine]) -> String {
 mod tests {
     use super::*;
 
+    /// A 10-class run with groups shows accuracy, ECE, loss and the worst group's accuracy by
+    /// default; per-class recalls and per-group values only when asked for.
+    #[test]
+    fn the_default_metrics_are_compact() {
+        let mut metrics: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for split in ["train", "val", "test"] {
+            for m in ["acc", "loss", "ece", "worst_class_recall", "worst_group_acc"] {
+                metrics.insert(format!("{split}.{m}"), vec![0.5]);
+            }
+            for c in 0..10 {
+                metrics.insert(format!("{split}.class_recall.{c}"), vec![0.5]);
+            }
+            for g in 0..4 {
+                metrics.insert(format!("{split}.group_acc.{g}"), vec![0.5]);
+            }
+        }
+        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1 };
+        assert_eq!(default_metrics(&[row]), ["test.acc", "test.ece", "test.loss", "test.worst_group_acc"]);
+    }
+
     #[test]
     fn sample_std_matches_numpy_ddof1() {
         // numpy: np.std([0.9, 0.95, 0.97], ddof=1) = 0.036055512754639925
