@@ -272,7 +272,7 @@ fn a_config_error_holds_back_its_stage_and_is_not_called_retryable() {
     // A safetensors file with one tensor the MLP does not have.
     let header = br#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
     let mut padded = header.to_vec();
-    while padded.len() % 8 != 0 {
+    while !padded.len().is_multiple_of(8) {
         padded.push(b' ');
     }
     let mut bytes = (padded.len() as u64).to_le_bytes().to_vec();
