@@ -860,7 +860,7 @@ fn adopt_earlier_ids(store: &dyn ResultStore, plan: &mut xlab_spec::Plan) {
 fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_spec::Plan) -> Result<(), Failure> {
     let Some(before) = store.experiment(&plan.name)? else { return Ok(()) };
     let file = plan.file.display().to_string();
-    if before.source == plan.source && before.file == file {
+    if before.source == plan.source {
         return Ok(());
     }
     let planned: std::collections::HashSet<&str> = plan.jobs().map(|j| j.id.as_str()).collect();

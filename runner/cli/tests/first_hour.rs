@@ -145,8 +145,10 @@ fn an_edited_experiment_keeps_its_earlier_jobs_visible() {
     let (all, note) = seeds(&["--all-versions"]);
     assert_eq!(all, ["0", "1", "5"]);
     assert!(!note.contains("not shown"), "{note}");
-    // Running the same text again is not a new version.
+    // Running the same text again is not a new version, from another path neither.
     let err = ok(cmd(&store).arg("run").arg(&file).output().unwrap());
+    assert!(!err.contains("after version"), "{err}");
+    let err = ok(cmd(&store).current_dir(dir.path()).args(["run", "./edited.yaml"]).output().unwrap());
     assert!(!err.contains("after version"), "{err}");
     let listed = text(&cmd(&store).arg("experiments").output().unwrap().stdout);
     assert!(listed.contains("edited"), "{listed}");

@@ -34,10 +34,12 @@ impl ExperimentRecord {
         self.earlier.last().map_or(1, |e| e.version + 1)
     }
 
-    /// Records that `next` replaces this run of the experiment: when the text or the file
-    /// differs, the current version joins `earlier` (and keeps its jobs). Returns whether it did.
+    /// Records that `next` replaces this run of the experiment: when the text differs (an edit,
+    /// or another file with the same `name:`), the current version joins `earlier` (and keeps
+    /// its jobs). The same text from another path (a moved checkout, `./x.yaml` for `x.yaml`) is
+    /// the same version. Returns whether it made a new one.
     pub fn replace_with(&mut self, next: ExperimentRecord) -> bool {
-        let replaced = next.source != self.source || next.file != self.file;
+        let replaced = next.source != self.source;
         let earlier = std::mem::take(&mut self.earlier);
         let old = std::mem::replace(self, next);
         self.earlier = earlier;
