@@ -5,21 +5,10 @@
 use std::path::Path;
 
 mod common;
-use common::cmd;
+use common::{cmd, stage_job_ids as ids};
 
 fn show(store: &Path, id: &str) -> serde_json::Value {
     serde_json::from_slice(&cmd(store).args(["show", id, "--json"]).output().unwrap().stdout).unwrap()
-}
-
-fn ids(store: &Path, file: &Path, stage: &str) -> Vec<String> {
-    let out = cmd(store).arg("plan").arg(file).output().unwrap();
-    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
-    plan.lines()
-        .skip_while(|l| !l.contains(&format!("stage `{stage}`")))
-        .skip(1)
-        .take_while(|l| l.starts_with("    "))
-        .map(|l| l.split_whitespace().next().unwrap().to_string())
-        .collect()
 }
 
 #[test]

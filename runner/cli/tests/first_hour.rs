@@ -244,17 +244,7 @@ fn unscaled_features_are_named_and_standardize_fixes_them() {
             .unwrap()
     };
     assert!(acc("scaled") > acc("raw") + 0.2, "standardized features train: {rows}");
-    let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
-    let id = |stage: &str| {
-        plan.lines()
-            .skip_while(|l| !l.contains(&format!("stage `{stage}`")))
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
+    let id = |stage: &str| common::stage_job_ids(&store, &file, stage)[0].clone();
     let shown = text(&cmd(&store).args(["show", &id("raw")]).output().unwrap().stdout);
     assert!(shown.contains("warning: it predicts a single class on the test split"), "{shown}");
     let stats: serde_json::Value = serde_json::from_slice(

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn xlab() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
 }
@@ -166,16 +168,7 @@ fn plugin_jobs_record_provenance_and_a_failing_plugin_fails_only_its_job() {
     assert_eq!(stage("broken")["done"], 0);
 
     // The SAM job's record names the plugin library and its hash, and its resolved parameters.
-    let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
-    let sam_job = plan
-        .lines()
-        .skip_while(|l| !l.contains("stage `sam`"))
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let sam_job = common::stage_job_ids(&store, &file, "sam")[0].clone();
     let out = cmd(&store).args(["show", &sam_job, "--json"]).output().unwrap();
     let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // The resolved config: defaults filled in.
@@ -261,16 +254,7 @@ fn a_rebuilt_plugin_is_named_and_rerun_runs_selected_jobs_again() {
     assert!(err.contains("--rerun"), "{err}");
     assert!(err.contains("0 done, 2 skipped"), "{err}");
 
-    let ids = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
-    let fx = ids
-        .lines()
-        .skip_while(|l| !l.contains("stage `fx`"))
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let fx = common::stage_job_ids(&store, &file, "fx")[0].clone();
     let err = ok(cmd(&store).arg("run").arg(&file).args(["--rerun", "stage == \"fx\""]).output().unwrap());
     assert!(err.contains("--rerun matched 1 of the 2 done job(s)"), "{err}");
     assert!(err.contains("1 done, 1 skipped"), "{err}");

@@ -22,14 +22,10 @@ pub fn check(jobs: &[JobCheck]) -> Vec<CheckFailure> {
         .filter_map(|(index, job)| {
             // A panic in a plugin's constructor or in libtorch is a finding, not a crash.
             let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checker.job(job)))
-                .unwrap_or_else(|p| Err(("".into(), format!("panicked: {}", panic_text(&p)))));
+                .unwrap_or_else(|p| Err((String::new(), crate::failure_of_panic(&*p).message)));
             found.err().map(|(key, message)| CheckFailure { index, key, message })
         })
         .collect()
-}
-
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
 }
 
 #[derive(Default)]

@@ -947,7 +947,6 @@ pub fn run(
     let g_train = data.train.group.as_ref().map(|g| g.to_device(device));
     let d_train = data.train.domain.as_ref().map(|d| d.to_device(device));
     let n = data.train.len();
-    let train_labels = Vec::<i64>::try_from(&data.train.y)?;
     let bs = cfg.batch_size as usize;
     let base_lr = opt_cfg.lr();
     let total_steps = n.div_ceil(bs) as u64 * u64::from(cfg.epochs);
@@ -1222,7 +1221,7 @@ pub fn run(
                 values.insert(format!("train.group_acc.{k}"), right / seen);
             }
         }
-        let recall = stats.class_recall(&train_labels, data.classes);
+        let recall = stats.class_recall(&info.train_labels, data.classes);
         for (c, r) in recall.iter().enumerate() {
             if let Some(r) = r {
                 values.insert(format!("train.class_recall.{c}"), *r);

@@ -49,6 +49,18 @@ pub fn job_ids(store: &Path, file: &Path) -> Vec<String> {
     plan.lines().filter(|l| l.starts_with("    ")).map(|l| l.split_whitespace().next().unwrap().to_string()).collect()
 }
 
+/// The ids of one stage's jobs, as `xlab plan` lists them.
+pub fn stage_job_ids(store: &Path, file: &Path, stage: &str) -> Vec<String> {
+    let out = cmd(store).arg("plan").arg(file).output().unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
+    plan.lines()
+        .skip_while(|l| !l.contains(&format!("stage `{stage}`")))
+        .skip(1)
+        .take_while(|l| l.starts_with("    "))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
 /// Every job's record (status and final metrics) and metric series, as stored.
 pub fn snapshot(store: &Path, ids: &[String]) -> Vec<serde_json::Value> {
     ids.iter()
