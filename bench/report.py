@@ -72,6 +72,13 @@ def sampling(d):
     return table(["case", "steps", "batch", "xlab NFE/s", "PyTorch loop NFE/s", "ratio"], rows) + footer(d["meta"])
 
 
+def memory(d):
+    rows = [[r["sampler"], f"{r['samples']:,}", r["image"], num(r["peak_rss_mb"], 4), f"{r['sample_s']:.0f}",
+             f"{r['job_s']:.0f}", f"{100 * r['out_of_range']:.1f}%"] for r in d["rows"]]
+    head = ["sampler", "samples", "image", "peak memory (MiB)", "sampling (s)", "whole job (s)", "values out of range"]
+    return table(head, rows) + footer(d["meta"])
+
+
 def scheduler(d):
     n, s = d["noop"], d["sleep"]
     rows = [
@@ -127,7 +134,7 @@ def fuzz(d):
     return table(head, rows) + footer(d["meta"])
 
 
-RENDER = {"fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "scheduler": scheduler, "store": store, "query": query,
+RENDER = {"fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
           "comixup": comixup}
 
 

@@ -59,12 +59,13 @@ pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Fil
 
 /// The metrics shown by default, a compact set: of the `test.*` metrics (else `val.*`, else
 /// all) accuracy, loss, ECE and the worst group's accuracy, without per-class recalls or
-/// per-group breakdowns (`-m test.class_recall.3` asks for one); and the `sample.*` metrics.
+/// per-group breakdowns (`-m test.class_recall.3` asks for one); and the `sample.*` metrics
+/// but for the raw samples' figures (`sample.raw.*`).
 pub fn default_metrics(rows: &[Row]) -> Vec<String> {
     let mut names: Vec<String> = rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
     names.sort();
     names.dedup();
-    let compact = |n: &&String| !n.contains(".group_") && !n.contains("class_recall");
+    let compact = |n: &&String| !n.contains(".group_") && !n.contains("class_recall") && !n.starts_with("sample.raw.");
     let pick =
         |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).filter(compact).cloned().collect::<Vec<_>>();
     let headline: Vec<String> = pick("test.").into_iter().chain(pick("sample.")).collect();
@@ -350,6 +351,18 @@ mod tests {
         }
         let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1 };
         assert_eq!(default_metrics(&[row]), ["test.acc", "test.ece", "test.loss", "test.worst_group_acc"]);
+    }
+
+    /// A sample job shows its figures on the delivered samples, not the raw ones'.
+    #[test]
+    fn the_default_sample_metrics_leave_out_the_raw_figures() {
+        let metrics: BTreeMap<String, Vec<f64>> =
+            ["sample.swd", "sample.out_of_range", "sample.raw.swd", "sample.raw.abs_max", "sys.peak_rss_mb"]
+                .into_iter()
+                .map(|m| (m.to_string(), vec![0.5]))
+                .collect();
+        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1 };
+        assert_eq!(default_metrics(&[row]), ["sample.out_of_range", "sample.swd"]);
     }
 
     #[test]

@@ -92,6 +92,10 @@ pub struct JobConfig {
     /// `sample`: how many samples to draw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<u32>,
+    /// `sample`: how many samples go through the sampler at once (default 1024). Memory grows
+    /// with it; stochastic samplers draw their noise per batch, so it is part of the identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_batch: Option<u32>,
     /// `evaluate`: sharpness of each parent's training loss at its final weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharpness: Option<Sharpness>,
@@ -132,6 +136,11 @@ pub struct JobConfig {
     /// fp32. `fp16` training scales the loss dynamically (`loss_scale`). Part of the identity.
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
+    /// `train`: keep an exponential moving average of the weights, as diffusers' `EMAModel`
+    /// updates it, written beside the weights as `weights_ema.safetensors` and kept in
+    /// checkpoints. Sample jobs of a diffusion model trained with it use the average by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<Ema>,
     /// `precision: fp16` training: the dynamic loss scale, as PyTorch's `GradScaler` keeps it
     /// (its defaults). Part of the identity when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -393,7 +402,77 @@ pub enum DenoiserConfig {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct Trained {}
+pub struct Trained {
+    /// The parent's averaged or raw weights; the average when the parent trains with `ema:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightsChoice>,
+}
+
+/// The exponential moving average of the weights (diffusers' `EMAModel`): after every
+/// `every`-th optimizer step the average's update count k goes up by one and each parameter
+/// moves as s ← s − (1 − d)(s − p), where d = 0 for k ≤ `update_after_step` + 1, else
+/// d = min(`decay`, max(`min_decay`, w)) with w = (1 + j)/(10 + j), or with `warmup`
+/// w = 1 − (1 + j/`inv_gamma`)^(−`power`), j = k − `update_after_step` − 1. Tensors that take
+/// no gradient (batch-norm statistics) are copied.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ema {
+    #[serde(default = "defaults::ema_decay")]
+    pub decay: f64,
+    #[serde(default)]
+    pub min_decay: f64,
+    #[serde(default)]
+    pub update_after_step: u64,
+    #[serde(default)]
+    pub warmup: bool,
+    #[serde(default = "defaults::one")]
+    pub inv_gamma: f64,
+    #[serde(default = "defaults::ema_power")]
+    pub power: f64,
+    /// Optimizer steps between updates of the average.
+    #[serde(default = "defaults::one_step")]
+    pub every: u64,
+}
+
+impl Ema {
+    /// diffusers' `EMAModel.get_decay` for the average's k-th update.
+    pub fn decay_at(&self, k: u64) -> f64 {
+        let j = k.saturating_sub(self.update_after_step + 1);
+        if j == 0 {
+            return 0.0;
+        }
+        let j = j as f64;
+        let w = if self.warmup { 1.0 - (1.0 + j / self.inv_gamma).powf(-self.power) } else { (1.0 + j) / (10.0 + j) };
+        w.min(self.decay).max(self.min_decay)
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if !(0.0..=1.0).contains(&self.decay) {
+            return Err(("decay", format!("must be in [0, 1], got {}", self.decay)));
+        }
+        if !(0.0..=self.decay).contains(&self.min_decay) {
+            return Err(("min_decay", format!("must be in [0, decay], got {}", self.min_decay)));
+        }
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        if !(positive(self.inv_gamma) && positive(self.power)) {
+            return Err(("inv_gamma", "and `power` must be finite numbers > 0".into()));
+        }
+        if self.every == 0 {
+            return Err(("every", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Which of the parent's weights a sample job uses.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsChoice {
+    /// The exponential moving average (`ema:` in the parent's training).
+    Ema,
+    /// The weights as the optimizer left them.
+    Raw,
+}
 
 /// What a diffusion model is trained to predict.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
@@ -625,6 +704,17 @@ impl DataConfig {
             DataConfig::Npz(n) => n.image.map(Some),
             DataConfig::Csv(c) => c.image.map(Some),
             _ => None,
+        }
+    }
+
+    /// The number of features of each row, where the config alone tells it (generators, the
+    /// built-in image sets, files with an `image` shape).
+    pub fn row_width(&self) -> Option<usize> {
+        match self {
+            DataConfig::TwoMoons(_) => Some(2),
+            DataConfig::Spurious(d) => Some(2 + d.noise_dims),
+            DataConfig::Blobs(d) => Some(d.dim),
+            _ => self.image_shape().flatten().map(|[c, h, w]| c * h * w),
         }
     }
 
@@ -907,9 +997,10 @@ impl JobConfig {
     }
 
     /// The training options only `task: train` uses, and whether each is set.
-    fn train_fields(&self) -> [(&'static str, bool); 6] {
+    fn train_fields(&self) -> [(&'static str, bool); 7] {
         [
             ("augment", self.augment.is_some()),
+            ("ema", self.ema.is_some()),
             ("schedule", !self.schedule.is_default()),
             ("clip_grad_norm", self.clip_grad_norm.is_some()),
             ("label_smoothing", self.label_smoothing != 0.0),
@@ -951,6 +1042,9 @@ impl JobConfig {
         }
         if self.epochs == 0 {
             return err("epochs", "must be at least 1".into());
+        }
+        if let Some(Err((k, m))) = self.ema.as_ref().map(Ema::check) {
+            return err(&format!("ema.{k}"), m);
         }
         if self.batch_size == 0 {
             return err("batch_size", "must be at least 1".into());
@@ -1018,7 +1112,8 @@ impl JobConfig {
                         return err(k, "is required by `task: train`".into());
                     }
                 }
-                for (k, set) in self.sample_fields() {
+                let sample_batch = ("sample_batch", self.sample_batch.is_some());
+                for (k, set) in self.sample_fields().into_iter().chain([sample_batch]) {
                     if set {
                         return err(k, "belongs to `task: sample`, not `task: train`".into());
                     }
@@ -1151,6 +1246,9 @@ impl JobConfig {
                 }
                 if self.samples == Some(0) {
                     return err("samples", "must be at least 1".into());
+                }
+                if self.sample_batch == Some(0) {
+                    return err("sample_batch", "must be at least 1".into());
                 }
                 match &self.denoiser {
                     Some(DenoiserConfig::Exact(d)) => {
@@ -1312,6 +1410,18 @@ mod defaults {
         0.1
     }
 
+    pub fn ema_decay() -> f64 {
+        0.9999
+    }
+    pub fn one() -> f64 {
+        1.0
+    }
+    pub fn ema_power() -> f64 {
+        2.0 / 3.0
+    }
+    pub fn one_step() -> u64 {
+        1
+    }
     pub fn sharpness_samples() -> usize {
         512
     }

@@ -1,7 +1,7 @@
 //! Expansion: defaults ⊕ stage ⊕ sweep point → one validated job per point and seed.
 
 use crate::config::Task;
-use crate::config::{JobConfig, COMPONENT_SLOTS};
+use crate::config::{DenoiserConfig, JobConfig, WeightsChoice, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
 use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Seeds, Select, CONFIG_KEYS};
 use crate::identity::{content_config, job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
@@ -696,7 +696,28 @@ pub fn expand(
                             .clone(),
                     }
                 };
-                let Resolved { config, config_json, used } = resolved;
+                let Resolved { mut config, mut config_json, used } = resolved;
+                let parent_jobs: Vec<&Job> = match &needs {
+                    Some((parent, _)) => expanded[parent.as_str()].iter().filter(|j| parents.contains(&j.id)).collect(),
+                    None => Vec::new(),
+                };
+                let parent_stage = needs.as_ref().map(|(p, _)| p.as_str());
+                check_sampling(&config, parent_stage, &parent_jobs).map_err(|(key, message, hint)| {
+                    key.split('.')
+                        .fold(SpecError::new(file, message).context(point_ctx.clone()), |e, k| e.key(k))
+                        .hint(hint)
+                })?;
+                // A sample job records whose weights it draws from: the average when the
+                // parent keeps one.
+                if let Some(DenoiserConfig::Trained(t)) = &mut config.denoiser {
+                    if t.weights.is_none()
+                        && !parent_jobs.is_empty()
+                        && parent_jobs.iter().all(|j| j.config.ema.is_some())
+                    {
+                        t.weights = Some(WeightsChoice::Ema);
+                        config_json["denoiser"]["weights"] = Value::String("ema".into());
+                    }
+                }
                 let refs: Vec<PluginRef> =
                     used.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
                 let pick_json = pick.as_ref().map(|p| serde_json::to_value(p).expect("picks serialize"));
@@ -849,6 +870,97 @@ fn resolve_job_config(
     }
     let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
     Ok(Resolved { config, config_json, used })
+}
+
+/// Checks a sample job against the jobs it samples from, before anything runs: the parent
+/// stage trains a diffusion model, guidance has a conditional model with a trained null label,
+/// the sampler's steps fit the schedule, and the data rows have the parent's width. Each
+/// failure is (config key, message, hint).
+fn check_sampling(
+    config: &JobConfig,
+    parent_stage: Option<&str>,
+    parents: &[&Job],
+) -> Result<(), (String, String, String)> {
+    if config.task != Task::Sample {
+        return Ok(());
+    }
+    let steps = config.sampler.as_ref().and_then(|s| s.params.get("steps")).and_then(Value::as_u64);
+    let too_many = |timesteps: u32, whose: String| {
+        let n = steps.filter(|&n| n > u64::from(timesteps))?;
+        Some((
+            "sampler.steps".to_string(),
+            format!("{n} steps is more than the {timesteps} timesteps {whose}"),
+            format!("use at most {timesteps} steps"),
+        ))
+    };
+    match &config.denoiser {
+        Some(DenoiserConfig::Exact(d)) => {
+            // The closed-form sampler's steps are Euler steps in continuous time, not timesteps.
+            let continuous = config.sampler.as_ref().is_some_and(|s| s.id.ends_with(".closed_form"));
+            match too_many(d.timesteps, "of `denoiser`".into()) {
+                Some(e) if !continuous => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Some(DenoiserConfig::Trained(t)) => {
+            let Some(stage) = parent_stage else {
+                return Err((
+                    "denoiser".into(),
+                    "`denoiser: {name: trained}` samples from the model a parent stage trains, but this stage has no `needs:`".into(),
+                    "add `needs: STAGE` naming a stage with `task: train` and `diffusion:`".into(),
+                ));
+            };
+            for parent in parents {
+                let Some(d) = &parent.config.diffusion else {
+                    return Err((
+                        "needs".into(),
+                        format!("`needs: {stage}` names a stage that trains no diffusion model"),
+                        format!(
+                            "`denoiser: {{name: trained}}` samples from a stage with `task: train` and `diffusion:`; `{stage}` has {}",
+                            if parent.config.task == Task::Train { "no `diffusion:`" } else { "another task" }
+                        ),
+                    ));
+                };
+                if config.guidance.is_some() && !d.conditional {
+                    return Err((
+                        "guidance".into(),
+                        format!("guidance needs a class-conditional model, and stage `{stage}` trains without `conditional: true`"),
+                        format!("add `diffusion: {{conditional: true, p_uncond: 0.1}}` to `{stage}`, or drop `guidance`"),
+                    ));
+                }
+                if config.guidance.is_some() && d.p_uncond == 0.0 {
+                    return Err((
+                        "guidance".into(),
+                        format!("guidance needs the unconditional prediction, and stage `{stage}` never trained the null label (`p_uncond: 0`)"),
+                        format!("train `{stage}` with label dropout, e.g. `diffusion: {{conditional: true, p_uncond: 0.1}}`"),
+                    ));
+                }
+                if t.weights == Some(WeightsChoice::Ema) && parent.config.ema.is_none() {
+                    return Err((
+                        "denoiser.weights".into(),
+                        format!("`weights: ema` takes the weights' average, and stage `{stage}` trains without `ema:`"),
+                        format!("add e.g. `ema: {{decay: 0.999}}` to `{stage}`, or use `weights: raw`"),
+                    ));
+                }
+                if let Some(e) = too_many(d.timesteps, format!("stage `{stage}` trains with")) {
+                    return Err(e);
+                }
+                if let (Some(mine), Some(theirs)) = (config.data.row_width(), parent.config.data.row_width()) {
+                    if mine != theirs {
+                        return Err((
+                            "data".into(),
+                            format!(
+                                "rows of {mine} features, but stage `{stage}` trains its model on rows of {theirs}"
+                            ),
+                            format!("sample with the data `{stage}` trains on"),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 /// Whether a config refers to its parent job (`${parent.config.optimizer.lr}`).

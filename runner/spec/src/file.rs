@@ -145,8 +145,8 @@ pub struct Slurm {
 
 config_keys! {
     task, data, model, optimizer, epochs, batch_size, step_rule, batch_transform, objective, sampler, guidance, denoiser,
-    samples, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop, deterministic, diffusion,
-    precision, loss_scale;
+    samples, sample_batch, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop, deterministic, diffusion,
+    precision, loss_scale, ema;
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct StageFile {
@@ -685,6 +685,7 @@ guidance: {use: a.f}
 diffusion: {}
 denoiser: {name: exact}
 samples: 3
+sample_batch: 256
 sharpness: {}
 schedule: {name: cosine}
 clip_grad_norm: 1.0
@@ -696,6 +697,7 @@ noop: {sleep_s: 0.1}
 deterministic: true
 precision: fp16
 loss_scale: {init: 1024}
+ema: {decay: 0.999}
 "#;
         let cfg: crate::JobConfig = serde_yaml::from_str(full).unwrap();
         let v = serde_json::to_value(&cfg).unwrap();

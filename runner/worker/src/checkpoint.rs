@@ -48,6 +48,9 @@ pub struct Meta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(with = "xlab_proto::floats::json")]
     pub loss_scale: Option<(f32, u32)>,
+    /// `ema:`: the average's update count (its tensors are `ema.<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_updates: Option<u64>,
     pub tensors_file: String,
     pub tensors_bytes: u64,
     pub tensors_sha256: String,

@@ -42,7 +42,17 @@ impl Scale {
     /// The inverse map: model space back to the data's own units (float64).
     pub fn invert(&self, x: &Tensor) -> Tensor {
         let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
-        (x.to_kind(Kind::Double) + 1.0) / 2.0 * (&hi - &lo).clamp_min(1e-12) + &lo
+        // One new tensor the size of `x`, the rest in place (sample sets can be large).
+        let mut y = x.to_kind(Kind::Double) + 1.0;
+        let _ = y.g_mul_(&((&hi - &lo).clamp_min(1e-12) / 2.0));
+        let _ = y.g_add_(&lo);
+        y
+    }
+
+    /// Clamps rows in the data's units to the training data's range, in place.
+    pub fn clamp_(&self, y: &mut Tensor) {
+        let (lo, hi) = (self.lo.to_device(y.device()), self.hi.to_device(y.device()));
+        let _ = y.clamp_tensor_(Some(&lo), Some(&hi));
     }
 }
 
@@ -358,6 +368,7 @@ pub fn run(
     if let Some(init) = &cfg.init {
         train::load_init(&named, &init.path)?;
     }
+    let mut ema = cfg.ema.as_ref().map(|e| crate::ema::Average::new(e, &named));
     tracing::info!(params = crate::model::parameter_count(&vs), train = p.data.train.len(), "diffusion model built");
     let ac = Tensor::from_slice(&p.alphas).to_kind(Kind::Float).to_device(device);
     let x_train = p.scale.apply(&p.data.train.x).to_kind(Kind::Float).to_device(device);
@@ -389,7 +400,7 @@ pub fn run(
     let mut global_step = 0;
     if let Some(c) = ckpt.latest(run_dir) {
         let mut r = unused_rng.clone();
-        train::restore(&c, &named, &mut opt, comps, &mut r)?;
+        train::restore(&c, &named, &mut opt, comps, &mut r, ema.as_mut())?;
         train::announce_resume(out, &c);
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
@@ -423,6 +434,9 @@ pub fn run(
             }
             opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
             opt.step();
+            if let Some(a) = ema.as_mut() {
+                a.after_step(&named, opt.steps);
+            }
             crate::watch::step_ends();
             global_step += 1;
             let weighted = loss.detach().to_kind(Kind::Double) * chunk.len() as f64;
@@ -454,8 +468,13 @@ pub fn run(
                 continue;
             }
             let x0 = p.scale.apply(&split.x).to_kind(Kind::Float).to_device(device);
-            let loss = split_loss(&net, d, &ac, &x0, &split.y.to_device(device), classes, seed)?;
+            let y = split.y.to_device(device);
+            let loss = split_loss(&net, d, &ac, &x0, &y, classes, seed)?;
             values.insert(format!("{name}.loss"), loss);
+            if let Some(a) = &ema {
+                let averaged = a.swapped(&named, || split_loss(&net, d, &ac, &x0, &y, classes, seed))?;
+                values.insert(format!("{name}.ema.loss"), averaged);
+            }
         }
         values.insert("epoch".to_string(), (epoch + 1) as f64);
         tracing::info!(epoch = epoch + 1, train_loss, "epoch done");
@@ -464,16 +483,35 @@ pub fn run(
         summary = values;
         ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
             let meta = train::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
-            train::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())
+            train::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new(), ema.as_ref())
         })?;
     }
-    train::save_atomically(&vs, &run_dir.join("weights.safetensors"))?;
-    out.artifact("weights", "weights.safetensors", "weights");
+    train::save_weights(&vs, ema.as_ref(), run_dir, &weights_metadata(cfg, d, &p)?, out)?;
     if let Some(p) = scorer {
         keep_scorer(p, run_dir)?;
         out.artifact("scorer", SCORER_CONFIG, "scorer");
     }
     Ok(summary)
+}
+
+/// What a diffusion model's weights need to be used outside xlab, as safetensors metadata
+/// (JSON strings): besides [`train::model_metadata`], the diffusion config (schedule,
+/// timesteps, β range, prediction type, conditioning), the data scaling
+/// x ↦ 2(x − lo)/(hi − lo) − 1 and the null label's index (the class count).
+fn weights_metadata(cfg: &JobConfig, d: &Diffusion, p: &Prepared) -> Result<BTreeMap<String, String>, Failure> {
+    let values = |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1]));
+    let mut about = train::model_metadata(cfg, &p.data);
+    about.insert("xlab.diffusion".to_string(), serde_json::to_string(d).expect("json"));
+    let scale = serde_json::json!({
+        "lo": values(&p.scale.lo)?, "hi": values(&p.scale.hi)?,
+        "per_feature": p.data.image.is_none(),
+        "to_model": "2 * (x - lo) / (hi - lo) - 1",
+    });
+    about.insert("xlab.data_scale".to_string(), scale.to_string());
+    if d.conditional {
+        about.insert("xlab.null_label".to_string(), p.data.classes.to_string());
+    }
+    Ok(about)
 }
 
 /// The classifier a diffusion training keeps for scoring its samples: its config, and its final

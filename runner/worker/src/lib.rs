@@ -6,6 +6,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
+pub mod ema;
 pub mod events;
 pub mod model;
 pub mod npz;
@@ -299,6 +300,16 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
         Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
         Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
     }
+}
+
+/// This process's peak resident memory so far, in MiB (`getrusage`'s `ru_maxrss`).
+pub fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    usage.ru_maxrss as f64 / 1024.0
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_proto::FailureCause;
-use xlab_spec::config::{BetaSchedule, DenoiserConfig, ExactDenoiser, JobConfig, Prediction};
+use xlab_spec::config::{BetaSchedule, DenoiserConfig, ExactDenoiser, JobConfig, Prediction, WeightsChoice};
 
 /// ᾱ_t for t = 0..T−1 in float64 (METHODS.md 3.1). diffusers builds the linear schedules in
 /// float32; computing in float64 differs by about 1e-6 relative.
@@ -36,12 +36,12 @@ pub fn alphas_cumprod(d: &ExactDenoiser) -> Vec<f64> {
         .collect()
 }
 
-/// The exact ε̂ for the empirical distribution of `x0` (rows) under ᾱ.
+/// The exact ε̂ for the empirical distribution of `x0` (rows) under ᾱ. The squared distances
+/// ‖x − √ᾱ xᵢ‖² come from one matrix product (no samples × points × features tensor).
 pub fn exact_eps(x: &Tensor, x0: &Tensor, alpha_bar: f64) -> Tensor {
     let sa = alpha_bar.sqrt();
     let var = 1.0 - alpha_bar;
-    // −‖x − √ᾱ xᵢ‖² / (2(1−ᾱ)) for every sample (rows of x) and training point i.
-    let d2 = (x.unsqueeze(1) - x0.unsqueeze(0) * sa).square().sum_dim_intlist(-1, false, Kind::Double);
+    let d2 = crate::quality::squared_distances(x, &(x0 * sa));
     let w = (-d2 / (2.0 * var)).softmax(-1, Kind::Double);
     let x0_hat = w.matmul(x0);
     (x - x0_hat * sa) / var.sqrt()
@@ -62,14 +62,25 @@ struct TrainedModel {
     net: crate::diffusion::DiffusionNet,
     /// The classifier kept by the training job, to score the samples in the data's own units.
     scorer: Option<(crate::model::Model, nn::VarStore)>,
-    scale: crate::diffusion::Scale,
     prediction: Prediction,
-    /// The label of each sample (class i mod K), when the model is conditional.
-    labels: Option<Tensor>,
+    /// Whether the model takes a label: sample i then asks for class i mod `null_label`.
+    conditional: bool,
+    /// The class count, which is also the null label's index.
     null_label: i64,
     /// Keeps the network's variables alive.
     _vs: nn::VarStore,
 }
+
+impl TrainedModel {
+    /// The labels asked for by samples `start..start + count`: class i mod K.
+    fn labels(&self, start: i64, count: i64, device: Device) -> Option<Tensor> {
+        self.conditional
+            .then(|| Tensor::arange_start(start, start + count, (Kind::Int64, device)).remainder(self.null_label))
+    }
+}
+
+/// How many samples go through the sampler at once when `sample_batch` is not set.
+pub const DEFAULT_SAMPLE_BATCH: u32 = 1024;
 
 /// Evaluation counts of one sampling run.
 #[derive(Default)]
@@ -78,6 +89,16 @@ struct Evals {
     passes: u64,
     /// Denoiser calls whose unconditional pass the guidance found unneeded.
     skipped_uncond: u64,
+}
+
+/// The raw samples of every batch, in the model's [-1, 1] space, with their counts averaged
+/// over the samples (a sample drawn in a batch counts that batch's figures).
+struct Drawn {
+    samples: Tensor,
+    nfe: f64,
+    passes: f64,
+    skipped_uncond: f64,
+    seconds: f64,
 }
 
 pub fn run(
@@ -93,15 +114,15 @@ pub fn run(
         return Err(Failure::new(FailureCause::Config, "`task: sample` needs `denoiser` and `samples`"));
     };
     let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
-    // The training points (for the exact denoiser and the closed-form samplers), the held-out
-    // points the samples are scored against, and the schedule: all in the model's [-1, 1] space.
-    let (x0, held_out, ac, model) = match denoiser {
+    // The training points (for the exact denoiser and the closed-form samplers) in the model's
+    // [-1, 1] space, the map between that space and the data's units, and the schedule.
+    let (x0, scale, ac, model) = match denoiser {
         DenoiserConfig::Exact(den) => {
             // Per feature for vectors, one range over all pixels for images (as training does).
             let scale = crate::diffusion::Scale::fit(&data.train.x, data.image.is_some());
-            (scale.apply(&data.train.x), scale.apply(&data.test.x), alphas_cumprod(den), None)
+            (scale.apply(&data.train.x), scale, alphas_cumprod(den), None)
         }
-        DenoiserConfig::Trained(_) => {
+        DenoiserConfig::Trained(chosen) => {
             let [parent] = parents else {
                 return Err(Failure::new(
                     FailureCause::Config,
@@ -117,182 +138,297 @@ pub fn run(
                 Failure::new(FailureCause::Config, format!("parent {} did not train a diffusion model", parent.job_id))
             })?;
             let p = crate::diffusion::prepare(&pcfg, &d)?;
+            if p.data.input_dim != data.input_dim {
+                return Err(Failure::new(
+                    FailureCause::Config,
+                    format!(
+                        "this stage's data has rows of {} features, but the parent's model was trained on rows of {}; \
+                         sample with the data the parent trains on",
+                        data.input_dim, p.data.input_dim
+                    ),
+                ));
+            }
+            // The parent's own test split never overlaps its training rows; other data may.
+            let shared = if pcfg.data == cfg.data { 0 } else { shared_rows(&data.test.x, &p.data.train.x)? };
+            if shared > 0 {
+                out.send(&xlab_proto::Event::Warning {
+                    message: format!(
+                        "{shared} of the {} held-out rows this job scores against are training rows of the parent's \
+                         model, so the distances to them reward memorization; score against rows the parent never saw",
+                        data.test.x.size()[0]
+                    ),
+                });
+            }
             let mut vs = nn::VarStore::new(device);
             let net = crate::diffusion::network(&vs, &pcfg, &d, &p.data)?;
-            let weights = parent.run_dir.join("weights.safetensors");
+            let averaged = match chosen.weights {
+                Some(w) => w == WeightsChoice::Ema,
+                None => pcfg.ema.is_some(),
+            };
+            if averaged && pcfg.ema.is_none() {
+                return Err(Failure::new(
+                    FailureCause::Config,
+                    format!(
+                        "`weights: ema` takes the weights' average, and parent {} trained without `ema:`",
+                        parent.job_id
+                    ),
+                ));
+            }
+            let file = if averaged { crate::ema::EMA_WEIGHTS } else { "weights.safetensors" };
+            let weights = parent.run_dir.join(file);
             vs.load(&weights).map_err(|e| {
                 Failure::new(
                     FailureCause::Error,
                     format!("cannot load {} into the parent's model: {e}", weights.display()),
                 )
             })?;
-            let classes = p.data.classes as i64;
-            let labels =
-                net.is_conditional().then(|| Tensor::arange(i64::from(n), (Kind::Int64, device)).remainder(classes));
             let x0 = p.scale.apply(&p.data.train.x);
-            let held_out = p.scale.apply(&data.test.x);
             let scorer = load_scorer(&parent.run_dir, &p.data, device)?;
             let model = TrainedModel {
+                conditional: net.is_conditional(),
                 net,
                 scorer,
-                scale: p.scale,
                 prediction: d.prediction,
-                labels,
-                null_label: classes,
+                null_label: p.data.classes as i64,
                 _vs: vs,
             };
-            (x0, held_out, p.alphas, Some(model))
+            (x0, p.scale, p.alphas, Some(model))
         }
     };
-    if comps.guidance.is_some() && model.as_ref().is_none_or(|m| m.labels.is_none()) {
+    if comps.guidance.is_some() && model.as_ref().is_none_or(|m| !m.conditional) {
         return Err(Failure::new(
             FailureCause::Config,
             "`guidance` needs a class-conditional trained model (`diffusion: {conditional: true}` in the parent)",
         ));
     }
     let x0 = x0.to_device(device);
-    let ac_t = Tensor::from_slice(&ac).to_device(device);
-    let dim = x0.size()[1];
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let noise: Vec<f64> = (0..n as usize * dim as usize).map(|_| data::normal(&mut rng)).collect();
-    let noise = Tensor::from_slice(&noise).reshape([n as i64, dim]).to_device(device);
-    let mut plugin_rng = ChaCha8Rng::seed_from_u64(seed);
-    plugin_rng.set_stream(u64::MAX);
-    let t_max = ac.len() as f64 - 1.0;
-    let mut evals = Evals::default();
-    let mut need_uncond = true;
-    if let Some(g) = comps.guidance.as_mut() {
-        g.setup(&xlab_plugin_api::RunInfo {
-            num_classes: model.as_ref().map_or(0, |m| m.null_label),
-            n_train: x0.size()[0] as u64,
-            seed,
-            parents: parents.to_vec(),
-            image: data.image,
-            ..Default::default()
-        })
-        .map_err(|m| Failure::new(FailureCause::Error, m))?;
-    }
-    let Components { sampler, guidance, .. } = comps;
-    let sampler =
-        sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
-    let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
-        if !(0.0..=t_max).contains(&t) {
-            return Err(format!("timestep {t} is outside 0..={t_max}"));
-        }
-        let a = alpha_at(&ac, t);
-        let Some(m) = &model else {
-            return Ok(exact_eps(&x.to_kind(Kind::Double), &x0, a));
-        };
-        let b = x.size()[0];
-        let xf = x.to_kind(Kind::Float);
-        // The network's prediction as ε: v = √ᾱ ε − √(1−ᾱ) x₀ gives ε = √ᾱ v + √(1−ᾱ) x_t.
-        let as_eps = |p: Tensor, xt: &Tensor| match m.prediction {
-            Prediction::Epsilon => p,
-            Prediction::V => p * a.sqrt() + xt * (1.0 - a).sqrt(),
-        };
-        let run = |xs: &Tensor, labels: Option<&Tensor>| {
-            let ts = Tensor::full([xs.size()[0]], t, (Kind::Float, xs.device()));
-            tch::no_grad(|| m.net.forward(xs, &ts, labels))
-        };
-        let out = match (guidance.as_mut(), &m.labels) {
-            (Some(g), Some(labels)) => {
-                let (cond, uncond) = if need_uncond {
-                    // One batched pass of 2B rows: with the labels, then with the null label.
-                    let both = run(
-                        &Tensor::cat(&[&xf, &xf], 0),
-                        Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(m.null_label)], 0)),
-                    );
-                    evals.passes += 2;
-                    let both = as_eps(both, &Tensor::cat(&[&xf, &xf], 0));
-                    (both.narrow(0, 0, b), Some(both.narrow(0, b, b)))
-                } else {
-                    evals.passes += 1;
-                    evals.skipped_uncond += 1;
-                    (as_eps(run(&xf, Some(labels)), &xf), None)
-                };
-                let (e, next) = g.guide(&cond, uncond.as_ref())?;
-                need_uncond = next;
-                e
-            }
-            (_, labels) => {
-                evals.passes += 1;
-                as_eps(run(&xf, labels.as_ref()), &xf)
-            }
-        };
-        Ok(out.to_kind(x.kind()))
-    };
-    let started = std::time::Instant::now();
-    let mut evaluations = 0u64;
-    let mut watched = |x: &Tensor, t: f64| {
-        crate::watch::evaluation_begins(evaluations);
-        evaluations += 1;
-        eps(x, t)
-    };
-    crate::watch::evaluation_begins(0);
-    let sampled =
-        sampler.sample(&noise, &mut watched, &ac_t, Some(&x0), &mut || rand::RngCore::next_u64(&mut plugin_rng));
-    crate::watch::step_ends();
-    let (samples, nfe) = sampled.map_err(|m| Failure::new(FailureCause::Error, m))?;
-    let samples = samples.to_kind(Kind::Double);
-    // Bringing one value to the host waits for the device to finish the samples.
-    let _ = f64::try_from(samples.sum(Kind::Double))?;
-    let sample_s = started.elapsed().as_secs_f64();
-    if samples.size() != noise.size() {
-        return Err(Failure::new(
-            FailureCause::Error,
-            format!("the sampler returned shape {:?} for noise of shape {:?}", samples.size(), noise.size()),
-        ));
-    }
-    let finite = f64::try_from(samples.isfinite().all().to_kind(Kind::Double))?;
-    if finite != 1.0 {
-        return Err(Failure::new(FailureCause::Diverged, "the samples contain NaN or infinite values"));
-    }
-    let d = (samples.unsqueeze(1) - x0.unsqueeze(0)).square().sum_dim_intlist(-1, false, Kind::Double).sqrt();
-    let nn = d.amin(1, false);
+    let batch = i64::from(cfg.sample_batch.unwrap_or(DEFAULT_SAMPLE_BATCH));
+    let drawn = draw(i64::from(n), batch, seed, &x0, &ac, model.as_ref(), &data, device, comps)?;
     let mut values = BTreeMap::new();
-    values.insert("sample.nfe".to_string(), nfe as f64);
-    values.insert("time.sample_s".to_string(), sample_s);
-    values.insert("time.nfe_per_s".to_string(), nfe as f64 / sample_s);
+    values.insert("sample.nfe".to_string(), drawn.nfe);
+    values.insert("time.sample_s".to_string(), drawn.seconds);
+    values.insert("time.nfe_per_s".to_string(), drawn.nfe / drawn.seconds);
     if model.is_some() {
-        values.insert("sample.model_passes".to_string(), evals.passes as f64);
-        if guidance.is_some() {
-            values.insert("sample.uncond_skipped".to_string(), evals.skipped_uncond as f64);
+        values.insert("sample.model_passes".to_string(), drawn.passes);
+        if comps.guidance.is_some() {
+            values.insert("sample.uncond_skipped".to_string(), drawn.skipped_uncond);
         }
     }
-    values.insert("sample.nn_dist".to_string(), f64::try_from(nn.mean(Kind::Double))?);
-    values.insert("sample.nn_dist_max".to_string(), f64::try_from(nn.max())?);
-    let mean_gap = (samples.mean_dim(0, false, Kind::Double) - x0.mean_dim(0, false, Kind::Double)).norm();
-    values.insert("sample.mean_gap".to_string(), f64::try_from(mean_gap)?);
-    let held_out = held_out.to_device(device);
-    values.insert("sample.swd".to_string(), crate::quality::sliced_wasserstein(&samples, &held_out, 128, 0)?);
-    values.insert("sample.mmd".to_string(), crate::quality::mmd_rbf(&samples, &held_out)?);
-    if let Some(m) = &model {
-        if let Some((scorer, _)) = &m.scorer {
+    let raw = drawn.samples;
+    // Samples are delivered as an image pipeline delivers them: clamped to the training data's
+    // range ([-1, 1] here), in the data's units. The raw values' figures keep their own names.
+    let (outside, abs_max) = {
+        let abs = raw.abs();
+        (f64::try_from(abs.gt(1.0).sum(Kind::Double))? / abs.numel() as f64, f64::try_from(abs.max())?)
+    };
+    values.insert("sample.raw.abs_max".to_string(), abs_max);
+    // Only the raw samples are kept: each use maps them to the data's units and clamps there.
+    let own = |clamp: bool| {
+        let mut y = scale.invert(&raw);
+        if clamp {
+            scale.clamp_(&mut y);
+        }
+        y
+    };
+    let train = scale.invert(&x0);
+    let held_out = data.test.x.to_kind(Kind::Double).to_device(device);
+    let scorer = model.as_ref().and_then(|m| m.scorer.as_ref().map(|(s, _)| (s, m)));
+    let held_out_features = scorer.map(|(s, _)| crate::quality::in_chunks(&held_out, |x| features(s, x)));
+    let quality = |clamp: bool| -> Result<BTreeMap<String, f64>, Failure> {
+        let own = own(clamp);
+        let mut q = BTreeMap::new();
+        let nn = crate::quality::nearest_distance(&own, &train);
+        q.insert("nn_dist".to_string(), f64::try_from(nn.mean(Kind::Double))?);
+        q.insert("nn_dist_max".to_string(), f64::try_from(nn.max())?);
+        let mean_gap = (own.mean_dim(0, false, Kind::Double) - train.mean_dim(0, false, Kind::Double)).norm();
+        q.insert("mean_gap".to_string(), f64::try_from(mean_gap)?);
+        q.insert("swd".to_string(), crate::quality::sliced_wasserstein(&own, &held_out, 128, 0)?);
+        q.insert("mmd".to_string(), crate::quality::mmd_rbf(&own, &held_out)?);
+        if let (Some((scorer, m)), Some(held_out_features)) = (scorer, &held_out_features) {
             // In the data's own units, as the classifier was trained.
-            let own = m.scale.invert(&samples).to_kind(Kind::Float);
-            let probs = tch::no_grad(|| scorer.forward_t(&own, false).softmax(-1, Kind::Double));
+            let probs = crate::quality::in_chunks(&own, |x| {
+                tch::no_grad(|| scorer.forward_t(&x.to_kind(Kind::Float), false).softmax(-1, Kind::Double))
+            });
             let (conf, pred) = probs.max_dim(-1, false);
-            values.insert("sample.class_confidence".to_string(), f64::try_from(conf.mean(Kind::Double))?);
-            if let Some(labels) = &m.labels {
-                let right = pred.eq_tensor(labels).to_kind(Kind::Double).mean(Kind::Double);
-                values.insert("sample.class_acc".to_string(), f64::try_from(right)?);
+            q.insert("class_confidence".to_string(), f64::try_from(conf.mean(Kind::Double))?);
+            if let Some(labels) = m.labels(0, own.size()[0], device) {
+                let right = pred.eq_tensor(&labels).to_kind(Kind::Double).mean(Kind::Double);
+                q.insert("class_acc".to_string(), f64::try_from(right)?);
             }
-            let feats = |x: &Tensor| tch::no_grad(|| scorer.features(&x.to_kind(Kind::Float).to_device(device)));
-            let fd = crate::quality::frechet(&feats(&own), &feats(&data.test.x))?;
-            values.insert("sample.fd".to_string(), fd);
+            let own_features = crate::quality::in_chunks(&own, |x| features(scorer, x));
+            q.insert("fd".to_string(), crate::quality::frechet(&own_features, held_out_features)?);
         }
+        Ok(q)
+    };
+    let as_delivered = quality(true)?;
+    // With every value in range the raw samples are the delivered ones: the same figures.
+    let as_raw = if outside > 0.0 { quality(false)? } else { as_delivered.clone() };
+    values.insert("sample.out_of_range".to_string(), outside);
+    for (prefix, q) in [("sample.", as_delivered), ("sample.raw.", as_raw)] {
+        values.extend(q.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
     }
+    values.insert("sys.peak_rss_mb".to_string(), crate::peak_rss_mb());
     out.metrics(1, values.clone());
+    // `samples`: as delivered, in the data's units; `raw`: the sampler's output in [-1, 1] space.
+    let delivered_own = own(true).to_kind(Kind::Float).to_device(Device::Cpu);
     save_atomically_tensors(
         &run_dir.join("samples.safetensors"),
-        &[("samples", &samples.to_kind(Kind::Float).to_device(Device::Cpu))],
+        &[("samples", &delivered_own), ("raw", &raw.to_kind(Kind::Float).to_device(Device::Cpu))],
     )?;
     out.artifact("samples", "samples.safetensors", "samples");
     if let Some(image) = data.image {
-        crate::quality::write_grid_png(&run_dir.join("samples.png"), &samples.to_device(Device::Cpu), image, 8)?;
+        let labelled = model.as_ref().filter(|m| m.conditional).map(|m| m.null_label);
+        crate::quality::write_grid_png(
+            &run_dir.join("samples.png"),
+            &raw.narrow(0, 0, raw.size()[0].min(64)).clamp(-1.0, 1.0).to_device(Device::Cpu),
+            image,
+            8,
+            labelled,
+        )?;
         out.artifact("samples_grid", "samples.png", "image");
     }
     Ok(values)
+}
+
+/// How many rows of `a` are also rows of `b` (exactly, bit for bit).
+fn shared_rows(a: &Tensor, b: &Tensor) -> Result<usize, Failure> {
+    let rows = |t: &Tensor| -> Result<Vec<Vec<u32>>, Failure> {
+        let width = t.size()[1] as usize;
+        let v = Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1]))?;
+        Ok(v.chunks(width.max(1)).map(|r| r.iter().map(|x| x.to_bits()).collect()).collect())
+    };
+    let seen: std::collections::HashSet<Vec<u32>> = rows(b)?.into_iter().collect();
+    Ok(rows(a)?.iter().filter(|r| seen.contains(*r)).count())
+}
+
+/// The classifier's hidden features (the input of its last layer) of rows in the data's units,
+/// in float32 (the Fréchet statistics sum them in float64).
+fn features(scorer: &crate::model::Model, x: &Tensor) -> Tensor {
+    tch::no_grad(|| scorer.features(&x.to_kind(Kind::Float)))
+}
+
+/// Draws `n` samples, `batch` at a time. The initial noise is one stream from the job's seed
+/// whatever the batch size; a stochastic sampler's own draws come per batch. The guidance is
+/// set up afresh for every batch, as for a run of its own.
+#[allow(clippy::too_many_arguments)]
+fn draw(
+    n: i64,
+    batch: i64,
+    seed: u64,
+    x0: &Tensor,
+    ac: &[f64],
+    model: Option<&TrainedModel>,
+    data: &data::Dataset,
+    device: Device,
+    comps: &mut Components,
+) -> Result<Drawn, Failure> {
+    let ac_t = Tensor::from_slice(ac).to_device(device);
+    let dim = x0.size()[1];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut plugin_rng = ChaCha8Rng::seed_from_u64(seed);
+    plugin_rng.set_stream(u64::MAX);
+    let t_max = ac.len() as f64 - 1.0;
+    let Components { sampler, guidance, .. } = comps;
+    let sampler =
+        sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
+    // Filled batch by batch (no second copy of every sample at the end).
+    let all = Tensor::zeros([n, dim], (Kind::Double, device));
+    let (mut nfe, mut passes, mut skipped, mut seconds) = (0.0, 0.0, 0.0, 0.0);
+    let mut evaluations = 0u64;
+    let mut start = 0;
+    while start < n {
+        let b = batch.min(n - start);
+        let noise: Vec<f64> = (0..b * dim).map(|_| data::normal(&mut rng)).collect();
+        let noise = Tensor::from_slice(&noise).reshape([b, dim]).to_device(device);
+        let labels = model.and_then(|m| m.labels(start, b, device));
+        if let Some(g) = guidance.as_mut() {
+            g.setup(&xlab_plugin_api::RunInfo {
+                num_classes: model.map_or(0, |m| m.null_label),
+                n_train: x0.size()[0] as u64,
+                seed,
+                image: data.image,
+                ..Default::default()
+            })
+            .map_err(|m| Failure::new(FailureCause::Error, m))?;
+        }
+        let mut evals = Evals::default();
+        let mut need_uncond = true;
+        crate::watch::evaluation_begins(evaluations);
+        let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
+            crate::watch::evaluation_begins(evaluations);
+            evaluations += 1;
+            if !(0.0..=t_max).contains(&t) {
+                return Err(format!("timestep {t} is outside 0..={t_max}"));
+            }
+            let a = alpha_at(ac, t);
+            let Some(m) = model else {
+                return Ok(exact_eps(&x.to_kind(Kind::Double), x0, a));
+            };
+            let rows = x.size()[0];
+            let xf = x.to_kind(Kind::Float);
+            // The network's prediction as ε: v = √ᾱ ε − √(1−ᾱ) x₀ gives ε = √ᾱ v + √(1−ᾱ) x_t.
+            let as_eps = |p: Tensor, xt: &Tensor| match m.prediction {
+                Prediction::Epsilon => p,
+                Prediction::V => p * a.sqrt() + xt * (1.0 - a).sqrt(),
+            };
+            let run = |xs: &Tensor, labels: Option<&Tensor>| {
+                let ts = Tensor::full([xs.size()[0]], t, (Kind::Float, xs.device()));
+                tch::no_grad(|| m.net.forward(xs, &ts, labels))
+            };
+            let out = match (guidance.as_mut(), &labels) {
+                (Some(g), Some(labels)) => {
+                    let (cond, uncond) = if need_uncond {
+                        // One batched pass of 2B rows: with the labels, then with the null label.
+                        let both = run(
+                            &Tensor::cat(&[&xf, &xf], 0),
+                            Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(m.null_label)], 0)),
+                        );
+                        evals.passes += 2;
+                        let both = as_eps(both, &Tensor::cat(&[&xf, &xf], 0));
+                        (both.narrow(0, 0, rows), Some(both.narrow(0, rows, rows)))
+                    } else {
+                        evals.passes += 1;
+                        evals.skipped_uncond += 1;
+                        (as_eps(run(&xf, Some(labels)), &xf), None)
+                    };
+                    let (e, next) = g.guide(&cond, uncond.as_ref())?;
+                    need_uncond = next;
+                    e
+                }
+                (_, labels) => {
+                    evals.passes += 1;
+                    as_eps(run(&xf, labels.as_ref()), &xf)
+                }
+            };
+            Ok(out.to_kind(x.kind()))
+        };
+        let started = std::time::Instant::now();
+        let sampled =
+            sampler.sample(&noise, &mut eps, &ac_t, Some(x0), &mut || rand::RngCore::next_u64(&mut plugin_rng));
+        crate::watch::step_ends();
+        let (samples, calls) = sampled.map_err(|m| Failure::new(FailureCause::Error, m))?;
+        let samples = samples.to_kind(Kind::Double);
+        // Bringing one value to the host waits for the device to finish the samples.
+        let _ = f64::try_from(samples.sum(Kind::Double))?;
+        seconds += started.elapsed().as_secs_f64();
+        if samples.size() != noise.size() {
+            return Err(Failure::new(
+                FailureCause::Error,
+                format!("the sampler returned shape {:?} for noise of shape {:?}", samples.size(), noise.size()),
+            ));
+        }
+        let finite = f64::try_from(samples.isfinite().all().to_kind(Kind::Double))?;
+        if finite != 1.0 {
+            return Err(Failure::new(FailureCause::Diverged, "the samples contain NaN or infinite values"));
+        }
+        let share = b as f64 / n as f64;
+        nfe += calls as f64 * share;
+        passes += evals.passes as f64 * share;
+        skipped += evals.skipped_uncond as f64 * share;
+        all.narrow(0, start, b).copy_(&samples);
+        start += b;
+    }
+    Ok(Drawn { samples: all, nfe, passes, skipped_uncond: skipped, seconds })
 }
 
 /// The classifier a diffusion training kept (`diffusion::SCORER_CONFIG`), built for the data.

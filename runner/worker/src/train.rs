@@ -941,6 +941,7 @@ pub fn run(
     if let Some(init) = &cfg.init {
         load_init(&named, &init.path)?;
     }
+    let mut ema = cfg.ema.as_ref().map(|e| crate::ema::Average::new(e, &named));
 
     let x_train = data.train.x.to_device(device);
     let y_train = data.train.y.to_device(device);
@@ -974,7 +975,7 @@ pub fn run(
     // A checkpoint inside an epoch: batches done, the epoch's order, its statistics so far.
     let mut resume_inside: Option<(u64, Vec<i64>, EpochStats)> = None;
     if let Some(c) = ckpt.latest(run_dir) {
-        restore(&c, &named, &mut opt, comps, &mut rng)?;
+        restore(&c, &named, &mut opt, comps, &mut rng, ema.as_mut())?;
         if let (Some(sc), Some((scale, tracker))) = (scaler.as_mut(), c.meta.loss_scale) {
             sc.scale = scale;
             sc.growth_tracker = tracker;
@@ -1122,6 +1123,7 @@ pub fn run(
                 None => (xb, Target::Hard(yb)),
             };
             opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
+            let steps_before = opt.steps;
             let mut driver = Driver {
                 net: &net,
                 opt: &mut opt,
@@ -1151,6 +1153,11 @@ pub fn run(
             };
             let passes = driver.passes;
             let found_inf = driver.found_inf;
+            if let Some(a) = ema.as_mut() {
+                if opt.steps != steps_before {
+                    a.after_step(&named, opt.steps);
+                }
+            }
             if let Some(sc) = scaler.as_mut() {
                 sc.update(found_inf);
                 stats.log("amp.skipped", f64::from(u8::from(found_inf)));
@@ -1181,7 +1188,7 @@ pub fn run(
                     ("state.order".to_string(), Tensor::from_slice(&order)),
                     ("state.verdict".to_string(), Tensor::from_slice(&stats.verdict)),
                 ];
-                let path = save_checkpoint(run_dir, meta, &named, &opt, comps, extra)?;
+                let path = save_checkpoint(run_dir, meta, &named, &opt, comps, extra, ema.as_ref())?;
                 out.send(&xlab_proto::Event::Checkpoint { epoch, path, step_in_epoch: done });
                 last_checkpoint = std::time::Instant::now();
                 if stopping {
@@ -1238,6 +1245,15 @@ pub fn run(
                 continue;
             }
             values.extend(evaluate(&net, name, split, data.groups, device)?);
+            if let Some(a) = &ema {
+                // The average's accuracy and loss, as `val.ema.acc`, `test.ema.loss`, ….
+                let averaged = a.swapped(&named, || evaluate(&net, name, split, data.groups, device))?;
+                for m in ["acc", "loss", "worst_group_acc"] {
+                    if let Some(v) = averaged.get(&format!("{name}.{m}")) {
+                        values.insert(format!("{name}.ema.{m}"), *v);
+                    }
+                }
+            }
         }
         values.insert("time.epoch_s".to_string(), started.elapsed().as_secs_f64());
         values.insert("epoch".to_string(), (epoch + 1) as f64);
@@ -1253,12 +1269,10 @@ pub fn run(
         ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
             let mut meta = checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &rng, &history);
             meta.loss_scale = scaler.as_ref().map(|s| (s.scale, s.growth_tracker));
-            save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new())
+            save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new(), ema.as_ref())
         })?;
     }
-    let weights = run_dir.join("weights.safetensors");
-    save_atomically(&vs, &weights)?;
-    out.artifact("weights", "weights.safetensors", "weights");
+    save_weights(&vs, ema.as_ref(), run_dir, &model_metadata(cfg, &data), out)?;
     if let Some(split) = single_class(&summary, data.classes) {
         if data.looks_unscaled() {
             out.send(&xlab_proto::Event::Warning {
@@ -1361,6 +1375,7 @@ pub(crate) fn checkpoint_meta(
         step_in_epoch: 0,
         partial: None,
         loss_scale: None,
+        ema_updates: None,
         tensors_file: String::new(),
         tensors_bytes: 0,
         tensors_sha256: String::new(),
@@ -1396,9 +1411,14 @@ pub(crate) fn save_checkpoint(
     opt: &Optimizer,
     comps: &mut Components,
     extra: Vec<(String, Tensor)>,
+    ema: Option<&crate::ema::Average>,
 ) -> Result<String, Failure> {
     let mut tensors: Vec<(String, Tensor)> = named.iter().map(|(n, t)| (format!("model.{n}"), t.detach())).collect();
     tensors.extend(extra);
+    if let Some(a) = ema {
+        meta.ema_updates = Some(a.updates);
+        tensors.extend(a.state_tensors());
+    }
     tensors.extend(opt.state_tensors());
     for (slot, inst) in comps.slots() {
         let (json, ts) = inst.save_state().map_err(|m| Failure::new(FailureCause::Error, m))?;
@@ -1409,15 +1429,21 @@ pub(crate) fn save_checkpoint(
     Ok(path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default())
 }
 
-/// Puts model weights, optimizer state, plugin state and the random stream back.
+/// Puts model weights, optimizer state, plugin state, the random stream and the weights'
+/// average (when the run keeps one) back.
 pub(crate) fn restore(
     c: &checkpoint::Checkpoint,
     named: &[(String, Tensor)],
     opt: &mut Optimizer,
     comps: &mut Components,
     rng: &mut ChaCha8Rng,
+    ema: Option<&mut crate::ema::Average>,
 ) -> Result<(), Failure> {
     let bad = |m: String| Failure::new(FailureCause::Error, format!("checkpoint after epoch {}: {m}", c.meta.epoch));
+    if let Some(a) = ema {
+        a.restore(&c.tensors, c.meta.ema_updates.unwrap_or(0))
+            .map_err(|m| bad(format!("the weights' average: {m}")))?;
+    }
     tch::no_grad(|| -> Result<(), Failure> {
         for (name, t) in named {
             let key = format!("model.{name}");
@@ -1452,6 +1478,70 @@ pub(crate) fn save_atomically_tensors(path: &Path, tensors: &[(&str, &Tensor)]) 
 pub(crate) fn save_atomically(vs: &nn::VarStore, path: &Path) -> Result<(), Failure> {
     let tmp = path.with_extension("tmp.safetensors");
     vs.save(&tmp)?;
+    finish_atomic(&tmp, path)
+}
+
+/// What any trained model's weights say about themselves (safetensors metadata): the model's
+/// config, the class count, the input width and the image shape.
+pub(crate) fn model_metadata(cfg: &JobConfig, data: &data::Dataset) -> BTreeMap<String, String> {
+    let mut about = BTreeMap::new();
+    about.insert("xlab.model".to_string(), serde_json::to_string(&cfg.model).expect("json"));
+    about.insert("xlab.classes".to_string(), data.classes.to_string());
+    about.insert("xlab.input_dim".to_string(), data.input_dim.to_string());
+    if let Some(image) = data.image {
+        about.insert("xlab.image".to_string(), serde_json::to_string(&image).expect("json"));
+    }
+    about
+}
+
+/// Writes a training's final weights, and the weights' average when it keeps one, each with
+/// `about` as its metadata, and reports them as artifacts.
+pub(crate) fn save_weights(
+    vs: &nn::VarStore,
+    ema: Option<&crate::ema::Average>,
+    run_dir: &Path,
+    about: &BTreeMap<String, String>,
+    out: &mut Emitter,
+) -> Result<(), Failure> {
+    let weights = run_dir.join("weights.safetensors");
+    save_atomically(vs, &weights)?;
+    add_metadata(&weights, about)?;
+    out.artifact("weights", "weights.safetensors", "weights");
+    if let Some(a) = ema {
+        let averaged = run_dir.join(crate::ema::EMA_WEIGHTS);
+        a.save(&averaged)?;
+        add_metadata(&averaged, about)?;
+        out.artifact("weights_ema", crate::ema::EMA_WEIGHTS, "weights");
+    }
+    Ok(())
+}
+
+/// Adds string entries to a safetensors file's `__metadata__` (what safetensors' `metadata()`
+/// and `safe_open(...).metadata()` return), rewriting the header in place atomically; the
+/// tensors and their offsets are unchanged.
+pub(crate) fn add_metadata(path: &Path, entries: &BTreeMap<String, String>) -> Result<(), Failure> {
+    let bad = |m: String| Failure::new(FailureCause::Error, format!("{}: {m}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let Some(len) = len.filter(|&l| 8 + l <= bytes.len()) else {
+        return Err(bad("not a safetensors file".into()));
+    };
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + len]).map_err(|e| bad(format!("header: {e}")))?;
+    let meta = header.entry("__metadata__").or_insert_with(|| serde_json::json!({}));
+    for (k, v) in entries {
+        meta[k] = serde_json::Value::String(v.clone());
+    }
+    let mut text = serde_json::to_vec(&header).expect("json");
+    // The data that follows starts 8-byte aligned, as safetensors writes it.
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let tmp = path.with_extension("meta.tmp");
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + len..]);
+    std::fs::write(&tmp, out).map_err(|e| bad(e.to_string()))?;
     finish_atomic(&tmp, path)
 }
 

@@ -155,6 +155,10 @@ fn a_killed_worker_resumes_with_identical_results() {
                 r.config["precision"] = serde_json::json!("fp16");
                 r.config["loss_scale"] = serde_json::json!({"init": 16777216.0, "growth_interval": 7});
             }
+            // The weights' average (with batch-norm statistics copied) and its update count.
+            if name == "mesa" {
+                r.config["ema"] = serde_json::json!({"decay": 0.95, "every": 2});
+            }
             r
         };
         let reference = precision(request_with(&dir.path().join("a"), 6, objective.clone(), step_rule.clone()));
@@ -171,6 +175,11 @@ fn a_killed_worker_resumes_with_identical_results() {
         assert!(resumed.is_some_and(|e| e >= 3), "{name}: {second:?}");
         let weights_b = std::fs::read(interrupted.run_dir.join("weights.safetensors")).unwrap();
         assert!(weights_a == weights_b, "{name}: final weights differ after resume");
+        if name == "mesa" {
+            let average = |r: &JobRequest| std::fs::read(r.run_dir.join("weights_ema.safetensors")).unwrap();
+            assert!(average(&reference) == average(&interrupted), "{name}: the weights' average differs after resume");
+            assert!(average(&reference) != weights_a, "{name}: the average is not the weights");
+        }
         assert_eq!(finished(&straight), finished(&second), "{name}");
         // The resumed worker reports every epoch again, identical to the uninterrupted run.
         assert_eq!(series(&straight), series(&second), "{name}");
@@ -225,6 +234,7 @@ fn a_killed_diffusion_training_resumes_with_identical_results() {
             "epochs": 4,
             "batch_size": 25,
             "batch_transform": {"use": "diffusion.ddpm_ip", "gamma": 0.1},
+            "ema": {"decay": 0.99, "warmup": true},
         });
         r.plugins = vec![plugin("diffusion")];
         r
@@ -239,8 +249,13 @@ fn a_killed_diffusion_training_resumes_with_identical_results() {
     assert!(second.contains(&Event::Resumed { epoch: 2, step_in_epoch: 0 }), "{second:?}");
     let weights = |r: &JobRequest| std::fs::read(r.run_dir.join("weights.safetensors")).unwrap();
     assert!(weights(&reference) == weights(&interrupted), "final weights differ after resume");
+    // The weights' average is checkpointed with its update count: the same after resuming.
+    let average = |r: &JobRequest| std::fs::read(r.run_dir.join("weights_ema.safetensors")).unwrap();
+    assert!(average(&reference) == average(&interrupted), "the weights' average differs after resume");
+    assert!(average(&reference) != weights(&reference));
     assert_eq!(finished(&straight), finished(&second));
     assert_eq!(series(&straight), series(&second));
+    assert!(series(&straight).iter().all(|(_, v)| v["val.ema.loss"].as_f64().is_some_and(f64::is_finite)));
     let losses: Vec<f64> = series(&straight).iter().map(|(_, v)| v["train.loss"].as_f64().unwrap()).collect();
     assert!(losses.len() == 4 && losses[3] < losses[0], "the loss went down: {losses:?}");
 }
