@@ -3,6 +3,7 @@
 //! writer; or submits them to Slurm (see [`slurm`]). Never links libtorch.
 
 pub mod disk;
+mod machine;
 pub mod pool;
 mod run;
 pub mod slurm;
