@@ -54,7 +54,7 @@ pub fn summary(store: &dyn ResultStore, rec: &JobRecord, series: &BTreeMap<Strin
         let _ = writeln!(o, "  selected parent: {s}");
     }
     let _ = writeln!(o, "config:");
-    for (k, v) in crate::flatten_json(&rec.config) {
+    for (k, v) in crate::common::flatten_json(&rec.config) {
         let _ = writeln!(o, "  {k}: {}", value(&v));
     }
     let _ = writeln!(o, "attempts:");

@@ -89,13 +89,14 @@ fn fmt_stat(xs: &[f64]) -> String {
     }
 }
 
-/// A CSV cell, quoted when it holds a comma, a quote or a newline.
-fn csv_cell(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// CSV text of `rows` (the header first), written by the `csv` crate: a cell holding a comma,
+/// a quote, a carriage return or a newline is quoted, and quotes inside are doubled.
+fn csv_text<'a>(rows: impl IntoIterator<Item = &'a [String]>) -> String {
+    let mut w = csv::WriterBuilder::new().flexible(true).from_writer(Vec::new());
+    for row in rows {
+        w.write_record(row).expect("writing CSV to memory");
     }
+    String::from_utf8(w.into_inner().expect("writing CSV to memory")).expect("CSV of UTF-8 cells is UTF-8")
 }
 
 fn columns(rows: &[Row]) -> Vec<String> {
@@ -238,10 +239,7 @@ pub fn latex(header: &[String], body: &[Vec<String>]) -> String {
 
 /// A CSV table.
 pub fn csv(header: &[String], body: &[Vec<String>]) -> String {
-    let line = |cells: &[String]| cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",") + "\n";
-    header.iter().map(|h| csv_cell(h)).collect::<Vec<_>>().join(",")
-        + "\n"
-        + &body.iter().map(|r| line(r)).collect::<String>()
+    csv_text(std::iter::once(header).chain(body.iter().map(Vec::as_slice)))
 }
 
 /// A terminal table; columns after the first `left` are right-aligned.
@@ -268,7 +266,7 @@ pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
     for m in metrics {
         header.extend([format!("{m}.mean"), format!("{m}.std"), format!("{m}.n")]);
     }
-    let mut out = header.iter().map(|h| csv_cell(h)).collect::<Vec<_>>().join(",") + "\n";
+    let mut out = vec![header];
     for r in rows {
         let mut cells = vec![r.stage.clone()];
         cells.extend(keys.iter().map(|k| point_value(r, k)));
@@ -281,9 +279,9 @@ pub fn render_csv(rows: &[Row], metrics: &[String]) -> String {
                 cells.extend([mean.to_string(), std.map(|s| s.to_string()).unwrap_or_default(), xs.len().to_string()]);
             }
         }
-        out += &(cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",") + "\n");
+        out.push(cells);
     }
-    out
+    csv_text(out.iter().map(Vec::as_slice))
 }
 
 /// One CSV row per exported job: identity, experiment, stage, seed, status, swept values and
@@ -311,7 +309,7 @@ pub fn jobs_csv(lines: &[xlab_store::ExportLine]) -> String {
     let mut header = vec!["job".to_string(), "experiment".into(), "stage".into(), "seed".into(), "status".into()];
     header.extend(points.iter().cloned());
     header.extend(metrics.iter().cloned());
-    let mut out = header.iter().map(|h| csv_cell(h)).collect::<Vec<_>>().join(",") + "\n";
+    let mut out = vec![header];
     for j in jobs {
         let mut row = vec![
             j.id.clone(),
@@ -324,9 +322,9 @@ pub fn jobs_csv(lines: &[xlab_store::ExportLine]) -> String {
             points.iter().map(|k| j.point.iter().find(|(p, _)| p == k).map(|(_, v)| fmt_value(v)).unwrap_or_default()),
         );
         row.extend(metrics.iter().map(|k| j.summary.get(k).map(|v| v.to_string()).unwrap_or_default()));
-        out += &(row.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",") + "\n");
+        out.push(row);
     }
-    out
+    csv_text(out.iter().map(Vec::as_slice))
 }
 
 #[cfg(test)]
@@ -414,5 +412,16 @@ mod tests {
         assert_eq!(lines[0], "stage,optimizer.lr,test.acc.mean,test.acc.std,test.acc.n");
         assert!(lines[1].starts_with("\"a,b\",0.1,0.6,0.1414213562373"), "{}", lines[1]);
         assert!(lines[1].ends_with(",2"));
+    }
+
+    #[test]
+    fn csv_cells_with_line_breaks_or_quotes_read_back_whole() {
+        let header = vec!["note".to_string(), "x".to_string()];
+        let body = vec![vec!["a\rb".to_string(), "1".into()], vec!["say \"hi\"\nthere".to_string(), "".into()]];
+        let text = csv(&header, &body);
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        let back: Vec<Vec<String>> = r.records().map(|rec| rec.unwrap().iter().map(str::to_string).collect()).collect();
+        assert_eq!(back, body);
+        assert!(text.contains("\"a\rb\""), "a carriage return is quoted: {text:?}");
     }
 }

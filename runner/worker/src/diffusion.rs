@@ -2,229 +2,22 @@
 //! (METHODS.md 3.1, with DDPM-IP through a batch transform and label dropout for classifier-free
 //! guidance) and the data scaling they share with sampling.
 
-use crate::data::{self, Dataset};
+use crate::data::{self};
+use crate::denoiser::{network, prepare, DiffusionNet, Prepared, SCORER_CONFIG, SCORER_WEIGHTS};
 use crate::events::Emitter;
+use crate::files::{self, CheckpointPlan};
+use crate::host::Components;
 use crate::optim::Optimizer;
-use crate::train::{self, CheckpointPlan, Components, Failure};
+use crate::Failure;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::RunInfo;
 use xlab_proto::FailureCause;
-use xlab_spec::config::{Diffusion, JobConfig, ModelConfig, Prediction};
-
-/// The affine map of the training data onto [-1, 1]: per feature for vectors, one range over
-/// all pixels for images. Sampling uses the same map, fitted on the same training split.
-pub struct Scale {
-    lo: Tensor,
-    hi: Tensor,
-}
-
-impl Scale {
-    pub fn fit(train_x: &Tensor, image: bool) -> Scale {
-        let x = train_x.to_kind(Kind::Double);
-        if image {
-            Scale { lo: x.min(), hi: x.max() }
-        } else {
-            Scale { lo: x.amin(0, true), hi: x.amax(0, true) }
-        }
-    }
-
-    /// `x` mapped onto the training data's [-1, 1], in float64.
-    pub fn apply(&self, x: &Tensor) -> Tensor {
-        let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
-        (x.to_kind(Kind::Double) - &lo) / (&hi - &lo).clamp_min(1e-12) * 2.0 - 1.0
-    }
-
-    /// The inverse map: model space back to the data's own units (float64).
-    pub fn invert(&self, x: &Tensor) -> Tensor {
-        let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
-        // One new tensor the size of `x`, the rest in place (sample sets can be large).
-        let mut y = x.to_kind(Kind::Double) + 1.0;
-        let _ = y.g_mul_(&((&hi - &lo).clamp_min(1e-12) / 2.0));
-        let _ = y.g_add_(&lo);
-        y
-    }
-
-    /// Clamps rows in the data's units to the training data's range, in place.
-    pub fn clamp_(&self, y: &mut Tensor) {
-        let (lo, hi) = (self.lo.to_device(y.device()), self.hi.to_device(y.device()));
-        let _ = y.clamp_tensor_(Some(&lo), Some(&hi));
-    }
-}
-
-/// The sinusoidal embedding of (possibly fractional) timesteps `t` `[B]`: `[sin(t·f), cos(t·f)]`
-/// with frequencies f_i = 10000^(−i/half).
-fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
-    let half = dim / 2;
-    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln()) / half as f64)).exp();
-    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
-    Tensor::cat(&[args.sin(), args.cos()], 1)
-}
-
-/// The largest group count ≤ 8 that divides `channels`.
-fn groups_for(channels: i64) -> i64 {
-    (1..=8).rev().find(|g| channels % g == 0).unwrap_or(1)
-}
-
-struct ResBlock {
-    norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
-    time: nn::Linear,
-    norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
-    skip: Option<nn::Conv2D>,
-}
-
-impl ResBlock {
-    fn new(p: &nn::Path, cin: i64, cout: i64, tdim: i64) -> ResBlock {
-        let same = nn::ConvConfig { padding: 1, ..Default::default() };
-        ResBlock {
-            norm1: nn::group_norm(p / "norm1", groups_for(cin), cin, Default::default()),
-            conv1: nn::conv2d(p / "conv1", cin, cout, 3, same),
-            time: nn::linear(p / "time", tdim, cout, Default::default()),
-            norm2: nn::group_norm(p / "norm2", groups_for(cout), cout, Default::default()),
-            conv2: nn::conv2d(p / "conv2", cout, cout, 3, same),
-            skip: (cin != cout).then(|| nn::conv2d(p / "skip", cin, cout, 1, Default::default())),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, temb: &Tensor) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
-        let h = h + self.time.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
-        let skip = match &self.skip {
-            Some(s) => s.forward(x),
-            None => x.shallow_clone(),
-        };
-        h + skip
-    }
-}
-
-enum Body {
-    Mlp { layers: Vec<nn::Linear>, out: nn::Linear },
-    Unet(Box<UnetBody>),
-}
-
-struct UnetBody {
-    image: [i64; 3],
-    conv_in: nn::Conv2D,
-    down: Vec<ResBlock>,
-    mid: ResBlock,
-    up: Vec<ResBlock>,
-    norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
-}
-
-/// A network that predicts ε (or v) from x_t, t and, when conditional, the class label; the
-/// label `classes` is the null label of classifier-free guidance.
-pub struct DiffusionNet {
-    time_dim: i64,
-    time1: nn::Linear,
-    time2: nn::Linear,
-    label: Option<nn::Embedding>,
-    body: Body,
-}
-
-impl DiffusionNet {
-    pub fn build(
-        root: &nn::Path,
-        cfg: &ModelConfig,
-        input_dim: usize,
-        image: Option<[i64; 3]>,
-        classes: Option<usize>,
-    ) -> Result<DiffusionNet, String> {
-        let (time_dim, body_dim) = match cfg {
-            ModelConfig::TimeMlp(m) => (m.time_dim as i64, m.time_dim as i64),
-            ModelConfig::Unet(u) => (u.time_dim as i64, u.time_dim as i64),
-            _ => return Err("a diffusion job needs a diffusion model (`time_mlp` or `unet`)".into()),
-        };
-        let time1 = nn::linear(root / "time" / "0", time_dim, body_dim, Default::default());
-        let time2 = nn::linear(root / "time" / "2", body_dim, body_dim, Default::default());
-        let label = classes.map(|k| nn::embedding(root / "label", k as i64 + 1, body_dim, Default::default()));
-        let body = match cfg {
-            ModelConfig::TimeMlp(m) => {
-                let mut width = input_dim as i64 + body_dim;
-                let mut layers = Vec::new();
-                for (i, &h) in m.hidden.iter().enumerate() {
-                    layers.push(nn::linear(root / "layers" / i, width, h as i64, Default::default()));
-                    width = h as i64;
-                }
-                let out = nn::linear(root / "out", width, input_dim as i64, Default::default());
-                Body::Mlp { layers, out }
-            }
-            ModelConfig::Unet(u) => {
-                let image = image.ok_or("`unet` needs image data")?;
-                let ch: Vec<i64> = u.channels.iter().map(|&c| c as i64).collect();
-                let same = nn::ConvConfig { padding: 1, ..Default::default() };
-                let conv_in = nn::conv2d(root / "conv_in", image[0], ch[0], 3, same);
-                let mut down = Vec::new();
-                let mut prev = ch[0];
-                for (i, &c) in ch.iter().enumerate() {
-                    down.push(ResBlock::new(&(root / "down" / i), prev, c, body_dim));
-                    prev = c;
-                }
-                let mid = ResBlock::new(&(root / "mid"), prev, prev, body_dim);
-                let mut up = Vec::new();
-                for (i, &c) in ch.iter().enumerate().rev() {
-                    up.push(ResBlock::new(&(root / "up" / i), prev + c, c, body_dim));
-                    prev = c;
-                }
-                let norm_out = nn::group_norm(root / "norm_out", groups_for(prev), prev, Default::default());
-                let conv_out = nn::conv2d(root / "conv_out", prev, image[0], 3, same);
-                Body::Unet(Box::new(UnetBody { image, conv_in, down, mid, up, norm_out, conv_out }))
-            }
-            _ => unreachable!("checked above"),
-        };
-        Ok(DiffusionNet { time_dim, time1, time2, label, body })
-    }
-
-    pub fn is_conditional(&self) -> bool {
-        self.label.is_some()
-    }
-
-    /// The prediction for flat rows `x` `[B, D]` at timesteps `t` `[B]` (float) with labels `[B]`.
-    pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
-        let mut temb = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
-        if let (Some(e), Some(l)) = (&self.label, labels) {
-            temb += e.forward(l);
-        }
-        match &self.body {
-            Body::Mlp { layers, out } => {
-                let mut h = Tensor::cat(&[x.shallow_clone(), temb], 1);
-                for l in layers {
-                    h = l.forward(&h).silu();
-                }
-                out.forward(&h)
-            }
-            Body::Unet(u) => {
-                let UnetBody { image, conv_in, down, mid, up, norm_out, conv_out } = &**u;
-                let b = x.size()[0];
-                let mut h = conv_in.forward(&x.reshape([b, image[0], image[1], image[2]]));
-                let mut skips = Vec::new();
-                for (i, block) in down.iter().enumerate() {
-                    h = block.forward(&h, &temb);
-                    skips.push(h.shallow_clone());
-                    if i + 1 < down.len() {
-                        h = h.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
-                    }
-                }
-                h = mid.forward(&h, &temb);
-                for (k, block) in up.iter().enumerate() {
-                    let skip = skips.pop().expect("one skip per level");
-                    h = block.forward(&Tensor::cat(&[h, skip], 1), &temb);
-                    if k + 1 < up.len() {
-                        h = h.upsample_nearest2d([h.size()[2] * 2, h.size()[3] * 2], None, None);
-                    }
-                }
-                conv_out.forward(&norm_out.forward(&h).silu()).reshape([b, -1])
-            }
-        }
-    }
-}
+use xlab_spec::config::{Diffusion, JobConfig, Prediction};
 
 /// A stream of draws for one purpose, fixed by the job's seed: `(epoch, batch)` of training,
 /// or a named evaluation. Resuming at an epoch boundary redraws exactly what the uninterrupted
@@ -320,28 +113,6 @@ fn split_loss(
     Ok(f64::try_from((pred - nz.target).square().mean(Kind::Double))?)
 }
 
-/// The data and schedule a diffusion job (and the sampling jobs after it) work with.
-pub struct Prepared {
-    pub data: Dataset,
-    pub scale: Scale,
-    /// ᾱ_t, float64 on the host.
-    pub alphas: Vec<f64>,
-}
-
-pub fn prepare(cfg: &JobConfig, d: &Diffusion) -> Result<Prepared, Failure> {
-    let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
-    let scale = Scale::fit(&data.train.x, data.image.is_some());
-    Ok(Prepared { scale, alphas: crate::sample::alphas_cumprod(&d.noise()), data })
-}
-
-/// Builds the job's network under `vs`.
-pub fn network(vs: &nn::VarStore, cfg: &JobConfig, d: &Diffusion, data: &Dataset) -> Result<DiffusionNet, Failure> {
-    let model =
-        cfg.model.as_ref().ok_or_else(|| Failure::new(FailureCause::Config, "a diffusion job needs `model`"))?;
-    DiffusionNet::build(&vs.root(), model, data.input_dim, data.image, d.conditional.then_some(data.classes))
-        .map_err(|m| Failure::new(FailureCause::Config, m))
-}
-
 /// Trains a diffusion model, resuming from the newest valid checkpoint; checkpoints at the ends
 /// of epochs as the plan says (and when asked to stop).
 #[allow(clippy::too_many_arguments)]
@@ -366,7 +137,7 @@ pub fn run(
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = Optimizer::new(opt_cfg, named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
     if let Some(init) = &cfg.init {
-        train::load_init(&named, &init.path)?;
+        files::load_init(&named, &init.path)?;
     }
     let mut ema = cfg.ema.as_ref().map(|e| crate::ema::Average::new(e, &named));
     tracing::info!(params = crate::model::parameter_count(&vs), train = p.data.train.len(), "diffusion model built");
@@ -400,8 +171,8 @@ pub fn run(
     let mut global_step = 0;
     if let Some(c) = ckpt.latest(run_dir) {
         let mut r = unused_rng.clone();
-        train::restore(&c, &named, &mut opt, comps, &mut r, ema.as_mut())?;
-        train::announce_resume(out, &c);
+        files::restore(&c, &named, &mut opt, comps, &mut r, ema.as_mut())?;
+        files::announce_resume(out, &c);
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
         history = c.meta.metrics;
@@ -430,7 +201,7 @@ pub fn run(
             if let Some(max) = cfg.clip_grad_norm {
                 let params: Vec<(Tensor, String, u32)> =
                     named.iter().map(|(n, t)| (t.shallow_clone(), n.clone(), 0)).collect();
-                train::clip_grad_norm(&params, max);
+                crate::host::clip_grad_norm(&params, max);
             }
             opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
             opt.step();
@@ -482,11 +253,11 @@ pub fn run(
         history.push((epoch + 1, values.clone()));
         summary = values;
         ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
-            let meta = train::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
-            train::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new(), ema.as_ref())
+            let meta = files::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
+            files::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new(), ema.as_ref())
         })?;
     }
-    train::save_weights(&vs, ema.as_ref(), run_dir, &weights_metadata(cfg, d, &p)?, out)?;
+    files::save_weights(&vs, ema.as_ref(), run_dir, &weights_metadata(cfg, d, &p)?, out)?;
     if let Some(p) = scorer {
         keep_scorer(p, run_dir)?;
         out.artifact("scorer", SCORER_CONFIG, "scorer");
@@ -495,12 +266,12 @@ pub fn run(
 }
 
 /// What a diffusion model's weights need to be used outside xlab, as safetensors metadata
-/// (JSON strings): besides [`train::model_metadata`], the diffusion config (schedule,
+/// (JSON strings): besides [`files::model_metadata`], the diffusion config (schedule,
 /// timesteps, β range, prediction type, conditioning), the data scaling
 /// x ↦ 2(x − lo)/(hi − lo) − 1 and the null label's index (the class count).
 fn weights_metadata(cfg: &JobConfig, d: &Diffusion, p: &Prepared) -> Result<BTreeMap<String, String>, Failure> {
     let values = |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1]));
-    let mut about = train::model_metadata(cfg, &p.data);
+    let mut about = files::model_metadata(cfg, &p.data);
     about.insert("xlab.diffusion".to_string(), serde_json::to_string(d).expect("json"));
     let scale = serde_json::json!({
         "lo": values(&p.scale.lo)?, "hi": values(&p.scale.hi)?,
@@ -513,11 +284,6 @@ fn weights_metadata(cfg: &JobConfig, d: &Diffusion, p: &Prepared) -> Result<BTre
     }
     Ok(about)
 }
-
-/// The classifier a diffusion training keeps for scoring its samples: its config, and its final
-/// weights beside it.
-pub const SCORER_CONFIG: &str = "scorer.json";
-pub const SCORER_WEIGHTS: &str = "scorer.safetensors";
 
 /// A diffusion training that `needs:` a classifier stage keeps that one classifier as the scorer
 /// of the samples drawn from it later.
@@ -547,7 +313,7 @@ fn keep_scorer(p: &xlab_proto::ParentRef, run_dir: &Path) -> Result<(), Failure>
     let weights = p.run_dir.join("weights.safetensors");
     let tmp = run_dir.join("scorer.tmp.safetensors");
     std::fs::copy(&weights, &tmp).map_err(|e| fail(format!("cannot copy {}: {e}", weights.display())))?;
-    train::finish_atomic(&tmp, &run_dir.join(SCORER_WEIGHTS))?;
+    files::finish_atomic(&tmp, &run_dir.join(SCORER_WEIGHTS))?;
     let json = serde_json::json!({"job_id": p.job_id, "config": p.config});
     crate::checkpoint::write_atomic(&run_dir.join(SCORER_CONFIG), &serde_json::to_vec_pretty(&json).expect("json"))
         .map_err(|e| fail(format!("cannot write {SCORER_CONFIG}: {e}")))
@@ -556,7 +322,8 @@ fn keep_scorer(p: &xlab_proto::ParentRef, run_dir: &Path) -> Result<(), Failure>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xlab_spec::config::{BetaSchedule, TimeMlp, Unet};
+    use crate::denoiser::{alphas_cumprod, DiffusionNet};
+    use xlab_spec::config::{BetaSchedule, ModelConfig, TimeMlp, Unet};
 
     fn diffusion(prediction: Prediction) -> Diffusion {
         Diffusion {
@@ -573,7 +340,7 @@ mod tests {
     #[test]
     fn noised_inputs_and_targets_follow_the_forward_process() {
         let d = diffusion(Prediction::V);
-        let ac = Tensor::from_slice(&crate::sample::alphas_cumprod(&d.noise())).to_kind(Kind::Float);
+        let ac = Tensor::from_slice(&alphas_cumprod(&d.noise())).to_kind(Kind::Float);
         let x0 = Tensor::from_slice(&[0.5f32, -0.25, 1.0, 0.0]).reshape([2, 2]);
         let y = Tensor::from_slice(&[0i64, 1]);
         let idx = Tensor::from_slice(&[0i64, 1]);

@@ -2,7 +2,7 @@
 //! `EMAModel.step` does, kept in checkpoints as `ema.<name>` tensors and written beside the
 //! weights as `weights_ema.safetensors`.
 
-use crate::train::Failure;
+use crate::Failure;
 use tch::Tensor;
 use xlab_spec::config::Ema;
 
@@ -64,7 +64,7 @@ impl Average {
     /// Writes the average as a weights file (the model's names).
     pub fn save(&self, path: &std::path::Path) -> Result<(), Failure> {
         let named: Vec<(&str, &Tensor)> = self.shadow.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        crate::train::save_atomically_tensors(path, &named)
+        crate::files::save_atomically_tensors(path, &named)
     }
 
     /// Runs `f` with the average in the model's place, then puts the trained weights back.

@@ -5,9 +5,15 @@ pub mod amp;
 pub mod check;
 pub mod checkpoint;
 pub mod data;
+pub mod denoiser;
 pub mod diffusion;
 pub mod ema;
+mod epoch;
+pub mod evaluate;
 pub mod events;
+mod failure;
+pub mod files;
+pub mod host;
 pub mod model;
 pub mod npz;
 pub mod optim;
@@ -17,9 +23,11 @@ pub mod sample;
 pub mod train;
 pub mod watch;
 
+pub use failure::{is_out_of_memory, Failure};
+
 use events::Emitter;
+use host::Components;
 use std::path::{Path, PathBuf};
-use train::{Components, Failure};
 use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
 use xlab_spec::config::{JobConfig, Task};
 
@@ -215,7 +223,7 @@ pub fn failure_of_panic(payload: &(dyn std::any::Any + Send)) -> Failure {
         }
         None => (raw.contains("libtorch") || raw.contains("Torch"), raw.lines().next().unwrap_or(raw).to_string()),
     };
-    if train::is_out_of_memory(&message) {
+    if is_out_of_memory(&message) {
         Failure::new(FailureCause::OutOfMemory, format!("libtorch could not allocate memory: {message}"))
     } else if libtorch {
         Failure::new(FailureCause::Error, format!("libtorch error: {message}"))
@@ -283,7 +291,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
     let mut comps = load_components(req, &cfg)?;
     match cfg.task {
         Task::Train => {
-            let plan = train::CheckpointPlan {
+            let plan = files::CheckpointPlan {
                 job_id: &req.job_id,
                 every: req.checkpoint_every,
                 every_ms: req.checkpoint_every_ms,
@@ -297,7 +305,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
             }
         }
         Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &req.parents, &mut comps, out),
-        Task::Evaluate => train::evaluate_parents(&cfg, &req.parents, device, out),
+        Task::Evaluate => evaluate::evaluate_parents(&cfg, &req.parents, device, out),
         Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
     }
 }

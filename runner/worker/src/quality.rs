@@ -1,7 +1,7 @@
 //! Sample quality: distances between a set of samples and held-out data, and a picture of
 //! image samples.
 
-use crate::train::Failure;
+use crate::Failure;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;

@@ -2,8 +2,11 @@
 //! scored against the data.
 
 use crate::data;
+use crate::denoiser::alphas_cumprod;
 use crate::events::Emitter;
-use crate::train::{save_atomically_tensors, Components, Failure};
+use crate::files::save_atomically_tensors;
+use crate::host::Components;
+use crate::Failure;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -11,30 +14,7 @@ use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_proto::FailureCause;
-use xlab_spec::config::{BetaSchedule, DenoiserConfig, ExactDenoiser, JobConfig, Prediction, WeightsChoice};
-
-/// ᾱ_t for t = 0..T−1 in float64 (METHODS.md 3.1). diffusers builds the linear schedules in
-/// float32; computing in float64 differs by about 1e-6 relative.
-pub fn alphas_cumprod(d: &ExactDenoiser) -> Vec<f64> {
-    let t = d.timesteps as usize;
-    let lin = |a: f64, b: f64, i: usize| if t == 1 { a } else { a + (b - a) * i as f64 / (t - 1) as f64 };
-    let betas: Vec<f64> = match d.schedule {
-        BetaSchedule::Linear => (0..t).map(|i| lin(d.beta_start, d.beta_end, i)).collect(),
-        BetaSchedule::ScaledLinear => (0..t).map(|i| lin(d.beta_start.sqrt(), d.beta_end.sqrt(), i).powi(2)).collect(),
-        BetaSchedule::SquaredcosCapV2 => {
-            let f = |u: f64| ((u + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
-            (0..t).map(|i| (1.0 - f((i + 1) as f64 / t as f64) / f(i as f64 / t as f64)).min(0.999)).collect()
-        }
-    };
-    let mut acc = 1.0;
-    betas
-        .iter()
-        .map(|b| {
-            acc *= 1.0 - b;
-            acc
-        })
-        .collect()
-}
+use xlab_spec::config::{DenoiserConfig, JobConfig, Prediction, WeightsChoice};
 
 /// The exact ε̂ for the empirical distribution of `x0` (rows) under ᾱ. The squared distances
 /// ‖x − √ᾱ xᵢ‖² come from one matrix product (no samples × points × features tensor).
@@ -59,7 +39,7 @@ fn alpha_at(ac: &[f64], t: f64) -> f64 {
 
 /// What a trained denoiser needs at sampling time: the parent's network and its conditioning.
 struct TrainedModel {
-    net: crate::diffusion::DiffusionNet,
+    net: crate::denoiser::DiffusionNet,
     /// The classifier kept by the training job, to score the samples in the data's own units.
     scorer: Option<(crate::model::Model, nn::VarStore)>,
     prediction: Prediction,
@@ -119,7 +99,7 @@ pub fn run(
     let (x0, scale, ac, model) = match denoiser {
         DenoiserConfig::Exact(den) => {
             // Per feature for vectors, one range over all pixels for images (as training does).
-            let scale = crate::diffusion::Scale::fit(&data.train.x, data.image.is_some());
+            let scale = crate::denoiser::Scale::fit(&data.train.x, data.image.is_some());
             (scale.apply(&data.train.x), scale, alphas_cumprod(den), None)
         }
         DenoiserConfig::Trained(chosen) => {
@@ -137,7 +117,7 @@ pub fn run(
             let d = pcfg.diffusion.clone().ok_or_else(|| {
                 Failure::new(FailureCause::Config, format!("parent {} did not train a diffusion model", parent.job_id))
             })?;
-            let p = crate::diffusion::prepare(&pcfg, &d)?;
+            let p = crate::denoiser::prepare(&pcfg, &d)?;
             if p.data.input_dim != data.input_dim {
                 return Err(Failure::new(
                     FailureCause::Config,
@@ -160,7 +140,7 @@ pub fn run(
                 });
             }
             let mut vs = nn::VarStore::new(device);
-            let net = crate::diffusion::network(&vs, &pcfg, &d, &p.data)?;
+            let net = crate::denoiser::network(&vs, &pcfg, &d, &p.data)?;
             let averaged = match chosen.weights {
                 Some(w) => w == WeightsChoice::Ema,
                 None => pcfg.ema.is_some(),
@@ -437,7 +417,7 @@ fn load_scorer(
     data: &data::Dataset,
     device: Device,
 ) -> Result<Option<(crate::model::Model, nn::VarStore)>, Failure> {
-    let path = run_dir.join(crate::diffusion::SCORER_CONFIG);
+    let path = run_dir.join(crate::denoiser::SCORER_CONFIG);
     if !path.exists() {
         return Ok(None);
     }
@@ -449,7 +429,7 @@ fn load_scorer(
     let mut vs = nn::VarStore::new(device);
     let net =
         crate::model::build_checked(&vs.root(), &model_cfg, data.input_dim, data.image, data.classes).map_err(bad)?;
-    let weights = run_dir.join(crate::diffusion::SCORER_WEIGHTS);
+    let weights = run_dir.join(crate::denoiser::SCORER_WEIGHTS);
     vs.load(&weights).map_err(|e| bad(format!("cannot load {} into it: {e}", weights.display())))?;
     Ok(Some((net, vs)))
 }
@@ -457,23 +437,6 @@ fn load_scorer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn den(schedule: BetaSchedule) -> ExactDenoiser {
-        ExactDenoiser { schedule, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
-    }
-
-    /// METHODS.md 3.1 (float64 values).
-    #[test]
-    fn schedules_match_the_known_values() {
-        let a = alphas_cumprod(&den(BetaSchedule::Linear));
-        assert!((a[0] - 0.9999).abs() < 1e-12);
-        assert!((a[499] - 0.0785872429).abs() < 1e-9, "{}", a[499]);
-        assert!((a[999] - 4.03582977e-5).abs() < 1e-12, "{}", a[999]);
-        let c = alphas_cumprod(&den(BetaSchedule::SquaredcosCapV2));
-        assert!((1.0 - c[0] - 4.1284225e-5).abs() < 1e-12, "{}", 1.0 - c[0]);
-        assert!((c[499] - 0.4938435904).abs() < 1e-9, "{}", c[499]);
-        assert!((c[999] - 2.4287669e-9).abs() < 1e-15, "{}", c[999]);
-    }
 
     #[test]
     fn exact_eps_of_a_single_point_is_the_oracle() {

@@ -1,0 +1,59 @@
+//! `xlab plan FILE`: the jobs of an experiment file and what the store already holds of them.
+
+use crate::commands::run::adopt_earlier_ids;
+use crate::common::*;
+use crate::{plugins, Cli};
+use std::path::PathBuf;
+use xlab_store::{JobStatus, ResultStore};
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    pub file: PathBuf,
+}
+
+pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
+    let file = &args.file;
+    let mut plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let store = if cli.store.join("db").exists() { Some(open_store(&cli.store)?) } else { None };
+    if let Some(s) = &store {
+        adopt_earlier_ids(s, &mut plan);
+    }
+    outln!("experiment `{}` ({})", plan.name, file.display());
+    for stage in &plan.stages {
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        let mut each = Vec::with_capacity(stage.jobs.len());
+        for job in &stage.jobs {
+            let status = match &store {
+                Some(s) => s.job(job.id.as_str())?.map(|r| r.status),
+                None => None,
+            };
+            let key = match status {
+                None | Some(JobStatus::Pending) => "new",
+                Some(JobStatus::Done) => "done",
+                Some(JobStatus::Failed) => "failed",
+                Some(JobStatus::Running | JobStatus::Interrupted) => "interrupted",
+            };
+            *counts.entry(key).or_default() += 1;
+            each.push(key);
+        }
+        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        let mut sweep =
+            if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
+        if let Some((parent, select)) = &stage.needs {
+            let how = match (select, stage.jobs.first().and_then(|j| j.pick.as_ref())) {
+                (xlab_spec::file::Select::Each, _) => "one per job".to_string(),
+                (xlab_spec::file::Select::All, _) => "all jobs".to_string(),
+                (xlab_spec::file::Select::Best, Some(p)) => {
+                    format!("best by {} {}", p.metric, if p.mode == xlab_spec::file::Mode::Max { "max" } else { "min" })
+                }
+                (xlab_spec::file::Select::Best, None) => "best".to_string(),
+            };
+            sweep = format!(" needing `{parent}` ({how}){sweep}");
+        }
+        outln!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
+        for (job, status) in stage.jobs.iter().zip(each) {
+            outln!("    {}  {status:<11}  {}", job.id, job.label());
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,406 @@
+//! `xlab run`, `xlab resume` and `xlab validate`: an experiment's plan, checked against the
+//! store and the device pool, run by the scheduler with live progress, then its results table.
+
+use crate::commands::query::{query, Format};
+use crate::common::*;
+use crate::{filter, live, plugins, status, vocab, Cli, LogFormat, VERSION};
+use clap::ValueEnum;
+use std::path::PathBuf;
+use std::time::Instant;
+use xlab_sched::{Progress, RunOptions};
+use xlab_store::ResultStore;
+
+/// Where and how `xlab run` and `xlab resume` run jobs.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// CPU jobs at a time (default: one per CPU core, divided by --threads).
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+    /// Threads per job.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Where jobs run: `auto` (every GPU NVML or `nvidia-smi` finds, else CPU slots), `cpu`, `cuda`
+    /// (every GPU) or a list such as `cuda:0,cuda:2` or `cpu,cuda:1`.
+    #[arg(long, env = "XLAB_DEVICES", default_value = "auto")]
+    pub devices: xlab_sched::Devices,
+    /// Jobs sharing one GPU at a time (small jobs pack; each sees only its GPU).
+    #[arg(long, default_value_t = 1)]
+    pub jobs_per_device: usize,
+    /// Stop starting jobs after the first deterministic failure (as `fail_fast: true` on
+    /// every stage).
+    #[arg(long)]
+    pub fail_fast: bool,
+    /// At most this many jobs at once in the whole run (overrides the file's `max_parallel:`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_parallel: Option<u32>,
+    /// Where jobs run: `local` (this machine) or `slurm` (one batch job per job, with the file's
+    /// `executor: {slurm: {...}}` settings if it has them). Default: the file's `executor:`, else
+    /// local.
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorKind>,
+    /// Run the done jobs this filter matches again, as new attempts (the earlier attempts stay
+    /// in each job's record, its earlier files in `runs/JOB/attempt-N/`), e.g. after changing
+    /// a plugin: `--rerun 'step_rule.use ~ "^sam"'`. The filter language of `xlab query`.
+    #[arg(long, value_name = "FILTER")]
+    pub rerun: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
+impl RunArgs {
+    fn pool(&self) -> xlab_sched::PoolRequest {
+        xlab_sched::PoolRequest {
+            devices: self.devices.clone(),
+            cpu_jobs: self.jobs,
+            jobs_per_gpu: self.jobs_per_device,
+            threads: self.threads,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct RunCommand {
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub how: RunArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ResumeCommand {
+    /// The experiment's name (`xlab query` and `xlab status` show it).
+    pub name: String,
+    #[command(flatten)]
+    pub how: RunArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ValidateCommand {
+    pub file: PathBuf,
+}
+
+pub fn run(cli: &Cli, args: &RunCommand) -> Result<u8, Failure> {
+    let RunCommand { file, how } = args;
+    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    run_plan(cli, plan, how)
+}
+
+pub fn resume(cli: &Cli, args: &ResumeCommand) -> Result<u8, Failure> {
+    let ResumeCommand { name, how } = args;
+    let exp = named_experiment(&existing_store(&cli.store)?, name)?;
+    // The text as it was run; relative paths (data, includes, plugins) still resolve
+    // from where the file was.
+    let file = PathBuf::from(&exp.file);
+    if std::fs::read_to_string(&file).is_ok_and(|now| now != exp.source) {
+        tracing::warn!("{} changed since `{name}` last ran; resuming the experiment as it was then", file.display());
+    }
+    let plan = xlab_spec::load_str(&file, &exp.source, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    run_plan(cli, plan, how)
+}
+
+pub fn validate(_cli: &Cli, args: &ValidateCommand) -> Result<u8, Failure> {
+    let ValidateCommand { file } = args;
+    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let n: usize = plan.stages.iter().map(|s| s.jobs.len()).sum();
+    outln!("{}: ok — experiment `{}`, {} stage(s), {n} job(s)", file.display(), plan.name, plan.stages.len());
+    Ok(0)
+}
+
+/// Counts SIGINT and SIGTERM: the scheduler stops gracefully at the first and kills its
+/// workers at the second.
+fn count_stop_requests() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let stops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let s = std::sync::Arc::clone(&stops);
+        // SAFETY: the handler only increments an atomic, which is async-signal-safe.
+        let registered = unsafe {
+            signal_hook::low_level::register(sig, move || {
+                s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        if let Err(e) = registered {
+            tracing::warn!("cannot catch signal {sig}: {e}; Ctrl-C will end xlab without a graceful stop");
+        }
+    }
+    stops
+}
+
+/// The Slurm settings when jobs go to Slurm: `--executor`, else the file's `executor:`.
+fn slurm_settings(how: &RunArgs, plan: &xlab_spec::Plan) -> Option<xlab_spec::file::Slurm> {
+    use xlab_spec::file::Executor;
+    match (how.executor, &plan.executor) {
+        (Some(ExecutorKind::Local), _) | (None, None | Some(Executor::Local)) => None,
+        (_, Some(Executor::Slurm(s))) => Some(s.clone()),
+        (Some(ExecutorKind::Slurm), _) => Some(Default::default()),
+    }
+}
+
+/// Looks at the plan's jobs the store already holds as done, before a run skips them: returns
+/// those `--rerun` selects, and warns about the others that a different build of one of their
+/// plugins produced (same id and version, another file: a plugin edited and rebuilt without a
+/// version bump), which would otherwise be reused without a word.
+fn review_done_jobs(
+    store: &dyn ResultStore,
+    plan: &xlab_spec::Plan,
+    rerun: Option<&str>,
+) -> Result<std::collections::HashSet<String>, Failure> {
+    let mut filter = parse_filter(rerun)?;
+    let mut done = Vec::new();
+    for job in plan.jobs() {
+        if let Some(rec) = store.job(job.id.as_str())?.filter(|r| r.status == xlab_store::JobStatus::Done) {
+            done.push((job, rec));
+        }
+    }
+    let mut selected = std::collections::HashSet::new();
+    if let Some((f, q)) = &mut filter {
+        let vocab = vocab::Vocab::of_records(done.iter().map(|(_, r)| r));
+        if done.is_empty() {
+            tracing::warn!("--rerun: no job of `{}` is done yet, so there is nothing to run again", plan.name);
+        } else {
+            f.bind(&vocab).map_err(|e| user_error(format!("bad --rerun filter:\n{}", e.render(q))))?;
+            for (job, rec) in &done {
+                if f.matches(&filter::StoredJob { record: rec, series: None }) {
+                    selected.insert(job.id.to_string());
+                }
+            }
+            tracing::info!(
+                "--rerun matched {} of the {} done job(s); they run again as new attempts",
+                selected.len(),
+                done.len()
+            );
+        }
+    }
+    // Plugin id -> (version, jobs built by another file of it).
+    let mut stale: std::collections::BTreeMap<&str, (&str, usize)> = Default::default();
+    for (job, rec) in done.iter().filter(|(j, _)| !selected.contains(j.id.as_str())) {
+        for used in &job.plugins {
+            let before = rec.provenance.plugins.iter().find(|p| p.id == used.id);
+            if before.is_some_and(|b| !b.sha256.is_empty() && b.sha256 != used.sha256) {
+                stale.entry(&used.id).or_insert((&used.version, 0)).1 += 1;
+            }
+        }
+    }
+    for (plugin, (version, n)) in stale {
+        tracing::warn!(
+            "{n} done job(s) of `{}` were produced by another build of plugin `{plugin}` {version} (its file's SHA-256 \
+             differs) and are kept as done, since the version did not change\n  hint: to run them with this build, \
+             `xlab run FILE --rerun FILTER` (e.g. --rerun 'step_rule.use ~ \"^{plugin}\\.\"'); bump the plugin's version \
+             when its behaviour changes",
+            plan.name
+        );
+    }
+    Ok(selected)
+}
+
+/// Finds the jobs a store recorded before files were identified by content (see
+/// `Plan::adopt_earlier_ids`).
+pub(crate) fn adopt_earlier_ids(store: &dyn ResultStore, plan: &mut xlab_spec::Plan) {
+    let n = plan.adopt_earlier_ids(&mut |id| store.job(id).ok().flatten().is_some());
+    if n > 0 {
+        tracing::debug!("{n} job(s) of `{}` found under the ids they were recorded with", plan.name);
+    }
+}
+
+/// Says when this run replaces the file an experiment last ran from (an edit, or another file
+/// with the same `name:`): the earlier version and its jobs stay, and how to see them.
+fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_spec::Plan) -> Result<(), Failure> {
+    let Some(before) = store.experiment(&plan.name)? else { return Ok(()) };
+    let file = plan.file.display().to_string();
+    if before.source == plan.source {
+        return Ok(());
+    }
+    let planned: std::collections::HashSet<&str> = plan.jobs().map(|j| j.id.as_str()).collect();
+    let all = before.with_all_versions();
+    let earlier_only = all.stages.iter().flat_map(|s| &s.jobs).filter(|j| !planned.contains(j.as_str())).count();
+    let what = if before.file == file {
+        format!("an edited {file}")
+    } else {
+        format!("{file} (it last ran from {})", before.file)
+    };
+    tracing::warn!(
+        "experiment `{}` runs from {what}: version {} of it, after version {}. {earlier_only} job(s) of earlier versions \
+         are not in this one; they stay in the store, and `xlab query --all-versions` shows \
+         them",
+        plan.name,
+        before.version() + 1,
+        before.version()
+    );
+    Ok(())
+}
+
+fn run_plan(cli: &Cli, mut plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
+    let fail_fast = how.fail_fast;
+    let (pool, slurm) = match slurm_settings(how, &plan) {
+        Some(settings) => {
+            let s = xlab_sched::slurm::SlurmExec::new(settings, &worker_path(), &cli.store, how.threads)
+                .map_err(|e| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!(e) })?;
+            (xlab_sched::Pool::new(Vec::new()), Some(s))
+        }
+        None => {
+            let pool = xlab_sched::build_pool(&how.pool(), &xlab_sched::detect_gpus())
+                .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+            xlab_sched::check_placement(&plan, &pool)
+                .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+            (pool, None)
+        }
+    };
+    let store = open_store(&cli.store)?;
+    adopt_earlier_ids(&store, &mut plan);
+    say_if_replacing(&store, &plan)?;
+    let rerun = review_done_jobs(&store, &plan, how.rerun.as_deref())?;
+    let total = plan.jobs().count();
+    let cap = how.max_parallel.or(plan.max_parallel).map(|m| m as usize);
+    let (at_once, on) = match &slurm {
+        Some(s) => (cap.map_or("every ready job".into(), |c| format!("up to {c}")), s.describe()),
+        None => (pool.len().min(cap.unwrap_or(usize::MAX)).to_string(), pool.describe()),
+    };
+    tracing::info!(
+        "experiment `{}`: {total} job(s) in {} stage(s), {at_once} at a time on {on}, store {}",
+        plan.name,
+        plan.stages.len(),
+        cli.store.display()
+    );
+    let opts = RunOptions {
+        worker: worker_path(),
+        pool,
+        slurm,
+        xlab_version: VERSION.into(),
+        git_commit: env!("XLAB_GIT_COMMIT").into(),
+        stop: count_stop_requests(),
+        fail_fast,
+        max_parallel: how.max_parallel.map(|m| m as usize),
+        rerun,
+    };
+    let started = Instant::now();
+    let mut finished = 0usize;
+    let live = live::wanted(matches!(cli.log_format, LogFormat::Human) && !cli.quiet).then(|| live::Live::start(total));
+    let mut tracker = status::Tracker::new(&cli.store, &plan.name, total, live);
+    let mut observe = |p: Progress<'_>| match p {
+        Progress::Skipped { job } => {
+            tracker.skipped();
+            finished += 1;
+            tracing::info!("[{finished}/{total}] {} {} already done (job {})", job.stage, job.label(), job.id);
+        }
+        Progress::Started { job, device, attempt, slurm_job } => {
+            tracker.started(job, device, attempt, slurm_job);
+            let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
+            tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
+        }
+        Progress::Resumed { job, epoch, step_in_epoch: 0 } => {
+            tracing::info!("resumed {} {} from its checkpoint after epoch {epoch}", job.stage, job.label());
+        }
+        Progress::Resumed { job, epoch, step_in_epoch } => {
+            tracing::info!(
+                "resumed {} {} from its checkpoint in epoch {}, after {step_in_epoch} batches",
+                job.stage,
+                job.label(),
+                epoch + 1
+            );
+        }
+        Progress::Metrics { job, step, values } => {
+            tracker.metrics(job.id.as_str(), step, values);
+            let shown: Vec<String> =
+                values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
+            tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
+        }
+        Progress::Finished { job, summary } => {
+            tracker.ended(job.id.as_str(), status::Ended::Done);
+            finished += 1;
+            // The headline test metrics; per-group values stay in the store (`xlab show`).
+            let shown: Vec<String> = summary
+                .iter()
+                .filter(|(k, _)| k.starts_with("test.") && !k.contains(".group_"))
+                .map(|(k, v)| format!("{k}={v:.4}"))
+                .collect();
+            tracing::info!("[{finished}/{total}] done {} {}: {}", job.stage, job.label(), shown.join(" "));
+        }
+        Progress::Warning { job, message } => {
+            tracing::warn!("{} {} (job {}): {message}", job.stage, job.label(), job.id);
+        }
+        Progress::Retrying { job, cause, message, delay } => {
+            tracker.ended(job.id.as_str(), status::Ended::Retrying);
+            tracing::warn!(
+                "{} {} failed ({}): {message}; trying again in {} s (job {})",
+                job.stage,
+                job.label(),
+                cause.as_str(),
+                delay.as_secs(),
+                job.id
+            );
+        }
+        Progress::Stopped { job, message } => {
+            tracker.ended(job.id.as_str(), status::Ended::Stopped);
+            tracing::warn!("{} {} {message} (job {})", job.stage, job.label(), job.id);
+        }
+        Progress::Failed { job, cause, message } => {
+            tracker.ended(job.id.as_str(), status::Ended::Failed);
+            finished += 1;
+            tracing::error!(
+                "[{finished}/{total}] FAILED ({}) {} {} (job {}): {message}",
+                cause.as_str(),
+                job.stage,
+                job.label(),
+                job.id
+            );
+        }
+    };
+    let report = xlab_sched::run(&store, &plan, opts, &mut observe)?;
+    tracker.finish();
+    tracing::info!(
+        "{} done, {} skipped (already done), {} failed in {:.1}s",
+        report.done,
+        report.skipped,
+        report.failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    query(&store, &pick_experiment(&store, Some(&plan.name))?, Format::Table, &[], None)?;
+    if report.detached > 0 {
+        eprintln!(
+            "{} job(s) keep running in Slurm. Run the same command again to re-attach to them (their results are \
+             collected then); `scancel` stops them.",
+            report.detached
+        );
+    }
+    if let Some(why) = &report.ended_early {
+        if report.detached == 0 || report.stopped + report.not_started > 0 {
+            eprintln!(
+                "{why}: {} job(s) stopped (each resumes from its last checkpoint), {} not started. Run the same command \
+                 again to resume; nothing recorded is lost.",
+                report.stopped, report.not_started
+            );
+        }
+        if report.disk_full.is_some() {
+            return Ok(exit::ENVIRONMENT);
+        }
+        if report.failed.is_empty() {
+            return Ok(exit::STOPPED);
+        }
+    }
+    if report.failed.is_empty() {
+        return Ok(0);
+    }
+    let config = report.failed.iter().filter(|f| f.1 == xlab_proto::FailureCause::Config).count();
+    let other = report.failed.len() - config;
+    let held: usize = report.held_back.iter().map(|h| h.1).sum();
+    if config > 0 {
+        let held = if held > 0 {
+            format!(" ({held} more job(s) of the same stage(s) were not started)")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "{config} job(s) failed with a config error{held}: running them again as they are fails the same way. \
+             Fix the experiment file (or the data it names) and run it again."
+        );
+    }
+    if other > 0 {
+        eprintln!(
+            "{other} job(s) failed; their logs are in {}/runs/<job>/worker.log. Run the same command again to retry them.",
+            cli.store.display()
+        );
+    }
+    Ok(exit::JOBS_FAILED)
+}

@@ -1,0 +1,261 @@
+//! What the commands share: exit codes and [`Failure`] (an error with the exit code it
+//! deserves), opening the store, finding the experiment or job a command names, and checking a
+//! command line's filter, metrics and keys against the experiment's jobs.
+
+use crate::{filter, vocab};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use xlab_store::{ResultStore, Store};
+
+/// Exit codes by who is at fault.
+pub mod exit {
+    /// Some jobs failed.
+    pub const JOBS_FAILED: u8 = 1;
+    /// The user's input is wrong (experiment file, arguments).
+    pub const USER: u8 = 2;
+    /// The environment is wrong (store in use, missing worker, I/O).
+    pub const ENVIRONMENT: u8 = 3;
+    /// Stopped by Ctrl-C or SIGTERM before every job ran (the shell's code for SIGINT).
+    pub const STOPPED: u8 = 130;
+}
+
+/// An error with the exit code it deserves.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+/// Spec errors are the user's; everything else that reaches `?` (store, I/O) is the
+/// environment's.
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        let code = if error.downcast_ref::<xlab_spec::SpecError>().is_some() { exit::USER } else { exit::ENVIRONMENT };
+        Failure { code, error }
+    }
+}
+
+/// `1.5 MB`, `312 kB`, `12 B`.
+pub(crate) fn human_bytes(b: u64) -> String {
+    match b {
+        0..1_000 => format!("{b} B"),
+        1_000..1_000_000 => format!("{:.0} kB", b as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        _ => format!("{:.2} GB", b as f64 / 1e9),
+    }
+}
+
+/// `{"optimizer": {"lr": 0.1}}` → `optimizer.lr = 0.1`.
+pub(crate) fn flatten_json(v: &serde_json::Value) -> std::collections::BTreeMap<String, serde_json::Value> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeMap<String, serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", v, &mut out);
+    out
+}
+
+pub(crate) fn open_store(dir: &Path) -> Result<Store, Failure> {
+    Ok(Store::open(dir)?)
+}
+
+/// Opens the store a read command reads: a folder without one (a mistyped `--store`) is an
+/// error, and nothing is created there.
+pub(crate) fn existing_store(dir: &Path) -> Result<Store, Failure> {
+    if !dir.join("db").is_dir() {
+        return Err(Failure {
+            code: exit::USER,
+            error: anyhow::anyhow!(
+                "there is no xlab store at {}{}\n  hint: check `--store` (or `XLAB_STORE`); `xlab run FILE` makes a \
+                 store where it is told to",
+                dir.display(),
+                if dir.exists() { " (the folder has no `db/`)" } else { " (no such folder)" }
+            ),
+        });
+    }
+    open_store(dir)
+}
+
+/// The `xlab-worker` executable: `XLAB_WORKER`, or the one beside this `xlab`.
+pub(crate) fn worker_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLAB_WORKER") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().ok();
+    exe.and_then(|e| e.parent().map(|d| d.join("xlab-worker"))).unwrap_or_else(|| PathBuf::from("xlab-worker"))
+}
+
+/// The experiment a query names, or the most recently run one.
+pub(crate) fn pick_experiment(
+    store: &dyn ResultStore,
+    experiment: Option<&str>,
+) -> Result<xlab_store::ExperimentRecord, Failure> {
+    Ok(match experiment {
+        Some(name) => store.experiment(name)?.with_context(|| {
+            format!("no experiment `{name}` in store {}; `xlab run FILE` records one", store.dir().display())
+        })?,
+        None => {
+            let mut all = store.experiments()?;
+            all.sort_by_key(|e| e.updated_unix);
+            all.pop().with_context(|| {
+                format!("store {} holds no experiments yet; run one with `xlab run FILE`", store.dir().display())
+            })?
+        }
+    })
+}
+
+/// The experiment with the jobs of its earlier versions (`--all-versions`), or as last run,
+/// with a note when earlier versions hold jobs it does not show.
+pub(crate) fn versions_of(exp: xlab_store::ExperimentRecord, all: bool) -> xlab_store::ExperimentRecord {
+    if all {
+        return exp.with_all_versions();
+    }
+    let hidden = exp.hidden_jobs().len();
+    if hidden > 0 {
+        eprintln!(
+            "note: {hidden} job(s) of earlier versions of `{}`'s file are not shown (this is version {}); --all-versions shows them",
+            exp.name,
+            exp.version()
+        );
+    }
+    exp
+}
+
+/// The experiment a command names; a name the store lacks is the user's mistake, with the
+/// closest stored name or the names it holds.
+pub(crate) fn named_experiment(store: &dyn ResultStore, name: &str) -> Result<xlab_store::ExperimentRecord, Failure> {
+    if let Some(e) = store.experiment(name)? {
+        return Ok(e);
+    }
+    let known: Vec<String> = store.experiments()?.into_iter().map(|e| e.name).collect();
+    let hint = match xlab_spec::did_you_mean(name, known.iter().map(String::as_str)) {
+        Some(c) => format!("did you mean `{c}`?"),
+        None if known.is_empty() => "the store holds no experiments yet".to_string(),
+        None => format!("it holds: {}", known.join(", ")),
+    };
+    Err(Failure {
+        code: exit::USER,
+        error: anyhow::anyhow!("no experiment `{name}` in store {}\n  hint: {hint}", store.dir().display()),
+    })
+}
+
+/// The job a command names by its id or a unique prefix of it (`xlab show 3f2a`).
+pub(crate) fn find_job(store: &dyn ResultStore, id: &str) -> Result<xlab_store::JobRecord, Failure> {
+    if let Some(rec) = store.job(id)? {
+        return Ok(rec);
+    }
+    let found = if id.is_empty() { Vec::new() } else { store.job_ids_with_prefix(id, 6)? };
+    match found.as_slice() {
+        [one] => Ok(store.job(one)?.with_context(|| format!("job {one} vanished from the store"))?),
+        [] => Err(user_error(format!(
+            "no job `{id}` in store {}\n  hint: `xlab query --format json` and `xlab plan FILE` list job ids",
+            store.dir().display()
+        ))),
+        many => Err(user_error(format!(
+            "`{id}` is the start of {} job ids ({}{}); give more of it",
+            if many.len() > 5 { "more than 5".to_string() } else { many.len().to_string() },
+            many.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if many.len() > 5 { ", …" } else { "" }
+        ))),
+    }
+}
+
+/// A filter given on the command line; a mistake is the user's, with a caret under it.
+pub(crate) fn parse_filter(text: Option<&str>) -> Result<Option<(filter::Filter, &str)>, Failure> {
+    text.map(|q| {
+        filter::Filter::parse(q)
+            .map(|f| (f, q))
+            .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!("bad filter:\n{}", e.render(q)) })
+    })
+    .transpose()
+}
+
+pub(crate) fn user_error(message: String) -> Failure {
+    Failure { code: exit::USER, error: anyhow::anyhow!(message) }
+}
+
+/// What the experiment's jobs hold, and the filter checked against it (a name no job has is
+/// the user's mistake, with a caret under it).
+pub(crate) fn bind_filter(
+    store: &dyn ResultStore,
+    exp: &xlab_store::ExperimentRecord,
+    filter: Option<(filter::Filter, &str)>,
+) -> Result<(vocab::Vocab, Option<filter::Filter>), Failure> {
+    let vocab = vocab::Vocab::of(store, exp)?;
+    let filter = match filter {
+        Some((mut f, q)) => {
+            f.bind(&vocab).map_err(|e| user_error(format!("bad filter:\n{}", e.render(q))))?;
+            Some(f)
+        }
+        None => None,
+    };
+    Ok((vocab, filter))
+}
+
+/// Refuses metric names no job of the experiment has logged, with a "did you mean".
+pub(crate) fn check_metrics(
+    vocab: &vocab::Vocab,
+    exp: &xlab_store::ExperimentRecord,
+    metrics: &[String],
+    what: &str,
+) -> Result<(), Failure> {
+    for m in metrics {
+        if !vocab.is_metric(m) {
+            let hint = match vocab.suggest_metric(m) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None if vocab.metrics.is_empty() => "no job of it has logged a metric yet".into(),
+                None => "`xlab show JOB` lists a job's metrics".into(),
+            };
+            return Err(user_error(format!("{what}: no metric `{m}` in experiment `{}`\n  hint: {hint}", exp.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Stage and every sweep key: the groups of the default results table.
+pub(crate) fn default_group_keys(exp: &xlab_store::ExperimentRecord) -> Vec<String> {
+    let mut k = vec!["stage".to_string()];
+    for s in &exp.stages {
+        k.extend(s.sweep_keys.iter().filter(|x| !k.contains(x)).cloned().collect::<Vec<_>>());
+    }
+    k
+}
+
+/// Refuses a key to group by that no job of the experiment has (`--group-by stagee` used to put
+/// every job in one group with an empty key): a job field (stage, status, seed, id, experiment)
+/// or a dotted config key of at least one job, with a "did you mean".
+pub(crate) fn check_group_keys(
+    vocab: &vocab::Vocab,
+    exp: &xlab_store::ExperimentRecord,
+    keys: &[String],
+    flag: &str,
+) -> Result<(), Failure> {
+    for k in keys {
+        if !vocab.is_key(k) {
+            let hint = match vocab.suggest_key(k) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => "group by a job field (stage, status, seed, id) or a config key, e.g. `optimizer.lr`".into(),
+            };
+            return Err(user_error(format!(
+                "{flag} `{k}`: no job of experiment `{}` has this field or config key\n  hint: {hint}",
+                exp.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A valid filter that matched no job says so (on stderr; the empty table still prints).
+pub(crate) fn say_matched_none(exp: &xlab_store::ExperimentRecord) {
+    let n: usize = exp.stages.iter().map(|s| s.jobs.len()).sum();
+    eprintln!("the filter matched 0 of the {n} job(s) of experiment `{}`", exp.name);
+}

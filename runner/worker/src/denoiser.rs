@@ -1,0 +1,293 @@
+//! The denoising network and what it is trained and sampled with, shared by diffusion training
+//! (`diffusion`) and sampling (`sample`): the noise schedule ᾱ_t, the data's map onto [-1, 1],
+//! the time-conditioned networks (`time_mlp`, `unet`) and the files a training leaves for its
+//! sampling jobs.
+
+use crate::data::{self, Dataset};
+use crate::Failure;
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+use xlab_proto::FailureCause;
+use xlab_spec::config::{BetaSchedule, Diffusion, ExactDenoiser, JobConfig, ModelConfig};
+
+/// ᾱ_t for t = 0..T−1 in float64 (METHODS.md 3.1). diffusers builds the linear schedules in
+/// float32; computing in float64 differs by about 1e-6 relative.
+pub fn alphas_cumprod(d: &ExactDenoiser) -> Vec<f64> {
+    let t = d.timesteps as usize;
+    let lin = |a: f64, b: f64, i: usize| if t == 1 { a } else { a + (b - a) * i as f64 / (t - 1) as f64 };
+    let betas: Vec<f64> = match d.schedule {
+        BetaSchedule::Linear => (0..t).map(|i| lin(d.beta_start, d.beta_end, i)).collect(),
+        BetaSchedule::ScaledLinear => (0..t).map(|i| lin(d.beta_start.sqrt(), d.beta_end.sqrt(), i).powi(2)).collect(),
+        BetaSchedule::SquaredcosCapV2 => {
+            let f = |u: f64| ((u + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            (0..t).map(|i| (1.0 - f((i + 1) as f64 / t as f64) / f(i as f64 / t as f64)).min(0.999)).collect()
+        }
+    };
+    let mut acc = 1.0;
+    betas
+        .iter()
+        .map(|b| {
+            acc *= 1.0 - b;
+            acc
+        })
+        .collect()
+}
+
+/// The affine map of the training data onto [-1, 1]: per feature for vectors, one range over
+/// all pixels for images. Sampling uses the same map, fitted on the same training split.
+pub struct Scale {
+    pub(crate) lo: Tensor,
+    pub(crate) hi: Tensor,
+}
+
+impl Scale {
+    pub fn fit(train_x: &Tensor, image: bool) -> Scale {
+        let x = train_x.to_kind(Kind::Double);
+        if image {
+            Scale { lo: x.min(), hi: x.max() }
+        } else {
+            Scale { lo: x.amin(0, true), hi: x.amax(0, true) }
+        }
+    }
+
+    /// `x` mapped onto the training data's [-1, 1], in float64.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
+        (x.to_kind(Kind::Double) - &lo) / (&hi - &lo).clamp_min(1e-12) * 2.0 - 1.0
+    }
+
+    /// The inverse map: model space back to the data's own units (float64).
+    pub fn invert(&self, x: &Tensor) -> Tensor {
+        let (lo, hi) = (self.lo.to_device(x.device()), self.hi.to_device(x.device()));
+        // One new tensor the size of `x`, the rest in place (sample sets can be large).
+        let mut y = x.to_kind(Kind::Double) + 1.0;
+        let _ = y.g_mul_(&((&hi - &lo).clamp_min(1e-12) / 2.0));
+        let _ = y.g_add_(&lo);
+        y
+    }
+
+    /// Clamps rows in the data's units to the training data's range, in place.
+    pub fn clamp_(&self, y: &mut Tensor) {
+        let (lo, hi) = (self.lo.to_device(y.device()), self.hi.to_device(y.device()));
+        let _ = y.clamp_tensor_(Some(&lo), Some(&hi));
+    }
+}
+
+/// The sinusoidal embedding of (possibly fractional) timesteps `t` `[B]`: `[sin(t·f), cos(t·f)]`
+/// with frequencies f_i = 10000^(−i/half).
+fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln()) / half as f64)).exp();
+    let args = t.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+    Tensor::cat(&[args.sin(), args.cos()], 1)
+}
+
+/// The largest group count ≤ 8 that divides `channels`.
+fn groups_for(channels: i64) -> i64 {
+    (1..=8).rev().find(|g| channels % g == 0).unwrap_or(1)
+}
+
+struct ResBlock {
+    norm1: nn::GroupNorm,
+    conv1: nn::Conv2D,
+    time: nn::Linear,
+    norm2: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    skip: Option<nn::Conv2D>,
+}
+
+impl ResBlock {
+    fn new(p: &nn::Path, cin: i64, cout: i64, tdim: i64) -> ResBlock {
+        let same = nn::ConvConfig { padding: 1, ..Default::default() };
+        ResBlock {
+            norm1: nn::group_norm(p / "norm1", groups_for(cin), cin, Default::default()),
+            conv1: nn::conv2d(p / "conv1", cin, cout, 3, same),
+            time: nn::linear(p / "time", tdim, cout, Default::default()),
+            norm2: nn::group_norm(p / "norm2", groups_for(cout), cout, Default::default()),
+            conv2: nn::conv2d(p / "conv2", cout, cout, 3, same),
+            skip: (cin != cout).then(|| nn::conv2d(p / "skip", cin, cout, 1, Default::default())),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Tensor {
+        let h = self.conv1.forward(&self.norm1.forward(x).silu());
+        let h = h + self.time.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+        let skip = match &self.skip {
+            Some(s) => s.forward(x),
+            None => x.shallow_clone(),
+        };
+        h + skip
+    }
+}
+
+enum Body {
+    Mlp { layers: Vec<nn::Linear>, out: nn::Linear },
+    Unet(Box<UnetBody>),
+}
+
+struct UnetBody {
+    image: [i64; 3],
+    conv_in: nn::Conv2D,
+    down: Vec<ResBlock>,
+    mid: ResBlock,
+    up: Vec<ResBlock>,
+    norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+/// A network that predicts ε (or v) from x_t, t and, when conditional, the class label; the
+/// label `classes` is the null label of classifier-free guidance.
+pub struct DiffusionNet {
+    time_dim: i64,
+    time1: nn::Linear,
+    time2: nn::Linear,
+    label: Option<nn::Embedding>,
+    body: Body,
+}
+
+impl DiffusionNet {
+    pub fn build(
+        root: &nn::Path,
+        cfg: &ModelConfig,
+        input_dim: usize,
+        image: Option<[i64; 3]>,
+        classes: Option<usize>,
+    ) -> Result<DiffusionNet, String> {
+        let (time_dim, body_dim) = match cfg {
+            ModelConfig::TimeMlp(m) => (m.time_dim as i64, m.time_dim as i64),
+            ModelConfig::Unet(u) => (u.time_dim as i64, u.time_dim as i64),
+            _ => return Err("a diffusion job needs a diffusion model (`time_mlp` or `unet`)".into()),
+        };
+        let time1 = nn::linear(root / "time" / "0", time_dim, body_dim, Default::default());
+        let time2 = nn::linear(root / "time" / "2", body_dim, body_dim, Default::default());
+        let label = classes.map(|k| nn::embedding(root / "label", k as i64 + 1, body_dim, Default::default()));
+        let body = match cfg {
+            ModelConfig::TimeMlp(m) => {
+                let mut width = input_dim as i64 + body_dim;
+                let mut layers = Vec::new();
+                for (i, &h) in m.hidden.iter().enumerate() {
+                    layers.push(nn::linear(root / "layers" / i, width, h as i64, Default::default()));
+                    width = h as i64;
+                }
+                let out = nn::linear(root / "out", width, input_dim as i64, Default::default());
+                Body::Mlp { layers, out }
+            }
+            ModelConfig::Unet(u) => {
+                let image = image.ok_or("`unet` needs image data")?;
+                let ch: Vec<i64> = u.channels.iter().map(|&c| c as i64).collect();
+                let same = nn::ConvConfig { padding: 1, ..Default::default() };
+                let conv_in = nn::conv2d(root / "conv_in", image[0], ch[0], 3, same);
+                let mut down = Vec::new();
+                let mut prev = ch[0];
+                for (i, &c) in ch.iter().enumerate() {
+                    down.push(ResBlock::new(&(root / "down" / i), prev, c, body_dim));
+                    prev = c;
+                }
+                let mid = ResBlock::new(&(root / "mid"), prev, prev, body_dim);
+                let mut up = Vec::new();
+                for (i, &c) in ch.iter().enumerate().rev() {
+                    up.push(ResBlock::new(&(root / "up" / i), prev + c, c, body_dim));
+                    prev = c;
+                }
+                let norm_out = nn::group_norm(root / "norm_out", groups_for(prev), prev, Default::default());
+                let conv_out = nn::conv2d(root / "conv_out", prev, image[0], 3, same);
+                Body::Unet(Box::new(UnetBody { image, conv_in, down, mid, up, norm_out, conv_out }))
+            }
+            _ => unreachable!("checked above"),
+        };
+        Ok(DiffusionNet { time_dim, time1, time2, label, body })
+    }
+
+    pub fn is_conditional(&self) -> bool {
+        self.label.is_some()
+    }
+
+    /// The prediction for flat rows `x` `[B, D]` at timesteps `t` `[B]` (float) with labels `[B]`.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
+        let mut temb = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
+        if let (Some(e), Some(l)) = (&self.label, labels) {
+            temb += e.forward(l);
+        }
+        match &self.body {
+            Body::Mlp { layers, out } => {
+                let mut h = Tensor::cat(&[x.shallow_clone(), temb], 1);
+                for l in layers {
+                    h = l.forward(&h).silu();
+                }
+                out.forward(&h)
+            }
+            Body::Unet(u) => {
+                let UnetBody { image, conv_in, down, mid, up, norm_out, conv_out } = &**u;
+                let b = x.size()[0];
+                let mut h = conv_in.forward(&x.reshape([b, image[0], image[1], image[2]]));
+                let mut skips = Vec::new();
+                for (i, block) in down.iter().enumerate() {
+                    h = block.forward(&h, &temb);
+                    skips.push(h.shallow_clone());
+                    if i + 1 < down.len() {
+                        h = h.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
+                    }
+                }
+                h = mid.forward(&h, &temb);
+                for (k, block) in up.iter().enumerate() {
+                    let skip = skips.pop().expect("one skip per level");
+                    h = block.forward(&Tensor::cat(&[h, skip], 1), &temb);
+                    if k + 1 < up.len() {
+                        h = h.upsample_nearest2d([h.size()[2] * 2, h.size()[3] * 2], None, None);
+                    }
+                }
+                conv_out.forward(&norm_out.forward(&h).silu()).reshape([b, -1])
+            }
+        }
+    }
+}
+
+/// The data and schedule a diffusion job (and the sampling jobs after it) work with.
+pub struct Prepared {
+    pub data: Dataset,
+    pub scale: Scale,
+    /// ᾱ_t, float64 on the host.
+    pub alphas: Vec<f64>,
+}
+
+pub fn prepare(cfg: &JobConfig, d: &Diffusion) -> Result<Prepared, Failure> {
+    let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
+    let scale = Scale::fit(&data.train.x, data.image.is_some());
+    Ok(Prepared { scale, alphas: alphas_cumprod(&d.noise()), data })
+}
+
+/// Builds the job's network under `vs`.
+pub fn network(vs: &nn::VarStore, cfg: &JobConfig, d: &Diffusion, data: &Dataset) -> Result<DiffusionNet, Failure> {
+    let model =
+        cfg.model.as_ref().ok_or_else(|| Failure::new(FailureCause::Config, "a diffusion job needs `model`"))?;
+    DiffusionNet::build(&vs.root(), model, data.input_dim, data.image, d.conditional.then_some(data.classes))
+        .map_err(|m| Failure::new(FailureCause::Config, m))
+}
+
+/// The classifier a diffusion training keeps for scoring its samples: its config, and its final
+/// weights beside it.
+pub const SCORER_CONFIG: &str = "scorer.json";
+pub const SCORER_WEIGHTS: &str = "scorer.safetensors";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn den(schedule: BetaSchedule) -> ExactDenoiser {
+        ExactDenoiser { schedule, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
+    }
+
+    /// METHODS.md 3.1 (float64 values).
+    #[test]
+    fn schedules_match_the_known_values() {
+        let a = alphas_cumprod(&den(BetaSchedule::Linear));
+        assert!((a[0] - 0.9999).abs() < 1e-12);
+        assert!((a[499] - 0.0785872429).abs() < 1e-9, "{}", a[499]);
+        assert!((a[999] - 4.03582977e-5).abs() < 1e-12, "{}", a[999]);
+        let c = alphas_cumprod(&den(BetaSchedule::SquaredcosCapV2));
+        assert!((1.0 - c[0] - 4.1284225e-5).abs() < 1e-12, "{}", 1.0 - c[0]);
+        assert!((c[499] - 0.4938435904).abs() < 1e-9, "{}", c[499]);
+        assert!((c[999] - 2.4287669e-9).abs() < 1e-15, "{}", c[999]);
+    }
+}
