@@ -1,5 +1,5 @@
 //! `diffusion.closed_form`: smoothed closed-form diffusion sampling (σ-CFDM; Scarvelis, Borde and
-//! Solomon, TMLR 2023), METHODS.md 3.8. No training: the score is computed from the training set
+//! Solomon, TMLR 2023), docs/methods.md §3.8. No training: the score is computed from the training set
 //! the host's denoiser stands for.
 //!
 //! - Interpolant z_t = t·x + (1−t)·ε, t ∈ [0, 1], t = 0 noise and t = 1 data.
@@ -16,15 +16,20 @@
 use crate::common::normal_like;
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{
-    param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, PluginError, Result, Sampler};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct ClosedFormParams {
+    /// σ: the smoothing scale (0 memorizes the training set)
+    #[param(default = 0.4, min = 0.0)]
     pub sigma: f64,
+    /// M: smoothing draws per sample
+    #[param(default = 2, min = 1.0)]
     pub draws: i64,
+    /// S: Euler steps (S − 1 score evaluations)
+    #[param(default = 100, min = 2.0)]
     pub steps: i64,
 }
 
@@ -52,16 +57,6 @@ impl Component for ClosedForm {
     const REFERENCE: &'static str = "Scarvelis, Borde & Solomon, Closed-form Diffusion Models, TMLR 2023";
     const RANDOM: bool = true;
     type Params = ClosedFormParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut sigma = param("sigma", ParamType::Float, 0.4, "σ: the smoothing scale (0 memorizes the training set)");
-        sigma.min = Some(0.0);
-        let mut draws = param("draws", ParamType::Int, 2, "M: smoothing draws per sample");
-        draws.min = Some(1.0);
-        let mut steps = param("steps", ParamType::Int, 100, "S: Euler steps (S − 1 score evaluations)");
-        steps.min = Some(2.0);
-        vec![sigma, draws, steps]
-    }
 
     fn new(p: ClosedFormParams) -> Result<Self> {
         if p.steps < 2 || p.draws < 1 || !(p.sigma >= 0.0 && p.sigma.is_finite()) {
@@ -106,7 +101,7 @@ impl Sampler for ClosedForm {
 mod tests {
     use super::*;
 
-    /// METHODS.md 3.8: one training point x₁ = 2 and z₀ = −1 with S = 10 ends at exactly 2.
+    /// docs/methods.md §3.8: one training point x₁ = 2 and z₀ = −1 with S = 10 ends at exactly 2.
     #[test]
     fn single_point_chain_ends_at_the_point() {
         let x = Tensor::from_slice(&[2.0f64]).reshape([1, 1]);

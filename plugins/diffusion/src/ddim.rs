@@ -11,24 +11,39 @@
 //!
 //! NFE = N. Noise z comes from the host's seeded stream. Stateless.
 
-use crate::common::{alphas_cumprod, check_steps, check_timesteps, clip_params, normal_like, predict_x0};
+use crate::common::{alphas_cumprod, check_steps, check_timesteps, normal_like, predict_x0};
 use crate::timesteps::{ddim_timesteps, Spacing};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, PluginError, Result, Sampler};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct DdimParams {
+    /// number of inference steps N (one denoiser evaluation each)
+    #[param(default = 50, min = 1.0)]
     pub steps: i64,
+    /// η: 0 is deterministic DDIM, 1 is DDPM-like noise
+    #[param(default = 0.0, min = 0.0)]
     pub eta: f64,
+    /// clip the predicted x̂₀ to ±clip_sample_range
+    #[param(default = true)]
     pub clip_sample: bool,
+    /// the clipping range of x̂₀
+    #[param(default = 1.0, min = 0.0)]
     pub clip_sample_range: f64,
+    /// the last step targets ᾱ = 1 (else ᾱ₀)
+    #[param(default = true)]
     pub set_alpha_to_one: bool,
+    /// added to every leading timestep (Stable Diffusion uses 1)
+    #[param(default = 0)]
     pub steps_offset: i64,
+    /// how the N timesteps are picked: leading, trailing or linspace
+    #[param(default = "leading", choices = ["leading", "trailing", "linspace"])]
     pub timestep_spacing: Spacing,
+    /// recompute ε̂ from the clipped x̂₀
+    #[param(default = false)]
     pub use_clipped_model_output: bool,
 }
 
@@ -59,32 +74,6 @@ impl Component for Ddim {
         "Song et al., Denoising Diffusion Implicit Models, ICLR 2021; huggingface/diffusers scheduling_ddim.py";
     const RANDOM: bool = true;
     type Params = DdimParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut steps =
-            param("steps", ParamType::Int, 50, "number of inference steps N (one denoiser evaluation each)");
-        steps.min = Some(1.0);
-        let mut eta = param("eta", ParamType::Float, 0.0, "η: 0 is deterministic DDIM, 1 is DDPM-like noise");
-        eta.min = Some(0.0);
-        let mut spacing = param(
-            "timestep_spacing",
-            ParamType::String,
-            "leading",
-            "how the N timesteps are picked: leading, trailing or linspace",
-        );
-        spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
-        let [clip_sample, clip_range] = clip_params();
-        vec![
-            steps,
-            eta,
-            clip_sample,
-            clip_range,
-            param("set_alpha_to_one", ParamType::Bool, true, "the last step targets ᾱ = 1 (else ᾱ₀)"),
-            param("steps_offset", ParamType::Int, 0, "added to every leading timestep (Stable Diffusion uses 1)"),
-            spacing,
-            param("use_clipped_model_output", ParamType::Bool, false, "recompute ε̂ from the clipped x̂₀"),
-        ]
-    }
 
     fn new(p: DdimParams) -> Result<Self> {
         check_steps(p.steps)?;

@@ -10,22 +10,33 @@
 //!
 //! NFE = N. Noise z from the host's seeded stream. Stateless.
 
-use crate::common::{alphas_cumprod, check_steps, check_timesteps, clip_params, normal_like, predict_x0};
+use crate::common::{alphas_cumprod, check_steps, check_timesteps, normal_like, predict_x0};
 use crate::timesteps::{ddim_timesteps, Spacing};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, PluginError, Result, Sampler};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct DdpmParams {
+    /// number of inference steps N (one evaluation each)
+    #[param(default = 1000, min = 1.0)]
     pub steps: i64,
+    /// σ² of each step: fixed_small (posterior), fixed_small_log or fixed_large (β)
+    #[param(default = "fixed_small", choices = ["fixed_small", "fixed_small_log", "fixed_large"])]
     pub variance_type: String,
+    /// clip the predicted x̂₀ to ±clip_sample_range
+    #[param(default = true)]
     pub clip_sample: bool,
+    /// the clipping range of x̂₀
+    #[param(default = 1.0, min = 0.0)]
     pub clip_sample_range: f64,
+    /// added to every leading timestep
+    #[param(default = 0)]
     pub steps_offset: i64,
+    /// leading, trailing or linspace timesteps
+    #[param(default = "leading", choices = ["leading", "trailing", "linspace"])]
     pub timestep_spacing: Spacing,
 }
 
@@ -68,30 +79,6 @@ impl Component for Ddpm {
         "Ho et al., Denoising Diffusion Probabilistic Models, NeurIPS 2020; huggingface/diffusers scheduling_ddpm.py";
     const RANDOM: bool = true;
     type Params = DdpmParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut steps = param("steps", ParamType::Int, 1000, "number of inference steps N (one evaluation each)");
-        steps.min = Some(1.0);
-        let mut var = param(
-            "variance_type",
-            ParamType::String,
-            "fixed_small",
-            "σ² of each step: fixed_small (posterior), fixed_small_log or fixed_large (β)",
-        );
-        var.choices = vec!["fixed_small".into(), "fixed_small_log".into(), "fixed_large".into()];
-        let mut spacing =
-            param("timestep_spacing", ParamType::String, "leading", "leading, trailing or linspace timesteps");
-        spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
-        let [clip_sample, clip_range] = clip_params();
-        vec![
-            steps,
-            var,
-            clip_sample,
-            clip_range,
-            param("steps_offset", ParamType::Int, 0, "added to every leading timestep"),
-            spacing,
-        ]
-    }
 
     fn new(p: DdpmParams) -> Result<Self> {
         check_steps(p.steps)?;

@@ -10,14 +10,14 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    Transformed,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, Transformed};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct DdpmIpParams {
+    /// γ: the perturbation's scale (0.15 for CIFAR-10)
+    #[param(default = 0.1, min = 0.0)]
     pub gamma: f64,
 }
 
@@ -40,12 +40,6 @@ impl Component for DdpmIp {
     const NOISE_TRANSFORM: bool = true;
     type Params = DdpmIpParams;
 
-    fn params() -> Vec<ParamSpec> {
-        let mut gamma = param("gamma", ParamType::Float, 0.1, "γ: the perturbation's scale (0.15 for CIFAR-10)");
-        gamma.min = Some(0.0);
-        vec![gamma]
-    }
-
     fn new(p: DdpmIpParams) -> Result<Self> {
         if !(p.gamma >= 0.0 && p.gamma.is_finite()) {
             return Err(PluginError(format!("gamma must be a finite number ≥ 0, got {}", p.gamma)));
@@ -66,7 +60,7 @@ impl BatchTransform for DdpmIp {
 mod tests {
     use super::*;
 
-    /// METHODS.md 3.6: x₀ = 0.5, ᾱ = 0.64, ε = 1, ξ = −2, γ = 0.1 gives x̃ = 0.88, target 1.
+    /// docs/methods.md §3.6: x₀ = 0.5, ᾱ = 0.64, ε = 1, ξ = −2, γ = 0.1 gives x̃ = 0.88, target 1.
     #[test]
     fn methods_vector() {
         let eps = Tensor::from_slice(&[1.0f64]);

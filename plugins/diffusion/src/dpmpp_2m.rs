@@ -19,16 +19,23 @@ use crate::common::{alphas_cumprod, check_steps, check_timesteps};
 use crate::timesteps::{round_half_even, Spacing};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, PluginError, Result, Sampler};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct DpmppParams {
+    /// number of inference steps N (one evaluation each)
+    #[param(default = 20, min = 1.0)]
     pub steps: i64,
+    /// linspace, leading or trailing timesteps
+    #[param(default = "linspace", choices = ["leading", "trailing", "linspace"])]
     pub timestep_spacing: Spacing,
+    /// added to every leading timestep
+    #[param(default = 0)]
     pub steps_offset: i64,
+    /// first order on the final step (to σ = 0)
+    #[param(default = true)]
     pub lower_order_final: bool,
 }
 
@@ -85,20 +92,6 @@ impl Component for Dpmpp2m {
     const SUMMARY: &'static str = "DPM-Solver++(2M): a second-order multistep solver of the probability-flow ODE";
     const REFERENCE: &'static str = "Lu et al., DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, 2022; huggingface/diffusers scheduling_dpmsolver_multistep.py";
     type Params = DpmppParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut steps = param("steps", ParamType::Int, 20, "number of inference steps N (one evaluation each)");
-        steps.min = Some(1.0);
-        let mut spacing =
-            param("timestep_spacing", ParamType::String, "linspace", "linspace, leading or trailing timesteps");
-        spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
-        vec![
-            steps,
-            spacing,
-            param("steps_offset", ParamType::Int, 0, "added to every leading timestep"),
-            param("lower_order_final", ParamType::Bool, true, "first order on the final step (to σ = 0)"),
-        ]
-    }
 
     fn new(p: DpmppParams) -> Result<Self> {
         check_steps(p.steps)?;

@@ -12,26 +12,21 @@ use crate::karras;
 use crate::timesteps::Spacing;
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, ParamType, PluginError, Result, Sampler,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, PluginError, Result, Sampler};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct KarrasParams {
+    /// number of steps N
+    #[param(default = 50, min = 1.0)]
     pub steps: i64,
+    /// linspace (fractional), leading or trailing
+    #[param(default = "linspace", choices = ["leading", "trailing", "linspace"])]
     pub timestep_spacing: Spacing,
+    /// added to every leading timestep
+    #[param(default = 0)]
     pub steps_offset: i64,
-}
-
-/// The parameters Euler and Heun share.
-pub fn karras_params(default_steps: i64) -> Vec<ParamSpec> {
-    let mut steps = param("steps", ParamType::Int, default_steps, "number of steps N");
-    steps.min = Some(1.0);
-    let mut spacing =
-        param("timestep_spacing", ParamType::String, "linspace", "linspace (fractional), leading or trailing");
-    spacing.choices = vec!["leading".into(), "trailing".into(), "linspace".into()];
-    vec![steps, spacing, param("steps_offset", ParamType::Int, 0, "added to every leading timestep")]
 }
 
 /// The schedule of one sampling run: timesteps and sigmas (one more, the final 0), and the
@@ -73,10 +68,6 @@ impl Component for Euler {
     const SUMMARY: &'static str = "Euler: first-order steps of the probability-flow ODE in σ";
     const REFERENCE: &'static str = "Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models, NeurIPS 2022; huggingface/diffusers scheduling_euler_discrete.py";
     type Params = KarrasParams;
-
-    fn params() -> Vec<ParamSpec> {
-        karras_params(50)
-    }
 
     fn new(p: KarrasParams) -> Result<Self> {
         check_steps(p.steps)?;

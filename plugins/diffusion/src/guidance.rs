@@ -1,5 +1,5 @@
 //! Classifier-free guidance (`diffusion.cfg`) and Adaptive Guidance
-//! (`diffusion.adaptive_guidance`), METHODS.md 3.7.
+//! (`diffusion.adaptive_guidance`), docs/methods.md §3.7.
 //!
 //! The host runs the class-conditional model with the sample's label (ε_c) and with the null
 //! label (ε_u), batched as one pass of 2B rows, and calls the guidance at every evaluation.
@@ -14,26 +14,21 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{param, Component, ComponentKind, Guidance, ParamSpec, ParamType, PluginError, Result, RunInfo};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Guidance, PluginError, Result, RunInfo};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct CfgParams {
+    /// s in ε_u + s(ε_c − ε_u); 1 is no guidance
+    #[param(default = 7.5)]
     pub guidance_scale: f64,
+    /// φ: blend toward the rescaled prediction (0 = off)
+    #[param(default = 0.0, min = 0.0, max = 1.0)]
     pub guidance_rescale: f64,
+    /// ε_c + s(ε_c − ε_u) instead
+    #[param(default = false)]
     pub use_original_formulation: bool,
-}
-
-fn cfg_params() -> Vec<ParamSpec> {
-    let mut rescale =
-        param("guidance_rescale", ParamType::Float, 0.0, "φ: blend toward the rescaled prediction (0 = off)");
-    rescale.min = Some(0.0);
-    rescale.max = Some(1.0);
-    vec![
-        param("guidance_scale", ParamType::Float, 7.5, "s in ε_u + s(ε_c − ε_u); 1 is no guidance"),
-        rescale,
-        param("use_original_formulation", ParamType::Bool, false, "ε_c + s(ε_c − ε_u) instead"),
-    ]
 }
 
 /// The guided prediction of one evaluation.
@@ -61,10 +56,6 @@ impl Component for Cfg {
     const REFERENCE: &'static str = "Ho & Salimans, Classifier-Free Diffusion Guidance, 2022; diffusers guiders/classifier_free_guidance.py; Lin et al. 2024 (rescale)";
     type Params = CfgParams;
 
-    fn params() -> Vec<ParamSpec> {
-        cfg_params()
-    }
-
     fn new(p: CfgParams) -> Result<Self> {
         Ok(Cfg { p })
     }
@@ -77,12 +68,20 @@ impl Guidance for Cfg {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptiveParams {
+    /// s in ε_u + s(ε_c − ε_u); 1 is no guidance
+    #[param(default = 7.5)]
     pub guidance_scale: f64,
+    /// φ: blend toward the rescaled prediction (0 = off)
+    #[param(default = 0.0, min = 0.0, max = 1.0)]
     pub guidance_rescale: f64,
+    /// ε_c + s(ε_c − ε_u) instead
+    #[param(default = false)]
     pub use_original_formulation: bool,
+    /// γ̄: switch guidance off once cos(ε_c, ε_u) > γ̄
+    #[param(default = 0.99, min = -1.0, max = 1.0)]
     pub threshold: f64,
 }
 
@@ -108,15 +107,6 @@ impl Component for Adaptive {
     const REFERENCE: &'static str = "Castillo et al., Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models, arXiv 2312.12487";
     const STATEFUL: bool = false;
     type Params = AdaptiveParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut t = param("threshold", ParamType::Float, 0.99, "γ̄: switch guidance off once cos(ε_c, ε_u) > γ̄");
-        t.min = Some(-1.0);
-        t.max = Some(1.0);
-        let mut ps = cfg_params();
-        ps.push(t);
-        ps
-    }
 
     fn new(p: AdaptiveParams) -> Result<Self> {
         let cfg = CfgParams {
@@ -183,7 +173,7 @@ mod tests {
         assert!(half.allclose(&((&out + &plain) / 2.0), 1e-12, 1e-12, false));
     }
 
-    /// METHODS.md 3.7: ε_c = (1, 0), ε_u = (1, 0.1): cos = 0.9950372; with γ̄ = 0.99 guidance
+    /// docs/methods.md §3.7: ε_c = (1, 0), ε_u = (1, 0.1): cos = 0.9950372; with γ̄ = 0.99 guidance
     /// is off from the next step on.
     #[test]
     fn adaptive_guidance_methods_vector() {

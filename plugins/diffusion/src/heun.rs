@@ -9,9 +9,26 @@
 //! the denoiser supplies ᾱ.) Deterministic; stateless.
 
 use crate::common::{alphas_cumprod, check_steps};
-use crate::euler::{eps_at, euler_step, karras_params, schedule, KarrasParams};
+use crate::euler::{eps_at, euler_step, schedule, KarrasParams};
+use crate::timesteps::Spacing;
+use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, ParamSpec, Result, Sampler};
+use xlab_plugin_api::{Component, ComponentKind, DenoiserCtx, HostRng, Params, Result, Sampler};
+
+/// Euler's parameters with Heun's default step count (each step costs two evaluations).
+#[derive(Debug, Deserialize, Params)]
+#[serde(deny_unknown_fields)]
+pub struct HeunParams {
+    /// number of steps N
+    #[param(default = 25, min = 1.0)]
+    pub steps: i64,
+    /// linspace (fractional), leading or trailing
+    #[param(default = "linspace", choices = ["leading", "trailing", "linspace"])]
+    pub timestep_spacing: Spacing,
+    /// added to every leading timestep
+    #[param(default = 0)]
+    pub steps_offset: i64,
+}
 
 pub struct Heun {
     p: KarrasParams,
@@ -31,15 +48,12 @@ impl Component for Heun {
     const ID: &'static str = "diffusion.heun";
     const SUMMARY: &'static str = "Heun: second-order steps of the probability-flow ODE in σ (2N − 1 evaluations)";
     const REFERENCE: &'static str = "Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models, NeurIPS 2022; huggingface/diffusers scheduling_heun_discrete.py";
-    type Params = KarrasParams;
+    type Params = HeunParams;
 
-    fn params() -> Vec<ParamSpec> {
-        karras_params(25)
-    }
-
-    fn new(p: KarrasParams) -> Result<Self> {
+    fn new(p: HeunParams) -> Result<Self> {
         check_steps(p.steps)?;
-        Ok(Heun { p })
+        let HeunParams { steps, timestep_spacing, steps_offset } = p;
+        Ok(Heun { p: KarrasParams { steps, timestep_spacing, steps_offset } })
     }
 }
 

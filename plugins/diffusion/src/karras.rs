@@ -1,4 +1,4 @@
-//! The σ schedule of diffusers' Euler and Heun schedulers (METHODS.md 3.5): fractional
+//! The σ schedule of diffusers' Euler and Heun schedulers (docs/methods.md §3.5): fractional
 //! timesteps, σ interpolated linearly in t, a final σ = 0, and the initial noise scale.
 
 use crate::timesteps::Spacing;

@@ -1,4 +1,4 @@
-//! The diffusion family for xlab (METHODS.md section 3): samplers, guidance, closed-form sampling
+//! The diffusion family for xlab (docs/methods.md section 3): samplers, guidance, closed-form sampling
 //! and DDPM-IP training.
 
 pub mod closed_form;

@@ -1,4 +1,4 @@
-//! Timestep spacings shared by the samplers (METHODS.md 3.2–3.4).
+//! Timestep spacings shared by the samplers (docs/methods.md §3.2–3.4).
 
 use serde::Deserialize;
 

@@ -1,9 +1,9 @@
-//! `diffusion.ddim`: METHODS.md 3.3 vectors, and exact sampling through the real boundary.
+//! `diffusion.ddim`: docs/methods.md §3.3 vectors, and exact sampling through the real boundary.
 
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, conformance, instantiate, to_vec, SplitMix};
 use xlab_plugin_diffusion::ddim::{ddim_step, DdimParams};
 use xlab_plugin_diffusion::timesteps::Spacing;
+use xlab_plugin_host::testing::{built_plugin, conformance, instantiate, to_vec, SplitMix};
 
 fn linear_alphas_cumprod() -> Vec<f64> {
     let mut acc = 1.0;
@@ -54,7 +54,7 @@ fn alphas_tensor() -> Tensor {
 /// from any noise, with one evaluation per step, for every spacing.
 #[test]
 fn single_point_oracle_returns_the_point_through_the_boundary() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
     let ac = linear_alphas_cumprod();
     for spacing in ["leading", "trailing", "linspace"] {
         for steps in [1, 10, 50] {
@@ -84,7 +84,7 @@ fn single_point_oracle_returns_the_point_through_the_boundary() {
 /// η > 0 draws noise from the host's stream: same seed, same samples; other seed, others.
 #[test]
 fn stochastic_ddim_is_reproducible_from_the_host_seed() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
     let ac = linear_alphas_cumprod();
     let run = |seed: u64| {
         let mut ddim =

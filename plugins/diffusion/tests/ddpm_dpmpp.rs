@@ -1,11 +1,11 @@
-//! `diffusion.ddpm` and `diffusion.dpmpp_2m`: METHODS.md 3.2 and 3.4 vectors, and the
+//! `diffusion.ddpm` and `diffusion.dpmpp_2m`: docs/methods.md §3.2 and 3.4 vectors, and the
 //! single-point oracle (which must return x₀* exactly) through the real boundary.
 
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, to_vec, SplitMix};
 use xlab_plugin_diffusion::ddpm::posterior_variance;
 use xlab_plugin_diffusion::dpmpp_2m::{dpm_timesteps, vp};
 use xlab_plugin_diffusion::timesteps::Spacing;
+use xlab_plugin_host::testing::{built_plugin, instantiate, to_vec, SplitMix};
 
 fn linear_alphas_cumprod() -> Vec<f64> {
     let mut acc = 1.0;
@@ -43,7 +43,7 @@ fn dpm_sigmas_of_methods_md() {
 /// The oracle ε̂ of one data point x₀* = 0.5: both samplers land on it, with N evaluations.
 #[test]
 fn single_point_oracle_returns_the_point_through_the_boundary() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
     let ac = linear_alphas_cumprod();
     let alphas = Tensor::from_slice(&ac);
     let cases = [
@@ -76,7 +76,7 @@ fn single_point_oracle_returns_the_point_through_the_boundary() {
 /// DDPM draws its noise from the host's stream; DPM-Solver++ is deterministic.
 #[test]
 fn ddpm_is_reproducible_and_dpmpp_deterministic() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
     let ac = linear_alphas_cumprod();
     let run = |id: &str, seed: u64| {
         let mut s = instantiate(&plugin, id, serde_json::json!({"steps": 20}));
@@ -103,7 +103,7 @@ fn ddpm_is_reproducible_and_dpmpp_deterministic() {
 /// evaluations.
 #[test]
 fn euler_and_heun_return_the_point_from_the_oracle() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
     let ac = linear_alphas_cumprod();
     let sig: Vec<f64> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
     for (id, params, nfe) in [

@@ -8,7 +8,7 @@
 use serde_json::json;
 use std::path::PathBuf;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec};
+use xlab_plugin_host::testing::{built_plugin, instantiate, run_python_reference, to_vec};
 
 #[test]
 fn samplers_match_the_diffusers_schedulers() {
@@ -27,7 +27,7 @@ fn samplers_match_the_diffusers_schedulers() {
     let want = run_python_reference(&script, &request);
     let ac: Vec<f64> = want["alphas_cumprod"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let alphas = Tensor::from_slice(&ac);
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_diffusion")).unwrap();
     for (case, w) in cases.iter().zip(want["cases"].as_array().unwrap()) {
         let mut s = instantiate(&plugin, case["id"].as_str().unwrap(), case["params"].clone());
         let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> { Ok(x * 0.3 + (x * 2.0).sin() * 0.1 + 1e-4 * t) };

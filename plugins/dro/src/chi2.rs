@@ -8,24 +8,35 @@
 //! argmax when m ≤ 1 + 2ρ. Dual (`dual: true`): loss = η + √(1+2ρ)·√mean(relu(v − η)²), with
 //! η learned jointly (see `robust::Eta`).
 
-use crate::cvar::shared_params;
 use crate::robust::{self, Core};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError,
-    Result, State,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, State};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct Chi2Params {
+    /// the uncertainty set's size ρ (χ² divergence)
+    #[param(default = 1.0, min = 1e-09)]
     pub rho: f64,
+    /// regularisation of the best response (0: none)
+    #[param(default = 0.0, min = 0.0)]
     pub reg: f64,
+    /// use the dual form with a learned η instead of the best response
+    #[param(default = false)]
     pub dual: bool,
+    /// dual form: the initial η
+    #[param(default = 0.0)]
     pub eta_init: f64,
+    /// dual form: SGD step size of η
+    #[param(default = 0.01, min = 0.0)]
     pub eta_lr: f64,
+    /// bisection tolerance on the constraint
+    #[param(default = 0.0001, min = 0.0)]
     pub tol: f64,
+    /// bisection iterations at most
+    #[param(default = 1000, min = 1.0)]
     pub max_iter: u32,
 }
 
@@ -42,12 +53,6 @@ impl Component for Chi2 {
         "Levy et al., Large-Scale Methods for Distributionally Robust Optimization, NeurIPS 2020; daniellevy/fast-dro robust_losses.py";
     const STATEFUL: bool = true;
     type Params = Chi2Params;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut rho = param("rho", ParamType::Float, 1.0, "the uncertainty set's size ρ (χ² divergence)");
-        rho.min = Some(1e-9);
-        std::iter::once(rho).chain(shared_params()).collect()
-    }
 
     fn new(p: Chi2Params) -> Result<Self> {
         if !(p.rho > 0.0 && p.rho.is_finite()) {

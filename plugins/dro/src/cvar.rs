@@ -9,20 +9,35 @@
 use crate::robust::{self, Core};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
     param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError,
     Result, State,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct CvarParams {
+    /// the fraction α of worst losses averaged (1: ERM)
+    #[param(default = 0.1, min = 1e-09, max = 1.0)]
     pub alpha: f64,
+    /// regularisation of the best response (0: none)
+    #[param(default = 0.0, min = 0.0)]
     pub reg: f64,
+    /// use the dual form with a learned η instead of the best response
+    #[param(default = false)]
     pub dual: bool,
+    /// dual form: the initial η
+    #[param(default = 0.0)]
     pub eta_init: f64,
+    /// dual form: SGD step size of η
+    #[param(default = 0.01, min = 0.0)]
     pub eta_lr: f64,
+    /// bisection tolerance on the constraint
+    #[param(default = 0.0001, min = 0.0)]
     pub tol: f64,
+    /// bisection iterations at most
+    #[param(default = 1000, min = 1.0)]
     pub max_iter: u32,
 }
 
@@ -55,13 +70,6 @@ impl Component for Cvar {
         "Levy et al., Large-Scale Methods for Distributionally Robust Optimization, NeurIPS 2020; daniellevy/fast-dro robust_losses.py";
     const STATEFUL: bool = true;
     type Params = CvarParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut alpha = param("alpha", ParamType::Float, 0.1, "the fraction α of worst losses averaged (1: ERM)");
-        alpha.min = Some(1e-9);
-        alpha.max = Some(1.0);
-        std::iter::once(alpha).chain(shared_params()).collect()
-    }
 
     fn new(p: CvarParams) -> Result<Self> {
         if !(p.alpha > 0.0 && p.alpha <= 1.0) {

@@ -20,20 +20,34 @@
 
 use serde::{Deserialize, Serialize};
 use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError,
-    Result, RunInfo, State,
+    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, RunInfo, State,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct GroupDroParams {
+    /// η of the exponentiated-gradient update of q
+    #[param(default = 0.01, min = 0.0)]
     pub step_size: f64,
+    /// EMA factor of the per-group losses
+    #[param(default = 0.1, min = 0.0, max = 1.0)]
     pub gamma: f64,
+    /// generalization adjustment C (adds C/√N_g)
+    #[param(default = 0.0, min = 0.0)]
     pub adjustment: f64,
+    /// divide the adjusted group losses by their sum before updating q
+    #[param(default = false)]
     pub normalize_loss: bool,
+    /// use the top-α-fraction (btl) weighting instead of q
+    #[param(default = false)]
     pub btl: bool,
+    /// fraction of the training set the btl weighting covers
+    #[param(default = 0.2, min = 0.0, max = 1.0)]
     pub alpha: f64,
+    /// btl: weight of the group fractions mixed in
+    #[param(default = 0.0, min = 0.0, max = 1.0)]
     pub min_var_weight: f64,
 }
 
@@ -165,50 +179,6 @@ impl Component for GroupDro {
         "Sagawa et al., Distributionally Robust Neural Networks for Group Shifts, ICLR 2020; kohpangwei/group_DRO loss.py";
     const STATEFUL: bool = true;
     type Params = GroupDroParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let d = defaults();
-        let ranged = |mut p: ParamSpec, min: f64, max: Option<f64>| {
-            p.min = Some(min);
-            p.max = max;
-            p
-        };
-        vec![
-            ranged(
-                param("step_size", ParamType::Float, d.step_size, "η of the exponentiated-gradient update of q"),
-                0.0,
-                None,
-            ),
-            ranged(param("gamma", ParamType::Float, d.gamma, "EMA factor of the per-group losses"), 0.0, Some(1.0)),
-            ranged(
-                param("adjustment", ParamType::Float, d.adjustment, "generalization adjustment C (adds C/√N_g)"),
-                0.0,
-                None,
-            ),
-            param(
-                "normalize_loss",
-                ParamType::Bool,
-                d.normalize_loss,
-                "divide the adjusted group losses by their sum before updating q",
-            ),
-            param("btl", ParamType::Bool, d.btl, "use the top-α-fraction (btl) weighting instead of q"),
-            ranged(
-                param("alpha", ParamType::Float, d.alpha, "fraction of the training set the btl weighting covers"),
-                0.0,
-                Some(1.0),
-            ),
-            ranged(
-                param(
-                    "min_var_weight",
-                    ParamType::Float,
-                    d.min_var_weight,
-                    "btl: weight of the group fractions mixed in",
-                ),
-                0.0,
-                Some(1.0),
-            ),
-        ]
-    }
 
     fn new(p: GroupDroParams) -> Result<Self> {
         if p.btl && p.alpha <= 0.0 {

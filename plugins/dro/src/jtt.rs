@@ -12,15 +12,20 @@
 
 use serde::{Deserialize, Serialize};
 use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    artifacts, param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType,
-    PluginError, Result, RunInfo, Sampling, State,
+    artifacts, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, RunInfo,
+    Sampling, State,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct JttParams {
+    /// λ_up: extra copies of each error example per epoch (-1: ⌊(N−|E|)/|E|⌋ − 1)
+    #[param(default = -1, min = -1.0)]
     pub up_weight: i64,
+    /// the parent's epoch (1-based) whose training-pass errors form E; 0: its last epoch
+    #[param(default = 0, min = 0.0)]
     pub parent_epoch: u64,
 }
 
@@ -65,24 +70,6 @@ impl Component for Jtt {
         "Liu et al., Just Train Twice: Improving Group Robustness without Training Group Information, ICML 2021; anniesch/jtt";
     const STATEFUL: bool = true;
     type Params = JttParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut up = param(
-            "up_weight",
-            ParamType::Int,
-            -1,
-            "λ_up: extra copies of each error example per epoch (-1: ⌊(N−|E|)/|E|⌋ − 1)",
-        );
-        up.min = Some(-1.0);
-        let mut epoch = param(
-            "parent_epoch",
-            ParamType::Int,
-            0,
-            "the parent's epoch (1-based) whose training-pass errors form E; 0: its last epoch",
-        );
-        epoch.min = Some(0.0);
-        vec![up, epoch]
-    }
 
     fn new(p: JttParams) -> Result<Self> {
         Ok(Jtt { p, state: None })

@@ -1,4 +1,4 @@
-//! The DRO family of objectives for xlab (METHODS.md section 4).
+//! The DRO family of objectives for xlab (docs/methods.md section 4).
 
 pub mod chi2;
 pub mod cvar;

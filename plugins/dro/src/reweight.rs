@@ -8,12 +8,12 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, PluginError, Result, RunInfo,
-    Sampling,
+    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, RunInfo, Sampling,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct ReweightParams {}
 
@@ -29,10 +29,6 @@ impl Component for Reweight {
     const REFERENCE: &'static str =
         "Sagawa et al., ICLR 2020; kohpangwei/group_DRO data/dro_dataset.py (--reweight_groups)";
     type Params = ReweightParams;
-
-    fn params() -> Vec<ParamSpec> {
-        vec![]
-    }
 
     fn new(_: ReweightParams) -> Result<Self> {
         Ok(Reweight { weights: vec![] })

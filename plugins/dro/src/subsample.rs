@@ -9,14 +9,16 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError,
-    Result, RunInfo, Sampling,
+    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, RunInfo, Sampling,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct SubsampleParams {
+    /// balance the groups (`group`) or the classes (`class`)
+    #[param(default = "group", choices = ["group", "class"])]
     pub by: String,
 }
 
@@ -78,12 +80,6 @@ impl Component for Subsample {
     const REFERENCE: &'static str =
         "Idrissi et al., Simple data balancing achieves competitive worst-group-accuracy, CLeaR 2022 (SUBG)";
     type Params = SubsampleParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut by = param("by", ParamType::String, "group", "balance the groups (`group`) or the classes (`class`)");
-        by.choices = vec!["group".into(), "class".into()];
-        vec![by]
-    }
 
     fn new(p: SubsampleParams) -> Result<Self> {
         if p.by != "group" && p.by != "class" {

@@ -1,9 +1,9 @@
-//! `dro.group_dro`: METHODS.md 4.1 vectors through the real boundary, state across save/load,
+//! `dro.group_dro`: docs/methods.md §4.1 vectors through the real boundary, state across save/load,
 //! and a line-by-line port of the reference `LossComputer.compute_robust_loss` for a few steps.
 
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, conformance, instantiate};
 use xlab_plugin_api::{RunInfo, Sampling};
+use xlab_plugin_host::testing::{built_plugin, conformance, instantiate};
 
 fn info(counts: Vec<u64>) -> RunInfo {
     RunInfo {
@@ -31,7 +31,7 @@ fn passes_the_conformance_kit() {
 /// q = (0.4975000208, 0.5024999792), loss 1.5024999792.
 #[test]
 fn matches_the_methods_vector_through_the_boundary() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_dro")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_dro")).unwrap();
     let mut dro = instantiate(&plugin, "dro.group_dro", serde_json::json!({}));
     dro.setup(&info(vec![10, 10])).unwrap();
     // Group 0 losses average 1, group 1 losses average 2.
@@ -59,7 +59,7 @@ fn matches_the_methods_vector_through_the_boundary() {
 
 #[test]
 fn absent_groups_count_as_zero_loss_and_setup_needs_groups() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_dro")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_dro")).unwrap();
     let mut dro = instantiate(&plugin, "dro.group_dro", serde_json::json!({"step_size": 1.0}));
     let err = dro.setup(&info(vec![])).unwrap_err();
     assert!(err.contains("needs data with group labels"), "{err}");
@@ -118,7 +118,7 @@ fn matches_a_port_of_the_reference_loss_computer() {
             group_loss.iter().zip(&self.q).map(|(l, q)| l * q).sum()
         }
     }
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_dro")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_dro")).unwrap();
     for (c, normalize) in [(0.0, false), (2.0, false), (1.0, true)] {
         let counts = vec![40u64, 10, 10, 40];
         let mut dro = instantiate(
@@ -169,7 +169,7 @@ fn matches_a_port_of_the_reference_loss_computer() {
 /// `dro.reweight` through the boundary: weight N/N_g for every example, the plain mean loss.
 #[test]
 fn reweight_gives_every_group_equal_total_weight() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_dro")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_dro")).unwrap();
     let mut rw = instantiate(&plugin, "dro.reweight", serde_json::json!({}));
     let groups = vec![0i64, 0, 0, 1, 2, 2];
     let run = RunInfo { group_counts: vec![3, 1, 2], train_groups: groups.clone(), n_train: 6, ..Default::default() };

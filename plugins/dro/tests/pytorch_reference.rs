@@ -6,10 +6,10 @@
 
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use xlab_plugin_api::host::{self, Instance};
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference};
 use xlab_plugin_api::RunInfo;
+use xlab_plugin_host::testing::{built_plugin, instantiate, run_python_reference};
+use xlab_plugin_host::{self as host, Instance};
 
 fn reference(request: &Value) -> Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/dro_reference.py");

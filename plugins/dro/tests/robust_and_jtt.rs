@@ -1,13 +1,13 @@
 //! `dro.cvar`, `dro.chi2`, `dro.jtt` and `dro.subsample` through the real plugin boundary:
-//! the METHODS.md 4.2 and 4.3 vectors, the dual forms and their learned η across save/load,
+//! the docs/methods.md §4.2 and 4.3 vectors, the dual forms and their learned η across save/load,
 //! and JTT reading its parent's error set from a run folder.
 
 use serde_json::json;
 use xlab_plugin_api::artifacts::{train_errors_path, TrainErrors};
-use xlab_plugin_api::host::{self, Instance, LoadedPlugin};
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate};
 use xlab_plugin_api::{ParentRef, RunInfo, Sampling};
+use xlab_plugin_host::testing::{built_plugin, instantiate};
+use xlab_plugin_host::{self as host, Instance, LoadedPlugin};
 
 fn plugin() -> LoadedPlugin {
     host::load(&built_plugin("xlab_plugin_dro")).unwrap()
@@ -122,7 +122,7 @@ fn jtt_upsamples_the_parents_error_set() {
     let tmp = tempfile::tempdir().unwrap();
     let parent = parent_with_errors(tmp.path(), 10, 3, &[(1, vec![0, 1, 2, 7]), (3, vec![2, 7])]);
     let p = plugin();
-    // METHODS.md 4.3: N=10, E={2,7} (the parent's last epoch), λ_up=3 → 16 items.
+    // docs/methods.md §4.3: N=10, E={2,7} (the parent's last epoch), λ_up=3 → 16 items.
     let mut jtt = instantiate(&p, "dro.jtt", json!({"up_weight": 3}));
     jtt.setup(&RunInfo { parents: vec![parent.clone()], ..info(10) }).unwrap();
     let Sampling::Repeat(c) = jtt.sampling(0, 10).unwrap() else { panic!("repeat counts") };

@@ -9,10 +9,10 @@
 
 use serde_json::json;
 use std::time::Instant;
-use xlab_plugin_api::host;
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, SplitMix};
 use xlab_plugin_api::RunInfo;
+use xlab_plugin_host as host;
+use xlab_plugin_host::testing::{built_plugin, instantiate, SplitMix};
 
 const B: i64 = 100;
 const SIDE: i64 = 32;

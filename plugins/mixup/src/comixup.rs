@@ -51,25 +51,50 @@ use crate::cutmix::image_shape;
 use crate::graphcut::{smooth_int, unary_int, weight_int, Grid};
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    RunInfo, Transformed,
+    Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, RunInfo, Transformed,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct CoMixupParams {
+    /// blocks per image side (block side ⌊W / block_num⌋); −1 draws 2, 4, 8 or 16 per batch
+    #[param(default = 4, min = -1.0)]
     pub block_num: i64,
+    /// examples optimized together (the reference's m_part)
+    #[param(default = 20, min = 1.0)]
     pub part: i64,
+    /// label smoothness β
+    #[param(default = 0.32, min = 0.0)]
     pub beta: f64,
+    /// supermodular diversity γ
+    #[param(default = 1.0, min = 0.0)]
     pub gamma: f64,
+    /// diversity threshold τ, as a fraction of the blocks
+    #[param(default = 0.83, min = 0.0)]
     pub thres: f64,
+    /// `hard` or `soft` thresholding of the diversity penalty
+    #[param(default = "hard", choices = ["hard", "soft"])]
     pub thres_type: String,
+    /// weight η of the Dirichlet prior
+    #[param(default = 0.05, min = 0.0)]
     pub eta: f64,
+    /// the Dirichlet prior's concentration (mixup_alpha)
+    #[param(default = 2.0, min = 0.0)]
     pub alpha: f64,
+    /// weight of the input compatibility (distance of salient positions)
+    #[param(default = 0.001, min = 0.0, max = 1.0)]
     pub omega: f64,
+    /// penalize outputs that repeat another's set of inputs
+    #[param(default = true)]
     pub set_resolve: bool,
+    /// rounds of the search
+    #[param(default = 4, min = 1.0)]
     pub niter: i64,
+    /// clean-loss weight: > 0 adds 2·clean_lam/C · CE(clean batch) to the update (saliency in training
+    /// mode); 0 takes saliency in evaluation mode
+    #[param(default = 1.0, min = 0.0)]
     pub clean_lam: f64,
 }
 
@@ -89,50 +114,6 @@ impl Component for CoMixup {
     /// The saliency pass on the clean batch, then the training pass on the mixed one.
     const PASSES_PER_STEP: u32 = 2;
     type Params = CoMixupParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let nonneg = |name: &str, default: f64, doc: &str| {
-            let mut p = param(name, ParamType::Float, default, doc);
-            p.min = Some(0.0);
-            p
-        };
-        let mut block = param(
-            "block_num",
-            ParamType::Int,
-            4,
-            "blocks per image side (block side ⌊W / block_num⌋); −1 draws 2, 4, 8 or 16 per batch",
-        );
-        block.min = Some(-1.0);
-        let mut part = param("part", ParamType::Int, 20, "examples optimized together (the reference's m_part)");
-        part.min = Some(1.0);
-        let mut thres_type =
-            param("thres_type", ParamType::String, "hard", "`hard` or `soft` thresholding of the diversity penalty");
-        thres_type.choices = vec!["hard".into(), "soft".into()];
-        let mut niter = param("niter", ParamType::Int, 4, "rounds of the search");
-        niter.min = Some(1.0);
-        let mut alpha = param("alpha", ParamType::Float, 2.0, "the Dirichlet prior's concentration (mixup_alpha)");
-        alpha.min = Some(0.0);
-        let mut omega = nonneg("omega", 0.001, "weight of the input compatibility (distance of salient positions)");
-        omega.max = Some(1.0);
-        vec![
-            block,
-            part,
-            nonneg("beta", 0.32, "label smoothness β"),
-            nonneg("gamma", 1.0, "supermodular diversity γ"),
-            nonneg("thres", 0.83, "diversity threshold τ, as a fraction of the blocks"),
-            thres_type,
-            nonneg("eta", 0.05, "weight η of the Dirichlet prior"),
-            alpha,
-            omega,
-            param("set_resolve", ParamType::Bool, true, "penalize outputs that repeat another's set of inputs"),
-            niter,
-            nonneg(
-                "clean_lam",
-                1.0,
-                "clean-loss weight: > 0 adds 2·clean_lam/C · CE(clean batch) to the update (saliency in training mode); 0 takes saliency in evaluation mode",
-            ),
-        ]
-    }
 
     fn new(p: CoMixupParams) -> Result<Self> {
         if p.block_num == 0 || p.block_num < -1 {

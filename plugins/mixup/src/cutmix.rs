@@ -12,15 +12,19 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    RunInfo, Transformed,
+    Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, RunInfo, Transformed,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct CutmixParams {
+    /// λ ~ Beta(β, β); β ≤ 0 turns CutMix off
+    #[param(default = 1.0, min = 0.0)]
     pub beta: f64,
+    /// probability that a batch is cut and mixed
+    #[param(default = 0.5, min = 0.0, max = 1.0)]
     pub prob: f64,
 }
 
@@ -72,15 +76,6 @@ impl Component for Cutmix {
     const REFERENCE: &'static str = "Yun et al., CutMix: Regularization Strategy to Train Strong Classifiers with Localizable Features, ICCV 2019; clovaai/CutMix-PyTorch train.py";
     const RANDOM: bool = true;
     type Params = CutmixParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut beta = param("beta", ParamType::Float, 1.0, "λ ~ Beta(β, β); β ≤ 0 turns CutMix off");
-        beta.min = Some(0.0);
-        let mut prob = param("prob", ParamType::Float, 0.5, "probability that a batch is cut and mixed");
-        prob.min = Some(0.0);
-        prob.max = Some(1.0);
-        vec![beta, prob]
-    }
 
     fn new(p: CutmixParams) -> Result<Self> {
         if !p.beta.is_finite() || !(0.0..=1.0).contains(&p.prob) {

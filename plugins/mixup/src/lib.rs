@@ -1,4 +1,4 @@
-//! The mixup family of batch transforms for xlab (METHODS.md section 2).
+//! The mixup family of batch transforms for xlab (docs/methods.md section 2).
 
 pub mod comixup;
 pub mod cutmix;

@@ -12,14 +12,14 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    Transformed,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, Transformed};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct MixupParams {
+    /// λ ~ Beta(α, α); α ≤ 0 turns mixing off (λ = 1)
+    #[param(default = 1.0)]
     pub alpha: f64,
 }
 
@@ -44,10 +44,6 @@ impl Component for Mixup {
         "Zhang et al., mixup: Beyond Empirical Risk Minimization, ICLR 2018; facebookresearch/mixup-cifar10 train.py";
     const RANDOM: bool = true;
     type Params = MixupParams;
-
-    fn params() -> Vec<ParamSpec> {
-        vec![param("alpha", ParamType::Float, 1.0, "λ ~ Beta(α, α); α ≤ 0 turns mixing off (λ = 1)")]
-    }
 
     fn new(p: MixupParams) -> Result<Self> {
         if !p.alpha.is_finite() {

@@ -10,14 +10,14 @@
 use crate::mixup::mix;
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    Transformed,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, Transformed};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct RegMixupParams {
+    /// λ ~ Beta(α, α) (reference: 20 on CIFAR-10, 10 on CIFAR-100)
+    #[param(default = 20.0, min = 1e-09)]
     pub alpha: f64,
 }
 
@@ -39,13 +39,6 @@ impl Component for RegMixup {
     const REFERENCE: &'static str = "Pinto et al., Using Mixup as a Regularizer Can Surprisingly Improve Accuracy and Out-of-Distribution Robustness, NeurIPS 2022; FrancescoPinto/RegMixup";
     const RANDOM: bool = true;
     type Params = RegMixupParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut a =
-            param("alpha", ParamType::Float, 20.0, "λ ~ Beta(α, α) (reference: 20 on CIFAR-10, 10 on CIFAR-100)");
-        a.min = Some(1e-9);
-        vec![a]
-    }
 
     fn new(p: RegMixupParams) -> Result<Self> {
         if !(p.alpha > 0.0 && p.alpha.is_finite()) {

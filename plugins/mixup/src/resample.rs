@@ -7,14 +7,16 @@
 use serde::Deserialize;
 use std::collections::HashMap;
 use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError,
-    Result, RunInfo, Sampling,
+    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, RunInfo, Sampling,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct ResampleParams {
+    /// balance `class`, `domain` or `class_domain` cells
+    #[param(default = "class", choices = ["class", "domain", "class_domain"])]
     pub by: String,
 }
 
@@ -38,12 +40,6 @@ impl Component for Resample {
     const SUMMARY: &'static str = "class- or domain-balanced resampling: selective mixup's control without pairs";
     const REFERENCE: &'static str = "Teney et al., Selective Mixup Helps with Distribution Shifts, But Not (Only) because of Mixup, ICML 2024 (paper only)";
     type Params = ResampleParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut by = param("by", ParamType::String, "class", "balance `class`, `domain` or `class_domain` cells");
-        by.choices = vec!["class".into(), "domain".into(), "class_domain".into()];
-        vec![by]
-    }
 
     fn new(p: ResampleParams) -> Result<Self> {
         if !["class", "domain", "class_domain"].contains(&p.by.as_str()) {

@@ -17,16 +17,23 @@
 use crate::mixup::mix;
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
     param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
     RunInfo, Transformed,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct SelectiveParams {
+    /// λ ~ Beta(α, α); α ≤ 0: λ = 1 (no mixing)
+    #[param(default = 1.0)]
     pub alpha: f64,
+    /// the partner's class: `same`, `different` or `any`
+    #[param(default = "different", choices = ["same", "different", "any"])]
     pub class: String,
+    /// the partner's domain: `same`, `different` or `any`
+    #[param(default = "any", choices = ["same", "different", "any"])]
     pub domain: String,
 }
 
@@ -129,12 +136,6 @@ impl Component for Selective {
     const RANDOM: bool = true;
     type Params = SelectiveParams;
 
-    fn params() -> Vec<ParamSpec> {
-        let mut v = vec![param("alpha", ParamType::Float, 1.0, "λ ~ Beta(α, α); α ≤ 0: λ = 1 (no mixing)")];
-        v.extend(Criterion::params("different", "any"));
-        v
-    }
-
     fn new(p: SelectiveParams) -> Result<Self> {
         if !p.alpha.is_finite() {
             return Err(PluginError(format!("alpha must be finite, got {}", p.alpha)));
@@ -164,10 +165,14 @@ pub struct SelectiveNoMix {
     criterion: Criterion,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct NoMixParams {
+    /// the partner's class: `same`, `different` or `any`
+    #[param(default = "different", choices = ["same", "different", "any"])]
     pub class: String,
+    /// the partner's domain: `same`, `different` or `any`
+    #[param(default = "any", choices = ["same", "different", "any"])]
     pub domain: String,
 }
 
@@ -178,10 +183,6 @@ impl Component for SelectiveNoMix {
     const REFERENCE: &'static str = "Teney et al., Selective Mixup Helps with Distribution Shifts, But Not (Only) because of Mixup, ICML 2024 (paper only)";
     const RANDOM: bool = true;
     type Params = NoMixParams;
-
-    fn params() -> Vec<ParamSpec> {
-        Criterion::params("different", "any")
-    }
 
     fn new(p: NoMixParams) -> Result<Self> {
         Ok(SelectiveNoMix { criterion: Criterion::new(Self::ID, &p.class, &p.domain)? })

@@ -41,20 +41,34 @@
 
 use serde::{Deserialize, Serialize};
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    RunInfo, State, Transformed,
+    Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, RunInfo, State, Transformed,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct SelMixParams {
+    /// the objective: mean_recall, min_recall, g_mean or h_mean
+    #[param(default = "min_recall", choices = ["mean_recall", "min_recall", "g_mean", "h_mean"])]
     pub metric: String,
+    /// T of the pair distribution softmax(G/T)
+    #[param(default = 1.0, min = 1e-09)]
     pub temperature: f64,
+    /// mixed prototypes at λ = (λ_min + 1)/2 (the reference's MinRecall uses 0.8)
+    #[param(default = 0.6, min = 0.0, max = 1.0)]
     pub lambda_min: f64,
+    /// feature mixing μ ~ U(mix_min, 1)
+    #[param(default = 0.6, min = 0.0, max = 1.0)]
     pub mix_min: f64,
+    /// steps between re-estimates on the validation split
+    #[param(default = 5, min = 1.0)]
     pub every: i64,
+    /// min_recall: exponent of the multipliers' update
+    #[param(default = 1.0)]
     pub beta: f64,
+    /// min_recall: step size of the multipliers' update
+    #[param(default = 1.0)]
     pub val_lr: f64,
 }
 
@@ -89,35 +103,6 @@ impl Component for SelMix {
     const STATEFUL: bool = true;
     const QUERIES_MODEL: bool = true;
     type Params = SelMixParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut metric = param(
-            "metric",
-            ParamType::String,
-            "min_recall",
-            "the objective: mean_recall, min_recall, g_mean or h_mean",
-        );
-        metric.choices = METRICS.iter().map(|m| m.to_string()).collect();
-        let unit = |name: &str, default: f64, doc: &str| {
-            let mut p = param(name, ParamType::Float, default, doc);
-            p.min = Some(0.0);
-            p.max = Some(1.0);
-            p
-        };
-        let mut temperature = param("temperature", ParamType::Float, 1.0, "T of the pair distribution softmax(G/T)");
-        temperature.min = Some(1e-9);
-        let mut every = param("every", ParamType::Int, 5, "steps between re-estimates on the validation split");
-        every.min = Some(1.0);
-        vec![
-            metric,
-            temperature,
-            unit("lambda_min", 0.6, "mixed prototypes at λ = (λ_min + 1)/2 (the reference's MinRecall uses 0.8)"),
-            unit("mix_min", 0.6, "feature mixing μ ~ U(mix_min, 1)"),
-            every,
-            param("beta", ParamType::Float, 1.0, "min_recall: exponent of the multipliers' update"),
-            param("val_lr", ParamType::Float, 1.0, "min_recall: step size of the multipliers' update"),
-        ]
-    }
 
     fn new(p: SelMixParams) -> Result<Self> {
         if !METRICS.contains(&p.metric.as_str()) {

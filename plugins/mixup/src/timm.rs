@@ -19,20 +19,34 @@
 use crate::cutmix::image_shape;
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    RunInfo, Transformed,
+    Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, RunInfo, Transformed,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct TimmParams {
+    /// mixup λ ~ Beta(α, α); 0 turns mixup off
+    #[param(default = 1.0)]
     pub mixup_alpha: f64,
+    /// CutMix λ ~ Beta(α, α); 0 turns CutMix off
+    #[param(default = 0.0)]
     pub cutmix_alpha: f64,
+    /// probability of mixing a batch (or example)
+    #[param(default = 1.0, min = 0.0, max = 1.0)]
     pub prob: f64,
+    /// with both alphas > 0: probability of CutMix rather than mixup
+    #[param(default = 0.5, min = 0.0, max = 1.0)]
     pub switch_prob: f64,
+    /// `batch`, `pair` or `elem`: how often λ is drawn
+    #[param(default = "batch", choices = ["batch", "pair", "elem"])]
     pub mode: String,
+    /// CutMix: λ from the clipped box's area
+    #[param(default = true)]
     pub correct_lam: bool,
+    /// label smoothing s, applied before mixing
+    #[param(default = 0.1, min = 0.0, max = 1.0)]
     pub label_smoothing: f64,
 }
 
@@ -99,26 +113,6 @@ impl Component for Timm {
     const REFERENCE: &'static str = "huggingface/pytorch-image-models timm/data/mixup.py (Mixup)";
     const RANDOM: bool = true;
     type Params = TimmParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let prob = |name: &str, default: f64, doc: &str| {
-            let mut p = param(name, ParamType::Float, default, doc);
-            p.min = Some(0.0);
-            p.max = Some(1.0);
-            p
-        };
-        let mut mode = param("mode", ParamType::String, "batch", "`batch`, `pair` or `elem`: how often λ is drawn");
-        mode.choices = vec!["batch".into(), "pair".into(), "elem".into()];
-        vec![
-            param("mixup_alpha", ParamType::Float, 1.0, "mixup λ ~ Beta(α, α); 0 turns mixup off"),
-            param("cutmix_alpha", ParamType::Float, 0.0, "CutMix λ ~ Beta(α, α); 0 turns CutMix off"),
-            prob("prob", 1.0, "probability of mixing a batch (or example)"),
-            prob("switch_prob", 0.5, "with both alphas > 0: probability of CutMix rather than mixup"),
-            mode,
-            param("correct_lam", ParamType::Bool, true, "CutMix: λ from the clipped box's area"),
-            prob("label_smoothing", 0.1, "label smoothing s, applied before mixing"),
-        ]
-    }
 
     fn new(p: TimmParams) -> Result<Self> {
         if !["batch", "pair", "elem"].contains(&p.mode.as_str()) {

@@ -7,10 +7,10 @@
 
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use xlab_plugin_api::host;
 use xlab_plugin_api::tch::{Device, Kind, Reduction, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
 use xlab_plugin_api::RunInfo;
+use xlab_plugin_host as host;
+use xlab_plugin_host::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
 use xlab_plugin_mixup::graphcut::{smooth_int, unary_int, weight_int, Grid};
 
 fn script() -> PathBuf {

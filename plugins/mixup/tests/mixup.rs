@@ -1,7 +1,7 @@
-//! `mixup.mixup`: the METHODS.md vector, and the transform through the real plugin boundary.
+//! `mixup.mixup`: the docs/methods.md vector, and the transform through the real plugin boundary.
 
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, conformance, instantiate, to_vec, SplitMix};
+use xlab_plugin_host::testing::{built_plugin, conformance, instantiate, to_vec, SplitMix};
 use xlab_plugin_mixup::mixup::mix;
 
 fn soft_ce(logits: &Tensor, target: &Tensor) -> f64 {
@@ -14,7 +14,7 @@ fn passes_the_conformance_kit() {
     conformance(&built_plugin("xlab_plugin_mixup"));
 }
 
-/// METHODS.md 2.1: x = I₂, y = (0, 1), π = (1, 0), λ = 0.7, identity model:
+/// docs/methods.md §2.1: x = I₂, y = (0, 1), π = (1, 0), λ = 0.7, identity model:
 /// x̃ = [[0.7, 0.3], [0.3, 0.7]], CE_a = 0.5130152524, CE_b = 0.9130152524, loss 0.6330152524.
 #[test]
 fn matches_the_methods_vector() {
@@ -36,7 +36,7 @@ fn matches_the_methods_vector() {
 /// must be the same mix of the labels, and α ≤ 0 must leave the batch alone.
 #[test]
 fn mixes_inputs_and_labels_alike_through_the_boundary() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_mixup")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_mixup")).unwrap();
     let mut m = instantiate(&plugin, "mixup.mixup", serde_json::json!({"alpha": 0.4}));
     let b = 8i64;
     let x = Tensor::eye(b, (Kind::Float, xlab_plugin_api::tch::Device::Cpu));
@@ -73,7 +73,7 @@ fn mixes_inputs_and_labels_alike_through_the_boundary() {
 /// λ ~ Beta(α, α) has mean ½ and variance 1/(4(2α+1)).
 #[test]
 fn lambda_follows_beta_alpha_alpha() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_mixup")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_mixup")).unwrap();
     let mut m = instantiate(&plugin, "mixup.mixup", serde_json::json!({"alpha": 2.0}));
     let x = Tensor::eye(2, (Kind::Double, xlab_plugin_api::tch::Device::Cpu));
     let y = Tensor::from_slice(&[0i64, 1]);

@@ -7,10 +7,10 @@
 
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use xlab_plugin_api::host;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
 use xlab_plugin_api::RunInfo;
+use xlab_plugin_host as host;
+use xlab_plugin_host::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
 
 #[test]
 fn every_transform_trains_like_its_pytorch_reference() {

@@ -1,10 +1,10 @@
 //! Selective mixup and its controls through the real plugin boundary: the resampling vectors of
-//! METHODS.md 2.4 hold exactly for the selected pairs.
+//! docs/methods.md §2.4 hold exactly for the selected pairs.
 
-use xlab_plugin_api::host::{self, LoadedPlugin};
 use xlab_plugin_api::tch::{Device, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, SplitMix};
 use xlab_plugin_api::{RunInfo, Sampling};
+use xlab_plugin_host::testing::{built_plugin, instantiate, SplitMix};
+use xlab_plugin_host::{self as host, LoadedPlugin};
 
 fn plugin() -> LoadedPlugin {
     host::load(&built_plugin("xlab_plugin_mixup")).unwrap()

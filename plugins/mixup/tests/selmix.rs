@@ -5,10 +5,10 @@
 
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use xlab_plugin_api::host::{self, TransformModel};
 use xlab_plugin_api::tch::{Device, Kind, Reduction, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
 use xlab_plugin_api::RunInfo;
+use xlab_plugin_host::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
+use xlab_plugin_host::{self as host, TransformModel};
 use xlab_plugin_mixup::selmix::{sampling_distribution, Estimate, SelMixParams};
 
 fn script() -> PathBuf {

@@ -11,14 +11,23 @@
 use crate::common::grads;
 use serde::Deserialize;
 use xlab_plugin_api::tch::{self, Kind, Tensor};
-use xlab_plugin_api::{param, Component, ComponentKind, Param, ParamType, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Param, PluginError, Result, StepCtx, StepRule};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct AmpParams {
+    /// radius ε of each tensor's perturbation ball
+    #[param(default = 0.5, min = 0.0)]
     pub epsilon: f64,
+    /// ascent step size
+    #[param(default = 1.0, min = 0.0)]
     pub inner_lr: f64,
+    /// ascent iterations per step
+    #[param(default = 1, min = 1.0)]
     pub inner_iter: u32,
+    /// global gradient-norm clip inside every pass
+    #[param(default = 50.0, min = 0.0)]
     pub clip: f64,
 }
 
@@ -53,21 +62,6 @@ impl Component for Amp {
     const REFERENCE: &'static str = "Zheng et al., Regularizing Neural Networks via Adversarial Model Perturbation, CVPR 2021; hiyouga/AMP-Regularizer amp.py";
     const PASSES_PER_STEP: u32 = 2;
     type Params = AmpParams;
-
-    fn params() -> Vec<xlab_plugin_api::ParamSpec> {
-        let nonneg = |mut p: xlab_plugin_api::ParamSpec| {
-            p.min = Some(0.0);
-            p
-        };
-        let mut iters = param("inner_iter", ParamType::Int, 1, "ascent iterations per step");
-        iters.min = Some(1.0);
-        vec![
-            nonneg(param("epsilon", ParamType::Float, 0.5, "radius ε of each tensor's perturbation ball")),
-            nonneg(param("inner_lr", ParamType::Float, 1.0, "ascent step size")),
-            iters,
-            nonneg(param("clip", ParamType::Float, 50.0, "global gradient-norm clip inside every pass")),
-        ]
-    }
 
     fn new(p: AmpParams) -> Result<Self> {
         if !(p.epsilon >= 0.0 && p.epsilon.is_finite()) || p.inner_iter == 0 {

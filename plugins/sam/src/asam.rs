@@ -14,13 +14,20 @@
 use crate::common::{add_to_weights, frozen_pass_at, global_norm, grads, perturbation};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{param, Component, ComponentKind, ParamType, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, PluginError, Result, StepCtx, StepRule};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct AsamParams {
+    /// neighbourhood radius ρ (official 0.5; davda54 recommends 2.0)
+    #[param(default = 0.5, min = 0.0)]
     pub rho: f64,
+    /// official form: T_w = |w| + η (unused by davda54)
+    #[param(default = 0.01, min = 0.0)]
     pub eta: f64,
+    /// `official` (SamsungLabs/ASAM) or `davda54` (davda54/sam adaptive=True)
+    #[param(default = "official", choices = ["official", "davda54"])]
     pub variant: String,
 }
 
@@ -35,22 +42,6 @@ impl Component for Asam {
     const REFERENCE: &'static str = "Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks, ICML 2021; SamsungLabs/ASAM asam.py, davda54/sam";
     const PASSES_PER_STEP: u32 = 2;
     type Params = AsamParams;
-
-    fn params() -> Vec<xlab_plugin_api::ParamSpec> {
-        let mut rho =
-            param("rho", ParamType::Float, 0.5, "neighbourhood radius ρ (official 0.5; davda54 recommends 2.0)");
-        rho.min = Some(0.0);
-        let mut eta = param("eta", ParamType::Float, 0.01, "official form: T_w = |w| + η (unused by davda54)");
-        eta.min = Some(0.0);
-        let mut variant = param(
-            "variant",
-            ParamType::String,
-            "official",
-            "`official` (SamsungLabs/ASAM) or `davda54` (davda54/sam adaptive=True)",
-        );
-        variant.choices = vec!["official".into(), "davda54".into()];
-        vec![rho, eta, variant]
-    }
 
     fn new(p: AsamParams) -> Result<Self> {
         if !(p.rho >= 0.0 && p.rho.is_finite()) {

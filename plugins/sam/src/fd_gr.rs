@@ -12,14 +12,23 @@
 use crate::common::{frozen_pass_at, global_norm, grads, set_grads, tensors};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{param, Component, ComponentKind, ParamType, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, PluginError, Result, StepCtx, StepRule};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct FdGrParams {
+    /// γ: weight of the gradient-norm penalty (γ/2)‖∇L‖²
+    #[param(default = 0.1, min = 0.0)]
     pub gamma: f64,
+    /// ascent step ε (ρ in ε = ρ/‖g‖ when normalized)
+    #[param(default = 0.1, min = 1e-12)]
     pub epsilon: f64,
+    /// `forward` (F-GR) or `backward` (B-GR)
+    #[param(default = "forward", choices = ["forward", "backward"])]
     pub direction: String,
+    /// use ε = epsilon/‖g‖
+    #[param(default = false)]
     pub normalized: bool,
 }
 
@@ -35,16 +44,6 @@ impl Component for FdGr {
     const REFERENCE: &'static str = "Karakida et al., Understanding Gradient Regularization in Deep Learning: Efficient Finite-Difference Computation and Implicit Bias, ICML 2023 (paper only)";
     const PASSES_PER_STEP: u32 = 2;
     type Params = FdGrParams;
-
-    fn params() -> Vec<xlab_plugin_api::ParamSpec> {
-        let mut gamma = param("gamma", ParamType::Float, 0.1, "γ: weight of the gradient-norm penalty (γ/2)‖∇L‖²");
-        gamma.min = Some(0.0);
-        let mut eps = param("epsilon", ParamType::Float, 0.1, "ascent step ε (ρ in ε = ρ/‖g‖ when normalized)");
-        eps.min = Some(1e-12);
-        let mut dir = param("direction", ParamType::String, "forward", "`forward` (F-GR) or `backward` (B-GR)");
-        dir.choices = vec!["forward".into(), "backward".into()];
-        vec![gamma, eps, dir, param("normalized", ParamType::Bool, false, "use ε = epsilon/‖g‖")]
-    }
 
     fn new(p: FdGrParams) -> Result<Self> {
         if !(p.epsilon > 0.0 && p.epsilon.is_finite() && p.gamma >= 0.0 && p.gamma.is_finite()) {

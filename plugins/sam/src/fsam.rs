@@ -17,15 +17,20 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use xlab_plugin_api::abi::tags;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{
-    param, Component, ComponentKind, Param, ParamType, PluginError, Result, State, StepCtx, StepRule,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Param, PluginError, Result, State, StepCtx, StepRule};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct FsamParams {
+    /// neighbourhood radius ρ
+    #[param(default = 0.05, min = 0.0)]
     pub rho: f64,
+    /// fraction of maskable entries perturbed (0.1: 90% sparse)
+    #[param(default = 0.1, min = 0.0, max = 1.0)]
     pub keep_ratio: f64,
+    /// recompute the mask every this many steps
+    #[param(default = 100, min = 1.0)]
     pub mask_iter: u64,
 }
 
@@ -78,18 +83,6 @@ impl Component for Fsam {
     const PASSES_PER_STEP: u32 = 2;
     const STATEFUL: bool = true;
     type Params = FsamParams;
-
-    fn params() -> Vec<xlab_plugin_api::ParamSpec> {
-        let mut rho = param("rho", ParamType::Float, 0.05, "neighbourhood radius ρ");
-        rho.min = Some(0.0);
-        let mut keep =
-            param("keep_ratio", ParamType::Float, 0.1, "fraction of maskable entries perturbed (0.1: 90% sparse)");
-        keep.min = Some(0.0);
-        keep.max = Some(1.0);
-        let mut iter = param("mask_iter", ParamType::Int, 100, "recompute the mask every this many steps");
-        iter.min = Some(1.0);
-        vec![rho, keep, iter]
-    }
 
     fn new(p: FsamParams) -> Result<Self> {
         if !(p.rho >= 0.0 && p.rho.is_finite()) {

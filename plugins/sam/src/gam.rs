@@ -20,16 +20,29 @@
 use crate::common::{add_to_weights, global_norm, grads, perturbation, set_grads};
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{param, Component, ComponentKind, Param, ParamType, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Param, PluginError, Result, StepCtx, StepRule};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct GamParams {
+    /// ρ': radius of the SAM-style perturbations
+    #[param(default = 0.03, min = 0.0)]
     pub grad_rho: f64,
+    /// ρ: radius of the gradient-norm perturbation
+    #[param(default = 0.2, min = 0.0)]
     pub grad_norm_rho: f64,
+    /// β0 (only β2 = 1 − β0 enters the update)
+    #[param(default = 0.1)]
     pub beta0: f64,
+    /// β1 (β3 = 1 − β1)
+    #[param(default = 0.1)]
     pub beta1: f64,
+    /// γ: weight of the component of m orthogonal to u
+    #[param(default = 0.05, min = 0.0)]
     pub gamma: f64,
+    /// scale perturbations by w² (adaptive norms)
+    #[param(default = false)]
     pub adaptive: bool,
 }
 
@@ -62,21 +75,6 @@ impl Component for Gam {
     const REFERENCE: &'static str = "Zhang et al., Gradient Norm Aware Minimization Seeks First-Order Flatness and Improves Generalization, CVPR 2023; xxgege/GAM gam/gam.py";
     const PASSES_PER_STEP: u32 = 4;
     type Params = GamParams;
-
-    fn params() -> Vec<xlab_plugin_api::ParamSpec> {
-        let nonneg = |mut p: xlab_plugin_api::ParamSpec| {
-            p.min = Some(0.0);
-            p
-        };
-        vec![
-            nonneg(param("grad_rho", ParamType::Float, 0.03, "ρ': radius of the SAM-style perturbations")),
-            nonneg(param("grad_norm_rho", ParamType::Float, 0.2, "ρ: radius of the gradient-norm perturbation")),
-            param("beta0", ParamType::Float, 0.1, "β0 (only β2 = 1 − β0 enters the update)"),
-            param("beta1", ParamType::Float, 0.1, "β1 (β3 = 1 − β1)"),
-            nonneg(param("gamma", ParamType::Float, 0.05, "γ: weight of the component of m orthogonal to u")),
-            param("adaptive", ParamType::Bool, false, "scale perturbations by w² (adaptive norms)"),
-        ]
-    }
 
     fn new(p: GamParams) -> Result<Self> {
         for (name, v) in [("grad_rho", p.grad_rho), ("grad_norm_rho", p.grad_norm_rho), ("gamma", p.gamma)] {

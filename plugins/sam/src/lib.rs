@@ -1,4 +1,4 @@
-//! The SAM family of step rules for xlab (METHODS.md section 1).
+//! The SAM family of step rules for xlab (docs/methods.md section 1).
 
 pub mod amp;
 pub mod asam;

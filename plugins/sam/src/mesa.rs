@@ -16,18 +16,26 @@
 use crate::saf::kl;
 use serde::Deserialize;
 use xlab_plugin_api::tch::{self, Kind, Tensor};
-use xlab_plugin_api::{
-    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError,
-    Result, State,
-};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, State};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct MesaParams {
+    /// EMA decay d of the teacher
+    #[param(default = 0.9998, min = 0.0, max = 1.0)]
     pub decay: f64,
+    /// λ: weight of the KL term
+    #[param(default = 0.3, min = 0.0)]
     pub lambda: f64,
+    /// temperature τ of both softmaxes
+    #[param(default = 5.0, min = 1e-09)]
     pub tau: f64,
+    /// the KL term is on for epochs e > kl_start (0-based)
+    #[param(default = 5, min = 0.0)]
     pub kl_start: u64,
+    /// … and e < kl_end
+    #[param(default = 360, min = 0.0)]
     pub kl_end: u64,
 }
 
@@ -46,25 +54,6 @@ impl Component for Mesa {
         "Du et al., Sharpness-Aware Training for Free, NeurIPS 2022; AngusDujw/SAF MESA_train.py";
     const STATEFUL: bool = true;
     type Params = MesaParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let nonneg = |mut p: ParamSpec| {
-            p.min = Some(0.0);
-            p
-        };
-        let mut decay = param("decay", ParamType::Float, 0.9998, "EMA decay d of the teacher");
-        decay.min = Some(0.0);
-        decay.max = Some(1.0);
-        let mut tau = param("tau", ParamType::Float, 5.0, "temperature τ of both softmaxes");
-        tau.min = Some(1e-9);
-        vec![
-            decay,
-            nonneg(param("lambda", ParamType::Float, 0.3, "λ: weight of the KL term")),
-            tau,
-            nonneg(param("kl_start", ParamType::Int, 5, "the KL term is on for epochs e > kl_start (0-based)")),
-            nonneg(param("kl_end", ParamType::Int, 360, "… and e < kl_end")),
-        ]
-    }
 
     fn new(p: MesaParams) -> Result<Self> {
         let valid = (0.0..=1.0).contains(&p.decay) && p.tau > 0.0 && p.tau.is_finite() && p.lambda >= 0.0;

@@ -15,18 +15,28 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::{self, Device, Kind, Tensor};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError,
-    Result, RunInfo, State,
+    Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, PluginError, Result, RunInfo, State,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct SafParams {
+    /// λ: weight of the KL term (the reference's `reinforce`)
+    #[param(default = 0.16, min = 0.0)]
     pub lambda: f64,
+    /// temperature τ of both softmaxes
+    #[param(default = 5.0, min = 1e-09)]
     pub tau: f64,
+    /// Ẽ: compare with the logits of Ẽ epochs ago
+    #[param(default = 3, min = 1.0)]
     pub minus_epoch: u64,
+    /// the KL term is on for epochs e > kl_start (0-based)
+    #[param(default = 5, min = 0.0)]
     pub kl_start: u64,
+    /// … and e < kl_end
+    #[param(default = 300, min = 0.0)]
     pub kl_end: u64,
 }
 
@@ -60,24 +70,6 @@ impl Component for Saf {
         "Du et al., Sharpness-Aware Training for Free, NeurIPS 2022; AngusDujw/SAF SAF_train.py";
     const STATEFUL: bool = true;
     type Params = SafParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let nonneg = |mut p: ParamSpec| {
-            p.min = Some(0.0);
-            p
-        };
-        let mut tau = param("tau", ParamType::Float, 5.0, "temperature τ of both softmaxes");
-        tau.min = Some(1e-9);
-        let mut minus = param("minus_epoch", ParamType::Int, 3, "Ẽ: compare with the logits of Ẽ epochs ago");
-        minus.min = Some(1.0);
-        vec![
-            nonneg(param("lambda", ParamType::Float, 0.16, "λ: weight of the KL term (the reference's `reinforce`)")),
-            tau,
-            minus,
-            nonneg(param("kl_start", ParamType::Int, 5, "the KL term is on for epochs e > kl_start (0-based)")),
-            nonneg(param("kl_end", ParamType::Int, 300, "… and e < kl_end")),
-        ]
-    }
 
     fn new(p: SafParams) -> Result<Self> {
         if !(p.tau > 0.0 && p.tau.is_finite() && p.lambda >= 0.0 && p.lambda.is_finite()) || p.minus_epoch == 0 {

@@ -9,7 +9,7 @@
 //! 4. w ← saved w (restored, not subtracted: the reference's rounding); base optimizer step
 //!    with g_SAM.
 //!
-//! m-sharpness (METHODS.md 1.3, google-research/sam without `sync_perturbations`): with `m`
+//! m-sharpness (docs/methods.md §1.3, google-research/sam without `sync_perturbations`): with `m`
 //! set below the batch size, the batch is split into chunks of m rows; each chunk gets its own
 //! perturbation from its own gradient and its own perturbed gradient, and the base optimizer
 //! steps once with their row-weighted mean (the plain mean for equal chunks). `m: 0` (or
@@ -21,12 +21,17 @@
 use crate::common::{frozen_pass_at, grads, perturbation, set_grads};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
-use xlab_plugin_api::{param, Component, ComponentKind, Param, ParamType, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Param, PluginError, Result, StepCtx, StepRule};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct SamParams {
+    /// neighbourhood radius ρ (paper grid 0.01–0.5; CIFAR usually 0.05–0.1)
+    #[param(default = 0.05, min = 0.0)]
     pub rho: f64,
+    /// m-sharpness: rows per perturbation (0: the whole batch)
+    #[param(default = 0, min = 0.0)]
     pub m: u64,
 }
 
@@ -47,19 +52,6 @@ impl Component for Sam {
     const REFERENCE: &'static str = "Foret et al., Sharpness-Aware Minimization for Efficiently Improving Generalization, ICLR 2021; davda54/sam sam.py";
     const PASSES_PER_STEP: u32 = 2;
     type Params = SamParams;
-
-    fn params() -> Vec<xlab_plugin_api::ParamSpec> {
-        let mut rho = param(
-            "rho",
-            ParamType::Float,
-            0.05,
-            "neighbourhood radius ρ (paper grid 0.01–0.5; CIFAR usually 0.05–0.1)",
-        );
-        rho.min = Some(0.0);
-        let mut m = param("m", ParamType::Int, 0, "m-sharpness: rows per perturbation (0: the whole batch)");
-        m.min = Some(0.0);
-        vec![rho, m]
-    }
 
     fn new(p: SamParams) -> Result<Self> {
         if !(p.rho >= 0.0 && p.rho.is_finite()) {

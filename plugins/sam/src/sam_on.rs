@@ -18,18 +18,35 @@ use crate::common::{add_to_weights, global_norm, grads, Saved};
 use serde::Deserialize;
 use xlab_plugin_api::abi::tags;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{param, Component, ComponentKind, Param, ParamType, PluginError, Result, StepCtx, StepRule};
+use xlab_plugin_api::Params;
+use xlab_plugin_api::{Component, ComponentKind, Param, PluginError, Result, StepCtx, StepRule};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct SamOnParams {
+    /// neighbourhood radius ρ
+    #[param(default = 0.5, min = 0.0)]
     pub rho: f64,
+    /// ASAM_ON (the reference's default) rather than SAM_ON
+    #[param(default = true)]
     pub adaptive: bool,
+    /// adaptive: T = |w| + η
+    #[param(default = 0.0, min = 0.0)]
     pub eta: f64,
+    /// adaptive: scale biases too, not only weights
+    #[param(default = false)]
     pub normalize_bias: bool,
+    /// adaptive: T = ‖w‖(1 + η) per tensor instead of elementwise
+    #[param(default = false)]
     pub layerwise: bool,
+    /// `l2` (normalised) or `infinity` (ρ·T⊙sign(g))
+    #[param(default = "l2", choices = ["l2", "infinity"])]
     pub norm: String,
+    /// first epoch (0-based) with the perturbation
+    #[param(default = 0)]
     pub start_epoch: u64,
+    /// epoch from which plain steps resume (0: never)
+    #[param(default = 0)]
     pub end_epoch: u64,
 }
 
@@ -65,25 +82,6 @@ impl Component for SamOn {
     const REFERENCE: &'static str = "Mueller et al., Normalization Layers Are All That Sharpness-Aware Minimization Needs, NeurIPS 2023; mueller-mp/SAM-ON sam_on.py";
     const PASSES_PER_STEP: u32 = 2;
     type Params = SamOnParams;
-
-    fn params() -> Vec<xlab_plugin_api::ParamSpec> {
-        let mut rho = param("rho", ParamType::Float, 0.5, "neighbourhood radius ρ");
-        rho.min = Some(0.0);
-        let mut eta = param("eta", ParamType::Float, 0.0, "adaptive: T = |w| + η");
-        eta.min = Some(0.0);
-        let mut norm = param("norm", ParamType::String, "l2", "`l2` (normalised) or `infinity` (ρ·T⊙sign(g))");
-        norm.choices = vec!["l2".into(), "infinity".into()];
-        vec![
-            rho,
-            param("adaptive", ParamType::Bool, true, "ASAM_ON (the reference's default) rather than SAM_ON"),
-            eta,
-            param("normalize_bias", ParamType::Bool, false, "adaptive: scale biases too, not only weights"),
-            param("layerwise", ParamType::Bool, false, "adaptive: T = ‖w‖(1 + η) per tensor instead of elementwise"),
-            norm,
-            param("start_epoch", ParamType::Int, 0, "first epoch (0-based) with the perturbation"),
-            param("end_epoch", ParamType::Int, 0, "epoch from which plain steps resume (0: never)"),
-        ]
-    }
 
     fn new(p: SamOnParams) -> Result<Self> {
         if !(p.rho >= 0.0 && p.rho.is_finite()) {

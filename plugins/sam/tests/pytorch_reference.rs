@@ -7,9 +7,9 @@
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use xlab_plugin_api::abi::tags;
-use xlab_plugin_api::host::{self, StepDriver};
 use xlab_plugin_api::tch::{self, Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
+use xlab_plugin_host::testing::{built_plugin, instantiate, run_python_reference, to_vec, SplitMix};
+use xlab_plugin_host::{self as host, StepDriver};
 
 const NAMES: [(&str, &[i64], u32); 5] = [
     ("fc1.weight", &[4, 2], tags::WEIGHT),
@@ -27,7 +27,7 @@ struct Tiny {
     x: Tensor,
     y: Tensor,
     lr: f64,
-    objective: Option<xlab_plugin_api::host::Instance>,
+    objective: Option<xlab_plugin_host::Instance>,
 }
 
 fn forward(p: &[Tensor], x: &Tensor) -> Tensor {
@@ -41,7 +41,7 @@ struct TinyHost<'a> {
     x: &'a Tensor,
 }
 
-impl xlab_plugin_api::host::ObjectiveDriver for TinyHost<'_> {
+impl xlab_plugin_host::ObjectiveDriver for TinyHost<'_> {
     fn log(&mut self, _: &str, _: f64) {}
     fn model_state(&mut self) -> Vec<(String, Tensor)> {
         NAMES.iter().zip(self.params).map(|((n, _, _), t)| (n.to_string(), t.shallow_clone())).collect()

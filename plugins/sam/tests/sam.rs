@@ -1,6 +1,6 @@
 //! `sam.sam` through the real plugin boundary: the built .so, loaded by the host's loader.
 
-use xlab_plugin_api::testing::{built_plugin, conformance, instantiate, QuadraticDriver};
+use xlab_plugin_host::testing::{built_plugin, conformance, instantiate, QuadraticDriver};
 
 fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
@@ -11,10 +11,10 @@ fn passes_the_conformance_kit() {
     conformance(&built_plugin("xlab_plugin_sam"));
 }
 
-/// METHODS.md 1.1: L = ½(w₁² + 2w₂²), w = (3, 4): g = (3, 8), ‖g‖ = 8.5440037453.
+/// docs/methods.md §1.1: L = ½(w₁² + 2w₂²), w = (3, 4): g = (3, 8), ‖g‖ = 8.5440037453.
 #[test]
 fn sam_matches_the_quadratic_test_vector() {
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_sam")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_sam")).unwrap();
     for (rho, g_sam, w_new) in [
         (0.05, [3.0175561721, 8.0936329178], Some([2.6982443828, 3.1906367082])),
         (0.5, [3.1755617208, 8.9363291776], None),
@@ -36,9 +36,9 @@ fn sam_matches_the_quadratic_test_vector() {
 
 #[test]
 fn the_norm_is_global_over_all_parameters() {
-    // METHODS.md 1.8's comparison: tensors a (g = (3,4)) and b (g = (0,1)), ρ = 0.5 gives
+    // docs/methods.md §1.1's comparison: tensors a (g = (3,4)) and b (g = (0,1)), ρ = 0.5 gives
     // e_a = (0.2941742, 0.3922323), e_b = (0, 0.0980581).
-    let plugin = xlab_plugin_api::host::load(&built_plugin("xlab_plugin_sam")).unwrap();
+    let plugin = xlab_plugin_host::load(&built_plugin("xlab_plugin_sam")).unwrap();
     let mut sam = instantiate(&plugin, "sam.sam", serde_json::json!({ "rho": 0.5 }));
     let mut d = QuadraticDriver::new(&[("a", &[3.0, 4.0], &[1.0, 1.0]), ("b", &[0.0, 1.0], &[1.0, 1.0])], 0.1);
     sam.step(&mut d, 0, 0).unwrap();

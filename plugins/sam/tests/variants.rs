@@ -1,9 +1,9 @@
-//! The SAM family's METHODS.md section 1 vectors, through the real plugin boundary: the built
+//! The SAM family's docs/methods.md section 1 vectors, through the real plugin boundary: the built
 //! .so, loaded by the host's loader, stepping an exact quadratic (or least-squares) host.
 
-use xlab_plugin_api::host::{self, LoadedPlugin, StepDriver};
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::testing::{built_plugin, instantiate, to_vec, QuadraticDriver, SplitMix};
+use xlab_plugin_host::testing::{built_plugin, instantiate, to_vec, QuadraticDriver, SplitMix};
+use xlab_plugin_host::{self as host, LoadedPlugin, StepDriver};
 
 fn plugin() -> LoadedPlugin {
     host::load(&built_plugin("xlab_plugin_sam")).unwrap()
@@ -246,7 +246,7 @@ impl StepDriver for Rows {
 fn m_sharpness_perturbs_each_chunk_with_its_own_gradient() {
     let p = plugin();
     let rho = 0.3;
-    // m = B is ordinary SAM, exactly (METHODS.md 1.3).
+    // m = B is ordinary SAM, exactly (docs/methods.md §1.3).
     let mut whole = Rows::new(12, 1);
     instantiate(&p, "sam.sam", serde_json::json!({"rho": rho, "m": 12})).step(&mut whole, 0, 0).unwrap();
     let mut sam = Rows::new(12, 1);

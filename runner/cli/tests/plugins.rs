@@ -64,6 +64,37 @@ fn workspace_plugins_are_listed_with_their_hash() {
     assert!(text(&out.stderr).contains("did you mean `sam.sam`?"), "{}", text(&out.stderr));
 }
 
+/// Every built-in component names its section of docs/methods.md, and that section exists there
+/// under the title `describe` gives.
+#[test]
+fn every_builtin_component_points_to_its_specification() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cmd(dir.path()).args(["plugins", "list", "--json"]).output().unwrap();
+    let reg = registry(&out);
+    let spec = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/methods.md")).unwrap();
+    let mut checked = 0;
+    for plugin in reg["plugins"].as_array().unwrap() {
+        for c in plugin["components"].as_array().unwrap() {
+            let id = c["id"].as_str().unwrap();
+            let out = cmd(dir.path()).args(["plugins", "describe", id]).output().unwrap();
+            let said = text(&out.stdout);
+            let line = said
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("specification: docs/methods.md §"))
+                .unwrap_or_else(|| panic!("{id} names no section:\n{said}"));
+            let (section, title) = line.split_once(" (").unwrap();
+            let title = title.strip_suffix(')').unwrap();
+            let heading = format!("### {section} {title}");
+            assert!(
+                spec.lines().any(|l| l.starts_with(&heading) && l.contains(&format!("`{id}`"))),
+                "{id}: docs/methods.md has no heading `{heading} ...` naming `{id}`"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} built-in components");
+}
+
 #[test]
 fn broken_libraries_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,10 +38,11 @@ fn a_plugin_built_from_the_template_loads_and_runs() {
     copy_dir(&root.join("templates/plugin"), &copy);
     assert!(copy.join("Cargo.lock").exists(), "the template ships its Cargo.lock");
     let manifest = std::fs::read_to_string(copy.join("Cargo.toml")).unwrap();
-    let api = root.join("runner/plugin-api");
+    let (api, host) = (root.join("runner/plugin-api"), root.join("runner/plugin-host"));
     let manifest = manifest
         .replace("name = \"xlab-plugin-focal\"", "name = \"xlab-template-check\"")
-        .replace("path = \"../../runner/plugin-api\"", &format!("path = \"{}\"", api.display()));
+        .replace("path = \"../../runner/plugin-api\"", &format!("path = \"{}\"", api.display()))
+        .replace("path = \"../../runner/plugin-host\"", &format!("path = \"{}\"", host.display()));
     std::fs::write(copy.join("Cargo.toml"), manifest).unwrap();
     let target = root.join("target/template-outside");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

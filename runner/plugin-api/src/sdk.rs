@@ -23,6 +23,12 @@ impl<E: std::fmt::Display> From<E> for PluginError {
 pub type Result<T> = std::result::Result<T, PluginError>;
 
 /// Declares a parameter: `param("rho", ParamType::Float, 0.05, "radius")`.
+/// The schema of a parameter struct, written by `#[derive(Params)]` from its fields, their doc
+/// comments and `#[param(default = ..., min = ..., max = ..., choices = [...])]` attributes.
+pub trait ParamList {
+    fn param_specs() -> Vec<ParamSpec>;
+}
+
 pub fn param(name: &str, ty: ParamType, default: impl Into<serde_json::Value>, doc: &str) -> ParamSpec {
     ParamSpec { name: name.into(), ty, default: default.into(), doc: doc.into(), min: None, max: None, choices: vec![] }
 }
@@ -82,10 +88,14 @@ pub trait Component: Sized + 'static {
     /// Set by a batch transform that queries the model (`Batch::model`; see
     /// `abi::flags::MODEL`).
     const QUERIES_MODEL: bool = false;
-    /// The parameters, deserialized from the checked JSON the host passes.
-    type Params: DeserializeOwned;
+    /// The parameters, deserialized from the checked JSON the host passes; their schema comes
+    /// from the same struct's `#[derive(Params)]`.
+    type Params: DeserializeOwned + ParamList;
 
-    fn params() -> Vec<ParamSpec>;
+    /// The declared parameters: names, types, defaults, ranges, choices and docs.
+    fn params() -> Vec<ParamSpec> {
+        <Self::Params as ParamList>::param_specs()
+    }
     fn new(params: Self::Params) -> Result<Self>;
     fn setup(&mut self, _info: &RunInfo) -> Result<()> {
         Ok(())

@@ -15,12 +15,12 @@
 use serde::Deserialize;
 use std::sync::OnceLock;
 use xlab_plugin_api::abi::{PluginManifest, RStr, ABI_VERSION, LAYOUT_HASH, TORCH_VERSION};
+use xlab_plugin_api::Params;
 use xlab_plugin_api::{
-    param, Batch, BatchTransform, Component, ComponentKind, HostRng, ParamSpec, ParamType, PluginError, Result,
-    StepCtx, StepRule, Transformed,
+    Batch, BatchTransform, Component, ComponentKind, HostRng, PluginError, Result, StepCtx, StepRule, Transformed,
 };
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
@@ -33,9 +33,6 @@ impl Component for Panics {
     const SUMMARY: &'static str = "panics in its first step (host test)";
     const REFERENCE: &'static str = "none: a test fixture";
     type Params = NoParams;
-    fn params() -> Vec<ParamSpec> {
-        vec![]
-    }
     fn new(_: NoParams) -> Result<Self> {
         Ok(Panics)
     }
@@ -57,9 +54,6 @@ impl Component for Fails {
     const SUMMARY: &'static str = "reports an error in its first step (host test)";
     const REFERENCE: &'static str = "none: a test fixture";
     type Params = NoParams;
-    fn params() -> Vec<ParamSpec> {
-        vec![]
-    }
     fn new(_: NoParams) -> Result<Self> {
         Ok(Fails)
     }
@@ -81,9 +75,6 @@ impl Component for OddMetrics {
     const SUMMARY: &'static str = "a plain step that logs a NaN and an infinite metric (host test)";
     const REFERENCE: &'static str = "none: a test fixture";
     type Params = NoParams;
-    fn params() -> Vec<ParamSpec> {
-        vec![]
-    }
     fn new(_: NoParams) -> Result<Self> {
         Ok(OddMetrics)
     }
@@ -98,10 +89,14 @@ impl StepRule for OddMetrics {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct AtStepParams {
+    /// the global step (0-based) to crash at
+    #[param(default = 3)]
     at_step: u64,
+    /// the signal to raise
+    #[param(default = libc::SIGSEGV)]
     signal: i64,
 }
 
@@ -117,12 +112,6 @@ impl Component for Crashes {
     const SUMMARY: &'static str = "raises a signal at a chosen step (host test)";
     const REFERENCE: &'static str = "none: a test fixture";
     type Params = AtStepParams;
-    fn params() -> Vec<ParamSpec> {
-        vec![
-            param("at_step", ParamType::Int, 3, "the global step (0-based) to crash at"),
-            param("signal", ParamType::Int, libc::SIGSEGV, "the signal to raise"),
-        ]
-    }
     fn new(p: AtStepParams) -> Result<Self> {
         Ok(Crashes { at_step: p.at_step, signal: p.signal as i32 })
     }
@@ -144,9 +133,11 @@ impl StepRule for Crashes {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct HangParams {
+    /// the global step (0-based) to hang at
+    #[param(default = 3)]
     at_step: u64,
 }
 
@@ -161,9 +152,6 @@ impl Component for Hangs {
     const SUMMARY: &'static str = "sleeps for good at a chosen step (host test)";
     const REFERENCE: &'static str = "none: a test fixture";
     type Params = HangParams;
-    fn params() -> Vec<ParamSpec> {
-        vec![param("at_step", ParamType::Int, 3, "the global step (0-based) to hang at")]
-    }
     fn new(p: HangParams) -> Result<Self> {
         Ok(Hangs { at_step: p.at_step })
     }
@@ -179,9 +167,11 @@ impl StepRule for Hangs {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct CleanLossParams {
+    /// weight of the clean loss
+    #[param(default = 0.5)]
     weight: f64,
 }
 
@@ -199,9 +189,6 @@ impl Component for CleanLoss {
     const REFERENCE: &'static str = "none: a test fixture";
     const QUERIES_MODEL: bool = true;
     type Params = CleanLossParams;
-    fn params() -> Vec<ParamSpec> {
-        vec![param("weight", ParamType::Float, 0.5, "weight of the clean loss")]
-    }
     fn new(p: CleanLossParams) -> Result<Self> {
         Ok(CleanLoss { weight: p.weight })
     }
@@ -219,9 +206,11 @@ impl BatchTransform for CleanLoss {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureMixParams {
+    /// the weight of the example's own features
+    #[param(default = 0.7)]
     mu: f64,
 }
 
@@ -239,9 +228,6 @@ impl Component for FeatureMix {
     const REFERENCE: &'static str = "none: a test fixture";
     const QUERIES_MODEL: bool = true;
     type Params = FeatureMixParams;
-    fn params() -> Vec<ParamSpec> {
-        vec![param("mu", ParamType::Float, 0.7, "the weight of the example's own features")]
-    }
     fn new(p: FeatureMixParams) -> Result<Self> {
         Ok(FeatureMix { mu: p.mu })
     }

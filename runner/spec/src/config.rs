@@ -485,7 +485,7 @@ pub enum Prediction {
     V,
 }
 
-/// Diffusion training (METHODS.md 3.1): data scaled to [-1, 1], t ~ U{0..T−1}, ε ~ N(0, I),
+/// Diffusion training (docs/methods.md §3.1): data scaled to [-1, 1], t ~ U{0..T−1}, ε ~ N(0, I),
 /// x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε, and the mean squared error of the model's prediction.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -550,7 +550,7 @@ pub struct ExactDenoiser {
     pub beta_end: f64,
 }
 
-/// The noise schedule (METHODS.md 3.1).
+/// The noise schedule (docs/methods.md §3.1).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum BetaSchedule {

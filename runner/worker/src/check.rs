@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 use tch::nn;
-use xlab_plugin_api::host::LoadedPlugin;
+use xlab_plugin_host::LoadedPlugin;
 use xlab_proto::plugins::{CheckFailure, JobCheck};
 use xlab_spec::config::{JobConfig, Task};
 
@@ -104,7 +104,7 @@ impl Checker {
         self.libs
             .entry(file.to_string())
             .or_insert_with(|| {
-                xlab_plugin_api::host::load(Path::new(file)).map(Rc::new).map_err(|m| format!("plugin {file}: {m}"))
+                xlab_plugin_host::load(Path::new(file)).map(Rc::new).map_err(|m| format!("plugin {file}: {m}"))
             })
             .clone()
     }

@@ -896,7 +896,7 @@ mod tests {
 
     #[test]
     fn repeat_epoch_order_holds_each_example_its_count_of_times() {
-        // The JTT vector of METHODS.md 4.3: N=10, E={2,7}, λ_up=3 gives 16 items, 2 and 7 four times.
+        // The JTT vector of docs/methods.md §4.3: N=10, E={2,7}, λ_up=3 gives 16 items, 2 and 7 four times.
         let counts: Vec<u32> = (0..10).map(|i| if i == 2 || i == 7 { 4 } else { 1 }).collect();
         let o = repeat_epoch_order(&counts, 5, 0);
         assert_eq!(o.len(), 16);

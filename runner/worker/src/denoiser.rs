@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 use xlab_proto::FailureCause;
 use xlab_spec::config::{BetaSchedule, Diffusion, ExactDenoiser, JobConfig, ModelConfig};
 
-/// ᾱ_t for t = 0..T−1 in float64 (METHODS.md 3.1). diffusers builds the linear schedules in
+/// ᾱ_t for t = 0..T−1 in float64 (docs/methods.md §3.1). diffusers builds the linear schedules in
 /// float32; computing in float64 differs by about 1e-6 relative.
 pub fn alphas_cumprod(d: &ExactDenoiser) -> Vec<f64> {
     let t = d.timesteps as usize;
@@ -278,7 +278,7 @@ mod tests {
         ExactDenoiser { schedule, timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 }
     }
 
-    /// METHODS.md 3.1 (float64 values).
+    /// docs/methods.md §3.1 (float64 values).
     #[test]
     fn schedules_match_the_known_values() {
         let a = alphas_cumprod(&den(BetaSchedule::Linear));

@@ -1,5 +1,5 @@
 //! Diffusion models: the time-conditioned networks (`time_mlp`, `unet`), their training
-//! (METHODS.md 3.1, with DDPM-IP through a batch transform and label dropout for classifier-free
+//! (docs/methods.md §3.1, with DDPM-IP through a batch transform and label dropout for classifier-free
 //! guidance) and the data scaling they share with sampling.
 
 use crate::data::{self};
@@ -54,7 +54,7 @@ fn noised(
     index: &Tensor,
     classes: i64,
     rng: &mut ChaCha8Rng,
-    transform: Option<&mut xlab_plugin_api::host::Instance>,
+    transform: Option<&mut xlab_plugin_host::Instance>,
 ) -> Result<Noised, Failure> {
     let (b, dim) = (x0.size()[0], x0.size()[1]);
     let device = x0.device();

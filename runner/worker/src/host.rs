@@ -10,7 +10,7 @@ use crate::optim::Optimizer;
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
-use xlab_plugin_api::host::{Instance, StepDriver};
+use xlab_plugin_host::{Instance, StepDriver};
 
 /// What the loss compares the logits with.
 pub(crate) enum Target {
@@ -154,7 +154,7 @@ pub(crate) struct BatchModel<'b> {
 
 const NO_HEAD: &str = "needs the model split into features and a classifier head, which a TorchScript module is not";
 
-impl xlab_plugin_api::host::TransformModel for BatchModel<'_> {
+impl xlab_plugin_host::TransformModel for BatchModel<'_> {
     fn input_grad(&mut self, weight: f64, train: bool, keep: bool) -> Result<Tensor, String> {
         let (g, kept, overflow) =
             input_grad(self.net, self.opt, self.params, self.scaler, self.x, self.y, weight, train, keep)?;
@@ -234,7 +234,7 @@ struct ObjectiveHost<'a> {
     x: &'a Tensor,
 }
 
-impl xlab_plugin_api::host::ObjectiveDriver for ObjectiveHost<'_> {
+impl xlab_plugin_host::ObjectiveDriver for ObjectiveHost<'_> {
     fn log(&mut self, name: &str, value: f64) {
         if self.first {
             self.stats.log(name, value);

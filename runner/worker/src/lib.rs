@@ -66,7 +66,7 @@ pub fn default_plugin_dirs() -> Vec<PathBuf> {
 fn load_components(req: &JobRequest, cfg: &JobConfig) -> Result<Components, Failure> {
     let mut libs = Vec::new();
     for p in &req.plugins {
-        let lib = xlab_plugin_api::host::load(Path::new(&p.file))
+        let lib = xlab_plugin_host::load(Path::new(&p.file))
             .map_err(|m| Failure::new(FailureCause::Config, format!("plugin {}: {m}", p.file)))?;
         if lib.info.sha256 != p.sha256 {
             return Err(Failure::new(

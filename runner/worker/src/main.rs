@@ -56,7 +56,7 @@ fn main() {
         Command::Plugins { mut dir, file } => {
             let mut dirs = xlab_worker::default_plugin_dirs();
             dirs.append(&mut dir);
-            let (_, registry) = xlab_plugin_api::host::discover(&dirs, &file);
+            let (_, registry) = xlab_plugin_host::discover(&dirs, &file);
             println!("{}", serde_json::to_string(&registry).expect("the registry serializes"));
         }
         Command::Check => {

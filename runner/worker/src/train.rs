@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
-use xlab_plugin_api::host::StepDriver;
 use xlab_plugin_api::{RunInfo, Sampling};
+use xlab_plugin_host::StepDriver;
 use xlab_proto::FailureCause;
 use xlab_spec::config::JobConfig;
 
@@ -223,7 +223,7 @@ pub fn run(
                         grad_passes: 0,
                         mix: None,
                     };
-                    let model: Option<&mut dyn xlab_plugin_api::host::TransformModel> =
+                    let model: Option<&mut dyn xlab_plugin_host::TransformModel> =
                         if t.queries_model { Some(&mut bm) } else { None };
                     let (x, soft) = t
                         .transform_with(

@@ -50,7 +50,7 @@ fn put(offset: usize, bytes: &[u8]) {
 pub fn start(run_dir: &Path, limit: Option<Duration>) -> Result<(), String> {
     BASE.get_or_init(Instant::now);
     map(&run_dir.join(progress::FILE))?;
-    xlab_plugin_api::host::on_plugin_calls(on_call);
+    xlab_plugin_host::on_plugin_calls(on_call);
     if let Some(limit) = limit {
         std::thread::Builder::new()
             .name("step-watchdog".into())

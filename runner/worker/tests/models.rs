@@ -10,7 +10,7 @@ use xlab_spec::config::{ModelConfig, Norm, ResNet, Wrn};
 
 fn reference(dir: &Path, norm: &str) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/torch_models.py");
-    xlab_plugin_api::testing::run_python_reference(
+    xlab_plugin_host::testing::run_python_reference(
         &script,
         &json!({"dir": dir, "seed": 0, "classes": 10, "norm": norm}),
     )

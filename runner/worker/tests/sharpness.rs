@@ -88,7 +88,7 @@ fn hessian_top_eigenvalue_and_m_sharpness_match_pytorch() {
     let x: Vec<Vec<f64>> = x.chunks(2).map(<[f64]>::to_vec).collect();
     let request = json!({"params": params, "shapes": shapes, "hidden": [6], "x": x, "y": y, "rho": 0.1, "m": 32});
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/sharpness_reference.py");
-    let want = xlab_plugin_api::testing::run_python_reference(&script, &request);
+    let want = xlab_plugin_host::testing::run_python_reference(&script, &request);
     let eig: Vec<f64> = want["eigenvalues"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     // Power iteration finds the eigenvalue of largest magnitude.
     let top = eig.iter().copied().fold(0.0f64, |a, b| if b.abs() > a.abs() { b } else { a });

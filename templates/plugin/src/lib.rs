@@ -7,14 +7,15 @@
 
 use serde::Deserialize;
 use xlab_plugin_api::tch::{Kind, Tensor};
-use xlab_plugin_api::{
-    param, Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, ParamSpec, ParamType, PluginError, Result,
-};
+use xlab_plugin_api::{Component, ComponentKind, Objective, ObjectiveCtx, ObjectiveInput, Params, PluginError, Result};
 
-/// The parameters, exactly as declared in `params()` (unknown ones are refused).
-#[derive(Deserialize)]
+/// The parameters, each declared once: its doc comment is what `xlab plugins describe` shows,
+/// `#[param(...)]` its default and range. Unknown parameters in an experiment file are refused.
+#[derive(Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct FocalParams {
+    /// focusing parameter γ; 0 is cross-entropy
+    #[param(default = 2.0, min = 0.0)]
     pub gamma: f64,
 }
 
@@ -28,12 +29,6 @@ impl Component for Focal {
     const SUMMARY: &'static str = "focal loss: down-weights well-classified examples by (1 - p_t)^gamma";
     const REFERENCE: &'static str = "Lin et al., Focal Loss for Dense Object Detection, ICCV 2017";
     type Params = FocalParams;
-
-    fn params() -> Vec<ParamSpec> {
-        let mut gamma = param("gamma", ParamType::Float, 2.0, "focusing parameter γ; 0 is cross-entropy");
-        gamma.min = Some(0.0);
-        vec![gamma]
-    }
 
     fn new(p: FocalParams) -> Result<Self> {
         if p.gamma < 0.0 || !p.gamma.is_finite() {

@@ -2,7 +2,7 @@
 
 `LossComputer` follows kohpangwei/group_DRO `loss.py` (robust and btl paths), and
 `best_response` follows daniellevy/fast-dro `robust_losses.py` (`RobustLoss.best_response` and
-the value functions), written here for the test from METHODS.md section 4. Reads a JSON request on
+the value functions), written here for the test from docs/methods.md section 4. Reads a JSON request on
 stdin and writes the results as JSON on stdout. Everything runs in float64.
 """
 import json

@@ -2,7 +2,7 @@
 
 Each transform is written after its reference (facebookresearch/mixup-cifar10,
 clovaai/CutMix-PyTorch, timm's Mixup, FrancescoPinto/RegMixup; selective mixup from its paper)
-as METHODS.md section 2 describes it, and trains a linear model on 1×4×4 images for a few SGD
+as docs/methods.md section 2 describes it, and trains a linear model on 1×4×4 images for a few SGD
 steps. Random draws come from the same splitmix64 stream and the same sampling algorithms as
 xlab's host generator (uniform, rejection-sampled integers, Fisher-Yates, Box-Muller,
 Marsaglia-Tsang gamma, beta as a gamma ratio), drawn in the same order, so both sides see the

@@ -2,7 +2,7 @@
 
 Each variant is written as its reference optimizer does it (davda54/sam, SamsungLabs/ASAM,
 xxgege/GAM, WHU-ZQH/FSAM4PLM, mueller-mp/SAM-ON, hiyouga/AMP-Regularizer; F-GR from its paper),
-following METHODS.md section 1, and trains a tiny network for a few steps with SGD (momentum
+following docs/methods.md section 1, and trains a tiny network for a few steps with SGD (momentum
 0.9). Reads {"init": {...}, "x": [[...]], "y": [...], "steps": n, "lr": a, "cases": [...]} on
 stdin and writes the final parameters of every case as JSON. Everything runs in float64.
 """

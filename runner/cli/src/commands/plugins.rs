@@ -61,6 +61,9 @@ pub fn run(cmd: &PluginsCommand) -> Result<u8, Failure> {
             outln!("{} ({}) from plugin `{}` {} ({})", c.id, c.kind, plugin.id, plugin.version, plugin.file);
             outln!("  {}", c.summary);
             outln!("  reference: {}", c.reference);
+            if let Some((section, title)) = methods_section(&c.id) {
+                outln!("  specification: docs/methods.md §{section} ({title})");
+            }
             outln!("  passes per step: {}; stateful: {}; random: {}", c.passes_per_step, c.stateful, c.random);
             outln!("parameters:");
             for p in &c.params {
@@ -77,4 +80,36 @@ pub fn run(cmd: &PluginsCommand) -> Result<u8, Failure> {
             Ok(0)
         }
     }
+}
+
+/// The section of `docs/methods.md` that specifies a built-in component (its update rule,
+/// defaults, reference, deviations and the test vectors that pin it), and its title.
+fn methods_section(id: &str) -> Option<(&'static str, &'static str)> {
+    Some(match id {
+        "sam.sam" => ("1.1", "SAM"),
+        "sam.asam" => ("1.2", "ASAM"),
+        "sam.gam" => ("1.4", "GAM"),
+        "sam.saf" | "sam.mesa" => ("1.5", "SAF and MESA"),
+        "sam.fsam" => ("1.6", "FSAM"),
+        "sam.sam_on" => ("1.7", "SAM-ON"),
+        "sam.amp" => ("1.8", "AMP"),
+        "sam.fd_gr" => ("1.9", "Finite-difference gradient regularization"),
+        "mixup.mixup" => ("2.1", "mixup"),
+        "mixup.cutmix" | "mixup.timm" => ("2.2", "CutMix and timm's Mixup"),
+        "mixup.regmixup" => ("2.3", "RegMixup"),
+        "mixup.selective" | "mixup.selective_no_mix" | "mixup.resample" => ("2.4", "Selective mixup and its controls"),
+        "mixup.comixup" => ("2.5", "Co-Mixup"),
+        "mixup.selmix" => ("2.6", "SelMix"),
+        "diffusion.ddpm" => ("3.2", "DDPM ancestral sampler"),
+        "diffusion.ddim" => ("3.3", "DDIM"),
+        "diffusion.dpmpp_2m" => ("3.4", "DPM-Solver++(2M)"),
+        "diffusion.euler" | "diffusion.heun" => ("3.5", "Euler and Heun"),
+        "diffusion.ddpm_ip" => ("3.6", "DDPM-IP"),
+        "diffusion.cfg" | "diffusion.adaptive_guidance" => ("3.7", "Classifier-free and adaptive guidance"),
+        "diffusion.closed_form" => ("3.8", "Closed-form diffusion"),
+        "dro.group_dro" | "dro.reweight" | "dro.subsample" => ("4.1", "Group DRO and group balancing"),
+        "dro.cvar" | "dro.chi2" => ("4.2", "CVaR and χ² DRO"),
+        "dro.jtt" => ("4.3", "JTT"),
+        _ => return None,
+    })
 }

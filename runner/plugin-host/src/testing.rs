@@ -5,11 +5,11 @@
 //! with defaults, a state save/load round trip, determinism under a fixed seed, and output
 //! shapes for its kind.
 
-use crate::host::{self, Instance, LoadedPlugin, StepDriver};
-use crate::sdk::{RunInfo, Sampling};
-use crate::ComponentKind;
+use crate::{self as host, Instance, LoadedPlugin, StepDriver};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
+use xlab_plugin_api::sdk::{RunInfo, Sampling};
+use xlab_plugin_api::{tch, ComponentKind};
 use xlab_proto::plugins::{resolve_params, ComponentInfo};
 
 /// Finds a workspace plugin library built next to the running test: `lib<crate>.so` in the
@@ -107,11 +107,11 @@ impl QuadraticDriver {
             d.curvature.push(Tensor::from_slice(a));
             d.names.push(name.to_string());
             let tag = if name.contains("bn") || name.contains("norm") {
-                crate::abi::tags::NORM
+                xlab_plugin_api::abi::tags::NORM
             } else if name.ends_with("bias") {
-                crate::abi::tags::BIAS
+                xlab_plugin_api::abi::tags::BIAS
             } else {
-                crate::abi::tags::WEIGHT
+                xlab_plugin_api::abi::tags::WEIGHT
             };
             d.tags.push(tag);
         }
@@ -190,9 +190,9 @@ fn component<'a>(plugin: &'a LoadedPlugin, id: &str) -> &'a ComponentInfo {
 fn run_info() -> RunInfo {
     let run_dir = std::env::temp_dir().join(format!("xlab-conformance-{}", std::process::id())).join("parent");
     for (epoch, errors) in [(1u64, vec![0u64, 3, 5]), (2, vec![3, 6])] {
-        let path = crate::artifacts::train_errors_path(&run_dir, epoch);
+        let path = xlab_plugin_api::artifacts::train_errors_path(&run_dir, epoch);
         std::fs::create_dir_all(path.parent().expect("a folder")).expect("conformance parent folder");
-        let record = crate::artifacts::TrainErrors { epoch, n_train: 8, errors };
+        let record = xlab_plugin_api::artifacts::TrainErrors { epoch, n_train: 8, errors };
         std::fs::write(&path, serde_json::to_vec(&record).expect("json")).expect("conformance parent errors");
     }
     RunInfo {
@@ -205,7 +205,7 @@ fn run_info() -> RunInfo {
         epochs: 2,
         steps_per_epoch: 2,
         seed: 0,
-        parents: vec![crate::ParentRef {
+        parents: vec![xlab_plugin_api::ParentRef {
             job_id: "0123456789abcdef".into(),
             run_dir,
             config: serde_json::json!({"task": "train", "epochs": 2}),

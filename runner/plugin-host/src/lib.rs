@@ -1,12 +1,17 @@
-//! The host side: finding, checking and loading plugin libraries, and calling their components
-//! through the C ABI. Used by the worker; the coordinator only sees the JSON description.
+//! The host side of the plugin boundary: finding, checking and loading plugin libraries, and
+//! calling their components through the C ABI. Used by the worker (the coordinator only sees the
+//! JSON description) and by plugins' tests, through [`testing`], the conformance kit. A plugin
+//! library links only `xlab-plugin-api`, the author's side.
 
-use crate::abi::{self, ComponentDecl, ComponentKind, PluginManifest, RStr, Sink, Status};
-use crate::sdk::{vec_sink, RunInfo, Sampling};
+pub mod testing;
+
 use sha2::{Digest, Sha256};
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
+use xlab_plugin_api::abi::{self, ComponentDecl, ComponentKind, PluginManifest, RStr, Sink, Status};
+use xlab_plugin_api::sdk::{vec_sink, RunInfo, Sampling};
+use xlab_plugin_api::tch;
 use xlab_proto::plugins::{ComponentInfo, ParamSpec, PluginInfo, Refusal, Registry};
 
 /// A loaded, checked plugin library. Libraries are never unloaded.
