@@ -123,42 +123,6 @@ fn style(i: usize) -> (Color, Option<(f64, f64)>) {
     (PALETTE[i % PALETTE.len()], DASHES[(i / PALETTE.len()) % DASHES.len()])
 }
 
-/// A polyline cut into the pieces a dash pattern draws.
-pub fn dashed(points: &[(f64, f64)], (on, off): (f64, f64)) -> Vec<Vec<(f64, f64)>> {
-    let mut out = Vec::new();
-    let mut piece: Vec<(f64, f64)> = Vec::new();
-    // Where in the pattern the pen is: drawing for `on`, then lifted for `off`.
-    let (mut drawing, mut left) = (true, on);
-    for seg in points.windows(2) {
-        let (a, b) = (seg[0], seg[1]);
-        let len = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt();
-        let mut t = 0.0;
-        while t < len {
-            let step = left.min(len - t);
-            let p = |u: f64| (a.0 + (b.0 - a.0) * u / len, a.1 + (b.1 - a.1) * u / len);
-            if drawing {
-                if piece.is_empty() {
-                    piece.push(p(t));
-                }
-                piece.push(p(t + step));
-            }
-            t += step;
-            left -= step;
-            if left <= 1e-9 {
-                if drawing {
-                    out.push(std::mem::take(&mut piece));
-                }
-                drawing = !drawing;
-                left = if drawing { on } else { off };
-            }
-        }
-    }
-    if piece.len() > 1 {
-        out.push(piece);
-    }
-    out
-}
-
 /// Round tick values spanning [lo, hi].
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
@@ -465,15 +429,5 @@ mod tests {
         let svg = svg(&layout("t", "val.acc", &curves, &axis));
         assert_eq!(svg.matches("stroke-dasharray=\"7 4\"").count(), 2 * 4, "curves 8..11 are dashed, legend too");
         assert!(svg.contains(">accuracy (log scale)<") && svg.contains(">epoch<"));
-    }
-
-    #[test]
-    fn a_dash_pattern_cuts_a_line_into_pieces() {
-        let pieces = dashed(&[(0.0, 0.0), (10.0, 0.0), (10.0, 10.0)], (3.0, 2.0));
-        // 20 units: on 0-3, 5-8, 10-13, 15-18 (the third turns the corner).
-        assert_eq!(pieces.len(), 4, "{pieces:?}");
-        assert_eq!(pieces[0], vec![(0.0, 0.0), (3.0, 0.0)]);
-        assert_eq!(pieces[2], vec![(10.0, 0.0), (10.0, 3.0)]);
-        assert_eq!(pieces[3], vec![(10.0, 5.0), (10.0, 8.0)]);
     }
 }

@@ -104,7 +104,9 @@ pub fn run(cli: &Cli, args: &PlotArgs) -> Result<u8, Failure> {
     let title = title.clone().unwrap_or_else(|| format!("experiment `{}`", exp.name));
     let scene = plot::layout(&title, metric, &curves, &axis);
     let bytes = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-        Some("png") => raster::png(&scene),
+        Some("png") => {
+            raster::png(&scene).map_err(|e| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!(e) })?
+        }
         Some("svg") => plot::svg(&scene).into_bytes(),
         _ => {
             return Err(Failure {
