@@ -19,7 +19,7 @@ import time
 
 # (target, the cargo test that runs it)
 TARGETS = [
-    ("spec", ["-p", "xlab-spec", "--test", "fuzz"]),
+    ("spec", ["-p", "xlab-plan", "--test", "fuzz"]),
     ("filter", ["-p", "xlab-cli", "--bin", "xlab", "fuzz_filters"]),
     ("events", ["-p", "xlab-proto", "--test", "fuzz"]),
     ("npz", ["-p", "xlab-worker", "--lib", "fuzz_npz"]),

@@ -185,7 +185,7 @@ impl Grouped {
             });
         } else {
             let known: Vec<String> = self.aggs.iter().map(Agg::label).chain(self.keys.iter().cloned()).collect();
-            let hint = match xlab_spec::did_you_mean(name, known.iter().map(String::as_str)) {
+            let hint = match xlab_plan::did_you_mean(name, known.iter().map(String::as_str)) {
                 Some(c) => format!("did you mean `{c}`?"),
                 None => format!("the columns are {}", known.join(", ")),
             };

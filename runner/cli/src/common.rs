@@ -30,7 +30,7 @@ pub struct Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let error = e.into();
-        let code = if error.downcast_ref::<xlab_spec::SpecError>().is_some() { exit::USER } else { exit::ENVIRONMENT };
+        let code = if error.downcast_ref::<xlab_plan::SpecError>().is_some() { exit::USER } else { exit::ENVIRONMENT };
         Failure { code, error }
     }
 }
@@ -137,7 +137,7 @@ pub(crate) fn named_experiment(store: &dyn ResultStore, name: &str) -> Result<xl
         return Ok(e);
     }
     let known: Vec<String> = store.experiments()?.into_iter().map(|e| e.name).collect();
-    let hint = match xlab_spec::did_you_mean(name, known.iter().map(String::as_str)) {
+    let hint = match xlab_plan::did_you_mean(name, known.iter().map(String::as_str)) {
         Some(c) => format!("did you mean `{c}`?"),
         None if known.is_empty() => "the store holds no experiments yet".to_string(),
         None => format!("it holds: {}", known.join(", ")),

@@ -150,7 +150,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Compare(args) => commands::show::compare(cli, args),
         Command::Doctor => commands::doctor::run(cli),
         Command::Schema => {
-            outln!("{}", serde_json::to_string_pretty(&xlab_spec::schema::schema()).expect("json"));
+            outln!("{}", serde_json::to_string_pretty(&xlab_plan::schema::schema()).expect("json"));
             Ok(0)
         }
         Command::Plugins { command } => commands::plugins::run(command),

@@ -33,7 +33,7 @@ impl WorkerPlugins {
     }
 }
 
-impl xlab_spec::PluginSource for WorkerPlugins {
+impl xlab_plan::PluginSource for WorkerPlugins {
     fn registry(&mut self, extra: &[PathBuf]) -> Result<&Registry, String> {
         if self.cached.is_none() {
             self.cached = Some(Self::fetch(&self.worker, extra)?);

@@ -89,7 +89,7 @@ impl Tracker {
         }
     }
 
-    pub fn started(&mut self, job: &xlab_spec::Job, device: &str, attempt: u32, slurm_job: Option<&str>) {
+    pub fn started(&mut self, job: &xlab_plan::Job, device: &str, attempt: u32, slurm_job: Option<&str>) {
         let epochs = job.config_json.get("epochs").and_then(|e| e.as_u64()).unwrap_or(0);
         if let Some(l) = self.live.as_mut() {
             l.started(job.id.as_str(), format!("{} {} on {device}", job.stage, job.label()), epochs.max(1));

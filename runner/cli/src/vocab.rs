@@ -55,14 +55,14 @@ impl Vocab {
 
     /// The closest key or metric to a mistyped name.
     pub fn suggest(&self, name: &str) -> Option<String> {
-        xlab_spec::did_you_mean(name, self.keys.iter().chain(&self.metrics).map(String::as_str)).map(str::to_string)
+        xlab_plan::did_you_mean(name, self.keys.iter().chain(&self.metrics).map(String::as_str)).map(str::to_string)
     }
 
     pub fn suggest_metric(&self, name: &str) -> Option<String> {
-        xlab_spec::did_you_mean(name, self.metrics.iter().map(String::as_str)).map(str::to_string)
+        xlab_plan::did_you_mean(name, self.metrics.iter().map(String::as_str)).map(str::to_string)
     }
 
     pub fn suggest_key(&self, name: &str) -> Option<String> {
-        xlab_spec::did_you_mean(name, self.keys.iter().map(String::as_str)).map(str::to_string)
+        xlab_plan::did_you_mean(name, self.keys.iter().map(String::as_str)).map(str::to_string)
     }
 }

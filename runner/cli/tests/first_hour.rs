@@ -78,7 +78,7 @@ fn a_store_made_before_content_identity_still_finds_its_jobs() {
     ok(cmd(&fresh).arg("run").arg(&file).output().unwrap());
     ok(cmd(&fresh).args(["export", "-o"]).arg(dir.path().join("new.jsonl")).output().unwrap());
     let old = dir.path().join("old");
-    let plan = xlab_spec::load(&file, &mut xlab_spec::NoPlugins).unwrap();
+    let plan = xlab_plan::load(&file, &mut xlab_plan::NoPlugins).unwrap();
     let mut lines = std::fs::read_to_string(dir.path().join("new.jsonl")).unwrap();
     let mut renamed = 0;
     for job in plan.jobs() {

@@ -1,6 +1,7 @@
 //! `xlab plan` output, pinned word for word: every shipped experiment against an empty store,
 //! and an experiment against a store holding done, failed and interrupted jobs, before and after
-//! the file gains seeds. `XLAB_BLESS=1 cargo test --release --test plan` rewrites the snapshots.
+//! the file gains seeds. The snapshots are insta's: `cargo insta review` (or `INSTA_UPDATE=always`)
+//! accepts an intended change.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,16 +25,12 @@ fn cmd(store: &Path) -> Command {
     c
 }
 
-/// Compares `got` with the snapshot `name`, or writes it under XLAB_BLESS.
+/// Compares `got` with the snapshot `tests/snapshots/plan/NAME.snap` (insta: `cargo insta
+/// review`, or `INSTA_UPDATE=always`, accepts a change).
 fn snapshot(name: &str, got: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/plan").join(format!("{name}.txt"));
-    if std::env::var_os("XLAB_BLESS").is_some() {
-        std::fs::write(&path, got).unwrap();
-        return;
-    }
-    let want =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; bless with XLAB_BLESS=1", path.display()));
-    assert_eq!(got, want, "snapshot {name} differs; if the change is intended, bless with XLAB_BLESS=1");
+    insta::with_settings!({snapshot_path => "snapshots/plan", prepend_module_to_snapshot => false, omit_expression => true}, {
+        insta::assert_snapshot!(name, got);
+    });
 }
 
 fn plan(store: &Path, file: &Path) -> String {

@@ -1,6 +1,6 @@
 //! `xlab query` output in every format, pinned word for word, over a store built by `xlab
 //! import` from records this test writes (fixed values, so the snapshots hold on any machine).
-//! `XLAB_BLESS=1 cargo test --release --test query_formats` rewrites the snapshots.
+//! The snapshot is insta's: `cargo insta review` (or `INSTA_UPDATE=always`) accepts a change.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -80,14 +80,9 @@ fn every_output_format_is_pinned() {
         args.extend(grouped);
         got += &run(&store, &args);
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/query/formats.txt");
-    if std::env::var_os("XLAB_BLESS").is_some() {
-        std::fs::write(&path, &got).unwrap();
-        return;
-    }
-    let want =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; bless with XLAB_BLESS=1", path.display()));
-    assert_eq!(got, want, "the query output changed; if intended, bless with XLAB_BLESS=1");
+    insta::with_settings!({snapshot_path => "snapshots/query", prepend_module_to_snapshot => false, omit_expression => true}, {
+        insta::assert_snapshot!("formats", got);
+    });
 }
 
 /// A valid filter that matches nothing says so, with how many jobs there are, and the metrics

@@ -17,7 +17,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     pub protocol: u32,
-    /// The job's identity (see `xlab_spec::identity`).
+    /// The job's identity (see `xlab_plan::identity`).
     pub job_id: String,
     pub experiment: String,
     pub stage: String,

@@ -12,7 +12,7 @@ use crate::run::RunReport;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use xlab_proto::{Event, FailureCause};
-use xlab_spec::{Job, JobId, Plan};
+use xlab_plan::{Job, JobId, Plan};
 use xlab_store::{now_unix, ArtifactRecord, Attempt, FaultSite, JobRecord, JobStatus};
 
 /// A worker's final word: its summary, or why it failed.
@@ -709,7 +709,7 @@ mod tests {
 
     fn plan(stages: &str) -> Plan {
         let text = format!("{DEFAULTS}{stages}");
-        xlab_spec::load_str(Path::new("t.yaml"), &text, &mut Registry::default()).unwrap_or_else(|e| panic!("{e}"))
+        xlab_plan::load_str(Path::new("t.yaml"), &text, &mut Registry::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn settings(slots: usize) -> Settings {

@@ -1,6 +1,6 @@
 //! The device pool: the slots jobs run in, each with its device and thread count.
 
-use xlab_spec::file::DeviceKind;
+use xlab_plan::file::DeviceKind;
 
 fn kind_matches(kind: DeviceKind, device: &str) -> bool {
     match kind {

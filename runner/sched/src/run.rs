@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xlab_proto::{Event, FailureCause, JobRequest, Lease, ParentRef, PROTOCOL_VERSION};
-use xlab_spec::{Job, Plan};
+use xlab_plan::{Job, Plan};
 use xlab_store::{now_unix, ExperimentRecord, FaultSite, JobRecord, JobStatus, Provenance, ResultStore, StageRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -173,9 +173,9 @@ pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
         let Some(why) = pool.never_fits(need) else { continue };
         let kind = match need.kind {
             _ if need.gpus > 0 => "whole GPU(s)",
-            xlab_spec::file::DeviceKind::Any => "any device",
-            xlab_spec::file::DeviceKind::Cpu => "the CPU",
-            xlab_spec::file::DeviceKind::Cuda => "a GPU",
+            xlab_plan::file::DeviceKind::Any => "any device",
+            xlab_plan::file::DeviceKind::Cpu => "the CPU",
+            xlab_plan::file::DeviceKind::Cuda => "a GPU",
         };
         let memory = match need.memory_mib {
             0 => String::new(),

@@ -20,7 +20,7 @@ use xlab_proto::{Event, FailureCause};
 /// How the run reaches Slurm.
 #[derive(Debug, Clone)]
 pub struct SlurmExec {
-    cfg: xlab_spec::file::Slurm,
+    cfg: xlab_plan::file::Slurm,
     /// `xlab-worker`, as an absolute path (nodes run it from the shared filesystem).
     worker: PathBuf,
     /// `<store>/slurm`: batch scripts, task lists and Slurm's own output files.
@@ -103,7 +103,7 @@ fn absolute(p: &Path) -> std::io::Result<PathBuf> {
 
 impl SlurmExec {
     /// Checks that Slurm answers and makes the paths absolute. `threads`: `--threads`.
-    pub fn new(cfg: xlab_spec::file::Slurm, worker: &Path, store: &Path, threads: usize) -> Result<Self, String> {
+    pub fn new(cfg: xlab_plan::file::Slurm, worker: &Path, store: &Path, threads: usize) -> Result<Self, String> {
         let worker = absolute(worker).map_err(|e| format!("cannot resolve {}: {e}", worker.display()))?;
         if !worker.is_file() {
             return Err(format!(
@@ -127,10 +127,10 @@ impl SlurmExec {
 
     /// The GPUs a job asks for: its stage's `resources: {gpus: N}`, else none for a CPU-only
     /// stage, else the executor's `gpus_per_job`.
-    pub fn gpus_for(&self, job: &xlab_spec::Job) -> u32 {
+    pub fn gpus_for(&self, job: &xlab_plan::Job) -> u32 {
         if job.exec.gpus > 0 {
             job.exec.gpus
-        } else if job.exec.device == xlab_spec::file::DeviceKind::Cpu {
+        } else if job.exec.device == xlab_plan::file::DeviceKind::Cpu {
             0
         } else {
             self.cfg.gpus_per_job.unwrap_or(0)

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use tch::{Device, Kind, Tensor};
-use xlab_spec::config::Precision;
+use xlab_plan::config::Precision;
 
 extern "C" {
     fn xlab_autocast_enter(device: i32, dtype: i32) -> i32;
@@ -101,11 +101,11 @@ pub struct Scaler {
     pub scale: f32,
     /// Finite steps in a row since the scale last changed.
     pub growth_tracker: u32,
-    cfg: xlab_spec::config::LossScale,
+    cfg: xlab_plan::config::LossScale,
 }
 
 impl Scaler {
-    pub fn new(cfg: xlab_spec::config::LossScale) -> Self {
+    pub fn new(cfg: xlab_plan::config::LossScale) -> Self {
         Scaler { scale: cfg.init as f32, growth_tracker: 0, cfg }
     }
 
@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn the_scaler_backs_off_on_overflow_and_grows_after_its_interval() {
         let cfg =
-            xlab_spec::config::LossScale { init: 1024.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 3 };
+            xlab_plan::config::LossScale { init: 1024.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 3 };
         let mut s = Scaler::new(cfg);
         let g = Tensor::from_slice(&[2048.0f32, -512.0]);
         assert!(!s.unscale(std::slice::from_ref(&g)));

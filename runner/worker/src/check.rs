@@ -12,7 +12,7 @@ use std::rc::Rc;
 use tch::nn;
 use xlab_plugin_host::LoadedPlugin;
 use xlab_proto::plugins::{CheckFailure, JobCheck};
-use xlab_spec::config::{JobConfig, Task};
+use xlab_plan::config::{JobConfig, Task};
 
 /// Every failure, at most one per job (the first thing wrong with it).
 pub fn check(jobs: &[JobCheck]) -> Vec<CheckFailure> {
@@ -80,7 +80,7 @@ impl Checker {
         self.datasets.entry(key).or_insert_with(|| data::build(&cfg.data).map(Rc::new)).clone()
     }
 
-    fn model(&mut self, m: &xlab_spec::config::ModelConfig, d: &data::Dataset) -> Result<(), String> {
+    fn model(&mut self, m: &xlab_plan::config::ModelConfig, d: &data::Dataset) -> Result<(), String> {
         if m.is_diffusion() {
             return Err("a diffusion model trains with `diffusion:`".into());
         }

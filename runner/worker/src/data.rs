@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
-use xlab_spec::config::{Blobs, Cifar, Csv, DataConfig, Digits, Npz, Spurious, TwoMoons, DIGITS_TOTAL};
+use xlab_plan::config::{Blobs, Cifar, Csv, DataConfig, Digits, Npz, Spurious, TwoMoons, DIGITS_TOTAL};
 
 /// Features, labels and (when the data has them) group ids of one split.
 pub struct Split {
@@ -671,7 +671,7 @@ pub fn repeat_epoch_order(counts: &[u32], seed: u64, epoch: u64) -> Vec<i64> {
 mod tests {
     use super::*;
     use std::io::Write;
-    use xlab_spec::config::FileRef;
+    use xlab_plan::config::FileRef;
 
     fn folder(dir: &Path) -> Cifar {
         Cifar { path: FileRef { path: dir.display().to_string(), sha256: None }, n_val: 1, normalize: false }

@@ -17,7 +17,7 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::RunInfo;
 use xlab_proto::FailureCause;
-use xlab_spec::config::{Diffusion, JobConfig, Prediction};
+use xlab_plan::config::{Diffusion, JobConfig, Prediction};
 
 /// A stream of draws for one purpose, fixed by the job's seed: `(epoch, batch)` of training,
 /// or a named evaluation. Resuming at an epoch boundary redraws exactly what the uninterrupted
@@ -323,7 +323,7 @@ fn keep_scorer(p: &xlab_proto::ParentRef, run_dir: &Path) -> Result<(), Failure>
 mod tests {
     use super::*;
     use crate::denoiser::{alphas_cumprod, DiffusionNet};
-    use xlab_spec::config::{BetaSchedule, ModelConfig, TimeMlp, Unet};
+    use xlab_plan::config::{BetaSchedule, ModelConfig, TimeMlp, Unet};
 
     fn diffusion(prediction: Prediction) -> Diffusion {
         Diffusion {

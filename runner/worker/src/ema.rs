@@ -4,7 +4,7 @@
 
 use crate::Failure;
 use tch::Tensor;
-use xlab_spec::config::Ema;
+use xlab_plan::config::Ema;
 
 /// The file beside `weights.safetensors` that holds the average, under the same names.
 pub const EMA_WEIGHTS: &str = "weights_ema.safetensors";

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_proto::FailureCause;
-use xlab_spec::config::JobConfig;
+use xlab_plan::config::JobConfig;
 
 /// Loss, accuracy, calibration, per-class recall and (with groups) per-group loss and accuracy
 /// and worst-group accuracy on one split, without gradients, as `name.loss`, `name.acc`,
@@ -184,7 +184,7 @@ pub(crate) fn sharpness(
     net: &model::Model,
     params: &[Tensor],
     train: &Split,
-    sh: &xlab_spec::config::Sharpness,
+    sh: &xlab_plan::config::Sharpness,
     device: Device,
 ) -> Result<BTreeMap<String, f64>, Failure> {
     let n = train.len().min(sh.samples) as i64;

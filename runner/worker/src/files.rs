@@ -15,7 +15,7 @@ use std::path::Path;
 use tch::nn;
 use tch::Tensor;
 use xlab_proto::FailureCause;
-use xlab_spec::config::JobConfig;
+use xlab_plan::config::JobConfig;
 
 /// Where and how often a job checkpoints.
 pub struct CheckpointPlan<'a> {

@@ -29,7 +29,7 @@ use events::Emitter;
 use host::Components;
 use std::path::{Path, PathBuf};
 use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
-use xlab_spec::config::{JobConfig, Task};
+use xlab_plan::config::{JobConfig, Task};
 
 fn device_of(lease: &str) -> Result<tch::Device, Failure> {
     if lease == "cpu" {
@@ -183,8 +183,8 @@ pub fn exit_with_parent() {
 }
 
 /// `task: noop`: sleeps, then succeeds or fails the way the config asks.
-fn noop(n: xlab_spec::config::Noop, device: tch::Device) -> Result<std::collections::BTreeMap<String, f64>, Failure> {
-    use xlab_spec::config::NoopFailure;
+fn noop(n: xlab_plan::config::Noop, device: tch::Device) -> Result<std::collections::BTreeMap<String, f64>, Failure> {
+    use xlab_plan::config::NoopFailure;
     std::thread::sleep(std::time::Duration::from_secs_f64(n.sleep_s));
     match n.fail {
         NoopFailure::None => Ok([("noop.sleep_s".to_string(), n.sleep_s)].into()),

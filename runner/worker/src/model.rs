@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use tch::{nn, Tensor};
-use xlab_spec::config::{Activation, ModelConfig, Norm};
+use xlab_plan::config::{Activation, ModelConfig, Norm};
 
 /// BatchNorm over dimension 1 (features or channels), as `nn.BatchNorm1d/2d`.
 struct BatchNorm {
@@ -545,7 +545,7 @@ pub fn tags_of(name: &str, norm_prefixes: &[String]) -> u32 {
 mod tests {
     use super::*;
     use tch::Kind;
-    use xlab_spec::config::{Cnn, Mlp};
+    use xlab_plan::config::{Cnn, Mlp};
 
     fn names(vs: &nn::VarStore) -> Vec<String> {
         let mut names: Vec<String> = vs.variables().into_keys().collect();

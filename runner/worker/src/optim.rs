@@ -10,7 +10,7 @@
 //! tensor operations, so results agree to float rounding, not always bit for bit.
 
 use tch::Tensor;
-use xlab_spec::config::OptimizerConfig;
+use xlab_plan::config::OptimizerConfig;
 
 /// Per-parameter state.
 #[derive(Default)]
@@ -247,7 +247,7 @@ impl Optimizer {
 mod tests {
     use super::*;
     use tch::Kind;
-    use xlab_spec::config::{Adam, Sgd};
+    use xlab_plan::config::{Adam, Sgd};
 
     fn quad(cfg: OptimizerConfig, steps: usize) -> Vec<f64> {
         let w = Tensor::from_slice(&[3.0f64, 4.0]).set_requires_grad(true);

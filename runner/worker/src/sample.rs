@@ -14,7 +14,7 @@ use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_proto::FailureCause;
-use xlab_spec::config::{DenoiserConfig, JobConfig, Prediction, WeightsChoice};
+use xlab_plan::config::{DenoiserConfig, JobConfig, Prediction, WeightsChoice};
 
 /// The exact ε̂ for the empirical distribution of `x0` (rows) under ᾱ. The squared distances
 /// ‖x − √ᾱ xᵢ‖² come from one matrix product (no samples × points × features tensor).

@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 use xlab_plugin_api::{RunInfo, Sampling};
 use xlab_plugin_host::StepDriver;
 use xlab_proto::FailureCause;
-use xlab_spec::config::JobConfig;
+use xlab_plan::config::JobConfig;
 
 /// What a training job's components are told at setup: the data's classes, sizes, labels,
 /// groups and domains, and the run's length.
@@ -122,7 +122,7 @@ pub fn run(
     let mut first_epoch = 0u64;
 
     // `precision: fp16`: the dynamic loss scale, checkpointed with the run.
-    let mut scaler = (cfg.precision == xlab_spec::config::Precision::Fp16)
+    let mut scaler = (cfg.precision == xlab_plan::config::Precision::Fp16)
         .then(|| crate::amp::Scaler::new(cfg.loss_scale.clone().unwrap_or_default()));
     // A checkpoint inside an epoch: batches done, the epoch's order, its statistics so far.
     let mut resume_inside: Option<(u64, Vec<i64>, EpochStats)> = None;

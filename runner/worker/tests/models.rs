@@ -6,7 +6,7 @@
 use serde_json::json;
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
-use xlab_spec::config::{ModelConfig, Norm, ResNet, Wrn};
+use xlab_plan::config::{ModelConfig, Norm, ResNet, Wrn};
 
 fn reference(dir: &Path, norm: &str) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/torch_models.py");

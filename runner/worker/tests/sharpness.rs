@@ -81,7 +81,7 @@ fn hessian_top_eigenvalue_and_m_sharpness_match_pytorch() {
         params.insert(name.clone(), json!(Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).flatten(0, -1)).unwrap()));
         shapes.insert(name.clone(), json!(t.size()));
     }
-    let cfg: xlab_spec::config::DataConfig = serde_json::from_value(data).unwrap();
+    let cfg: xlab_plan::config::DataConfig = serde_json::from_value(data).unwrap();
     let d = xlab_worker::data::build(&cfg).unwrap();
     let x: Vec<f64> = Vec::try_from(d.train.x.narrow(0, 0, 80).to_kind(tch::Kind::Double).flatten(0, -1)).unwrap();
     let y: Vec<i64> = Vec::try_from(d.train.y.narrow(0, 0, 80)).unwrap();

@@ -13,7 +13,7 @@ pub struct PlanArgs {
 
 pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
     let file = &args.file;
-    let mut plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let mut plan = xlab_plan::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let store = if cli.store.join("db").exists() { Some(open_store(&cli.store)?) } else { None };
     if let Some(s) = &store {
         adopt_earlier_ids(s, &mut plan);
@@ -41,12 +41,12 @@ pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
             if stage.sweep_keys.is_empty() { String::new() } else { format!(" over {}", stage.sweep_keys.join(", ")) };
         if let Some((parent, select)) = &stage.needs {
             let how = match (select, stage.jobs.first().and_then(|j| j.pick.as_ref())) {
-                (xlab_spec::file::Select::Each, _) => "one per job".to_string(),
-                (xlab_spec::file::Select::All, _) => "all jobs".to_string(),
-                (xlab_spec::file::Select::Best, Some(p)) => {
-                    format!("best by {} {}", p.metric, if p.mode == xlab_spec::file::Mode::Max { "max" } else { "min" })
+                (xlab_plan::file::Select::Each, _) => "one per job".to_string(),
+                (xlab_plan::file::Select::All, _) => "all jobs".to_string(),
+                (xlab_plan::file::Select::Best, Some(p)) => {
+                    format!("best by {} {}", p.metric, if p.mode == xlab_plan::file::Mode::Max { "max" } else { "min" })
                 }
-                (xlab_spec::file::Select::Best, None) => "best".to_string(),
+                (xlab_plan::file::Select::Best, None) => "best".to_string(),
             };
             sweep = format!(" needing `{parent}` ({how}){sweep}");
         }

@@ -49,7 +49,7 @@ pub fn run(cmd: &PluginsCommand) -> Result<u8, Failure> {
         }
         PluginsCommand::Describe { id } => {
             let Some((plugin, c)) = registry.component(id) else {
-                let hint = match xlab_spec::did_you_mean(id, registry.component_ids()) {
+                let hint = match xlab_plan::did_you_mean(id, registry.component_ids()) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => "see `xlab plugins list`".to_string(),
                 };

@@ -84,7 +84,7 @@ pub struct ValidateCommand {
 
 pub fn run(cli: &Cli, args: &RunCommand) -> Result<u8, Failure> {
     let RunCommand { file, how } = args;
-    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let plan = xlab_plan::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     run_plan(cli, plan, how)
 }
 
@@ -97,13 +97,13 @@ pub fn resume(cli: &Cli, args: &ResumeCommand) -> Result<u8, Failure> {
     if std::fs::read_to_string(&file).is_ok_and(|now| now != exp.source) {
         tracing::warn!("{} changed since `{name}` last ran; resuming the experiment as it was then", file.display());
     }
-    let plan = xlab_spec::load_str(&file, &exp.source, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let plan = xlab_plan::load_str(&file, &exp.source, &mut plugins::WorkerPlugins::new(worker_path()))?;
     run_plan(cli, plan, how)
 }
 
 pub fn validate(_cli: &Cli, args: &ValidateCommand) -> Result<u8, Failure> {
     let ValidateCommand { file } = args;
-    let plan = xlab_spec::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    let plan = xlab_plan::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let n: usize = plan.stages.iter().map(|s| s.jobs.len()).sum();
     outln!("{}: ok — experiment `{}`, {} stage(s), {n} job(s)", file.display(), plan.name, plan.stages.len());
     Ok(0)
@@ -129,8 +129,8 @@ fn count_stop_requests() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
 }
 
 /// The Slurm settings when jobs go to Slurm: `--executor`, else the file's `executor:`.
-fn slurm_settings(how: &RunArgs, plan: &xlab_spec::Plan) -> Option<xlab_spec::file::Slurm> {
-    use xlab_spec::file::Executor;
+fn slurm_settings(how: &RunArgs, plan: &xlab_plan::Plan) -> Option<xlab_plan::file::Slurm> {
+    use xlab_plan::file::Executor;
     match (how.executor, &plan.executor) {
         (Some(ExecutorKind::Local), _) | (None, None | Some(Executor::Local)) => None,
         (_, Some(Executor::Slurm(s))) => Some(s.clone()),
@@ -144,7 +144,7 @@ fn slurm_settings(how: &RunArgs, plan: &xlab_spec::Plan) -> Option<xlab_spec::fi
 /// version bump), which would otherwise be reused without a word.
 fn review_done_jobs(
     store: &dyn ResultStore,
-    plan: &xlab_spec::Plan,
+    plan: &xlab_plan::Plan,
     rerun: Option<&str>,
 ) -> Result<std::collections::HashSet<String>, Failure> {
     let mut filter = parse_filter(rerun)?;
@@ -197,7 +197,7 @@ fn review_done_jobs(
 
 /// Finds the jobs a store recorded before files were identified by content (see
 /// `Plan::adopt_earlier_ids`).
-pub(crate) fn adopt_earlier_ids(store: &dyn ResultStore, plan: &mut xlab_spec::Plan) {
+pub(crate) fn adopt_earlier_ids(store: &dyn ResultStore, plan: &mut xlab_plan::Plan) {
     let n = plan.adopt_earlier_ids(&mut |id| store.job(id).ok().flatten().is_some());
     if n > 0 {
         tracing::debug!("{n} job(s) of `{}` found under the ids they were recorded with", plan.name);
@@ -206,7 +206,7 @@ pub(crate) fn adopt_earlier_ids(store: &dyn ResultStore, plan: &mut xlab_spec::P
 
 /// Says when this run replaces the file an experiment last ran from (an edit, or another file
 /// with the same `name:`): the earlier version and its jobs stay, and how to see them.
-fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_spec::Plan) -> Result<(), Failure> {
+fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_plan::Plan) -> Result<(), Failure> {
     let Some(before) = store.experiment(&plan.name)? else { return Ok(()) };
     let file = plan.file.display().to_string();
     if before.source == plan.source {
@@ -231,7 +231,7 @@ fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_spec::Plan) -> Result<(
     Ok(())
 }
 
-fn run_plan(cli: &Cli, mut plan: xlab_spec::Plan, how: &RunArgs) -> Result<u8, Failure> {
+fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
     let (pool, slurm) = match slurm_settings(how, &plan) {
         Some(settings) => {

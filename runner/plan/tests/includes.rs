@@ -1,7 +1,7 @@
 //! `include:` composes experiment files and `${…}` refers to other values of the document.
 
 use std::path::Path;
-use xlab_spec::NoPlugins;
+use xlab_plan::NoPlugins;
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -12,7 +12,7 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
-fn configs(plan: &xlab_spec::Plan, stage: &str) -> Vec<serde_json::Value> {
+fn configs(plan: &xlab_plan::Plan, stage: &str) -> Vec<serde_json::Value> {
     plan.stages.iter().find(|s| s.name == stage).unwrap().jobs.iter().map(|j| j.config_json.clone()).collect()
 }
 
@@ -30,7 +30,7 @@ fn included_files_merge_under_the_including_one() {
         "exp.yaml",
         "name: composed\ninclude: [common/adam.yaml]\ndefaults:\n  epochs: 5\nstages:\n  wider:\n    model: {hidden: [32]}\n    grid: {optimizer.lr: ['${defaults.optimizer.lr}', 0.01]}\n",
     );
-    let plan = xlab_spec::load(&main, &mut NoPlugins).unwrap();
+    let plan = xlab_plan::load(&main, &mut NoPlugins).unwrap();
     assert_eq!(plan.name, "composed");
     let base = configs(&plan, "baseline");
     assert_eq!(base.len(), 2, "the included stage is there");
@@ -51,7 +51,7 @@ fn include_and_reference_mistakes_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let err = |name: &str, text: &str| {
         let p = write(dir.path(), name, text);
-        xlab_spec::load(&p, &mut NoPlugins).unwrap_err().to_string()
+        xlab_plan::load(&p, &mut NoPlugins).unwrap_err().to_string()
     };
     let e = err("missing.yaml", "name: x\ninclude: nowhere.yaml\nstages: {a: {}}\n");
     assert!(e.contains("include: cannot read included file") && e.contains("nowhere.yaml"), "{e}");
@@ -71,7 +71,7 @@ fn include_and_reference_mistakes_are_clear() {
         "text.yaml",
         "name: x\ndescription: 'lr ${defaults.optimizer.lr} for ${defaults.epochs} epochs'\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd, lr: 0.1}\n  epochs: 4\nstages: {a: {}}\n",
     );
-    assert!(xlab_spec::load(&p, &mut NoPlugins).is_ok());
+    assert!(xlab_plan::load(&p, &mut NoPlugins).is_ok());
 }
 
 /// A mistake found after merging still names the file and the line and column where it is
@@ -85,13 +85,13 @@ fn errors_after_merging_point_at_the_file_that_wrote_the_key() {
         "defaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd, lr: -1}\n",
     );
     let main = write(dir.path(), "exp.yaml", "name: x\ninclude: base.yaml\nstages:\n  a: {epochs: 3}\n");
-    let e = xlab_spec::load(&main, &mut NoPlugins).unwrap_err();
+    let e = xlab_plan::load(&main, &mut NoPlugins).unwrap_err();
     assert_eq!(&*e.file, dir.path().join("base.yaml").as_path());
     assert_eq!(e.location, Some((5, 26)), "{e}");
     assert!(e.to_string().contains("base.yaml:5:26: stages.a: `optimizer.lr` must be a finite number > 0"), "{e}");
     // The same key set again in the including file: that one is reported.
     let main = write(dir.path(), "exp2.yaml", "name: x\ninclude: base.yaml\nstages:\n  a:\n    optimizer: {lr: -2}\n");
-    let e = xlab_spec::load(&main, &mut NoPlugins).unwrap_err();
+    let e = xlab_plan::load(&main, &mut NoPlugins).unwrap_err();
     assert_eq!((e.file.file_name().unwrap().to_str().unwrap(), e.location), ("exp2.yaml", Some((5, 17))), "{e}");
     // An unknown key of the merged document, through a reference.
     let main = write(
@@ -99,7 +99,7 @@ fn errors_after_merging_point_at_the_file_that_wrote_the_key() {
         "exp3.yaml",
         "name: x\ninclude: base.yaml\nstages:\n  a:\n    epochs: 2\n    batchsize: '${stages.a.epochs}'\n",
     );
-    let e = xlab_spec::load(&main, &mut NoPlugins).unwrap_err().to_string();
+    let e = xlab_plan::load(&main, &mut NoPlugins).unwrap_err().to_string();
     assert!(e.starts_with(&format!("{}:6:5: stages.a.batchsize: unknown field `batchsize`", main.display())), "{e}");
     assert!(e.contains("did you mean `batch_size`?"), "{e}");
 }

@@ -1,12 +1,14 @@
 //! Malformed and invalid experiment files: each gets one clear error, pinned here word for word,
-//! and none panics. The cases are in `invalid_cases.json` beside this file: [name, text].
+//! and none panics. The cases are in `invalid_cases.json` beside this file: [name, text]; the
+//! messages in the insta snapshot `snapshots/invalid_files.snap` (`cargo insta review`, or
+//! `INSTA_UPDATE=always`, accepts an intended change).
 
 use std::path::Path;
 use xlab_proto::plugins::Registry;
 
 fn error_of(name: &str, text: &str) -> String {
     let r = std::panic::catch_unwind(|| {
-        xlab_spec::load_str(Path::new(&format!("{name}.yaml")), text, &mut Registry::default())
+        xlab_plan::load_str(Path::new(&format!("{name}.yaml")), text, &mut Registry::default())
     });
     match r {
         Ok(Ok(_)) => panic!("{name}: accepted"),
@@ -18,22 +20,11 @@ fn error_of(name: &str, text: &str) -> String {
 #[test]
 fn every_invalid_file_gets_its_pinned_message() {
     let cases: Vec<(String, String)> = serde_json::from_str(include_str!("invalid_cases.json")).unwrap();
-    let expected: Vec<(String, String)> = serde_json::from_str(include_str!("invalid_expected.json")).unwrap();
     assert!(cases.len() >= 30, "{} cases", cases.len());
-    let got: Vec<(String, String)> = cases.iter().map(|(n, t)| (n.clone(), error_of(n, t))).collect();
-    if std::env::var_os("XLAB_BLESS").is_some() {
-        std::fs::write(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/invalid_expected.json"),
-            serde_json::to_string_pretty(&got).unwrap(),
-        )
-        .unwrap();
-        return;
-    }
-    for ((name, g), (en, e)) in got.iter().zip(&expected) {
-        assert_eq!(name, en);
-        assert_eq!(g, e, "{name}");
-    }
-    assert_eq!(got.len(), expected.len());
+    let got: String = cases.iter().map(|(n, t)| format!("## {n}\n{}\n\n", error_of(n, t))).collect();
+    insta::with_settings!({prepend_module_to_snapshot => false, omit_expression => true}, {
+        insta::assert_snapshot!("invalid_files", got);
+    });
 }
 
 /// Random bytes and random cuts of valid files never panic the parser.
@@ -56,7 +47,7 @@ fn garbage_never_panics() {
         }
         let text = String::from_utf8_lossy(&text).into_owned();
         let r =
-            std::panic::catch_unwind(|| xlab_spec::load_str(Path::new("fuzz.yaml"), &text, &mut Registry::default()));
+            std::panic::catch_unwind(|| xlab_plan::load_str(Path::new("fuzz.yaml"), &text, &mut Registry::default()));
         assert!(r.is_ok(), "panicked on:\n{text}");
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use xlab_proto::plugins::Registry;
-use xlab_spec::{load_str, Plan};
+use xlab_plan::{load_str, Plan};
 
 const BASE: &str = "name: s\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd}\nstages:\n  train:\n    seeds: 2\n    grid:\n      optimizer.lr: [0.1, 0.01]\n      optimizer.momentum: [0.0, 0.9]\n";
 
@@ -59,7 +59,7 @@ fn choose_ranks_by_the_metric_with_ties_by_id() {
     let cands = [("bbb", &a), ("aaa", &b), ("ccc", &c)];
     let picks: Vec<&str> = p.stages[1].jobs.iter().map(|j| j.pick.as_ref().unwrap().choose(&cands).unwrap()).collect();
     assert_eq!(picks, vec!["bbb", "ccc", "aaa"]);
-    let min = xlab_spec::Pick { metric: "val.acc".into(), mode: xlab_spec::file::Mode::Min, rank: 1 };
+    let min = xlab_plan::Pick { metric: "val.acc".into(), mode: xlab_plan::file::Mode::Min, rank: 1 };
     assert_eq!(min.choose(&cands).unwrap(), "aaa");
     let err = p.stages[1].jobs[2].pick.as_ref().unwrap().choose(&cands[..2]).unwrap_err();
     assert!(err.contains("needs 3 finished parent jobs, 2 finished"), "{err}");
@@ -75,8 +75,8 @@ fn a_nan_candidate_ranks_last() {
     let m = |v: f64| BTreeMap::from([("val.loss".to_string(), v)]);
     let (nan, low, inf) = (m(f64::NAN), m(0.25), m(f64::INFINITY));
     let cands = [("aaa", &nan), ("bbb", &low), ("ccc", &inf)];
-    let pick = |mode, rank| xlab_spec::Pick { metric: "val.loss".into(), mode, rank }.choose(&cands).unwrap();
-    use xlab_spec::file::Mode::{Max, Min};
+    let pick = |mode, rank| xlab_plan::Pick { metric: "val.loss".into(), mode, rank }.choose(&cands).unwrap();
+    use xlab_plan::file::Mode::{Max, Min};
     assert_eq!([pick(Min, 1), pick(Min, 2), pick(Min, 3)], ["bbb", "ccc", "aaa"]);
     assert_eq!([pick(Max, 1), pick(Max, 2), pick(Max, 3)], ["ccc", "bbb", "aaa"]);
 }

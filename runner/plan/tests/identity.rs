@@ -76,7 +76,7 @@ fn write(e: &Exp, r: &mut Rng) -> String {
 }
 
 fn ids(text: &str) -> Vec<String> {
-    let plan = xlab_spec::load_str(Path::new("p.yaml"), text, &mut Registry::default())
+    let plan = xlab_plan::load_str(Path::new("p.yaml"), text, &mut Registry::default())
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
     plan.jobs().map(|j| j.id.as_str().to_string()).collect()
 }

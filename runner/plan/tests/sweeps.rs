@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use xlab_proto::plugins::Registry;
-use xlab_spec::{load_str, Plan};
+use xlab_plan::{load_str, Plan};
 
 const BASE: &str = "name: s\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd}\nstages:\n  train:\n";
 
@@ -64,7 +64,7 @@ fn random_points_are_reproducible_and_seeded_separately() {
 
 struct Opt(f64);
 
-fn lr_of(j: &xlab_spec::Job) -> Opt {
+fn lr_of(j: &xlab_plan::Job) -> Opt {
     Opt(j.config_json["optimizer"]["lr"].as_f64().unwrap())
 }
 
@@ -89,7 +89,7 @@ fn adding_a_seed_or_grid_value_keeps_the_existing_ids() {
 fn named_variants_label_their_points_by_name() {
     let base = "name: v\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd}\nstages:\n  a:\n    variants:\n";
     let text = format!("{base}      - {{name: plain}}\n      - {{name: smooth, label_smoothing: 0.1, grid: {{optimizer.lr: [0.1, 0.01]}}}}\n");
-    let p = xlab_spec::load_str(std::path::Path::new("v.yaml"), &text, &mut xlab_spec::NoPlugins).unwrap();
+    let p = xlab_plan::load_str(std::path::Path::new("v.yaml"), &text, &mut xlab_plan::NoPlugins).unwrap();
     let labels: Vec<String> = p.stages[0].jobs.iter().map(|j| j.label()).collect();
     assert_eq!(
         labels,
@@ -101,7 +101,7 @@ fn named_variants_label_their_points_by_name() {
     let per = format!(
         "{text}  pick:\n    task: evaluate\n    needs: {{stage: a, select: best, metric: val.acc, per: [variant]}}\n"
     );
-    let p = xlab_spec::load_str(std::path::Path::new("v.yaml"), &per, &mut xlab_spec::NoPlugins).unwrap();
+    let p = xlab_plan::load_str(std::path::Path::new("v.yaml"), &per, &mut xlab_plan::NoPlugins).unwrap();
     let picks: Vec<String> = p.stages[1].jobs.iter().map(|j| j.label()).collect();
     assert_eq!(picks, ["a.variant=plain seed=0", "a.variant=smooth seed=0"]);
     for (bad, msg) in [
@@ -114,7 +114,7 @@ fn named_variants_label_their_points_by_name() {
             "two variants are named `x`",
         ),
     ] {
-        let e = xlab_spec::load_str(std::path::Path::new("v.yaml"), &bad, &mut xlab_spec::NoPlugins).unwrap_err();
+        let e = xlab_plan::load_str(std::path::Path::new("v.yaml"), &bad, &mut xlab_plan::NoPlugins).unwrap_err();
         assert!(e.to_string().contains(msg), "{e}");
     }
 }

@@ -9,7 +9,7 @@ fn schema_file() -> std::path::PathBuf {
 
 #[test]
 fn the_committed_schema_is_the_generated_one() {
-    let generated = serde_json::to_string_pretty(&xlab_spec::schema::schema()).unwrap() + "\n";
+    let generated = serde_json::to_string_pretty(&xlab_plan::schema::schema()).unwrap() + "\n";
     if std::env::var_os("XLAB_BLESS").is_some() {
         std::fs::write(schema_file(), &generated).unwrap();
         return;
@@ -17,17 +17,17 @@ fn the_committed_schema_is_the_generated_one() {
     let committed = std::fs::read_to_string(schema_file()).unwrap_or_default();
     assert!(
         committed == generated,
-        "experiments/schema.json is out of date with the code: run `XLAB_BLESS=1 cargo test -p xlab-spec --test schema`"
+        "experiments/schema.json is out of date with the code: run `XLAB_BLESS=1 cargo test -p xlab-plan --test schema`"
     );
 }
 
 #[test]
 fn the_schema_covers_every_key_of_the_shipped_experiments() {
-    let schema = xlab_spec::schema::schema();
+    let schema = xlab_plan::schema::schema();
     let top = schema["properties"].as_object().unwrap();
     let stage = schema["properties"]["stages"]["additionalProperties"]["properties"].as_object().unwrap();
     let defaults = schema["properties"]["defaults"]["properties"].as_object().unwrap();
-    for k in xlab_spec::file::CONFIG_KEYS {
+    for k in xlab_plan::file::CONFIG_KEYS {
         assert!(defaults.contains_key(*k) && stage.contains_key(*k), "{k}");
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments");

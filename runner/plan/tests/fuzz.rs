@@ -53,6 +53,6 @@ fn fuzz_experiment_files() {
     let path = dir.path().join("fuzz.yaml");
     xlab_fuzz::check("spec", dict, 3_000, |bytes| {
         let text = String::from_utf8_lossy(bytes);
-        xlab_spec::load_str(Path::new(&path), &text, &mut Registry::default()).map(|_| ()).map_err(|e| e.to_string())
+        xlab_plan::load_str(Path::new(&path), &text, &mut Registry::default()).map(|_| ()).map_err(|e| e.to_string())
     });
 }
