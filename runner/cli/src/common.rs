@@ -4,8 +4,11 @@
 
 use crate::{filter, vocab};
 use anyhow::Context;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use xlab_store::{ResultStore, Store};
+use std::time::{Duration, Instant};
+use xlab_store::live::RemoteStore;
+use xlab_store::{ResultStore, Store, StoreError};
 
 /// Exit codes by who is at fault.
 pub mod exit {
@@ -64,13 +67,148 @@ pub(crate) fn flatten_json(v: &serde_json::Value) -> std::collections::BTreeMap<
     out
 }
 
+/// How long a command waits for another command that holds the store only to read it (a query
+/// takes well under a second) before it says the store is in use.
+const READER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Opens the store in `dir` to run experiments in it (creating it if needed). A reader holding
+/// it briefly (`xlab query`, even under `watch -n1`) is waited for; a run that owns it is not.
 pub(crate) fn open_store(dir: &Path) -> Result<Store, Failure> {
-    Ok(Store::open(dir)?)
+    let deadline = Instant::now() + READER_PATIENCE;
+    let mut said = false;
+    loop {
+        match Store::open(dir) {
+            Err(StoreError::InUse { pid, command, .. })
+                if Instant::now() < deadline && RemoteStore::connect(dir, (pid, command.clone())).is_err() =>
+            {
+                if !said {
+                    tracing::info!("waiting for pid {pid} ({command}) to finish reading the store");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// A store opened to read: this process's own, or a run's, read through the socket of the
+/// process that owns it (see `xlab_store::live`).
+pub(crate) enum Opened {
+    Local(Store),
+    Live(RemoteStore),
+}
+
+impl std::ops::Deref for Opened {
+    type Target = dyn ResultStore;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Opened::Local(s) => s,
+            Opened::Live(s) => s,
+        }
+    }
+}
+
+/// Every read goes to the store as opened; writes to a run's store are refused by it.
+impl ResultStore for Opened {
+    fn dir(&self) -> &Path {
+        (**self).dir()
+    }
+    fn flush(&self) -> xlab_store::Result<()> {
+        (**self).flush()
+    }
+    fn put_experiment(&self, e: &xlab_store::ExperimentRecord) -> xlab_store::Result<()> {
+        (**self).put_experiment(e)
+    }
+    fn experiment(&self, name: &str) -> xlab_store::Result<Option<xlab_store::ExperimentRecord>> {
+        (**self).experiment(name)
+    }
+    fn experiments(&self) -> xlab_store::Result<Vec<xlab_store::ExperimentRecord>> {
+        (**self).experiments()
+    }
+    fn put_job(&self, j: &xlab_store::JobRecord) -> xlab_store::Result<()> {
+        (**self).put_job(j)
+    }
+    fn job(&self, id: &str) -> xlab_store::Result<Option<xlab_store::JobRecord>> {
+        (**self).job(id)
+    }
+    fn jobs(&self) -> xlab_store::Result<Vec<xlab_store::JobRecord>> {
+        (**self).jobs()
+    }
+    fn jobs_by_id(&self, ids: &[&str]) -> xlab_store::Result<Vec<Option<xlab_store::JobRecord>>> {
+        (**self).jobs_by_id(ids)
+    }
+    fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> xlab_store::Result<Vec<String>> {
+        (**self).job_ids_with_prefix(prefix, at_most)
+    }
+    fn put_metrics_batch(&self, job: &str, points: &[(u64, StepValues)]) -> xlab_store::Result<()> {
+        (**self).put_metrics_batch(job, points)
+    }
+    fn metric_series(&self, job: &str, name: &str) -> xlab_store::Result<Vec<(u64, f64)>> {
+        (**self).metric_series(job, name)
+    }
+    fn metrics_of(&self, job: &str) -> xlab_store::Result<BTreeMap<String, Vec<(u64, f64)>>> {
+        (**self).metrics_of(job)
+    }
+    fn metrics_of_many(&self, ids: &[&str]) -> xlab_store::Result<Vec<xlab_store::Series>> {
+        (**self).metrics_of_many(ids)
+    }
+}
+
+/// One step's metric values.
+type StepValues = BTreeMap<String, f64>;
+
+impl Opened {
+    /// Whether a running `xlab run` owns the store (so jobs marked running are running).
+    pub(crate) fn is_live(&self) -> bool {
+        matches!(self, Opened::Live(_))
+    }
+}
+
+/// Opens the store in `dir` to read it, whoever holds it: directly when no process does (or
+/// after a reader that holds it lets go), else through the socket of the run that owns it.
+pub(crate) fn read_store(dir: &Path) -> Result<Opened, Failure> {
+    let deadline = Instant::now() + READER_PATIENCE;
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return Ok(Opened::Local(s)),
+            Err(StoreError::InUse { pid, command, started, dir: d }) => {
+                match RemoteStore::connect(dir, (pid, command.clone())) {
+                    Ok(remote) => return Ok(Opened::Live(remote)),
+                    // Another reader, or a run still starting its server: wait for either.
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    Err(_) => return Err(StoreError::InUse { dir: d, pid, command, started }.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Says (on stderr) when what a reader sees is the state a run left: the last run of `experiment`
+/// ended without finishing (killed, or its machine went down), so jobs it was running show as
+/// `running` although nothing runs them. How old that state is comes from the run's status file.
+pub(crate) fn note_unfinished_run(store_dir: &Path, store: &Opened, experiment: &str) {
+    if store.is_live() {
+        return;
+    }
+    let snap: Option<crate::status::Snapshot> =
+        std::fs::read(crate::status::path(store_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(s) = snap.filter(|s| !s.finished && s.experiment == experiment && !s.running.is_empty()) {
+        let age = crate::status::ago(xlab_store::now_unix().saturating_sub(s.updated_unix));
+        eprintln!(
+            "note: the last run of `{experiment}` (pid {}) ended without finishing, {age} ago; the {} job(s) it was running \
+             show as running but are not, and resume from their checkpoints when you run the experiment again",
+            s.pid,
+            s.running.len()
+        );
+    }
 }
 
 /// Opens the store a read command reads: a folder without one (a mistyped `--store`) is an
 /// error, and nothing is created there.
-pub(crate) fn existing_store(dir: &Path) -> Result<Store, Failure> {
+pub(crate) fn existing_store(dir: &Path) -> Result<Opened, Failure> {
     if !dir.join("db").is_dir() {
         return Err(Failure {
             code: exit::USER,
@@ -82,7 +220,7 @@ pub(crate) fn existing_store(dir: &Path) -> Result<Store, Failure> {
             ),
         });
     }
-    open_store(dir)
+    read_store(dir)
 }
 
 /// The `xlab-worker` executable: `XLAB_WORKER`, or the one beside this `xlab`.

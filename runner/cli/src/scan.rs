@@ -4,6 +4,9 @@
 use crate::filter::{Filter, StoredJob};
 use xlab_store::{ExperimentRecord, ResultStore};
 
+/// Jobs read per request.
+const BATCH: usize = 1024;
+
 /// The experiment's jobs that `filter` matches, each mapped by `f` (which may drop one), in plan
 /// order: stage by stage, sweep order within a stage. `series`: also read each job's metric
 /// series (a filter that needs them gets them either way).
@@ -25,14 +28,21 @@ pub fn matching<T: Send>(
             .map(|chunk| {
                 scope.spawn(move || -> anyhow::Result<Vec<T>> {
                     let mut out = Vec::with_capacity(chunk.len());
-                    for (stage, id) in chunk {
-                        let Some(job) = store.job(id)? else { continue };
-                        let series = if read_series { Some(store.metrics_of(id)?) } else { None };
-                        let view = StoredJob { record: &job, series };
-                        if filter.is_some_and(|f| !f.matches(&view)) {
-                            continue;
+                    // In batches: a store read through a running owner answers each in one trip.
+                    for batch in chunk.chunks(BATCH) {
+                        let ids: Vec<&str> = batch.iter().map(|(_, id)| *id).collect();
+                        let records = store.jobs_by_id(&ids)?;
+                        let mut series =
+                            if read_series { store.metrics_of_many(&ids)? } else { Vec::new() }.into_iter();
+                        for ((stage, _), job) in batch.iter().zip(records) {
+                            let s = series.next();
+                            let Some(job) = job else { continue };
+                            let view = StoredJob { record: &job, series: s };
+                            if filter.is_some_and(|f| !f.matches(&view)) {
+                                continue;
+                            }
+                            out.extend(f(stage, &view));
                         }
-                        out.extend(f(stage, &view));
                     }
                     Ok(out)
                 })

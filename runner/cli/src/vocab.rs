@@ -18,11 +18,21 @@ pub struct Vocab {
 
 impl Vocab {
     pub fn of(store: &dyn ResultStore, exp: &ExperimentRecord) -> anyhow::Result<Vocab> {
-        let mut records = Vec::new();
-        for id in exp.stages.iter().flat_map(|s| s.jobs.iter()) {
-            records.extend(store.job(id)?);
+        let ids: Vec<&str> = exp.stages.iter().flat_map(|s| s.jobs.iter().map(String::as_str)).collect();
+        let mut records = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(1024) {
+            records.extend(store.jobs_by_id(batch)?.into_iter().flatten());
         }
-        Ok(Vocab::of_records(records.iter()))
+        let mut vocab = Vocab::of_records(records.iter());
+        // A job that has not finished (running now, or stopped) has no final metrics yet; the
+        // series it has logged so far are what can be asked of it.
+        let unfinished: Vec<&str> = records.iter().filter(|r| r.summary.is_empty()).map(|r| r.id.as_str()).collect();
+        for batch in unfinished.chunks(1024) {
+            for series in store.metrics_of_many(batch)? {
+                vocab.metrics.extend(series.into_keys());
+            }
+        }
+        Ok(vocab)
     }
 
     pub fn of_records<'a>(records: impl Iterator<Item = &'a JobRecord>) -> Vocab {

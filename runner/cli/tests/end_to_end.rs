@@ -297,8 +297,10 @@ fn a_diverging_job_fails_with_its_cause_and_the_sweep_goes_on() {
     assert!(err.lines().all(|l| l.starts_with('{') || l.starts_with("error:") || l.contains("job(s) failed")), "{err}");
 }
 
+/// A query of a store a run holds reads it through the run (see `live.rs`); a second run is told
+/// who holds the store, with what to do.
 #[test]
-fn a_second_xlab_on_a_busy_store_is_told_who_holds_it() {
+fn a_busy_store_answers_queries_and_tells_a_second_run_who_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("results");
     let file = dir.path().join("long.yaml");
@@ -314,11 +316,16 @@ fn a_second_xlab_on_a_busy_store_is_told_who_holds_it() {
         assert!(Instant::now() < deadline, "the run never took the store's lock");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = cmd(&store).args(["query"]).output().unwrap();
+    let query = cmd(&store).args(["query"]).output().unwrap();
+    let other = dir.path().join("other.yaml");
+    std::fs::write(&other, TINY.replace("name: tiny", "name: other").replace("SEEDS", "1")).unwrap();
+    let second = cmd(&store).arg("run").arg(&other).output().unwrap();
     let _ = long.kill();
     let _ = long.wait();
-    assert_eq!(out.status.code(), Some(3));
-    let err = text(&out.stderr);
+    assert!(query.status.success(), "{}", text(&query.stderr));
+    assert!(text(&query.stdout).contains("experiment `long`"), "{}", text(&query.stdout));
+    assert_eq!(second.status.code(), Some(3));
+    let err = text(&second.stderr);
     assert!(err.contains(&format!("is in use by pid {} (", long.id())) && err.contains(" run "), "{err}");
     assert!(err.contains("hint:"), "{err}");
 }

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use xlab_proto::plugins::Registry;
 use xlab_plan::{load_str, Plan};
+use xlab_proto::plugins::Registry;
 
 const BASE: &str = "name: s\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd}\nstages:\n  train:\n    seeds: 2\n    grid:\n      optimizer.lr: [0.1, 0.01]\n      optimizer.momentum: [0.0, 0.9]\n";
 

@@ -1,8 +1,8 @@
 //! Sweeps from real experiment files: grid, zip, random, variants, seeds, and their product.
 
 use std::path::Path;
-use xlab_proto::plugins::Registry;
 use xlab_plan::{load_str, Plan};
+use xlab_proto::plugins::Registry;
 
 const BASE: &str = "name: s\ndefaults:\n  task: train\n  data: {name: two_moons}\n  model: {name: mlp}\n  optimizer: {name: sgd}\nstages:\n  train:\n";
 

@@ -11,8 +11,8 @@ use crate::pool::{Held, Need, Pool};
 use crate::run::RunReport;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use xlab_proto::{Event, FailureCause};
 use xlab_plan::{Job, JobId, Plan};
+use xlab_proto::{Event, FailureCause};
 use xlab_store::{now_unix, ArtifactRecord, Attempt, FaultSite, JobRecord, JobStatus};
 
 /// A worker's final word: its summary, or why it failed.

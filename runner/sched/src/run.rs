@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use xlab_proto::{Event, FailureCause, JobRequest, Lease, ParentRef, PROTOCOL_VERSION};
 use xlab_plan::{Job, Plan};
+use xlab_proto::{Event, FailureCause, JobRequest, Lease, ParentRef, PROTOCOL_VERSION};
 use xlab_store::{now_unix, ExperimentRecord, FaultSite, JobRecord, JobStatus, Provenance, ResultStore, StageRecord};
 
 #[derive(Debug, thiserror::Error)]

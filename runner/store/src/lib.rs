@@ -9,6 +9,7 @@
 //! (id → [`JobRecord`]) and `metrics` (job, metric, step → value; writing a point again
 //! replaces it, so replays never duplicate points).
 
+pub mod live;
 mod records;
 
 pub use records::*;
@@ -280,6 +281,9 @@ impl ResultStore for Store {
 /// What xlab needs of a results store: experiment and job records, metric series, and a folder
 /// for each job's files. The scheduler and every command go through it; [`Store`] (sled) is
 /// the implementation, and export and import are written once here for any implementation.
+/// Every metric series of one job, by metric name: (step, value) points in step order.
+pub type Series = BTreeMap<String, Vec<(u64, f64)>>;
+
 pub trait ResultStore: Send + Sync {
     /// The store's folder.
     fn dir(&self) -> &Path;
@@ -320,6 +324,17 @@ pub trait ResultStore: Send + Sync {
 
     /// Every metric series of one job.
     fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>>;
+
+    /// Several jobs' records at once, in the order asked (`None`: no such job). A store read
+    /// through a running owner's socket answers a batch in one round trip.
+    fn jobs_by_id(&self, ids: &[&str]) -> Result<Vec<Option<JobRecord>>> {
+        ids.iter().map(|id| self.job(id)).collect()
+    }
+
+    /// Every metric series of several jobs at once, in the order asked.
+    fn metrics_of_many(&self, ids: &[&str]) -> Result<Vec<Series>> {
+        ids.iter().map(|id| self.metrics_of(id)).collect()
+    }
 
     /// Every experiment (or just `only`) and its jobs with their metric series, as export lines.
     fn export(&self, only: Option<&str>) -> Result<Vec<ExportLine>> {

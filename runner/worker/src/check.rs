@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 use tch::nn;
+use xlab_plan::config::{JobConfig, Task};
 use xlab_plugin_host::LoadedPlugin;
 use xlab_proto::plugins::{CheckFailure, JobCheck};
-use xlab_plan::config::{JobConfig, Task};
 
 /// Every failure, at most one per job (the first thing wrong with it).
 pub fn check(jobs: &[JobCheck]) -> Vec<CheckFailure> {

@@ -7,8 +7,8 @@ use crate::data::{self, Dataset};
 use crate::Failure;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
-use xlab_proto::FailureCause;
 use xlab_plan::config::{BetaSchedule, Diffusion, ExactDenoiser, JobConfig, ModelConfig};
+use xlab_proto::FailureCause;
 
 /// ᾱ_t for t = 0..T−1 in float64 (docs/methods.md §3.1). diffusers builds the linear schedules in
 /// float32; computing in float64 differs by about 1e-6 relative.

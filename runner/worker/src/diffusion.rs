@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
+use xlab_plan::config::{Diffusion, JobConfig, Prediction};
 use xlab_plugin_api::RunInfo;
 use xlab_proto::FailureCause;
-use xlab_plan::config::{Diffusion, JobConfig, Prediction};
 
 /// A stream of draws for one purpose, fixed by the job's seed: `(epoch, batch)` of training,
 /// or a named evaluation. Resuming at an epoch boundary redraws exactly what the uninterrupted

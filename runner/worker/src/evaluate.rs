@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
-use xlab_proto::FailureCause;
 use xlab_plan::config::JobConfig;
+use xlab_proto::FailureCause;
 
 /// Loss, accuracy, calibration, per-class recall and (with groups) per-group loss and accuracy
 /// and worst-group accuracy on one split, without gradients, as `name.loss`, `name.acc`,

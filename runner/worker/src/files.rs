@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn;
 use tch::Tensor;
-use xlab_proto::FailureCause;
 use xlab_plan::config::JobConfig;
+use xlab_proto::FailureCause;
 
 /// Where and how often a job checkpoints.
 pub struct CheckpointPlan<'a> {

@@ -28,8 +28,8 @@ pub use failure::{is_out_of_memory, Failure};
 use events::Emitter;
 use host::Components;
 use std::path::{Path, PathBuf};
-use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
 use xlab_plan::config::{JobConfig, Task};
+use xlab_proto::{Event, FailureCause, JobRequest, PROTOCOL_VERSION};
 
 fn device_of(lease: &str) -> Result<tch::Device, Failure> {
     if lease == "cpu" {

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
-use xlab_proto::FailureCause;
 use xlab_plan::config::{DenoiserConfig, JobConfig, Prediction, WeightsChoice};
+use xlab_proto::FailureCause;
 
 /// The exact ε̂ for the empirical distribution of `x0` (rows) under ᾱ. The squared distances
 /// ‖x − √ᾱ xᵢ‖² come from one matrix product (no samples × points × features tensor).

@@ -20,10 +20,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
+use xlab_plan::config::JobConfig;
 use xlab_plugin_api::{RunInfo, Sampling};
 use xlab_plugin_host::StepDriver;
 use xlab_proto::FailureCause;
-use xlab_plan::config::JobConfig;
 
 /// What a training job's components are told at setup: the data's classes, sizes, labels,
 /// groups and domains, and the run's length.

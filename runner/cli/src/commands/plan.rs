@@ -14,7 +14,7 @@ pub struct PlanArgs {
 pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
     let file = &args.file;
     let mut plan = xlab_plan::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
-    let store = if cli.store.join("db").exists() { Some(open_store(&cli.store)?) } else { None };
+    let store = if cli.store.join("db").exists() { Some(read_store(&cli.store)?) } else { None };
     if let Some(s) = &store {
         adopt_earlier_ids(s, &mut plan);
     }

@@ -56,6 +56,7 @@ pub fn run(cli: &Cli, args: &QueryArgs) -> Result<u8, Failure> {
     let filter = parse_filter(filter.as_deref())?;
     let store = existing_store(&cli.store)?;
     let exp = versions_of(pick_experiment(&store, experiment.as_deref())?, *all_versions);
+    note_unfinished_run(&cli.store, &store, &exp.name);
     let (vocab, filter) = bind_filter(&store, &exp, filter)?;
     check_metrics(&vocab, &exp, metrics, "-m")?;
     check_group_keys(&vocab, &exp, group_by, "--group-by")?;

@@ -347,7 +347,22 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             );
         }
     };
-    let report = xlab_sched::run(&store, &plan, opts, &mut observe)?;
+    // While it runs, every other command reads the store through this process (see
+    // `xlab_store::live`): a server thread answers them beside the scheduler.
+    let serving = std::sync::atomic::AtomicBool::new(false);
+    let report = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            if let Err(e) = xlab_store::live::serve(&store, &serving, || {}) {
+                tracing::warn!(
+                    "cannot serve reads of the store while this runs ({e}); other commands see it as in use until the \
+                     run ends"
+                );
+            }
+        });
+        let report = xlab_sched::run(&store, &plan, opts, &mut observe);
+        xlab_store::live::stop_serving(&cli.store, &serving);
+        report
+    })?;
     tracker.finish();
     tracing::info!(
         "{} done, {} skipped (already done), {} failed in {:.1}s",

@@ -1,8 +1,8 @@
 //! The data a job reads (`data:`): generators, the built-in digits, CIFAR and IDX folders, npz
 //! and CSV files, with their split sizes, standardization and image shapes; and their checks.
 
-use serde::{Deserialize, Serialize};
 use super::{defaults, is_false, FileRef};
+use serde::{Deserialize, Serialize};
 
 /// A dataset. Generators are deterministic in their own `seed`, independent of the job's seed,
 /// so that every seed of a sweep sees the same data.

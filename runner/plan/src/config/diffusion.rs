@@ -1,8 +1,8 @@
 //! Diffusion: the noise schedule and prediction target of a diffusion training (`diffusion:`),
 //! the EMA of its weights (`ema:`), and the denoiser a sampling job draws from (`denoiser:`).
 
-use serde::{Deserialize, Serialize};
 use super::defaults;
+use serde::{Deserialize, Serialize};
 
 /// A denoiser ε̂(x_t, t) for sampling.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]

@@ -1,8 +1,8 @@
 //! The network a job trains (`model:`): MLPs, CNNs, ResNet-18, wide ResNets, TorchScript
 //! modules and the time-conditioned diffusion networks; and their checks, which depend on the data.
 
-use serde::{Deserialize, Serialize};
 use super::{defaults, DataConfig, FileRef};
+use serde::{Deserialize, Serialize};
 
 /// A model architecture.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]

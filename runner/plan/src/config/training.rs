@@ -1,8 +1,8 @@
 //! How a job trains: the optimizer (`optimizer:`), its learning-rate schedule (`schedule:`),
 //! numeric precision and fp16 loss scaling, and augmentation; and their checks.
 
-use serde::{Deserialize, Serialize};
 use super::defaults;
+use serde::{Deserialize, Serialize};
 
 /// The precision of the forward pass (`precision:`).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
@@ -259,10 +259,7 @@ impl Schedule {
             }
             Schedule::Cosine(c) => {
                 if !(c.min_lr >= 0.0 && c.min_lr <= lr) {
-                    return err(
-                        "schedule.min_lr",
-                        format!("must be in [0, optimizer.lr = {lr}], got {}", c.min_lr),
-                    );
+                    return err("schedule.min_lr", format!("must be in [0, optimizer.lr = {lr}], got {}", c.min_lr));
                 }
             }
         }
@@ -281,10 +278,7 @@ impl LossScale {
             return err("loss_scale.growth_factor", format!("must be > 1, got {}", self.growth_factor));
         }
         if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
-            return err(
-                "loss_scale.backoff_factor",
-                format!("must be in (0, 1), got {}", self.backoff_factor),
-            );
+            return err("loss_scale.backoff_factor", format!("must be in (0, 1), got {}", self.backoff_factor));
         }
         if self.growth_interval == 0 {
             return err("loss_scale.growth_interval", "must be at least 1".into());

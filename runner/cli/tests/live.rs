@@ -1,0 +1,248 @@
+//! Reading the store while a run owns it: every read command works against the running store
+//! (through the owner's socket), sees running jobs with their partial series, and never stops the
+//! run; writes wait or are refused with what to do; a garbled request, a reader that keeps
+//! querying and an owner killed with SIGKILL are all survived. Real coordinator and worker
+//! processes and a real sled store.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{cmd, stage_job_ids};
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two quick jobs, then one that trains far longer than the test waits (it is stopped).
+const LIVE: &str = r#"
+name: live
+defaults:
+  data: {name: two_moons, n_train: 2048, n_val: 64, n_test: 64}
+stages:
+  quick:
+    task: noop
+    noop: {sleep_s: 0.2}
+    seeds: 2
+  long:
+    task: train
+    model: {name: mlp, hidden: [32]}
+    optimizer: {name: sgd, lr: 0.05}
+    batch_size: 32
+    epochs: 100000
+"#;
+
+fn start(store: &Path, file: &Path) -> Child {
+    cmd(store)
+        .args(["run"])
+        .arg(file)
+        .args(["-j", "2"])
+        .env("XLAB_NO_LIVE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn show(store: &Path, id: &str) -> serde_json::Value {
+    let out = cmd(store).args(["show", id, "--json"]).output().unwrap();
+    assert!(out.status.success(), "show {id}: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The long job's attempts so far (0 before the store exists).
+fn attempts(store: &Path, long: &str) -> usize {
+    let out = cmd(store).args(["show", long, "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["attempts"].as_array().map_or(0, Vec::len)
+}
+
+/// Waits until the long job runs a new attempt (beyond `before`) that has logged an epoch, read
+/// through the run.
+fn wait_running_with_points(store: &Path, long: &str, before: usize) {
+    wait_for("a running job with a newly logged epoch", Duration::from_secs(120), || {
+        // Until the run has made the store, there is nothing to show.
+        let out = cmd(store).args(["show", long, "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let now = v["attempts"].as_array().map_or(0, Vec::len);
+        let epochs = v["metrics"]["val.acc"].as_array().map_or(0, Vec::len);
+        v["status"] == "running" && now > before && epochs > 0
+    });
+}
+
+fn stop(mut child: Child) -> std::process::Output {
+    // SAFETY: kill(2) on a child this test started and has not waited for.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the run did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn every_read_command_works_while_a_run_owns_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("live.yaml");
+    std::fs::write(&file, LIVE).unwrap();
+    let store = dir.path().join("results");
+    let quick = stage_job_ids(&store, &file, "quick");
+    let long = stage_job_ids(&store, &file, "long").remove(0);
+    let before = attempts(&store, &long);
+    let run = start(&store, &file);
+    wait_running_with_points(&store, &long, before);
+    wait_for("the quick jobs done", Duration::from_secs(60), || show(&store, &quick[1])["status"] == "done");
+
+    // The socket the run serves on is the store owner's alone.
+    let socket = store.join("xlab.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+
+    let ok = |args: &[&str]| -> String {
+        let out = cmd(&store).args(args).output().unwrap();
+        assert!(out.status.success(), "xlab {args:?} during a run: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let table = ok(&["query", "-e", "live"]);
+    assert!(table.contains("quick") && table.contains("long"), "{table}");
+    let listed = ok(&["query", "-e", "live", "--format", "json"]);
+    assert!(listed.contains("\"stage\": \"long\""), "{listed}");
+    assert!(ok(&["experiments"]).contains("live"));
+    let compared = ok(&["compare", &quick[0], &quick[1]]);
+    assert!(compared.contains("seed"), "{compared}");
+    let export = ok(&["export", "-e", "live"]);
+    assert!(export.contains(&long) && export.contains("\"running\""), "the running job is exported as running");
+    let planned = ok(&["plan", file.to_str().unwrap()]);
+    assert!(planned.contains("2 done"), "{planned}");
+    let plot = dir.path().join("acc.svg");
+    ok(&["plot", "val.acc", "-e", "live", "-o", plot.to_str().unwrap()]);
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<polyline"), "the running job's partial curve");
+    assert!(ok(&["gc", "--dry-run"]).contains("would remove"));
+
+    // A record read through the run matches the stored one field for field once the run ends;
+    // here the partial series only grows.
+    let before = show(&store, &long)["metrics"]["val.acc"].as_array().unwrap().len();
+    wait_for("another epoch", Duration::from_secs(60), || {
+        show(&store, &long)["metrics"]["val.acc"].as_array().unwrap().len() > before
+    });
+
+    // Writes are the run's: gc would delete checkpoints being written, import would race it.
+    let gc = cmd(&store).args(["gc"]).output().unwrap();
+    assert_eq!(gc.status.code(), Some(2), "{}", text(&gc.stderr));
+    assert!(text(&gc.stderr).contains("--dry-run"), "{}", text(&gc.stderr));
+
+    // A garbled request gets an error answer and costs the run nothing.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.write_all(&7u32.to_le_bytes()).unwrap();
+        s.write_all(b"garbage").unwrap();
+        let mut tag = [0u8; 1];
+        s.read_exact(&mut tag).unwrap();
+        assert_eq!(tag[0], 1, "an error answer");
+        // A client that vanishes mid-request.
+        let mut half = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        half.write_all(&1000u32.to_le_bytes()).unwrap();
+        half.write_all(b"{\"protocol\":").unwrap();
+    }
+    let after = ok(&["query", "-e", "live"]);
+    assert!(after.contains("long"), "{after}");
+
+    let out = stop(run);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(!socket.exists(), "the run removes its socket when it ends");
+    let v = show(&store, &long);
+    assert_eq!(v["status"], "interrupted", "stopped at a checkpoint, resumable");
+}
+
+#[test]
+fn a_reader_never_stops_a_run_from_starting_and_a_killed_owner_leaves_nothing_in_the_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("live.yaml");
+    std::fs::write(&file, LIVE).unwrap();
+    let store = dir.path().join("results");
+    // A first run makes the store; stop it once the long job has started.
+    let long = stage_job_ids(&store, &file, "long").remove(0);
+    let before = attempts(&store, &long);
+    let run = start(&store, &file);
+    wait_running_with_points(&store, &long, before);
+    stop(run);
+
+    // `watch -n0.1 xlab query`: a reader holding the store again and again.
+    let stop_reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, stop_reading) = (store.clone(), stop_reading.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop_reading.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = cmd(&store).args(["query", "-e", "live"]).output().unwrap();
+                assert!(out.status.success(), "query {n}: {}", text(&out.stderr));
+                n += 1;
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let before = attempts(&store, &long);
+    let run = start(&store, &file);
+    wait_running_with_points(&store, &long, before);
+    stop_reading.store(true, std::sync::atomic::Ordering::SeqCst);
+    let queries = reader.join().unwrap();
+    assert!(queries >= 2, "{queries} queries");
+
+    // SIGKILL: the socket file stays behind, the lock does not.
+    let mut run = run;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let socket = store.join("xlab.sock");
+    assert!(socket.exists(), "a killed owner cannot remove its socket");
+    let out = cmd(&store).args(["query", "-e", "live"]).output().unwrap();
+    assert!(out.status.success(), "after a killed run: {}", text(&out.stderr));
+    // What it reads is the state the killed run left, and it says so, with its age.
+    let err = text(&out.stderr);
+    assert!(err.contains("ended without finishing") && err.contains(" ago"), "{err}");
+    // The next run takes the store over, socket included, and serves again.
+    let before = attempts(&store, &long);
+    let run = start(&store, &file);
+    wait_running_with_points(&store, &long, before);
+    // Running again in a new attempt, with the epochs logged before kept.
+    let v = show(&store, &long);
+    assert!(v["attempts"].as_array().unwrap().len() >= 2, "{}", v["attempts"]);
+    let out = stop(run);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+}
+
+/// A second run while one owns the store is refused for now, with what to do; it is not left
+/// waiting for the whole run.
+#[test]
+fn a_second_run_is_told_the_store_is_owned() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("live.yaml");
+    std::fs::write(&file, LIVE).unwrap();
+    let store = dir.path().join("results");
+    let long = stage_job_ids(&store, &file, "long").remove(0);
+    let before = attempts(&store, &long);
+    let run = start(&store, &file);
+    wait_running_with_points(&store, &long, before);
+    let other: PathBuf = dir.path().join("other.yaml");
+    std::fs::write(&other, LIVE.replace("name: live", "name: other")).unwrap();
+    let t = Instant::now();
+    let out = cmd(&store).args(["run"]).arg(&other).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("in use by pid"), "{}", text(&out.stderr));
+    assert!(t.elapsed() < Duration::from_secs(20), "refused at once, not after a wait");
+    stop(run);
+}

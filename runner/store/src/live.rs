@@ -1,0 +1,446 @@
+//! Reading a store while a run owns it.
+//!
+//! sled lets one process open a database. The process that owns a store for a run (`xlab run`)
+//! therefore serves reads to everyone else over a Unix socket in the store folder
+//! (`xlab.sock`, mode 0600: only the store's owner may connect; no network port). A reader gets
+//! a [`RemoteStore`], which implements [`ResultStore`] over that socket: every read command works
+//! unchanged, sees finished jobs exactly as they will read after the run and running jobs with
+//! their partial metric series, and never blocks the run (each connection has its own thread on
+//! the owner's side, and sled serves reads beside the run's writer). Writes are refused: the run
+//! is the store's one writer.
+//!
+//! The protocol moves raw records, not parsed ones: a request is one length-prefixed JSON
+//! message, and the answer is the stored bytes of the records it names, which the reader parses
+//! itself (on its own cores, as it would from its own sled). Batches ([`ResultStore::jobs_by_id`],
+//! [`ResultStore::metrics_of_many`]) take one round trip each.
+//!
+//! Faults: a garbled or oversized request gets an error answer and the connection is closed; a
+//! panic while serving one is caught; a client that vanishes mid-request only ends its own
+//! thread. A socket file left by a dead owner is removed by the next owner (the store's lock,
+//! held by a live owner only, tells the two apart).
+
+use crate::{decode_chunk, metric_prefix, ExperimentRecord, JobRecord, Result, ResultStore, Series, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// The socket's name inside the store folder.
+pub const SOCKET: &str = "xlab.sock";
+
+/// Bumped when requests or answers change shape.
+const PROTOCOL: u32 = 1;
+
+/// The largest request accepted (ids of a batch included).
+const MAX_REQUEST: u32 = 64 << 20;
+
+/// Marks an absent record in an answer.
+const ABSENT: u32 = u32::MAX;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    Experiment { name: String },
+    Experiments,
+    Jobs,
+    JobsById { ids: Vec<String> },
+    IdsWithPrefix { prefix: String, at_most: usize },
+    MetricSeries { job: String, name: String },
+    MetricsOfMany { ids: Vec<String> },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    protocol: u32,
+    #[serde(flatten)]
+    op: Op,
+}
+
+/// The socket of the store in `dir`.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(SOCKET)
+}
+
+/// Serves reads of `store` on its socket until `stop` is set (then wakes the listener with a
+/// connection of its own and returns). A socket file a dead owner left behind is replaced.
+/// Errors only if the socket cannot be made; serving faults never end the loop.
+pub fn serve(store: &Store, stop: &AtomicBool, ready: impl FnOnce()) -> std::io::Result<()> {
+    let path = socket_path(&store.dir);
+    // We hold the store's lock, so no live owner serves on this path.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    ready();
+    std::thread::scope(|scope| {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            let Ok(conn) = conn else { continue };
+            scope.spawn(move || {
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(store, conn, stop)));
+                if served.is_err() {
+                    tracing::warn!("a read of the store by another command failed inside xlab; the run goes on");
+                }
+            });
+        }
+    });
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Ends [`serve`]: sets `stop` and wakes its listener.
+pub fn stop_serving(dir: &Path, stop: &AtomicBool) {
+    stop.store(true, Ordering::Release);
+    let _ = UnixStream::connect(socket_path(dir));
+}
+
+/// How often an idle connection looks whether the run is ending (so a reader that keeps its
+/// connection open never holds the run's exit up).
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn serve_one(store: &Store, conn: UnixStream, stop: &AtomicBool) {
+    let mut reader = BufReader::new(&conn);
+    let mut writer = BufWriter::new(&conn);
+    loop {
+        // Between requests: wait for the next one, or for the run to end.
+        let mut len = [0u8; 4];
+        if conn.set_read_timeout(Some(IDLE_CHECK)).is_err() {
+            return;
+        }
+        loop {
+            match reader.read(&mut len[..1]) {
+                Ok(0) => return, // the client is done
+                Ok(_) => break,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+        // Within a request, no timeout: the client is sending it.
+        if conn.set_read_timeout(None).is_err() || reader.read_exact(&mut len[1..]).is_err() {
+            return;
+        }
+        let len = u32::from_le_bytes(len);
+        if len > MAX_REQUEST {
+            let _ = answer_error(&mut writer, &format!("a request of {len} bytes is over the limit"));
+            return;
+        }
+        let mut body = vec![0u8; len as usize];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let request: Request = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = answer_error(&mut writer, &format!("not a store request: {e}"));
+                return;
+            }
+        };
+        if request.protocol != PROTOCOL {
+            let _ = answer_error(
+                &mut writer,
+                &format!(
+                    "this store is served by another xlab version (protocol {PROTOCOL}, the reader speaks {})",
+                    request.protocol
+                ),
+            );
+            return;
+        }
+        let result = match answer(store, &request.op) {
+            Ok(items) => write_items(&mut writer, &items),
+            Err(e) => answer_error(&mut writer, &e.to_string()),
+        };
+        if result.and_then(|()| writer.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One answer's items: the stored bytes (None: absent).
+type Items = Vec<Option<Vec<u8>>>;
+
+fn answer(store: &Store, op: &Op) -> Result<Items> {
+    let db = |e| store.db_err(e);
+    let get = |tree: &sled::Tree, key: &[u8]| -> Result<Option<Vec<u8>>> {
+        Ok(tree.get(key).map_err(db)?.map(|v| v.to_vec()))
+    };
+    let values = |tree: &sled::Tree| -> Result<Items> {
+        tree.iter().map(|kv| kv.map(|(_, v)| Some(v.to_vec())).map_err(db)).collect()
+    };
+    // Every series of `job`: name, then its chunks' points in step order, as items in pairs.
+    let series_of = |job: &str, out: &mut Items| -> Result<()> {
+        let prefix = metric_prefix(job);
+        let mut current: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut pairs: Items = Vec::new();
+        for kv in store.metrics.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(db)?;
+            let rest = &k[prefix.len()..];
+            let end =
+                rest.iter().position(|&b| b == 0).ok_or_else(|| store.corrupt("metric key without a chunk".into()))?;
+            let name = &rest[..end];
+            match &mut current {
+                Some((n, points)) if n.as_slice() == name => points.extend_from_slice(&v),
+                _ => {
+                    if let Some((n, points)) = current.take() {
+                        pairs.extend([Some(n), Some(points)]);
+                    }
+                    current = Some((name.to_vec(), v.to_vec()));
+                }
+            }
+        }
+        if let Some((n, points)) = current {
+            pairs.extend([Some(n), Some(points)]);
+        }
+        out.push(Some((pairs.len() as u32 / 2).to_le_bytes().to_vec()));
+        out.extend(pairs);
+        Ok(())
+    };
+    match op {
+        Op::Experiment { name } => Ok(vec![get(&store.experiments, name.as_bytes())?]),
+        Op::Experiments => values(&store.experiments),
+        Op::Jobs => values(&store.jobs),
+        Op::JobsById { ids } => ids.iter().map(|id| get(&store.jobs, id.as_bytes())).collect(),
+        Op::IdsWithPrefix { prefix, at_most } => store
+            .jobs
+            .scan_prefix(prefix.as_bytes())
+            .take(*at_most)
+            .map(|kv| kv.map(|(k, _)| Some(k.to_vec())).map_err(db))
+            .collect(),
+        Op::MetricSeries { job, name } => {
+            let mut prefix = metric_prefix(job);
+            prefix.extend_from_slice(name.as_bytes());
+            prefix.push(0);
+            let mut points = Vec::new();
+            for kv in store.metrics.scan_prefix(&prefix) {
+                points.extend_from_slice(&kv.map_err(db)?.1);
+            }
+            Ok(vec![Some(points)])
+        }
+        Op::MetricsOfMany { ids } => {
+            let mut out = Vec::new();
+            for id in ids {
+                series_of(id, &mut out)?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn write_items(w: &mut impl Write, items: &Items) -> std::io::Result<()> {
+    w.write_all(&[0])?;
+    w.write_all(&(items.len() as u32).to_le_bytes())?;
+    for item in items {
+        match item {
+            None => w.write_all(&ABSENT.to_le_bytes())?,
+            Some(bytes) => {
+                w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+                w.write_all(bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn answer_error(w: &mut impl Write, message: &str) -> std::io::Result<()> {
+    w.write_all(&[1])?;
+    w.write_all(&(message.len() as u32).to_le_bytes())?;
+    w.write_all(message.as_bytes())?;
+    w.flush()
+}
+
+/// A store another process owns, read through its socket. Writes are refused.
+pub struct RemoteStore {
+    dir: PathBuf,
+    socket: PathBuf,
+    /// The owner, for messages: its pid and command line.
+    owner: (u32, String),
+    /// Idle connections, reused by the next request.
+    idle: Mutex<Vec<UnixStream>>,
+}
+
+impl RemoteStore {
+    /// Connects to the owner of the store in `dir` (pid and command for messages).
+    pub fn connect(dir: &Path, owner: (u32, String)) -> std::io::Result<RemoteStore> {
+        let socket = socket_path(dir);
+        let first = UnixStream::connect(&socket)?;
+        Ok(RemoteStore { dir: dir.to_path_buf(), socket, owner, idle: Mutex::new(vec![first]) })
+    }
+
+    /// The process that owns the store.
+    pub fn owner(&self) -> (u32, &str) {
+        (self.owner.0, &self.owner.1)
+    }
+
+    fn lost(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            message: format!(
+                "lost the connection to pid {} ({}), which owns this store: {e}\n  hint: if that run ended, run the \
+                 command again",
+                self.owner.0, self.owner.1
+            ),
+        }
+    }
+
+    fn call(&self, op: Op) -> Result<Items> {
+        let conn = self.idle.lock().expect("not poisoned").pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => UnixStream::connect(&self.socket).map_err(|e| self.lost(e))?,
+        };
+        let body = serde_json::to_vec(&Request { protocol: PROTOCOL, op }).expect("requests serialize");
+        let mut w = BufWriter::new(&conn);
+        w.write_all(&(body.len() as u32).to_le_bytes())
+            .and_then(|()| w.write_all(&body))
+            .and_then(|()| w.flush())
+            .map_err(|e| self.lost(e))?;
+        drop(w);
+        let mut r = BufReader::with_capacity(1 << 16, &conn);
+        let items = read_answer(&mut r).map_err(|e| self.lost(e))?;
+        drop(r);
+        match items {
+            Ok(items) => {
+                self.idle.lock().expect("not poisoned").push(conn);
+                Ok(items)
+            }
+            Err(message) => Err(StoreError::Corrupt { dir: self.dir.clone(), message }),
+        }
+    }
+
+    fn refuse<T>(&self, what: &str) -> Result<T> {
+        Err(StoreError::Corrupt {
+            dir: self.dir.clone(),
+            message: format!(
+                "cannot {what}: pid {} ({}) owns this store and is its only writer while it runs\n  hint: wait for it to \
+                 finish, or use another store with --store DIR",
+                self.owner.0, self.owner.1
+            ),
+        })
+    }
+
+    fn record<T: serde::de::DeserializeOwned>(&self, bytes: &[u8]) -> Result<T> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            dir: self.dir.clone(),
+            message: format!("a record read from the run: {e}"),
+        })
+    }
+}
+
+/// An answer: its items, or the owner's error message.
+fn read_answer(r: &mut impl Read) -> std::io::Result<std::result::Result<Items, String>> {
+    let mut tag = [0u8; 1];
+    r.read_exact(&mut tag)?;
+    let mut n = [0u8; 4];
+    r.read_exact(&mut n)?;
+    let n = u32::from_le_bytes(n);
+    if tag[0] == 1 {
+        let mut msg = vec![0u8; n as usize];
+        r.read_exact(&mut msg)?;
+        return Ok(Err(String::from_utf8_lossy(&msg).into_owned()));
+    }
+    let mut items = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len);
+        if len == ABSENT {
+            items.push(None);
+        } else {
+            let mut bytes = vec![0u8; len as usize];
+            r.read_exact(&mut bytes)?;
+            items.push(Some(bytes));
+        }
+    }
+    Ok(Ok(items))
+}
+
+impl ResultStore for RemoteStore {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn put_experiment(&self, _: &ExperimentRecord) -> Result<()> {
+        self.refuse("write an experiment")
+    }
+
+    fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>> {
+        match self.call(Op::Experiment { name: name.into() })?.pop().flatten() {
+            Some(b) => self.record(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
+        self.call(Op::Experiments)?.into_iter().flatten().map(|b| self.record(&b)).collect()
+    }
+
+    fn put_job(&self, _: &JobRecord) -> Result<()> {
+        self.refuse("write a job")
+    }
+
+    fn job(&self, id: &str) -> Result<Option<JobRecord>> {
+        Ok(self.jobs_by_id(&[id])?.pop().flatten())
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRecord>> {
+        self.call(Op::Jobs)?.into_iter().flatten().map(|b| self.record(&b)).collect()
+    }
+
+    fn jobs_by_id(&self, ids: &[&str]) -> Result<Vec<Option<JobRecord>>> {
+        let items = self.call(Op::JobsById { ids: ids.iter().map(|s| s.to_string()).collect() })?;
+        items.into_iter().map(|i| i.map(|b| self.record(&b)).transpose()).collect()
+    }
+
+    fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> Result<Vec<String>> {
+        let items = self.call(Op::IdsWithPrefix { prefix: prefix.into(), at_most })?;
+        Ok(items.into_iter().flatten().map(|k| String::from_utf8_lossy(&k).into_owned()).collect())
+    }
+
+    fn put_metrics_batch(&self, _: &str, _: &[(u64, BTreeMap<String, f64>)]) -> Result<()> {
+        self.refuse("write metrics")
+    }
+
+    fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>> {
+        let points = self.call(Op::MetricSeries { job: job.into(), name: name.into() })?.pop().flatten();
+        Ok(decode_chunk(&self.dir, &points.unwrap_or_default())?.into_iter().collect())
+    }
+
+    fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
+        Ok(self.metrics_of_many(&[job])?.pop().unwrap_or_default())
+    }
+
+    fn metrics_of_many(&self, ids: &[&str]) -> Result<Vec<Series>> {
+        let items = self.call(Op::MetricsOfMany { ids: ids.iter().map(|s| s.to_string()).collect() })?;
+        let mut it = items.into_iter();
+        let bad = || StoreError::Corrupt { dir: self.dir.clone(), message: "a short answer from the run".into() };
+        let mut out = Vec::with_capacity(ids.len());
+        for _ in ids {
+            let count = it.next().flatten().ok_or_else(bad)?;
+            let count = u32::from_le_bytes(count.as_slice().try_into().map_err(|_| bad())?);
+            let mut series = BTreeMap::new();
+            for _ in 0..count {
+                let name = it.next().flatten().ok_or_else(bad)?;
+                let points = it.next().flatten().ok_or_else(bad)?;
+                series.insert(
+                    String::from_utf8_lossy(&name).into_owned(),
+                    decode_chunk(&self.dir, &points)?.into_iter().collect(),
+                );
+            }
+            out.push(series);
+        }
+        Ok(out)
+    }
+}
