@@ -109,6 +109,21 @@ def query(d):
     return table(["jobs", "query", "import", "store on disk"], rows) + footer(d["meta"])
 
 
+def live(d):
+    c = d["concurrent_clients"]
+    rows = [
+        [f"`xlab query` over {d['jobs_in_store']:,} jobs, idle store (median)", f"{d['query_idle_s']:.2f} s"],
+        [f"the same query during a run, through its socket (median of {d['queries_during_run']})",
+         f"{d['query_during_run_s']:.2f} s ({d['query_slowdown']:.2f}×; goal ≤ 1.5×)"],
+        ["the run's ingestion alone", f"{d['ingest_alone_points_per_s']:,.0f} points/s"],
+        ["the run's ingestion while queried", f"{d['ingest_while_read_points_per_s']:,.0f} points/s "
+                                               f"({100 * d['ingest_drop']:+.1f}% drop; goal ≤ 5%)"],
+        [f"{c['ok'] + c['errors'] + c['refusals']:,} queries from {c['clients']} clients during a run",
+         f"{c['errors']} errors, {c['refusals']} lock refusals, {c['seconds']:.1f} s"],
+    ]
+    return table(["reading during a run", "measured"], rows) + footer(d.get("meta", {}))
+
+
 def comixup(d):
     rows = [[r["block_num"], r["batch"], r["part"], num(r["xlab_ms"]), num(r["reference_ms"]), ratio(r["speedup"]),
              "yes" if r.get("same_targets") else "no"] for r in d["rows"]]
@@ -135,7 +150,7 @@ def fuzz(d):
 
 
 RENDER = {"fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
-          "comixup": comixup}
+          "comixup": comixup, "live": live}
 
 
 def render(name, results):

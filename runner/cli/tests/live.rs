@@ -42,16 +42,31 @@ stages:
     epochs: 100000
 "#;
 
-fn start(store: &Path, file: &Path) -> Child {
-    cmd(store)
-        .args(["run"])
-        .arg(file)
-        .args(["-j", "2"])
-        .env("XLAB_NO_LIVE", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// A run started by a test: killed if the test ends without stopping it (a failed assertion),
+/// so no run outlives its test.
+struct Owner(Option<Child>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(store: &Path, file: &Path) -> Owner {
+    Owner(Some(
+        cmd(store)
+            .args(["run"])
+            .arg(file)
+            .args(["-j", "2"])
+            .env("XLAB_NO_LIVE", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ))
 }
 
 fn show(store: &Path, id: &str) -> serde_json::Value {
@@ -80,7 +95,8 @@ fn wait_running_with_points(store: &Path, long: &str, before: usize) {
     });
 }
 
-fn stop(mut child: Child) -> std::process::Output {
+fn stop(mut owner: Owner) -> std::process::Output {
+    let mut child = owner.0.take().expect("a running owner");
     // SAFETY: kill(2) on a child this test started and has not waited for.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
@@ -141,8 +157,12 @@ fn every_read_command_works_while_a_run_owns_the_store() {
 
     // Writes are the run's: gc would delete checkpoints being written, import would race it.
     let gc = cmd(&store).args(["gc"]).output().unwrap();
-    assert_eq!(gc.status.code(), Some(2), "{}", text(&gc.stderr));
-    assert!(text(&gc.stderr).contains("--dry-run"), "{}", text(&gc.stderr));
+    assert_eq!(gc.status.code(), Some(3), "{}", text(&gc.stderr));
+    assert!(
+        text(&gc.stderr).contains("in use by pid") && text(&gc.stderr).contains("--dry-run"),
+        "{}",
+        text(&gc.stderr)
+    );
 
     // A garbled request gets an error answer and costs the run nothing.
     {
@@ -203,10 +223,19 @@ fn a_reader_never_stops_a_run_from_starting_and_a_killed_owner_leaves_nothing_in
     let queries = reader.join().unwrap();
     assert!(queries >= 2, "{queries} queries");
 
-    // SIGKILL: the socket file stays behind, the lock does not.
+    // SIGKILL: the socket file stays behind, the lock does not, and the job's worker does not
+    // train on as an orphan beside the next attempt.
+    let attempt = show(&store, &long)["attempts"].as_array().unwrap().last().cloned().unwrap();
+    let worker = attempt["pid"].as_u64().expect("a local attempt records its worker's pid");
     let mut run = run;
-    run.kill().unwrap();
-    run.wait().unwrap();
+    let child = run.0.as_mut().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    run.0 = None;
+    wait_for("the orphaned worker to exit", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{worker}")).exists()
+            || std::fs::read_to_string(format!("/proc/{worker}/stat")).is_ok_and(|s| s.contains(") Z "))
+    });
     let socket = store.join("xlab.sock");
     assert!(socket.exists(), "a killed owner cannot remove its socket");
     let out = cmd(&store).args(["query", "-e", "live"]).output().unwrap();

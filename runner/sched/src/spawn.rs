@@ -77,6 +77,8 @@ impl WorkerKey {
         }
         use std::os::unix::process::CommandExt;
         c.env("CUDA_VISIBLE_DEVICES", &self.visible)
+            // The worker stops when this process goes away (see `xlab_worker::exit_with_parent`).
+            .env("XLAB_PARENT_PID", std::process::id().to_string())
             .env("OMP_NUM_THREADS", &threads)
             .env("MKL_NUM_THREADS", &threads)
             .stdout(Stdio::piped())

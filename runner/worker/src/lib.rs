@@ -169,23 +169,42 @@ pub fn stop_requested() -> bool {
 /// Ends this worker when its coordinator goes away (the worker is re-parented), so an orphan
 /// never trains on beside the next attempt; the job resumes from its last checkpoint.
 pub fn exit_with_parent() {
-    let parent = std::os::unix::process::parent_id();
+    // The coordinator names itself: a worker whose coordinator died while libtorch was still
+    // loading would otherwise take its new parent (init) for the coordinator and never stop.
+    let parent = std::env::var("XLAB_PARENT_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(std::os::unix::process::parent_id);
     std::thread::Builder::new()
         .name("parent-watch".into())
         .spawn(move || loop {
             std::thread::sleep(std::time::Duration::from_millis(100));
             if std::os::unix::process::parent_id() != parent {
                 tracing::warn!("the coordinator (pid {parent}) went away; stopping");
-                std::process::exit(3);
+                // At once, without the C runtime's teardown: `exit` from this thread would run
+                // libtorch's static destructors while the training thread still uses libtorch,
+                // and a destructor that blocks left the orphan training on forever. Every file
+                // the job wrote is complete (written whole, then renamed), so nothing is torn.
+                // SAFETY: _exit ends the process immediately; no Rust state is observed after.
+                unsafe { libc::_exit(3) }
             }
         })
         .expect("a thread starts");
 }
 
 /// `task: noop`: sleeps, then succeeds or fails the way the config asks.
-fn noop(n: xlab_plan::config::Noop, device: tch::Device) -> Result<std::collections::BTreeMap<String, f64>, Failure> {
+fn noop(
+    n: xlab_plan::config::Noop,
+    device: tch::Device,
+    out: &mut Emitter,
+) -> Result<std::collections::BTreeMap<String, f64>, Failure> {
     use xlab_plan::config::NoopFailure;
     std::thread::sleep(std::time::Duration::from_secs_f64(n.sleep_s));
+    let names: Vec<String> = (0..n.log_metrics).map(|k| format!("m{k}")).collect();
+    for step in 1..=n.log_steps {
+        let values = names.iter().enumerate().map(|(k, name)| (name.clone(), (step * (k as u64 + 1)) as f64)).collect();
+        out.metrics(step, values);
+    }
     match n.fail {
         NoopFailure::None => Ok([("noop.sleep_s".to_string(), n.sleep_s)].into()),
         NoopFailure::Crash => std::process::abort(),
@@ -306,7 +325,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
         }
         Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &req.parents, &mut comps, out),
         Task::Evaluate => evaluate::evaluate_parents(&cfg, &req.parents, device, out),
-        Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device),
+        Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device, out),
     }
 }
 

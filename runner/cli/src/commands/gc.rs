@@ -19,12 +19,16 @@ pub struct GcArgs {
 pub fn run(cli: &Cli, args: &GcArgs) -> Result<u8, Failure> {
     let GcArgs { experiment, keep_last, dry_run } = args;
     let store = existing_store(&cli.store)?;
-    if store.is_live() && !*dry_run {
-        return Err(user_error(
-            "a run owns this store and its jobs are writing checkpoints now, so `xlab gc` removes nothing until it \
-             ends\n  hint: `xlab gc --dry-run` lists what it would remove"
-                .into(),
-        ));
+    if let (Opened::Live(remote), false) = (&store, *dry_run) {
+        let (pid, command) = remote.owner();
+        return Err(Failure {
+            code: exit::ENVIRONMENT,
+            error: anyhow::anyhow!(
+                "store {} is in use by pid {pid} ({command}): its jobs are writing checkpoints now, so `xlab gc` \
+                 removes nothing until that run ends\n  hint: `xlab gc --dry-run` lists what it would remove",
+                cli.store.display()
+            ),
+        });
     }
     if let Some(name) = experiment {
         named_experiment(&store, name)?;

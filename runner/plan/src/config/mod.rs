@@ -48,6 +48,17 @@ pub struct Noop {
     /// device has), `diverge` (report a NaN loss) or `error` (fail with an error).
     #[serde(default)]
     pub fail: NoopFailure,
+    /// Stream this many metric rows (steps) before finishing, as fast as the coordinator takes
+    /// them: a load for benchmarks of ingestion and of reading a store during a run.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub log_steps: u64,
+    /// Values per streamed row (`m0`, `m1`, …).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub log_metrics: u64,
+}
+
+fn is_zero_u64(x: &u64) -> bool {
+    *x == 0
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
