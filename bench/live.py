@@ -24,14 +24,26 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from query import QUERY, write_export  # noqa: E402
 
+# Each run gets seeds of its own: the same config and seed is the same job, which a store holding
+# it done would skip.
 INGEST = """name: {name}
 defaults:
   data: {{name: two_moons, n_train: 64, n_val: 16, n_test: 16}}
   task: noop
 stages:
   stream:
-    noop: {{log_steps: {steps}, log_metrics: {metrics}}}
-    seeds: {jobs}
+    noop: {{log_steps: {steps}, log_metrics: {metrics}, log_rows_per_s: {rate}}}
+    seeds: {seeds}
+"""
+
+# A run that outlasts the clients (it is killed when they are done).
+WAITING = """name: {name}
+defaults:
+  data: {{name: two_moons, n_train: 64, n_val: 16, n_test: 16}}
+  task: noop
+stages:
+  wait:
+    noop: {{sleep_s: 3600, log_steps: 100, log_metrics: 2}}
 """
 
 
@@ -45,11 +57,13 @@ def timed_query(store):
     return time.perf_counter() - t, r
 
 
-def run_ingest(store, tmp, name, during=None):
+def run_ingest(store, tmp, name, first_seed, during=None, text=None):
     """Runs one ingest experiment; returns (points/s, results of `during` run alongside)."""
     path = os.path.join(tmp, f"{name}.yaml")
+    seeds = list(range(first_seed, first_seed + ARGS.jobs))
     with open(path, "w") as f:
-        f.write(INGEST.format(name=name, steps=ARGS.steps, metrics=ARGS.metrics, jobs=ARGS.jobs))
+        f.write(text or INGEST.format(name=name, steps=ARGS.steps, metrics=ARGS.metrics, seeds=seeds,
+                                      rate=ARGS.rows_per_s))
     env = dict(os.environ, XLAB_NO_LIVE="1")
     t = time.perf_counter()
     proc = subprocess.Popen([ARGS.xlab, "--store", store, "run", path, "-j", str(ARGS.jobs)], env=env,
@@ -61,12 +75,20 @@ def run_ingest(store, tmp, name, during=None):
         while not os.path.exists(sock) and proc.poll() is None:
             time.sleep(0.01)
         out = during(proc)
+        if text is not None:
+            proc.kill()
+            proc.communicate()
+            return 0.0, out, time.perf_counter() - t
     _, err = proc.communicate()
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.exit(f"the ingest run failed:\n{err}")
-    points = ARGS.jobs * ARGS.steps * ARGS.metrics
-    return points / wall, out, wall
+    # The rate the coordinator took the rows at: each job's rows over the time its stream took
+    # (the stream runs behind its pace only when the rows are taken slower), summed over jobs.
+    r = xlab(["export", "-e", name], store)
+    jobs = [json.loads(line)["job"] for line in r.stdout.splitlines() if json.loads(line)["type"] == "job"]
+    rate = sum(ARGS.steps * ARGS.metrics / j["summary"]["noop.stream_s"] for j in jobs)
+    return rate, out, wall
 
 
 def main():
@@ -76,8 +98,10 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=100_000)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--metrics", type=int, default=10)
+    # 2 jobs × 100 metrics × 750 rows/s = 150,000 points/s for 40 s.
+    p.add_argument("--steps", type=int, default=30_000)
+    p.add_argument("--rows-per-s", type=int, default=750)
+    p.add_argument("--metrics", type=int, default=100)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--queries", type=int, default=1000)
     ARGS = p.parse_args()
@@ -98,7 +122,7 @@ def main():
         result["query_idle_s"] = statistics.median(idle)
         print(f"query over {ARGS.size} jobs, idle store: {result['query_idle_s']:.3f} s", flush=True)
 
-        rate_alone, _, wall = run_ingest(store, tmp, "alone")
+        rate_alone, _, wall = run_ingest(store, tmp, "alone", 0)
         result["ingest_alone_points_per_s"] = rate_alone
         print(f"ingestion alone: {rate_alone:,.0f} points/s ({wall:.1f} s)", flush=True)
 
@@ -111,13 +135,14 @@ def main():
                 (times if r.returncode == 0 else failures).append(dt if r.returncode == 0 else r.stderr)
             return times, failures
 
-        rate_read, (times, failures), wall = run_ingest(store, tmp, "read", during=query_loop)
+        rate_read, (times, failures), wall = run_ingest(store, tmp, "read", 100, during=query_loop)
         result["ingest_while_read_points_per_s"] = rate_read
         result["query_during_run_s"] = statistics.median(times) if times else None
         result["queries_during_run"] = len(times)
         result["query_failures_during_run"] = len(failures)
+        median = result["query_during_run_s"]
         print(f"ingestion while queried: {rate_read:,.0f} points/s ({wall:.1f} s); {len(times)} queries, median "
-              f"{result['query_during_run_s']:.3f} s, {len(failures)} failed", flush=True)
+              f"{median if median is None else round(median, 3)} s, {len(failures)} failed", flush=True)
         if failures:
             print(failures[0])
 
@@ -128,7 +153,7 @@ def main():
 
             def client():
                 for _ in range(per):
-                    r = xlab(["query", "-e", "read", "--format", "csv"], store)
+                    r = xlab(["query", "-e", "alone", "--format", "csv"], store)
                     with lock:
                         if r.returncode == 0:
                             counts["ok"] += 1
@@ -146,9 +171,7 @@ def main():
             counts["run_still_going_at_the_end"] = proc.poll() is None
             return counts
 
-        # Long enough to outlast the clients.
-        ARGS.steps *= 3
-        _, counts, _ = run_ingest(store, tmp, "clients", during=clients)
+        _, counts, _ = run_ingest(store, tmp, "clients", 200, during=clients, text=WAITING.format(name="clients"))
         result["concurrent_clients"] = {"clients": ARGS.clients, **counts}
         print(f"{counts['ok']} queries from {ARGS.clients} clients in {counts['seconds']:.1f} s during a run: "
               f"{counts['errors']} errors, {counts['refusals']} lock refusals", flush=True)

@@ -181,7 +181,33 @@ fn every_read_command_works_while_a_run_owns_the_store() {
     let after = ok(&["query", "-e", "live"]);
     assert!(after.contains("long"), "{after}");
 
+    // Readers busy while the run ends: each finishes, on the store itself once the run is gone.
+    let stop_reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, stop_reading) = (store.clone(), stop_reading.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                let mut n = 0;
+                while !stop_reading.load(std::sync::atomic::Ordering::SeqCst) {
+                    let out = cmd(&store).args(["query", "-e", "live", "--format", "json"]).output().unwrap();
+                    if !out.status.success() {
+                        failures.push(text(&out.stderr));
+                    }
+                    n += 1;
+                }
+                (n, failures)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
     let out = stop(run);
+    std::thread::sleep(Duration::from_millis(500));
+    stop_reading.store(true, std::sync::atomic::Ordering::SeqCst);
+    for r in readers {
+        let (n, failures) = r.join().unwrap();
+        assert!(n >= 2 && failures.is_empty(), "{n} queries around the run's end: {failures:?}");
+    }
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
     assert!(!socket.exists(), "the run removes its socket when it ends");
     let v = show(&store, &long);

@@ -139,6 +139,13 @@ fn units(batch: Vec<StoreOp>, out: &mut Vec<Unit>) {
 /// Applies operations until every sender is gone, then makes them durable. Returns an error
 /// only if some could still not be written at the end: it says how many, and that their jobs
 /// resume from their checkpoints on the next run.
+/// The most operations written together.
+const BATCH: usize = 4096;
+
+/// How long metric points wait for more to be written with (they are visible to readers of the
+/// store after at most this long).
+const COALESCE: Duration = Duration::from_millis(100);
+
 pub fn run(store: &dyn ResultStore, ops: Receiver<StoreOp>, health: &Health, busy: &Busy) -> Result<(), StoreError> {
     let mut last_flush = Instant::now();
     // Written since the last successful flush, and not yet written.
@@ -159,7 +166,20 @@ pub fn run(store: &dyn ResultStore, ops: Receiver<StoreOp>, health: &Health, bus
             }
         };
         let mut batch: Vec<StoreOp> = first.into_iter().collect();
-        batch.extend(ops.try_iter().take(4096));
+        batch.extend(ops.try_iter().take(BATCH));
+        // Metric points arrive a row at a time; written as they come, each row would rewrite
+        // its series' chunks (and wake sled's I/O threads) on its own. Points that arrive
+        // within a short window are written together instead; a job record ends the wait.
+        let window = Instant::now() + COALESCE;
+        while error.is_none() && batch.len() < BATCH && !batch.iter().any(|op| matches!(op, StoreOp::Job(_))) {
+            match ops.recv_deadline(window) {
+                Ok(op) => {
+                    batch.push(op);
+                    batch.extend(ops.try_iter().take(BATCH));
+                }
+                Err(_) => break,
+            }
+        }
         // Job records change rarely (attempt start, provenance, checkpoint, end) and each change
         // is worth keeping through a crash: make them durable at once.
         let durable = batch.iter().any(|op| matches!(op, StoreOp::Job(_)))

@@ -265,6 +265,9 @@ pub struct RemoteStore {
     owner: (u32, String),
     /// Idle connections, reused by the next request.
     idle: Mutex<Vec<UnixStream>>,
+    /// The store itself, opened here once its owner's run ended while this reader was
+    /// reading: every later read goes to it.
+    taken_over: std::sync::OnceLock<Store>,
 }
 
 impl RemoteStore {
@@ -272,7 +275,13 @@ impl RemoteStore {
     pub fn connect(dir: &Path, owner: (u32, String)) -> std::io::Result<RemoteStore> {
         let socket = socket_path(dir);
         let first = UnixStream::connect(&socket)?;
-        Ok(RemoteStore { dir: dir.to_path_buf(), socket, owner, idle: Mutex::new(vec![first]) })
+        Ok(RemoteStore {
+            dir: dir.to_path_buf(),
+            socket,
+            owner,
+            idle: Mutex::new(vec![first]),
+            taken_over: std::sync::OnceLock::new(),
+        })
     }
 
     /// The process that owns the store.
@@ -291,28 +300,64 @@ impl RemoteStore {
         }
     }
 
-    fn call(&self, op: Op) -> Result<Items> {
+    /// After the owner's run ended mid-read, the store opened here (waiting a moment for the
+    /// owner to let go of it).
+    fn take_over(&self) -> Result<&Store> {
+        if let Some(s) = self.taken_over.get() {
+            return Ok(s);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match Store::open(&self.dir) {
+                Ok(s) => break s,
+                Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(self.taken_over.get_or_init(|| store))
+    }
+
+    /// Runs a read: through the owner while it serves, on the store itself once it has gone.
+    fn read<T>(&self, op: Op, local: impl Fn(&Store) -> Result<T>, remote: impl Fn(Items) -> Result<T>) -> Result<T> {
+        if let Some(s) = self.taken_over.get() {
+            return local(s);
+        }
+        match self.call(op) {
+            Ok(items) => remote(items),
+            Err(Lost::Owner(e)) => match self.take_over() {
+                Ok(s) => local(s),
+                Err(StoreError::InUse { .. }) => Err(e),
+                Err(other) => Err(other),
+            },
+            Err(Lost::Answer(e)) => Err(e),
+        }
+    }
+
+    fn call(&self, op: Op) -> std::result::Result<Items, Lost> {
         let conn = self.idle.lock().expect("not poisoned").pop();
+        let lost = |e: std::io::Error| Lost::Owner(self.lost(e));
         let conn = match conn {
             Some(c) => c,
-            None => UnixStream::connect(&self.socket).map_err(|e| self.lost(e))?,
+            None => UnixStream::connect(&self.socket).map_err(lost)?,
         };
         let body = serde_json::to_vec(&Request { protocol: PROTOCOL, op }).expect("requests serialize");
         let mut w = BufWriter::new(&conn);
         w.write_all(&(body.len() as u32).to_le_bytes())
             .and_then(|()| w.write_all(&body))
             .and_then(|()| w.flush())
-            .map_err(|e| self.lost(e))?;
+            .map_err(lost)?;
         drop(w);
         let mut r = BufReader::with_capacity(1 << 16, &conn);
-        let items = read_answer(&mut r).map_err(|e| self.lost(e))?;
+        let items = read_answer(&mut r).map_err(lost)?;
         drop(r);
         match items {
             Ok(items) => {
                 self.idle.lock().expect("not poisoned").push(conn);
                 Ok(items)
             }
-            Err(message) => Err(StoreError::Corrupt { dir: self.dir.clone(), message }),
+            Err(message) => Err(Lost::Answer(StoreError::Corrupt { dir: self.dir.clone(), message })),
         }
     }
 
@@ -333,6 +378,13 @@ impl RemoteStore {
             message: format!("a record read from the run: {e}"),
         })
     }
+}
+
+/// Why a request got no items: the owner went away (its run ended, or it was killed), or it
+/// answered with an error.
+enum Lost {
+    Owner(StoreError),
+    Answer(StoreError),
 }
 
 /// An answer: its items, or the owner's error message.
@@ -377,14 +429,22 @@ impl ResultStore for RemoteStore {
     }
 
     fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>> {
-        match self.call(Op::Experiment { name: name.into() })?.pop().flatten() {
-            Some(b) => self.record(&b).map(Some),
-            None => Ok(None),
-        }
+        self.read(
+            Op::Experiment { name: name.into() },
+            |s| s.experiment(name),
+            |mut items| match items.pop().flatten() {
+                Some(b) => self.record(&b).map(Some),
+                None => Ok(None),
+            },
+        )
     }
 
     fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
-        self.call(Op::Experiments)?.into_iter().flatten().map(|b| self.record(&b)).collect()
+        self.read(
+            Op::Experiments,
+            |s| s.experiments(),
+            |items| items.into_iter().flatten().map(|b| self.record(&b)).collect(),
+        )
     }
 
     fn put_job(&self, _: &JobRecord) -> Result<()> {
@@ -396,17 +456,23 @@ impl ResultStore for RemoteStore {
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>> {
-        self.call(Op::Jobs)?.into_iter().flatten().map(|b| self.record(&b)).collect()
+        self.read(Op::Jobs, |s| s.jobs(), |items| items.into_iter().flatten().map(|b| self.record(&b)).collect())
     }
 
     fn jobs_by_id(&self, ids: &[&str]) -> Result<Vec<Option<JobRecord>>> {
-        let items = self.call(Op::JobsById { ids: ids.iter().map(|s| s.to_string()).collect() })?;
-        items.into_iter().map(|i| i.map(|b| self.record(&b)).transpose()).collect()
+        self.read(
+            Op::JobsById { ids: ids.iter().map(|s| s.to_string()).collect() },
+            |s| s.jobs_by_id(ids),
+            |items| items.into_iter().map(|i| i.map(|b| self.record(&b)).transpose()).collect(),
+        )
     }
 
     fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> Result<Vec<String>> {
-        let items = self.call(Op::IdsWithPrefix { prefix: prefix.into(), at_most })?;
-        Ok(items.into_iter().flatten().map(|k| String::from_utf8_lossy(&k).into_owned()).collect())
+        self.read(
+            Op::IdsWithPrefix { prefix: prefix.into(), at_most },
+            |s| s.job_ids_with_prefix(prefix, at_most),
+            |items| Ok(items.into_iter().flatten().map(|k| String::from_utf8_lossy(&k).into_owned()).collect()),
+        )
     }
 
     fn put_metrics_batch(&self, _: &str, _: &[(u64, BTreeMap<String, f64>)]) -> Result<()> {
@@ -414,20 +480,34 @@ impl ResultStore for RemoteStore {
     }
 
     fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>> {
-        let points = self.call(Op::MetricSeries { job: job.into(), name: name.into() })?.pop().flatten();
-        Ok(decode_chunk(&self.dir, &points.unwrap_or_default())?.into_iter().collect())
+        self.read(
+            Op::MetricSeries { job: job.into(), name: name.into() },
+            |s| s.metric_series(job, name),
+            |mut items| Ok(decode_chunk(&self.dir, &items.pop().flatten().unwrap_or_default())?.into_iter().collect()),
+        )
     }
 
-    fn metrics_of(&self, job: &str) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
+    fn metrics_of(&self, job: &str) -> Result<Series> {
         Ok(self.metrics_of_many(&[job])?.pop().unwrap_or_default())
     }
 
     fn metrics_of_many(&self, ids: &[&str]) -> Result<Vec<Series>> {
-        let items = self.call(Op::MetricsOfMany { ids: ids.iter().map(|s| s.to_string()).collect() })?;
+        self.read(
+            Op::MetricsOfMany { ids: ids.iter().map(|s| s.to_string()).collect() },
+            |s| s.metrics_of_many(ids),
+            |items| self.series_of_answer(ids.len(), items),
+        )
+    }
+}
+
+impl RemoteStore {
+    /// The series of `n` jobs from a `MetricsOfMany` answer: per job a count, then the name and
+    /// points of each series.
+    fn series_of_answer(&self, n: usize, items: Items) -> Result<Vec<Series>> {
         let mut it = items.into_iter();
         let bad = || StoreError::Corrupt { dir: self.dir.clone(), message: "a short answer from the run".into() };
-        let mut out = Vec::with_capacity(ids.len());
-        for _ in ids {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
             let count = it.next().flatten().ok_or_else(bad)?;
             let count = u32::from_le_bytes(count.as_slice().try_into().map_err(|_| bad())?);
             let mut series = BTreeMap::new();

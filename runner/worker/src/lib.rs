@@ -201,12 +201,21 @@ fn noop(
     use xlab_plan::config::NoopFailure;
     std::thread::sleep(std::time::Duration::from_secs_f64(n.sleep_s));
     let names: Vec<String> = (0..n.log_metrics).map(|k| format!("m{k}")).collect();
+    let start = std::time::Instant::now();
     for step in 1..=n.log_steps {
         let values = names.iter().enumerate().map(|(k, name)| (name.clone(), (step * (k as u64 + 1)) as f64)).collect();
         out.metrics(step, values);
+        if n.log_rows_per_s > 0 {
+            let due = std::time::Duration::from_secs_f64(step as f64 / n.log_rows_per_s as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
+    // How long the stream took: past its pace only if the coordinator took the rows slower.
+    let streamed = (n.log_steps > 0).then(|| ("noop.stream_s".to_string(), start.elapsed().as_secs_f64()));
     match n.fail {
-        NoopFailure::None => Ok([("noop.sleep_s".to_string(), n.sleep_s)].into()),
+        NoopFailure::None => Ok([("noop.sleep_s".to_string(), n.sleep_s)].into_iter().chain(streamed).collect()),
         NoopFailure::Crash => std::process::abort(),
         NoopFailure::OutOfMemory => {
             // 2^50 floats: more than any device holds; libtorch reports it as out of memory.

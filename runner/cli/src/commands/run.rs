@@ -302,9 +302,12 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
         }
         Progress::Metrics { job, step, values } => {
             tracker.metrics(job.id.as_str(), step, values);
-            let shown: Vec<String> =
-                values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
-            tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
+            // Formatted only for `-v`: a job streaming rows would otherwise pay for every value.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let shown: Vec<String> =
+                    values.iter().filter(|(k, _)| k.as_str() != "epoch").map(|(k, v)| format!("{k}={v:.4}")).collect();
+                tracing::debug!("{} {} step {step}: {}", job.stage, job.label(), shown.join(" "));
+            }
         }
         Progress::Finished { job, summary } => {
             tracker.ended(job.id.as_str(), status::Ended::Done);

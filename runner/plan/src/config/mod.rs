@@ -55,6 +55,9 @@ pub struct Noop {
     /// Values per streamed row (`m0`, `m1`, …).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub log_metrics: u64,
+    /// At most this many rows a second (0: as fast as the coordinator takes them).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub log_rows_per_s: u64,
 }
 
 fn is_zero_u64(x: &u64) -> bool {
