@@ -16,6 +16,8 @@ pub struct Row {
     pub metrics: BTreeMap<String, Vec<f64>>,
     pub done: usize,
     pub jobs: usize,
+    /// Jobs a run holds as running now (or held when it ended without finishing).
+    pub running: usize,
 }
 
 /// Mean and sample standard deviation (n−1 in the denominator, as pandas and numpy's `ddof=1`).
@@ -31,22 +33,23 @@ pub fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
 
 /// Groups an experiment's jobs (those the filter matches) by stage and sweep point.
 pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Filter>) -> anyhow::Result<Vec<Row>> {
-    type Seen = (String, Vec<(String, Value)>, Option<BTreeMap<String, f64>>);
+    type Seen = (String, Vec<(String, Value)>, Option<BTreeMap<String, f64>>, bool);
     let seen: Vec<Seen> = crate::scan::matching(store, exp, filter, false, &|stage, view| {
         let job = view.record;
         let done = (job.status == JobStatus::Done).then(|| job.summary.clone());
-        Some((stage.to_string(), job.point.clone(), done))
+        Some((stage.to_string(), job.point.clone(), done, job.status == JobStatus::Running))
     })?;
     let mut out: Vec<Row> = Vec::new();
     let mut at: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
-    for (stage, point, summary) in seen {
+    for (stage, point, summary, running) in seen {
         let key = (stage, serde_json::to_string(&point).expect("points serialize"));
         let i = *at.entry(key).or_insert_with_key(|(stage, _)| {
-            out.push(Row { stage: stage.clone(), point, metrics: BTreeMap::new(), done: 0, jobs: 0 });
+            out.push(Row { stage: stage.clone(), point, metrics: BTreeMap::new(), done: 0, jobs: 0, running: 0 });
             out.len() - 1
         });
         let row = &mut out[i];
         row.jobs += 1;
+        row.running += usize::from(running);
         if let Some(summary) = summary {
             row.done += 1;
             for (k, v) in summary {
@@ -155,7 +158,11 @@ pub fn render(rows: &[Row], metrics: &[String]) -> String {
             let xs = r.metrics.get(m).map(Vec::as_slice).unwrap_or(&[]);
             cells.push(Cell::new(fmt_stat(xs)).set_alignment(CellAlignment::Right));
         }
-        let seeds = if r.done == r.jobs { r.done.to_string() } else { format!("{}/{} done", r.done, r.jobs) };
+        let seeds = match (r.done == r.jobs, r.running) {
+            (true, _) => r.done.to_string(),
+            (false, 0) => format!("{}/{} done", r.done, r.jobs),
+            (false, n) => format!("{}/{} done, {n} running", r.done, r.jobs),
+        };
         cells.push(Cell::new(seeds).set_alignment(CellAlignment::Right));
         t.add_row(cells);
     }
@@ -347,7 +354,7 @@ mod tests {
                 metrics.insert(format!("{split}.group_acc.{g}"), vec![0.5]);
             }
         }
-        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1 };
+        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0 };
         assert_eq!(default_metrics(&[row]), ["test.acc", "test.ece", "test.loss", "test.worst_group_acc"]);
     }
 
@@ -359,7 +366,7 @@ mod tests {
                 .into_iter()
                 .map(|m| (m.to_string(), vec![0.5]))
                 .collect();
-        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1 };
+        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0 };
         assert_eq!(default_metrics(&[row]), ["sample.out_of_range", "sample.swd"]);
     }
 
@@ -380,6 +387,7 @@ mod tests {
             metrics,
             done: 2,
             jobs: 2,
+            running: 0,
         }]
     }
 
@@ -406,6 +414,7 @@ mod tests {
             metrics,
             done: 2,
             jobs: 2,
+            running: 0,
         }];
         let csv = render_csv(&rows, &["test.acc".into()]);
         let lines: Vec<&str> = csv.lines().collect();

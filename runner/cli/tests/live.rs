@@ -133,7 +133,7 @@ fn every_read_command_works_while_a_run_owns_the_store() {
         text(&out.stdout)
     };
     let table = ok(&["query", "-e", "live"]);
-    assert!(table.contains("quick") && table.contains("long"), "{table}");
+    assert!(table.contains("quick") && table.contains("0/1 done, 1 running"), "{table}");
     let listed = ok(&["query", "-e", "live", "--format", "json"]);
     assert!(listed.contains("\"stage\": \"long\""), "{listed}");
     assert!(ok(&["experiments"]).contains("live"));
