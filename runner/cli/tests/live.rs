@@ -301,3 +301,30 @@ fn a_second_run_is_told_the_store_is_owned() {
     assert!(t.elapsed() < Duration::from_secs(20), "refused at once, not after a wait");
     stop(run);
 }
+
+/// A run with nothing to do ends at once, however early it stops serving reads (it used to wait
+/// forever when it stopped before its server had made the socket).
+#[test]
+fn a_run_with_nothing_to_do_ends_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("done.yaml");
+    std::fs::write(
+        &file,
+        "name: done\ndefaults:\n  data: {name: two_moons, n_train: 64, n_val: 16, n_test: 16}\n  task: noop\nstages:\n  a:\n    seeds: 2\n",
+    )
+    .unwrap();
+    let store = dir.path().join("results");
+    for i in 0..15 {
+        let mut child = cmd(&store).arg("run").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("run {i} of an experiment whose jobs are done did not end");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(child.wait().unwrap().success(), "run {i}");
+    }
+    assert!(!store.join("xlab.sock").exists());
+}

@@ -75,6 +75,12 @@ pub fn serve(store: &Store, stop: &AtomicBool, ready: impl FnOnce()) -> std::io:
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     ready();
+    // A run with nothing to do may end before the socket exists: its wake-up connection then
+    // found nothing to wake, and the flag is all there is.
+    if stop.load(Ordering::Acquire) {
+        let _ = std::fs::remove_file(&path);
+        return Ok(());
+    }
     std::thread::scope(|scope| {
         for conn in listener.incoming() {
             if stop.load(Ordering::Acquire) {
@@ -522,5 +528,65 @@ impl RemoteStore {
             out.push(series);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run ended (and asked its server to stop) before the server made its socket: serving
+    /// returns at once instead of waiting for a connection that never comes.
+    #[test]
+    fn a_server_asked_to_stop_before_it_starts_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let stop = AtomicBool::new(false);
+        stop_serving(dir.path(), &stop);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                serve(&store, &stop, || {}).unwrap();
+                tx.send(()).unwrap();
+            });
+            let returned = rx.recv_timeout(std::time::Duration::from_secs(5));
+            if returned.is_err() {
+                // Unblock the server so the test can end, then fail.
+                let _ = UnixStream::connect(socket_path(dir.path()));
+                panic!("serve waited for a connection although asked to stop");
+            }
+        });
+        assert!(!socket_path(dir.path()).exists());
+    }
+
+    /// A store read through a serving owner answers as the store itself does.
+    #[test]
+    fn a_remote_read_matches_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let job: JobRecord = serde_json::from_value(serde_json::json!({
+            "id": "j1", "experiment": "e", "stage": "s", "seed": 0, "config": {}, "point": [], "parents": [],
+            "status": "running", "attempts": [], "summary": {}, "provenance": {"xlab_version": "t"}, "artifacts": []
+        }))
+        .unwrap();
+        store.put_job(&job).unwrap();
+        let points: Vec<(u64, BTreeMap<String, f64>)> = (1..=200)
+            .map(|s| (s, BTreeMap::from([("a".to_string(), s as f64), ("b".to_string(), -(s as f64))])))
+            .collect();
+        store.put_metrics_batch("j1", &points).unwrap();
+        let stop = AtomicBool::new(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| serve(&store, &stop, || ready_tx.send(()).unwrap()).unwrap());
+            ready_rx.recv().unwrap();
+            let remote = RemoteStore::connect(dir.path(), (1, "test".into())).unwrap();
+            assert_eq!(remote.job("j1").unwrap(), store.job("j1").unwrap());
+            assert_eq!(remote.job("nope").unwrap(), None);
+            assert_eq!(remote.metrics_of("j1").unwrap(), store.metrics_of("j1").unwrap());
+            assert_eq!(remote.metric_series("j1", "b").unwrap(), store.metric_series("j1", "b").unwrap());
+            assert_eq!(remote.job_ids_with_prefix("j", 10).unwrap(), vec!["j1".to_string()]);
+            assert!(remote.put_job(&job).is_err(), "writes are the owner's");
+            stop_serving(dir.path(), &stop);
+        });
     }
 }
