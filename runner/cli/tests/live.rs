@@ -55,6 +55,15 @@ impl Drop for Owner {
     }
 }
 
+/// A temporary folder holding `LIVE` as `live.yaml`, and the store path beside it.
+fn live_experiment() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("live.yaml");
+    std::fs::write(&file, LIVE).unwrap();
+    let store = dir.path().join("results");
+    (dir, file, store)
+}
+
 fn start(store: &Path, file: &Path) -> Owner {
     Owner(Some(
         cmd(store)
@@ -111,10 +120,7 @@ fn stop(mut owner: Owner) -> std::process::Output {
 
 #[test]
 fn every_read_command_works_while_a_run_owns_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("live.yaml");
-    std::fs::write(&file, LIVE).unwrap();
-    let store = dir.path().join("results");
+    let (dir, file, store) = live_experiment();
     let quick = stage_job_ids(&store, &file, "quick");
     let long = stage_job_ids(&store, &file, "long").remove(0);
     let before = attempts(&store, &long);
@@ -216,10 +222,7 @@ fn every_read_command_works_while_a_run_owns_the_store() {
 
 #[test]
 fn a_reader_never_stops_a_run_from_starting_and_a_killed_owner_leaves_nothing_in_the_way() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("live.yaml");
-    std::fs::write(&file, LIVE).unwrap();
-    let store = dir.path().join("results");
+    let (_dir, file, store) = live_experiment();
     // A first run makes the store; stop it once the long job has started.
     let long = stage_job_ids(&store, &file, "long").remove(0);
     let before = attempts(&store, &long);
@@ -284,10 +287,7 @@ fn a_reader_never_stops_a_run_from_starting_and_a_killed_owner_leaves_nothing_in
 /// waiting for the whole run.
 #[test]
 fn a_second_run_is_told_the_store_is_owned() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("live.yaml");
-    std::fs::write(&file, LIVE).unwrap();
-    let store = dir.path().join("results");
+    let (dir, file, store) = live_experiment();
     let long = stage_job_ids(&store, &file, "long").remove(0);
     let before = attempts(&store, &long);
     let run = start(&store, &file);
