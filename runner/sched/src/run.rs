@@ -231,15 +231,35 @@ pub fn run(
     };
     store.put_experiment(&record)?;
 
+    let mut stored: Vec<JobRecord> = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        stored.push(match store.job(job.id.as_str())? {
+            Some(r) => r,
+            None => new_record(plan, job),
+        });
+    }
+    if opts.slurm.is_none() {
+        // Running a job here while Slurm still runs it would have two workers write one run
+        // folder. Checked for every job before any record changes: a refused run leaves the
+        // store as it found it, and the Slurm run re-attaches to all of its jobs.
+        let mut listed: Option<Option<std::collections::HashMap<String, slurm::QueueEntry>>> = None;
+        for rec in stored.iter().filter(|r| r.status != JobStatus::Done || opts.rerun.contains(r.id.as_str())) {
+            let Some(id) = rec.in_slurm() else { continue };
+            let queue = listed.get_or_insert_with(|| slurm::queue().ok());
+            if queue.as_ref().and_then(|q| q.get(id)).is_some_and(|e| !e.ended()) {
+                return Err(SchedError::StillInSlurm {
+                    job: rec.id.clone(),
+                    stage: rec.stage.clone(),
+                    slurm: id.to_string(),
+                });
+            }
+        }
+    }
+
     let mut records: Vec<JobRecord> = Vec::with_capacity(jobs.len());
     // Jobs an earlier run left in Slurm: (index, Slurm id), followed again rather than resubmitted.
     let mut reattach: Vec<(usize, String)> = Vec::new();
-    let mut slurm_queue: Option<Option<std::collections::HashMap<String, slurm::QueueEntry>>> = None;
-    for (i, job) in jobs.iter().enumerate() {
-        let mut rec = match store.job(job.id.as_str())? {
-            Some(r) => r,
-            None => new_record(plan, job),
-        };
+    for ((i, job), mut rec) in jobs.iter().enumerate().zip(stored) {
         if rec.status == JobStatus::Done && opts.rerun.contains(job.id.as_str()) {
             set_aside_files(store, &rec)?;
             rec.status = JobStatus::Pending;
@@ -247,18 +267,10 @@ pub fn run(
             rec.artifacts.clear();
         }
         if rec.status != JobStatus::Done {
-            if let Some(id) = rec.in_slurm().map(str::to_string) {
-                if opts.slurm.is_some() {
-                    reattach.push((i, id));
-                    records.push(rec);
-                    continue;
-                }
-                // Running it here while Slurm still runs it would have two workers write one
-                // run folder.
-                let listed = slurm_queue.get_or_insert_with(|| slurm::queue().ok());
-                if listed.as_ref().and_then(|q| q.get(&id)).is_some_and(|e| !e.ended()) {
-                    return Err(SchedError::StillInSlurm { job: rec.id.clone(), stage: rec.stage.clone(), slurm: id });
-                }
+            if let (Some(id), Some(_)) = (rec.in_slurm(), &opts.slurm) {
+                reattach.push((i, id.to_string()));
+                records.push(rec);
+                continue;
             }
             if rec.status == JobStatus::Running {
                 // We hold the store's lock, so whoever ran it is gone.
