@@ -45,6 +45,30 @@ pub fn path(store: &Path) -> PathBuf {
     store.join("status.json")
 }
 
+/// The status file of a run that joined the run owning the store (`xlab_sched::hub`).
+pub fn joined_path(store: &Path, pid: u32) -> PathBuf {
+    store.join(format!("status-{pid}.json"))
+}
+
+/// The status of every run in progress on the store: the owner's, then those joined to it
+/// (whose processes are alive and have not finished).
+pub fn in_progress(store: &Path) -> Vec<Snapshot> {
+    let read = |p: &Path| -> Option<Snapshot> { std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok()) };
+    let mut out: Vec<Snapshot> = read(&path(store)).filter(|s| !s.finished).into_iter().collect();
+    let mut joined: Vec<Snapshot> = std::fs::read_dir(store)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("status-"))
+        .filter_map(|e| read(&e.path()))
+        // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+        .filter(|s| !s.finished && unsafe { libc::kill(s.pid as i32, 0) } == 0)
+        .collect();
+    joined.sort_by_key(|s| s.started_unix);
+    out.extend(joined);
+    out
+}
+
 /// Keeps the snapshot and writes it at most twice a second (and when asked to), and drives the
 /// terminal's live view when there is one.
 pub struct Tracker {
@@ -70,7 +94,7 @@ fn now() -> u64 {
 }
 
 impl Tracker {
-    pub fn new(store: &Path, experiment: &str, total: usize, live: Option<crate::live::Live>) -> Self {
+    pub fn new(file: PathBuf, experiment: &str, total: usize, live: Option<crate::live::Live>) -> Self {
         let snap = Snapshot {
             experiment: experiment.into(),
             pid: std::process::id(),
@@ -79,7 +103,7 @@ impl Tracker {
             total,
             ..Default::default()
         };
-        Tracker { file: path(store), snap, last: None, live }
+        Tracker { file, snap, last: None, live }
     }
 
     pub fn skipped(&mut self) {
@@ -147,6 +171,11 @@ impl Tracker {
             l.finish();
         }
         self.write(true);
+    }
+
+    /// Removes the status file (a joined run's, once it finished).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.file);
     }
 
     fn write(&mut self, now_anyway: bool) {

@@ -283,25 +283,6 @@ fn a_reader_never_stops_a_run_from_starting_and_a_killed_owner_leaves_nothing_in
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
 }
 
-/// A second run while one owns the store is refused for now, with what to do; it is not left
-/// waiting for the whole run.
-#[test]
-fn a_second_run_is_told_the_store_is_owned() {
-    let (dir, file, store) = live_experiment();
-    let long = stage_job_ids(&store, &file, "long").remove(0);
-    let before = attempts(&store, &long);
-    let run = start(&store, &file);
-    wait_running_with_points(&store, &long, before);
-    let other: PathBuf = dir.path().join("other.yaml");
-    std::fs::write(&other, LIVE.replace("name: live", "name: other")).unwrap();
-    let t = Instant::now();
-    let out = cmd(&store).args(["run"]).arg(&other).output().unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("in use by pid"), "{}", text(&out.stderr));
-    assert!(t.elapsed() < Duration::from_secs(20), "refused at once, not after a wait");
-    stop(run);
-}
-
 /// A run with nothing to do ends at once, however early it stops serving reads (it used to wait
 /// forever when it stopped before its server had made the socket).
 #[test]

@@ -113,6 +113,23 @@ impl FailureCause {
             Self::ParentFailed => "parent_failed",
         }
     }
+
+    /// The cause [`FailureCause::as_str`] names.
+    pub fn parse(name: &str) -> Option<FailureCause> {
+        [
+            Self::Config,
+            Self::Diverged,
+            Self::OutOfMemory,
+            Self::Error,
+            Self::Crashed,
+            Self::Timeout,
+            Self::Hung,
+            Self::Cancelled,
+            Self::ParentFailed,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == name)
+    }
 }
 
 /// One line of a worker's event stream.

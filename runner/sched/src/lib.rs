@@ -3,6 +3,7 @@
 //! writer; or submits them to Slurm (see [`slurm`]). Never links libtorch.
 
 pub mod disk;
+pub mod hub;
 mod machine;
 pub mod pool;
 mod run;
@@ -10,5 +11,5 @@ pub mod slurm;
 pub mod spawn;
 mod writer;
 
-pub use pool::{build_pool, detect_gpus, Devices, Gpu, Held, Need, Pool, PoolRequest, Slot};
+pub use pool::{build_pool, detect_gpus, Devices, Gpu, Held, Need, Pool, PoolRequest, Slot, Slots};
 pub use run::{check_placement, run, Progress, RunOptions, RunReport, SchedError};

@@ -7,7 +7,7 @@
 //! tell the user), which `run` carries out for local workers and Slurm jobs alike. Every
 //! transition is unit-tested below without a process.
 
-use crate::pool::{Held, Need, Pool};
+use crate::pool::{Held, Need, Slots};
 use crate::run::RunReport;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -36,14 +36,46 @@ pub(crate) enum Action {
 /// What happened to job `job` (an index into the plan's jobs), for the progress display.
 #[derive(Debug)]
 pub(crate) enum Told {
-    Skipped { job: usize },
-    Started { job: usize, device: String, attempt: u32 },
-    Resumed { job: usize, epoch: u64, step_in_epoch: u64 },
-    Finished { job: usize, summary: BTreeMap<String, f64> },
-    Failed { job: usize, cause: FailureCause, message: String },
-    Retrying { job: usize, cause: FailureCause, message: String, delay: Duration },
-    Warning { job: usize, message: String },
-    Stopped { job: usize, message: String },
+    Skipped {
+        job: usize,
+    },
+    Started {
+        job: usize,
+        device: String,
+        attempt: u32,
+    },
+    Resumed {
+        job: usize,
+        epoch: u64,
+        step_in_epoch: u64,
+    },
+    Finished {
+        job: usize,
+        summary: BTreeMap<String, f64>,
+    },
+    Failed {
+        job: usize,
+        cause: FailureCause,
+        message: String,
+    },
+    Retrying {
+        job: usize,
+        cause: FailureCause,
+        message: String,
+        delay: Duration,
+    },
+    Warning {
+        job: usize,
+        message: String,
+    },
+    Stopped {
+        job: usize,
+        message: String,
+    },
+    /// Another run on the store holds the job: this run waits for it.
+    Elsewhere {
+        job: usize,
+    },
 }
 
 /// Who runs an attempt: a local worker process or a Slurm job.
@@ -92,7 +124,7 @@ struct Running {
 
 /// What every attempt records about the coordinator that started it.
 pub(crate) struct Settings {
-    pub pool: Pool,
+    pub pool: Box<dyn Slots>,
     pub slurm: bool,
     /// At most this many jobs at once.
     pub cap: usize,
@@ -116,6 +148,9 @@ pub(crate) struct Machine<'p> {
     attempts_here: HashMap<usize, u32>,
     /// The device a job ran out of memory on, avoided by its next attempt.
     avoid: HashMap<usize, String>,
+    /// Jobs another run on the store holds: waited for, then taken as they are (done or
+    /// failed), or run here if that run let them go unfinished.
+    elsewhere: Vec<usize>,
     /// Stop requests acted on so far.
     signalled: usize,
     settings: Settings,
@@ -169,10 +204,12 @@ fn interrupt(rec: &mut JobRecord) {
 impl<'p> Machine<'p> {
     /// Starts from the store's records of the plan's jobs (one per job, in plan order); jobs in
     /// `reattach` are still running in Slurm under the given ids and are followed, not started.
+    /// Jobs in `elsewhere` are held by another run on the store and are waited for.
     pub(crate) fn new(
         plan: &'p Plan,
         records: Vec<JobRecord>,
         reattach: &[(usize, String)],
+        elsewhere: &[usize],
         settings: Settings,
         now: Instant,
     ) -> Self {
@@ -190,6 +227,7 @@ impl<'p> Machine<'p> {
             running: HashMap::new(),
             attempts_here: HashMap::new(),
             avoid: HashMap::new(),
+            elsewhere: Vec::new(),
             signalled: 0,
             settings,
             actions: Vec::new(),
@@ -203,6 +241,9 @@ impl<'p> Machine<'p> {
             } else if m.records[i].status == JobStatus::Done {
                 m.report.skipped += 1;
                 m.actions.push(Action::Tell(Told::Skipped { job: i }));
+            } else if elsewhere.contains(&i) {
+                m.elsewhere.push(i);
+                m.actions.push(Action::Tell(Told::Elsewhere { job: i }));
             } else {
                 m.waiting.push(i);
             }
@@ -219,8 +260,54 @@ impl<'p> Machine<'p> {
         &self.records[i]
     }
 
-    pub(crate) fn pool(&self) -> &Pool {
-        &self.settings.pool
+    pub(crate) fn pool(&self) -> &dyn Slots {
+        &*self.settings.pool
+    }
+
+    /// The jobs another run holds, which this one waits for.
+    pub(crate) fn waited_for(&self) -> Vec<usize> {
+        self.elsewhere.clone()
+    }
+
+    /// Job `i`, which another run held, as that run left it (`rec`, read from the store):
+    /// done or failed, it counts as such here; else `taken` says whether this run now holds it
+    /// (the other let it go), and it runs here.
+    pub(crate) fn seen_elsewhere(&mut self, i: usize, mut rec: JobRecord, taken: bool) {
+        if !self.elsewhere.contains(&i) {
+            return;
+        }
+        match rec.status {
+            JobStatus::Done => {
+                self.elsewhere.retain(|&e| e != i);
+                self.report.elsewhere += 1;
+                self.actions.push(Action::Tell(Told::Finished { job: i, summary: rec.summary.clone() }));
+                self.records[i] = rec;
+            }
+            JobStatus::Failed => {
+                self.elsewhere.retain(|&e| e != i);
+                let message = rec.attempts.last().and_then(|a| a.error.clone()).unwrap_or_default();
+                let cause = rec
+                    .attempts
+                    .last()
+                    .and_then(|a| a.outcome.as_deref())
+                    .and_then(FailureCause::parse)
+                    .unwrap_or(FailureCause::Error);
+                self.report.failed.push((self.jobs[i].id.to_string(), cause, message.clone()));
+                self.actions.push(Action::Tell(Told::Failed { job: i, cause, message }));
+                self.records[i] = rec;
+            }
+            _ if taken => {
+                self.elsewhere.retain(|&e| e != i);
+                if rec.status == JobStatus::Running {
+                    // The run that held it let it go: it is not running any more.
+                    interrupt(&mut rec);
+                }
+                self.records[i] = rec;
+                self.actions.push(Action::Save(Box::new(self.records[i].clone())));
+                self.waiting.push(i);
+            }
+            _ => {}
+        }
     }
 
     pub(crate) fn running_count(&self) -> usize {
@@ -416,10 +503,11 @@ impl<'p> Machine<'p> {
     /// caller starts it and answers with [`Machine::started`] or [`Machine::start_failed`].
     pub(crate) fn next_start(&mut self, now: Instant) -> Option<(usize, Option<Held>)> {
         let slurm = self.settings.slurm;
-        if self.report.disk_full.is_some()
-            || (!slurm && self.settings.pool.free() == 0)
-            || self.running.len() >= self.settings.cap
-        {
+        if self.report.disk_full.is_some() || self.running.len() >= self.settings.cap {
+            return None;
+        }
+        if !slurm && self.settings.pool.free() == 0 {
+            self.want_best();
             return None;
         }
         let busy = |stage: &str| self.running.keys().filter(|&&r| self.jobs[r].stage == stage).count();
@@ -431,13 +519,22 @@ impl<'p> Machine<'p> {
             .map(|(at, &i)| (at, i))
             .collect();
         ready.sort_by_key(|&(_, i)| (std::cmp::Reverse(self.jobs[i].exec.priority), i));
-        let (at, held) = ready.into_iter().find_map(|(at, i)| {
+        let found = ready.iter().find_map(|&(at, i)| {
             if slurm {
                 return Some((at, None));
             }
             let avoid = self.avoid.get(&i).map(String::as_str);
-            self.settings.pool.take(need_of(self.jobs[i]), avoid).map(|held| (at, Some(held)))
-        })?;
+            self.settings
+                .pool
+                .take(need_of(self.jobs[i]), avoid, self.jobs[i].exec.priority)
+                .map(|held| (at, Some(held)))
+        });
+        let Some((at, held)) = found else {
+            if let Some(&(_, i)) = ready.first() {
+                self.settings.pool.wanting(need_of(self.jobs[i]), self.jobs[i].exec.priority);
+            }
+            return None;
+        };
         let i = self.queue.remove(at).expect("an index into the queue");
         if slurm {
             // Holds its place under `max_parallel` until submitted.
@@ -445,6 +542,14 @@ impl<'p> Machine<'p> {
                 .insert(i, Running { held: None, pid: 0, slurm_id: None, started: now, ending: Ending::default() });
         }
         Some((i, held))
+    }
+
+    /// Tells a shared pool that this run's best ready job waits for room.
+    fn want_best(&mut self) {
+        let best = self.queue.iter().copied().max_by_key(|&i| (self.jobs[i].exec.priority, std::cmp::Reverse(i)));
+        if let Some(i) = best {
+            self.settings.pool.wanting(need_of(self.jobs[i]), self.jobs[i].exec.priority);
+        }
     }
 
     /// Job `i`, placed by [`Machine::next_start`], started on `device` with `threads` threads:
@@ -682,6 +787,7 @@ impl<'p> Machine<'p> {
         self.running.is_empty()
             && self.queue.is_empty()
             && (self.delayed.is_empty() || self.report.ended_early.is_some())
+            && (self.elsewhere.is_empty() || self.report.ended_early.is_some())
     }
 
     /// Nothing runs, yet a ready job could start at once: no reason to wait for a message.
@@ -699,6 +805,7 @@ impl<'p> Machine<'p> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::Pool;
     use crate::run::new_record;
     use std::path::Path;
     use xlab_proto::plugins::Registry;
@@ -714,7 +821,7 @@ mod tests {
 
     fn settings(slots: usize) -> Settings {
         Settings {
-            pool: Pool::cpu(slots, 1),
+            pool: Box::new(Pool::cpu(slots, 1)),
             slurm: false,
             cap: usize::MAX,
             fail_fast: false,
@@ -725,7 +832,7 @@ mod tests {
 
     fn machine(plan: &Plan, slots: usize, t0: Instant) -> Machine<'_> {
         let records = plan.jobs().map(|j| new_record(plan, j)).collect();
-        Machine::new(plan, records, &[], settings(slots), t0)
+        Machine::new(plan, records, &[], &[], settings(slots), t0)
     }
 
     fn no_shortage(_: usize) -> Option<String> {
@@ -813,7 +920,7 @@ mod tests {
         let t = Instant::now();
         let mut records: Vec<JobRecord> = p.jobs().map(|j| new_record(&p, j)).collect();
         records[0].status = JobStatus::Done;
-        let mut m = Machine::new(&p, records, &[], settings(1), t);
+        let mut m = Machine::new(&p, records, &[], &[], settings(1), t);
         assert_eq!(told(&mut m), vec!["skipped 0"]);
         assert_eq!(turn(&mut m, t), vec![1]);
         assert_eq!(m.into_report().skipped, 1);
@@ -1038,7 +1145,7 @@ mod tests {
         let mut s = settings(4);
         s.cap = 2;
         let records = p.jobs().map(|j| new_record(&p, j)).collect();
-        let mut m = Machine::new(&p, records, &[], s, t);
+        let mut m = Machine::new(&p, records, &[], &[], s, t);
         assert_eq!(turn(&mut m, t), vec![3, 4]);
     }
 
@@ -1084,9 +1191,9 @@ mod tests {
             crate::pool::Slot { device: "cuda:1".into(), threads: 1 },
         ];
         let mut s = settings(1);
-        s.pool = Pool::new(slots);
+        s.pool = Box::new(Pool::new(slots));
         let records = p.jobs().map(|j| new_record(&p, j)).collect();
-        let mut m = Machine::new(&p, records, &[], s, t);
+        let mut m = Machine::new(&p, records, &[], &[], s, t);
         m.tick(t, 0, &mut no_shortage);
         let (i, held) = m.next_start(t).unwrap();
         let first = held.as_ref().unwrap().device.clone();
@@ -1104,7 +1211,7 @@ mod tests {
         let mut s = settings(1);
         s.slurm = true;
         let records = p.jobs().map(|j| new_record(&p, j)).collect();
-        let mut m = Machine::new(&p, records, &[(0, "4242".to_string())], s, t);
+        let mut m = Machine::new(&p, records, &[(0, "4242".to_string())], &[], s, t);
         assert_eq!(m.running_count(), 1, "re-attached to the job Slurm still runs");
         m.tick(t, 0, &mut no_shortage);
         let (i, held) = m.next_start(t).unwrap();

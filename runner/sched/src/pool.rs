@@ -11,7 +11,7 @@ fn kind_matches(kind: DeviceKind, device: &str) -> bool {
 }
 
 /// One place a job can run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Slot {
     /// `cpu`, or `cuda:N` (the physical GPU index, exported to the worker as
     /// `CUDA_VISIBLE_DEVICES=N`, where it becomes `cuda:0`).
@@ -20,7 +20,7 @@ pub struct Slot {
 }
 
 /// What one job takes from the pool (a stage's `resources:`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Need {
     /// Slots of one device.
     pub slots: usize,
@@ -40,16 +40,60 @@ impl Need {
 
 /// What a running job holds: its slots, all on `device` (whole GPUs: `cuda:1,cuda:3`), and the
 /// memory it reserved on each.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Held {
     pub slots: Vec<usize>,
     pub device: String,
     pub memory_mib: u64,
 }
 
+/// Where a run's jobs take their slots: its own [`Pool`], or the pool of the run that owns the
+/// store, shared by every run on it (see [`crate::hub`]).
+pub trait Slots: Send {
+    /// Takes what `need` asks for (see [`Pool::take`]) for a job of stage priority `priority`.
+    fn take(&mut self, need: Need, avoid: Option<&str>, priority: i32) -> Option<Held>;
+    /// Says that a ready job of `priority` that needs `need` found no room: a pool shared with
+    /// other runs gives it the next room before their jobs of lower priority.
+    fn wanting(&mut self, _need: Need, _priority: i32) {}
+    fn give_back(&mut self, held: &Held);
+    /// Free slots now.
+    fn free(&self) -> usize;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn slot(&self, i: usize) -> Slot;
+    fn never_fits(&self, need: Need) -> Option<String>;
+    fn describe(&self) -> String;
+}
+
+impl Slots for Pool {
+    fn take(&mut self, need: Need, avoid: Option<&str>, _priority: i32) -> Option<Held> {
+        Pool::take(self, need, avoid)
+    }
+    fn give_back(&mut self, held: &Held) {
+        Pool::give_back(self, held)
+    }
+    fn free(&self) -> usize {
+        Pool::free(self)
+    }
+    fn len(&self) -> usize {
+        Pool::len(self)
+    }
+    fn slot(&self, i: usize) -> Slot {
+        Pool::slot(self, i).clone()
+    }
+    fn never_fits(&self, need: Need) -> Option<String> {
+        Pool::never_fits(self, need)
+    }
+    fn describe(&self) -> String {
+        Pool::describe(self)
+    }
+}
+
 /// A fixed set of slots; jobs take free ones and give them back when they end. A device may
 /// also have a memory capacity, which jobs with a memory estimate share.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pool {
     slots: Vec<Slot>,
     busy: Vec<bool>,
@@ -202,6 +246,16 @@ impl Pool {
             ));
         }
         None
+    }
+
+    /// Whether `need` could be taken now.
+    pub fn fits_now(&self, need: Need) -> bool {
+        self.clone().take(need, None).is_some()
+    }
+
+    /// The slots, in order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
     }
 
     /// Gives back what a job held.

@@ -2,8 +2,9 @@
 //! into store writes.
 
 use crate::disk;
+use crate::hub::Peers;
 use crate::machine::{need_of, Action, Ending, Flow, Machine, Outcome, Settings, Start, StartFailure, Told};
-use crate::pool::{Pool, Slot};
+use crate::pool::{Slot, Slots};
 use crate::slurm::{self, SlurmExec};
 use crate::spawn::{self, Exit, Msg};
 use crate::writer::{self, StoreOp};
@@ -40,8 +41,12 @@ pub enum SchedError {
 pub struct RunOptions {
     /// The `xlab-worker` executable.
     pub worker: PathBuf,
-    /// The local slots jobs run on (not used when `slurm` is set).
-    pub pool: Pool,
+    /// The local slots jobs run on (not used when `slurm` is set): this run's own, or those of
+    /// the run that owns the store, shared with it (see [`crate::hub`]).
+    pub pool: Box<dyn Slots>,
+    /// The other runs on the store, when it is shared: jobs another run holds are waited for,
+    /// and the owner's stop requests are followed.
+    pub peers: Option<Arc<dyn Peers>>,
     /// Submit jobs to Slurm instead of running them here.
     pub slurm: Option<SlurmExec>,
     /// The coordinator's version, recorded with every job.
@@ -116,6 +121,11 @@ pub enum Progress<'a> {
         job: &'a Job,
         message: &'a str,
     },
+    /// Another run on the store runs the job: this run waits for it, and then reports it as
+    /// `Finished` or `Failed`.
+    Elsewhere {
+        job: &'a Job,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -123,6 +133,8 @@ pub struct RunReport {
     pub total: usize,
     pub skipped: usize,
     pub done: usize,
+    /// Jobs another run on the store ran to the end while this one waited for them.
+    pub elsewhere: usize,
     pub failed: Vec<(String, FailureCause, String)>,
     /// Jobs stopped by a stop request (resumable).
     pub stopped: usize,
@@ -166,7 +178,7 @@ fn signal(pid: u32, sig: i32) {
 
 /// Checks that the pool can hold every stage's jobs (`resources:`): a device of the asked kind
 /// with the asked number of slots. Says which stage asks for what, and what the pool has.
-pub fn check_placement(plan: &Plan, pool: &Pool) -> Result<(), String> {
+pub fn check_placement(plan: &Plan, pool: &dyn Slots) -> Result<(), String> {
     for stage in &plan.stages {
         let Some(job) = stage.jobs.first() else { continue };
         let need = need_of(job);
@@ -256,10 +268,29 @@ pub fn run(
         }
     }
 
+    // On a store shared with other runs, the jobs this run is to run are claimed; those another
+    // run holds are waited for, and their records left as that run writes them.
+    let mut elsewhere: Vec<usize> = Vec::new();
+    if let Some(peers) = &opts.peers {
+        let wanted: Vec<String> = stored
+            .iter()
+            .filter(|r| r.status != JobStatus::Done || opts.rerun.contains(r.id.as_str()))
+            .map(|r| r.id.clone())
+            .collect();
+        let held =
+            peers.claim(&wanted).map_err(|e| SchedError::Io(format!("cannot claim jobs from the owner: {e}")))?;
+        elsewhere =
+            jobs.iter().enumerate().filter(|(_, j)| held.iter().any(|h| h == j.id.as_str())).map(|(i, _)| i).collect();
+    }
+
     let mut records: Vec<JobRecord> = Vec::with_capacity(jobs.len());
     // Jobs an earlier run left in Slurm: (index, Slurm id), followed again rather than resubmitted.
     let mut reattach: Vec<(usize, String)> = Vec::new();
     for ((i, job), mut rec) in jobs.iter().enumerate().zip(stored) {
+        if elsewhere.contains(&i) {
+            records.push(rec);
+            continue;
+        }
         if rec.status == JobStatus::Done && opts.rerun.contains(job.id.as_str()) {
             set_aside_files(store, &rec)?;
             rec.status = JobStatus::Pending;
@@ -273,7 +304,8 @@ pub fn run(
                 continue;
             }
             if rec.status == JobStatus::Running {
-                // We hold the store's lock, so whoever ran it is gone.
+                // We hold the store's lock (or, on a shared store, the job's claim), so whoever
+                // ran it is gone.
                 rec.status = JobStatus::Interrupted;
                 if let Some(a) = rec.attempts.last_mut().filter(|a| a.ended_unix.is_none()) {
                     a.outcome = Some("interrupted".into());
@@ -294,7 +326,11 @@ pub fn run(
         git_commit: opts.git_commit.clone(),
         pool: opts.pool,
     };
-    let mut m = Machine::new(plan, records, &reattach, settings, Instant::now());
+    let mut m = Machine::new(plan, records, &reattach, &elsewhere, settings, Instant::now());
+    let peers = opts.peers.clone();
+    let mut peer_stops = 0usize;
+    let mut owner_gone = false;
+    let mut last_look = Instant::now();
 
     let (ops_tx, ops_rx) = unbounded::<StoreOp>();
     let (tx, rx) = unbounded::<Msg>();
@@ -338,7 +374,7 @@ pub fn run(
         let mut standbys = spawn::Standbys::new(&opts.worker, store.dir().join("standby.log"));
         if opts.slurm.is_none() && m.more_to_start() {
             for i in 0..m.pool().len() {
-                let (lease, visible) = spawn::lease_for(m.pool().slot(i));
+                let (lease, visible) = spawn::lease_for(&m.pool().slot(i));
                 let key = spawn::WorkerKey { visible, threads: lease.threads, deterministic: false };
                 standbys.fill(&key);
             }
@@ -354,7 +390,19 @@ pub fn run(
         }
         let mut result = Ok(());
         loop {
-            let stops = opts.stop.load(Ordering::SeqCst);
+            if let Some(p) = &peers {
+                look_at_peers(&mut m, &**p, store, &jobs, &mut peer_stops, &mut last_look);
+                if !owner_gone && p.owner_gone() {
+                    owner_gone = true;
+                    tracing::error!(
+                        "the run that owns this store went away (killed?): stopping this run's {} worker(s) at once;                          run the same command again to resume, nothing recorded is lost",
+                        m.running_count()
+                    );
+                    result = Err(SchedError::Io("the run that owned the store went away".into()));
+                }
+                carry(&mut m, observe);
+            }
+            let stops = opts.stop.load(Ordering::SeqCst).max(peer_stops).max(if owner_gone { 2 } else { 0 });
             let mut shortage = |running: usize| {
                 health.failing().map(|e| format!("cannot write the store ({e})")).or_else(|| room.short(running))
             };
@@ -498,6 +546,42 @@ pub fn run(
     Ok(report)
 }
 
+/// On a shared store: passes on the owner's stop requests, takes the waited-for jobs that other
+/// runs let go, and looks (twice a second) whether those they ran are done.
+fn look_at_peers(
+    m: &mut Machine<'_>,
+    peers: &dyn Peers,
+    store: &dyn ResultStore,
+    jobs: &[&Job],
+    stops: &mut usize,
+    last_look: &mut Instant,
+) {
+    let waiting: Vec<usize> = m.waited_for();
+    let ids: Vec<String> = waiting.iter().map(|&i| jobs[i].id.to_string()).collect();
+    let Ok(tick) = peers.tick(&ids) else { return };
+    *stops = tick.stops;
+    let read = |id: &str| store.job(id).ok().flatten();
+    for id in &tick.released {
+        if let (Some(i), Some(rec)) = (m.index_of(id), read(id)) {
+            m.seen_elsewhere(i, rec, true);
+        }
+    }
+    if waiting.is_empty() || last_look.elapsed() < Duration::from_millis(500) {
+        return;
+    }
+    *last_look = Instant::now();
+    let still: Vec<&str> = m.waited_for().iter().map(|&i| jobs[i].id.as_str()).collect();
+    if let Ok(recs) = store.jobs_by_id(&still) {
+        for rec in recs.into_iter().flatten() {
+            if matches!(rec.status, JobStatus::Done | JobStatus::Failed) {
+                if let Some(i) = m.index_of(&rec.id) {
+                    m.seen_elsewhere(i, rec, false);
+                }
+            }
+        }
+    }
+}
+
 /// Shows what the machine told, with the job it is about.
 fn tell(jobs: &[&Job], told: Told, observe: &mut dyn FnMut(Progress<'_>)) {
     match told {
@@ -515,6 +599,7 @@ fn tell(jobs: &[&Job], told: Told, observe: &mut dyn FnMut(Progress<'_>)) {
         }
         Told::Warning { job, message } => observe(Progress::Warning { job: jobs[job], message: &message }),
         Told::Stopped { job, message } => observe(Progress::Stopped { job: jobs[job], message: &message }),
+        Told::Elsewhere { job } => observe(Progress::Elsewhere { job: jobs[job] }),
     }
 }
 

@@ -44,13 +44,80 @@ const ABSENT: u32 = u32::MAX;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Op {
-    Experiment { name: String },
+    Experiment {
+        name: String,
+    },
     Experiments,
     Jobs,
-    JobsById { ids: Vec<String> },
-    IdsWithPrefix { prefix: String, at_most: usize },
-    MetricSeries { job: String, name: String },
-    MetricsOfMany { ids: Vec<String> },
+    JobsById {
+        ids: Vec<String>,
+    },
+    IdsWithPrefix {
+        prefix: String,
+        at_most: usize,
+    },
+    MetricSeries {
+        job: String,
+        name: String,
+    },
+    MetricsOfMany {
+        ids: Vec<String>,
+    },
+    /// Another run joins the owner's: the connection this arrives on stays open for as long as
+    /// that run goes on, and its closing is how the owner learns that the run ended.
+    Join {
+        experiment: String,
+        pid: u32,
+    },
+    PutExperiment {
+        session: u64,
+        record: Box<ExperimentRecord>,
+    },
+    PutJob {
+        session: u64,
+        record: Box<JobRecord>,
+    },
+    /// Points as (step, [(name, f64 bits)]): JSON has no NaN or infinity.
+    PutMetrics {
+        session: u64,
+        job: String,
+        points: Vec<(u64, Vec<(String, u64)>)>,
+    },
+    Flush {
+        session: u64,
+    },
+    /// A call of a joined run to the owner's scheduler (its pool, claims on jobs, stop requests).
+    Call {
+        session: u64,
+        call: serde_json::Value,
+    },
+}
+
+/// What the owner of a store offers the runs that join it, besides reads and writes: its device
+/// pool, claims on jobs, its stop requests (implemented by the scheduler).
+pub trait Host: Sync {
+    /// A run of `experiment` by process `pid` joins: its session, or why it may not.
+    fn join(&self, experiment: &str, pid: u32) -> std::result::Result<u64, String>;
+    /// A call of a joined run.
+    fn call(&self, session: u64, call: serde_json::Value) -> std::result::Result<serde_json::Value, String>;
+    /// The run of `session` ended or went away: whatever it held is released.
+    fn left(&self, session: u64);
+    /// Whether `session` is a run joined now.
+    fn is_member(&self, session: u64) -> bool;
+}
+
+/// Calls [`Host::left`] when a joined run's connection ends, however it ends.
+struct Lifeline<'a> {
+    host: Option<&'a dyn Host>,
+    session: Option<u64>,
+}
+
+impl Drop for Lifeline<'_> {
+    fn drop(&mut self) {
+        if let (Some(h), Some(s)) = (self.host, self.session) {
+            h.left(s);
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,7 +135,7 @@ pub fn socket_path(dir: &Path) -> PathBuf {
 /// Serves reads of `store` on its socket until `stop` is set (then wakes the listener with a
 /// connection of its own and returns). A socket file a dead owner left behind is replaced.
 /// Errors only if the socket cannot be made; serving faults never end the loop.
-pub fn serve(store: &Store, stop: &AtomicBool, ready: impl FnOnce()) -> std::io::Result<()> {
+pub fn serve(store: &Store, stop: &AtomicBool, host: Option<&dyn Host>, ready: impl FnOnce()) -> std::io::Result<()> {
     let path = socket_path(&store.dir);
     // We hold the store's lock, so no live owner serves on this path.
     let _ = std::fs::remove_file(&path);
@@ -88,7 +155,8 @@ pub fn serve(store: &Store, stop: &AtomicBool, ready: impl FnOnce()) -> std::io:
             }
             let Ok(conn) = conn else { continue };
             scope.spawn(move || {
-                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(store, conn, stop)));
+                let served =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(store, conn, stop, host)));
                 if served.is_err() {
                     tracing::warn!("a read of the store by another command failed inside xlab; the run goes on");
                 }
@@ -109,9 +177,10 @@ pub fn stop_serving(dir: &Path, stop: &AtomicBool) {
 /// connection open never holds the run's exit up).
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-fn serve_one(store: &Store, conn: UnixStream, stop: &AtomicBool) {
+fn serve_one(store: &Store, conn: UnixStream, stop: &AtomicBool, host: Option<&dyn Host>) {
     let mut reader = BufReader::new(&conn);
     let mut writer = BufWriter::new(&conn);
+    let mut lifeline = Lifeline { host, session: None };
     loop {
         // Between requests: wait for the next one, or for the run to end.
         let mut len = [0u8; 4];
@@ -123,7 +192,9 @@ fn serve_one(store: &Store, conn: UnixStream, stop: &AtomicBool) {
                 Ok(0) => return, // the client is done
                 Ok(_) => break,
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    if stop.load(Ordering::Acquire) {
+                    // A joined run's connection stays until that run ends: the owner waits for
+                    // it before it stops serving.
+                    if stop.load(Ordering::Acquire) && lifeline.session.is_none() {
                         return;
                     }
                 }
@@ -161,9 +232,29 @@ fn serve_one(store: &Store, conn: UnixStream, stop: &AtomicBool) {
             );
             return;
         }
-        let result = match answer(store, &request.op) {
-            Ok(items) => write_items(&mut writer, &items),
-            Err(e) => answer_error(&mut writer, &e.to_string()),
+        let result = match (request.op, host) {
+            (Op::Join { experiment, pid }, Some(h)) if lifeline.session.is_none() => match h.join(&experiment, pid) {
+                Ok(session) => {
+                    lifeline.session = Some(session);
+                    write_items(&mut writer, &vec![Some(session.to_le_bytes().to_vec())])
+                }
+                Err(e) => answer_error(&mut writer, &e),
+            },
+            (Op::Join { .. }, _) => answer_error(
+                &mut writer,
+                "this store's owner takes no other runs (it is not running experiments, or this connection joined already)",
+            ),
+            (op, _) if op.session().is_some() => match (host, op.session()) {
+                (Some(h), Some(session)) if h.is_member(session) => match write_or_call(store, h, session, op) {
+                    Ok(items) => write_items(&mut writer, &items),
+                    Err(e) => answer_error(&mut writer, &e),
+                },
+                _ => answer_error(&mut writer, "not a run joined to this store's owner: writes are refused"),
+            },
+            (op, _) => match answer(store, &op) {
+                Ok(items) => write_items(&mut writer, &items),
+                Err(e) => answer_error(&mut writer, &e.to_string()),
+            },
         };
         if result.and_then(|()| writer.flush()).is_err() {
             return;
@@ -173,6 +264,42 @@ fn serve_one(store: &Store, conn: UnixStream, stop: &AtomicBool) {
 
 /// One answer's items: the stored bytes (None: absent).
 type Items = Vec<Option<Vec<u8>>>;
+
+impl Op {
+    /// The session of a joined run's write or call.
+    fn session(&self) -> Option<u64> {
+        match self {
+            Op::PutExperiment { session, .. }
+            | Op::PutJob { session, .. }
+            | Op::PutMetrics { session, .. }
+            | Op::Flush { session }
+            | Op::Call { session, .. } => Some(*session),
+            _ => None,
+        }
+    }
+}
+
+/// A joined run's write (done here, by the store's one writer process) or call to the owner.
+fn write_or_call(store: &Store, host: &dyn Host, session: u64, op: Op) -> std::result::Result<Items, String> {
+    let written = match op {
+        Op::PutExperiment { record, .. } => store.put_experiment(&record),
+        Op::PutJob { record, .. } => store.put_job(&record),
+        Op::PutMetrics { job, points, .. } => {
+            let points: Vec<(u64, BTreeMap<String, f64>)> = points
+                .into_iter()
+                .map(|(step, values)| (step, values.into_iter().map(|(k, b)| (k, f64::from_bits(b))).collect()))
+                .collect();
+            store.put_metrics_batch(&job, &points)
+        }
+        Op::Flush { .. } => store.flush(),
+        Op::Call { call, .. } => {
+            let answer = host.call(session, call)?;
+            return Ok(vec![Some(serde_json::to_vec(&answer).expect("JSON values serialize"))]);
+        }
+        _ => unreachable!("only writes and calls carry a session"),
+    };
+    written.map(|()| Vec::new()).map_err(|e| e.to_string())
+}
 
 fn answer(store: &Store, op: &Op) -> Result<Items> {
     let db = |e| store.db_err(e);
@@ -238,6 +365,12 @@ fn answer(store: &Store, op: &Op) -> Result<Items> {
             }
             Ok(out)
         }
+        Op::Join { .. }
+        | Op::PutExperiment { .. }
+        | Op::PutJob { .. }
+        | Op::PutMetrics { .. }
+        | Op::Flush { .. }
+        | Op::Call { .. } => unreachable!("joins, writes and calls are answered before reads"),
     }
 }
 
@@ -274,6 +407,11 @@ pub struct RemoteStore {
     /// The store itself, opened here once its owner's run ended while this reader was
     /// reading: every later read goes to it.
     taken_over: std::sync::OnceLock<Store>,
+    /// The session of a run joined to the owner's (see [`RemoteStore::join`]): its writes and
+    /// calls carry it.
+    session: std::sync::OnceLock<u64>,
+    /// Set when the owner goes away while this run is joined to it.
+    owner_gone: std::sync::Arc<AtomicBool>,
 }
 
 impl RemoteStore {
@@ -287,7 +425,69 @@ impl RemoteStore {
             owner,
             idle: Mutex::new(vec![first]),
             taken_over: std::sync::OnceLock::new(),
+            session: std::sync::OnceLock::new(),
+            owner_gone: Default::default(),
         })
+    }
+
+    /// Joins the owner's run with a run of `experiment`: from now on this store writes through
+    /// the owner (the store's one writer), and [`RemoteStore::call`] reaches its scheduler. A
+    /// connection of its own stays open until this `RemoteStore` is dropped; the owner learns
+    /// that this run ended (or was killed) when it closes, and this side learns that the owner
+    /// went away when the owner closes it ([`RemoteStore::owner_gone`]).
+    pub fn join(&self, experiment: &str, pid: u32) -> Result<u64> {
+        let conn = UnixStream::connect(&self.socket).map_err(|e| self.lost(e))?;
+        let op = Op::Join { experiment: experiment.into(), pid };
+        let items = match exchange(&conn, op).map_err(|e| self.lost(e))? {
+            Ok(items) => items,
+            Err(message) => return Err(StoreError::Corrupt { dir: self.dir.clone(), message }),
+        };
+        let bytes = items.into_iter().next().flatten().unwrap_or_default();
+        let session =
+            u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| self.lost("a short answer to joining"))?);
+        let _ = self.session.set(session);
+        let gone = std::sync::Arc::clone(&self.owner_gone);
+        std::thread::spawn(move || {
+            // The owner never writes here again: any end of this read is the owner going away.
+            let mut byte = [0u8; 1];
+            let mut conn = conn;
+            loop {
+                match conn.read(&mut byte) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    _ => break,
+                }
+            }
+            gone.store(true, Ordering::Release);
+        });
+        Ok(session)
+    }
+
+    /// Whether the owner this run joined went away (killed, or its machine went down).
+    pub fn owner_gone(&self) -> bool {
+        self.owner_gone.load(Ordering::Acquire)
+    }
+
+    /// A call of a joined run to the owner's scheduler.
+    pub fn call(&self, call: serde_json::Value) -> Result<serde_json::Value> {
+        let session = self.joined("call the owner's scheduler")?;
+        let items = self.write_op(Op::Call { session, call })?;
+        let bytes = items.into_iter().next().flatten().unwrap_or_default();
+        serde_json::from_slice(&bytes).map_err(|e| self.lost(format!("a garbled answer: {e}")))
+    }
+
+    fn joined(&self, what: &str) -> Result<u64> {
+        match self.session.get() {
+            Some(s) => Ok(*s),
+            None => self.refuse(what),
+        }
+    }
+
+    /// A write or call of a joined run: through the owner, or an error (never the store itself).
+    fn write_op(&self, op: Op) -> Result<Items> {
+        match self.call_raw(op) {
+            Ok(items) => Ok(items),
+            Err(Lost::Owner(e) | Lost::Answer(e)) => Err(e),
+        }
     }
 
     /// The process that owns the store.
@@ -330,8 +530,10 @@ impl RemoteStore {
         if let Some(s) = self.taken_over.get() {
             return local(s);
         }
-        match self.call(op) {
+        match self.call_raw(op) {
             Ok(items) => remote(items),
+            // A joined run never opens the store itself: it writes through the owner only.
+            Err(Lost::Owner(e)) if self.session.get().is_some() => Err(e),
             Err(Lost::Owner(e)) => match self.take_over() {
                 Ok(s) => local(s),
                 Err(StoreError::InUse { .. }) => Err(e),
@@ -341,24 +543,14 @@ impl RemoteStore {
         }
     }
 
-    fn call(&self, op: Op) -> std::result::Result<Items, Lost> {
+    fn call_raw(&self, op: Op) -> std::result::Result<Items, Lost> {
         let conn = self.idle.lock().expect("not poisoned").pop();
         let lost = |e: std::io::Error| Lost::Owner(self.lost(e));
         let conn = match conn {
             Some(c) => c,
             None => UnixStream::connect(&self.socket).map_err(lost)?,
         };
-        let body = serde_json::to_vec(&Request { protocol: PROTOCOL, op }).expect("requests serialize");
-        let mut w = BufWriter::new(&conn);
-        w.write_all(&(body.len() as u32).to_le_bytes())
-            .and_then(|()| w.write_all(&body))
-            .and_then(|()| w.flush())
-            .map_err(lost)?;
-        drop(w);
-        let mut r = BufReader::with_capacity(1 << 16, &conn);
-        let items = read_answer(&mut r).map_err(lost)?;
-        drop(r);
-        match items {
+        match exchange(&conn, op).map_err(lost)? {
             Ok(items) => {
                 self.idle.lock().expect("not poisoned").push(conn);
                 Ok(items)
@@ -391,6 +583,16 @@ impl RemoteStore {
 enum Lost {
     Owner(StoreError),
     Answer(StoreError),
+}
+
+/// Sends one request on `conn` and reads its answer.
+fn exchange(conn: &UnixStream, op: Op) -> std::io::Result<std::result::Result<Items, String>> {
+    let body = serde_json::to_vec(&Request { protocol: PROTOCOL, op }).expect("requests serialize");
+    let mut w = BufWriter::new(conn);
+    w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| w.write_all(&body)).and_then(|()| w.flush())?;
+    drop(w);
+    let mut r = BufReader::with_capacity(1 << 16, conn);
+    read_answer(&mut r)
 }
 
 /// An answer: its items, or the owner's error message.
@@ -427,11 +629,15 @@ impl ResultStore for RemoteStore {
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(())
+        match self.session.get() {
+            Some(&session) => self.write_op(Op::Flush { session }).map(drop),
+            None => Ok(()),
+        }
     }
 
-    fn put_experiment(&self, _: &ExperimentRecord) -> Result<()> {
-        self.refuse("write an experiment")
+    fn put_experiment(&self, e: &ExperimentRecord) -> Result<()> {
+        let session = self.joined("write an experiment")?;
+        self.write_op(Op::PutExperiment { session, record: Box::new(e.clone()) }).map(drop)
     }
 
     fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>> {
@@ -453,8 +659,9 @@ impl ResultStore for RemoteStore {
         )
     }
 
-    fn put_job(&self, _: &JobRecord) -> Result<()> {
-        self.refuse("write a job")
+    fn put_job(&self, j: &JobRecord) -> Result<()> {
+        let session = self.joined("write a job")?;
+        self.write_op(Op::PutJob { session, record: Box::new(j.clone()) }).map(drop)
     }
 
     fn job(&self, id: &str) -> Result<Option<JobRecord>> {
@@ -481,8 +688,13 @@ impl ResultStore for RemoteStore {
         )
     }
 
-    fn put_metrics_batch(&self, _: &str, _: &[(u64, BTreeMap<String, f64>)]) -> Result<()> {
-        self.refuse("write metrics")
+    fn put_metrics_batch(&self, job: &str, points: &[(u64, BTreeMap<String, f64>)]) -> Result<()> {
+        let session = self.joined("write metrics")?;
+        let points = points
+            .iter()
+            .map(|(step, values)| (*step, values.iter().map(|(k, v)| (k.clone(), v.to_bits())).collect()))
+            .collect();
+        self.write_op(Op::PutMetrics { session, job: job.into(), points }).map(drop)
     }
 
     fn metric_series(&self, job: &str, name: &str) -> Result<Vec<(u64, f64)>> {
@@ -546,7 +758,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
             s.spawn(|| {
-                serve(&store, &stop, || {}).unwrap();
+                serve(&store, &stop, None, || {}).unwrap();
                 tx.send(()).unwrap();
             });
             let returned = rx.recv_timeout(std::time::Duration::from_secs(5));
@@ -577,7 +789,7 @@ mod tests {
         let stop = AtomicBool::new(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
-            s.spawn(|| serve(&store, &stop, || ready_tx.send(()).unwrap()).unwrap());
+            s.spawn(|| serve(&store, &stop, None, || ready_tx.send(()).unwrap()).unwrap());
             ready_rx.recv().unwrap();
             let remote = RemoteStore::connect(dir.path(), (1, "test".into())).unwrap();
             assert_eq!(remote.job("j1").unwrap(), store.job("j1").unwrap());

@@ -233,43 +233,103 @@ fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_plan::Plan) -> Result<(
 
 fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
-    let (pool, slurm) = match slurm_settings(how, &plan) {
-        Some(settings) => {
+    let slurm_wanted = slurm_settings(how, &plan);
+    // The store, ours or (while another run owns it) shared with that run; see `xlab_sched::hub`.
+    let opened = match open_or_join(&cli.store)? {
+        Owning::Own(store) => Owning::Own(store),
+        Owning::Join(remote) if slurm_wanted.is_some() => {
+            let (pid, command) = remote.owner();
+            return Err(Failure {
+                code: exit::ENVIRONMENT,
+                error: anyhow::anyhow!(
+                    "the store {} is in use by pid {pid} ({command}); a run that submits to Slurm cannot join it\n  hint: \
+                     wait for it to finish, or use another store with --store DIR",
+                    cli.store.display()
+                ),
+            });
+        }
+        Owning::Join(remote) => Owning::Join(remote),
+    };
+    // The owner's pool is the hub's, shared with the runs that join it later.
+    let (slots, slurm, joined, hub): (Box<dyn xlab_sched::Slots>, _, _, _) = match (&opened, slurm_wanted) {
+        (Owning::Own(_), Some(settings)) => {
             let s = xlab_sched::slurm::SlurmExec::new(settings, &worker_path(), &cli.store, how.threads)
                 .map_err(|e| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!(e) })?;
-            (xlab_sched::Pool::new(Vec::new()), Some(s))
+            (Box::new(xlab_sched::Pool::new(Vec::new())), Some(s), None, None)
         }
-        None => {
+        (Owning::Own(_), None) => {
             let pool = xlab_sched::build_pool(&how.pool(), &xlab_sched::detect_gpus())
                 .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
             xlab_sched::check_placement(&plan, &pool)
                 .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
-            (pool, None)
+            let hub = xlab_sched::hub::Hub::new(pool, &plan.name);
+            (hub.slots(), None, None, Some(hub))
+        }
+        (Owning::Join(remote), _) => {
+            let joined = xlab_sched::hub::Joined::join(std::sync::Arc::clone(remote), &plan.name)
+                .map_err(|e| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!(e) })?;
+            let slots = joined.slots();
+            xlab_sched::check_placement(&plan, &*slots).map_err(|e| Failure {
+                code: exit::USER,
+                error: anyhow::anyhow!("{e} (the pool of the run that owns the store, which this run shares)"),
+            })?;
+            (slots, None, Some(joined), None)
         }
     };
-    let store = open_store(&cli.store)?;
-    adopt_earlier_ids(&store, &mut plan);
-    say_if_replacing(&store, &plan)?;
-    let rerun = review_done_jobs(&store, &plan, how.rerun.as_deref())?;
+    let store: &dyn ResultStore = match &opened {
+        Owning::Own(s) => s,
+        Owning::Join(r) => &**r,
+    };
+    adopt_earlier_ids(store, &mut plan);
+    say_if_replacing(store, &plan)?;
+    let rerun = review_done_jobs(store, &plan, how.rerun.as_deref())?;
     let total = plan.jobs().count();
     let cap = how.max_parallel.or(plan.max_parallel).map(|m| m as usize);
     let (at_once, on) = match &slurm {
         Some(s) => (cap.map_or("every ready job".into(), |c| format!("up to {c}")), s.describe()),
-        None => (pool.len().min(cap.unwrap_or(usize::MAX)).to_string(), pool.describe()),
+        None => (slots.len().min(cap.unwrap_or(usize::MAX)).to_string(), slots.describe()),
     };
-    tracing::info!(
-        "experiment `{}`: {total} job(s) in {} stage(s), {at_once} at a time on {on}, store {}",
-        plan.name,
-        plan.stages.len(),
-        cli.store.display()
-    );
+    match (&opened, &joined) {
+        (Owning::Join(remote), Some(j)) => {
+            let (pid, _) = remote.owner();
+            let others: Vec<String> = j
+                .members()
+                .unwrap_or_default()
+                .iter()
+                .filter(|m| m.pid != std::process::id())
+                .map(|m| format!("`{}` (pid {})", m.experiment, m.pid))
+                .collect();
+            tracing::info!(
+                "experiment `{}`: {total} job(s) in {} stage(s), store {} — shared with the run(s) of {} already on it: \
+                 this run's jobs take turns with theirs on the pool of pid {pid} ({on}); Ctrl-C here stops this run's \
+                 jobs only",
+                plan.name,
+                plan.stages.len(),
+                cli.store.display(),
+                others.join(", ")
+            );
+        }
+        _ => tracing::info!(
+            "experiment `{}`: {total} job(s) in {} stage(s), {at_once} at a time on {on}, store {}",
+            plan.name,
+            plan.stages.len(),
+            cli.store.display()
+        ),
+    }
+    let peers = match (&hub, &joined) {
+        (Some(h), _) => Some(h.peers()),
+        (_, Some(j)) => Some(j.peers()),
+        _ => None,
+    };
+    let stop = count_stop_requests();
     let opts = RunOptions {
         worker: worker_path(),
-        pool,
+        pool: slots,
+        peers,
         slurm,
         xlab_version: VERSION.into(),
         git_commit: env!("XLAB_GIT_COMMIT").into(),
-        stop: count_stop_requests(),
+        stop: std::sync::Arc::clone(&stop),
         fail_fast,
         max_parallel: how.max_parallel.map(|m| m as usize),
         rerun,
@@ -277,7 +337,11 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
     let started = Instant::now();
     let mut finished = 0usize;
     let live = live::wanted(matches!(cli.log_format, LogFormat::Human) && !cli.quiet).then(|| live::Live::start(total));
-    let mut tracker = status::Tracker::new(&cli.store, &plan.name, total, live);
+    let status_file = match &joined {
+        Some(_) => status::joined_path(&cli.store, std::process::id()),
+        None => status::path(&cli.store),
+    };
+    let mut tracker = status::Tracker::new(status_file, &plan.name, total, live);
     let mut observe = |p: Progress<'_>| match p {
         Progress::Skipped { job } => {
             tracker.skipped();
@@ -338,6 +402,14 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             tracker.ended(job.id.as_str(), status::Ended::Stopped);
             tracing::warn!("{} {} {message} (job {})", job.stage, job.label(), job.id);
         }
+        Progress::Elsewhere { job } => {
+            tracing::info!(
+                "{} {} is running in another run on this store; waiting for it (job {})",
+                job.stage,
+                job.label(),
+                job.id
+            );
+        }
         Progress::Failed { job, cause, message } => {
             tracker.ended(job.id.as_str(), status::Ended::Failed);
             finished += 1;
@@ -353,28 +425,56 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
     // While it runs, every other command reads the store through this process (see
     // `xlab_store::live`): a server thread answers them beside the scheduler.
     let serving = std::sync::atomic::AtomicBool::new(false);
+    let ran = std::sync::atomic::AtomicBool::new(false);
     let report = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            if let Err(e) = xlab_store::live::serve(&store, &serving, || {}) {
+        let Owning::Own(own) = &opened else {
+            return xlab_sched::run(store, &plan, opts, &mut observe);
+        };
+        let host = hub.as_deref().map(|h| h as &dyn xlab_store::live::Host);
+        let serving = &serving;
+        scope.spawn(move || {
+            if let Err(e) = xlab_store::live::serve(own, serving, host, || {}) {
                 tracing::warn!(
                     "cannot serve reads of the store while this runs ({e}); other commands see it as in use until the \
                      run ends"
                 );
             }
         });
-        let report = xlab_sched::run(&store, &plan, opts, &mut observe);
-        xlab_store::live::stop_serving(&cli.store, &serving);
+        // The runs that joined this one follow its stop requests: the store goes when it goes.
+        if let Some(h) = &hub {
+            let (h, stop, ran) = (std::sync::Arc::clone(h), std::sync::Arc::clone(&stop), &ran);
+            scope.spawn(move || {
+                while !ran.load(std::sync::atomic::Ordering::Acquire) {
+                    h.set_stops(stop.load(std::sync::atomic::Ordering::SeqCst));
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+        }
+        let report = xlab_sched::run(store, &plan, opts, &mut observe);
+        if let Some(h) = &hub {
+            h.owner_done();
+            wait_for_joined(h, &stop);
+        }
+        ran.store(true, std::sync::atomic::Ordering::Release);
+        xlab_store::live::stop_serving(&cli.store, serving);
         report
     })?;
     tracker.finish();
+    if joined.is_some() {
+        tracker.remove();
+    }
     tracing::info!(
-        "{} done, {} skipped (already done), {} failed in {:.1}s",
+        "{} done, {} skipped (already done), {}{} failed in {:.1}s",
         report.done,
         report.skipped,
+        match report.elsewhere {
+            0 => String::new(),
+            n => format!("{n} done by another run on this store, "),
+        },
         report.failed.len(),
         started.elapsed().as_secs_f64()
     );
-    query(&store, &pick_experiment(&store, Some(&plan.name))?, Format::Table, &[], None)?;
+    query(store, &pick_experiment(store, Some(&plan.name))?, Format::Table, &[], None)?;
     if report.detached > 0 {
         eprintln!(
             "{} job(s) keep running in Slurm. Run the same command again to re-attach to them (their results are \
@@ -421,4 +521,50 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
         );
     }
     Ok(exit::JOBS_FAILED)
+}
+
+/// The store for a run: opened here, or, while another run owns it, shared with that run.
+enum Owning {
+    Own(xlab_store::Store),
+    Join(std::sync::Arc<xlab_store::live::RemoteStore>),
+}
+
+/// Opens the store in `dir` to run in it; when a run owns it, connects to that run to join it.
+fn open_or_join(dir: &std::path::Path) -> Result<Owning, Failure> {
+    match open_store(dir) {
+        Ok(s) => Ok(Owning::Own(s)),
+        Err(f) => match f.error.downcast_ref::<xlab_store::StoreError>() {
+            Some(xlab_store::StoreError::InUse { pid, command, .. }) => {
+                match xlab_store::live::RemoteStore::connect(dir, (*pid, command.clone())) {
+                    Ok(remote) => Ok(Owning::Join(std::sync::Arc::new(remote))),
+                    Err(_) => Err(f),
+                }
+            }
+            _ => Err(f),
+        },
+    }
+}
+
+/// The owner's run has ended, but runs that joined it still use the store through it: it waits
+/// for them (passing on Ctrl-C, which stops them too).
+fn wait_for_joined(hub: &xlab_sched::hub::Hub, stop: &std::sync::atomic::AtomicUsize) {
+    let mut said = 0usize;
+    loop {
+        let joined = hub.joined();
+        if joined.is_empty() {
+            return;
+        }
+        if said != joined.len() {
+            said = joined.len();
+            let who: Vec<String> = joined.iter().map(|m| format!("`{}` (pid {})", m.experiment, m.pid)).collect();
+            tracing::info!(
+                "this run is done; {} other run(s) on this store go on through it: {}. Waiting for them (Ctrl-C stops \
+                 them at a checkpoint; they resume when run again)",
+                joined.len(),
+                who.join(", ")
+            );
+        }
+        hub.set_stops(stop.load(std::sync::atomic::Ordering::SeqCst));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

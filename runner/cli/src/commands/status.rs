@@ -21,15 +21,20 @@ pub fn run(cli: &Cli, args: &StatusArgs) -> Result<u8, Failure> {
         std::fs::read(status::path(&cli.store)).ok().and_then(|b| serde_json::from_slice(&b).ok());
     match Store::open(&cli.store) {
         Err(StoreError::InUse { pid, .. }) => {
-            match snap.filter(|s| !s.finished && experiment.is_none_or(|e| e == s.experiment)) {
-                Some(s) => {
-                    outln!(
-                        "running (updated {} ago)",
-                        status::ago(xlab_store::now_unix().saturating_sub(s.updated_unix))
-                    );
-                    out!("{}", status::render(&s));
-                }
-                None => outln!("the store is in use by pid {pid}, which has not reported a run's status"),
+            // Every run in progress on the store: the owner's and those that joined it.
+            let runs: Vec<status::Snapshot> = status::in_progress(&cli.store)
+                .into_iter()
+                .filter(|s| experiment.is_none_or(|e| e == s.experiment))
+                .collect();
+            if runs.is_empty() {
+                outln!("the store is in use by pid {pid}, which has not reported a run's status");
+            }
+            if runs.len() > 1 {
+                outln!("{} runs in progress on this store, sharing its device pool", runs.len());
+            }
+            for s in runs {
+                outln!("running (updated {} ago)", status::ago(xlab_store::now_unix().saturating_sub(s.updated_unix)));
+                out!("{}", status::render(&s));
             }
             Ok(0)
         }
