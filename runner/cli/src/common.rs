@@ -82,7 +82,9 @@ pub(crate) fn open_store(dir: &Path) -> Result<Store, Failure> {
                 if Instant::now() < deadline && RemoteStore::connect(dir, (pid, command.clone())).is_err() =>
             {
                 if !said {
-                    tracing::info!("waiting for pid {pid} ({command}) to finish reading the store");
+                    tracing::info!(
+                        "waiting for pid {pid} ({command}), which holds the store, to let go of it or to serve it"
+                    );
                     said = true;
                 }
                 std::thread::sleep(Duration::from_millis(50));

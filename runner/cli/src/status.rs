@@ -103,7 +103,10 @@ impl Tracker {
             total,
             ..Default::default()
         };
-        Tracker { file, snap, last: None, live }
+        let mut t = Tracker { file, snap, last: None, live };
+        // `xlab status` lists the run from its start, before any job has started.
+        t.write(true);
+        t
     }
 
     pub fn skipped(&mut self) {

@@ -297,10 +297,11 @@ fn a_diverging_job_fails_with_its_cause_and_the_sweep_goes_on() {
     assert!(err.lines().all(|l| l.starts_with('{') || l.starts_with("error:") || l.contains("job(s) failed")), "{err}");
 }
 
-/// A query of a store a run holds reads it through the run (see `live.rs`); a second run is told
-/// who holds the store, with what to do.
+/// A query of a store a run holds reads it through the run (see `live.rs`); a second run joins
+/// it (see `shared.rs`), and one that cannot (it submits to Slurm) is told who holds the store,
+/// with what to do.
 #[test]
-fn a_busy_store_answers_queries_and_tells_a_second_run_who_holds_it() {
+fn a_busy_store_answers_queries_and_a_second_run_joins_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("results");
     let file = dir.path().join("long.yaml");
@@ -309,25 +310,36 @@ fn a_busy_store_answers_queries_and_tells_a_second_run_who_holds_it() {
         TINY.replace("name: tiny", "name: long").replace("epochs: 3", "epochs: 400").replace("SEEDS", "1"),
     )
     .unwrap();
-    let mut long = cmd(&store).arg("run").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let lock = store.join("lock");
+    let mut long = cmd(&store)
+        .arg("run")
+        .arg(&file)
+        .args(["-j", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains(&format!("\"pid\":{}", long.id()))) {
-        assert!(Instant::now() < deadline, "the run never took the store's lock");
+    while !store.join("xlab.sock").exists() {
+        assert!(Instant::now() < deadline, "the run never served the store");
         std::thread::sleep(Duration::from_millis(20));
     }
     let query = cmd(&store).args(["query"]).output().unwrap();
     let other = dir.path().join("other.yaml");
     std::fs::write(&other, TINY.replace("name: tiny", "name: other").replace("SEEDS", "1")).unwrap();
     let second = cmd(&store).arg("run").arg(&other).output().unwrap();
+    let slurm = cmd(&store).args(["run", "--executor", "slurm"]).arg(&other).output().unwrap();
     let _ = long.kill();
     let _ = long.wait();
     assert!(query.status.success(), "{}", text(&query.stderr));
     assert!(text(&query.stdout).contains("experiment `long`"), "{}", text(&query.stdout));
-    assert_eq!(second.status.code(), Some(3));
     let err = text(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(err.contains("shared with the run(s) of `long`"), "{err}");
+    assert!(text(&second.stdout).contains("experiment `other`"), "{}", text(&second.stdout));
+    assert_eq!(slurm.status.code(), Some(3));
+    let err = text(&slurm.stderr);
     assert!(err.contains(&format!("is in use by pid {} (", long.id())) && err.contains(" run "), "{err}");
-    assert!(err.contains("hint:"), "{err}");
+    assert!(err.contains("cannot join it") && err.contains("hint:"), "{err}");
 }
 
 #[test]

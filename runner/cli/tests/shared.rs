@@ -301,3 +301,37 @@ fn the_owner_killed_at_random_moments_loses_nothing_of_either_experiment() {
         assert_eq!(weights(&store, &ids), weights(&reference, &ids));
     }
 }
+
+/// A joined run killed with SIGKILL gives its slots back at once (the owner's remaining jobs run
+/// on them); run again, its jobs resume.
+#[test]
+fn a_killed_joined_run_frees_its_slots_and_resumes_when_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let a = write(dir.path(), "a", &sleepers("a", 3, 2.0));
+    let b = write(dir.path(), "b", &trainers("b", 0.02, 300));
+    let owner = Run::start(&store, &a);
+    wait_for("the owner's socket", Duration::from_secs(60), || store.join("xlab.sock").exists());
+    let guest = Run::start(&store, &b);
+    wait_for("the joined run's jobs running", Duration::from_secs(60), || {
+        running_now(&store).iter().any(|(e, n)| e == "b" && *n > 0)
+    });
+    guest.signal(libc::SIGKILL);
+    let _ = guest.wait(Duration::from_secs(10));
+    let out = owner.wait(Duration::from_secs(60));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "the owner went on: {err}");
+    assert!(err.contains("the run of `b`") && err.contains("slot lease(s) are free again"), "{err}");
+    for id in job_ids(&store, &a) {
+        assert_eq!(attempts(&store, &id), ["done"], "{id}");
+    }
+    let again = cmd(&store).arg("run").arg(&b).env("XLAB_NO_LIVE", "1").output().unwrap();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let mut resumed = 0;
+    for id in job_ids(&store, &b) {
+        let tried = attempts(&store, &id);
+        assert_eq!(tried.last().map(String::as_str), Some("done"), "{id}: {tried:?}");
+        resumed += usize::from(tried.first().map(String::as_str) == Some("interrupted"));
+    }
+    assert!(resumed >= 1, "the killed run's jobs were taken up again");
+}

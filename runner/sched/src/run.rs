@@ -393,12 +393,22 @@ pub fn run(
             if let Some(p) = &peers {
                 look_at_peers(&mut m, &**p, store, &jobs, &mut peer_stops, &mut last_look);
                 if !owner_gone && p.owner_gone() {
+                    // Nothing this run does can be recorded any more: its workers stop at once,
+                    // and each job resumes from its last checkpoint when the command runs again.
                     owner_gone = true;
+                    result = Err(SchedError::Io(
+                        "the run that owned the store went away (killed, or its machine went down), so this run \
+                         stopped too\n  hint: run the same command again to resume; each job resumes from its last \
+                         checkpoint"
+                            .into(),
+                    ));
+                    if m.running_count() == 0 {
+                        break;
+                    }
                     tracing::error!(
-                        "the run that owns this store went away (killed?): stopping this run's {} worker(s) at once;                          run the same command again to resume, nothing recorded is lost",
+                        "the run that owns this store went away: stopping this run's {} worker(s) at once",
                         m.running_count()
                     );
-                    result = Err(SchedError::Io("the run that owned the store went away".into()));
                 }
                 carry(&mut m, observe);
             }
