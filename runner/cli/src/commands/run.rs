@@ -234,6 +234,22 @@ fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_plan::Plan) -> Result<(
 fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
     let slurm_wanted = slurm_settings(how, &plan);
+    // This machine's pool, checked before the store is made: a plan it can never place is
+    // refused with nothing written (a run that joins another uses that run's pool instead).
+    let local = match slurm_wanted {
+        Some(_) => None,
+        None => {
+            let pool = xlab_sched::build_pool(&how.pool(), &xlab_sched::detect_gpus())
+                .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+            let placed = xlab_sched::check_placement(&plan, &pool);
+            if let Err(e) = placed {
+                if std::os::unix::net::UnixStream::connect(xlab_store::live::socket_path(&cli.store)).is_err() {
+                    return Err(Failure { code: exit::USER, error: anyhow::anyhow!(e) });
+                }
+            }
+            Some(pool)
+        }
+    };
     // The store, ours or (while another run owns it) shared with that run; see `xlab_sched::hub`.
     let opened = match open_or_join(&cli.store)? {
         Owning::Own(store) => Owning::Own(store),
@@ -258,8 +274,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             (Box::new(xlab_sched::Pool::new(Vec::new())), Some(s), None, None)
         }
         (Owning::Own(_), None) => {
-            let pool = xlab_sched::build_pool(&how.pool(), &xlab_sched::detect_gpus())
-                .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+            let pool = local.expect("a local pool without Slurm");
             xlab_sched::check_placement(&plan, &pool)
                 .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
             let hub = xlab_sched::hub::Hub::new(pool, &plan.name);
