@@ -307,7 +307,10 @@ fn a_busy_store_answers_queries_and_a_second_run_joins_it() {
     let file = dir.path().join("long.yaml");
     std::fs::write(
         &file,
-        TINY.replace("name: tiny", "name: long").replace("epochs: 3", "epochs: 400").replace("SEEDS", "1"),
+        TINY.replace("name: tiny", "name: long")
+            .replace("epochs: 3", "epochs: 100000")
+            .replace("[0.01, 0.1]", "[0.1]")
+            .replace("SEEDS", "1"),
     )
     .unwrap();
     let mut long = cmd(&store)
@@ -326,8 +329,9 @@ fn a_busy_store_answers_queries_and_a_second_run_joins_it() {
     let query = cmd(&store).args(["query"]).output().unwrap();
     let other = dir.path().join("other.yaml");
     std::fs::write(&other, TINY.replace("name: tiny", "name: other").replace("SEEDS", "1")).unwrap();
-    let second = cmd(&store).arg("run").arg(&other).output().unwrap();
     let slurm = cmd(&store).args(["run", "--executor", "slurm"]).arg(&other).output().unwrap();
+    let second = cmd(&store).arg("run").arg(&other).output().unwrap();
+    assert!(long.try_wait().unwrap().is_none(), "the first run still owned the store");
     let _ = long.kill();
     let _ = long.wait();
     assert!(query.status.success(), "{}", text(&query.stderr));

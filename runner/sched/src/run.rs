@@ -331,6 +331,9 @@ pub fn run(
     let mut peer_stops = 0usize;
     let mut owner_gone = false;
     let mut last_look = Instant::now();
+    // When this run last asked the other runs (once per tick: a joined run asks through the
+    // owner's socket, and workers' events can arrive thousands of times a second).
+    let mut last_tick: Option<Instant> = None;
 
     let (ops_tx, ops_rx) = unbounded::<StoreOp>();
     let (tx, rx) = unbounded::<Msg>();
@@ -390,7 +393,8 @@ pub fn run(
         }
         let mut result = Ok(());
         loop {
-            if let Some(p) = &peers {
+            if let Some(p) = peers.as_ref().filter(|_| last_tick.is_none_or(|t| t.elapsed() >= TICK)) {
+                last_tick = Some(Instant::now());
                 look_at_peers(&mut m, &**p, store, &jobs, &mut peer_stops, &mut last_look);
                 if !owner_gone && p.owner_gone() {
                     // Nothing this run does can be recorded any more: its workers stop at once,
