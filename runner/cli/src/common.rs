@@ -138,6 +138,12 @@ impl ResultStore for Opened {
     fn jobs(&self) -> xlab_store::Result<Vec<xlab_store::JobRecord>> {
         (**self).jobs()
     }
+    fn put_decision(&self, d: &xlab_store::Decision) -> xlab_store::Result<()> {
+        (**self).put_decision(d)
+    }
+    fn decisions(&self, experiment: &str, stage: &str) -> xlab_store::Result<Vec<xlab_store::Decision>> {
+        (**self).decisions(experiment, stage)
+    }
     fn jobs_by_id(&self, ids: &[&str]) -> xlab_store::Result<Vec<Option<xlab_store::JobRecord>>> {
         (**self).jobs_by_id(ids)
     }

@@ -91,6 +91,9 @@ enum Command {
     Show(commands::show::ShowArgs),
     /// The experiments the store holds: their files, stages and how many jobs are done.
     Experiments,
+    /// The decisions of an experiment's adaptive searches (`search:`): every start, promotion
+    /// and pruning, in order, with the metric, rank and cut each rests on.
+    SearchLog(commands::search::SearchLogArgs),
     /// Two jobs side by side: the config keys that differ, then every final metric of either
     /// with its difference (b − a).
     Compare(commands::show::CompareArgs),
@@ -147,6 +150,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Status(args) => commands::status::run(cli, args),
         Command::Show(args) => commands::show::show(cli, args),
         Command::Experiments => commands::show::experiments(cli),
+        Command::SearchLog(args) => commands::search::run(cli, args),
         Command::Compare(args) => commands::show::compare(cli, args),
         Command::Doctor => commands::doctor::run(cli),
         Command::Schema => {

@@ -87,6 +87,8 @@ pub enum Ended {
     Stopped,
     /// Failed in a way worth another attempt, which is queued.
     Retrying,
+    /// A search's trial stopped at a rung; it may be promoted later.
+    Paused,
 }
 
 fn now() -> u64 {
@@ -159,7 +161,7 @@ impl Tracker {
             Ended::Done => self.snap.done += 1,
             Ended::Failed => self.snap.failed += 1,
             Ended::Stopped => self.snap.stopped += 1,
-            Ended::Retrying => {}
+            Ended::Retrying | Ended::Paused => {}
         }
         if let Some(l) = self.live.as_mut() {
             l.ended(job, matches!(how, Ended::Done | Ended::Failed), how == Ended::Failed);

@@ -67,6 +67,110 @@ pub struct StagePlan {
     /// The dotted keys this stage sweeps over, in file order.
     pub sweep_keys: Vec<String>,
     pub jobs: Vec<Job>,
+    /// The adaptive search over its jobs (its trials), if it has `search:`.
+    pub search: Option<Search>,
+}
+
+/// An adaptive search of a stage (`search:`), checked: every trial trains for `rungs`' last
+/// entry epochs, pausing at each earlier one to be promoted or pruned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Search {
+    pub algorithm: crate::file::Algorithm,
+    pub metric: String,
+    pub mode: Mode,
+    /// η.
+    pub reduction: u32,
+    /// The epochs of the rungs, increasing; the last is the full budget.
+    pub rungs: Vec<u64>,
+}
+
+impl Search {
+    /// Epochs if every trial trained to the end (the exhaustive sweep), and at most what
+    /// successive halving spends: each rung's best 1/η go on from the rung before.
+    pub fn budget(&self, trials: usize) -> (u64, u64) {
+        let full = trials as u64 * self.rungs.last().copied().unwrap_or(0);
+        let mut n = trials as u64;
+        let mut before = 0;
+        let mut halving = 0;
+        for (k, &r) in self.rungs.iter().enumerate() {
+            if k > 0 {
+                n /= u64::from(self.reduction);
+            }
+            halving += n * (r - before);
+            before = r;
+        }
+        (full, halving)
+    }
+}
+
+/// The metrics every training job logs at the end of each epoch, by prefix, which a search can
+/// rank trials by.
+const SEARCH_METRIC_PREFIXES: [&str; 3] = ["val.", "train.", "test."];
+
+/// Checks `search:` of stage `ctx` against its jobs.
+fn check_search(file: &Path, ctx: &str, s: &crate::file::SearchFile, jobs: &[Job]) -> Result<Search, SpecError> {
+    use crate::file::Algorithm;
+    let here = format!("{ctx}.search");
+    let err = |key: &str, m: String| SpecError::new(file, m).context(here.clone()).key(key);
+    match s.algorithm {
+        Algorithm::Asha => {}
+        Algorithm::Hyperband | Algorithm::Tpe => {
+            return Err(err("algorithm", format!("`{}` is not available yet in this xlab", s.algorithm.as_str()))
+                .hint("use `algorithm: asha`"))
+        }
+    }
+    if !SEARCH_METRIC_PREFIXES.iter().any(|p| s.metric.starts_with(p)) || s.metric.contains(' ') {
+        return Err(err("metric", format!("`{}` is not a metric trials log at every epoch", s.metric))
+            .hint("rank by a `val.` metric such as `val.acc`, `val.loss` or `val.worst_group_acc`"));
+    }
+    let reduction = s.reduction.unwrap_or(3);
+    if reduction < 2 {
+        return Err(err(
+            "reduction",
+            format!("`reduction` is η, the fraction 1/η a rung keeps: it must be at least 2, got {reduction}"),
+        ));
+    }
+    let mut epochs: Option<u32> = None;
+    for j in jobs {
+        if j.config.task != Task::Train {
+            return Err(SpecError::new(
+                file,
+                "`search:` pauses and promotes training jobs, but this stage's task is not `train`",
+            )
+            .context(here.clone()));
+        }
+        match epochs {
+            None => epochs = Some(j.config.epochs),
+            Some(e) if e != j.config.epochs => {
+                return Err(SpecError::new(
+                    file,
+                    format!(
+                        "a search's trials share one budget, but this stage's jobs train for {e} and {} epochs",
+                        j.config.epochs
+                    ),
+                )
+                .context(here.clone())
+                .hint("sweep other keys than `epochs` in a search stage"))
+            }
+            Some(_) => {}
+        }
+    }
+    let epochs = u64::from(epochs.unwrap_or(1));
+    let min = u64::from(s.min_epochs.unwrap_or(1));
+    if min == 0 || min > epochs {
+        return Err(err(
+            "min_epochs",
+            format!("`min_epochs` is the first rung: from 1 to the stage's `epochs` ({epochs}), got {min}"),
+        ));
+    }
+    let mut rungs = Vec::new();
+    let mut r = min;
+    while r < epochs {
+        rungs.push(r);
+        r = r.saturating_mul(u64::from(reduction));
+    }
+    rungs.push(epochs);
+    Ok(Search { algorithm: s.algorithm, metric: s.metric.clone(), mode: s.mode, reduction, rungs })
 }
 
 /// One job: a stage at one sweep point and one seed.
@@ -790,8 +894,12 @@ pub fn expand(
                 });
             }
         }
+        let search = match &stage.search {
+            Some(s) => Some(check_search(file, &ctx, s, &jobs)?),
+            None => None,
+        };
         expanded.insert(stage_name.clone(), jobs.clone());
-        stages.push(StagePlan { name: stage_name.clone(), needs, sweep_keys, jobs });
+        stages.push(StagePlan { name: stage_name.clone(), needs, sweep_keys, jobs, search });
     }
     if exp.max_parallel == Some(0) {
         return Err(SpecError::new(file, "`max_parallel` must be at least 1").key("max_parallel"));

@@ -204,6 +204,49 @@ config_keys! {
         /// (a child for each of the k best parent jobs, per group of `per` values).
         #[serde(default)]
         pub needs: Option<NeedsFile>,
+        /// An adaptive search over the stage's points: `{algorithm: asha, metric: val.acc,
+        /// mode: max, min_epochs: 1, reduction: 3}`. Not part of the identity: a trial is its
+        /// config and seed with the full budget, and a rung is where it paused.
+        #[serde(default)]
+        pub search: Option<SearchFile>,
+    }
+}
+
+/// `search:` on a stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchFile {
+    pub algorithm: Algorithm,
+    /// The metric trials are ranked by at each rung, as logged every epoch (`val.acc`,
+    /// `val.worst_group_acc`, `train.loss`, ...).
+    pub metric: String,
+    #[serde(default)]
+    pub mode: Mode,
+    /// The first rung, in epochs (default 1).
+    #[serde(default)]
+    pub min_epochs: Option<u32>,
+    /// η: each rung keeps the best 1/η of the trials that reached it (default 3, at least 2).
+    #[serde(default)]
+    pub reduction: Option<u32>,
+}
+
+/// The search algorithm of `search:`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Asynchronous successive halving (Li et al. 2020).
+    Asha,
+    Hyperband,
+    Tpe,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Asha => "asha",
+            Self::Hyperband => "hyperband",
+            Self::Tpe => "tpe",
+        }
     }
 }
 

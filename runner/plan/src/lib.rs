@@ -14,7 +14,7 @@ pub mod sweep;
 
 pub use config::JobConfig;
 pub use error::{did_you_mean, SpecError};
-pub use expand::{Job, NoPlugins, Pick, Plan, PluginSource, StagePlan};
+pub use expand::{Job, NoPlugins, Pick, Plan, PluginSource, Search, StagePlan};
 pub use identity::{JobId, PluginRef};
 
 use std::path::Path;

@@ -66,6 +66,15 @@ pub fn schema() -> Value {
         ("fail_fast", json!({"type": "boolean"})),
         ("priority", json!({"type": "integer"})),
         ("max_parallel", json!({"type": "integer", "minimum": 1})),
+        (
+            "search",
+            json!({"type": "object", "additionalProperties": false, "required": ["algorithm", "metric"], "properties": {
+                "algorithm": {"enum": ["asha", "hyperband", "tpe"]},
+                "metric": {"type": "string", "pattern": "^(val|train|test)\\."},
+                "mode": {"enum": ["max", "min"]},
+                "min_epochs": {"type": "integer", "minimum": 1},
+                "reduction": {"type": "integer", "minimum": 2}}}),
+        ),
     ] {
         stage_props.insert(k.to_string(), v);
     }

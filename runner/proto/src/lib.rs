@@ -48,6 +48,10 @@ pub struct JobRequest {
     /// The finished jobs this one consumes (`needs:` in the experiment file).
     #[serde(default)]
     pub parents: Vec<ParentRef>,
+    /// An adaptive search's rung: the job stops after this epoch (fewer than its `epochs`),
+    /// at a checkpoint, and ends as paused; promoted, it continues from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_after_epoch: Option<u64>,
 }
 
 /// A finished parent job, as its child sees it.
@@ -97,6 +101,8 @@ pub enum FailureCause {
     Cancelled,
     /// A parent job failed, so this one could not run.
     ParentFailed,
+    /// Not a failure: an adaptive search's trial stopped at a rung, at a checkpoint, as asked.
+    Paused,
 }
 
 impl FailureCause {
@@ -111,6 +117,7 @@ impl FailureCause {
             Self::Hung => "hung",
             Self::Cancelled => "cancelled",
             Self::ParentFailed => "parent_failed",
+            Self::Paused => "paused",
         }
     }
 
@@ -126,6 +133,7 @@ impl FailureCause {
             Self::Hung,
             Self::Cancelled,
             Self::ParentFailed,
+            Self::Paused,
         ]
         .into_iter()
         .find(|c| c.as_str() == name)

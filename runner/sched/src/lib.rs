@@ -7,6 +7,7 @@ pub mod hub;
 mod machine;
 pub mod pool;
 mod run;
+pub mod search;
 pub mod slurm;
 pub mod spawn;
 mod writer;

@@ -9,11 +9,12 @@
 
 use crate::pool::{Held, Need, Slots};
 use crate::run::RunReport;
+use crate::search::Asha;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use xlab_plan::{Job, JobId, Plan};
 use xlab_proto::{Event, FailureCause};
-use xlab_store::{now_unix, ArtifactRecord, Attempt, FaultSite, JobRecord, JobStatus};
+use xlab_store::{now_unix, ArtifactRecord, Attempt, Decision, FaultSite, JobRecord, JobStatus};
 
 /// A worker's final word: its summary, or why it failed.
 pub(crate) type Outcome = Result<BTreeMap<String, f64>, (FailureCause, String)>;
@@ -31,6 +32,8 @@ pub(crate) enum Action {
     Cancel { slurm: String },
     /// Tell whoever displays progress.
     Tell(Told),
+    /// Record a search's decision, durably, before anything acts on it.
+    Decide(Box<Decision>),
 }
 
 /// What happened to job `job` (an index into the plan's jobs), for the progress display.
@@ -76,7 +79,22 @@ pub(crate) enum Told {
     Elsewhere {
         job: usize,
     },
+    /// A search decided about trial `job`.
+    Search {
+        job: usize,
+        decision: Box<Decision>,
+    },
+    /// Trial `job` paused at its rung, with its metric there.
+    Paused {
+        job: usize,
+        epoch: u64,
+        value: f64,
+    },
 }
+
+/// What the store recorded of one search stage: its decisions, and per trial (job index) the
+/// series of the search metric.
+pub(crate) type SearchHistory = (Vec<Decision>, HashMap<usize, Vec<(u64, f64)>>);
 
 /// Who runs an attempt: a local worker process or a Slurm job.
 pub(crate) enum Start {
@@ -151,6 +169,9 @@ pub(crate) struct Machine<'p> {
     /// Jobs another run on the store holds: waited for, then taken as they are (done or
     /// failed), or run here if that run let them go unfinished.
     elsewhere: Vec<usize>,
+    /// The stages' adaptive searches, and the search of each of their trials.
+    searches: Vec<Asha>,
+    search_of: HashMap<usize, usize>,
     /// Stop requests acted on so far.
     signalled: usize,
     settings: Settings,
@@ -228,6 +249,8 @@ impl<'p> Machine<'p> {
             attempts_here: HashMap::new(),
             avoid: HashMap::new(),
             elsewhere: Vec::new(),
+            searches: Vec::new(),
+            search_of: HashMap::new(),
             signalled: 0,
             settings,
             actions: Vec::new(),
@@ -262,6 +285,90 @@ impl<'p> Machine<'p> {
 
     pub(crate) fn pool(&self) -> &dyn Slots {
         &*self.settings.pool
+    }
+
+    /// Sets up the searches of the plan's `search:` stages from what the store recorded of them:
+    /// per stage, its decisions and each trial's series of the search metric (by job index).
+    pub(crate) fn with_searches(&mut self, plan: &Plan, mut history: HashMap<String, SearchHistory>) {
+        for stage in &plan.stages {
+            let Some(spec) = &stage.search else { continue };
+            let trials: Vec<usize> = (0..self.jobs.len()).filter(|&i| self.jobs[i].stage == stage.name).collect();
+            let mut a = Asha::new(&plan.name, &stage.name, spec.clone(), trials.clone());
+            let (decisions, series) = history.remove(&stage.name).unwrap_or_default();
+            let records = &self.records;
+            let index = &self.index;
+            let (now, prune) =
+                a.rebuild(&decisions, &series, &|t| records[t].status == JobStatus::Done, &|id| index.get(id).copied());
+            self.waiting.retain(|t| !a.has_started(*t));
+            for t in now {
+                self.queue.push_back(t);
+            }
+            for t in prune {
+                if self.records[t].status != JobStatus::Pruned {
+                    self.records[t].status = JobStatus::Pruned;
+                    self.actions.push(Action::Save(Box::new(self.records[t].clone())));
+                }
+            }
+            let si = self.searches.len();
+            for t in trials {
+                self.search_of.insert(t, si);
+            }
+            self.searches.push(a);
+        }
+    }
+
+    /// The epoch job `i` pauses after (a search's trial heading for a rung below the top).
+    pub(crate) fn pause_at(&self, i: usize) -> Option<u64> {
+        self.search_of.get(&i).and_then(|&s| self.searches[s].pause_at(i))
+    }
+
+    /// Search trials that became ready go to their search, which decides when they start.
+    fn sift_searches(&mut self) {
+        if self.searches.is_empty() {
+            return;
+        }
+        let (searches, search_of) = (&mut self.searches, &self.search_of);
+        self.queue.retain(|t| match search_of.get(t) {
+            Some(&s) if !searches[s].is_heading(*t) => {
+                searches[s].ready(*t);
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Gives each search with nothing queued its next trial (a promotion or a new one),
+    /// recording the decision first; then prunes what a settled search leaves paused.
+    fn feed_searches(&mut self) {
+        for s in 0..self.searches.len() {
+            let queued = self.queue.iter().any(|t| self.search_of.get(t) == Some(&s));
+            if queued || self.report.ended_early.is_some() {
+                continue;
+            }
+            let jobs = &self.jobs;
+            if let Some((t, d)) = self.searches[s].next(&|t: usize| jobs[t].id.to_string()) {
+                self.actions.push(Action::Decide(Box::new(d.clone())));
+                self.actions.push(Action::Tell(Told::Search { job: t, decision: Box::new(d) }));
+                self.queue.push_back(t);
+            }
+        }
+        self.settle_searches();
+    }
+
+    fn settle_searches(&mut self) {
+        if self.report.ended_early.is_some() {
+            return;
+        }
+        for s in 0..self.searches.len() {
+            let jobs = &self.jobs;
+            for (t, d) in self.searches[s].settle(&|t: usize| jobs[t].id.to_string()) {
+                self.actions.push(Action::Decide(Box::new(d.clone())));
+                self.records[t].status = JobStatus::Pruned;
+                self.report.pruned += 1;
+                self.actions.push(Action::Save(Box::new(self.records[t].clone())));
+                self.actions.push(Action::Tell(Told::Search { job: t, decision: Box::new(d) }));
+            }
+        }
     }
 
     /// The jobs another run holds, which this one waits for.
@@ -341,6 +448,8 @@ impl<'p> Machine<'p> {
         shortage: &mut dyn FnMut(usize) -> Option<String>,
     ) -> Flow {
         self.release_all();
+        self.sift_searches();
+        self.settle_searches();
         if stops >= 1 && self.settings.slurm {
             // Slurm jobs do not need this process: leave them running, recorded as such, for
             // the next run to re-attach to.
@@ -448,6 +557,9 @@ impl<'p> Machine<'p> {
                 self.actions.push(Action::Save(Box::new(rec.clone())));
                 self.report.failed.push((self.jobs[i].id.to_string(), cause, message.clone()));
                 self.actions.push(Action::Tell(Told::Failed { job: i, cause, message }));
+                if let Some(&s) = self.search_of.get(&i) {
+                    self.searches[s].blocked(i);
+                }
             }
         }
     }
@@ -462,7 +574,8 @@ impl<'p> Machine<'p> {
         self.waiting.retain(|&i| {
             let parents: Vec<&JobRecord> = jobs[i].parents.iter().map(|p| &records[index[p.as_str()]]).collect();
             if let Some(pick) = &jobs[i].pick {
-                if !parents.iter().all(|p| matches!(p.status, JobStatus::Done | JobStatus::Failed)) {
+                if !parents.iter().all(|p| matches!(p.status, JobStatus::Done | JobStatus::Failed | JobStatus::Pruned))
+                {
                     return true;
                 }
                 let done: Vec<(&str, &BTreeMap<String, f64>)> = parents
@@ -482,6 +595,10 @@ impl<'p> Machine<'p> {
             }
             if let Some(p) = parents.iter().find(|p| p.status == JobStatus::Failed) {
                 blocked.push((i, FailureCause::ParentFailed, format!("parent job {} ({}) failed", p.id, p.stage)));
+                false
+            } else if let Some(p) = parents.iter().find(|p| p.status == JobStatus::Pruned) {
+                let m = format!("parent job {} ({}) was pruned by its stage's search", p.id, p.stage);
+                blocked.push((i, FailureCause::ParentFailed, m));
                 false
             } else if parents.iter().all(|p| p.status == JobStatus::Done) {
                 queue.push_back(i);
@@ -510,6 +627,7 @@ impl<'p> Machine<'p> {
             self.want_best();
             return None;
         }
+        self.feed_searches();
         let busy = |stage: &str| self.running.keys().filter(|&&r| self.jobs[r].stage == stage).count();
         let mut ready: Vec<(usize, usize)> = self
             .queue
@@ -634,7 +752,12 @@ impl<'p> Machine<'p> {
                 rec.provenance.host = Some(host);
                 self.actions.push(Action::Save(Box::new(rec.clone())));
             }
-            Event::Metrics { step, values } => self.actions.push(Action::Metrics { job: i, step, values }),
+            Event::Metrics { step, values } => {
+                if let Some(&s) = self.search_of.get(&i) {
+                    self.searches[s].saw(i, step, &values);
+                }
+                self.actions.push(Action::Metrics { job: i, step, values })
+            }
             Event::Resumed { epoch, step_in_epoch } => {
                 self.actions.push(Action::Tell(Told::Resumed { job: i, epoch, step_in_epoch }))
             }
@@ -709,11 +832,42 @@ impl<'p> Machine<'p> {
         let tries = self.attempts_here.entry(i).or_insert(0);
         *tries += 1;
         let tries = *tries;
+        let search = self.search_of.get(&i).copied();
         match outcome {
             Ok(summary) => {
                 self.report.done += 1;
+                if let Some(s) = search {
+                    self.searches[s].finished(i);
+                }
                 self.actions.push(Action::Tell(Told::Finished { job: i, summary }));
             }
+            Err((FailureCause::Paused, message)) => match search.map(|s| (s, self.searches[s].paused(i))) {
+                Some((_, Ok((epoch, value)))) => {
+                    rec.status = JobStatus::Paused;
+                    if let Some(a) = rec.attempts.last_mut() {
+                        a.error = None;
+                    }
+                    self.actions.push(Action::Tell(Told::Paused { job: i, epoch, value }));
+                }
+                Some((s, Err(m))) => {
+                    rec.status = JobStatus::Failed;
+                    if let Some(a) = rec.attempts.last_mut() {
+                        a.outcome = Some(FailureCause::Config.as_str().into());
+                        a.error = Some(m.clone());
+                    }
+                    self.searches[s].failed(i);
+                    self.searches[s].broken = Some(m.clone());
+                    self.report.failed.push((job.id.to_string(), FailureCause::Config, m.clone()));
+                    self.actions.push(Action::Tell(Told::Failed { job: i, cause: FailureCause::Config, message: m }));
+                }
+                None => {
+                    let m = format!("paused although it is not a search's trial: {message}");
+                    rec.status = JobStatus::Failed;
+                    self.report.failed.push((job.id.to_string(), FailureCause::Error, m.clone()));
+                    self.actions.push(Action::Tell(Told::Failed { job: i, cause: FailureCause::Error, message: m }));
+                }
+            },
+
             Err((FailureCause::Cancelled, message)) => {
                 rec.status = JobStatus::Interrupted;
                 self.report.stopped += 1;
@@ -750,6 +904,9 @@ impl<'p> Machine<'p> {
                 self.actions.push(Action::Tell(Told::Retrying { job: i, cause, message, delay }));
             }
             Err((cause, message)) => {
+                if let Some(s) = search {
+                    self.searches[s].failed(i);
+                }
                 self.report.failed.push((job.id.to_string(), cause, message.clone()));
                 self.actions.push(Action::Tell(Told::Failed { job: i, cause, message: message.clone() }));
                 if cause == FailureCause::Config {
@@ -763,6 +920,7 @@ impl<'p> Machine<'p> {
             }
         }
         self.actions.push(Action::Save(Box::new(self.records[i].clone())));
+        self.settle_searches();
     }
 
     /// A config error: the stage's other jobs share its config and would fail the same way.
@@ -798,6 +956,7 @@ impl<'p> Machine<'p> {
     /// The run's report, with the jobs that never started counted.
     pub(crate) fn into_report(mut self) -> RunReport {
         self.report.not_started = self.records.iter().filter(|r| r.status == JobStatus::Pending).count();
+        self.report.searches = self.searches.iter().map(Asha::summary).collect();
         self.report
     }
 }

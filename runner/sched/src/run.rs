@@ -9,7 +9,7 @@ use crate::slurm::{self, SlurmExec};
 use crate::spawn::{self, Exit, Msg};
 use crate::writer::{self, StoreOp};
 use crossbeam_channel::{unbounded, RecvTimeoutError, Sender};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -126,6 +126,17 @@ pub enum Progress<'a> {
     Elsewhere {
         job: &'a Job,
     },
+    /// The stage's search decided about trial `job` (recorded in the store already).
+    Search {
+        job: &'a Job,
+        decision: &'a xlab_store::Decision,
+    },
+    /// A search's trial stopped at its rung, at a checkpoint, with its metric there.
+    Paused {
+        job: &'a Job,
+        epoch: u64,
+        value: f64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -135,6 +146,10 @@ pub struct RunReport {
     pub done: usize,
     /// Jobs another run on the store ran to the end while this one waited for them.
     pub elsewhere: usize,
+    /// Search trials pruned in this run.
+    pub pruned: usize,
+    /// What each search stage did.
+    pub searches: Vec<crate::search::SearchSummary>,
     pub failed: Vec<(String, FailureCause, String)>,
     /// Jobs stopped by a stop request (resumable).
     pub stopped: usize,
@@ -327,6 +342,20 @@ pub fn run(
         pool: opts.pool,
     };
     let mut m = Machine::new(plan, records, &reattach, &elsewhere, settings, Instant::now());
+    // Each search stage's state, as recorded: its decisions and its trials' metric series.
+    let mut history = HashMap::new();
+    for stage in &plan.stages {
+        let Some(search) = &stage.search else { continue };
+        let decisions = store.decisions(&plan.name, &stage.name)?;
+        let mut series = HashMap::new();
+        if !decisions.is_empty() {
+            for (i, job) in jobs.iter().enumerate().filter(|(_, j)| j.stage == stage.name) {
+                series.insert(i, store.metric_series(job.id.as_str(), &search.metric)?);
+            }
+        }
+        history.insert(stage.name.clone(), (decisions, series));
+    }
+    m.with_searches(plan, history);
     let peers = opts.peers.clone();
     let mut peer_stops = 0usize;
     let mut owner_gone = false;
@@ -368,6 +397,13 @@ pub fn run(
                     Action::Signal { pid, signal: sig } => signal(pid, sig),
                     Action::Cancel { slurm } => SlurmExec::cancel(&slurm),
                     Action::Tell(told) => tell(&jobs, told, observe),
+                    Action::Decide(d) => {
+                        // Durable before the decision is acted on: a run started again after a
+                        // kill rebuilds the search from these and never contradicts one.
+                        if let Err(e) = store.put_decision(&d).and_then(|()| store.flush()) {
+                            tracing::error!("cannot record a decision of the search of stage `{}`: {e}", d.stage);
+                        }
+                    }
                 }
             }
         };
@@ -428,6 +464,8 @@ pub fn run(
             // Slurm: the jobs placed in this round, submitted together below.
             let mut to_submit: Vec<(usize, JobRequest)> = Vec::new();
             while let Some((i, held)) = m.next_start(Instant::now()) {
+                // A search's decision to run this job is recorded before the job starts.
+                carry(&mut m, observe);
                 let parents: Vec<ParentRef> = m
                     .inputs(i)
                     .into_iter()
@@ -442,7 +480,7 @@ pub fn run(
                     let gpus = s.gpus_for(jobs[i]);
                     let lease =
                         Lease { device: if gpus > 0 { "cuda:0" } else { "cpu" }.into(), threads: s.cpus() as usize };
-                    to_submit.push((i, request(store, jobs[i], m.record(i), lease, &parents)));
+                    to_submit.push((i, request(store, jobs[i], m.record(i), lease, &parents, m.pause_at(i))));
                     continue;
                 };
                 let slot = Slot {
@@ -450,7 +488,7 @@ pub fn run(
                     threads: held.slots.iter().map(|&s| m.pool().slot(s).threads).sum(),
                 };
                 let (lease, visible) = spawn::lease_for(&slot);
-                let req = request(store, jobs[i], m.record(i), lease, &parents);
+                let req = request(store, jobs[i], m.record(i), lease, &parents, m.pause_at(i));
                 let key = spawn::WorkerKey {
                     visible,
                     threads: req.lease.threads,
@@ -614,6 +652,8 @@ fn tell(jobs: &[&Job], told: Told, observe: &mut dyn FnMut(Progress<'_>)) {
         Told::Warning { job, message } => observe(Progress::Warning { job: jobs[job], message: &message }),
         Told::Stopped { job, message } => observe(Progress::Stopped { job: jobs[job], message: &message }),
         Told::Elsewhere { job } => observe(Progress::Elsewhere { job: jobs[job] }),
+        Told::Search { job, decision } => observe(Progress::Search { job: jobs[job], decision: &decision }),
+        Told::Paused { job, epoch, value } => observe(Progress::Paused { job: jobs[job], epoch, value }),
     }
 }
 
@@ -689,7 +729,14 @@ fn follow(
 }
 
 /// What the worker of `job` is told.
-fn request(store: &dyn ResultStore, job: &Job, rec: &JobRecord, lease: Lease, parents: &[ParentRef]) -> JobRequest {
+fn request(
+    store: &dyn ResultStore,
+    job: &Job,
+    rec: &JobRecord,
+    lease: Lease,
+    parents: &[ParentRef],
+    pause_after_epoch: Option<u64>,
+) -> JobRequest {
     JobRequest {
         protocol: PROTOCOL_VERSION,
         job_id: job.id.to_string(),
@@ -705,6 +752,7 @@ fn request(store: &dyn ResultStore, job: &Job, rec: &JobRecord, lease: Lease, pa
         checkpoint_every_steps: job.exec.checkpoint_every_steps,
         step_timeout_ms: Some(job.exec.step_timeout_ms),
         parents: parents.to_vec(),
+        pause_after_epoch,
     }
 }
 

@@ -294,6 +294,12 @@ mod tests {
         fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
             self.inner.jobs()
         }
+        fn put_decision(&self, d: &xlab_store::Decision) -> Result<(), StoreError> {
+            self.inner.put_decision(d)
+        }
+        fn decisions(&self, experiment: &str, stage: &str) -> Result<Vec<xlab_store::Decision>, StoreError> {
+            self.inner.decisions(experiment, stage)
+        }
         fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> Result<Vec<String>, StoreError> {
             self.inner.job_ids_with_prefix(prefix, at_most)
         }

@@ -70,6 +70,8 @@ pub struct Store {
     experiments: sled::Tree,
     jobs: sled::Tree,
     metrics: sled::Tree,
+    /// Adaptive searches' decisions, by experiment, stage and place in the log.
+    decisions: sled::Tree,
     _lock: File,
 }
 
@@ -122,6 +124,7 @@ impl Store {
             experiments: tree("experiments")?,
             jobs: tree("jobs")?,
             metrics: tree("series")?,
+            decisions: tree("decisions")?,
             db,
             _lock: lock,
         })
@@ -212,6 +215,22 @@ impl ResultStore for Store {
 
     fn job(&self, id: &str) -> Result<Option<JobRecord>> {
         self.get(&self.jobs, id)
+    }
+
+    fn put_decision(&self, d: &Decision) -> Result<()> {
+        let key = decision_key(&d.experiment, &d.stage, Some(d.seq));
+        let bytes = serde_json::to_vec(d).map_err(|e| self.corrupt(format!("a decision: {e}")))?;
+        self.decisions.insert(key, bytes).map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    fn decisions(&self, experiment: &str, stage: &str) -> Result<Vec<Decision>> {
+        let mut out = Vec::new();
+        for kv in self.decisions.scan_prefix(decision_key(experiment, stage, None)) {
+            let (_, v) = kv.map_err(|e| self.db_err(e))?;
+            out.push(serde_json::from_slice(&v).map_err(|e| self.corrupt(format!("a decision: {e}")))?);
+        }
+        Ok(out)
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>> {
@@ -307,6 +326,12 @@ pub trait ResultStore: Send + Sync {
     fn job(&self, id: &str) -> Result<Option<JobRecord>>;
 
     fn jobs(&self) -> Result<Vec<JobRecord>>;
+
+    /// Writes one decision of an adaptive search (see [`Decision`]).
+    fn put_decision(&self, d: &Decision) -> Result<()>;
+
+    /// The decisions of the search of one stage of an experiment, in order.
+    fn decisions(&self, experiment: &str, stage: &str) -> Result<Vec<Decision>>;
 
     /// Up to `at_most` ids of jobs that start with `prefix`, in order.
     fn job_ids_with_prefix(&self, prefix: &str, at_most: usize) -> Result<Vec<String>>;
@@ -409,6 +434,20 @@ pub trait ResultStore: Send + Sync {
         self.flush()?;
         Ok(report)
     }
+}
+
+/// `experiment \0 stage \0 seq` (seq big-endian, so keys sort in log order); without `seq`,
+/// the prefix of a stage's decisions.
+pub(crate) fn decision_key(experiment: &str, stage: &str, seq: Option<u64>) -> Vec<u8> {
+    let mut k = Vec::with_capacity(experiment.len() + stage.len() + 10);
+    k.extend_from_slice(experiment.as_bytes());
+    k.push(0);
+    k.extend_from_slice(stage.as_bytes());
+    k.push(0);
+    if let Some(s) = seq {
+        k.extend_from_slice(&s.to_be_bytes());
+    }
+    k
 }
 
 /// Steps per stored chunk of a metric series.

@@ -19,7 +19,9 @@
 //! thread. A socket file left by a dead owner is removed by the next owner (the store's lock,
 //! held by a live owner only, tells the two apart).
 
-use crate::{decode_chunk, metric_prefix, ExperimentRecord, JobRecord, Result, ResultStore, Series, Store, StoreError};
+use crate::{
+    decode_chunk, metric_prefix, Decision, ExperimentRecord, JobRecord, Result, ResultStore, Series, Store, StoreError,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -62,6 +64,14 @@ enum Op {
     },
     MetricsOfMany {
         ids: Vec<String>,
+    },
+    Decisions {
+        experiment: String,
+        stage: String,
+    },
+    PutDecision {
+        session: u64,
+        record: Box<Decision>,
     },
     /// Another run joins the owner's: the connection this arrives on stays open for as long as
     /// that run goes on, and its closing is how the owner learns that the run ended.
@@ -270,6 +280,7 @@ impl Op {
     fn session(&self) -> Option<u64> {
         match self {
             Op::PutExperiment { session, .. }
+            | Op::PutDecision { session, .. }
             | Op::PutJob { session, .. }
             | Op::PutMetrics { session, .. }
             | Op::Flush { session }
@@ -284,6 +295,7 @@ fn write_or_call(store: &Store, host: &dyn Host, session: u64, op: Op) -> std::r
     let written = match op {
         Op::PutExperiment { record, .. } => store.put_experiment(&record),
         Op::PutJob { record, .. } => store.put_job(&record),
+        Op::PutDecision { record, .. } => store.put_decision(&record),
         Op::PutMetrics { job, points, .. } => {
             let points: Vec<(u64, BTreeMap<String, f64>)> = points
                 .into_iter()
@@ -365,7 +377,14 @@ fn answer(store: &Store, op: &Op) -> Result<Items> {
             }
             Ok(out)
         }
+        Op::Decisions { experiment, stage } => store
+            .decisions
+            .scan_prefix(crate::decision_key(experiment, stage, None))
+            .values()
+            .map(|v| v.map(|v| Some(v.to_vec())).map_err(db))
+            .collect(),
         Op::Join { .. }
+        | Op::PutDecision { .. }
         | Op::PutExperiment { .. }
         | Op::PutJob { .. }
         | Op::PutMetrics { .. }
@@ -666,6 +685,19 @@ impl ResultStore for RemoteStore {
 
     fn job(&self, id: &str) -> Result<Option<JobRecord>> {
         Ok(self.jobs_by_id(&[id])?.pop().flatten())
+    }
+
+    fn put_decision(&self, d: &Decision) -> Result<()> {
+        let session = self.joined("write a search decision")?;
+        self.write_op(Op::PutDecision { session, record: Box::new(d.clone()) }).map(drop)
+    }
+
+    fn decisions(&self, experiment: &str, stage: &str) -> Result<Vec<Decision>> {
+        self.read(
+            Op::Decisions { experiment: experiment.into(), stage: stage.into() },
+            |s| s.decisions(experiment, stage),
+            |items| items.into_iter().flatten().map(|b| self.record(&b)).collect(),
+        )
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>> {

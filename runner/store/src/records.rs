@@ -130,6 +130,10 @@ pub enum JobStatus {
     Failed,
     /// Stopped before finishing, by the user or by a coordinator that went away.
     Interrupted,
+    /// An adaptive search's trial waiting at a rung (at a checkpoint) to be promoted or pruned.
+    Paused,
+    /// An adaptive search's trial stopped early for good: others did better at its rung.
+    Pruned,
 }
 
 impl JobStatus {
@@ -140,6 +144,8 @@ impl JobStatus {
             Self::Done => "done",
             Self::Failed => "failed",
             Self::Interrupted => "interrupted",
+            Self::Paused => "paused",
+            Self::Pruned => "pruned",
         }
     }
 }
@@ -237,5 +243,55 @@ impl JobRecord {
             return None;
         }
         self.attempts.last().filter(|a| a.ended_unix.is_none()).and_then(|a| a.slurm_job.as_deref())
+    }
+}
+
+/// One decision of an adaptive search (`search:` on a stage), written to the store before it is
+/// acted on. With the trials' metric series, the decisions are the search's whole state: a run
+/// that starts again rebuilds it from them and never contradicts one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Decision {
+    pub experiment: String,
+    pub stage: String,
+    /// Its place in the stage's log, from 0.
+    pub seq: u64,
+    pub kind: DecisionKind,
+    /// The trial (job id) it is about.
+    pub trial: String,
+    /// The rung (0 = the first) the trial starts towards (`start`), is promoted from
+    /// (`promote`) or stops at (`prune`), and that rung's epoch.
+    pub rung: u32,
+    pub epoch: u64,
+    /// The trial's metric at that rung (`promote`, `prune`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// Its rank there (1: the best) among `of` trials that reached the rung, of which the best
+    /// `keep` go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// A new trial starts, towards the first rung.
+    Start,
+    /// A paused trial continues from its checkpoint towards the next rung.
+    Promote,
+    /// A paused trial stops for good.
+    Prune,
+}
+
+impl DecisionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Promote => "promote",
+            Self::Prune => "prune",
+        }
     }
 }

@@ -173,6 +173,7 @@ pub fn run(
         let mut r = unused_rng.clone();
         files::restore(&c, &named, &mut opt, comps, &mut r, ema.as_mut())?;
         files::announce_resume(out, &c);
+        ckpt.paused_at_resume(c.meta.epoch, c.meta.step_in_epoch, cfg.epochs)?;
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
         history = c.meta.metrics;

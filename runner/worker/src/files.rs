@@ -26,6 +26,8 @@ pub struct CheckpointPlan<'a> {
     pub every_ms: Option<u64>,
     /// And inside epochs, after every this many optimizer steps (of the whole run).
     pub every_steps: Option<u32>,
+    /// An adaptive search's rung: stop after this epoch, at a checkpoint, as paused.
+    pub pause_after: Option<u64>,
 }
 
 impl CheckpointPlan<'_> {
@@ -37,6 +39,19 @@ impl CheckpointPlan<'_> {
             tracing::warn!("skipping checkpoint {s}");
         }
         latest
+    }
+
+    /// A search's trial resumed from a checkpoint at (or past) the rung it is to pause at, with
+    /// no batch of the next epoch done (its pause was not recorded before the run stopped):
+    /// it pauses again at once, having trained nothing more.
+    pub(crate) fn paused_at_resume(&self, epoch: u64, step_in_epoch: u64, epochs: u32) -> Result<(), Failure> {
+        match self.pause_after {
+            Some(p) if step_in_epoch == 0 && epoch >= p && epoch < u64::from(epochs) => Err(Failure::new(
+                FailureCause::Paused,
+                format!("paused after epoch {epoch} of {epochs} at a rung of its search, at a checkpoint"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// At the end of epoch `done` (1-based) of `epochs`: writes a checkpoint with `save` after
@@ -52,8 +67,9 @@ impl CheckpointPlan<'_> {
     ) -> Result<(), Failure> {
         let last = done == u64::from(epochs);
         let stopping = !last && crate::stop_requested();
+        let pausing = !last && self.pause_after == Some(done);
         let time_is_up = self.every_ms.is_some_and(|ms| last_saved.elapsed().as_millis() >= u128::from(ms));
-        if last || stopping || time_is_up || done.is_multiple_of(u64::from(self.every.max(1))) {
+        if last || stopping || pausing || time_is_up || done.is_multiple_of(u64::from(self.every.max(1))) {
             *last_saved = std::time::Instant::now();
             let path = save()?;
             out.send(&xlab_proto::Event::Checkpoint { epoch: done, path, step_in_epoch: 0 });
@@ -62,6 +78,12 @@ impl CheckpointPlan<'_> {
             return Err(Failure::new(
                 FailureCause::Cancelled,
                 format!("stopped after epoch {done} of {epochs}, at a checkpoint"),
+            ));
+        }
+        if pausing {
+            return Err(Failure::new(
+                FailureCause::Paused,
+                format!("paused after epoch {done} of {epochs} at a rung of its search, at a checkpoint"),
             ));
         }
         Ok(())

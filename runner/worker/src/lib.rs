@@ -324,6 +324,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
                 every: req.checkpoint_every,
                 every_ms: req.checkpoint_every_ms,
                 every_steps: req.checkpoint_every_steps,
+                pause_after: req.pause_after_epoch,
             };
             match &cfg.diffusion {
                 Some(d) => {

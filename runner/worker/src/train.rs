@@ -136,6 +136,7 @@ pub fn run(
             resume_inside = Some(inside_epoch(&c, n, data.groups)?);
         }
         announce_resume(out, &c);
+        ckpt.paused_at_resume(c.meta.epoch, c.meta.step_in_epoch, cfg.epochs)?;
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
         history = c.meta.metrics;

@@ -63,6 +63,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value, step_
         checkpoint_every_steps: None,
         step_timeout_ms: None,
         parents: vec![],
+        pause_after_epoch: None,
     }
 }
 

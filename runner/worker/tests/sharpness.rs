@@ -55,6 +55,7 @@ fn request(dir: &Path, id: &str, config: serde_json::Value, parents: Vec<ParentR
         checkpoint_every_steps: None,
         step_timeout_ms: None,
         parents,
+        pause_after_epoch: None,
     }
 }
 

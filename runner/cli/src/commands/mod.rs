@@ -9,5 +9,6 @@ pub mod plot;
 pub mod plugins;
 pub mod query;
 pub mod run;
+pub mod search;
 pub mod show;
 pub mod status;

@@ -32,6 +32,8 @@ pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
                 Some(JobStatus::Done) => "done",
                 Some(JobStatus::Failed) => "failed",
                 Some(JobStatus::Running | JobStatus::Interrupted) => "interrupted",
+                Some(JobStatus::Paused) => "paused",
+                Some(JobStatus::Pruned) => "pruned",
             };
             *counts.entry(key).or_default() += 1;
             each.push(key);
@@ -53,6 +55,21 @@ pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
         outln!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
         for (job, status) in stage.jobs.iter().zip(each) {
             outln!("    {}  {status:<11}  {}", job.id, job.label());
+        }
+        if let Some(s) = &stage.search {
+            // The budget of the search, rather than the jobs alone.
+            let (full, halving) = s.budget(stage.jobs.len());
+            let rungs: Vec<String> = s.rungs.iter().map(u64::to_string).collect();
+            outln!(
+                "  search of `{}`: ASHA over {} trial(s) by {} ({}), rungs at epochs {} (η = {}): at most {full} epochs if \
+                 every trial trained to the end; successive halving trains about {halving}",
+                stage.name,
+                stage.jobs.len(),
+                s.metric,
+                if s.mode == xlab_plan::file::Mode::Max { "max" } else { "min" },
+                rungs.join(", "),
+                s.reduction
+            );
         }
     }
     Ok(0)

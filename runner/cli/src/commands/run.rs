@@ -417,6 +417,13 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             tracker.ended(job.id.as_str(), status::Ended::Stopped);
             tracing::warn!("{} {} {message} (job {})", job.stage, job.label(), job.id);
         }
+        Progress::Search { job, decision } => {
+            tracing::info!("search `{}`: {}", job.stage, crate::commands::search::describe(decision, &job.label()));
+        }
+        Progress::Paused { job, epoch, value } => {
+            tracker.ended(job.id.as_str(), status::Ended::Paused);
+            tracing::info!("paused {} {} at epoch {epoch} ({value:.4}), at a checkpoint", job.stage, job.label());
+        }
         Progress::Elsewhere { job } => {
             tracing::info!(
                 "{} {} is running in another run on this store; waiting for it (job {})",
@@ -489,6 +496,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
         report.failed.len(),
         started.elapsed().as_secs_f64()
     );
+    crate::commands::search::report(&report.searches);
     query(store, &pick_experiment(store, Some(&plan.name))?, Format::Table, &[], None)?;
     if report.detached > 0 {
         eprintln!(

@@ -1,0 +1,186 @@
+//! Adaptive search (`search:` on a stage): ASHA pauses trials at rungs (their checkpoints are the
+//! pause), promotes the best by continuing from there, prunes the rest, and records every
+//! decision before acting on it. Real coordinator, worker processes and store.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+mod common;
+use common::{attempts, cmd, job_ids, snapshot, weights};
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+/// Nine learning rates, 9 epochs each; rungs at 1, 3 and 9 epochs with η = 3.
+const SEARCH: &str = r#"name: asha
+defaults:
+  task: train
+  deterministic: true
+  data: {name: two_moons, n_train: 1000, n_val: 200, n_test: 200, noise: 0.3}
+  model: {name: mlp, hidden: [32]}
+  optimizer: {name: sgd, momentum: 0.9}
+  batch_size: 32
+  epochs: 9
+stages:
+  train:
+    grid:
+      optimizer.lr: [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+    search:
+      algorithm: asha
+      metric: val.loss
+      mode: min
+      min_epochs: 1
+      reduction: 3
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let f = dir.join(name);
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+fn run_ok(store: &Path, file: &Path) -> String {
+    let out = cmd(store).arg("run").arg(file).args(["-j", "1"]).env("XLAB_NO_LIVE", "1").output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    err
+}
+
+fn decisions(store: &Path) -> Vec<serde_json::Value> {
+    let out = cmd(store).args(["search-log", "asha", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn asha_pauses_promotes_from_checkpoints_prunes_and_records_every_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "search.yaml", SEARCH);
+    let store = dir.path().join("results");
+    let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
+    assert!(
+        plan.contains("search of `train`: ASHA over 9 trial(s) by val.loss (min), rungs at epochs 1, 3, 9 (η = 3)"),
+        "{plan}"
+    );
+    assert!(plan.contains("at most 81 epochs"), "{plan}");
+
+    let err = run_ok(&store, &file);
+    assert!(err.contains("epochs trained of the 81 an exhaustive sweep would"), "{err}");
+    let log = decisions(&store);
+    let kind = |k: &str| log.iter().filter(|d| d["kind"] == k).count();
+    assert_eq!(kind("start"), 9, "every trial starts once");
+    assert!(kind("promote") >= 2, "{log:?}");
+    let ids = job_ids(&store, &file);
+    let mut finished = Vec::new();
+    for id in &ids {
+        let v: serde_json::Value =
+            serde_json::from_slice(&cmd(&store).args(["show", id, "--json"]).output().unwrap().stdout).unwrap();
+        let epochs = v["metrics"]["val.loss"].as_array().unwrap().len() as u64;
+        match v["status"].as_str().unwrap() {
+            "done" => {
+                assert_eq!(epochs, 9);
+                finished.push(id.clone());
+            }
+            "pruned" => {
+                // It trained to the rung it was pruned at, not an epoch more.
+                let at = log.iter().find(|d| d["kind"] == "prune" && d["trial"] == id.as_str()).unwrap();
+                assert_eq!(epochs, at["epoch"].as_u64().unwrap(), "{id}");
+            }
+            other => panic!("{id} is {other}"),
+        }
+        // A promoted trial continues from its checkpoint: one attempt per rung it ran towards.
+        let promoted = log.iter().filter(|d| d["kind"] == "promote" && d["trial"] == id.as_str()).count();
+        let tried = attempts(&store, id);
+        assert_eq!(tried.len(), promoted + 1, "{id}: {tried:?}");
+        assert!(tried[..promoted].iter().all(|a| a == "paused"), "{id}: {tried:?}");
+    }
+    assert_eq!(kind("prune"), 9 - finished.len());
+    // Every promotion took a trial ranked within the best ⌊n/η⌋ of its rung.
+    for d in log.iter().filter(|d| d["kind"] == "promote") {
+        assert!(d["rank"].as_u64().unwrap() <= d["keep"].as_u64().unwrap(), "{d}");
+        assert_eq!(d["keep"].as_u64().unwrap(), d["of"].as_u64().unwrap() / 3, "{d}");
+    }
+
+    // A trial trained to the end through its rungs is the same job as the plain run of its
+    // config, with the same series and weights: rungs are state, not identity.
+    let plain = write(dir.path(), "plain.yaml", SEARCH.split("    search:").next().unwrap());
+    let reference = dir.path().join("reference");
+    run_ok(&reference, &plain);
+    assert_eq!(job_ids(&reference, &plain), ids, "the same jobs");
+    assert_eq!(snapshot(&store, &finished), snapshot(&reference, &finished));
+    assert_eq!(weights(&store, &finished), weights(&reference, &finished));
+    // And that plain run on the search's store trains the pruned trials on from their rungs.
+    let again = run_ok(&store, &plain);
+    assert!(again.contains("resumed train"), "{again}");
+}
+
+#[test]
+fn a_search_killed_at_random_moments_records_the_same_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "search.yaml", SEARCH);
+    let whole = dir.path().join("whole");
+    run_ok(&whole, &file);
+    let expected = decisions(&whole);
+
+    let store = dir.path().join("results");
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut kills = 0;
+    for _ in 0..10 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let mut child = cmd(&store)
+            .arg("run")
+            .arg(&file)
+            .args(["-j", "1"])
+            .env("XLAB_NO_LIVE", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400 + state % 1200));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert!(kills >= 5, "the search ended after {kills} kills");
+    run_ok(&store, &file);
+    assert_eq!(decisions(&store), expected, "the same decisions in the same order, after {kills} kills");
+    let ids = job_ids(&store, &file);
+    assert_eq!(snapshot(&store, &ids), snapshot(&whole, &ids));
+}
+
+#[test]
+fn search_mistakes_are_refused_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    for (change, says) in [
+        ("reduction: 3", "reduction: 1", "`reduction` is η"),
+        ("min_epochs: 1", "min_epochs: 10", "`min_epochs` is the first rung: from 1 to the stage's `epochs` (9)"),
+        ("algorithm: asha", "algorithm: bohb", "unknown variant `bohb`"),
+        ("algorithm: asha", "algorithm: tpe", "`tpe` is not available yet"),
+        ("metric: val.loss", "metric: loss", "`loss` is not a metric trials log at every epoch"),
+        ("      reduction: 3\n", "      reduction: 3\n      patience: 2\n", "unknown field `patience`"),
+    ]
+    .map(|(a, b, c)| ((a, b), c))
+    {
+        let f = write(dir.path(), "bad.yaml", &SEARCH.replace(change.0, change.1));
+        let out = cmd(&store).arg("validate").arg(&f).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", change.1);
+        assert!(err.contains(says), "{}: {err}", change.1);
+        assert!(err.contains("bad.yaml:"), "at its line: {err}");
+    }
+    let swept = write(
+        dir.path(),
+        "epochs.yaml",
+        &SEARCH.replace("      optimizer.lr: [", "      epochs: [3, 9]\n      optimizer.lr: ["),
+    );
+    let out = cmd(&store).arg("validate").arg(&swept).output().unwrap();
+    assert!(text(&out.stderr).contains("share one budget"), "{}", text(&out.stderr));
+}
