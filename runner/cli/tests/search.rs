@@ -90,6 +90,9 @@ fn asha_pauses_promotes_from_checkpoints_prunes_and_records_every_decision() {
             }
             other => panic!("{id} is {other}"),
         }
+        // `xlab show` of a trial lists the decisions about it.
+        let ours = v["decisions"].as_array().unwrap();
+        assert!(!ours.is_empty() && ours.iter().all(|d| d["trial"] == id.as_str()), "{id}: {ours:?}");
         // A promoted trial continues from its checkpoint: one attempt per rung it ran towards.
         let promoted = log.iter().filter(|d| d["kind"] == "promote" && d["trial"] == id.as_str()).count();
         let tried = attempts(&store, id);

@@ -23,12 +23,25 @@ pub fn show(cli: &Cli, args: &ShowArgs) -> Result<u8, Failure> {
     let store = existing_store(&cli.store)?;
     let rec = find_job(&store, job)?;
     let series = store.metrics_of(&rec.id)?;
+    // A search's trial: the decisions about it (`xlab search-log` has the whole search).
+    let decisions: Vec<xlab_store::Decision> =
+        store.decisions(&rec.experiment, &rec.stage)?.into_iter().filter(|d| d.trial == rec.id).collect();
     if *json {
         let mut v = serde_json::to_value(&rec).expect("json");
         v["metrics"] = serde_json::to_value(xlab_proto::floats::Floats::to_repr(&series)).expect("json");
+        if !decisions.is_empty() {
+            v["decisions"] = serde_json::to_value(&decisions).expect("json");
+        }
         outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
     } else {
         out!("{}", show::summary(&store, &rec, &series));
+        if !decisions.is_empty() {
+            outln!("search decisions (`xlab search-log {}` has the whole search):", rec.experiment);
+            let label = crate::commands::search::label_of(&rec);
+            for d in &decisions {
+                outln!("  {:>4}  {}", d.seq, crate::commands::search::describe(d, &label));
+            }
+        }
     }
     Ok(0)
 }
