@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{attempts, cmd, job_ids, snapshot};
+use common::{attempts, cmd, job_ids, snapshot, text};
 
 /// A 64 MiB tmpfs mounted for one test, unmounted when dropped.
 struct SmallDisk {
@@ -70,10 +70,6 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
-}
-
-fn text(o: &[u8]) -> String {
-    String::from_utf8_lossy(o).into_owned()
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {

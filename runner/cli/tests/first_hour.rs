@@ -6,11 +6,7 @@ use std::path::Path;
 use std::process::Output;
 
 mod common;
-use common::cmd;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{cmd, text};
 
 fn ok(out: Output) -> String {
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));

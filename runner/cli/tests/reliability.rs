@@ -5,14 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{attempts, cmd, job_ids};
-
-fn text(o: &[u8]) -> String {
-    String::from_utf8_lossy(o).into_owned()
-}
+use common::{attempts, cmd, job_ids, text, wait_for};
 
 /// A copy of the fixture plugin beside the experiment file, named as the file's `plugins:` does.
 fn with_fixture(dir: &Path) {
@@ -31,14 +27,6 @@ fn show(store: &Path, id: &str) -> serde_json::Value {
     let out = cmd(store).args(["show", id, "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ready() {
-        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 const ODD: &str = r#"

@@ -2,16 +2,12 @@
 //! pause), promotes the best by continuing from there, prunes the rest, and records every
 //! decision before acting on it. Real coordinator, worker processes and store.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 mod common;
-use common::{attempts, cmd, job_ids, snapshot, weights};
-
-fn text(o: &[u8]) -> String {
-    String::from_utf8_lossy(o).into_owned()
-}
+use common::{attempts, cmd, job_ids, snapshot, text, weights, write_file};
 
 /// Nine learning rates, 9 epochs each; rungs at 1, 3 and 9 epochs with η = 3.
 const SEARCH: &str = r#"name: asha
@@ -35,12 +31,6 @@ stages:
       reduction: 3
 "#;
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let f = dir.join(name);
-    std::fs::write(&f, text).unwrap();
-    f
-}
-
 fn run_ok(store: &Path, file: &Path) -> String {
     let out = cmd(store).arg("run").arg(file).args(["-j", "1"]).env("XLAB_NO_LIVE", "1").output().unwrap();
     let err = text(&out.stderr);
@@ -57,7 +47,7 @@ fn decisions(store: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn asha_pauses_promotes_from_checkpoints_prunes_and_records_every_decision() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "search.yaml", SEARCH);
+    let file = write_file(dir.path(), "search.yaml", SEARCH);
     let store = dir.path().join("results");
     let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
     assert!(
@@ -108,7 +98,7 @@ fn asha_pauses_promotes_from_checkpoints_prunes_and_records_every_decision() {
 
     // A trial trained to the end through its rungs is the same job as the plain run of its
     // config, with the same series and weights: rungs are state, not identity.
-    let plain = write(dir.path(), "plain.yaml", SEARCH.split("    search:").next().unwrap());
+    let plain = write_file(dir.path(), "plain.yaml", SEARCH.split("    search:").next().unwrap());
     let reference = dir.path().join("reference");
     run_ok(&reference, &plain);
     assert_eq!(job_ids(&reference, &plain), ids, "the same jobs");
@@ -122,7 +112,8 @@ fn asha_pauses_promotes_from_checkpoints_prunes_and_records_every_decision() {
 #[test]
 fn a_search_killed_at_random_moments_records_the_same_decisions() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "search.yaml", SEARCH);
+    // Four times the data of the other tests: long enough a search that 10 kills land in it.
+    let file = write_file(dir.path(), "search.yaml", &SEARCH.replace("n_train: 1000", "n_train: 4000"));
     let whole = dir.path().join("whole");
     run_ok(&whole, &file);
     let expected = decisions(&whole);
@@ -172,14 +163,14 @@ fn search_mistakes_are_refused_at_their_line() {
     ]
     .map(|(a, b, c)| ((a, b), c))
     {
-        let f = write(dir.path(), "bad.yaml", &SEARCH.replace(change.0, change.1));
+        let f = write_file(dir.path(), "bad.yaml", &SEARCH.replace(change.0, change.1));
         let out = cmd(&store).arg("validate").arg(&f).output().unwrap();
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{}: {err}", change.1);
         assert!(err.contains(says), "{}: {err}", change.1);
         assert!(err.contains("bad.yaml:"), "at its line: {err}");
     }
-    let swept = write(
+    let swept = write_file(
         dir.path(),
         "epochs.yaml",
         &SEARCH.replace("      optimizer.lr: [", "      epochs: [3, 9]\n      optimizer.lr: ["),

@@ -5,24 +5,12 @@
 //! with SIGKILL at any moment loses nothing. Real coordinator and worker processes, a real sled
 //! store.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{attempts, cmd, job_ids, snapshot, weights};
-
-fn text(o: &[u8]) -> String {
-    String::from_utf8_lossy(o).into_owned()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ready() {
-        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{attempts, cmd, job_ids, snapshot, text, wait_for, weights, write_file};
 
 /// A run started by a test, killed if the test ends first (a failed assertion).
 struct Run(Option<Child>);
@@ -76,12 +64,6 @@ impl Run {
     }
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, text).unwrap();
-    file
-}
-
 /// Jobs that each hold a slot for a while without training.
 fn sleepers(name: &str, seeds: u32, sleep_s: f64) -> String {
     format!(
@@ -128,8 +110,8 @@ fn a_second_experiment_joins_the_owners_pool_and_both_finish() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("results");
     // Different naps: a job's identity is its config and seed, not its experiment's name.
-    let a = write(dir.path(), "a", &sleepers("a", 5, 1.0));
-    let b = write(dir.path(), "b", &sleepers("b", 4, 0.9));
+    let a = write_file(dir.path(), "a.yaml", &sleepers("a", 5, 1.0));
+    let b = write_file(dir.path(), "b.yaml", &sleepers("b", 4, 0.9));
     let mut owner = Run::start(&store, &a);
     wait_for("the owner's socket", Duration::from_secs(60), || store.join("xlab.sock").exists());
     let mut guest = Run::start(&store, &b);
@@ -188,8 +170,8 @@ fn a_second_experiment_joins_the_owners_pool_and_both_finish() {
 fn ctrl_c_stops_only_its_own_run_and_the_same_file_twice_runs_each_job_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("results");
-    let a = write(dir.path(), "a", &trainers("a", 0.05, 150));
-    let b = write(dir.path(), "b", &trainers("b", 0.02, 150));
+    let a = write_file(dir.path(), "a.yaml", &trainers("a", 0.05, 150));
+    let b = write_file(dir.path(), "b.yaml", &trainers("b", 0.02, 150));
     let owner = Run::start(&store, &a);
     wait_for("the owner's socket", Duration::from_secs(60), || store.join("xlab.sock").exists());
 
@@ -235,8 +217,8 @@ fn ctrl_c_stops_only_its_own_run_and_the_same_file_twice_runs_each_job_once() {
 #[test]
 fn the_owner_killed_at_random_moments_loses_nothing_of_either_experiment() {
     let dir = tempfile::tempdir().unwrap();
-    let a = write(dir.path(), "a", &trainers("a", 0.05, 400));
-    let b = write(dir.path(), "b", &trainers("b", 0.02, 400));
+    let a = write_file(dir.path(), "a.yaml", &trainers("a", 0.05, 400));
+    let b = write_file(dir.path(), "b.yaml", &trainers("b", 0.02, 400));
     let reference = dir.path().join("reference");
     for f in [&a, &b] {
         let out = cmd(&reference).arg("run").arg(f).arg("-j2").env("XLAB_NO_LIVE", "1").output().unwrap();
@@ -308,8 +290,8 @@ fn the_owner_killed_at_random_moments_loses_nothing_of_either_experiment() {
 fn a_killed_joined_run_frees_its_slots_and_resumes_when_run_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("results");
-    let a = write(dir.path(), "a", &sleepers("a", 3, 2.0));
-    let b = write(dir.path(), "b", &trainers("b", 0.02, 300));
+    let a = write_file(dir.path(), "a.yaml", &sleepers("a", 3, 2.0));
+    let b = write_file(dir.path(), "b.yaml", &trainers("b", 0.02, 300));
     let owner = Run::start(&store, &a);
     wait_for("the owner's socket", Duration::from_secs(60), || store.join("xlab.sock").exists());
     let guest = Run::start(&store, &b);

@@ -368,14 +368,6 @@ impl Joined {
     pub fn members(&self) -> Result<Vec<Member>, String> {
         serde_json::from_value(call(&self.store, Call::Members)?).map_err(|e| e.to_string())
     }
-
-    pub fn describe(&self) -> &str {
-        &self.describe
-    }
-
-    pub fn never_fits(&self, need: Need) -> Option<String> {
-        Pool::new(self.slots.clone()).never_fits(need)
-    }
 }
 
 fn call(store: &RemoteStore, c: Call) -> Result<serde_json::Value, String> {

@@ -237,6 +237,7 @@ impl<'p> Machine<'p> {
         let jobs: Vec<&Job> = plan.jobs().collect();
         assert_eq!(jobs.len(), records.len(), "one record per job");
         let index = jobs.iter().enumerate().map(|(i, j)| (j.id.as_str(), i)).collect();
+        let elsewhere: std::collections::HashSet<usize> = elsewhere.iter().copied().collect();
         let mut m = Machine {
             report: RunReport { total: jobs.len(), ..Default::default() },
             jobs,
@@ -867,7 +868,6 @@ impl<'p> Machine<'p> {
                     self.actions.push(Action::Tell(Told::Failed { job: i, cause: FailureCause::Error, message: m }));
                 }
             },
-
             Err((FailureCause::Cancelled, message)) => {
                 rec.status = JobStatus::Interrupted;
                 self.report.stopped += 1;

@@ -292,17 +292,20 @@ pub fn run(
             .filter(|r| r.status != JobStatus::Done || opts.rerun.contains(r.id.as_str()))
             .map(|r| r.id.clone())
             .collect();
-        let held =
-            peers.claim(&wanted).map_err(|e| SchedError::Io(format!("cannot claim jobs from the owner: {e}")))?;
-        elsewhere =
-            jobs.iter().enumerate().filter(|(_, j)| held.iter().any(|h| h == j.id.as_str())).map(|(i, _)| i).collect();
+        let held: std::collections::HashSet<String> = peers
+            .claim(&wanted)
+            .map_err(|e| SchedError::Io(format!("cannot claim jobs from the owner: {e}")))?
+            .into_iter()
+            .collect();
+        elsewhere = jobs.iter().enumerate().filter(|(_, j)| held.contains(j.id.as_str())).map(|(i, _)| i).collect();
     }
+    let held_elsewhere: std::collections::HashSet<usize> = elsewhere.iter().copied().collect();
 
     let mut records: Vec<JobRecord> = Vec::with_capacity(jobs.len());
     // Jobs an earlier run left in Slurm: (index, Slurm id), followed again rather than resubmitted.
     let mut reattach: Vec<(usize, String)> = Vec::new();
     for ((i, job), mut rec) in jobs.iter().enumerate().zip(stored) {
-        if elsewhere.contains(&i) {
+        if held_elsewhere.contains(&i) {
             records.push(rec);
             continue;
         }
@@ -385,6 +388,7 @@ pub fn run(
             })
         });
         let carry = |m: &mut Machine<'_>, observe: &mut dyn FnMut(Progress<'_>)| {
+            let mut decided = false;
             for action in m.drain() {
                 match action {
                     Action::Save(rec) => {
@@ -398,12 +402,18 @@ pub fn run(
                     Action::Cancel { slurm } => SlurmExec::cancel(&slurm),
                     Action::Tell(told) => tell(&jobs, told, observe),
                     Action::Decide(d) => {
-                        // Durable before the decision is acted on: a run started again after a
-                        // kill rebuilds the search from these and never contradicts one.
-                        if let Err(e) = store.put_decision(&d).and_then(|()| store.flush()) {
+                        decided = true;
+                        if let Err(e) = store.put_decision(&d) {
                             tracing::error!("cannot record a decision of the search of stage `{}`: {e}", d.stage);
                         }
                     }
+                }
+            }
+            // Durable before any decision is acted on (the caller starts jobs after this): a run
+            // started again after a kill rebuilds the search from them and never contradicts one.
+            if decided {
+                if let Err(e) = store.flush() {
+                    tracing::error!("cannot make the search's decisions durable: {e}");
                 }
             }
         };

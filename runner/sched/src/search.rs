@@ -249,7 +249,7 @@ impl Asha {
         at
     }
 
-    fn decision(&mut self, kind: DecisionKind, t: usize, trial: &str, k: usize) -> Decision {
+    fn decision(&mut self, kind: DecisionKind, trial: &str, k: usize) -> Decision {
         let d = Decision {
             experiment: self.experiment.clone(),
             stage: self.stage.clone(),
@@ -264,7 +264,6 @@ impl Asha {
             keep: None,
         };
         self.seq += 1;
-        let _ = t;
         d
     }
 
@@ -301,7 +300,7 @@ impl Asha {
             return None;
         }
         if let Some(p) = self.promotion() {
-            let mut d = self.decision(DecisionKind::Promote, p.trial, &id(p.trial), p.rung);
+            let mut d = self.decision(DecisionKind::Promote, &id(p.trial), p.rung);
             d.value = Some(p.value);
             d.rank = Some(p.rank);
             d.of = Some(p.of);
@@ -312,7 +311,7 @@ impl Asha {
             return Some((p.trial, d));
         }
         let t = self.fresh.pop_front()?;
-        let d = self.decision(DecisionKind::Start, t, &id(t), 0);
+        let d = self.decision(DecisionKind::Start, &id(t), 0);
         self.started.insert(t);
         self.heading.insert(t, 0);
         Some((t, d))
@@ -333,15 +332,22 @@ impl Asha {
             return Vec::new();
         }
         let mut out = Vec::new();
+        // Each rung's ranks once (trial → rank, and how many reached it), however many trials
+        // are pruned there.
+        let mut ranks: HashMap<usize, (HashMap<usize, u32>, usize)> = HashMap::new();
         for t in std::mem::take(&mut self.paused) {
             let k = self.results.get(&t).map_or(0, Vec::len).saturating_sub(1);
-            let ranking = self.ranking(k);
-            let rank = ranking.iter().position(|(r, _)| *r == t).map(|p| p as u32 + 1);
-            let mut d = self.decision(DecisionKind::Prune, t, &id(t), k);
+            let (rank_of, of) = ranks.entry(k).or_insert_with(|| {
+                let ranking = self.ranking(k);
+                let n = ranking.len();
+                (ranking.into_iter().enumerate().map(|(p, (r, _))| (r, p as u32 + 1)).collect(), n)
+            });
+            let (rank, of) = (rank_of.get(&t).copied(), *of);
+            let mut d = self.decision(DecisionKind::Prune, &id(t), k);
             d.value = self.results.get(&t).and_then(|r| r.get(k)).copied();
             d.rank = rank;
-            d.of = Some(ranking.len() as u32);
-            d.keep = Some((ranking.len() / self.spec.reduction as usize) as u32);
+            d.of = Some(of as u32);
+            d.keep = Some((of / self.spec.reduction as usize) as u32);
             self.pruned.insert(t);
             out.push((t, d));
         }

@@ -242,30 +242,27 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             let pool = xlab_sched::build_pool(&how.pool(), &xlab_sched::detect_gpus())
                 .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
             let placed = xlab_sched::check_placement(&plan, &pool);
-            if let Err(e) = placed {
+            if let Err(e) = &placed {
                 if std::os::unix::net::UnixStream::connect(xlab_store::live::socket_path(&cli.store)).is_err() {
-                    return Err(Failure { code: exit::USER, error: anyhow::anyhow!(e) });
+                    return Err(Failure { code: exit::USER, error: anyhow::anyhow!(e.clone()) });
                 }
             }
-            Some(pool)
+            Some((pool, placed))
         }
     };
     // The store, ours or (while another run owns it) shared with that run; see `xlab_sched::hub`.
-    let opened = match open_or_join(&cli.store)? {
-        Owning::Own(store) => Owning::Own(store),
-        Owning::Join(remote) if slurm_wanted.is_some() => {
-            let (pid, command) = remote.owner();
-            return Err(Failure {
-                code: exit::ENVIRONMENT,
-                error: anyhow::anyhow!(
-                    "the store {} is in use by pid {pid} ({command}); a run that submits to Slurm cannot join it\n  hint: \
-                     wait for it to finish, or use another store with --store DIR",
-                    cli.store.display()
-                ),
-            });
-        }
-        Owning::Join(remote) => Owning::Join(remote),
-    };
+    let opened = open_or_join(&cli.store)?;
+    if let (Owning::Join(remote), Some(_)) = (&opened, &slurm_wanted) {
+        let (pid, command) = remote.owner();
+        return Err(Failure {
+            code: exit::ENVIRONMENT,
+            error: anyhow::anyhow!(
+                "the store {} is in use by pid {pid} ({command}); a run that submits to Slurm cannot join it\n  hint: \
+                 wait for it to finish, or use another store with --store DIR",
+                cli.store.display()
+            ),
+        });
+    }
     // The owner's pool is the hub's, shared with the runs that join it later.
     let (slots, slurm, joined, hub): (Box<dyn xlab_sched::Slots>, _, _, _) = match (&opened, slurm_wanted) {
         (Owning::Own(_), Some(settings)) => {
@@ -274,9 +271,9 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             (Box::new(xlab_sched::Pool::new(Vec::new())), Some(s), None, None)
         }
         (Owning::Own(_), None) => {
-            let pool = local.expect("a local pool without Slurm");
-            xlab_sched::check_placement(&plan, &pool)
-                .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
+            // Checked above; refused here when the run that owned the store has ended since.
+            let (pool, placed) = local.expect("a local pool without Slurm");
+            placed.map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
             let hub = xlab_sched::hub::Hub::new(pool, &plan.name);
             (hub.slots(), None, None, Some(hub))
         }

@@ -1,10 +1,33 @@
 //! What the integration tests share: the built `xlab`, a command on a store, the setup's Python,
-//! and the files under a folder.
+//! the files under a folder, a command's output as text, waiting for a condition and writing a
+//! test's files.
 
 #![allow(dead_code)] // each test file uses some of these
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A command's output as text.
+pub fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+/// Waits (polling every 20 ms) until `ready`, failing the test after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes `text` to `dir/name` and returns its path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    file
+}
 
 pub fn xlab() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xlab"))
