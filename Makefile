@@ -15,17 +15,19 @@ RELEASE := --release
 # scikit-learn brings the handwritten digits (`data: {name: digits}`) as a file in its package,
 # read offline by the worker; diffusers is the reference the sampler tests compare against, and
 # gco-wrapper (gco-v3.0's graph cuts, which Co-Mixup's reference code calls) the one the
-# Co-Mixup tests compare against.
+# Co-Mixup tests compare against; Optuna the one xlab's TPE is checked against.
 SKLEARN_VERSION := 1.7.2
 DIFFUSERS_VERSION := 0.35.2
 GCO_VERSION := 3.0.9
-PY_DEPS := $(VENV)/.deps-sklearn-$(SKLEARN_VERSION)-diffusers-$(DIFFUSERS_VERSION)-gco-$(GCO_VERSION)
+OPTUNA_VERSION := 5.1.0
+PY_DEPS := $(VENV)/.deps-sklearn-$(SKLEARN_VERSION)-diffusers-$(DIFFUSERS_VERSION)-gco-$(GCO_VERSION)-optuna-$(OPTUNA_VERSION)
 
 setup: $(VENV)/torch/lib/libtorch_cpu.so $(PY_DEPS)
 
 $(PY_DEPS): $(VENV)/torch/lib/libtorch_cpu.so
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q \
-	  scikit-learn==$(SKLEARN_VERSION) diffusers==$(DIFFUSERS_VERSION) gco-wrapper==$(GCO_VERSION)
+	  scikit-learn==$(SKLEARN_VERSION) diffusers==$(DIFFUSERS_VERSION) gco-wrapper==$(GCO_VERSION) \
+	  optuna==$(OPTUNA_VERSION)
 	@touch $@
 
 $(VENV)/torch/lib/libtorch_cpu.so:

@@ -10,6 +10,7 @@ mod run;
 pub mod search;
 pub mod slurm;
 pub mod spawn;
+pub mod tpe;
 mod writer;
 
 pub use pool::{build_pool, detect_gpus, Devices, Gpu, Held, Need, Pool, PoolRequest, Slot, Slots};
