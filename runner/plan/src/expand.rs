@@ -6,8 +6,8 @@ use crate::error::did_you_mean;
 use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Seeds, Select, CONFIG_KEYS};
 use crate::identity::{content_config, job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
 use crate::sweep::{
-    check_key, check_size, grid_factor, leaves, product, random_factor, zip_factor, Change, Factor, Point,
-    MAX_STAGE_JOBS,
+    check_key, check_size, grid_factor, leaves, product, random_factor, random_space, zip_factor, Change, Dist,
+    Factor, Point, MAX_STAGE_JOBS,
 };
 use crate::SpecError;
 use indexmap::IndexMap;
@@ -69,6 +69,9 @@ pub struct StagePlan {
     pub jobs: Vec<Job>,
     /// The adaptive search over its jobs (its trials), if it has `search:`.
     pub search: Option<Search>,
+    /// How to make a trial of a TPE search, whose jobs are proposed as it runs (`jobs` is then
+    /// empty in the file's plan).
+    pub template: Option<TrialTemplate>,
 }
 
 /// An adaptive search of a stage (`search:`), checked: every trial trains for `rungs`' last
@@ -80,11 +83,40 @@ pub struct Search {
     pub mode: Mode,
     /// η.
     pub reduction: u32,
-    /// The epochs of the rungs, increasing; the last is the full budget.
+    /// The epochs of the rungs, increasing; the last is the full budget. A search without
+    /// early stopping (TPE alone) has only that one.
     pub rungs: Vec<u64>,
+    /// TPE's proposals, when it proposes the trials (`algorithm: tpe`).
+    pub tpe: Option<TpeSearch>,
+}
+
+/// `algorithm: tpe`: how many trials, how many drawn at random first, the seed, and the space
+/// (the distributions of `random:`, by key in name order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TpeSearch {
+    pub trials: u32,
+    pub startup: u32,
+    pub seed: u64,
+    pub space: Vec<(String, Dist)>,
+}
+
+/// What a stage whose trials are proposed as it runs (TPE) needs to make one: the stage's
+/// config before its sweep, its seed and execution settings, and the plugins it resolved.
+#[derive(Debug, Clone)]
+pub struct TrialTemplate {
+    base: Value,
+    seed: u64,
+    exec: Exec,
+    extra: Vec<PathBuf>,
+    registry: Option<xlab_proto::plugins::Registry>,
 }
 
 impl Search {
+    /// How many trials it runs, of the stage's `jobs` (the points of its sweep) or proposed.
+    pub fn trials(&self, jobs: usize) -> usize {
+        self.tpe.as_ref().map_or(jobs, |t| t.trials as usize)
+    }
+
     /// Epochs if every trial trained to the end (the exhaustive sweep), and at most what
     /// successive halving spends: each rung's best 1/η go on from the rung before.
     pub fn budget(&self, trials: usize) -> (u64, u64) {
@@ -107,18 +139,60 @@ impl Search {
 /// rank trials by.
 const SEARCH_METRIC_PREFIXES: [&str; 3] = ["val.", "train.", "test."];
 
-/// Checks `search:` of stage `ctx` against its jobs.
-fn check_search(file: &Path, ctx: &str, s: &crate::file::SearchFile, jobs: &[Job]) -> Result<Search, SpecError> {
+/// Checks `search:` of stage `ctx` against its jobs (for TPE, the probes of its space) and its
+/// `random:` distributions.
+fn check_search(
+    file: &Path,
+    ctx: &str,
+    s: &crate::file::SearchFile,
+    jobs: &[Job],
+    random: Option<&crate::file::RandomSweep>,
+) -> Result<Search, SpecError> {
     use crate::file::Algorithm;
     let here = format!("{ctx}.search");
     let err = |key: &str, m: String| SpecError::new(file, m).context(here.clone()).key(key);
-    match s.algorithm {
-        Algorithm::Asha => {}
-        Algorithm::Hyperband | Algorithm::Tpe => {
-            return Err(err("algorithm", format!("`{}` is not available yet in this xlab", s.algorithm.as_str()))
-                .hint("use `algorithm: asha`"))
+    let tpe_keys = [("trials", s.trials.is_some()), ("startup", s.startup.is_some()), ("seed", s.seed.is_some())];
+    let tpe = match s.algorithm {
+        Algorithm::Asha => {
+            if let Some((k, _)) = tpe_keys.iter().chain(&[("stopping", s.stopping.is_some())]).find(|(_, set)| *set) {
+                return Err(err(k, format!("`{k}` is TPE's; ASHA's trials are the points of the stage's sweep"))
+                    .hint("remove it, or use `algorithm: tpe` over distributions in `random:`"));
+            }
+            None
         }
-    }
+        Algorithm::Hyperband => {
+            return Err(err("algorithm", "`hyperband` is not available yet in this xlab".into())
+                .hint("use `algorithm: asha`, or `algorithm: tpe` with `stopping: asha`"))
+        }
+        Algorithm::Tpe => {
+            let Some(trials) = s.trials else {
+                return Err(err("algorithm", "TPE needs `trials`: how many points it proposes in all".into())
+                    .hint("add e.g. `trials: 32`"));
+            };
+            if trials == 0 || u64::from(trials) > MAX_STAGE_JOBS {
+                return Err(err("trials", format!("`trials` must be from 1 to {MAX_STAGE_JOBS}, got {trials}")));
+            }
+            let startup = s.startup.unwrap_or(10);
+            if startup == 0 {
+                return Err(err("startup", "`startup` must be at least 1: TPE models results it has".into())
+                    .hint("the first `startup` trials are drawn at random (default 10)"));
+            }
+            if s.stopping.is_none() {
+                if let Some(k) = [("min_epochs", s.min_epochs.is_some()), ("reduction", s.reduction.is_some())]
+                    .iter()
+                    .find_map(|(k, set)| set.then_some(*k))
+                {
+                    return Err(err(k, format!("`{k}` shapes early stopping, which this TPE search has none of"))
+                        .hint("add `stopping: asha` to stop poor trials early, or remove it"));
+                }
+            }
+            let random = random.expect("a TPE stage has `random:` (checked before its jobs)");
+            let mut space = random_space(random)
+                .map_err(|(m, h)| SpecError::new(file, m).context(format!("{ctx}.random")).hint(h))?;
+            space.sort_by(|a, b| a.0.cmp(&b.0));
+            Some(TpeSearch { trials, startup, seed: s.seed.unwrap_or(0), space })
+        }
+    };
     if !SEARCH_METRIC_PREFIXES.iter().any(|p| s.metric.starts_with(p)) || s.metric.contains(' ') {
         return Err(err("metric", format!("`{}` is not a metric trials log at every epoch", s.metric))
             .hint("rank by a `val.` metric such as `val.acc`, `val.loss` or `val.worst_group_acc`"));
@@ -164,13 +238,14 @@ fn check_search(file: &Path, ctx: &str, s: &crate::file::SearchFile, jobs: &[Job
         ));
     }
     let mut rungs = Vec::new();
+    let stops_early = tpe.is_none() || s.stopping.is_some();
     let mut r = min;
-    while r < epochs {
+    while stops_early && r < epochs {
         rungs.push(r);
         r = r.saturating_mul(u64::from(reduction));
     }
     rungs.push(epochs);
-    Ok(Search { algorithm: s.algorithm, metric: s.metric.clone(), mode: s.mode, reduction, rungs })
+    Ok(Search { algorithm: s.algorithm, metric: s.metric.clone(), mode: s.mode, reduction, rungs, tpe })
 }
 
 /// One job: a stage at one sweep point and one seed.
@@ -518,6 +593,24 @@ pub fn expand(
         }
         let mut base = defaults.clone();
         merge_part(file, &ctx, &mut base, &stage.config_part())?;
+        let tpe = stage.search.as_ref().is_some_and(|s| s.algorithm == crate::file::Algorithm::Tpe);
+        if tpe {
+            check_tpe_stage(file, &ctx, stage)?;
+        }
+        if let Some((parent, _)) = &needs {
+            let proposed = exp.stages[parent.as_str()]
+                .search
+                .as_ref()
+                .is_some_and(|s| s.algorithm == crate::file::Algorithm::Tpe);
+            if proposed {
+                return Err(SpecError::new(
+                    file,
+                    format!("`{parent}` is a TPE search, whose trials are only known as it runs: a stage cannot need it"),
+                )
+                .context(format!("{ctx}.needs"))
+                .hint("run the best trial's config (`xlab search-log`, `xlab show`) in a stage of its own"));
+            }
+        }
 
         let mut factors: Vec<Factor> = Vec::new();
         for (key, values) in &stage.grid {
@@ -531,9 +624,12 @@ pub fn expand(
             factors.push(zip_factor(&keys).map_err(|m| SpecError::new(file, m).context(format!("{ctx}.zip")))?);
         }
         if let Some(r) = &stage.random {
-            factors.push(
-                random_factor(r).map_err(|(m, h)| SpecError::new(file, m).context(format!("{ctx}.random")).hint(h))?,
-            );
+            let factor = if tpe {
+                random_space(r).map(|space| crate::sweep::probe_factor(&space))
+            } else {
+                random_factor(r)
+            };
+            factors.push(factor.map_err(|(m, h)| SpecError::new(file, m).context(format!("{ctx}.random")).hint(h))?);
         }
         if !stage.variants.is_empty() {
             let mut alternatives = Vec::new();
@@ -895,11 +991,26 @@ pub fn expand(
             }
         }
         let search = match &stage.search {
-            Some(s) => Some(check_search(file, &ctx, s, &jobs)?),
+            Some(s) => Some(check_search(file, &ctx, s, &jobs, stage.random.as_ref())?),
             None => None,
         };
+        // A TPE stage's jobs so far are the probes of its space, checked like any job; its
+        // trials are made from the template as it proposes them.
+        let mut template = None;
+        if tpe {
+            for j in &jobs {
+                seen.remove(&j.id);
+            }
+            let registry = if jobs.iter().any(|j| !j.plugins.is_empty()) {
+                Some(plugins.registry(&extra).map_err(|m| SpecError::new(file, m).context(ctx.clone()))?.clone())
+            } else {
+                None
+            };
+            template = Some(TrialTemplate { base: base.clone(), seed: seeds[0], exec: exec.clone(), extra: extra.clone(), registry });
+            jobs.clear();
+        }
         expanded.insert(stage_name.clone(), jobs.clone());
-        stages.push(StagePlan { name: stage_name.clone(), needs, sweep_keys, jobs, search });
+        stages.push(StagePlan { name: stage_name.clone(), needs, sweep_keys, jobs, search, template });
     }
     if exp.max_parallel == Some(0) {
         return Err(SpecError::new(file, "`max_parallel` must be at least 1").key("max_parallel"));
@@ -948,6 +1059,102 @@ pub fn expand(
         }
     };
     Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages, max_parallel: exp.max_parallel, executor })
+}
+
+/// What a TPE stage cannot have: TPE proposes points from the distributions of `random:`, one
+/// job (one seed) per trial, in a stage of its own.
+fn check_tpe_stage(file: &Path, ctx: &str, stage: &crate::file::StageFile) -> Result<(), SpecError> {
+    let grid_hint = "write the keys under `random:` as distributions (uniform, loguniform, int, choice), or use \
+                     `algorithm: asha` over the grid";
+    if let Some((key, _)) = [("grid", !stage.grid.is_empty()), ("zip", !stage.zip.is_empty()), ("variants", !stage.variants.is_empty())]
+        .into_iter()
+        .find(|(_, set)| *set)
+    {
+        return Err(SpecError::new(file, format!("TPE proposes points from distributions, not from a `{key}:`"))
+            .context(ctx.to_string())
+            .key(key)
+            .hint(grid_hint));
+    }
+    let Some(r) = &stage.random else {
+        return Err(SpecError::new(file, "TPE proposes points from the distributions of `random:`, and this stage has none")
+            .context(format!("{ctx}.search"))
+            .key("algorithm")
+            .hint("add e.g. `random: {optimizer.lr: loguniform(1e-4, 1e-1)}`"));
+    };
+    if r.samples.is_some() {
+        return Err(SpecError::new(file, "`random.samples` does not apply under TPE: `search.trials` is how many points it tries")
+            .context(format!("{ctx}.random"))
+            .key("samples")
+            .hint("remove `samples`"));
+    }
+    if stage.needs.is_some() {
+        return Err(SpecError::new(file, "a TPE search runs in a stage of its own, without `needs:`")
+            .context(format!("{ctx}.needs"))
+            .hint("move the search to a stage that trains from scratch"));
+    }
+    let seeds = match &stage.seeds {
+        Some(Seeds::Count(n)) => *n,
+        Some(Seeds::List(v)) => v.len() as u64,
+        None => 1,
+    };
+    if seeds != 1 {
+        return Err(SpecError::new(file, format!("TPE proposes one job per trial, but `seeds` gives {seeds}"))
+            .context(format!("{ctx}.seeds"))
+            .hint("use one seed (`seeds: 1` or `seeds: [N]`), and run more seeds of the best trial in a stage of their own"));
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// Makes a trial of TPE stage `stage` at `point` (its keys set to the values TPE proposed):
+    /// resolved, checked and identified as the same point of a `grid:` would be.
+    pub fn make_trial(&self, stage: &str, point: &[(String, Value)]) -> Result<Job, SpecError> {
+        let file = self.file.as_path();
+        let t = self
+            .stages
+            .iter()
+            .find(|s| s.name == stage)
+            .and_then(|s| s.template.as_ref())
+            .ok_or_else(|| SpecError::new(file, format!("stage `{stage}` does not propose trials")))?;
+        let labels: Vec<String> = point.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let ctx = format!("stages.{stage} [{}]", labels.join(", "));
+        let mut cfg = t.base.clone();
+        for (k, v) in point {
+            set_dotted(&mut cfg, k, v.clone()).map_err(|m| SpecError::new(file, m).context(ctx.clone()))?;
+        }
+        let mut registry = t.registry.clone();
+        let source: &mut dyn PluginSource = match &mut registry {
+            Some(r) => r,
+            None => &mut NoPlugins,
+        };
+        let Resolved { config, config_json, used } = resolve_job_config(file, &ctx, cfg, false, source, &t.extra)?;
+        check_sampling(&config, None, &[]).map_err(|(key, message, hint)| {
+            key.split('.').fold(SpecError::new(file, message).context(ctx.clone()), |e, k| e.key(k)).hint(hint)
+        })?;
+        let refs: Vec<PluginRef> =
+            used.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
+        let id = job_id(&IdentityInput {
+            config: &content_config(&config_json),
+            seed: t.seed,
+            plugins: &refs,
+            parents: &[],
+            pick: None,
+        });
+        let earlier = job_id(&IdentityInput { config: &config_json, seed: t.seed, plugins: &refs, parents: &[], pick: None });
+        Ok(Job {
+            earlier_id: (earlier != id).then_some(earlier),
+            id,
+            stage: stage.to_string(),
+            seed: t.seed,
+            config,
+            config_json,
+            point: point.to_vec(),
+            parents: Vec::new(),
+            pick: None,
+            plugins: used,
+            exec: t.exec.clone(),
+        })
+    }
 }
 
 /// A job's config checked and resolved: typed, canonical JSON, and the plugins it uses.

@@ -228,6 +228,25 @@ pub struct SearchFile {
     /// η: each rung keeps the best 1/η of the trials that reached it (default 3, at least 2).
     #[serde(default)]
     pub reduction: Option<u32>,
+    /// TPE: how many trials it proposes in all.
+    #[serde(default)]
+    pub trials: Option<u32>,
+    /// TPE: how many trials are drawn at random before it models the results (default 10).
+    #[serde(default)]
+    pub startup: Option<u32>,
+    /// TPE: the seed of its proposals (default 0).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// TPE: early stopping of its trials (`asha`), with `min_epochs` and `reduction`.
+    #[serde(default)]
+    pub stopping: Option<Stopping>,
+}
+
+/// Early stopping of a TPE search's trials (`search.stopping`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Stopping {
+    Asha,
 }
 
 /// The search algorithm of `search:`.
@@ -367,7 +386,9 @@ impl NeedsFile {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RandomSweep {
-    pub samples: u32,
+    /// How many points to draw; absent under a TPE search, whose `trials` it is.
+    #[serde(default)]
+    pub samples: Option<u32>,
     #[serde(default)]
     pub seed: u64,
     /// Dotted key → distribution.

@@ -107,6 +107,46 @@ pub fn zip_factor(keys: &[(String, Vec<Value>)]) -> Result<Factor, String> {
         .collect())
 }
 
+/// The keys of `random:` and their distributions, in file order.
+pub fn random_space(r: &RandomSweep) -> Result<Vec<(String, Dist)>, (String, String)> {
+    let mut dists = Vec::new();
+    for (k, text) in &r.params {
+        check_key(k).map_err(|h| (format!("`{k}` does not name a config key"), h))?;
+        dists.push((
+            k.clone(),
+            parse_dist(text).map_err(|m| (m, "see the `random:` section of the README".to_string()))?,
+        ));
+    }
+    if dists.is_empty() {
+        return Err(("`random` has no keys to draw".into(), "add e.g. `optimizer.lr: loguniform(1e-4, 1e-1)`".into()));
+    }
+    Ok(dists)
+}
+
+/// Points that stand for a space a search proposes from as it runs (TPE), for checking its
+/// configs before anything runs: every numeric key at its middle (the geometric middle of a
+/// `loguniform`), every `choice` value at least once.
+pub fn probe_factor(space: &[(String, Dist)]) -> Factor {
+    let n = space.iter().map(|(_, d)| if let Dist::Choice(v) = d { v.len() } else { 1 }).max().unwrap_or(1);
+    (0..n)
+        .map(|i| {
+            let set: Vec<(String, Value)> = space
+                .iter()
+                .map(|(k, d)| {
+                    let v = match d {
+                        Dist::Uniform(a, b) => Value::from((a + b) / 2.0),
+                        Dist::LogUniform(a, b) => Value::from((a * b).sqrt()),
+                        Dist::Int(a, b) => Value::from(a + (b - a) / 2),
+                        Dist::Choice(items) => items[i % items.len()].clone(),
+                    };
+                    (k.clone(), v)
+                })
+                .collect();
+            Point { changes: set.iter().map(|(k, v)| Change::Set(k.clone(), v.clone())).collect(), label: set }
+        })
+        .collect()
+}
+
 /// A parsed distribution of a random sweep.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Dist {
@@ -171,28 +211,24 @@ pub fn parse_dist(text: &str) -> Result<Dist, String> {
 /// The random factor: `samples` points drawn from a ChaCha8 stream seeded with `seed`, keys in
 /// file order, so a file always expands to the same points.
 pub fn random_factor(r: &RandomSweep) -> Result<Factor, (String, String)> {
-    let mut dists = Vec::new();
-    for (k, text) in &r.params {
-        check_key(k).map_err(|h| (format!("`{k}` does not name a config key"), h))?;
-        dists.push((
-            k.clone(),
-            parse_dist(text).map_err(|m| (m, "see the `random:` section of the README".to_string()))?,
+    let dists = random_space(r)?;
+    let Some(samples) = r.samples else {
+        return Err((
+            "`random` has no `samples`: how many points to draw".into(),
+            "add e.g. `samples: 16`, or a `search:` that proposes the points (`algorithm: tpe`)".into(),
         ));
-    }
-    if r.samples == 0 {
+    };
+    if samples == 0 {
         return Err(("`random.samples` must be at least 1".into(), "draw at least one point".into()));
     }
-    if u64::from(r.samples) > MAX_STAGE_JOBS {
+    if u64::from(samples) > MAX_STAGE_JOBS {
         return Err((
-            format!("`random.samples` is {}; a stage runs at most {MAX_STAGE_JOBS} jobs", r.samples),
+            format!("`random.samples` is {samples}; a stage runs at most {MAX_STAGE_JOBS} jobs"),
             "draw fewer points".into(),
         ));
     }
-    if dists.is_empty() {
-        return Err(("`random` has no keys to draw".into(), "add e.g. `optimizer.lr: loguniform(1e-4, 1e-1)`".into()));
-    }
     let mut rng = ChaCha8Rng::seed_from_u64(r.seed);
-    Ok((0..r.samples)
+    Ok((0..samples)
         .map(|_| {
             let set: Vec<(String, Value)> = dists
                 .iter()
@@ -255,7 +291,7 @@ mod tests {
         let mut params = indexmap::IndexMap::new();
         params.insert("optimizer.lr".to_string(), "loguniform(1e-4, 1e-1)".to_string());
         params.insert("batch_size".to_string(), "int(16, 64)".to_string());
-        let r = RandomSweep { samples: 50, seed: 7, params };
+        let r = RandomSweep { samples: Some(50), seed: 7, params };
         let a = random_factor(&r).unwrap();
         assert_eq!(a, random_factor(&r).unwrap());
         assert_eq!(a.len(), 50);

@@ -14,4 +14,4 @@ pub mod tpe;
 mod writer;
 
 pub use pool::{build_pool, detect_gpus, Devices, Gpu, Held, Need, Pool, PoolRequest, Slot, Slots};
-pub use run::{check_placement, run, Progress, RunOptions, RunReport, SchedError};
+pub use run::{check_placement, run, with_proposed_trials, Progress, RunOptions, RunReport, SchedError};

@@ -9,7 +9,7 @@
 
 use crate::pool::{Held, Need, Slots};
 use crate::run::RunReport;
-use crate::search::Asha;
+use crate::search::{Asha, Next};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use xlab_plan::{Job, JobId, Plan};
@@ -34,6 +34,9 @@ pub(crate) enum Action {
     Tell(Told),
     /// Record a search's decision, durably, before anything acts on it.
     Decide(Box<Decision>),
+    /// A search proposed job `0` (a new trial, appended to the jobs): record it with its
+    /// stage's jobs.
+    NewJob(usize),
 }
 
 /// What happened to job `job` (an index into the plan's jobs), for the progress display.
@@ -153,6 +156,8 @@ pub(crate) struct Settings {
 
 pub(crate) struct Machine<'p> {
     jobs: Vec<&'p Job>,
+    /// Where the jobs a search proposes as it runs live, and the plan that makes them.
+    born: Option<(&'p Plan, &'p typed_arena::Arena<Job>)>,
     index: HashMap<&'p str, usize>,
     records: Vec<JobRecord>,
     /// Jobs whose parents have not all finished.
@@ -241,6 +246,7 @@ impl<'p> Machine<'p> {
         let mut m = Machine {
             report: RunReport { total: jobs.len(), ..Default::default() },
             jobs,
+            born: None,
             index,
             records,
             waiting: Vec::new(),
@@ -284,17 +290,31 @@ impl<'p> Machine<'p> {
         &self.records[i]
     }
 
+    /// Job `i`: of the plan, or proposed by a search as it ran.
+    pub(crate) fn job(&self, i: usize) -> &'p Job {
+        self.jobs[i]
+    }
+
     pub(crate) fn pool(&self) -> &dyn Slots {
         &*self.settings.pool
     }
 
     /// Sets up the searches of the plan's `search:` stages from what the store recorded of them:
     /// per stage, its decisions and each trial's series of the search metric (by job index).
-    pub(crate) fn with_searches(&mut self, plan: &Plan, mut history: HashMap<String, SearchHistory>) {
+    /// The trials a search proposes as it runs (TPE) are made by `plan` and kept in `born`.
+    pub(crate) fn with_searches(
+        &mut self,
+        plan: &'p Plan,
+        mut history: HashMap<String, SearchHistory>,
+        born: &'p typed_arena::Arena<Job>,
+    ) {
+        self.born = Some((plan, born));
         for stage in &plan.stages {
             let Some(spec) = &stage.search else { continue };
             let trials: Vec<usize> = (0..self.jobs.len()).filter(|&i| self.jobs[i].stage == stage.name).collect();
-            let mut a = Asha::new(&plan.name, &stage.name, spec.clone(), trials.clone());
+            let points: Vec<(usize, &[(String, serde_json::Value)])> =
+                trials.iter().map(|&t| (t, self.jobs[t].point.as_slice())).collect();
+            let mut a = Asha::new(&plan.name, &stage.name, spec.clone(), trials.clone()).proposing(&points);
             let (decisions, series) = history.remove(&stage.name).unwrap_or_default();
             let records = &self.records;
             let index = &self.index;
@@ -346,14 +366,67 @@ impl<'p> Machine<'p> {
             if queued || self.report.ended_early.is_some() {
                 continue;
             }
-            let jobs = &self.jobs;
-            if let Some((t, d)) = self.searches[s].next(&|t: usize| jobs[t].id.to_string()) {
-                self.actions.push(Action::Decide(Box::new(d.clone())));
-                self.actions.push(Action::Tell(Told::Search { job: t, decision: Box::new(d) }));
-                self.queue.push_back(t);
+            // A proposal becomes a new trial, which is then started.
+            for _ in 0..2 {
+                let jobs = &self.jobs;
+                match self.searches[s].next(&|t: usize| jobs[t].id.to_string()) {
+                    Some(Next::Run(t, d)) => {
+                        self.actions.push(Action::Decide(Box::new(d.clone())));
+                        self.actions.push(Action::Tell(Told::Search { job: t, decision: Box::new(d) }));
+                        self.queue.push_back(t);
+                        break;
+                    }
+                    Some(proposal @ Next::Propose { .. }) => {
+                        if !self.make_trial(s, proposal) {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
             }
         }
         self.settle_searches();
+    }
+
+    /// Makes search `s`'s proposal a new job, drawing again while it repeats a job of the plan;
+    /// whether a trial was made.
+    fn make_trial(&mut self, s: usize, mut proposal: Next) -> bool {
+        let Some((plan, born)) = self.born else { return false };
+        loop {
+            let Next::Propose { point, params, based_on, attempt } = proposal else { return false };
+            let search = &mut self.searches[s];
+            match plan.make_trial(&search.stage, &point) {
+                Ok(job) if self.index.contains_key(job.id.as_str()) => match search.propose(attempt + 1) {
+                    Some(again) => proposal = again,
+                    None => {
+                        search.exhausted();
+                        return false;
+                    }
+                },
+                Ok(job) => {
+                    let job: &'p Job = born.alloc(job);
+                    let i = self.jobs.len();
+                    self.jobs.push(job);
+                    self.index.insert(job.id.as_str(), i);
+                    self.records.push(crate::run::new_record(plan, job));
+                    self.search_of.insert(i, s);
+                    self.report.total += 1;
+                    let d = search.proposed(i, job.id.as_str(), &job.point, params, based_on);
+                    search.ready(i);
+                    self.actions.push(Action::Decide(Box::new(d.clone())));
+                    self.actions.push(Action::NewJob(i));
+                    self.actions.push(Action::Save(Box::new(self.records[i].clone())));
+                    self.actions.push(Action::Tell(Told::Search { job: i, decision: Box::new(d) }));
+                    return true;
+                }
+                Err(e) => {
+                    let m = format!("the search cannot make its next trial: {e}");
+                    tracing::error!("stage `{}`: {m}", search.stage);
+                    search.broken = Some(m);
+                    return false;
+                }
+            }
+        }
     }
 
     fn settle_searches(&mut self) {

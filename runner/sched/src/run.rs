@@ -230,6 +230,14 @@ pub fn run(
     opts: RunOptions,
     observe: &mut dyn FnMut(Progress<'_>),
 ) -> Result<RunReport, SchedError> {
+    // A TPE search's trials so far are the jobs it proposed (and recorded) in earlier runs.
+    let proposed;
+    let plan = if plan.stages.iter().any(|s| s.template.is_some()) {
+        proposed = with_proposed_trials(store, plan)?;
+        &proposed
+    } else {
+        plan
+    };
     let jobs: Vec<&Job> = plan.jobs().collect();
     let next = ExperimentRecord {
         name: plan.name.clone(),
@@ -344,6 +352,8 @@ pub fn run(
         git_commit: opts.git_commit.clone(),
         pool: opts.pool,
     };
+    // The trials searches propose as this run goes on.
+    let born = typed_arena::Arena::new();
     let mut m = Machine::new(plan, records, &reattach, &elsewhere, settings, Instant::now());
     // Each search stage's state, as recorded: its decisions and its trials' metric series.
     let mut history = HashMap::new();
@@ -358,7 +368,8 @@ pub fn run(
         }
         history.insert(stage.name.clone(), (decisions, series));
     }
-    m.with_searches(plan, history);
+    m.with_searches(plan, history, &born);
+    let experiment = std::cell::RefCell::new(record);
     let peers = opts.peers.clone();
     let mut peer_stops = 0usize;
     let mut owner_gone = false;
@@ -395,12 +406,23 @@ pub fn run(
                         let _ = ops_tx.send(StoreOp::Job(rec));
                     }
                     Action::Metrics { job, step, values } => {
-                        observe(Progress::Metrics { job: jobs[job], step, values: &values });
-                        let _ = ops_tx.send(StoreOp::Metrics { job: jobs[job].id.to_string(), step, values });
+                        observe(Progress::Metrics { job: m.job(job), step, values: &values });
+                        let _ = ops_tx.send(StoreOp::Metrics { job: m.job(job).id.to_string(), step, values });
                     }
                     Action::Signal { pid, signal: sig } => signal(pid, sig),
                     Action::Cancel { slurm } => SlurmExec::cancel(&slurm),
-                    Action::Tell(told) => tell(&jobs, told, observe),
+                    Action::Tell(told) => tell(m, told, observe),
+                    Action::NewJob(i) => {
+                        // The stage's jobs as recorded grow with each trial proposed.
+                        let job = m.job(i);
+                        let mut record = experiment.borrow_mut();
+                        if let Some(s) = record.stages.iter_mut().find(|s| s.name == job.stage) {
+                            s.jobs.push(job.id.to_string());
+                        }
+                        if let Err(e) = store.put_experiment(&record) {
+                            tracing::error!("cannot record the new trial {} of stage `{}`: {e}", job.id, job.stage);
+                        }
+                    }
                     Action::Decide(d) => {
                         decided = true;
                         if let Err(e) = store.put_decision(&d) {
@@ -434,14 +456,14 @@ pub fn run(
             let (tx, poll) = (tx.clone(), s.poll());
             scope.spawn(move || slurm::watch(watch_rx, tx, poll));
             for (i, id) in &reattach {
-                follow(s, &watch_tx, store, jobs[*i], *i, m.record(*i), id, " (re-attached)", observe);
+                follow(s, &watch_tx, store, m.job(*i), *i, m.record(*i), id, " (re-attached)", observe);
             }
         }
         let mut result = Ok(());
         loop {
             if let Some(p) = peers.as_ref().filter(|_| last_tick.is_none_or(|t| t.elapsed() >= TICK)) {
                 last_tick = Some(Instant::now());
-                look_at_peers(&mut m, &**p, store, &jobs, &mut peer_stops, &mut last_look);
+                look_at_peers(&mut m, &**p, store, &mut peer_stops, &mut last_look);
                 if !owner_gone && p.owner_gone() {
                     // Nothing this run does can be recorded any more: its workers stop at once,
                     // and each job resumes from its last checkpoint when the command runs again.
@@ -482,15 +504,15 @@ pub fn run(
                     .map(|p| ParentRef {
                         job_id: p.to_string(),
                         run_dir: store.run_dir(p.as_str()),
-                        config: jobs[m.index_of(p.as_str()).expect("a parent in the plan")].config_json.clone(),
+                        config: m.job(m.index_of(p.as_str()).expect("a parent in the plan")).config_json.clone(),
                     })
                     .collect();
                 let Some(held) = held else {
                     let s = opts.slurm.as_ref().expect("only Slurm places jobs without slots");
-                    let gpus = s.gpus_for(jobs[i]);
+                    let gpus = s.gpus_for(m.job(i));
                     let lease =
                         Lease { device: if gpus > 0 { "cuda:0" } else { "cpu" }.into(), threads: s.cpus() as usize };
-                    to_submit.push((i, request(store, jobs[i], m.record(i), lease, &parents, m.pause_at(i))));
+                    to_submit.push((i, request(store, m.job(i), m.record(i), lease, &parents, m.pause_at(i))));
                     continue;
                 };
                 let slot = Slot {
@@ -498,11 +520,11 @@ pub fn run(
                     threads: held.slots.iter().map(|&s| m.pool().slot(s).threads).sum(),
                 };
                 let (lease, visible) = spawn::lease_for(&slot);
-                let req = request(store, jobs[i], m.record(i), lease, &parents, m.pause_at(i));
+                let req = request(store, m.job(i), m.record(i), lease, &parents, m.pause_at(i));
                 let key = spawn::WorkerKey {
                     visible,
                     threads: req.lease.threads,
-                    deterministic: jobs[i].config.deterministic,
+                    deterministic: m.job(i).config.deterministic,
                 };
                 let pid = match standbys.hand_over(&key, &req, i, &tx) {
                     Some(pid) => Ok(pid),
@@ -532,7 +554,7 @@ pub fn run(
                 // One `sbatch` per stage and resources: a job array when several are ready.
                 let mut groups: Vec<(SubmitKey, Vec<(usize, JobRequest)>)> = Vec::new();
                 for (i, req) in to_submit {
-                    let key = (jobs[i].stage.clone(), s.gpus_for(jobs[i]), jobs[i].config.deterministic);
+                    let key = (m.job(i).stage.clone(), s.gpus_for(m.job(i)), m.job(i).config.deterministic);
                     match groups.iter_mut().find(|(k, _)| *k == key) {
                         Some((_, g)) => g.push((i, req)),
                         None => groups.push((key, vec![(i, req)])),
@@ -557,7 +579,7 @@ pub fn run(
                     for ((i, req), id) in group.into_iter().zip(ids) {
                         let (device, threads) = (&req.lease.device, req.lease.threads);
                         m.started(i, None, device, threads, Start::Slurm(id.clone()), Instant::now());
-                        follow(s, &watch_tx, store, jobs[i], i, m.record(i), &id, "", observe);
+                        follow(s, &watch_tx, store, m.job(i), i, m.record(i), &id, "", observe);
                     }
                     carry(&mut m, observe);
                 }
@@ -576,14 +598,14 @@ pub fn run(
             match msg {
                 Msg::Event(i, e) => {
                     if let Event::Checkpoint { path, .. } = &e {
-                        room.saw_checkpoint(&store.run_dir(jobs[i].id.as_str()).join(path));
+                        room.saw_checkpoint(&store.run_dir(m.job(i).id.as_str()).join(path));
                     }
                     m.worker_event(i, e);
                 }
-                Msg::Noise(i, line) => tracing::warn!(job = %jobs[i].id, "worker wrote a non-event line: {line}"),
+                Msg::Noise(i, line) => tracing::warn!(job = %m.job(i).id, "worker wrote a non-event line: {line}"),
                 Msg::Exited(i, status) => {
-                    let run_dir = store.run_dir(jobs[i].id.as_str());
-                    let timeout_ms = jobs[i].exec.timeout_ms;
+                    let run_dir = store.run_dir(m.job(i).id.as_str());
+                    let timeout_ms = m.job(i).exec.timeout_ms;
                     m.exited(
                         i,
                         Instant::now(),
@@ -608,18 +630,41 @@ pub fn run(
     Ok(report)
 }
 
+/// The plan with the trials its TPE searches proposed so far, recorded as `suggest` decisions,
+/// in the order they were proposed.
+pub fn with_proposed_trials(store: &dyn ResultStore, plan: &Plan) -> Result<Plan, SchedError> {
+    let mut out = plan.clone();
+    for stage in out.stages.iter_mut().filter(|s| s.template.is_some()) {
+        let mut decisions = store.decisions(&plan.name, &stage.name)?;
+        decisions.sort_by_key(|d| d.seq);
+        let mut ids = std::collections::HashSet::new();
+        for d in decisions.iter().filter(|d| d.kind == xlab_store::DecisionKind::Suggest) {
+            let point: Vec<(String, serde_json::Value)> = d.params.clone().unwrap_or_default().into_iter().collect();
+            let job = plan.make_trial(&stage.name, &point).map_err(|e| {
+                SchedError::Io(format!(
+                    "cannot make again the trial {} that the search of stage `{}` proposed: {e}",
+                    d.trial, stage.name
+                ))
+            })?;
+            if ids.insert(job.id.clone()) {
+                stage.jobs.push(job);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// On a shared store: passes on the owner's stop requests, takes the waited-for jobs that other
 /// runs let go, and looks (twice a second) whether those they ran are done.
 fn look_at_peers(
     m: &mut Machine<'_>,
     peers: &dyn Peers,
     store: &dyn ResultStore,
-    jobs: &[&Job],
     stops: &mut usize,
     last_look: &mut Instant,
 ) {
     let waiting: Vec<usize> = m.waited_for();
-    let ids: Vec<String> = waiting.iter().map(|&i| jobs[i].id.to_string()).collect();
+    let ids: Vec<String> = waiting.iter().map(|&i| m.job(i).id.to_string()).collect();
     let Ok(tick) = peers.tick(&ids) else { return };
     *stops = tick.stops;
     let read = |id: &str| store.job(id).ok().flatten();
@@ -632,7 +677,7 @@ fn look_at_peers(
         return;
     }
     *last_look = Instant::now();
-    let still: Vec<&str> = m.waited_for().iter().map(|&i| jobs[i].id.as_str()).collect();
+    let still: Vec<&str> = m.waited_for().iter().map(|&i| m.job(i).id.as_str()).collect();
     if let Ok(recs) = store.jobs_by_id(&still) {
         for rec in recs.into_iter().flatten() {
             if matches!(rec.status, JobStatus::Done | JobStatus::Failed) {
@@ -645,25 +690,25 @@ fn look_at_peers(
 }
 
 /// Shows what the machine told, with the job it is about.
-fn tell(jobs: &[&Job], told: Told, observe: &mut dyn FnMut(Progress<'_>)) {
+fn tell(m: &Machine<'_>, told: Told, observe: &mut dyn FnMut(Progress<'_>)) {
     match told {
-        Told::Skipped { job } => observe(Progress::Skipped { job: jobs[job] }),
+        Told::Skipped { job } => observe(Progress::Skipped { job: m.job(job) }),
         Told::Started { job, device, attempt } => {
-            observe(Progress::Started { job: jobs[job], device: &device, attempt, slurm_job: None })
+            observe(Progress::Started { job: m.job(job), device: &device, attempt, slurm_job: None })
         }
         Told::Resumed { job, epoch, step_in_epoch } => {
-            observe(Progress::Resumed { job: jobs[job], epoch, step_in_epoch })
+            observe(Progress::Resumed { job: m.job(job), epoch, step_in_epoch })
         }
-        Told::Finished { job, summary } => observe(Progress::Finished { job: jobs[job], summary: &summary }),
-        Told::Failed { job, cause, message } => observe(Progress::Failed { job: jobs[job], cause, message: &message }),
+        Told::Finished { job, summary } => observe(Progress::Finished { job: m.job(job), summary: &summary }),
+        Told::Failed { job, cause, message } => observe(Progress::Failed { job: m.job(job), cause, message: &message }),
         Told::Retrying { job, cause, message, delay } => {
-            observe(Progress::Retrying { job: jobs[job], cause, message: &message, delay })
+            observe(Progress::Retrying { job: m.job(job), cause, message: &message, delay })
         }
-        Told::Warning { job, message } => observe(Progress::Warning { job: jobs[job], message: &message }),
-        Told::Stopped { job, message } => observe(Progress::Stopped { job: jobs[job], message: &message }),
-        Told::Elsewhere { job } => observe(Progress::Elsewhere { job: jobs[job] }),
-        Told::Search { job, decision } => observe(Progress::Search { job: jobs[job], decision: &decision }),
-        Told::Paused { job, epoch, value } => observe(Progress::Paused { job: jobs[job], epoch, value }),
+        Told::Warning { job, message } => observe(Progress::Warning { job: m.job(job), message: &message }),
+        Told::Stopped { job, message } => observe(Progress::Stopped { job: m.job(job), message: &message }),
+        Told::Elsewhere { job } => observe(Progress::Elsewhere { job: m.job(job) }),
+        Told::Search { job, decision } => observe(Progress::Search { job: m.job(job), decision: &decision }),
+        Told::Paused { job, epoch, value } => observe(Progress::Paused { job: m.job(job), epoch, value }),
     }
 }
 

@@ -14,10 +14,34 @@
 //! state: a run that starts again rebuilds the search from them ([`Asha::rebuild`]) and never
 //! contradicts one. Pure logic: no process, store or clock.
 
+use crate::tpe;
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use xlab_plan::file::Mode;
+use xlab_plan::sweep::Dist;
 use xlab_plan::Search;
 use xlab_store::{Decision, DecisionKind};
+
+/// A TPE search's proposals: each trial's point in TPE's terms.
+struct Proposer {
+    /// The space's dimensions, in key order, as TPE sees them.
+    dims: Vec<tpe::Dim>,
+    /// Per trial (job index), its point.
+    params: HashMap<usize, Vec<f64>>,
+    /// No new point could be found (every proposal repeated an earlier trial).
+    exhausted: bool,
+}
+
+/// How often a proposal that repeats an earlier trial's point is drawn again.
+const REDRAWS: u64 = 20;
+
+/// What a search wants done on a free slot.
+pub(crate) enum Next {
+    /// Run trial `0` (start or promote it), recording the decision first.
+    Run(usize, Decision),
+    /// Make a new trial at this point (TPE): `attempt` counts redraws of a repeated point.
+    Propose { point: Vec<(String, Value)>, params: Vec<f64>, based_on: u32, attempt: u64 },
+}
 
 /// One stage's search.
 pub(crate) struct Asha {
@@ -45,6 +69,7 @@ pub(crate) struct Asha {
     seq: u64,
     /// Why the search cannot go on (its metric is missing), once it cannot.
     pub(crate) broken: Option<String>,
+    proposer: Option<Proposer>,
 }
 
 struct Promotion {
@@ -72,6 +97,8 @@ pub struct SearchSummary {
     pub rung_vs_final: Vec<(u64, usize, Option<f64>)>,
     /// The best trial that reached the end, and its final metric.
     pub best: Option<(usize, f64)>,
+    /// Why the search stopped before its end, if it did.
+    pub broken: Option<String>,
 }
 
 impl Asha {
@@ -92,6 +119,120 @@ impl Asha {
             seen: HashMap::new(),
             seq: 0,
             broken: None,
+            proposer: None,
+        }
+    }
+
+    /// A TPE search: `points` are its trials so far (job index and point, in trial order).
+    pub(crate) fn proposing(mut self, points: &[(usize, &[(String, Value)])]) -> Asha {
+        let Some(t) = &self.spec.tpe else { return self };
+        let dims: Vec<tpe::Dim> = t
+            .space
+            .iter()
+            .map(|(_, d)| match d {
+                Dist::Uniform(a, b) => tpe::Dim::Float { low: *a, high: *b, log: false },
+                Dist::LogUniform(a, b) => tpe::Dim::Float { low: *a, high: *b, log: true },
+                Dist::Int(a, b) => tpe::Dim::Int { low: *a, high: *b },
+                Dist::Choice(items) => tpe::Dim::Choice(items.len()),
+            })
+            .collect();
+        let mut params = HashMap::new();
+        for (job, point) in points {
+            let p: Option<Vec<f64>> = t
+                .space
+                .iter()
+                .map(|(k, d)| {
+                    let v = point.iter().find(|(pk, _)| pk == k).map(|(_, v)| v)?;
+                    match d {
+                        Dist::Choice(items) => items.iter().position(|i| i == v).map(|i| i as f64),
+                        _ => v.as_f64(),
+                    }
+                })
+                .collect();
+            if let Some(p) = p {
+                params.insert(*job, p);
+            }
+        }
+        self.proposer = Some(Proposer { dims, params, exhausted: false });
+        self
+    }
+
+    /// Whether the search proposes more trials as it runs.
+    fn proposes_more(&self) -> bool {
+        match (&self.proposer, &self.spec.tpe) {
+            (Some(p), Some(t)) => !p.exhausted && self.trials.len() < t.trials as usize,
+            _ => false,
+        }
+    }
+
+    /// TPE's next point (redrawn `attempt` times so far because it repeated an earlier trial),
+    /// from the trials in trial order: finished ones with their final value, pruned ones with
+    /// their last rung's, failed ones left out and the rest running.
+    pub(crate) fn propose(&self, attempt: u64) -> Option<Next> {
+        let (p, t) = (self.proposer.as_ref()?, self.spec.tpe.as_ref()?);
+        if attempt >= REDRAWS {
+            return None;
+        }
+        let top = self.top();
+        let mut history = Vec::new();
+        for trial in &self.trials {
+            let Some(params) = p.params.get(trial) else { continue };
+            if self.failed.contains(trial) {
+                continue;
+            }
+            let r = self.results.get(trial);
+            let state = if let Some(v) = r.and_then(|r| r.get(top)) {
+                if v.is_nan() {
+                    continue;
+                }
+                tpe::State::Complete(*v)
+            } else if self.pruned.contains(trial) {
+                let last = r.and_then(|r| r.last().map(|v| (self.spec.rungs[r.len() - 1], *v)));
+                tpe::State::Pruned(last)
+            } else {
+                tpe::State::Running
+            };
+            history.push(tpe::Trial { params: params.clone(), state });
+        }
+        let based_on = history.iter().filter(|h| h.state != tpe::State::Running).count() as u32;
+        let direction = if self.spec.mode == Mode::Max { tpe::Direction::Maximize } else { tpe::Direction::Minimize };
+        let number = self.trials.len() as u64;
+        let seed = tpe::trial_seed(t.seed.wrapping_add(attempt << 40), number);
+        let params = tpe::suggest(&p.dims, &history, direction, t.startup as usize, seed);
+        let point = t
+            .space
+            .iter()
+            .zip(&params)
+            .map(|((k, d), &v)| {
+                let value = match d {
+                    Dist::Uniform(..) | Dist::LogUniform(..) => Value::from(v),
+                    Dist::Int(..) => Value::from(v as i64),
+                    Dist::Choice(items) => items[v as usize].clone(),
+                };
+                (k.clone(), value)
+            })
+            .collect();
+        Some(Next::Propose { point, params, based_on, attempt })
+    }
+
+    /// A proposal became trial `job`: the decision to record before it runs.
+    pub(crate) fn proposed(&mut self, job: usize, id: &str, point: &[(String, Value)], params: Vec<f64>, based_on: u32) -> Decision {
+        self.trials.push(job);
+        if let Some(p) = &mut self.proposer {
+            p.params.insert(job, params);
+        }
+        let mut d = self.decision(DecisionKind::Suggest, id, 0);
+        d.params = Some(point.iter().cloned().collect());
+        d.based_on = Some(based_on);
+        let random = self.spec.tpe.as_ref().is_some_and(|t| based_on < t.startup);
+        d.method = Some(if random { "random" } else { "tpe" }.into());
+        d
+    }
+
+    /// No new point could be found: the search runs the trials it has.
+    pub(crate) fn exhausted(&mut self) {
+        if let Some(p) = &mut self.proposer {
+            p.exhausted = true;
         }
     }
 
@@ -114,6 +255,7 @@ impl Asha {
         for d in decisions {
             let Some(t) = index_of(&d.trial) else { continue };
             match d.kind {
+                DecisionKind::Suggest => {}
                 DecisionKind::Start => {
                     self.started.insert(t);
                 }
@@ -262,6 +404,9 @@ impl Asha {
             rank: None,
             of: None,
             keep: None,
+            params: None,
+            based_on: None,
+            method: None,
         };
         self.seq += 1;
         d
@@ -295,7 +440,7 @@ impl Asha {
 
     /// The next trial to run on a free slot, and the decision to record first: the best
     /// qualifying promotion from the highest rung, else the next new trial.
-    pub(crate) fn next(&mut self, id: &dyn Fn(usize) -> String) -> Option<(usize, Decision)> {
+    pub(crate) fn next(&mut self, id: &dyn Fn(usize) -> String) -> Option<Next> {
         if self.broken.is_some() {
             return None;
         }
@@ -308,13 +453,15 @@ impl Asha {
             self.promoted.insert((p.trial, p.rung));
             self.paused.remove(&p.trial);
             self.heading.insert(p.trial, p.rung + 1);
-            return Some((p.trial, d));
+            return Some(Next::Run(p.trial, d));
         }
-        let t = self.fresh.pop_front()?;
+        let Some(t) = self.fresh.pop_front() else {
+            return if self.proposes_more() { self.propose(0) } else { None };
+        };
         let d = self.decision(DecisionKind::Start, &id(t), 0);
         self.started.insert(t);
         self.heading.insert(t, 0);
-        Some((t, d))
+        Some(Next::Run(t, d))
     }
 
     /// Once nothing of the search runs or waits to start and nothing more can be promoted:
@@ -325,6 +472,7 @@ impl Asha {
         if !self.heading.is_empty()
             || !self.fresh.is_empty()
             || !all_placed
+            || self.proposes_more()
             || self.paused.is_empty()
             || self.broken.is_some()
             || self.promotion().is_some()
@@ -381,6 +529,7 @@ impl Asha {
             pruned: self.pruned.len(),
             rung_vs_final,
             best,
+            broken: self.broken.clone(),
         }
     }
 }
@@ -430,6 +579,7 @@ mod tests {
             mode: Mode::Max,
             reduction: 3,
             rungs: vec![1, 3, 9],
+            tpe: None,
         };
         let mut a = Asha::new("e", "s", spec, (0..trials).collect());
         for t in 0..trials {
@@ -457,7 +607,7 @@ mod tests {
         let mut a = asha(9);
         let quality = [0.5, 0.9, 0.7, 0.2, 0.95, 0.3, 0.6, 0.1, 0.8];
         let mut log_of = Vec::new();
-        while let Some((t, d)) = a.next(&id) {
+        while let Some(Next::Run(t, d)) = a.next(&id) {
             log_of.push((d.kind, t, d.rung));
             let target = a.spec.rungs[*a.heading.get(&t).unwrap()];
             log(&mut a, t, target, quality[t]);
@@ -499,7 +649,7 @@ mod tests {
             loop {
                 let t = {
                     match a.next(&id) {
-                        Some((t, d)) => {
+                        Some(Next::Run(t, d)) => {
                             decisions.push(d);
                             if decisions.len() == stop_after {
                                 // Stopped after recording the decision, before acting on it:
@@ -519,6 +669,7 @@ mod tests {
                             }
                             t
                         }
+                        Some(Next::Propose { .. }) => unreachable!("ASHA proposes nothing"),
                         None => break,
                     }
                 };

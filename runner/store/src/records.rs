@@ -273,11 +273,23 @@ pub struct Decision {
     pub of: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<u32>,
+    /// The point a proposal (`suggest`) sets, by key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<serde_json::Map<String, serde_json::Value>>,
+    /// How many finished trials (complete or pruned) a proposal rests on; below the search's
+    /// `startup` it was drawn at random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub based_on: Option<u32>,
+    /// How a proposal was made: `random` (the search's startup) or `tpe`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DecisionKind {
+    /// TPE proposes a new trial (its point in `params`).
+    Suggest,
     /// A new trial starts, towards the first rung.
     Start,
     /// A paused trial continues from its checkpoint towards the next rung.
@@ -289,6 +301,7 @@ pub enum DecisionKind {
 impl DecisionKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Suggest => "suggest",
             Self::Start => "start",
             Self::Promote => "promote",
             Self::Prune => "prune",

@@ -17,6 +17,8 @@ pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
     let store = if cli.store.join("db").exists() { Some(read_store(&cli.store)?) } else { None };
     if let Some(s) = &store {
         adopt_earlier_ids(s, &mut plan);
+        // A TPE search's jobs are the trials it proposed so far.
+        plan = xlab_sched::with_proposed_trials(s, &plan)?;
     }
     outln!("experiment `{}` ({})", plan.name, file.display());
     for stage in &plan.stages {
@@ -52,21 +54,56 @@ pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
             };
             sweep = format!(" needing `{parent}` ({how}){sweep}");
         }
-        outln!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", "));
+        match stage.search.as_ref().and_then(|s| s.tpe.as_ref()) {
+            Some(t) => outln!(
+                "  stage `{}`: a TPE search over {}: {} of {} trial(s) proposed so far{}{}",
+                stage.name,
+                stage.sweep_keys.join(", "),
+                stage.jobs.len(),
+                t.trials,
+                if parts.is_empty() { "" } else { ": " },
+                parts.join(", ")
+            ),
+            None => outln!("  stage `{}`: {} job(s){sweep}: {}", stage.name, stage.jobs.len(), parts.join(", ")),
+        }
         for (job, status) in stage.jobs.iter().zip(each) {
             outln!("    {}  {status:<11}  {}", job.id, job.label());
         }
         if let Some(s) = &stage.search {
             // The budget of the search, rather than the jobs alone.
-            let (full, halving) = s.budget(stage.jobs.len());
+            let trials = s.trials(stage.jobs.len());
+            let (full, halving) = s.budget(trials);
             let rungs: Vec<String> = s.rungs.iter().map(u64::to_string).collect();
+            let mode = if s.mode == xlab_plan::file::Mode::Max { "max" } else { "min" };
+            if let Some(t) = &s.tpe {
+                let stopping = if s.rungs.len() > 1 {
+                    format!(
+                        "stopped early by ASHA at epochs {} (η = {}): at most {full} epochs, successive halving trains \
+                         about {halving}",
+                        rungs.join(", "),
+                        s.reduction
+                    )
+                } else {
+                    format!("each trains to the end: {full} epochs")
+                };
+                outln!(
+                    "  search of `{}`: TPE proposes {} trial(s) by {} ({mode}), the first {} at random (seed {}); \
+                     {stopping}",
+                    stage.name,
+                    t.trials,
+                    s.metric,
+                    t.startup.min(t.trials),
+                    t.seed
+                );
+                continue;
+            }
             outln!(
                 "  search of `{}`: ASHA over {} trial(s) by {} ({}), rungs at epochs {} (η = {}): at most {full} epochs if \
                  every trial trained to the end; successive halving trains about {halving}",
                 stage.name,
-                stage.jobs.len(),
+                trials,
                 s.metric,
-                if s.mode == xlab_plan::file::Mode::Max { "max" } else { "min" },
+                mode,
                 rungs.join(", "),
                 s.reduction
             );

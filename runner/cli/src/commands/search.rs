@@ -77,6 +77,14 @@ pub(crate) fn describe(d: &Decision, label: &str) -> String {
         _ => String::new(),
     };
     match d.kind {
+        DecisionKind::Suggest => {
+            let how = match (d.method.as_deref(), d.based_on) {
+                (Some("random"), Some(n)) => format!("at random ({n} trial(s) finished, fewer than its `startup`)"),
+                (_, Some(n)) => format!("by TPE from the {n} trial(s) finished so far"),
+                _ => String::new(),
+            };
+            format!("suggest {label} (job {}) {how}", d.trial)
+        }
         DecisionKind::Start => format!("start   {label} (job {}), towards epoch {}", d.trial, d.epoch),
         DecisionKind::Promote => {
             format!("promote {label} (job {}) from epoch {}{standing}", d.trial, d.epoch)
@@ -90,6 +98,9 @@ pub(crate) fn describe(d: &Decision, label: &str) -> String {
 /// be killing late bloomers).
 pub(crate) fn report(summaries: &[xlab_sched::search::SearchSummary]) {
     for s in summaries {
+        if let Some(why) = &s.broken {
+            tracing::error!("search `{}` stopped early: {why}", s.stage);
+        }
         let share = if s.epochs_full > 0 { 100.0 * s.epochs_used as f64 / s.epochs_full as f64 } else { 0.0 };
         tracing::info!(
             "search `{}`: {} of {} trials trained to the end, {} pruned; {} epochs trained of the {} an exhaustive \
