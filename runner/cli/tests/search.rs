@@ -31,6 +31,33 @@ stages:
       reduction: 3
 "#;
 
+/// TPE over a learning rate and a width, with ASHA stopping its trials early.
+const TPE: &str = r#"name: tpe
+defaults:
+  task: train
+  deterministic: true
+  data: {name: two_moons, n_train: 1000, n_val: 200, n_test: 200, noise: 0.3}
+  model: {name: mlp, hidden: [32]}
+  optimizer: {name: sgd, momentum: 0.9}
+  batch_size: 32
+  epochs: 9
+stages:
+  train:
+    random:
+      optimizer.lr: loguniform(0.0003, 3.0)
+      model.hidden: choice([[16], [32]])
+    search:
+      algorithm: tpe
+      metric: val.loss
+      mode: min
+      trials: 10
+      startup: 4
+      seed: 3
+      stopping: asha
+      min_epochs: 1
+      reduction: 3
+"#;
+
 fn run_ok(store: &Path, file: &Path) -> String {
     let out = cmd(store).arg("run").arg(file).args(["-j", "1"]).env("XLAB_NO_LIVE", "1").output().unwrap();
     let err = text(&out.stderr);
@@ -39,7 +66,11 @@ fn run_ok(store: &Path, file: &Path) -> String {
 }
 
 fn decisions(store: &Path) -> Vec<serde_json::Value> {
-    let out = cmd(store).args(["search-log", "asha", "--json"]).output().unwrap();
+    decisions_of(store, "asha")
+}
+
+fn decisions_of(store: &Path, experiment: &str) -> Vec<serde_json::Value> {
+    let out = cmd(store).args(["search-log", experiment, "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -109,14 +140,15 @@ fn asha_pauses_promotes_from_checkpoints_prunes_and_records_every_decision() {
     assert!(again.contains("resumed train"), "{again}");
 }
 
-#[test]
-fn a_search_killed_at_random_moments_records_the_same_decisions() {
+/// Runs `text` whole on one store and killed at 10 random moments on another, then to the end:
+/// the same decisions in the same order, the same jobs and the same results.
+fn killed_at_random_moments(text_of_file: &str, experiment: &str) {
     let dir = tempfile::tempdir().unwrap();
     // Four times the data of the other tests: long enough a search that 10 kills land in it.
-    let file = write_file(dir.path(), "search.yaml", &SEARCH.replace("n_train: 1000", "n_train: 4000"));
+    let file = write_file(dir.path(), "search.yaml", &text_of_file.replace("n_train: 1000", "n_train: 4000"));
     let whole = dir.path().join("whole");
     run_ok(&whole, &file);
-    let expected = decisions(&whole);
+    let expected = decisions_of(&whole, experiment);
 
     let store = dir.path().join("results");
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -144,9 +176,74 @@ fn a_search_killed_at_random_moments_records_the_same_decisions() {
     }
     assert!(kills >= 5, "the search ended after {kills} kills");
     run_ok(&store, &file);
-    assert_eq!(decisions(&store), expected, "the same decisions in the same order, after {kills} kills");
+    assert_eq!(decisions_of(&store, experiment), expected, "the same decisions in the same order, after {kills} kills");
     let ids = job_ids(&store, &file);
+    assert_eq!(ids, job_ids(&whole, &file));
     assert_eq!(snapshot(&store, &ids), snapshot(&whole, &ids));
+}
+
+#[test]
+fn a_search_killed_at_random_moments_records_the_same_decisions() {
+    killed_at_random_moments(SEARCH, "asha");
+}
+
+#[test]
+fn a_tpe_search_killed_at_random_moments_proposes_and_decides_the_same() {
+    killed_at_random_moments(TPE, "tpe");
+}
+
+#[test]
+fn tpe_proposes_trials_records_each_proposal_first_and_identifies_them_as_plain_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "tpe.yaml", TPE);
+    let store = dir.path().join("results");
+    let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
+    assert!(plan.contains("a TPE search over optimizer.lr, model.hidden: 0 of 10 trial(s) proposed so far"), "{plan}");
+    assert!(
+        plan.contains("TPE proposes 10 trial(s) by val.loss (min), the first 4 at random (seed 3); stopped early by ASHA at epochs 1, 3, 9 (η = 3)"),
+        "{plan}"
+    );
+    let err = run_ok(&store, &file);
+    assert!(err.contains("[10/10]") || err.contains("/10]"), "trials count towards the total: {err}");
+    let log = decisions_of(&store, "tpe");
+    let suggested: Vec<&serde_json::Value> = log.iter().filter(|d| d["kind"] == "suggest").collect();
+    assert_eq!(suggested.len(), 10, "{log:?}");
+    let methods: Vec<&str> = suggested.iter().map(|d| d["method"].as_str().unwrap()).collect();
+    assert_eq!(methods[..4], ["random"; 4]);
+    assert!(methods[4..].iter().all(|m| *m == "tpe"), "{methods:?}");
+    for d in &suggested {
+        // Written before the trial started, with a point inside the space.
+        let start = log.iter().find(|s| s["kind"] == "start" && s["trial"] == d["trial"]).unwrap();
+        assert!(start["seq"].as_u64() > d["seq"].as_u64(), "{d} before {start}");
+        let lr = d["params"]["optimizer.lr"].as_f64().unwrap();
+        assert!((0.0003..3.0).contains(&lr), "{d}");
+        assert!([serde_json::json!([16]), serde_json::json!([32])].contains(&d["params"]["model.hidden"]), "{d}");
+    }
+    let ids = job_ids(&store, &file);
+    assert_eq!(ids.len(), 10);
+    let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
+    assert!(plan.contains("10 of 10 trial(s) proposed so far"), "{plan}");
+
+    // The trial that trained to the end is the job a plain grid over its point is.
+    let best = suggested
+        .iter()
+        .find(|d| {
+            let v: serde_json::Value = serde_json::from_slice(
+                &cmd(&store).args(["show", d["trial"].as_str().unwrap(), "--json"]).output().unwrap().stdout,
+            )
+            .unwrap();
+            v["status"] == "done"
+        })
+        .expect("a trial reached the end");
+    let (lr, hidden) = (&best["params"]["optimizer.lr"], &best["params"]["model.hidden"]);
+    let plain = TPE.split("    random:").next().unwrap().to_string()
+        + &format!("    grid:\n      optimizer.lr: [{lr}]\n      model.hidden: [{hidden}]\n");
+    let plain = write_file(dir.path(), "plain.yaml", &plain.replace("name: tpe", "name: plain"));
+    assert_eq!(job_ids(&store, &plain), [best["trial"].as_str().unwrap().to_string()]);
+    // Run again, the search is done: nothing trains, nothing is decided.
+    let again = run_ok(&store, &file);
+    assert!(!again.contains("started train"), "{again}");
+    assert_eq!(decisions_of(&store, "tpe"), log);
 }
 
 #[test]
@@ -157,7 +254,8 @@ fn search_mistakes_are_refused_at_their_line() {
         ("reduction: 3", "reduction: 1", "`reduction` is η"),
         ("min_epochs: 1", "min_epochs: 10", "`min_epochs` is the first rung: from 1 to the stage's `epochs` (9)"),
         ("algorithm: asha", "algorithm: bohb", "unknown variant `bohb`"),
-        ("algorithm: asha", "algorithm: tpe", "`tpe` is not available yet"),
+        ("algorithm: asha", "algorithm: tpe", "TPE proposes points from distributions, not from a `grid:`"),
+        ("      reduction: 3\n", "      reduction: 3\n      trials: 8\n", "`trials` is TPE's"),
         ("metric: val.loss", "metric: loss", "`loss` is not a metric trials log at every epoch"),
         ("      reduction: 3\n", "      reduction: 3\n      patience: 2\n", "unknown field `patience`"),
     ]
@@ -177,4 +275,23 @@ fn search_mistakes_are_refused_at_their_line() {
     );
     let out = cmd(&store).arg("validate").arg(&swept).output().unwrap();
     assert!(text(&out.stderr).contains("share one budget"), "{}", text(&out.stderr));
+
+    for (change, says) in [
+        (("      trials: 10\n", ""), "TPE needs `trials`"),
+        (("    random:\n      optimizer.lr: loguniform(0.0003, 3.0)\n      model.hidden: choice([[16], [32]])\n", ""), "TPE proposes points from the distributions of `random:`, and this stage has none"),
+        (("    random:\n", "    random:\n      samples: 8\n"), "`random.samples` does not apply under TPE"),
+        (("    random:\n", "    seeds: 2\n    random:\n"), "TPE proposes one job per trial, but `seeds` gives 2"),
+        (("      stopping: asha\n", ""), "`min_epochs` shapes early stopping"),
+        (("      startup: 4", "      startup: 0"), "`startup` must be at least 1"),
+        (("      stopping: asha", "      stopping: median"), "unknown variant `median`"),
+        (("uniform(0.0003, 3.0)", "uniform(3.0, 0.0003)"), "the low end must be below the high end"),
+        (("stages:\n", "stages:\n  eval:\n    task: evaluate\n    needs: train\n"), "`train` is a TPE search, whose trials are only known as it runs"),
+    ] {
+        let f = write_file(dir.path(), "bad.yaml", &TPE.replace(change.0, change.1));
+        let out = cmd(&store).arg("validate").arg(&f).output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", change.1);
+        assert!(err.contains(says), "{}: {err}", change.1);
+        assert!(err.contains("bad.yaml:"), "at its line: {err}");
+    }
 }

@@ -166,8 +166,8 @@ impl Asha {
     }
 
     /// TPE's next point (redrawn `attempt` times so far because it repeated an earlier trial),
-    /// from the trials in trial order: finished ones with their final value, pruned ones with
-    /// their last rung's, failed ones left out and the rest running.
+    /// from the trials in trial order: finished ones with their final value, pruned or paused
+    /// ones with their last rung's, failed ones left out and the rest running.
     pub(crate) fn propose(&self, attempt: u64) -> Option<Next> {
         let (p, t) = (self.proposer.as_ref()?, self.spec.tpe.as_ref()?);
         if attempt >= REDRAWS {
@@ -186,7 +186,9 @@ impl Asha {
                     continue;
                 }
                 tpe::State::Complete(*v)
-            } else if self.pruned.contains(trial) {
+            } else if self.pruned.contains(trial) || self.paused.contains(trial) {
+                // A trial paused at a rung has stopped there unless it is promoted later: TPE
+                // sees it as Optuna sees a pruned trial, by its last rung's value.
                 let last = r.and_then(|r| r.last().map(|v| (self.spec.rungs[r.len() - 1], *v)));
                 tpe::State::Pruned(last)
             } else {

@@ -79,8 +79,8 @@ pub(crate) fn describe(d: &Decision, label: &str) -> String {
     match d.kind {
         DecisionKind::Suggest => {
             let how = match (d.method.as_deref(), d.based_on) {
-                (Some("random"), Some(n)) => format!("at random ({n} trial(s) finished, fewer than its `startup`)"),
-                (_, Some(n)) => format!("by TPE from the {n} trial(s) finished so far"),
+                (Some("random"), _) => "at random (one of its first `startup` trials)".to_string(),
+                (_, Some(n)) => format!("by TPE from the results of {n} trial(s)"),
                 _ => String::new(),
             };
             format!("suggest {label} (job {}) {how}", d.trial)
