@@ -193,6 +193,47 @@ fn a_tpe_search_killed_at_random_moments_proposes_and_decides_the_same() {
 }
 
 #[test]
+fn a_hyperband_search_killed_at_random_moments_records_the_same_decisions() {
+    killed_at_random_moments(&SEARCH.replace("algorithm: asha", "algorithm: hyperband"), "asha");
+}
+
+#[test]
+fn hyperband_runs_brackets_of_asha_from_each_rung() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "hb.yaml", &SEARCH.replace("algorithm: asha", "algorithm: hyperband"));
+    let store = dir.path().join("results");
+    let plan = text(&cmd(&store).arg("plan").arg(&file).output().unwrap().stdout);
+    assert!(
+        plan.contains("Hyperband over 9 trial(s) by val.loss (min) in 3 brackets (5 from epoch 1, 2 from epoch 3, 2 from epoch 9)"),
+        "{plan}"
+    );
+    run_ok(&store, &file);
+    let log = decisions(&store);
+    // Numbered in one sequence across the brackets.
+    let seqs: Vec<u64> = log.iter().map(|d| d["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..log.len() as u64).collect::<Vec<_>>());
+    for (bracket, first_rung, trials) in [(0, 1, 5), (1, 3, 2), (2, 9, 2)] {
+        let ours: Vec<&serde_json::Value> = log.iter().filter(|d| d["bracket"] == bracket).collect();
+        let starts: Vec<&&serde_json::Value> = ours.iter().filter(|d| d["kind"] == "start").collect();
+        assert_eq!(starts.len(), trials, "bracket {bracket}: {ours:?}");
+        assert!(starts.iter().all(|d| d["epoch"] == first_rung), "bracket {bracket} starts towards epoch {first_rung}");
+        // Each bracket trains its best trial to the end, even one too small for ⌊n/η⌋.
+        let ended = starts
+            .iter()
+            .filter(|d| {
+                let v: serde_json::Value = serde_json::from_slice(
+                    &cmd(&store).args(["show", d["trial"].as_str().unwrap(), "--json"]).output().unwrap().stdout,
+                )
+                .unwrap();
+                v["status"] == "done"
+            })
+            .count();
+        assert!(ended >= 1, "bracket {bracket}: {ours:?}");
+    }
+    assert!(log.iter().all(|d| d["bracket"].is_u64()), "{log:?}");
+}
+
+#[test]
 fn tpe_proposes_trials_records_each_proposal_first_and_identifies_them_as_plain_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_file(dir.path(), "tpe.yaml", TPE);

@@ -118,21 +118,63 @@ impl Search {
     }
 
     /// Epochs if every trial trained to the end (the exhaustive sweep), and at most what
-    /// successive halving spends: each rung's best 1/η go on from the rung before.
+    /// successive halving spends: each rung's best 1/η go on from the rung before (per bracket
+    /// under Hyperband).
     pub fn budget(&self, trials: usize) -> (u64, u64) {
         let full = trials as u64 * self.rungs.last().copied().unwrap_or(0);
-        let mut n = trials as u64;
-        let mut before = 0;
-        let mut halving = 0;
-        for (k, &r) in self.rungs.iter().enumerate() {
-            if k > 0 {
-                n /= u64::from(self.reduction);
-            }
-            halving += n * (r - before);
-            before = r;
-        }
+        let halving = self
+            .brackets(trials)
+            .iter()
+            .map(|(skipped, members)| halving(&self.rungs[*skipped..], members.len() as u64, self.reduction))
+            .sum();
         (full, halving)
     }
+
+    /// The trials (positions 0..`trials` in trial order) of each bracket, and how many of the
+    /// rungs it skips. ASHA and TPE have one bracket with every rung. Hyperband (Li et al. 2018)
+    /// has one per rung: bracket `s` starts at rung `s`, and receives trials in proportion to
+    /// ⌈B/(h+1)·η^h⌉ (B brackets, h = the halvings it makes), dealt in turn by smooth weighted
+    /// round robin so that every bracket gets its first trials early.
+    pub fn brackets(&self, trials: usize) -> Vec<(usize, Vec<usize>)> {
+        if self.algorithm != crate::file::Algorithm::Hyperband {
+            return vec![(0, (0..trials).collect())];
+        }
+        let b = self.rungs.len();
+        let eta = f64::from(self.reduction);
+        let weights: Vec<i64> =
+            (0..b).map(|s| {
+                let h = (b - 1 - s) as i32;
+                (b as f64 / (h + 1) as f64 * eta.powi(h)).ceil() as i64
+            }).collect();
+        let total: i64 = weights.iter().sum();
+        let mut current = vec![0i64; b];
+        let mut out: Vec<(usize, Vec<usize>)> = (0..b).map(|s| (s, Vec::new())).collect();
+        for t in 0..trials {
+            for (c, w) in current.iter_mut().zip(&weights) {
+                *c += w;
+            }
+            let pick = (0..b).max_by_key(|&s| (current[s], std::cmp::Reverse(s))).expect("a bracket");
+            current[pick] -= total;
+            out[pick].1.push(t);
+        }
+        out
+    }
+}
+
+/// Epochs successive halving spends on `n` trials over `rungs`: each rung's best 1/η go on
+/// (at least one, so that the best trial trains to the end).
+fn halving(rungs: &[u64], n: u64, reduction: u32) -> u64 {
+    let mut n = n;
+    let mut before = 0;
+    let mut total = 0;
+    for (k, &r) in rungs.iter().enumerate() {
+        if k > 0 {
+            n = (n / u64::from(reduction)).max(n.min(1));
+        }
+        total += n * (r - before);
+        before = r;
+    }
+    total
 }
 
 /// The metrics every training job logs at the end of each epoch, by prefix, which a search can
@@ -153,16 +195,13 @@ fn check_search(
     let err = |key: &str, m: String| SpecError::new(file, m).context(here.clone()).key(key);
     let tpe_keys = [("trials", s.trials.is_some()), ("startup", s.startup.is_some()), ("seed", s.seed.is_some())];
     let tpe = match s.algorithm {
-        Algorithm::Asha => {
+        Algorithm::Asha | Algorithm::Hyperband => {
             if let Some((k, _)) = tpe_keys.iter().chain(&[("stopping", s.stopping.is_some())]).find(|(_, set)| *set) {
-                return Err(err(k, format!("`{k}` is TPE's; ASHA's trials are the points of the stage's sweep"))
+                let name = if s.algorithm == Algorithm::Asha { "ASHA" } else { "Hyperband" };
+                return Err(err(k, format!("`{k}` is TPE's; {name}'s trials are the points of the stage's sweep"))
                     .hint("remove it, or use `algorithm: tpe` over distributions in `random:`"));
             }
             None
-        }
-        Algorithm::Hyperband => {
-            return Err(err("algorithm", "`hyperband` is not available yet in this xlab".into())
-                .hint("use `algorithm: asha`, or `algorithm: tpe` with `stopping: asha`"))
         }
         Algorithm::Tpe => {
             let Some(trials) = s.trials else {
@@ -1681,4 +1720,44 @@ fn sweep_values(file: &Path, ctx: &str, key: &str, values: &[serde_yaml::Value])
 fn first_duplicate(seeds: &[u64]) -> Option<u64> {
     let mut seen = HashSet::new();
     seeds.iter().copied().find(|s| !seen.insert(*s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file::Algorithm;
+
+    fn search(algorithm: Algorithm, rungs: &[u64]) -> Search {
+        Search { algorithm, metric: "val.acc".into(), mode: Mode::Max, reduction: 3, rungs: rungs.to_vec(), tpe: None }
+    }
+
+    #[test]
+    fn hyperband_deals_trials_to_brackets_by_their_weights() {
+        // Three rungs, η = 3: weights ⌈3/3·9⌉ = 9, ⌈3/2·3⌉ = 5, ⌈3/1·1⌉ = 3 of 17.
+        let s = search(Algorithm::Hyperband, &[1, 3, 9]);
+        let b = s.brackets(17);
+        let sizes: Vec<(usize, usize)> = b.iter().map(|(k, m)| (*k, m.len())).collect();
+        assert_eq!(sizes, [(0, 9), (1, 5), (2, 3)]);
+        // Every trial in exactly one bracket, each bracket's first trial among the first four.
+        let mut all: Vec<usize> = b.iter().flat_map(|(_, m)| m.clone()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..17).collect::<Vec<_>>());
+        assert!(b.iter().all(|(_, m)| m[0] < 4), "{b:?}");
+        // ASHA is one bracket with every rung.
+        assert_eq!(search(Algorithm::Asha, &[1, 3, 9]).brackets(4), [(0, vec![0, 1, 2, 3])]);
+    }
+
+    #[test]
+    fn the_budget_of_successive_halving_keeps_at_least_one_trial_to_the_end() {
+        let s = search(Algorithm::Asha, &[1, 3, 9]);
+        // 9 trials: 9 × 1 + 3 × 2 + 1 × 6 epochs.
+        assert_eq!(s.budget(9), (81, 21));
+        // 2 trials: ⌊2/3⌋ = 0 would stop them all; one goes on.
+        assert_eq!(s.budget(2), (18, 2 + 2 + 6));
+        let hb = search(Algorithm::Hyperband, &[1, 3, 9]);
+        let (full, spent) = hb.budget(17);
+        assert_eq!(full, 153);
+        // Brackets of 9 (from epoch 1), 5 (from 3) and 3 (from 9).
+        assert_eq!(spent, 21 + (5 * 3 + 6) + 3 * 9);
+    }
 }

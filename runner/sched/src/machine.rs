@@ -312,29 +312,41 @@ impl<'p> Machine<'p> {
         for stage in &plan.stages {
             let Some(spec) = &stage.search else { continue };
             let trials: Vec<usize> = (0..self.jobs.len()).filter(|&i| self.jobs[i].stage == stage.name).collect();
-            let points: Vec<(usize, &[(String, serde_json::Value)])> =
-                trials.iter().map(|&t| (t, self.jobs[t].point.as_slice())).collect();
-            let mut a = Asha::new(&plan.name, &stage.name, spec.clone(), trials.clone()).proposing(&points);
             let (decisions, series) = history.remove(&stage.name).unwrap_or_default();
-            let records = &self.records;
-            let index = &self.index;
-            let (now, prune) =
-                a.rebuild(&decisions, &series, &|t| records[t].status == JobStatus::Done, &|id| index.get(id).copied());
-            self.waiting.retain(|t| !a.has_started(*t));
-            for t in now {
-                self.queue.push_back(t);
-            }
-            for t in prune {
-                if self.records[t].status != JobStatus::Pruned {
-                    self.records[t].status = JobStatus::Pruned;
-                    self.actions.push(Action::Save(Box::new(self.records[t].clone())));
+            let hyperband = spec.algorithm == xlab_plan::file::Algorithm::Hyperband;
+            let seq = std::rc::Rc::new(std::cell::Cell::new(0));
+            for (skipped, members) in spec.brackets(trials.len()) {
+                let members: Vec<usize> = members.iter().map(|&k| trials[k]).collect();
+                let points: Vec<(usize, &[(String, serde_json::Value)])> =
+                    members.iter().map(|&t| (t, self.jobs[t].point.as_slice())).collect();
+                // Each bracket is an ASHA over its trials, from its first rung.
+                let mut bracket = spec.clone();
+                bracket.algorithm = xlab_plan::file::Algorithm::Asha;
+                bracket.rungs = spec.rungs[skipped..].to_vec();
+                let mut a = Asha::new(&plan.name, &stage.name, bracket, members.clone())
+                    .in_bracket(hyperband.then_some(skipped as u32), seq.clone())
+                    .proposing(&points);
+                let records = &self.records;
+                let index = &self.index;
+                let (now, prune) = a.rebuild(&decisions, &series, &|t| records[t].status == JobStatus::Done, &|id| {
+                    index.get(id).copied()
+                });
+                self.waiting.retain(|t| !a.has_started(*t));
+                for t in now {
+                    self.queue.push_back(t);
                 }
+                for t in prune {
+                    if self.records[t].status != JobStatus::Pruned {
+                        self.records[t].status = JobStatus::Pruned;
+                        self.actions.push(Action::Save(Box::new(self.records[t].clone())));
+                    }
+                }
+                let si = self.searches.len();
+                for t in members {
+                    self.search_of.insert(t, si);
+                }
+                self.searches.push(a);
             }
-            let si = self.searches.len();
-            for t in trials {
-                self.search_of.insert(t, si);
-            }
-            self.searches.push(a);
         }
     }
 

@@ -66,7 +66,12 @@ pub(crate) struct Asha {
     failed: HashSet<usize>,
     /// The search metric each trial logged, by epoch.
     seen: HashMap<usize, BTreeMap<u64, f64>>,
-    seq: u64,
+    /// The next decision's place in the stage's log, shared by a stage's brackets.
+    seq: std::rc::Rc<std::cell::Cell<u64>>,
+    /// The Hyperband bracket it is, if it is one.
+    pub(crate) bracket: Option<u32>,
+    /// Its trials, as a set.
+    members: HashSet<usize>,
     /// Why the search cannot go on (its metric is missing), once it cannot.
     pub(crate) broken: Option<String>,
     proposer: Option<Proposer>,
@@ -85,6 +90,8 @@ struct Promotion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchSummary {
     pub stage: String,
+    /// The Hyperband bracket it sums up, if it is one.
+    pub bracket: Option<u32>,
     pub metric: String,
     pub trials: usize,
     /// Epochs trained over every trial, and what the exhaustive sweep would have trained.
@@ -103,6 +110,7 @@ pub struct SearchSummary {
 
 impl Asha {
     pub(crate) fn new(experiment: &str, stage: &str, spec: Search, trials: Vec<usize>) -> Asha {
+        let members = trials.iter().copied().collect();
         Asha {
             experiment: experiment.into(),
             stage: stage.into(),
@@ -117,10 +125,19 @@ impl Asha {
             pruned: HashSet::new(),
             failed: HashSet::new(),
             seen: HashMap::new(),
-            seq: 0,
+            seq: Default::default(),
+            bracket: None,
+            members,
             broken: None,
             proposer: None,
         }
+    }
+
+    /// Bracket `b` of a Hyperband search, whose brackets number their decisions with `seq`.
+    pub(crate) fn in_bracket(mut self, b: Option<u32>, seq: std::rc::Rc<std::cell::Cell<u64>>) -> Asha {
+        self.bracket = b;
+        self.seq = seq;
+        self
     }
 
     /// A TPE search: `points` are its trials so far (job index and point, in trial order).
@@ -220,6 +237,7 @@ impl Asha {
     /// A proposal became trial `job`: the decision to record before it runs.
     pub(crate) fn proposed(&mut self, job: usize, id: &str, point: &[(String, Value)], params: Vec<f64>, based_on: u32) -> Decision {
         self.trials.push(job);
+        self.members.insert(job);
         if let Some(p) = &mut self.proposer {
             p.params.insert(job, params);
         }
@@ -253,9 +271,9 @@ impl Asha {
         done: &dyn Fn(usize) -> bool,
         index_of: &dyn Fn(&str) -> Option<usize>,
     ) -> (Vec<usize>, Vec<usize>) {
-        self.seq = decisions.iter().map(|d| d.seq + 1).max().unwrap_or(0);
+        self.seq.set(self.seq.get().max(decisions.iter().map(|d| d.seq + 1).max().unwrap_or(0)));
         for d in decisions {
-            let Some(t) = index_of(&d.trial) else { continue };
+            let Some(t) = index_of(&d.trial).filter(|t| self.members.contains(t)) else { continue };
             match d.kind {
                 DecisionKind::Suggest => {}
                 DecisionKind::Start => {
@@ -397,7 +415,7 @@ impl Asha {
         let d = Decision {
             experiment: self.experiment.clone(),
             stage: self.stage.clone(),
-            seq: self.seq,
+            seq: self.seq.get(),
             kind,
             trial: trial.into(),
             rung: k as u32,
@@ -409,8 +427,9 @@ impl Asha {
             params: None,
             based_on: None,
             method: None,
+            bracket: self.bracket,
         };
-        self.seq += 1;
+        self.seq.set(self.seq.get() + 1);
         d
     }
 
@@ -440,13 +459,44 @@ impl Asha {
         None
     }
 
+    /// Nothing of the search runs, waits to start or is still to be proposed.
+    fn idle(&self) -> bool {
+        self.heading.is_empty()
+            && self.fresh.is_empty()
+            && !self.proposes_more()
+            && self.broken.is_none()
+            && self.trials.iter().all(|t| self.started.contains(t) || self.failed.contains(t) || self.pruned.contains(t))
+    }
+
+    /// The promotion due now: one that qualifies; or, once the search is idle and no trial has
+    /// reached the end (too few trials for ⌊n/η⌋ to keep one at some rung), the best paused
+    /// trial of the highest rung, so that a search always trains its best trial to the end.
+    fn due(&self) -> Option<Promotion> {
+        if let Some(p) = self.promotion() {
+            return Some(p);
+        }
+        let top = self.top();
+        if !self.idle() || self.results.values().any(|r| r.len() > top) {
+            return None;
+        }
+        (0..top).rev().find_map(|k| {
+            let ranking = self.ranking(k);
+            let (rank, &(trial, value)) = ranking.iter().enumerate().find(|(_, (t, _))| {
+                self.paused.contains(t)
+                    && self.results.get(t).map_or(0, Vec::len) == k + 1
+                    && !self.promoted.contains(&(*t, k))
+            })?;
+            Some(Promotion { trial, rung: k, value, rank: rank as u32 + 1, of: ranking.len() as u32, keep: 1 })
+        })
+    }
+
     /// The next trial to run on a free slot, and the decision to record first: the best
     /// qualifying promotion from the highest rung, else the next new trial.
     pub(crate) fn next(&mut self, id: &dyn Fn(usize) -> String) -> Option<Next> {
         if self.broken.is_some() {
             return None;
         }
-        if let Some(p) = self.promotion() {
+        if let Some(p) = self.due() {
             let mut d = self.decision(DecisionKind::Promote, &id(p.trial), p.rung);
             d.value = Some(p.value);
             d.rank = Some(p.rank);
@@ -469,16 +519,7 @@ impl Asha {
     /// Once nothing of the search runs or waits to start and nothing more can be promoted:
     /// prunes the paused trials (the decisions, in plan order).
     pub(crate) fn settle(&mut self, id: &dyn Fn(usize) -> String) -> Vec<(usize, Decision)> {
-        let all_placed =
-            self.trials.iter().all(|t| self.started.contains(t) || self.failed.contains(t) || self.pruned.contains(t));
-        if !self.heading.is_empty()
-            || !self.fresh.is_empty()
-            || !all_placed
-            || self.proposes_more()
-            || self.paused.is_empty()
-            || self.broken.is_some()
-            || self.promotion().is_some()
-        {
+        if !self.idle() || self.paused.is_empty() || self.due().is_some() {
             return Vec::new();
         }
         let mut out = Vec::new();
@@ -523,6 +564,7 @@ impl Asha {
         let best = self.ranking(top).first().map(|&(t, v)| (t, v));
         SearchSummary {
             stage: self.stage.clone(),
+            bracket: self.bracket,
             metric: self.spec.metric.clone(),
             trials: self.trials.len(),
             epochs_used: self.trials.iter().map(epochs_of).sum(),
@@ -656,8 +698,7 @@ mod tests {
                             if decisions.len() == stop_after {
                                 // Stopped after recording the decision, before acting on it:
                                 // rebuilt, the search runs the trial it decided on.
-                                let mut b = asha(0);
-                                b.trials = (0..9).collect();
+                                let mut b = Asha::new("e", "s", a.spec.clone(), (0..9).collect());
                                 let (now, prune) =
                                     b.rebuild(&decisions, &series, &|t| done.contains(&t), &|s| s[1..].parse().ok());
                                 assert!(prune.is_empty());

@@ -283,6 +283,9 @@ pub struct Decision {
     /// How a proposal was made: `random` (the search's startup) or `tpe`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// The Hyperband bracket of the trial (0: the one with every rung).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bracket: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

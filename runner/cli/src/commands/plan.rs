@@ -97,6 +97,25 @@ pub fn run(cli: &Cli, args: &PlanArgs) -> Result<u8, Failure> {
                 );
                 continue;
             }
+            if s.algorithm == xlab_plan::file::Algorithm::Hyperband {
+                let brackets: Vec<String> = s
+                    .brackets(trials)
+                    .iter()
+                    .map(|(skipped, members)| format!("{} from epoch {}", members.len(), s.rungs[*skipped]))
+                    .collect();
+                outln!(
+                    "  search of `{}`: Hyperband over {trials} trial(s) by {} ({mode}) in {} brackets ({}), rungs at \
+                     epochs {} (η = {}): at most {full} epochs if every trial trained to the end; its brackets \
+                     train about {halving}",
+                    stage.name,
+                    s.metric,
+                    s.rungs.len(),
+                    brackets.join(", "),
+                    rungs.join(", "),
+                    s.reduction
+                );
+                continue;
+            }
             outln!(
                 "  search of `{}`: ASHA over {} trial(s) by {} ({}), rungs at epochs {} (η = {}): at most {full} epochs if \
                  every trial trained to the end; successive halving trains about {halving}",

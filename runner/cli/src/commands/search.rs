@@ -76,7 +76,8 @@ pub(crate) fn describe(d: &Decision, label: &str) -> String {
         (Some(v), ..) => format!(" ({v:.4})"),
         _ => String::new(),
     };
-    match d.kind {
+    let bracket = d.bracket.map(|b| format!(" [bracket {b}]")).unwrap_or_default();
+    let line = match d.kind {
         DecisionKind::Suggest => {
             let how = match (d.method.as_deref(), d.based_on) {
                 (Some("random"), _) => "at random (one of its first `startup` trials)".to_string(),
@@ -90,7 +91,8 @@ pub(crate) fn describe(d: &Decision, label: &str) -> String {
             format!("promote {label} (job {}) from epoch {}{standing}", d.trial, d.epoch)
         }
         DecisionKind::Prune => format!("prune   {label} (job {}) at epoch {}{standing}", d.trial, d.epoch),
-    }
+    };
+    line + &bracket
 }
 
 /// What a run says of each search when it ends: the epochs it trained against the exhaustive
@@ -98,6 +100,11 @@ pub(crate) fn describe(d: &Decision, label: &str) -> String {
 /// be killing late bloomers).
 pub(crate) fn report(summaries: &[xlab_sched::search::SearchSummary]) {
     for s in summaries {
+        let stage = match s.bracket {
+            Some(b) => format!("{}` bracket `{b}", s.stage),
+            None => s.stage.clone(),
+        };
+        let s = &xlab_sched::search::SearchSummary { stage, ..s.clone() };
         if let Some(why) = &s.broken {
             tracing::error!("search `{}` stopped early: {why}", s.stage);
         }
