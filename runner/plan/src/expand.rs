@@ -1029,6 +1029,15 @@ pub fn expand(
                 });
             }
         }
+        if let Some(order) = stage.order {
+            if tpe {
+                return Err(SpecError::new(file, "`order` sets the order of a sweep's jobs; TPE proposes its own")
+                    .context(ctx.clone())
+                    .key("order")
+                    .hint("remove `order`"));
+            }
+            reorder(&mut jobs, order, stage_name);
+        }
         let search = match &stage.search {
             Some(s) => Some(check_search(file, &ctx, s, &jobs, stage.random.as_ref())?),
             None => None,
@@ -1098,6 +1107,39 @@ pub fn expand(
         }
     };
     Ok(Plan { name: exp.name, file: file.to_path_buf(), source, stages, max_parallel: exp.max_parallel, executor })
+}
+
+/// Puts a stage's jobs in the order they start (`order:`): the sweep's (as expanded), a
+/// permutation fixed by the stage's name, or a job of each value of the first swept key in turn
+/// (its values in first-seen order, each one's jobs in the sweep's order).
+fn reorder(jobs: &mut Vec<Job>, order: crate::file::Order, stage: &str) {
+    use crate::file::Order;
+    match order {
+        Order::Plan => {}
+        Order::Shuffled => {
+            use rand::seq::SliceRandom;
+            use rand::SeedableRng;
+            let seed = stage.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            jobs.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        }
+        Order::Interleave => {
+            let mut groups: Vec<(Option<Value>, std::collections::VecDeque<Job>)> = Vec::new();
+            for j in jobs.drain(..) {
+                let key = j.point.first().map(|(_, v)| v.clone());
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, g)) => g.push_back(j),
+                    None => groups.push((key, std::collections::VecDeque::from([j]))),
+                }
+            }
+            while groups.iter().any(|(_, g)| !g.is_empty()) {
+                for (_, g) in &mut groups {
+                    if let Some(j) = g.pop_front() {
+                        jobs.push(j);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What a TPE stage cannot have: TPE proposes points from the distributions of `random:`, one

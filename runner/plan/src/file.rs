@@ -209,7 +209,22 @@ config_keys! {
         /// config and seed with the full budget, and a rung is where it paused.
         #[serde(default)]
         pub search: Option<SearchFile>,
+        /// The order the stage's jobs start in: `plan` (the sweep's, first key slowest),
+        /// `shuffled` (a fixed random permutation) or `interleave` (a job of each value of the
+        /// first swept key in turn, so that every method shows early). Not part of identity.
+        #[serde(default)]
+        pub order: Option<Order>,
     }
+}
+
+/// `order:` of a stage.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    #[default]
+    Plan,
+    Shuffled,
+    Interleave,
 }
 
 /// `search:` on a stage.

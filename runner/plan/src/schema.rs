@@ -22,9 +22,10 @@ pub fn schema() -> Value {
         (
             "random",
             json!({"type": "object", "description": "`samples: N`, `seed`, and dotted keys drawn from \
-                `uniform(a, b)`, `loguniform(a, b)`, `int(a, b)` or `choice([...])`",
+                `uniform(a, b)`, `loguniform(a, b)`, `int(a, b)` or `choice([...])`; under a TPE search, \
+                no `samples` (its `trials` is how many points it tries)",
                 "properties": {"samples": {"type": "integer", "minimum": 1}, "seed": {"type": "integer", "minimum": 0}},
-                "additionalProperties": {"type": "string"}, "required": ["samples"]}),
+                "additionalProperties": {"type": "string"}}),
         ),
         (
             "variants",
@@ -73,8 +74,13 @@ pub fn schema() -> Value {
                 "metric": {"type": "string", "pattern": "^(val|train|test)\\."},
                 "mode": {"enum": ["max", "min"]},
                 "min_epochs": {"type": "integer", "minimum": 1},
-                "reduction": {"type": "integer", "minimum": 2}}}),
+                "reduction": {"type": "integer", "minimum": 2},
+                "trials": {"type": "integer", "minimum": 1},
+                "startup": {"type": "integer", "minimum": 1},
+                "seed": {"type": "integer", "minimum": 0},
+                "stopping": {"enum": ["asha"]}}}),
         ),
+        ("order", json!({"enum": ["plan", "shuffled", "interleave"]})),
     ] {
         stage_props.insert(k.to_string(), v);
     }

@@ -118,3 +118,28 @@ fn named_variants_label_their_points_by_name() {
         assert!(e.to_string().contains(msg), "{e}");
     }
 }
+
+#[test]
+fn order_changes_when_jobs_start_not_which_jobs_they_are() {
+    let grid = "    grid: {optimizer.name: [sgd, adam], optimizer.lr: [0.1, 0.01, 0.001]}\n    seeds: 2\n";
+    let plain = plan(grid);
+    let ids = |p: &Plan| {
+        let mut v: Vec<String> = p.jobs().map(|j| j.id.to_string()).collect();
+        v.sort();
+        v
+    };
+    // Interleave: a job of each value of the first key in turn, each value's jobs in sweep order.
+    let inter = plan(&format!("{grid}    order: interleave\n"));
+    assert_eq!(ids(&inter), ids(&plain));
+    let names: Vec<&str> = inter.jobs().map(|j| j.point[0].1.as_str().unwrap()).collect();
+    assert_eq!(names, ["sgd", "adam"].repeat(6));
+    let sgd = |p: &Plan| -> Vec<String> { p.jobs().filter(|j| j.point[0].1 == "sgd").map(|j| j.label()).collect() };
+    assert_eq!(sgd(&inter), sgd(&plain));
+    // Shuffled: a permutation, the same every time the file is planned.
+    let shuffled = plan(&format!("{grid}    order: shuffled\n"));
+    assert_eq!(ids(&shuffled), ids(&plain));
+    assert_ne!(labels(&shuffled), labels(&plain));
+    assert_eq!(labels(&shuffled), labels(&plan(&format!("{grid}    order: shuffled\n"))));
+    // `plan` is the sweep's own order.
+    assert_eq!(labels(&plan(&format!("{grid}    order: plan\n"))), labels(&plain));
+}
