@@ -319,14 +319,23 @@ fn search_mistakes_are_refused_at_their_line() {
 
     for (change, says) in [
         (("      trials: 10\n", ""), "TPE needs `trials`"),
-        (("    random:\n      optimizer.lr: loguniform(0.0003, 3.0)\n      model.hidden: choice([[16], [32]])\n", ""), "TPE proposes points from the distributions of `random:`, and this stage has none"),
+        (
+            (
+                "    random:\n      optimizer.lr: loguniform(0.0003, 3.0)\n      model.hidden: choice([[16], [32]])\n",
+                "",
+            ),
+            "TPE proposes points from the distributions of `random:`, and this stage has none",
+        ),
         (("    random:\n", "    random:\n      samples: 8\n"), "`random.samples` does not apply under TPE"),
         (("    random:\n", "    seeds: 2\n    random:\n"), "TPE proposes one job per trial, but `seeds` gives 2"),
         (("      stopping: asha\n", ""), "`min_epochs` shapes early stopping"),
         (("      startup: 4", "      startup: 0"), "`startup` must be at least 1"),
         (("      stopping: asha", "      stopping: median"), "unknown variant `median`"),
         (("uniform(0.0003, 3.0)", "uniform(3.0, 0.0003)"), "the low end must be below the high end"),
-        (("stages:\n", "stages:\n  eval:\n    task: evaluate\n    needs: train\n"), "`train` is a TPE search, whose trials are only known as it runs"),
+        (
+            ("stages:\n", "stages:\n  eval:\n    task: evaluate\n    needs: train\n"),
+            "`train` is a TPE search, whose trials are only known as it runs",
+        ),
     ] {
         let f = write_file(dir.path(), "bad.yaml", &TPE.replace(change.0, change.1));
         let out = cmd(&store).arg("validate").arg(&f).output().unwrap();

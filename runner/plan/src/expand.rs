@@ -6,8 +6,8 @@ use crate::error::did_you_mean;
 use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Seeds, Select, CONFIG_KEYS};
 use crate::identity::{content_config, job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
 use crate::sweep::{
-    check_key, check_size, grid_factor, leaves, product, random_factor, random_space, zip_factor, Change, Dist,
-    Factor, Point, MAX_STAGE_JOBS,
+    check_key, check_size, grid_factor, leaves, product, random_factor, random_space, zip_factor, Change, Dist, Factor,
+    Point, MAX_STAGE_JOBS,
 };
 use crate::SpecError;
 use indexmap::IndexMap;
@@ -141,11 +141,12 @@ impl Search {
         }
         let b = self.rungs.len();
         let eta = f64::from(self.reduction);
-        let weights: Vec<i64> =
-            (0..b).map(|s| {
+        let weights: Vec<i64> = (0..b)
+            .map(|s| {
                 let h = (b - 1 - s) as i32;
                 (b as f64 / (h + 1) as f64 * eta.powi(h)).ceil() as i64
-            }).collect();
+            })
+            .collect();
         let total: i64 = weights.iter().sum();
         let mut current = vec![0i64; b];
         let mut out: Vec<(usize, Vec<usize>)> = (0..b).map(|s| (s, Vec::new())).collect();
@@ -637,14 +638,14 @@ pub fn expand(
             check_tpe_stage(file, &ctx, stage)?;
         }
         if let Some((parent, _)) = &needs {
-            let proposed = exp.stages[parent.as_str()]
-                .search
-                .as_ref()
-                .is_some_and(|s| s.algorithm == crate::file::Algorithm::Tpe);
+            let proposed =
+                exp.stages[parent.as_str()].search.as_ref().is_some_and(|s| s.algorithm == crate::file::Algorithm::Tpe);
             if proposed {
                 return Err(SpecError::new(
                     file,
-                    format!("`{parent}` is a TPE search, whose trials are only known as it runs: a stage cannot need it"),
+                    format!(
+                        "`{parent}` is a TPE search, whose trials are only known as it runs: a stage cannot need it"
+                    ),
                 )
                 .context(format!("{ctx}.needs"))
                 .hint("run the best trial's config (`xlab search-log`, `xlab show`) in a stage of its own"));
@@ -663,11 +664,8 @@ pub fn expand(
             factors.push(zip_factor(&keys).map_err(|m| SpecError::new(file, m).context(format!("{ctx}.zip")))?);
         }
         if let Some(r) = &stage.random {
-            let factor = if tpe {
-                random_space(r).map(|space| crate::sweep::probe_factor(&space))
-            } else {
-                random_factor(r)
-            };
+            let factor =
+                if tpe { random_space(r).map(|space| crate::sweep::probe_factor(&space)) } else { random_factor(r) };
             factors.push(factor.map_err(|(m, h)| SpecError::new(file, m).context(format!("{ctx}.random")).hint(h))?);
         }
         if !stage.variants.is_empty() {
@@ -1054,7 +1052,13 @@ pub fn expand(
             } else {
                 None
             };
-            template = Some(TrialTemplate { base: base.clone(), seed: seeds[0], exec: exec.clone(), extra: extra.clone(), registry });
+            template = Some(TrialTemplate {
+                base: base.clone(),
+                seed: seeds[0],
+                exec: exec.clone(),
+                extra: extra.clone(),
+                registry,
+            });
             jobs.clear();
         }
         expanded.insert(stage_name.clone(), jobs.clone());
@@ -1119,7 +1123,8 @@ fn reorder(jobs: &mut Vec<Job>, order: crate::file::Order, stage: &str) {
         Order::Shuffled => {
             use rand::seq::SliceRandom;
             use rand::SeedableRng;
-            let seed = stage.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            let seed =
+                stage.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
             jobs.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
         }
         Order::Interleave => {
@@ -1147,9 +1152,10 @@ fn reorder(jobs: &mut Vec<Job>, order: crate::file::Order, stage: &str) {
 fn check_tpe_stage(file: &Path, ctx: &str, stage: &crate::file::StageFile) -> Result<(), SpecError> {
     let grid_hint = "write the keys under `random:` as distributions (uniform, loguniform, int, choice), or use \
                      `algorithm: asha` over the grid";
-    if let Some((key, _)) = [("grid", !stage.grid.is_empty()), ("zip", !stage.zip.is_empty()), ("variants", !stage.variants.is_empty())]
-        .into_iter()
-        .find(|(_, set)| *set)
+    if let Some((key, _)) =
+        [("grid", !stage.grid.is_empty()), ("zip", !stage.zip.is_empty()), ("variants", !stage.variants.is_empty())]
+            .into_iter()
+            .find(|(_, set)| *set)
     {
         return Err(SpecError::new(file, format!("TPE proposes points from distributions, not from a `{key}:`"))
             .context(ctx.to_string())
@@ -1157,16 +1163,22 @@ fn check_tpe_stage(file: &Path, ctx: &str, stage: &crate::file::StageFile) -> Re
             .hint(grid_hint));
     }
     let Some(r) = &stage.random else {
-        return Err(SpecError::new(file, "TPE proposes points from the distributions of `random:`, and this stage has none")
-            .context(format!("{ctx}.search"))
-            .key("algorithm")
-            .hint("add e.g. `random: {optimizer.lr: loguniform(1e-4, 1e-1)}`"));
+        return Err(SpecError::new(
+            file,
+            "TPE proposes points from the distributions of `random:`, and this stage has none",
+        )
+        .context(format!("{ctx}.search"))
+        .key("algorithm")
+        .hint("add e.g. `random: {optimizer.lr: loguniform(1e-4, 1e-1)}`"));
     };
     if r.samples.is_some() {
-        return Err(SpecError::new(file, "`random.samples` does not apply under TPE: `search.trials` is how many points it tries")
-            .context(format!("{ctx}.random"))
-            .key("samples")
-            .hint("remove `samples`"));
+        return Err(SpecError::new(
+            file,
+            "`random.samples` does not apply under TPE: `search.trials` is how many points it tries",
+        )
+        .context(format!("{ctx}.random"))
+        .key("samples")
+        .hint("remove `samples`"));
     }
     if stage.needs.is_some() {
         return Err(SpecError::new(file, "a TPE search runs in a stage of its own, without `needs:`")
@@ -1221,7 +1233,8 @@ impl Plan {
             parents: &[],
             pick: None,
         });
-        let earlier = job_id(&IdentityInput { config: &config_json, seed: t.seed, plugins: &refs, parents: &[], pick: None });
+        let earlier =
+            job_id(&IdentityInput { config: &config_json, seed: t.seed, plugins: &refs, parents: &[], pick: None });
         Ok(Job {
             earlier_id: (earlier != id).then_some(earlier),
             id,

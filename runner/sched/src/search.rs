@@ -235,7 +235,14 @@ impl Asha {
     }
 
     /// A proposal became trial `job`: the decision to record before it runs.
-    pub(crate) fn proposed(&mut self, job: usize, id: &str, point: &[(String, Value)], params: Vec<f64>, based_on: u32) -> Decision {
+    pub(crate) fn proposed(
+        &mut self,
+        job: usize,
+        id: &str,
+        point: &[(String, Value)],
+        params: Vec<f64>,
+        based_on: u32,
+    ) -> Decision {
         self.trials.push(job);
         self.members.insert(job);
         if let Some(p) = &mut self.proposer {
@@ -465,7 +472,10 @@ impl Asha {
             && self.fresh.is_empty()
             && !self.proposes_more()
             && self.broken.is_none()
-            && self.trials.iter().all(|t| self.started.contains(t) || self.failed.contains(t) || self.pruned.contains(t))
+            && self
+                .trials
+                .iter()
+                .all(|t| self.started.contains(t) || self.failed.contains(t) || self.pruned.contains(t))
     }
 
     /// The promotion due now: one that qualifies; or, once the search is idle and no trial has

@@ -12,6 +12,7 @@
 //! seed and the trial's number: the same history always gives the same next point.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 
 /// One dimension of the search space. Values are in Optuna's internal representation: a float
 /// or an integer as `f64`, a choice as the index of the chosen value.
@@ -135,15 +136,18 @@ fn split(history: &[Trial], n_below: usize, direction: Direction) -> (Vec<&Trial
         State::Complete(v) => v,
         _ => unreachable!(),
     };
-    // Stable sorts: ties keep trial order.
-    complete.sort_by(|&a, &b| {
-        let (x, y) = (value(a), value(b));
-        if sign > 0.0 {
-            x.partial_cmp(&y).unwrap_or(Ordering::Equal)
-        } else {
-            y.partial_cmp(&x).unwrap_or(Ordering::Equal)
-        }
-    });
+    // The best first, ties in trial order; only the best `n_below` need ordering.
+    let better = |a: &usize, b: &usize| {
+        let (x, y) = (value(*a), value(*b));
+        let by_value = if sign > 0.0 { x.partial_cmp(&y) } else { y.partial_cmp(&x) };
+        by_value.unwrap_or(Ordering::Equal).then(a.cmp(b))
+    };
+    if n_below < complete.len() {
+        complete.select_nth_unstable_by(n_below, better);
+        complete[..n_below].sort_by(better);
+    } else {
+        complete.sort_by(better);
+    }
     let score = |i: usize| -> (f64, f64) {
         match history[i].state {
             State::Pruned(Some((step, v))) => {
@@ -216,8 +220,9 @@ fn next_down(x: f64) -> f64 {
 /// One dimension of a Parzen estimator: a kernel per observation and one for the prior.
 enum Kernels {
     Choice {
-        /// Per kernel, the probability of each choice.
-        weights: Vec<Vec<f64>>,
+        /// Per kernel, the probability of each choice (row-major, `choices` per kernel).
+        weights: Vec<f64>,
+        choices: usize,
     },
     Numeric {
         mu: Vec<f64>,
@@ -296,11 +301,11 @@ impl Parzen {
             .collect();
         let mut out = vec![vec![0.0; self.dims.len()]; size];
         for (j, d) in self.dims.iter().enumerate() {
-            if let Kernels::Choice { weights } = d {
+            if let Kernels::Choice { weights, choices } = d {
                 for (i, &k) in active.iter().enumerate() {
                     let q = rng.next_f64();
                     let mut cum = 0.0;
-                    let row = &weights[k];
+                    let row = &weights[k * choices..(k + 1) * choices];
                     let mut idx = 0;
                     for (c, p) in row.iter().enumerate() {
                         cum += p;
@@ -334,37 +339,87 @@ impl Parzen {
         out
     }
 
+    /// The log density of each point: per kernel, its weight's log and each dimension's log
+    /// density, summed over kernels in log space. What depends on a kernel alone (the mass of
+    /// its truncation) is computed once, and an integer's cell mass once per distinct kernel.
     fn log_pdf(&self, xs: &[Vec<f64>]) -> Vec<f64> {
+        let n = self.weights.len();
         let log_w: Vec<f64> = self.weights.iter().map(|w| w.ln()).collect();
-        xs.iter()
-            .map(|x| {
-                let per_kernel: Vec<f64> = (0..self.weights.len())
-                    .map(|k| {
-                        let mut lp = log_w[k];
-                        for (j, d) in self.dims.iter().enumerate() {
-                            lp += match d {
-                                Kernels::Choice { weights } => weights[k][x[j] as usize].ln(),
-                                Kernels::Numeric { mu, sigma, step, log, .. } => {
-                                    let (al, ah) = d.adapted();
-                                    let (m, s) = (mu[k], sigma[k]);
-                                    if *step == 0.0 {
-                                        let v = if *log { x[j].ln() } else { x[j] };
-                                        truncnorm_logpdf((v - m) / s, (al - m) / s, (ah - m) / s) - s.ln()
-                                    } else {
-                                        let (l, r) = (x[j] - step / 2.0, x[j] + step / 2.0);
-                                        let (l, r) = if *log { (l.ln(), r.ln()) } else { (l, r) };
-                                        log_gauss_mass((l - m) / s, (r - m) / s)
-                                            - log_gauss_mass((al - m) / s, (ah - m) / s)
-                                    }
-                                }
-                            };
+        let mut acc = vec![log_w; xs.len()];
+        for (j, d) in self.dims.iter().enumerate() {
+            match d {
+                Kernels::Choice { weights, choices } => {
+                    // A kernel's choice probabilities take a few distinct values (all rows have
+                    // the same sum): each one's log once.
+                    let mut logs: Vec<(u64, f64)> = Vec::new();
+                    let mut ln_of = |p: f64| match logs.iter().find(|(b, _)| *b == p.to_bits()) {
+                        Some(&(_, l)) => l,
+                        None => {
+                            logs.push((p.to_bits(), p.ln()));
+                            p.ln()
                         }
-                        lp
-                    })
-                    .collect();
+                    };
+                    let ln: Vec<f64> = weights.iter().map(|&p| ln_of(p)).collect();
+                    for (x, row) in xs.iter().zip(&mut acc) {
+                        let c = x[j] as usize;
+                        for (k, v) in row.iter_mut().enumerate() {
+                            *v += ln[k * choices + c];
+                        }
+                    }
+                }
+                Kernels::Numeric { mu, sigma, step, log, .. } => {
+                    let (al, ah) = d.adapted();
+                    // Each kernel's truncation, standardised, and the log of its mass.
+                    let bounds: Vec<(f64, f64)> =
+                        mu.iter().zip(sigma).map(|(&m, &s)| ((al - m) / s, (ah - m) / s)).collect();
+                    let mass: Vec<f64> = bounds.iter().map(|&(a, b)| log_gauss_mass(a, b)).collect();
+                    if *step == 0.0 {
+                        // Per kernel: 1/σ, and the log density's constant part.
+                        let inv: Vec<f64> = sigma.iter().map(|s| 1.0 / s).collect();
+                        let constant: Vec<f64> =
+                            sigma.iter().zip(&mass).map(|(s, m)| -LOG_SQRT_2PI - m - s.ln()).collect();
+                        for (x, row) in xs.iter().zip(&mut acc) {
+                            let v = if *log { x[j].ln() } else { x[j] };
+                            for k in 0..n {
+                                let z = (v - mu[k]) * inv[k];
+                                let (a, b) = bounds[k];
+                                let inside = -(z * z) / 2.0 + constant[k];
+                                row[k] += if z < a || z > b { f64::NEG_INFINITY } else { inside };
+                            }
+                        }
+                    } else {
+                        // Kernels that share a centre and a width share every cell's mass.
+                        let mut unique: Vec<(f64, f64)> = Vec::new();
+                        let mut seen: HashMap<(u64, u64), usize> = HashMap::new();
+                        let of: Vec<usize> = mu
+                            .iter()
+                            .zip(sigma)
+                            .map(|(&m, &s)| {
+                                *seen.entry((m.to_bits(), s.to_bits())).or_insert_with(|| {
+                                    unique.push((m, s));
+                                    unique.len() - 1
+                                })
+                            })
+                            .collect();
+                        for (x, row) in xs.iter().zip(&mut acc) {
+                            let (l, r) = (x[j] - step / 2.0, x[j] + step / 2.0);
+                            let (l, r) = if *log { (l.ln(), r.ln()) } else { (l, r) };
+                            let cell: Vec<f64> =
+                                unique.iter().map(|&(m, s)| log_gauss_mass((l - m) / s, (r - m) / s)).collect();
+                            for k in 0..n {
+                                row[k] += cell[of[k]] - mass[k];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        acc.iter()
+            .map(|per_kernel| {
                 let max = per_kernel.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let max = if max == f64::NEG_INFINITY { 0.0 } else { max };
-                per_kernel.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max
+                // Terms below e⁻⁶⁰ of the largest cannot move the sum of even a million of them.
+                per_kernel.iter().map(|v| v - max).filter(|d| *d > -60.0).map(f64::exp).sum::<f64>().ln() + max
             })
             .collect()
     }
@@ -372,20 +427,21 @@ impl Parzen {
 
 fn categorical(obs: &[f64], choices: usize) -> Kernels {
     if obs.is_empty() {
-        return Kernels::Choice { weights: vec![vec![1.0 / choices as f64; choices]] };
+        return Kernels::Choice { weights: vec![1.0 / choices as f64; choices], choices };
     }
+    // A row per kernel: the prior's share of each choice, plus 1 on the observed one.
     let n_kernels = obs.len() + 1;
-    let mut weights = vec![vec![PRIOR_WEIGHT / n_kernels as f64; choices]; n_kernels];
-    for (row, &o) in weights.iter_mut().zip(obs) {
-        row[o as usize] += 1.0;
+    let mut weights = vec![PRIOR_WEIGHT / n_kernels as f64; choices * n_kernels];
+    for (k, &o) in obs.iter().enumerate() {
+        weights[k * choices + o as usize] += 1.0;
     }
-    for row in &mut weights {
+    for row in weights.chunks_mut(choices) {
         let s: f64 = row.iter().sum();
         if s != 0.0 {
             row.iter_mut().for_each(|v| *v /= s);
         }
     }
-    Kernels::Choice { weights }
+    Kernels::Choice { weights, choices }
 }
 
 fn numeric(obs: &[f64], low0: f64, high0: f64, step: f64, log: bool) -> Kernels {
@@ -475,19 +531,10 @@ fn log_gauss_mass(a: f64, b: f64) -> f64 {
     } else if a > 0.0 {
         left(-b, -a)
     } else {
-        (-(0.5 + 0.5 * libm::erf(a / std::f64::consts::SQRT_2)) - (0.5 + 0.5 * libm::erf(-b / std::f64::consts::SQRT_2)))
-            .ln_1p()
+        (-(0.5 + 0.5 * libm::erf(a / std::f64::consts::SQRT_2))
+            - (0.5 + 0.5 * libm::erf(-b / std::f64::consts::SQRT_2)))
+        .ln_1p()
     }
-}
-
-fn truncnorm_logpdf(x: f64, a: f64, b: f64) -> f64 {
-    if a == b {
-        return f64::NAN;
-    }
-    if x < a || x > b {
-        return f64::NEG_INFINITY;
-    }
-    -(x * x) / 2.0 - LOG_SQRT_2PI - log_gauss_mass(a, b)
 }
 
 fn log_add_exp(x: f64, y: f64) -> f64 {

@@ -15,7 +15,9 @@ fn python() -> PathBuf {
 
 fn dim(d: &Value) -> Dim {
     match d[0].as_str().unwrap() {
-        "float" => Dim::Float { low: d[1].as_f64().unwrap(), high: d[2].as_f64().unwrap(), log: d[3].as_bool().unwrap() },
+        "float" => {
+            Dim::Float { low: d[1].as_f64().unwrap(), high: d[2].as_f64().unwrap(), log: d[3].as_bool().unwrap() }
+        }
         "int" => Dim::Int { low: d[1].as_i64().unwrap(), high: d[2].as_i64().unwrap() },
         _ => Dim::Choice(d[1].as_u64().unwrap() as usize),
     }
@@ -46,8 +48,7 @@ fn suggestions_match_optunas_tpe_sampler() {
                 },
             })
             .collect();
-        let direction =
-            if case["direction"] == "maximize" { Direction::Maximize } else { Direction::Minimize };
+        let direction = if case["direction"] == "maximize" { Direction::Maximize } else { Direction::Minimize };
         let startup = case["startup"].as_u64().unwrap() as usize;
         let finished = history.iter().filter(|t| t.state != State::Running).count();
         if finished >= startup {

@@ -296,7 +296,8 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
     say_if_replacing(store, &plan)?;
     let rerun = review_done_jobs(store, &plan, how.rerun.as_deref())?;
     // A TPE search's trials count whether proposed already or still to come.
-    let total = plan.stages.iter().map(|s| s.search.as_ref().map_or(s.jobs.len(), |x| x.trials(s.jobs.len()))).sum::<usize>();
+    let total =
+        plan.stages.iter().map(|s| s.search.as_ref().map_or(s.jobs.len(), |x| x.trials(s.jobs.len()))).sum::<usize>();
     let cap = how.max_parallel.or(plan.max_parallel).map(|m| m as usize);
     let (at_once, on) = match &slurm {
         Some(s) => (cap.map_or("every ready job".into(), |c| format!("up to {c}")), s.describe()),
