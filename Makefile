@@ -85,6 +85,7 @@ bench: build
 	$(VENV)/bin/python bench/query.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/live.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/comixup.py --out bench/results
+	CARGO="$(CARGO)" $(VENV)/bin/python bench/search.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/report.py
 
 # Fuzzing (see runner/fuzz): each parser target (experiment files, query filters, worker event

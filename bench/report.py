@@ -149,7 +149,38 @@ def fuzz(d):
     return table(head, rows) + footer(d["meta"])
 
 
-RENDER = {"fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
+def point(p):
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+
+
+def search_asha(d):
+    rows = [[r["family"], f"{r['points']} × {r['epochs']}", f"{r['asha_epochs']} of {r['grid_epochs']}",
+             f"{100 * r['epoch_share']:.0f}%", point(r["asha_pick"]), num(r["asha_test"]), point(r["grid_best"]),
+             num(r["grid_test"]), f"{r['seed_std']:.4f} ({r['seeds']} seeds)", f"{r['gap']:+.4f}",
+             "yes" if r["within_one_std"] and r["within_budget"] else "no"] for r in d["rows"]]
+    head = ["family", "points × epochs", "ASHA epochs of the grid's", "share", "ASHA's pick", "its test metric",
+            "grid's best", "its test metric", "seed std of the best", "gap", "within 1 std and 35%"]
+    metrics = "; ".join(f"{r['family']}: {r['metric']} → {r['test_metric']}" for r in d["rows"])
+    return table(head, rows) + f"\n\n(Ranked by → reported: {metrics}.)" + footer(d["meta"])
+
+
+def search_tpe(d):
+    rows = [[r["seed"], num(r["tpe_best"]), num(r["random_best"]), "TPE" if r["tpe_wins"] else "random or tie"]
+            for r in d["rows"]]
+    wins = sum(r["tpe_wins"] for r in d["rows"])
+    m = d["rows"][0]
+    head = ["sampler seed", f"TPE best {m['metric']} ({m['mode']})", f"random best {m['metric']}", "better"]
+    return table(head, rows) + f"\n\nTPE found the better point in {wins} of {len(d['rows'])} seeds." + footer(d["meta"])
+
+
+def search_cost(d):
+    rows = [[f"{r['trials']:,}", r["dims"], f"{r['median_ms']:.2f} ms", f"{r['optuna_ms']:.1f} ms",
+             ratio(r["optuna_ms"] / r["median_ms"])] for r in d["rows"]]
+    head = ["finished trials", "dimensions", "xlab per proposal (median)", "Optuna TPESampler", "Optuna / xlab"]
+    return table(head, rows) + footer(d["meta"], f", Optuna {d['meta'].get('optuna', '?')}")
+
+
+RENDER = {"search-asha": search_asha, "search-tpe": search_tpe, "search-cost": search_cost, "fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
           "comixup": comixup, "live": live}
 
 
@@ -159,7 +190,7 @@ def render(name, results):
         return f"_Not measured yet: there is no `bench/results/{name}.json`._"
     with open(path) as f:
         data = json.load(f)
-    return RENDER[name.split("-")[0]](data)
+    return RENDER[name](data) if name in RENDER else RENDER[name.split("-")[0]](data)
 
 
 def main():
