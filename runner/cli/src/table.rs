@@ -18,6 +18,9 @@ pub struct Row {
     pub jobs: usize,
     /// Jobs a run holds as running now (or held when it ended without finishing).
     pub running: usize,
+    /// Trials a search stopped early (pruned) or holds at a rung (paused).
+    pub pruned: usize,
+    pub paused: usize,
 }
 
 /// Mean and sample standard deviation (n−1 in the denominator, as pandas and numpy's `ddof=1`).
@@ -33,23 +36,34 @@ pub fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
 
 /// Groups an experiment's jobs (those the filter matches) by stage and sweep point.
 pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Filter>) -> anyhow::Result<Vec<Row>> {
-    type Seen = (String, Vec<(String, Value)>, Option<BTreeMap<String, f64>>, bool);
+    type Seen = (String, Vec<(String, Value)>, Option<BTreeMap<String, f64>>, JobStatus);
     let seen: Vec<Seen> = crate::scan::matching(store, exp, filter, false, &|stage, view| {
         let job = view.record;
         let done = (job.status == JobStatus::Done).then(|| job.summary.clone());
-        Some((stage.to_string(), job.point.clone(), done, job.status == JobStatus::Running))
+        Some((stage.to_string(), job.point.clone(), done, job.status))
     })?;
     let mut out: Vec<Row> = Vec::new();
     let mut at: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
-    for (stage, point, summary, running) in seen {
+    for (stage, point, summary, status) in seen {
         let key = (stage, serde_json::to_string(&point).expect("points serialize"));
         let i = *at.entry(key).or_insert_with_key(|(stage, _)| {
-            out.push(Row { stage: stage.clone(), point, metrics: BTreeMap::new(), done: 0, jobs: 0, running: 0 });
+            out.push(Row {
+                stage: stage.clone(),
+                point,
+                metrics: BTreeMap::new(),
+                done: 0,
+                jobs: 0,
+                running: 0,
+                pruned: 0,
+                paused: 0,
+            });
             out.len() - 1
         });
         let row = &mut out[i];
         row.jobs += 1;
-        row.running += usize::from(running);
+        row.running += usize::from(status == JobStatus::Running);
+        row.pruned += usize::from(status == JobStatus::Pruned);
+        row.paused += usize::from(status == JobStatus::Paused);
         if let Some(summary) = summary {
             row.done += 1;
             for (k, v) in summary {
@@ -158,11 +172,19 @@ pub fn render(rows: &[Row], metrics: &[String]) -> String {
             let xs = r.metrics.get(m).map(Vec::as_slice).unwrap_or(&[]);
             cells.push(Cell::new(fmt_stat(xs)).set_alignment(CellAlignment::Right));
         }
-        let seeds = match (r.done == r.jobs, r.running) {
+        let mut seeds = match (r.done == r.jobs, r.running) {
             (true, _) => r.done.to_string(),
             (false, 0) => format!("{}/{} done", r.done, r.jobs),
             (false, n) => format!("{}/{} done, {n} running", r.done, r.jobs),
         };
+        // A search's trials stopped early say so, rather than look unfinished.
+        for (n, what) in [(r.pruned, "pruned"), (r.paused, "paused")] {
+            if n == r.jobs {
+                seeds = what.to_string();
+            } else if n > 0 {
+                seeds += &format!(", {n} {what}");
+            }
+        }
         cells.push(Cell::new(seeds).set_alignment(CellAlignment::Right));
         t.add_row(cells);
     }
@@ -354,7 +376,7 @@ mod tests {
                 metrics.insert(format!("{split}.group_acc.{g}"), vec![0.5]);
             }
         }
-        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0 };
+        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0, pruned: 0, paused: 0 };
         assert_eq!(default_metrics(&[row]), ["test.acc", "test.ece", "test.loss", "test.worst_group_acc"]);
     }
 
@@ -366,7 +388,7 @@ mod tests {
                 .into_iter()
                 .map(|m| (m.to_string(), vec![0.5]))
                 .collect();
-        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0 };
+        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0, pruned: 0, paused: 0 };
         assert_eq!(default_metrics(&[row]), ["sample.out_of_range", "sample.swd"]);
     }
 
@@ -388,6 +410,8 @@ mod tests {
             done: 2,
             jobs: 2,
             running: 0,
+            pruned: 0,
+            paused: 0,
         }]
     }
 
@@ -415,6 +439,8 @@ mod tests {
             done: 2,
             jobs: 2,
             running: 0,
+            pruned: 0,
+            paused: 0,
         }];
         let csv = render_csv(&rows, &["test.acc".into()]);
         let lines: Vec<&str> = csv.lines().collect();

@@ -298,6 +298,8 @@ fn search_mistakes_are_refused_at_their_line() {
         ("algorithm: asha", "algorithm: tpe", "TPE proposes points from distributions, not from a `grid:`"),
         ("      reduction: 3\n", "      reduction: 3\n      trials: 8\n", "`trials` is TPE's"),
         ("metric: val.loss", "metric: loss", "`loss` is not a metric trials log at every epoch"),
+        ("metric: val.loss", "metric: val.los", "no trial logs `val.los`"),
+        ("metric: val.loss", "metric: val.accuracy", "did you mean `val.acc`?"),
         ("      reduction: 3\n", "      reduction: 3\n      patience: 2\n", "unknown field `patience`"),
     ]
     .map(|(a, b, c)| ((a, b), c))

@@ -182,6 +182,9 @@ fn halving(rungs: &[u64], n: u64, reduction: u32) -> u64 {
 /// rank trials by.
 const SEARCH_METRIC_PREFIXES: [&str; 3] = ["val.", "train.", "test."];
 
+/// The metrics evaluation logs on a split (`val.acc`, …), besides those per class and group.
+const EVALUATED: [&str; 5] = ["acc", "loss", "ece", "worst_class_recall", "worst_group_acc"];
+
 /// Checks `search:` of stage `ctx` against its jobs (for TPE, the probes of its space) and its
 /// `random:` distributions.
 fn check_search(
@@ -236,6 +239,23 @@ fn check_search(
     if !SEARCH_METRIC_PREFIXES.iter().any(|p| s.metric.starts_with(p)) || s.metric.contains(' ') {
         return Err(err("metric", format!("`{}` is not a metric trials log at every epoch", s.metric))
             .hint("rank by a `val.` metric such as `val.acc`, `val.loss` or `val.worst_group_acc`"));
+    }
+    // What evaluation logs on the validation and test splits.
+    if let Some(name) = s.metric.strip_prefix("val.").or_else(|| s.metric.strip_prefix("test.")) {
+        let indexed = ["class_recall.", "group_acc.", "group_loss."]
+            .iter()
+            .any(|p| name.strip_prefix(p).is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())));
+        if !indexed && !EVALUATED.contains(&name) {
+            let split = &s.metric[..s.metric.len() - name.len()];
+            let hint = match did_you_mean(name, EVALUATED.iter().copied()) {
+                Some(c) => format!("did you mean `{split}{c}`?"),
+                None => format!(
+                    "evaluation logs {}, and per class or group `class_recall.K`, `group_acc.K`, `group_loss.K`",
+                    EVALUATED.map(|m| format!("`{split}{m}`")).join(", ")
+                ),
+            };
+            return Err(err("metric", format!("no trial logs `{}`", s.metric)).hint(hint));
+        }
     }
     let reduction = s.reduction.unwrap_or(3);
     if reduction < 2 {

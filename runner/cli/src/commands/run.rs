@@ -105,7 +105,15 @@ pub fn validate(_cli: &Cli, args: &ValidateCommand) -> Result<u8, Failure> {
     let ValidateCommand { file } = args;
     let plan = xlab_plan::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
     let n: usize = plan.stages.iter().map(|s| s.jobs.len()).sum();
-    outln!("{}: ok — experiment `{}`, {} stage(s), {n} job(s)", file.display(), plan.name, plan.stages.len());
+    let proposed: Vec<String> = plan
+        .stages
+        .iter()
+        .filter_map(|s| {
+            s.search.as_ref()?.tpe.as_ref().map(|t| format!("{} trial(s) TPE proposes in `{}`", t.trials, s.name))
+        })
+        .collect();
+    let and = if proposed.is_empty() { String::new() } else { format!(" and the {}", proposed.join(", ")) };
+    outln!("{}: ok — experiment `{}`, {} stage(s), {n} job(s){and}", file.display(), plan.name, plan.stages.len());
     Ok(0)
 }
 
