@@ -300,6 +300,8 @@ fn search_mistakes_are_refused_at_their_line() {
         ("metric: val.loss", "metric: loss", "`loss` is not a metric trials log at every epoch"),
         ("metric: val.loss", "metric: val.los", "no trial logs `val.los`"),
         ("metric: val.loss", "metric: val.accuracy", "did you mean `val.acc`?"),
+        ("metric: val.loss", "metric: val.worst_group_acc", "the stage's data has no groups"),
+        ("n_val: 200", "n_val: 0", "the stage's data has no validation split"),
         ("      reduction: 3\n", "      reduction: 3\n      patience: 2\n", "unknown field `patience`"),
     ]
     .map(|(a, b, c)| ((a, b), c))

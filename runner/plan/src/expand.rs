@@ -256,6 +256,18 @@ fn check_search(
             };
             return Err(err("metric", format!("no trial logs `{}`", s.metric)).hint(hint));
         }
+        let by_group = name.starts_with("group_") || name == "worst_group_acc";
+        if by_group && jobs.iter().all(|j| j.config.data.has_groups() == Some(false)) {
+            return Err(err("metric", format!("no trial logs `{}`: the stage's data has no groups", s.metric))
+                .hint("group metrics come from data with groups (`spurious`, or a file with a `group` column); rank by e.g. `val.worst_class_recall` or `val.acc`"));
+        }
+        if s.metric.starts_with("val.") && !jobs.is_empty() && jobs.iter().all(|j| j.config.data.n_val() == 0) {
+            return Err(err(
+                "metric",
+                format!("no trial logs `{}`: the stage's data has no validation split", s.metric),
+            )
+            .hint("give the data a validation split (`data: {n_val: …}`), or rank by a `train.` metric"));
+        }
     }
     let reduction = s.reduction.unwrap_or(3);
     if reduction < 2 {

@@ -121,6 +121,29 @@ impl DataConfig {
         }
     }
 
+    /// The size of the validation split.
+    pub fn n_val(&self) -> usize {
+        match self {
+            DataConfig::TwoMoons(d) => d.n_val,
+            DataConfig::Spurious(d) => d.n_val,
+            DataConfig::Blobs(d) => d.n_val,
+            DataConfig::Digits(d) => d.n_val,
+            DataConfig::Npz(d) => d.n_val,
+            DataConfig::Csv(d) => d.n_val,
+            DataConfig::Cifar10(d) | DataConfig::Cifar100(d) | DataConfig::Idx(d) => d.n_val,
+        }
+    }
+
+    /// Whether rows carry groups (for group metrics and group DRO), where the config alone
+    /// tells: `None` for files, whose columns or arrays tell.
+    pub fn has_groups(&self) -> Option<bool> {
+        match self {
+            DataConfig::Spurious(_) => Some(true),
+            DataConfig::Npz(_) | DataConfig::Csv(_) => None,
+            _ => Some(false),
+        }
+    }
+
     /// Whether rows are images (for `cnn`, `resnet18`, `wrn` and augmentation).
     pub fn is_image(&self) -> bool {
         match self {
