@@ -8,7 +8,7 @@ TORCH_VERSION := 2.11.0
 CARGO ?= cargo
 RELEASE := --release
 
-.PHONY: setup build demo test lint bench fuzz fmt clean device-bundle slurm-packages
+.PHONY: setup build demo test lint bench fuzz fmt clean device-bundle slurm-packages browser-packages
 
 # A project-local virtualenv with torch from PyPI; `.venv/torch` points at the installed torch
 # package, which holds libtorch (lib/, include/) for tch to build and link against.
@@ -63,7 +63,22 @@ slurm-packages:
 	  echo "Slurm is not installed and this is not root with apt: the Slurm executor's tests will be skipped"; \
 	fi
 
-test: build lint slurm-packages
+# The dashboard's browser test drives Debian's headless Chromium over WebDriver: installed here
+# when this runs as root with apt. Elsewhere that test says why it skips.
+BROWSER_PACKAGES := chromium chromium-driver
+browser-packages:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $(BROWSER_PACKAGES) for the dashboard's browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; } \
+	    || echo "could not install Chromium: the dashboard's browser test will be skipped"; \
+	else \
+	  echo "Chromium is not installed and this is not root with apt: the dashboard's browser test will be skipped"; \
+	fi
+
+test: build lint slurm-packages browser-packages
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run $(RELEASE) --workspace --no-fail-fast; \
 	else \

@@ -22,6 +22,7 @@ mod plot;
 mod plugins;
 mod raster;
 mod scan;
+mod serve;
 mod show;
 mod status;
 mod table;
@@ -97,6 +98,9 @@ enum Command {
     /// Two jobs side by side: the config keys that differ, then every final metric of either
     /// with its difference (b − a).
     Compare(commands::show::CompareArgs),
+    /// A local web dashboard over the store: experiments, tables, curves and jobs, live while
+    /// runs write (read-only; binds 127.0.0.1 unless told otherwise).
+    Serve(serve::ServeArgs),
     /// Report versions, libtorch, devices, store and plugin locations.
     Doctor,
     /// Print the JSON Schema of experiment files (also in experiments/schema.json), for editors.
@@ -152,6 +156,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Experiments => commands::show::experiments(cli),
         Command::SearchLog(args) => commands::search::run(cli, args),
         Command::Compare(args) => commands::show::compare(cli, args),
+        Command::Serve(args) => serve::run(cli, args),
         Command::Doctor => commands::doctor::run(cli),
         Command::Schema => {
             outln!("{}", serde_json::to_string_pretty(&xlab_plan::schema::schema()).expect("json"));

@@ -21,6 +21,8 @@ pub struct Row {
     /// Trials a search stopped early (pruned) or holds at a rung (paused).
     pub pruned: usize,
     pub paused: usize,
+    /// The group's jobs.
+    pub ids: Vec<String>,
 }
 
 /// Mean and sample standard deviation (n−1 in the denominator, as pandas and numpy's `ddof=1`).
@@ -36,15 +38,15 @@ pub fn mean_std(xs: &[f64]) -> (f64, Option<f64>) {
 
 /// Groups an experiment's jobs (those the filter matches) by stage and sweep point.
 pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Filter>) -> anyhow::Result<Vec<Row>> {
-    type Seen = (String, Vec<(String, Value)>, Option<BTreeMap<String, f64>>, JobStatus);
+    type Seen = (String, Vec<(String, Value)>, Option<BTreeMap<String, f64>>, JobStatus, String);
     let seen: Vec<Seen> = crate::scan::matching(store, exp, filter, false, &|stage, view| {
         let job = view.record;
         let done = (job.status == JobStatus::Done).then(|| job.summary.clone());
-        Some((stage.to_string(), job.point.clone(), done, job.status))
+        Some((stage.to_string(), job.point.clone(), done, job.status, job.id.clone()))
     })?;
     let mut out: Vec<Row> = Vec::new();
     let mut at: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
-    for (stage, point, summary, status) in seen {
+    for (stage, point, summary, status, id) in seen {
         let key = (stage, serde_json::to_string(&point).expect("points serialize"));
         let i = *at.entry(key).or_insert_with_key(|(stage, _)| {
             out.push(Row {
@@ -56,11 +58,13 @@ pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Fil
                 running: 0,
                 pruned: 0,
                 paused: 0,
+                ids: Vec::new(),
             });
             out.len() - 1
         });
         let row = &mut out[i];
         row.jobs += 1;
+        row.ids.push(id);
         row.running += usize::from(status == JobStatus::Running);
         row.pruned += usize::from(status == JobStatus::Pruned);
         row.paused += usize::from(status == JobStatus::Paused);
@@ -116,7 +120,25 @@ fn csv_text<'a>(rows: impl IntoIterator<Item = &'a [String]>) -> String {
     String::from_utf8(w.into_inner().expect("writing CSV to memory")).expect("CSV of UTF-8 cells is UTF-8")
 }
 
-fn columns(rows: &[Row]) -> Vec<String> {
+/// A row as `xlab query --format json` gives it: the stage, the point, each metric's mean, std,
+/// count and values over the finished seeds, and how many of its jobs are done.
+pub fn row_json(r: &Row) -> Value {
+    let point: serde_json::Map<String, Value> = r.point.iter().cloned().collect();
+    let stats: serde_json::Map<String, Value> = r
+        .metrics
+        .iter()
+        .map(|(k, xs)| {
+            let (mean, std) = mean_std(xs);
+            let f = xlab_proto::floats::to_json;
+            let values: Vec<Value> = xs.iter().copied().map(f).collect();
+            (k.clone(), serde_json::json!({"mean": f(mean), "std": std.map(f), "n": xs.len(), "values": values}))
+        })
+        .collect();
+    serde_json::json!({"stage": r.stage, "point": point, "metrics": stats, "done": r.done, "jobs": r.jobs})
+}
+
+/// The sweep keys of the rows, in the order they first appear.
+pub fn columns(rows: &[Row]) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     for r in rows {
         for (k, _) in &r.point {
@@ -376,7 +398,17 @@ mod tests {
                 metrics.insert(format!("{split}.group_acc.{g}"), vec![0.5]);
             }
         }
-        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0, pruned: 0, paused: 0 };
+        let row = Row {
+            stage: "s".into(),
+            point: vec![],
+            metrics,
+            done: 1,
+            jobs: 1,
+            running: 0,
+            pruned: 0,
+            paused: 0,
+            ids: Vec::new(),
+        };
         assert_eq!(default_metrics(&[row]), ["test.acc", "test.ece", "test.loss", "test.worst_group_acc"]);
     }
 
@@ -388,7 +420,17 @@ mod tests {
                 .into_iter()
                 .map(|m| (m.to_string(), vec![0.5]))
                 .collect();
-        let row = Row { stage: "s".into(), point: vec![], metrics, done: 1, jobs: 1, running: 0, pruned: 0, paused: 0 };
+        let row = Row {
+            stage: "s".into(),
+            point: vec![],
+            metrics,
+            done: 1,
+            jobs: 1,
+            running: 0,
+            pruned: 0,
+            paused: 0,
+            ids: Vec::new(),
+        };
         assert_eq!(default_metrics(&[row]), ["sample.out_of_range", "sample.swd"]);
     }
 
@@ -412,6 +454,7 @@ mod tests {
             running: 0,
             pruned: 0,
             paused: 0,
+            ids: Vec::new(),
         }]
     }
 
@@ -441,6 +484,7 @@ mod tests {
             running: 0,
             pruned: 0,
             paused: 0,
+            ids: Vec::new(),
         }];
         let csv = render_csv(&rows, &["test.acc".into()]);
         let lines: Vec<&str> = csv.lines().collect();

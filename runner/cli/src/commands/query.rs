@@ -153,24 +153,7 @@ pub(crate) fn query(
         Format::Markdown => out!("{}", table::render_markdown(&rows, &metrics)),
         Format::Latex => out!("{}", table::render_latex(&rows, &metrics)),
         Format::Json => {
-            let v: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|r| {
-                    let point: serde_json::Map<String, serde_json::Value> = r.point.iter().cloned().collect();
-                    let stats: serde_json::Map<String, serde_json::Value> = r
-                        .metrics
-                        .iter()
-                        .map(|(k, xs)| {
-                            let (mean, std) = table::mean_std(xs);
-                            let f = xlab_proto::floats::to_json;
-                            let values: Vec<serde_json::Value> = xs.iter().copied().map(f).collect();
-                            let std = std.map(f);
-                            (k.clone(), serde_json::json!({"mean": f(mean), "std": std, "n": xs.len(), "values": values}))
-                        })
-                        .collect();
-                    serde_json::json!({"stage": r.stage, "point": point, "metrics": stats, "done": r.done, "jobs": r.jobs})
-                })
-                .collect();
+            let v: Vec<serde_json::Value> = rows.iter().map(table::row_json).collect();
             outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         }
     }

@@ -1,0 +1,160 @@
+//! The dashboard's JSON: the store's experiments, an experiment's table (the rows of `xlab
+//! query`, from the same code), learning curves with seed bands, and one job.
+
+use super::Reply;
+use crate::common::*;
+use crate::table;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use xlab_store::{JobStatus, ResultStore};
+
+/// Every experiment, newest first, with its jobs counted by status.
+pub(super) fn experiments(store: &Opened) -> Result<Reply, Failure> {
+    let mut all = store.experiments()?;
+    all.sort_by_key(|e| std::cmp::Reverse(e.updated_unix));
+    let mut out = Vec::new();
+    for e in &all {
+        let ids: Vec<&str> = e.stages.iter().flat_map(|s| s.jobs.iter().map(String::as_str)).collect();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for rec in store.jobs_by_id(&ids)?.into_iter().flatten() {
+            *counts.entry(rec.status.as_str()).or_default() += 1;
+        }
+        let stages: Vec<Value> = e.stages.iter().map(|s| json!({"name": s.name, "jobs": s.jobs.len()})).collect();
+        out.push(json!({
+            "name": e.name, "file": e.file, "updated_unix": e.updated_unix, "jobs": ids.len(),
+            "counts": counts, "stages": stages,
+        }));
+    }
+    Ok(Reply::json(&json!({"store": store.dir().display().to_string(), "live": store.is_live(), "experiments": out})))
+}
+
+/// The experiment named `exp` (or the newest), with its filter bound to what its jobs hold.
+fn experiment_and_filter(
+    store: &Opened,
+    exp: Option<&str>,
+    filter: Option<&str>,
+) -> Result<(xlab_store::ExperimentRecord, crate::vocab::Vocab, Option<crate::filter::Filter>), Failure> {
+    let exp = pick_experiment(store, exp.filter(|e| !e.is_empty()))?;
+    let parsed = parse_filter(filter.filter(|f| !f.trim().is_empty()))?;
+    let (vocab, filter) = bind_filter(store, &exp, parsed)?;
+    Ok((exp, vocab, filter))
+}
+
+/// The rows of `xlab query` for an experiment: one per stage and sweep point.
+pub(super) fn table(
+    store: &Opened,
+    exp: Option<&str>,
+    filter: Option<&str>,
+    metrics: Option<&str>,
+) -> Result<Reply, Failure> {
+    let (exp, vocab, filter) = experiment_and_filter(store, exp, filter)?;
+    let wanted: Vec<String> =
+        metrics.unwrap_or("").split(',').map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect();
+    check_metrics(&vocab, &exp, &wanted, "metrics")?;
+    let rows = table::rows(store, &exp, filter.as_ref())?;
+    let shown = if wanted.is_empty() { table::default_metrics(&rows) } else { wanted };
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let mut v = table::row_json(r);
+            v["ids"] = json!(r.ids);
+            v["running"] = json!(r.running);
+            v["pruned"] = json!(r.pruned);
+            v["paused"] = json!(r.paused);
+            v
+        })
+        .collect();
+    Ok(Reply::json(&json!({
+        "experiment": exp.name,
+        "keys": table::columns(&rows),
+        "metrics": shown,
+        "all_metrics": vocab.metrics,
+        "rows": out,
+    })))
+}
+
+/// Learning curves of `metric`: per row (stage and sweep point), the mean over its seeds at each
+/// step and the standard deviation (the band), from the jobs that logged the step.
+pub(super) fn curves(
+    store: &Opened,
+    exp: Option<&str>,
+    filter: Option<&str>,
+    metric: Option<&str>,
+) -> Result<Reply, Failure> {
+    let (exp, vocab, filter) = experiment_and_filter(store, exp, filter)?;
+    let metric = match metric.filter(|m| !m.is_empty()) {
+        Some(m) => m.to_string(),
+        None => ["val.acc", "val.loss", "train.loss"]
+            .iter()
+            .find(|m| vocab.is_metric(m))
+            .map(|m| m.to_string())
+            .or_else(|| vocab.metrics.iter().next().cloned())
+            .unwrap_or_default(),
+    };
+    check_metrics(&vocab, &exp, std::slice::from_ref(&metric), "metric")?;
+    let rows = table::rows(store, &exp, filter.as_ref())?;
+    let mut groups = Vec::new();
+    for r in &rows {
+        let mut by_step: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+        for id in &r.ids {
+            for (step, v) in store.metric_series(id, &metric)? {
+                if v.is_finite() {
+                    by_step.entry(step).or_default().push(v);
+                }
+            }
+        }
+        if by_step.is_empty() {
+            continue;
+        }
+        let (mut steps, mut mean, mut std) = (Vec::new(), Vec::new(), Vec::new());
+        for (s, xs) in by_step {
+            let (m, sd) = table::mean_std(&xs);
+            steps.push(s);
+            mean.push(m);
+            std.push(sd.unwrap_or(0.0));
+        }
+        let point: serde_json::Map<String, Value> = r.point.iter().cloned().collect();
+        groups.push(
+            json!({"stage": r.stage, "point": point, "seeds": r.ids.len(), "steps": steps, "mean": mean, "std": std}),
+        );
+    }
+    Ok(Reply::json(&json!({"experiment": exp.name, "metric": metric, "groups": groups})))
+}
+
+/// One job: its record, every metric series' last value, the search decisions about it, its
+/// files and the tail of its worker log.
+pub(super) fn job(store: &Opened, id: &str) -> Result<Reply, Failure> {
+    let rec = find_job(store, id)?;
+    let series = store.metrics_of(&rec.id)?;
+    let last: BTreeMap<&String, f64> = series.iter().filter_map(|(k, pts)| pts.last().map(|(_, v)| (k, *v))).collect();
+    let decisions: Vec<xlab_store::Decision> =
+        store.decisions(&rec.experiment, &rec.stage)?.into_iter().filter(|d| d.trial == rec.id).collect();
+    let dir = store.run_dir(&rec.id);
+    let mut files = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_file() {
+                files.push(json!({"path": e.file_name().to_string_lossy(), "bytes": meta.len()}));
+            }
+        }
+    }
+    files.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+    let log = ["worker.log", "stderr.log"].iter().find_map(|n| std::fs::read(dir.join(n)).ok()).map(|b| {
+        let text = String::from_utf8_lossy(&b).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    });
+    let mut record = serde_json::to_value(&rec).expect("records serialize");
+    record["last"] = json!(last
+        .iter()
+        .map(|(k, v)| (k.to_string(), xlab_proto::floats::to_json(*v)))
+        .collect::<serde_json::Map<_, _>>());
+    Ok(Reply::json(&json!({
+        "job": record,
+        "running": rec.status == JobStatus::Running,
+        "decisions": decisions,
+        "files": files,
+        "log": log,
+    })))
+}

@@ -1,0 +1,310 @@
+// The xlab dashboard: experiments, an experiment's table and curves, one job. Text from the
+// store is always set with textContent (never parsed as HTML); the page polls while it is open,
+// so finished jobs and growing curves show without reloading.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+if (params.get("token")) sessionStorage.setItem("xlab-token", params.get("token"));
+const TOKEN = sessionStorage.getItem("xlab-token");
+const POLL_MS = 1000;
+const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"];
+const SVG = "http://www.w3.org/2000/svg";
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) e.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) e.append(c);
+  return e;
+}
+
+function svg(tag, attrs) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "text") e.textContent = v;
+    else e.setAttribute(k, v);
+  }
+  return e;
+}
+
+async function api(path, query) {
+  const q = new URLSearchParams(query || {});
+  const headers = TOKEN ? { Authorization: "Bearer " + TOKEN } : {};
+  const r = await fetch(path + (q.toString() ? "?" + q : ""), { headers });
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || r.statusText);
+  return body;
+}
+
+function fmt(v) {
+  if (v === null || v === undefined) return "–";
+  if (typeof v === "number") {
+    if (!isFinite(v)) return String(v);
+    if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
+    return Number(v.toPrecision(4)).toString();
+  }
+  if (typeof v === "string") return v;
+  return JSON.stringify(v);
+}
+
+function route() {
+  const h = location.hash.replace(/^#/, "") || "/";
+  const [path, query] = h.split("?");
+  return { parts: path.split("/").filter(Boolean).map(decodeURIComponent), query: new URLSearchParams(query || "") };
+}
+
+function go(parts, query) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(query || {})) if (v) q.set(k, v);
+  location.hash = "/" + parts.map(encodeURIComponent).join("/") + (q.toString() ? "?" + q : "");
+}
+
+const main = () => document.getElementById("main");
+let timer = null;
+let renderedKey = "";
+
+async function show() {
+  clearTimeout(timer);
+  const r = route();
+  const key = location.hash;
+  try {
+    if (r.parts[0] === "exp" && r.parts[1]) await experimentView(r.parts[1], r.query, key !== renderedKey);
+    else if (r.parts[0] === "job" && r.parts[1]) await jobView(r.parts[1], key !== renderedKey);
+    else await experimentsView();
+    renderedKey = key;
+  } catch (e) {
+    main().replaceChildren(el("p", { class: "error", id: "error", text: e.message }));
+    renderedKey = "";
+  }
+  timer = setTimeout(show, POLL_MS);
+}
+
+async function experimentsView() {
+  const data = await api("/api/experiments");
+  document.getElementById("where").textContent = data.store;
+  document.getElementById("live").hidden = !data.live;
+  if (data.experiments.length === 0) {
+    main().replaceChildren(el("p", { id: "empty", text: "This store holds no experiments yet. Run one with `xlab run FILE` and it appears here." }));
+    return;
+  }
+  const cards = data.experiments.map((e) => {
+    const counts = Object.entries(e.counts).map(([s, n]) => el("span", { class: "status " + s, text: `${n} ${s}` }));
+    const stages = e.stages.map((s) => `${s.name} (${s.jobs})`).join(", ");
+    const updated = new Date(e.updated_unix * 1000).toLocaleString();
+    return el("div", { class: "card experiment" },
+      el("h2", {}, el("a", { href: "#/exp/" + encodeURIComponent(e.name), text: e.name })),
+      el("div", {}, ...counts),
+      el("div", { class: "muted", text: `${e.jobs} job(s): ${stages}` }),
+      el("div", { class: "muted", text: `${e.file} · updated ${updated}` }));
+  });
+  main().replaceChildren(el("h1", { text: "Experiments" }), el("div", { class: "cards" }, ...cards));
+}
+
+async function experimentView(name, query, fresh) {
+  const filter = query.get("filter") || "";
+  const metrics = query.get("metrics") || "";
+  const sort = query.get("sort") || "";
+  const [table, curves] = await Promise.all([
+    api("/api/table", { exp: name, filter, metrics }),
+    api("/api/curves", { exp: name, filter, metric: query.get("metric") || "" }),
+  ]);
+  document.getElementById("where").textContent = name;
+  const controls = fresh || !document.getElementById("filter") ? buildControls(name, query, table, curves) : null;
+  const body = [];
+  if (controls) body.push(el("h1", { text: name }), controls);
+  const box = el("div", { id: "results" },
+    tableOf(name, table, sort, query),
+    el("h2", { text: `Curves: ${curves.metric}` }),
+    chart(curves, query.get("logy") === "1"));
+  if (controls) main().replaceChildren(...body, box);
+  else document.getElementById("results").replaceWith(box);
+}
+
+function buildControls(name, query, table, curves) {
+  const state = () => ({ filter: input.value, metrics: metricsInput.value, metric: metricSelect.value,
+    logy: logy.checked ? "1" : "", sort: query.get("sort") || "" });
+  const input = el("input", { type: "text", id: "filter", placeholder: 'filter, e.g. optimizer.lr < 0.1 and last(val.acc) > 0.9',
+    value: query.get("filter") || "" });
+  const apply = () => go(["exp", name], state());
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") apply(); });
+  const metricsInput = el("input", { type: "text", id: "metrics", placeholder: "metrics (default: test.*)",
+    value: query.get("metrics") || "" });
+  metricsInput.addEventListener("keydown", (e) => { if (e.key === "Enter") apply(); });
+  const metricSelect = el("select", { id: "metric" });
+  for (const m of table.all_metrics) {
+    const o = el("option", { value: m, text: m });
+    if (m === curves.metric) o.selected = true;
+    metricSelect.append(o);
+  }
+  metricSelect.addEventListener("change", apply);
+  const logy = el("input", { type: "checkbox", id: "logy" });
+  logy.checked = query.get("logy") === "1";
+  logy.addEventListener("change", apply);
+  const csv = el("button", { id: "csv", text: "CSV", onclick: () => download(name + ".csv", toCsv(lastTable), "text/csv") });
+  return el("div", { class: "controls" }, input, el("button", { id: "apply", text: "Apply", onclick: apply }),
+    metricsInput, el("label", {}, "curve ", metricSelect), el("label", {}, logy, " log y"), csv);
+}
+
+let lastTable = null;
+
+function tableOf(name, data, sort, query) {
+  lastTable = data;
+  if (data.rows.length === 0) {
+    return el("p", { id: "no-rows", class: "muted", text: "No job matches this filter." });
+  }
+  const rows = data.rows.slice();
+  if (sort) {
+    const desc = sort.startsWith("-");
+    const key = desc ? sort.slice(1) : sort;
+    const val = (r) => (key in r.point ? r.point[key] : r.metrics[key] ? r.metrics[key].mean : null);
+    rows.sort((a, b) => {
+      const x = val(a), y = val(b);
+      if (x === y) return 0;
+      if (x === null) return 1;
+      if (y === null) return -1;
+      return (x < y ? -1 : 1) * (desc ? -1 : 1);
+    });
+  }
+  const sortBy = (k) => () => {
+    const next = sort === k ? "-" + k : k;
+    const q = Object.fromEntries(query.entries());
+    q.sort = next;
+    go(["exp", name], q);
+  };
+  const head = el("tr", {}, el("th", { text: "stage" }),
+    ...data.keys.map((k) => el("th", { text: k, onclick: sortBy(k) })),
+    ...data.metrics.map((m) => el("th", { text: m + " (mean ± std)", onclick: sortBy(m) })),
+    el("th", { text: "seeds" }));
+  const body = rows.map((r) => {
+    const seeds = r.done === r.jobs ? String(r.done)
+      : r.pruned === r.jobs ? "pruned"
+      : `${r.done}/${r.jobs} done` + (r.running ? `, ${r.running} running` : "") + (r.pruned ? `, ${r.pruned} pruned` : "");
+    const link = r.ids.length === 1 ? el("a", { href: "#/job/" + r.ids[0], text: r.stage }) : r.stage;
+    // Each seed's job, one link each.
+    const jobs = r.ids.length > 1 ? r.ids.map((id, i) => el("a", { href: "#/job/" + id, class: "seed", title: id, text: String(i + 1) })) : [];
+    return el("tr", { class: "row" }, el("td", {}, link),
+      ...data.keys.map((k) => el("td", { class: "num", text: k in r.point ? fmt(r.point[k]) : "–" })),
+      ...data.metrics.map((m) => {
+        const s = r.metrics[m];
+        const text = !s ? "–" : s.std === null ? fmt(s.mean) : `${fmt(s.mean)} ± ${fmt(s.std)}`;
+        return el("td", { class: "num", "data-metric": m, "data-mean": s ? String(s.mean) : "", text });
+      }),
+      el("td", { class: "num" }, seeds, ...jobs.flatMap((a) => [" ", a])));
+  });
+  return el("table", { id: "table" }, el("thead", {}, head), el("tbody", {}, ...body));
+}
+
+function chart(data, logy) {
+  const W = 760, H = 320, L = 56, R = 12, T = 12, B = 30;
+  const box = el("div", { id: "chart" });
+  const s = svg("svg", { class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
+  const groups = data.groups;
+  if (groups.length === 0) {
+    box.append(el("p", { class: "muted", text: `No job has logged ${data.metric} yet.` }));
+    return box;
+  }
+  let xmin = Infinity, xmax = -Infinity, ymin = Infinity, ymax = -Infinity;
+  const ty = (v) => (logy ? Math.log10(v) : v);
+  for (const g of groups) {
+    g.steps.forEach((x, i) => {
+      xmin = Math.min(xmin, x); xmax = Math.max(xmax, x);
+      for (const v of [g.mean[i] - g.std[i], g.mean[i] + g.std[i]]) {
+        if (logy && v <= 0) continue;
+        ymin = Math.min(ymin, ty(v)); ymax = Math.max(ymax, ty(v));
+      }
+    });
+  }
+  if (xmax === xmin) { xmax += 1; }
+  if (!(ymax > ymin)) { ymax = ymin + 1; }
+  const X = (x) => L + ((x - xmin) / (xmax - xmin)) * (W - L - R);
+  const Y = (y) => T + (1 - (ty(y) - ymin) / (ymax - ymin)) * (H - T - B);
+  s.append(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#9ca3af" }));
+  s.append(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#9ca3af" }));
+  for (let k = 0; k <= 4; k++) {
+    const yv = ymin + (k / 4) * (ymax - ymin);
+    const y = T + (1 - k / 4) * (H - T - B);
+    s.append(svg("text", { x: L - 6, y: y + 4, "text-anchor": "end", text: fmt(logy ? Math.pow(10, yv) : yv) }));
+  }
+  // Steps are whole numbers: ticks at whole steps, each once.
+  const xticks = new Set();
+  for (let k = 0; k <= 4; k++) xticks.add(Math.round(xmin + (k / 4) * (xmax - xmin)));
+  for (const xv of xticks) s.append(svg("text", { x: X(xv), y: H - 10, "text-anchor": "middle", text: String(xv) }));
+  const legend = el("div", { class: "legend" });
+  groups.forEach((g, i) => {
+    const color = PALETTE[i % PALETTE.length];
+    const ok = (v) => !logy || v > 0;
+    if (g.seeds > 1) {
+      const up = g.steps.map((x, j) => [X(x), Y(Math.max(g.mean[j] + g.std[j], logy ? 1e-300 : -Infinity))]);
+      const down = g.steps.map((x, j) => [X(x), Y(ok(g.mean[j] - g.std[j]) ? g.mean[j] - g.std[j] : g.mean[j])]).reverse();
+      s.append(svg("polygon", { points: up.concat(down).map((p) => p.join(",")).join(" "), fill: color, opacity: 0.15, class: "band" }));
+    }
+    const pts = g.steps.map((x, j) => (ok(g.mean[j]) ? `${X(x)},${Y(g.mean[j])}` : null)).filter(Boolean).join(" ");
+    s.append(svg("polyline", { points: pts, fill: "none", stroke: color, "stroke-width": 1.6, class: "curve" }));
+    const label = [g.stage, ...Object.entries(g.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ") + (g.seeds > 1 ? ` (${g.seeds} seeds)` : "");
+    legend.append(el("span", {}, el("span", { class: "swatch", style: null }), label));
+    legend.lastChild.firstChild.setAttribute("data-color", color);
+  });
+  box.append(s, legend);
+  // Swatch colours through the CSS object model (no inline style attributes under the CSP).
+  for (const sw of legend.querySelectorAll(".swatch")) sw.style.background = sw.getAttribute("data-color");
+  return box;
+}
+
+async function jobView(id, fresh) {
+  const data = await api("/api/job", { id });
+  const j = data.job;
+  document.getElementById("where").textContent = `${j.experiment} / ${j.stage} / ${j.id}`;
+  const pairs = (obj) => el("dl", {}, ...Object.entries(obj).flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: fmt(v) })]));
+  const flat = {};
+  (function walk(prefix, v) {
+    if (v && typeof v === "object" && !Array.isArray(v)) for (const [k, x] of Object.entries(v)) walk(prefix ? prefix + "." + k : k, x);
+    else flat[prefix] = v;
+  })("", j.config);
+  const attempts = (j.attempts || []).map((a) => el("li", { text: `#${a.number} on ${a.device || "?"}: ${a.outcome || "running"}${a.error ? " — " + a.error : ""}` }));
+  const files = data.files.map((f) => {
+    const href = "/api/artifact?" + new URLSearchParams({ id: j.id, path: f.path, ...(TOKEN ? { token: TOKEN } : {}) });
+    const item = el("li", {}, el("a", { href, text: f.path }), ` (${f.bytes} bytes)`);
+    if (f.path.endsWith(".png")) item.append(el("div", {}, el("img", { src: href, alt: f.path, class: "artifact" })));
+    return item;
+  });
+  const decisions = data.decisions.map((d) => el("li", { text: `${d.seq} ${d.kind} at epoch ${d.epoch}` + (d.value !== undefined ? ` (${fmt(d.value)})` : "") }));
+  main().replaceChildren(
+    el("h1", { text: `Job ${j.id}` }),
+    el("p", {}, el("a", { href: "#/exp/" + encodeURIComponent(j.experiment), text: "← " + j.experiment }),
+      ` · stage ${j.stage} · seed ${j.seed} · `, el("span", { class: "status " + j.status, id: "job-status", text: j.status })),
+    el("h2", { text: "Sweep point" }), pairs(Object.fromEntries(j.point)),
+    el("h2", { text: "Metrics (last value)" }), pairs(j.last || {}),
+    el("h2", { text: "Config" }), pairs(flat),
+    el("h2", { text: "Attempts" }), el("ul", {}, ...attempts),
+    data.decisions.length ? el("h2", { text: "Search decisions" }) : null,
+    data.decisions.length ? el("ul", {}, ...decisions) : null,
+    el("h2", { text: "Files" }), el("ul", {}, ...files),
+    el("h2", { text: "Worker log (tail)" }), el("pre", { text: data.log || "(no log)" }));
+}
+
+function toCsv(data) {
+  if (!data) return "";
+  const q = (s) => (/[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s);
+  const header = ["stage", ...data.keys, ...data.metrics.flatMap((m) => [m + " mean", m + " std"]), "done", "jobs"];
+  const lines = [header.map(q).join(",")];
+  for (const r of data.rows) {
+    const cells = [r.stage, ...data.keys.map((k) => (k in r.point ? fmt(r.point[k]) : "")),
+      ...data.metrics.flatMap((m) => (r.metrics[m] ? [String(r.metrics[m].mean), r.metrics[m].std === null ? "" : String(r.metrics[m].std)] : ["", ""])),
+      String(r.done), String(r.jobs)];
+    lines.push(cells.map((c) => q(String(c))).join(","));
+  }
+  return lines.join("\n") + "\n";
+}
+
+function download(name, text, type) {
+  const a = el("a", { href: URL.createObjectURL(new Blob([text], { type })), download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+window.addEventListener("hashchange", () => { renderedKey = ""; show(); });
+show();

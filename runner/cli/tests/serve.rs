@@ -1,0 +1,413 @@
+//! `xlab serve`: the dashboard over a real store, read by a real headless Chromium (Debian's
+//! `chromium` and `chromium-driver`, driven over WebDriver), and its guards checked over plain
+//! HTTP. Without Chromium the browser test says why it skips.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{cmd, text, wait_for, write_file};
+
+/// Three learning rates × two seeds on two moons.
+const SWEEP: &str = r#"name: dash
+defaults:
+  task: train
+  deterministic: true
+  data: {name: two_moons, n_train: 400, n_val: 200, n_test: 200, noise: 0.3}
+  model: {name: mlp, hidden: [16]}
+  optimizer: {name: sgd, momentum: 0.9}
+  epochs: 12
+stages:
+  train:
+    seeds: 2
+    grid:
+      optimizer.lr: [0.01, 0.03, 0.1]
+"#;
+
+/// A dashboard on `store`: the process and the URL it printed.
+struct Serve {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(store: &Path, extra: &[&str]) -> Serve {
+    let mut child = cmd(store)
+        .args(["serve", "--port", "0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.split(" at ").nth(1).unwrap_or_else(|| panic!("no URL in {line:?}")).trim().to_string();
+    Serve { child, url }
+}
+
+/// One HTTP/1.1 request; the status and the body.
+fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, String) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = TcpStream::connect(authority).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req += &format!("Host: {authority}\r\n");
+    }
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    let body = body.unwrap_or("");
+    if method == "POST" {
+        req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).unwrap();
+    // The head, then the body by its length (a server may keep the connection open).
+    let mut reader = BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+            break;
+        }
+        head += &line;
+    }
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let lower = head.to_ascii_lowercase();
+    let length =
+        lower.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+    let body = if let Some(n) = length {
+        let mut buf = vec![0; n];
+        reader.read_exact(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    } else if lower.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let mut buf = vec![0; n + 2];
+            reader.read_exact(&mut buf).unwrap();
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    } else {
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        rest
+    };
+    (status, body)
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let (status, body) = http("GET", url, &[], None);
+    assert_eq!(status, 200, "{url}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn browser() -> Option<(PathBuf, PathBuf)> {
+    let find = |names: &[&str]| names.iter().map(|n| PathBuf::from("/usr/bin").join(n)).find(|p| p.exists());
+    Some((find(&["chromium", "chromium-browser"])?, find(&["chromedriver"])?))
+}
+
+/// A headless Chromium session over WebDriver.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = http("DELETE", &format!("{}/session/{}", self.base, self.session), &[], None);
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+impl Browser {
+    fn start(chromium: &Path, driver: &Path) -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        wait_for("chromedriver", Duration::from_secs(30), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {"browserName": "chrome",
+            "goog:chromeOptions": {"binary": chromium, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                "--disable-dev-shm-usage", "--window-size=1280,1000"]}}}});
+        let (status, body) = http("POST", &format!("{base}/session"), &[], Some(&caps.to_string()));
+        assert_eq!(status, 200, "no browser session: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let session = v["value"]["sessionId"].as_str().unwrap().to_string();
+        Browser { driver, base, session }
+    }
+
+    fn call(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let (status, text) = http(method, &url, &[], (method == "POST").then(|| body.to_string()).as_deref());
+        assert_eq!(status, 200, "{method} {path}: {text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["value"].clone()
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", "/url", serde_json::json!({ "url": url }));
+    }
+
+    fn js(&self, script: &str) -> serde_json::Value {
+        self.call("POST", "/execute/sync", serde_json::json!({"script": script, "args": []}))
+    }
+
+    /// Waits until `script` returns something truthy, and returns it.
+    fn until(&self, what: &str, script: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.js(script);
+            if !(v.is_null() || v == false || v == 0 || v == "" || v.as_array().is_some_and(Vec::is_empty)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no {what} in the page");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn type_into(&self, css: &str, keys: &str) {
+        let found = self.call("POST", "/element", serde_json::json!({"using": "css selector", "value": css}));
+        let id = found.as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string();
+        self.call("POST", &format!("/element/{id}/clear"), serde_json::json!({}));
+        self.call("POST", &format!("/element/{id}/value"), serde_json::json!({ "text": keys }));
+    }
+
+    fn screenshot(&self, to: &Path) {
+        use base64::Engine;
+        let png = self.call("GET", "/screenshot", serde_json::Value::Null);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        std::fs::write(to, bytes).unwrap();
+    }
+}
+
+/// The test.acc means of `xlab query --format json` (for the rows the filter keeps), in order.
+fn query_means(store: &Path, filter: Option<&str>) -> Vec<f64> {
+    let mut c = cmd(store);
+    c.args(["query", "--format", "json", "-e", "dash", "-m", "test.acc"]);
+    if let Some(f) = filter {
+        c.arg(f);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    rows.iter().map(|r| r["metrics"]["test.acc"]["mean"].as_f64().unwrap()).collect()
+}
+
+const MEANS: &str =
+    "return [...document.querySelectorAll('#table td[data-metric=\"test.acc\"]')].map(td => td.dataset.mean)";
+
+fn numbers(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().parse().unwrap()).collect()
+}
+
+#[test]
+fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
+    let Some((chromium, driver)) = browser() else {
+        eprintln!("skipped: no chromium and chromedriver in /usr/bin (Debian: apt install chromium chromium-driver; `make test` installs them as root)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = write_file(dir.path(), "dash.yaml", SWEEP);
+    let out = cmd(&store).arg("run").arg(&file).env("XLAB_NO_LIVE", "1").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dash = serve(&store, &[]);
+    let b = Browser::start(&chromium, &driver);
+
+    // The experiments page lists it with its jobs.
+    b.open(&dash.url);
+    let card =
+        b.until("the experiment's card", "const c = document.querySelector('.experiment'); return c && c.textContent");
+    assert!(card.as_str().unwrap().contains("dash") && card.as_str().unwrap().contains("6 done"), "{card}");
+
+    // The table: the same numbers as `xlab query --format json`, curves drawn with seed bands.
+    b.open(&format!("{}#/exp/dash?metrics=test.acc", dash.url));
+    let shown = numbers(&b.until("the table", MEANS));
+    assert_eq!(shown, query_means(&store, None));
+    assert_eq!(shown.len(), 3);
+    let drawn = b.until("the curves", "return document.querySelectorAll('svg.chart polyline.curve').length");
+    assert_eq!(drawn, 3);
+    assert_eq!(
+        b.js("return document.querySelectorAll('svg.chart polygon.band').length"),
+        3,
+        "a band per point over 2 seeds"
+    );
+    std::fs::create_dir_all(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
+    b.screenshot(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
+
+    // Typing a filter changes the rows, to those `xlab query` keeps.
+    b.type_into("#filter", "optimizer.lr < 0.05\u{E007}");
+    let filtered =
+        b.until("the filtered table", &format!("const m = (() => {{ {MEANS} }})(); return m.length === 2 && m"));
+    assert_eq!(numbers(&filtered), query_means(&store, Some("optimizer.lr < 0.05")));
+    // The filter is in the URL: the view can be shared.
+    let url = b.js("return location.href");
+    assert!(url.as_str().unwrap().contains("filter=optimizer.lr"), "{url}");
+    // A mistake gets the same caret message as the command line.
+    b.type_into("#filter", "optimizer.lr <\u{E007}");
+    let error = b.until("the filter's error", "const e = document.getElementById('error'); return e && e.textContent");
+    assert!(error.as_str().unwrap().contains("the filter ends here"), "{error}");
+
+    // A job's page.
+    let id = query_job_id(&store);
+    b.open(&format!("{}#/job/{id}", dash.url));
+    let status =
+        b.until("the job's status", "const s = document.getElementById('job-status'); return s && s.textContent");
+    assert_eq!(status, "done");
+
+    // Live: a run of another experiment while the page is open; its jobs appear as they finish.
+    b.open(&dash.url);
+    b.until("the experiments page", "return document.querySelector('.experiment')");
+    let later = write_file(
+        dir.path(),
+        "later.yaml",
+        &SWEEP.replace("name: dash", "name: later").replace("epochs: 12", "epochs: 40"),
+    );
+    let mut run = cmd(&store)
+        .arg("run")
+        .arg(&later)
+        .env("XLAB_NO_LIVE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen_running = b.until(
+        "the running experiment",
+        "return [...document.querySelectorAll('.experiment')].map(c => c.textContent).find(t => t.includes('later') && /[0-9]+ (running|pending|done)/.test(t))",
+    );
+    assert!(seen_running.as_str().unwrap().contains("later"));
+    let status = run.wait().unwrap();
+    assert!(status.success());
+    let ended = Instant::now();
+    b.until(
+        "the finished jobs",
+        "return [...document.querySelectorAll('.experiment')].map(c => c.textContent).find(t => t.includes('later') && t.includes('6 done'))",
+    );
+    assert!(ended.elapsed() < Duration::from_secs(5), "finished jobs showed after {:?}", ended.elapsed());
+}
+
+fn query_job_id(store: &Path) -> String {
+    let out = cmd(store).args(["export", "-e", "dash"]).output().unwrap();
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["type"] == "job")
+        .map(|v| v["job"]["id"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+#[test]
+fn the_dashboard_guards_its_store_and_its_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    // No store yet: the page says so and what to do.
+    let dash = serve(&store, &[]);
+    let (status, body) = http("GET", &format!("{}api/experiments", dash.url), &[], None);
+    assert_eq!(status, 404);
+    assert!(body.contains("xlab run FILE --store"), "{body}");
+    drop(dash);
+
+    let name = "<img src=x onerror=alert(1)>";
+    let file = write_file(
+        dir.path(),
+        "x.yaml",
+        &SWEEP.replace("name: dash", &format!("name: \"{name}\"")).replace("seeds: 2", "seeds: 1"),
+    );
+    let out = cmd(&store).arg("run").arg(&file).env("XLAB_NO_LIVE", "1").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dash = serve(&store, &[]);
+    let base = dash.url.clone();
+
+    // Every response forbids inline script and framing.
+    let raw = {
+        let authority = base.trim_start_matches("http://").trim_end_matches('/');
+        let mut s = TcpStream::connect(authority).unwrap();
+        write!(s, "GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    assert!(raw.contains("Content-Security-Policy: default-src 'none'; script-src 'self'"), "{raw}");
+    assert!(!raw.contains("<script>") && raw.contains("<script src=\"app.js\""), "no inline script: {raw}");
+
+    // Names from the store are data, served as JSON; the page sets them as text.
+    let v = get_json(&format!("{base}api/experiments"));
+    assert_eq!(v["experiments"][0]["name"], name);
+    let js = http("GET", &format!("{base}app.js"), &[], None).1;
+    assert!(!js.contains("innerHTML") && !js.contains("insertAdjacentHTML") && !js.contains("document.write"));
+
+    // Requests addressed elsewhere (DNS rebinding) are refused.
+    let (status, _) = http("GET", &format!("{base}api/experiments"), &[("Host", "attacker.example:80")], None);
+    assert_eq!(status, 403);
+    // Read-only.
+    let (status, _) = http("POST", &format!("{base}api/experiments"), &[], Some("{}"));
+    assert_eq!(status, 405);
+
+    // Artifacts come from a job's run folder only.
+    let id = {
+        let out = cmd(&store).args(["export"]).output().unwrap();
+        let line = text(&out.stdout).lines().find(|l| l.contains("\"type\":\"job\"")).unwrap().to_string();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()["job"]["id"].as_str().unwrap().to_string()
+    };
+    let run_dir = store.join("runs").join(&id);
+    std::fs::write(run_dir.join("note.txt"), "hello").unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "secret").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.txt"), run_dir.join("out.txt")).unwrap();
+    let art = |path: &str| http("GET", &format!("{base}api/artifact?id={id}&path={path}"), &[], None);
+    assert_eq!(art("note.txt"), (200, "hello".to_string()));
+    for bad in ["../../x.yaml", "%2e%2e/%2e%2e/x.yaml", "..%2F..%2Fx.yaml", "/etc/passwd", "%2Fetc%2Fpasswd", "out.txt"]
+    {
+        let (status, body) = art(bad);
+        assert_eq!(status, 403, "{bad}: {body}");
+        assert!(!body.contains("secret") && !body.contains("root:"), "{bad}: {body}");
+    }
+    let (status, _) = http("GET", &format!("{base}api/artifact?id=../..&path=x"), &[], None);
+    assert_eq!(status, 403);
+    drop(dash);
+
+    // Off loopback a token is required: made up and printed when not given.
+    let open = serve(&store, &["--bind", "0.0.0.0"]);
+    let token = open.url.split("token=").nth(1).expect("a token in the URL").to_string();
+    assert!(token.len() >= 32, "{token}");
+    let plain = open.url.split('?').next().unwrap().to_string();
+    let (status, body) = http("GET", &format!("{plain}api/experiments"), &[], None);
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = http("GET", &format!("{plain}api/experiments?token=wrong{}", &token[5..]), &[], None);
+    assert_eq!(status, 401);
+    assert_eq!(http("GET", &format!("{plain}api/experiments?token={token}"), &[], None).0, 200);
+    let bearer = format!("Bearer {token}");
+    assert_eq!(http("GET", &format!("{plain}api/experiments"), &[("Authorization", &bearer)], None).0, 200);
+    drop(open);
+
+    // A port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = cmd(&store).args(["serve", "--port", &port]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")) && err.contains("--port"), "{err}");
+}
