@@ -285,7 +285,7 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     let later = write_file(
         dir.path(),
         "later.yaml",
-        &SWEEP.replace("name: dash", "name: later").replace("epochs: 12", "epochs: 40"),
+        &SWEEP.replace("name: dash", "name: later").replace("epochs: 12", "epochs: 150"),
     );
     let mut run = cmd(&store)
         .arg("run")
@@ -300,6 +300,9 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
         "return [...document.querySelectorAll('.experiment')].map(c => c.textContent).find(t => t.includes('later') && /[0-9]+ (running|pending|done)/.test(t))",
     );
     assert!(seen_running.as_str().unwrap().contains("later"));
+    // The jobs running now, with their device and epoch.
+    let now = b.until("a running job", "const r = document.querySelector('.running-job'); return r && r.textContent");
+    assert!(now.as_str().unwrap().contains("later / train") && now.as_str().unwrap().contains("/150"), "{now}");
     let status = run.wait().unwrap();
     assert!(status.success());
     let ended = Instant::now();

@@ -25,7 +25,40 @@ pub(super) fn experiments(store: &Opened) -> Result<Reply, Failure> {
             "counts": counts, "stages": stages,
         }));
     }
-    Ok(Reply::json(&json!({"store": store.dir().display().to_string(), "live": store.is_live(), "experiments": out})))
+    Ok(Reply::json(&json!({
+        "store": store.dir().display().to_string(),
+        "live": store.is_live(),
+        "experiments": out,
+        "running": running(store),
+    })))
+}
+
+/// The jobs runs on the store are running now, from their status files: device, epoch, the
+/// latest metrics, the rate and what is left.
+pub(super) fn running_now(store: &Opened) -> Result<Reply, Failure> {
+    Ok(Reply::json(&json!({"live": store.is_live(), "running": running(store)})))
+}
+
+fn running(store: &Opened) -> Vec<Value> {
+    let now = xlab_store::now_unix();
+    let mut out = Vec::new();
+    for run in crate::status::in_progress(store.dir()) {
+        // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+        if unsafe { libc::kill(run.pid as i32, 0) } != 0 {
+            continue;
+        }
+        for j in run.running {
+            let secs = now.saturating_sub(j.started_unix).max(1) as f64;
+            let rate = j.epoch as f64 / secs;
+            let eta = (rate > 0.0).then(|| (j.epochs.saturating_sub(j.epoch)) as f64 / rate);
+            out.push(json!({
+                "experiment": run.experiment, "job": j.job, "stage": j.stage, "label": j.label, "device": j.device,
+                "attempt": j.attempt, "epoch": j.epoch, "epochs": j.epochs, "metrics": j.metrics,
+                "epochs_per_min": rate * 60.0, "eta_s": eta,
+            }));
+        }
+    }
+    out
 }
 
 /// The experiment named `exp` (or the newest), with its filter bound to what its jobs hold.

@@ -162,6 +162,7 @@ fn route(state: &State, path: &str, params: &[(String, String)]) -> Reply {
         "/app.js" => Reply { status: 200, kind: "text/javascript; charset=utf-8", body: APP_JS.into() },
         "/app.css" => Reply { status: 200, kind: "text/css; charset=utf-8", body: APP_CSS.into() },
         "/api/experiments" => with_store(state, api::experiments),
+        "/api/running" => with_store(state, api::running_now),
         "/api/table" => with_store(state, |s| api::table(s, get("exp"), get("filter"), get("metrics"))),
         "/api/curves" => with_store(state, |s| api::curves(s, get("exp"), get("filter"), get("metric"))),
         "/api/job" => with_store(state, |s| api::job(s, get("id").unwrap_or(""))),

@@ -100,22 +100,42 @@ async function experimentsView() {
       el("div", { class: "muted", text: `${e.jobs} job(s): ${stages}` }),
       el("div", { class: "muted", text: `${e.file} · updated ${updated}` }));
   });
-  main().replaceChildren(el("h1", { text: "Experiments" }), el("div", { class: "cards" }, ...cards));
+  main().replaceChildren(el("h1", { text: "Experiments" }), runningPanel(data.running), el("div", { class: "cards" }, ...cards));
+}
+
+// The jobs running now: device, epoch, the latest metrics, the rate and the time left.
+function runningPanel(running, only) {
+  const jobs = running.filter((r) => !only || r.experiment === only);
+  if (jobs.length === 0) return el("div", { id: "running" });
+  const eta = (s) => (s === null ? "–" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
+  const rows = jobs.map((r) => el("tr", { class: "running-job" },
+    el("td", {}, el("a", { href: "#/job/" + r.job, text: `${r.experiment} / ${r.stage}` })),
+    el("td", { text: r.label }), el("td", { text: r.device }),
+    el("td", { class: "num", text: `${r.epoch}/${r.epochs}` }),
+    el("td", { text: Object.entries(r.metrics).map(([k, v]) => `${k} ${fmt(v)}`).join("  ") }),
+    el("td", { class: "num", text: `${fmt(r.epochs_per_min)} epochs/min` }),
+    el("td", { class: "num", text: eta(r.eta_s) })));
+  return el("div", { id: "running" }, el("h2", { text: `Running now (${jobs.length})` }),
+    el("table", {}, el("thead", {}, el("tr", {}, ...["job", "point", "device", "epoch", "latest", "rate", "left"].map((h) => el("th", { text: h })))),
+      el("tbody", {}, ...rows)));
 }
 
 async function experimentView(name, query, fresh) {
   const filter = query.get("filter") || "";
   const metrics = query.get("metrics") || "";
   const sort = query.get("sort") || "";
-  const [table, curves] = await Promise.all([
+  const [table, curves, overview] = await Promise.all([
     api("/api/table", { exp: name, filter, metrics }),
     api("/api/curves", { exp: name, filter, metric: query.get("metric") || "" }),
+    api("/api/running"),
   ]);
+  document.getElementById("live").hidden = !overview.live;
   document.getElementById("where").textContent = name;
   const controls = fresh || !document.getElementById("filter") ? buildControls(name, query, table, curves) : null;
   const body = [];
   if (controls) body.push(el("h1", { text: name }), controls);
   const box = el("div", { id: "results" },
+    runningPanel(overview.running, name),
     tableOf(name, table, sort, query),
     el("h2", { text: `Curves: ${curves.metric}` }),
     chart(curves, query.get("logy") === "1"));
