@@ -138,7 +138,8 @@ async function experimentView(name, query, fresh) {
     runningPanel(overview.running, name),
     tableOf(name, table, sort, query),
     el("h2", { text: `Curves: ${curves.metric}` }),
-    chart(curves, query.get("logy") === "1"));
+    chart(curves, query.get("logy") === "1"),
+    scatterOf(name, table, query));
   if (controls) main().replaceChildren(...body, box);
   else document.getElementById("results").replaceWith(box);
 }
@@ -303,6 +304,73 @@ async function jobView(id, fresh) {
     data.decisions.length ? el("ul", {}, ...decisions) : null,
     el("h2", { text: "Files" }), el("ul", {}, ...files),
     el("h2", { text: "Worker log (tail)" }), el("pre", { text: data.log || "(no log)" }));
+}
+
+// Lower is better for these; higher for the rest.
+const lowerIsBetter = (m) => /(loss|ece|error|fid|nfe|time|seconds|_s$)/.test(m);
+
+// Two metrics of every row (means over seeds) against each other, the Pareto front marked:
+// the rows no other row beats on both.
+function scatterOf(name, table, query) {
+  const names = table.all_metrics;
+  const pick = (k, fallback) => (names.includes(query.get(k)) ? query.get(k) : fallback);
+  const sx = pick("sx", table.metrics[0] || names[0]);
+  const sy = pick("sy", table.metrics.find((m) => m !== sx && m.includes("worst")) || table.metrics.find((m) => m !== sx) || names[0]);
+  const select = (id, value) => {
+    const s = el("select", { id });
+    for (const m of names) {
+      const o = el("option", { value: m, text: m });
+      if (m === value) o.selected = true;
+      s.append(o);
+    }
+    s.addEventListener("change", () => {
+      const q = Object.fromEntries(query.entries());
+      q[id] = s.value;
+      go(["exp", name], q);
+    });
+    return s;
+  };
+  const pts = table.rows
+    .filter((r) => r.metrics[sx] && r.metrics[sy])
+    .map((r) => ({ x: r.metrics[sx].mean, y: r.metrics[sy].mean, r }));
+  const better = (a, b, m) => (lowerIsBetter(m) ? a < b : a > b);
+  const atLeast = (a, b, m) => a === b || better(a, b, m);
+  for (const p of pts) {
+    p.front = !pts.some((q) => q !== p && atLeast(q.x, p.x, sx) && atLeast(q.y, p.y, sy) && (better(q.x, p.x, sx) || better(q.y, p.y, sy)));
+  }
+  const box = el("div", { id: "scatter" }, el("h2", { text: "Scatter" }),
+    el("div", { class: "controls" }, el("label", {}, "x ", select("sx", sx)), el("label", {}, "y ", select("sy", sy)),
+      el("span", { class: "muted", text: `(${lowerIsBetter(sx) ? "lower" : "higher"} x and ${lowerIsBetter(sy) ? "lower" : "higher"} y are better; the Pareto front is joined)` })));
+  if (pts.length === 0) {
+    box.append(el("p", { class: "muted", text: `No row has both ${sx} and ${sy}.` }));
+    return box;
+  }
+  const W = 520, H = 360, L = 60, R = 14, T = 12, B = 34;
+  const xs = pts.map((p) => p.x), ys = pts.map((p) => p.y);
+  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  if (x1 === x0) { x0 -= 0.5; x1 += 0.5; }
+  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  const X = (v) => L + ((v - x0) / (x1 - x0)) * (W - L - R);
+  const Y = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);
+  const s = svg("svg", { class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
+  s.append(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#9ca3af" }));
+  s.append(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#9ca3af" }));
+  for (let k = 0; k <= 4; k++) {
+    s.append(svg("text", { x: L - 6, y: Y(y0 + (k / 4) * (y1 - y0)) + 4, "text-anchor": "end", text: fmt(y0 + (k / 4) * (y1 - y0)) }));
+    s.append(svg("text", { x: X(x0 + (k / 4) * (x1 - x0)), y: H - 16, "text-anchor": "middle", text: fmt(x0 + (k / 4) * (x1 - x0)) }));
+  }
+  s.append(svg("text", { x: (L + W - R) / 2, y: H - 2, "text-anchor": "middle", text: sx }));
+  s.append(svg("text", { x: L + 6, y: T + 10, text: sy }));
+  const front = pts.filter((p) => p.front).sort((a, b) => a.x - b.x);
+  s.append(svg("polyline", { points: front.map((p) => `${X(p.x)},${Y(p.y)}`).join(" "), fill: "none", stroke: "#dc2626", "stroke-width": 1.2, class: "front" }));
+  for (const p of pts) {
+    const c = svg("circle", { cx: X(p.x), cy: Y(p.y), r: p.front ? 5 : 3.5, fill: p.front ? "#dc2626" : "#2563eb", opacity: 0.8, class: p.front ? "point pareto" : "point" });
+    const label = [p.r.stage, ...Object.entries(p.r.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ");
+    c.append(svg("title", { text: `${label}\n${sx} ${fmt(p.x)}, ${sy} ${fmt(p.y)}` }));
+    s.append(c);
+  }
+  box.append(s);
+  return box;
 }
 
 function toCsv(data) {
