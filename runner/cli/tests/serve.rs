@@ -260,16 +260,17 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     // accuracy, lower loss), as computed here from `xlab query`.
     b.open(&format!("{}#/exp/dash?metrics=test.acc&sx=test.acc&sy=test.loss", dash.url));
     let marked = b.until("the scatter", "return document.querySelectorAll('#scatter circle.point').length === 3 && document.querySelectorAll('#scatter circle.pareto').length");
-    let out = cmd(&store).args(["query", "--format", "json", "-e", "dash", "-m", "test.acc,test.loss"]).output().unwrap();
+    let out =
+        cmd(&store).args(["query", "--format", "json", "-e", "dash", "-m", "test.acc,test.loss"]).output().unwrap();
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let pts: Vec<(f64, f64)> = rows
         .iter()
-        .map(|r| (r["metrics"]["test.acc"]["mean"].as_f64().unwrap(), r["metrics"]["test.loss"]["mean"].as_f64().unwrap()))
+        .map(|r| {
+            (r["metrics"]["test.acc"]["mean"].as_f64().unwrap(), r["metrics"]["test.loss"]["mean"].as_f64().unwrap())
+        })
         .collect();
-    let front = pts
-        .iter()
-        .filter(|p| !pts.iter().any(|q| q.0 >= p.0 && q.1 <= p.1 && (q.0 > p.0 || q.1 < p.1)))
-        .count();
+    let front =
+        pts.iter().filter(|p| !pts.iter().any(|q| q.0 >= p.0 && q.1 <= p.1 && (q.0 > p.0 || q.1 < p.1))).count();
     assert_eq!(marked, front as u64, "{pts:?}");
     std::fs::create_dir_all(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     b.screenshot(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
