@@ -272,6 +272,19 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     let front =
         pts.iter().filter(|p| !pts.iter().any(|q| q.0 >= p.0 && q.1 <= p.1 && (q.0 > p.0 || q.1 < p.1))).count();
     assert_eq!(marked, front as u64, "{pts:?}");
+    // Brushing the top of the learning rate's axis in the parallel coordinates keeps the rows
+    // there (lr = 0.1) in the table.
+    let kept = b.js(
+        "const hit = document.querySelector('#parallel rect.axis[data-axis=\"optimizer.lr\"]');
+         const r = hit.getBoundingClientRect(); const x = r.left + r.width / 2;
+         hit.dispatchEvent(new MouseEvent('mousedown', {clientX: x, clientY: r.top - 5, bubbles: true}));
+         window.dispatchEvent(new MouseEvent('mousemove', {clientX: x, clientY: r.top + r.height * 0.2}));
+         window.dispatchEvent(new MouseEvent('mouseup', {clientX: x, clientY: r.top + r.height * 0.2}));
+         return [...document.querySelectorAll('#table tr.row')].filter(t => !t.hidden).map(t => t.children[1].textContent)",
+    );
+    assert_eq!(kept, serde_json::json!(["0.1"]));
+    let said = b.until("the brush's count", "const c = document.getElementById('brushed'); return c && c.textContent");
+    assert_eq!(said, "1 of 3 rows in the brushed ranges");
     std::fs::create_dir_all(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     b.screenshot(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
 

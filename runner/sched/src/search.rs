@@ -1,18 +1,20 @@
 //! The adaptive search of a stage (`search:`): asynchronous successive halving (ASHA, Li et al.
-//! 2020, "A System for Massively Parallel Hyperparameter Tuning").
+//! 2020, "A System for Massively Parallel Hyperparameter Tuning"), which is also one bracket of
+//! Hyperband and the early stopping of TPE.
 //!
 //! Every trial (a job of the stage) has the full budget of epochs; the rungs are the epochs it
 //! pauses at (`min_epochs`, `min_epochs·η`, … and the budget). A paused trial holds its
 //! checkpoint, so promoting it continues training from there, never from the start. Whenever a
 //! slot is free, the search promotes the best paused trial of the highest rung whose rank among
 //! every trial that reached that rung is within the best ⌊n/η⌋; if none qualifies it starts the
-//! next new trial. Once nothing runs, nothing is new and nothing qualifies, the paused trials
-//! are pruned.
+//! next new trial (under TPE, it first proposes one: [`Asha::propose`]). Once nothing runs,
+//! nothing is new and nothing qualifies, the best paused trial of the highest rung goes on if no
+//! trial reached the end yet, and then the paused trials are pruned.
 //!
-//! Every start, promotion and pruning is a [`Decision`], written to the store before it is acted
-//! on, with the numbers it rests on. The decisions and the trials' metric series are the whole
-//! state: a run that starts again rebuilds the search from them ([`Asha::rebuild`]) and never
-//! contradicts one. Pure logic: no process, store or clock.
+//! Every proposal, start, promotion and pruning is a [`Decision`], written to the store before it
+//! is acted on, with the numbers it rests on. The decisions and the trials' metric series are the
+//! whole state: a run that starts again rebuilds the search from them ([`Asha::rebuild`]) and
+//! never contradicts one. Pure logic: no process, store or clock.
 
 use crate::tpe;
 use serde_json::Value;
@@ -307,15 +309,18 @@ impl Asha {
                 self.spec.rungs.iter().map_while(|r| self.seen.get(&t).and_then(|s| s.get(r)).copied()).collect();
             let target = (0..self.top()).filter(|&k| self.promoted.contains(&(t, k))).map(|k| k + 1).max().unwrap_or(0);
             let reached_target = reached.len() > target;
+            // It logged the last rung's epoch but is not done: stopped while finishing (the
+            // final evaluation, its weights), so it runs on to its end.
+            let finishing = reached.len() > self.top();
             self.results.insert(t, reached);
             if self.pruned.contains(&t) {
                 prune_now.push(t);
             } else if done(t) {
                 // Done: it reached the top.
-            } else if reached_target {
+            } else if reached_target && !finishing {
                 self.paused.insert(t);
             } else {
-                self.heading.insert(t, target);
+                self.heading.insert(t, if finishing { self.top() } else { target });
                 run_now.push(t);
             }
         }
@@ -624,6 +629,37 @@ pub(crate) fn spearman(pairs: &[(f64, f64)]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trial_stopped_after_its_last_epoch_but_before_done_runs_on_to_its_end() {
+        // Trial 0 started and was promoted twice; its series reaches epoch 9 (the top), but its
+        // record is not done: a kill landed while it finished. Rebuilt, it runs again (from its
+        // checkpoint) and is neither paused nor pruned.
+        let mut a = asha(3);
+        let d = |kind, rung: u32| Decision {
+            experiment: "e".into(),
+            stage: "s".into(),
+            seq: 0,
+            kind,
+            trial: "t0".into(),
+            rung,
+            epoch: [1, 3, 9][rung as usize],
+            value: None,
+            rank: None,
+            of: None,
+            keep: None,
+            params: None,
+            based_on: None,
+            method: None,
+            bracket: None,
+        };
+        let decisions = [d(DecisionKind::Start, 0), d(DecisionKind::Promote, 0), d(DecisionKind::Promote, 1)];
+        let series = HashMap::from([(0, (1..=9).map(|e| (e, 0.5)).collect::<Vec<_>>())]);
+        let (now, prune) = a.rebuild(&decisions, &series, &|_| false, &|s| s[1..].parse().ok());
+        assert_eq!((now, prune), (vec![0], vec![]));
+        assert_eq!(a.pause_at(0), None, "it runs to the end");
+        assert!(!a.paused.contains(&0));
+    }
     use xlab_plan::file::Algorithm;
 
     fn asha(trials: usize) -> Asha {

@@ -68,6 +68,10 @@ let renderedKey = "";
 
 async function show() {
   clearTimeout(timer);
+  if (drag) {
+    timer = setTimeout(show, POLL_MS);
+    return;
+  }
   const r = route();
   const key = location.hash;
   try {
@@ -139,6 +143,7 @@ async function experimentView(name, query, fresh) {
     tableOf(name, table, sort, query),
     el("h2", { text: `Curves: ${curves.metric}` }),
     chart(curves, query.get("logy") === "1"),
+    parallelOf(name, table),
     scatterOf(name, table, query));
   if (controls) main().replaceChildren(...body, box);
   else document.getElementById("results").replaceWith(box);
@@ -206,7 +211,7 @@ function tableOf(name, data, sort, query) {
     const link = r.ids.length === 1 ? el("a", { href: "#/job/" + r.ids[0], text: r.stage }) : r.stage;
     // Each seed's job, one link each.
     const jobs = r.ids.length > 1 ? r.ids.map((id, i) => el("a", { href: "#/job/" + id, class: "seed", title: id, text: String(i + 1) })) : [];
-    return el("tr", { class: "row" }, el("td", {}, link),
+    return el("tr", { class: "row", "data-row": String(data.rows.indexOf(r)) }, el("td", {}, link),
       ...data.keys.map((k) => el("td", { class: "num", text: k in r.point ? fmt(r.point[k]) : "–" })),
       ...data.metrics.map((m) => {
         const s = r.metrics[m];
@@ -304,6 +309,115 @@ async function jobView(id, fresh) {
     data.decisions.length ? el("ul", {}, ...decisions) : null,
     el("h2", { text: "Files" }), el("ul", {}, ...files),
     el("h2", { text: "Worker log (tail)" }), el("pre", { text: data.log || "(no log)" }));
+}
+
+// Brushes of the parallel-coordinates view, per experiment: axis → [from, to] in the plot's
+// pixels; and the brush being dragged, if any (the page does not redraw under it).
+const brushes = {};
+let drag = null;
+window.addEventListener("mousemove", (e) => { if (drag) drag.move(e); });
+window.addEventListener("mouseup", (e) => { if (drag) { drag.up(e); drag = null; } });
+
+// Parallel coordinates over the swept keys and the table's first metric, a line per row. Dragging
+// along an axis keeps the rows inside the range (lines dimmed, table rows hidden); a click on the
+// axis clears it.
+function parallelOf(name, table) {
+  const metric = table.metrics[0];
+  const axes = [...table.keys, ...(metric ? [metric] : [])];
+  const box = el("div", { id: "parallel" }, el("h2", { text: "Parallel coordinates" }));
+  if (axes.length < 2 || table.rows.length === 0) {
+    box.append(el("p", { class: "muted", text: "Needs a sweep over at least one key, and a metric." }));
+    return box;
+  }
+  const value = (r, a) => (a === metric ? (r.metrics[a] ? r.metrics[a].mean : null) : r.point[a]);
+  // Each axis: numbers on a linear scale, anything else as evenly spaced categories.
+  const scales = axes.map((a) => {
+    const vs = table.rows.map((r) => value(r, a)).filter((v) => v !== null && v !== undefined);
+    if (vs.every((v) => typeof v === "number")) {
+      const lo = Math.min(...vs), hi = Math.max(...vs);
+      return { a, num: true, lo, hi: hi > lo ? hi : lo + 1 };
+    }
+    const cats = [...new Set(vs.map((v) => JSON.stringify(v)))];
+    return { a, num: false, cats };
+  });
+  const W = Math.max(420, 150 * axes.length), H = 300, T = 24, B = 30, L = 40, R = 40;
+  const xAt = (i) => L + (i / (axes.length - 1)) * (W - L - R);
+  const pos = (sc, v) => {
+    if (v === null || v === undefined) return null;
+    const f = sc.num ? (v - sc.lo) / (sc.hi - sc.lo) : sc.cats.length > 1 ? sc.cats.indexOf(JSON.stringify(v)) / (sc.cats.length - 1) : 0.5;
+    return T + (1 - f) * (H - T - B);
+  };
+  const mine = (brushes[name] = brushes[name] || {});
+  const inside = (r) => scales.every((sc) => {
+    const b = mine[sc.a];
+    if (!b) return true;
+    const y = pos(sc, value(r, sc.a));
+    if (y === null) return false;
+    const lo = Math.min(b[0], b[1]), hi = Math.max(b[0], b[1]);
+    return y >= lo && y <= hi;
+  });
+  const s = svg("svg", { class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
+  const lines = table.rows.map((r) => {
+    const pts = scales.map((sc, i) => [xAt(i), pos(sc, value(r, sc.a))]).filter((p) => p[1] !== null);
+    const line = svg("polyline", { points: pts.map((p) => p.join(",")).join(" "), fill: "none", "stroke-width": 1.4, class: "pc-line" });
+    s.append(line);
+    return line;
+  });
+  const apply = () => {
+    let kept = 0;
+    table.rows.forEach((r, k) => {
+      const ok = inside(r);
+      kept += ok ? 1 : 0;
+      lines[k].setAttribute("stroke", ok ? "#2563eb" : "#d1d5db");
+      lines[k].setAttribute("opacity", ok ? 0.8 : 0.4);
+      const tr = document.querySelector(`#table tr[data-row="${k}"]`);
+      if (tr) tr.hidden = !ok;
+    });
+    count.textContent = Object.keys(mine).length ? `${kept} of ${table.rows.length} rows in the brushed ranges` : "";
+  };
+  scales.forEach((sc, i) => {
+    const x = xAt(i);
+    s.append(svg("line", { x1: x, y1: T, x2: x, y2: H - B, stroke: "#6b7280" }));
+    s.append(svg("text", { x, y: H - 10, "text-anchor": "middle", text: sc.a }));
+    const ends = sc.num ? [fmt(sc.hi), fmt(sc.lo)] : [sc.cats[sc.cats.length - 1], sc.cats[0]];
+    s.append(svg("text", { x: x + 4, y: T - 6, text: ends[0] }));
+    const band = svg("rect", { x: x - 8, width: 16, y: 0, height: 0, fill: "#2563eb", opacity: 0.2, class: "brush" });
+    const hit = svg("rect", { x: x - 12, y: T, width: 24, height: H - T - B, fill: "transparent", class: "axis", "data-axis": sc.a });
+    const draw = () => {
+      const b = mine[sc.a];
+      band.setAttribute("y", b ? Math.min(b[0], b[1]) : 0);
+      band.setAttribute("height", b ? Math.abs(b[1] - b[0]) : 0);
+    };
+    const yOf = (e) => {
+      const box = s.getBoundingClientRect();
+      return Math.max(T, Math.min(H - B, ((e.clientY - box.top) / box.height) * H));
+    };
+    hit.addEventListener("mousedown", (e) => {
+      e.preventDefault();
+      const from = yOf(e);
+      drag = {
+        move: (ev) => {
+          const y = yOf(ev);
+          if (Math.abs(y - from) > 2) mine[sc.a] = [from, y];
+          draw();
+          apply();
+        },
+        up: (ev) => {
+          if (Math.abs(yOf(ev) - from) <= 2) delete mine[sc.a];
+          draw();
+          apply();
+        },
+      };
+    });
+    s.append(band, hit);
+    draw();
+  });
+  const count = el("div", { id: "brushed", class: "muted" });
+  box.append(s, count);
+  // The table is in the page by the time this runs again; apply the brushes to it then too.
+  setTimeout(apply, 0);
+  apply();
+  return box;
 }
 
 // Lower is better for these; higher for the rest.
