@@ -180,7 +180,17 @@ fn killed_at_random_moments(text_of_file: &str, experiment: &str) {
     }
     assert!(kills >= 5, "the search ended after {kills} kills");
     run_ok(&store, &file);
-    assert_eq!(decisions_of(&store, experiment), expected, "the same decisions in the same order, after {kills} kills");
+    let got = decisions_of(&store, experiment);
+    if got != expected {
+        // Both logs, whole, for whoever looks into it.
+        let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("search-kills-{experiment}.json"));
+        let _ = std::fs::create_dir_all(keep.parent().unwrap());
+        let _ = std::fs::write(&keep, serde_json::json!({"uninterrupted": expected, "killed": got}).to_string());
+        panic!(
+            "after {kills} kills the decisions differ from an uninterrupted run's; both logs are in {}",
+            keep.display()
+        );
+    }
     let ids = job_ids(&store, &file);
     assert_eq!(ids, job_ids(&whole, &file));
     assert_eq!(snapshot(&store, &ids), snapshot(&whole, &ids));
