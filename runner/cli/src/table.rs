@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use xlab_store::{ExperimentRecord, JobStatus, ResultStore};
 
 /// One group: the jobs of a stage that differ only in their seed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Row {
     pub stage: String,
     pub point: Vec<(String, Value)>,
@@ -49,17 +49,7 @@ pub fn rows(store: &dyn ResultStore, exp: &ExperimentRecord, filter: Option<&Fil
     for (stage, point, summary, status, id) in seen {
         let key = (stage, serde_json::to_string(&point).expect("points serialize"));
         let i = *at.entry(key).or_insert_with_key(|(stage, _)| {
-            out.push(Row {
-                stage: stage.clone(),
-                point,
-                metrics: BTreeMap::new(),
-                done: 0,
-                jobs: 0,
-                running: 0,
-                pruned: 0,
-                paused: 0,
-                ids: Vec::new(),
-            });
+            out.push(Row { stage: stage.clone(), point, ..Default::default() });
             out.len() - 1
         });
         let row = &mut out[i];
@@ -398,17 +388,7 @@ mod tests {
                 metrics.insert(format!("{split}.group_acc.{g}"), vec![0.5]);
             }
         }
-        let row = Row {
-            stage: "s".into(),
-            point: vec![],
-            metrics,
-            done: 1,
-            jobs: 1,
-            running: 0,
-            pruned: 0,
-            paused: 0,
-            ids: Vec::new(),
-        };
+        let row = Row { stage: "s".into(), metrics, done: 1, jobs: 1, ..Default::default() };
         assert_eq!(default_metrics(&[row]), ["test.acc", "test.ece", "test.loss", "test.worst_group_acc"]);
     }
 
@@ -420,17 +400,7 @@ mod tests {
                 .into_iter()
                 .map(|m| (m.to_string(), vec![0.5]))
                 .collect();
-        let row = Row {
-            stage: "s".into(),
-            point: vec![],
-            metrics,
-            done: 1,
-            jobs: 1,
-            running: 0,
-            pruned: 0,
-            paused: 0,
-            ids: Vec::new(),
-        };
+        let row = Row { stage: "s".into(), metrics, done: 1, jobs: 1, ..Default::default() };
         assert_eq!(default_metrics(&[row]), ["sample.out_of_range", "sample.swd"]);
     }
 
@@ -451,10 +421,7 @@ mod tests {
             metrics,
             done: 2,
             jobs: 2,
-            running: 0,
-            pruned: 0,
-            paused: 0,
-            ids: Vec::new(),
+            ..Default::default()
         }]
     }
 
@@ -481,10 +448,7 @@ mod tests {
             metrics,
             done: 2,
             jobs: 2,
-            running: 0,
-            pruned: 0,
-            paused: 0,
-            ids: Vec::new(),
+            ..Default::default()
         }];
         let csv = render_csv(&rows, &["test.acc".into()]);
         let lines: Vec<&str> = csv.lines().collect();

@@ -636,24 +636,11 @@ mod tests {
         // record is not done: a kill landed while it finished. Rebuilt, it runs again (from its
         // checkpoint) and is neither paused nor pruned.
         let mut a = asha(3);
-        let d = |kind, rung: u32| Decision {
-            experiment: "e".into(),
-            stage: "s".into(),
-            seq: 0,
-            kind,
-            trial: "t0".into(),
-            rung,
-            epoch: [1, 3, 9][rung as usize],
-            value: None,
-            rank: None,
-            of: None,
-            keep: None,
-            params: None,
-            based_on: None,
-            method: None,
-            bracket: None,
-        };
-        let decisions = [d(DecisionKind::Start, 0), d(DecisionKind::Promote, 0), d(DecisionKind::Promote, 1)];
+        let decisions = [
+            a.decision(DecisionKind::Start, "t0", 0),
+            a.decision(DecisionKind::Promote, "t0", 0),
+            a.decision(DecisionKind::Promote, "t0", 1),
+        ];
         let series = HashMap::from([(0, (1..=9).map(|e| (e, 0.5)).collect::<Vec<_>>())]);
         let (now, prune) = a.rebuild(&decisions, &series, &|_| false, &|s| s[1..].parse().ok());
         assert_eq!((now, prune), (vec![0], vec![]));
