@@ -24,6 +24,7 @@ mod raster;
 mod scan;
 mod serve;
 mod show;
+mod stats;
 mod status;
 mod table;
 mod vocab;

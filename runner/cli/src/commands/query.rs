@@ -35,10 +35,20 @@ pub struct QueryArgs {
     /// instead of by stage and sweep point.
     #[arg(long, value_delimiter = ',')]
     pub group_by: Vec<String>,
-    /// Aggregates per group: mean, std, sem, median, min, max, ci95 of a metric, and
-    /// count(); e.g. `mean(test.acc),ci95(test.acc),count()`.
+    /// Aggregates per group: mean, std, sem, median, min, max, ci95, iqm, bootstrap_ci of a
+    /// metric, count(), and pareto(a, b) marking the groups on the front of two metrics (`-a`:
+    /// lower is better); e.g. `mean(test.acc),ci95(test.acc),count()`.
     #[arg(long)]
     pub agg: Option<String>,
+    /// Compare every group with a baseline, the jobs this filter matches, over the seeds they
+    /// share: the mean paired difference, its 95% bootstrap interval, a paired test's p-value
+    /// and the number of pairs, per metric (-m, else the test and sample metrics); e.g.
+    /// `--compare-to 'step_rule.use == null and objective.use == null'`.
+    #[arg(long, value_name = "FILTER")]
+    pub compare_to: Option<String>,
+    /// The paired test of --compare-to.
+    #[arg(long, value_enum, default_value_t = aggregate::PairedTest::T, requires = "compare_to")]
+    pub test: aggregate::PairedTest,
     /// Sort rows by a column, e.g. `-mean(test.acc)` (descending) or `optimizer.lr`.
     #[arg(long, allow_hyphen_values = true)]
     pub sort: Option<String>,
@@ -52,16 +62,23 @@ pub struct QueryArgs {
 }
 
 pub fn run(cli: &Cli, args: &QueryArgs) -> Result<u8, Failure> {
-    let QueryArgs { filter, experiment, format, metrics, group_by, agg, sort, limit, all_versions } = args;
+    let QueryArgs { filter, experiment, format, metrics, group_by, agg, compare_to, test, sort, limit, all_versions } =
+        args;
     let filter = parse_filter(filter.as_deref())?;
+    let baseline = parse_filter(compare_to.as_deref()).map_err(|f| user_error(format!("--compare-to: {}", f.error)))?;
     let store = existing_store(&cli.store)?;
     let exp = versions_of(pick_experiment(&store, experiment.as_deref())?, *all_versions);
     note_unfinished_run(&cli.store, &store, &exp.name);
     let (vocab, filter) = bind_filter(&store, &exp, filter)?;
+    let baseline = match baseline {
+        Some(b) => bind_filter(&store, &exp, Some(b)).map_err(|f| user_error(format!("--compare-to: {}", f.error)))?.1,
+        None => None,
+    };
     check_metrics(&vocab, &exp, metrics, "-m")?;
     check_group_keys(&vocab, &exp, group_by, "--group-by")?;
-    if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() {
-        let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), sort: sort.as_deref(), limit: *limit };
+    if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() || baseline.is_some() {
+        let compare = baseline.as_ref().map(|b| (b, *test));
+        let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), compare, sort: sort.as_deref(), limit: *limit };
         grouped_query(&store, &exp, &vocab, *format, metrics, filter.as_ref(), &grouping)?;
         return Ok(0);
     }
@@ -72,6 +89,7 @@ pub fn run(cli: &Cli, args: &QueryArgs) -> Result<u8, Failure> {
 struct Grouping<'a> {
     keys: &'a [String],
     aggs: Option<&'a str>,
+    compare: Option<(&'a filter::Filter, aggregate::PairedTest)>,
     sort: Option<&'a str>,
     limit: Option<usize>,
 }
@@ -87,28 +105,30 @@ fn grouped_query(
 ) -> Result<(), Failure> {
     let user = |m: String| Failure { code: exit::USER, error: anyhow::anyhow!(m) };
     let keys: Vec<String> = if g.keys.is_empty() { default_group_keys(exp) } else { g.keys.to_vec() };
+    let metrics = || -> Result<Vec<String>, Failure> {
+        Ok(if wanted.is_empty() { table::default_metrics(&table::rows(store, exp, filter)?) } else { wanted.to_vec() })
+    };
     let aggs = match g.aggs {
         Some(text) => {
             let aggs = aggregate::parse_aggs(text).map_err(|m| user(format!("bad --agg: {m}")))?;
-            let named: Vec<String> = aggs.iter().filter(|a| a.func != "count").map(|a| a.metric.clone()).collect();
+            let named: Vec<String> = aggs.iter().flat_map(|a| a.metrics().map(String::from)).collect();
             check_metrics(vocab, exp, &named, "--agg")?;
             aggs
         }
         None => {
-            let metrics = if wanted.is_empty() {
-                table::default_metrics(&table::rows(store, exp, filter)?)
-            } else {
-                wanted.to_vec()
-            };
-            let mut a: Vec<aggregate::Agg> = metrics
-                .iter()
-                .flat_map(|m| ["mean", "std"].map(|f| aggregate::Agg { func: f, metric: m.clone() }))
-                .collect();
-            a.push(aggregate::Agg { func: "count", metric: String::new() });
+            // Beside a comparison, the means alone (its columns say the rest).
+            let funcs: &[&'static str] = if g.compare.is_some() { &["mean"] } else { &["mean", "std"] };
+            let mut a: Vec<aggregate::Agg> =
+                metrics()?.iter().flat_map(|m| funcs.iter().map(|f| aggregate::Agg::new(f, m))).collect();
+            a.push(aggregate::Agg::new("count", ""));
             a
         }
     };
-    let mut grouped = aggregate::group(store, exp, filter, &keys, &aggs)?;
+    let compare = match g.compare {
+        Some((baseline, test)) => Some(aggregate::Compare { baseline, metrics: metrics()?, test }),
+        None => None,
+    };
+    let mut grouped = aggregate::group(store, exp, filter, &keys, &aggs, compare.as_ref()).map_err(|e| user(format!("{e}")))?;
     if grouped.rows.is_empty() && filter.is_some() {
         say_matched_none(exp);
     }
@@ -124,7 +144,7 @@ fn grouped_query(
             outln!("experiment `{}`", exp.name);
             outln!("{}", table::terminal(&header, &cells, keys.len()));
         }
-        Format::Csv => out!("{}", table::csv(&header, &grouped.exact_cells())),
+        Format::Csv => out!("{}", table::csv(&grouped.exact_header(), &grouped.exact_cells())),
         Format::Json => outln!("{}", serde_json::to_string_pretty(&grouped.json()).expect("json")),
         Format::Markdown => out!("{}", table::markdown(&header, &cells)),
         Format::Latex => out!("{}", table::latex(&header, &cells)),

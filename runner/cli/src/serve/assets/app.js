@@ -421,7 +421,7 @@ function parallelOf(name, table) {
 }
 
 // Lower is better for these; higher for the rest.
-const lowerIsBetter = (m) => /(loss|ece|error|fid|nfe|time|seconds|_s$)/.test(m);
+const lowerIsBetter = (m) => /(loss|ece|error|fid|nfe|time|seconds|passes|swd|mmd|(^|\.)fd$|_s$)/.test(m.toLowerCase());
 
 // Two metrics of every row (means over seeds) against each other, the Pareto front marked:
 // the rows no other row beats on both.
