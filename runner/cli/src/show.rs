@@ -114,6 +114,11 @@ pub fn summary(store: &dyn ResultStore, rec: &JobRecord, series: &BTreeMap<Strin
         prov.extend(p.host.as_ref().map(|h| format!("host {h}")));
         prov.extend(p.device.as_ref().map(|d| format!("device {d}")));
         prov.extend(p.threads.map(|t| format!("{t} thread(s)")));
+        let m = &p.machine;
+        prov.extend(m.cuda.as_ref().map(|c| format!("CUDA {c}")));
+        prov.extend(m.driver.as_ref().map(|d| format!("driver {d}")));
+        prov.extend(m.gpu.clone());
+        prov.extend(m.cpu.clone());
         let _ = writeln!(o, "provenance: {}", prov.join(", "));
         for u in &p.plugins {
             let _ = writeln!(

@@ -12,6 +12,23 @@ use std::path::PathBuf;
 /// Version of this protocol; a worker refuses a request of another version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The machine a job ran on, beyond its host name: what a reproduction has to match.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Machine {
+    /// The CUDA version libtorch was built for (`13.0`), absent for a CPU-only libtorch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda: Option<String>,
+    /// The NVIDIA driver's version, when the job ran on a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// The GPU's name, when the job ran on one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    /// The CPU's model name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+}
+
 /// Everything a worker needs to run one job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -145,7 +162,15 @@ impl FailureCause {
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Event {
     /// The worker set up its device and is about to run.
-    Started { pid: u32, device: String, libtorch: String, host: String },
+    Started {
+        pid: u32,
+        device: String,
+        libtorch: String,
+        host: String,
+        /// What else a result depends on: see [`Machine`].
+        #[serde(default)]
+        machine: Machine,
+    },
     /// Scalar metric points, e.g. `train.loss` at step 3.
     Metrics {
         step: u64,

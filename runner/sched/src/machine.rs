@@ -833,9 +833,10 @@ impl<'p> Machine<'p> {
         let r = self.running.get_mut(&i).expect("an event from a running job");
         let rec = &mut self.records[i];
         match e {
-            Event::Started { pid: _, device: _, libtorch, host } => {
+            Event::Started { pid: _, device: _, libtorch, host, machine } => {
                 rec.provenance.libtorch = Some(libtorch);
                 rec.provenance.host = Some(host);
+                rec.provenance.machine = machine;
                 self.actions.push(Action::Save(Box::new(rec.clone())));
             }
             Event::Metrics { step, values } => {

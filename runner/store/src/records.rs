@@ -186,7 +186,8 @@ pub struct FaultSite {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Provenance {
     pub xlab_version: String,
-    /// The git commit the coordinator was built from (`-dirty` with uncommitted changes).
+    /// The git commit the coordinator was built from; with uncommitted changes `-dirty+` and
+    /// the first 12 hex digits of the SHA-256 of `git diff HEAD`, so two dirty builds differ.
     #[serde(default)]
     pub git_commit: Option<String>,
     pub libtorch: Option<String>,
@@ -198,6 +199,13 @@ pub struct Provenance {
     /// Plugin libraries used: id, version, file and its sha256.
     #[serde(default)]
     pub plugins: Vec<xlab_proto::plugins::PluginUse>,
+    /// libtorch's CUDA version, the driver, the GPU and the CPU.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub machine: xlab_proto::Machine,
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -315,6 +315,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
         device: req.lease.device.clone(),
         libtorch: probe::libtorch_version(),
         host: probe::host(),
+        machine: probe::machine(&req.lease.device),
     });
     let mut comps = load_components(req, &cfg)?;
     match cfg.task {

@@ -44,6 +44,41 @@ pub fn load_cuda_support() -> Result<bool, String> {
     }
 }
 
+/// The libtorch's CUDA version (from the torch package's `version.py`), and on a GPU the
+/// driver's version and the GPU's name (from the driver's files under /proc), and the CPU's
+/// model name.
+pub fn machine(device: &str) -> xlab_proto::Machine {
+    let version_py = libtorch_dir().and_then(|d| std::fs::read_to_string(d.parent()?.join("version.py")).ok());
+    let cuda = version_py.as_deref().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("cuda").and_then(|r| r.split_once('=')).map(|(_, v)| v.trim()))
+            .filter(|v| *v != "None")
+            .map(|v| v.trim_matches(['\'', '"']).to_string())
+    });
+    let on_gpu = device.starts_with("cuda");
+    // "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  Thu ..."
+    let driver = on_gpu
+        .then(|| std::fs::read_to_string("/proc/driver/nvidia/version").ok())
+        .flatten()
+        .and_then(|t| t.split("Kernel Module").nth(1)?.split_whitespace().next().map(String::from));
+    let gpu = on_gpu.then(gpu_name).flatten();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string())));
+    xlab_proto::Machine { cuda, driver, gpu, cpu }
+}
+
+/// The name of the GPU this worker sees first (`CUDA_VISIBLE_DEVICES` maps it to the lease),
+/// from the driver's per-GPU files: "Model: NVIDIA H200".
+fn gpu_name() -> Option<String> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let first = visible.as_deref().and_then(|v| v.split(',').next()).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0);
+    let mut dirs: Vec<_> = std::fs::read_dir("/proc/driver/nvidia/gpus").ok()?.flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    let info = std::fs::read_to_string(dirs.get(first)?.join("information")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
+}
+
 pub fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
