@@ -246,9 +246,7 @@ pub(crate) fn pick_experiment(
     experiment: Option<&str>,
 ) -> Result<xlab_store::ExperimentRecord, Failure> {
     Ok(match experiment {
-        Some(name) => store.experiment(name)?.with_context(|| {
-            format!("no experiment `{name}` in store {}; `xlab run FILE` records one", store.dir().display())
-        })?,
+        Some(name) => named_experiment(store, name)?,
         None => {
             let mut all = store.experiments()?;
             all.sort_by_key(|e| e.updated_unix);

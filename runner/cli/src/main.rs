@@ -21,6 +21,7 @@ mod live;
 mod plot;
 mod plugins;
 mod raster;
+mod report;
 mod scan;
 mod serve;
 mod show;
@@ -77,6 +78,10 @@ enum Command {
     /// Learning curves of a metric as SVG: a line per group (default: stage and sweep point)
     /// with the mean over seeds and a ± std band.
     Plot(commands::plot::PlotArgs),
+    /// An experiment as one self-contained page (HTML, or Markdown): the file, the plan, the
+    /// results with intervals over seeds and paired comparisons, learning curves, sample grids
+    /// and a provenance manifest.
+    Report(commands::report::ReportArgs),
     /// Export results: experiments and jobs with config, provenance and metric series.
     Export(commands::export::ExportArgs),
     /// Merge results exported elsewhere (`xlab export --format jsonl`), by job identity.
@@ -149,6 +154,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Plan(args) => commands::plan::run(cli, args),
         Command::Query(args) => commands::query::run(cli, args),
         Command::Plot(args) => commands::plot::run(cli, args),
+        Command::Report(args) => commands::report::run(cli, args),
         Command::Export(args) => commands::export::export(cli, args),
         Command::Import(args) => commands::export::import(cli, args),
         Command::Gc(args) => commands::gc::run(cli, args),

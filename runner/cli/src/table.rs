@@ -205,7 +205,7 @@ pub fn render(rows: &[Row], metrics: &[String]) -> String {
 
 /// Rows as text cells: the header, then per row the stage, each sweep key's value and each
 /// metric's `mean ± std` (`mean` alone for one seed), and the number of seeds.
-fn text_cells(rows: &[Row], metrics: &[String], pm: &str) -> (Vec<String>, Vec<Vec<String>>) {
+pub(crate) fn text_cells(rows: &[Row], metrics: &[String], pm: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let keys = columns(rows);
     let mut header = vec!["stage".to_string()];
     header.extend(keys.iter().cloned());

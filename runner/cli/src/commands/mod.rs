@@ -8,6 +8,7 @@ pub mod plan;
 pub mod plot;
 pub mod plugins;
 pub mod query;
+pub mod report;
 pub mod run;
 pub mod search;
 pub mod show;

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses some of these
 
+pub mod browser;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
