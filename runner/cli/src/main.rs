@@ -82,6 +82,10 @@ enum Command {
     /// results with intervals over seeds and paired comparisons, learning curves, sample grids
     /// and a provenance manifest.
     Report(commands::report::ReportArgs),
+    /// Run a done job again from its stored record (config, seed, plugins by hash) in a fresh
+    /// store, and say whether its metric series and final files are bit-identical, or by how
+    /// much they differ (exit 1).
+    Reproduce(commands::reproduce::ReproduceArgs),
     /// Export results: experiments and jobs with config, provenance and metric series.
     Export(commands::export::ExportArgs),
     /// Merge results exported elsewhere (`xlab export --format jsonl`), by job identity.
@@ -155,6 +159,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
         Command::Query(args) => commands::query::run(cli, args),
         Command::Plot(args) => commands::plot::run(cli, args),
         Command::Report(args) => commands::report::run(cli, args),
+        Command::Reproduce(args) => commands::reproduce::run(cli, args),
         Command::Export(args) => commands::export::export(cli, args),
         Command::Import(args) => commands::export::import(cli, args),
         Command::Gc(args) => commands::gc::run(cli, args),

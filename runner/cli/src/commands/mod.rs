@@ -9,6 +9,7 @@ pub mod plot;
 pub mod plugins;
 pub mod query;
 pub mod report;
+pub mod reproduce;
 pub mod run;
 pub mod search;
 pub mod show;

@@ -239,7 +239,19 @@ fn say_if_replacing(store: &dyn ResultStore, plan: &xlab_plan::Plan) -> Result<(
     Ok(())
 }
 
-fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, Failure> {
+fn run_plan(cli: &Cli, plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, Failure> {
+    let shown = Shown { live: matches!(cli.log_format, LogFormat::Human) && !cli.quiet, table: true };
+    run_plan_in(&cli.store, plan, how, shown)
+}
+
+/// What a run shows besides its log: the live progress display, and the results table at the end.
+pub(crate) struct Shown {
+    pub live: bool,
+    pub table: bool,
+}
+
+/// Runs a plan in the store in `dir` (owning it, or joining the run that does).
+pub(crate) fn run_plan_in(dir: &std::path::Path, mut plan: xlab_plan::Plan, how: &RunArgs, shown: Shown) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
     let slurm_wanted = slurm_settings(how, &plan);
     // This machine's pool, checked before the store is made: a plan it can never place is
@@ -251,7 +263,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
                 .map_err(|e| Failure { code: exit::USER, error: anyhow::anyhow!(e) })?;
             let placed = xlab_sched::check_placement(&plan, &pool);
             if let Err(e) = &placed {
-                if std::os::unix::net::UnixStream::connect(xlab_store::live::socket_path(&cli.store)).is_err() {
+                if std::os::unix::net::UnixStream::connect(xlab_store::live::socket_path(dir)).is_err() {
                     return Err(Failure { code: exit::USER, error: anyhow::anyhow!(e.clone()) });
                 }
             }
@@ -259,7 +271,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
         }
     };
     // The store, ours or (while another run owns it) shared with that run; see `xlab_sched::hub`.
-    let opened = open_or_join(&cli.store)?;
+    let opened = open_or_join(dir)?;
     if let (Owning::Join(remote), Some(_)) = (&opened, &slurm_wanted) {
         let (pid, command) = remote.owner();
         return Err(Failure {
@@ -267,14 +279,14 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             error: anyhow::anyhow!(
                 "the store {} is in use by pid {pid} ({command}); a run that submits to Slurm cannot join it\n  hint: \
                  wait for it to finish, or use another store with --store DIR",
-                cli.store.display()
+                dir.display()
             ),
         });
     }
     // The owner's pool is the hub's, shared with the runs that join it later.
     let (slots, slurm, joined, hub): (Box<dyn xlab_sched::Slots>, _, _, _) = match (&opened, slurm_wanted) {
         (Owning::Own(_), Some(settings)) => {
-            let s = xlab_sched::slurm::SlurmExec::new(settings, &worker_path(), &cli.store, how.threads)
+            let s = xlab_sched::slurm::SlurmExec::new(settings, &worker_path(), dir, how.threads)
                 .map_err(|e| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!(e) })?;
             (Box::new(xlab_sched::Pool::new(Vec::new())), Some(s), None, None)
         }
@@ -327,7 +339,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
                  jobs only",
                 plan.name,
                 plan.stages.len(),
-                cli.store.display(),
+                dir.display(),
                 others.join(", ")
             );
         }
@@ -335,7 +347,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             "experiment `{}`: {total} job(s) in {} stage(s), {at_once} at a time on {on}, store {}",
             plan.name,
             plan.stages.len(),
-            cli.store.display()
+            dir.display()
         ),
     }
     let peers = match (&hub, &joined) {
@@ -358,10 +370,10 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
     };
     let started = Instant::now();
     let mut finished = 0usize;
-    let live = live::wanted(matches!(cli.log_format, LogFormat::Human) && !cli.quiet).then(|| live::Live::start(total));
+    let live = live::wanted(shown.live).then(|| live::Live::start(total));
     let status_file = match &joined {
-        Some(_) => status::joined_path(&cli.store, std::process::id()),
-        None => status::path(&cli.store),
+        Some(_) => status::joined_path(dir, std::process::id()),
+        None => status::path(dir),
     };
     let mut tracker = status::Tracker::new(status_file, &plan.name, total, live);
     let mut observe = |p: Progress<'_>| match p {
@@ -485,7 +497,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
             wait_for_joined(h, &stop);
         }
         ran.store(true, std::sync::atomic::Ordering::Release);
-        xlab_store::live::stop_serving(&cli.store, serving);
+        xlab_store::live::stop_serving(dir, serving);
         report
     })?;
     tracker.finish();
@@ -504,7 +516,9 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
         started.elapsed().as_secs_f64()
     );
     crate::commands::search::report(&report.searches);
-    query(store, &pick_experiment(store, Some(&plan.name))?, Format::Table, &[], None)?;
+    if shown.table {
+        query(store, &pick_experiment(store, Some(&plan.name))?, Format::Table, &[], None)?;
+    }
     if report.detached > 0 {
         eprintln!(
             "{} job(s) keep running in Slurm. Run the same command again to re-attach to them (their results are \
@@ -547,7 +561,7 @@ fn run_plan(cli: &Cli, mut plan: xlab_plan::Plan, how: &RunArgs) -> Result<u8, F
     if other > 0 {
         eprintln!(
             "{other} job(s) failed; their logs are in {}/runs/<job>/worker.log. Run the same command again to retry them.",
-            cli.store.display()
+            dir.display()
         );
     }
     Ok(exit::JOBS_FAILED)
