@@ -19,7 +19,15 @@ fn main() {
     println!("cargo:rustc-env=XLAB_GIT_COMMIT={commit}{dirty}");
     // A new commit appends to .git/logs/HEAD; staging changes the index; an edit changes a
     // source folder (cargo watches a folder's files recursively).
-    for path in ["../../.git/logs/HEAD", "../../.git/HEAD", "../../.git/index", "../../runner", "../../plugins", "../../Cargo.toml", "../../Cargo.lock"] {
+    for path in [
+        "../../.git/logs/HEAD",
+        "../../.git/HEAD",
+        "../../.git/index",
+        "../../runner",
+        "../../plugins",
+        "../../Cargo.toml",
+        "../../Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={path}");
     }
 }

@@ -30,7 +30,13 @@ pub struct Agg {
 
 impl Agg {
     pub fn new(func: &'static str, metric: &str) -> Agg {
-        Agg { func, metric: metric.into(), other: String::new(), higher: (true, true), label: format!("{func}({metric})") }
+        Agg {
+            func,
+            metric: metric.into(),
+            other: String::new(),
+            higher: (true, true),
+            label: format!("{func}({metric})"),
+        }
     }
 
     pub fn label(&self) -> String {
@@ -252,7 +258,8 @@ pub fn group(
     compare: Option<&Compare<'_>>,
 ) -> anyhow::Result<Grouped> {
     let mut metrics: Vec<String> = Vec::new();
-    for m in aggs.iter().flat_map(Agg::metrics).chain(compare.iter().flat_map(|c| c.metrics.iter().map(String::as_str))) {
+    for m in aggs.iter().flat_map(Agg::metrics).chain(compare.iter().flat_map(|c| c.metrics.iter().map(String::as_str)))
+    {
         if !metrics.iter().any(|x| x == m) {
             metrics.push(m.to_string());
         }
@@ -341,7 +348,8 @@ impl Pairing {
                 if any { " (it matched unfinished ones)" } else { "" }
             );
         }
-        let varying: Vec<usize> = (0..keys.len()).filter(|&k| base.iter().any(|j| j.key[k] != base[0].key[k])).collect();
+        let varying: Vec<usize> =
+            (0..keys.len()).filter(|&k| base.iter().any(|j| j.key[k] != base[0].key[k])).collect();
         let mut by: BTreeMap<(String, u64), Vec<Option<f64>>> = BTreeMap::new();
         for j in &base {
             let at = (Self::tag(&varying, &j.key), j.seed);

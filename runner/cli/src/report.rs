@@ -18,12 +18,23 @@ use xlab_store::{ExperimentRecord, JobRecord, JobStatus, ResultStore};
 pub enum Block {
     Heading(String),
     Text(String),
-    Table { header: Vec<String>, body: Vec<Vec<String>> },
+    Table {
+        header: Vec<String>,
+        body: Vec<Vec<String>>,
+    },
     Code(String),
     /// A figure: a file name (Markdown writes it beside the page), its type, bytes and caption.
-    Figure { file: String, mime: &'static str, bytes: Vec<u8>, caption: String },
+    Figure {
+        file: String,
+        mime: &'static str,
+        bytes: Vec<u8>,
+        caption: String,
+    },
     /// A long part, folded in HTML.
-    Folded { summary: String, blocks: Vec<Block> },
+    Folded {
+        summary: String,
+        blocks: Vec<Block>,
+    },
 }
 
 /// What a report covers.
@@ -53,7 +64,9 @@ pub fn build(store: &dyn ResultStore, exp: &ExperimentRecord, req: &Request<'_>)
     let rows = table::rows(store, exp, None)?;
     let metrics = if req.metrics.is_empty() { table::default_metrics(&rows) } else { req.metrics.clone() };
     let (header, body) = table::text_cells(&rows, &metrics, "±");
-    out.push(Block::Text("Final metrics per sweep point: mean ± sample standard deviation over seeds; n: done seeds.".into()));
+    out.push(Block::Text(
+        "Final metrics per sweep point: mean ± sample standard deviation over seeds; n: done seeds.".into(),
+    ));
     out.push(Block::Table { header, body });
     let keys = crate::common::default_group_keys(exp);
     out.push(Block::Heading("Intervals over seeds".into()));
@@ -63,8 +76,10 @@ pub fn build(store: &dyn ResultStore, exp: &ExperimentRecord, req: &Request<'_>)
             .into(),
     ));
     for m in &metrics {
-        let aggs: Vec<Agg> =
-            ["mean", "ci95", "bootstrap_ci", "iqm", "count"].iter().map(|f| Agg::new(f, if *f == "count" { "" } else { m })).collect();
+        let aggs: Vec<Agg> = ["mean", "ci95", "bootstrap_ci", "iqm", "count"]
+            .iter()
+            .map(|f| Agg::new(f, if *f == "count" { "" } else { m }))
+            .collect();
         let g = aggregate::group(store, exp, None, &keys, &aggs, None)?;
         out.push(Block::Table { header: g.header(), body: g.cells() });
     }
@@ -103,7 +118,12 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Learning curves of the main series metrics (validation accuracy, training loss, …), a line
 /// per sweep point with a ± std band.
-fn curves(store: &dyn ResultStore, exp: &ExperimentRecord, keys: &[String], out: &mut Vec<Block>) -> anyhow::Result<()> {
+fn curves(
+    store: &dyn ResultStore,
+    exp: &ExperimentRecord,
+    keys: &[String],
+    out: &mut Vec<Block>,
+) -> anyhow::Result<()> {
     let vocab = crate::vocab::Vocab::of(store, exp)?;
     let preferred = ["val.acc", "train.loss", "val.loss", "sample.swd", "val.worst_group_acc"];
     let mut picked: Vec<&str> = preferred.iter().copied().filter(|m| vocab.metrics.contains(*m)).take(3).collect();
@@ -116,7 +136,8 @@ fn curves(store: &dyn ResultStore, exp: &ExperimentRecord, keys: &[String], out:
         if curves.is_empty() || curves.iter().all(|c| c.points.len() < 2) {
             continue;
         }
-        let axis = plot::XAxis { label: if per_epoch { "epoch" } else { "step" }, log: false, y_label: None, log_y: false };
+        let axis =
+            plot::XAxis { label: if per_epoch { "epoch" } else { "step" }, log: false, y_label: None, log_y: false };
         let scene = plot::layout(&format!("experiment `{}`", exp.name), m, &curves, &axis);
         figures.push(Block::Figure {
             file: format!("curve-{m}.svg"),
@@ -200,7 +221,9 @@ fn provenance(exp: &ExperimentRecord, records: &[JobRecord]) -> Vec<Vec<String>>
         let name = what.split_once(' ').filter(|(n, _)| n.len() == 1).map_or(what, |(_, rest)| rest);
         rows.extend(values.into_iter().map(|v| vec![name.to_string(), v]));
     }
-    rows.extend(files.into_iter().map(|(key, path, sha)| vec![format!("data file `{key}`"), format!("{path} — sha256 {sha}")]));
+    rows.extend(
+        files.into_iter().map(|(key, path, sha)| vec![format!("data file `{key}`"), format!("{path} — sha256 {sha}")]),
+    );
     if rows.len() == 1 {
         rows.push(vec!["jobs".into(), "none has run yet".into()]);
     }
@@ -245,7 +268,8 @@ fn plan(exp: &ExperimentRecord, records: &[JobRecord]) -> Vec<Block> {
         }
     }
     let total: usize = exp.stages.iter().map(|s| s.jobs.len()).sum();
-    let listed = if total > jobs.len() { format!("the first {} of {total} jobs", jobs.len()) } else { format!("{total} jobs") };
+    let listed =
+        if total > jobs.len() { format!("the first {} of {total} jobs", jobs.len()) } else { format!("{total} jobs") };
     vec![
         Block::Table { header: ["stage", "sweep keys", "jobs", "status"].map(String::from).to_vec(), body: stages },
         Block::Folded {
@@ -264,7 +288,11 @@ fn esc(s: &str) -> String {
 
 /// `code` spans of Markdown-ish text as HTML.
 fn inline(s: &str) -> String {
-    esc(s).split('`').enumerate().map(|(i, p)| if i % 2 == 1 { format!("<code>{p}</code>") } else { p.to_string() }).collect()
+    esc(s)
+        .split('`')
+        .enumerate()
+        .map(|(i, p)| if i % 2 == 1 { format!("<code>{p}</code>") } else { p.to_string() })
+        .collect()
 }
 
 const STYLE: &str = "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#111}\

@@ -88,9 +88,7 @@ pub fn bootstrap_ci(xs: &[f64], resamples: usize, seed: u64) -> Option<(f64, f64
         return Some((theta, theta));
     }
     let mut rng = Rng::new(seed);
-    let mut boot: Vec<f64> = (0..resamples)
-        .map(|_| (0..n).map(|_| xs[rng.below(n)]).sum::<f64>() / n as f64)
-        .collect();
+    let mut boot: Vec<f64> = (0..resamples).map(|_| (0..n).map(|_| xs[rng.below(n)]).sum::<f64>() / n as f64).collect();
     boot.sort_by(f64::total_cmp);
     // Bias: where the estimate falls in its bootstrap distribution (ties count half).
     let below = boot.partition_point(|b| *b < theta);
@@ -329,7 +327,10 @@ mod tests {
             // rounded to 0.01) the quantiles fall on neighbouring atoms, two at most.
             let discrete = d.len() <= 5 || name.contains("ties and zeros");
             let tol = if discrete { 0.05 } else { 0.01 } * (shi - slo);
-            assert!((lo - slo).abs() < tol && (hi - shi).abs() < tol, "{name}: BCa [{lo}, {hi}] vs scipy [{slo}, {shi}]");
+            assert!(
+                (lo - slo).abs() < tol && (hi - shi).abs() < tol,
+                "{name}: BCa [{lo}, {hi}] vs scipy [{slo}, {shi}]"
+            );
         }
     }
 

@@ -128,7 +128,10 @@ fn paired_comparisons_match_scipy_and_pair_within_what_varies_in_the_baseline() 
     assert!(table.contains("2 shared seeds") && table.contains("baseline"), "{table}");
     assert_eq!(table, text(&["--compare-to", "method == \"erm\"", "-m", "test.acc"]), "the bootstrap is seeded");
     let csv = text(&["--compare-to", "method == \"erm\"", "-m", "test.acc", "--format", "csv"]);
-    assert!(csv.lines().next().unwrap().contains("diff_ci95(test.acc).lo,diff_ci95(test.acc).hi,p_t(test.acc)"), "{csv}");
+    assert!(
+        csv.lines().next().unwrap().contains("diff_ci95(test.acc).lo,diff_ci95(test.acc).hi,p_t(test.acc)"),
+        "{csv}"
+    );
 }
 
 #[test]
@@ -140,7 +143,8 @@ fn an_ambiguous_or_empty_baseline_is_refused_with_what_to_do() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("more than one done job of seed 0") && err.contains("hint: narrow the filter"), "{err}");
     // Narrowed to one dataset it pairs.
-    let rows = json_query(&store, &["data.name == \"d1\"", "--group-by", "method", "--compare-to", "method == \"erm\""]);
+    let rows =
+        json_query(&store, &["data.name == \"d1\"", "--group-by", "method", "--compare-to", "method == \"erm\""]);
     assert_eq!(rows.len(), 3);
     let out = query(&store, &["--compare-to", "method == \"sgd\""]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -157,7 +161,11 @@ fn seed_aggregates_iqm_bootstrap_and_pareto() {
     let (_dir, store) = store();
     let rows = json_query(
         &store,
-        &["data.name == \"d1\"", "--agg", "mean(test.acc),iqm(test.acc),bootstrap_ci(test.acc),pareto(test.acc, test.loss)"],
+        &[
+            "data.name == \"d1\"",
+            "--agg",
+            "mean(test.acc),iqm(test.acc),bootstrap_ci(test.acc),pareto(test.acc, test.loss)",
+        ],
     );
     let jobs = json_query(&store, &["data.name == \"d1\"", "--group-by", "method,seed", "--agg", "mean(test.acc)"]);
     for r in &rows {

@@ -103,7 +103,10 @@ fn the_report_holds_every_number_query_prints_and_renders_in_a_browser() {
     ok(cmd(&store).args(["report", "showcase", "--compare-to", baseline, "-o"]).arg(&page).output().unwrap());
     let html = std::fs::read_to_string(&page).unwrap();
     // Nothing outside the page: no URL to fetch, and a policy that forbids it anyway.
-    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("src=\"/"), "the page fetches nothing");
+    assert!(
+        !html.contains("http://") && !html.contains("https://") && !html.contains("src=\"/"),
+        "the page fetches nothing"
+    );
     assert!(html.contains("default-src 'none'"));
 
     // Provenance: the SAM plugin's file hash as the job recorded it, and the data file's.
@@ -113,14 +116,17 @@ fn the_report_holds_every_number_query_prints_and_renders_in_a_browser() {
         .unwrap()))
     .unwrap();
     let id = jobs[0]["id"].as_str().unwrap();
-    let record: serde_json::Value = serde_json::from_str(&ok(cmd(&store).args(["show", id, "--json"]).output().unwrap())).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(&ok(cmd(&store).args(["show", id, "--json"]).output().unwrap())).unwrap();
     let record = if record.get("job").is_some() { record["job"].clone() } else { record };
     let plugin = record["provenance"]["plugins"][0]["sha256"].as_str().unwrap().to_string();
     let data_sha = record["config"]["data"]["path"]["sha256"].as_str().unwrap().to_string();
     let libtorch = record["provenance"]["libtorch"].as_str().unwrap().to_string();
 
     let Some((chromium, driver)) = browser() else {
-        eprintln!("skipped the browser half: no chromium and chromedriver in /usr/bin (`make test` installs them as root)");
+        eprintln!(
+            "skipped the browser half: no chromium and chromedriver in /usr/bin (`make test` installs them as root)"
+        );
         return;
     };
     let b = Browser::start(&chromium, &driver);
@@ -129,7 +135,9 @@ fn the_report_holds_every_number_query_prints_and_renders_in_a_browser() {
     for n in &numbers {
         assert!(body.contains(n.as_str()), "`{n}` of xlab query is not in the report:\n{body}");
     }
-    for want in [plugin.as_str(), data_sha.as_str(), libtorch.as_str(), "Paired comparisons", "Learning curves", "Sample grids"] {
+    for want in
+        [plugin.as_str(), data_sha.as_str(), libtorch.as_str(), "Paired comparisons", "Learning curves", "Sample grids"]
+    {
         assert!(body.contains(want), "no `{want}` in the report:\n{body}");
     }
     // Every figure decoded from the page itself: the curves and the sample grid.

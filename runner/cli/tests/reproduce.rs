@@ -60,9 +60,11 @@ fn a_deterministic_job_reproduces_bit_for_bit_and_a_changed_plugin_is_refused() 
     assert!(out.contains("result: bit-identical"), "{out}");
     let rows = ok(cmd(&kept).args(["query", "--format", "json", "-m", "sharpness.hessian_top"]).output().unwrap());
     let rows: serde_json::Value = serde_json::from_str(&rows).unwrap();
-    let first: serde_json::Value =
-        serde_json::from_str(&ok(cmd(&store).args(["query", "--format", "json", "-m", "sharpness.hessian_top"]).output().unwrap()))
-            .unwrap();
+    let first: serde_json::Value = serde_json::from_str(&ok(cmd(&store)
+        .args(["query", "--format", "json", "-m", "sharpness.hessian_top"])
+        .output()
+        .unwrap()))
+    .unwrap();
     assert_eq!(rows, first, "the kept store holds the same results");
     let attempts = ok(cmd(&kept).args(["show", &train, "--json"]).output().unwrap());
     let attempts: serde_json::Value = serde_json::from_str(&attempts).unwrap();

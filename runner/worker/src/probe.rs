@@ -62,9 +62,9 @@ pub fn machine(device: &str) -> xlab_proto::Machine {
         .flatten()
         .and_then(|t| t.split("Kernel Module").nth(1)?.split_whitespace().next().map(String::from));
     let gpu = on_gpu.then(gpu_name).flatten();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string())));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| {
+        t.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string()))
+    });
     xlab_proto::Machine { cuda, driver, gpu, cpu }
 }
 
@@ -72,7 +72,8 @@ pub fn machine(device: &str) -> xlab_proto::Machine {
 /// from the driver's per-GPU files: "Model: NVIDIA H200".
 fn gpu_name() -> Option<String> {
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let first = visible.as_deref().and_then(|v| v.split(',').next()).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0);
+    let first =
+        visible.as_deref().and_then(|v| v.split(',').next()).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0);
     let mut dirs: Vec<_> = std::fs::read_dir("/proc/driver/nvidia/gpus").ok()?.flatten().map(|e| e.path()).collect();
     dirs.sort();
     let info = std::fs::read_to_string(dirs.get(first)?.join("information")).ok()?;

@@ -128,7 +128,8 @@ fn grouped_query(
         Some((baseline, test)) => Some(aggregate::Compare { baseline, metrics: metrics()?, test }),
         None => None,
     };
-    let mut grouped = aggregate::group(store, exp, filter, &keys, &aggs, compare.as_ref()).map_err(|e| user(format!("{e}")))?;
+    let mut grouped =
+        aggregate::group(store, exp, filter, &keys, &aggs, compare.as_ref()).map_err(|e| user(format!("{e}")))?;
     if grouped.rows.is_empty() && filter.is_some() {
         say_matched_none(exp);
     }

@@ -47,7 +47,8 @@ pub fn run(cli: &Cli, args: &ReproduceArgs) -> Result<u8, Failure> {
     let file = PathBuf::from(&exp.file);
     // The text as it ran; relative paths (data, includes, plugins) resolve from where the file was.
     let plan = xlab_plan::load_str(&file, source, &mut plugins::WorkerPlugins::new(worker_path()))?;
-    let Some(job) = plan.jobs().find(|j| j.id.as_str() == rec.id || j.earlier_id.as_ref().is_some_and(|e| e.as_str() == rec.id))
+    let Some(job) =
+        plan.jobs().find(|j| j.id.as_str() == rec.id || j.earlier_id.as_ref().is_some_and(|e| e.as_str() == rec.id))
     else {
         let tpe = plan.stages.iter().any(|s| s.name == rec.stage && s.template.is_some());
         return Err(user_error(if tpe {
@@ -74,18 +75,18 @@ pub fn run(cli: &Cli, args: &ReproduceArgs) -> Result<u8, Failure> {
                 return Err(Failure {
                     code: exit::ENVIRONMENT,
                     error: anyhow::anyhow!(
-                        "plugin `{}` changed since job {} ran: it ran with {} {} of sha256 {}, and the plugin found now \
+                    "plugin `{}` changed since job {} ran: it ran with {} {} of sha256 {}, and the plugin found now \
                          ({}) has sha256 {}\n  hint: rebuild the plugin from the commit the job ran with ({}), or put \
                          that build first on XLAB_PLUGIN_PATH",
-                        used.id,
-                        short(&rec.id),
-                        used.file,
-                        used.version,
-                        used.sha256,
-                        p.file,
-                        p.sha256,
-                        rec.provenance.git_commit.as_deref().unwrap_or("unknown")
-                    ),
+                    used.id,
+                    short(&rec.id),
+                    used.file,
+                    used.version,
+                    used.sha256,
+                    p.file,
+                    p.sha256,
+                    rec.provenance.git_commit.as_deref().unwrap_or("unknown")
+                ),
                 })
             }
             None => {
@@ -134,7 +135,9 @@ fn changed_files(rec: &JobRecord) -> Option<String> {
     let mut found = Vec::new();
     fn walk(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
         let serde_json::Value::Object(m) = v else { return };
-        if let (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(sha))) = (m.get("path"), m.get("sha256")) {
+        if let (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(sha))) =
+            (m.get("path"), m.get("sha256"))
+        {
             let now = std::fs::read(p).map(|b| {
                 use sha2::Digest;
                 hex::encode(sha2::Sha256::digest(&b))
@@ -166,7 +169,11 @@ fn reproduce_in(
         let fresh = open_store(dir)?;
         for id in inputs {
             let parent = src.job(id)?.filter(|p| p.status == JobStatus::Done).ok_or_else(|| {
-                user_error(format!("job {} consumes job {}, which the store does not hold as done", short(&rec.id), short(id)))
+                user_error(format!(
+                    "job {} consumes job {}, which the store does not hold as done",
+                    short(&rec.id),
+                    short(id)
+                ))
             })?;
             fresh.put_job(&parent)?;
             let points = series_by_step(&src.metrics_of(id)?);
@@ -211,7 +218,11 @@ fn reproduce_in(
     let Some(again) = fresh.job(&rec.id)?.filter(|r| r.status == JobStatus::Done) else {
         return Err(Failure {
             code: if code == 0 { exit::JOBS_FAILED } else { code },
-            error: anyhow::anyhow!("the rerun of job {} did not finish; its log is under {}", short(&rec.id), dir.display()),
+            error: anyhow::anyhow!(
+                "the rerun of job {} did not finish; its log is under {}",
+                short(&rec.id),
+                dir.display()
+            ),
         });
     };
     let mut same = true;
@@ -220,13 +231,15 @@ fn reproduce_in(
     let names: BTreeSet<&String> = before.keys().chain(after.keys()).filter(|m| !m.starts_with("time.")).collect();
     let mut differing = Vec::new();
     for name in &names {
-        let (a, b) = (before.get(*name).map(Vec::as_slice).unwrap_or(&[]), after.get(*name).map(Vec::as_slice).unwrap_or(&[]));
+        let (a, b) =
+            (before.get(*name).map(Vec::as_slice).unwrap_or(&[]), after.get(*name).map(Vec::as_slice).unwrap_or(&[]));
         if let Some(d) = series_difference(a, b) {
             differing.push(format!("{name} {d}"));
         }
     }
     let timing = before.keys().filter(|m| m.starts_with("time.")).count();
-    let timing = if timing > 0 { format!(" ({timing} wall-clock `time.*` series not compared)") } else { String::new() };
+    let timing =
+        if timing > 0 { format!(" ({timing} wall-clock `time.*` series not compared)") } else { String::new() };
     if differing.is_empty() {
         outln!("  metric series: all {} bit-identical{timing}", names.len());
     } else {
@@ -244,7 +257,9 @@ fn reproduce_in(
         };
         let (x, y) = (std::fs::read(src.dir().join(&a.path)), std::fs::read(fresh.dir().join(&b.path)));
         match (x, y) {
-            (Ok(x), Ok(y)) if x == y => outln!("  {} ({}): bit-identical (sha256 {})", a.name, a.path, &sha256(&x)[..16]),
+            (Ok(x), Ok(y)) if x == y => {
+                outln!("  {} ({}): bit-identical (sha256 {})", a.name, a.path, &sha256(&x)[..16])
+            }
             (Ok(x), Ok(y)) => {
                 same = false;
                 let how = if a.path.ends_with(".safetensors") { tensor_difference(&x, &y) } else { None };
@@ -303,7 +318,10 @@ fn series_by_step(series: &xlab_store::Series) -> Vec<(u64, BTreeMap<String, f64
 
 /// Copies a job's folder, all but its checkpoints (its final files are what a child reads).
 fn copy_files(from: &Path, to: &Path) -> Result<(), Failure> {
-    let env = |e: std::io::Error, p: &Path| Failure { code: exit::ENVIRONMENT, error: anyhow::anyhow!("cannot copy {}: {e}", p.display()) };
+    let env = |e: std::io::Error, p: &Path| Failure {
+        code: exit::ENVIRONMENT,
+        error: anyhow::anyhow!("cannot copy {}: {e}", p.display()),
+    };
     std::fs::create_dir_all(to).map_err(|e| env(e, to))?;
     let Ok(entries) = std::fs::read_dir(from) else { return Ok(()) };
     for e in entries.flatten() {
@@ -377,7 +395,10 @@ fn tensor_difference(a: &[u8], b: &[u8]) -> Option<String> {
             }
         }
     }
-    Some(format!("{differ} of {total} tensors differ, max |Δ| {max:.3e}{}", if at.is_empty() { String::new() } else { format!(" (in {at})") }))
+    Some(format!(
+        "{differ} of {total} tensors differ, max |Δ| {max:.3e}{}",
+        if at.is_empty() { String::new() } else { format!(" (in {at})") }
+    ))
 }
 
 type Tensors = BTreeMap<String, (String, std::ops::Range<usize>)>;

@@ -251,7 +251,12 @@ pub(crate) struct Shown {
 }
 
 /// Runs a plan in the store in `dir` (owning it, or joining the run that does).
-pub(crate) fn run_plan_in(dir: &std::path::Path, mut plan: xlab_plan::Plan, how: &RunArgs, shown: Shown) -> Result<u8, Failure> {
+pub(crate) fn run_plan_in(
+    dir: &std::path::Path,
+    mut plan: xlab_plan::Plan,
+    how: &RunArgs,
+    shown: Shown,
+) -> Result<u8, Failure> {
     let fail_fast = how.fail_fast;
     let slurm_wanted = slurm_settings(how, &plan);
     // This machine's pool, checked before the store is made: a plan it can never place is

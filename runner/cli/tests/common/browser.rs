@@ -157,4 +157,3 @@ impl Browser {
         std::fs::write(to, bytes).unwrap();
     }
 }
-
