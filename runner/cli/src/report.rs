@@ -22,6 +22,11 @@ pub enum Block {
         header: Vec<String>,
         body: Vec<Vec<String>>,
     },
+    /// A two-column table of names and values (text, left-aligned).
+    Pairs {
+        header: [&'static str; 2],
+        body: Vec<Vec<String>>,
+    },
     Code(String),
     /// A figure: a file name (Markdown writes it beside the page), its type, bytes and caption.
     Figure {
@@ -102,7 +107,7 @@ pub fn build(store: &dyn ResultStore, exp: &ExperimentRecord, req: &Request<'_>)
     curves(store, exp, &keys, &mut out)?;
     grids(store, &records, &mut out);
     out.push(Block::Heading("Provenance".into()));
-    out.push(Block::Table { header: vec!["what".into(), "value".into()], body: provenance(exp, &records) });
+    out.push(Block::Pairs { header: ["what", "value"], body: provenance(exp, &records) });
     out.push(Block::Heading("Experiment file".into()));
     out.push(Block::Text(format!("{} (sha256 {})", exp.file, sha256(exp.source.as_bytes()))));
     out.push(Block::Code(exp.source.clone()));
@@ -295,12 +300,20 @@ fn inline(s: &str) -> String {
         .collect()
 }
 
-const STYLE: &str = "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#111}\
+const STYLE: &str =
+    "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#111}\
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}\
 .wide{overflow-x:auto;margin:.6em 0}table{border-collapse:collapse;font-variant-numeric:tabular-nums}\
-td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}\
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;white-space:nowrap}td.num{text-align:right}\
+td.long{white-space:normal;overflow-wrap:anywhere;min-width:30em}\
 th{background:#f4f4f5}pre{background:#f7f7f8;padding:1em;overflow:auto;font-size:13px}\
 figure{margin:1em 0}figcaption{color:#555;font-size:.9em}img{max-width:100%}code{font-size:.92em}";
+
+/// A number, an interval or a `mean ± std` cell (right-aligned, so digits line up).
+fn looks_numeric(c: &str) -> bool {
+    let c = c.trim_start_matches(['[', '+', '-']);
+    c.starts_with(|ch: char| ch.is_ascii_digit()) && !c.contains(char::is_alphabetic) || c == "-" || c.is_empty()
+}
 
 /// The blocks as one HTML page that fetches nothing (its figures are data URIs, and its
 /// policy forbids any other source).
@@ -331,6 +344,17 @@ fn html_blocks(blocks: &[Block], o: &mut String) {
             Block::Code(c) => {
                 let _ = writeln!(o, "<pre>{}</pre>", esc(c));
             }
+            Block::Pairs { header, body } => {
+                o.push_str("<div class=\"wide\"><table><thead><tr>");
+                for h in header {
+                    let _ = write!(o, "<th>{}</th>", esc(h));
+                }
+                o.push_str("</tr></thead><tbody>\n");
+                for row in body {
+                    let _ = writeln!(o, "<tr><td>{}</td><td class=\"long\">{}</td></tr>", esc(&row[0]), esc(&row[1]));
+                }
+                o.push_str("</tbody></table></div>\n");
+            }
             Block::Table { header, body } => {
                 o.push_str("<div class=\"wide\"><table><thead><tr>");
                 for h in header {
@@ -340,7 +364,14 @@ fn html_blocks(blocks: &[Block], o: &mut String) {
                 for row in body {
                     o.push_str("<tr>");
                     for c in row {
-                        let _ = write!(o, "<td>{}</td>", esc(c));
+                        let class = if c.len() > 60 {
+                            " class=\"long\""
+                        } else if looks_numeric(c) {
+                            " class=\"num\""
+                        } else {
+                            ""
+                        };
+                        let _ = write!(o, "<td{class}>{}</td>", esc(c));
                     }
                     o.push_str("</tr>\n");
                 }
@@ -385,6 +416,10 @@ fn markdown_blocks(blocks: &[Block], folder: &str, o: &mut String, files: &mut V
             Block::Code(c) => {
                 let fence = if c.contains("```") { "~~~~" } else { "```" };
                 let _ = writeln!(o, "{fence}yaml\n{}\n{fence}\n", c.trim_end());
+            }
+            Block::Pairs { header, body } => {
+                o.push_str(&table::markdown(&header.map(String::from), body));
+                o.push('\n');
             }
             Block::Table { header, body } => {
                 o.push_str(&table::markdown(header, body));
