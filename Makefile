@@ -15,19 +15,23 @@ RELEASE := --release
 # scikit-learn brings the handwritten digits (`data: {name: digits}`) as a file in its package,
 # read offline by the worker; diffusers is the reference the sampler tests compare against, and
 # gco-wrapper (gco-v3.0's graph cuts, which Co-Mixup's reference code calls) the one the
-# Co-Mixup tests compare against; Optuna the one xlab's TPE is checked against.
+# Co-Mixup tests compare against; Optuna the one xlab's TPE is checked against. pandas, pyarrow
+# and polars read xlab's Parquet and Arrow tables in the tests (and the xlab_results package),
+# TensorBoard's event reader its event files; scipy checks its statistics; setuptools (as torch
+# allows) builds the pure-Python xlab_results package without fetching anything.
 SKLEARN_VERSION := 1.7.2
 DIFFUSERS_VERSION := 0.35.2
 GCO_VERSION := 3.0.9
 OPTUNA_VERSION := 5.1.0
-PY_DEPS := $(VENV)/.deps-sklearn-$(SKLEARN_VERSION)-diffusers-$(DIFFUSERS_VERSION)-gco-$(GCO_VERSION)-optuna-$(OPTUNA_VERSION)
+INTEROP_DEPS := pandas==3.1.1 pyarrow==26.0.1 polars==2.1.0 tensorboard==2.21.0 scipy==1.17.1 setuptools==80.9.0
+PY_DEPS := $(VENV)/.deps-sklearn-$(SKLEARN_VERSION)-diffusers-$(DIFFUSERS_VERSION)-gco-$(GCO_VERSION)-optuna-$(OPTUNA_VERSION)-interop-2
 
 setup: $(VENV)/torch/lib/libtorch_cpu.so $(PY_DEPS)
 
 $(PY_DEPS): $(VENV)/torch/lib/libtorch_cpu.so
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q \
 	  scikit-learn==$(SKLEARN_VERSION) diffusers==$(DIFFUSERS_VERSION) gco-wrapper==$(GCO_VERSION) \
-	  optuna==$(OPTUNA_VERSION)
+	  optuna==$(OPTUNA_VERSION) $(INTEROP_DEPS)
 	@touch $@
 
 $(VENV)/torch/lib/libtorch_cpu.so:

@@ -17,6 +17,7 @@ mod commands;
 mod common;
 mod filter;
 mod gc;
+mod interop;
 mod live;
 mod plot;
 mod plugins;

@@ -15,6 +15,11 @@ pub enum Format {
     Markdown,
     /// A booktabs table for a paper (`\usepackage{booktabs}`).
     Latex,
+    /// A Parquet file (-o FILE, or standard output when it is not a terminal): typed columns
+    /// for pandas and polars.
+    Parquet,
+    /// An Arrow IPC file (`pyarrow.ipc.open_file`, `polars.read_ipc`).
+    Arrow,
 }
 
 #[derive(clap::Args)]
@@ -55,6 +60,9 @@ pub struct QueryArgs {
     /// At most this many rows.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Write the table to this file instead of standard output.
+    #[arg(long, short = 'o')]
+    pub output: Option<std::path::PathBuf>,
     /// Also the jobs of earlier versions of the experiment's file (before an edit, or another
     /// file with the same `name:`), which the current version does not have.
     #[arg(long)]
@@ -62,8 +70,21 @@ pub struct QueryArgs {
 }
 
 pub fn run(cli: &Cli, args: &QueryArgs) -> Result<u8, Failure> {
-    let QueryArgs { filter, experiment, format, metrics, group_by, agg, compare_to, test, sort, limit, all_versions } =
-        args;
+    let QueryArgs {
+        filter,
+        experiment,
+        format,
+        metrics,
+        group_by,
+        agg,
+        compare_to,
+        test,
+        sort,
+        limit,
+        output,
+        all_versions,
+    } = args;
+    let out = Out { path: output.as_deref(), format: *format };
     let filter = parse_filter(filter.as_deref())?;
     let baseline = parse_filter(compare_to.as_deref()).map_err(|f| user_error(format!("--compare-to: {}", f.error)))?;
     let store = existing_store(&cli.store)?;
@@ -79,11 +100,53 @@ pub fn run(cli: &Cli, args: &QueryArgs) -> Result<u8, Failure> {
     if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() || baseline.is_some() {
         let compare = baseline.as_ref().map(|b| (b, *test));
         let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), compare, sort: sort.as_deref(), limit: *limit };
-        grouped_query(&store, &exp, &vocab, *format, metrics, filter.as_ref(), &grouping)?;
+        grouped_query(&store, &exp, &vocab, out, metrics, filter.as_ref(), &grouping)?;
         return Ok(0);
     }
-    query(&store, &exp, *format, metrics, filter.as_ref())?;
+    query_to(&store, &exp, out, metrics, filter.as_ref())?;
     Ok(0)
+}
+
+/// Where a query's table goes, and as what.
+#[derive(Clone, Copy)]
+pub(crate) struct Out<'a> {
+    pub path: Option<&'a std::path::Path>,
+    pub format: Format,
+}
+
+impl Out<'_> {
+    /// Writes text, to the file or standard output.
+    fn text(&self, text: &str) -> Result<(), Failure> {
+        match self.path {
+            Some(p) => std::fs::write(p, text).map_err(|e| user_error(format!("cannot write {}: {e}", p.display()))),
+            None => {
+                out!("{text}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a table as Parquet or Arrow, to the file or (not a terminal) standard output.
+    fn columns(&self, batch: arrow_array::RecordBatch) -> Result<(), Failure> {
+        use crate::interop::columns;
+        let mut bytes = Vec::new();
+        match self.format {
+            Format::Parquet => columns::write_parquet(&mut bytes, &[batch])?,
+            _ => columns::write_arrow(&mut bytes, &[batch])?,
+        }
+        match self.path {
+            Some(p) => std::fs::write(p, bytes).map_err(|e| user_error(format!("cannot write {}: {e}", p.display()))),
+            None if std::io::IsTerminal::is_terminal(&std::io::stdout()) => Err(user_error(
+                "a Parquet or Arrow table is binary and standard output is a terminal\n  hint: write it to a file with -o \
+                 FILE, or pipe it"
+                    .into(),
+            )),
+            None => {
+                use std::io::Write;
+                std::io::stdout().write_all(&bytes).map_err(|e| user_error(format!("cannot write the table: {e}")))
+            }
+        }
+    }
 }
 
 struct Grouping<'a> {
@@ -98,7 +161,7 @@ fn grouped_query(
     store: &dyn ResultStore,
     exp: &xlab_store::ExperimentRecord,
     vocab: &vocab::Vocab,
-    format: Format,
+    out: Out<'_>,
     wanted: &[String],
     filter: Option<&filter::Filter>,
     g: &Grouping<'_>,
@@ -140,15 +203,17 @@ fn grouped_query(
         grouped.rows.truncate(n);
     }
     let (header, cells) = (grouped.header(), grouped.cells());
-    match format {
-        Format::Table => {
+    match out.format {
+        Format::Table if out.path.is_none() => {
             outln!("experiment `{}`", exp.name);
             outln!("{}", table::terminal(&header, &cells, keys.len()));
         }
-        Format::Csv => out!("{}", table::csv(&grouped.exact_header(), &grouped.exact_cells())),
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&grouped.json()).expect("json")),
-        Format::Markdown => out!("{}", table::markdown(&header, &cells)),
-        Format::Latex => out!("{}", table::latex(&header, &cells)),
+        Format::Table => out.text(&table::terminal(&header, &cells, keys.len()))?,
+        Format::Csv => out.text(&table::csv(&grouped.exact_header(), &grouped.exact_cells()))?,
+        Format::Json => out.text(&(serde_json::to_string_pretty(&grouped.json()).expect("json") + "\n"))?,
+        Format::Markdown => out.text(&table::markdown(&header, &cells))?,
+        Format::Latex => out.text(&table::latex(&header, &cells))?,
+        Format::Parquet | Format::Arrow => out.columns(crate::interop::grouped_batch(&grouped)?)?,
     }
     Ok(())
 }
@@ -160,23 +225,35 @@ pub(crate) fn query(
     wanted: &[String],
     filter: Option<&filter::Filter>,
 ) -> Result<(), Failure> {
+    query_to(store, exp, Out { path: None, format }, wanted, filter)
+}
+
+fn query_to(
+    store: &dyn ResultStore,
+    exp: &xlab_store::ExperimentRecord,
+    out: Out<'_>,
+    wanted: &[String],
+    filter: Option<&filter::Filter>,
+) -> Result<(), Failure> {
     let rows = table::rows(store, exp, filter)?;
     if rows.is_empty() && filter.is_some() {
         say_matched_none(exp);
     }
     let metrics = if wanted.is_empty() { table::default_metrics(&rows) } else { wanted.to_vec() };
-    match format {
-        Format::Table => {
+    match out.format {
+        Format::Table if out.path.is_none() => {
             outln!("experiment `{}`", exp.name);
             outln!("{}", table::render(&rows, &metrics));
         }
-        Format::Csv => out!("{}", table::render_csv(&rows, &metrics)),
-        Format::Markdown => out!("{}", table::render_markdown(&rows, &metrics)),
-        Format::Latex => out!("{}", table::render_latex(&rows, &metrics)),
+        Format::Table => out.text(&(table::render(&rows, &metrics) + "\n"))?,
+        Format::Csv => out.text(&table::render_csv(&rows, &metrics))?,
+        Format::Markdown => out.text(&table::render_markdown(&rows, &metrics))?,
+        Format::Latex => out.text(&table::render_latex(&rows, &metrics))?,
         Format::Json => {
             let v: Vec<serde_json::Value> = rows.iter().map(table::row_json).collect();
-            outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            out.text(&(serde_json::to_string_pretty(&v).expect("json") + "\n"))?;
         }
+        Format::Parquet | Format::Arrow => out.columns(crate::interop::rows_batch(&rows, &metrics)?)?,
     }
     Ok(())
 }
