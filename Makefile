@@ -102,6 +102,7 @@ bench: build
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/store.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/soak.py --out bench/results
 	$(VENV)/bin/python bench/query.py --xlab target/release/xlab --out bench/results
+	$(VENV)/bin/python bench/interop.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/live.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/comixup.py --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/search.py --xlab target/release/xlab --out bench/results

@@ -124,6 +124,12 @@ def live(d):
     return table(["reading during a run", "measured"], rows) + footer(d.get("meta", {}))
 
 
+def interop(d):
+    rows = [[r["what"], f"{r['rows']:,}", f"{r['seconds']:.2f} s", f"{r['bar_s']:.0f} s",
+             "yes" if r["seconds"] <= r["bar_s"] else "no"] for r in d["rows"]]
+    return table(["from the store to pandas", "rows", "measured", "bar", "met"], rows) + footer(d["meta"])
+
+
 def comixup(d):
     rows = [[r["block_num"], r["batch"], r["part"], num(r["xlab_ms"]), num(r["reference_ms"]), ratio(r["speedup"]),
              "yes" if r.get("same_targets") else "no"] for r in d["rows"]]
@@ -181,7 +187,7 @@ def search_cost(d):
 
 
 RENDER = {"search-asha": search_asha, "search-tpe": search_tpe, "search-cost": search_cost, "fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
-          "comixup": comixup, "live": live}
+          "comixup": comixup, "live": live, "interop": interop}
 
 
 def render(name, results):

@@ -13,7 +13,7 @@ use arrow_array::{ArrayRef, DictionaryArray, Float64Array, Int32Array, Int64Arra
 use arrow_schema::{Field, Schema};
 use columns::Column;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use xlab_store::{ExperimentRecord, JobRecord, JobStatus, ResultStore};
@@ -98,7 +98,7 @@ pub fn export_parquet(
     dir: &Path,
 ) -> anyhow::Result<Written> {
     let mut written = Written::default();
-    let mut records: Vec<JobRecord> = Vec::new();
+    let mut rows: Vec<JobRow> = Vec::new();
     let mut metric_names: Vec<String> = Vec::new();
     let mut metric_index: HashMap<String, i32> = HashMap::new();
     let mut job_keys: Vec<i32> = Vec::new();
@@ -113,7 +113,7 @@ pub fn export_parquet(
             continue;
         }
         let read_series = !matches!(series, SeriesWanted::None);
-        let got: Vec<(JobRecord, Option<xlab_store::Series>)> =
+        let got: Vec<(JobRow, Option<xlab_store::Series>)> =
             crate::scan::matching(store, &all, None, read_series, &|_, view| {
                 let keep = |name: &String| match series {
                     SeriesWanted::All => true,
@@ -124,11 +124,11 @@ pub fn export_parquet(
                     .series
                     .as_ref()
                     .map(|s| s.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect());
-                Some((view.record.clone(), s))
+                Some((JobRow::of(view.record), s))
             })?;
         written.not_run += planned - got.len();
-        for (rec, s) in got {
-            if !seen.insert(rec.id.clone()) {
+        for (row, s) in got {
+            if !seen.insert(row.id.clone()) {
                 continue;
             }
             if let Some(s) = s {
@@ -145,21 +145,22 @@ pub fn export_parquet(
                         p.value.push(v);
                     }
                 }
-                job_keys.extend(std::iter::repeat_n(records.len() as i32, p.value.len()));
+                job_keys.extend(std::iter::repeat_n(rows.len() as i32, p.value.len()));
                 written.points += p.value.len();
                 parts.push(p);
             }
-            written.running += usize::from(rec.status == JobStatus::Running);
-            written.non_finite += rec.summary.values().filter(|v| !v.is_finite()).count();
-            records.push(rec);
+            written.running += usize::from(row.status == JobStatus::Running);
+            written.non_finite += row.summary.iter().filter(|(_, v)| !v.is_finite()).count();
+            rows.push(row);
         }
     }
-    written.jobs = records.len();
+    written.jobs = rows.len();
     written.metrics = metric_names.len();
-    let jobs = jobs_batch(&records)?;
+    let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    let jobs = jobs_batch(rows)?;
     columns::write_parquet(create(&dir.join("jobs.parquet"))?, &[jobs])?;
     if !matches!(series, SeriesWanted::None) {
-        let ids = Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.id.as_str())));
+        let ids = Arc::new(StringArray::from_iter_values(ids.iter()));
         let names = Arc::new(StringArray::from_iter_values(metric_names.iter()));
         let metric: Vec<i32> = parts.iter().flat_map(|p| p.metric.iter().copied()).collect();
         let step: Vec<i64> = parts.iter().flat_map(|p| p.step.iter().copied()).collect();
@@ -236,88 +237,155 @@ pub fn export_tensorboard(
     Ok(written)
 }
 
-/// The leaves of a config as dotted keys (`optimizer.lr`); a list is one leaf.
-pub fn leaves(v: &Value, at: &str, out: &mut BTreeMap<String, Value>) {
+/// The leaves of a config as dotted keys (`optimizer.lr`), in key order; a list is one leaf.
+pub fn leaves(v: &Value, at: &str, out: &mut Vec<(String, Value)>) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, v) in m {
                 leaves(v, &if at.is_empty() { k.clone() } else { format!("{at}.{k}") }, out);
             }
         }
-        other => {
-            out.insert(at.to_string(), other.clone());
+        other => out.push((at.to_string(), other.clone())),
+    }
+}
+
+/// A job's row of the jobs table, taken from its record where it is read (on every core).
+pub struct JobRow {
+    id: String,
+    experiment: String,
+    stage: String,
+    seed: u64,
+    status: JobStatus,
+    attempts: usize,
+    started: Option<u64>,
+    ended: Option<u64>,
+    parents: Option<String>,
+    config: Vec<(String, Value)>,
+    /// xlab_version, git_commit, libtorch, cuda, driver, gpu, cpu, host, device, plugins.
+    provenance: [Option<String>; 10],
+    threads: Option<usize>,
+    summary: Vec<(String, f64)>,
+}
+
+const PROVENANCE: [&str; 10] =
+    ["xlab_version", "git_commit", "libtorch", "cuda", "driver", "gpu", "cpu", "host", "device", "plugins"];
+
+impl JobRow {
+    pub fn of(r: &JobRecord) -> JobRow {
+        let mut config = Vec::new();
+        leaves(&r.config, "", &mut config);
+        let p = &r.provenance;
+        let plugins = (!p.plugins.is_empty()).then(|| {
+            p.plugins
+                .iter()
+                .map(|u| format!("{} {} sha256:{}", u.id, u.version, u.sha256))
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        JobRow {
+            id: r.id.clone(),
+            experiment: r.experiment.clone(),
+            stage: r.stage.clone(),
+            seed: r.seed,
+            status: r.status,
+            attempts: r.attempts.len(),
+            started: r.attempts.first().map(|a| a.started_unix),
+            ended: r.attempts.last().and_then(|a| a.ended_unix),
+            parents: (!r.parents.is_empty()).then(|| r.parents.join(",")),
+            config,
+            provenance: [
+                Some(p.xlab_version.clone()).filter(|v| !v.is_empty()),
+                p.git_commit.clone(),
+                p.libtorch.clone(),
+                p.machine.cuda.clone(),
+                p.machine.driver.clone(),
+                p.machine.gpu.clone(),
+                p.machine.cpu.clone(),
+                p.host.clone(),
+                p.device.clone(),
+                plugins,
+            ],
+            threads: p.threads,
+            summary: r.summary.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         }
+    }
+}
+
+/// Columns that rows fill by name, each as long as the rows so far (null where a row has none).
+#[derive(Default)]
+struct Named<T> {
+    index: HashMap<String, usize>,
+    columns: Vec<(String, Vec<Option<T>>)>,
+}
+
+impl<T: Clone> Named<T> {
+    fn set(&mut self, row: usize, name: &str, v: T) {
+        let i = match self.index.get(name) {
+            Some(i) => *i,
+            None => {
+                self.index.insert(name.to_string(), self.columns.len());
+                self.columns.push((name.to_string(), Vec::new()));
+                self.columns.len() - 1
+            }
+        };
+        let col = &mut self.columns[i].1;
+        col.resize(row, None);
+        col.push(Some(v));
+    }
+
+    /// The columns, sorted by name, each padded to `rows`.
+    fn finish(mut self, rows: usize) -> Vec<(String, Vec<Option<T>>)> {
+        for (_, c) in &mut self.columns {
+            c.resize(rows, None);
+        }
+        self.columns.sort_by(|a, b| a.0.cmp(&b.0));
+        self.columns
     }
 }
 
 /// The jobs table: identity and status, `config.KEY` per config key, provenance, and one column
 /// per final metric.
-pub fn jobs_batch(records: &[JobRecord]) -> anyhow::Result<RecordBatch> {
-    let configs: Vec<BTreeMap<String, Value>> = records
-        .iter()
-        .map(|r| {
-            let mut m = BTreeMap::new();
-            leaves(&r.config, "", &mut m);
-            m
-        })
-        .collect();
-    let config_keys: BTreeSet<&String> = configs.iter().flat_map(|c| c.keys()).collect();
-    let metric_names: BTreeSet<&String> = records.iter().flat_map(|r| r.summary.keys()).collect();
-    let text = |f: &dyn Fn(&JobRecord) -> Option<String>| Column::Text(records.iter().map(f).collect());
+pub fn jobs_batch(rows: Vec<JobRow>) -> anyhow::Result<RecordBatch> {
+    let n = rows.len();
+    let mut config: Named<Value> = Named::default();
+    let mut metrics: Named<f64> = Named::default();
+    for (i, r) in rows.iter().enumerate() {
+        for (k, v) in &r.config {
+            config.set(i, k, v.clone());
+        }
+        for (k, v) in &r.summary {
+            metrics.set(i, k, *v);
+        }
+    }
+    let text = |f: &dyn Fn(&JobRow) -> Option<String>| Column::Text(rows.iter().map(f).collect());
+    let int = |f: &dyn Fn(&JobRow) -> Option<u64>| Column::Int(rows.iter().map(|r| f(r).map(|x| x as i64)).collect());
     let mut cols: Vec<(String, Column)> = vec![
         ("id".into(), text(&|r| Some(r.id.clone()))),
         ("experiment".into(), text(&|r| Some(r.experiment.clone()))),
         ("stage".into(), text(&|r| Some(r.stage.clone()))),
-        ("seed".into(), Column::Int(records.iter().map(|r| Some(r.seed as i64)).collect())),
+        ("seed".into(), int(&|r| Some(r.seed))),
         ("status".into(), text(&|r| serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(String::from)))),
-        ("attempts".into(), Column::Int(records.iter().map(|r| Some(r.attempts.len() as i64)).collect())),
-        (
-            "started_unix".into(),
-            Column::Int(records.iter().map(|r| r.attempts.first().map(|a| a.started_unix as i64)).collect()),
-        ),
-        (
-            "ended_unix".into(),
-            Column::Int(
-                records.iter().map(|r| r.attempts.last().and_then(|a| a.ended_unix).map(|t| t as i64)).collect(),
-            ),
-        ),
-        ("parents".into(), text(&|r| (!r.parents.is_empty()).then(|| r.parents.join(",")))),
+        ("attempts".into(), int(&|r| Some(r.attempts as u64))),
+        ("started_unix".into(), int(&|r| r.started)),
+        ("ended_unix".into(), int(&|r| r.ended)),
+        ("parents".into(), text(&|r| r.parents.clone())),
     ];
-    for k in &config_keys {
-        let values = configs.iter().map(|c| c.get(*k).cloned().unwrap_or(Value::Null)).collect();
-        cols.push((format!("config.{k}"), Column::Json(values)));
+    for (k, values) in config.finish(n) {
+        cols.push((
+            format!("config.{k}"),
+            Column::Json(values.into_iter().map(|v| v.unwrap_or(Value::Null)).collect()),
+        ));
     }
-    let p = |f: &dyn Fn(&xlab_store::Provenance) -> Option<String>| {
-        Column::Text(records.iter().map(|r| f(&r.provenance)).collect())
-    };
-    cols.extend([
-        ("xlab_version".to_string(), p(&|p| Some(p.xlab_version.clone()).filter(|v| !v.is_empty()))),
-        ("git_commit".into(), p(&|p| p.git_commit.clone())),
-        ("libtorch".into(), p(&|p| p.libtorch.clone())),
-        ("cuda".into(), p(&|p| p.machine.cuda.clone())),
-        ("driver".into(), p(&|p| p.machine.driver.clone())),
-        ("gpu".into(), p(&|p| p.machine.gpu.clone())),
-        ("cpu".into(), p(&|p| p.machine.cpu.clone())),
-        ("host".into(), p(&|p| p.host.clone())),
-        ("device".into(), p(&|p| p.device.clone())),
-        ("threads".into(), Column::Int(records.iter().map(|r| r.provenance.threads.map(|t| t as i64)).collect())),
-        (
-            "plugins".into(),
-            p(&|p| {
-                (!p.plugins.is_empty()).then(|| {
-                    p.plugins
-                        .iter()
-                        .map(|u| format!("{} {} sha256:{}", u.id, u.version, u.sha256))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                })
-            }),
-        ),
-    ]);
-    for m in metric_names {
+    for (i, name) in PROVENANCE.iter().enumerate() {
+        cols.push((name.to_string(), text(&|r| r.provenance[i].clone())));
+        if *name == "device" {
+            cols.push(("threads".into(), int(&|r| r.threads.map(|t| t as u64))));
+        }
+    }
+    for (m, values) in metrics.finish(n) {
         // A metric named like a column above keeps its values apart.
-        let name = if cols.iter().any(|(n, _)| n == m) { format!("metric.{m}") } else { m.clone() };
-        cols.push((name, Column::Num(records.iter().map(|r| r.summary.get(m).copied()).collect())));
+        let name = if cols.iter().any(|(c, _)| *c == m) { format!("metric.{m}") } else { m };
+        cols.push((name, Column::Num(values)));
     }
     columns::batch(cols)
 }

@@ -158,10 +158,10 @@ pub fn write_job(dir: &Path, rec: &JobRecord, series: &xlab_store::Series) -> an
     let start = rec.attempts.first().map_or(0.0, |a| a.started_unix as f64);
     let end = rec.attempts.last().and_then(|a| a.ended_unix).map_or(start, |t| t as f64);
     let mut ev = Events::create(&folder, start)?;
-    let mut hparams = BTreeMap::new();
+    let mut hparams = Vec::new();
     super::leaves(&rec.config, "", &mut hparams);
-    hparams.insert("stage".into(), rec.stage.clone().into());
-    hparams.insert("seed".into(), rec.seed.into());
+    hparams.push(("stage".into(), rec.stage.clone().into()));
+    hparams.push(("seed".into(), rec.seed.into()));
     let mut start_info = Msg::default();
     for (k, v) in &hparams {
         start_info = start_info.msg(1, Msg::default().bytes(1, k.as_bytes()).msg(2, proto_value(v)));
