@@ -152,12 +152,74 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     let error = b.until("the filter's error", "const e = document.getElementById('error'); return e && e.textContent");
     assert!(error.as_str().unwrap().contains("the filter ends here"), "{error}");
 
-    // A job's page.
+    // Grouped, aggregated and compared with a baseline: the cells `xlab query` prints.
+    let agg = "mean(test.acc),ci95(test.acc),iqm(test.acc),bootstrap_ci(test.acc),count()";
+    let (base, by_seed) = ("optimizer.lr == 0.01", "seed");
+    let cli = cmd(&store)
+        .args(["query", "-e", "dash", "--group-by", by_seed, "--agg", agg, "--compare-to", base, "-m", "test.acc"])
+        .args(["--format", "markdown"])
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{}", text(&cli.stderr));
+    let want: Vec<Vec<String>> = text(&cli.stdout)
+        .lines()
+        .skip(2)
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    let q =
+        |v: &str| v.replace(' ', "%20").replace('(', "%28").replace(')', "%29").replace(',', "%2C").replace('=', "%3D");
+    b.open(&format!(
+        "{}#/exp/dash?metrics=test.acc&group_by={by_seed}&agg={}&compare_to={}",
+        dash.url,
+        q(agg),
+        q(base)
+    ));
+    let cells = b.until(
+        "the grouped table",
+        "const t = document.getElementById('grouped-table'); return t && [...t.querySelectorAll('tbody tr')].map(r => [...r.children].map(c => c.textContent))",
+    );
+    let got: Vec<Vec<String>> = serde_json::from_value(cells).unwrap();
+    assert_eq!(got, want, "the dashboard's grouped table is `xlab query`'s");
+    b.screenshot(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-grouped.png"));
+    b.type_into("#agg", "avg(test.acc)\u{E007}");
+    let error = b.until(
+        "the aggregate's error",
+        "const e = document.getElementById('grouped-error'); return e && e.textContent",
+    );
+    assert!(error.as_str().unwrap().contains("`avg` is not an aggregate"), "{error}");
+    assert!(b.js("return !!document.getElementById('chart')") == true, "the rest of the page stays");
+
+    // Smoothing changes the curves, not their number; the plot downloads as SVG and PNG.
+    b.open(&format!("{}#/exp/dash?metric=val.loss", dash.url));
+    let plain = b.until("the curves", "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length && c.map(p => p.getAttribute('points'))");
+    b.open(&format!("{}#/exp/dash?metric=val.loss&smooth=0.9", dash.url));
+    let smooth = b.until("the smoothed curves", &format!(
+        "const c = [...document.querySelectorAll('#chart polyline.curve')].map(p => p.getAttribute('points')); return c.length && JSON.stringify(c) !== {} && c",
+        serde_json::to_string(&plain.to_string()).unwrap()
+    ));
+    assert_eq!(smooth.as_array().unwrap().len(), plain.as_array().unwrap().len());
+    let svg_text = b.js("return chartSvgText()");
+    assert!(svg_text.as_str().unwrap().starts_with("<svg") && svg_text.as_str().unwrap().contains("polyline"));
+    b.js("window.download = (name, blob, type) => { window.got = [name, blob.size, blob.type || type]; }; chartPng('dash.png'); return 1");
+    let png = b.until("the PNG", "return window.got");
+    assert_eq!(png[0], "dash.png");
+    assert_eq!(png[2], "image/png");
+    assert!(png[1].as_u64().unwrap() > 2000, "{png}");
+
+    // A job's page: its files with their size and sha256.
     let id = query_job_id(&store);
     b.open(&format!("{}#/job/{id}", dash.url));
     let status =
         b.until("the job's status", "const s = document.getElementById('job-status'); return s && s.textContent");
     assert_eq!(status, "done");
+    let weights = store.join("runs").join(&id).join("weights.safetensors");
+    let sum = std::process::Command::new("sha256sum").arg(&weights).output().unwrap();
+    let sum = text(&sum.stdout).split_whitespace().next().unwrap().to_string();
+    let shown = b.until(
+        "the weights' hash",
+        "const f = [...document.querySelectorAll('li.file')].find(l => l.textContent.startsWith('weights.safetensors')); return f && f.querySelector('.sha').title",
+    );
+    assert_eq!(shown, sum.as_str());
 
     // Live: a run of another experiment while the page is open; its jobs appear as they finish.
     b.open(&dash.url);

@@ -96,7 +96,6 @@ pub fn run(cli: &Cli, args: &QueryArgs) -> Result<u8, Failure> {
         None => None,
     };
     check_metrics(&vocab, &exp, metrics, "-m")?;
-    check_group_keys(&vocab, &exp, group_by, "--group-by")?;
     if !group_by.is_empty() || agg.is_some() || sort.is_some() || limit.is_some() || baseline.is_some() {
         let compare = baseline.as_ref().map(|b| (b, *test));
         let grouping = Grouping { keys: group_by, aggs: agg.as_deref(), compare, sort: sort.as_deref(), limit: *limit };
@@ -149,12 +148,12 @@ impl Out<'_> {
     }
 }
 
-struct Grouping<'a> {
-    keys: &'a [String],
-    aggs: Option<&'a str>,
-    compare: Option<(&'a filter::Filter, aggregate::PairedTest)>,
-    sort: Option<&'a str>,
-    limit: Option<usize>,
+pub(crate) struct Grouping<'a> {
+    pub keys: &'a [String],
+    pub aggs: Option<&'a str>,
+    pub compare: Option<(&'a filter::Filter, aggregate::PairedTest)>,
+    pub sort: Option<&'a str>,
+    pub limit: Option<usize>,
 }
 
 fn grouped_query(
@@ -166,8 +165,41 @@ fn grouped_query(
     filter: Option<&filter::Filter>,
     g: &Grouping<'_>,
 ) -> Result<(), Failure> {
+    let grouped = grouped(store, exp, vocab, wanted, filter, g)?;
+    if grouped.rows.is_empty() && filter.is_some() {
+        say_matched_none(exp);
+    }
+    let keys = &grouped.keys;
+    let (header, cells) = (grouped.header(), grouped.cells());
+    match out.format {
+        Format::Table if out.path.is_none() => {
+            outln!("experiment `{}`", exp.name);
+            outln!("{}", table::terminal(&header, &cells, keys.len()));
+        }
+        Format::Table => out.text(&table::terminal(&header, &cells, keys.len()))?,
+        Format::Csv => out.text(&table::csv(&grouped.exact_header(), &grouped.exact_cells()))?,
+        Format::Json => out.text(&(serde_json::to_string_pretty(&grouped.json()).expect("json") + "\n"))?,
+        Format::Markdown => out.text(&table::markdown(&header, &cells))?,
+        Format::Latex => out.text(&table::latex(&header, &cells))?,
+        Format::Parquet | Format::Arrow => out.columns(crate::interop::grouped_batch(&grouped)?)?,
+    }
+    Ok(())
+}
+
+/// The grouped table `--group-by`, `--agg`, `--compare-to`, `--sort` and `--limit` ask for (also
+/// the dashboard's): default keys are the stage and the sweep keys, default aggregates the mean
+/// and std of the test and sample metrics and the count.
+pub(crate) fn grouped(
+    store: &dyn ResultStore,
+    exp: &xlab_store::ExperimentRecord,
+    vocab: &vocab::Vocab,
+    wanted: &[String],
+    filter: Option<&filter::Filter>,
+    g: &Grouping<'_>,
+) -> Result<aggregate::Grouped, Failure> {
     let user = |m: String| Failure { code: exit::USER, error: anyhow::anyhow!(m) };
     let keys: Vec<String> = if g.keys.is_empty() { default_group_keys(exp) } else { g.keys.to_vec() };
+    check_group_keys(vocab, exp, &keys, "--group-by")?;
     let metrics = || -> Result<Vec<String>, Failure> {
         Ok(if wanted.is_empty() { table::default_metrics(&table::rows(store, exp, filter)?) } else { wanted.to_vec() })
     };
@@ -193,29 +225,13 @@ fn grouped_query(
     };
     let mut grouped =
         aggregate::group(store, exp, filter, &keys, &aggs, compare.as_ref()).map_err(|e| user(format!("{e}")))?;
-    if grouped.rows.is_empty() && filter.is_some() {
-        say_matched_none(exp);
-    }
     if let Some(by) = g.sort {
         grouped.sort(by).map_err(|m| user(format!("bad --sort: {m}")))?;
     }
     if let Some(n) = g.limit {
         grouped.rows.truncate(n);
     }
-    let (header, cells) = (grouped.header(), grouped.cells());
-    match out.format {
-        Format::Table if out.path.is_none() => {
-            outln!("experiment `{}`", exp.name);
-            outln!("{}", table::terminal(&header, &cells, keys.len()));
-        }
-        Format::Table => out.text(&table::terminal(&header, &cells, keys.len()))?,
-        Format::Csv => out.text(&table::csv(&grouped.exact_header(), &grouped.exact_cells()))?,
-        Format::Json => out.text(&(serde_json::to_string_pretty(&grouped.json()).expect("json") + "\n"))?,
-        Format::Markdown => out.text(&table::markdown(&header, &cells))?,
-        Format::Latex => out.text(&table::latex(&header, &cells))?,
-        Format::Parquet | Format::Arrow => out.columns(crate::interop::grouped_batch(&grouped)?)?,
-    }
-    Ok(())
+    Ok(grouped)
 }
 
 pub(crate) fn query(

@@ -106,6 +106,53 @@ pub(super) fn table(
     })))
 }
 
+/// What the grouped view asks for: keys, aggregates, a baseline to compare with, a sort.
+pub(super) struct GroupedAsk<'a> {
+    pub exp: Option<&'a str>,
+    pub filter: Option<&'a str>,
+    pub metrics: Option<&'a str>,
+    pub group_by: Option<&'a str>,
+    pub agg: Option<&'a str>,
+    pub compare_to: Option<&'a str>,
+    pub test: Option<&'a str>,
+    pub sort: Option<&'a str>,
+}
+
+/// `xlab query --group-by … --agg … --compare-to …` for the dashboard: the header and the cells
+/// as the command prints them, and the values for programs.
+pub(super) fn grouped(store: &Opened, ask: &GroupedAsk<'_>) -> Result<Reply, Failure> {
+    use crate::aggregate::PairedTest;
+    let (exp, vocab, filter) = experiment_and_filter(store, ask.exp, ask.filter)?;
+    let list = |t: Option<&str>| -> Vec<String> {
+        t.unwrap_or("").split(',').map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect()
+    };
+    let (wanted, keys) = (list(ask.metrics), list(ask.group_by));
+    check_metrics(&vocab, &exp, &wanted, "metrics")?;
+    let baseline = match ask.compare_to.filter(|c| !c.trim().is_empty()) {
+        Some(text) => {
+            let parsed = parse_filter(Some(text)).map_err(|f| user_error(format!("compare to: {}", f.error)))?;
+            bind_filter(store, &exp, parsed).map_err(|f| user_error(format!("compare to: {}", f.error)))?.1
+        }
+        None => None,
+    };
+    let test = if ask.test == Some("wilcoxon") { PairedTest::Wilcoxon } else { PairedTest::T };
+    let g = crate::commands::query::Grouping {
+        keys: &keys,
+        aggs: ask.agg.filter(|a| !a.trim().is_empty()),
+        compare: baseline.as_ref().map(|b| (b, test)),
+        sort: ask.sort.filter(|s| !s.trim().is_empty()),
+        limit: None,
+    };
+    let grouped = crate::commands::query::grouped(store, &exp, &vocab, &wanted, filter.as_ref(), &g)?;
+    Ok(Reply::json(&json!({
+        "experiment": exp.name,
+        "keys": grouped.keys.len(),
+        "header": grouped.header(),
+        "cells": grouped.cells(),
+        "rows": grouped.json(),
+    })))
+}
+
 /// Learning curves of `metric`: per row (stage and sweep point), the mean over its seeds at each
 /// step and the standard deviation (the band), from the jobs that logged the step.
 pub(super) fn curves(
@@ -168,7 +215,13 @@ pub(super) fn job(store: &Opened, id: &str) -> Result<Reply, Failure> {
         for e in entries.flatten() {
             let Ok(meta) = e.metadata() else { continue };
             if meta.is_file() {
-                files.push(json!({"path": e.file_name().to_string_lossy(), "bytes": meta.len()}));
+                // The hash that provenance and `xlab reproduce` compare (files up to 256 MiB; a
+                // bigger one would hold the page up).
+                let sha256 = (meta.len() <= 256 << 20).then(|| std::fs::read(e.path()).ok()).flatten().map(|b| {
+                    use sha2::Digest;
+                    hex::encode(sha2::Sha256::digest(&b))
+                });
+                files.push(json!({"path": e.file_name().to_string_lossy(), "bytes": meta.len(), "sha256": sha256}));
             }
         }
     }

@@ -164,6 +164,19 @@ fn route(state: &State, path: &str, params: &[(String, String)]) -> Reply {
         "/api/experiments" => with_store(state, api::experiments),
         "/api/running" => with_store(state, api::running_now),
         "/api/table" => with_store(state, |s| api::table(s, get("exp"), get("filter"), get("metrics"))),
+        "/api/grouped" => with_store(state, |s| {
+            let ask = api::GroupedAsk {
+                exp: get("exp"),
+                filter: get("filter"),
+                metrics: get("metrics"),
+                group_by: get("group_by"),
+                agg: get("agg"),
+                compare_to: get("compare_to"),
+                test: get("test"),
+                sort: get("gsort"),
+            };
+            api::grouped(s, &ask)
+        }),
         "/api/curves" => with_store(state, |s| api::curves(s, get("exp"), get("filter"), get("metric"))),
         "/api/job" => with_store(state, |s| api::job(s, get("id").unwrap_or(""))),
         "/api/artifact" => with_store(state, |s| artifact(s, get("id").unwrap_or(""), get("path").unwrap_or(""))),

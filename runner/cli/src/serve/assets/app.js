@@ -128,10 +128,17 @@ async function experimentView(name, query, fresh) {
   const filter = query.get("filter") || "";
   const metrics = query.get("metrics") || "";
   const sort = query.get("sort") || "";
-  const [table, curves, overview] = await Promise.all([
+  const grouping = ["group_by", "agg", "compare_to"].some((k) => query.get(k));
+  const [table, curves, overview, grouped] = await Promise.all([
     api("/api/table", { exp: name, filter, metrics }),
     api("/api/curves", { exp: name, filter, metric: query.get("metric") || "" }),
     api("/api/running"),
+    // A mistake in the grouping is shown beside it; the rest of the page stays.
+    grouping
+      ? api("/api/grouped", { exp: name, filter, metrics, group_by: query.get("group_by") || "", agg: query.get("agg") || "",
+        compare_to: query.get("compare_to") || "", test: query.get("test") || "", gsort: query.get("gsort") || "" })
+        .catch((e) => ({ error: e.message }))
+      : null,
   ]);
   document.getElementById("live").hidden = !overview.live;
   document.getElementById("where").textContent = name;
@@ -141,8 +148,9 @@ async function experimentView(name, query, fresh) {
   const box = el("div", { id: "results" },
     runningPanel(overview.running, name),
     tableOf(name, table, sort, query),
+    groupedOf(grouped),
     el("h2", { text: `Curves: ${curves.metric}` }),
-    chart(curves, query.get("logy") === "1"),
+    chart(curves, query.get("logy") === "1", Number(query.get("smooth") || 0)),
     parallelOf(name, table),
     scatterOf(name, table, query));
   if (controls) main().replaceChildren(...body, box);
@@ -151,7 +159,9 @@ async function experimentView(name, query, fresh) {
 
 function buildControls(name, query, table, curves) {
   const state = () => ({ filter: input.value, metrics: metricsInput.value, metric: metricSelect.value,
-    logy: logy.checked ? "1" : "", sort: query.get("sort") || "" });
+    logy: logy.checked ? "1" : "", sort: query.get("sort") || "", smooth: smooth.value === "0" ? "" : smooth.value,
+    group_by: groupBy.value, agg: agg.value, compare_to: compareTo.value, test: test.value === "t" ? "" : test.value,
+    gsort: query.get("gsort") || "" });
   const input = el("input", { type: "text", id: "filter", placeholder: 'filter, e.g. optimizer.lr < 0.1 and last(val.acc) > 0.9',
     value: query.get("filter") || "" });
   const apply = () => go(["exp", name], state());
@@ -170,8 +180,84 @@ function buildControls(name, query, table, curves) {
   logy.checked = query.get("logy") === "1";
   logy.addEventListener("change", apply);
   const csv = el("button", { id: "csv", text: "CSV", onclick: () => download(name + ".csv", toCsv(lastTable), "text/csv") });
-  return el("div", { class: "controls" }, input, el("button", { id: "apply", text: "Apply", onclick: apply }),
-    metricsInput, el("label", {}, "curve ", metricSelect), el("label", {}, logy, " log y"), csv);
+  // Smoothing of the curves: an exponential moving average, debiased at the start (as TensorBoard's).
+  const smooth = el("select", { id: "smooth" });
+  for (const w of ["0", "0.6", "0.8", "0.9", "0.95"]) {
+    const o = el("option", { value: w, text: w === "0" ? "none" : w });
+    if ((query.get("smooth") || "0") === w) o.selected = true;
+    smooth.append(o);
+  }
+  smooth.addEventListener("change", apply);
+  const text = (id, placeholder, key) => {
+    const e = el("input", { type: "text", id, placeholder, value: query.get(key) || "", class: "short" });
+    e.addEventListener("keydown", (ev) => { if (ev.key === "Enter") apply(); });
+    return e;
+  };
+  const groupBy = text("group-by", "group by, e.g. optimizer.lr,seed", "group_by");
+  const agg = text("agg", "aggregates, e.g. mean(test.acc),ci95(test.acc),iqm(test.acc),count()", "agg");
+  const compareTo = text("compare-to", 'compare to a baseline, e.g. step_rule.use == null', "compare_to");
+  const test = el("select", { id: "test" }, el("option", { value: "t", text: "paired t" }), el("option", { value: "wilcoxon", text: "Wilcoxon" }));
+  test.value = query.get("test") === "wilcoxon" ? "wilcoxon" : "t";
+  test.addEventListener("change", apply);
+  const plotName = () => `${name}-${metricSelect.value}`;
+  return el("div", {},
+    el("div", { class: "controls" }, input, el("button", { id: "apply", text: "Apply", onclick: apply }),
+      metricsInput, el("label", {}, "curve ", metricSelect), el("label", {}, logy, " log y"),
+      el("label", {}, "smoothing ", smooth), csv,
+      el("button", { id: "svg", text: "SVG", onclick: () => download(plotName() + ".svg", chartSvgText(), "image/svg+xml") }),
+      el("button", { id: "png", text: "PNG", onclick: () => chartPng(plotName() + ".png") })),
+    el("div", { class: "controls" }, groupBy, agg, compareTo, test,
+      el("button", { id: "group", text: "Group", onclick: apply })));
+}
+
+// The grouped table (`xlab query --group-by … --agg … --compare-to …`): the cells as the
+// command prints them.
+function groupedOf(data) {
+  if (!data) return el("div", { id: "grouped" });
+  if (data.error) return el("div", { id: "grouped" }, el("p", { class: "error", id: "grouped-error", text: data.error }));
+  const head = el("tr", {}, ...data.header.map((h) => el("th", { text: h })));
+  const body = data.cells.map((row) => el("tr", {}, ...row.map((c, i) => el("td", { class: i < data.keys ? "" : "num", text: c }))));
+  return el("div", { id: "grouped" }, el("h2", { text: "Grouped" }),
+    el("table", { id: "grouped-table" }, el("thead", {}, head), el("tbody", {}, ...body)));
+}
+
+// The curves' SVG as a file: its styles written into it, so it looks the same outside the page.
+function chartSvgText() {
+  const node = document.querySelector("#chart svg");
+  if (!node) return "";
+  const copy = node.cloneNode(true);
+  copy.setAttribute("xmlns", SVG);
+  copy.insertBefore(svg("rect", { x: 0, y: 0, width: copy.getAttribute("width"), height: copy.getAttribute("height"), fill: "#fff" }), copy.firstChild);
+  for (const t of copy.querySelectorAll("text")) { t.setAttribute("font-size", "11"); t.setAttribute("fill", "#6b7280"); t.setAttribute("font-family", "sans-serif"); }
+  return new XMLSerializer().serializeToString(copy);
+}
+
+// The curves as a PNG at twice their size, drawn from the same SVG in a canvas.
+function chartPng(name) {
+  const text = chartSvgText();
+  if (!text) return;
+  const img = new Image();
+  img.onload = () => {
+    const c = document.createElement("canvas");
+    c.width = img.width * 2;
+    c.height = img.height * 2;
+    const ctx = c.getContext("2d");
+    ctx.scale(2, 2);
+    ctx.drawImage(img, 0, 0);
+    c.toBlob((blob) => download(name, blob, "image/png"), "image/png");
+  };
+  img.src = "data:image/svg+xml;base64," + btoa(unescape(encodeURIComponent(text)));
+}
+
+// Exponential moving average with TensorBoard's debiasing: the first points are not pulled to 0.
+function ema(values, w) {
+  if (!w) return values;
+  let last = 0, weight = 0;
+  return values.map((v) => {
+    last = last * w + (1 - w) * v;
+    weight = weight * w + (1 - w);
+    return last / weight;
+  });
 }
 
 let lastTable = null;
@@ -223,11 +309,13 @@ function tableOf(name, data, sort, query) {
   return el("table", { id: "table" }, el("thead", {}, head), el("tbody", {}, ...body));
 }
 
-function chart(data, logy) {
+function chart(data, logy, smoothing) {
   const W = 760, H = 320, L = 56, R = 12, T = 12, B = 30;
   const box = el("div", { id: "chart" });
   const s = svg("svg", { class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
-  const groups = data.groups;
+  const groups = data.groups.map((g) => (smoothing
+    ? { ...g, mean: ema(g.mean, smoothing), std: ema(g.std, smoothing) }
+    : g));
   if (groups.length === 0) {
     box.append(el("p", { class: "muted", text: `No job has logged ${data.metric} yet.` }));
     return box;
@@ -292,7 +380,8 @@ async function jobView(id, fresh) {
   const attempts = (j.attempts || []).map((a) => el("li", { text: `#${a.number} on ${a.device || "?"}: ${a.outcome || "running"}${a.error ? " — " + a.error : ""}` }));
   const files = data.files.map((f) => {
     const href = "/api/artifact?" + new URLSearchParams({ id: j.id, path: f.path, ...(TOKEN ? { token: TOKEN } : {}) });
-    const item = el("li", {}, el("a", { href, text: f.path }), ` (${f.bytes} bytes)`);
+    const item = el("li", { class: "file" }, el("a", { href, text: f.path }), ` (${f.bytes.toLocaleString()} bytes`,
+      f.sha256 ? el("span", { class: "sha", title: f.sha256, text: `, sha256 ${f.sha256.slice(0, 16)}…` }) : "", ")");
     if (f.path.endsWith(".png")) item.append(el("div", {}, el("img", { src: href, alt: f.path, class: "artifact" })));
     return item;
   });
@@ -501,8 +590,9 @@ function toCsv(data) {
   return lines.join("\n") + "\n";
 }
 
-function download(name, text, type) {
-  const a = el("a", { href: URL.createObjectURL(new Blob([text], { type })), download: name });
+function download(name, content, type) {
+  const blob = content instanceof Blob ? content : new Blob([content], { type });
+  const a = el("a", { href: URL.createObjectURL(blob), download: name });
   document.body.append(a);
   a.click();
   a.remove();
