@@ -94,7 +94,7 @@ test: build lint slurm-packages browser-packages
 # store ingestion against SQLite and resume detection, a soak of the store (10^7 points with concurrent readers), query speed, Co-Mixup's
 # mixing cost against its reference algorithm. Each writes bench/results/*.json; bench/report.py
 # then writes BENCHMARKS.md from bench/BENCHMARKS.in.md and those files.
-bench: build
+bench: build browser-packages
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
 	$(VENV)/bin/python bench/sampling.py --xlab target/release/xlab --device cpu --out bench/results
 	$(VENV)/bin/python bench/sample_memory.py --xlab target/release/xlab --out bench/results
@@ -103,6 +103,7 @@ bench: build
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/soak.py --out bench/results
 	$(VENV)/bin/python bench/query.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/interop.py --xlab target/release/xlab --out bench/results
+	$(VENV)/bin/python bench/dashboard.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/live.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/comixup.py --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/search.py --xlab target/release/xlab --out bench/results

@@ -130,6 +130,12 @@ def interop(d):
     return table(["from the store to pandas", "rows", "measured", "bar", "met"], rows) + footer(d["meta"])
 
 
+def dashboard(d):
+    rows = [[r["what"], f"{r['ms']:.0f} ms", f"{r['bar_ms']:.0f} ms", "yes" if r["ms"] <= r["bar_ms"] else "no"]
+            for r in d["rows"]]
+    return table(["in headless Chromium", "measured (median of 5)", "bar", "met"], rows) + footer(d["meta"])
+
+
 def comixup(d):
     rows = [[r["block_num"], r["batch"], r["part"], num(r["xlab_ms"]), num(r["reference_ms"]), ratio(r["speedup"]),
              "yes" if r.get("same_targets") else "no"] for r in d["rows"]]
@@ -187,7 +193,8 @@ def search_cost(d):
 
 
 RENDER = {"search-asha": search_asha, "search-tpe": search_tpe, "search-cost": search_cost, "fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
-          "comixup": comixup, "live": live, "interop": interop}
+          "comixup": comixup, "live": live, "interop": interop,
+          "dashboard": dashboard}
 
 
 def render(name, results):

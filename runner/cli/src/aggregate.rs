@@ -6,7 +6,7 @@
 //! half-width of Student's t 95% interval of the mean), `iqm` (the interquartile mean) and
 //! `bootstrap_ci` (a seeded 95% BCa bootstrap interval of the mean), each over the done jobs of
 //! a group that report the metric: `mean(test.acc)`; `count()` counts the group's jobs;
-//! `pareto(test.acc, test.worst_acc)` marks the groups on the Pareto front of two metrics'
+//! `pareto(test.acc, test.worst_group_acc)` marks the groups on the Pareto front of two metrics'
 //! means (a leading `-` on a metric: lower is better; `+`: higher; unmarked, losses, errors,
 //! FID, NFE and times are lower-is-better).
 
@@ -88,7 +88,7 @@ pub fn parse_aggs(text: &str) -> Result<Vec<Agg>, String> {
 fn parse_pareto(args: &str) -> Result<Agg, String> {
     let parts: Vec<&str> = args.split(',').map(str::trim).collect();
     let [a, b] = parts[..] else {
-        return Err(format!("`pareto({args})` takes two metrics, e.g. `pareto(test.acc, test.worst_acc)`"));
+        return Err(format!("`pareto({args})` takes two metrics, e.g. `pareto(test.acc, test.worst_group_acc)`"));
     };
     let side = |m: &str| match (m.strip_prefix('-'), m.strip_prefix('+')) {
         (Some(rest), _) => (rest.trim().to_string(), false),
@@ -141,7 +141,7 @@ impl Cell {
         x.map_or(Cell::Missing, Cell::Num)
     }
 
-    /// The number a sort orders by (an interval by its middle, the front first).
+    /// The number a sort orders by (an interval by its middle; on the front after off it).
     fn key(&self) -> Option<f64> {
         match self {
             Cell::Num(x) => Some(*x),

@@ -198,6 +198,28 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
         serde_json::to_string(&plain.to_string()).unwrap()
     ));
     assert_eq!(smooth.as_array().unwrap().len(), plain.as_array().unwrap().len());
+    // Colour and dash by a key: one colour and one dash pattern per learning rate.
+    b.open(&format!("{}#/exp/dash?metric=val.loss&color=optimizer.lr&dash=optimizer.lr", dash.url));
+    let styles = b.until(
+        "the styled curves",
+        "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 3 && c.some(p => p.hasAttribute('stroke-dasharray')) && c.map(p => [p.getAttribute('stroke'), p.getAttribute('stroke-dasharray') || ''])",
+    );
+    let styles: Vec<(String, String)> = serde_json::from_value(styles).unwrap();
+    let colours: std::collections::BTreeSet<&String> = styles.iter().map(|s| &s.0).collect();
+    let dashes: std::collections::BTreeSet<&String> = styles.iter().map(|s| &s.1).collect();
+    assert_eq!((colours.len(), dashes.len()), (3, 3), "{styles:?}");
+    // The final value against the learning rate (as `xlab plot --x`): one line through 3 points,
+    // left to right.
+    b.open(&format!("{}#/exp/dash?metric=val.loss&x=optimizer.lr", dash.url));
+    let line = b.until(
+        "the curve against the key",
+        "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 1 && document.querySelector('#chart .xlabel') && c[0].getAttribute('points')",
+    );
+    let xs: Vec<f64> =
+        line.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
+    assert!(xs.len() == 3 && xs.windows(2).all(|w| w[0] < w[1]), "{line}");
+    b.open(&format!("{}#/exp/dash?metric=val.loss&smooth=0.9", dash.url));
+    b.until("the smoothed curves again", "return document.querySelectorAll('#chart polyline.curve').length === 3");
     let svg_text = b.js("return chartSvgText()");
     assert!(svg_text.as_str().unwrap().starts_with("<svg") && svg_text.as_str().unwrap().contains("polyline"));
     b.js("window.download = (name, blob, type) => { window.got = [name, blob.size, blob.type || type]; }; chartPng('dash.png'); return 1");
@@ -220,6 +242,26 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
         "const f = [...document.querySelectorAll('li.file')].find(l => l.textContent.startsWith('weights.safetensors')); return f && f.querySelector('.sha').title",
     );
     assert_eq!(shown, sum.as_str());
+    // "Compare with…" another job: only the keys and final metrics that differ.
+    let jobs: Vec<serde_json::Value> = text(&cmd(&store).args(["export", "-e", "dash"]).output().unwrap().stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == "job")
+        .map(|v| v["job"].clone())
+        .collect();
+    let lr = |id: &str| jobs.iter().find(|j| j["id"] == id).unwrap()["config"]["optimizer"]["lr"].clone();
+    let other =
+        jobs.iter().find(|j| j["config"]["optimizer"]["lr"] != lr(&id)).unwrap()["id"].as_str().unwrap().to_string();
+    b.type_into("#compare-with", &format!("{}\u{E007}", &other[..10]));
+    let keys = b.until(
+        "the differing keys",
+        "const t = document.getElementById('compare-config'); return t && [...t.querySelectorAll('tbody tr')].map(r => r.children[0].textContent)",
+    );
+    let keys: Vec<String> = serde_json::from_value(keys).unwrap();
+    assert!(keys.contains(&"optimizer.lr".to_string()) && !keys.contains(&"epochs".to_string()), "{keys:?}");
+    let metrics = b.js("return [...document.querySelectorAll('#compare-metrics tbody tr')].map(r => [...r.children].map(c => c.textContent))");
+    let metrics: Vec<Vec<String>> = serde_json::from_value(metrics).unwrap();
+    assert!(!metrics.is_empty() && metrics.iter().all(|r| r[1] != r[2] || r[3] != "+0.0000"), "{metrics:?}");
 
     // Live: a run of another experiment while the page is open; its jobs appear as they finish.
     b.open(&dash.url);

@@ -52,6 +52,25 @@ pub fn compare(cli: &Cli, args: &CompareArgs) -> Result<u8, Failure> {
     let (ra, rb) = (find_job(&store, a)?, find_job(&store, b)?);
     outln!("a: {} ({} {}, {})", ra.id, ra.experiment, ra.stage, ra.status.as_str());
     outln!("b: {} ({} {}, {})", rb.id, rb.experiment, rb.stage, rb.status.as_str());
+    let (config, rows) = differences(&ra, &rb, false);
+    if config.is_empty() {
+        outln!("same config");
+    } else {
+        let header = ["config".to_string(), "a".into(), "b".into()];
+        outln!("{}", table::terminal(&header, &config, 1));
+    }
+    let header = ["metric".to_string(), "a".into(), "b".into(), "b − a".into()];
+    outln!("{}", table::terminal(&header, &rows, 1));
+    Ok(0)
+}
+
+/// Two jobs' differences: the config keys (and seed) whose values differ, `[key, a, b]`, and
+/// their final metrics, `[metric, a, b, b − a]` (with `only_different`, those that differ).
+pub(crate) fn differences(
+    ra: &xlab_store::JobRecord,
+    rb: &xlab_store::JobRecord,
+    only_different: bool,
+) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
     let (fa, fb) = (flatten_json(&ra.config), flatten_json(&rb.config));
     let keys: std::collections::BTreeSet<&String> = fa.keys().chain(fb.keys()).collect();
     let mut config = Vec::new();
@@ -62,21 +81,15 @@ pub fn compare(cli: &Cli, args: &CompareArgs) -> Result<u8, Failure> {
             config.push(vec![k.clone(), show(x), show(y)]);
         }
     }
-    config.extend(
-        [("seed", ra.seed, rb.seed)]
-            .iter()
-            .filter(|(_, x, y)| x != y)
-            .map(|(k, x, y)| vec![k.to_string(), x.to_string(), y.to_string()]),
-    );
-    if config.is_empty() {
-        outln!("same config");
-    } else {
-        let header = ["config".to_string(), "a".into(), "b".into()];
-        outln!("{}", table::terminal(&header, &config, 1));
+    if ra.seed != rb.seed {
+        config.push(vec!["seed".into(), ra.seed.to_string(), rb.seed.to_string()]);
     }
     let names: std::collections::BTreeSet<&String> = ra.summary.keys().chain(rb.summary.keys()).collect();
     let rows: Vec<Vec<String>> = names
         .into_iter()
+        .filter(|m| {
+            !only_different || ra.summary.get(*m).map(|v| v.to_bits()) != rb.summary.get(*m).map(|v| v.to_bits())
+        })
         .map(|m| {
             let (x, y) = (ra.summary.get(m), rb.summary.get(m));
             let f = |v: Option<&f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
@@ -87,9 +100,7 @@ pub fn compare(cli: &Cli, args: &CompareArgs) -> Result<u8, Failure> {
             vec![m.clone(), f(x), f(y), d]
         })
         .collect();
-    let header = ["metric".to_string(), "a".into(), "b".into(), "b − a".into()];
-    outln!("{}", table::terminal(&header, &rows, 1));
-    Ok(0)
+    (config, rows)
 }
 
 pub fn experiments(cli: &Cli) -> Result<u8, Failure> {

@@ -201,6 +201,14 @@ pub(super) fn curves(
     Ok(Reply::json(&json!({"experiment": exp.name, "metric": metric, "groups": groups})))
 }
 
+/// Two jobs, of any experiments: the config keys and final metrics that differ.
+pub(super) fn compare(store: &Opened, a: &str, b: &str) -> Result<Reply, Failure> {
+    let (ra, rb) = (find_job(store, a)?, find_job(store, b)?);
+    let (config, metrics) = crate::commands::show::differences(&ra, &rb, true);
+    let who = |r: &xlab_store::JobRecord| json!({"id": r.id, "experiment": r.experiment, "stage": r.stage, "status": r.status});
+    Ok(Reply::json(&json!({"a": who(&ra), "b": who(&rb), "config": config, "metrics": metrics})))
+}
+
 /// One job: its record, every metric series' last value, the search decisions about it, its
 /// files and the tail of its worker log.
 pub(super) fn job(store: &Opened, id: &str) -> Result<Reply, Failure> {

@@ -178,6 +178,7 @@ fn route(state: &State, path: &str, params: &[(String, String)]) -> Reply {
             api::grouped(s, &ask)
         }),
         "/api/curves" => with_store(state, |s| api::curves(s, get("exp"), get("filter"), get("metric"))),
+        "/api/compare" => with_store(state, |s| api::compare(s, get("a").unwrap_or(""), get("b").unwrap_or(""))),
         "/api/job" => with_store(state, |s| api::job(s, get("id").unwrap_or(""))),
         "/api/artifact" => with_store(state, |s| artifact(s, get("id").unwrap_or(""), get("path").unwrap_or(""))),
         _ => Reply::error(404, format!("no page `{path}` here; the dashboard is at /")),

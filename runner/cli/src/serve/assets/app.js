@@ -77,6 +77,7 @@ async function show() {
   try {
     if (r.parts[0] === "exp" && r.parts[1]) await experimentView(r.parts[1], r.query, key !== renderedKey);
     else if (r.parts[0] === "job" && r.parts[1]) await jobView(r.parts[1], key !== renderedKey);
+    else if (r.parts[0] === "compare" && r.parts[1] && r.parts[2]) await compareView(r.parts[1], r.parts[2]);
     else await experimentsView();
     renderedKey = key;
   } catch (e) {
@@ -150,18 +151,21 @@ async function experimentView(name, query, fresh) {
     tableOf(name, table, sort, query),
     groupedOf(grouped),
     el("h2", { text: `Curves: ${curves.metric}` }),
-    chart(curves, query.get("logy") === "1", Number(query.get("smooth") || 0)),
+    chart(curves, query.get("logy") === "1", Number(query.get("smooth") || 0),
+      { x: query.get("x") || "", colorBy: query.get("color") || "", dashBy: query.get("dash") || "" }),
     parallelOf(name, table),
     scatterOf(name, table, query));
   if (controls) main().replaceChildren(...body, box);
   else document.getElementById("results").replaceWith(box);
+  // For the benchmarks (bench/dashboard.py): when each render of the view was in the page.
+  performance.mark("xlab:view");
 }
 
 function buildControls(name, query, table, curves) {
   const state = () => ({ filter: input.value, metrics: metricsInput.value, metric: metricSelect.value,
     logy: logy.checked ? "1" : "", sort: query.get("sort") || "", smooth: smooth.value === "0" ? "" : smooth.value,
     group_by: groupBy.value, agg: agg.value, compare_to: compareTo.value, test: test.value === "t" ? "" : test.value,
-    gsort: query.get("gsort") || "" });
+    gsort: query.get("gsort") || "", x: xSelect.value, color: colorBy.value, dash: dashBy.value });
   const input = el("input", { type: "text", id: "filter", placeholder: 'filter, e.g. optimizer.lr < 0.1 and last(val.acc) > 0.9',
     value: query.get("filter") || "" });
   const apply = () => go(["exp", name], state());
@@ -199,11 +203,23 @@ function buildControls(name, query, table, curves) {
   const test = el("select", { id: "test" }, el("option", { value: "t", text: "paired t" }), el("option", { value: "wilcoxon", text: "Wilcoxon" }));
   test.value = query.get("test") === "wilcoxon" ? "wilcoxon" : "t";
   test.addEventListener("change", apply);
+  // The curves against the step or a swept key; coloured and dashed by swept keys.
+  const choose = (id, first, options, key) => {
+    const e = el("select", { id }, el("option", { value: "", text: first }), ...options.map((k) => el("option", { value: k, text: k })));
+    e.value = options.includes(query.get(key)) ? query.get(key) : "";
+    e.addEventListener("change", apply);
+    return e;
+  };
+  const numericKeys = table.keys.filter((k) => table.rows.some((r) => typeof r.point[k] === "number"));
+  const xSelect = choose("x", "step", numericKeys, "x");
+  const colorBy = choose("color-by", "each curve", ["stage", ...table.keys], "color");
+  const dashBy = choose("dash-by", "solid", ["stage", ...table.keys], "dash");
   const plotName = () => `${name}-${metricSelect.value}`;
   return el("div", {},
     el("div", { class: "controls" }, input, el("button", { id: "apply", text: "Apply", onclick: apply }),
       metricsInput, el("label", {}, "curve ", metricSelect), el("label", {}, logy, " log y"),
-      el("label", {}, "smoothing ", smooth), csv,
+      el("label", {}, "smoothing ", smooth), el("label", {}, "x ", xSelect), el("label", {}, "colour ", colorBy),
+      el("label", {}, "line ", dashBy), csv,
       el("button", { id: "svg", text: "SVG", onclick: () => download(plotName() + ".svg", chartSvgText(), "image/svg+xml") }),
       el("button", { id: "png", text: "PNG", onclick: () => chartPng(plotName() + ".png") })),
     el("div", { class: "controls" }, groupBy, agg, compareTo, test,
@@ -309,13 +325,42 @@ function tableOf(name, data, sort, query) {
   return el("table", { id: "table" }, el("thead", {}, head), el("tbody", {}, ...body));
 }
 
-function chart(data, logy, smoothing) {
+const DASHES = ["", "6 3", "2 3", "8 3 2 3", "12 4"];
+
+// The final value of each curve against a swept key: one line per value of the other keys.
+function againstKey(groups, key) {
+  const lines = new Map();
+  for (const g of groups) {
+    const xv = g.point[key];
+    if (typeof xv !== "number" || g.mean.length === 0) continue;
+    const rest = Object.fromEntries(Object.entries(g.point).filter(([k]) => k !== key));
+    const id = JSON.stringify([g.stage, rest]);
+    if (!lines.has(id)) lines.set(id, { stage: g.stage, point: rest, seeds: g.seeds, pts: [] });
+    lines.get(id).pts.push([xv, g.mean[g.mean.length - 1], g.std[g.std.length - 1]]);
+  }
+  return [...lines.values()].map((l) => {
+    l.pts.sort((a, b) => a[0] - b[0]);
+    return { stage: l.stage, point: l.point, seeds: l.seeds, steps: l.pts.map((p) => p[0]), mean: l.pts.map((p) => p[1]), std: l.pts.map((p) => p[2]) };
+  });
+}
+
+function chart(data, logy, smoothing, opts) {
+  const started = performance.now();
+  try {
+    return drawChart(data, logy, smoothing, opts || {});
+  } finally {
+    performance.measure("xlab:chart", { start: started });
+  }
+}
+
+function drawChart(data, logy, smoothing, opts) {
   const W = 760, H = 320, L = 56, R = 12, T = 12, B = 30;
   const box = el("div", { id: "chart" });
   const s = svg("svg", { class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
-  const groups = data.groups.map((g) => (smoothing
+  const smoothed = data.groups.map((g) => (smoothing
     ? { ...g, mean: ema(g.mean, smoothing), std: ema(g.std, smoothing) }
     : g));
+  const groups = opts.x ? againstKey(smoothed, opts.x) : smoothed;
   if (groups.length === 0) {
     box.append(el("p", { class: "muted", text: `No job has logged ${data.metric} yet.` }));
     return box;
@@ -342,13 +387,26 @@ function chart(data, logy, smoothing) {
     const y = T + (1 - k / 4) * (H - T - B);
     s.append(svg("text", { x: L - 6, y: y + 4, "text-anchor": "end", text: fmt(logy ? Math.pow(10, yv) : yv) }));
   }
-  // Steps are whole numbers: ticks at whole steps, each once.
+  // Steps are whole numbers: ticks at whole steps, each once; a swept key's values as they are.
   const xticks = new Set();
-  for (let k = 0; k <= 4; k++) xticks.add(Math.round(xmin + (k / 4) * (xmax - xmin)));
-  for (const xv of xticks) s.append(svg("text", { x: X(xv), y: H - 10, "text-anchor": "middle", text: String(xv) }));
+  for (let k = 0; k <= 4; k++) {
+    const xv = xmin + (k / 4) * (xmax - xmin);
+    xticks.add(opts.x ? xv : Math.round(xv));
+  }
+  for (const xv of xticks) s.append(svg("text", { x: X(xv), y: H - 10, "text-anchor": "middle", text: fmt(xv) }));
+  if (opts.x) s.append(svg("text", { x: W - R, y: H - 22, "text-anchor": "end", class: "xlabel", text: `${opts.x} (final value)` }));
+  // Colour and dash by a key's value, when asked: the same value, the same colour in every view.
+  const by = (key) => {
+    if (!key) return null;
+    const valueOf = (g) => JSON.stringify(key === "stage" ? g.stage : g.point[key]);
+    const values = [...new Set(groups.map(valueOf))];
+    return (g) => values.indexOf(valueOf(g));
+  };
+  const colorOf = by(opts.colorBy), dashOf = by(opts.dashBy);
   const legend = el("div", { class: "legend" });
   groups.forEach((g, i) => {
-    const color = PALETTE[i % PALETTE.length];
+    const color = PALETTE[(colorOf ? colorOf(g) : i) % PALETTE.length];
+    const dash = dashOf ? DASHES[dashOf(g) % DASHES.length] : "";
     const ok = (v) => !logy || v > 0;
     if (g.seeds > 1) {
       const up = g.steps.map((x, j) => [X(x), Y(Math.max(g.mean[j] + g.std[j], logy ? 1e-300 : -Infinity))]);
@@ -356,7 +414,9 @@ function chart(data, logy, smoothing) {
       s.append(svg("polygon", { points: up.concat(down).map((p) => p.join(",")).join(" "), fill: color, opacity: 0.15, class: "band" }));
     }
     const pts = g.steps.map((x, j) => (ok(g.mean[j]) ? `${X(x)},${Y(g.mean[j])}` : null)).filter(Boolean).join(" ");
-    s.append(svg("polyline", { points: pts, fill: "none", stroke: color, "stroke-width": 1.6, class: "curve" }));
+    const line = svg("polyline", { points: pts, fill: "none", stroke: color, "stroke-width": 1.6, class: "curve" });
+    if (dash) line.setAttribute("stroke-dasharray", dash);
+    s.append(line);
     const label = [g.stage, ...Object.entries(g.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ") + (g.seeds > 1 ? ` (${g.seeds} seeds)` : "");
     legend.append(el("span", {}, el("span", { class: "swatch", style: null }), label));
     legend.lastChild.firstChild.setAttribute("data-color", color);
@@ -367,8 +427,24 @@ function chart(data, logy, smoothing) {
   return box;
 }
 
+// Two jobs side by side, of any experiments: only the config keys and final metrics that differ.
+async function compareView(a, b) {
+  const data = await api("/api/compare", { a, b });
+  const who = (j) => el("a", { href: "#/job/" + j.id, text: `${j.experiment} / ${j.stage} / ${j.id.slice(0, 12)} (${j.status})` });
+  const tableOf = (id, header, rows, none) => (rows.length === 0 ? el("p", { class: "muted", text: none })
+    : el("table", { id }, el("thead", {}, el("tr", {}, ...header.map((h) => el("th", { text: h })))),
+      el("tbody", {}, ...rows.map((r) => el("tr", {}, ...r.map((c, i) => el("td", { class: i ? "num" : "", text: c })))))));
+  document.getElementById("where").textContent = "compare";
+  main().replaceChildren(el("h1", { text: "Two jobs" }),
+    el("p", {}, "a: ", who(data.a)), el("p", {}, "b: ", who(data.b)),
+    el("h2", { text: "Config keys that differ" }), tableOf("compare-config", ["key", "a", "b"], data.config, "The same config."),
+    el("h2", { text: "Final metrics that differ" }), tableOf("compare-metrics", ["metric", "a", "b", "b − a"], data.metrics, "The same final metrics."));
+}
+
 async function jobView(id, fresh) {
   const data = await api("/api/job", { id });
+  // A finished job does not change: its page stays as it is (and what is typed in it).
+  if (!fresh && !data.running && document.getElementById("job-status")) return;
   const j = data.job;
   document.getElementById("where").textContent = `${j.experiment} / ${j.stage} / ${j.id}`;
   const pairs = (obj) => el("dl", {}, ...Object.entries(obj).flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: fmt(v) })]));
@@ -386,8 +462,12 @@ async function jobView(id, fresh) {
     return item;
   });
   const decisions = data.decisions.map((d) => el("li", { text: `${d.seq} ${d.kind} at epoch ${d.epoch}` + (d.value !== undefined ? ` (${fmt(d.value)})` : "") }));
+  const other = el("input", { type: "text", id: "compare-with", placeholder: "another job's id (any experiment)", class: "short" });
+  const compare = () => { if (other.value.trim()) go(["compare", j.id, other.value.trim()]); };
+  other.addEventListener("keydown", (e) => { if (e.key === "Enter") compare(); });
   main().replaceChildren(
     el("h1", { text: `Job ${j.id}` }),
+    el("div", { class: "controls" }, other, el("button", { id: "compare", text: "Compare with…", onclick: compare })),
     el("p", {}, el("a", { href: "#/exp/" + encodeURIComponent(j.experiment), text: "← " + j.experiment }),
       ` · stage ${j.stage} · seed ${j.seed} · `, el("span", { class: "status " + j.status, id: "job-status", text: j.status })),
     el("h2", { text: "Sweep point" }), pairs(Object.fromEntries(j.point)),
@@ -453,16 +533,19 @@ function parallelOf(name, table) {
     return line;
   });
   const apply = () => {
+    const started = performance.now();
     let kept = 0;
+    const trs = new Map([...document.querySelectorAll("#table tr.row")].map((t) => [t.getAttribute("data-row"), t]));
     table.rows.forEach((r, k) => {
       const ok = inside(r);
       kept += ok ? 1 : 0;
       lines[k].setAttribute("stroke", ok ? "#2563eb" : "#d1d5db");
       lines[k].setAttribute("opacity", ok ? 0.8 : 0.4);
-      const tr = document.querySelector(`#table tr[data-row="${k}"]`);
+      const tr = trs.get(String(k));
       if (tr) tr.hidden = !ok;
     });
     count.textContent = Object.keys(mine).length ? `${kept} of ${table.rows.length} rows in the brushed ranges` : "";
+    performance.measure("xlab:brush", { start: started });
   };
   scales.forEach((sc, i) => {
     const x = xAt(i);
