@@ -335,14 +335,22 @@ pub(crate) fn bind_filter(
     filter: Option<(filter::Filter, &str)>,
 ) -> Result<(vocab::Vocab, Option<filter::Filter>), Failure> {
     let vocab = vocab::Vocab::of(store, exp)?;
-    let filter = match filter {
-        Some((mut f, q)) => {
-            f.bind(&vocab).map_err(|e| user_error(format!("bad filter:\n{}", e.render(q))))?;
-            Some(f)
-        }
-        None => None,
-    };
+    let filter = bind_to(&vocab, filter)?;
     Ok((vocab, filter))
+}
+
+/// Binds a parsed filter to the keys and metrics of `vocab`.
+pub(crate) fn bind_to(
+    vocab: &vocab::Vocab,
+    filter: Option<(filter::Filter, &str)>,
+) -> Result<Option<filter::Filter>, Failure> {
+    match filter {
+        Some((mut f, q)) => {
+            f.bind(vocab).map_err(|e| user_error(format!("bad filter:\n{}", e.render(q))))?;
+            Ok(Some(f))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Refuses metric names no job of the experiment has logged, with a "did you mean".

@@ -138,6 +138,13 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     assert_eq!(said, "1 of 3 rows in the brushed ranges");
     std::fs::create_dir_all(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     b.screenshot(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
+    // A click on the axis clears its brush: every row is back.
+    let back = b.js("const hit = document.querySelector('#parallel rect.axis[data-axis=\"optimizer.lr\"]');
+         const r = hit.getBoundingClientRect(); const x = r.left + r.width / 2, y = r.top + r.height / 2;
+         hit.dispatchEvent(new MouseEvent('mousedown', {clientX: x, clientY: y, bubbles: true}));
+         window.dispatchEvent(new MouseEvent('mouseup', {clientX: x, clientY: y}));
+         return [document.querySelectorAll('#table tr.row').length, document.getElementById('brushed').textContent]");
+    assert_eq!(back, serde_json::json!([3, ""]));
 
     // Typing a filter changes the rows, to those `xlab query` keeps.
     b.type_into("#filter", "optimizer.lr < 0.05\u{E007}");
@@ -346,6 +353,33 @@ fn the_dashboard_guards_its_store_and_its_users() {
     assert_eq!(v["experiments"][0]["name"], name);
     let js = http("GET", &format!("{base}app.js"), &[], None).1;
     assert!(!js.contains("innerHTML") && !js.contains("insertAdjacentHTML") && !js.contains("document.write"));
+
+    // What the dashboard read is kept while nobody else opens the store (the page's version
+    // stays), and read again once another process has written it.
+    let version = |b: &str| get_json(&format!("{b}api/running"))["version"].clone();
+    let v1 = version(&base);
+    assert!(v1.is_u64(), "{v1}");
+    assert_eq!(version(&base), v1);
+    let table = get_json(&format!(
+        "{base}api/table?exp={}",
+        name.replace('<', "%3C").replace('>', "%3E").replace(' ', "%20").replace('=', "%3D")
+    ));
+    assert_eq!(table["rows"].as_array().unwrap().len(), 3);
+    let second = write_file(
+        dir.path(),
+        "second.yaml",
+        &SWEEP.replace("name: dash", "name: second").replace("epochs: 12", "epochs: 1"),
+    );
+    let out = cmd(&store).arg("run").arg(&second).env("XLAB_NO_LIVE", "1").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_ne!(version(&base), v1);
+    let names: Vec<String> = get_json(&format!("{base}api/experiments"))["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"second".to_string()) && names.contains(&name.to_string()), "{names:?}");
 
     // Requests addressed elsewhere (DNS rebinding) are refused.
     let (status, _) = http("GET", &format!("{base}api/experiments"), &[("Host", "attacker.example:80")], None);

@@ -1,15 +1,17 @@
 //! The dashboard's JSON: the store's experiments, an experiment's table (the rows of `xlab
 //! query`, from the same code), learning curves with seed bands, and one job.
 
+use super::cache::Reader;
 use super::Reply;
 use crate::common::*;
 use crate::table;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use xlab_store::{JobStatus, ResultStore};
 
 /// Every experiment, newest first, with its jobs counted by status.
-pub(super) fn experiments(store: &Opened) -> Result<Reply, Failure> {
+pub(super) fn experiments(store: &Reader<'_>) -> Result<Reply, Failure> {
     let mut all = store.experiments()?;
     all.sort_by_key(|e| std::cmp::Reverse(e.updated_unix));
     let mut out = Vec::new();
@@ -33,13 +35,27 @@ pub(super) fn experiments(store: &Opened) -> Result<Reply, Failure> {
     })))
 }
 
-/// The jobs runs on the store are running now, from their status files: device, epoch, the
-/// latest metrics, the rate and what is left.
-pub(super) fn running_now(store: &Opened) -> Result<Reply, Failure> {
-    Ok(Reply::json(&json!({"live": store.is_live(), "running": running(store)})))
+/// Reads what the first pages need (every experiment's records, vocabulary and unfiltered rows)
+/// while nobody waits for it.
+pub(super) fn warm(store: &Reader<'_>) -> Result<Reply, Failure> {
+    let reply = experiments(store)?;
+    for e in store.experiments()? {
+        let (exp, _, _) = experiment_and_filter(store, Some(&e.name), None)?;
+        rows_of(store, &exp, None, None)?;
+    }
+    Ok(reply)
 }
 
-fn running(store: &Opened) -> Vec<Value> {
+/// The jobs runs on the store are running now, from their status files: device, epoch, the
+/// latest metrics, the rate and what is left.
+pub(super) fn running_now(store: &Reader<'_>) -> Result<Reply, Failure> {
+    let live = store.is_live();
+    // The page reads a view again when the store's state changes; a run's store changes always.
+    let version = (!live).then(|| store.generation());
+    Ok(Reply::json(&json!({"live": live, "version": version, "running": running(store)})))
+}
+
+fn running(store: &Reader<'_>) -> Vec<Value> {
     let now = xlab_store::now_unix();
     let mut out = Vec::new();
     for run in crate::status::in_progress(store.dir()) {
@@ -61,40 +77,62 @@ fn running(store: &Opened) -> Vec<Value> {
     out
 }
 
-/// The experiment named `exp` (or the newest), with its filter bound to what its jobs hold.
+/// The experiment named `exp` (or the newest), its vocabulary, and its filter bound to it.
 fn experiment_and_filter(
-    store: &Opened,
+    store: &Reader<'_>,
     exp: Option<&str>,
     filter: Option<&str>,
-) -> Result<(xlab_store::ExperimentRecord, crate::vocab::Vocab, Option<crate::filter::Filter>), Failure> {
+) -> Result<(xlab_store::ExperimentRecord, Arc<crate::vocab::Vocab>, Option<crate::filter::Filter>), Failure> {
     let exp = pick_experiment(store, exp.filter(|e| !e.is_empty()))?;
     let parsed = parse_filter(filter.filter(|f| !f.trim().is_empty()))?;
-    let (vocab, filter) = bind_filter(store, &exp, parsed)?;
+    let vocab = store.derived(&format!("vocab\0{}", exp.name), || Ok(crate::vocab::Vocab::of(store, &exp)?))?;
+    let filter = bind_to(&vocab, parsed)?;
     Ok((exp, vocab, filter))
+}
+
+/// The rows of `xlab query` for an experiment and filter (kept while the store is unchanged).
+fn rows_of(
+    store: &Reader<'_>,
+    exp: &xlab_store::ExperimentRecord,
+    filter_text: Option<&str>,
+    filter: Option<&crate::filter::Filter>,
+) -> Result<Arc<Vec<table::Row>>, Failure> {
+    let key = format!("rows\0{}\0{}", exp.name, filter_text.unwrap_or("").trim());
+    store.derived(&key, || Ok(table::rows(store, exp, filter)?))
 }
 
 /// The rows of `xlab query` for an experiment: one per stage and sweep point.
 pub(super) fn table(
-    store: &Opened,
+    store: &Reader<'_>,
     exp: Option<&str>,
     filter: Option<&str>,
     metrics: Option<&str>,
 ) -> Result<Reply, Failure> {
-    let (exp, vocab, filter) = experiment_and_filter(store, exp, filter)?;
+    let (exp, vocab, bound) = experiment_and_filter(store, exp, filter)?;
     let wanted: Vec<String> =
         metrics.unwrap_or("").split(',').map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect();
     check_metrics(&vocab, &exp, &wanted, "metrics")?;
-    let rows = table::rows(store, &exp, filter.as_ref())?;
+    let rows = rows_of(store, &exp, filter, bound.as_ref())?;
     let shown = if wanted.is_empty() { table::default_metrics(&rows) } else { wanted };
+    // Each metric's mean and standard deviation over the row's finished seeds (the page shows
+    // these; `xlab query --format json` has every value).
+    let f = xlab_proto::floats::to_json;
     let out: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let mut v = table::row_json(r);
-            v["ids"] = json!(r.ids);
-            v["running"] = json!(r.running);
-            v["pruned"] = json!(r.pruned);
-            v["paused"] = json!(r.paused);
-            v
+            let point: serde_json::Map<String, Value> = r.point.iter().cloned().collect();
+            let stats: serde_json::Map<String, Value> = r
+                .metrics
+                .iter()
+                .map(|(k, xs)| {
+                    let (mean, std) = table::mean_std(xs);
+                    (k.clone(), json!({"mean": f(mean), "std": std.map(f)}))
+                })
+                .collect();
+            json!({
+                "stage": r.stage, "point": point, "metrics": stats, "done": r.done, "jobs": r.jobs, "ids": r.ids,
+                "running": r.running, "pruned": r.pruned, "paused": r.paused,
+            })
         })
         .collect();
     Ok(Reply::json(&json!({
@@ -120,7 +158,7 @@ pub(super) struct GroupedAsk<'a> {
 
 /// `xlab query --group-by … --agg … --compare-to …` for the dashboard: the header and the cells
 /// as the command prints them, and the values for programs.
-pub(super) fn grouped(store: &Opened, ask: &GroupedAsk<'_>) -> Result<Reply, Failure> {
+pub(super) fn grouped(store: &Reader<'_>, ask: &GroupedAsk<'_>) -> Result<Reply, Failure> {
     use crate::aggregate::PairedTest;
     let (exp, vocab, filter) = experiment_and_filter(store, ask.exp, ask.filter)?;
     let list = |t: Option<&str>| -> Vec<String> {
@@ -154,14 +192,16 @@ pub(super) fn grouped(store: &Opened, ask: &GroupedAsk<'_>) -> Result<Reply, Fai
 }
 
 /// Learning curves of `metric`: per row (stage and sweep point), the mean over its seeds at each
-/// step and the standard deviation (the band), from the jobs that logged the step.
+/// step and the standard deviation (the band), from the jobs that logged the step; the first
+/// `limit` rows that have the metric (`more` says whether rows were left out).
 pub(super) fn curves(
-    store: &Opened,
+    store: &Reader<'_>,
     exp: Option<&str>,
     filter: Option<&str>,
     metric: Option<&str>,
+    limit: usize,
 ) -> Result<Reply, Failure> {
-    let (exp, vocab, filter) = experiment_and_filter(store, exp, filter)?;
+    let (exp, vocab, bound) = experiment_and_filter(store, exp, filter)?;
     let metric = match metric.filter(|m| !m.is_empty()) {
         Some(m) => m.to_string(),
         None => ["val.acc", "val.loss", "train.loss"]
@@ -172,9 +212,14 @@ pub(super) fn curves(
             .unwrap_or_default(),
     };
     check_metrics(&vocab, &exp, std::slice::from_ref(&metric), "metric")?;
-    let rows = table::rows(store, &exp, filter.as_ref())?;
+    let rows = rows_of(store, &exp, filter, bound.as_ref())?;
     let mut groups = Vec::new();
-    for r in &rows {
+    let mut more = false;
+    for r in rows.iter() {
+        if groups.len() == limit {
+            more = true;
+            break;
+        }
         let mut by_step: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
         for id in &r.ids {
             for (step, v) in store.metric_series(id, &metric)? {
@@ -198,11 +243,13 @@ pub(super) fn curves(
             json!({"stage": r.stage, "point": point, "seeds": r.ids.len(), "steps": steps, "mean": mean, "std": std}),
         );
     }
-    Ok(Reply::json(&json!({"experiment": exp.name, "metric": metric, "groups": groups})))
+    Ok(Reply::json(
+        &json!({"experiment": exp.name, "metric": metric, "groups": groups, "rows": rows.len(), "more": more}),
+    ))
 }
 
 /// Two jobs, of any experiments: the config keys and final metrics that differ.
-pub(super) fn compare(store: &Opened, a: &str, b: &str) -> Result<Reply, Failure> {
+pub(super) fn compare(store: &Reader<'_>, a: &str, b: &str) -> Result<Reply, Failure> {
     let (ra, rb) = (find_job(store, a)?, find_job(store, b)?);
     let (config, metrics) = crate::commands::show::differences(&ra, &rb, true);
     let who = |r: &xlab_store::JobRecord| json!({"id": r.id, "experiment": r.experiment, "stage": r.stage, "status": r.status});
@@ -211,7 +258,7 @@ pub(super) fn compare(store: &Opened, a: &str, b: &str) -> Result<Reply, Failure
 
 /// One job: its record, every metric series' last value, the search decisions about it, its
 /// files and the tail of its worker log.
-pub(super) fn job(store: &Opened, id: &str) -> Result<Reply, Failure> {
+pub(super) fn job(store: &Reader<'_>, id: &str) -> Result<Reply, Failure> {
     let rec = find_job(store, id)?;
     let series = store.metrics_of(&rec.id)?;
     let last: BTreeMap<&String, f64> = series.iter().filter_map(|(k, pts)| pts.last().map(|(_, v)| (k, *v))).collect();

@@ -9,6 +9,7 @@
 //! builds its text with `textContent`, never as HTML.
 
 mod api;
+mod cache;
 
 use crate::common::*;
 use crate::Cli;
@@ -69,8 +70,10 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<u8, Failure> {
         );
     }
     outln!("xlab dashboard of store {} at {url}", cli.store.display());
-    let state = State { store: cli.store.clone(), token, bind: args.bind, lock: Mutex::new(()) };
+    let state = State { store: cli.store.clone(), token, bind: args.bind, cache: Mutex::new(cache::Cache::default()) };
     std::thread::scope(|scope| {
+        // Reads every experiment's records now, so that the first page does not wait for them.
+        scope.spawn(|| with_store(&state, None, api::warm));
         for _ in 0..4 {
             scope.spawn(|| {
                 while let Ok(request) = server.recv() {
@@ -86,9 +89,10 @@ struct State {
     store: PathBuf,
     token: Option<String>,
     bind: IpAddr,
-    /// One store access at a time: the dashboard opens the store for each request and lets go
-    /// of it after, so that a run can start (and own it) between requests.
-    lock: Mutex<()>,
+    /// One store access at a time: the dashboard opens the store for a request when it needs to
+    /// and lets go of it after, so that a run can start (and own it) between requests; what it
+    /// read is kept while nobody else opens the store.
+    cache: Mutex<cache::Cache>,
 }
 
 fn made_up_token() -> String {
@@ -99,6 +103,7 @@ fn made_up_token() -> String {
 }
 
 /// A response: status, content type and body.
+#[derive(Clone)]
 pub(crate) struct Reply {
     status: u16,
     kind: &'static str,
@@ -157,14 +162,18 @@ fn handle(state: &State, mut request: tiny_http::Request) {
 
 fn route(state: &State, path: &str, params: &[(String, String)]) -> Reply {
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    // An answer that depends on the store's state only is kept under its path and parameters.
+    let mut asked: Vec<&(String, String)> = params.iter().filter(|(k, _)| k != "token").collect();
+    asked.sort();
+    let key = format!("{path}?{asked:?}");
     match path {
         "/" | "/index.html" => Reply { status: 200, kind: "text/html; charset=utf-8", body: INDEX.into() },
         "/app.js" => Reply { status: 200, kind: "text/javascript; charset=utf-8", body: APP_JS.into() },
         "/app.css" => Reply { status: 200, kind: "text/css; charset=utf-8", body: APP_CSS.into() },
-        "/api/experiments" => with_store(state, api::experiments),
-        "/api/running" => with_store(state, api::running_now),
-        "/api/table" => with_store(state, |s| api::table(s, get("exp"), get("filter"), get("metrics"))),
-        "/api/grouped" => with_store(state, |s| {
+        "/api/experiments" => with_store(state, None, api::experiments),
+        "/api/running" => with_store(state, None, api::running_now),
+        "/api/table" => with_store(state, Some(&key), |s| api::table(s, get("exp"), get("filter"), get("metrics"))),
+        "/api/grouped" => with_store(state, Some(&key), |s| {
             let ask = api::GroupedAsk {
                 exp: get("exp"),
                 filter: get("filter"),
@@ -177,17 +186,24 @@ fn route(state: &State, path: &str, params: &[(String, String)]) -> Reply {
             };
             api::grouped(s, &ask)
         }),
-        "/api/curves" => with_store(state, |s| api::curves(s, get("exp"), get("filter"), get("metric"))),
-        "/api/compare" => with_store(state, |s| api::compare(s, get("a").unwrap_or(""), get("b").unwrap_or(""))),
-        "/api/job" => with_store(state, |s| api::job(s, get("id").unwrap_or(""))),
-        "/api/artifact" => with_store(state, |s| artifact(s, get("id").unwrap_or(""), get("path").unwrap_or(""))),
+        "/api/curves" => with_store(state, Some(&key), |s| {
+            // 100 curves unless asked for more (a plot of 10^4 lines helps nobody).
+            let limit = get("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+            api::curves(s, get("exp"), get("filter"), get("metric"), limit)
+        }),
+        "/api/compare" => {
+            with_store(state, Some(&key), |s| api::compare(s, get("a").unwrap_or(""), get("b").unwrap_or("")))
+        }
+        "/api/job" => with_store(state, None, |s| api::job(s, get("id").unwrap_or(""))),
+        "/api/artifact" => with_store(state, None, |s| artifact(s, get("id").unwrap_or(""), get("path").unwrap_or(""))),
         _ => Reply::error(404, format!("no page `{path}` here; the dashboard is at /")),
     }
 }
 
-/// Runs `f` on the store, opened for this request only.
-fn with_store(state: &State, f: impl FnOnce(&Opened) -> Result<Reply, Failure>) -> Reply {
-    let _one = state.lock.lock().unwrap_or_else(|e| e.into_inner());
+/// Runs `f` on the store as this request reads it (see [`cache`]); an answer under `key` is
+/// kept, and given again while the store is unchanged.
+fn with_store(state: &State, key: Option<&str>, f: impl FnOnce(&cache::Reader) -> Result<Reply, Failure>) -> Reply {
+    let mut kept = state.cache.lock().unwrap_or_else(|e| e.into_inner());
     if !state.store.join("db").is_dir() {
         return Reply::error(
             404,
@@ -198,19 +214,26 @@ fn with_store(state: &State, f: impl FnOnce(&Opened) -> Result<Reply, Failure>) 
             ),
         );
     }
-    let store = match read_store(&state.store) {
-        Ok(s) => s,
-        Err(e) => return Reply::error(503, format!("{:#}", e.error)),
-    };
-    match f(&store) {
+    kept.check(&state.store);
+    if let Some(reply) = key.and_then(|k| kept.reply(k)) {
+        return reply;
+    }
+    let reader = cache::Reader::new(&state.store, &mut kept);
+    let reply = match f(&reader) {
         Ok(r) => r,
         Err(e) => Reply::error(if e.code == exit::USER { 400 } else { 500 }, format!("{:#}", e.error)),
+    };
+    let live = reader.is_opened_live();
+    reader.finish();
+    if let (Some(k), false, true) = (key, live, reply.status < 500) {
+        kept.keep_reply(k.to_string(), reply.clone());
     }
+    reply
 }
 
 /// Serves a file of a job's run folder: `path` relative to it, with no way out of it (no `..`,
 /// no absolute path, no symlink that leads elsewhere).
-fn artifact(store: &Opened, id: &str, path: &str) -> Result<Reply, Failure> {
+fn artifact(store: &cache::Reader, id: &str, path: &str) -> Result<Reply, Failure> {
     use xlab_store::ResultStore;
     let refuse = |m: &str| Ok(Reply::error(403, m.to_string()));
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -65,6 +65,9 @@ function go(parts, query) {
 const main = () => document.getElementById("main");
 let timer = null;
 let renderedKey = "";
+// The state of the store the page shows (`/api/running`'s version): a view is read again when it
+// changes, or always while a run holds the store.
+let renderedVersion = null;
 
 async function show() {
   clearTimeout(timer);
@@ -75,11 +78,16 @@ async function show() {
   const r = route();
   const key = location.hash;
   try {
-    if (r.parts[0] === "exp" && r.parts[1]) await experimentView(r.parts[1], r.query, key !== renderedKey);
-    else if (r.parts[0] === "job" && r.parts[1]) await jobView(r.parts[1], key !== renderedKey);
-    else if (r.parts[0] === "compare" && r.parts[1] && r.parts[2]) await compareView(r.parts[1], r.parts[2]);
-    else await experimentsView();
-    renderedKey = key;
+    const now = await api("/api/running");
+    if (key !== renderedKey || now.live || now.version === null || now.version !== renderedVersion) {
+      const fresh = key !== renderedKey;
+      if (r.parts[0] === "exp" && r.parts[1]) await experimentView(r.parts[1], r.query, fresh, now);
+      else if (r.parts[0] === "job" && r.parts[1]) await jobView(r.parts[1], fresh);
+      else if (r.parts[0] === "compare" && r.parts[1] && r.parts[2]) await compareView(r.parts[1], r.parts[2]);
+      else await experimentsView();
+      renderedKey = key;
+      renderedVersion = now.version;
+    }
   } catch (e) {
     main().replaceChildren(el("p", { class: "error", id: "error", text: e.message }));
     renderedKey = "";
@@ -125,43 +133,56 @@ function runningPanel(running, only) {
       el("tbody", {}, ...rows)));
 }
 
-async function experimentView(name, query, fresh) {
+async function experimentView(name, query, fresh, now) {
   const filter = query.get("filter") || "";
   const metrics = query.get("metrics") || "";
   const sort = query.get("sort") || "";
   const grouping = ["group_by", "agg", "compare_to"].some((k) => query.get(k));
-  const [table, curves, overview, grouped] = await Promise.all([
-    api("/api/table", { exp: name, filter, metrics }),
-    api("/api/curves", { exp: name, filter, metric: query.get("metric") || "" }),
-    api("/api/running"),
+  const x = query.get("x") || "";
+  // The table first, in the page as soon as it is here; the rest follows.
+  const tableAsked = api("/api/table", { exp: name, filter, metrics });
+  const curvesAsked = api("/api/curves", { exp: name, filter, metric: query.get("metric") || "", limit: x ? 5000 : 100 });
+  const groupedAsked = grouping
     // A mistake in the grouping is shown beside it; the rest of the page stays.
-    grouping
-      ? api("/api/grouped", { exp: name, filter, metrics, group_by: query.get("group_by") || "", agg: query.get("agg") || "",
-        compare_to: query.get("compare_to") || "", test: query.get("test") || "", gsort: query.get("gsort") || "" })
-        .catch((e) => ({ error: e.message }))
-      : null,
-  ]);
-  document.getElementById("live").hidden = !overview.live;
+    ? api("/api/grouped", { exp: name, filter, metrics, group_by: query.get("group_by") || "", agg: query.get("agg") || "",
+      compare_to: query.get("compare_to") || "", test: query.get("test") || "", gsort: query.get("gsort") || "" })
+      .catch((e) => ({ error: e.message }))
+    : Promise.resolve(null);
+  // A failed request is reported once, by whichever the page waits for first.
+  curvesAsked.catch(() => {});
+  groupedAsked.catch(() => {});
+  const table = await tableAsked;
+  document.getElementById("live").hidden = !now.live;
   document.getElementById("where").textContent = name;
-  const controls = fresh || !document.getElementById("filter") ? buildControls(name, query, table, curves) : null;
-  const body = [];
-  if (controls) body.push(el("h1", { text: name }), controls);
+  const controls = fresh || !document.getElementById("filter") ? buildControls(name, query, table) : null;
+  const slot = (id) => el("div", { id });
   const box = el("div", { id: "results" },
-    runningPanel(overview.running, name),
+    runningPanel(now.running, name),
     tableOf(name, table, sort, query),
-    groupedOf(grouped),
-    el("h2", { text: `Curves: ${curves.metric}` }),
-    chart(curves, query.get("logy") === "1", Number(query.get("smooth") || 0),
-      { x: query.get("x") || "", colorBy: query.get("color") || "", dashBy: query.get("dash") || "" }),
-    parallelOf(name, table),
-    scatterOf(name, table, query));
-  if (controls) main().replaceChildren(...body, box);
-  else document.getElementById("results").replaceWith(box);
+    slot("grouped"),
+    el("h2", { id: "curves-title", text: "Curves" }), slot("chart"),
+    slot("parallel"), slot("scatter"));
+  // A fresh view shows the table at once; a view read again is swapped in whole (no flicker).
+  if (controls) {
+    main().replaceChildren(el("h1", { text: name }), controls, box);
+    performance.mark("xlab:table");
+  }
+  const [curves, grouped] = await Promise.all([curvesAsked, groupedAsked]);
+  const metricSelect = document.getElementById("metric");
+  if (metricSelect && curves.metric) metricSelect.value = curves.metric;
+  box.querySelector("#curves-title").textContent = `Curves: ${curves.metric}`;
+  box.querySelector("#grouped").replaceWith(groupedOf(grouped));
+  box.querySelector("#chart").replaceWith(chart(curves, query.get("logy") === "1", Number(query.get("smooth") || 0),
+    { x, colorBy: query.get("color") || "", dashBy: query.get("dash") || "" }));
+  box.querySelector("#parallel").replaceWith(parallelOf(name, table));
+  box.querySelector("#scatter").replaceWith(scatterOf(name, table, query));
+  if (!controls) document.getElementById("results").replaceWith(box);
+  applyBrushes();
   // For the benchmarks (bench/dashboard.py): when each render of the view was in the page.
   performance.mark("xlab:view");
 }
 
-function buildControls(name, query, table, curves) {
+function buildControls(name, query, table) {
   const state = () => ({ filter: input.value, metrics: metricsInput.value, metric: metricSelect.value,
     logy: logy.checked ? "1" : "", sort: query.get("sort") || "", smooth: smooth.value === "0" ? "" : smooth.value,
     group_by: groupBy.value, agg: agg.value, compare_to: compareTo.value, test: test.value === "t" ? "" : test.value,
@@ -176,7 +197,7 @@ function buildControls(name, query, table, curves) {
   const metricSelect = el("select", { id: "metric" });
   for (const m of table.all_metrics) {
     const o = el("option", { value: m, text: m });
-    if (m === curves.metric) o.selected = true;
+    if (m === query.get("metric")) o.selected = true;
     metricSelect.append(o);
   }
   metricSelect.addEventListener("change", apply);
@@ -277,9 +298,14 @@ function ema(values, w) {
 }
 
 let lastTable = null;
+// The run table shown now: its rows in their order, which of them to keep (the brushes), and how
+// many to show (a page at a time: 20,000 rows in the page would hold it up for seconds).
+const PAGE = 100;
+let tableView = null;
 
 function tableOf(name, data, sort, query) {
   lastTable = data;
+  tableView = null;
   if (data.rows.length === 0) {
     return el("p", { id: "no-rows", class: "muted", text: "No job matches this filter." });
   }
@@ -306,23 +332,49 @@ function tableOf(name, data, sort, query) {
     ...data.keys.map((k) => el("th", { text: k, onclick: sortBy(k) })),
     ...data.metrics.map((m) => el("th", { text: m + " (mean ± std)", onclick: sortBy(m) })),
     el("th", { text: "seeds" }));
-  const body = rows.map((r) => {
-    const seeds = r.done === r.jobs ? String(r.done)
-      : r.pruned === r.jobs ? "pruned"
-      : `${r.done}/${r.jobs} done` + (r.running ? `, ${r.running} running` : "") + (r.pruned ? `, ${r.pruned} pruned` : "");
-    const link = r.ids.length === 1 ? el("a", { href: "#/job/" + r.ids[0], text: r.stage }) : r.stage;
-    // Each seed's job, one link each.
-    const jobs = r.ids.length > 1 ? r.ids.map((id, i) => el("a", { href: "#/job/" + id, class: "seed", title: id, text: String(i + 1) })) : [];
-    return el("tr", { class: "row", "data-row": String(data.rows.indexOf(r)) }, el("td", {}, link),
-      ...data.keys.map((k) => el("td", { class: "num", text: k in r.point ? fmt(r.point[k]) : "–" })),
-      ...data.metrics.map((m) => {
-        const s = r.metrics[m];
-        const text = !s ? "–" : s.std === null ? fmt(s.mean) : `${fmt(s.mean)} ± ${fmt(s.std)}`;
-        return el("td", { class: "num", "data-metric": m, "data-mean": s ? String(s.mean) : "", text });
-      }),
-      el("td", { class: "num" }, seeds, ...jobs.flatMap((a) => [" ", a])));
-  });
-  return el("table", { id: "table" }, el("thead", {}, head), el("tbody", {}, ...body));
+  const body = el("tbody");
+  const more = el("div", { id: "table-more", class: "muted" });
+  tableView = { data, rows, index: new Map(data.rows.map((r, i) => [r, i])), body, more, shown: PAGE, keep: null };
+  fillTable();
+  return el("div", { id: "table-box" }, el("table", { id: "table" }, el("thead", {}, head), body), more);
+}
+
+function tableRow(data, r, index) {
+  const seeds = r.done === r.jobs ? String(r.done)
+    : r.pruned === r.jobs ? "pruned"
+    : `${r.done}/${r.jobs} done` + (r.running ? `, ${r.running} running` : "") + (r.pruned ? `, ${r.pruned} pruned` : "");
+  const link = r.ids.length === 1 ? el("a", { href: "#/job/" + r.ids[0], text: r.stage }) : r.stage;
+  // Each seed's job, one link each.
+  const jobs = r.ids.length > 1 ? r.ids.map((id, i) => el("a", { href: "#/job/" + id, class: "seed", title: id, text: String(i + 1) })) : [];
+  return el("tr", { class: "row", "data-row": String(index) }, el("td", {}, link),
+    ...data.keys.map((k) => el("td", { class: "num", text: k in r.point ? fmt(r.point[k]) : "–" })),
+    ...data.metrics.map((m) => {
+      const s = r.metrics[m];
+      const text = !s ? "–" : s.std === null ? fmt(s.mean) : `${fmt(s.mean)} ± ${fmt(s.std)}`;
+      return el("td", { class: "num", "data-metric": m, "data-mean": s ? String(s.mean) : "", text });
+    }),
+    el("td", { class: "num" }, seeds, ...jobs.flatMap((a) => [" ", a])));
+}
+
+// Shows the first rows of the table that the brushes keep, as many as asked.
+function fillTable() {
+  const t = tableView;
+  if (!t) return;
+  const out = [];
+  let kept = 0;
+  for (const r of t.rows) {
+    const i = t.index.get(r);
+    if (t.keep && !t.keep[i]) continue;
+    kept += 1;
+    if (out.length < t.shown) out.push(tableRow(t.data, r, i));
+  }
+  t.body.replaceChildren(...out);
+  const showMore = (n) => () => { t.shown = n; fillTable(); };
+  t.more.replaceChildren(...(kept > out.length
+    ? [`${out.length.toLocaleString()} of ${kept.toLocaleString()} rows shown `,
+      el("button", { id: "more-rows", text: `${Math.min(PAGE, kept - out.length)} more`, onclick: showMore(t.shown + PAGE) }), " ",
+      el("button", { id: "all-rows", text: "all", onclick: showMore(Infinity) })]
+    : []));
 }
 
 const DASHES = ["", "6 3", "2 3", "8 3 2 3", "12 4"];
@@ -422,6 +474,10 @@ function drawChart(data, logy, smoothing, opts) {
     legend.lastChild.firstChild.setAttribute("data-color", color);
   });
   box.append(s, legend);
+  if (data.more) {
+    box.append(el("p", { class: "muted", id: "curves-more",
+      text: `The curves of the first ${data.groups.length} rows with ${data.metric}, of ${data.rows.toLocaleString()} rows; narrow the filter to see others.` }));
+  }
   // Swatch colours through the CSS object model (no inline style attributes under the CSP).
   for (const sw of legend.querySelectorAll(".swatch")) sw.style.background = sw.getAttribute("data-color");
   return box;
@@ -484,6 +540,8 @@ async function jobView(id, fresh) {
 // pixels; and the brush being dragged, if any (the page does not redraw under it).
 const brushes = {};
 let drag = null;
+// Applies the brushes of the parallel coordinates shown now (to its lines and to the table).
+let applyBrushes = () => {};
 window.addEventListener("mousemove", (e) => { if (drag) drag.move(e); });
 window.addEventListener("mouseup", (e) => { if (drag) { drag.up(e); drag = null; } });
 
@@ -494,6 +552,7 @@ function parallelOf(name, table) {
   const metric = table.metrics[0];
   const axes = [...table.keys, ...(metric ? [metric] : [])];
   const box = el("div", { id: "parallel" }, el("h2", { text: "Parallel coordinates" }));
+  applyBrushes = () => {};
   if (axes.length < 2 || table.rows.length === 0) {
     box.append(el("p", { class: "muted", text: "Needs a sweep over at least one key, and a metric." }));
     return box;
@@ -503,7 +562,8 @@ function parallelOf(name, table) {
   const scales = axes.map((a) => {
     const vs = table.rows.map((r) => value(r, a)).filter((v) => v !== null && v !== undefined);
     if (vs.every((v) => typeof v === "number")) {
-      const lo = Math.min(...vs), hi = Math.max(...vs);
+      let lo = Infinity, hi = -Infinity;
+      for (const v of vs) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
       return { a, num: true, lo, hi: hi > lo ? hi : lo + 1 };
     }
     const cats = [...new Set(vs.map((v) => JSON.stringify(v)))];
@@ -525,28 +585,50 @@ function parallelOf(name, table) {
     const lo = Math.min(b[0], b[1]), hi = Math.max(b[0], b[1]);
     return y >= lo && y <= hi;
   });
-  const s = svg("svg", { class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
-  const lines = table.rows.map((r) => {
-    const pts = scales.map((sc, i) => [xAt(i), pos(sc, value(r, sc.a))]).filter((p) => p[1] !== null);
-    const line = svg("polyline", { points: pts.map((p) => p.join(",")).join(" "), fill: "none", "stroke-width": 1.4, class: "pc-line" });
-    s.append(line);
-    return line;
-  });
+  // The lines on a canvas (a line each for 10^4 rows is too many for SVG), the axes and their
+  // brushes in an SVG over it.
+  const wrap = el("div", { class: "pc-wrap" });
+  wrap.style.width = W + "px";
+  wrap.style.height = H + "px";
+  const canvas = el("canvas", { class: "pc-lines" });
+  const ratio = window.devicePixelRatio || 1;
+  canvas.width = W * ratio;
+  canvas.height = H * ratio;
+  canvas.style.width = W + "px";
+  canvas.style.height = H + "px";
+  const s = svg("svg", { class: "pc-axes", width: W, height: H, viewBox: `0 0 ${W} ${H}` });
+  wrap.append(canvas, s);
+  const paths = table.rows.map((r) => scales.map((sc, i) => [xAt(i), pos(sc, value(r, sc.a))]).filter((p) => p[1] !== null));
+  const drawLines = (keep) => {
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, W, H);
+    ctx.lineWidth = 1.2;
+    // The rows left out first, dimmed; the kept ones over them.
+    for (const [pass, colour] of [[false, "rgba(209, 213, 219, 0.5)"], [true, "rgba(37, 99, 235, 0.7)"]]) {
+      ctx.strokeStyle = colour;
+      ctx.beginPath();
+      paths.forEach((pts, k) => {
+        if (keep[k] !== pass || pts.length === 0) return;
+        ctx.moveTo(pts[0][0], pts[0][1]);
+        for (let j = 1; j < pts.length; j++) ctx.lineTo(pts[j][0], pts[j][1]);
+      });
+      ctx.stroke();
+    }
+  };
   const apply = () => {
     const started = performance.now();
-    let kept = 0;
-    const trs = new Map([...document.querySelectorAll("#table tr.row")].map((t) => [t.getAttribute("data-row"), t]));
-    table.rows.forEach((r, k) => {
-      const ok = inside(r);
-      kept += ok ? 1 : 0;
-      lines[k].setAttribute("stroke", ok ? "#2563eb" : "#d1d5db");
-      lines[k].setAttribute("opacity", ok ? 0.8 : 0.4);
-      const tr = trs.get(String(k));
-      if (tr) tr.hidden = !ok;
-    });
+    const keep = table.rows.map(inside);
+    const kept = keep.reduce((n, k) => n + (k ? 1 : 0), 0);
+    drawLines(keep);
+    if (tableView && tableView.data === table) {
+      tableView.keep = kept === keep.length ? null : keep;
+      fillTable();
+    }
     count.textContent = Object.keys(mine).length ? `${kept} of ${table.rows.length} rows in the brushed ranges` : "";
     performance.measure("xlab:brush", { start: started });
   };
+  applyBrushes = apply;
   scales.forEach((sc, i) => {
     const x = xAt(i);
     s.append(svg("line", { x1: x, y1: T, x2: x, y2: H - B, stroke: "#6b7280" }));
@@ -585,15 +667,27 @@ function parallelOf(name, table) {
     draw();
   });
   const count = el("div", { id: "brushed", class: "muted" });
-  box.append(s, count);
-  // The table is in the page by the time this runs again; apply the brushes to it then too.
-  setTimeout(apply, 0);
-  apply();
+  box.append(wrap, count);
   return box;
 }
 
 // Lower is better for these; higher for the rest.
 const lowerIsBetter = (m) => /(loss|ece|error|fid|nfe|time|seconds|passes|swd|mmd|(^|\.)fd$|_s$)/.test(m.toLowerCase());
+
+// Marks `p.front` on the points no other point beats: as good in x and y, and better in one.
+// `gx`, `gy`: 1 where higher is better, -1 where lower is. Sorted by x, best first, one pass.
+function paretoMark(pts, gx, gy) {
+  const order = pts.slice().sort((a, b) => gx * b.x - gx * a.x || gy * b.y - gy * a.y);
+  let best = -Infinity; // the best y of the points with a better x
+  for (let i = 0; i < order.length;) {
+    let j = i;
+    while (j < order.length && order[j].x === order[i].x) j++;
+    const top = gy * order[i].y; // the best y among those with this x
+    for (let k = i; k < j; k++) order[k].front = gy * order[k].y > best && gy * order[k].y >= top;
+    best = Math.max(best, top);
+    i = j;
+  }
+}
 
 // Two metrics of every row (means over seeds) against each other, the Pareto front marked:
 // the rows no other row beats on both.
@@ -619,11 +713,7 @@ function scatterOf(name, table, query) {
   const pts = table.rows
     .filter((r) => r.metrics[sx] && r.metrics[sy])
     .map((r) => ({ x: r.metrics[sx].mean, y: r.metrics[sy].mean, r }));
-  const better = (a, b, m) => (lowerIsBetter(m) ? a < b : a > b);
-  const atLeast = (a, b, m) => a === b || better(a, b, m);
-  for (const p of pts) {
-    p.front = !pts.some((q) => q !== p && atLeast(q.x, p.x, sx) && atLeast(q.y, p.y, sy) && (better(q.x, p.x, sx) || better(q.y, p.y, sy)));
-  }
+  paretoMark(pts, lowerIsBetter(sx) ? -1 : 1, lowerIsBetter(sy) ? -1 : 1);
   const box = el("div", { id: "scatter" }, el("h2", { text: "Scatter" }),
     el("div", { class: "controls" }, el("label", {}, "x ", select("sx", sx)), el("label", {}, "y ", select("sy", sy)),
       el("span", { class: "muted", text: `(${lowerIsBetter(sx) ? "lower" : "higher"} x and ${lowerIsBetter(sy) ? "lower" : "higher"} y are better; the Pareto front is joined)` })));
@@ -632,8 +722,8 @@ function scatterOf(name, table, query) {
     return box;
   }
   const W = 520, H = 360, L = 60, R = 14, T = 12, B = 34;
-  const xs = pts.map((p) => p.x), ys = pts.map((p) => p.y);
-  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const p of pts) { x0 = Math.min(x0, p.x); x1 = Math.max(x1, p.x); y0 = Math.min(y0, p.y); y1 = Math.max(y1, p.y); }
   if (x1 === x0) { x0 -= 0.5; x1 += 0.5; }
   if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
   const X = (v) => L + ((v - x0) / (x1 - x0)) * (W - L - R);
