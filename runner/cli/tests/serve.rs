@@ -302,6 +302,36 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
         "return [...document.querySelectorAll('.experiment')].map(c => c.textContent).find(t => t.includes('later') && t.includes('6 done'))",
     );
     assert!(ended.elapsed() < Duration::from_secs(5), "finished jobs showed after {:?}", ended.elapsed());
+
+    // Two experiments in one view: their rows in one table, their curves in one plot, coloured
+    // by experiment.
+    b.open(&format!("{}#/exp/dash?with=later&metric=val.loss&color=experiment", dash.url));
+    let colours = b.until(
+        "the overlaid curves",
+        "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 6 && c.map(p => p.getAttribute('stroke'))",
+    );
+    let colours: Vec<String> = serde_json::from_value(colours).unwrap();
+    assert_eq!(colours.iter().collect::<std::collections::BTreeSet<_>>().len(), 2, "{colours:?}");
+    assert!(
+        colours[..3].iter().all(|c| *c == colours[0]) && colours[3..].iter().all(|c| *c == colours[3]),
+        "{colours:?}"
+    );
+    let shown = b.js("return [...document.querySelectorAll('#table td.experiment')].map(t => t.textContent)");
+    assert_eq!(shown, serde_json::json!(["dash", "dash", "dash", "later", "later", "later"]));
+    // The other experiment's numbers are its `xlab query` numbers.
+    let later = cmd(&store).args(["query", "-e", "later", "-m", "test.acc", "--format", "json"]).output().unwrap();
+    let later: serde_json::Value = serde_json::from_slice(&later.stdout).unwrap();
+    let want: Vec<String> =
+        later.as_array().unwrap().iter().map(|r| r["metrics"]["test.acc"]["mean"].to_string()).collect();
+    let got = b.js(
+        "return [...document.querySelectorAll('#table tr.row')].filter(t => t.querySelector('td.experiment').textContent === 'later').map(t => t.querySelector('td[data-metric=\"test.acc\"]').dataset.mean)",
+    );
+    let got: Vec<String> = serde_json::from_value(got).unwrap();
+    assert_eq!(got, want);
+    // A name that is not an experiment: said, with what it may have meant.
+    b.open(&format!("{}#/exp/dash?with=latr", dash.url));
+    let said = b.until("the error", "const e = document.getElementById('error'); return e && e.textContent");
+    assert!(said.as_str().unwrap().contains("with `latr`") && said.as_str().unwrap().contains("later"), "{said}");
 }
 
 fn query_job_id(store: &Path) -> String {

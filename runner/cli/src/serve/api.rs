@@ -101,25 +101,79 @@ fn rows_of(
     store.derived(&key, || Ok(table::rows(store, exp, filter)?))
 }
 
-/// The rows of `xlab query` for an experiment: one per stage and sweep point.
+/// The experiment `exp` and those named in `with` (comma-separated), each with its vocabulary
+/// and its rows under `filter` (bound to each experiment's keys).
+type Shown = (xlab_store::ExperimentRecord, Arc<crate::vocab::Vocab>, Arc<Vec<table::Row>>);
+
+fn several(
+    store: &Reader<'_>,
+    exp: Option<&str>,
+    with: Option<&str>,
+    filter: Option<&str>,
+) -> Result<Vec<Shown>, Failure> {
+    let (first, vocab, bound) = experiment_and_filter(store, exp, filter)?;
+    let rows = rows_of(store, &first, filter, bound.as_ref())?;
+    let mut out = vec![(first, vocab, rows)];
+    for name in with.unwrap_or("").split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if out.iter().any(|(e, _, _)| e.name == name) {
+            continue;
+        }
+        let (exp, vocab, bound) = experiment_and_filter(store, Some(name), filter)
+            .map_err(|f| Failure { code: f.code, error: anyhow::anyhow!("with `{name}`: {:#}", f.error) })?;
+        let rows = rows_of(store, &exp, filter, bound.as_ref())?;
+        out.push((exp, vocab, rows));
+    }
+    Ok(out)
+}
+
+/// Refuses metrics that no shown experiment has (with the first one's "did you mean").
+fn check_metrics_of(shown: &[Shown], metrics: &[String], what: &str) -> Result<(), Failure> {
+    let missing: Vec<String> =
+        metrics.iter().filter(|m| !shown.iter().any(|(_, v, _)| v.is_metric(m))).cloned().collect();
+    check_metrics(&shown[0].1, &shown[0].0, &missing, what)
+}
+
+/// Items of `lists` in the order they first appear.
+fn union<'a>(lists: impl Iterator<Item = &'a [String]>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in lists {
+        for k in l {
+            if !out.contains(k) {
+                out.push(k.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The rows of `xlab query` for an experiment (and any others shown with it): one per stage and
+/// sweep point.
 pub(super) fn table(
     store: &Reader<'_>,
     exp: Option<&str>,
+    with: Option<&str>,
     filter: Option<&str>,
     metrics: Option<&str>,
 ) -> Result<Reply, Failure> {
-    let (exp, vocab, bound) = experiment_and_filter(store, exp, filter)?;
+    let shown = several(store, exp, with, filter)?;
     let wanted: Vec<String> =
         metrics.unwrap_or("").split(',').map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect();
-    check_metrics(&vocab, &exp, &wanted, "metrics")?;
-    let rows = rows_of(store, &exp, filter, bound.as_ref())?;
-    let shown = if wanted.is_empty() { table::default_metrics(&rows) } else { wanted };
+    check_metrics_of(&shown, &wanted, "metrics")?;
+    let columns: Vec<Vec<String>> = shown.iter().map(|(_, _, rows)| table::columns(rows)).collect();
+    let keys = union(columns.iter().map(Vec::as_slice));
+    let metrics = if wanted.is_empty() {
+        let defaults: Vec<Vec<String>> = shown.iter().map(|(_, _, rows)| table::default_metrics(rows)).collect();
+        union(defaults.iter().map(Vec::as_slice))
+    } else {
+        wanted
+    };
+    let all: Vec<Vec<String>> = shown.iter().map(|(_, v, _)| v.metrics.iter().cloned().collect()).collect();
     // Each metric's mean and standard deviation over the row's finished seeds (the page shows
     // these; `xlab query --format json` has every value).
     let f = xlab_proto::floats::to_json;
-    let out: Vec<Value> = rows
-        .iter()
-        .map(|r| {
+    let mut out: Vec<Value> = Vec::new();
+    for (exp, _, rows) in &shown {
+        out.extend(rows.iter().map(|r| {
             let point: serde_json::Map<String, Value> = r.point.iter().cloned().collect();
             let stats: serde_json::Map<String, Value> = r
                 .metrics
@@ -130,16 +184,17 @@ pub(super) fn table(
                 })
                 .collect();
             json!({
-                "stage": r.stage, "point": point, "metrics": stats, "done": r.done, "jobs": r.jobs, "ids": r.ids,
-                "running": r.running, "pruned": r.pruned, "paused": r.paused,
+                "experiment": exp.name, "stage": r.stage, "point": point, "metrics": stats, "done": r.done,
+                "jobs": r.jobs, "ids": r.ids, "running": r.running, "pruned": r.pruned, "paused": r.paused,
             })
-        })
-        .collect();
+        }));
+    }
     Ok(Reply::json(&json!({
-        "experiment": exp.name,
-        "keys": table::columns(&rows),
-        "metrics": shown,
-        "all_metrics": vocab.metrics,
+        "experiment": shown[0].0.name,
+        "experiments": shown.iter().map(|(e, _, _)| &e.name).collect::<Vec<_>>(),
+        "keys": keys,
+        "metrics": metrics,
+        "all_metrics": union(all.iter().map(Vec::as_slice)),
         "rows": out,
     })))
 }
@@ -197,11 +252,13 @@ pub(super) fn grouped(store: &Reader<'_>, ask: &GroupedAsk<'_>) -> Result<Reply,
 pub(super) fn curves(
     store: &Reader<'_>,
     exp: Option<&str>,
+    with: Option<&str>,
     filter: Option<&str>,
     metric: Option<&str>,
     limit: usize,
 ) -> Result<Reply, Failure> {
-    let (exp, vocab, bound) = experiment_and_filter(store, exp, filter)?;
+    let shown = several(store, exp, with, filter)?;
+    let vocab = &shown[0].1;
     let metric = match metric.filter(|m| !m.is_empty()) {
         Some(m) => m.to_string(),
         None => ["val.acc", "val.loss", "train.loss"]
@@ -211,11 +268,10 @@ pub(super) fn curves(
             .or_else(|| vocab.metrics.iter().next().cloned())
             .unwrap_or_default(),
     };
-    check_metrics(&vocab, &exp, std::slice::from_ref(&metric), "metric")?;
-    let rows = rows_of(store, &exp, filter, bound.as_ref())?;
+    check_metrics_of(&shown, std::slice::from_ref(&metric), "metric")?;
     let mut groups = Vec::new();
     let mut more = false;
-    for r in rows.iter() {
+    for (exp, r) in shown.iter().flat_map(|(e, _, rows)| rows.iter().map(move |r| (e, r))) {
         if groups.len() == limit {
             more = true;
             break;
@@ -239,13 +295,17 @@ pub(super) fn curves(
             std.push(sd.unwrap_or(0.0));
         }
         let point: serde_json::Map<String, Value> = r.point.iter().cloned().collect();
-        groups.push(
-            json!({"stage": r.stage, "point": point, "seeds": r.ids.len(), "steps": steps, "mean": mean, "std": std}),
-        );
+        groups.push(json!({
+            "experiment": exp.name, "stage": r.stage, "point": point, "seeds": r.ids.len(), "steps": steps,
+            "mean": mean, "std": std,
+        }));
     }
-    Ok(Reply::json(
-        &json!({"experiment": exp.name, "metric": metric, "groups": groups, "rows": rows.len(), "more": more}),
-    ))
+    let rows: usize = shown.iter().map(|(_, _, rows)| rows.len()).sum();
+    Ok(Reply::json(&json!({
+        "experiment": shown[0].0.name,
+        "experiments": shown.iter().map(|(e, _, _)| &e.name).collect::<Vec<_>>(),
+        "metric": metric, "groups": groups, "rows": rows, "more": more,
+    })))
 }
 
 /// Two jobs, of any experiments: the config keys and final metrics that differ.

@@ -172,7 +172,9 @@ fn route(state: &State, path: &str, params: &[(String, String)]) -> Reply {
         "/app.css" => Reply { status: 200, kind: "text/css; charset=utf-8", body: APP_CSS.into() },
         "/api/experiments" => with_store(state, None, api::experiments),
         "/api/running" => with_store(state, None, api::running_now),
-        "/api/table" => with_store(state, Some(&key), |s| api::table(s, get("exp"), get("filter"), get("metrics"))),
+        "/api/table" => {
+            with_store(state, Some(&key), |s| api::table(s, get("exp"), get("with"), get("filter"), get("metrics")))
+        }
         "/api/grouped" => with_store(state, Some(&key), |s| {
             let ask = api::GroupedAsk {
                 exp: get("exp"),
@@ -189,7 +191,7 @@ fn route(state: &State, path: &str, params: &[(String, String)]) -> Reply {
         "/api/curves" => with_store(state, Some(&key), |s| {
             // 100 curves unless asked for more (a plot of 10^4 lines helps nobody).
             let limit = get("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
-            api::curves(s, get("exp"), get("filter"), get("metric"), limit)
+            api::curves(s, get("exp"), get("with"), get("filter"), get("metric"), limit)
         }),
         "/api/compare" => {
             with_store(state, Some(&key), |s| api::compare(s, get("a").unwrap_or(""), get("b").unwrap_or("")))

@@ -140,8 +140,10 @@ async function experimentView(name, query, fresh, now) {
   const grouping = ["group_by", "agg", "compare_to"].some((k) => query.get(k));
   const x = query.get("x") || "";
   // The table first, in the page as soon as it is here; the rest follows.
-  const tableAsked = api("/api/table", { exp: name, filter, metrics });
-  const curvesAsked = api("/api/curves", { exp: name, filter, metric: query.get("metric") || "", limit: x ? 5000 : 100 });
+  // Other experiments shown with this one: their rows in the table, their curves overlaid.
+  const withOthers = query.get("with") || "";
+  const tableAsked = api("/api/table", { exp: name, with: withOthers, filter, metrics });
+  const curvesAsked = api("/api/curves", { exp: name, with: withOthers, filter, metric: query.get("metric") || "", limit: x ? 5000 : 100 });
   const groupedAsked = grouping
     // A mistake in the grouping is shown beside it; the rest of the page stays.
     ? api("/api/grouped", { exp: name, filter, metrics, group_by: query.get("group_by") || "", agg: query.get("agg") || "",
@@ -186,7 +188,7 @@ function buildControls(name, query, table) {
   const state = () => ({ filter: input.value, metrics: metricsInput.value, metric: metricSelect.value,
     logy: logy.checked ? "1" : "", sort: query.get("sort") || "", smooth: smooth.value === "0" ? "" : smooth.value,
     group_by: groupBy.value, agg: agg.value, compare_to: compareTo.value, test: test.value === "t" ? "" : test.value,
-    gsort: query.get("gsort") || "", x: xSelect.value, color: colorBy.value, dash: dashBy.value });
+    gsort: query.get("gsort") || "", x: xSelect.value, color: colorBy.value, dash: dashBy.value, with: withInput.value });
   const input = el("input", { type: "text", id: "filter", placeholder: 'filter, e.g. optimizer.lr < 0.1 and last(val.acc) > 0.9',
     value: query.get("filter") || "" });
   const apply = () => go(["exp", name], state());
@@ -233,8 +235,10 @@ function buildControls(name, query, table) {
   };
   const numericKeys = table.keys.filter((k) => table.rows.some((r) => typeof r.point[k] === "number"));
   const xSelect = choose("x", "step", numericKeys, "x");
-  const colorBy = choose("color-by", "each curve", ["stage", ...table.keys], "color");
-  const dashBy = choose("dash-by", "solid", ["stage", ...table.keys], "dash");
+  const groupKeys = [...(table.experiments.length > 1 ? ["experiment"] : []), "stage", ...table.keys];
+  const colorBy = choose("color-by", "each curve", groupKeys, "color");
+  const dashBy = choose("dash-by", "solid", groupKeys, "dash");
+  const withInput = text("with", "with other experiments, e.g. sweep-b,sweep-c", "with");
   const plotName = () => `${name}-${metricSelect.value}`;
   return el("div", {},
     el("div", { class: "controls" }, input, el("button", { id: "apply", text: "Apply", onclick: apply }),
@@ -244,7 +248,8 @@ function buildControls(name, query, table) {
       el("button", { id: "svg", text: "SVG", onclick: () => download(plotName() + ".svg", chartSvgText(), "image/svg+xml") }),
       el("button", { id: "png", text: "PNG", onclick: () => chartPng(plotName() + ".png") })),
     el("div", { class: "controls" }, groupBy, agg, compareTo, test,
-      el("button", { id: "group", text: "Group", onclick: apply })));
+      el("button", { id: "group", text: "Group", onclick: apply })),
+    el("div", { class: "controls" }, withInput, el("button", { id: "overlay", text: "Show with", onclick: apply })));
 }
 
 // The grouped table (`xlab query --group-by … --agg … --compare-to …`): the cells as the
@@ -328,7 +333,8 @@ function tableOf(name, data, sort, query) {
     q.sort = next;
     go(["exp", name], q);
   };
-  const head = el("tr", {}, el("th", { text: "stage" }),
+  const several = data.experiments.length > 1;
+  const head = el("tr", {}, ...(several ? [el("th", { text: "experiment" })] : []), el("th", { text: "stage" }),
     ...data.keys.map((k) => el("th", { text: k, onclick: sortBy(k) })),
     ...data.metrics.map((m) => el("th", { text: m + " (mean ± std)", onclick: sortBy(m) })),
     el("th", { text: "seeds" }));
@@ -346,7 +352,8 @@ function tableRow(data, r, index) {
   const link = r.ids.length === 1 ? el("a", { href: "#/job/" + r.ids[0], text: r.stage }) : r.stage;
   // Each seed's job, one link each.
   const jobs = r.ids.length > 1 ? r.ids.map((id, i) => el("a", { href: "#/job/" + id, class: "seed", title: id, text: String(i + 1) })) : [];
-  return el("tr", { class: "row", "data-row": String(index) }, el("td", {}, link),
+  const exp = data.experiments.length > 1 ? [el("td", { class: "experiment", text: r.experiment })] : [];
+  return el("tr", { class: "row", "data-row": String(index) }, ...exp, el("td", {}, link),
     ...data.keys.map((k) => el("td", { class: "num", text: k in r.point ? fmt(r.point[k]) : "–" })),
     ...data.metrics.map((m) => {
       const s = r.metrics[m];
@@ -386,13 +393,13 @@ function againstKey(groups, key) {
     const xv = g.point[key];
     if (typeof xv !== "number" || g.mean.length === 0) continue;
     const rest = Object.fromEntries(Object.entries(g.point).filter(([k]) => k !== key));
-    const id = JSON.stringify([g.stage, rest]);
-    if (!lines.has(id)) lines.set(id, { stage: g.stage, point: rest, seeds: g.seeds, pts: [] });
+    const id = JSON.stringify([g.experiment, g.stage, rest]);
+    if (!lines.has(id)) lines.set(id, { experiment: g.experiment, stage: g.stage, point: rest, seeds: g.seeds, pts: [] });
     lines.get(id).pts.push([xv, g.mean[g.mean.length - 1], g.std[g.std.length - 1]]);
   }
   return [...lines.values()].map((l) => {
     l.pts.sort((a, b) => a[0] - b[0]);
-    return { stage: l.stage, point: l.point, seeds: l.seeds, steps: l.pts.map((p) => p[0]), mean: l.pts.map((p) => p[1]), std: l.pts.map((p) => p[2]) };
+    return { experiment: l.experiment, stage: l.stage, point: l.point, seeds: l.seeds, steps: l.pts.map((p) => p[0]), mean: l.pts.map((p) => p[1]), std: l.pts.map((p) => p[2]) };
   });
 }
 
@@ -413,6 +420,7 @@ function drawChart(data, logy, smoothing, opts) {
     ? { ...g, mean: ema(g.mean, smoothing), std: ema(g.std, smoothing) }
     : g));
   const groups = opts.x ? againstKey(smoothed, opts.x) : smoothed;
+  const several = (data.experiments || []).length > 1;
   if (groups.length === 0) {
     box.append(el("p", { class: "muted", text: `No job has logged ${data.metric} yet.` }));
     return box;
@@ -450,7 +458,7 @@ function drawChart(data, logy, smoothing, opts) {
   // Colour and dash by a key's value, when asked: the same value, the same colour in every view.
   const by = (key) => {
     if (!key) return null;
-    const valueOf = (g) => JSON.stringify(key === "stage" ? g.stage : g.point[key]);
+    const valueOf = (g) => JSON.stringify(key === "stage" ? g.stage : key === "experiment" ? g.experiment : g.point[key]);
     const values = [...new Set(groups.map(valueOf))];
     return (g) => values.indexOf(valueOf(g));
   };
@@ -469,7 +477,7 @@ function drawChart(data, logy, smoothing, opts) {
     const line = svg("polyline", { points: pts, fill: "none", stroke: color, "stroke-width": 1.6, class: "curve" });
     if (dash) line.setAttribute("stroke-dasharray", dash);
     s.append(line);
-    const label = [g.stage, ...Object.entries(g.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ") + (g.seeds > 1 ? ` (${g.seeds} seeds)` : "");
+    const label = [...(several ? [g.experiment] : []), g.stage, ...Object.entries(g.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ") + (g.seeds > 1 ? ` (${g.seeds} seeds)` : "");
     legend.append(el("span", {}, el("span", { class: "swatch", style: null }), label));
     legend.lastChild.firstChild.setAttribute("data-color", color);
   });
@@ -741,7 +749,7 @@ function scatterOf(name, table, query) {
   s.append(svg("polyline", { points: front.map((p) => `${X(p.x)},${Y(p.y)}`).join(" "), fill: "none", stroke: "#dc2626", "stroke-width": 1.2, class: "front" }));
   for (const p of pts) {
     const c = svg("circle", { cx: X(p.x), cy: Y(p.y), r: p.front ? 5 : 3.5, fill: p.front ? "#dc2626" : "#2563eb", opacity: 0.8, class: p.front ? "point pareto" : "point" });
-    const label = [p.r.stage, ...Object.entries(p.r.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ");
+    const label = [p.r.experiment, p.r.stage, ...Object.entries(p.r.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ");
     c.append(svg("title", { text: `${label}\n${sx} ${fmt(p.x)}, ${sy} ${fmt(p.y)}` }));
     s.append(c);
   }
@@ -752,10 +760,10 @@ function scatterOf(name, table, query) {
 function toCsv(data) {
   if (!data) return "";
   const q = (s) => (/[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s);
-  const header = ["stage", ...data.keys, ...data.metrics.flatMap((m) => [m + " mean", m + " std"]), "done", "jobs"];
+  const header = ["experiment", "stage", ...data.keys, ...data.metrics.flatMap((m) => [m + " mean", m + " std"]), "done", "jobs"];
   const lines = [header.map(q).join(",")];
   for (const r of data.rows) {
-    const cells = [r.stage, ...data.keys.map((k) => (k in r.point ? fmt(r.point[k]) : "")),
+    const cells = [r.experiment, r.stage, ...data.keys.map((k) => (k in r.point ? fmt(r.point[k]) : "")),
       ...data.metrics.flatMap((m) => (r.metrics[m] ? [String(r.metrics[m].mean), r.metrics[m].std === null ? "" : String(r.metrics[m].std)] : ["", ""])),
       String(r.done), String(r.jobs)];
     lines.push(cells.map((c) => q(String(c))).join(","));
