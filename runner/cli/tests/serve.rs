@@ -332,6 +332,25 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     b.open(&format!("{}#/exp/dash?with=latr", dash.url));
     let said = b.until("the error", "const e = document.getElementById('error'); return e && e.textContent");
     assert!(said.as_str().unwrap().contains("with `latr`") && said.as_str().unwrap().contains("later"), "{said}");
+
+    // An experiment whose only job failed: its page says what happened and what to do.
+    let broken = write_file(
+        dir.path(),
+        "broken.yaml",
+        "name: broken\ndefaults:\n  task: train\n  data: {name: two_moons, n_train: 100, n_val: 0, n_test: 50}\n  \
+         model: {name: mlp, hidden: [8]}\n  optimizer: {name: sgd, lr: 1.0e+30}\n  epochs: 2\nstages:\n  train: {}\n",
+    );
+    let out = cmd(&store).arg("run").arg(&broken).env("XLAB_NO_LIVE", "1").output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stderr));
+    b.open(&format!("{}#/exp/broken", dash.url));
+    let note = b.until("the note", "const e = document.getElementById('unfinished'); return e && e.textContent");
+    assert!(note.as_str().unwrap().starts_with("No job has finished: 1 of 1 did not"), "{note}");
+    let page = b.until(
+        "the rest of the page",
+        "return performance.getEntriesByName('xlab:view').length && document.getElementById('chart').textContent",
+    );
+    assert_eq!(page, "No job has logged a metric yet.");
+    assert!(b.js("return document.getElementById('error') === null").as_bool().unwrap());
 }
 
 fn query_job_id(store: &Path) -> String {

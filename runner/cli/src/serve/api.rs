@@ -268,10 +268,15 @@ pub(super) fn curves(
             .or_else(|| vocab.metrics.iter().next().cloned())
             .unwrap_or_default(),
     };
-    check_metrics_of(&shown, std::slice::from_ref(&metric), "metric")?;
+    // No job has logged a metric (all failed, or none has run): no curves, and the page says so.
+    if !metric.is_empty() {
+        check_metrics_of(&shown, std::slice::from_ref(&metric), "metric")?;
+    }
     let mut groups = Vec::new();
     let mut more = false;
-    for (exp, r) in shown.iter().flat_map(|(e, _, rows)| rows.iter().map(move |r| (e, r))) {
+    for (exp, r) in
+        shown.iter().flat_map(|(e, _, rows)| rows.iter().map(move |r| (e, r))).filter(|_| !metric.is_empty())
+    {
         if groups.len() == limit {
             more = true;
             break;

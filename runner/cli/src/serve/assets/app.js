@@ -160,6 +160,7 @@ async function experimentView(name, query, fresh, now) {
   const slot = (id) => el("div", { id });
   const box = el("div", { id: "results" },
     runningPanel(now.running, name),
+    unfinishedNote(table),
     tableOf(name, table, sort, query),
     slot("grouped"),
     el("h2", { id: "curves-title", text: "Curves" }), slot("chart"),
@@ -172,7 +173,7 @@ async function experimentView(name, query, fresh, now) {
   const [curves, grouped] = await Promise.all([curvesAsked, groupedAsked]);
   const metricSelect = document.getElementById("metric");
   if (metricSelect && curves.metric) metricSelect.value = curves.metric;
-  box.querySelector("#curves-title").textContent = `Curves: ${curves.metric}`;
+  box.querySelector("#curves-title").textContent = curves.metric ? `Curves: ${curves.metric}` : "Curves";
   box.querySelector("#grouped").replaceWith(groupedOf(grouped));
   box.querySelector("#chart").replaceWith(chart(curves, query.get("logy") === "1", Number(query.get("smooth") || 0),
     { x, colorBy: query.get("color") || "", dashBy: query.get("dash") || "" }));
@@ -182,6 +183,19 @@ async function experimentView(name, query, fresh, now) {
   applyBrushes();
   // For the benchmarks (bench/dashboard.py): when each render of the view was in the page.
   performance.mark("xlab:view");
+}
+
+// Said above the table when no job of the view has finished: what happened and what to do.
+function unfinishedNote(table) {
+  const count = (k) => table.rows.reduce((n, r) => n + (r[k] || 0), 0);
+  const [jobs, done, running] = [count("jobs"), count("done"), count("running")];
+  if (jobs === 0 || done > 0) return null;
+  const failed = table.rows.reduce((n, r) => n + (r.jobs - r.done - (r.running || 0) - (r.pruned || 0) - (r.paused || 0)), 0);
+  const text = running > 0
+    ? `No job has finished yet: ${running} running. Rows fill in as they finish.`
+    : `No job has finished: ${failed} of ${jobs} did not (failed, or never ran). A job's page (the links in the table) shows its attempts, ` +
+      "their errors and the worker log's tail; fix the cause and run the experiment file again to retry them.";
+  return el("p", { class: running > 0 ? "muted" : "error", id: "unfinished", text });
 }
 
 function buildControls(name, query, table) {
@@ -422,7 +436,7 @@ function drawChart(data, logy, smoothing, opts) {
   const groups = opts.x ? againstKey(smoothed, opts.x) : smoothed;
   const several = (data.experiments || []).length > 1;
   if (groups.length === 0) {
-    box.append(el("p", { class: "muted", text: `No job has logged ${data.metric} yet.` }));
+    box.append(el("p", { class: "muted", text: data.metric ? `No job has logged ${data.metric} yet.` : "No job has logged a metric yet." }));
     return box;
   }
   let xmin = Infinity, xmax = -Infinity, ymin = Infinity, ymax = -Infinity;
@@ -701,6 +715,7 @@ function paretoMark(pts, gx, gy) {
 // the rows no other row beats on both.
 function scatterOf(name, table, query) {
   const names = table.all_metrics;
+  if (names.length === 0) return el("div", { id: "scatter" });
   const pick = (k, fallback) => (names.includes(query.get(k)) ? query.get(k) : fallback);
   const sx = pick("sx", table.metrics[0] || names[0]);
   const sy = pick("sy", table.metrics.find((m) => m !== sx && m.includes("worst")) || table.metrics.find((m) => m !== sx) || names[0]);
