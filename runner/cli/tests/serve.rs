@@ -225,6 +225,26 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     let xs: Vec<f64> =
         line.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
     assert!(xs.len() == 3 && xs.windows(2).all(|w| w[0] < w[1]), "{line}");
+    // A log x axis: 0.03 sits at log10(3) ≈ 0.477 of the way from 0.01 to 0.1.
+    b.open(&format!("{}#/exp/dash?metric=val.loss&x=optimizer.lr&logx=1", dash.url));
+    let line = b.until(
+        "the curve on a log x axis",
+        "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 1 && document.getElementById('logx').checked && c[0].getAttribute('points')",
+    );
+    let xs: Vec<f64> =
+        line.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
+    let at = (xs[1] - xs[0]) / (xs[2] - xs[0]);
+    assert!((at - 3f64.log10()).abs() < 1e-3, "{line}");
+    // A log x axis: 0.03 sits at log10(3) ≈ 0.477 of the way from 0.01 to 0.1.
+    b.open(&format!("{}#/exp/dash?metric=val.loss&x=optimizer.lr&logx=1", dash.url));
+    let line = b.until(
+        "the curve on a log x axis",
+        "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 1 && document.getElementById('logx').checked && c[0].getAttribute('points')",
+    );
+    let xs: Vec<f64> =
+        line.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
+    let at = (xs[1] - xs[0]) / (xs[2] - xs[0]);
+    assert!((at - 3f64.log10()).abs() < 1e-3, "{line}");
     b.open(&format!("{}#/exp/dash?metric=val.loss&smooth=0.9", dash.url));
     b.until("the smoothed curves again", "return document.querySelectorAll('#chart polyline.curve').length === 3");
     let svg_text = b.js("return chartSvgText()");
@@ -241,6 +261,17 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     let status =
         b.until("the job's status", "const s = document.getElementById('job-status'); return s && s.textContent");
     assert_eq!(status, "done");
+    // Its provenance, as stored.
+    let record: serde_json::Value = text(&cmd(&store).args(["export", "-e", "dash"]).output().unwrap().stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["job"]["id"] == id.as_str())
+        .unwrap();
+    let shown = b.js(
+        "const d = {}; const dl = document.querySelector('#provenance dl'); const c = [...dl.children]; for (let i = 0; i < c.length; i += 2) d[c[i].textContent] = c[i + 1].textContent; return d",
+    );
+    assert_eq!(shown["xlab_version"], record["job"]["provenance"]["xlab_version"], "{shown}");
+    assert_eq!(shown["host"], record["job"]["provenance"]["host"], "{shown}");
     let weights = store.join("runs").join(&id).join("weights.safetensors");
     let sum = std::process::Command::new("sha256sum").arg(&weights).output().unwrap();
     let sum = text(&sum.stdout).split_whitespace().next().unwrap().to_string();

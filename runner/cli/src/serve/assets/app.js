@@ -176,7 +176,7 @@ async function experimentView(name, query, fresh, now) {
   box.querySelector("#curves-title").textContent = curves.metric ? `Curves: ${curves.metric}` : "Curves";
   box.querySelector("#grouped").replaceWith(groupedOf(grouped));
   box.querySelector("#chart").replaceWith(chart(curves, query.get("logy") === "1", Number(query.get("smooth") || 0),
-    { x, colorBy: query.get("color") || "", dashBy: query.get("dash") || "" }));
+    { x, logx: query.get("logx") === "1", colorBy: query.get("color") || "", dashBy: query.get("dash") || "" }));
   box.querySelector("#parallel").replaceWith(parallelOf(name, table));
   box.querySelector("#scatter").replaceWith(scatterOf(name, table, query));
   if (!controls) document.getElementById("results").replaceWith(box);
@@ -200,7 +200,7 @@ function unfinishedNote(table) {
 
 function buildControls(name, query, table) {
   const state = () => ({ filter: input.value, metrics: metricsInput.value, metric: metricSelect.value,
-    logy: logy.checked ? "1" : "", sort: query.get("sort") || "", smooth: smooth.value === "0" ? "" : smooth.value,
+    logy: logy.checked ? "1" : "", logx: logx.checked ? "1" : "", sort: query.get("sort") || "", smooth: smooth.value === "0" ? "" : smooth.value,
     group_by: groupBy.value, agg: agg.value, compare_to: compareTo.value, test: test.value === "t" ? "" : test.value,
     gsort: query.get("gsort") || "", x: xSelect.value, color: colorBy.value, dash: dashBy.value, with: withInput.value });
   const input = el("input", { type: "text", id: "filter", placeholder: 'filter, e.g. optimizer.lr < 0.1 and last(val.acc) > 0.9',
@@ -220,6 +220,9 @@ function buildControls(name, query, table) {
   const logy = el("input", { type: "checkbox", id: "logy" });
   logy.checked = query.get("logy") === "1";
   logy.addEventListener("change", apply);
+  const logx = el("input", { type: "checkbox", id: "logx" });
+  logx.checked = query.get("logx") === "1";
+  logx.addEventListener("change", apply);
   const csv = el("button", { id: "csv", text: "CSV", onclick: () => download(name + ".csv", toCsv(lastTable), "text/csv") });
   // Smoothing of the curves: an exponential moving average, debiased at the start (as TensorBoard's).
   const smooth = el("select", { id: "smooth" });
@@ -256,7 +259,7 @@ function buildControls(name, query, table) {
   const plotName = () => `${name}-${metricSelect.value}`;
   return el("div", {},
     el("div", { class: "controls" }, input, el("button", { id: "apply", text: "Apply", onclick: apply }),
-      metricsInput, el("label", {}, "curve ", metricSelect), el("label", {}, logy, " log y"),
+      metricsInput, el("label", {}, "curve ", metricSelect), el("label", {}, logy, " log y"), el("label", {}, logx, " log x"),
       el("label", {}, "smoothing ", smooth), el("label", {}, "x ", xSelect), el("label", {}, "colour ", colorBy),
       el("label", {}, "line ", dashBy), csv,
       el("button", { id: "svg", text: "SVG", onclick: () => download(plotName() + ".svg", chartSvgText(), "image/svg+xml") }),
@@ -441,9 +444,14 @@ function drawChart(data, logy, smoothing, opts) {
   }
   let xmin = Infinity, xmax = -Infinity, ymin = Infinity, ymax = -Infinity;
   const ty = (v) => (logy ? Math.log10(v) : v);
+  // A log x axis (steps, or a swept learning rate) leaves out x ≤ 0.
+  const logx = !!opts.logx;
+  const tx = (v) => (logx ? Math.log10(v) : v);
+  const okx = (v) => !logx || v > 0;
   for (const g of groups) {
     g.steps.forEach((x, i) => {
-      xmin = Math.min(xmin, x); xmax = Math.max(xmax, x);
+      if (!okx(x)) return;
+      xmin = Math.min(xmin, tx(x)); xmax = Math.max(xmax, tx(x));
       for (const v of [g.mean[i] - g.std[i], g.mean[i] + g.std[i]]) {
         if (logy && v <= 0) continue;
         ymin = Math.min(ymin, ty(v)); ymax = Math.max(ymax, ty(v));
@@ -452,7 +460,7 @@ function drawChart(data, logy, smoothing, opts) {
   }
   if (xmax === xmin) { xmax += 1; }
   if (!(ymax > ymin)) { ymax = ymin + 1; }
-  const X = (x) => L + ((x - xmin) / (xmax - xmin)) * (W - L - R);
+  const X = (x) => L + ((tx(x) - xmin) / (xmax - xmin)) * (W - L - R);
   const Y = (y) => T + (1 - (ty(y) - ymin) / (ymax - ymin)) * (H - T - B);
   s.append(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#9ca3af" }));
   s.append(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#9ca3af" }));
@@ -464,8 +472,8 @@ function drawChart(data, logy, smoothing, opts) {
   // Steps are whole numbers: ticks at whole steps, each once; a swept key's values as they are.
   const xticks = new Set();
   for (let k = 0; k <= 4; k++) {
-    const xv = xmin + (k / 4) * (xmax - xmin);
-    xticks.add(opts.x ? xv : Math.round(xv));
+    const xv = logx ? Math.pow(10, xmin + (k / 4) * (xmax - xmin)) : xmin + (k / 4) * (xmax - xmin);
+    xticks.add(opts.x ? xv : Math.max(logx ? 1 : -Infinity, Math.round(xv)));
   }
   for (const xv of xticks) s.append(svg("text", { x: X(xv), y: H - 10, "text-anchor": "middle", text: fmt(xv) }));
   if (opts.x) s.append(svg("text", { x: W - R, y: H - 22, "text-anchor": "end", class: "xlabel", text: `${opts.x} (final value)` }));
@@ -483,11 +491,12 @@ function drawChart(data, logy, smoothing, opts) {
     const dash = dashOf ? DASHES[dashOf(g) % DASHES.length] : "";
     const ok = (v) => !logy || v > 0;
     if (g.seeds > 1) {
-      const up = g.steps.map((x, j) => [X(x), Y(Math.max(g.mean[j] + g.std[j], logy ? 1e-300 : -Infinity))]);
-      const down = g.steps.map((x, j) => [X(x), Y(ok(g.mean[j] - g.std[j]) ? g.mean[j] - g.std[j] : g.mean[j])]).reverse();
+      const js = g.steps.map((x, j) => j).filter((j) => okx(g.steps[j]));
+      const up = js.map((j) => [X(g.steps[j]), Y(Math.max(g.mean[j] + g.std[j], logy ? 1e-300 : -Infinity))]);
+      const down = js.map((j) => [X(g.steps[j]), Y(ok(g.mean[j] - g.std[j]) ? g.mean[j] - g.std[j] : g.mean[j])]).reverse();
       s.append(svg("polygon", { points: up.concat(down).map((p) => p.join(",")).join(" "), fill: color, opacity: 0.15, class: "band" }));
     }
-    const pts = g.steps.map((x, j) => (ok(g.mean[j]) ? `${X(x)},${Y(g.mean[j])}` : null)).filter(Boolean).join(" ");
+    const pts = g.steps.map((x, j) => (ok(g.mean[j]) && okx(x) ? `${X(x)},${Y(g.mean[j])}` : null)).filter(Boolean).join(" ");
     const line = svg("polyline", { points: pts, fill: "none", stroke: color, "stroke-width": 1.6, class: "curve" });
     if (dash) line.setAttribute("stroke-dasharray", dash);
     s.append(line);
@@ -526,11 +535,15 @@ async function jobView(id, fresh) {
   const j = data.job;
   document.getElementById("where").textContent = `${j.experiment} / ${j.stage} / ${j.id}`;
   const pairs = (obj) => el("dl", {}, ...Object.entries(obj).flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: fmt(v) })]));
-  const flat = {};
-  (function walk(prefix, v) {
-    if (v && typeof v === "object" && !Array.isArray(v)) for (const [k, x] of Object.entries(v)) walk(prefix ? prefix + "." + k : k, x);
-    else flat[prefix] = v;
-  })("", j.config);
+  const flatten = (obj) => {
+    const flat = {};
+    (function walk(prefix, v) {
+      if (v && typeof v === "object" && !Array.isArray(v)) for (const [k, x] of Object.entries(v)) walk(prefix ? prefix + "." + k : k, x);
+      else flat[prefix] = v;
+    })("", obj);
+    return flat;
+  };
+  const flat = flatten(j.config);
   const attempts = (j.attempts || []).map((a) => el("li", { text: `#${a.number} on ${a.device || "?"}: ${a.outcome || "running"}${a.error ? " — " + a.error : ""}` }));
   const files = data.files.map((f) => {
     const href = "/api/artifact?" + new URLSearchParams({ id: j.id, path: f.path, ...(TOKEN ? { token: TOKEN } : {}) });
@@ -551,6 +564,7 @@ async function jobView(id, fresh) {
     el("h2", { text: "Sweep point" }), pairs(Object.fromEntries(j.point)),
     el("h2", { text: "Metrics (last value)" }), pairs(j.last || {}),
     el("h2", { text: "Config" }), pairs(flat),
+    el("h2", { text: "Provenance" }), el("div", { id: "provenance" }, pairs(flatten(j.provenance || {}))),
     el("h2", { text: "Attempts" }), el("ul", {}, ...attempts),
     data.decisions.length ? el("h2", { text: "Search decisions" }) : null,
     data.decisions.length ? el("ul", {}, ...decisions) : null,
