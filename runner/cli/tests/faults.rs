@@ -193,9 +193,21 @@ fn send(pid: u32, sig: &str) {
 }
 
 fn wait_for_checkpoint(store: &Path) {
+    wait_for_checkpoints_of(store, 1);
+}
+
+/// Waits until `jobs` jobs each have a checkpoint.
+fn wait_for_checkpoints_of(store: &Path, jobs: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while checkpoints(store).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint within 60 s");
+    let with = || {
+        checkpoints(store)
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    while with() < jobs {
+        assert!(std::time::Instant::now() < deadline, "not {jobs} job(s) with a checkpoint within 60 s");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -681,7 +693,8 @@ fn resume_by_name_finishes_a_stopped_sweep() {
     let ids = job_ids(&store, &file);
     let child =
         cmd(&store).args(["run", "-j", "2"]).arg(&file).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-    wait_for_checkpoint(&store);
+    // Both jobs, each from its checkpoint (a worker still starting when Ctrl-C comes has none).
+    wait_for_checkpoints_of(&store, 2);
     send(child.id(), "-INT");
     assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
     // The file now says something else; `resume` runs what ran.

@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod events;
 mod failure;
 pub mod files;
+pub mod forward;
 pub mod host;
 pub mod model;
 pub mod npz;

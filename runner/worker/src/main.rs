@@ -25,6 +25,17 @@ enum Command {
     Standby,
     /// Print the libtorch version and location and the devices it sees, as JSON.
     Probe,
+    /// The outputs of a trained weights file (its model rebuilt from the file's metadata) on
+    /// the inputs of a safetensors file (`x`, and `t`, `y` for a diffusion model), written as
+    /// `out` to another: for checking another implementation of a model against xlab's.
+    Forward {
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Load every plugin from the default folders plus those given, and print the registry as
     /// JSON (plugins with their components and parameter schemas, and refused files with why).
     /// Check jobs before a run (a JSON list of `JobCheck` on standard input): read their data,
@@ -52,6 +63,13 @@ fn main() {
     match cli.command {
         Command::Probe => {
             println!("{}", xlab_worker::probe::report());
+        }
+        Command::Forward { weights, input, out } => {
+            if let Err(e) = xlab_worker::forward::run(&weights, &input, &out) {
+                eprintln!("error: {e}");
+                quit(1);
+            }
+            quit(0);
         }
         Command::Plugins { mut dir, file } => {
             let mut dirs = xlab_worker::default_plugin_dirs();
