@@ -214,7 +214,7 @@ stages:
     let out = cmd(&store).arg("validate").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("must be a diffusion model (`time_mlp` or `unet`)"), "{err}");
+    assert!(err.contains("must be a diffusion model (`time_mlp`, `unet`, or a `torchscript` denoiser)"), "{err}");
     std::fs::write(
         &bad,
         "name: bad\nstages:\n  a:\n    task: sample\n    data: {name: two_moons}\n    denoiser: {name: exact}\n    samples: 4\n    sampler: {use: diffusion.ddim}\n    guidance: {use: diffusion.cfg}\n",

@@ -44,6 +44,17 @@ impl Checker {
         let classifier = matches!(cfg.task, Task::Train | Task::Evaluate) && cfg.diffusion.is_none();
         let data = if classifier { Some(self.data(&cfg).map_err(|m| ("data".to_string(), m))?) } else { None };
         let trains_alone = cfg.task == Task::Train && !job.has_parents;
+        if let (Some(d), Some(m @ xlab_plan::config::ModelConfig::Torchscript(t)), Task::Train) =
+            (&cfg.diffusion, &cfg.model, cfg.task)
+        {
+            // A TorchScript denoiser: it loads, and answers the job's rows in their shape.
+            let data = self.data(&cfg).map_err(|m| ("data".to_string(), m))?;
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let classes = d.conditional.then_some(data.classes);
+            let net = crate::denoiser::DiffusionNet::build(&vs.root(), m, data.input_dim, data.image, classes)
+                .map_err(|e| ("model".to_string(), e))?;
+            net.check_script(data.input_dim, &t.path.path).map_err(|e| ("model".to_string(), e))?;
+        }
         if let (Some(d), Some(m), true) = (&data, &cfg.model, trains_alone) {
             self.model(m, d).map_err(|e| ("model".to_string(), e))?;
         }

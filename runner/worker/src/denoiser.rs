@@ -137,8 +137,24 @@ struct UnetBody {
 }
 
 /// A network that predicts ε (or v) from x_t, t and, when conditional, the class label; the
-/// label `classes` is the null label of classifier-free guidance.
+/// label `classes` is the null label of classifier-free guidance. A built-in one (`time_mlp`,
+/// `unet`), or a TorchScript module of the user's.
 pub struct DiffusionNet {
+    net: Net,
+}
+
+enum Net {
+    Own(OwnNet),
+    /// `forward(x, t, y)` (conditional) or `forward(x, t)`: x `[B, D]` (or `[B, C, H, W]` for
+    /// images), t `[B]` float, y `[B]` int64; returns the prediction shaped as x.
+    Script {
+        module: std::cell::RefCell<tch::CModule>,
+        image: Option<[i64; 3]>,
+        conditional: bool,
+    },
+}
+
+struct OwnNet {
     time_dim: i64,
     time1: nn::Linear,
     time2: nn::Linear,
@@ -157,7 +173,17 @@ impl DiffusionNet {
         let (time_dim, body_dim) = match cfg {
             ModelConfig::TimeMlp(m) => (m.time_dim as i64, m.time_dim as i64),
             ModelConfig::Unet(u) => (u.time_dim as i64, u.time_dim as i64),
-            _ => return Err("a diffusion job needs a diffusion model (`time_mlp` or `unet`)".into()),
+            ModelConfig::Torchscript(t) => {
+                let module = crate::model::load_script(root, &t.path.path)?;
+                return Ok(DiffusionNet {
+                    net: Net::Script { module: std::cell::RefCell::new(module), image, conditional: classes.is_some() },
+                });
+            }
+            _ => {
+                return Err(
+                    "a diffusion job needs a diffusion model (`time_mlp`, `unet` or a `torchscript` denoiser)".into()
+                )
+            }
         };
         let time1 = nn::linear(root / "time" / "0", time_dim, body_dim, Default::default());
         let time2 = nn::linear(root / "time" / "2", body_dim, body_dim, Default::default());
@@ -196,15 +222,95 @@ impl DiffusionNet {
             }
             _ => unreachable!("checked above"),
         };
-        Ok(DiffusionNet { time_dim, time1, time2, label, body })
+        Ok(DiffusionNet { net: Net::Own(OwnNet { time_dim, time1, time2, label, body }) })
     }
 
     pub fn is_conditional(&self) -> bool {
-        self.label.is_some()
+        match &self.net {
+            Net::Own(n) => n.label.is_some(),
+            Net::Script { conditional, .. } => *conditional,
+        }
+    }
+
+    /// Training mode (dropout on) or evaluation mode, for a TorchScript module; built-in
+    /// networks have no layer that tells the two apart.
+    pub fn set_train(&self, train: bool) {
+        if let Net::Script { module, .. } = &self.net {
+            if train {
+                module.borrow_mut().set_train();
+            } else {
+                module.borrow_mut().set_eval();
+            }
+        }
     }
 
     /// The prediction for flat rows `x` `[B, D]` at timesteps `t` `[B]` (float) with labels `[B]`.
     pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
+        match &self.net {
+            Net::Own(n) => n.forward(x, t, labels),
+            Net::Script { module, image, conditional } => {
+                let b = x.size()[0];
+                let shaped = match image {
+                    Some([c, h, w]) => x.reshape([b, *c, *h, *w]),
+                    None => x.shallow_clone(),
+                };
+                let t = t.to_kind(Kind::Float);
+                let mut args = vec![shaped, t];
+                if *conditional {
+                    let l = labels.expect("a conditional denoiser is given labels");
+                    args.push(l.to_kind(Kind::Int64));
+                }
+                let out = module
+                    .borrow_mut()
+                    .forward_ts(&args)
+                    .unwrap_or_else(|e| panic!("the TorchScript denoiser's forward failed: {e}"));
+                out.reshape([b, -1])
+            }
+        }
+    }
+
+    /// Runs a TorchScript denoiser once on two rows of zeros, so that one that cannot take the
+    /// job's inputs, or does not answer in their shape, is refused before training.
+    pub fn check_script(&self, input_dim: usize, path: &str) -> Result<(), String> {
+        let Net::Script { image, conditional, .. } = &self.net else { return Ok(()) };
+        let x = Tensor::zeros([2, input_dim as i64], (Kind::Float, tch::Device::Cpu));
+        let t = Tensor::from_slice(&[0f32, 1.0]);
+        let y = Tensor::zeros([2], (Kind::Int64, tch::Device::Cpu));
+        let shown = match image {
+            Some([c, h, w]) => format!("x [2, {c}, {h}, {w}]"),
+            None => format!("x [2, {input_dim}]"),
+        };
+        let expect = if *conditional {
+            "a conditional denoiser's forward takes (x, t, y): x a batch of rows [B, D] (images [B, C, H, W]), t [B] \
+             float timesteps, y [B] int64 labels (the class count is the null label), and returns the prediction \
+             shaped as x"
+        } else {
+            "an unconditional denoiser's forward takes (x, t): x a batch of rows [B, D] (images [B, C, H, W]) and t \
+             [B] float timesteps, and returns the prediction shaped as x"
+        };
+        let out =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tch::no_grad(|| self.forward(&x, &t, Some(&y)))));
+        match out {
+            Err(e) => {
+                let why = e
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| e.downcast_ref::<&str>().copied())
+                    .unwrap_or("it failed");
+                let why = why.lines().next().unwrap_or_default();
+                Err(format!("{path}: the TorchScript denoiser fails on {shown}, t [2]: {why}; {expect}"))
+            }
+            Ok(y) if y.size() != [2, input_dim as i64] => Err(format!(
+                "{path}: the TorchScript denoiser returns {} values per row for {shown}, not {input_dim}; {expect}",
+                y.size().iter().skip(1).product::<i64>()
+            )),
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+impl OwnNet {
+    fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
         let mut temb = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
         if let (Some(e), Some(l)) = (&self.label, labels) {
             temb += e.forward(l);

@@ -109,7 +109,10 @@ fn split_loss(
     let mut rng = stream(seed, VAL_STREAM);
     let index = Tensor::arange(x0.size()[0], (Kind::Int64, x0.device()));
     let nz = noised(d, ac, x0, y, &index, classes, &mut rng, None)?;
+    // Evaluation mode for a TorchScript denoiser's dropout, then back to training.
+    net.set_train(false);
     let pred = tch::no_grad(|| net.forward(&nz.x_t, &nz.t, nz.labels.as_ref()));
+    net.set_train(true);
     Ok(f64::try_from((pred - nz.target).square().mean(Kind::Double))?)
 }
 
@@ -133,6 +136,7 @@ pub fn run(
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
     let net = network(&vs, cfg, d, &p.data)?;
+    net.set_train(true);
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = Optimizer::new(opt_cfg, named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());

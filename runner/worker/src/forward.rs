@@ -53,10 +53,11 @@ pub fn run(weights: &Path, input: &Path, out: &Path) -> Result<(), String> {
         Tensor::read_safetensors(input).map_err(|e| format!("{}: {e}", input.display()))?.into_iter().collect();
     let take = |k: &str| inputs.get(k).ok_or_else(|| format!("{}: no tensor `{k}`", input.display()));
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let y = if model.is_diffusion() {
+    let y = if about.contains_key("xlab.diffusion") {
         let d: Diffusion = serde_json::from_str(get("xlab.diffusion")?)
             .map_err(|e| format!("{}: xlab.diffusion: {e}", weights.display()))?;
         let net = DiffusionNet::build(&vs.root(), &model, input_dim, image, d.conditional.then_some(classes))?;
+        net.set_train(false);
         vs.load(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
         let (x, t) = (take("x")?, take("t")?);
         let labels = if d.conditional { Some(take("y")?) } else { None };

@@ -476,6 +476,14 @@ pub fn build_checked(
 /// C API that xlab links gives no access to a scripted module's buffers, so they could be neither
 /// checkpointed nor restored.
 pub fn torchscript(root: &nn::Path, path: &str, image: Option<[i64; 3]>) -> Result<Model, String> {
+    let module = load_script(root, path)?;
+    Ok(Model { layers: vec![], script: Some(std::cell::RefCell::new(module)), image, frozen: Cell::new(false) })
+}
+
+/// Loads a TorchScript module and puts its parameters under `root` by their names (so the
+/// optimizer trains them and checkpoints and weights files hold them); a module with buffers is
+/// refused (see [`torchscript`]).
+pub fn load_script(root: &nn::Path, path: &str) -> Result<tch::CModule, String> {
     let module = tch::CModule::load_on_device(path, root.device()).map_err(|e| {
         format!("cannot load {path} as a TorchScript module: {}", e.to_string().lines().next().unwrap_or(""))
     })?;
@@ -496,7 +504,7 @@ pub fn torchscript(root: &nn::Path, path: &str, image: Option<[i64; 3]>) -> Resu
         let trainable = t.requires_grad();
         let _ = parent.add(&last, t, trainable);
     }
-    Ok(Model { layers: vec![], script: Some(std::cell::RefCell::new(module)), image, frozen: Cell::new(false) })
+    Ok(module)
 }
 
 /// The number of tensor storages in a TorchScript archive (a zip whose `data/N` entries are the

@@ -141,6 +141,7 @@ pub fn run(
             }
             let mut vs = nn::VarStore::new(device);
             let net = crate::denoiser::network(&vs, &pcfg, &d, &p.data)?;
+            net.set_train(false);
             let averaged = match chosen.weights {
                 Some(w) => w == WeightsChoice::Ema,
                 None => pcfg.ema.is_some(),

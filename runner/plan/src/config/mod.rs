@@ -384,11 +384,15 @@ impl JobConfig {
                     return err("guidance", "belongs to `task: sample`".into());
                 }
                 let diffusion_model = self.model.as_ref().is_some_and(ModelConfig::is_diffusion);
+                // A TorchScript module is a denoiser under `diffusion:`, a classifier without.
+                let script = matches!(self.model, Some(ModelConfig::Torchscript(_)));
                 match (&self.diffusion, diffusion_model) {
-                    (Some(_), false) => {
+                    (Some(_), false) if !script => {
                         return err(
                             "model",
-                            "must be a diffusion model (`time_mlp` or `unet`) when the job has `diffusion:`".into(),
+                            "must be a diffusion model (`time_mlp`, `unet`, or a `torchscript` denoiser) when the job \
+                             has `diffusion:`"
+                                .into(),
                         )
                     }
                     (None, true) => {
