@@ -396,3 +396,74 @@ fn sample_jobs_draw_from_the_weights_average_by_default() {
     assert!(metric(by_stage("train"), "val.ema.loss").is_finite());
     assert_ne!(metric(by_stage("averaged"), "sample.swd"), metric(by_stage("raw"), "sample.swd"));
 }
+
+/// A training keeps its weights at chosen epochs (`checkpoint: {keep_weights: [...]}`, not part
+/// of its identity) and a sample stage draws from them (`denoiser: {name: trained, epoch: N}`):
+/// the same samples as from a training that stopped there. Asking for an epoch that is not
+/// kept, or not trained, is refused at its line.
+#[test]
+fn sampling_from_the_weights_of_an_earlier_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = dir.path().join("epochs.yaml");
+    let text = |keep: &str, epoch: &str| {
+        format!(
+            "name: epochs\ndefaults:\n  data: {{name: two_moons, n_train: 256, n_val: 64, n_test: 128}}\n  deterministic: true\nstages:\n  \
+             long:\n    task: train\n    model: {{name: time_mlp, hidden: [32]}}\n    diffusion: {{timesteps: 50}}\n    \
+             optimizer: {{name: adam, lr: 0.003}}\n    ema: {{decay: 0.9}}\n    epochs: 3\n    checkpoint: {{keep_weights: [{keep}]}}\n  \
+             short:\n    task: train\n    model: {{name: time_mlp, hidden: [32]}}\n    diffusion: {{timesteps: 50}}\n    \
+             optimizer: {{name: adam, lr: 0.003}}\n    ema: {{decay: 0.9}}\n    epochs: 1\n  \
+             early:\n    needs: long\n    task: sample\n    denoiser: {{name: trained, epoch: {epoch}}}\n    samples: 64\n    \
+             sampler: {{use: diffusion.ddim, steps: 10}}\n  \
+             stopped:\n    needs: short\n    task: sample\n    denoiser: {{name: trained}}\n    samples: 64\n    \
+             sampler: {{use: diffusion.ddim, steps: 10}}\n  \
+             last:\n    needs: long\n    task: sample\n    denoiser: {{name: trained}}\n    samples: 64\n    \
+             sampler: {{use: diffusion.ddim, steps: 10}}\n"
+        )
+    };
+    std::fs::write(&file, text("1", "1")).unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(
+        &cmd(&store).args(["query", "-m", "sample.swd,sample.mmd", "--format", "json"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    let of = |stage: &str| {
+        let m = &rows.as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["metrics"];
+        ["sample.swd", "sample.mmd", "sample.nn_dist", "sample.mean_gap"].map(|k| m[k]["mean"].as_f64().unwrap())
+    };
+    assert_eq!(of("early"), of("stopped"), "epoch 1 of a longer training samples as a training of 1 epoch");
+    assert_ne!(of("early"), of("last"));
+    let kept = files_under(&store.join("runs"));
+    let names: Vec<String> =
+        kept.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    for f in ["weights-epoch1.safetensors", "weights_ema-epoch1.safetensors"] {
+        assert_eq!(names.iter().filter(|n| *n == f).count(), 1, "{names:?}");
+    }
+    // Keeping more epochs does not change the training's identity (`long` is not run again),
+    // and epoch 2 was not kept when it ran: the sample job says so and how to get it.
+    std::fs::write(&file, text("1, 2", "2")).unwrap();
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("1 done, 4 skipped (already done), 1 failed") || err.contains("4 skipped"), "{err}");
+    let log = files_under(&store.join("runs"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "worker.log"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .find(|l| l.contains("kept no weights of epoch 2"))
+        .unwrap_or_default();
+    assert!(log.contains("--rerun 'id =="), "{err}");
+    // Epochs not kept, or not trained, are refused before anything runs.
+    for (keep, epoch, said) in [
+        ("1", "2", "stage `long` keeps no weights of epoch 2"),
+        ("1", "7", "epoch 7, but stage `long` trains epochs 1 to 3"),
+    ] {
+        std::fs::write(&file, text(keep, epoch)).unwrap();
+        let out = cmd(&store).arg("validate").arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        // At the line of `denoiser:` in the file.
+        assert!(err.contains(said) && err.contains("epochs.yaml:24:"), "{err}");
+    }
+}

@@ -403,6 +403,8 @@ pub struct Exec {
     pub checkpoint_every_ms: Option<u64>,
     /// Also checkpoint inside an epoch after every this many optimizer steps.
     pub checkpoint_every_steps: Option<u32>,
+    /// Epochs (1-based) at whose end a diffusion training keeps its weights.
+    pub keep_weights: Vec<u32>,
     /// Slots of one device the job takes.
     pub slots: u32,
     pub device: DeviceKind,
@@ -817,6 +819,7 @@ pub fn expand(
         let exec = Exec {
             checkpoint_every_epochs: every_epochs,
             checkpoint_every_steps: ckpt.and_then(|c| c.every_steps),
+            keep_weights: ckpt.map(|c| c.keep_weights.clone()).unwrap_or_default(),
             checkpoint_every_ms: every_minutes.map(|m| (m * 60_000.0).round().max(1.0) as u64),
             slots: resources.and_then(|r| r.slots).unwrap_or(1),
             device: resources.and_then(|r| r.device).unwrap_or_default(),
@@ -1382,6 +1385,24 @@ fn check_sampling(
                         format!("`weights: ema` takes the weights' average, and stage `{stage}` trains without `ema:`"),
                         format!("add e.g. `ema: {{decay: 0.999}}` to `{stage}`, or use `weights: raw`"),
                     ));
+                }
+                if let Some(e) = t.epoch.filter(|e| !parent.exec.keep_weights.contains(e)) {
+                    let epochs = parent.config.epochs;
+                    return Err(if e == 0 || e > epochs {
+                        (
+                            "denoiser.epoch".into(),
+                            format!("epoch {e}, but stage `{stage}` trains epochs 1 to {epochs}"),
+                            format!("pick an epoch from 1 to {epochs} (without `epoch`, the final weights)"),
+                        )
+                    } else {
+                        (
+                            "denoiser.epoch".into(),
+                            format!("stage `{stage}` keeps no weights of epoch {e}"),
+                            format!(
+                                "add `checkpoint: {{keep_weights: [{e}]}}` to `{stage}` (it does not change its jobs)"
+                            ),
+                        )
+                    });
                 }
                 if let Some(e) = too_many(d.timesteps, format!("stage `{stage}` trains with")) {
                     return Err(e);

@@ -425,6 +425,11 @@ pub struct CheckpointPolicy {
     /// whole run); Ctrl-C then stops at the next such step instead of the epoch's end.
     #[serde(default)]
     pub every_steps: Option<u32>,
+    /// A diffusion training also keeps its weights at the end of these epochs (1-based), as
+    /// `weights-epoch{N}.safetensors` (and `weights_ema-epoch{N}.safetensors` with `ema:`), for
+    /// sample stages that ask for `denoiser: {name: trained, epoch: N}`.
+    #[serde(default)]
+    pub keep_weights: Vec<u32>,
 }
 
 /// What one job of a stage takes from the device pool.

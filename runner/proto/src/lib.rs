@@ -69,6 +69,10 @@ pub struct JobRequest {
     /// at a checkpoint, and ends as paused; promoted, it continues from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_after_epoch: Option<u64>,
+    /// Epochs (1-based) at whose end a diffusion training keeps its weights as well
+    /// (`checkpoint.keep_weights`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_weights: Vec<u32>,
 }
 
 /// A finished parent job, as its child sees it.

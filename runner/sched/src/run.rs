@@ -808,6 +808,7 @@ fn request(
         step_timeout_ms: Some(job.exec.step_timeout_ms),
         parents: parents.to_vec(),
         pause_after_epoch,
+        keep_weights: job.exec.keep_weights.clone(),
     }
 }
 

@@ -257,6 +257,8 @@ pub fn run(
         out.metrics(epoch + 1, values.clone());
         history.push((epoch + 1, values.clone()));
         summary = values;
+        // Before the checkpoint: a checkpoint after this epoch means its kept weights exist.
+        files::keep_epoch_weights(ckpt, epoch + 1, &vs, ema.as_ref(), run_dir, &weights_metadata(cfg, d, &p)?, out)?;
         ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
             let meta = files::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
             files::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new(), ema.as_ref())

@@ -28,6 +28,18 @@ pub struct CheckpointPlan<'a> {
     pub every_steps: Option<u32>,
     /// An adaptive search's rung: stop after this epoch, at a checkpoint, as paused.
     pub pause_after: Option<u64>,
+    /// Epochs (1-based) at whose end a diffusion training keeps its weights as well.
+    pub keep_weights: &'a [u32],
+}
+
+/// The weights a training kept at the end of `epoch` (`checkpoint.keep_weights`), raw or
+/// averaged.
+pub fn epoch_weights(averaged: bool, epoch: u32) -> String {
+    if averaged {
+        format!("weights_ema-epoch{epoch}.safetensors")
+    } else {
+        format!("weights-epoch{epoch}.safetensors")
+    }
 }
 
 impl CheckpointPlan<'_> {
@@ -286,15 +298,47 @@ pub(crate) fn save_weights(
     about: &BTreeMap<String, String>,
     out: &mut Emitter,
 ) -> Result<(), Failure> {
-    let weights = run_dir.join("weights.safetensors");
+    let names = ("weights".to_string(), "weights.safetensors".to_string());
+    let averaged = ("weights_ema".to_string(), crate::ema::EMA_WEIGHTS.to_string());
+    save_weights_as(vs, ema, run_dir, about, out, names, averaged)
+}
+
+/// Writes the weights at the end of `epoch` as [`epoch_weights`] names them, when the plan
+/// keeps that epoch's (`checkpoint.keep_weights`).
+pub(crate) fn keep_epoch_weights(
+    plan: &CheckpointPlan<'_>,
+    epoch: u64,
+    vs: &nn::VarStore,
+    ema: Option<&crate::ema::Average>,
+    run_dir: &Path,
+    about: &BTreeMap<String, String>,
+    out: &mut Emitter,
+) -> Result<(), Failure> {
+    let Some(e) = plan.keep_weights.iter().copied().find(|&e| u64::from(e) == epoch) else { return Ok(()) };
+    let names = (format!("weights_epoch{e}"), epoch_weights(false, e));
+    let averaged = (format!("weights_ema_epoch{e}"), epoch_weights(true, e));
+    save_weights_as(vs, ema, run_dir, about, out, names, averaged)
+}
+
+/// Writes weights (and their average) under the given artifact names and file names.
+fn save_weights_as(
+    vs: &nn::VarStore,
+    ema: Option<&crate::ema::Average>,
+    run_dir: &Path,
+    about: &BTreeMap<String, String>,
+    out: &mut Emitter,
+    (name, file): (String, String),
+    (ema_name, ema_file): (String, String),
+) -> Result<(), Failure> {
+    let weights = run_dir.join(&file);
     save_atomically(vs, &weights)?;
     add_metadata(&weights, about)?;
-    out.artifact("weights", "weights.safetensors", "weights");
+    out.artifact(&name, &file, "weights");
     if let Some(a) = ema {
-        let averaged = run_dir.join(crate::ema::EMA_WEIGHTS);
+        let averaged = run_dir.join(&ema_file);
         a.save(&averaged)?;
         add_metadata(&averaged, about)?;
-        out.artifact("weights_ema", crate::ema::EMA_WEIGHTS, "weights");
+        out.artifact(&ema_name, &ema_file, "weights");
     }
     Ok(())
 }

@@ -327,6 +327,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
                 every_ms: req.checkpoint_every_ms,
                 every_steps: req.checkpoint_every_steps,
                 pause_after: req.pause_after_epoch,
+                keep_weights: &req.keep_weights,
             };
             match &cfg.diffusion {
                 Some(d) => {

@@ -155,8 +155,22 @@ pub fn run(
                     ),
                 ));
             }
-            let file = if averaged { crate::ema::EMA_WEIGHTS } else { "weights.safetensors" };
-            let weights = parent.run_dir.join(file);
+            let file = match chosen.epoch {
+                Some(e) => crate::files::epoch_weights(averaged, e),
+                None if averaged => crate::ema::EMA_WEIGHTS.to_string(),
+                None => "weights.safetensors".to_string(),
+            };
+            let weights = parent.run_dir.join(&file);
+            if let (Some(e), false) = (chosen.epoch, weights.is_file()) {
+                return Err(Failure::new(
+                    FailureCause::Config,
+                    format!(
+                        "parent {} kept no weights of epoch {e} ({file}): it ran before its stage's \
+                         `checkpoint.keep_weights` listed {e}; run it again to keep them (`xlab run FILE --rerun 'id == \"{}\"'`)",
+                        parent.job_id, parent.job_id
+                    ),
+                ));
+            }
             vs.load(&weights).map_err(|e| {
                 Failure::new(
                     FailureCause::Error,

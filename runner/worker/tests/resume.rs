@@ -64,6 +64,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value, step_
         step_timeout_ms: None,
         parents: vec![],
         pause_after_epoch: None,
+        keep_weights: vec![],
     }
 }
 

@@ -56,6 +56,7 @@ fn request(dir: &Path, id: &str, config: serde_json::Value, parents: Vec<ParentR
         step_timeout_ms: None,
         parents,
         pause_after_epoch: None,
+        keep_weights: vec![],
     }
 }
 

@@ -22,6 +22,10 @@ pub struct Trained {
     /// The parent's averaged or raw weights; the average when the parent trains with `ema:`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<WeightsChoice>,
+    /// The weights the parent kept at the end of this epoch (1-based; its stage's
+    /// `checkpoint.keep_weights` lists it) instead of its final ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
 }
 
 /// The exponential moving average of the weights (diffusers' `EMAModel`): after every
