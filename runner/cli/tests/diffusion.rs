@@ -466,4 +466,24 @@ fn sampling_from_the_weights_of_an_earlier_epoch() {
         // At the line of `denoiser:` in the file.
         assert!(err.contains(said) && err.contains("epochs.yaml:24:"), "{err}");
     }
+    // Keeping weights of an epoch the stage does not train, or on a stage that trains no
+    // diffusion model.
+    std::fs::write(&file, text("9", "1")).unwrap();
+    let out = cmd(&store).arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("epoch 9 in `checkpoint.keep_weights`, but the stage trains epochs 1 to 3"), "{err}");
+    std::fs::write(
+        &file,
+        text("1", "1").replacen(
+            "model: {name: time_mlp, hidden: [32]}\n    diffusion: {timesteps: 50}\n",
+            "model: {name: mlp}\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = cmd(&store).arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`checkpoint.keep_weights` keeps a diffusion training's weights"), "{err}");
 }

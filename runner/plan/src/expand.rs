@@ -979,6 +979,32 @@ pub fn expand(
                         .fold(SpecError::new(file, message).context(point_ctx.clone()), |e, k| e.key(k))
                         .hint(hint)
                 })?;
+                // Kept weights are a diffusion training's, of epochs it trains.
+                if !exec.keep_weights.is_empty() {
+                    let bad = |m: String, hint: &str| {
+                        SpecError::new(file, m)
+                            .context(format!("{ctx}.checkpoint"))
+                            .key("keep_weights")
+                            .hint(hint.to_string())
+                    };
+                    if config.task != Task::Train || config.diffusion.is_none() {
+                        return Err(bad(
+                            "`checkpoint.keep_weights` keeps a diffusion training's weights at chosen epochs, and this \
+                             stage trains no diffusion model"
+                                .into(),
+                            "drop `keep_weights`, or use it on a stage with `task: train` and `diffusion:`",
+                        ));
+                    }
+                    if let Some(e) = exec.keep_weights.iter().find(|&&e| e == 0 || e > config.epochs) {
+                        return Err(bad(
+                            format!(
+                                "epoch {e} in `checkpoint.keep_weights`, but the stage trains epochs 1 to {}",
+                                config.epochs
+                            ),
+                            "list epochs the stage trains (its last one's weights are kept anyway)",
+                        ));
+                    }
+                }
                 // A sample job records whose weights it draws from: the average when the
                 // parent keeps one.
                 if let Some(DenoiserConfig::Trained(t)) = &mut config.denoiser {

@@ -39,7 +39,8 @@ pub fn schema() -> Value {
             "checkpoint",
             json!({"type": "object", "properties": {"every_epochs": {"type": "integer", "minimum": 1},
                 "every_minutes": {"type": "number", "exclusiveMinimum": 0},
-                "every_steps": {"type": "integer", "minimum": 1}},
+                "every_steps": {"type": "integer", "minimum": 1},
+                "keep_weights": {"type": "array", "items": {"type": "integer", "minimum": 1}}},
                 "minProperties": 1, "additionalProperties": false}),
         ),
         (
