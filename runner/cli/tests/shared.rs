@@ -292,11 +292,20 @@ fn a_killed_joined_run_frees_its_slots_and_resumes_when_run_again() {
     let store = dir.path().join("results");
     let a = write_file(dir.path(), "a.yaml", &sleepers("a", 3, 2.0));
     let b = write_file(dir.path(), "b.yaml", &trainers("b", 0.02, 300));
+    let b_ids = job_ids(&store, &b);
     let owner = Run::start(&store, &a);
     wait_for("the owner's socket", Duration::from_secs(60), || store.join("xlab.sock").exists());
     let guest = Run::start(&store, &b);
     wait_for("the joined run's jobs running", Duration::from_secs(60), || {
         running_now(&store).iter().any(|(e, n)| e == "b" && *n > 0)
+    });
+    // And their attempts in the store (a busy machine may show the one before the other).
+    wait_for("an attempt of the joined run's in the store", Duration::from_secs(60), || {
+        b_ids.iter().any(|id| {
+            let out = cmd(&store).args(["show", id, "--json"]).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["attempts"].as_array().is_some_and(|a| !a.is_empty())
+        })
     });
     guest.signal(libc::SIGKILL);
     let _ = guest.wait(Duration::from_secs(10));
