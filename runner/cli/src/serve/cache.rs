@@ -16,8 +16,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use xlab_store::{Decision, ExperimentRecord, JobRecord, ResultStore, Series, StoreError};
 
-/// At most this many job records are kept (about 2 KB each); past it, reads go to the store.
-const MAX_RECORDS: usize = 1_000_000;
+/// At most this many job records are kept (about 5 KB each in memory: 570 MB for a store of
+/// 10^5 jobs, measured, its rows and answers included); past it, reads go to the
+/// store (a store of 10^6 jobs is served, only without the speed).
+const MAX_RECORDS: usize = 200_000;
 /// At most this many metric points are kept.
 const MAX_POINTS: usize = 50_000_000;
 /// At most this many bytes of answers are kept.
