@@ -215,6 +215,10 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     let colours: std::collections::BTreeSet<&String> = styles.iter().map(|s| &s.0).collect();
     let dashes: std::collections::BTreeSet<&String> = styles.iter().map(|s| &s.1).collect();
     assert_eq!((colours.len(), dashes.len()), (3, 3), "{styles:?}");
+    // The legend shows each curve's colour and dashes.
+    let swatches = b.js("return [...document.querySelectorAll('#chart .legend svg.swatch line')].map(l => [l.getAttribute('stroke'), l.getAttribute('stroke-dasharray') || ''])");
+    let swatches: Vec<(String, String)> = serde_json::from_value(swatches).unwrap();
+    assert_eq!(swatches, styles);
     // The final value against the learning rate (as `xlab plot --x`): one line through 3 points,
     // left to right.
     b.open(&format!("{}#/exp/dash?metric=val.loss&x=optimizer.lr", dash.url));

@@ -501,16 +501,16 @@ function drawChart(data, logy, smoothing, opts) {
     if (dash) line.setAttribute("stroke-dasharray", dash);
     s.append(line);
     const label = [...(several ? [g.experiment] : []), g.stage, ...Object.entries(g.point).map(([k, v]) => `${k}=${fmt(v)}`)].join(" ") + (g.seeds > 1 ? ` (${g.seeds} seeds)` : "");
-    legend.append(el("span", {}, el("span", { class: "swatch", style: null }), label));
-    legend.lastChild.firstChild.setAttribute("data-color", color);
+    // The swatch is a short stretch of the curve itself: its colour and its dashes.
+    const swatch = svg("svg", { class: "swatch", width: 22, height: 8, viewBox: "0 0 22 8" });
+    swatch.append(svg("line", { x1: 0, y1: 4, x2: 22, y2: 4, stroke: color, "stroke-width": 2, ...(dash ? { "stroke-dasharray": dash } : {}) }));
+    legend.append(el("span", {}, swatch, label));
   });
   box.append(s, legend);
   if (data.more) {
     box.append(el("p", { class: "muted", id: "curves-more",
       text: `The curves of the first ${data.groups.length} rows with ${data.metric}, of ${data.rows.toLocaleString()} rows; narrow the filter to see others.` }));
   }
-  // Swatch colours through the CSS object model (no inline style attributes under the CSP).
-  for (const sw of legend.querySelectorAll(".swatch")) sw.style.background = sw.getAttribute("data-color");
   return box;
 }
 
