@@ -226,8 +226,7 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
         "the curve against the key",
         "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 1 && document.querySelector('#chart .xlabel') && c[0].getAttribute('points')",
     );
-    let xs: Vec<f64> =
-        line.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
+    let xs = xs_of(&line);
     assert!(xs.len() == 3 && xs.windows(2).all(|w| w[0] < w[1]), "{line}");
     // A log x axis: 0.03 sits at log10(3) ≈ 0.477 of the way from 0.01 to 0.1.
     b.open(&format!("{}#/exp/dash?metric=val.loss&x=optimizer.lr&logx=1", dash.url));
@@ -235,18 +234,7 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
         "the curve on a log x axis",
         "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 1 && document.getElementById('logx').checked && c[0].getAttribute('points')",
     );
-    let xs: Vec<f64> =
-        line.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
-    let at = (xs[1] - xs[0]) / (xs[2] - xs[0]);
-    assert!((at - 3f64.log10()).abs() < 1e-3, "{line}");
-    // A log x axis: 0.03 sits at log10(3) ≈ 0.477 of the way from 0.01 to 0.1.
-    b.open(&format!("{}#/exp/dash?metric=val.loss&x=optimizer.lr&logx=1", dash.url));
-    let line = b.until(
-        "the curve on a log x axis",
-        "const c = [...document.querySelectorAll('#chart polyline.curve')]; return c.length === 1 && document.getElementById('logx').checked && c[0].getAttribute('points')",
-    );
-    let xs: Vec<f64> =
-        line.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
+    let xs = xs_of(&line);
     let at = (xs[1] - xs[0]) / (xs[2] - xs[0]);
     assert!((at - 3f64.log10()).abs() < 1e-3, "{line}");
     b.open(&format!("{}#/exp/dash?metric=val.loss&smooth=0.9", dash.url));
@@ -386,6 +374,11 @@ fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     );
     assert_eq!(page, "No job has logged a metric yet.");
     assert!(b.js("return document.getElementById('error') === null").as_bool().unwrap());
+}
+
+/// The x coordinates of an SVG polyline's `points`.
+fn xs_of(points: &serde_json::Value) -> Vec<f64> {
+    points.as_str().unwrap().split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect()
 }
 
 fn query_job_id(store: &Path) -> String {

@@ -248,25 +248,26 @@ impl DiffusionNet {
     pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
         match &self.net {
             Net::Own(n) => n.forward(x, t, labels),
-            Net::Script { module, image, conditional } => {
-                let b = x.size()[0];
-                let shaped = match image {
-                    Some([c, h, w]) => x.reshape([b, *c, *h, *w]),
-                    None => x.shallow_clone(),
-                };
-                let t = t.to_kind(Kind::Float);
-                let mut args = vec![shaped, t];
-                if *conditional {
-                    let l = labels.expect("a conditional denoiser is given labels");
-                    args.push(l.to_kind(Kind::Int64));
-                }
-                let out = module
-                    .borrow_mut()
-                    .forward_ts(&args)
-                    .unwrap_or_else(|e| panic!("the TorchScript denoiser's forward failed: {e}"));
-                out.reshape([b, -1])
-            }
+            Net::Script { .. } => self
+                .script_forward(x, t, labels)
+                .unwrap_or_else(|e| panic!("the TorchScript denoiser's forward failed: {e}")),
         }
+    }
+
+    /// A TorchScript denoiser's prediction, or what libtorch said when its forward failed.
+    fn script_forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor, tch::TchError> {
+        let Net::Script { module, image, conditional } = &self.net else { unreachable!("only for a script") };
+        let b = x.size()[0];
+        let shaped = match image {
+            Some([c, h, w]) => x.f_reshape([b, *c, *h, *w])?,
+            None => x.shallow_clone(),
+        };
+        let mut args = vec![shaped, t.to_kind(Kind::Float)];
+        if *conditional {
+            let l = labels.expect("a conditional denoiser is given labels");
+            args.push(l.to_kind(Kind::Int64));
+        }
+        module.borrow_mut().forward_ts(&args)?.f_reshape([b, -1])
     }
 
     /// Runs a TorchScript denoiser once on two rows of zeros, so that one that cannot take the
@@ -288,15 +289,9 @@ impl DiffusionNet {
             "an unconditional denoiser's forward takes (x, t): x a batch of rows [B, D] (images [B, C, H, W]) and t \
              [B] float timesteps, and returns the prediction shaped as x"
         };
-        let out =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tch::no_grad(|| self.forward(&x, &t, Some(&y)))));
-        match out {
+        match tch::no_grad(|| self.script_forward(&x, &t, Some(&y))) {
             Err(e) => {
-                let why = e
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| e.downcast_ref::<&str>().copied())
-                    .unwrap_or("it failed");
+                let why = e.to_string();
                 let why = why.lines().next().unwrap_or_default();
                 Err(format!("{path}: the TorchScript denoiser fails on {shown}, t [2]: {why}; {expect}"))
             }

@@ -184,6 +184,8 @@ pub fn run(
     }
     let mut summary = history.last().map(|(_, v)| v.clone()).unwrap_or_default();
     let mut last_checkpoint = std::time::Instant::now();
+    // What the weights files say about themselves (the kept epochs' and the final ones).
+    let about = weights_metadata(cfg, d, &p)?;
     for epoch in first_epoch..u64::from(cfg.epochs) {
         for c in comps.all() {
             c.on_epoch(epoch).map_err(|m| Failure::new(FailureCause::Error, m))?;
@@ -258,13 +260,13 @@ pub fn run(
         history.push((epoch + 1, values.clone()));
         summary = values;
         // Before the checkpoint: a checkpoint after this epoch means its kept weights exist.
-        files::keep_epoch_weights(ckpt, epoch + 1, &vs, ema.as_ref(), run_dir, &weights_metadata(cfg, d, &p)?, out)?;
+        files::keep_epoch_weights(ckpt, epoch + 1, &vs, ema.as_ref(), run_dir, &about, out)?;
         ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
             let meta = files::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
             files::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new(), ema.as_ref())
         })?;
     }
-    files::save_weights(&vs, ema.as_ref(), run_dir, &weights_metadata(cfg, d, &p)?, out)?;
+    files::save_weights(&vs, ema.as_ref(), run_dir, &about, out)?;
     if let Some(p) = scorer {
         keep_scorer(p, run_dir)?;
         out.artifact("scorer", SCORER_CONFIG, "scorer");

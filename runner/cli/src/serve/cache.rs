@@ -98,7 +98,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Opens the store for this request; it may turn out to be a run's, read live.
-    pub(super) fn open_now(&self) -> Result<(), Failure> {
+    fn open_now(&self) -> Result<(), Failure> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.is_none() {
             let opened = read_store(self.dir)?;
@@ -163,11 +163,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Whether this request read a run's store, live (its answers are not kept).
-    pub(super) fn is_opened_live(&self) -> bool {
-        self.live()
-    }
-
-    fn live(&self) -> bool {
+    pub(super) fn live(&self) -> bool {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(Opened::is_live)
     }
 
@@ -217,24 +213,7 @@ impl ResultStore for Reader<'_> {
     }
 
     fn jobs_by_id(&self, ids: &[&str]) -> xlab_store::Result<Vec<Option<JobRecord>>> {
-        let missing: Vec<&str> = {
-            let kept = self.kept();
-            ids.iter().copied().filter(|id| !kept.jobs.contains_key(*id)).collect()
-        };
-        let read = if missing.is_empty() { Vec::new() } else { self.with(|s| s.jobs_by_id(&missing))? };
-        if self.live() {
-            // A run took the store since it was last read here: nothing kept counts.
-            return if missing.len() == ids.len() { Ok(read) } else { self.with(|s| s.jobs_by_id(ids)) };
-        }
-        let mut kept = self.kept();
-        let mut fresh: HashMap<&str, Option<JobRecord>> = HashMap::new();
-        for (id, rec) in missing.iter().zip(read) {
-            if kept.jobs.len() < MAX_RECORDS {
-                kept.jobs.insert(id.to_string(), rec.clone());
-            }
-            fresh.insert(id, rec);
-        }
-        Ok(ids.iter().map(|id| fresh.remove(id).unwrap_or_else(|| kept.jobs.get(*id).cloned().flatten())).collect())
+        self.through(ids, |c| &mut c.jobs, |s, ids| s.jobs_by_id(ids), |c, _| c.jobs.len() < MAX_RECORDS)
     }
 
     fn put_decision(&self, _: &Decision) -> xlab_store::Result<()> {
@@ -269,35 +248,46 @@ impl ResultStore for Reader<'_> {
 impl Reader<'_> {
     /// Every series of each job in `ids`, from what is kept where it can.
     fn series_of(&self, ids: &[&str]) -> xlab_store::Result<Vec<Arc<Series>>> {
+        let read = |s: &dyn ResultStore, ids: &[&str]| Ok(s.metrics_of_many(ids)?.into_iter().map(Arc::new).collect());
+        let admit = |c: &mut Cache, series: &Arc<Series>| {
+            let points: usize = series.values().map(Vec::len).sum();
+            let room = c.points + points <= MAX_POINTS;
+            if room {
+                c.points += points;
+            }
+            room
+        };
+        self.through(ids, |c| &mut c.series, read, admit)
+    }
+
+    /// What `read` gives for each of `ids`: from the kept map `slot` where it can, the rest read
+    /// in one batch and kept while `admit` has room. A store a run has taken since it was last
+    /// read here is read whole, and nothing of it kept.
+    fn through<T: Clone + Default>(
+        &self,
+        ids: &[&str],
+        slot: fn(&mut Cache) -> &mut HashMap<String, T>,
+        read: impl Fn(&dyn ResultStore, &[&str]) -> xlab_store::Result<Vec<T>>,
+        admit: impl Fn(&mut Cache, &T) -> bool,
+    ) -> xlab_store::Result<Vec<T>> {
         let missing: Vec<&str> = {
-            let kept = self.kept();
-            ids.iter().copied().filter(|id| !kept.series.contains_key(*id)).collect()
+            let mut kept = self.kept();
+            let map = slot(&mut kept);
+            ids.iter().copied().filter(|id| !map.contains_key(*id)).collect()
         };
-        let read: Vec<Arc<Series>> = if missing.is_empty() {
-            Vec::new()
-        } else {
-            self.with(|s| s.metrics_of_many(&missing))?.into_iter().map(Arc::new).collect()
-        };
+        let got = if missing.is_empty() { Vec::new() } else { self.with(|s| read(s, &missing))? };
         if self.live() {
-            return if missing.len() == ids.len() {
-                Ok(read)
-            } else {
-                Ok(self.with(|s| s.metrics_of_many(ids))?.into_iter().map(Arc::new).collect())
-            };
+            return if missing.len() == ids.len() { Ok(got) } else { self.with(|s| read(s, ids)) };
         }
         let mut kept = self.kept();
-        let mut fresh: HashMap<&str, Arc<Series>> = HashMap::new();
-        for (id, series) in missing.iter().zip(read) {
-            let points: usize = series.values().map(Vec::len).sum();
-            if kept.points + points <= MAX_POINTS {
-                kept.points += points;
-                kept.series.insert(id.to_string(), series.clone());
+        let mut fresh: HashMap<&str, T> = HashMap::new();
+        for (id, v) in missing.iter().zip(got) {
+            if admit(&mut kept, &v) {
+                slot(&mut kept).insert(id.to_string(), v.clone());
             }
-            fresh.insert(id, series);
+            fresh.insert(id, v);
         }
-        Ok(ids
-            .iter()
-            .map(|id| fresh.get(id).cloned().or_else(|| kept.series.get(*id).cloned()).unwrap_or_default())
-            .collect())
+        let map = slot(&mut kept);
+        Ok(ids.iter().map(|id| fresh.remove(id).unwrap_or_else(|| map.get(*id).cloned().unwrap_or_default())).collect())
     }
 }

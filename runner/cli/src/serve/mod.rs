@@ -225,7 +225,7 @@ fn with_store(state: &State, key: Option<&str>, f: impl FnOnce(&cache::Reader) -
         Ok(r) => r,
         Err(e) => Reply::error(if e.code == exit::USER { 400 } else { 500 }, format!("{:#}", e.error)),
     };
-    let live = reader.is_opened_live();
+    let live = reader.live();
     reader.finish();
     if let (Some(k), false, true) = (key, live, reply.status < 500) {
         kept.keep_reply(k.to_string(), reply.clone());

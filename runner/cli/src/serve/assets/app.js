@@ -79,7 +79,7 @@ async function show() {
   const key = location.hash;
   try {
     const now = await api("/api/running");
-    if (key !== renderedKey || now.live || now.version === null || now.version !== renderedVersion) {
+    if (key !== renderedKey || now.live || now.version !== renderedVersion) {
       const fresh = key !== renderedKey;
       if (r.parts[0] === "exp" && r.parts[1]) await experimentView(r.parts[1], r.query, fresh, now);
       else if (r.parts[0] === "job" && r.parts[1]) await jobView(r.parts[1], fresh);
