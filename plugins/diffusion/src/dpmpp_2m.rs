@@ -1,4 +1,5 @@
-//! `diffusion.dpmpp_2m`: DPM-Solver++(2M) (Lu et al., 2022), multistep, data prediction.
+//! `diffusion.dpmpp_2m`: DPM-Solver++(2M) (Lu et al., 2022), multistep, data prediction; and
+//! `diffusion.dpmpp_2m_sde`, its SDE variant (diffusers' `algorithm_type="sde-dpmsolver++"`).
 //!
 //! Reference: huggingface/diffusers `scheduling_dpmsolver_multistep.py` with its defaults
 //! (`algorithm_type="dpmsolver++"`, `solver_order=2`, `solver_type="midpoint"`,
@@ -13,9 +14,17 @@
 //! - Second order (midpoint): r₀ = h₀/h, D₀ = m_i, D₁ = (m_i − m_{i−1})/r₀,
 //!   x' = (s_{i+1}/s_i)·x − α_{i+1}(e^{−h} − 1)·D₀ − ½·α_{i+1}(e^{−h} − 1)·D₁.
 //!
-//! NFE = N. Deterministic; the history of model outputs lives within one call. Stateless.
+//! - `use_karras_sigmas`: Karras σ's (ρ = 7) from the last training σ down to the first; the
+//!   model is called at each σ's rounded timestep, the solver steps between the Karras σ's.
+//!
+//! - SDE variant: x' = (s_{i+1}/s_i)e^{−h}·x + α_{i+1}(1 − e^{−2h})·(D₀ + ½D₁) +
+//!   s_{i+1}√(1 − e^{−2h})·z with z fresh from the host's stream at every step (D₁ only in a
+//!   second-order step).
+//!
+//! NFE = N. `dpmpp_2m` is deterministic; the history of model outputs lives within one call.
+//! Stateless.
 
-use crate::common::{alphas_cumprod, check_steps, check_timesteps};
+use crate::common::{alphas_cumprod, check_steps, check_timesteps, normal_like};
 use crate::timesteps::{round_half_even, Spacing};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
@@ -37,6 +46,11 @@ pub struct DpmppParams {
     /// first order on the final step (to σ = 0)
     #[param(default = true)]
     pub lower_order_final: bool,
+    /// Karras et al.'s σ spacing (ρ = 7) over the whole training range; the model is called at
+    /// each σ's rounded timestep
+    #[param(default = false, added_later)]
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
 }
 
 pub struct Dpmpp2m {
@@ -56,6 +70,33 @@ pub fn dpm_timesteps(spacing: Spacing, t: usize, n: usize, offset: i64) -> Vec<i
         }
         Spacing::Trailing => crate::timesteps::ddim_timesteps(Spacing::Trailing, t, n, 0),
     }
+}
+
+/// The timesteps (integers, as floats) and the VE σ's of one run, plus the final σ = 0: σ(t)
+/// at each listed timestep, or with `use_karras_sigmas` the Karras σ's between the first and
+/// last training σ and their rounded timesteps (diffusers rounds them for every schedule but
+/// the cosine one; here always). Shared by DPM-Solver++ and UniPC.
+pub fn dpm_schedule(
+    ac: &[f64],
+    n: usize,
+    spacing: Spacing,
+    offset: i64,
+    use_karras: bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let t_total = ac.len();
+    if n >= t_total {
+        return Err(PluginError(format!("steps ({n}) must be below the {t_total} training timesteps")));
+    }
+    let all = crate::karras::train_sigmas(ac);
+    let (ts, mut sigmas) = if use_karras {
+        crate::karras::karras_schedule(ac, all[0], all[t_total - 1], n, true)
+    } else {
+        let ts = dpm_timesteps(spacing, t_total, n, offset);
+        check_timesteps(ts.iter().map(|&t| t as f64), t_total)?;
+        (ts.iter().map(|&t| t as f64).collect(), ts.iter().map(|&t| all[t as usize]).collect())
+    };
+    sigmas.push(0.0);
+    Ok((ts, sigmas))
 }
 
 /// (α, s, λ) for a VE sigma; σ = 0 gives α = 1, s = 0, λ = +∞.
@@ -86,6 +127,56 @@ pub fn dpmpp_update(x: &Tensor, m: &Tensor, cur: f64, next: f64, prev: Option<(f
     }
 }
 
+/// One update of the SDE variant (`sde-dpmsolver++`, midpoint) from `cur` to `next` with fresh
+/// noise `z`: x' = (s_{i+1}/s_i)e^{−h}·x + α_{i+1}(1 − e^{−2h})·(D₀ + ½D₁) + s_{i+1}√(1 − e^{−2h})·z
+/// (D₁ only in the second-order step). At σ = 0 this is x' = m_i.
+pub fn dpmpp_sde_update(
+    x: &Tensor,
+    m: &Tensor,
+    cur: f64,
+    next: f64,
+    prev: Option<(f64, &Tensor)>,
+    z: &Tensor,
+) -> Tensor {
+    let (_, s_i, l_i) = vp(cur);
+    let (a_n, s_n, l_n) = vp(next);
+    let h = l_n - l_i;
+    let (emh, em2h) = if h.is_infinite() { (0.0, 0.0) } else { ((-h).exp(), (-2.0 * h).exp()) };
+    let mut d = m.shallow_clone();
+    if let Some((sigma_prev, m_prev)) = prev {
+        let (_, _, l_p) = vp(sigma_prev);
+        let r0 = (l_i - l_p) / h;
+        d = d + (m - m_prev) / r0 * 0.5;
+    }
+    x * (s_n / s_i * emh) + d * (a_n * (1.0 - em2h)) + z * (s_n * (1.0 - em2h).sqrt())
+}
+
+/// The multistep loop of both variants: `update` takes (x, m_i, σ_i, σ_{i+1}, the previous σ
+/// and output when this step is second order).
+fn multistep(
+    p: &DpmppParams,
+    noise: Tensor,
+    den: &mut DenoiserCtx<'_>,
+    mut update: impl FnMut(&Tensor, &Tensor, f64, f64, Option<(f64, &Tensor)>) -> Tensor,
+) -> Result<Tensor> {
+    let ac = alphas_cumprod(den)?;
+    let (ts, sigmas) = dpm_schedule(&ac, p.steps as usize, p.timestep_spacing, p.steps_offset, p.use_karras_sigmas)?;
+    let mut x = noise;
+    let mut prev: Option<(f64, Tensor)> = None;
+    for (i, &t) in ts.iter().enumerate() {
+        let (alpha, s, _) = vp(sigmas[i]);
+        let eps = den.eps(&x, t)?;
+        let m = (&x - eps * s) / alpha;
+        let last = i + 1 == ts.len();
+        // The first step has no history; the final one is first order (lower_order_final,
+        // and final_sigmas_type "zero" forces it).
+        let second = prev.as_ref().filter(|_| !(last && (p.lower_order_final || sigmas[i + 1] == 0.0)));
+        x = update(&x, &m, sigmas[i], sigmas[i + 1], second.map(|(s, m)| (*s, m)));
+        prev = Some((sigmas[i], m));
+    }
+    Ok(x)
+}
+
 impl Component for Dpmpp2m {
     const KIND: ComponentKind = ComponentKind::Sampler;
     const ID: &'static str = "diffusion.dpmpp_2m";
@@ -101,30 +192,37 @@ impl Component for Dpmpp2m {
 
 impl Sampler for Dpmpp2m {
     fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, _rng: &mut HostRng<'_>) -> Result<Tensor> {
-        let ac = alphas_cumprod(den)?;
-        let t_total = ac.len();
-        let n = self.p.steps as usize;
-        if n >= t_total {
-            return Err(PluginError(format!("steps ({n}) must be below the {t_total} training timesteps")));
-        }
-        let ts = dpm_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset);
-        check_timesteps(ts.iter().map(|&t| t as f64), t_total)?;
-        let mut sigmas: Vec<f64> = ts.iter().map(|&t| ((1.0 - ac[t as usize]) / ac[t as usize]).sqrt()).collect();
-        sigmas.push(0.0);
-        let mut x = noise;
-        let mut prev: Option<(f64, Tensor)> = None;
-        for (i, &t) in ts.iter().enumerate() {
-            let (alpha, s, _) = vp(sigmas[i]);
-            let eps = den.eps(&x, t as f64)?;
-            let m = (&x - eps * s) / alpha;
-            let last = i + 1 == ts.len();
-            // The first step has no history; the final one is first order (lower_order_final,
-            // and final_sigmas_type "zero" forces it).
-            let second = prev.as_ref().filter(|_| !(last && (self.p.lower_order_final || sigmas[i + 1] == 0.0)));
-            x = dpmpp_update(&x, &m, sigmas[i], sigmas[i + 1], second.map(|(s, m)| (*s, m)));
-            prev = Some((sigmas[i], m));
-        }
-        Ok(x)
+        multistep(&self.p, noise, den, dpmpp_update)
+    }
+}
+
+/// `diffusion.dpmpp_2m_sde`: DPM-Solver++(2M) SDE, the stochastic variant.
+pub struct Dpmpp2mSde {
+    p: DpmppParams,
+}
+
+impl Component for Dpmpp2mSde {
+    const KIND: ComponentKind = ComponentKind::Sampler;
+    const ID: &'static str = "diffusion.dpmpp_2m_sde";
+    const SUMMARY: &'static str =
+        "DPM-Solver++(2M) SDE: the second-order multistep solver of the reverse SDE (fresh noise every step)";
+    const REFERENCE: &'static str = "Lu et al., DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, 2022; huggingface/diffusers scheduling_dpmsolver_multistep.py (algorithm_type=\"sde-dpmsolver++\")";
+    const RANDOM: bool = true;
+    type Params = DpmppParams;
+
+    fn new(p: DpmppParams) -> Result<Self> {
+        check_steps(p.steps)?;
+        Ok(Dpmpp2mSde { p })
+    }
+}
+
+impl Sampler for Dpmpp2mSde {
+    fn sample(&mut self, noise: Tensor, den: &mut DenoiserCtx<'_>, rng: &mut HostRng<'_>) -> Result<Tensor> {
+        // Noise is drawn at every step, the last (to σ = 0, where it has no weight) included.
+        multistep(&self.p, noise, den, |x, m, cur, next, prev| {
+            let z = normal_like(rng, x);
+            dpmpp_sde_update(x, m, cur, next, prev, &z)
+        })
     }
 }
 
@@ -155,5 +253,24 @@ mod tests {
         assert!((second - 0.7889802905).abs() < 1e-9, "{second}");
         // To σ = 0 the first-order step returns the x₀ prediction.
         assert_eq!(f64::try_from(dpmpp_update(&x, &m, 1.0, 0.0, None)).unwrap(), 0.3);
+    }
+
+    /// The SDE variant by hand: σ 1 → 0.5, x = 1, m = 0.3, z = −0.4. α' = 1/√1.25, s' = 0.5α',
+    /// s = 1/√2, e^{−h} = (s'/α')/(s/α) = 0.5; x' = (s'/s)·0.5·x + α'(1 − 0.25)·m + s'√0.75·z.
+    #[test]
+    fn sde_update_by_hand() {
+        let x = Tensor::from_slice(&[1.0f64]);
+        let m = Tensor::from_slice(&[0.3f64]);
+        let z = Tensor::from_slice(&[-0.4f64]);
+        let (a_n, s_n, s_i) = (1.0 / 1.25f64.sqrt(), 0.5 / 1.25f64.sqrt(), 0.5f64.sqrt());
+        let want = s_n / s_i * 0.5 + a_n * 0.75 * 0.3 + s_n * 0.75f64.sqrt() * -0.4;
+        let got = f64::try_from(dpmpp_sde_update(&x, &m, 1.0, 0.5, None, &z)).unwrap();
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        // Second order adds ½α'(1 − e^{−2h})·D₁ with D₁ = (m − m_prev)/r₀ (r₀ = 1 here).
+        let m_prev = Tensor::from_slice(&[0.2f64]);
+        let got2 = f64::try_from(dpmpp_sde_update(&x, &m, 1.0, 0.5, Some((2.0, &m_prev)), &z)).unwrap();
+        assert!((got2 - got - 0.5 * a_n * 0.75 * 0.1).abs() < 1e-12);
+        // To σ = 0: the x₀ prediction, whatever the noise.
+        assert_eq!(f64::try_from(dpmpp_sde_update(&x, &m, 1.0, 0.0, None, &z)).unwrap(), 0.3);
     }
 }

@@ -6,6 +6,8 @@
 //! then 0. x starts at `init_noise_sigma`·z. At each step: the model sees x/√(σ²+1) at the
 //! (fractional) timestep; x̂₀ = x − σ·ε̂, d = (x − x̂₀)/σ, x' = x + d·(σ_next − σ). With a
 //! constant x₀ predictor this is exact. NFE = N. Deterministic; stateless.
+//! `use_karras_sigmas` respaces the σ's as Karras et al. do (ρ = 7) between the schedule's
+//! end σ's and finds each σ's fractional timestep by interpolating log σ.
 
 use crate::common::{alphas_cumprod, check_steps, check_timesteps};
 use crate::karras;
@@ -27,6 +29,10 @@ pub struct KarrasParams {
     /// added to every leading timestep
     #[param(default = 0)]
     pub steps_offset: i64,
+    /// Karras et al.'s σ spacing (ρ = 7) between the schedule's end σ's, timesteps from log σ
+    #[param(default = false, added_later)]
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
 }
 
 /// The schedule of one sampling run: timesteps and sigmas (one more, the final 0), and the
@@ -41,6 +47,14 @@ pub fn schedule(p: &KarrasParams, ac: &[f64]) -> Result<(Vec<f64>, Vec<f64>, f64
     check_timesteps(ts.iter().copied(), t_total)?;
     let all = karras::train_sigmas(ac);
     let mut sigmas: Vec<f64> = ts.iter().map(|&t| karras::interp(&all, t)).collect();
+    let ts = if p.use_karras_sigmas {
+        // Between the end σ's of the interpolated schedule; the model sees fractional t.
+        let (karras_ts, karras) = karras::karras_schedule(ac, sigmas[n - 1], sigmas[0], n, false);
+        sigmas = karras;
+        karras_ts
+    } else {
+        ts
+    };
     let init = karras::init_noise_sigma(p.timestep_spacing, &sigmas);
     sigmas.push(0.0);
     Ok((ts, sigmas, init))

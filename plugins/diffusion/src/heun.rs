@@ -6,7 +6,7 @@
 //! then the model at x_e (input scaled by σ_{i+1}) gives d₂ = (x_e − x̂₀′)/σ_{i+1}, and
 //! x' = x + ½(d + d₂)(σ_{i+1} − σ_i). The last interval, to σ = 0, is a plain Euler step.
 //! NFE = 2N − 1. (The reference's default β_start/β_end belong to its training schedule; here
-//! the denoiser supplies ᾱ.) Deterministic; stateless.
+//! the denoiser supplies ᾱ.) Deterministic; stateless. `use_karras_sigmas` as for Euler.
 
 use crate::common::{alphas_cumprod, check_steps};
 use crate::euler::{eps_at, euler_step, schedule, KarrasParams};
@@ -28,6 +28,10 @@ pub struct HeunParams {
     /// added to every leading timestep
     #[param(default = 0)]
     pub steps_offset: i64,
+    /// Karras et al.'s σ spacing (ρ = 7) between the schedule's end σ's, timesteps from log σ
+    #[param(default = false, added_later)]
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
 }
 
 pub struct Heun {
@@ -52,8 +56,8 @@ impl Component for Heun {
 
     fn new(p: HeunParams) -> Result<Self> {
         check_steps(p.steps)?;
-        let HeunParams { steps, timestep_spacing, steps_offset } = p;
-        Ok(Heun { p: KarrasParams { steps, timestep_spacing, steps_offset } })
+        let HeunParams { steps, timestep_spacing, steps_offset, use_karras_sigmas } = p;
+        Ok(Heun { p: KarrasParams { steps, timestep_spacing, steps_offset, use_karras_sigmas } })
     }
 }
 

@@ -8,10 +8,12 @@ pub mod ddpm;
 pub mod ddpm_ip;
 pub mod dpmpp_2m;
 pub mod euler;
+pub mod euler_ancestral;
 pub mod guidance;
 pub mod heun;
 pub mod karras;
 pub mod timesteps;
+pub mod unipc;
 
 xlab_plugin_api::export_plugin! {
     id: "diffusion",
@@ -19,6 +21,17 @@ xlab_plugin_api::export_plugin! {
     step_rules: [],
     batch_transforms: [ddpm_ip::DdpmIp],
     objectives: [],
-    samplers: [ddim::Ddim, ddpm::Ddpm, dpmpp_2m::Dpmpp2m, euler::Euler, heun::Heun, closed_form::ClosedForm],
+    samplers: [
+        ddim::Ddim,
+        ddim::DdimInverse,
+        ddpm::Ddpm,
+        dpmpp_2m::Dpmpp2m,
+        dpmpp_2m::Dpmpp2mSde,
+        euler::Euler,
+        euler_ancestral::EulerAncestral,
+        heun::Heun,
+        unipc::Unipc,
+        closed_form::ClosedForm
+    ],
     guidances: [guidance::Cfg, guidance::Adaptive],
 }

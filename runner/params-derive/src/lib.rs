@@ -16,6 +16,11 @@
 //! }
 //! ```
 //!
+//! A parameter added to a component that has already been released is marked `added_later`
+//! (`#[param(default = false, added_later)]`, with `#[serde(default)]` on the field): at its
+//! default it stays out of the resolved config, so jobs that existed before keep their
+//! identities.
+//!
 //! Every field needs a doc comment and `default`. The type comes from the field's Rust type
 //! (`f32`/`f64` float, integers int, `bool`, `String`); a field of another type (an enum that
 //! deserializes from a string) names its `choices`, which makes it a string parameter.
@@ -42,6 +47,7 @@ struct Attr {
     max: Option<Expr>,
     choices: Vec<String>,
     name: Option<String>,
+    added_later: bool,
 }
 
 fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
@@ -71,6 +77,7 @@ fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
         let min = option(&attr.min);
         let max = option(&attr.max);
         let choices = &attr.choices;
+        let added_later = attr.added_later;
         specs.push(quote! {
             ::xlab_plugin_api::ParamSpec {
                 name: #name.to_string(),
@@ -80,6 +87,7 @@ fn expand(input: &DeriveInput) -> syn::Result<Tokens> {
                 min: #min,
                 max: #max,
                 choices: vec![#(#choices.to_string()),*],
+                added_later: #added_later,
             }
         });
     }
@@ -126,6 +134,7 @@ fn param_attr(field: &syn::Field) -> syn::Result<Attr> {
                 "min" => out.min = Some(m.value()?.parse()?),
                 "max" => out.max = Some(m.value()?.parse()?),
                 "name" => out.name = Some(m.value()?.parse::<syn::LitStr>()?.value()),
+                "added_later" => out.added_later = true,
                 "choices" => {
                     let list: syn::ExprArray = m.value()?.parse()?;
                     for e in list.elems {
@@ -135,7 +144,7 @@ fn param_attr(field: &syn::Field) -> syn::Result<Attr> {
                         }
                     }
                 }
-                _ => return Err(m.error("expected default, min, max, choices or name")),
+                _ => return Err(m.error("expected default, min, max, choices, name or added_later")),
             }
             Ok(())
         })?;

@@ -194,6 +194,9 @@ pub mod flags {
     /// input gradient (saliency-guided mixing), the validation split's features and predictions,
     /// the classifier head, training rows, feature mixing (SelMix).
     pub const MODEL: u64 = 1 << 3;
+    /// A sampler that maps data to noise (DDIM inversion): its `noise` input holds data rows
+    /// and it returns their latents. `task: invert` runs it; `task: sample` refuses it.
+    pub const INVERTS: u64 = 1 << 4;
 }
 
 abi_struct! {

@@ -30,7 +30,16 @@ pub trait ParamList {
 }
 
 pub fn param(name: &str, ty: ParamType, default: impl Into<serde_json::Value>, doc: &str) -> ParamSpec {
-    ParamSpec { name: name.into(), ty, default: default.into(), doc: doc.into(), min: None, max: None, choices: vec![] }
+    ParamSpec {
+        name: name.into(),
+        ty,
+        default: default.into(),
+        doc: doc.into(),
+        min: None,
+        max: None,
+        choices: vec![],
+        added_later: false,
+    }
 }
 
 /// What the host tells every component before training starts.
@@ -88,6 +97,8 @@ pub trait Component: Sized + 'static {
     /// Set by a batch transform that queries the model (`Batch::model`; see
     /// `abi::flags::MODEL`).
     const QUERIES_MODEL: bool = false;
+    /// Set by a sampler that maps data to noise (see `abi::flags::INVERTS`).
+    const INVERTS: bool = false;
     /// The parameters, deserialized from the checked JSON the host passes; their schema comes
     /// from the same struct's `#[derive(Params)]`.
     type Params: DeserializeOwned + ParamList;
@@ -845,6 +856,9 @@ pub mod glue {
         }
         if T::NOISE_TRANSFORM {
             flags |= abi::flags::NOISE;
+        }
+        if T::INVERTS {
+            flags |= abi::flags::INVERTS;
         }
         abi::ComponentDecl {
             kind: T::KIND as u32,

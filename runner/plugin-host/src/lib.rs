@@ -134,6 +134,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
             stateful: d.flags & abi::flags::STATEFUL != 0,
             random: d.flags & abi::flags::RANDOM != 0,
             noise: d.flags & abi::flags::NOISE != 0,
+            inverts: d.flags & abi::flags::INVERTS != 0,
         });
     }
     std::mem::forget(lib);

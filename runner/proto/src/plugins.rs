@@ -30,6 +30,11 @@ pub struct ParamSpec {
     /// For strings: the allowed values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub choices: Vec<String>,
+    /// Added to a component after its first release: at its default it stays out of the
+    /// resolved config (the component fills it in), so the jobs that existed before it keep
+    /// their identities.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub added_later: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +51,9 @@ pub struct ComponentInfo {
     /// A batch transform of diffusion training: it rewrites the drawn noise, not a labelled batch.
     #[serde(default)]
     pub noise: bool,
+    /// A sampler that maps data to noise (`task: invert`), not noise to data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inverts: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -93,9 +101,24 @@ pub fn resolve_params(component: &ComponentInfo, given: &Map<String, Value>) -> 
         out.insert(name.clone(), check_value(spec, v)?);
     }
     for spec in &component.params {
-        out.entry(spec.name.clone()).or_insert_with(|| spec.default.clone());
+        if spec.added_later {
+            // Given or not, the default is left out: one config, one identity.
+            if out.get(&spec.name).is_some_and(|v| same_value(v, &spec.default)) {
+                out.remove(&spec.name);
+            }
+        } else {
+            out.entry(spec.name.clone()).or_insert_with(|| spec.default.clone());
+        }
     }
     Ok(out)
+}
+
+/// Equal as parameter values: numbers by value (`1` and `1.0` are one number).
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +184,7 @@ mod tests {
                     min: Some(0.0),
                     max: None,
                     choices: vec![],
+                    added_later: false,
                 },
                 ParamSpec {
                     name: "m".into(),
@@ -170,12 +194,14 @@ mod tests {
                     min: Some(0.0),
                     max: None,
                     choices: vec![],
+                    added_later: false,
                 },
             ],
             passes_per_step: 2,
             stateful: false,
             random: false,
             noise: false,
+            inverts: false,
         }
     }
 
@@ -186,6 +212,31 @@ mod tests {
         assert_eq!(Value::Object(r), json!({"rho": 0.1, "m": 0}));
         let given = json!({"m": 4.0}).as_object().unwrap().clone();
         assert_eq!(resolve_params(&sam(), &given).unwrap()["m"], json!(4));
+    }
+
+    /// A parameter added after release stays out of the config at its default, given or not,
+    /// so the config (and the job's identity) is what it was before the parameter existed.
+    #[test]
+    fn a_parameter_added_later_is_left_out_at_its_default() {
+        let mut c = sam();
+        c.params.push(ParamSpec {
+            name: "karras".into(),
+            ty: ParamType::Bool,
+            default: json!(false),
+            doc: String::new(),
+            min: None,
+            max: None,
+            choices: vec![],
+            added_later: true,
+        });
+        let before = resolve_params(&sam(), &Map::new()).unwrap();
+        assert_eq!(resolve_params(&c, &Map::new()).unwrap(), before);
+        let given = json!({"karras": false}).as_object().unwrap().clone();
+        assert_eq!(resolve_params(&c, &given).unwrap(), before);
+        let given = json!({"karras": true}).as_object().unwrap().clone();
+        assert_eq!(resolve_params(&c, &given).unwrap()["karras"], json!(true));
+        let given = json!({"karras": 3}).as_object().unwrap().clone();
+        assert!(matches!(resolve_params(&c, &given), Err(ParamError::Invalid { .. })));
     }
 
     #[test]
