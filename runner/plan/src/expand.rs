@@ -1,7 +1,7 @@
 //! Expansion: defaults ⊕ stage ⊕ sweep point → one validated job per point and seed.
 
 use crate::config::Task;
-use crate::config::{DenoiserConfig, JobConfig, WeightsChoice, COMPONENT_SLOTS};
+use crate::config::{ComponentUse, DenoiserConfig, JobConfig, WeightsChoice, COMPONENT_SLOTS};
 use crate::error::did_you_mean;
 use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Seeds, Select, CONFIG_KEYS};
 use crate::identity::{content_config, job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
@@ -579,7 +579,7 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// The config keys `xlab-worker check` reads: jobs that agree on them are checked once.
-const CHECKED_KEYS: [&str; 12] = [
+const CHECKED_KEYS: [&str; 13] = [
     "task",
     "data",
     "model",
@@ -588,6 +588,7 @@ const CHECKED_KEYS: [&str; 12] = [
     "objective",
     "sampler",
     "guidance",
+    "reconstruct",
     "diffusion",
     "denoiser",
     "epochs",
@@ -1351,14 +1352,17 @@ fn check_sampling(
     parent_stage: Option<&str>,
     parents: &[&Job],
 ) -> Result<(), (String, String, String)> {
-    if config.task != Task::Sample {
+    if !matches!(config.task, Task::Sample | Task::Invert) {
         return Ok(());
     }
-    let steps = config.sampler.as_ref().and_then(|s| s.params.get("steps")).and_then(Value::as_u64);
+    let steps = |slot: &'static str, c: &Option<ComponentUse>| {
+        c.as_ref().and_then(|s| s.params.get("steps")).and_then(Value::as_u64).map(|n| (slot, n))
+    };
+    let steps = [steps("sampler", &config.sampler), steps("reconstruct", &config.reconstruct)];
     let too_many = |timesteps: u32, whose: String| {
-        let n = steps.filter(|&n| n > u64::from(timesteps))?;
+        let (slot, n) = steps.iter().flatten().find(|(_, n)| *n > u64::from(timesteps))?;
         Some((
-            "sampler.steps".to_string(),
+            format!("{slot}.steps"),
             format!("{n} steps is more than the {timesteps} timesteps {whose}"),
             format!("use at most {timesteps} steps"),
         ))
@@ -1748,6 +1752,7 @@ fn resolve_components(
 ) -> Result<Vec<PluginUse>, SpecError> {
     let mut used: Vec<PluginUse> = Vec::new();
     let diffusion = config.diffusion.is_some();
+    let task = config.task;
     for (slot, comp) in config.components_mut() {
         let here = format!("{ctx}: {slot}");
         let registry = plugins.registry(extra).map_err(|m| {
@@ -1790,6 +1795,34 @@ fn resolve_components(
             )
             .context(here)
             .hint(format!("use it under `{}:`", info.kind)));
+        }
+        // Samplers go one way or the other: noise to data, or (inverters) data to noise.
+        if slot == "sampler" && info.inverts != (task == Task::Invert) {
+            let (why, hint) = if info.inverts {
+                (
+                    format!(
+                        "`{}` maps data to noise; `task: {}` needs a sampler that maps noise to data",
+                        comp.id,
+                        task.name()
+                    ),
+                    "run it in a stage with `task: invert`".to_string(),
+                )
+            } else {
+                (
+                    format!("`task: invert` maps data to noise, and `{}` maps noise to data", comp.id),
+                    "invert with e.g. `sampler: {use: diffusion.ddim_inverse, steps: 50}`, and name the sampler that maps                      the latents back under `reconstruct:`"
+                        .to_string(),
+                )
+            };
+            return Err(SpecError::new(file, why).context(here).hint(hint));
+        }
+        if slot == "reconstruct" && info.inverts {
+            return Err(SpecError::new(
+                file,
+                format!("`reconstruct:` maps the latents back to data, and `{}` maps data to noise", comp.id),
+            )
+            .context(here)
+            .hint("use the matching forward sampler, e.g. `{use: diffusion.ddim, steps: 50, clip_sample: false}`"));
         }
         if slot == "batch_transform" && info.noise != diffusion {
             let why = if info.noise {

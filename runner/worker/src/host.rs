@@ -28,6 +28,7 @@ pub struct Components {
     pub objective: Option<Instance>,
     pub sampler: Option<Instance>,
     pub guidance: Option<Instance>,
+    pub reconstruct: Option<Instance>,
 }
 
 impl Components {
@@ -43,6 +44,7 @@ impl Components {
             ("objective", &mut self.objective),
             ("sampler", &mut self.sampler),
             ("guidance", &mut self.guidance),
+            ("reconstruct", &mut self.reconstruct),
         ]
         .into_iter()
         .filter_map(|(k, i)| i.as_mut().map(|i| (k, i)))

@@ -15,6 +15,7 @@ mod failure;
 pub mod files;
 pub mod forward;
 pub mod host;
+pub mod invert;
 pub mod model;
 pub mod npz;
 pub mod optim;
@@ -93,6 +94,7 @@ fn load_components(req: &JobRequest, cfg: &JobConfig) -> Result<Components, Fail
             "batch_transform" => comps.batch_transform = Some(inst),
             "sampler" => comps.sampler = Some(inst),
             "guidance" => comps.guidance = Some(inst),
+            "reconstruct" => comps.reconstruct = Some(inst),
             _ => comps.objective = Some(inst),
         }
     }
@@ -337,6 +339,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
             }
         }
         Task::Sample => sample::run(&cfg, req.seed, device, &req.run_dir, &req.parents, &mut comps, out),
+        Task::Invert => invert::run(&cfg, req.seed, device, &req.run_dir, &req.parents, &mut comps, out),
         Task::Evaluate => evaluate::evaluate_parents(&cfg, &req.parents, device, out),
         Task::Noop => noop(cfg.noop.clone().unwrap_or_default(), device, out),
     }

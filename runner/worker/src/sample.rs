@@ -14,6 +14,7 @@ use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 use xlab_plan::config::{DenoiserConfig, JobConfig, Prediction, WeightsChoice};
+use xlab_plugin_host::Instance;
 use xlab_proto::FailureCause;
 
 /// The exact ε̂ for the empirical distribution of `x0` (rows) under ᾱ. The squared distances
@@ -38,22 +39,22 @@ fn alpha_at(ac: &[f64], t: f64) -> f64 {
 }
 
 /// What a trained denoiser needs at sampling time: the parent's network and its conditioning.
-struct TrainedModel {
+pub(crate) struct TrainedModel {
     net: crate::denoiser::DiffusionNet,
     /// The classifier kept by the training job, to score the samples in the data's own units.
     scorer: Option<(crate::model::Model, nn::VarStore)>,
     prediction: Prediction,
     /// Whether the model takes a label: sample i then asks for class i mod `null_label`.
-    conditional: bool,
+    pub(crate) conditional: bool,
     /// The class count, which is also the null label's index.
-    null_label: i64,
+    pub(crate) null_label: i64,
     /// Keeps the network's variables alive.
     _vs: nn::VarStore,
 }
 
 impl TrainedModel {
     /// The labels asked for by samples `start..start + count`: class i mod K.
-    fn labels(&self, start: i64, count: i64, device: Device) -> Option<Tensor> {
+    pub(crate) fn labels(&self, start: i64, count: i64, device: Device) -> Option<Tensor> {
         self.conditional
             .then(|| Tensor::arange_start(start, start + count, (Kind::Int64, device)).remainder(self.null_label))
     }
@@ -73,12 +74,12 @@ struct Evals {
 
 /// The raw samples of every batch, in the model's [-1, 1] space, with their counts averaged
 /// over the samples (a sample drawn in a batch counts that batch's figures).
-struct Drawn {
-    samples: Tensor,
-    nfe: f64,
-    passes: f64,
-    skipped_uncond: f64,
-    seconds: f64,
+pub(crate) struct Drawn {
+    pub samples: Tensor,
+    pub nfe: f64,
+    pub passes: f64,
+    pub skipped_uncond: f64,
+    pub seconds: f64,
 }
 
 pub fn run(
@@ -94,9 +95,129 @@ pub fn run(
         return Err(Failure::new(FailureCause::Config, "`task: sample` needs `denoiser` and `samples`"));
     };
     let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
-    // The training points (for the exact denoiser and the closed-form samplers) in the model's
-    // [-1, 1] space, the map between that space and the data's units, and the schedule.
-    let (x0, scale, ac, model) = match denoiser {
+    let (x0, scale, ac, model) = load_denoiser(cfg, denoiser, &data, device, parents, out)?;
+    if comps.guidance.is_some() && model.as_ref().is_none_or(|m| !m.conditional) {
+        return Err(Failure::new(
+            FailureCause::Config,
+            "`guidance` needs a class-conditional trained model (`diffusion: {conditional: true}` in the parent)",
+        ));
+    }
+    let x0 = x0.to_device(device);
+    let batch = i64::from(cfg.sample_batch.unwrap_or(DEFAULT_SAMPLE_BATCH));
+    let den = Denoising { x0: &x0, ac: &ac, model: model.as_ref(), image: data.image, device, seed };
+    let Components { sampler, guidance, .. } = comps;
+    let sampler =
+        sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
+    // The initial noise is one stream from the job's seed, whatever the batch size.
+    let dim = x0.size()[1];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut noise = |_start: i64, b: i64| -> Result<Tensor, Failure> {
+        let v: Vec<f64> = (0..b * dim).map(|_| data::normal(&mut rng)).collect();
+        Ok(Tensor::from_slice(&v).reshape([b, dim]).to_device(device))
+    };
+    // Sample i asks for class i mod K.
+    let labels = |start: i64, b: i64| model.as_ref().and_then(|m| m.labels(start, b, device));
+    let drawn = draw(i64::from(n), batch, &den, sampler, guidance.as_mut(), &mut noise, &labels)?;
+    let mut values = BTreeMap::new();
+    values.insert("sample.nfe".to_string(), drawn.nfe);
+    values.insert("time.sample_s".to_string(), drawn.seconds);
+    values.insert("time.nfe_per_s".to_string(), drawn.nfe / drawn.seconds);
+    if model.is_some() {
+        values.insert("sample.model_passes".to_string(), drawn.passes);
+        if comps.guidance.is_some() {
+            values.insert("sample.uncond_skipped".to_string(), drawn.skipped_uncond);
+        }
+    }
+    let raw = drawn.samples;
+    // Samples are delivered as an image pipeline delivers them: clamped to the training data's
+    // range ([-1, 1] here), in the data's units. The raw values' figures keep their own names.
+    let (outside, abs_max) = {
+        let abs = raw.abs();
+        (f64::try_from(abs.gt(1.0).sum(Kind::Double))? / abs.numel() as f64, f64::try_from(abs.max())?)
+    };
+    values.insert("sample.raw.abs_max".to_string(), abs_max);
+    // Only the raw samples are kept: each use maps them to the data's units and clamps there.
+    let own = |clamp: bool| {
+        let mut y = scale.invert(&raw);
+        if clamp {
+            scale.clamp_(&mut y);
+        }
+        y
+    };
+    let train = scale.invert(&x0);
+    let held_out = data.test.x.to_kind(Kind::Double).to_device(device);
+    let scorer = model.as_ref().and_then(|m| m.scorer.as_ref().map(|(s, _)| (s, m)));
+    let held_out_features = scorer.map(|(s, _)| crate::quality::in_chunks(&held_out, |x| features(s, x)));
+    let quality = |clamp: bool| -> Result<BTreeMap<String, f64>, Failure> {
+        let own = own(clamp);
+        let mut q = BTreeMap::new();
+        let nn = crate::quality::nearest_distance(&own, &train);
+        q.insert("nn_dist".to_string(), f64::try_from(nn.mean(Kind::Double))?);
+        q.insert("nn_dist_max".to_string(), f64::try_from(nn.max())?);
+        let mean_gap = (own.mean_dim(0, false, Kind::Double) - train.mean_dim(0, false, Kind::Double)).norm();
+        q.insert("mean_gap".to_string(), f64::try_from(mean_gap)?);
+        q.insert("swd".to_string(), crate::quality::sliced_wasserstein(&own, &held_out, 128, 0)?);
+        q.insert("mmd".to_string(), crate::quality::mmd_rbf(&own, &held_out)?);
+        if let (Some((scorer, m)), Some(held_out_features)) = (scorer, &held_out_features) {
+            // In the data's own units, as the classifier was trained.
+            let probs = crate::quality::in_chunks(&own, |x| {
+                tch::no_grad(|| scorer.forward_t(&x.to_kind(Kind::Float), false).softmax(-1, Kind::Double))
+            });
+            let (conf, pred) = probs.max_dim(-1, false);
+            q.insert("class_confidence".to_string(), f64::try_from(conf.mean(Kind::Double))?);
+            if let Some(labels) = m.labels(0, own.size()[0], device) {
+                let right = pred.eq_tensor(&labels).to_kind(Kind::Double).mean(Kind::Double);
+                q.insert("class_acc".to_string(), f64::try_from(right)?);
+            }
+            let own_features = crate::quality::in_chunks(&own, |x| features(scorer, x));
+            q.insert("fd".to_string(), crate::quality::frechet(&own_features, held_out_features)?);
+        }
+        Ok(q)
+    };
+    let as_delivered = quality(true)?;
+    // With every value in range the raw samples are the delivered ones: the same figures.
+    let as_raw = if outside > 0.0 { quality(false)? } else { as_delivered.clone() };
+    values.insert("sample.out_of_range".to_string(), outside);
+    for (prefix, q) in [("sample.", as_delivered), ("sample.raw.", as_raw)] {
+        values.extend(q.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+    }
+    values.insert("sys.peak_rss_mb".to_string(), crate::peak_rss_mb());
+    out.metrics(1, values.clone());
+    // `samples`: as delivered, in the data's units; `raw`: the sampler's output in [-1, 1] space.
+    let delivered_own = own(true).to_kind(Kind::Float).to_device(Device::Cpu);
+    save_atomically_tensors(
+        &run_dir.join("samples.safetensors"),
+        &[("samples", &delivered_own), ("raw", &raw.to_kind(Kind::Float).to_device(Device::Cpu))],
+    )?;
+    out.artifact("samples", "samples.safetensors", "samples");
+    if let Some(image) = data.image {
+        let labelled = model.as_ref().filter(|m| m.conditional).map(|m| m.null_label);
+        crate::quality::write_grid_png(
+            &run_dir.join("samples.png"),
+            &raw.narrow(0, 0, raw.size()[0].min(64)).clamp(-1.0, 1.0).to_device(Device::Cpu),
+            image,
+            8,
+            labelled,
+        )?;
+        out.artifact("samples_grid", "samples.png", "image");
+    }
+    Ok(values)
+}
+
+/// The denoiser of a sample or invert job: the training points (for the exact denoiser and the
+/// closed-form samplers) in the model's [-1, 1] space, the map between that space and the
+/// data's units, the schedule, and the parent's trained model.
+pub(crate) type Loaded = (Tensor, crate::denoiser::Scale, Vec<f64>, Option<TrainedModel>);
+
+pub(crate) fn load_denoiser(
+    cfg: &JobConfig,
+    denoiser: &DenoiserConfig,
+    data: &data::Dataset,
+    device: Device,
+    parents: &[xlab_proto::ParentRef],
+    out: &mut Emitter,
+) -> Result<Loaded, Failure> {
+    Ok(match denoiser {
         DenoiserConfig::Exact(den) => {
             // Per feature for vectors, one range over all pixels for images (as training does).
             let scale = crate::denoiser::Scale::fit(&data.train.x, data.image.is_some());
@@ -189,100 +310,7 @@ pub fn run(
             };
             (x0, p.scale, p.alphas, Some(model))
         }
-    };
-    if comps.guidance.is_some() && model.as_ref().is_none_or(|m| !m.conditional) {
-        return Err(Failure::new(
-            FailureCause::Config,
-            "`guidance` needs a class-conditional trained model (`diffusion: {conditional: true}` in the parent)",
-        ));
-    }
-    let x0 = x0.to_device(device);
-    let batch = i64::from(cfg.sample_batch.unwrap_or(DEFAULT_SAMPLE_BATCH));
-    let drawn = draw(i64::from(n), batch, seed, &x0, &ac, model.as_ref(), &data, device, comps)?;
-    let mut values = BTreeMap::new();
-    values.insert("sample.nfe".to_string(), drawn.nfe);
-    values.insert("time.sample_s".to_string(), drawn.seconds);
-    values.insert("time.nfe_per_s".to_string(), drawn.nfe / drawn.seconds);
-    if model.is_some() {
-        values.insert("sample.model_passes".to_string(), drawn.passes);
-        if comps.guidance.is_some() {
-            values.insert("sample.uncond_skipped".to_string(), drawn.skipped_uncond);
-        }
-    }
-    let raw = drawn.samples;
-    // Samples are delivered as an image pipeline delivers them: clamped to the training data's
-    // range ([-1, 1] here), in the data's units. The raw values' figures keep their own names.
-    let (outside, abs_max) = {
-        let abs = raw.abs();
-        (f64::try_from(abs.gt(1.0).sum(Kind::Double))? / abs.numel() as f64, f64::try_from(abs.max())?)
-    };
-    values.insert("sample.raw.abs_max".to_string(), abs_max);
-    // Only the raw samples are kept: each use maps them to the data's units and clamps there.
-    let own = |clamp: bool| {
-        let mut y = scale.invert(&raw);
-        if clamp {
-            scale.clamp_(&mut y);
-        }
-        y
-    };
-    let train = scale.invert(&x0);
-    let held_out = data.test.x.to_kind(Kind::Double).to_device(device);
-    let scorer = model.as_ref().and_then(|m| m.scorer.as_ref().map(|(s, _)| (s, m)));
-    let held_out_features = scorer.map(|(s, _)| crate::quality::in_chunks(&held_out, |x| features(s, x)));
-    let quality = |clamp: bool| -> Result<BTreeMap<String, f64>, Failure> {
-        let own = own(clamp);
-        let mut q = BTreeMap::new();
-        let nn = crate::quality::nearest_distance(&own, &train);
-        q.insert("nn_dist".to_string(), f64::try_from(nn.mean(Kind::Double))?);
-        q.insert("nn_dist_max".to_string(), f64::try_from(nn.max())?);
-        let mean_gap = (own.mean_dim(0, false, Kind::Double) - train.mean_dim(0, false, Kind::Double)).norm();
-        q.insert("mean_gap".to_string(), f64::try_from(mean_gap)?);
-        q.insert("swd".to_string(), crate::quality::sliced_wasserstein(&own, &held_out, 128, 0)?);
-        q.insert("mmd".to_string(), crate::quality::mmd_rbf(&own, &held_out)?);
-        if let (Some((scorer, m)), Some(held_out_features)) = (scorer, &held_out_features) {
-            // In the data's own units, as the classifier was trained.
-            let probs = crate::quality::in_chunks(&own, |x| {
-                tch::no_grad(|| scorer.forward_t(&x.to_kind(Kind::Float), false).softmax(-1, Kind::Double))
-            });
-            let (conf, pred) = probs.max_dim(-1, false);
-            q.insert("class_confidence".to_string(), f64::try_from(conf.mean(Kind::Double))?);
-            if let Some(labels) = m.labels(0, own.size()[0], device) {
-                let right = pred.eq_tensor(&labels).to_kind(Kind::Double).mean(Kind::Double);
-                q.insert("class_acc".to_string(), f64::try_from(right)?);
-            }
-            let own_features = crate::quality::in_chunks(&own, |x| features(scorer, x));
-            q.insert("fd".to_string(), crate::quality::frechet(&own_features, held_out_features)?);
-        }
-        Ok(q)
-    };
-    let as_delivered = quality(true)?;
-    // With every value in range the raw samples are the delivered ones: the same figures.
-    let as_raw = if outside > 0.0 { quality(false)? } else { as_delivered.clone() };
-    values.insert("sample.out_of_range".to_string(), outside);
-    for (prefix, q) in [("sample.", as_delivered), ("sample.raw.", as_raw)] {
-        values.extend(q.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
-    }
-    values.insert("sys.peak_rss_mb".to_string(), crate::peak_rss_mb());
-    out.metrics(1, values.clone());
-    // `samples`: as delivered, in the data's units; `raw`: the sampler's output in [-1, 1] space.
-    let delivered_own = own(true).to_kind(Kind::Float).to_device(Device::Cpu);
-    save_atomically_tensors(
-        &run_dir.join("samples.safetensors"),
-        &[("samples", &delivered_own), ("raw", &raw.to_kind(Kind::Float).to_device(Device::Cpu))],
-    )?;
-    out.artifact("samples", "samples.safetensors", "samples");
-    if let Some(image) = data.image {
-        let labelled = model.as_ref().filter(|m| m.conditional).map(|m| m.null_label);
-        crate::quality::write_grid_png(
-            &run_dir.join("samples.png"),
-            &raw.narrow(0, 0, raw.size()[0].min(64)).clamp(-1.0, 1.0).to_device(Device::Cpu),
-            image,
-            8,
-            labelled,
-        )?;
-        out.artifact("samples_grid", "samples.png", "image");
-    }
-    Ok(values)
+    })
 }
 
 /// How many rows of `a` are also rows of `b` (exactly, bit for bit).
@@ -302,46 +330,51 @@ fn features(scorer: &crate::model::Model, x: &Tensor) -> Tensor {
     tch::no_grad(|| scorer.features(&x.to_kind(Kind::Float)))
 }
 
-/// Draws `n` samples, `batch` at a time. The initial noise is one stream from the job's seed
-/// whatever the batch size; a stochastic sampler's own draws come per batch. The guidance is
-/// set up afresh for every batch, as for a run of its own.
-#[allow(clippy::too_many_arguments)]
-fn draw(
+/// What a sampler run queries: the training points in the model's space (the exact denoiser,
+/// the closed-form samplers), the schedule, and the trained model if any.
+pub(crate) struct Denoising<'a> {
+    pub x0: &'a Tensor,
+    pub ac: &'a [f64],
+    pub model: Option<&'a TrainedModel>,
+    pub image: Option<[i64; 3]>,
+    pub device: Device,
+    pub seed: u64,
+}
+
+/// Runs `sampler` over `n` rows, `batch` at a time, from the rows `start(first, count)` gives
+/// (noise for sampling, data for an inversion, latents for a reconstruction), a conditional
+/// model asking for `labels(first, count)`. A stochastic sampler's own draws come per batch
+/// from the job's seed. The guidance is set up afresh for every batch, as for a run of its own.
+pub(crate) fn draw(
     n: i64,
     batch: i64,
-    seed: u64,
-    x0: &Tensor,
-    ac: &[f64],
-    model: Option<&TrainedModel>,
-    data: &data::Dataset,
-    device: Device,
-    comps: &mut Components,
+    den: &Denoising<'_>,
+    sampler: &mut Instance,
+    mut guidance: Option<&mut Instance>,
+    start: &mut dyn FnMut(i64, i64) -> Result<Tensor, Failure>,
+    labels: &dyn Fn(i64, i64) -> Option<Tensor>,
 ) -> Result<Drawn, Failure> {
+    let Denoising { x0, ac, model, image, device, seed } = *den;
     let ac_t = Tensor::from_slice(ac).to_device(device);
-    let dim = x0.size()[1];
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut plugin_rng = ChaCha8Rng::seed_from_u64(seed);
     plugin_rng.set_stream(u64::MAX);
     let t_max = ac.len() as f64 - 1.0;
-    let Components { sampler, guidance, .. } = comps;
-    let sampler =
-        sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
+    let dim = x0.size()[1];
     // Filled batch by batch (no second copy of every sample at the end).
     let all = Tensor::zeros([n, dim], (Kind::Double, device));
     let (mut nfe, mut passes, mut skipped, mut seconds) = (0.0, 0.0, 0.0, 0.0);
     let mut evaluations = 0u64;
-    let mut start = 0;
-    while start < n {
-        let b = batch.min(n - start);
-        let noise: Vec<f64> = (0..b * dim).map(|_| data::normal(&mut rng)).collect();
-        let noise = Tensor::from_slice(&noise).reshape([b, dim]).to_device(device);
-        let labels = model.and_then(|m| m.labels(start, b, device));
+    let mut first = 0;
+    while first < n {
+        let b = batch.min(n - first);
+        let noise = start(first, b)?;
+        let labels = labels(first, b);
         if let Some(g) = guidance.as_mut() {
             g.setup(&xlab_plugin_api::RunInfo {
                 num_classes: model.map_or(0, |m| m.null_label),
                 n_train: x0.size()[0] as u64,
                 seed,
-                image: data.image,
+                image,
                 ..Default::default()
             })
             .map_err(|m| Failure::new(FailureCause::Error, m))?;
@@ -420,8 +453,8 @@ fn draw(
         nfe += calls as f64 * share;
         passes += evals.passes as f64 * share;
         skipped += evals.skipped_uncond as f64 * share;
-        all.narrow(0, start, b).copy_(&samples);
-        start += b;
+        all.narrow(0, first, b).copy_(&samples);
+        first += b;
     }
     Ok(Drawn { samples: all, nfe, passes, skipped_uncond: skipped, seconds })
 }

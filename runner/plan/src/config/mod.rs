@@ -29,12 +29,29 @@ pub enum Task {
     Train,
     /// Draw samples with a sampler component from a denoiser.
     Sample,
+    /// Map held-out data rows to noise with an inverting sampler (`diffusion.ddim_inverse`)
+    /// and, with `reconstruct:`, back to data: the latents' statistics and the round trip's
+    /// error.
+    Invert,
     /// Evaluate the final weights of the parent job(s) (`needs:`) on this stage's data; with
     /// several parents (`select: all`), their averaged predictive distribution (an ensemble).
     Evaluate,
     /// Nothing but what `noop:` says (sleep, then succeed or fail a chosen way): for measuring
     /// the scheduler and for exercising its failure handling.
     Noop,
+}
+
+impl Task {
+    /// The name a file gives the task.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Train => "train",
+            Task::Sample => "sample",
+            Task::Invert => "invert",
+            Task::Evaluate => "evaluate",
+            Task::Noop => "noop",
+        }
+    }
 }
 
 /// What a `task: noop` job does.
@@ -106,6 +123,10 @@ pub struct JobConfig {
     /// `sample`: the sampler component (e.g. `{use: diffusion.ddim, steps: 50}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<ComponentUse>,
+    /// `invert`: a sampler that maps the latents back to data (e.g. `{use: diffusion.ddim,
+    /// steps: 50, clip_sample: false}`), to measure how well the inversion round-trips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconstruct: Option<ComponentUse>,
     /// `sample`, with a trained denoiser whose model is class-conditional: how the conditional
     /// and unconditional predictions combine (e.g. `{use: diffusion.cfg, guidance_scale: 3}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,12 +300,14 @@ pub const COMPONENT_SLOTS: &[(&str, &str)] = &[
     ("objective", "objective"),
     ("sampler", "sampler"),
     ("guidance", "guidance"),
+    ("reconstruct", "sampler"),
 ];
 
 impl JobConfig {
     /// The components the job uses, by slot name.
     pub fn components(&self) -> Vec<(&'static str, &ComponentUse)> {
-        let slots = [&self.step_rule, &self.batch_transform, &self.objective, &self.sampler, &self.guidance];
+        let slots =
+            [&self.step_rule, &self.batch_transform, &self.objective, &self.sampler, &self.guidance, &self.reconstruct];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_ref().map(|c| (*slot, c))).collect()
     }
 
@@ -295,6 +318,7 @@ impl JobConfig {
             &mut self.objective,
             &mut self.sampler,
             &mut self.guidance,
+            &mut self.reconstruct,
         ];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_mut().map(|c| (*slot, c))).collect()
     }
@@ -348,6 +372,9 @@ impl JobConfig {
         let err = |p: &str, m: String| Err((p.to_string(), m));
         if self.task != Task::Noop && self.noop.is_some() {
             return err("noop", "belongs to `task: noop`".into());
+        }
+        if self.task != Task::Invert && self.reconstruct.is_some() {
+            return err("reconstruct", "maps inverted latents back to data; it belongs to `task: invert`".into());
         }
         if self.task != Task::Train {
             if let Some((k, _)) = self.train_fields().into_iter().find(|(_, set)| *set) {
@@ -455,7 +482,7 @@ impl JobConfig {
                 }
                 return Ok(());
             }
-            Task::Sample => {
+            Task::Sample | Task::Invert => {
                 if !self.precision.is_fp32() {
                     return err(
                         "precision",
@@ -463,9 +490,17 @@ impl JobConfig {
                     );
                 }
                 for (k, set) in self.sample_fields() {
-                    if !set {
-                        return err(k, "is required by `task: sample`".into());
+                    // An inversion takes every held-out row unless `samples` caps them.
+                    if !set && !(k == "samples" && self.task == Task::Invert) {
+                        return err(k, format!("is required by `task: {}`", self.task.name()));
                     }
+                }
+                if self.task == Task::Invert && self.guidance.is_some() {
+                    return err(
+                        "guidance",
+                        "belongs to `task: sample`; an inversion queries a conditional model with each row's own label"
+                            .into(),
+                    );
                 }
                 if self.samples == Some(0) {
                     return err("samples", "must be at least 1".into());
