@@ -120,6 +120,13 @@ pub fn summary(store: &dyn ResultStore, rec: &JobRecord, series: &BTreeMap<Strin
         prov.extend(m.gpu.clone());
         prov.extend(m.cpu.clone());
         let _ = writeln!(o, "provenance: {}", prov.join(", "));
+        if let Some(c) = &p.continued_from {
+            let _ = writeln!(
+                o,
+                "  continued job {} (the same training with {} epochs) from its checkpoint after epoch {}",
+                c.job, c.epoch, c.epoch
+            );
+        }
         for u in &p.plugins {
             let _ = writeln!(
                 o,

@@ -489,6 +489,44 @@ impl Plan {
 }
 
 impl Job {
+    /// The jobs this one extends exactly, longest first: `(epochs, id)` of the same training
+    /// with fewer epochs (the same config otherwise, seed, plugins and parents). A diffusion
+    /// training draws every batch from (seed, epoch, batch) and its learning rate does not look
+    /// at the epoch count unless the schedule is cosine, so its first E epochs are those of the
+    /// same training run for E epochs: this job can continue from such a job's checkpoint after
+    /// epoch E (weights, optimizer and EMA state) and end where a fresh run would, bit for bit.
+    /// Empty for anything else (classifier training, a cosine schedule, plugin components, whose
+    /// setup sees the epoch count).
+    pub fn extends(&self) -> Vec<(u32, JobId)> {
+        let c = &self.config;
+        let exact = c.task == Task::Train
+            && c.diffusion.is_some()
+            && c.components().is_empty()
+            && !matches!(c.schedule, crate::config::Schedule::Cosine(_));
+        if !exact {
+            return Vec::new();
+        }
+        let refs: Vec<PluginRef> =
+            self.plugins.iter().map(|u| PluginRef { id: u.id.clone(), version: u.version.clone() }).collect();
+        let pick = self.pick.as_ref().map(|p| serde_json::to_value(p).expect("picks serialize"));
+        (1..c.epochs)
+            .rev()
+            .map(|e| {
+                let mut config = self.config_json.clone();
+                config["epochs"] = Value::from(e);
+                let config = content_config(&config);
+                let input = IdentityInput {
+                    config: &config,
+                    seed: self.seed,
+                    plugins: &refs,
+                    parents: &self.parents,
+                    pick: pick.as_ref(),
+                };
+                (e, job_id(&input))
+            })
+            .collect()
+    }
+
     /// A short human label of the sweep point, e.g. `optimizer.lr=0.1 seed=0`.
     pub fn label(&self) -> String {
         let show = |v: &Value| match v {

@@ -73,6 +73,18 @@ pub struct JobRequest {
     /// (`checkpoint.keep_weights`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keep_weights: Vec<u32>,
+    /// A finished job this one extends exactly (the same training with fewer epochs): with no
+    /// checkpoint of its own, the worker starts from that job's checkpoint after `epoch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continue_from: Option<ContinueFrom>,
+}
+
+/// The finished job a training continues from, and the epoch of its checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContinueFrom {
+    pub job_id: String,
+    pub run_dir: PathBuf,
+    pub epoch: u64,
 }
 
 /// A finished parent job, as its child sees it.
@@ -187,6 +199,10 @@ pub enum Event {
         /// Batches into epoch `epoch + 1` (0: from the end of epoch `epoch`).
         #[serde(default)]
         step_in_epoch: u64,
+        /// The finished job whose checkpoint it continues (`JobRequest::continue_from`), when
+        /// not its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_job: Option<String>,
     },
     /// A checkpoint after `epoch` is durable at `path` (relative to the run folder).
     Checkpoint {

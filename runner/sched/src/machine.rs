@@ -54,6 +54,8 @@ pub(crate) enum Told {
         job: usize,
         epoch: u64,
         step_in_epoch: u64,
+        /// The finished job whose checkpoint it continues, when not its own.
+        from_job: Option<String>,
     },
     Finished {
         job: usize,
@@ -845,8 +847,12 @@ impl<'p> Machine<'p> {
                 }
                 self.actions.push(Action::Metrics { job: i, step, values })
             }
-            Event::Resumed { epoch, step_in_epoch } => {
-                self.actions.push(Action::Tell(Told::Resumed { job: i, epoch, step_in_epoch }))
+            Event::Resumed { epoch, step_in_epoch, from_job } => {
+                if let Some(from) = &from_job {
+                    rec.provenance.continued_from = Some(xlab_store::ContinuedFrom { job: from.clone(), epoch });
+                    self.actions.push(Action::Save(Box::new(rec.clone())));
+                }
+                self.actions.push(Action::Tell(Told::Resumed { job: i, epoch, step_in_epoch, from_job }))
             }
             Event::Checkpoint { epoch, path, step_in_epoch } => {
                 let path = format!("runs/{}/{path}", job.id);

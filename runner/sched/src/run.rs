@@ -89,6 +89,9 @@ pub enum Progress<'a> {
         epoch: u64,
         /// Batches into epoch `epoch + 1` (0: from the end of epoch `epoch`).
         step_in_epoch: u64,
+        /// The finished job (the same training with fewer epochs) whose checkpoint it
+        /// continues, when not its own.
+        from_job: Option<String>,
     },
     Metrics {
         job: &'a Job,
@@ -696,8 +699,8 @@ fn tell(m: &Machine<'_>, told: Told, observe: &mut dyn FnMut(Progress<'_>)) {
         Told::Started { job, device, attempt } => {
             observe(Progress::Started { job: m.job(job), device: &device, attempt, slurm_job: None })
         }
-        Told::Resumed { job, epoch, step_in_epoch } => {
-            observe(Progress::Resumed { job: m.job(job), epoch, step_in_epoch })
+        Told::Resumed { job, epoch, step_in_epoch, from_job } => {
+            observe(Progress::Resumed { job: m.job(job), epoch, step_in_epoch, from_job })
         }
         Told::Finished { job, summary } => observe(Progress::Finished { job: m.job(job), summary: &summary }),
         Told::Failed { job, cause, message } => observe(Progress::Failed { job: m.job(job), cause, message: &message }),
@@ -809,7 +812,26 @@ fn request(
         parents: parents.to_vec(),
         pause_after_epoch,
         keep_weights: job.exec.keep_weights.clone(),
+        continue_from: extended(store, job),
     }
+}
+
+/// The finished job with the most epochs among those this one extends exactly
+/// (`Job::extends`) whose checkpoint after its last epoch is still there.
+fn extended(store: &dyn ResultStore, job: &Job) -> Option<xlab_proto::ContinueFrom> {
+    let shorter = job.extends();
+    if shorter.is_empty() {
+        return None;
+    }
+    let ids: Vec<&str> = shorter.iter().map(|(_, id)| id.as_str()).collect();
+    let records = store.jobs_by_id(&ids).ok()?;
+    shorter.iter().zip(records).find_map(|((epochs, id), rec)| {
+        let run_dir = store.run_dir(id.as_str());
+        let done = rec.is_some_and(|r| r.status == JobStatus::Done);
+        let point = xlab_proto::artifacts::CheckpointPoint { epoch: u64::from(*epochs), step: 0 };
+        let kept = run_dir.join(format!("{}.json", point.stem())).is_file();
+        (done && kept).then(|| xlab_proto::ContinueFrom { job_id: id.to_string(), run_dir, epoch: u64::from(*epochs) })
+    })
 }
 
 /// Jobs submitted together share their stage, GPU count and `deterministic`.

@@ -202,6 +202,17 @@ pub struct Provenance {
     /// libtorch's CUDA version, the driver, the GPU and the CPU.
     #[serde(default, skip_serializing_if = "is_default")]
     pub machine: xlab_proto::Machine,
+    /// The finished job (the same training with fewer epochs) whose checkpoint this one
+    /// started from, instead of from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continued_from: Option<ContinuedFrom>,
+}
+
+/// Where a training that extends a finished one started: that job and its epoch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContinuedFrom {
+    pub job: String,
+    pub epoch: u64,
 }
 
 fn is_default<T: Default + PartialEq>(x: &T) -> bool {

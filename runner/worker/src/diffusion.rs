@@ -173,10 +173,9 @@ pub fn run(
     let mut history: Vec<(u64, BTreeMap<String, f64>)> = Vec::new();
     let mut first_epoch = 0;
     let mut global_step = 0;
-    if let Some(c) = ckpt.latest(run_dir) {
+    if let Some(c) = ckpt.starting_point(run_dir, out)? {
         let mut r = unused_rng.clone();
         files::restore(&c, &named, &mut opt, comps, &mut r, ema.as_mut())?;
-        files::announce_resume(out, &c);
         ckpt.paused_at_resume(c.meta.epoch, c.meta.step_in_epoch, cfg.epochs)?;
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;

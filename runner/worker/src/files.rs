@@ -30,6 +30,9 @@ pub struct CheckpointPlan<'a> {
     pub pause_after: Option<u64>,
     /// Epochs (1-based) at whose end a diffusion training keeps its weights as well.
     pub keep_weights: &'a [u32],
+    /// The finished job this one extends exactly, to start from when it has no checkpoint of
+    /// its own.
+    pub continue_from: Option<&'a xlab_proto::ContinueFrom>,
 }
 
 /// The weights a training kept at the end of `epoch` (`checkpoint.keep_weights`), raw or
@@ -43,6 +46,63 @@ pub fn epoch_weights(averaged: bool, epoch: u32) -> String {
 }
 
 impl CheckpointPlan<'_> {
+    /// The checkpoint a training starts from, announced: its own newest, or, with none, the
+    /// checkpoint after the last epoch of the finished job it extends (`continue_from`), whose
+    /// kept weights of earlier epochs it takes over. That job's checkpoint gone, or a kept
+    /// weights file this job wants missing there, it starts from scratch.
+    pub(crate) fn starting_point(
+        &self,
+        run_dir: &Path,
+        out: &mut Emitter,
+    ) -> Result<Option<checkpoint::Checkpoint>, Failure> {
+        if let Some(c) = self.latest(run_dir) {
+            announce_resume(out, &c, None);
+            return Ok(Some(c));
+        }
+        let Some(from) = self.continue_from else { return Ok(None) };
+        let mut skipped = Vec::new();
+        let found = checkpoint::latest(&from.run_dir, &from.job_id, &mut skipped)
+            .filter(|c| c.meta.epoch == from.epoch && c.meta.step_in_epoch == 0);
+        let Some(c) = found else {
+            tracing::warn!(
+                "job {}'s checkpoint after epoch {} is gone; training from the start",
+                from.job_id,
+                from.epoch
+            );
+            return Ok(None);
+        };
+        // Kept weights of epochs the finished job covers: this job keeps them too.
+        let wanted: Vec<String> = self
+            .keep_weights
+            .iter()
+            .filter(|&&e| u64::from(e) <= from.epoch)
+            .flat_map(|&e| [epoch_weights(false, e), epoch_weights(true, e)])
+            .collect();
+        let present: Vec<&String> = wanted.iter().filter(|f| from.run_dir.join(f).is_file()).collect();
+        let raw_missing = self
+            .keep_weights
+            .iter()
+            .any(|&e| u64::from(e) <= from.epoch && !from.run_dir.join(epoch_weights(false, e)).is_file());
+        if raw_missing {
+            tracing::info!(
+                "job {} did not keep the weights of every epoch this job keeps; training from the start",
+                from.job_id
+            );
+            return Ok(None);
+        }
+        for file in present {
+            let bytes = std::fs::read(from.run_dir.join(file)).map_err(|e| {
+                Failure::new(FailureCause::Error, format!("cannot read job {}'s {file}: {e}", from.job_id))
+            })?;
+            checkpoint::write_atomic(&run_dir.join(file), &bytes)
+                .map_err(|e| Failure::new(FailureCause::Error, format!("cannot write {file}: {e}")))?;
+            let name = file.trim_end_matches(".safetensors").replace('-', "_");
+            out.artifact(&name, file, "weights");
+        }
+        announce_resume(out, &c, Some(&from.job_id));
+        Ok(Some(c))
+    }
+
     /// The newest valid checkpoint in `run_dir`, warning about each one skipped as invalid.
     pub(crate) fn latest(&self, run_dir: &Path) -> Option<checkpoint::Checkpoint> {
         let mut skipped = Vec::new();
@@ -104,9 +164,13 @@ impl CheckpointPlan<'_> {
 
 /// Tells the coordinator that the job resumed, and re-sends what was measured before, so a
 /// store that lost its last writes is made whole.
-pub(crate) fn announce_resume(out: &mut Emitter, c: &checkpoint::Checkpoint) {
-    tracing::info!(epoch = c.meta.epoch, step_in_epoch = c.meta.step_in_epoch, "resuming from checkpoint");
-    out.send(&xlab_proto::Event::Resumed { epoch: c.meta.epoch, step_in_epoch: c.meta.step_in_epoch });
+pub(crate) fn announce_resume(out: &mut Emitter, c: &checkpoint::Checkpoint, from_job: Option<&str>) {
+    tracing::info!(epoch = c.meta.epoch, step_in_epoch = c.meta.step_in_epoch, from_job, "resuming from checkpoint");
+    out.send(&xlab_proto::Event::Resumed {
+        epoch: c.meta.epoch,
+        step_in_epoch: c.meta.step_in_epoch,
+        from_job: from_job.map(str::to_string),
+    });
     for (step, values) in &c.meta.metrics {
         out.metrics(*step, values.clone());
     }

@@ -330,6 +330,7 @@ fn run_job_inner(req: &JobRequest, out: &mut Emitter) -> Result<std::collections
                 every_steps: req.checkpoint_every_steps,
                 pause_after: req.pause_after_epoch,
                 keep_weights: &req.keep_weights,
+                continue_from: req.continue_from.as_ref(),
             };
             match &cfg.diffusion {
                 Some(d) => {

@@ -135,7 +135,7 @@ pub fn run(
         if c.meta.step_in_epoch > 0 {
             resume_inside = Some(inside_epoch(&c, n, data.groups)?);
         }
-        announce_resume(out, &c);
+        announce_resume(out, &c, None);
         ckpt.paused_at_resume(c.meta.epoch, c.meta.step_in_epoch, cfg.epochs)?;
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;

@@ -65,6 +65,7 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value, step_
         parents: vec![],
         pause_after_epoch: None,
         keep_weights: vec![],
+        continue_from: None,
     }
 }
 

@@ -57,6 +57,7 @@ fn request(dir: &Path, id: &str, config: serde_json::Value, parents: Vec<ParentR
         parents,
         pause_after_epoch: None,
         keep_weights: vec![],
+        continue_from: None,
     }
 }
 

@@ -101,9 +101,11 @@ fn methods_section(id: &str) -> Option<(&'static str, &'static str)> {
         "mixup.comixup" => ("2.5", "Co-Mixup"),
         "mixup.selmix" => ("2.6", "SelMix"),
         "diffusion.ddpm" => ("3.2", "DDPM ancestral sampler"),
-        "diffusion.ddim" => ("3.3", "DDIM"),
-        "diffusion.dpmpp_2m" => ("3.4", "DPM-Solver++(2M)"),
-        "diffusion.euler" | "diffusion.heun" => ("3.5", "Euler and Heun"),
+        "diffusion.ddim" | "diffusion.ddim_inverse" => ("3.3", "DDIM and DDIM inversion"),
+        "diffusion.dpmpp_2m" | "diffusion.dpmpp_2m_sde" | "diffusion.unipc" => ("3.4", "DPM-Solver++(2M) and UniPC"),
+        "diffusion.euler" | "diffusion.euler_ancestral" | "diffusion.heun" => {
+            ("3.5", "Euler, Euler ancestral and Heun")
+        }
         "diffusion.ddpm_ip" => ("3.6", "DDPM-IP"),
         "diffusion.cfg" | "diffusion.adaptive_guidance" => ("3.7", "Classifier-free and adaptive guidance"),
         "diffusion.closed_form" => ("3.8", "Closed-form diffusion"),

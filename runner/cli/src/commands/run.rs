@@ -392,10 +392,17 @@ pub(crate) fn run_plan_in(
             let again = if attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
             tracing::info!("started {} {} on {device} (job {}{again})", job.stage, job.label(), job.id);
         }
-        Progress::Resumed { job, epoch, step_in_epoch: 0 } => {
+        Progress::Resumed { job, epoch, from_job: Some(from), .. } => {
+            tracing::info!(
+                "{} {} continues job {from} (the same training with {epoch} epochs) from its checkpoint after epoch {epoch}",
+                job.stage,
+                job.label()
+            );
+        }
+        Progress::Resumed { job, epoch, step_in_epoch: 0, .. } => {
             tracing::info!("resumed {} {} from its checkpoint after epoch {epoch}", job.stage, job.label());
         }
-        Progress::Resumed { job, epoch, step_in_epoch } => {
+        Progress::Resumed { job, epoch, step_in_epoch, .. } => {
             tracing::info!(
                 "resumed {} {} from its checkpoint in epoch {}, after {step_in_epoch} batches",
                 job.stage,

@@ -143,11 +143,29 @@ impl Browser {
         }
     }
 
+    /// Clears the element `css` finds and types `keys` into it. The page may re-render the
+    /// element between finding and typing (a live refresh): a stale element is found again.
     pub fn type_into(&self, css: &str, keys: &str) {
-        let found = self.call("POST", "/element", serde_json::json!({"using": "css selector", "value": css}));
-        let id = found.as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string();
-        self.call("POST", &format!("/element/{id}/clear"), serde_json::json!({}));
-        self.call("POST", &format!("/element/{id}/value"), serde_json::json!({ "text": keys }));
+        for attempt in 0.. {
+            let found = self.call("POST", "/element", serde_json::json!({"using": "css selector", "value": css}));
+            let id = found.as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string();
+            let post = |what: &str, body: serde_json::Value| {
+                let url = format!("{}/session/{}/element/{id}/{what}", self.base, self.session);
+                http("POST", &url, &[], Some(&body.to_string()))
+            };
+            let mut stale = false;
+            for (what, body) in [("clear", serde_json::json!({})), ("value", serde_json::json!({ "text": keys }))] {
+                let (status, text) = post(what, body);
+                if status == 404 && text.contains("stale element reference") && attempt < 5 {
+                    stale = true;
+                    break;
+                }
+                assert_eq!(status, 200, "POST /element/{id}/{what}: {text}");
+            }
+            if !stale {
+                return;
+            }
+        }
     }
 
     pub fn screenshot(&self, to: &Path) {
