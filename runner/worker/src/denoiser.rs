@@ -308,7 +308,10 @@ impl OwnNet {
     fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
         let mut temb = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
         if let (Some(e), Some(l)) = (&self.label, labels) {
-            temb += e.forward(l);
+            // Out of place, as PyTorch code writes it: under autocast the time embedding is in
+            // the half type and the label's in fp32, and the sum is fp32 (in place would round
+            // it back to the half type).
+            temb = temb + e.forward(l);
         }
         match &self.body {
             Body::Mlp { layers, out } => {

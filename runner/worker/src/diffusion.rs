@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
-use xlab_plan::config::{Diffusion, JobConfig, Prediction};
+use xlab_plan::config::{Diffusion, JobConfig, Precision, Prediction};
 use xlab_plugin_api::RunInfo;
 use xlab_proto::FailureCause;
 
@@ -96,6 +96,23 @@ fn noised(
     Ok(Noised { x_t, t: t.to_kind(Kind::Float), labels, target })
 }
 
+/// The denoising loss of one batch, in float32: the network's prediction under the job's
+/// autocast (`precision: bf16 | fp16`, as `torch.autocast` runs it), brought to float32, and its
+/// mean squared error against the target, as a PyTorch loop computes
+/// `F.mse_loss(model(x_t, t, y).float(), target)`.
+pub fn denoising_loss(
+    net: &DiffusionNet,
+    x_t: &Tensor,
+    t: &Tensor,
+    labels: Option<&Tensor>,
+    target: &Tensor,
+) -> Result<Tensor, Failure> {
+    let region = crate::amp::job_region(x_t.device()).map_err(|m| Failure::new(FailureCause::Error, m))?;
+    let pred = crate::amp::full(net.forward(x_t, t, labels));
+    drop(region);
+    Ok((pred - target).square().mean(Kind::Float))
+}
+
 /// The denoising loss of a whole split, with draws fixed by the seed (comparable across epochs).
 fn split_loss(
     net: &DiffusionNet,
@@ -111,7 +128,9 @@ fn split_loss(
     let nz = noised(d, ac, x0, y, &index, classes, &mut rng, None)?;
     // Evaluation mode for a TorchScript denoiser's dropout, then back to training.
     net.set_train(false);
-    let pred = tch::no_grad(|| net.forward(&nz.x_t, &nz.t, nz.labels.as_ref()));
+    let region = crate::amp::job_region(nz.x_t.device()).map_err(|m| Failure::new(FailureCause::Error, m))?;
+    let pred = tch::no_grad(|| crate::amp::full(net.forward(&nz.x_t, &nz.t, nz.labels.as_ref())));
+    drop(region);
     net.set_train(true);
     Ok(f64::try_from((pred - nz.target).square().mean(Kind::Double))?)
 }
@@ -144,6 +163,9 @@ pub fn run(
         files::load_init(&named, &init.path)?;
     }
     let mut ema = cfg.ema.as_ref().map(|e| crate::ema::Average::new(e, &named));
+    // `precision: fp16`: the dynamic loss scale, checkpointed with the run.
+    let mut scaler =
+        (cfg.precision == Precision::Fp16).then(|| crate::amp::Scaler::new(cfg.loss_scale.clone().unwrap_or_default()));
     tracing::info!(params = crate::model::parameter_count(&vs), train = p.data.train.len(), "diffusion model built");
     let ac = Tensor::from_slice(&p.alphas).to_kind(Kind::Float).to_device(device);
     let x_train = p.scale.apply(&p.data.train.x).to_kind(Kind::Float).to_device(device);
@@ -176,6 +198,10 @@ pub fn run(
     if let Some(c) = ckpt.starting_point(run_dir, out)? {
         let mut r = unused_rng.clone();
         files::restore(&c, &named, &mut opt, comps, &mut r, ema.as_mut())?;
+        if let (Some(sc), Some((scale, tracker))) = (scaler.as_mut(), c.meta.loss_scale) {
+            sc.scale = scale;
+            sc.growth_tracker = tracker;
+        }
         ckpt.paused_at_resume(c.meta.epoch, c.meta.step_in_epoch, cfg.epochs)?;
         first_epoch = c.meta.epoch;
         global_step = c.meta.global_step;
@@ -193,6 +219,7 @@ pub fn run(
         let order_on_device = Tensor::from_slice(&order).to_device(device);
         let started = std::time::Instant::now();
         let mut loss_sum: Option<Tensor> = None;
+        let mut skipped = 0u64;
         for (k, chunk) in order.chunks(bs).enumerate() {
             crate::watch::step_begins(epoch, global_step);
             let idx = order_on_device.narrow(0, (k * bs) as i64, chunk.len() as i64);
@@ -201,18 +228,35 @@ pub fn run(
             let mut rng = stream(seed, (epoch << 32) | k as u64);
             let nz = noised(d, &ac, &x0, &y, &idx, classes, &mut rng, comps.batch_transform.as_mut())?;
             opt.zero_grad();
-            let pred = net.forward(&nz.x_t, &nz.t, nz.labels.as_ref());
-            let loss = (pred - &nz.target).square().mean(Kind::Float);
-            loss.backward();
-            if let Some(max) = cfg.clip_grad_norm {
-                let params: Vec<(Tensor, String, u32)> =
-                    named.iter().map(|(n, t)| (t.shallow_clone(), n.clone(), 0)).collect();
-                crate::host::clip_grad_norm(&params, max);
+            let loss = denoising_loss(&net, &nz.x_t, &nz.t, nz.labels.as_ref(), &nz.target)?;
+            // fp16: the scaled loss's gradients, unscaled; a step with a non-finite one is
+            // skipped (the optimizer, the schedule's step count and the average stay put).
+            let overflow = match &scaler {
+                Some(sc) => {
+                    (&loss * f64::from(sc.scale)).backward();
+                    let grads: Vec<Tensor> = named.iter().map(|(_, t)| t.grad()).filter(Tensor::defined).collect();
+                    sc.unscale(&grads)
+                }
+                None => {
+                    loss.backward();
+                    false
+                }
+            };
+            if !overflow {
+                if let Some(max) = cfg.clip_grad_norm {
+                    let params: Vec<(Tensor, String, u32)> =
+                        named.iter().map(|(n, t)| (t.shallow_clone(), n.clone(), 0)).collect();
+                    crate::host::clip_grad_norm(&params, max);
+                }
+                opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
+                opt.step();
+                if let Some(a) = ema.as_mut() {
+                    a.after_step(&named, opt.steps);
+                }
             }
-            opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
-            opt.step();
-            if let Some(a) = ema.as_mut() {
-                a.after_step(&named, opt.steps);
+            if let Some(sc) = scaler.as_mut() {
+                sc.update(overflow);
+                skipped += u64::from(overflow);
             }
             crate::watch::step_ends();
             global_step += 1;
@@ -238,6 +282,10 @@ pub fn run(
         values.insert("train.lr".to_string(), base_lr * opt.lr_factor);
         values.insert("train.examples".to_string(), n as f64);
         values.insert("time.train_s".to_string(), train_s);
+        if let Some(sc) = &scaler {
+            values.insert("amp.skipped".to_string(), skipped as f64 / steps_per_epoch as f64);
+            values.insert("amp.loss_scale".to_string(), f64::from(sc.scale));
+        }
         values.insert("time.steps_per_s".to_string(), steps_per_epoch as f64 / train_s);
         values.insert("time.examples_per_s".to_string(), n as f64 / train_s);
         for (name, split) in [("val", &p.data.val), ("test", &p.data.test)] {
@@ -261,7 +309,8 @@ pub fn run(
         // Before the checkpoint: a checkpoint after this epoch means its kept weights exist.
         files::keep_epoch_weights(ckpt, epoch + 1, &vs, ema.as_ref(), run_dir, &about, out)?;
         ckpt.end_of_epoch(epoch + 1, cfg.epochs, &mut last_checkpoint, out, || {
-            let meta = files::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
+            let mut meta = files::checkpoint_meta(ckpt, epoch + 1, global_step, &opt, &unused_rng, &history);
+            meta.loss_scale = scaler.as_ref().map(|s| (s.scale, s.growth_tracker));
             files::save_checkpoint(run_dir, meta, &named, &opt, comps, Vec::new(), ema.as_ref())
         })?;
     }

@@ -8,12 +8,17 @@
 //! being the class count); the output is `out`: logits `[B, classes]`, or the denoiser's
 //! prediction `[B, input_dim]`. Classifiers run in evaluation mode (BatchNorm's running
 //! statistics).
+//!
+//! `--precision bf16 | fp16` runs the forward pass under the autocast training and sampling use
+//! (the output in float32). With a `target` tensor (`[B, input_dim]`) for a diffusion model, it
+//! also computes the training loss as the training loop does (`diffusion::denoising_loss`) and
+//! its gradients: `loss` and `grad.<parameter>` join the output.
 
 use crate::denoiser::DiffusionNet;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{nn, Device, Tensor};
-use xlab_plan::config::{Diffusion, ModelConfig};
+use xlab_plan::config::{Diffusion, ModelConfig, Precision};
 
 /// The `__metadata__` of a safetensors file.
 pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>, String> {
@@ -34,7 +39,8 @@ pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>, String> {
         .unwrap_or_default())
 }
 
-pub fn run(weights: &Path, input: &Path, out: &Path) -> Result<(), String> {
+pub fn run(weights: &Path, input: &Path, out: &Path, precision: Precision) -> Result<(), String> {
+    crate::amp::set_job_precision(precision);
     let about = metadata(weights)?;
     let get = |k: &str| {
         about
@@ -61,12 +67,27 @@ pub fn run(weights: &Path, input: &Path, out: &Path) -> Result<(), String> {
         vs.load(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
         let (x, t) = (take("x")?, take("t")?);
         let labels = if d.conditional { Some(take("y")?) } else { None };
-        tch::no_grad(|| net.forward(x, t, labels))
+        if let Some(target) = inputs.get("target") {
+            let loss = crate::diffusion::denoising_loss(&net, x, t, labels, target).map_err(|f| f.message)?;
+            loss.backward();
+            let mut named: Vec<(String, Tensor)> =
+                vs.variables().into_iter().map(|(n, v)| (format!("grad.{n}"), v.grad())).collect();
+            named.push(("loss".to_string(), loss.detach().reshape([1])));
+            let region = crate::amp::job_region(Device::Cpu)?;
+            let y = tch::no_grad(|| crate::amp::full(net.forward(x, t, labels)));
+            drop(region);
+            named.push(("out".to_string(), y));
+            let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            return Tensor::write_safetensors(&refs, out).map_err(|e| format!("{}: {e}", out.display()));
+        }
+        let _region = crate::amp::job_region(Device::Cpu)?;
+        tch::no_grad(|| crate::amp::full(net.forward(x, t, labels)))
     } else {
         let net = crate::model::build(&vs.root(), &model, input_dim, image, classes);
         vs.load(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
         let x = take("x")?;
-        tch::no_grad(|| net.forward_t(x, false))
+        let _region = crate::amp::job_region(Device::Cpu)?;
+        tch::no_grad(|| crate::amp::full(net.forward_t(x, false)))
     };
     Tensor::write_safetensors(&[("out", &y)], out).map_err(|e| format!("{}: {e}", out.display()))
 }

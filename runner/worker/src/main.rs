@@ -27,7 +27,9 @@ enum Command {
     Probe,
     /// The outputs of a trained weights file (its model rebuilt from the file's metadata) on
     /// the inputs of a safetensors file (`x`, and `t`, `y` for a diffusion model), written as
-    /// `out` to another: for checking another implementation of a model against xlab's.
+    /// `out` to another: for checking another implementation of a model against xlab's. With
+    /// `--precision bf16|fp16`, under autocast; with a `target` input (diffusion models), also
+    /// the training loss (`loss`) and its gradients (`grad.<parameter>`).
     Forward {
         #[arg(long)]
         weights: PathBuf,
@@ -35,6 +37,9 @@ enum Command {
         input: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// fp32, bf16 or fp16
+        #[arg(long, default_value = "fp32")]
+        precision: String,
     },
     /// Load every plugin from the default folders plus those given, and print the registry as
     /// JSON (plugins with their components and parameter schemas, and refused files with why).
@@ -64,8 +69,15 @@ fn main() {
         Command::Probe => {
             println!("{}", xlab_worker::probe::report());
         }
-        Command::Forward { weights, input, out } => {
-            if let Err(e) = xlab_worker::forward::run(&weights, &input, &out) {
+        Command::Forward { weights, input, out, precision } => {
+            let precision = match serde_json::from_value(serde_json::Value::String(precision.clone())) {
+                Ok(p) => p,
+                Err(_) => {
+                    eprintln!("error: --precision {precision}: expected fp32, bf16 or fp16");
+                    quit(2);
+                }
+            };
+            if let Err(e) = xlab_worker::forward::run(&weights, &input, &out, precision) {
                 eprintln!("error: {e}");
                 quit(1);
             }

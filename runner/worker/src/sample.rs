@@ -399,9 +399,11 @@ pub(crate) fn draw(
                 Prediction::Epsilon => p,
                 Prediction::V => p * a.sqrt() + xt * (1.0 - a).sqrt(),
             };
-            let run = |xs: &Tensor, labels: Option<&Tensor>| {
+            // Under the job's autocast (`precision: bf16 | fp16`), the prediction in float32.
+            let run = |xs: &Tensor, labels: Option<&Tensor>| -> Result<Tensor, String> {
                 let ts = Tensor::full([xs.size()[0]], t, (Kind::Float, xs.device()));
-                tch::no_grad(|| m.net.forward(xs, &ts, labels))
+                let _region = crate::amp::job_region(xs.device())?;
+                Ok(tch::no_grad(|| crate::amp::full(m.net.forward(xs, &ts, labels))))
             };
             let out = match (guidance.as_mut(), &labels) {
                 (Some(g), Some(labels)) => {
@@ -410,14 +412,14 @@ pub(crate) fn draw(
                         let both = run(
                             &Tensor::cat(&[&xf, &xf], 0),
                             Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(m.null_label)], 0)),
-                        );
+                        )?;
                         evals.passes += 2;
                         let both = as_eps(both, &Tensor::cat(&[&xf, &xf], 0));
                         (both.narrow(0, 0, rows), Some(both.narrow(0, rows, rows)))
                     } else {
                         evals.passes += 1;
                         evals.skipped_uncond += 1;
-                        (as_eps(run(&xf, Some(labels)), &xf), None)
+                        (as_eps(run(&xf, Some(labels))?, &xf), None)
                     };
                     let (e, next) = g.guide(&cond, uncond.as_ref())?;
                     need_uncond = next;
@@ -425,7 +427,7 @@ pub(crate) fn draw(
                 }
                 (_, labels) => {
                     evals.passes += 1;
-                    as_eps(run(&xf, labels.as_ref()), &xf)
+                    as_eps(run(&xf, labels.as_ref())?, &xf)
                 }
             };
             Ok(out.to_kind(x.kind()))

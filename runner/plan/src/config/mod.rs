@@ -179,10 +179,11 @@ pub struct JobConfig {
     /// and cuBLAS's deterministic workspace. Slower; part of the identity.
     #[serde(default, skip_serializing_if = "is_false")]
     pub deterministic: bool,
-    /// `train` and `evaluate` of classifiers: run the forward pass and the loss under libtorch's
-    /// autocast in `bf16` or `fp16` (CPU or CUDA): matrix products and convolutions in the half
-    /// type, reductions and the loss in fp32. Weights, gradients and optimizer state stay in
-    /// fp32. `fp16` training scales the loss dynamically (`loss_scale`). Part of the identity.
+    /// `train` (classifiers and diffusion models), `evaluate`, and `sample`/`invert` with a trained
+    /// denoiser: run the network's forward pass under libtorch's autocast in `bf16` or `fp16`
+    /// (CPU or CUDA): matrix products and convolutions in the half type, reductions and the loss
+    /// in fp32. Weights, gradients and optimizer state stay in fp32. `fp16` training scales the
+    /// loss dynamically (`loss_scale`). Part of the identity.
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
     /// `train`: keep an exponential moving average of the weights, as diffusers' `EMAModel`
@@ -373,6 +374,9 @@ impl JobConfig {
         if self.task != Task::Noop && self.noop.is_some() {
             return err("noop", "belongs to `task: noop`".into());
         }
+        if self.task != Task::Train && self.loss_scale.is_some() {
+            return err("loss_scale", "scales the loss of fp16 training; it belongs to `task: train`".into());
+        }
         if self.task != Task::Invert && self.reconstruct.is_some() {
             return err("reconstruct", "maps inverted latents back to data; it belongs to `task: invert`".into());
         }
@@ -434,7 +438,6 @@ impl JobConfig {
                         ("objective", self.objective.is_some()),
                         ("augment", self.augment.is_some()),
                         ("label_smoothing", self.label_smoothing != 0.0),
-                        ("precision", !self.precision.is_fp32()),
                     ] {
                         if set {
                             return err(k, "is not available to diffusion training".into());
@@ -483,10 +486,11 @@ impl JobConfig {
                 return Ok(());
             }
             Task::Sample | Task::Invert => {
-                if !self.precision.is_fp32() {
+                if !self.precision.is_fp32() && !matches!(self.denoiser, Some(DenoiserConfig::Trained(_))) {
                     return err(
                         "precision",
-                        "applies to training and evaluating classifiers; sampling runs in fp32".into(),
+                        "runs a trained denoiser's network under autocast; the exact denoiser computes in float64"
+                            .into(),
                     );
                 }
                 for (k, set) in self.sample_fields() {
