@@ -213,7 +213,7 @@ fn a_truncated_checkpoint_falls_back_to_the_one_before() {
     std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
     std::fs::remove_file(req.run_dir.join("weights.safetensors")).unwrap();
     let again = run(&req, None);
-    assert!(again.contains(&Event::Resumed { epoch: 3, step_in_epoch: 0 }), "{again:?}");
+    assert!(again.contains(&Event::Resumed { epoch: 3, step_in_epoch: 0, from_job: None }), "{again:?}");
     assert_eq!(std::fs::read(req.run_dir.join("weights.safetensors")).unwrap(), weights);
     assert_eq!(finished(&straight), finished(&again));
     let log = std::fs::read_to_string(req.run_dir.join("worker.log")).unwrap();
@@ -249,7 +249,7 @@ fn a_killed_diffusion_training_resumes_with_identical_results() {
     let first = run(&interrupted, Some(2));
     assert!(!first.iter().any(|e| matches!(e, Event::Finished { .. })));
     let second = run(&interrupted, None);
-    assert!(second.contains(&Event::Resumed { epoch: 2, step_in_epoch: 0 }), "{second:?}");
+    assert!(second.contains(&Event::Resumed { epoch: 2, step_in_epoch: 0, from_job: None }), "{second:?}");
     let weights = |r: &JobRequest| std::fs::read(r.run_dir.join("weights.safetensors")).unwrap();
     assert!(weights(&reference) == weights(&interrupted), "final weights differ after resume");
     // The weights' average is checkpointed with its update count: the same after resuming.
