@@ -9,9 +9,11 @@
 //! 4. σ_t = η·√((1−ᾱ')/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ'));
 //! 5. x' = √ᾱ'·x̂₀ + √(1−ᾱ'−σ_t²)·ε̂ + σ_t·z (z only when η > 0).
 //!
-//! NFE = N. Noise z comes from the host's seeded stream. Stateless.
+//! NFE = N. Noise z comes from the host's seeded stream. Stateless. With `dualfast_c_max` > 0,
+//! DualFast's correction of ε̂ (`crate::dualfast`) comes first.
 
 use crate::common::{alphas_cumprod, check_steps, check_timesteps, normal_like, predict_x0};
+use crate::dualfast::{CoefficientSchedule, Dualfast, Tau};
 use crate::timesteps::round_half_even;
 use crate::timesteps::{ddim_timesteps, Spacing};
 use serde::Deserialize;
@@ -46,6 +48,19 @@ pub struct DdimParams {
     /// recompute ε̂ from the clipped x̂₀
     #[param(default = false)]
     pub use_clipped_model_output: bool,
+    /// DualFast's c_max: the largest weight of its zero-NFE correction of ε̂ (0: off, the plain
+    /// sampler bit for bit; the paper sweeps 0.1 to 1, 0.5 suggested)
+    #[param(default = 0.0, min = 0.0, added_later)]
+    #[serde(default)]
+    pub dualfast_c_max: f64,
+    /// DualFast's weights over the run: linear_index (c_max·i/(N−1)) or linear_time (c_max(1 − t/T))
+    #[param(default = "linear_index", choices = ["linear_index", "linear_time"], added_later)]
+    #[serde(default)]
+    pub dualfast_schedule: CoefficientSchedule,
+    /// DualFast's borrowed prediction: first (the first step's ε) or prev (the previous step's)
+    #[param(default = "first", choices = ["first", "prev"], added_later)]
+    #[serde(default)]
+    pub dualfast_tau: Tau,
 }
 
 pub struct Ddim {
@@ -94,9 +109,11 @@ impl Sampler for Ddim {
         let final_alpha = if self.p.set_alpha_to_one { 1.0 } else { ac[0] };
         let ts = ddim_timesteps(self.p.timestep_spacing, t_total, n, self.p.steps_offset);
         check_timesteps(ts.iter().map(|&t| t as f64), t_total)?;
+        let p = &self.p;
+        let mut dualfast = Dualfast::new(p.dualfast_c_max, p.dualfast_schedule, p.dualfast_tau, n, t_total);
         let mut x = noise;
-        for t in ts {
-            let eps = den.eps(&x, t as f64)?;
+        for (i, t) in ts.into_iter().enumerate() {
+            let eps = dualfast.correct(i, t as f64, den.eps(&x, t as f64)?);
             let prev = t - stride;
             let a_prev = if prev >= 0 { ac[prev as usize] } else { final_alpha };
             let z = (self.p.eta > 0.0).then(|| normal_like(rng, &x));

@@ -21,10 +21,13 @@
 //!   s_{i+1}√(1 − e^{−2h})·z with z fresh from the host's stream at every step (D₁ only in a
 //!   second-order step).
 //!
+//! - `dualfast_c_max` > 0: DualFast's correction of ε̂ (`crate::dualfast`) before m is formed.
+//!
 //! NFE = N. `dpmpp_2m` is deterministic; the history of model outputs lives within one call.
 //! Stateless.
 
 use crate::common::{alphas_cumprod, check_steps, check_timesteps, normal_like};
+use crate::dualfast::{CoefficientSchedule, Dualfast, Tau};
 use crate::timesteps::{round_half_even, Spacing};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
@@ -51,6 +54,19 @@ pub struct DpmppParams {
     #[param(default = false, added_later)]
     #[serde(default)]
     pub use_karras_sigmas: bool,
+    /// DualFast's c_max: the largest weight of its zero-NFE correction of ε̂ (0: off, the plain
+    /// sampler bit for bit; the paper sweeps 0.1 to 1, 0.5 suggested)
+    #[param(default = 0.0, min = 0.0, added_later)]
+    #[serde(default)]
+    pub dualfast_c_max: f64,
+    /// DualFast's weights over the run: linear_index (c_max·i/(N−1)) or linear_time (c_max(1 − t/T))
+    #[param(default = "linear_index", choices = ["linear_index", "linear_time"], added_later)]
+    #[serde(default)]
+    pub dualfast_schedule: CoefficientSchedule,
+    /// DualFast's borrowed prediction: first (the first step's ε) or prev (the previous step's)
+    #[param(default = "first", choices = ["first", "prev"], added_later)]
+    #[serde(default)]
+    pub dualfast_tau: Tau,
 }
 
 pub struct Dpmpp2m {
@@ -161,11 +177,13 @@ fn multistep(
 ) -> Result<Tensor> {
     let ac = alphas_cumprod(den)?;
     let (ts, sigmas) = dpm_schedule(&ac, p.steps as usize, p.timestep_spacing, p.steps_offset, p.use_karras_sigmas)?;
+    let mut dualfast = Dualfast::new(p.dualfast_c_max, p.dualfast_schedule, p.dualfast_tau, ts.len(), ac.len());
     let mut x = noise;
     let mut prev: Option<(f64, Tensor)> = None;
     for (i, &t) in ts.iter().enumerate() {
         let (alpha, s, _) = vp(sigmas[i]);
-        let eps = den.eps(&x, t)?;
+        // DualFast's correction (when on): the data prediction and the history take ε̃.
+        let eps = dualfast.correct(i, t, den.eps(&x, t)?);
         let m = (&x - eps * s) / alpha;
         let last = i + 1 == ts.len();
         // The first step has no history; the final one is first order (lower_order_final,

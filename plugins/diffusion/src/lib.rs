@@ -7,6 +7,7 @@ pub mod ddim;
 pub mod ddpm;
 pub mod ddpm_ip;
 pub mod dpmpp_2m;
+pub mod dualfast;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod guidance;

@@ -25,6 +25,9 @@ fn params() -> DdimParams {
         steps_offset: 0,
         timestep_spacing: Spacing::Leading,
         use_clipped_model_output: false,
+        dualfast_c_max: 0.0,
+        dualfast_schedule: Default::default(),
+        dualfast_tau: Default::default(),
     }
 }
 

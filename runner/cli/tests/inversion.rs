@@ -109,7 +109,7 @@ fn held_out_rows_invert_to_normal_latents_and_come_back() {
 }
 
 #[test]
-fn samplers_in_the_wrong_direction_are_refused_at_their_line() {
+fn samplers_in_the_wrong_direction_or_with_options_they_lack_are_refused_at_their_line() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("results");
     let train = "  train:\n    task: train\n    data: {name: two_moons}\n    model: {name: time_mlp}\n    \
@@ -142,6 +142,12 @@ fn samplers_in_the_wrong_direction_are_refused_at_their_line() {
             stage("invert", "    sampler: {use: diffusion.ddim_inverse}\n    guidance: {use: diffusion.cfg}\n"),
             "`guidance` belongs to `task: sample`; an inversion queries a conditional model with each row's own label",
             "",
+        ),
+        (
+            // DualFast's options belong to the samplers it composes with.
+            stage("sample", "    samples: 4\n    sampler: {use: diffusion.euler, dualfast_c_max: 0.5}\n"),
+            "x.yaml:15:37: stages.s: sampler: unknown parameter `dualfast_c_max` of `diffusion.euler`",
+            "`dualfast_c_max` is a parameter of `diffusion.ddim`, `diffusion.dpmpp_2m`, `diffusion.dpmpp_2m_sde`; `diffusion.euler` takes: steps,",
         ),
         (
             stage("invert", "    sampler: {use: diffusion.ddim_inverse, steps: 500}\n"),

@@ -1878,8 +1878,23 @@ fn resolve_components(
                 let mut err = SpecError::new(file, format!("unknown parameter `{name}` of `{}`", comp.id))
                     .context(here.clone())
                     .key(name.clone());
+                // Components of the same kind that do take it (DualFast's options belong to DDIM
+                // and DPM-Solver++, not to every sampler).
+                let elsewhere: Vec<&str> = registry
+                    .plugins
+                    .iter()
+                    .flat_map(|p| &p.components)
+                    .filter(|c| c.kind == info.kind && c.params.iter().any(|p| p.name == name))
+                    .map(|c| c.id.as_str())
+                    .collect();
                 err.hint = Some(match did_you_mean(&name, info.params.iter().map(|p| p.name.as_str())) {
                     Some(c) => format!("did you mean `{c}`?"),
+                    None if !elsewhere.is_empty() => format!(
+                        "`{name}` is a parameter of {}; `{}` takes: {}",
+                        elsewhere.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "),
+                        comp.id,
+                        info.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
                     None if info.params.is_empty() => format!("`{}` takes no parameters", comp.id),
                     None => format!(
                         "`{}` takes: {}",
