@@ -158,12 +158,15 @@ pub fn dpmpp_sde_update(
     let (a_n, s_n, l_n) = vp(next);
     let h = l_n - l_i;
     let (emh, em2h) = if h.is_infinite() { (0.0, 0.0) } else { ((-h).exp(), (-2.0 * h).exp()) };
-    let mut d = m.shallow_clone();
-    if let Some((sigma_prev, m_prev)) = prev {
-        let (_, _, l_p) = vp(sigma_prev);
-        let r0 = (l_i - l_p) / h;
-        d = d + (m - m_prev) / r0 * 0.5;
-    }
+    // Out of place: `m` is the history's own tensor.
+    let d = match prev {
+        Some((sigma_prev, m_prev)) => {
+            let (_, _, l_p) = vp(sigma_prev);
+            let r0 = (l_i - l_p) / h;
+            m + (m - m_prev) / r0 * 0.5
+        }
+        None => m.shallow_clone(),
+    };
     x * (s_n / s_i * emh) + d * (a_n * (1.0 - em2h)) + z * (s_n * (1.0 - em2h).sqrt())
 }
 

@@ -306,13 +306,14 @@ impl DiffusionNet {
 
 impl OwnNet {
     fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
-        let mut temb = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
-        if let (Some(e), Some(l)) = (&self.label, labels) {
-            // Out of place, as PyTorch code writes it: under autocast the time embedding is in
-            // the half type and the label's in fp32, and the sum is fp32 (in place would round
-            // it back to the half type).
-            temb = temb + e.forward(l);
-        }
+        let time = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
+        // Out of place, as PyTorch code writes it: under autocast the time embedding is in the
+        // half type and the label's in fp32, and the sum is fp32 (in place would round it back
+        // to the half type).
+        let temb = match (&self.label, labels) {
+            (Some(e), Some(l)) => time + e.forward(l),
+            _ => time,
+        };
         match &self.body {
             Body::Mlp { layers, out } => {
                 let mut h = Tensor::cat(&[x.shallow_clone(), temb], 1);

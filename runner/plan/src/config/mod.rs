@@ -495,7 +495,8 @@ impl JobConfig {
                 }
                 for (k, set) in self.sample_fields() {
                     // An inversion takes every held-out row unless `samples` caps them.
-                    if !set && !(k == "samples" && self.task == Task::Invert) {
+                    let optional = k == "samples" && self.task == Task::Invert;
+                    if !set && !optional {
                         return err(k, format!("is required by `task: {}`", self.task.name()));
                     }
                 }
