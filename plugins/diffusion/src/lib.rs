@@ -13,6 +13,7 @@ pub mod euler_ancestral;
 pub mod guidance;
 pub mod heun;
 pub mod karras;
+pub mod pcg;
 pub mod timesteps;
 pub mod unipc;
 
@@ -31,6 +32,7 @@ xlab_plugin_api::export_plugin! {
         euler::Euler,
         euler_ancestral::EulerAncestral,
         heun::Heun,
+        pcg::Pcg,
         unipc::Unipc,
         closed_form::ClosedForm
     ],

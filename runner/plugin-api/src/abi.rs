@@ -22,8 +22,8 @@
 use std::ffi::c_void;
 
 /// Bumped on any incompatible change to the types in this module. v5: the manifest carries
-/// [`LAYOUT_HASH`].
-pub const ABI_VERSION: u32 = 5;
+/// [`LAYOUT_HASH`]. v6: [`Denoiser::eps_both`] and the `INVERTS` and `GUIDES` flags.
+pub const ABI_VERSION: u32 = 6;
 
 /// The layout of one `#[repr(C)]` type that crosses the boundary.
 pub struct TypeLayout {
@@ -197,6 +197,10 @@ pub mod flags {
     /// A sampler that maps data to noise (DDIM inversion): its `noise` input holds data rows
     /// and it returns their latents. `task: invert` runs it; `task: sample` refuses it.
     pub const INVERTS: u64 = 1 << 4;
+    /// A sampler that combines the conditional and unconditional predictions itself
+    /// (`Denoiser::eps_both`), as classifier-free guidance as a predictor-corrector does: it
+    /// needs a class-conditional model trained with label dropout and takes no guidance.
+    pub const GUIDES: u64 = 1 << 5;
 }
 
 abi_struct! {
@@ -517,6 +521,16 @@ abi_struct! {
             out: *mut *mut c_void,
             err: *const Sink,
         ) -> Status,
+        /// Writes owned handles to ε̂ with the sample's condition and with the null label, from
+        /// one pass of 2B rows (two evaluations); an error when the model takes no condition.
+        pub eps_both: unsafe extern "C" fn(
+            ctx: *mut c_void,
+            x: *mut c_void,
+            t: f64,
+            out_cond: *mut *mut c_void,
+            out_uncond: *mut *mut c_void,
+            err: *const Sink,
+        ) -> Status,
         /// ᾱ_t for t = 0..T−1, float64 `[T]`, borrowed.
         pub alphas_cumprod: *mut c_void,
         /// The training examples the denoiser stands for, `[N, ...]` in the samples' space,
@@ -595,6 +609,8 @@ const CONSTANTS: &[(&str, u64)] = &[
     ("flags::RANDOM", flags::RANDOM),
     ("flags::NOISE", flags::NOISE),
     ("flags::MODEL", flags::MODEL),
+    ("flags::INVERTS", flags::INVERTS),
+    ("flags::GUIDES", flags::GUIDES),
     ("sampling::UNIFORM", sampling::UNIFORM as u64),
     ("sampling::WEIGHTED", sampling::WEIGHTED as u64),
     ("sampling::REPEAT", sampling::REPEAT as u64),
@@ -665,7 +681,7 @@ mod tests {
     /// The layout hash of each ABI version since hashes were introduced. A change to any type
     /// in this module changes [`LAYOUT_HASH`]; this test then fails until `ABI_VERSION` is
     /// bumped and the new pair is added here (never edit an old pair).
-    const PINNED: &[(u32, u64)] = &[(5, 0x7251_3275_2a1f_cd1c)];
+    const PINNED: &[(u32, u64)] = &[(5, 0x7251_3275_2a1f_cd1c), (6, 0x2ca4_997d_96cc_32e4)];
 
     #[test]
     fn layout_is_pinned_to_the_version() {

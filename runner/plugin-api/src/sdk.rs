@@ -99,6 +99,9 @@ pub trait Component: Sized + 'static {
     const QUERIES_MODEL: bool = false;
     /// Set by a sampler that maps data to noise (see `abi::flags::INVERTS`).
     const INVERTS: bool = false;
+    /// Set by a sampler that combines conditional and unconditional predictions itself
+    /// (`DenoiserCtx::eps_both`; see `abi::flags::GUIDES`).
+    const GUIDES: bool = false;
     /// The parameters, deserialized from the checked JSON the host passes; their schema comes
     /// from the same struct's `#[derive(Params)]`.
     type Params: DeserializeOwned + ParamList;
@@ -533,6 +536,23 @@ impl DenoiserCtx<'_> {
         Ok(unsafe { Tensor::from_ptr(out.cast()) })
     }
 
+    /// ε̂ with the sample's condition and with the null label at (x, t), from one batched
+    /// pass; counts two evaluations. An error when the model takes no condition.
+    pub fn eps_both(&mut self, x: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
+        let mut x = x.shallow_clone();
+        let (mut cond, mut uncond): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: the host's callback is valid during the call; `x` outlives it.
+        call_with_err(|err| unsafe {
+            (self.host.eps_both)(self.host.ctx, x.as_mut_ptr().cast(), t, &mut cond, &mut uncond, err)
+        })?;
+        if cond.is_null() || uncond.is_null() {
+            return Err(PluginError("the denoiser returned no tensor".into()));
+        }
+        self.nfe += 2;
+        // SAFETY: owned handles handed over by the host.
+        Ok(unsafe { (Tensor::from_ptr(cond.cast()), Tensor::from_ptr(uncond.cast())) })
+    }
+
     /// ᾱ_t for t = 0..T−1 (float64).
     pub fn alphas_cumprod(&self) -> Tensor {
         // SAFETY: a borrowed handle valid during the call; we take our own reference.
@@ -859,6 +879,9 @@ pub mod glue {
         }
         if T::INVERTS {
             flags |= abi::flags::INVERTS;
+        }
+        if T::GUIDES {
+            flags |= abi::flags::GUIDES;
         }
         abi::ComponentDecl {
             kind: T::KIND as u32,

@@ -135,6 +135,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
             random: d.flags & abi::flags::RANDOM != 0,
             noise: d.flags & abi::flags::NOISE != 0,
             inverts: d.flags & abi::flags::INVERTS != 0,
+            guides: d.flags & abi::flags::GUIDES != 0,
         });
     }
     std::mem::forget(lib);
@@ -905,7 +906,33 @@ impl Instance {
         data: Option<&Tensor>,
         next_u64: &mut dyn FnMut() -> u64,
     ) -> Result<(Tensor, u64), String> {
-        type Eps<'a> = &'a mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>;
+        self.sample_with(noise, eps, None, alphas_cumprod, data, next_u64)
+    }
+
+    /// As [`Instance::sample`], with `both` answering a sampler that asks for the conditional
+    /// and unconditional predictions together (`DenoiserCtx::eps_both`); without it such a
+    /// request is an error saying the model takes no condition.
+    pub fn sample_with<'a>(
+        &mut self,
+        noise: &Tensor,
+        eps: &'a mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>,
+        both: Option<&'a mut dyn FnMut(&Tensor, f64) -> Result<(Tensor, Tensor), String>>,
+        alphas_cumprod: &Tensor,
+        data: Option<&Tensor>,
+        next_u64: &mut dyn FnMut() -> u64,
+    ) -> Result<(Tensor, u64), String> {
+        type Both<'a> = &'a mut dyn FnMut(&Tensor, f64) -> Result<(Tensor, Tensor), String>;
+        struct Calls<'a> {
+            eps: &'a mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>,
+            both: Option<Both<'a>>,
+        }
+        /// Hands the plugin an owned handle to `e`.
+        fn give_out(e: &Tensor, out: *mut *mut c_void) {
+            let mut owned = e.shallow_clone();
+            // SAFETY: the out-pointer is valid during the call; the plugin takes ownership.
+            unsafe { *out = owned.as_mut_ptr().cast() };
+            std::mem::forget(owned);
+        }
         unsafe extern "C" fn eps_tramp(
             ctx: *mut c_void,
             x: *mut c_void,
@@ -913,16 +940,39 @@ impl Instance {
             out: *mut *mut c_void,
             err: *const Sink,
         ) -> Status {
-            // SAFETY: ctx is the Eps below; x is a borrowed handle valid during the call.
-            let f = unsafe { &mut *(ctx as *mut Eps<'_>) };
+            // SAFETY: ctx is the Calls below; x is a borrowed handle valid during the call.
+            let calls = unsafe { &mut *(ctx as *mut Calls<'_>) };
             let x = unsafe { Tensor::clone_from_ptr(x.cast()) };
-            match f(&x, t) {
-                Ok(mut e) => {
-                    let mut owned = e.shallow_clone();
-                    // SAFETY: hand the plugin an owned handle.
-                    unsafe { *out = owned.as_mut_ptr().cast() };
-                    std::mem::forget(owned);
-                    let _ = e.as_mut_ptr();
+            match (calls.eps)(&x, t) {
+                Ok(e) => {
+                    give_out(&e, out);
+                    Status::Ok
+                }
+                Err(m) => {
+                    err_to_sink(err, &m);
+                    Status::Error
+                }
+            }
+        }
+        unsafe extern "C" fn both_tramp(
+            ctx: *mut c_void,
+            x: *mut c_void,
+            t: f64,
+            out_cond: *mut *mut c_void,
+            out_uncond: *mut *mut c_void,
+            err: *const Sink,
+        ) -> Status {
+            // SAFETY: ctx is the Calls below; x is a borrowed handle valid during the call.
+            let calls = unsafe { &mut *(ctx as *mut Calls<'_>) };
+            let x = unsafe { Tensor::clone_from_ptr(x.cast()) };
+            let Some(both) = calls.both.as_mut() else {
+                err_to_sink(err, "the conditional and unconditional predictions need a class-conditional model");
+                return Status::Error;
+            };
+            match both(&x, t) {
+                Ok((c, u)) => {
+                    give_out(&c, out_cond);
+                    give_out(&u, out_uncond);
                     Status::Ok
                 }
                 Err(m) => {
@@ -932,10 +982,11 @@ impl Instance {
             }
         }
         let f = self.decl.sample.ok_or_else(|| format!("`{}` is not a sampler", self.id))?;
-        let mut e: Eps<'_> = eps;
+        let mut calls = Calls { eps, both };
         let den = abi::Denoiser {
-            ctx: (&mut e as *mut Eps<'_>).cast(),
+            ctx: (&mut calls as *mut Calls<'_>).cast(),
             eps: eps_tramp,
+            eps_both: both_tramp,
             alphas_cumprod: borrow(Some(alphas_cumprod)),
             data: borrow(data),
         };

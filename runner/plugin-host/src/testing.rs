@@ -389,17 +389,23 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             let betas = Tensor::linspace(1e-4, 0.02, t, (Kind::Double, tch::Device::Cpu));
             let ac = (-betas + 1.0).cumprod(0, Kind::Double);
             let noise = Tensor::from_slice(&[0.3f64, -1.2, 0.7, 2.0]).reshape([2, 2]);
-            let ac2 = ac.shallow_clone();
             // ε̂ of the single data point x₀* = 0.5: exact, so every sampler should land there.
-            let mut eps = move |x: &Tensor, t: f64| -> Result<Tensor, String> {
+            let oracle = |ac: &Tensor, x: &Tensor, t: f64| -> Result<Tensor, String> {
                 let i = (t.round() as i64).clamp(0, 999);
-                let a: f64 = f64::try_from(ac2.get(i)).map_err(|e| e.to_string())?;
+                let a: f64 = f64::try_from(ac.get(i)).map_err(|e| e.to_string())?;
                 Ok((x - a.sqrt() * 0.5) / (1.0 - a).sqrt())
+            };
+            let (ac2, ac3) = (ac.shallow_clone(), ac.shallow_clone());
+            let mut eps = move |x: &Tensor, t: f64| oracle(&ac2, x, t);
+            // With and without a condition (self-guiding samplers): the same point.
+            let mut both = move |x: &Tensor, t: f64| -> Result<(Tensor, Tensor), String> {
+                let e = oracle(&ac3, x, t)?;
+                Ok((e.shallow_clone(), e))
             };
             // The same point as the training set, for samplers that read it.
             let data = Tensor::from_slice(&[0.5f64, 0.5]).reshape([1, 2]);
             let (out, nfe) = inst
-                .sample(&noise, &mut eps, &ac, Some(&data), &mut || rng.next_u64())
+                .sample_with(&noise, &mut eps, Some(&mut both), &ac, Some(&data), &mut || rng.next_u64())
                 .unwrap_or_else(|e| panic!("sample: {e}"));
             assert_eq!(out.size(), noise.size(), "{}: samples must have the noise's shape", inst.id);
             assert!(nfe > 0, "{}: a sampler must evaluate the denoiser", inst.id);

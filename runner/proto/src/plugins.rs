@@ -54,6 +54,10 @@ pub struct ComponentInfo {
     /// A sampler that maps data to noise (`task: invert`), not noise to data.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inverts: bool,
+    /// A sampler that combines the conditional and unconditional predictions itself: it needs
+    /// a class-conditional model trained with label dropout, and takes no `guidance:`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guides: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -202,6 +206,7 @@ mod tests {
             random: false,
             noise: false,
             inverts: false,
+            guides: false,
         }
     }
 
