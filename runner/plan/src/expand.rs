@@ -1007,13 +1007,13 @@ pub fn expand(
                             .clone(),
                     }
                 };
-                let Resolved { mut config, mut config_json, used } = resolved;
+                let Resolved { mut config, mut config_json, used, guides } = resolved;
                 let parent_jobs: Vec<&Job> = match &needs {
                     Some((parent, _)) => expanded[parent.as_str()].iter().filter(|j| parents.contains(&j.id)).collect(),
                     None => Vec::new(),
                 };
                 let parent_stage = needs.as_ref().map(|(p, _)| p.as_str());
-                check_sampling(&config, parent_stage, &parent_jobs).map_err(|(key, message, hint)| {
+                check_sampling(&config, guides, parent_stage, &parent_jobs).map_err(|(key, message, hint)| {
                     key.split('.')
                         .fold(SpecError::new(file, message).context(point_ctx.clone()), |e, k| e.key(k))
                         .hint(hint)
@@ -1320,8 +1320,9 @@ impl Plan {
             Some(r) => r,
             None => &mut NoPlugins,
         };
-        let Resolved { config, config_json, used } = resolve_job_config(file, &ctx, cfg, false, source, &t.extra)?;
-        check_sampling(&config, None, &[]).map_err(|(key, message, hint)| {
+        let Resolved { config, config_json, used, guides } =
+            resolve_job_config(file, &ctx, cfg, false, source, &t.extra)?;
+        check_sampling(&config, guides, None, &[]).map_err(|(key, message, hint)| {
             key.split('.').fold(SpecError::new(file, message).context(ctx.clone()), |e, k| e.key(k)).hint(hint)
         })?;
         let refs: Vec<PluginRef> =
@@ -1357,6 +1358,8 @@ struct Resolved {
     config: JobConfig,
     config_json: Value,
     used: Vec<PluginUse>,
+    /// The sampler combines the conditional and unconditional predictions itself.
+    guides: bool,
 }
 
 fn resolve_job_config(
@@ -1368,7 +1371,7 @@ fn resolve_job_config(
     extra: &[PathBuf],
 ) -> Result<Resolved, SpecError> {
     let mut config = validate(file, ctx, cfg)?;
-    let used = resolve_components(file, ctx, &mut config, plugins, extra)?;
+    let (used, guides) = resolve_components(file, ctx, &mut config, plugins, extra)?;
     if config.task == Task::Evaluate && !has_needs {
         return Err(SpecError::new(
             file,
@@ -1378,7 +1381,7 @@ fn resolve_job_config(
         .hint("add e.g. `needs: train`"));
     }
     let config_json = normalize_numbers(&serde_json::to_value(&config).expect("configs serialize"));
-    Ok(Resolved { config, config_json, used })
+    Ok(Resolved { config, config_json, used, guides })
 }
 
 /// Checks a sample job against the jobs it samples from, before anything runs: the parent
@@ -1387,6 +1390,7 @@ fn resolve_job_config(
 /// failure is (config key, message, hint).
 fn check_sampling(
     config: &JobConfig,
+    guides: bool,
     parent_stage: Option<&str>,
     parents: &[&Job],
 ) -> Result<(), (String, String, String)> {
@@ -1433,17 +1437,23 @@ fn check_sampling(
                         ),
                     ));
                 };
-                if config.guidance.is_some() && !d.conditional {
+                // A self-guiding sampler (`diffusion.pcg`) needs what guidance needs.
+                let (key, what) = if guides {
+                    ("sampler", format!("`{}`", config.sampler.as_ref().map_or("the sampler", |s| s.id.as_str())))
+                } else {
+                    ("guidance", "guidance".to_string())
+                };
+                if (config.guidance.is_some() || guides) && !d.conditional {
                     return Err((
-                        "guidance".into(),
-                        format!("guidance needs a class-conditional model, and stage `{stage}` trains without `conditional: true`"),
-                        format!("add `diffusion: {{conditional: true, p_uncond: 0.1}}` to `{stage}`, or drop `guidance`"),
+                        key.into(),
+                        format!("{what} needs a class-conditional model, and stage `{stage}` trains without `conditional: true`"),
+                        format!("add `diffusion: {{conditional: true, p_uncond: 0.1}}` to `{stage}`, or drop `{key}`"),
                     ));
                 }
-                if config.guidance.is_some() && d.p_uncond == 0.0 {
+                if (config.guidance.is_some() || guides) && d.p_uncond == 0.0 {
                     return Err((
-                        "guidance".into(),
-                        format!("guidance needs the unconditional prediction, and stage `{stage}` never trained the null label (`p_uncond: 0`)"),
+                        key.into(),
+                        format!("{what} needs the unconditional prediction, and stage `{stage}` never trained the null label (`p_uncond: 0`)"),
                         format!("train `{stage}` with label dropout, e.g. `diffusion: {{conditional: true, p_uncond: 0.1}}`"),
                     ));
                 }
@@ -1787,10 +1797,13 @@ fn resolve_components(
     config: &mut JobConfig,
     plugins: &mut dyn PluginSource,
     extra: &[PathBuf],
-) -> Result<Vec<PluginUse>, SpecError> {
+) -> Result<(Vec<PluginUse>, bool), SpecError> {
     let mut used: Vec<PluginUse> = Vec::new();
+    let mut guides = false;
     let diffusion = config.diffusion.is_some();
     let task = config.task;
+    let has_guidance = config.guidance.is_some();
+    let exact = matches!(config.denoiser, Some(DenoiserConfig::Exact(_)));
     for (slot, comp) in config.components_mut() {
         let here = format!("{ctx}: {slot}");
         let registry = plugins.registry(extra).map_err(|m| {
@@ -1853,6 +1866,28 @@ fn resolve_components(
                 )
             };
             return Err(SpecError::new(file, why).context(here).hint(hint));
+        }
+        if slot == "sampler" && info.guides {
+            guides = true;
+            if has_guidance {
+                return Err(SpecError::new(
+                    file,
+                    format!(
+                        "`{}` combines the conditional and unconditional predictions itself; it takes no `guidance:`",
+                        comp.id
+                    ),
+                )
+                .context(here)
+                .hint("drop `guidance:` (the sampler's own parameters set the guidance strength)"));
+            }
+            if exact {
+                return Err(SpecError::new(
+                    file,
+                    format!("`{}` needs a class-conditional model, and the exact denoiser has no condition", comp.id),
+                )
+                .context(here)
+                .hint("sample from a trained one: `denoiser: {name: trained}` with `needs:` naming a stage trained with `diffusion: {conditional: true, p_uncond: 0.1}`"));
+            }
         }
         if slot == "reconstruct" && info.inverts {
             return Err(SpecError::new(
@@ -1920,7 +1955,7 @@ fn resolve_components(
             });
         }
     }
-    Ok(used)
+    Ok((used, guides))
 }
 
 /// Checks a sweep key and its values; returns the values as JSON.

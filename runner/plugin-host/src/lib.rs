@@ -385,6 +385,9 @@ pub trait StepDriver {
 }
 
 /// A live component instance.
+/// What answers a sampler's request for the conditional and unconditional predictions at once.
+pub type BothFn<'a> = &'a mut dyn FnMut(&Tensor, f64) -> Result<(Tensor, Tensor), String>;
+
 pub struct Instance {
     obj: *mut c_void,
     decl: &'static ComponentDecl,
@@ -916,15 +919,14 @@ impl Instance {
         &mut self,
         noise: &Tensor,
         eps: &'a mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>,
-        both: Option<&'a mut dyn FnMut(&Tensor, f64) -> Result<(Tensor, Tensor), String>>,
+        both: Option<BothFn<'a>>,
         alphas_cumprod: &Tensor,
         data: Option<&Tensor>,
         next_u64: &mut dyn FnMut() -> u64,
     ) -> Result<(Tensor, u64), String> {
-        type Both<'a> = &'a mut dyn FnMut(&Tensor, f64) -> Result<(Tensor, Tensor), String>;
         struct Calls<'a> {
             eps: &'a mut dyn FnMut(&Tensor, f64) -> Result<Tensor, String>,
-            both: Option<Both<'a>>,
+            both: Option<BothFn<'a>>,
         }
         /// Hands the plugin an owned handle to `e`.
         fn give_out(e: &Tensor, out: *mut *mut c_void) {

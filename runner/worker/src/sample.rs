@@ -54,6 +54,32 @@ pub(crate) struct TrainedModel {
 
 impl TrainedModel {
     /// The labels asked for by samples `start..start + count`: class i mod K.
+    /// The network's prediction as ε for rows `x` at timestep `t` (ᾱ = `a`), under the job's
+    /// autocast, in float32: v = √ᾱ ε − √(1−ᾱ) x₀ gives ε = √ᾱ v + √(1−ᾱ) x_t.
+    fn predict(&self, x: &Tensor, t: f64, a: f64, labels: Option<&Tensor>) -> Result<Tensor, String> {
+        let xf = x.to_kind(Kind::Float);
+        let ts = Tensor::full([xf.size()[0]], t, (Kind::Float, xf.device()));
+        let region = crate::amp::job_region(xf.device())?;
+        let p = tch::no_grad(|| crate::amp::full(self.net.forward(&xf, &ts, labels)));
+        drop(region);
+        Ok(match self.prediction {
+            Prediction::Epsilon => p,
+            Prediction::V => p * a.sqrt() + xf * (1.0 - a).sqrt(),
+        })
+    }
+
+    /// The predictions with the labels and with the null label, from one pass of 2B rows.
+    fn predict_both(&self, x: &Tensor, t: f64, a: f64, labels: &Tensor) -> Result<(Tensor, Tensor), String> {
+        let rows = x.size()[0];
+        let both = self.predict(
+            &Tensor::cat(&[x, x], 0),
+            t,
+            a,
+            Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(self.null_label)], 0)),
+        )?;
+        Ok((both.narrow(0, 0, rows), both.narrow(0, rows, rows)))
+    }
+
     pub(crate) fn labels(&self, start: i64, count: i64, device: Device) -> Option<Tensor> {
         self.conditional
             .then(|| Tensor::arange_start(start, start + count, (Kind::Int64, device)).remainder(self.null_label))
@@ -64,7 +90,7 @@ impl TrainedModel {
 pub const DEFAULT_SAMPLE_BATCH: u32 = 1024;
 
 /// Evaluation counts of one sampling run.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Evals {
     /// Network passes over the whole batch: conditional and unconditional.
     passes: u64,
@@ -363,7 +389,7 @@ pub(crate) fn draw(
     // Filled batch by batch (no second copy of every sample at the end).
     let all = Tensor::zeros([n, dim], (Kind::Double, device));
     let (mut nfe, mut passes, mut skipped, mut seconds) = (0.0, 0.0, 0.0, 0.0);
-    let mut evaluations = 0u64;
+    let evaluations = std::cell::Cell::new(0u64);
     let mut first = 0;
     while first < n {
         let b = batch.min(n - first);
@@ -379,62 +405,64 @@ pub(crate) fn draw(
             })
             .map_err(|m| Failure::new(FailureCause::Error, m))?;
         }
-        let mut evals = Evals::default();
+        let evals = std::cell::Cell::new(Evals::default());
+        let count = |passes: u64, skipped: u64| {
+            let e = evals.get();
+            evals.set(Evals { passes: e.passes + passes, skipped_uncond: e.skipped_uncond + skipped });
+        };
         let mut need_uncond = true;
-        crate::watch::evaluation_begins(evaluations);
-        let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
-            crate::watch::evaluation_begins(evaluations);
-            evaluations += 1;
+        crate::watch::evaluation_begins(evaluations.get());
+        // Every call starts an evaluation (the watch names it when a plugin hangs or crashes).
+        let begin = |t: f64| -> Result<f64, String> {
+            crate::watch::evaluation_begins(evaluations.get());
+            evaluations.set(evaluations.get() + 1);
             if !(0.0..=t_max).contains(&t) {
                 return Err(format!("timestep {t} is outside 0..={t_max}"));
             }
-            let a = alpha_at(ac, t);
+            Ok(alpha_at(ac, t))
+        };
+        let mut eps = |x: &Tensor, t: f64| -> Result<Tensor, String> {
+            let a = begin(t)?;
             let Some(m) = model else {
                 return Ok(exact_eps(&x.to_kind(Kind::Double), x0, a));
-            };
-            let rows = x.size()[0];
-            let xf = x.to_kind(Kind::Float);
-            // The network's prediction as ε: v = √ᾱ ε − √(1−ᾱ) x₀ gives ε = √ᾱ v + √(1−ᾱ) x_t.
-            let as_eps = |p: Tensor, xt: &Tensor| match m.prediction {
-                Prediction::Epsilon => p,
-                Prediction::V => p * a.sqrt() + xt * (1.0 - a).sqrt(),
-            };
-            // Under the job's autocast (`precision: bf16 | fp16`), the prediction in float32.
-            let run = |xs: &Tensor, labels: Option<&Tensor>| -> Result<Tensor, String> {
-                let ts = Tensor::full([xs.size()[0]], t, (Kind::Float, xs.device()));
-                let _region = crate::amp::job_region(xs.device())?;
-                Ok(tch::no_grad(|| crate::amp::full(m.net.forward(xs, &ts, labels))))
             };
             let out = match (guidance.as_mut(), &labels) {
                 (Some(g), Some(labels)) => {
                     let (cond, uncond) = if need_uncond {
-                        // One batched pass of 2B rows: with the labels, then with the null label.
-                        let both = run(
-                            &Tensor::cat(&[&xf, &xf], 0),
-                            Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(m.null_label)], 0)),
-                        )?;
-                        evals.passes += 2;
-                        let both = as_eps(both, &Tensor::cat(&[&xf, &xf], 0));
-                        (both.narrow(0, 0, rows), Some(both.narrow(0, rows, rows)))
+                        count(2, 0);
+                        let (c, u) = m.predict_both(x, t, a, labels)?;
+                        (c, Some(u))
                     } else {
-                        evals.passes += 1;
-                        evals.skipped_uncond += 1;
-                        (as_eps(run(&xf, Some(labels))?, &xf), None)
+                        count(1, 1);
+                        (m.predict(x, t, a, Some(labels))?, None)
                     };
                     let (e, next) = g.guide(&cond, uncond.as_ref())?;
                     need_uncond = next;
                     e
                 }
                 (_, labels) => {
-                    evals.passes += 1;
-                    as_eps(run(&xf, labels.as_ref())?, &xf)
+                    count(1, 0);
+                    m.predict(x, t, a, labels.as_ref())?
                 }
             };
             Ok(out.to_kind(x.kind()))
         };
+        // A sampler that guides itself (`diffusion.pcg`) asks for both predictions at once.
+        let mut both = |x: &Tensor, t: f64| -> Result<(Tensor, Tensor), String> {
+            let a = begin(t)?;
+            match (model, &labels) {
+                (Some(m), Some(labels)) => {
+                    count(2, 0);
+                    let (c, u) = m.predict_both(x, t, a, labels)?;
+                    Ok((c.to_kind(x.kind()), u.to_kind(x.kind())))
+                }
+                _ => Err("the sampler needs a class-conditional trained model".into()),
+            }
+        };
         let started = std::time::Instant::now();
-        let sampled =
-            sampler.sample(&noise, &mut eps, &ac_t, Some(x0), &mut || rand::RngCore::next_u64(&mut plugin_rng));
+        let sampled = sampler.sample_with(&noise, &mut eps, Some(&mut both), &ac_t, Some(x0), &mut || {
+            rand::RngCore::next_u64(&mut plugin_rng)
+        });
         crate::watch::step_ends();
         let (samples, calls) = sampled.map_err(|m| Failure::new(FailureCause::Error, m))?;
         let samples = samples.to_kind(Kind::Double);
@@ -453,6 +481,7 @@ pub(crate) fn draw(
         }
         let share = b as f64 / n as f64;
         nfe += calls as f64 * share;
+        let evals = evals.get();
         passes += evals.passes as f64 * share;
         skipped += evals.skipped_uncond as f64 * share;
         all.narrow(0, first, b).copy_(&samples);
