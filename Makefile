@@ -98,6 +98,7 @@ bench: build browser-packages
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
 	$(VENV)/bin/python bench/sampling.py --xlab target/release/xlab --device cpu --out bench/results
 	$(VENV)/bin/python bench/sample_memory.py --xlab target/release/xlab --out bench/results
+	$(VENV)/bin/python bench/diffusion_guidance.py --xlab target/release/xlab
 	$(VENV)/bin/python bench/scheduler.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/store.py --xlab target/release/xlab --out bench/results
 	CARGO="$(CARGO)" $(VENV)/bin/python bench/soak.py --out bench/results
