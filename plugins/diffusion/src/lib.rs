@@ -1,5 +1,5 @@
-//! The diffusion family for xlab (docs/methods.md section 3): samplers, guidance, closed-form sampling
-//! and DDPM-IP training.
+//! The diffusion family for xlab (docs/methods.md section 3): samplers, guidance, attention
+//! guidance (NAG), closed-form sampling and DDPM-IP training.
 
 pub mod closed_form;
 pub mod common;
@@ -13,6 +13,7 @@ pub mod euler_ancestral;
 pub mod guidance;
 pub mod heun;
 pub mod karras;
+pub mod nag;
 pub mod pcg;
 pub mod timesteps;
 pub mod unipc;
@@ -37,4 +38,5 @@ xlab_plugin_api::export_plugin! {
         closed_form::ClosedForm
     ],
     guidances: [guidance::Cfg, guidance::Adaptive],
+    attentions: [nag::Nag],
 }

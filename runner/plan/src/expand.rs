@@ -1,7 +1,9 @@
 //! Expansion: defaults ⊕ stage ⊕ sweep point → one validated job per point and seed.
 
 use crate::config::Task;
-use crate::config::{ComponentUse, DenoiserConfig, JobConfig, WeightsChoice, COMPONENT_SLOTS};
+use crate::config::{
+    ComponentUse, DenoiserConfig, JobConfig, LabelsName, ModelConfig, SampleLabels, WeightsChoice, COMPONENT_SLOTS,
+};
 use crate::error::did_you_mean;
 use crate::file::{BestSpec, ConfigPart, DeviceKind, ExperimentFile, Mode, Seeds, Select, CONFIG_KEYS};
 use crate::identity::{content_config, job_id, normalize_numbers, IdentityInput, JobId, PluginRef};
@@ -1457,6 +1459,7 @@ fn check_sampling(
                         format!("train `{stage}` with label dropout, e.g. `diffusion: {{conditional: true, p_uncond: 0.1}}`"),
                     ));
                 }
+                check_conditions(config, guides, stage, parent, d)?;
                 if t.weights == Some(WeightsChoice::Ema) && parent.config.ema.is_none() {
                     return Err((
                         "denoiser.weights".into(),
@@ -1785,6 +1788,76 @@ fn resolve_files(file: &Path, ctx: &str, config: &mut JobConfig) -> Result<(), S
         }
         f.path = path.display().to_string();
         f.sha256 = Some(digest);
+    }
+    Ok(())
+}
+
+/// Checks a sample job's conditions against the model it samples from: `labels` and `negative`
+/// name classes the class-conditional model knows (the null label trained, for `labels: none`),
+/// `negative` is used by something, and an `attention` guidance has cross-attention to act in.
+fn check_conditions(
+    config: &JobConfig,
+    guides: bool,
+    stage: &str,
+    parent: &Job,
+    d: &crate::config::Diffusion,
+) -> Result<(), (String, String, String)> {
+    let conditional_fix = format!("add `diffusion: {{conditional: true, p_uncond: 0.1}}` to `{stage}`");
+    for (key, set) in [("labels", config.labels.is_some()), ("negative", config.negative.is_some())] {
+        if set && !d.conditional {
+            return Err((
+                key.into(),
+                format!("names a class, and stage `{stage}` trains without `conditional: true`"),
+                format!("{conditional_fix}, or drop `{key}`"),
+            ));
+        }
+    }
+    if config.labels == Some(SampleLabels::Named(LabelsName::None)) && d.p_uncond == 0.0 {
+        return Err((
+            "labels".into(),
+            format!("`none` asks for the null label, and stage `{stage}` never trained it (`p_uncond: 0`)"),
+            format!("train `{stage}` with label dropout, e.g. `diffusion: {{conditional: true, p_uncond: 0.1}}`"),
+        ));
+    }
+    if let Some(k) = parent.config.data.class_count() {
+        let named = config.labels.as_ref().map_or(&[][..], SampleLabels::classes);
+        let bad = named.iter().map(|&c| ("labels", c)).chain(config.negative.map(|c| ("negative", c)));
+        for (key, c) in bad {
+            if c as usize >= k {
+                return Err((
+                    key.into(),
+                    format!("class {c}, and stage `{stage}`'s model knows classes 0 to {}", k - 1),
+                    format!("name a class from 0 to {}", k - 1),
+                ));
+            }
+        }
+    }
+    if let Some(a) = &config.attention {
+        let has_cross = matches!(&parent.config.model, Some(ModelConfig::Unet(u)) if u.cross_attention.is_some());
+        if !has_cross {
+            return Err((
+                "attention".into(),
+                format!(
+                    "`{}` acts inside the model's cross-attention layers, and stage `{stage}`'s model has none, so it \
+                     would change nothing",
+                    a.id
+                ),
+                format!(
+                    "train `{stage}` as a `unet` with `cross_attention: {{tokens: 4, heads: 1}}` (the class then enters \
+                     through attention over its tokens)"
+                ),
+            ));
+        }
+    }
+    if config.negative.is_some() && config.guidance.is_none() && config.attention.is_none() && !guides {
+        return Err((
+            "negative".into(),
+            "is used by guidance (as the unconditional prediction) or an attention guidance, and this job has neither"
+                .into(),
+            "add e.g. `attention: {use: diffusion.nag}` or `guidance: {use: diffusion.cfg, guidance_scale: 3}`, or drop \
+             `negative`"
+                .into(),
+        ));
     }
     Ok(())
 }

@@ -146,7 +146,7 @@ pub struct Slurm {
 config_keys! {
     task, data, model, optimizer, epochs, batch_size, step_rule, batch_transform, objective, sampler, guidance, denoiser,
     samples, sample_batch, sharpness, schedule, clip_grad_norm, label_smoothing, init, shuffle, augment, noop, deterministic, diffusion,
-    precision, loss_scale, ema, reconstruct;
+    precision, loss_scale, ema, reconstruct, attention, labels, negative;
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct StageFile {

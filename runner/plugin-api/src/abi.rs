@@ -22,8 +22,9 @@
 use std::ffi::c_void;
 
 /// Bumped on any incompatible change to the types in this module. v5: the manifest carries
-/// [`LAYOUT_HASH`]. v6: [`Denoiser::eps_both`] and the `INVERTS` and `GUIDES` flags.
-pub const ABI_VERSION: u32 = 6;
+/// [`LAYOUT_HASH`]. v6: [`Denoiser::eps_both`] and the `INVERTS` and `GUIDES` flags. v7: attention
+/// guidance ([`ComponentKind::Attention`], [`ComponentDecl::attend`], [`AttendIo`]).
+pub const ABI_VERSION: u32 = 7;
 
 /// The layout of one `#[repr(C)]` type that crosses the boundary.
 pub struct TypeLayout {
@@ -155,6 +156,10 @@ pub enum ComponentKind {
     /// Combines a conditional and an unconditional prediction while sampling (classifier-free
     /// guidance and its variants).
     Guidance = 5,
+    /// Changes the output of a denoiser's cross-attention layers while sampling, from the
+    /// attention over the positive condition's tokens and over the negative one's (Normalized
+    /// Attention Guidance).
+    Attention = 6,
 }
 
 impl ComponentKind {
@@ -165,6 +170,7 @@ impl ComponentKind {
             3 => Self::Objective,
             4 => Self::Sampler,
             5 => Self::Guidance,
+            6 => Self::Attention,
             _ => return None,
         })
     }
@@ -176,6 +182,7 @@ impl ComponentKind {
             Self::Objective => "objective",
             Self::Sampler => "sampler",
             Self::Guidance => "guidance",
+            Self::Attention => "attention",
         }
     }
 }
@@ -271,6 +278,8 @@ abi_struct! {
         >,
         /// Guidance only: combines one evaluation's conditional and unconditional predictions.
         pub guide: Option<unsafe extern "C" fn(obj: *mut c_void, io: *mut GuideIo, err: *const Sink) -> Status>,
+        /// Attention guidance only: one cross-attention layer's output from the two attentions.
+        pub attend: Option<unsafe extern "C" fn(obj: *mut c_void, io: *mut AttendIo, err: *const Sink) -> Status>,
         /// Objectives only: called at the start of every epoch to choose which training examples
         /// the epoch visits. The component writes `n` numbers into `out` (one per training example,
         /// by index) and sets `*mode` to one of [`sampling`]'s values; leaving it at
@@ -557,6 +566,24 @@ abi_struct! {
 }
 
 abi_struct! {
+    /// One cross-attention layer of one evaluation: the same queries attended over the positive
+    /// condition's keys and values and over the negative one's, per head, the heads concatenated
+    /// (before the output projection). The component writes the layer's attention output.
+    pub struct AttendIo {
+        /// Z⁺ `[B, N, C]` (N query tokens, C features), borrowed.
+        pub z_pos: *mut c_void,
+        /// Z⁻ `[B, N, C]`, borrowed.
+        pub z_neg: *mut c_void,
+        /// The evaluation's (possibly fractional) training timestep.
+        pub t: f64,
+        /// The last training timestep, T − 1.
+        pub t_max: f64,
+        /// The output `[B, N, C]` (owned by the host once written); left null, the output is Z⁺.
+        pub z_out: *mut c_void,
+    }
+}
+
+abi_struct! {
     /// A sampling request: initial noise in, samples and evaluation count out.
     pub struct SampleIo {
         /// Standard normal noise of the sample shape, borrowed.
@@ -589,6 +616,7 @@ pub const LAYOUTS: &[TypeLayout] = &[
     ObjectiveHost::LAYOUT,
     Denoiser::LAYOUT,
     GuideIo::LAYOUT,
+    AttendIo::LAYOUT,
     SampleIo::LAYOUT,
 ];
 
@@ -605,6 +633,7 @@ const CONSTANTS: &[(&str, u64)] = &[
     ("ComponentKind::Objective", ComponentKind::Objective as u64),
     ("ComponentKind::Sampler", ComponentKind::Sampler as u64),
     ("ComponentKind::Guidance", ComponentKind::Guidance as u64),
+    ("ComponentKind::Attention", ComponentKind::Attention as u64),
     ("flags::STATEFUL", flags::STATEFUL),
     ("flags::RANDOM", flags::RANDOM),
     ("flags::NOISE", flags::NOISE),
@@ -681,7 +710,7 @@ mod tests {
     /// The layout hash of each ABI version since hashes were introduced. A change to any type
     /// in this module changes [`LAYOUT_HASH`]; this test then fails until `ABI_VERSION` is
     /// bumped and the new pair is added here (never edit an old pair).
-    const PINNED: &[(u32, u64)] = &[(5, 0x7251_3275_2a1f_cd1c), (6, 0x2ca4_997d_96cc_32e4)];
+    const PINNED: &[(u32, u64)] = &[(5, 0x7251_3275_2a1f_cd1c), (6, 0x2ca4_997d_96cc_32e4), (7, 0x396c_115f_e8f4_69bd)];
 
     #[test]
     fn layout_is_pinned_to_the_version() {

@@ -12,9 +12,9 @@ pub mod sdk;
 
 pub use abi::ComponentKind;
 pub use sdk::{
-    param, Batch, BatchTransform, Component, DenoiserCtx, Guidance, HostRng, ModelHost, Objective, ObjectiveCtx,
-    ObjectiveInput, Param, ParamList, ParamSpec, ParamType, PluginError, Result, RunInfo, Sampler, Sampling, State,
-    StepCtx, StepRule, Transformed,
+    param, AttentionGuidance, Batch, BatchTransform, Component, DenoiserCtx, Guidance, HostRng, ModelHost, Objective,
+    ObjectiveCtx, ObjectiveInput, Param, ParamList, ParamSpec, ParamType, PluginError, Result, RunInfo, Sampler,
+    Sampling, State, StepCtx, StepRule, Transformed,
 };
 pub use tch;
 /// `#[derive(Params)]`: a component's parameter schema from its parameter struct.

@@ -584,6 +584,16 @@ pub trait Guidance: Component {
     fn guide(&mut self, eps_cond: Tensor, eps_uncond: Option<Tensor>) -> Result<(Tensor, bool)>;
 }
 
+/// An attention guidance (Normalized Attention Guidance): inside every cross-attention layer of
+/// the denoiser, the output from the attention over the positive condition's tokens (Z⁺) and over
+/// the negative one's (Z⁻), for the rows the sample asks for. The host calls `setup` before each
+/// sampling run.
+pub trait AttentionGuidance: Component {
+    /// The layer's attention output `[B, N, C]` at training timestep `t` (of `0..=t_max`), or
+    /// `None` to keep Z⁺ (outside the guidance's time window, say).
+    fn attend(&mut self, z_pos: Tensor, z_neg: Tensor, t: f64, t_max: f64) -> Result<Option<Tensor>>;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Glue: generic extern "C" functions that wrap the safe traits. Used by `export_plugin!`.
 
@@ -858,6 +868,23 @@ pub mod glue {
         })
     }
 
+    pub unsafe extern "C" fn attend<T: AttentionGuidance>(
+        o: *mut c_void,
+        io: *mut abi::AttendIo,
+        err: *const Sink,
+    ) -> Status {
+        guard(err, || {
+            // SAFETY: io is valid during the call; its input handles are borrowed.
+            let io = unsafe { &mut *io };
+            let pos = opt_tensor(io.z_pos).ok_or_else(|| PluginError("no positive attention output".into()))?;
+            let neg = opt_tensor(io.z_neg).ok_or_else(|| PluginError("no negative attention output".into()))?;
+            if let Some(z) = unsafe { obj::<T>(o) }.attend(pos, neg, io.t, io.t_max)? {
+                io.z_out = give(z);
+            }
+            Ok(())
+        })
+    }
+
     /// Owned strings behind a component's declaration (the manifest points into them).
     pub struct DeclStrings {
         pub params_json: String,
@@ -902,6 +929,7 @@ pub mod glue {
             objective: None,
             sample: None,
             guide: None,
+            attend: None,
             epoch_sampling: None,
         }
     }
@@ -935,6 +963,10 @@ pub mod glue {
         abi::ComponentDecl { guide: Some(guide::<T>), ..decl_base::<T>(strings::<T>()) }
     }
 
+    pub fn attention<T: AttentionGuidance>() -> abi::ComponentDecl {
+        abi::ComponentDecl { attend: Some(attend::<T>), ..decl_base::<T>(strings::<T>()) }
+    }
+
     /// Builds the static manifest once; the entry point returns a pointer to it.
     pub fn manifest(
         id: &'static str,
@@ -965,6 +997,7 @@ pub mod glue {
 ///     objectives: [],
 ///     samplers: [],
 ///     guidances: [], // optional
+///     attentions: [], // optional
 /// }
 /// ```
 #[macro_export]
@@ -976,7 +1009,8 @@ macro_rules! export_plugin {
         batch_transforms: [$($b:ty),* $(,)?],
         objectives: [$($o:ty),* $(,)?],
         samplers: [$($x:ty),* $(,)?]
-        $(, guidances: [$($g:ty),* $(,)?])? $(,)?
+        $(, guidances: [$($g:ty),* $(,)?])?
+        $(, attentions: [$($a:ty),* $(,)?])? $(,)?
     ) => {
         /// The plugin's entry point, read by the xlab worker.
         #[no_mangle]
@@ -990,6 +1024,7 @@ macro_rules! export_plugin {
                         $($crate::sdk::glue::objective_decl::<$o>(),)*
                         $($crate::sdk::glue::sampler::<$x>(),)*
                         $($($crate::sdk::glue::guidance::<$g>(),)*)?
+                        $($($crate::sdk::glue::attention::<$a>(),)*)?
                     ];
                     $crate::sdk::glue::manifest($id, $version, decls) as *const _ as usize
                 })

@@ -118,6 +118,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, String> {
             ComponentKind::Objective => d.objective.is_some(),
             ComponentKind::Sampler => d.sample.is_some(),
             ComponentKind::Guidance => d.guide.is_some(),
+            ComponentKind::Attention => d.attend.is_some(),
         };
         if !has_entry {
             return Err(format!("component `{cid}` is a {} but has no {} function", kind.as_str(), kind.as_str()));
@@ -898,6 +899,24 @@ impl Instance {
         let out = take(io.eps_out, "guided prediction");
         res?;
         Ok((out?, io.need_uncond_next))
+    }
+
+    /// One cross-attention layer's output under an attention guidance (see `abi::AttendIo`):
+    /// `None` keeps Z⁺.
+    pub fn attend(&mut self, z_pos: &Tensor, z_neg: &Tensor, t: f64, t_max: f64) -> Result<Option<Tensor>, String> {
+        let f = self.decl.attend.ok_or_else(|| format!("`{}` is not an attention guidance", self.id))?;
+        let mut io = abi::AttendIo {
+            z_pos: borrow(Some(z_pos)),
+            z_neg: borrow(Some(z_neg)),
+            t,
+            t_max,
+            z_out: std::ptr::null_mut(),
+        };
+        // SAFETY: obj is live; io and the tensors outlive the call.
+        let res = call(&format!("`{}` attention guidance", self.id), |err| unsafe { f(self.obj, &mut io, err) });
+        let out = if io.z_out.is_null() { None } else { Some(take(io.z_out, "attention output")) };
+        res?;
+        out.transpose()
     }
 
     /// Draws samples from `noise` with a denoiser; returns the samples and the evaluation count.

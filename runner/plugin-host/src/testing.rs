@@ -421,6 +421,19 @@ fn exercise(inst: &mut Instance, seed: u64) -> Vec<Vec<f64>> {
             assert_eq!(alone.size(), cond.size(), "{}: guidance must keep the prediction's shape", inst.id);
             vec![to_vec(&out), to_vec(&alone)]
         }
+        ComponentKind::Attention => {
+            let pos = Tensor::from_slice(&[1.0f64, -2.0, 0.5, 3.0, 2.0, 1.0]).reshape([1, 2, 3]);
+            let neg = Tensor::from_slice(&[0.5f64, -1.0, 1.5, 2.0, 1.8, 1.1]).reshape([1, 2, 3]);
+            let mut outs = Vec::new();
+            // The start and the end of the schedule: either the output or Z⁺ kept.
+            for t in [999.0, 0.0] {
+                let z = inst.attend(&pos, &neg, t, 999.0).unwrap_or_else(|e| panic!("attend: {e}"));
+                let z = z.unwrap_or_else(|| pos.shallow_clone());
+                assert_eq!(z.size(), pos.size(), "{}: attention guidance must keep the output's shape", inst.id);
+                outs.push(to_vec(&z));
+            }
+            outs
+        }
     }
 }
 

@@ -126,11 +126,92 @@ enum Body {
     Unet(Box<UnetBody>),
 }
 
+/// The cross-attention block of a `unet` with `cross_attention` (after the middle residual
+/// block): the class's tokens, a learned table `context` of (classes + 1) × tokens × C, give the
+/// keys and values; the normalized feature map's pixels the queries. Names as diffusers'
+/// `Attention` (`to_q`, `to_k`, `to_v`, `to_out.0`), so a PyTorch transcription loads the
+/// weights with `strict=True`.
+struct CrossAttn {
+    heads: i64,
+    tokens: i64,
+    context: nn::Embedding,
+    norm: nn::GroupNorm,
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+}
+
+/// Attention guidance inside the cross-attention layers: the first `negative.size()[0]` rows
+/// also attend over the `negative` labels' tokens, and `combine(Z⁺, Z⁻)` gives their output
+/// (`None` keeps Z⁺).
+pub struct AttnGuide<'a> {
+    pub negative: Tensor,
+    pub combine: &'a mut dyn FnMut(&Tensor, &Tensor) -> Result<Option<Tensor>, String>,
+}
+
+impl CrossAttn {
+    fn new(p: &nn::Path, channels: i64, tokens: i64, heads: i64, classes: i64) -> CrossAttn {
+        let plain = nn::LinearConfig { bias: false, ..Default::default() };
+        let a = p / "attn";
+        CrossAttn {
+            heads,
+            tokens,
+            context: nn::embedding(p / "context", classes + 1, tokens * channels, Default::default()),
+            norm: nn::group_norm(&a / "norm", groups_for(channels), channels, Default::default()),
+            to_q: nn::linear(&a / "to_q", channels, channels, plain),
+            to_k: nn::linear(&a / "to_k", channels, channels, plain),
+            to_v: nn::linear(&a / "to_v", channels, channels, plain),
+            to_out: nn::linear(&a / "to_out" / "0", channels, channels, Default::default()),
+        }
+    }
+
+    /// softmax(QKᵀ/√d_h)V per head for queries `q_in` `[B, N, C]` over the tokens of `labels`,
+    /// heads concatenated: `[B, N, C]`.
+    fn attend(&self, q_in: &Tensor, labels: &Tensor) -> Tensor {
+        let (b, n, c) = (q_in.size()[0], q_in.size()[1], q_in.size()[2]);
+        let dh = c / self.heads;
+        let ctx = self.context.forward(labels).reshape([b, self.tokens, c]);
+        let split = |t: Tensor, len: i64| t.reshape([b, len, self.heads, dh]).transpose(1, 2);
+        let q = split(self.to_q.forward(q_in), n);
+        let k = split(self.to_k.forward(&ctx), self.tokens);
+        let v = split(self.to_v.forward(&ctx), self.tokens);
+        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
+            .transpose(1, 2)
+            .reshape([b, n, c])
+    }
+
+    fn forward(&self, h: &Tensor, labels: &Tensor, guide: Option<&mut AttnGuide<'_>>) -> Result<Tensor, String> {
+        let (b, c, hh, ww) = h.size4().map_err(|e| e.to_string())?;
+        let q_in = self.norm.forward(h).reshape([b, c, hh * ww]).transpose(1, 2);
+        let mut z = self.attend(&q_in, labels);
+        if let Some(g) = guide {
+            let rows = g.negative.size()[0];
+            let pos = z.narrow(0, 0, rows);
+            let neg = self.attend(&q_in.narrow(0, 0, rows), &g.negative);
+            if let Some(out) = (g.combine)(&pos, &neg)? {
+                if out.size() != pos.size() {
+                    return Err(format!(
+                        "the attention guidance returned {:?} for an attention output of {:?}",
+                        out.size(),
+                        pos.size()
+                    ));
+                }
+                let out = out.to_kind(z.kind());
+                z = if rows == b { out } else { Tensor::cat(&[out, z.narrow(0, rows, b - rows)], 0) };
+            }
+        }
+        let out = self.to_out.forward(&z).transpose(1, 2).reshape([b, c, hh, ww]);
+        Ok(h + out)
+    }
+}
+
 struct UnetBody {
     image: [i64; 3],
     conv_in: nn::Conv2D,
     down: Vec<ResBlock>,
     mid: ResBlock,
+    cross: Option<CrossAttn>,
     up: Vec<ResBlock>,
     norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
@@ -187,7 +268,17 @@ impl DiffusionNet {
         };
         let time1 = nn::linear(root / "time" / "0", time_dim, body_dim, Default::default());
         let time2 = nn::linear(root / "time" / "2", body_dim, body_dim, Default::default());
-        let label = classes.map(|k| nn::embedding(root / "label", k as i64 + 1, body_dim, Default::default()));
+        // A UNet with cross-attention takes its class through attention alone.
+        let cross_attention = match cfg {
+            ModelConfig::Unet(u) => u.cross_attention.as_ref(),
+            _ => None,
+        };
+        if cross_attention.is_some() && classes.is_none() {
+            return Err("`cross_attention` attends over the class's tokens; it needs a conditional model".into());
+        }
+        let label = classes
+            .filter(|_| cross_attention.is_none())
+            .map(|k| nn::embedding(root / "label", k as i64 + 1, body_dim, Default::default()));
         let body = match cfg {
             ModelConfig::TimeMlp(m) => {
                 let mut width = input_dim as i64 + body_dim;
@@ -211,6 +302,10 @@ impl DiffusionNet {
                     prev = c;
                 }
                 let mid = ResBlock::new(&(root / "mid"), prev, prev, body_dim);
+                let cross = cross_attention.map(|a| {
+                    let k = classes.expect("checked above") as i64;
+                    CrossAttn::new(&(root / "cross"), prev, a.tokens as i64, a.heads as i64, k)
+                });
                 let mut up = Vec::new();
                 for (i, &c) in ch.iter().enumerate().rev() {
                     up.push(ResBlock::new(&(root / "up" / i), prev + c, c, body_dim));
@@ -218,7 +313,7 @@ impl DiffusionNet {
                 }
                 let norm_out = nn::group_norm(root / "norm_out", groups_for(prev), prev, Default::default());
                 let conv_out = nn::conv2d(root / "conv_out", prev, image[0], 3, same);
-                Body::Unet(Box::new(UnetBody { image, conv_in, down, mid, up, norm_out, conv_out }))
+                Body::Unet(Box::new(UnetBody { image, conv_in, down, mid, cross, up, norm_out, conv_out }))
             }
             _ => unreachable!("checked above"),
         };
@@ -227,7 +322,7 @@ impl DiffusionNet {
 
     pub fn is_conditional(&self) -> bool {
         match &self.net {
-            Net::Own(n) => n.label.is_some(),
+            Net::Own(n) => n.label.is_some() || n.has_cross_attention(),
             Net::Script { conditional, .. } => *conditional,
         }
     }
@@ -247,10 +342,31 @@ impl DiffusionNet {
     /// The prediction for flat rows `x` `[B, D]` at timesteps `t` `[B]` (float) with labels `[B]`.
     pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
         match &self.net {
-            Net::Own(n) => n.forward(x, t, labels),
+            Net::Own(n) => n.forward(x, t, labels, None).unwrap_or_else(|e| panic!("{e}")),
             Net::Script { .. } => self
                 .script_forward(x, t, labels)
                 .unwrap_or_else(|e| panic!("the TorchScript denoiser's forward failed: {e}")),
+        }
+    }
+
+    /// Whether the network has cross-attention layers for an attention guidance to act in.
+    pub fn has_cross_attention(&self) -> bool {
+        matches!(&self.net, Net::Own(n) if n.has_cross_attention())
+    }
+
+    /// As [`forward`](Self::forward), with an attention guidance in the cross-attention layers
+    /// (for the first rows, see [`AttnGuide`]).
+    pub fn forward_guided(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        guide: Option<&mut AttnGuide<'_>>,
+    ) -> Result<Tensor, String> {
+        match (&self.net, guide) {
+            (_, None) => Ok(self.forward(x, t, labels)),
+            (Net::Own(n), Some(g)) if n.has_cross_attention() => n.forward(x, t, labels, Some(g)),
+            _ => Err("an attention guidance needs a `unet` with `cross_attention`".into()),
         }
     }
 
@@ -305,7 +421,17 @@ impl DiffusionNet {
 }
 
 impl OwnNet {
-    fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Tensor {
+    fn has_cross_attention(&self) -> bool {
+        matches!(&self.body, Body::Unet(u) if u.cross.is_some())
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        guide: Option<&mut AttnGuide<'_>>,
+    ) -> Result<Tensor, String> {
         let time = self.time2.forward(&self.time1.forward(&timestep_embedding(t, self.time_dim)).silu());
         // Out of place, as PyTorch code writes it: under autocast the time embedding is in the
         // half type and the label's in fp32, and the sum is fp32 (in place would round it back
@@ -320,10 +446,10 @@ impl OwnNet {
                 for l in layers {
                     h = l.forward(&h).silu();
                 }
-                out.forward(&h)
+                Ok(out.forward(&h))
             }
             Body::Unet(u) => {
-                let UnetBody { image, conv_in, down, mid, up, norm_out, conv_out } = &**u;
+                let UnetBody { image, conv_in, down, mid, cross, up, norm_out, conv_out } = &**u;
                 let b = x.size()[0];
                 let mut h = conv_in.forward(&x.reshape([b, image[0], image[1], image[2]]));
                 let mut skips = Vec::new();
@@ -335,6 +461,10 @@ impl OwnNet {
                     }
                 }
                 h = mid.forward(&h, &temb);
+                if let Some(cross) = cross {
+                    let labels = labels.ok_or("a UNet with cross-attention needs the labels")?;
+                    h = cross.forward(&h, labels, guide)?;
+                }
                 for (k, block) in up.iter().enumerate() {
                     let skip = skips.pop().expect("one skip per level");
                     h = block.forward(&Tensor::cat(&[h, skip], 1), &temb);
@@ -342,7 +472,7 @@ impl OwnNet {
                         h = h.upsample_nearest2d([h.size()[2] * 2, h.size()[3] * 2], None, None);
                     }
                 }
-                conv_out.forward(&norm_out.forward(&h).silu()).reshape([b, -1])
+                Ok(conv_out.forward(&norm_out.forward(&h).silu()).reshape([b, -1]))
             }
         }
     }

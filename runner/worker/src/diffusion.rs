@@ -441,13 +441,13 @@ mod tests {
         let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 0]);
         assert_eq!(net.forward(&x, &t, Some(&labels)).size(), vec![5, 2]);
         let vs = nn::VarStore::new(Device::Cpu);
-        let unet = ModelConfig::Unet(Unet { channels: vec![8, 16], time_dim: 8 });
+        let unet = ModelConfig::Unet(Unet { channels: vec![8, 16], time_dim: 8, cross_attention: None });
         let net = DiffusionNet::build(&vs.root(), &unet, 64, Some([1, 8, 8]), None).unwrap();
         let x = Tensor::randn([3, 64], (Kind::Float, Device::Cpu));
         assert_eq!(net.forward(&x, &Tensor::from_slice(&[1.0f32, 2.0, 3.0]), None).size(), vec![3, 64]);
         // 28×28 (MNIST-sized) through three levels: 28 → 14 → 7 and back.
         let vs = nn::VarStore::new(Device::Cpu);
-        let unet = ModelConfig::Unet(Unet { channels: vec![8, 16, 16], time_dim: 8 });
+        let unet = ModelConfig::Unet(Unet { channels: vec![8, 16, 16], time_dim: 8, cross_attention: None });
         let net = DiffusionNet::build(&vs.root(), &unet, 784, Some([1, 28, 28]), Some(10)).unwrap();
         let x = Tensor::randn([2, 784], (Kind::Float, Device::Cpu));
         let labels = Tensor::from_slice(&[3i64, 10]);

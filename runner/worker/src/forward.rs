@@ -13,6 +13,11 @@
 //! (the output in float32). With a `target` tensor (`[B, input_dim]`) for a diffusion model, it
 //! also computes the training loss as the training loop does (`diffusion::denoising_loss`) and
 //! its gradients: `loss` and `grad.<parameter>` join the output.
+//!
+//! `--attention '{"use": "diffusion.nag", ...}'` runs a UNet with cross-attention under an
+//! attention guidance from the installed plugins: the first rows (as many as the labels of the
+//! `y_neg` input) also attend over the negative labels' tokens, as sampling runs the
+//! conditional rows; `t`'s first value is the timestep the guidance's window sees.
 
 use crate::denoiser::DiffusionNet;
 use std::collections::BTreeMap;
@@ -39,7 +44,30 @@ pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>, String> {
         .unwrap_or_default())
 }
 
-pub fn run(weights: &Path, input: &Path, out: &Path, precision: Precision) -> Result<(), String> {
+/// An instance of the attention guidance named in `spec` (`{"use": ID, params...}`), its
+/// parameters completed with their defaults, from the default plugin folders.
+fn attention_instance(spec: &str) -> Result<xlab_plugin_host::Instance, String> {
+    let mut given: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(spec).map_err(|e| format!("--attention: not a JSON object: {e}"))?;
+    let id = match given.remove("use") {
+        Some(serde_json::Value::String(id)) => id,
+        _ => return Err("--attention: name the component as `\"use\": \"family.variant\"`".into()),
+    };
+    let (plugins, registry) = xlab_plugin_host::discover(&crate::default_plugin_dirs(), &[]);
+    let (plugin, info) =
+        registry.component(&id).ok_or_else(|| format!("--attention: no installed plugin provides `{id}`"))?;
+    let params = xlab_proto::plugins::resolve_params(info, &given).map_err(|e| format!("--attention: {e:?}"))?;
+    let lib = plugins.iter().find(|p| p.info.id == plugin.id).expect("the registry lists loaded plugins");
+    lib.instantiate(&id, &serde_json::Value::Object(params))
+}
+
+pub fn run(
+    weights: &Path,
+    input: &Path,
+    out: &Path,
+    precision: Precision,
+    attention: Option<&str>,
+) -> Result<(), String> {
     crate::amp::set_job_precision(precision);
     let about = metadata(weights)?;
     let get = |k: &str| {
@@ -81,7 +109,18 @@ pub fn run(weights: &Path, input: &Path, out: &Path, precision: Precision) -> Re
             return Tensor::write_safetensors(&refs, out).map_err(|e| format!("{}: {e}", out.display()));
         }
         let _region = crate::amp::job_region(Device::Cpu)?;
-        tch::no_grad(|| crate::amp::full(net.forward(x, t, labels)))
+        match attention {
+            None => tch::no_grad(|| crate::amp::full(net.forward(x, t, labels))),
+            Some(spec) => {
+                let mut inst = attention_instance(spec)?;
+                let t_max = (d.timesteps - 1) as f64;
+                let t0 = f64::try_from(t.get(0)).map_err(|e| e.to_string())?;
+                let mut combine = |pos: &Tensor, neg: &Tensor| inst.attend(pos, neg, t0, t_max);
+                let negative = take("y_neg")?.to_kind(tch::Kind::Int64);
+                let mut guide = crate::denoiser::AttnGuide { negative, combine: &mut combine };
+                crate::amp::full(tch::no_grad(|| net.forward_guided(x, t, labels, Some(&mut guide)))?)
+            }
+        }
     } else {
         let net = crate::model::build(&vs.root(), &model, input_dim, image, classes);
         vs.load(weights).map_err(|e| format!("{}: {e}", weights.display()))?;

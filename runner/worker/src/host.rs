@@ -29,6 +29,7 @@ pub struct Components {
     pub sampler: Option<Instance>,
     pub guidance: Option<Instance>,
     pub reconstruct: Option<Instance>,
+    pub attention: Option<Instance>,
 }
 
 impl Components {
@@ -45,6 +46,7 @@ impl Components {
             ("sampler", &mut self.sampler),
             ("guidance", &mut self.guidance),
             ("reconstruct", &mut self.reconstruct),
+            ("attention", &mut self.attention),
         ]
         .into_iter()
         .filter_map(|(k, i)| i.as_mut().map(|i| (k, i)))

@@ -57,13 +57,20 @@ pub fn run(
     let labels = model.as_ref().filter(|m| m.conditional).map(|_| data.test.y.narrow(0, 0, n).to_device(device));
     let label_rows = |first: i64, b: i64| labels.as_ref().map(|l| l.narrow(0, first, b).to_kind(Kind::Int64));
     let x0 = x0.to_device(device);
-    let den = Denoising { x0: &x0, ac: &ac, model: model.as_ref(), image: data.image, device, seed };
+    let den = Denoising { x0: &x0, ac: &ac, model: model.as_ref(), image: data.image, device, seed, negative: None };
     let batch = i64::from(cfg.sample_batch.unwrap_or(DEFAULT_SAMPLE_BATCH));
     let Components { sampler, reconstruct, .. } = comps;
     let sampler =
         sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: invert` needs a `sampler`"))?;
-    let inverted =
-        draw(n, batch, &den, sampler, None, &mut |first, b| Ok(start_rows.narrow(0, first, b)), &label_rows)?;
+    let inverted = draw(
+        n,
+        batch,
+        &den,
+        sampler,
+        Default::default(),
+        &mut |first, b| Ok(start_rows.narrow(0, first, b)),
+        &label_rows,
+    )?;
     let latents = inverted.samples;
     let mut values = BTreeMap::new();
     values.insert("invert.rows".to_string(), n as f64);
@@ -78,8 +85,15 @@ pub fn run(
         ("latents", latents.to_kind(Kind::Float).to_device(Device::Cpu)),
     ];
     if let Some(back_sampler) = reconstruct.as_mut() {
-        let back =
-            draw(n, batch, &den, back_sampler, None, &mut |first, b| Ok(latents.narrow(0, first, b)), &label_rows)?;
+        let back = draw(
+            n,
+            batch,
+            &den,
+            back_sampler,
+            Default::default(),
+            &mut |first, b| Ok(latents.narrow(0, first, b)),
+            &label_rows,
+        )?;
         let recon = scale.invert(&back.samples);
         let err = &recon - &rows;
         values.insert("reconstruct.nfe".to_string(), back.nfe);

@@ -94,6 +94,7 @@ fn load_components(req: &JobRequest, cfg: &JobConfig) -> Result<Components, Fail
             "batch_transform" => comps.batch_transform = Some(inst),
             "sampler" => comps.sampler = Some(inst),
             "guidance" => comps.guidance = Some(inst),
+            "attention" => comps.attention = Some(inst),
             "reconstruct" => comps.reconstruct = Some(inst),
             _ => comps.objective = Some(inst),
         }

@@ -40,6 +40,12 @@ enum Command {
         /// fp32, bf16 or fp16
         #[arg(long, default_value = "fp32")]
         precision: String,
+        /// An attention guidance for a UNet with cross-attention, as a job names it (e.g.
+        /// `{"use": "diffusion.nag", "scale": 5}`), from the installed plugins: the first rows
+        /// (as many as the `y_neg` input's labels) attend over `y_neg`'s tokens too. `t` is then
+        /// one timestep for the whole batch (its first value) in 0..=T−1.
+        #[arg(long)]
+        attention: Option<String>,
     },
     /// Load every plugin from the default folders plus those given, and print the registry as
     /// JSON (plugins with their components and parameter schemas, and refused files with why).
@@ -69,7 +75,7 @@ fn main() {
         Command::Probe => {
             println!("{}", xlab_worker::probe::report());
         }
-        Command::Forward { weights, input, out, precision } => {
+        Command::Forward { weights, input, out, precision, attention } => {
             let precision = match serde_json::from_value(serde_json::Value::String(precision.clone())) {
                 Ok(p) => p,
                 Err(_) => {
@@ -77,7 +83,7 @@ fn main() {
                     quit(2);
                 }
             };
-            if let Err(e) = xlab_worker::forward::run(&weights, &input, &out, precision) {
+            if let Err(e) = xlab_worker::forward::run(&weights, &input, &out, precision, attention.as_deref()) {
                 eprintln!("error: {e}");
                 quit(1);
             }

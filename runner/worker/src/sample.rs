@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
-use xlab_plan::config::{DenoiserConfig, JobConfig, Prediction, WeightsChoice};
+use xlab_plan::config::{DenoiserConfig, JobConfig, LabelsName, Prediction, SampleLabels, WeightsChoice};
 use xlab_plugin_host::Instance;
 use xlab_proto::FailureCause;
 
@@ -52,15 +52,40 @@ pub(crate) struct TrainedModel {
     _vs: nn::VarStore,
 }
 
+/// An attention guidance while sampling (`attention:` with `negative:`): the component, the
+/// negative class, and the last training timestep (for its time window).
+pub(crate) struct AttnGuidance<'a, 'b> {
+    pub instance: &'a std::cell::RefCell<&'b mut Instance>,
+    pub negative: i64,
+    pub t_max: f64,
+}
+
 impl TrainedModel {
-    /// The labels asked for by samples `start..start + count`: class i mod K.
     /// The network's prediction as ε for rows `x` at timestep `t` (ᾱ = `a`), under the job's
-    /// autocast, in float32: v = √ᾱ ε − √(1−ᾱ) x₀ gives ε = √ᾱ v + √(1−ᾱ) x_t.
-    fn predict(&self, x: &Tensor, t: f64, a: f64, labels: Option<&Tensor>) -> Result<Tensor, String> {
+    /// autocast, in float32: v = √ᾱ ε − √(1−ᾱ) x₀ gives ε = √ᾱ v + √(1−ᾱ) x_t. With an attention
+    /// guidance, its first `rows` rows are guided in the cross-attention layers.
+    fn predict(
+        &self,
+        x: &Tensor,
+        t: f64,
+        a: f64,
+        labels: Option<&Tensor>,
+        attn: Option<(&AttnGuidance<'_, '_>, i64)>,
+    ) -> Result<Tensor, String> {
         let xf = x.to_kind(Kind::Float);
         let ts = Tensor::full([xf.size()[0]], t, (Kind::Float, xf.device()));
         let region = crate::amp::job_region(xf.device())?;
-        let p = tch::no_grad(|| crate::amp::full(self.net.forward(&xf, &ts, labels)));
+        let p = tch::no_grad(|| match attn {
+            None => Ok(self.net.forward(&xf, &ts, labels)),
+            Some((g, rows)) => {
+                let mut inst = g.instance.borrow_mut();
+                let mut combine = |pos: &Tensor, neg: &Tensor| inst.attend(pos, neg, t, g.t_max);
+                let negative = Tensor::full([rows], g.negative, (Kind::Int64, xf.device()));
+                let mut guide = crate::denoiser::AttnGuide { negative, combine: &mut combine };
+                self.net.forward_guided(&xf, &ts, labels, Some(&mut guide))
+            }
+        });
+        let p = crate::amp::full(p?);
         drop(region);
         Ok(match self.prediction {
             Prediction::Epsilon => p,
@@ -68,21 +93,72 @@ impl TrainedModel {
         })
     }
 
-    /// The predictions with the labels and with the null label, from one pass of 2B rows.
-    fn predict_both(&self, x: &Tensor, t: f64, a: f64, labels: &Tensor) -> Result<(Tensor, Tensor), String> {
+    /// The predictions with the labels and with `uncond` (the null label, or the negative class),
+    /// from one pass of 2B rows; an attention guidance acts on the conditional rows only.
+    fn predict_both(
+        &self,
+        x: &Tensor,
+        t: f64,
+        a: f64,
+        labels: &Tensor,
+        uncond: i64,
+        attn: Option<&AttnGuidance<'_, '_>>,
+    ) -> Result<(Tensor, Tensor), String> {
         let rows = x.size()[0];
         let both = self.predict(
             &Tensor::cat(&[x, x], 0),
             t,
             a,
-            Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(self.null_label)], 0)),
+            Some(&Tensor::cat(&[labels.shallow_clone(), labels.full_like(uncond)], 0)),
+            attn.map(|g| (g, rows)),
         )?;
         Ok((both.narrow(0, 0, rows), both.narrow(0, rows, rows)))
     }
 
-    pub(crate) fn labels(&self, start: i64, count: i64, device: Device) -> Option<Tensor> {
-        self.conditional
-            .then(|| Tensor::arange_start(start, start + count, (Kind::Int64, device)).remainder(self.null_label))
+    /// The labels asked for by samples `start..start + count` (`labels:` of the job): class
+    /// i mod K by default, the null label for `none`, one class, or a list cycled through.
+    pub(crate) fn labels(
+        &self,
+        chosen: Option<&SampleLabels>,
+        start: i64,
+        count: i64,
+        device: Device,
+    ) -> Option<Tensor> {
+        if !self.conditional {
+            return None;
+        }
+        let index = Tensor::arange_start(start, start + count, (Kind::Int64, device));
+        Some(match chosen {
+            None | Some(SampleLabels::Named(LabelsName::Cycle)) => index.remainder(self.null_label),
+            Some(SampleLabels::Named(LabelsName::None)) => index.full_like(self.null_label),
+            Some(SampleLabels::One(c)) => index.full_like(i64::from(*c)),
+            Some(SampleLabels::List(l)) => {
+                let l: Vec<i64> = l.iter().map(|&c| i64::from(c)).collect();
+                Tensor::from_slice(&l).to_device(device).index_select(0, &index.remainder(l.len() as i64))
+            }
+        })
+    }
+
+    /// Refuses classes the model does not know (the plan checks them where the data's class
+    /// count is known before reading it).
+    fn check_classes(&self, cfg: &JobConfig) -> Result<(), Failure> {
+        let named = cfg.labels.as_ref().map_or(&[][..], SampleLabels::classes);
+        let bad = named.iter().map(|&c| ("labels", c)).chain(cfg.negative.map(|c| ("negative", c)));
+        for (key, c) in bad {
+            if !self.conditional {
+                return Err(Failure::new(
+                    FailureCause::Config,
+                    format!("`{key}` names a class, and the parent's model is unconditional"),
+                ));
+            }
+            if i64::from(c) >= self.null_label {
+                return Err(Failure::new(
+                    FailureCause::Config,
+                    format!("`{key}`: class {c}, and the parent's model knows classes 0 to {}", self.null_label - 1),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -128,10 +204,20 @@ pub fn run(
             "`guidance` needs a class-conditional trained model (`diffusion: {conditional: true}` in the parent)",
         ));
     }
+    if let Some(m) = &model {
+        m.check_classes(cfg)?;
+        if comps.attention.is_some() && !m.net.has_cross_attention() {
+            return Err(Failure::new(
+                FailureCause::Config,
+                "`attention` acts inside the model's cross-attention layers, and the parent's model has none",
+            ));
+        }
+    }
     let x0 = x0.to_device(device);
     let batch = i64::from(cfg.sample_batch.unwrap_or(DEFAULT_SAMPLE_BATCH));
-    let den = Denoising { x0: &x0, ac: &ac, model: model.as_ref(), image: data.image, device, seed };
-    let Components { sampler, guidance, .. } = comps;
+    let negative = cfg.negative.map(i64::from);
+    let den = Denoising { x0: &x0, ac: &ac, model: model.as_ref(), image: data.image, device, seed, negative };
+    let Components { sampler, guidance, attention, .. } = comps;
     let sampler =
         sampler.as_mut().ok_or_else(|| Failure::new(FailureCause::Config, "`task: sample` needs a `sampler`"))?;
     // The initial noise is one stream from the job's seed, whatever the batch size.
@@ -141,9 +227,10 @@ pub fn run(
         let v: Vec<f64> = (0..b * dim).map(|_| data::normal(&mut rng)).collect();
         Ok(Tensor::from_slice(&v).reshape([b, dim]).to_device(device))
     };
-    // Sample i asks for class i mod K.
-    let labels = |start: i64, b: i64| model.as_ref().and_then(|m| m.labels(start, b, device));
-    let drawn = draw(i64::from(n), batch, &den, sampler, guidance.as_mut(), &mut noise, &labels)?;
+    // Sample i asks for class i mod K, or as `labels:` says.
+    let labels = |start: i64, b: i64| model.as_ref().and_then(|m| m.labels(cfg.labels.as_ref(), start, b, device));
+    let guides = Guides { guidance: guidance.as_mut(), attention: attention.as_mut() };
+    let drawn = draw(i64::from(n), batch, &den, sampler, guides, &mut noise, &labels)?;
     let mut values = BTreeMap::new();
     values.insert("sample.nfe".to_string(), drawn.nfe);
     values.insert("time.sample_s".to_string(), drawn.seconds);
@@ -191,9 +278,17 @@ pub fn run(
             });
             let (conf, pred) = probs.max_dim(-1, false);
             q.insert("class_confidence".to_string(), f64::try_from(conf.mean(Kind::Double))?);
-            if let Some(labels) = m.labels(0, own.size()[0], device) {
+            let asked = m.labels(cfg.labels.as_ref(), 0, own.size()[0], device);
+            // Unconditional samples (`labels: none`) ask for no class to be right about.
+            if let Some(labels) = asked.filter(|_| cfg.labels != Some(SampleLabels::Named(LabelsName::None))) {
                 let right = pred.eq_tensor(&labels).to_kind(Kind::Double).mean(Kind::Double);
                 q.insert("class_acc".to_string(), f64::try_from(right)?);
+            }
+            // The share of samples the scorer puts in the negative class (what guidance away
+            // from it should lower).
+            if let Some(k) = negative {
+                let share = pred.eq(k).to_kind(Kind::Double).mean(Kind::Double);
+                q.insert("negative_share".to_string(), f64::try_from(share)?);
             }
             let own_features = crate::quality::in_chunks(&own, |x| features(scorer, x));
             q.insert("fd".to_string(), crate::quality::frechet(&own_features, held_out_features)?);
@@ -365,6 +460,17 @@ pub(crate) struct Denoising<'a> {
     pub image: Option<[i64; 3]>,
     pub device: Device,
     pub seed: u64,
+    /// The negative class (`negative:`): guidance's unconditional prediction takes it instead
+    /// of the null label, and an attention guidance steers away from it.
+    pub negative: Option<i64>,
+}
+
+/// The components that steer a sampler's evaluations: a guidance over the conditional and
+/// unconditional predictions, and an attention guidance inside the network.
+#[derive(Default)]
+pub(crate) struct Guides<'a> {
+    pub guidance: Option<&'a mut Instance>,
+    pub attention: Option<&'a mut Instance>,
 }
 
 /// Runs `sampler` over `n` rows, `batch` at a time, from the rows `start(first, count)` gives
@@ -376,15 +482,24 @@ pub(crate) fn draw(
     batch: i64,
     den: &Denoising<'_>,
     sampler: &mut Instance,
-    mut guidance: Option<&mut Instance>,
+    guides: Guides<'_>,
     start: &mut dyn FnMut(i64, i64) -> Result<Tensor, Failure>,
     labels: &dyn Fn(i64, i64) -> Option<Tensor>,
 ) -> Result<Drawn, Failure> {
-    let Denoising { x0, ac, model, image, device, seed } = *den;
+    let Denoising { x0, ac, model, image, device, seed, negative } = *den;
+    let Guides { mut guidance, attention } = guides;
     let ac_t = Tensor::from_slice(ac).to_device(device);
     let mut plugin_rng = ChaCha8Rng::seed_from_u64(seed);
     plugin_rng.set_stream(u64::MAX);
     let t_max = ac.len() as f64 - 1.0;
+    let attention = attention.map(std::cell::RefCell::new);
+    let attn = match (&attention, negative) {
+        (Some(instance), Some(negative)) => Some(AttnGuidance { instance, negative, t_max }),
+        _ => None,
+    };
+    let attn = attn.as_ref();
+    // Guidance's unconditional prediction: the null label, or the negative class.
+    let uncond = |m: &TrainedModel| negative.unwrap_or(m.null_label);
     let dim = x0.size()[1];
     // Filled batch by batch (no second copy of every sample at the end).
     let all = Tensor::zeros([n, dim], (Kind::Double, device));
@@ -395,15 +510,18 @@ pub(crate) fn draw(
         let b = batch.min(n - first);
         let noise = start(first, b)?;
         let labels = labels(first, b);
+        let info = xlab_plugin_api::RunInfo {
+            num_classes: model.map_or(0, |m| m.null_label),
+            n_train: x0.size()[0] as u64,
+            seed,
+            image,
+            ..Default::default()
+        };
         if let Some(g) = guidance.as_mut() {
-            g.setup(&xlab_plugin_api::RunInfo {
-                num_classes: model.map_or(0, |m| m.null_label),
-                n_train: x0.size()[0] as u64,
-                seed,
-                image,
-                ..Default::default()
-            })
-            .map_err(|m| Failure::new(FailureCause::Error, m))?;
+            g.setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
+        }
+        if let Some(a) = &attention {
+            a.borrow_mut().setup(&info).map_err(|m| Failure::new(FailureCause::Error, m))?;
         }
         let evals = std::cell::Cell::new(Evals::default());
         let count = |passes: u64, skipped: u64| {
@@ -430,11 +548,11 @@ pub(crate) fn draw(
                 (Some(g), Some(labels)) => {
                     let (cond, uncond) = if need_uncond {
                         count(2, 0);
-                        let (c, u) = m.predict_both(x, t, a, labels)?;
+                        let (c, u) = m.predict_both(x, t, a, labels, uncond(m), attn)?;
                         (c, Some(u))
                     } else {
                         count(1, 1);
-                        (m.predict(x, t, a, Some(labels))?, None)
+                        (m.predict(x, t, a, Some(labels), attn.map(|g| (g, x.size()[0])))?, None)
                     };
                     let (e, next) = g.guide(&cond, uncond.as_ref())?;
                     need_uncond = next;
@@ -442,7 +560,7 @@ pub(crate) fn draw(
                 }
                 (_, labels) => {
                     count(1, 0);
-                    m.predict(x, t, a, labels.as_ref())?
+                    m.predict(x, t, a, labels.as_ref(), attn.map(|g| (g, x.size()[0])))?
                 }
             };
             Ok(out.to_kind(x.kind()))
@@ -453,7 +571,7 @@ pub(crate) fn draw(
             match (model, &labels) {
                 (Some(m), Some(labels)) => {
                     count(2, 0);
-                    let (c, u) = m.predict_both(x, t, a, labels)?;
+                    let (c, u) = m.predict_both(x, t, a, labels, uncond(m), attn)?;
                     Ok((c.to_kind(x.kind()), u.to_kind(x.kind())))
                 }
                 _ => Err("the sampler needs a class-conditional trained model".into()),

@@ -121,6 +121,18 @@ impl DataConfig {
         }
     }
 
+    /// The number of classes, where the config alone tells it (files and IDX folders tell it
+    /// when read).
+    pub fn class_count(&self) -> Option<usize> {
+        match self {
+            DataConfig::TwoMoons(_) | DataConfig::Spurious(_) => Some(2),
+            DataConfig::Blobs(d) => Some(d.classes),
+            DataConfig::Digits(_) | DataConfig::Cifar10(_) => Some(10),
+            DataConfig::Cifar100(_) => Some(100),
+            DataConfig::Npz(_) | DataConfig::Csv(_) | DataConfig::Idx(_) => None,
+        }
+    }
+
     /// The size of the validation split.
     pub fn n_val(&self) -> usize {
         match self {

@@ -201,3 +201,73 @@ impl Diffusion {
         Ok(())
     }
 }
+
+/// The condition each sample asks a class-conditional model for (`labels:` of a sample job).
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema, PartialEq)]
+#[serde(untagged)]
+pub enum SampleLabels {
+    /// `cycle`: sample i asks for class i mod K (the default); `none`: the null label, so the
+    /// samples are the model's unconditional ones.
+    Named(LabelsName),
+    /// One class for every sample.
+    One(u32),
+    /// Sample i asks for class `list[i mod len]`.
+    List(Vec<u32>),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelsName {
+    Cycle,
+    None,
+}
+
+impl SampleLabels {
+    /// The classes named, for checks against the class count.
+    pub fn classes(&self) -> &[u32] {
+        match self {
+            SampleLabels::Named(_) => &[],
+            SampleLabels::One(c) => std::slice::from_ref(c),
+            SampleLabels::List(l) => l,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SampleLabels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const EXPECTED: &str = "`cycle`, `none`, a class number or a list of class numbers";
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SampleLabels;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SampleLabels, E> {
+                match v {
+                    "cycle" => Ok(SampleLabels::Named(LabelsName::Cycle)),
+                    "none" => Ok(SampleLabels::Named(LabelsName::None)),
+                    other => Err(E::custom(format!("`{other}`: expected {EXPECTED}"))),
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SampleLabels, E> {
+                u32::try_from(v).map(SampleLabels::One).map_err(|_| E::custom(format!("class {v} is out of range")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SampleLabels, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("class {v}: classes are numbered from 0")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SampleLabels, A::Error> {
+                let mut out = Vec::new();
+                while let Some(c) = seq.next_element::<u32>()? {
+                    out.push(c);
+                }
+                if out.is_empty() {
+                    return Err(serde::de::Error::custom("an empty list of classes; name at least one"));
+                }
+                Ok(SampleLabels::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -131,6 +131,20 @@ pub struct JobConfig {
     /// and unconditional predictions combine (e.g. `{use: diffusion.cfg, guidance_scale: 3}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance: Option<ComponentUse>,
+    /// `sample`, with a trained UNet with `cross_attention`: a guidance inside its cross-attention
+    /// layers that steers away from the `negative` class (e.g. `{use: diffusion.nag, scale: 5}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<ComponentUse>,
+    /// `sample`, with a class-conditional model: the class each sample asks for: `cycle` (sample
+    /// i asks for class i mod K, the default), `none` (the null label: unconditional samples), a
+    /// class, or a list of classes cycled through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<SampleLabels>,
+    /// `sample`, with a class-conditional model: the negative condition, a class. It stands in
+    /// for the null label in guidance's unconditional prediction (a negative prompt), and is
+    /// what an `attention` guidance steers away from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative: Option<u32>,
     /// `train`: train a diffusion model (`time_mlp` or `unet`) to predict the noise instead of a
     /// classifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -302,13 +316,21 @@ pub const COMPONENT_SLOTS: &[(&str, &str)] = &[
     ("sampler", "sampler"),
     ("guidance", "guidance"),
     ("reconstruct", "sampler"),
+    ("attention", "attention"),
 ];
 
 impl JobConfig {
     /// The components the job uses, by slot name.
     pub fn components(&self) -> Vec<(&'static str, &ComponentUse)> {
-        let slots =
-            [&self.step_rule, &self.batch_transform, &self.objective, &self.sampler, &self.guidance, &self.reconstruct];
+        let slots = [
+            &self.step_rule,
+            &self.batch_transform,
+            &self.objective,
+            &self.sampler,
+            &self.guidance,
+            &self.reconstruct,
+            &self.attention,
+        ];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_ref().map(|c| (*slot, c))).collect()
     }
 
@@ -320,6 +342,7 @@ impl JobConfig {
             &mut self.sampler,
             &mut self.guidance,
             &mut self.reconstruct,
+            &mut self.attention,
         ];
         COMPONENT_SLOTS.iter().zip(slots).filter_map(|((slot, _), c)| c.as_mut().map(|c| (*slot, c))).collect()
     }
@@ -380,6 +403,22 @@ impl JobConfig {
         if self.task != Task::Invert && self.reconstruct.is_some() {
             return err("reconstruct", "maps inverted latents back to data; it belongs to `task: invert`".into());
         }
+        if self.task != Task::Sample {
+            for (k, set) in [
+                ("attention", self.attention.is_some()),
+                ("labels", self.labels.is_some()),
+                ("negative", self.negative.is_some()),
+            ] {
+                if set {
+                    let why = if self.task == Task::Invert {
+                        "belongs to `task: sample`; an inversion queries a conditional model with each row's own label"
+                    } else {
+                        "belongs to `task: sample`"
+                    };
+                    return err(k, why.into());
+                }
+            }
+        }
         if self.task != Task::Train {
             if let Some((k, _)) = self.train_fields().into_iter().find(|(_, set)| *set) {
                 return err(k, "is a training option; it belongs to `task: train`".into());
@@ -433,6 +472,16 @@ impl JobConfig {
                 }
                 if let Some(d) = &self.diffusion {
                     d.check()?;
+                    if let Some(ModelConfig::Unet(Unet { cross_attention: Some(_), .. })) = &self.model {
+                        if !d.conditional {
+                            return err(
+                                "model.cross_attention",
+                                "attends over the class's tokens, and this model is unconditional; add \
+                                 `diffusion: {conditional: true, p_uncond: 0.1}` or drop `cross_attention`"
+                                    .into(),
+                            );
+                        }
+                    }
                     for (k, set) in [
                         ("step_rule", self.step_rule.is_some()),
                         ("objective", self.objective.is_some()),
@@ -510,6 +559,15 @@ impl JobConfig {
                 if self.samples == Some(0) {
                     return err("samples", "must be at least 1".into());
                 }
+                if let (Some(a), None) = (&self.attention, self.negative) {
+                    return err(
+                        "attention",
+                        format!(
+                            "`{}` steers away from a negative condition, and this job names none; add `negative: CLASS`",
+                            a.id
+                        ),
+                    );
+                }
                 if self.sample_batch == Some(0) {
                     return err("sample_batch", "must be at least 1".into());
                 }
@@ -518,12 +576,19 @@ impl JobConfig {
                         if let Err((k, m)) = d.check() {
                             return err(&format!("denoiser.{k}"), m);
                         }
-                        if self.guidance.is_some() {
-                            return err(
-                                "guidance",
-                                "needs a class-conditional model (`denoiser: {name: trained}`); the exact denoiser has no condition"
-                                    .into(),
-                            );
+                        for (k, set) in [
+                            ("guidance", self.guidance.is_some()),
+                            ("attention", self.attention.is_some()),
+                            ("labels", self.labels.is_some()),
+                            ("negative", self.negative.is_some()),
+                        ] {
+                            if set {
+                                return err(
+                                    k,
+                                    "needs a class-conditional model (`denoiser: {name: trained}`); the exact denoiser has no condition"
+                                        .into(),
+                                );
+                            }
                         }
                     }
                     Some(DenoiserConfig::Trained(_)) => {}
@@ -557,6 +622,14 @@ mod defaults {
 
     pub fn unet_channels() -> Vec<usize> {
         vec![32, 64]
+    }
+
+    pub fn cross_attention_tokens() -> usize {
+        4
+    }
+
+    pub fn cross_attention_heads() -> usize {
+        1
     }
 
     pub fn label_column() -> String {

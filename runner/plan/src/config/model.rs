@@ -29,7 +29,9 @@ pub enum ModelConfig {
     TimeMlp(TimeMlp),
     /// A small UNet for images: per entry of `channels` a residual block (GroupNorm, SiLU, 3×3
     /// convolutions, the time and label embedding added), downsampling between levels, the
-    /// mirror path up with skip connections; predicts ε (or v).
+    /// mirror path up with skip connections; predicts ε (or v). With `cross_attention`, a
+    /// conditional UNet takes its class through a cross-attention block over the class's tokens
+    /// at the lowest resolution instead (what attention guidance, `diffusion.nag`, acts on).
     Unet(Unet),
 }
 
@@ -57,6 +59,22 @@ pub struct Unet {
     pub channels: Vec<usize>,
     #[serde(default = "defaults::time_dim")]
     pub time_dim: usize,
+    /// A cross-attention block at the lowest resolution whose keys and values come from the
+    /// class's tokens (a learned table of (classes + 1 null) × `tokens` embeddings): the
+    /// condition enters through it alone, as a text encoder's tokens enter an image model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_attention: Option<CrossAttention>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CrossAttention {
+    /// Tokens per class (at least 2: over one token the attention weights are constant).
+    #[serde(default = "defaults::cross_attention_tokens")]
+    pub tokens: usize,
+    /// Attention heads; they divide the lowest level's channels.
+    #[serde(default = "defaults::cross_attention_heads")]
+    pub heads: usize,
 }
 
 impl ModelConfig {
@@ -200,6 +218,25 @@ impl ModelConfig {
                 }
                 if u.time_dim < 2 || u.time_dim % 2 != 0 {
                     return err("model.time_dim", "must be even and at least 2".into());
+                }
+                if let Some(a) = &u.cross_attention {
+                    if a.tokens < 2 {
+                        return err(
+                            "model.cross_attention.tokens",
+                            format!(
+                                "is {}; over a single token the attention weights are constant and the block ignores \
+                                 its queries (attention guidance would do nothing): use at least 2",
+                                a.tokens
+                            ),
+                        );
+                    }
+                    let lowest = *u.channels.last().expect("checked above");
+                    if a.heads == 0 || lowest % a.heads != 0 {
+                        return err(
+                            "model.cross_attention.heads",
+                            format!("is {}; the heads split the lowest level's {lowest} channels evenly", a.heads),
+                        );
+                    }
                 }
             }
             ModelConfig::Cnn(c) => {
