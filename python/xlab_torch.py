@@ -39,7 +39,13 @@ The models, as xlab builds them:
 * ``unet``: ``conv_in``, a residual block per width going down (2×2 average pooling between),
   ``mid``, blocks going up on the skip-concatenated maps (nearest upsampling between),
   ``norm_out``, SiLU, ``conv_out``; each block adds the embedding through ``time``. GroupNorm
-  groups: the largest count ≤ 8 dividing the channels.
+  groups: the largest count ≤ 8 dividing the channels. With ``cross_attention: {tokens: M,
+  heads: H}`` the class enters through ``cross`` after ``mid`` instead of the embedding: its
+  tokens ``cross.context`` (classes + 1 rows of M × C, the last the null label) are the keys and
+  values of an attention block named as diffusers' ``Attention`` (``cross.attn.norm``, ``to_q``,
+  ``to_k``, ``to_v`` without bias, ``to_out.0``) over the GroupNorm-ed pixels, added back to the
+  map. Its ``processor`` is swappable as in diffusers: :class:`NAGAttnProcessor` applies
+  Normalized Attention Guidance there.
 
 Norms (``norm:`` of mlp, cnn, resnet18, wrn): ``batch`` (eps 1e-5, momentum 0.1), ``layer``
 (over the features, or over each channel map's height × width for cnn), ``group`` (the largest
@@ -57,7 +63,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["load", "build", "About", "Mlp", "Cnn", "ResNet18", "WideResNet", "TimeMlp", "Unet"]
+__all__ = [
+    "load",
+    "build",
+    "About",
+    "Mlp",
+    "Cnn",
+    "ResNet18",
+    "WideResNet",
+    "TimeMlp",
+    "Unet",
+    "AttnProcessor",
+    "NAGAttnProcessor",
+]
 
 EPS = 1e-5
 
@@ -293,9 +311,87 @@ class _ResBlock(nn.Module):
         return h + (self.skip(x) if self.skip is not None else x)
 
 
+def _sdpa_heads(attn, hidden_states, encoder_hidden_states):
+    """softmax(QKᵀ/√d_h)V per head, heads concatenated: ``[B, N, C]``."""
+    b, n, c = hidden_states.shape
+    h = attn.heads
+    q = attn.to_q(hidden_states).view(b, n, h, c // h).transpose(1, 2)
+    k = attn.to_k(encoder_hidden_states).view(b, -1, h, c // h).transpose(1, 2)
+    v = attn.to_v(encoder_hidden_states).view(b, -1, h, c // h).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+
+
+class AttnProcessor:
+    """Plain cross-attention: queries from the pixels, keys and values from the class's tokens."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states):
+        return attn.to_out[0](_sdpa_heads(attn, hidden_states, encoder_hidden_states))
+
+
+class NAGAttnProcessor:
+    """Normalized Attention Guidance in a cross-attention layer, with the batch layouts of the
+    reference ``NAGAttnProcessor2_0``: the context batch holds the negative's tokens after the
+    image batch's own. 2B contexts for B images ([positive, negative]); 3B contexts for 2B images
+    under classifier-free guidance ([uncond, cond] images, [uncond, cond, negative] contexts),
+    where only the cond rows are guided. Z̃ = s·Z⁺ − (s − 1)·Z⁻, per token r = ‖Z̃‖₁/‖Z⁺‖₁ (each at
+    least 1e-6), Ẑ = Z̃·min(r, τ)/r, output α·Ẑ + (1 − α)·Z⁺ (docs/methods.md §3.11)."""
+
+    def __init__(self, nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, p=1):
+        self.nag_scale, self.nag_tau, self.nag_alpha, self.p = nag_scale, nag_tau, nag_alpha, p
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states):
+        images, contexts = len(hidden_states), len(encoder_hidden_states)
+        if self.nag_scale <= 1 or contexts == images:
+            return attn.to_out[0](_sdpa_heads(attn, hidden_states, encoder_hidden_states[:images]))
+        origin = contexts - images
+        layout = contexts // origin
+        assert layout in (2, 3), f"{contexts} contexts for {images} images"
+        # The negative attends with the guided rows' queries: all of them, or the cond half.
+        guided = hidden_states if layout == 2 else hidden_states[-origin:]
+        z = _sdpa_heads(attn, torch.cat([hidden_states, guided]), encoder_hidden_states)
+        z_neg = z[-origin:]
+        z_pos = z[:origin] if layout == 2 else z[origin : 2 * origin]
+        z_guided = z_pos * self.nag_scale - z_neg * (self.nag_scale - 1)
+        n_pos = torch.norm(z_pos, p=self.p, dim=-1, keepdim=True).clamp_min(1e-6)
+        n_guided = torch.norm(z_guided, p=self.p, dim=-1, keepdim=True).clamp_min(1e-6)
+        r = n_guided / n_pos
+        z_guided = z_guided * torch.minimum(r, r.new_ones(1) * self.nag_tau) / r
+        z_guided = z_guided * self.nag_alpha + z_pos * (1 - self.nag_alpha)
+        out = z_guided if layout == 2 else torch.cat([z[:origin], z_guided])
+        return attn.to_out[0](out)
+
+
+class _Attention(nn.Module):
+    def __init__(self, channels, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(channels, 8), channels, eps=EPS)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(channels, channels, bias=False)
+        self.to_v = nn.Linear(channels, channels, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+        self.processor = AttnProcessor()
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        q_in = self.norm(x).reshape(b, c, h * w).transpose(1, 2)
+        out = self.processor(self, q_in, context)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, channels, tokens, heads, classes):
+        super().__init__()
+        self.tokens, self.channels = tokens, channels
+        self.context = nn.Embedding(classes + 1, tokens * channels)
+        self.attn = _Attention(channels, heads)
+
+
 class Unet(_Denoiser):
-    def __init__(self, image, channels, time_dim: int = 64, classes: Optional[int] = None):
-        super().__init__(time_dim, classes)
+    def __init__(
+        self, image, channels, time_dim: int = 64, classes: Optional[int] = None, cross_attention=None
+    ):
+        super().__init__(time_dim, classes if cross_attention is None else None)
         self.image = list(image)
         ch = list(channels)
         self.conv_in = nn.Conv2d(image[0], ch[0], 3, padding=1)
@@ -305,6 +401,10 @@ class Unet(_Denoiser):
             prev = c
         self.down = nn.ModuleList(down)
         self.mid = _ResBlock(prev, prev, time_dim)
+        self.cross = None
+        if cross_attention is not None:
+            a = cross_attention
+            self.cross = _CrossAttention(prev, a.get("tokens", 4), a.get("heads", 1), classes)
         # `up.i` works at width ch[i]; they run from the deepest (up.{n-1}) to up.0.
         up = [None] * len(ch)
         for i in reversed(range(len(ch))):
@@ -314,7 +414,9 @@ class Unet(_Denoiser):
         self.norm_out = nn.GroupNorm(_groups(prev, 8), prev, eps=EPS)
         self.conv_out = nn.Conv2d(prev, image[0], 3, padding=1)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, y_negative=None):
+        """``y_negative``: the negative condition's labels for NAG, appended to the context batch
+        as the reference pipelines append the negative prompt's embeddings."""
         b = x.shape[0]
         temb = self.embed(t, y)
         h = self.conv_in(x.reshape(b, *self.image))
@@ -325,6 +427,10 @@ class Unet(_Denoiser):
             if i + 1 < len(self.down):
                 h = F.avg_pool2d(h, 2, 2)
         h = self.mid(h, temb)
+        if self.cross is not None:
+            labels = y if y_negative is None else torch.cat([y, y_negative])
+            ctx = self.cross.context(labels.long()).reshape(len(labels), self.cross.tokens, self.cross.channels)
+            h = self.cross.attn(h, ctx)
         for k, block in enumerate(reversed(self.up)):
             h = block(torch.cat([h, skips.pop()], dim=1), temb)
             if k + 1 < len(self.up):
@@ -404,7 +510,7 @@ def build(about: About) -> nn.Module:
     if name == "time_mlp":
         return TimeMlp(about.input_dim, m.get("hidden", []), m["time_dim"], classes)
     if name == "unet":
-        return Unet(about.image, m["channels"], m["time_dim"], classes)
+        return Unet(about.image, m["channels"], m["time_dim"], classes, m.get("cross_attention"))
     raise ValueError(f"`{name}` is not a built-in model of xlab (a TorchScript model loads with torch.jit.load)")
 
 

@@ -49,8 +49,8 @@ pub fn combine(p: &NagParams, pos: &Tensor, neg: &Tensor) -> Tensor {
         z.norm_scalaropt_dim(order, [-1i64].as_slice(), true).clamp_min(1e-6)
     };
     let ratio = norm(&guided) / norm(pos);
-    let capped = ratio.clamp_max(p.tau);
-    let normalized = guided * (capped / ratio);
+    // In the reference's order: Z̃·min(r, τ), then / r.
+    let normalized = guided * ratio.clamp_max(p.tau) / ratio;
     normalized * p.alpha + pos * (1.0 - p.alpha)
 }
 

@@ -52,6 +52,11 @@ stages:
     diffusion: {timesteps: 100, conditional: true}
     optimizer: {name: adam, lr: 0.002}
     ema: {decay: 0.9}
+  unet_cross:
+    data: {name: digits, n_val: 0, n_test: 1500}
+    model: {name: unet, channels: [8, 16], time_dim: 16, cross_attention: {tokens: 3, heads: 2}}
+    diffusion: {timesteps: 100, conditional: true, p_uncond: 0.2}
+    optimizer: {name: adam, lr: 0.002}
 "#;
 
 #[test]
@@ -80,13 +85,63 @@ fn every_built_in_model_loads_in_pytorch_and_computes_what_xlab_computes() {
         assert!(scale > 0.0 && diff <= 1e-5 * scale.max(1.0), "{path}: {r}");
         *models.entry(r["model"].as_str().unwrap().to_string()).or_insert(0) += 1;
     }
-    // 11 trainings, two of which keep a weights average too.
+    // 12 trainings, two of which keep a weights average too.
     let want: std::collections::BTreeMap<String, usize> =
-        [("mlp", 4), ("cnn", 3), ("resnet18", 1), ("wrn", 1), ("time_mlp", 2), ("unet", 2)]
+        [("mlp", 4), ("cnn", 3), ("resnet18", 1), ("wrn", 1), ("time_mlp", 2), ("unet", 3)]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
     assert_eq!(models, want, "{got}");
+}
+
+const CROSS: &str = r#"
+name: cross
+stages:
+  unet:
+    task: train
+    epochs: 2
+    data: {name: digits, n_val: 0, n_test: 200}
+    model: {name: unet, channels: [8, 16], time_dim: 16, cross_attention: {tokens: 4, heads: 2}}
+    diffusion: {timesteps: 100, conditional: true, p_uncond: 0.2}
+    optimizer: {name: adam, lr: 0.003}
+"#;
+
+/// Normalized Attention Guidance (docs/methods.md §3.11) in xlab's UNet with cross-attention,
+/// through the real `diffusion.nag` plugin, against the PyTorch transcription of the reference
+/// processor on the same weights (`strict=True`) and fixed inputs, to 1e-6: in the 2B context
+/// layout (no CFG) and the 3B one (CFG, only the cond rows guided), at two parameter sets, and
+/// outside the guidance's time window (the plain prediction).
+#[test]
+fn nag_equals_the_pytorch_transcription_of_the_reference_processor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("results");
+    let file = write_file(dir.path(), "cross.yaml", CROSS);
+    let out = cmd(&store).arg("run").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let weights = files_under(&store.join("runs"))
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "weights.safetensors"))
+        .expect("the training's weights");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pytorch_nag.py");
+    let worker = xlab().with_file_name("xlab-worker");
+    let out = std::process::Command::new(python()).arg(&script).arg(&worker).arg(&weights).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&got).unwrap());
+    for (case, r) in got.as_object().unwrap() {
+        let f = |k: &str| r[k].as_f64().unwrap();
+        for k in ["diff_2b", "diff_3b_cond", "diff_3b_uncond", "diff_plain"] {
+            assert!(f(k) <= 1e-6, "{case}: {k} = {} (of outputs up to {})", f(k), f("scale"));
+        }
+        // One pass of [cond; uncond] guides the cond rows as a pass of the cond rows alone does.
+        assert!(f("cond_rows_3b_vs_2b") <= 1e-6, "{case}: {r}");
+        if r["inside_window"].as_bool().unwrap() {
+            assert!(f("nag_effect") > 1e-3, "{case}: the guidance changed nothing: {r}");
+        } else {
+            assert_eq!(f("nag_effect"), 0.0, "{case}: outside its window the guidance acted: {r}");
+        }
+    }
+    assert_eq!(got.as_object().unwrap().len(), 3);
 }
 
 const MIXED: &str = r#"
