@@ -284,8 +284,15 @@ pub fn run(
                 let right = pred.eq_tensor(&labels).to_kind(Kind::Double).mean(Kind::Double);
                 q.insert("class_acc".to_string(), f64::try_from(right)?);
             }
-            // The share of samples the scorer puts in the negative class (what guidance away
-            // from it should lower).
+            // The share of the delivered samples the scorer puts in each class (up to 20
+            // classes), and in the negative class (what guidance away from it should lower).
+            let classes = probs.size()[1];
+            if clamp && classes <= 20 {
+                let counts = pred.bincount(None::<Tensor>, classes).to_kind(Kind::Double) / pred.size()[0] as f64;
+                for (k, share) in Vec::<f64>::try_from(counts)?.into_iter().enumerate() {
+                    q.insert(format!("class_share.{k}"), share);
+                }
+            }
             if let Some(k) = negative {
                 let share = pred.eq(k).to_kind(Kind::Double).mean(Kind::Double);
                 q.insert("negative_share".to_string(), f64::try_from(share)?);
