@@ -1807,7 +1807,7 @@ fn check_conditions(
         if set && !d.conditional {
             return Err((
                 key.into(),
-                format!("names a class, and stage `{stage}` trains without `conditional: true`"),
+                format!("`{key}` names a class, and stage `{stage}` trains without `conditional: true`"),
                 format!("{conditional_fix}, or drop `{key}`"),
             ));
         }
@@ -1815,7 +1815,7 @@ fn check_conditions(
     if config.labels == Some(SampleLabels::Named(LabelsName::None)) && d.p_uncond == 0.0 {
         return Err((
             "labels".into(),
-            format!("`none` asks for the null label, and stage `{stage}` never trained it (`p_uncond: 0`)"),
+            format!("`labels: none` asks for the null label, and stage `{stage}` never trained it (`p_uncond: 0`)"),
             format!("train `{stage}` with label dropout, e.g. `diffusion: {{conditional: true, p_uncond: 0.1}}`"),
         ));
     }
@@ -1826,7 +1826,7 @@ fn check_conditions(
             if c as usize >= k {
                 return Err((
                     key.into(),
-                    format!("class {c}, and stage `{stage}`'s model knows classes 0 to {}", k - 1),
+                    format!("`{key}` names class {c}, and stage `{stage}`'s model knows classes 0 to {}", k - 1),
                     format!("name a class from 0 to {}", k - 1),
                 ));
             }
@@ -1852,7 +1852,8 @@ fn check_conditions(
     if config.negative.is_some() && config.guidance.is_none() && config.attention.is_none() && !guides {
         return Err((
             "negative".into(),
-            "is used by guidance (as the unconditional prediction) or an attention guidance, and this job has neither"
+            "`negative` is used by guidance (as the unconditional prediction) or an attention guidance, and this job has \
+             neither"
                 .into(),
             "add e.g. `attention: {use: diffusion.nag}` or `guidance: {use: diffusion.cfg, guidance_scale: 3}`, or drop \
              `negative`"

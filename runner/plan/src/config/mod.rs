@@ -563,7 +563,8 @@ impl JobConfig {
                     return err(
                         "attention",
                         format!(
-                            "`{}` steers away from a negative condition, and this job names none; add `negative: CLASS`",
+                            "names `{}`, which steers away from a negative condition, and this job names none; add \
+                             `negative: CLASS`",
                             a.id
                         ),
                     );
