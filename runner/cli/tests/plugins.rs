@@ -128,7 +128,7 @@ fn broken_libraries_are_refused_with_the_reason() {
 
 /// The plugin ABI this xlab speaks (`xlab_plugin_api::abi::ABI_VERSION`; this crate has no
 /// libtorch, so it cannot import it).
-const ABI: u32 = 6;
+const ABI: u32 = 7;
 
 #[test]
 fn wrong_manifests_are_refused() {

@@ -767,6 +767,9 @@ objective: {use: a.d}
 sampler: {use: a.e}
 guidance: {use: a.f}
 reconstruct: {use: a.g}
+attention: {use: a.h}
+labels: none
+negative: 3
 diffusion: {}
 denoiser: {name: exact}
 samples: 3

@@ -110,6 +110,7 @@ fn methods_section(id: &str) -> Option<(&'static str, &'static str)> {
         "diffusion.cfg" | "diffusion.adaptive_guidance" => ("3.7", "Classifier-free and adaptive guidance"),
         "diffusion.closed_form" => ("3.8", "Closed-form diffusion"),
         "diffusion.pcg" => ("3.10", "Classifier-free guidance as a predictor-corrector"),
+        "diffusion.nag" => ("3.11", "Normalized Attention Guidance"),
         "dro.group_dro" | "dro.reweight" | "dro.subsample" => ("4.1", "Group DRO and group balancing"),
         "dro.cvar" | "dro.chi2" => ("4.2", "CVaR and χ² DRO"),
         "dro.jtt" => ("4.3", "JTT"),
