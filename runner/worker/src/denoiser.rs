@@ -147,8 +147,11 @@ struct CrossAttn {
 /// (`None` keeps Z⁺).
 pub struct AttnGuide<'a> {
     pub negative: Tensor,
-    pub combine: &'a mut dyn FnMut(&Tensor, &Tensor) -> Result<Option<Tensor>, String>,
+    pub combine: &'a mut Combine<'a>,
 }
+
+/// An attention guidance's combination of Z⁺ and Z⁻ (`None` keeps Z⁺).
+pub type Combine<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<Option<Tensor>, String> + 'a;
 
 impl CrossAttn {
     fn new(p: &nn::Path, channels: i64, tokens: i64, heads: i64, classes: i64) -> CrossAttn {
