@@ -169,17 +169,21 @@ impl CrossAttn {
         }
     }
 
-    /// softmax(QKᵀ/√d_h)V per head for queries `q_in` `[B, N, C]` over the tokens of `labels`,
-    /// heads concatenated: `[B, N, C]`.
-    fn attend(&self, q_in: &Tensor, labels: &Tensor) -> Tensor {
-        let (b, n, c) = (q_in.size()[0], q_in.size()[1], q_in.size()[2]);
-        let dh = c / self.heads;
+    /// `[B, len, C]` split into heads: `[B, H, len, C/H]`.
+    fn heads(&self, t: Tensor) -> Tensor {
+        let (b, len, c) = (t.size()[0], t.size()[1], t.size()[2]);
+        t.reshape([b, len, self.heads, c / self.heads]).transpose(1, 2)
+    }
+
+    /// softmax(QKᵀ/√d_h)V for queries `q` `[B, H, N, d_h]` over the tokens of `labels`, heads
+    /// concatenated: `[B, N, C]`.
+    fn attend(&self, q: &Tensor, labels: &Tensor) -> Tensor {
+        let (b, n) = (q.size()[0], q.size()[2]);
+        let c = q.size()[1] * q.size()[3];
         let ctx = self.context.forward(labels).reshape([b, self.tokens, c]);
-        let split = |t: Tensor, len: i64| t.reshape([b, len, self.heads, dh]).transpose(1, 2);
-        let q = split(self.to_q.forward(q_in), n);
-        let k = split(self.to_k.forward(&ctx), self.tokens);
-        let v = split(self.to_v.forward(&ctx), self.tokens);
-        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
+        let k = self.heads(self.to_k.forward(&ctx));
+        let v = self.heads(self.to_v.forward(&ctx));
+        Tensor::scaled_dot_product_attention(q, &k, &v, None::<Tensor>, 0.0, false, None, false)
             .transpose(1, 2)
             .reshape([b, n, c])
     }
@@ -187,11 +191,13 @@ impl CrossAttn {
     fn forward(&self, h: &Tensor, labels: &Tensor, guide: Option<&mut AttnGuide<'_>>) -> Result<Tensor, String> {
         let (b, c, hh, ww) = h.size4().map_err(|e| e.to_string())?;
         let q_in = self.norm.forward(h).reshape([b, c, hh * ww]).transpose(1, 2);
-        let mut z = self.attend(&q_in, labels);
+        // The queries once: the guided rows attend over the negative's tokens with the same ones.
+        let q = self.heads(self.to_q.forward(&q_in));
+        let mut z = self.attend(&q, labels);
         if let Some(g) = guide {
             let rows = g.negative.size()[0];
             let pos = z.narrow(0, 0, rows);
-            let neg = self.attend(&q_in.narrow(0, 0, rows), &g.negative);
+            let neg = self.attend(&q.narrow(0, 0, rows), &g.negative);
             if let Some(out) = (g.combine)(&pos, &neg)? {
                 if out.size() != pos.size() {
                     return Err(format!(
