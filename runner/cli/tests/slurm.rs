@@ -59,8 +59,9 @@ fn run(c: &mut Command) -> Result<String, String> {
 }
 
 impl Cluster {
-    /// A single-node cluster: munge authentication, cons_tres selection, no accounting.
-    fn start() -> Result<Cluster, String> {
+    /// A single-node cluster: munge authentication, cons_tres selection, no accounting; `extra`:
+    /// more lines for its slurm.conf (limits).
+    fn start(extra: &str) -> Result<Cluster, String> {
         let missing: Vec<&str> = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo"]
             .into_iter()
             .filter(|t| !tool(t))
@@ -106,7 +107,7 @@ impl Cluster {
              TaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
              MpiDefault=none\nSlurmUser=root\nSlurmdUser=root\nStateSaveLocation={}\nSlurmdSpoolDir={}\n\
              SlurmctldPidFile={}\nSlurmdPidFile={}\nSlurmctldLogFile={}\nSlurmdLogFile={}\n\
-             ReturnToService=2\nKillWait=5\nMinJobAge=600\nSchedulerParameters=sched_interval=1\n\
+             ReturnToService=2\nKillWait=5\nMinJobAge=600\nSchedulerParameters=sched_interval=1\n{extra}\
              NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN\n\
              PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
             free_port(),
@@ -203,7 +204,11 @@ impl Drop for Coordinator {
 }
 
 fn cluster_or_skip(test: &str) -> Option<Cluster> {
-    match Cluster::start() {
+    cluster_with_or_skip(test, "")
+}
+
+fn cluster_with_or_skip(test: &str, extra: &str) -> Option<Cluster> {
+    match Cluster::start(extra) {
         Ok(c) => Some(c),
         Err(why) => {
             eprintln!("SKIPPED {test}: no Slurm test cluster on this machine: {why}");
@@ -393,7 +398,7 @@ fn a_stage_dag_runs_in_slurm_as_it_runs_here() {
     let out = cluster.xlab(&store).args(["run", "--executor", "slurm"]).arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("on Slurm (1 CPU(s) a job)"), "{err}");
+    assert!(err.contains("on Slurm (1 CPU(s) a job; MaxArraySize "), "{err}");
     let jobs = job_ids(&store, &file);
     assert_eq!(jobs.len(), 9);
     for j in &jobs {
@@ -401,4 +406,164 @@ fn a_stage_dag_runs_in_slurm_as_it_runs_here() {
         assert!(!slurm_ids(&store, j)[0].is_empty(), "{j} ran in Slurm");
     }
     assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs));
+}
+
+/// This user's jobs Slurm has not finished, each array task counted.
+fn queued(cluster: &Cluster) -> Vec<(String, String)> {
+    let out =
+        run(cluster.slurm("squeue").args(["--noheader", "--me", "--array", "--format=%i|%T"])).unwrap_or_default();
+    out.lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(id, state)| (id.trim().to_string(), state.trim().to_string()))
+        .filter(|(_, state)| !matches!(state.as_str(), "COMPLETED" | "CANCELLED" | "FAILED" | "TIMEOUT"))
+        .collect()
+}
+
+/// 20 jobs against a cluster whose arrays hold at most 4 tasks (`MaxArraySize=4`) and a user
+/// who may queue at most 6 jobs (`max_submit`, as a QOS's `MaxSubmitJobs` would): arrays are
+/// split, submission waits for room, and the results are a local run's.
+#[test]
+fn a_sweep_beyond_the_clusters_limits_is_split_and_throttled_and_completes() {
+    let Some(cluster) = cluster_with_or_skip(
+        "a_sweep_beyond_the_clusters_limits_is_split_and_throttled_and_completes",
+        "MaxArraySize=4\n",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wide.yaml");
+    std::fs::write(
+        &file,
+        r#"
+name: wide
+executor: {slurm: {poll_s: 0.25, max_submit: 6}}
+defaults:
+  task: train
+  data: {name: spurious, n_train: 512, n_val: 0, n_test: 128}
+  model: {name: mlp, hidden: [8]}
+  optimizer: {name: sgd, lr: 0.05}
+  epochs: 2
+  batch_size: 32
+  deterministic: true
+stages:
+  erm:
+    seeds: 20
+"#,
+    )
+    .unwrap();
+    let reference = local_reference(dir.path(), &file);
+    let store = dir.path().join("results");
+    let child = cluster.run_in_background(&store, &file);
+    // Watch the queue while the sweep runs: never more than 6 of the user's jobs in it.
+    let (stop, most) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let watcher = {
+        let (stop, most, conf) = (stop.clone(), most.clone(), cluster.conf.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = Command::new("squeue")
+                    .args(["--noheader", "--me", "--array", "--states=PENDING,RUNNING,CONFIGURING,COMPLETING"])
+                    .env("SLURM_CONF", &conf)
+                    .output();
+                if let Ok(o) = out {
+                    let n = String::from_utf8_lossy(&o.stdout).lines().count();
+                    most.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let out = child.wait();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    watcher.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("MaxArraySize 4") && err.contains("at most 6 queued job(s) per user (the file's `max_submit`)"),
+        "{err}"
+    );
+    assert!(err.contains("held back: 6 of your jobs are in Slurm's queue"), "{err}");
+    let most = most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=6).contains(&most), "at most 6 jobs queued at once, saw {most}");
+    // Every array fits MaxArraySize: task lists of at most 4 lines, at least 5 of them.
+    let lists: Vec<usize> = std::fs::read_dir(store.join("slurm"))
+        .unwrap()
+        .flatten()
+        .filter(|f| f.path().extension().is_some_and(|e| e == "tasks"))
+        .map(|f| std::fs::read_to_string(f.path()).unwrap().lines().count())
+        .collect();
+    assert!(lists.len() >= 5 && lists.iter().all(|&n| (1..=4).contains(&n)), "{lists:?}");
+    assert_eq!(lists.iter().sum::<usize>(), 20, "{lists:?}");
+    let jobs = job_ids(&store, &file);
+    assert_eq!(jobs.len(), 20);
+    for j in &jobs {
+        assert_eq!(attempts(&store, j), ["done"], "{j}");
+    }
+    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "Slurm results equal local ones");
+    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    let doctor = cluster.xlab(&store).arg("doctor").output().unwrap();
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert!(said.contains("Slurm limits: MaxArraySize 4") && said.contains("MaxSubmitJobs not visible"), "{said}");
+    assert!(said.contains("store's disk:"), "{said}");
+}
+
+/// The coordinator is stopped (Ctrl-C), then every job of the sweep is cancelled in Slurm, the
+/// running ones and the array tasks still pending. The next `xlab run` finishes the sweep in one
+/// pass: the jobs that had run resume from their checkpoints, those that never started are
+/// submitted again, and their cancellation is recorded as `not_started`, not as a failure.
+#[test]
+fn jobs_cancelled_before_they_started_are_submitted_again_by_the_next_run() {
+    let Some(cluster) = cluster_or_skip("jobs_cancelled_before_they_started_are_submitted_again_by_the_next_run")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sweep.yaml");
+    // One array task at a time: while seed 0 runs, seeds 1 and 2 wait in the queue.
+    std::fs::write(&file, SWEEP.replace("EPOCHS", "30").replace("array_parallelism: 2", "array_parallelism: 1"))
+        .unwrap();
+    let reference = local_reference(dir.path(), &file);
+    let store = dir.path().join("results");
+
+    let child = cluster.run_in_background(&store, &file);
+    job_past_epoch(&store, 1, &[], Duration::from_secs(120));
+    assert!(Command::new("kill").args(["-INT", &child.pid()]).status().unwrap().success());
+    let out = child.wait();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let pending: Vec<String> =
+        queued(&cluster).into_iter().filter(|(_, state)| state == "PENDING").map(|(id, _)| id).collect();
+    assert!(!pending.is_empty(), "array tasks wait their turn: {:?}", queued(&cluster));
+    run(cluster.slurm("scancel").arg("--me")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !queued(&cluster).is_empty() {
+        assert!(Instant::now() < deadline, "scancel emptied the queue: {:?}", queued(&cluster));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let out = cluster.xlab(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "one rerun finishes the sweep: {err}");
+    // Cancelled pending tasks of an array may leave `squeue` at once: "left Slurm's queue".
+    assert!(
+        err.contains(
+            "before it started; submitting it again (it never ran, so this does not count against `retries:`)"
+        ),
+        "{err}"
+    );
+    let jobs = job_ids(&store, &file);
+    let mut never = 0;
+    for j in &jobs {
+        let tried = attempts(&store, j);
+        if pending.contains(&slurm_ids(&store, j)[0]) {
+            never += 1;
+            assert_eq!(tried, ["not_started", "done"], "{j}\n{err}");
+        } else {
+            assert!(tried == ["done"] || tried == ["crashed", "done"], "{j}: {tried:?}\n{err}");
+        }
+    }
+    assert_eq!(never, pending.len(), "{pending:?}");
+    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs));
+    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
 }

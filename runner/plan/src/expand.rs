@@ -1194,7 +1194,11 @@ pub fn expand(
                 None => SpecError::new(file, m).under(&["executor"]),
             })?;
             if let crate::file::Executor::Slurm(s) = &e {
-                for (key, v) in [("array_parallelism", s.array_parallelism), ("cpus_per_job", s.cpus_per_job)] {
+                for (key, v) in [
+                    ("array_parallelism", s.array_parallelism),
+                    ("cpus_per_job", s.cpus_per_job),
+                    ("max_submit", s.max_submit),
+                ] {
                     if v == Some(0) {
                         return Err(SpecError::new(file, format!("`{key}` must be at least 1"))
                             .key("executor")

@@ -141,6 +141,11 @@ pub struct Slurm {
     /// Seconds between looks at the queue and the workers' event files (default 2).
     #[serde(default)]
     pub poll_s: Option<f64>,
+    /// At most this many of your jobs in Slurm's queue at once, pending or running, each array
+    /// task counted: a site limit `sacctmgr` does not show (xlab reads `MaxSubmitJobs` of your
+    /// association and QOS where it can, and `MaxArraySize` always).
+    #[serde(default)]
+    pub max_submit: Option<u32>,
 }
 
 config_keys! {

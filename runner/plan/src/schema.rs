@@ -105,6 +105,7 @@ pub fn schema() -> Value {
                     "cpus_per_job": {"type": "integer", "minimum": 1},
                     "extra_args": {"type": "array", "items": {"type": "string"}},
                     "array_parallelism": {"type": "integer", "minimum": 1},
+                    "max_submit": {"type": "integer", "minimum": 1},
                     "poll_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}}}}}]},
             "defaults": partial,
             "stages": {"type": "object", "minProperties": 1,

@@ -136,6 +136,10 @@ pub enum FailureCause {
     ParentFailed,
     /// Not a failure: an adaptive search's trial stopped at a rung, at a checkpoint, as asked.
     Paused,
+    /// Not a failure: the job's Slurm job left the queue before its worker started (cancelled
+    /// while pending, or lost with the controller's state); it is submitted again and does not
+    /// count against `retries:`.
+    NotStarted,
 }
 
 impl FailureCause {
@@ -151,6 +155,7 @@ impl FailureCause {
             Self::Cancelled => "cancelled",
             Self::ParentFailed => "parent_failed",
             Self::Paused => "paused",
+            Self::NotStarted => "not_started",
         }
     }
 
@@ -167,6 +172,7 @@ impl FailureCause {
             Self::Cancelled,
             Self::ParentFailed,
             Self::Paused,
+            Self::NotStarted,
         ]
         .into_iter()
         .find(|c| c.as_str() == name)

@@ -171,6 +171,8 @@ pub(crate) struct Machine<'p> {
     running: HashMap<usize, Running>,
     /// Attempts made in this run, per job.
     attempts_here: HashMap<usize, u32>,
+    /// Slurm jobs of this run, per job, that left the queue before they started.
+    unstarted_here: HashMap<usize, u32>,
     /// The device a job ran out of memory on, avoided by its next attempt.
     avoid: HashMap<usize, String>,
     /// Jobs another run on the store holds: waited for, then taken as they are (done or
@@ -185,6 +187,10 @@ pub(crate) struct Machine<'p> {
     pub(crate) report: RunReport,
     actions: Vec<Action>,
 }
+
+/// How many times in one run a job's Slurm job may leave the queue before it starts and be
+/// submitted again.
+const NOT_STARTED_LIMIT: u32 = 3;
 
 /// Failures another attempt may cure.
 fn retryable(cause: FailureCause) -> bool {
@@ -256,6 +262,7 @@ impl<'p> Machine<'p> {
             delayed: Vec::new(),
             running: HashMap::new(),
             attempts_here: HashMap::new(),
+            unstarted_here: HashMap::new(),
             avoid: HashMap::new(),
             elsewhere: Vec::new(),
             searches: Vec::new(),
@@ -923,7 +930,9 @@ impl<'p> Machine<'p> {
             _ => None,
         };
         let tries = self.attempts_here.entry(i).or_insert(0);
-        *tries += 1;
+        if !matches!(outcome, Err((FailureCause::NotStarted, _))) {
+            *tries += 1;
+        }
         let tries = *tries;
         let search = self.search_of.get(&i).copied();
         match outcome {
@@ -960,6 +969,44 @@ impl<'p> Machine<'p> {
                     self.actions.push(Action::Tell(Told::Failed { job: i, cause: FailureCause::Error, message: m }));
                 }
             },
+            Err((FailureCause::NotStarted, message)) => {
+                // Nothing ran, so nothing is lost and `retries:` is untouched: the job is
+                // submitted again with the others that are ready. A job that Slurm keeps
+                // dropping before it starts is a failure, so the run cannot loop on it.
+                let unstarted = self.unstarted_here.entry(i).or_insert(0);
+                *unstarted += 1;
+                if self.signalled > 0 || self.report.ended_early.is_some() {
+                    rec.status = JobStatus::Interrupted;
+                    self.report.stopped += 1;
+                    let message = format!("{message}; the next `xlab run` submits it again");
+                    self.actions.push(Action::Tell(Told::Stopped { job: i, message }));
+                } else if *unstarted <= NOT_STARTED_LIMIT {
+                    rec.status = JobStatus::Pending;
+                    self.delayed.push((now, i));
+                    self.actions.push(Action::Tell(Told::Retrying {
+                        job: i,
+                        cause: FailureCause::NotStarted,
+                        message,
+                        delay: Duration::ZERO,
+                    }));
+                } else {
+                    let message = format!(
+                        "{message}; its Slurm jobs left the queue before starting {} times in this run, so it is not \
+                         submitted again (`squeue`'s reason and the cluster's limits say why; `xlab doctor` shows them)",
+                        *unstarted
+                    );
+                    if let Some(a) = rec.attempts.last_mut() {
+                        a.error = Some(message.clone());
+                    }
+                    let cause = FailureCause::Crashed;
+                    rec.status = JobStatus::Failed;
+                    if let Some(s) = search {
+                        self.searches[s].failed(i);
+                    }
+                    self.report.failed.push((job.id.to_string(), cause, message.clone()));
+                    self.actions.push(Action::Tell(Told::Failed { job: i, cause, message }));
+                }
+            }
             Err((FailureCause::Cancelled, message)) => {
                 rec.status = JobStatus::Interrupted;
                 self.report.stopped += 1;
@@ -1038,6 +1085,16 @@ impl<'p> Machine<'p> {
             && self.queue.is_empty()
             && (self.delayed.is_empty() || self.report.ended_early.is_some())
             && (self.elsewhere.is_empty() || self.report.ended_early.is_some())
+    }
+
+    /// Whether a job is ready to start.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// How many jobs are ready to start.
+    pub(crate) fn ready_count(&self) -> usize {
+        self.queue.len()
     }
 
     /// Nothing runs, yet a ready job could start at once: no reason to wait for a message.
@@ -1195,6 +1252,51 @@ mod tests {
         done(&mut m, 3, t, 1.0);
         assert!(m.finished());
         assert_eq!(m.into_report().failed.len(), 2);
+    }
+
+    #[test]
+    fn a_job_whose_slurm_job_never_started_is_submitted_again_without_using_a_retry() {
+        let p = plan("  a:\n    retries: 1\n");
+        let t = Instant::now();
+        let mut m = machine(&p, 1, t);
+        turn(&mut m, t);
+        let never =
+            || Err((FailureCause::NotStarted, "Slurm job 7_1 was cancelled while it waited in Slurm's queue".into()));
+        for _ in 0..NOT_STARTED_LIMIT {
+            end(&mut m, 0, t, never(), None);
+            assert_eq!(m.record(0).status, JobStatus::Pending);
+            assert_eq!(told(&mut m).last().unwrap(), "retrying 0 in 0ns");
+            assert_eq!(turn(&mut m, t), vec![0], "submitted again at once");
+        }
+        // It ran this time and crashed: its one retry is still there.
+        let (o, s) = crash(3);
+        end(&mut m, 0, t, o, s);
+        assert_eq!(told(&mut m).last().unwrap(), "retrying 0 in 1s");
+        assert_eq!(turn(&mut m, t + Duration::from_secs(1)), vec![0]);
+        done(&mut m, 0, t, 0.5);
+        assert!(m.finished());
+        let outcomes: Vec<_> = m.record(0).attempts.iter().map(|a| a.outcome.clone().unwrap()).collect();
+        assert_eq!(outcomes, ["not_started", "not_started", "not_started", "crashed", "done"]);
+        assert_eq!(m.into_report().done, 1);
+    }
+
+    #[test]
+    fn a_job_slurm_keeps_dropping_before_it_starts_fails_instead_of_looping() {
+        let p = plan("  a: {}\n");
+        let t = Instant::now();
+        let mut m = machine(&p, 1, t);
+        for _ in 0..NOT_STARTED_LIMIT {
+            turn(&mut m, t);
+            end(&mut m, 0, t, Err((FailureCause::NotStarted, "gone".into())), None);
+        }
+        told(&mut m);
+        turn(&mut m, t);
+        end(&mut m, 0, t, Err((FailureCause::NotStarted, "gone".into())), None);
+        assert_eq!(told(&mut m).last().unwrap(), "failed 0 crashed");
+        assert_eq!(m.record(0).status, JobStatus::Failed);
+        let error = m.record(0).attempts.last().unwrap().error.clone().unwrap();
+        assert!(error.contains("before starting 4 times in this run"), "{error}");
+        assert!(m.finished());
     }
 
     #[test]

@@ -463,6 +463,8 @@ pub fn run(
             }
         }
         let mut result = Ok(());
+        // Under a cap on the user's queued Slurm jobs: until when ready jobs wait for room.
+        let mut held_back: Option<Instant> = None;
         loop {
             if let Some(p) = peers.as_ref().filter(|_| last_tick.is_none_or(|t| t.elapsed() >= TICK)) {
                 last_tick = Some(Instant::now());
@@ -496,9 +498,41 @@ pub fn run(
             if flow == Flow::Detach {
                 break;
             }
+            // Slurm, when the user's queued jobs are capped: how many may go in now.
+            let mut queue_room: Option<usize> = None;
+            if let (Some(s), true) = (&opts.slurm, m.has_ready()) {
+                if held_back.is_some_and(|until| Instant::now() < until) {
+                    queue_room = Some(0);
+                } else if let Some(free) = s.room() {
+                    let free = free.unwrap_or_else(|e| {
+                        tracing::warn!(
+                            "cannot count your jobs in Slurm's queue ({e}); submitting nothing until it answers"
+                        );
+                        0
+                    });
+                    queue_room = Some(free);
+                    if free == 0 {
+                        if held_back.is_none() {
+                            let (cap, from) = s.limits().max_submit.clone().unwrap_or_default();
+                            tracing::info!(
+                                "{} job(s) ready, held back: {cap} of your jobs are in Slurm's queue, as many as {from} allows; \
+                                 they go in as jobs leave it",
+                                m.ready_count()
+                            );
+                        }
+                        held_back = Some(Instant::now() + s.poll());
+                    } else {
+                        held_back = None;
+                    }
+                }
+            }
             // Slurm: the jobs placed in this round, submitted together below.
             let mut to_submit: Vec<(usize, JobRequest)> = Vec::new();
-            while let Some((i, held)) = m.next_start(Instant::now()) {
+            loop {
+                if queue_room.is_some_and(|r| to_submit.len() >= r) {
+                    break;
+                }
+                let Some((i, held)) = m.next_start(Instant::now()) else { break };
                 // A search's decision to run this job is recorded before the job starts.
                 carry(&mut m, observe);
                 let parents: Vec<ParentRef> = m
@@ -567,16 +601,17 @@ pub fn run(
                     let submitted = if result.is_ok() {
                         submit(s, &plan.name, &stage, gpus, deterministic, &group, &m)
                     } else {
-                        Err(SchedError::Submit("an earlier submission failed".into()))
+                        Err((Vec::new(), SchedError::Submit("an earlier submission failed".into())))
                     };
                     let ids = match submitted {
                         Ok(ids) => ids,
-                        Err(e) => {
-                            m.submit_failed(&group.iter().map(|(i, _)| *i).collect::<Vec<_>>());
+                        Err((ids, e)) => {
+                            // The arrays submitted before the refusal run; the rest start no more.
+                            m.submit_failed(&group[ids.len()..].iter().map(|(i, _)| *i).collect::<Vec<_>>());
                             if result.is_ok() {
                                 result = Err(e);
                             }
-                            continue;
+                            ids
                         }
                     };
                     for ((i, req), id) in group.into_iter().zip(ids) {
@@ -590,34 +625,38 @@ pub fn run(
             if m.finished() {
                 break;
             }
-            if m.can_start_now() {
+            if m.can_start_now() && queue_room != Some(0) {
                 continue;
             }
-            let msg = match rx.recv_timeout(TICK) {
+            let first = match rx.recv_timeout(TICK) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
             };
-            match msg {
-                Msg::Event(i, e) => {
-                    if let Event::Checkpoint { path, .. } = &e {
-                        room.saw_checkpoint(&store.run_dir(m.job(i).id.as_str()).join(path));
+            // What else has arrived is taken in before anything starts, so that jobs that end
+            // together (a Slurm array cancelled before it started) are submitted again together.
+            for msg in std::iter::once(first).chain(rx.try_iter().take(MESSAGES_PER_ROUND)) {
+                match msg {
+                    Msg::Event(i, e) => {
+                        if let Event::Checkpoint { path, .. } = &e {
+                            room.saw_checkpoint(&store.run_dir(m.job(i).id.as_str()).join(path));
+                        }
+                        m.worker_event(i, e);
                     }
-                    m.worker_event(i, e);
+                    Msg::Noise(i, line) => tracing::warn!(job = %m.job(i).id, "worker wrote a non-event line: {line}"),
+                    Msg::Exited(i, status) => {
+                        let run_dir = store.run_dir(m.job(i).id.as_str());
+                        let timeout_ms = m.job(i).exec.timeout_ms;
+                        m.exited(
+                            i,
+                            Instant::now(),
+                            |ending| classify(ending, status, &run_dir, timeout_ms),
+                            |running| room.describe_now(running),
+                        );
+                    }
                 }
-                Msg::Noise(i, line) => tracing::warn!(job = %m.job(i).id, "worker wrote a non-event line: {line}"),
-                Msg::Exited(i, status) => {
-                    let run_dir = store.run_dir(m.job(i).id.as_str());
-                    let timeout_ms = m.job(i).exec.timeout_ms;
-                    m.exited(
-                        i,
-                        Instant::now(),
-                        |ending| classify(ending, status, &run_dir, timeout_ms),
-                        |running| room.describe_now(running),
-                    );
-                }
+                carry(&mut m, observe);
             }
-            carry(&mut m, observe);
         }
         let mut report = m.into_report();
         standbys.close();
@@ -834,6 +873,10 @@ fn extended(store: &dyn ResultStore, job: &Job) -> Option<xlab_proto::ContinueFr
     })
 }
 
+/// At most this many more messages from workers are taken in after one, before the loop looks
+/// at what to start again.
+const MESSAGES_PER_ROUND: usize = 256;
+
 /// Jobs submitted together share their stage, GPU count and `deterministic`.
 type SubmitKey = (String, u32, bool);
 
@@ -847,11 +890,12 @@ fn submit(
     deterministic: bool,
     group: &[(usize, JobRequest)],
     m: &Machine<'_>,
-) -> Result<Vec<String>, SchedError> {
+) -> Result<Vec<String>, (Vec<String>, SchedError)> {
     let mut subs = Vec::with_capacity(group.len());
     for (i, req) in group {
-        let request = spawn::write_request(req)
-            .map_err(|e| SchedError::Submit(format!("cannot write the request of job {}: {e}", req.job_id)))?;
+        let request = spawn::write_request(req).map_err(|e| {
+            (Vec::new(), SchedError::Submit(format!("cannot write the request of job {}: {e}", req.job_id)))
+        })?;
         let attempt = m.record(*i).attempts.len() as u32 + 1;
         subs.push(slurm::Submission {
             request,
@@ -862,7 +906,7 @@ fn submit(
             deterministic,
         });
     }
-    s.submit(experiment, &subs).map_err(SchedError::Submit)
+    s.submit(experiment, &subs).map_err(|(ids, e)| (ids, SchedError::Submit(e)))
 }
 
 /// How a job's worker ended: its own final event if it sent one, else a classified crash with
@@ -902,7 +946,16 @@ fn classify(
                     format!("Slurm job {id} was signalled to stop before its time limit (`--signal`) and {m}"),
                 ))
             }
-            (Some(Err((FailureCause::Cancelled, _))) | None, Exit::Slurm { id, state, note }) => {
+            (None, Exit::Slurm { id, state, note, started: false }) => {
+                let how = match state.as_deref() {
+                    Some("CANCELLED") => "was cancelled while it waited in Slurm's queue".to_string(),
+                    Some(s) => format!("ended as {s} while it waited in Slurm's queue"),
+                    None => "left Slurm's queue".to_string(),
+                };
+                let said = if note.is_empty() { String::new() } else { format!(" (Slurm says: {note})") };
+                Err((FailureCause::NotStarted, format!("Slurm job {id} {how} before it started{said}")))
+            }
+            (Some(Err((FailureCause::Cancelled, _))) | None, Exit::Slurm { id, state, note, .. }) => {
                 let (cause, what) = slurm::classify(state.as_deref(), &note);
                 Err((cause, with_log(format!("Slurm job {id} {what}"), log())))
             }

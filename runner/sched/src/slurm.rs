@@ -29,6 +29,148 @@ pub struct SlurmExec {
     cwd: PathBuf,
     /// `--cpus-per-task` when the file does not set `cpus_per_job`.
     threads: u32,
+    /// What the cluster lets this user queue.
+    limits: Limits,
+}
+
+/// What a cluster lets one user queue, as far as xlab can see it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// `MaxArraySize` (`scontrol show config`): an array's task indices stay below it.
+    pub max_array_size: Option<u32>,
+    /// At most this many of the user's jobs in the queue at once, pending or running, each
+    /// array task counted; and where the number comes from (`MaxSubmitJobs` of the user's
+    /// association or QOS, or the file's `max_submit`).
+    pub max_submit: Option<(u32, String)>,
+    /// `MaxJobCount` (`scontrol show config`): the controller's own ceiling, for everyone.
+    pub max_job_count: Option<u32>,
+    /// Why the account's limits could not be read, if they could not (no accounting).
+    pub accounting: Option<String>,
+}
+
+impl Limits {
+    /// One line about them, for the run's log and `xlab doctor`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(n) = self.max_array_size {
+            parts.push(format!("MaxArraySize {n}"));
+        }
+        if let Some(n) = self.max_job_count {
+            parts.push(format!("MaxJobCount {n}"));
+        }
+        match (&self.max_submit, &self.accounting) {
+            (Some((n, from)), _) => parts.push(format!("at most {n} queued job(s) per user ({from})")),
+            (None, Some(why)) => parts.push(format!("MaxSubmitJobs not visible ({why})")),
+            (None, None) => parts.push("no MaxSubmitJobs".into()),
+        }
+        parts.join(", ")
+    }
+
+    /// The most tasks one array may have: `MaxArraySize`, and no more than may be queued.
+    pub fn array_cap(&self) -> usize {
+        let cap = self.max_array_size.unwrap_or(u32::MAX).min(self.max_submit.as_ref().map_or(u32::MAX, |m| m.0));
+        cap.max(1) as usize
+    }
+}
+
+/// `key = value` lines (`scontrol show config`): the number under `key`, if it is one.
+fn config_number(text: &str, key: &str) -> Option<u32> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| v.split_whitespace().next()?.parse().ok()).flatten()
+    })
+}
+
+/// Runs a command that may hang (`sacctmgr` waits for a database daemon that is not there):
+/// its standard output if it answers in time and succeeds.
+fn answer_within(mut c: Command, limit: Duration) -> Result<String, String> {
+    let name = c.get_program().to_string_lossy().into_owned();
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `{name}`: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("`{name}` did not answer within {} s", limit.as_secs()));
+            }
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| format!("`{name}`: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err.lines().find(|l| !l.trim().is_empty()).unwrap_or("failed").trim().to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The smallest positive number in `|`-separated fields (`sacctmgr -P`), with its line.
+fn smallest_limit<'a>(lines: impl Iterator<Item = &'a str>, field: usize) -> Option<(u32, &'a str)> {
+    lines
+        .filter_map(|l| {
+            let n: u32 = l.split('|').nth(field)?.trim().parse().ok()?;
+            (n > 0).then_some((n, l))
+        })
+        .min_by_key(|(n, _)| *n)
+}
+
+/// The cluster's limits on what this user may queue: `scontrol show config` for the
+/// controller's, `sacctmgr` for the association's and QOS's `MaxSubmitJobs` where accounting
+/// runs; `max_submit` (the file's) caps them further.
+pub fn limits(max_submit: Option<u32>, extra_args: &[String]) -> Limits {
+    let mut c = Command::new("scontrol");
+    c.args(["show", "config"]);
+    let config = answer_within(c, Duration::from_secs(15)).unwrap_or_default();
+    let mut out = Limits {
+        max_array_size: config_number(&config, "MaxArraySize"),
+        max_job_count: config_number(&config, "MaxJobCount"),
+        ..Limits::default()
+    };
+    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| {
+        // Root's shells, and services, may run without USER.
+        let uid = unsafe { libc::getuid() };
+        if uid == 0 {
+            "root".into()
+        } else {
+            uid.to_string()
+        }
+    });
+    let mut found: Vec<(u32, String)> = Vec::new();
+    let mut c = Command::new("sacctmgr");
+    c.args(["-nP", "show", "assoc", &format!("where user={user}"), "format=MaxSubmit,DefaultQOS,QOS"]);
+    match answer_within(c, Duration::from_secs(10)) {
+        Ok(text) => {
+            if let Some((n, _)) = smallest_limit(text.lines(), 0) {
+                found.push((n, "MaxSubmitJobs of your association".into()));
+            }
+            // The QOS the jobs run under: `--qos=` among the file's `extra_args`, else the
+            // association's default.
+            let asked = extra_args.iter().find_map(|a| a.strip_prefix("--qos=").map(str::to_string));
+            let default = text.lines().find_map(|l| l.split('|').nth(1).map(str::trim).filter(|q| !q.is_empty()));
+            if let Some(qos) = asked.or(default.map(str::to_string)) {
+                let mut c = Command::new("sacctmgr");
+                c.args(["-nP", "show", "qos", &format!("where name={qos}"), "format=MaxSubmitPU"]);
+                if let Some((n, _)) = answer_within(c, Duration::from_secs(10))
+                    .ok()
+                    .and_then(|t| smallest_limit(t.lines(), 0).map(|(n, _)| (n, ())))
+                {
+                    found.push((n, format!("MaxSubmitJobsPerUser of QOS `{qos}`")));
+                }
+            }
+        }
+        Err(why) => out.accounting = Some(why),
+    }
+    if let Some(n) = max_submit {
+        found.push((n, "the file's `max_submit`".into()));
+    }
+    out.max_submit = found.into_iter().min_by_key(|(n, _)| *n);
+    out
 }
 
 /// One job to submit.
@@ -117,7 +259,20 @@ impl SlurmExec {
         let dir = absolute(&store.join("slurm")).map_err(|e| format!("cannot resolve the store's folder: {e}"))?;
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
-        Ok(SlurmExec { cfg, worker, dir, cwd, threads: threads.max(1) as u32 })
+        let limits = limits(cfg.max_submit, &cfg.extra_args);
+        Ok(SlurmExec { cfg, worker, dir, cwd, threads: threads.max(1) as u32, limits })
+    }
+
+    /// What the cluster lets this user queue.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// How many more jobs may go into the queue now (each array task counted), when the
+    /// user's jobs are capped: the cap less those of the user's jobs Slurm has not finished.
+    pub fn room(&self) -> Option<Result<usize, String>> {
+        let (cap, _) = self.limits.max_submit.as_ref()?;
+        Some(queue().map(|q| (*cap as usize).saturating_sub(q.values().filter(|e| !e.ended()).count())))
     }
 
     /// The thread count of each job (`--cpus-per-task`).
@@ -153,7 +308,7 @@ impl SlurmExec {
         if let Some(t) = &self.cfg.time {
             parts.push(format!("time {t}"));
         }
-        format!("Slurm ({} a job)", parts.join(", "))
+        format!("Slurm ({} a job; {})", parts.join(", "), self.limits.describe())
     }
 
     /// Slurm's output file for a job id (`--output`): the `*** JOB … CANCELLED …` line is there.
@@ -162,13 +317,27 @@ impl SlurmExec {
     }
 
     /// Submits jobs of one stage that ask for the same resources: one `sbatch`, a job array
-    /// when there are several. Returns each one's Slurm id (`1234` or `1234_5`), in order.
-    pub fn submit(&self, experiment: &str, jobs: &[Submission]) -> Result<Vec<String>, String> {
+    /// when there are several, split into arrays `MaxArraySize` allows. Returns each one's Slurm
+    /// id (`1234` or `1234_5`), in order; on an error, those submitted before it.
+    pub fn submit(&self, experiment: &str, jobs: &[Submission]) -> Result<Vec<String>, (Vec<String>, String)> {
+        let mut ids = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(self.limits.array_cap()) {
+            match self.submit_array(experiment, chunk) {
+                Ok(more) => ids.extend(more),
+                Err(e) => return Err((ids, e)),
+            }
+        }
+        Ok(ids)
+    }
+
+    fn submit_array(&self, experiment: &str, jobs: &[Submission]) -> Result<Vec<String>, String> {
+        static SUBMITTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let first = jobs.first().expect("something to submit");
         let stamp = format!(
-            "{}-{}",
+            "{}-{}-{}",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
-            std::process::id()
+            std::process::id(),
+            SUBMITTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let list = self.dir.join(format!("{stamp}.tasks"));
         let script = self.dir.join(format!("{stamp}.sh"));
@@ -411,7 +580,10 @@ pub fn watch(add: Receiver<Watched>, tx: Sender<Msg>, poll: Duration) {
             t.read(&tx);
             let state = t.ended.as_ref().and_then(|(_, s)| s.clone());
             let note = slurm_note(&t.w.output);
-            let _ = tx.send(Msg::Exited(t.w.index, Exit::Slurm { id: t.w.id.clone(), state, note }));
+            // The batch script creates the event file as it starts the worker: a job without
+            // one never ran (cancelled while pending, or lost with the controller's state).
+            let started = t.w.events.exists();
+            let _ = tx.send(Msg::Exited(t.w.index, Exit::Slurm { id: t.w.id.clone(), state, note, started }));
             false
         });
     }

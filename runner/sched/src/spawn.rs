@@ -23,8 +23,9 @@ pub enum Exit {
     /// A local worker process exited (or could not be waited for).
     Process(std::io::Result<ExitStatus>),
     /// A Slurm job left the queue: its final state while Slurm still listed it (`None`: gone
-    /// from the queue), and the line Slurm wrote about its end, if any.
-    Slurm { id: String, state: Option<String>, note: String },
+    /// from the queue), the line Slurm wrote about its end, if any, and whether its worker ever
+    /// started (its batch script opened the event file).
+    Slurm { id: String, state: Option<String>, note: String, started: bool },
 }
 
 /// The request file and log file of a job, inside its run folder.

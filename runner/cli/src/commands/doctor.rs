@@ -44,6 +44,7 @@ pub fn run(cli: &Cli) -> Result<u8, Failure> {
     };
     outln!("store:        {} ({state})", abs.display());
     // `--executor slurm` needs Slurm's commands here, and a controller that answers.
+    let mut answers = false;
     let slurm = match std::process::Command::new("sbatch").arg("--version").output() {
         Err(_) => "no `sbatch` on PATH (`--executor slurm` needs Slurm's commands)".into(),
         Ok(o) if !o.status.success() => {
@@ -51,15 +52,62 @@ pub fn run(cli: &Cli) -> Result<u8, Failure> {
             format!("`sbatch` is installed but fails: {}", said.lines().last().unwrap_or("").trim())
         }
         Ok(o) => match xlab_sched::slurm::queue() {
-            Ok(q) => format!("{} ({} job(s) of yours listed)", String::from_utf8_lossy(&o.stdout).trim(), q.len()),
+            Ok(q) => {
+                answers = true;
+                format!("{} ({} job(s) of yours listed)", String::from_utf8_lossy(&o.stdout).trim(), q.len())
+            }
             Err(e) => format!("{}, but {}", String::from_utf8_lossy(&o.stdout).trim(), e.lines().next().unwrap_or("")),
         },
     };
     outln!("Slurm:        {slurm}");
+    if answers {
+        outln!("Slurm limits: {}", xlab_sched::slurm::limits(None, &[]).describe());
+        outln!("store's disk: {}", filesystem(&abs));
+    }
     let mut path: Vec<String> = worker.parent().map(|d| vec![d.display().to_string()]).unwrap_or_default();
     if let Some(p) = std::env::var_os("XLAB_PLUGIN_PATH") {
         path.extend(std::env::split_paths(&p).map(|d| d.display().to_string()));
     }
     outln!("plugin path:  {}", path.join(":"));
     Ok(0)
+}
+
+/// The filesystem the store's folder (or its nearest existing parent) is on, and whether Slurm's
+/// nodes can be expected to see it: their workers write into the store's run folders.
+fn filesystem(dir: &std::path::Path) -> String {
+    let Some(existing) = dir.ancestors().find(|d| d.exists()) else { return "cannot tell".into() };
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()) else { return "cannot tell".into() };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return format!("cannot tell ({})", std::io::Error::last_os_error());
+    }
+    // Magic numbers from statfs(2).
+    let shared = match st.f_type as u64 {
+        0x6969 => Some("NFS"),
+        0x0bd0_0bd0 => Some("Lustre"),
+        0x4750_4653 => Some("GPFS"),
+        0x1983_0326 => Some("BeeGFS"),
+        0x00c3_6400 => Some("CephFS"),
+        0xff53_4d42 | 0xfe53_4d42 => Some("SMB"),
+        0x6573_5546 => Some("FUSE (sshfs, a cluster filesystem's client, ...)"),
+        0x5346_414f => Some("AFS"),
+        _ => None,
+    };
+    let local = match st.f_type as u64 {
+        0xef53 => "ext4",
+        0x5846_5342 => "XFS",
+        0x9123_683e => "Btrfs",
+        0x0102_1994 => "tmpfs",
+        0x794c_7630 => "overlayfs",
+        0x2fc1_2fc1 => "ZFS",
+        _ => "a local filesystem",
+    };
+    match shared {
+        Some(name) => format!("{} is on {name}, a filesystem Slurm's nodes can share", existing.display()),
+        None => format!(
+            "{} is on {local}, local to this machine: Slurm jobs on other nodes cannot write their results there \
+             (put the store on a shared folder, e.g. home or scratch, for `--executor slurm` beyond one node)",
+            existing.display()
+        ),
+    }
 }

@@ -433,6 +433,15 @@ pub(crate) fn run_plan_in(
         Progress::Warning { job, message } => {
             tracing::warn!("{} {} (job {}): {message}", job.stage, job.label(), job.id);
         }
+        Progress::Retrying { job, cause: xlab_proto::FailureCause::NotStarted, message, .. } => {
+            tracker.ended(job.id.as_str(), status::Ended::Retrying);
+            tracing::warn!(
+                "{} {}: {message}; submitting it again (it never ran, so this does not count against `retries:`) (job {})",
+                job.stage,
+                job.label(),
+                job.id
+            );
+        }
         Progress::Retrying { job, cause, message, delay } => {
             tracker.ended(job.id.as_str(), status::Ended::Retrying);
             tracing::warn!(
