@@ -82,12 +82,21 @@ browser-packages:
 	  echo "Chromium is not installed and this is not root with apt: the dashboard's browser test will be skipped"; \
 	fi
 
+# Tests that could not use a real component here (Slurm, Chromium) leave a note in
+# target/tmp/skipped/; the run ends by listing them, so a skip is never silent.
 test: build lint slurm-packages browser-packages
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	@rm -rf target/tmp/skipped; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run $(RELEASE) --workspace --no-fail-fast; \
 	else \
 	  $(CARGO) test $(RELEASE) --workspace --no-fail-fast; \
-	fi
+	fi; status=$$?; \
+	if [ -n "$$(ls -A target/tmp/skipped 2>/dev/null)" ]; then \
+	  echo "SKIPPED $$(ls target/tmp/skipped | wc -l) test(s) that need what this machine lacks:"; \
+	  for f in target/tmp/skipped/*; do echo "  $$(basename $$f): $$(cat $$f)"; done; \
+	else \
+	  echo "no test skipped: Slurm's and the browser's tests ran against the real programs"; \
+	fi; exit $$status
 
 # Benchmarks (never timed assertions in tests): training throughput and DDIM sampling against
 # PyTorch loops, the peak memory of a 50,000-sample job, scheduler overhead with no-op jobs,

@@ -78,7 +78,11 @@ fn numbers(v: &serde_json::Value) -> Vec<f64> {
 #[test]
 fn the_dashboard_shows_the_stores_results_in_a_real_browser() {
     let Some((chromium, driver)) = browser() else {
-        eprintln!("skipped: no chromium and chromedriver in /usr/bin (Debian: apt install chromium chromium-driver; `make test` installs them as root)");
+        common::skipped(
+            "the_dashboard_shows_the_stores_results_in_a_real_browser",
+            "no chromium and chromedriver in /usr/bin (Debian: apt install chromium chromium-driver; `make test` \
+             installs them as root)",
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();

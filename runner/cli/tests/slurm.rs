@@ -100,6 +100,14 @@ impl Cluster {
         let host = run(Command::new("hostname").arg("-s"))?.trim().to_string();
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let p = |s: &str| d.join(s).display().to_string();
+        // `extra`'s partitions replace the default one; its other lines are global settings.
+        let (parts, others): (Vec<&str>, Vec<&str>) = extra.lines().partition(|l| l.starts_with("PartitionName="));
+        let globals: String = others.iter().map(|l| format!("{l}\n")).collect();
+        let partitions: String = if parts.is_empty() {
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n".into()
+        } else {
+            parts.iter().map(|l| format!("{l}\n")).collect()
+        };
         let conf = format!(
             "ClusterName=xlabtest\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={}\nSlurmdPort={}\n\
              AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={}\n\
@@ -107,9 +115,8 @@ impl Cluster {
              TaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
              MpiDefault=none\nSlurmUser=root\nSlurmdUser=root\nStateSaveLocation={}\nSlurmdSpoolDir={}\n\
              SlurmctldPidFile={}\nSlurmdPidFile={}\nSlurmctldLogFile={}\nSlurmdLogFile={}\n\
-             ReturnToService=2\nKillWait=5\nMinJobAge=600\nSchedulerParameters=sched_interval=1\n{extra}\
-             NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN\n\
-             PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
+             ReturnToService=2\nKillWait=5\nMinJobAge=600\nSchedulerParameters=sched_interval=1\n{globals}\
+             NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN\n{partitions}",
             free_port(),
             free_port(),
             socket.display(),
@@ -211,7 +218,7 @@ fn cluster_with_or_skip(test: &str, extra: &str) -> Option<Cluster> {
     match Cluster::start(extra) {
         Ok(c) => Some(c),
         Err(why) => {
-            eprintln!("SKIPPED {test}: no Slurm test cluster on this machine: {why}");
+            common::skipped(test, &format!("no Slurm test cluster on this machine: {why}"));
             None
         }
     }
@@ -566,4 +573,72 @@ fn jobs_cancelled_before_they_started_are_submitted_again_by_the_next_run() {
     assert_eq!(never, pending.len(), "{pending:?}");
     assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs));
     assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+}
+
+/// A partition whose jobs a higher-priority partition preempts, in `mode` (with `REQUEUE`,
+/// Slurm cancels the job: xlab submits with `--no-requeue`): the preempted xlab job stops at a
+/// checkpoint on Slurm's signal, goes back in at once without using a retry (the stage has none),
+/// waits for the other job, resumes from its checkpoint and ends as a local run does.
+fn a_preempted_job_resumes(test: &str, mode: &str) {
+    let Some(cluster) = cluster_with_or_skip(
+        test,
+        &format!(
+            "PreemptType=preempt/partition_prio\nPreemptMode={mode}\n\
+             PartitionName=low Nodes=ALL Default=YES PriorityTier=1 PreemptMode={mode} State=UP\n\
+             PartitionName=high Nodes=ALL PriorityTier=2 State=UP\n"
+        ),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("preempted.yaml");
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // The job takes every CPU of the node, so the high-priority job can run only in its place.
+    std::fs::write(
+        &file,
+        SWEEP
+            .replace("EPOCHS", "150")
+            .replace("array_parallelism: 2", &format!("partition: low, cpus_per_job: {cpus}"))
+            .replace("  erm:\n    seeds: 3\n    retries: 1\n", "")
+            .replace("    retries: 1\n", "    retries: 0\n"),
+    )
+    .unwrap();
+    let reference = local_reference(dir.path(), &file);
+    let store = dir.path().join("results");
+    let child = cluster.run_in_background(&store, &file);
+    let victim = job_past_epoch(&store, 2, &[], Duration::from_secs(120));
+    let high = run(cluster.slurm("sbatch").args([
+        "--parsable",
+        "--partition=high",
+        &format!("--cpus-per-task={cpus}"),
+        "--output=/dev/null",
+        "--wrap=sleep 3",
+    ]))
+    .unwrap();
+    let out = child.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let log = std::fs::read_to_string(cluster.dir.path().join("log/slurmctld.log")).unwrap_or_default();
+    assert!(err.contains("was preempted by Slurm for a job of higher priority"), "{err}\n{log}");
+    assert!(err.contains("preemption does not count against `retries:`"), "{err}");
+    assert!(err.contains("from its checkpoint after epoch"), "it resumed: {err}");
+    assert_eq!(attempts(&store, &victim), ["preempted", "done"], "{err}");
+    let state = run(cluster.slurm("squeue").args(["--noheader", "--states=all", "--format=%T", "--job", high.trim()]));
+    assert_eq!(state.unwrap().trim(), "COMPLETED", "the high-priority job ran");
+    let jobs = job_ids(&store, &file);
+    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "the resumed job ends as a local run");
+    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+}
+
+#[test]
+fn a_job_preempted_under_requeue_resumes_from_its_checkpoint_without_using_a_retry() {
+    a_preempted_job_resumes(
+        "a_job_preempted_under_requeue_resumes_from_its_checkpoint_without_using_a_retry",
+        "REQUEUE",
+    );
+}
+
+#[test]
+fn a_job_preempted_under_cancel_resumes_from_its_checkpoint_without_using_a_retry() {
+    a_preempted_job_resumes("a_job_preempted_under_cancel_resumes_from_its_checkpoint_without_using_a_retry", "CANCEL");
 }

@@ -140,6 +140,9 @@ pub enum FailureCause {
     /// while pending, or lost with the controller's state); it is submitted again and does not
     /// count against `retries:`.
     NotStarted,
+    /// Not a failure: Slurm preempted the job for a higher-priority one; it is submitted again
+    /// to resume from its last checkpoint and does not count against `retries:`.
+    Preempted,
 }
 
 impl FailureCause {
@@ -156,6 +159,7 @@ impl FailureCause {
             Self::ParentFailed => "parent_failed",
             Self::Paused => "paused",
             Self::NotStarted => "not_started",
+            Self::Preempted => "preempted",
         }
     }
 
@@ -173,6 +177,7 @@ impl FailureCause {
             Self::ParentFailed,
             Self::Paused,
             Self::NotStarted,
+            Self::Preempted,
         ]
         .into_iter()
         .find(|c| c.as_str() == name)

@@ -930,7 +930,7 @@ impl<'p> Machine<'p> {
             _ => None,
         };
         let tries = self.attempts_here.entry(i).or_insert(0);
-        if !matches!(outcome, Err((FailureCause::NotStarted, _))) {
+        if !matches!(outcome, Err((FailureCause::NotStarted | FailureCause::Preempted, _))) {
             *tries += 1;
         }
         let tries = *tries;
@@ -1006,6 +1006,24 @@ impl<'p> Machine<'p> {
                     self.report.failed.push((job.id.to_string(), cause, message.clone()));
                     self.actions.push(Action::Tell(Told::Failed { job: i, cause, message }));
                 }
+            }
+            Err((FailureCause::Preempted, message)) if self.signalled == 0 && self.report.ended_early.is_none() => {
+                // The cluster took the job's resources, as it may: it goes back in at once and
+                // resumes from the checkpoint it wrote on Slurm's signal.
+                rec.status = JobStatus::Pending;
+                self.delayed.push((now, i));
+                self.actions.push(Action::Tell(Told::Retrying {
+                    job: i,
+                    cause: FailureCause::Preempted,
+                    message,
+                    delay: Duration::ZERO,
+                }));
+            }
+            Err((FailureCause::Preempted, message)) => {
+                rec.status = JobStatus::Interrupted;
+                self.report.stopped += 1;
+                let message = format!("{message}; the next `xlab run` resumes it from its last checkpoint");
+                self.actions.push(Action::Tell(Told::Stopped { job: i, message }));
             }
             Err((FailureCause::Cancelled, message)) => {
                 rec.status = JobStatus::Interrupted;
@@ -1278,6 +1296,26 @@ mod tests {
         let outcomes: Vec<_> = m.record(0).attempts.iter().map(|a| a.outcome.clone().unwrap()).collect();
         assert_eq!(outcomes, ["not_started", "not_started", "not_started", "crashed", "done"]);
         assert_eq!(m.into_report().done, 1);
+    }
+
+    #[test]
+    fn a_preempted_job_goes_back_in_at_once_without_using_a_retry() {
+        let p = plan("  a: {}\n");
+        let t = Instant::now();
+        let mut m = machine(&p, 1, t);
+        for _ in 0..5 {
+            turn(&mut m, t);
+            end(&mut m, 0, t, Err((FailureCause::Preempted, "Slurm job 9 was preempted".into())), None);
+            assert_eq!(m.record(0).status, JobStatus::Pending);
+            assert_eq!(told(&mut m).last().unwrap(), "retrying 0 in 0ns");
+        }
+        turn(&mut m, t);
+        done(&mut m, 0, t, 0.5);
+        assert!(m.finished());
+        let outcomes: Vec<_> = m.record(0).attempts.iter().map(|a| a.outcome.clone().unwrap()).collect();
+        assert_eq!(outcomes, ["preempted", "preempted", "preempted", "preempted", "preempted", "done"]);
+        let report = m.into_report();
+        assert_eq!((report.done, report.failed.len()), (1, 0));
     }
 
     #[test]

@@ -469,7 +469,7 @@ pub fn classify(state: Option<&str>, note: &str) -> (FailureCause, String) {
     let (cause, what) = match state.as_str() {
         "TIMEOUT" | "DEADLINE" => (FailureCause::Timeout, "reached its Slurm time limit (`time:`)".to_string()),
         "CANCELLED" => (FailureCause::Crashed, "was cancelled in Slurm (scancel, or an administrator)".into()),
-        "PREEMPTED" => (FailureCause::Crashed, "was preempted by Slurm".into()),
+        "PREEMPTED" => (FailureCause::Preempted, "was preempted by Slurm for a job of higher priority".into()),
         "NODE_FAIL" | "BOOT_FAIL" => (FailureCause::Crashed, "lost its node (Slurm: node failure)".into()),
         "OUT_OF_MEMORY" => (FailureCause::OutOfMemory, "ran out of host memory (Slurm's `mem:` limit)".into()),
         "" => (FailureCause::Crashed, "left Slurm's queue without a final report from its worker".into()),
@@ -602,9 +602,8 @@ mod tests {
             classify(None, "slurmstepd: error: *** JOB 7 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO TIME LIMIT ***");
         assert_eq!(cause, FailureCause::Timeout);
         assert!(why.contains("time limit") && why.contains("DUE TO TIME LIMIT"), "{why}");
-        assert!(classify(None, "*** JOB 7 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO PREEMPTION ***")
-            .1
-            .contains("preempted"));
+        let (cause, why) = classify(None, "*** JOB 7 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO PREEMPTION ***");
+        assert!(cause == FailureCause::Preempted && why.contains("preempted"), "{why}");
         assert!(classify(None, "").1.contains("left Slurm's queue"));
     }
 

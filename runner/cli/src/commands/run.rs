@@ -442,6 +442,16 @@ pub(crate) fn run_plan_in(
                 job.id
             );
         }
+        Progress::Retrying { job, cause: xlab_proto::FailureCause::Preempted, message, .. } => {
+            tracker.ended(job.id.as_str(), status::Ended::Retrying);
+            tracing::warn!(
+                "{} {}: {message}; submitting it again to resume from its last checkpoint (preemption does not count \
+                 against `retries:`) (job {})",
+                job.stage,
+                job.label(),
+                job.id
+            );
+        }
         Progress::Retrying { job, cause, message, delay } => {
             tracker.ended(job.id.as_str(), status::Ended::Retrying);
             tracing::warn!(
