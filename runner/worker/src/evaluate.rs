@@ -26,10 +26,30 @@ pub(crate) fn evaluate(
     device: Device,
 ) -> Result<BTreeMap<String, f64>, Failure> {
     let region = crate::amp::job_region(device).map_err(|m| Failure::new(FailureCause::Error, m))?;
-    let probs =
-        tch::no_grad(|| crate::amp::full(net.forward_t(&split.x.to_device(device), false)).softmax(-1, Kind::Double));
+    let probs = probabilities(net, &split.x, device, EVAL_ROWS);
     drop(region);
     score(&probs, name, split, groups, device)
+}
+
+/// Rows of a split that go through the network at once when it is evaluated: memory stays
+/// bounded by this batch, never by the split's size.
+pub(crate) const EVAL_ROWS: i64 = 1024;
+
+/// The network's class probabilities (float64) for every row of `x`, without gradients, `rows`
+/// rows at a time, each batch moved to `device` only for its own pass. The network is in
+/// evaluation mode (no row sees another), so the batches give what one pass over `x` would.
+pub(crate) fn probabilities(net: &model::Model, x: &Tensor, device: Device, rows: i64) -> Tensor {
+    let n = x.size()[0];
+    tch::no_grad(|| {
+        let parts: Vec<Tensor> = (0..n)
+            .step_by(rows.max(1) as usize)
+            .map(|s| {
+                let batch = x.narrow(0, s, rows.min(n - s)).to_device(device);
+                crate::amp::full(net.forward_t(&batch, false)).softmax(-1, Kind::Double)
+            })
+            .collect();
+        Tensor::cat(&parts, 0)
+    })
 }
 
 /// Equal-width confidence bins of the expected calibration error.
@@ -155,7 +175,7 @@ pub fn evaluate_parents(
                 if split.is_empty() {
                     continue;
                 }
-                let pr = crate::amp::full(net.forward_t(&split.x.to_device(device), false)).softmax(-1, Kind::Double);
+                let pr = probabilities(&net, &split.x, device, EVAL_ROWS);
                 let sum = match probs.remove(name) {
                     Some(acc) => acc + pr,
                     None => pr,
@@ -280,5 +300,27 @@ mod tests {
         let ece = expected_calibration_error(&[0.9, 0.9, 0.6, 0.6], &[1.0, 0.0, 1.0, 1.0], 15);
         assert!((ece - 0.4).abs() < 1e-12, "{ece}");
         assert_eq!(expected_calibration_error(&[0.8, 0.8, 0.8, 0.8, 0.8], &[1.0, 1.0, 1.0, 1.0, 0.0], 15), 0.0);
+    }
+
+    #[test]
+    fn a_split_evaluated_in_batches_gets_the_probabilities_of_one_pass() {
+        use xlab_plan::config::{Activation, Mlp, ModelConfig, Norm};
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ModelConfig::Mlp(Mlp { hidden: vec![16, 16], activation: Activation::Relu, norm: Norm::Batch });
+        let net = model::build(&vs.root(), &cfg, 5, None, 4);
+        // Running statistics away from their initial values, as after training.
+        let _ = net.forward_t(&(Tensor::randn([64, 5], (Kind::Float, Device::Cpu)) * 3.0 + 1.0), true);
+        let x = Tensor::randn([103, 5], (Kind::Float, Device::Cpu));
+        let whole = tch::no_grad(|| net.forward_t(&x, false).softmax(-1, Kind::Double));
+        for rows in [1, 7, 50, 103, 1024] {
+            let batched = probabilities(&net, &x, Device::Cpu, rows);
+            assert_eq!(batched.size(), [103, 4]);
+            let gap = f64::try_from((&batched - &whole).abs().max()).unwrap();
+            assert!(gap < 1e-6, "{rows} rows at a time: {gap}");
+        }
+        // Evaluation mode: the batches leave the running statistics alone.
+        let again = tch::no_grad(|| net.forward_t(&x, false).softmax(-1, Kind::Double));
+        assert_eq!(f64::try_from((&again - &whole).abs().max()).unwrap(), 0.0);
     }
 }
