@@ -164,6 +164,19 @@ impl Cluster {
         Coordinator::start(c)
     }
 
+    /// `xlab run FILE` in the background until a job has checkpointed after its first epoch,
+    /// then Ctrl-C: the coordinator leaves (exit 130) and its jobs keep running in Slurm.
+    /// Returns what it said.
+    fn run_then_interrupt(&self, store: &Path, file: &Path) -> String {
+        let child = self.run_in_background(store, file);
+        job_past_epoch(store, 1, &[], Duration::from_secs(120));
+        assert!(Command::new("kill").args(["-INT", &child.pid()]).status().unwrap().success());
+        let out = child.wait();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(130), "{err}");
+        err
+    }
+
     fn slurm(&self, tool: &str) -> Command {
         let mut c = Command::new(tool);
         c.env("SLURM_CONF", &self.conf);
@@ -342,12 +355,7 @@ fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_ag
     let store = dir.path().join("results");
 
     // Ctrl-C: the coordinator leaves; its jobs keep running in Slurm.
-    let child = cluster.run_in_background(&store, &file);
-    job_past_epoch(&store, 1, &[], Duration::from_secs(120));
-    assert!(Command::new("kill").args(["-INT", &child.pid()]).status().unwrap().success());
-    let out = child.wait();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
+    let err = cluster.run_then_interrupt(&store, &file);
     assert!(err.contains("job(s) keep running in Slurm"), "{err}");
     let status = cluster.xlab(&store).arg("status").output().unwrap();
     let shown = String::from_utf8_lossy(&status.stdout);
@@ -534,11 +542,7 @@ fn jobs_cancelled_before_they_started_are_submitted_again_by_the_next_run() {
     let reference = local_reference(dir.path(), &file);
     let store = dir.path().join("results");
 
-    let child = cluster.run_in_background(&store, &file);
-    job_past_epoch(&store, 1, &[], Duration::from_secs(120));
-    assert!(Command::new("kill").args(["-INT", &child.pid()]).status().unwrap().success());
-    let out = child.wait();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    cluster.run_then_interrupt(&store, &file);
     let pending: Vec<String> =
         queued(&cluster).into_iter().filter(|(_, state)| state == "PENDING").map(|(id, _)| id).collect();
     assert!(!pending.is_empty(), "array tasks wait their turn: {:?}", queued(&cluster));

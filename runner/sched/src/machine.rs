@@ -969,31 +969,37 @@ impl<'p> Machine<'p> {
                     self.actions.push(Action::Tell(Told::Failed { job: i, cause: FailureCause::Error, message: m }));
                 }
             },
-            Err((FailureCause::NotStarted, message)) => {
-                // Nothing ran, so nothing is lost and `retries:` is untouched: the job is
-                // submitted again with the others that are ready. A job that Slurm keeps
-                // dropping before it starts is a failure, so the run cannot loop on it.
-                let unstarted = self.unstarted_here.entry(i).or_insert(0);
-                *unstarted += 1;
+            Err((cause @ (FailureCause::NotStarted | FailureCause::Preempted), message)) => {
+                // Nothing is lost and `retries:` is untouched: a job that never started goes back
+                // in with the others that are ready, a preempted one resumes from the checkpoint
+                // it wrote on Slurm's signal. A job Slurm keeps dropping before it starts is a
+                // failure, so the run cannot loop on it.
+                let unstarted = match cause {
+                    FailureCause::NotStarted => {
+                        let n = self.unstarted_here.entry(i).or_insert(0);
+                        *n += 1;
+                        *n
+                    }
+                    _ => 0,
+                };
                 if self.signalled > 0 || self.report.ended_early.is_some() {
                     rec.status = JobStatus::Interrupted;
                     self.report.stopped += 1;
-                    let message = format!("{message}; the next `xlab run` submits it again");
+                    let next = match cause {
+                        FailureCause::NotStarted => "submits it again",
+                        _ => "resumes it from its last checkpoint",
+                    };
+                    let message = format!("{message}; the next `xlab run` {next}");
                     self.actions.push(Action::Tell(Told::Stopped { job: i, message }));
-                } else if *unstarted <= NOT_STARTED_LIMIT {
+                } else if unstarted <= NOT_STARTED_LIMIT {
                     rec.status = JobStatus::Pending;
                     self.delayed.push((now, i));
-                    self.actions.push(Action::Tell(Told::Retrying {
-                        job: i,
-                        cause: FailureCause::NotStarted,
-                        message,
-                        delay: Duration::ZERO,
-                    }));
+                    self.actions.push(Action::Tell(Told::Retrying { job: i, cause, message, delay: Duration::ZERO }));
                 } else {
                     let message = format!(
-                        "{message}; its Slurm jobs left the queue before starting {} times in this run, so it is not \
-                         submitted again (`squeue`'s reason and the cluster's limits say why; `xlab doctor` shows them)",
-                        *unstarted
+                        "{message}; its Slurm jobs left the queue before starting {unstarted} times in this run, so it \
+                         is not submitted again (`squeue`'s reason and the cluster's limits say why; `xlab doctor` \
+                         shows them)"
                     );
                     if let Some(a) = rec.attempts.last_mut() {
                         a.error = Some(message.clone());
@@ -1006,24 +1012,6 @@ impl<'p> Machine<'p> {
                     self.report.failed.push((job.id.to_string(), cause, message.clone()));
                     self.actions.push(Action::Tell(Told::Failed { job: i, cause, message }));
                 }
-            }
-            Err((FailureCause::Preempted, message)) if self.signalled == 0 && self.report.ended_early.is_none() => {
-                // The cluster took the job's resources, as it may: it goes back in at once and
-                // resumes from the checkpoint it wrote on Slurm's signal.
-                rec.status = JobStatus::Pending;
-                self.delayed.push((now, i));
-                self.actions.push(Action::Tell(Told::Retrying {
-                    job: i,
-                    cause: FailureCause::Preempted,
-                    message,
-                    delay: Duration::ZERO,
-                }));
-            }
-            Err((FailureCause::Preempted, message)) => {
-                rec.status = JobStatus::Interrupted;
-                self.report.stopped += 1;
-                let message = format!("{message}; the next `xlab run` resumes it from its last checkpoint");
-                self.actions.push(Action::Tell(Told::Stopped { job: i, message }));
             }
             Err((FailureCause::Cancelled, message)) => {
                 rec.status = JobStatus::Interrupted;

@@ -433,24 +433,20 @@ pub(crate) fn run_plan_in(
         Progress::Warning { job, message } => {
             tracing::warn!("{} {} (job {}): {message}", job.stage, job.label(), job.id);
         }
-        Progress::Retrying { job, cause: xlab_proto::FailureCause::NotStarted, message, .. } => {
+        Progress::Retrying {
+            job,
+            cause: cause @ (xlab_proto::FailureCause::NotStarted | xlab_proto::FailureCause::Preempted),
+            message,
+            ..
+        } => {
             tracker.ended(job.id.as_str(), status::Ended::Retrying);
-            tracing::warn!(
-                "{} {}: {message}; submitting it again (it never ran, so this does not count against `retries:`) (job {})",
-                job.stage,
-                job.label(),
-                job.id
-            );
-        }
-        Progress::Retrying { job, cause: xlab_proto::FailureCause::Preempted, message, .. } => {
-            tracker.ended(job.id.as_str(), status::Ended::Retrying);
-            tracing::warn!(
-                "{} {}: {message}; submitting it again to resume from its last checkpoint (preemption does not count \
-                 against `retries:`) (job {})",
-                job.stage,
-                job.label(),
-                job.id
-            );
+            let again = match cause {
+                xlab_proto::FailureCause::NotStarted => {
+                    "submitting it again (it never ran, so this does not count against `retries:`)"
+                }
+                _ => "submitting it again to resume from its last checkpoint (preemption does not count against `retries:`)",
+            };
+            tracing::warn!("{} {}: {message}; {again} (job {})", job.stage, job.label(), job.id);
         }
         Progress::Retrying { job, cause, message, delay } => {
             tracker.ended(job.id.as_str(), status::Ended::Retrying);
