@@ -646,3 +646,75 @@ fn a_job_preempted_under_requeue_resumes_from_its_checkpoint_without_using_a_ret
 fn a_job_preempted_under_cancel_resumes_from_its_checkpoint_without_using_a_retry() {
     a_preempted_job_resumes("a_job_preempted_under_cancel_resumes_from_its_checkpoint_without_using_a_retry", "CANCEL");
 }
+
+/// Eight seeds four to an allocation (`pack: 4`), two side by side and two after them
+/// (`pack_at_once: 2`): two array tasks instead of eight. One allocation is cancelled while its
+/// first two jobs run: those resume from their checkpoints under `retries:`, the two that had not
+/// started go back in as `not_started`, and every result equals a local run's.
+#[test]
+fn packed_jobs_share_allocations_and_keep_their_own_attempts() {
+    let Some(cluster) = cluster_or_skip("packed_jobs_share_allocations_and_keep_their_own_attempts") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("packed.yaml");
+    std::fs::write(
+        &file,
+        SWEEP
+            .replace("EPOCHS", "12")
+            .replace("array_parallelism: 2", "pack: 4, pack_at_once: 2, time: \"10:00\"")
+            .replace("seeds: 3", "seeds: 8")
+            .replace("  sam:\n    step_rule: {use: sam.sam, rho: 0.05}\n    retries: 1\n", ""),
+    )
+    .unwrap();
+    let reference = local_reference(dir.path(), &file);
+    let store = dir.path().join("results");
+    let child = cluster.run_in_background(&store, &file);
+    let victim = job_past_epoch(&store, 2, &[], Duration::from_secs(120));
+    let allocation = slurm_ids(&store, &victim)[0].clone();
+    run(cluster.slurm("scancel").arg(&allocation)).unwrap();
+    let out = child.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("4 jobs per allocation, 2 at once"), "{err}");
+
+    let jobs = job_ids(&store, &file);
+    assert_eq!(jobs.len(), 8);
+    let firsts: Vec<String> = jobs.iter().map(|j| slurm_ids(&store, j)[0].clone()).collect();
+    let mut allocations = firsts.clone();
+    allocations.sort();
+    allocations.dedup();
+    assert_eq!(allocations.len(), 2, "eight jobs in two allocations: {firsts:?}");
+    for a in &allocations {
+        assert_eq!(firsts.iter().filter(|f| *f == a).count(), 4, "{firsts:?}");
+    }
+    // The first sbatch holds both allocations as one array of two tasks; the cancelled
+    // allocation's jobs went in again, in later allocations.
+    let script = std::fs::read_dir(store.join("slurm"))
+        .unwrap()
+        .flatten()
+        .map(|f| f.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .min()
+        .unwrap();
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(text.contains(" pack --tasks ") && text.contains("--at-once 2"), "{text}");
+    let mut tried: Vec<Vec<String>> = Vec::new();
+    for (j, first) in jobs.iter().zip(&firsts) {
+        let a = attempts(&store, j);
+        if *first == allocation {
+            tried.push(a);
+        } else {
+            assert_eq!(a, ["done"], "{j}\n{err}");
+        }
+    }
+    tried.sort();
+    assert_eq!(
+        tried,
+        [vec!["crashed", "done"], vec!["crashed", "done"], vec!["not_started", "done"], vec!["not_started", "done"]],
+        "{err}"
+    );
+    assert_eq!(err.matches("from its checkpoint after epoch").count(), 2, "both retries resumed: {err}");
+    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "packed results equal local ones");
+    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+}

@@ -1198,6 +1198,8 @@ pub fn expand(
                     ("array_parallelism", s.array_parallelism),
                     ("cpus_per_job", s.cpus_per_job),
                     ("max_submit", s.max_submit),
+                    ("pack", s.pack),
+                    ("pack_at_once", s.pack_at_once),
                 ] {
                     if v == Some(0) {
                         return Err(SpecError::new(file, format!("`{key}` must be at least 1"))

@@ -146,6 +146,16 @@ pub struct Slurm {
     /// association and QOS where it can, and `MaxArraySize` always).
     #[serde(default)]
     pub max_submit: Option<u32>,
+    /// Jobs per Slurm allocation (default 1): short jobs stop paying the queue's latency each.
+    /// A pack of the same stage and resources runs `pack_at_once` of them side by side and the
+    /// rest as those end; each is still its own job (identity, attempts, failure class).
+    #[serde(default)]
+    pub pack: Option<u32>,
+    /// How many of a pack's jobs run at once (default: all of them; 1: one after another). The
+    /// allocation asks for that many times `cpus_per_job`, `gpus_per_job` and `mem`, and for
+    /// `time` times the number of jobs each lane runs in turn.
+    #[serde(default)]
+    pub pack_at_once: Option<u32>,
 }
 
 config_keys! {

@@ -106,6 +106,8 @@ pub fn schema() -> Value {
                     "extra_args": {"type": "array", "items": {"type": "string"}},
                     "array_parallelism": {"type": "integer", "minimum": 1},
                     "max_submit": {"type": "integer", "minimum": 1},
+                    "pack": {"type": "integer", "minimum": 1},
+                    "pack_at_once": {"type": "integer", "minimum": 1},
                     "poll_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}}}}}]},
             "defaults": partial,
             "stages": {"type": "object", "minProperties": 1,

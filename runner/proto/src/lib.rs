@@ -296,6 +296,7 @@ mod tests {
 }
 
 pub mod floats;
+pub mod pack;
 pub mod plugins;
 pub mod progress;
 

@@ -28,8 +28,8 @@ pub(crate) enum Action {
     Metrics { job: usize, step: u64, values: BTreeMap<String, f64> },
     /// Send `signal` to a local worker.
     Signal { pid: u32, signal: i32 },
-    /// Cancel a Slurm job.
-    Cancel { slurm: String },
+    /// Stop job `job`, which runs in Slurm job `slurm` (alone, or in a pack).
+    Cancel { job: usize, slurm: String },
     /// Tell whoever displays progress.
     Tell(Told),
     /// Record a search's decision, durably, before anything acts on it.
@@ -585,7 +585,7 @@ impl<'p> Machine<'p> {
             if !r.ending.timed_out && limit.is_some_and(|l| now.saturating_duration_since(r.started) > l) {
                 r.ending.timed_out = true;
                 self.actions.push(match &r.slurm_id {
-                    Some(id) => Action::Cancel { slurm: id.clone() },
+                    Some(id) => Action::Cancel { job: i, slurm: id.clone() },
                     None => Action::Signal { pid: r.pid, signal: libc::SIGKILL },
                 });
             }
@@ -1194,7 +1194,7 @@ mod tests {
                 Action::Tell(Told::Stopped { job, .. }) => Some(format!("stopped {job}")),
                 Action::Tell(Told::Warning { job, message }) => Some(format!("warning {job} {message}")),
                 Action::Signal { pid, signal } => Some(format!("signal {pid} {signal}")),
-                Action::Cancel { slurm } => Some(format!("cancel {slurm}")),
+                Action::Cancel { slurm, .. } => Some(format!("cancel {slurm}")),
                 _ => None,
             })
             .collect()

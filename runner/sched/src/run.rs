@@ -413,7 +413,23 @@ pub fn run(
                         let _ = ops_tx.send(StoreOp::Metrics { job: m.job(job).id.to_string(), step, values });
                     }
                     Action::Signal { pid, signal: sig } => signal(pid, sig),
-                    Action::Cancel { slurm } => SlurmExec::cancel(&slurm),
+                    Action::Cancel { job, slurm } => match opts.slurm.as_ref().filter(|s| s.packs_jobs()) {
+                        // `scancel` would end the pack's other jobs too: its supervisor kills
+                        // this one's worker when asked.
+                        Some(_) => {
+                            let attempt = m.record(job).attempts.len() as u32;
+                            let events = store.run_dir(m.job(job).id.as_str()).join(events_file(attempt));
+                            let ask = xlab_proto::pack::kill_request(&events);
+                            if let Err(e) = std::fs::write(&ask, b"") {
+                                tracing::error!(
+                                    "cannot ask for job {} to be killed ({}): {e}",
+                                    m.job(job).id,
+                                    ask.display()
+                                );
+                            }
+                        }
+                        None => SlurmExec::cancel(&slurm),
+                    },
                     Action::Tell(told) => tell(m, told, observe),
                     Action::NewJob(i) => {
                         // The stage's jobs as recorded grow with each trial proposed.
@@ -510,7 +526,8 @@ pub fn run(
                         );
                         0
                     });
-                    queue_room = Some(free);
+                    // Each place in the queue takes a pack of jobs.
+                    queue_room = Some(free * s.pack());
                     if free == 0 {
                         if held_back.is_none() {
                             let (cap, from) = s.limits().max_submit.clone().unwrap_or_default();
@@ -946,15 +963,21 @@ fn classify(
                     format!("Slurm job {id} was signalled to stop before its time limit (`--signal`) and {m}"),
                 ))
             }
-            (None, Exit::Slurm { id, state, note, started: false }) => {
+            (None, Exit::Slurm { id, state, note, started: false, .. }) => {
                 let how = match state.as_deref() {
-                    Some("CANCELLED") => "was cancelled while it waited in Slurm's queue".to_string(),
-                    Some(s) => format!("ended as {s} while it waited in Slurm's queue"),
+                    // It waited in Slurm's queue, or in its pack for a lane.
+                    Some("CANCELLED") => "was cancelled".to_string(),
+                    Some(s) => format!("ended as {s}"),
                     None => "left Slurm's queue".to_string(),
                 };
                 let said = if note.is_empty() { String::new() } else { format!(" (Slurm says: {note})") };
                 Err((FailureCause::NotStarted, format!("Slurm job {id} {how} before it started{said}")))
             }
+            // A packed job's worker that ended on its own while its allocation ran on.
+            (None, Exit::Slurm { id, state: None, worker: Some(how), .. }) => Err((
+                FailureCause::Crashed,
+                with_log(format!("its worker in Slurm job {id} {how} without a final report"), log()),
+            )),
             (Some(Err((FailureCause::Cancelled, _))) | None, Exit::Slurm { id, state, note, .. }) => {
                 let (cause, what) = slurm::classify(state.as_deref(), &note);
                 Err((cause, with_log(format!("Slurm job {id} {what}"), log())))

@@ -275,6 +275,16 @@ impl SlurmExec {
         Some(queue().map(|q| (*cap as usize).saturating_sub(q.values().filter(|e| !e.ended()).count())))
     }
 
+    /// Jobs per allocation (`pack`).
+    pub fn pack(&self) -> usize {
+        self.cfg.pack.unwrap_or(1).max(1) as usize
+    }
+
+    /// How many of a pack's jobs run side by side (`pack_at_once`, default all).
+    fn at_once(&self) -> usize {
+        self.cfg.pack_at_once.map_or(self.pack(), |a| (a as usize).clamp(1, self.pack()))
+    }
+
     /// The thread count of each job (`--cpus-per-task`).
     pub fn cpus(&self) -> u32 {
         self.cfg.cpus_per_job.unwrap_or(self.threads)
@@ -308,7 +318,13 @@ impl SlurmExec {
         if let Some(t) = &self.cfg.time {
             parts.push(format!("time {t}"));
         }
-        format!("Slurm ({} a job; {})", parts.join(", "), self.limits.describe())
+        let packs = match (self.pack(), self.at_once()) {
+            (1, _) => String::new(),
+            (n, a) if a == n => format!("; {n} jobs per allocation, side by side"),
+            (n, 1) => format!("; {n} jobs per allocation, one after another"),
+            (n, a) => format!("; {n} jobs per allocation, {a} at once"),
+        };
+        format!("Slurm ({} a job{packs}; {})", parts.join(", "), self.limits.describe())
     }
 
     /// Slurm's output file for a job id (`--output`): the `*** JOB … CANCELLED …` line is there.
@@ -317,11 +333,12 @@ impl SlurmExec {
     }
 
     /// Submits jobs of one stage that ask for the same resources: one `sbatch`, a job array
-    /// when there are several, split into arrays `MaxArraySize` allows. Returns each one's Slurm
-    /// id (`1234` or `1234_5`), in order; on an error, those submitted before it.
+    /// when there are several allocations (`pack` jobs each), split into arrays `MaxArraySize`
+    /// allows. Returns each job's Slurm id (`1234` or `1234_5`; the jobs of a pack share
+    /// theirs), in order; on an error, those submitted before it.
     pub fn submit(&self, experiment: &str, jobs: &[Submission]) -> Result<Vec<String>, (Vec<String>, String)> {
         let mut ids = Vec::with_capacity(jobs.len());
-        for chunk in jobs.chunks(self.limits.array_cap()) {
+        for chunk in jobs.chunks(self.limits.array_cap() * self.pack()) {
             match self.submit_array(experiment, chunk) {
                 Ok(more) => ids.extend(more),
                 Err(e) => return Err((ids, e)),
@@ -352,13 +369,18 @@ impl SlurmExec {
             lines += &format!("{}\t{}\t{}\n", j.request.display(), j.events.display(), j.log.display());
         }
         let threads = self.cpus();
+        // Jobs per array task, and of those how many side by side: the allocation's size.
+        let pack = self.pack().min(jobs.len());
+        let tasks = jobs.len().div_ceil(pack);
+        let lanes = self.at_once().min(pack);
+        let worker = quote(&self.worker.to_string_lossy());
+        let list_q = quote(&list.to_string_lossy());
         let mut body = format!(
-            "#!/bin/bash\n# xlab: {n} job(s) of stage `{stage}` of experiment `{experiment}`; line N+1 of the task list is \
-             array task N.\nIFS=$'\\t' read -r request events log < <(sed -n \"$(( ${{SLURM_ARRAY_TASK_ID:-0}} + 1 ))p\" \
-             {list})\nexport OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}\n",
+            "#!/bin/bash\n# xlab: {n} job(s) of stage `{stage}` of experiment `{experiment}`, {pack} per allocation; \
+             lines {pack}N+1 to {pack}N+{pack} of the task list are array task N.\n\
+             export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}\n",
             n = jobs.len(),
             stage = first.stage,
-            list = quote(&list.to_string_lossy()),
         );
         if first.gpus == 0 {
             body += "export CUDA_VISIBLE_DEVICES=\n";
@@ -366,12 +388,20 @@ impl SlurmExec {
         if first.deterministic {
             body += "export CUBLAS_WORKSPACE_CONFIG=:4096:8\n";
         }
-        // `exec`: the worker itself gets Slurm's SIGTERM (scancel, time limit, preemption) and
-        // stops at a checkpoint.
-        body += &format!(
-            "exec {} run --job \"$request\" > \"$events\" 2>> \"$log\"\n",
-            quote(&self.worker.to_string_lossy())
-        );
+        // `exec`: the worker (or the pack's supervisor, which passes it on) gets Slurm's
+        // SIGTERM (scancel, time limit, preemption) itself and stops at a checkpoint.
+        body += &if self.pack() == 1 {
+            format!(
+                "IFS=$'\\t' read -r request events log < <(sed -n \"$(( ${{SLURM_ARRAY_TASK_ID:-0}} + 1 ))p\" {list_q})\n\
+                 exec {worker} run --job \"$request\" > \"$events\" 2>> \"$log\"\n"
+            )
+        } else {
+            format!(
+                "exec {worker} pack --tasks {list_q} --first $(( ${{SLURM_ARRAY_TASK_ID:-0}} * {pack} )) --count {pack} \
+                 --at-once {lanes} --gpus-per-job {gpus}\n",
+                gpus = first.gpus
+            )
+        };
         let write =
             |p: &Path, text: &str| std::fs::write(p, text).map_err(|e| format!("cannot write {}: {e}", p.display()));
         write(&list, &lines)?;
@@ -383,23 +413,23 @@ impl SlurmExec {
             // A preempted or failed job is resubmitted by xlab's retry policy, never requeued by
             // Slurm (a requeued job would write its attempt's event file again from the start).
             .arg("--no-requeue")
-            .arg(format!("--cpus-per-task={threads}"));
+            .arg(format!("--cpus-per-task={}", threads as usize * lanes));
         if first.gpus > 0 {
-            c.arg(format!("--gpus={}", first.gpus));
+            c.arg(format!("--gpus={}", first.gpus as usize * lanes));
         }
-        for (flag, v) in [
-            ("partition", &self.cfg.partition),
-            ("account", &self.cfg.account),
-            ("time", &self.cfg.time),
-            ("mem", &self.cfg.mem),
-        ] {
+        // Each lane of a pack runs its jobs in turn: the allocation's time is theirs together.
+        let time = self.cfg.time.as_ref().map(|t| scaled_time(t, pack.div_ceil(lanes)));
+        let mem = self.cfg.mem.as_ref().map(|m| scaled_mem(m, lanes));
+        for (flag, v) in
+            [("partition", &self.cfg.partition), ("account", &self.cfg.account), ("time", &time), ("mem", &mem)]
+        {
             if let Some(v) = v {
                 c.arg(format!("--{flag}={v}"));
             }
         }
-        if jobs.len() > 1 {
+        if tasks > 1 {
             let cap = self.cfg.array_parallelism.map(|p| format!("%{p}")).unwrap_or_default();
-            c.arg(format!("--array=0-{}{cap}", jobs.len() - 1));
+            c.arg(format!("--array=0-{}{cap}", tasks - 1));
             c.arg(format!("--output={}", self.dir.join("%A_%a.out").display()));
         } else {
             c.arg(format!("--output={}", self.dir.join("%j.out").display()));
@@ -411,7 +441,13 @@ impl SlurmExec {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
             return Err(format!("sbatch answered `{}`, not a job id", out.trim()));
         }
-        Ok(if jobs.len() > 1 { (0..jobs.len()).map(|k| format!("{id}_{k}")).collect() } else { vec![id] })
+        Ok((0..jobs.len()).map(|k| if tasks > 1 { format!("{id}_{}", k / pack) } else { id.clone() }).collect())
+    }
+
+    /// Whether jobs go in packs: a pack's supervisor kills one job on request, where `scancel`
+    /// would end its whole allocation.
+    pub fn packs_jobs(&self) -> bool {
+        self.pack() > 1
     }
 
     /// `scancel ID`: Slurm sends the worker SIGTERM (then SIGKILL after its `KillWait`).
@@ -421,6 +457,51 @@ impl SlurmExec {
         if let Err(e) = slurm_command(c) {
             tracing::warn!("cannot cancel Slurm job {id}: {e}");
         }
+    }
+}
+
+/// Slurm's `--time` (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`) times `k`; as given when
+/// it is not one of those (`UNLIMITED`) or `k` is 1.
+fn scaled_time(t: &str, k: usize) -> String {
+    let parse = || -> Option<u64> {
+        let (days, rest) = match t.split_once('-') {
+            Some((d, r)) => (d.trim().parse::<u64>().ok()?, Some(r)),
+            None => (0, None),
+        };
+        let nums = |s: &str| s.split(':').map(|p| p.trim().parse::<u64>().ok()).collect::<Option<Vec<u64>>>();
+        let secs = match rest {
+            // `D-H`, `D-H:M`, `D-H:M:S`
+            Some(r) => match nums(r)?[..] {
+                [h] => h * 3600,
+                [h, m] => h * 3600 + m * 60,
+                [h, m, s] => h * 3600 + m * 60 + s,
+                _ => return None,
+            },
+            // `M`, `M:S`, `H:M:S`
+            None => match nums(t)?[..] {
+                [m] => m * 60,
+                [m, s] => m * 60 + s,
+                [h, m, s] => h * 3600 + m * 60 + s,
+                _ => return None,
+            },
+        };
+        Some(days * 86400 + secs)
+    };
+    match parse() {
+        Some(secs) if k > 1 => {
+            let s = secs * k as u64;
+            format!("{}-{:02}:{:02}:{:02}", s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60)
+        }
+        _ => t.to_string(),
+    }
+}
+
+/// Slurm's `--mem` (`16G`, `500M`, `2048`) times `k`; as given when it is not a number.
+fn scaled_mem(m: &str, k: usize) -> String {
+    let digits = m.trim().chars().take_while(char::is_ascii_digit).count();
+    match m.trim()[..digits].parse::<u64>() {
+        Ok(n) if k > 1 => format!("{}{}", n * k as u64, &m.trim()[digits..]),
+        _ => m.to_string(),
     }
 }
 
@@ -569,6 +650,21 @@ pub fn watch(add: Receiver<Watched>, tx: Sender<Msg>, poll: Duration) {
         };
         let now = Instant::now();
         tails.retain_mut(|t| {
+            // A packed job's worker that ended while its allocation runs on: its supervisor's
+            // note says how, and the job is over now, not when its allocation is.
+            let packed = xlab_proto::pack::PackExit::read(&t.w.events);
+            if let Some(p) = packed.as_ref().filter(|p| !p.stopping) {
+                t.read(&tx);
+                let exit = Exit::Slurm {
+                    id: t.w.id.clone(),
+                    state: None,
+                    note: String::new(),
+                    started: true,
+                    worker: Some(p.how.clone()),
+                };
+                let _ = tx.send(Msg::Exited(t.w.index, exit));
+                return false;
+            }
             let entry = listed.get(&t.w.id);
             if entry.is_some_and(|e| !e.ended()) {
                 return true;
@@ -583,7 +679,8 @@ pub fn watch(add: Receiver<Watched>, tx: Sender<Msg>, poll: Duration) {
             // The batch script creates the event file as it starts the worker: a job without
             // one never ran (cancelled while pending, or lost with the controller's state).
             let started = t.w.events.exists();
-            let _ = tx.send(Msg::Exited(t.w.index, Exit::Slurm { id: t.w.id.clone(), state, note, started }));
+            let worker = packed.map(|p| p.how);
+            let _ = tx.send(Msg::Exited(t.w.index, Exit::Slurm { id: t.w.id.clone(), state, note, started, worker }));
             false
         });
     }
@@ -612,6 +709,21 @@ mod tests {
         let e = |s: &str| QueueEntry { state: s.into(), reason: String::new(), node: String::new() };
         assert!(!e("PENDING").ended() && !e("RUNNING").ended() && !e("COMPLETING").ended());
         assert!(e("COMPLETED").ended() && e("CANCELLED").ended() && e("NODE_FAIL").ended());
+    }
+
+    #[test]
+    fn a_packs_time_and_memory_are_its_lanes_together() {
+        assert_eq!(scaled_time("30", 2), "0-01:00:00");
+        assert_eq!(scaled_time("10:30", 3), "0-00:31:30");
+        assert_eq!(scaled_time("2:00:00", 13), "1-02:00:00");
+        assert_eq!(scaled_time("1-12", 2), "3-00:00:00");
+        assert_eq!(scaled_time("1-0:30", 2), "2-01:00:00");
+        assert_eq!(scaled_time("UNLIMITED", 4), "UNLIMITED");
+        assert_eq!(scaled_time("2:00:00", 1), "2:00:00");
+        assert_eq!(scaled_mem("16G", 4), "64G");
+        assert_eq!(scaled_mem("500", 2), "1000");
+        assert_eq!(scaled_mem("16G", 1), "16G");
+        assert_eq!(scaled_mem("lots", 2), "lots");
     }
 
     #[test]

@@ -24,8 +24,9 @@ pub enum Exit {
     Process(std::io::Result<ExitStatus>),
     /// A Slurm job left the queue: its final state while Slurm still listed it (`None`: gone
     /// from the queue), the line Slurm wrote about its end, if any, and whether its worker ever
-    /// started (its batch script opened the event file).
-    Slurm { id: String, state: Option<String>, note: String, started: bool },
+    /// started (its batch script opened the event file); for a job of a pack, how its worker
+    /// ended as the pack's supervisor noted it.
+    Slurm { id: String, state: Option<String>, note: String, started: bool, worker: Option<String> },
 }
 
 /// The request file and log file of a job, inside its run folder.

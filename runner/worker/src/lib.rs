@@ -19,6 +19,7 @@ pub mod invert;
 pub mod model;
 pub mod npz;
 pub mod optim;
+pub mod pack;
 pub mod probe;
 pub mod quality;
 pub mod sample;
@@ -141,8 +142,13 @@ fn lock_job(run_dir: &Path) -> Result<std::fs::File, Failure> {
 
 static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
 
+/// Set by SIGUSR1: stop as SIGTERM asks, but never at once, however often it comes.
+static STOP_SOFT: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
 /// The first SIGINT or SIGTERM asks the job to stop at its next epoch boundary, after a
-/// checkpoint; a second one ends the process at once (exit code 130).
+/// checkpoint; a second one ends the process at once (exit code 130). SIGUSR1 asks the same
+/// as the first, and only that: a pack's supervisor passes Slurm's signal on with it, and a
+/// worker that Slurm signalled itself must not take the two for a second request.
 pub fn stop_on_signals() {
     let flag = STOP.get_or_init(Default::default);
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -151,6 +157,8 @@ pub fn stop_on_signals() {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, std::sync::Arc::clone(flag));
         let _ = signal_hook::flag::register(sig, std::sync::Arc::clone(flag));
     }
+    let soft = STOP_SOFT.get_or_init(Default::default);
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, std::sync::Arc::clone(soft));
 }
 
 /// Sends this process's standard error (its log) to the end of `path`.
@@ -167,7 +175,7 @@ pub fn log_to(path: &Path) -> std::io::Result<()> {
 
 /// Whether a stop was asked for (see [`stop_on_signals`]).
 pub fn stop_requested() -> bool {
-    STOP.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    [&STOP, &STOP_SOFT].iter().any(|s| s.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
 /// Ends this worker when its coordinator goes away (the worker is re-parented), so an orphan

@@ -23,6 +23,22 @@ enum Command {
     /// request file on standard input; run it as `run --job` would. End quietly if standard
     /// input closes first. The coordinator keeps one ready per slot so jobs start at once.
     Standby,
+    /// Run several jobs in one Slurm allocation: lines FIRST+1 to FIRST+COUNT of a task list
+    /// (`request<TAB>events<TAB>log`), AT_ONCE of them side by side and the rest as they end,
+    /// noting beside each event file how its worker ended. Started by xlab's Slurm batch scripts.
+    Pack {
+        #[arg(long)]
+        tasks: PathBuf,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        at_once: usize,
+        /// GPUs of each job, taken in turn from the allocation's `CUDA_VISIBLE_DEVICES`.
+        #[arg(long, default_value_t = 0)]
+        gpus_per_job: usize,
+    },
     /// Print the libtorch version and location and the devices it sees, as JSON.
     Probe,
     /// The outputs of a trained weights file (its model rebuilt from the file's metadata) on
@@ -110,6 +126,10 @@ fn main() {
             xlab_worker::exit_with_parent();
             xlab_worker::stop_on_signals();
             quit(run(&job));
+        }
+        Command::Pack { tasks, first, count, at_once, gpus_per_job } => {
+            let args = xlab_worker::pack::PackArgs { tasks, first, count, at_once, gpus_per_job };
+            quit(xlab_worker::pack::run(&args));
         }
         Command::Standby => {
             xlab_worker::exit_with_parent();
