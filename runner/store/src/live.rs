@@ -14,6 +14,13 @@
 //! itself (on its own cores, as it would from its own sled). Batches ([`ResultStore::jobs_by_id`],
 //! [`ResultStore::metrics_of_many`]) take one round trip each.
 //!
+//! Across machines (a coordinator running as a Slurm job, readers on the login node, the store
+//! on a filesystem both see): a Unix socket cannot be reached from another machine, so an owner
+//! started with `XLAB_SERVE_NETWORK=1` also listens on a TCP port and writes where, with a
+//! random token, to `xlab.net` in the store folder (mode 0600: only those who may read the store
+//! learn the token). A reader whose socket connection fails dials that address and presents the
+//! token before its first request; a connection without it is closed unanswered.
+//!
 //! Faults: a garbled or oversized request gets an error answer and the connection is closed; a
 //! panic while serving one is caught; a client that vanishes mid-request only ends its own
 //! thread. A socket file left by a dead owner is removed by the next owner (the store's lock,
@@ -142,38 +149,230 @@ pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join(SOCKET)
 }
 
+/// Where an owner that serves other machines listens: `xlab.net` in the store folder.
+pub const NETWORK: &str = "xlab.net";
+
+/// The network address of an owner that serves other machines, and the token it asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NetworkEndpoint {
+    host: String,
+    port: u16,
+    token: String,
+    pid: u32,
+}
+
+/// A connection to the owner: its Unix socket, or TCP from another machine.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Conn {
+    fn set_read_timeout(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(c) => c.set_read_timeout(t),
+            Conn::Tcp(c) => c.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for &Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(c) => (&*c).read(buf),
+            Conn::Tcp(c) => (&*c).read(buf),
+        }
+    }
+}
+
+impl Write for &Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(c) => (&*c).write(buf),
+            Conn::Tcp(c) => (&*c).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(c) => (&*c).flush(),
+            Conn::Tcp(c) => (&*c).flush(),
+        }
+    }
+}
+
+/// 128 random bits, as hex.
+fn token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// This machine's name, as other machines of a cluster reach it.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into a buffer this function owns.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok && end > 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".into()
+    }
+}
+
+/// Listens on a TCP port of every interface and writes `xlab.net` (address and token, mode
+/// 0600) into the store folder.
+fn listen_on_network(dir: &Path) -> std::io::Result<(std::net::TcpListener, NetworkEndpoint)> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", 0))?;
+    let endpoint = NetworkEndpoint {
+        host: hostname(),
+        port: listener.local_addr()?.port(),
+        token: token()?,
+        pid: std::process::id(),
+    };
+    let path = dir.join(NETWORK);
+    let tmp = dir.join(format!("{NETWORK}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec(&endpoint).expect("an endpoint serializes"))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok((listener, endpoint))
+}
+
+/// Whether an owner on another machine is to be served too (`XLAB_SERVE_NETWORK=1`).
+fn serves_network() -> bool {
+    std::env::var("XLAB_SERVE_NETWORK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Reads the token a network reader sends first; whether it is the one asked for.
+fn admitted(conn: &std::net::TcpStream, token: &str) -> bool {
+    let mut r = conn;
+    if conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).is_err() {
+        return false;
+    }
+    let mut len = [0u8; 4];
+    if r.read_exact(&mut len).is_err() || u32::from_le_bytes(len) as usize != token.len() {
+        return false;
+    }
+    let mut got = vec![0u8; token.len()];
+    if r.read_exact(&mut got).is_err() {
+        return false;
+    }
+    // Every byte compared, whatever the first difference.
+    got.iter().zip(token.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Dials an owner on another machine as its `xlab.net` says, and presents the token.
+fn dial_network(dir: &Path) -> std::io::Result<Conn> {
+    let text = std::fs::read(dir.join(NETWORK))?;
+    let e: NetworkEndpoint = serde_json::from_slice(&text)
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{NETWORK}: {err}")))?;
+    let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(e.host.as_str(), e.port))?;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} resolves to no address", e.host));
+    for addr in addrs {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)) {
+            Ok(c) => {
+                let _ = c.set_nodelay(true);
+                let mut w = &c;
+                w.write_all(&(e.token.len() as u32).to_le_bytes())?;
+                w.write_all(e.token.as_bytes())?;
+                return Ok(Conn::Tcp(c));
+            }
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
+/// A connection to the owner of the store in `dir`: its socket, else its network address.
+fn dial(dir: &Path) -> std::io::Result<Conn> {
+    match UnixStream::connect(socket_path(dir)) {
+        Ok(c) => Ok(Conn::Unix(c)),
+        Err(e) if dir.join(NETWORK).exists() => dial_network(dir).map_err(|n| {
+            std::io::Error::new(n.kind(), format!("{e} (its socket); {n} (its network address, {NETWORK})"))
+        }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Serves reads of `store` on its socket until `stop` is set (then wakes the listener with a
 /// connection of its own and returns). A socket file a dead owner left behind is replaced.
 /// Errors only if the socket cannot be made; serving faults never end the loop.
 pub fn serve(store: &Store, stop: &AtomicBool, host: Option<&dyn Host>, ready: impl FnOnce()) -> std::io::Result<()> {
+    serve_on(store, stop, host, serves_network(), ready)
+}
+
+/// [`serve`], on the network too when `network` is set.
+fn serve_on(
+    store: &Store,
+    stop: &AtomicBool,
+    host: Option<&dyn Host>,
+    network: bool,
+    ready: impl FnOnce(),
+) -> std::io::Result<()> {
     let path = socket_path(&store.dir);
-    // We hold the store's lock, so no live owner serves on this path.
+    let net = store.dir.join(NETWORK);
+    // We hold the store's lock, so no live owner serves on these.
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&net);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let network = if network { Some(listen_on_network(&store.dir)?) } else { None };
     ready();
+    let cleanup = || {
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&net);
+    };
     // A run with nothing to do may end before the socket exists: its wake-up connection then
     // found nothing to wake, and the flag is all there is.
     if stop.load(Ordering::Acquire) {
-        let _ = std::fs::remove_file(&path);
+        cleanup();
         return Ok(());
     }
+    let serve_conn = |conn: Conn| {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(store, conn, stop, host)));
+        if served.is_err() {
+            tracing::warn!("a read of the store by another command failed inside xlab; the run goes on");
+        }
+    };
     std::thread::scope(|scope| {
+        if let Some((tcp, endpoint)) = &network {
+            tracing::info!("serving the store to other machines on {}:{} ({NETWORK})", endpoint.host, endpoint.port);
+            scope.spawn(move || {
+                for conn in tcp.incoming() {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    scope.spawn(move || {
+                        if admitted(&conn, &endpoint.token) {
+                            let _ = conn.set_nodelay(true);
+                            serve_conn(Conn::Tcp(conn));
+                        }
+                    });
+                }
+            });
+        }
         for conn in listener.incoming() {
             if stop.load(Ordering::Acquire) {
                 break;
             }
             let Ok(conn) = conn else { continue };
-            scope.spawn(move || {
-                let served =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(store, conn, stop, host)));
-                if served.is_err() {
-                    tracing::warn!("a read of the store by another command failed inside xlab; the run goes on");
-                }
-            });
+            scope.spawn(move || serve_conn(Conn::Unix(conn)));
+        }
+        if let Some((tcp, _)) = &network {
+            // Wakes the network listener, which then sees the flag.
+            if let Ok(addr) = tcp.local_addr() {
+                let _ = std::net::TcpStream::connect(("127.0.0.1", addr.port()));
+            }
         }
     });
-    let _ = std::fs::remove_file(&path);
+    cleanup();
     Ok(())
 }
 
@@ -187,7 +386,7 @@ pub fn stop_serving(dir: &Path, stop: &AtomicBool) {
 /// connection open never holds the run's exit up).
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-fn serve_one(store: &Store, conn: UnixStream, stop: &AtomicBool, host: Option<&dyn Host>) {
+fn serve_one(store: &Store, conn: Conn, stop: &AtomicBool, host: Option<&dyn Host>) {
     let mut reader = BufReader::new(&conn);
     let mut writer = BufWriter::new(&conn);
     let mut lifeline = Lifeline { host, session: None };
@@ -418,11 +617,10 @@ fn answer_error(w: &mut impl Write, message: &str) -> std::io::Result<()> {
 /// A store another process owns, read through its socket. Writes are refused.
 pub struct RemoteStore {
     dir: PathBuf,
-    socket: PathBuf,
     /// The owner, for messages: its pid and command line.
     owner: (u32, String),
     /// Idle connections, reused by the next request.
-    idle: Mutex<Vec<UnixStream>>,
+    idle: Mutex<Vec<Conn>>,
     /// The store itself, opened here once its owner's run ended while this reader was
     /// reading: every later read goes to it.
     taken_over: std::sync::OnceLock<Store>,
@@ -436,11 +634,9 @@ pub struct RemoteStore {
 impl RemoteStore {
     /// Connects to the owner of the store in `dir` (pid and command for messages).
     pub fn connect(dir: &Path, owner: (u32, String)) -> std::io::Result<RemoteStore> {
-        let socket = socket_path(dir);
-        let first = UnixStream::connect(&socket)?;
+        let first = dial(dir)?;
         Ok(RemoteStore {
             dir: dir.to_path_buf(),
-            socket,
             owner,
             idle: Mutex::new(vec![first]),
             taken_over: std::sync::OnceLock::new(),
@@ -455,7 +651,7 @@ impl RemoteStore {
     /// that this run ended (or was killed) when it closes, and this side learns that the owner
     /// went away when the owner closes it ([`RemoteStore::owner_gone`]).
     pub fn join(&self, experiment: &str, pid: u32) -> Result<u64> {
-        let conn = UnixStream::connect(&self.socket).map_err(|e| self.lost(e))?;
+        let conn = dial(&self.dir).map_err(|e| self.lost(e))?;
         let op = Op::Join { experiment: experiment.into(), pid };
         let items = match exchange(&conn, op).map_err(|e| self.lost(e))? {
             Ok(items) => items,
@@ -469,9 +665,8 @@ impl RemoteStore {
         std::thread::spawn(move || {
             // The owner never writes here again: any end of this read is the owner going away.
             let mut byte = [0u8; 1];
-            let mut conn = conn;
             loop {
-                match conn.read(&mut byte) {
+                match (&conn).read(&mut byte) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     _ => break,
                 }
@@ -567,7 +762,7 @@ impl RemoteStore {
         let lost = |e: std::io::Error| Lost::Owner(self.lost(e));
         let conn = match conn {
             Some(c) => c,
-            None => UnixStream::connect(&self.socket).map_err(lost)?,
+            None => dial(&self.dir).map_err(lost)?,
         };
         match exchange(&conn, op).map_err(lost)? {
             Ok(items) => {
@@ -605,7 +800,7 @@ enum Lost {
 }
 
 /// Sends one request on `conn` and reads its answer.
-fn exchange(conn: &UnixStream, op: Op) -> std::io::Result<std::result::Result<Items, String>> {
+fn exchange(conn: &Conn, op: Op) -> std::io::Result<std::result::Result<Items, String>> {
     let body = serde_json::to_vec(&Request { protocol: PROTOCOL, op }).expect("requests serialize");
     let mut w = BufWriter::new(conn);
     w.write_all(&(body.len() as u32).to_le_bytes()).and_then(|()| w.write_all(&body)).and_then(|()| w.flush())?;
@@ -832,5 +1027,47 @@ mod tests {
             assert!(remote.put_job(&job).is_err(), "writes are the owner's");
             stop_serving(dir.path(), &stop);
         });
+    }
+
+    /// An owner on another machine: its socket cannot be reached (here, it is gone), so a reader
+    /// dials the address in `xlab.net` with its token; a connection without the token gets
+    /// nothing. The files are removed when serving ends.
+    #[test]
+    fn a_reader_on_another_machine_reads_over_the_network_with_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let job: JobRecord = serde_json::from_value(serde_json::json!({
+            "id": "j1", "experiment": "e", "stage": "s", "seed": 0, "config": {}, "point": [], "parents": [],
+            "status": "done", "attempts": [], "summary": {}, "provenance": {"xlab_version": "t"}, "artifacts": []
+        }))
+        .unwrap();
+        store.put_job(&job).unwrap();
+        let stop = AtomicBool::new(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| serve_on(&store, &stop, None, true, || ready_tx.send(()).unwrap()).unwrap());
+            ready_rx.recv().unwrap();
+            let net = dir.path().join(NETWORK);
+            let mode = std::fs::metadata(&net).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "only the store's owner may read the token");
+            let away = dir.path().join("elsewhere.sock");
+            std::fs::rename(socket_path(dir.path()), &away).unwrap();
+            let remote = RemoteStore::connect(dir.path(), (1, "test".into())).unwrap();
+            assert!(matches!(remote.idle.lock().unwrap()[0], Conn::Tcp(_)));
+            assert_eq!(remote.job("j1").unwrap(), store.job("j1").unwrap());
+            assert_eq!(remote.jobs().unwrap().len(), 1);
+            // The same request without the token: the connection is closed unanswered.
+            let e: NetworkEndpoint = serde_json::from_slice(&std::fs::read(&net).unwrap()).unwrap();
+            let stranger = Conn::Tcp(std::net::TcpStream::connect(("127.0.0.1", e.port)).unwrap());
+            assert!(exchange(&stranger, Op::Jobs).is_err(), "no answer without the token");
+            let mut wrong = e.clone();
+            wrong.token = "0".repeat(e.token.len());
+            std::fs::write(&net, serde_json::to_vec(&wrong).unwrap()).unwrap();
+            let refused = dial(dir.path()).unwrap();
+            assert!(exchange(&refused, Op::Jobs).is_err(), "no answer with another token");
+            std::fs::rename(&away, socket_path(dir.path())).unwrap();
+            stop_serving(dir.path(), &stop);
+        });
+        assert!(!dir.path().join(NETWORK).exists());
     }
 }
