@@ -67,6 +67,9 @@ pub enum LogFormat {
 enum Command {
     /// Run an experiment file: jobs already done in the store are skipped.
     Run(commands::run::RunCommand),
+    /// Follow the store's detached coordinator (`xlab run --executor slurm --detach`): its log
+    /// as it grows, until it ends, then how the experiment stands.
+    Attach(commands::detach::AttachArgs),
     /// Run a stored experiment again as it was last run (the file's text kept in the store):
     /// done jobs are skipped, interrupted ones continue from their checkpoints, failed ones retry.
     Resume(commands::run::ResumeCommand),
@@ -155,6 +158,7 @@ fn dispatch(cli: &Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Run(args) => commands::run::run(cli, args),
         Command::Resume(args) => commands::run::resume(cli, args),
+        Command::Attach(args) => commands::detach::attach(cli, args),
         Command::Validate(args) => commands::run::validate(cli, args),
         Command::Plan(args) => commands::plan::run(cli, args),
         Command::Query(args) => commands::query::run(cli, args),

@@ -718,3 +718,54 @@ fn packed_jobs_share_allocations_and_keep_their_own_attempts() {
     assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "packed results equal local ones");
     assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
 }
+
+/// `xlab run --detach` submits the coordinator itself as a Slurm job and returns at once. While
+/// it runs, `xlab status` and `xlab query` work from here against the store it owns (it also
+/// serves other machines, `xlab.net`), and a second `--detach` is refused; `xlab attach` follows
+/// its log to the end, and the results equal a local run's.
+#[test]
+fn a_detached_coordinator_runs_the_sweep_as_a_slurm_job() {
+    let Some(cluster) = cluster_or_skip("a_detached_coordinator_runs_the_sweep_as_a_slurm_job") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = sweep(dir.path(), 25);
+    let reference = local_reference(dir.path(), &file);
+    let store = dir.path().join("results");
+    let started = Instant::now();
+    let out = cluster.xlab(&store).args(["run", "--executor", "slurm", "--detach"]).arg(&file).output().unwrap();
+    let took = started.elapsed();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(took < Duration::from_secs(5), "returned in {took:?}");
+    assert!(
+        said.contains("submitted the coordinator of `on-slurm` as Slurm job ") && said.contains("xlab attach on-slurm"),
+        "{said}"
+    );
+
+    job_past_epoch(&store, 1, &[], Duration::from_secs(120));
+    assert!(store.join("xlab.net").exists(), "the coordinator serves other machines too");
+    let status = cluster.xlab(&store).arg("status").output().unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && shown.contains("detached coordinator of `on-slurm`: Slurm job "), "{shown}");
+    assert!(shown.contains("RUNNING"), "{shown}");
+    let live = cluster.xlab(&store).args(["query", "-e", "on-slurm", "--format", "json"]).output().unwrap();
+    assert!(live.status.success(), "{}", String::from_utf8_lossy(&live.stderr));
+    let again = cluster.xlab(&store).args(["run", "--executor", "slurm", "--detach"]).arg(&file).output().unwrap();
+    let refused = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && refused.contains("already runs on this store as Slurm job"), "{refused}");
+
+    let attach = cluster.xlab(&store).args(["attach", "on-slurm"]).output().unwrap();
+    let (log, err) = (String::from_utf8_lossy(&attach.stdout), String::from_utf8_lossy(&attach.stderr));
+    assert!(attach.status.success(), "{log}{err}");
+    assert!(log.contains("4 done, 0 skipped (already done), 0 failed"), "the coordinator's log: {log}");
+    assert!(err.contains("ended: COMPLETED") && err.contains("`on-slurm`: 4 done"), "{err}");
+    assert!(!store.join("xlab.net").exists(), "removed when the coordinator let go of the store");
+
+    let jobs = job_ids(&store, &file);
+    for j in &jobs {
+        assert_eq!(attempts(&store, j), ["done"], "{j}");
+    }
+    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "a detached run ends as a local one");
+    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+}

@@ -81,7 +81,7 @@ pub struct ExperimentFile {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Executor {
     Local,
-    Slurm(Slurm),
+    Slurm(Box<Slurm>),
 }
 
 impl TryFrom<Value> for Executor {
@@ -100,9 +100,9 @@ impl TryFrom<Value> for Executor {
         match (name.as_str(), body) {
             ("local", None) => Ok(Executor::Local),
             ("local", Some(Value::Mapping(m))) if m.is_empty() => Ok(Executor::Local),
-            ("slurm", None | Some(Value::Null)) => Ok(Executor::Slurm(Slurm::default())),
+            ("slurm", None | Some(Value::Null)) => Ok(Executor::Slurm(Box::default())),
             ("slurm", Some(body)) => {
-                serde_yaml::from_value(body).map(Executor::Slurm).map_err(|e| format!("slurm: {e}"))
+                serde_yaml::from_value(body).map(|s| Executor::Slurm(Box::new(s))).map_err(|e| format!("slurm: {e}"))
             }
             (other, _) => Err(format!("unknown executor `{other}`: {EXPECTED}")),
         }
@@ -156,6 +156,11 @@ pub struct Slurm {
     /// `time` times the number of jobs each lane runs in turn.
     #[serde(default)]
     pub pack_at_once: Option<u32>,
+    /// `--time` of the coordinator itself under `xlab run --detach` (default: the partition's
+    /// default time limit). When it runs out, the submitted jobs go on in Slurm and the same
+    /// command re-attaches to them.
+    #[serde(default)]
+    pub coordinator_time: Option<String>,
 }
 
 config_keys! {

@@ -108,6 +108,7 @@ pub fn schema() -> Value {
                     "max_submit": {"type": "integer", "minimum": 1},
                     "pack": {"type": "integer", "minimum": 1},
                     "pack_at_once": {"type": "integer", "minimum": 1},
+                    "coordinator_time": {"type": ["string", "integer"]},
                     "poll_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}}}}}]},
             "defaults": partial,
             "stages": {"type": "object", "minProperties": 1,

@@ -505,6 +505,90 @@ fn scaled_mem(m: &str, k: usize) -> String {
     }
 }
 
+/// A coordinator submitted as a Slurm job (`xlab run --detach`), as `<store>/coordinator.json`
+/// records it for `xlab attach` and `xlab status`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Coordinator {
+    pub slurm_job: String,
+    pub experiment: String,
+    /// Its output file: the log `xlab run` would have written to the terminal.
+    pub output: PathBuf,
+    pub submitted_unix: u64,
+    /// The command it runs.
+    pub command: Vec<String>,
+}
+
+impl Coordinator {
+    pub fn path(store: &Path) -> PathBuf {
+        store.join("coordinator.json")
+    }
+
+    /// The store's detached coordinator, if one was submitted.
+    pub fn read(store: &Path) -> Option<Coordinator> {
+        serde_json::from_slice(&std::fs::read(Self::path(store)).ok()?).ok()
+    }
+
+    /// Submits `argv` (an `xlab` command line, run in the current folder) as a one-CPU batch job
+    /// of `cfg`'s partition and account, serving the store to other machines, and records it.
+    pub fn submit(
+        cfg: &xlab_plan::file::Slurm,
+        store: &Path,
+        experiment: &str,
+        argv: &[String],
+    ) -> Result<Coordinator, String> {
+        let dir = absolute(&store.join("slurm")).map_err(|e| format!("cannot resolve the store's folder: {e}"))?;
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current folder: {e}"))?;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let script = dir.join(format!("coordinator-{}.sh", stamp.as_millis()));
+        let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+        // `exec`: Slurm's SIGTERM (scancel, the time limit) reaches xlab itself, which stops
+        // submitting and leaves the submitted jobs running, as Ctrl-C does.
+        let body = format!(
+            "#!/bin/bash\n# xlab: the coordinator of experiment `{experiment}` (`xlab run --detach`)\n\
+             export XLAB_SERVE_NETWORK=1 XLAB_NO_LIVE=1\nexec {}\n",
+            line.join(" ")
+        );
+        std::fs::write(&script, body).map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+        let mut c = Command::new("sbatch");
+        c.arg("--parsable")
+            .arg(format!("--job-name=xlab-coordinator-{experiment}"))
+            .arg(format!("--chdir={}", cwd.display()))
+            .arg("--no-requeue")
+            .arg("--cpus-per-task=1")
+            .arg(format!("--output={}", dir.join("coordinator-%j.out").display()));
+        for (flag, v) in [("partition", &cfg.partition), ("account", &cfg.account), ("time", &cfg.coordinator_time)] {
+            if let Some(v) = v {
+                c.arg(format!("--{flag}={v}"));
+            }
+        }
+        c.arg(&script);
+        let out = slurm_command(c)?;
+        let id = out.trim().split(';').next().unwrap_or("").to_string();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+            return Err(format!("sbatch answered `{}`, not a job id", out.trim()));
+        }
+        let record = Coordinator {
+            output: dir.join(format!("coordinator-{id}.out")),
+            slurm_job: id,
+            experiment: experiment.to_string(),
+            submitted_unix: stamp.as_secs(),
+            command: argv.to_vec(),
+        };
+        let path = Self::path(store);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&record).expect("a record serializes"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(record)
+    }
+
+    /// What `squeue` says of it: `None` once Slurm no longer lists it.
+    pub fn state(&self) -> Result<Option<QueueEntry>, String> {
+        queue().map(|mut q| q.remove(&self.slurm_job))
+    }
+}
+
 /// This user's jobs as `squeue` lists them, finished ones included while Slurm still keeps
 /// them, each array task on its own line.
 pub fn queue() -> Result<HashMap<String, QueueEntry>, String> {

@@ -1,6 +1,7 @@
 //! One module per command, each with its arguments and what it does; `main.rs` only parses the
 //! command line and dispatches here.
 
+pub mod detach;
 pub mod doctor;
 pub mod export;
 pub mod gc;

@@ -204,6 +204,7 @@ fn reproduce_in(
         max_parallel: None,
         executor: Some(ExecutorKind::Local),
         rerun: None,
+        detach: false,
     };
     outln!(
         "reproducing job {} ({} {}seed {}) in {}",

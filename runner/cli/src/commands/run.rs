@@ -43,6 +43,12 @@ pub struct RunArgs {
     /// a plugin: `--rerun 'step_rule.use ~ "^sam"'`. The filter language of `xlab query`.
     #[arg(long, value_name = "FILTER")]
     pub rerun: Option<String>,
+    /// With the Slurm executor: submit the coordinator itself as a Slurm job (one CPU, the
+    /// file's `coordinator_time`) and return at once. It owns the store from its node; `xlab
+    /// status`, `xlab query` and the other read commands work from here, and `xlab attach`
+    /// follows its log.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -85,6 +91,9 @@ pub struct ValidateCommand {
 pub fn run(cli: &Cli, args: &RunCommand) -> Result<u8, Failure> {
     let RunCommand { file, how } = args;
     let plan = xlab_plan::load(file, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    if how.detach {
+        return crate::commands::detach::submit(cli, &plan, how);
+    }
     run_plan(cli, plan, how)
 }
 
@@ -98,6 +107,9 @@ pub fn resume(cli: &Cli, args: &ResumeCommand) -> Result<u8, Failure> {
         tracing::warn!("{} changed since `{name}` last ran; resuming the experiment as it was then", file.display());
     }
     let plan = xlab_plan::load_str(&file, &exp.source, &mut plugins::WorkerPlugins::new(worker_path()))?;
+    if how.detach {
+        return crate::commands::detach::submit(cli, &plan, how);
+    }
     run_plan(cli, plan, how)
 }
 
@@ -137,11 +149,11 @@ fn count_stop_requests() -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
 }
 
 /// The Slurm settings when jobs go to Slurm: `--executor`, else the file's `executor:`.
-fn slurm_settings(how: &RunArgs, plan: &xlab_plan::Plan) -> Option<xlab_plan::file::Slurm> {
+pub(crate) fn slurm_settings(how: &RunArgs, plan: &xlab_plan::Plan) -> Option<xlab_plan::file::Slurm> {
     use xlab_plan::file::Executor;
     match (how.executor, &plan.executor) {
         (Some(ExecutorKind::Local), _) | (None, None | Some(Executor::Local)) => None,
-        (_, Some(Executor::Slurm(s))) => Some(s.clone()),
+        (_, Some(Executor::Slurm(s))) => Some((**s).clone()),
         (Some(ExecutorKind::Slurm), _) => Some(Default::default()),
     }
 }

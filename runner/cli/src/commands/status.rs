@@ -19,6 +19,18 @@ pub fn run(cli: &Cli, args: &StatusArgs) -> Result<u8, Failure> {
     }
     let snap: Option<status::Snapshot> =
         std::fs::read(status::path(&cli.store)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    // A coordinator submitted with `xlab run --detach` that Slurm has not finished.
+    if let Some(c) = xlab_sched::slurm::Coordinator::read(&cli.store) {
+        let queue = xlab_sched::slurm::queue();
+        if queue.as_ref().is_ok_and(|q| q.get(&c.slurm_job).is_some_and(|e| !e.ended())) {
+            outln!(
+                "detached coordinator of `{}`: Slurm job {}, {} (`xlab attach` follows its log)",
+                c.experiment,
+                c.slurm_job,
+                status::slurm_state(&queue, &c.slurm_job)
+            );
+        }
+    }
     match Store::open(&cli.store) {
         Err(StoreError::InUse { pid, .. }) => {
             // Every run in progress on the store: the owner's and those that joined it.
