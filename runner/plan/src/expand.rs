@@ -1737,8 +1737,9 @@ fn validate(file: &Path, ctx: &str, cfg: Value) -> Result<JobConfig, SpecError> 
     Ok(config)
 }
 
-/// The SHA-256 of a file, or of a folder's files (each name and content, in name order). Each
-/// path is read once per process, however many jobs name it.
+/// The SHA-256 of a file, or of a folder's files (each name and content, in name order, then
+/// each subfolder's name and digest, as an image folder's classes are). Each path is read once
+/// per process, however many jobs name it.
 fn digest_of(path: &Path) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
     thread_local! {
@@ -1755,12 +1756,18 @@ fn digest_of(path: &Path) -> std::io::Result<String> {
     let digest = if meta.is_dir() {
         let mut names: Vec<PathBuf> =
             std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
-        names.retain(|p| p.is_file());
         names.sort();
+        let hidden = |p: &Path| p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
         let mut h = Sha256::new();
-        for f in names {
+        for f in names.iter().filter(|p| p.is_file()) {
             h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-            h.update(Sha256::digest(std::fs::read(&f)?));
+            h.update(Sha256::digest(std::fs::read(f)?));
+        }
+        // Folders add to the digest only where there are some: a flat folder's is as before.
+        for d in names.iter().filter(|p| p.is_dir() && !hidden(p)) {
+            h.update(b"/");
+            h.update(d.file_name().unwrap_or_default().as_encoded_bytes());
+            h.update(digest_of(d)?.as_bytes());
         }
         hex::encode(h.finalize())
     } else {

@@ -112,6 +112,7 @@ pub fn build(cfg: &DataConfig) -> Result<Dataset, String> {
         DataConfig::Cifar10(c) => cifar(c, false)?,
         DataConfig::Cifar100(c) => cifar(c, true)?,
         DataConfig::Idx(c) => idx(c)?,
+        DataConfig::ImageFolder(c) => crate::images::image_folder(c)?,
     })
 }
 
@@ -237,7 +238,7 @@ fn idx(c: &Cifar) -> Result<Dataset, String> {
 
 /// Pixel bytes to floats in [0, 1] (standardized per channel by the training split's statistics
 /// with `normalize`); the last `n_val` training images become the validation split.
-fn images_split(
+pub(crate) fn images_split(
     (train_x, train_y): Labelled,
     (test_x, test_y): Labelled,
     shape: [i64; 3],

@@ -15,6 +15,7 @@ mod failure;
 pub mod files;
 pub mod forward;
 pub mod host;
+pub mod images;
 pub mod invert;
 pub mod model;
 pub mod npz;

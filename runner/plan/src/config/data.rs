@@ -42,6 +42,33 @@ pub enum DataConfig {
     /// `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
     /// `t10k-labels-idx1-ubyte` (each optionally `.gz`).
     Idx(Cifar),
+    /// A folder of image files in the layout torchvision's `ImageFolder` reads:
+    /// `path/train/<class>/*.png|jpg|jpeg`, `path/test/<class>/…` and optionally
+    /// `path/val/<class>/…`; a folder with `train` and `val` only (as ImageNet and Imagenette
+    /// ship) evaluates on `val` as its test split. The classes are the subfolders of `train`,
+    /// numbered in sorted order; `val` and `test` use the same names. Each image is decoded (PNG or JPEG, grey,
+    /// colour or with alpha, which is dropped), converted to `channels` (3: RGB, 1: grey) and
+    /// resized to `size` = [height, width] with antialiased bilinear filtering, as PIL does.
+    /// Pixels are scaled to [0, 1] and, with `normalize` (default), standardized per channel
+    /// with the training split's mean and std. Without a `val` folder, `n_val` training images
+    /// drawn at random (a fixed draw) become the validation split.
+    ImageFolder(ImageFolder),
+}
+
+/// `data: {name: image_folder, path: DIR, size: [H, W]}`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFolder {
+    pub path: FileRef,
+    /// [height, width] every image is resized to.
+    pub size: [usize; 2],
+    #[serde(default)]
+    pub n_val: usize,
+    #[serde(default = "defaults::yes")]
+    pub normalize: bool,
+    /// 3 (RGB) or 1 (grey).
+    #[serde(default = "defaults::three")]
+    pub channels: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
@@ -104,6 +131,7 @@ impl DataConfig {
             DataConfig::Digits(_) => Some(Some([1, 8, 8])),
             DataConfig::Cifar10(_) | DataConfig::Cifar100(_) => Some(Some([3, 32, 32])),
             DataConfig::Idx(_) => Some(None),
+            DataConfig::ImageFolder(f) => Some(Some([f.channels, f.size[0], f.size[1]])),
             DataConfig::Npz(n) => n.image.map(Some),
             DataConfig::Csv(c) => c.image.map(Some),
             _ => None,
@@ -129,7 +157,7 @@ impl DataConfig {
             DataConfig::Blobs(d) => Some(d.classes),
             DataConfig::Digits(_) | DataConfig::Cifar10(_) => Some(10),
             DataConfig::Cifar100(_) => Some(100),
-            DataConfig::Npz(_) | DataConfig::Csv(_) | DataConfig::Idx(_) => None,
+            DataConfig::Npz(_) | DataConfig::Csv(_) | DataConfig::Idx(_) | DataConfig::ImageFolder(_) => None,
         }
     }
 
@@ -143,6 +171,7 @@ impl DataConfig {
             DataConfig::Npz(d) => d.n_val,
             DataConfig::Csv(d) => d.n_val,
             DataConfig::Cifar10(d) | DataConfig::Cifar100(d) | DataConfig::Idx(d) => d.n_val,
+            DataConfig::ImageFolder(d) => d.n_val,
         }
     }
 
@@ -159,7 +188,11 @@ impl DataConfig {
     /// Whether rows are images (for `cnn`, `resnet18`, `wrn` and augmentation).
     pub fn is_image(&self) -> bool {
         match self {
-            DataConfig::Digits(_) | DataConfig::Cifar10(_) | DataConfig::Cifar100(_) | DataConfig::Idx(_) => true,
+            DataConfig::Digits(_)
+            | DataConfig::Cifar10(_)
+            | DataConfig::Cifar100(_)
+            | DataConfig::Idx(_)
+            | DataConfig::ImageFolder(_) => true,
             DataConfig::Npz(n) => n.image.is_some(),
             DataConfig::Csv(c) => c.image.is_some(),
             _ => false,
@@ -299,6 +332,15 @@ impl DataConfig {
             DataConfig::Csv(d) => (1, d.n_test),
             // Split sizes come from the files.
             DataConfig::Cifar10(_) | DataConfig::Cifar100(_) | DataConfig::Idx(_) => (1, 1),
+            DataConfig::ImageFolder(f) => {
+                if !matches!(f.channels, 1 | 3) {
+                    return err("data.channels", format!("must be 3 (RGB) or 1 (grey), not {}", f.channels));
+                }
+                if f.size.contains(&0) || f.size.iter().any(|&d| d > 4096) {
+                    return err("data.size", format!("[height, width] must each be 1 to 4096, not {:?}", f.size));
+                }
+                (1, 1)
+            }
         };
         if n_train == 0 {
             return err("data.n_train", "must be at least 1".into());

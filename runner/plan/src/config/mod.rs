@@ -380,6 +380,7 @@ impl JobConfig {
             DataConfig::Cifar10(d) | DataConfig::Cifar100(d) | DataConfig::Idx(d) => {
                 out.push(("data.path", &mut d.path))
             }
+            DataConfig::ImageFolder(d) => out.push(("data.path", &mut d.path)),
             _ => {}
         }
         if let Some(f) = &mut self.init {
@@ -400,6 +401,7 @@ impl JobConfig {
         if self.task != Task::Train && self.loss_scale.is_some() {
             return err("loss_scale", "scales the loss of fp16 training; it belongs to `task: train`".into());
         }
+
         if self.task != Task::Invert && self.reconstruct.is_some() {
             return err("reconstruct", "maps inverted latents back to data; it belongs to `task: invert`".into());
         }
@@ -609,6 +611,10 @@ impl JobConfig {
 }
 
 mod defaults {
+    pub fn three() -> usize {
+        3
+    }
+
     pub fn yes() -> bool {
         true
     }

@@ -1,0 +1,336 @@
+//! `data: {name: image_folder}`: a folder of PNG and JPEG files in the layout torchvision's
+//! `ImageFolder` reads (`train/<class>/*.png`, …), decoded on the job's threads, converted to
+//! RGB or grey and resized as PIL does (antialiased bilinear), then split as the built-in image
+//! sets are.
+
+use crate::data::{images_split, Dataset};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use xlab_plan::config::ImageFolder;
+
+/// The image files of one split: (file, class index), classes in sorted order, files sorted
+/// within each class.
+fn listing(split: &Path, classes: &[String]) -> Result<Vec<(PathBuf, i64)>, String> {
+    let mut out = Vec::new();
+    for (k, class) in classes.iter().enumerate() {
+        let dir = split.join(class);
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_image_name(p))
+            .collect();
+        if files.is_empty() {
+            return Err(format!(
+                "{} holds no PNG or JPEG files: a class folder needs at least one image (remove the folder, or add its images)",
+                dir.display()
+            ));
+        }
+        files.sort();
+        out.extend(files.into_iter().map(|f| (f, k as i64)));
+    }
+    Ok(out)
+}
+
+/// `.png`, `.jpg` or `.jpeg`, in any case, and not hidden: other files (notes, `.DS_Store`) are
+/// not images of the set.
+fn is_image_name(p: &Path) -> bool {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    !name.starts_with('.') && matches!(ext.as_str(), "png" | "jpg" | "jpeg")
+}
+
+/// The class folders of a split, sorted.
+fn class_names(split: &Path) -> Result<Vec<String>, String> {
+    let mut names: Vec<String> = std::fs::read_dir(split)
+        .map_err(|e| format!("cannot read {}: {e}", split.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Pixels as decoded: 8-bit samples, row-major, `channels` per pixel (1 grey, 3 RGB).
+struct Decoded {
+    width: usize,
+    height: usize,
+    channels: usize,
+    pixels: Vec<u8>,
+}
+
+/// Decodes a PNG or JPEG file (told apart by their first bytes, not their names) to 8-bit grey
+/// or RGB; alpha is dropped and 16-bit samples keep their high byte, as PIL's `convert` does.
+fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+        dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+        let mut reader = dec.read_info().map_err(|e| format!("not a valid PNG: {e}"))?;
+        let mut buf = vec![0u8; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).map_err(|e| format!("not a valid PNG: {e}"))?;
+        let (w, h) = (info.width as usize, info.height as usize);
+        let samples = info.color_type.samples();
+        buf.truncate(w * h * samples);
+        let keep = match info.color_type {
+            png::ColorType::Grayscale | png::ColorType::GrayscaleAlpha => 1,
+            _ => 3,
+        };
+        let pixels = if keep == samples { buf } else { buf.chunks(samples).flat_map(|p| p[..keep].to_vec()).collect() };
+        return Ok(Decoded { width: w, height: h, channels: keep, pixels });
+    }
+    if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        let mut dec = jpeg_decoder::Decoder::new(std::io::Cursor::new(bytes));
+        let pixels = dec.decode().map_err(|e| format!("not a valid JPEG: {e}"))?;
+        let info = dec.info().ok_or("not a valid JPEG: no frame header")?;
+        let (w, h) = (info.width as usize, info.height as usize);
+        let (channels, pixels) = match info.pixel_format {
+            jpeg_decoder::PixelFormat::L8 => (1, pixels),
+            jpeg_decoder::PixelFormat::RGB24 => (3, pixels),
+            // Big-endian 16-bit grey: the high byte.
+            jpeg_decoder::PixelFormat::L16 => (1, pixels.chunks(2).map(|p| p[0]).collect()),
+            jpeg_decoder::PixelFormat::CMYK32 => {
+                return Err("a CMYK JPEG, which xlab does not convert: save it as RGB".into());
+            }
+        };
+        return Ok(Decoded { width: w, height: h, channels, pixels });
+    }
+    Err("neither a PNG nor a JPEG file (by its first bytes)".into())
+}
+
+/// Converts to `channels` (grey by ITU-R 601-2 luma, as PIL's "L"; grey to RGB by copying).
+fn to_channels(d: Decoded, channels: usize) -> Decoded {
+    if d.channels == channels {
+        return d;
+    }
+    let pixels = if channels == 1 {
+        d.pixels
+            .chunks(3)
+            .map(|p| ((u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16) as u8)
+            .collect()
+    } else {
+        d.pixels.iter().flat_map(|&g| [g, g, g]).collect()
+    };
+    Decoded { channels, pixels, ..d }
+}
+
+/// PIL's fixed-point precision for 8-bit resampling: weights are integers scaled by 2^22.
+const PRECISION_BITS: u32 = 22;
+
+/// For each output position, the first input position it reads and the weights of those it
+/// reads: PIL's bilinear filter (a triangle), widened by the reduction factor when shrinking,
+/// which is what makes a reduction antialiased; normalized, then fixed-point as PIL has them.
+fn weights(input: usize, output: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = input as f64 / output as f64;
+    let widen = scale.max(1.0);
+    (0..output)
+        .map(|o| {
+            let center = (o as f64 + 0.5) * scale;
+            let lo = ((center - widen + 0.5).floor().max(0.0)) as usize;
+            let hi = ((center + widen + 0.5).floor() as usize).min(input);
+            let w: Vec<f64> =
+                (lo..hi).map(|x| (1.0 - ((x as f64 - center + 0.5) / widen).abs()).max(0.0)).collect();
+            let sum: f64 = w.iter().sum();
+            let fixed = |v: f64| {
+                let k = v / sum * f64::from(1u32 << PRECISION_BITS);
+                (if k < 0.0 { k - 0.5 } else { k + 0.5 }) as i64
+            };
+            (lo, w.iter().map(|&v| fixed(v)).collect())
+        })
+        .collect()
+}
+
+/// One output sample from its inputs and fixed-point weights, rounded and clipped to 8 bits.
+fn sample(w: &[i64], at: impl Fn(usize) -> u8) -> u8 {
+    let acc: i64 = (1i64 << (PRECISION_BITS - 1)) + w.iter().enumerate().map(|(k, wk)| wk * i64::from(at(k))).sum::<i64>();
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes to `[height, width]` as PIL's `Image.resize(…, BILINEAR)` does for 8-bit images
+/// (a horizontal pass to 8 bits, then a vertical one; same integer arithmetic, so the same
+/// bytes), and lays the pixels out channel-major (C×H×W), as the models read them.
+fn resize_chw(d: &Decoded, [height, width]: [usize; 2]) -> Vec<u8> {
+    let c = d.channels;
+    let (wx, wy) = (weights(d.width, width), weights(d.height, height));
+    // Rows of the input, columns resized: height × width × c.
+    let mut across = vec![0u8; d.height * width * c];
+    for y in 0..d.height {
+        let row = &d.pixels[y * d.width * c..(y + 1) * d.width * c];
+        for (x, (lo, w)) in wx.iter().enumerate() {
+            for ch in 0..c {
+                across[(y * width + x) * c + ch] = sample(w, |k| row[(lo + k) * c + ch]);
+            }
+        }
+    }
+    let mut out = vec![0u8; c * height * width];
+    for (y, (lo, w)) in wy.iter().enumerate() {
+        for x in 0..width {
+            for ch in 0..c {
+                out[(ch * height + y) * width + x] = sample(w, |k| across[((lo + k) * width + x) * c + ch]);
+            }
+        }
+    }
+    out
+}
+
+/// Decodes and resizes every file on `threads` threads; the pixels of each, in order. The
+/// first bad file (in order) is the error, naming it.
+pub fn load(files: &[PathBuf], size: [usize; 2], channels: usize, threads: usize) -> Result<Vec<u8>, String> {
+    let per = channels * size[0] * size[1];
+    let mut out = vec![0u8; files.len() * per];
+    let next = AtomicUsize::new(0);
+    let chunks: Vec<std::sync::Mutex<&mut [u8]>> = out.chunks_mut(per.max(1)).map(std::sync::Mutex::new).collect();
+    let errors: std::sync::Mutex<Vec<(usize, String)>> = Default::default();
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, files.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= files.len() {
+                    break;
+                }
+                let f = &files[i];
+                let done = std::fs::read(f)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| decode(&b))
+                    .map(|d| resize_chw(&to_channels(d, channels), size));
+                match done {
+                    Ok(px) => chunks[i].lock().expect("not poisoned").copy_from_slice(&px),
+                    Err(e) => errors.lock().expect("not poisoned").push((i, format!("{}: {e}", f.display()))),
+                }
+            });
+        }
+    });
+    drop(chunks);
+    let mut errors = errors.into_inner().expect("not poisoned");
+    errors.sort();
+    match errors.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// The decoding threads: the job's (its `--threads` lease).
+fn threads() -> usize {
+    tch::get_num_threads().max(1) as usize
+}
+
+pub fn image_folder(c: &ImageFolder) -> Result<Dataset, String> {
+    let root = Path::new(&c.path.path);
+    let train_dir = root.join("train");
+    if !train_dir.is_dir() {
+        return Err(format!(
+            "{} has no `train` folder: image_folder reads train/<class>/*.png|jpg, test/<class>/… and optionally val/<class>/…",
+            root.display()
+        ));
+    }
+    let classes = class_names(&train_dir)?;
+    if classes.len() < 2 {
+        return Err(format!(
+            "{} has {} class folder(s); a classifier needs at least 2",
+            train_dir.display(),
+            classes.len()
+        ));
+    }
+    let (val_dir, test_dir) = (root.join("val"), root.join("test"));
+    // train + val only (ImageNet's layout): `val` is the split results are reported on.
+    let (val_dir, test_dir) = match (val_dir.is_dir(), test_dir.is_dir()) {
+        (_, true) => (val_dir.is_dir().then_some(val_dir), test_dir),
+        (true, false) => (None, val_dir),
+        (false, false) => {
+            return Err(format!("{} has no `test` (or `val`) folder to evaluate on", root.display()));
+        }
+    };
+    for dir in std::iter::once(&test_dir).chain(&val_dir) {
+        if let Some(stray) = class_names(dir)?.into_iter().find(|n| !classes.contains(n)) {
+            return Err(format!(
+                "{} has a class folder `{stray}` that {} lacks: every split uses the training classes",
+                dir.display(),
+                train_dir.display()
+            ));
+        }
+    }
+    let mut train = listing(&train_dir, &classes)?;
+    let test = listing(&test_dir, &classes)?;
+    if test.is_empty() {
+        return Err(format!("{} holds no images", test_dir.display()));
+    }
+    // The validation split: the `val` folder's images, or `n_val` training images drawn once
+    // (a fixed draw, the same for every job), placed last as `images_split` takes them.
+    let n_val = match &val_dir {
+        Some(dir) => {
+            if c.n_val > 0 {
+                return Err(format!(
+                    "n_val = {} asks for validation images from `train`, but {} has a `val` folder, which is the \
+                     validation split; drop n_val",
+                    c.n_val,
+                    root.display()
+                ));
+            }
+            let val = listing(dir, &classes)?;
+            let n = val.len();
+            train.extend(val);
+            n
+        }
+        None => {
+            if c.n_val >= train.len() {
+                return Err(format!(
+                    "n_val = {} leaves none of the {} training images for training",
+                    c.n_val,
+                    train.len()
+                ));
+            }
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(0));
+            let chosen: std::collections::HashSet<usize> = order[..c.n_val].iter().copied().collect();
+            let (kept, val): (Vec<_>, Vec<_>) = std::mem::take(&mut train)
+                .into_iter()
+                .enumerate()
+                .partition(|(i, _)| !chosen.contains(i));
+            train = kept.into_iter().chain(val).map(|(_, f)| f).collect();
+            c.n_val
+        }
+    };
+    let pixels = |list: &[(PathBuf, i64)]| -> Result<(Vec<u8>, Vec<i64>), String> {
+        let files: Vec<PathBuf> = list.iter().map(|(f, _)| f.clone()).collect();
+        Ok((load(&files, c.size, c.channels, threads())?, list.iter().map(|(_, y)| *y).collect()))
+    };
+    let shape = [c.channels as i64, c.size[0] as i64, c.size[1] as i64];
+    images_split(pixels(&train)?, pixels(&test)?, shape, n_val, c.normalize, classes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resizing_gives_pils_bytes() {
+        let d = Decoded { width: 4, height: 2, channels: 1, pixels: vec![0, 100, 200, 255, 10, 20, 30, 40] };
+        assert_eq!(resize_chw(&d, [2, 4]), d.pixels, "same size: unchanged");
+        // PIL 13's `Image.fromarray(a, "L").resize((w, h), Image.BILINEAR)` gives these bytes.
+        assert_eq!(resize_chw(&d, [1, 2]), vec![44, 121]);
+        assert_eq!(resize_chw(&d, [2, 3]), vec![30, 150, 239, 13, 25, 37]);
+        assert_eq!(
+            resize_chw(&d, [3, 7]),
+            vec![0, 36, 93, 150, 204, 235, 255, 5, 25, 56, 88, 118, 136, 148, 10, 14, 19, 25, 31, 36, 40]
+        );
+        // Channel-major: an RGB image's planes come one after another.
+        let rgb = Decoded { width: 1, height: 1, channels: 3, pixels: vec![1, 2, 3] };
+        assert_eq!(resize_chw(&rgb, [1, 1]), vec![1, 2, 3]);
+        assert_eq!(resize_chw(&rgb, [1, 2]), vec![1, 1, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn grey_is_pil_luma_and_grey_to_rgb_copies() {
+        let d = Decoded { width: 2, height: 1, channels: 3, pixels: vec![255, 0, 0, 10, 200, 30] };
+        // PIL 13's `.convert("L")` of these pixels (L = R·299/1000 + G·587/1000 + B·114/1000).
+        assert_eq!(to_channels(d, 1).pixels, vec![76, 124]);
+        let g = Decoded { width: 1, height: 1, channels: 1, pixels: vec![7] };
+        assert_eq!(to_channels(g, 3).pixels, vec![7, 7, 7]);
+    }
+}
