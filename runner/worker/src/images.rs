@@ -1,7 +1,7 @@
 //! `data: {name: image_folder}`: a folder of PNG and JPEG files in the layout torchvision's
 //! `ImageFolder` reads (`train/<class>/*.png`, …), decoded on the job's threads, converted to
 //! RGB or grey and resized as PIL does (antialiased bilinear), then split as the built-in image
-//! sets are.
+//! sets are. The folder is decoded into memory when the job starts.
 
 use crate::data::{images_split, Dataset};
 use rand::seq::SliceRandom;
@@ -112,7 +112,9 @@ fn to_channels(d: Decoded, channels: usize) -> Decoded {
     let pixels = if channels == 1 {
         d.pixels
             .chunks(3)
-            .map(|p| ((u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16) as u8)
+            .map(|p| {
+                ((u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16) as u8
+            })
             .collect()
     } else {
         d.pixels.iter().flat_map(|&g| [g, g, g]).collect()
@@ -129,13 +131,14 @@ const PRECISION_BITS: u32 = 22;
 fn weights(input: usize, output: usize) -> Vec<(usize, Vec<i64>)> {
     let scale = input as f64 / output as f64;
     let widen = scale.max(1.0);
+    // PIL multiplies by the inverse (the last bits of a weight decide its fixed-point value).
+    let inverse = 1.0 / widen;
     (0..output)
         .map(|o| {
             let center = (o as f64 + 0.5) * scale;
             let lo = ((center - widen + 0.5).floor().max(0.0)) as usize;
             let hi = ((center + widen + 0.5).floor() as usize).min(input);
-            let w: Vec<f64> =
-                (lo..hi).map(|x| (1.0 - ((x as f64 - center + 0.5) / widen).abs()).max(0.0)).collect();
+            let w: Vec<f64> = (lo..hi).map(|x| (1.0 - ((x as f64 - center + 0.5) * inverse).abs()).max(0.0)).collect();
             let sum: f64 = w.iter().sum();
             let fixed = |v: f64| {
                 let k = v / sum * f64::from(1u32 << PRECISION_BITS);
@@ -148,13 +151,15 @@ fn weights(input: usize, output: usize) -> Vec<(usize, Vec<i64>)> {
 
 /// One output sample from its inputs and fixed-point weights, rounded and clipped to 8 bits.
 fn sample(w: &[i64], at: impl Fn(usize) -> u8) -> u8 {
-    let acc: i64 = (1i64 << (PRECISION_BITS - 1)) + w.iter().enumerate().map(|(k, wk)| wk * i64::from(at(k))).sum::<i64>();
+    let acc: i64 =
+        (1i64 << (PRECISION_BITS - 1)) + w.iter().enumerate().map(|(k, wk)| wk * i64::from(at(k))).sum::<i64>();
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes to `[height, width]` as PIL's `Image.resize(…, BILINEAR)` does for 8-bit images
-/// (a horizontal pass to 8 bits, then a vertical one; same integer arithmetic, so the same
-/// bytes), and lays the pixels out channel-major (C×H×W), as the models read them.
+/// Resizes to `[height, width]` as PIL's `Image.resize(…, BILINEAR)` does for 8-bit images (a
+/// horizontal pass to 8 bits, then a vertical one, in the same integer arithmetic; PIL 13 takes
+/// the vertical pass first for some shapes, which moves a pixel by one level at most), and lays
+/// the pixels out channel-major (C×H×W), as the models read them.
 fn resize_chw(d: &Decoded, [height, width]: [usize; 2]) -> Vec<u8> {
     let c = d.channels;
     let (wx, wy) = (weights(d.width, width), weights(d.height, height));
@@ -288,10 +293,8 @@ pub fn image_folder(c: &ImageFolder) -> Result<Dataset, String> {
             let mut order: Vec<usize> = (0..train.len()).collect();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(0));
             let chosen: std::collections::HashSet<usize> = order[..c.n_val].iter().copied().collect();
-            let (kept, val): (Vec<_>, Vec<_>) = std::mem::take(&mut train)
-                .into_iter()
-                .enumerate()
-                .partition(|(i, _)| !chosen.contains(i));
+            let (kept, val): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| !chosen.contains(i));
             train = kept.into_iter().chain(val).map(|(_, f)| f).collect();
             c.n_val
         }

@@ -48,7 +48,9 @@ pub enum DataConfig {
     /// ship) evaluates on `val` as its test split. The classes are the subfolders of `train`,
     /// numbered in sorted order; `val` and `test` use the same names. Each image is decoded (PNG or JPEG, grey,
     /// colour or with alpha, which is dropped), converted to `channels` (3: RGB, 1: grey) and
-    /// resized to `size` = [height, width] with antialiased bilinear filtering, as PIL does.
+    /// resized to `size` = [height, width] with PIL's antialiased bilinear filter and integer
+    /// arithmetic (PIL's `resize(…, BILINEAR)` to within one level). The whole folder is decoded
+    /// into memory when the job starts, on the job's threads.
     /// Pixels are scaled to [0, 1] and, with `normalize` (default), standardized per channel
     /// with the training split's mean and std. Without a `val` folder, `n_val` training images
     /// drawn at random (a fixed draw) become the validation split.
