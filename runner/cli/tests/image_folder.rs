@@ -1,11 +1,12 @@
 //! An experiment on a folder of image files, as a new user would write it from the README: it
-//! trains a CNN with crop-and-flip augmentation, learns the classes, and the folder's content is
-//! part of the jobs' identity (an edited image makes the job new again).
+//! trains a CNN with crop-and-flip augmentation and learns the classes, in memory and streamed
+//! batch by batch to the same bytes, and the folder's content is part of the jobs' identity (an
+//! edited image makes the jobs new again).
 
 use std::path::Path;
 
 mod common;
-use common::{cmd, python};
+use common::{cmd, python, snapshot, stage_job_ids, weights};
 
 /// Two classes told apart by which colour dominates, as PNG and JPEG files of several sizes.
 const MAKE: &str = r#"
@@ -37,7 +38,7 @@ fn a_cnn_trains_on_an_image_folder_and_the_folder_is_part_of_its_identity() {
         &file,
         "name: folder\ndefaults:\n  task: train\n  data: {name: image_folder, path: shapes, size: [16, 16], n_val: 8}\n  \
          model: {name: cnn, channels: [8, 16]}\n  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}\n  epochs: 4\n  \
-         batch_size: 16\n  augment: {crop: 2, flip: true}\nstages:\n  cnn: {}\n",
+         batch_size: 16\n  augment: {crop: 2, flip: true}\nstages:\n  cnn: {}\n  streamed: {data: {stream: true}}\n",
     )
     .unwrap();
     let store = dir.path().join("results");
@@ -53,14 +54,22 @@ fn a_cnn_trains_on_an_image_folder_and_the_folder_is_part_of_its_identity() {
         let o = cmd(store).arg("plan").arg(&file).output().unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    assert!(plan(&store).contains("1 done"), "{}", plan(&store));
+    assert_eq!(plan(&store).matches(": 1 done").count(), 2, "{}", plan(&store));
+    // Read batch by batch (`stream: true`), training computes the same bytes.
+    let (memory, streamed) = (stage_job_ids(&store, &file, "cnn"), stage_job_ids(&store, &file, "streamed"));
+    let same = |mut v: Vec<serde_json::Value>| {
+        v.iter_mut().for_each(|j| j["id"] = serde_json::Value::Null);
+        v
+    };
+    assert_eq!(same(snapshot(&store, &memory)), same(snapshot(&store, &streamed)), "every metric series");
+    assert_eq!(weights(&store, &memory), weights(&store, &streamed), "the final weights");
     // An edited image: the job is another one.
     let one = images.join("train/red/001.png");
     let mut bytes = std::fs::read(&one).unwrap();
     bytes.push(0);
     std::fs::write(&one, bytes).unwrap();
     let now = plan(&store);
-    assert!(now.contains("1 new") && !now.contains("1 done"), "{now}");
+    assert!(now.matches("1 new").count() == 2 && !now.contains("done"), "{now}");
     // A corrupt image stops the run before anything runs, naming the file.
     std::fs::write(&one, b"\x89PNG\r\n\x1a\nbroken").unwrap();
     let out = cmd(&store).arg("run").arg(&file).output().unwrap();

@@ -88,7 +88,8 @@ impl Checker {
 
     fn data(&mut self, cfg: &JobConfig) -> Result<Rc<data::Dataset>, String> {
         let key = serde_json::to_string(&cfg.data).expect("data configs serialize");
-        self.datasets.entry(key).or_insert_with(|| data::build(&cfg.data).map(Rc::new)).clone()
+        let key = format!("{key}/{:?}", cfg.task);
+        self.datasets.entry(key).or_insert_with(|| data::build_for(cfg.task, &cfg.data).map(Rc::new)).clone()
     }
 
     fn model(&mut self, m: &xlab_plan::config::ModelConfig, d: &data::Dataset) -> Result<(), String> {

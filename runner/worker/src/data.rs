@@ -40,6 +40,47 @@ pub struct Dataset {
     /// With `standardize: true`: the training split's per-feature statistics every split was
     /// scaled with.
     pub standardized: Option<Standardization>,
+    /// An image folder's training images read as training goes (`stream: true`); `train.x` is
+    /// then empty.
+    pub train_stream: Option<std::sync::Arc<crate::images::Stream>>,
+}
+
+/// The training split's features as a training job reads them: in memory (on its device), or
+/// streamed from an image folder.
+pub enum TrainX {
+    Memory(Tensor),
+    Stream(std::sync::Arc<crate::images::Stream>, tch::Device),
+}
+
+impl TrainX {
+    pub fn new(data: &Dataset, device: tch::Device) -> TrainX {
+        match &data.train_stream {
+            Some(s) => TrainX::Stream(std::sync::Arc::clone(s), device),
+            None => TrainX::Memory(data.train.x.to_device(device)),
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        match self {
+            TrainX::Memory(t) => t.size()[0],
+            TrainX::Stream(s, _) => s.len() as i64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows of these training examples (indices on any device), on the job's device.
+    pub fn rows(&self, idx: &Tensor) -> Result<Tensor, String> {
+        match self {
+            TrainX::Memory(t) => Ok(t.index_select(0, &idx.to_device(t.device()))),
+            TrainX::Stream(s, device) => {
+                let ids = Vec::<i64>::try_from(&idx.to_device(tch::Device::Cpu)).map_err(|e| e.to_string())?;
+                Ok(s.rows(&ids)?.to_device(*device))
+            }
+        }
+    }
 }
 
 /// Per-feature mean and standard deviation (of the training split; a constant feature's
@@ -101,6 +142,17 @@ pub fn normal(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
+/// The data as a job of `task` reads it: an image folder with `stream: true` is streamed by
+/// training only (every other task decodes it into memory).
+pub fn build_for(task: xlab_plan::config::Task, cfg: &DataConfig) -> Result<Dataset, String> {
+    match cfg {
+        DataConfig::ImageFolder(c) if c.stream && task == xlab_plan::config::Task::Train => {
+            crate::images::image_folder(c, true)
+        }
+        _ => build(cfg),
+    }
+}
+
 pub fn build(cfg: &DataConfig) -> Result<Dataset, String> {
     Ok(match cfg {
         DataConfig::TwoMoons(c) => two_moons(c),
@@ -112,7 +164,7 @@ pub fn build(cfg: &DataConfig) -> Result<Dataset, String> {
         DataConfig::Cifar10(c) => cifar(c, false)?,
         DataConfig::Cifar100(c) => cifar(c, true)?,
         DataConfig::Idx(c) => idx(c)?,
-        DataConfig::ImageFolder(c) => crate::images::image_folder(c)?,
+        DataConfig::ImageFolder(c) => crate::images::image_folder(c, false)?,
     })
 }
 
@@ -238,7 +290,7 @@ fn idx(c: &Cifar) -> Result<Dataset, String> {
 
 /// Pixel bytes to floats in [0, 1] (standardized per channel by the training split's statistics
 /// with `normalize`); the last `n_val` training images become the validation split.
-pub(crate) fn images_split(
+fn images_split(
     (train_x, train_y): Labelled,
     (test_x, test_y): Labelled,
     shape: [i64; 3],
@@ -279,6 +331,7 @@ pub(crate) fn images_split(
         groups: 0,
         image: Some(shape),
         standardized: None,
+        train_stream: None,
     })
 }
 
@@ -375,6 +428,7 @@ fn in_file_order(
         groups,
         image: image.map(|[c, h, w]| [c as i64, h as i64, w as i64]),
         standardized: None,
+        train_stream: None,
     })
 }
 
@@ -495,6 +549,7 @@ fn digits(c: &Digits) -> Result<Dataset, String> {
         groups: 0,
         image: Some([1, 8, 8]),
         standardized: None,
+        train_stream: None,
     })
 }
 
@@ -517,6 +572,7 @@ fn split(xs: Vec<f32>, ys: Vec<i64>, dim: usize, sizes: [usize; 3], classes: usi
         groups: 0,
         image: None,
         standardized: None,
+        train_stream: None,
     }
 }
 
@@ -550,7 +606,17 @@ pub fn spurious(c: &Spurious) -> Dataset {
     let train = make(c.n_train, c.correlation);
     let val = make(c.n_val, c.eval_correlation);
     let test = make(c.n_test, c.eval_correlation);
-    Dataset { train, val, test, input_dim: dim, classes: 2, groups: 4, image: None, standardized: None }
+    Dataset {
+        train,
+        val,
+        test,
+        input_dim: dim,
+        classes: 2,
+        groups: 4,
+        image: None,
+        standardized: None,
+        train_stream: None,
+    }
 }
 
 /// Two interleaved half circles (as scikit-learn's `make_moons`, with angles drawn uniformly at

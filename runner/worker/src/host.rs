@@ -146,7 +146,7 @@ pub(crate) struct BatchModel<'b> {
     pub(crate) scaler: Option<&'b crate::amp::Scaler>,
     pub(crate) x: &'b Tensor,
     pub(crate) y: &'b Tensor,
-    pub(crate) x_train: &'b Tensor,
+    pub(crate) x_train: &'b crate::data::TrainX,
     pub(crate) val: &'b Split,
     pub(crate) device: Device,
     pub(crate) clean_grad: Option<CleanGrad>,
@@ -188,14 +188,14 @@ impl xlab_plugin_host::TransformModel for BatchModel<'_> {
     }
 
     fn rows(&mut self, index: &Tensor) -> Result<Tensor, String> {
-        let n = self.x_train.size()[0];
+        let n = self.x_train.len();
         let idx = index.to_device(self.device).to_kind(Kind::Int64);
         if idx.numel() > 0
             && !(bool::try_from(idx.ge(0).all()).unwrap_or(false) && i64::try_from(idx.max()).unwrap_or(n) < n)
         {
             return Err(format!("training example indices must be in 0..{n}"));
         }
-        Ok(self.x_train.index_select(0, &idx))
+        self.x_train.rows(&idx)
     }
 
     fn feature_mix(&mut self, partner: &Tensor, mu: &Tensor, index: &Tensor) -> Result<(), String> {

@@ -3,12 +3,15 @@
 //! RGB or grey and resized as PIL does (antialiased bilinear), then split as the built-in image
 //! sets are. The folder is decoded into memory when the job starts.
 
-use crate::data::{images_split, Dataset};
+use crate::data::{Dataset, Split};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use tch::{Kind, Tensor};
 use xlab_plan::config::ImageFolder;
 
 /// The image files of one split: (file, class index), classes in sorted order, files sorted
@@ -225,7 +228,205 @@ fn threads() -> usize {
     tch::get_num_threads().max(1) as usize
 }
 
-pub fn image_folder(c: &ImageFolder) -> Result<Dataset, String> {
+/// Normalization statistics come from at most this many training images (drawn once).
+const STATS_IMAGES: usize = 10_000;
+
+/// Per-channel mean and standard deviation (population) of pixel values in [0, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Norm {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+impl Norm {
+    /// From images' bytes (C×H×W each, `plane` = H×W), by exact integer sums: the same numbers
+    /// however the images were read.
+    fn of(pixels: &[u8], channels: usize, plane: usize) -> Norm {
+        let (mut sum, mut squares, mut count) = (vec![0u64; channels], vec![0u64; channels], vec![0u64; channels]);
+        // Consecutive planes of an image are its channels in turn.
+        for (k, chunk) in pixels.chunks(plane.max(1)).enumerate() {
+            let ch = k % channels;
+            for &p in chunk {
+                sum[ch] += u64::from(p);
+                squares[ch] += u64::from(p) * u64::from(p);
+            }
+            count[ch] += chunk.len() as u64;
+        }
+        let mut mean = Vec::with_capacity(channels);
+        let mut std = Vec::with_capacity(channels);
+        for ch in 0..channels {
+            let n = count[ch].max(1) as f64;
+            let m = sum[ch] as f64 / n;
+            let var = (squares[ch] as f64 / n - m * m).max(0.0);
+            mean.push((m / 255.0) as f32);
+            std.push(((var.sqrt() / 255.0) as f32).max(1e-8));
+        }
+        Norm { mean, std }
+    }
+}
+
+/// Rows of floats from images' bytes: scaled to [0, 1], then standardized per channel. Each
+/// value depends on its own byte only, so a batch's rows equal those of the whole split.
+fn to_rows(pixels: &[u8], shape: [i64; 3], norm: Option<&Norm>) -> Tensor {
+    let dim = shape.iter().product::<i64>();
+    let n = pixels.len() as i64 / dim.max(1);
+    let x = Tensor::from_slice(pixels).to_kind(Kind::Float).reshape([n, shape[0], shape[1] * shape[2]]) / 255.0;
+    let x = match norm {
+        Some(nm) => {
+            let mean = Tensor::from_slice(&nm.mean).reshape([1, shape[0], 1]);
+            let std = Tensor::from_slice(&nm.std).reshape([1, shape[0], 1]);
+            (x - mean) / std
+        }
+        None => x,
+    };
+    x.reshape([n, dim])
+}
+
+/// The training images of a folder read as training goes (`stream: true`).
+pub struct Stream {
+    files: Vec<PathBuf>,
+    size: [usize; 2],
+    channels: usize,
+    norm: Option<Norm>,
+    threads: usize,
+}
+
+impl Stream {
+    fn shape(&self) -> [i64; 3] {
+        [self.channels as i64, self.size[0] as i64, self.size[1] as i64]
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// The rows of these training examples, decoded now (a batch transform that draws its own
+    /// examples asks for them).
+    pub fn rows(&self, idx: &[i64]) -> Result<Tensor, String> {
+        let files: Vec<PathBuf> = idx.iter().map(|&i| self.files[i as usize].clone()).collect();
+        Ok(to_rows(&load(&files, self.size, self.channels, self.threads)?, self.shape(), self.norm.as_ref()))
+    }
+
+    /// An epoch's batches (`order` in batches of `batch`), from batch `from` on, each decoded
+    /// ahead of its step on the job's threads; at most a few batches wait decoded at any time.
+    pub fn batches(self: &Arc<Self>, order: &[i64], batch: usize, from: usize) -> Prefetch {
+        let chunks: Vec<Vec<i64>> = order.chunks(batch.max(1)).map(<[i64]>::to_vec).collect();
+        let end = chunks.len();
+        let depth = (2 * self.threads).max(4);
+        let shared = Arc::new((
+            Mutex::new(Ahead { ready: BTreeMap::new(), claimed: from, taken: from, stop: false }),
+            Condvar::new(),
+        ));
+        let chunks = Arc::new(chunks);
+        let handles = (0..self.threads.clamp(1, end.saturating_sub(from).max(1)))
+            .map(|_| {
+                let (shared, chunks, stream) = (Arc::clone(&shared), Arc::clone(&chunks), Arc::clone(self));
+                std::thread::spawn(move || decode_ahead(&shared, &chunks, &stream, depth))
+            })
+            .collect();
+        Prefetch { shared, next: from, handles, stream: Arc::clone(self) }
+    }
+}
+
+struct Ahead {
+    ready: BTreeMap<usize, Result<Vec<u8>, String>>,
+    /// The next batch a decoding thread takes up.
+    claimed: usize,
+    /// The next batch the step takes.
+    taken: usize,
+    stop: bool,
+}
+
+type Shared = (Mutex<Ahead>, Condvar);
+
+/// A decoding thread: takes the next batch while fewer than `depth` are ahead of the step.
+fn decode_ahead(shared: &Shared, chunks: &[Vec<i64>], stream: &Stream, depth: usize) {
+    let (lock, wake) = shared;
+    loop {
+        let k = {
+            let mut a = lock.lock().expect("not poisoned");
+            while !a.stop && a.claimed < chunks.len() && a.claimed >= a.taken + depth {
+                a = wake.wait(a).expect("not poisoned");
+            }
+            if a.stop || a.claimed >= chunks.len() {
+                return;
+            }
+            a.claimed += 1;
+            a.claimed - 1
+        };
+        let files: Vec<PathBuf> = chunks[k].iter().map(|&i| stream.files[i as usize].clone()).collect();
+        let pixels = load(&files, stream.size, stream.channels, 1);
+        lock.lock().expect("not poisoned").ready.insert(k, pixels);
+        wake.notify_all();
+    }
+}
+
+/// An epoch's batches as they are decoded.
+pub struct Prefetch {
+    shared: Arc<Shared>,
+    next: usize,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    stream: Arc<Stream>,
+}
+
+impl Prefetch {
+    /// The next batch's rows, waiting for it if it is not decoded yet.
+    pub fn next_batch(&mut self) -> Result<Tensor, String> {
+        let (lock, wake) = &*self.shared;
+        let pixels = {
+            let mut a = lock.lock().expect("not poisoned");
+            loop {
+                if let Some(p) = a.ready.remove(&self.next) {
+                    a.taken = self.next + 1;
+                    break p;
+                }
+                a = wake.wait(a).expect("not poisoned");
+            }
+        };
+        wake.notify_all();
+        self.next += 1;
+        Ok(to_rows(&pixels?, self.stream.shape(), self.stream.norm.as_ref()))
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().expect("not poisoned").stop = true;
+        wake.notify_all();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The training images that normalization statistics come from: all of them, or a fixed draw
+/// of `STATS_IMAGES` (indices into the training list, in order).
+fn stats_sample(n: usize) -> Vec<usize> {
+    if n <= STATS_IMAGES {
+        return (0..n).collect();
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(1));
+    let mut chosen = order[..STATS_IMAGES].to_vec();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// The folder's splits: training files (then the validation files drawn from `train` or read
+/// from `val`), test files, the validation count and the class count.
+struct Layout {
+    train: Vec<(PathBuf, i64)>,
+    val: Vec<(PathBuf, i64)>,
+    test: Vec<(PathBuf, i64)>,
+    classes: usize,
+}
+
+fn layout(c: &ImageFolder) -> Result<Layout, String> {
     let root = Path::new(&c.path.path);
     let train_dir = root.join("train");
     if !train_dir.is_dir() {
@@ -260,14 +461,14 @@ pub fn image_folder(c: &ImageFolder) -> Result<Dataset, String> {
             ));
         }
     }
-    let mut train = listing(&train_dir, &classes)?;
+    let train = listing(&train_dir, &classes)?;
     let test = listing(&test_dir, &classes)?;
     if test.is_empty() {
         return Err(format!("{} holds no images", test_dir.display()));
     }
     // The validation split: the `val` folder's images, or `n_val` training images drawn once
-    // (a fixed draw, the same for every job), placed last as `images_split` takes them.
-    let n_val = match &val_dir {
+    // (a fixed draw, the same for every job).
+    let (train, val) = match &val_dir {
         Some(dir) => {
             if c.n_val > 0 {
                 return Err(format!(
@@ -277,10 +478,7 @@ pub fn image_folder(c: &ImageFolder) -> Result<Dataset, String> {
                     root.display()
                 ));
             }
-            let val = listing(dir, &classes)?;
-            let n = val.len();
-            train.extend(val);
-            n
+            (train, listing(dir, &classes)?)
         }
         None => {
             if c.n_val >= train.len() {
@@ -293,18 +491,65 @@ pub fn image_folder(c: &ImageFolder) -> Result<Dataset, String> {
             let mut order: Vec<usize> = (0..train.len()).collect();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(0));
             let chosen: std::collections::HashSet<usize> = order[..c.n_val].iter().copied().collect();
-            let (kept, val): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| !chosen.contains(i));
-            train = kept.into_iter().chain(val).map(|(_, f)| f).collect();
-            c.n_val
+            let (kept, val): (Vec<_>, Vec<_>) = train.into_iter().enumerate().partition(|(i, _)| !chosen.contains(i));
+            (kept.into_iter().map(|(_, f)| f).collect(), val.into_iter().map(|(_, f)| f).collect())
         }
     };
-    let pixels = |list: &[(PathBuf, i64)]| -> Result<(Vec<u8>, Vec<i64>), String> {
-        let files: Vec<PathBuf> = list.iter().map(|(f, _)| f.clone()).collect();
-        Ok((load(&files, c.size, c.channels, threads())?, list.iter().map(|(_, y)| *y).collect()))
-    };
+    Ok(Layout { train, val, test, classes: classes.len() })
+}
+
+/// The folder as a dataset, its training images decoded into memory, or (`stream`) left on
+/// disk for training to read batch by batch.
+pub fn image_folder(c: &ImageFolder, stream: bool) -> Result<Dataset, String> {
+    let Layout { train, val, test, classes } = layout(c)?;
+    let threads = threads();
     let shape = [c.channels as i64, c.size[0] as i64, c.size[1] as i64];
-    images_split(pixels(&train)?, pixels(&test)?, shape, n_val, c.normalize, classes.len())
+    let files = |list: &[(PathBuf, i64)]| list.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>();
+    let labels = |list: &[(PathBuf, i64)]| Tensor::from_slice(&list.iter().map(|(_, y)| *y).collect::<Vec<_>>());
+    let sample = stats_sample(train.len());
+    let per = (shape.iter().product::<i64>()) as usize;
+    let plane = c.size[0] * c.size[1];
+    let (train_pixels, norm) = if stream {
+        let picked: Vec<PathBuf> = sample.iter().map(|&i| train[i].0.clone()).collect();
+        let norm =
+            c.normalize.then(|| load(&picked, c.size, c.channels, threads).map(|p| Norm::of(&p, c.channels, plane)));
+        (None, norm.transpose()?)
+    } else {
+        let pixels = load(&files(&train), c.size, c.channels, threads)?;
+        let norm = c.normalize.then(|| {
+            let picked: Vec<u8> = sample.iter().flat_map(|&i| pixels[i * per..(i + 1) * per].iter().copied()).collect();
+            Norm::of(&picked, c.channels, plane)
+        });
+        (Some(pixels), norm)
+    };
+    let split = |x: Tensor, list: &[(PathBuf, i64)]| Split { x, y: labels(list), group: None, domain: None };
+    let decoded = |list: &[(PathBuf, i64)]| -> Result<Tensor, String> {
+        Ok(to_rows(&load(&files(list), c.size, c.channels, threads)?, shape, norm.as_ref()))
+    };
+    let (train_x, train_stream) = match train_pixels {
+        Some(p) => (to_rows(&p, shape, norm.as_ref()), None),
+        None => (
+            Tensor::zeros([0, per as i64], (Kind::Float, tch::Device::Cpu)),
+            Some(Arc::new(Stream {
+                files: files(&train),
+                size: c.size,
+                channels: c.channels,
+                norm: norm.clone(),
+                threads,
+            })),
+        ),
+    };
+    Ok(Dataset {
+        train: split(train_x, &train),
+        val: split(decoded(&val)?, &val),
+        test: split(decoded(&test)?, &test),
+        input_dim: per,
+        classes,
+        groups: 0,
+        image: Some(shape),
+        standardized: None,
+        train_stream,
+    })
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ pub fn run(
     if model_cfg.is_diffusion() {
         return Err(Failure::new(FailureCause::Config, "a diffusion model trains with `diffusion:`"));
     }
-    let data = data::build(&cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
+    let data = data::build_for(cfg.task, &cfg.data).map_err(|m| Failure::new(FailureCause::Error, m))?;
     tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(device);
     let net = model::build_checked(&vs.root(), model_cfg, data.input_dim, data.image, data.classes)
@@ -95,7 +95,7 @@ pub fn run(
     }
     let mut ema = cfg.ema.as_ref().map(|e| crate::ema::Average::new(e, &named));
 
-    let x_train = data.train.x.to_device(device);
+    let x_train = data::TrainX::new(&data, device);
     let y_train = data.train.y.to_device(device);
     let g_train = data.train.group.as_ref().map(|g| g.to_device(device));
     let d_train = data.train.domain.as_ref().map(|d| d.to_device(device));
@@ -179,11 +179,16 @@ pub fn run(
             }
             _ => None,
         };
+        // A streamed folder decodes the epoch's batches ahead of the steps.
+        let mut ahead = data.train_stream.as_ref().map(|s| s.batches(&order, bs, done_before as usize));
         for (k, chunk) in order.chunks(bs).enumerate().skip(done_before as usize) {
             crate::watch::step_begins(epoch, global_step);
             let (at, len) = ((k * bs) as i64, chunk.len() as i64);
             let idx = order_on_device.narrow(0, at, len);
-            let xb = x_train.index_select(0, &idx);
+            let xb = match ahead.as_mut() {
+                Some(a) => a.next_batch().map_err(|m| Failure::new(FailureCause::Error, m))?.to_device(device),
+                None => x_train.rows(&idx).map_err(|m| Failure::new(FailureCause::Error, m))?,
+            };
             let xb = match &draws {
                 Some((oy, ox, flip, pad, image)) => data::augment_batch(
                     &xb,

@@ -94,6 +94,7 @@ fn config(root: &Path, size: [usize; 2], n_val: usize, channels: usize) -> DataC
         n_val,
         normalize: false,
         channels,
+        stream: false,
     })
 }
 
@@ -207,4 +208,35 @@ fn a_corrupt_image_an_empty_class_and_a_stray_class_are_refused_by_name() {
     std::fs::remove_dir_all(root.join("test")).unwrap();
     let e = build();
     assert!(e.contains("no `test` (or `val`) folder"), "{e}");
+}
+
+/// Streamed (`stream: true`), the training rows come batch by batch, decoded ahead on threads,
+/// and equal the rows of the folder decoded into memory, normalized with the same statistics;
+/// a batch from the middle of an epoch (a resume) too.
+#[test]
+fn streamed_batches_equal_the_rows_in_memory() {
+    let dir = folder(7, 2);
+    let root = dir.path().join("imgs");
+    let DataConfig::ImageFolder(mut c) = config(&root, [10, 6], 4, 3) else { unreachable!() };
+    c.normalize = true;
+    let memory = xlab_worker::data::build(&DataConfig::ImageFolder(c.clone())).unwrap();
+    c.stream = true;
+    let cfg = DataConfig::ImageFolder(c);
+    // Other tasks read the folder into memory.
+    assert!(xlab_worker::data::build_for(xlab_plan::config::Task::Evaluate, &cfg).unwrap().train_stream.is_none());
+    let streamed = xlab_worker::data::build_for(xlab_plan::config::Task::Train, &cfg).unwrap();
+    let stream = streamed.train_stream.clone().expect("streamed");
+    assert_eq!(streamed.train.x.size(), [0, 180], "nothing of the training split in memory");
+    assert_eq!((stream.len(), streamed.train.len()), (17, 17));
+    assert!(streamed.train.y.equal(&memory.train.y));
+    assert!(streamed.val.x.equal(&memory.val.x) && streamed.test.x.equal(&memory.test.x));
+    let order: Vec<i64> = (0..17).rev().collect();
+    for from in [0, 2] {
+        let mut ahead = stream.batches(&order, 4, from);
+        for chunk in order.chunks(4).skip(from) {
+            let want = memory.train.x.index_select(0, &tch::Tensor::from_slice(chunk));
+            assert!(ahead.next_batch().unwrap().equal(&want), "batch of {chunk:?}");
+        }
+    }
+    assert!(stream.rows(&[3, 0]).unwrap().equal(&memory.train.x.index_select(0, &tch::Tensor::from_slice(&[3i64, 0]))));
 }

@@ -49,10 +49,11 @@ pub enum DataConfig {
     /// numbered in sorted order; `val` and `test` use the same names. Each image is decoded (PNG or JPEG, grey,
     /// colour or with alpha, which is dropped), converted to `channels` (3: RGB, 1: grey) and
     /// resized to `size` = [height, width] with PIL's antialiased bilinear filter and integer
-    /// arithmetic (PIL's `resize(…, BILINEAR)` to within one level). The whole folder is decoded
-    /// into memory when the job starts, on the job's threads.
+    /// arithmetic (PIL's `resize(…, BILINEAR)` to within one level). The folder is decoded into
+    /// memory when the job starts, on the job's threads (see `stream` for larger folders).
     /// Pixels are scaled to [0, 1] and, with `normalize` (default), standardized per channel
-    /// with the training split's mean and std. Without a `val` folder, `n_val` training images
+    /// with the mean and std of the training split (of 10,000 of its images drawn once, when it
+    /// has more). Without a `val` folder, `n_val` training images
     /// drawn at random (a fixed draw) become the validation split.
     ImageFolder(ImageFolder),
 }
@@ -71,6 +72,11 @@ pub struct ImageFolder {
     /// 3 (RGB) or 1 (grey).
     #[serde(default = "defaults::three")]
     pub channels: usize,
+    /// Training (`task: train`) reads the training images as it goes, each batch decoded ahead
+    /// of the step on the job's threads, instead of decoding the folder into memory first: for
+    /// folders larger than memory. The results are the same bytes either way.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
