@@ -98,13 +98,14 @@ test: build lint slurm-packages browser-packages
 	  echo "no test skipped: Slurm's and the browser's tests ran against the real programs"; \
 	fi; exit $$status
 
-# Benchmarks (never timed assertions in tests): training throughput and DDIM sampling against
-# PyTorch loops, the peak memory of a 50,000-sample job, scheduler overhead with no-op jobs,
+# Benchmarks (never timed assertions in tests): training throughput, the image-folder loader and
+# DDIM sampling against PyTorch loops, the peak memory of a 50,000-sample job, scheduler overhead with no-op jobs,
 # store ingestion against SQLite and resume detection, a soak of the store (10^7 points with concurrent readers), query speed, Co-Mixup's
 # mixing cost against its reference algorithm. Each writes bench/results/*.json; bench/report.py
 # then writes BENCHMARKS.md from bench/BENCHMARKS.in.md and those files.
 bench: build browser-packages
 	$(VENV)/bin/python bench/throughput.py --xlab target/release/xlab --device cpu --epochs 6 --out bench/results
+	CARGO="$(CARGO)" $(VENV)/bin/python bench/image_folder.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/sampling.py --xlab target/release/xlab --device cpu --out bench/results
 	$(VENV)/bin/python bench/sample_memory.py --xlab target/release/xlab --out bench/results
 	$(VENV)/bin/python bench/diffusion_guidance.py --xlab target/release/xlab

@@ -161,6 +161,26 @@ def fuzz(d):
     return table(head, rows) + footer(d["meta"])
 
 
+def image_folder(d):
+    m, lo = d["meta"], d["loader"]
+    spread = lambda v: f"{num(v['median'], 3)} ({num(v['min'], 3)}–{num(v['max'], 3)}, {v['rounds']} rounds)"
+    xl = lo["xlab_images_per_s"]
+    loader = table(["loader alone", "images/s"], [
+        ["xlab, 1 thread", num(xl["1"], 3)], ["xlab, 2 threads", num(xl["2"], 3)],
+        ["PIL open + convert + resize, 1 process", num(lo["pil_images_per_s"], 3)],
+    ])
+    sp, ra = d["steps_per_s"], d["ratios"]
+    training = table(["training (CNN, batch 64)", "steps/s", "ratio"], [
+        ["xlab, folder in memory", spread(sp["xlab_memory"]), ""],
+        ["xlab, `stream: true`", spread(sp["xlab_stream"]), "streamed / in memory: " + spread(ra["xlab_stream_over_memory"])],
+        ["PyTorch, tensors in memory", spread(sp["torch_memory"]), ""],
+        ["PyTorch, DataLoader (1 worker) over the files", spread(sp["torch_files"]),
+         "from files / in memory: " + spread(ra["torch_files_over_memory"])],
+        ["", "", "xlab streamed / PyTorch from files: " + spread(ra["xlab_stream_over_torch_files"])],
+    ])
+    return loader + "\n\n" + training + footer(m, f"; {m['images']} images at {m['size']}×{m['size']}")
+
+
 def point(p):
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
 
@@ -192,7 +212,7 @@ def search_cost(d):
     return table(head, rows) + footer(d["meta"], f", Optuna {d['meta'].get('optuna', '?')}")
 
 
-RENDER = {"search-asha": search_asha, "search-tpe": search_tpe, "search-cost": search_cost, "fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
+RENDER = {"image-folder": image_folder, "search-asha": search_asha, "search-tpe": search_tpe, "search-cost": search_cost, "fuzz": fuzz, "soak": soak, "throughput": throughput, "sampling": sampling, "memory": memory, "scheduler": scheduler, "store": store, "query": query,
           "comixup": comixup, "live": live, "interop": interop,
           "dashboard": dashboard}
 
