@@ -53,10 +53,10 @@ lint: setup
 # The Slurm executor's tests start a single-node cluster from Debian's packages (munged,
 # slurmctld, slurmd): installed here when this runs as root with apt. Elsewhere those tests say
 # why they skip.
-SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 slurm-packages:
 	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
-	    && command -v munged >/dev/null; then :; \
+	    && command -v munged >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing $(SLURM_PACKAGES) for the Slurm executor's tests"; \
 	  export DEBIAN_FRONTEND=noninteractive; \

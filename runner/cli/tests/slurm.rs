@@ -58,17 +58,32 @@ fn run(c: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A MariaDB server and slurmdbd for a cluster with accounting: the association limits that
+/// `sacctmgr` sets (`modify user root set MaxSubmitJobs=6`), which Slurm enforces.
+struct Accounting<'a> {
+    /// `sacctmgr -i` commands run after the cluster, an account `xlab` and the user are added.
+    limits: &'a [&'a str],
+}
+
 impl Cluster {
     /// A single-node cluster: munge authentication, cons_tres selection, no accounting; `extra`:
     /// more lines for its slurm.conf (limits).
     fn start(extra: &str) -> Result<Cluster, String> {
-        let missing: Vec<&str> = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo"]
-            .into_iter()
-            .filter(|t| !tool(t))
-            .collect();
+        Cluster::start_with(extra, None)
+    }
+
+    /// With `accounting`, the cluster's jobs are accounted in slurmdbd (over a MariaDB server of
+    /// its own) and their association's limits enforced.
+    fn start_with(extra: &str, accounting: Option<Accounting<'_>>) -> Result<Cluster, String> {
+        let mut needed = vec!["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo"];
+        if accounting.is_some() {
+            needed.extend(["slurmdbd", "sacctmgr", "mariadbd", "mariadb-install-db"]);
+        }
+        let missing: Vec<&str> = needed.into_iter().filter(|t| !tool(t)).collect();
         if !missing.is_empty() {
             return Err(format!(
-                "{} not installed (Debian: slurmctld slurmd slurm-client munge; `make slurm-packages` installs them as root)",
+                "{} not installed (Debian: slurmctld slurmd slurm-client munge slurmdbd mariadb-server; `make \
+                 slurm-packages` installs them as root)",
                 missing.join(", ")
             ));
         }
@@ -102,7 +117,20 @@ impl Cluster {
         let p = |s: &str| d.join(s).display().to_string();
         // `extra`'s partitions replace the default one; its other lines are global settings.
         let (parts, others): (Vec<&str>, Vec<&str>) = extra.lines().partition(|l| l.starts_with("PartitionName="));
-        let globals: String = others.iter().map(|l| format!("{l}\n")).collect();
+        let mut globals: String = others.iter().map(|l| format!("{l}\n")).collect();
+        let storage = match &accounting {
+            None => "accounting_storage/none",
+            Some(_) => {
+                let dbd = free_port();
+                start_accounting_database(d, &host, &socket, dbd)?;
+                globals += &format!(
+                    "AccountingStorageHost=127.0.0.1\nAccountingStoragePort={dbd}\nAccountingStoragePass={}\n\
+                     AccountingStorageEnforce=associations,limits\n",
+                    socket.display()
+                );
+                "accounting_storage/slurmdbd"
+            }
+        };
         let partitions: String = if parts.is_empty() {
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n".into()
         } else {
@@ -112,7 +140,7 @@ impl Cluster {
             "ClusterName=xlabtest\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={}\nSlurmdPort={}\n\
              AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={}\n\
              SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\nProctrackType=proctrack/linuxproc\n\
-             TaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
+             TaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\nAccountingStorageType={storage}\n\
              MpiDefault=none\nSlurmUser=root\nSlurmdUser=root\nStateSaveLocation={}\nSlurmdSpoolDir={}\n\
              SlurmctldPidFile={}\nSlurmdPidFile={}\nSlurmctldLogFile={}\nSlurmdLogFile={}\n\
              ReturnToService=2\nKillWait=5\nMinJobAge=600\nSchedulerParameters=sched_interval=1\n{globals}\
@@ -130,6 +158,23 @@ impl Cluster {
         let conf_path = d.join("slurm.conf");
         std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
         let cluster = Cluster { dir, conf: conf_path };
+        if let Some(a) = &accounting {
+            run(&mut cluster.slurm("slurmdbd"))?;
+            // slurmdbd answers once it has made its tables; then the cluster, an account, the
+            // user and the limits go in, before slurmctld starts and reads them.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while run(cluster.slurm("sacctmgr").args(["-n", "show", "cluster"])).is_err() {
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(cluster.dir.path().join("log/slurmdbd.log")).unwrap_or_default();
+                    return Err(format!("slurmdbd did not answer within 60 s; its log:\n{log}"));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let account = ["add cluster xlabtest", "add account xlab", "add user root account=xlab"];
+            for command in account.iter().chain(a.limits) {
+                run(cluster.slurm("sacctmgr").arg("-i").args(command.split_whitespace()))?;
+            }
+        }
         run(Command::new("slurmctld").arg("-i").env("SLURM_CONF", &cluster.conf))?;
         run(Command::new("slurmd").env("SLURM_CONF", &cluster.conf))?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -184,11 +229,52 @@ impl Cluster {
     }
 }
 
+/// A MariaDB server on its own folder and port (no grant tables: only this test reaches it), and
+/// the configuration of a slurmdbd over it (port `dbd`), both in the cluster's folder `d`.
+fn start_accounting_database(d: &Path, host: &str, munge: &Path, dbd: u16) -> Result<(), String> {
+    let p = |s: &str| d.join(s).display().to_string();
+    run(Command::new("mariadb-install-db").args([
+        "--user=root",
+        &format!("--datadir={}", p("db")),
+        "--auth-root-authentication-method=normal",
+        "--skip-test-db",
+    ]))?;
+    let sql = free_port();
+    Command::new("mariadbd")
+        .args(["--user=root", &format!("--datadir={}", p("db")), &format!("--socket={}", p("mysql.sock"))])
+        .args([&format!("--port={sql}"), "--bind-address=127.0.0.1", &format!("--pid-file={}", p("mysql.pid"))])
+        .args(["--skip-grant-tables", &format!("--log-error={}", p("log/mysql.log"))])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("mariadbd: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(d.join("log/mysql.log")).unwrap_or_default().contains("ready for connections") {
+        if Instant::now() > deadline {
+            return Err(format!("MariaDB did not start within 60 s: {}", p("log/mysql.log")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let conf = format!(
+        "AuthType=auth/munge\nAuthInfo=socket={}\nDbdHost={host}\nDbdAddr=127.0.0.1\nDbdPort={dbd}\nSlurmUser=root\n\
+         StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={sql}\nStorageUser=root\n\
+         StorageLoc=slurm_acct_db\nPidFile={}\nLogFile={}\n",
+        munge.display(),
+        p("slurmdbd.pid"),
+        p("log/slurmdbd.log"),
+    );
+    // slurmdbd reads slurmdbd.conf beside slurm.conf, and only if no one else may read it.
+    let path = d.join("slurmdbd.conf");
+    std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.slurm("scancel").arg("--me").output();
         std::thread::sleep(Duration::from_millis(500));
-        for pid in ["slurmd.pid", "slurmctld.pid", "munged.pid"] {
+        for pid in ["slurmd.pid", "slurmctld.pid", "slurmdbd.pid", "mysql.pid", "munged.pid"] {
             if let Ok(p) = std::fs::read_to_string(self.dir.path().join(pid)) {
                 let _ = Command::new("kill").arg(p.trim()).status();
             }
@@ -435,23 +521,17 @@ fn queued(cluster: &Cluster) -> Vec<(String, String)> {
 }
 
 /// 20 jobs against a cluster whose arrays hold at most 4 tasks (`MaxArraySize=4`) and a user
-/// who may queue at most 6 jobs (`max_submit`, as a QOS's `MaxSubmitJobs` would): arrays are
-/// split, submission waits for room, and the results are a local run's.
-#[test]
-fn a_sweep_beyond_the_clusters_limits_is_split_and_throttled_and_completes() {
-    let Some(cluster) = cluster_with_or_skip(
-        "a_sweep_beyond_the_clusters_limits_is_split_and_throttled_and_completes",
-        "MaxArraySize=4\n",
-    ) else {
-        return;
-    };
+/// who may queue at most 6 jobs: arrays are split, submission waits for room, and the results are
+/// a local run's. `cap` is the file's `max_submit` (a site limit `sacctmgr` does not show), or
+/// none where the cluster's accounting holds the limit; `from` is where the run says it found it.
+fn a_sweep_beyond_limits(cluster: Cluster, cap: Option<u32>, from: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("wide.yaml");
     std::fs::write(
         &file,
         r#"
 name: wide
-executor: {slurm: {poll_s: 0.25, max_submit: 6}}
+executor: {slurm: {poll_s: 0.25MAX_SUBMIT}}
 defaults:
   task: train
   data: {name: spurious, n_train: 512, n_val: 0, n_test: 128}
@@ -463,7 +543,8 @@ defaults:
 stages:
   erm:
     seeds: 20
-"#,
+"#
+        .replace("MAX_SUBMIT", &cap.map(|c| format!(", max_submit: {c}")).unwrap_or_default()),
     )
     .unwrap();
     let reference = local_reference(dir.path(), &file);
@@ -496,7 +577,7 @@ stages:
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("MaxArraySize 4") && err.contains("at most 6 queued job(s) per user (the file's `max_submit`)"),
+        err.contains("MaxArraySize 4") && err.contains(&format!("at most 6 queued job(s) per user ({from})")),
         "{err}"
     );
     assert!(err.contains("held back: 6 of your jobs are in Slurm's queue"), "{err}");
@@ -520,8 +601,34 @@ stages:
     assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
     let doctor = cluster.xlab(&store).arg("doctor").output().unwrap();
     let said = String::from_utf8_lossy(&doctor.stdout);
-    assert!(said.contains("Slurm limits: MaxArraySize 4") && said.contains("MaxSubmitJobs not visible"), "{said}");
+    assert!(said.contains("Slurm limits: MaxArraySize 4"), "{said}");
+    if cap.is_none() {
+        assert!(said.contains("at most 6 queued job(s) per user (MaxSubmitJobs of your association)"), "{said}");
+    } else {
+        assert!(said.contains("MaxSubmitJobs not visible"), "{said}");
+    }
     assert!(said.contains("store's disk:"), "{said}");
+}
+
+#[test]
+fn a_sweep_beyond_the_clusters_limits_is_split_and_throttled_and_completes() {
+    let test = "a_sweep_beyond_the_clusters_limits_is_split_and_throttled_and_completes";
+    if let Some(cluster) = cluster_with_or_skip(test, "MaxArraySize=4\n") {
+        a_sweep_beyond_limits(cluster, Some(6), "the file's `max_submit`");
+    }
+}
+
+/// The same, the cap being `MaxSubmitJobs=6` of the user's association in the cluster's own
+/// accounting (slurmdbd), which xlab reads with `sacctmgr` and Slurm enforces: a submission over
+/// it would be refused.
+#[test]
+fn a_sweep_beyond_the_accounts_max_submit_jobs_is_throttled_and_completes() {
+    let test = "a_sweep_beyond_the_accounts_max_submit_jobs_is_throttled_and_completes";
+    let accounting = Accounting { limits: &["modify user root set MaxSubmitJobs=6"] };
+    match Cluster::start_with("MaxArraySize=4\n", Some(accounting)) {
+        Ok(cluster) => a_sweep_beyond_limits(cluster, None, "MaxSubmitJobs of your association"),
+        Err(why) => common::skipped(test, &format!("no Slurm test cluster with accounting on this machine: {why}")),
+    }
 }
 
 /// The coordinator is stopped (Ctrl-C), then every job of the sweep is cancelled in Slurm, the

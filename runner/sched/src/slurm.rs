@@ -143,7 +143,7 @@ pub fn limits(max_submit: Option<u32>, extra_args: &[String]) -> Limits {
     });
     let mut found: Vec<(u32, String)> = Vec::new();
     let mut c = Command::new("sacctmgr");
-    c.args(["-nP", "show", "assoc", &format!("where user={user}"), "format=MaxSubmit,DefaultQOS,QOS"]);
+    c.args(["-nP", "show", "assoc", "where", &format!("user={user}"), "format=MaxSubmit,DefaultQOS,QOS"]);
     match answer_within(c, Duration::from_secs(10)) {
         Ok(text) => {
             if let Some((n, _)) = smallest_limit(text.lines(), 0) {
@@ -155,7 +155,7 @@ pub fn limits(max_submit: Option<u32>, extra_args: &[String]) -> Limits {
             let default = text.lines().find_map(|l| l.split('|').nth(1).map(str::trim).filter(|q| !q.is_empty()));
             if let Some(qos) = asked.or(default.map(str::to_string)) {
                 let mut c = Command::new("sacctmgr");
-                c.args(["-nP", "show", "qos", &format!("where name={qos}"), "format=MaxSubmitPU"]);
+                c.args(["-nP", "show", "qos", "where", &format!("name={qos}"), "format=MaxSubmitPU"]);
                 if let Some((n, _)) = answer_within(c, Duration::from_secs(10))
                     .ok()
                     .and_then(|t| smallest_limit(t.lines(), 0).map(|(n, _)| (n, ())))
