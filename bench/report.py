@@ -51,6 +51,8 @@ def footer(meta, extra=""):
 
 
 def throughput(d):
+    if d["rows"] and "spread" in d["rows"][0]:
+        return throughput_rounds(d)
     m = d["meta"]
     rows = []
     for r in d["rows"]:
@@ -63,6 +65,27 @@ def throughput(d):
             "eager + `.item()` each step", "ratio", "GFLOP a step", "xlab GFLOP/s", "of matmul peak"]
     peak = m.get("matmul_gflops")
     extra = "" if peak is None else f"; fp32 matmul {num(peak, 3)} GFLOP/s"
+    return table(head, rows) + footer(m, extra)
+
+
+def throughput_rounds(d):
+    """Cases run in interleaved rounds: medians with their min-max, and a verdict only where
+    every round agrees."""
+    m = d["meta"]
+    rng = lambda v, f=num: f"{f(v['median'])} ({f(v['min'])}–{f(v['max'])})"
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"
+    rows = []
+    for r in d["rows"]:
+        sp, ra, c = r["spread"], r["ratio_spread"], r["cv"]
+        rows.append([r["case"], r["method"], r["batch"], rng(sp["xlab"]), rng(sp["eager"]),
+                     rng(ra["eager"], ratio), r["verdict_vs_eager"], rng(sp["item"]), rng(ra["item"], ratio),
+                     r["verdict_vs_eager_item"], f"{pct(c['xlab'])} / {pct(c['eager'])}",
+                     pct(r.get("of_matmul_peak"))])
+    head = ["model", "method", "batch", "xlab steps/s", "eager steps/s", "ratio", "verdict",
+            "eager + `.item()` steps/s", "ratio", "verdict", "CV of epochs (xlab / eager)", "of matmul peak"]
+    peak = m.get("matmul_gflops")
+    extra = f"; {m.get('rounds')} interleaved rounds, median (min–max)"
+    extra += "" if peak is None else f"; fp32 matmul {num(peak, 3)} GFLOP/s"
     return table(head, rows) + footer(m, extra)
 
 

@@ -15,6 +15,13 @@ How close a step comes to the machine: the FLOPs of one training step are counte
 `FlopCounterMode` on the eager step (matrix products and convolutions, forward and backward,
 both passes for SAM), and the machine's matmul throughput is a square fp32 `torch.mm` on the same
 device and threads (the median of 10). xlab's GFLOP/s is its steps/s times the step's FLOPs.
+
+On a shared machine one run proves little, so each case runs `--rounds` times, xlab and both
+peers interleaved within each round. A case reports the median of the rounds with the min-max,
+the ratio of each round's xlab figure to the same round's eager figure (median, min-max), and a
+verdict: "faster" or "slower" only where every round agrees (the ratios' spread excludes 1.0).
+How steady a loop is: the coefficient of variation (std / mean) of its per-epoch steps/s after
+the first epoch, the median over rounds.
 """
 
 import argparse
@@ -37,6 +44,22 @@ CASES = {
         ("mlp", {"name": "blobs", "n_train": 8192, "n_val": 256, "n_test": 256, "classes": 10, "dim": 128},
          {"name": "mlp", "hidden": [256, 256]}, 128),
         ("cnn", {"name": "digits"}, {"name": "cnn", "channels": [16, 32]}, 64),
+        # Per-step overhead dominates: small batches of a wide MLP.
+        ("mlp-b8", {"name": "blobs", "n_train": 2048, "n_val": 256, "n_test": 256, "classes": 10, "dim": 64},
+         {"name": "mlp", "hidden": [512, 512]}, 8),
+        ("mlp-b32", {"name": "blobs", "n_train": 4096, "n_val": 256, "n_test": 256, "classes": 10, "dim": 64},
+         {"name": "mlp", "hidden": [512, 512]}, 32),
+        # Compute-bound: MNIST-sized rows through 512-wide layers.
+        ("mlp784-b128", {"name": "blobs", "n_train": 8192, "n_val": 256, "n_test": 256, "classes": 10, "dim": 784},
+         {"name": "mlp", "hidden": [512, 512]}, 128),
+        ("mlp784-b512", {"name": "blobs", "n_train": 8192, "n_val": 256, "n_test": 256, "classes": 10, "dim": 784},
+         {"name": "mlp", "hidden": [512, 512]}, 512),
+        # The two-conv CNN on 28x28 images (an IDX folder of random images written here).
+        ("cnn28", {"name": "idx", "path": "IDX", "n_val": 0}, {"name": "cnn", "channels": [16, 32]}, 64),
+        # CIFAR-shaped networks on a small CIFAR-10-format folder: few steps, as CPUs allow.
+        ("resnet18-cpu", {"name": "cifar10", "path": "CIFAR-SMALL", "n_val": 0}, {"name": "resnet18"}, 32),
+        ("wrn16-4-cpu", {"name": "cifar10", "path": "CIFAR-SMALL", "n_val": 0},
+         {"name": "wrn", "depth": 16, "width": 4}, 32),
     ],
     "cuda": [
         ("mlp", {"name": "blobs", "n_train": 65536, "n_val": 256, "n_test": 256, "classes": 10, "dim": 512},
@@ -47,17 +70,35 @@ CASES = {
         # A CIFAR-10-format folder of random images written by this script (10,000 training
         # images): the compute-bound case.
         ("resnet18", {"name": "cifar10", "path": "CIFAR", "n_val": 0}, {"name": "resnet18"}, 128),
+        ("wrn16-4", {"name": "cifar10", "path": "CIFAR", "n_val": 0}, {"name": "wrn", "depth": 16, "width": 4}, 128),
     ],
 }
 CIFAR_PER_FILE = 2000
+# The small folder's images per file (5 files): 320 training images, 10 steps of 32.
+SMALL_PER_FILE = 64
+IDX_IMAGES = 2048
 
 
-def write_cifar(folder):
+def write_idx(folder):
+    """Random 28x28 images and labels in MNIST's IDX format."""
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in [("train", IDX_IMAGES), ("t10k", 256)]:
+        px = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + px.numpy().tobytes())
+        with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.numpy().tobytes())
+
+
+def write_cifar(folder, per_file=None):
     """Random images in the CIFAR-10 binary format (label byte + 3072 pixel bytes)."""
+    per_file = per_file or CIFAR_PER_FILE
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        n = CIFAR_PER_FILE if name != "test_batch.bin" else 256
+        n = per_file if name != "test_batch.bin" else 256
         rec = torch.randint(0, 256, (n, 3073), generator=g, dtype=torch.uint8)
         rec[:, 0] = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
         with open(os.path.join(folder, name), "wb") as f:
@@ -79,7 +120,7 @@ def xlab_steps_per_s(xlab, device, threads, epochs, case, method, workdir):
     path = os.path.join(workdir, f"{exp}.yaml")
     with open(path, "w") as f:
         json.dump({"name": exp, "stages": {"train": stage}}, f)  # JSON is YAML
-    store = os.path.join(workdir, "store")
+    store = os.path.join(workdir, f"store-{time.monotonic_ns()}")
     devices = "cpu" if device == "cpu" else "cuda:0"
     subprocess.run([xlab, "--store", store, "-q", "run", path, "--devices", devices, "-j", "1",
                     "--threads", str(threads)], check=True, stdout=subprocess.DEVNULL)
@@ -88,8 +129,7 @@ def xlab_steps_per_s(xlab, device, threads, epochs, case, method, workdir):
         rec = json.loads(line)
         series = rec.get("metrics", {}).get("time.steps_per_s")
         if series:
-            values = [v for _, v in series][1:]  # the first epoch warms up
-            return statistics.median(values)
+            return [v for _, v in series][1:]  # the first epoch warms up
     raise SystemExit(f"no time.steps_per_s recorded for {exp}")
 
 
@@ -120,10 +160,42 @@ def resnet18(classes):
     return torch.nn.Sequential(*layers)
 
 
+class WideBlock(torch.nn.Module):
+    """A pre-activation wide residual block, as xlab's `wrn` builds it."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = torch.nn.BatchNorm2d(cin)
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if cin == cout else torch.nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+def wrn(depth, k, classes):
+    n = (depth - 4) // 6
+    widths = [16, 16 * k, 32 * k, 64 * k]
+    layers, width = [torch.nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)], widths[0]
+    for g in range(3):
+        for i in range(n):
+            layers.append(WideBlock(width, widths[g + 1], 2 if g > 0 and i == 0 else 1))
+            width = widths[g + 1]
+    layers += [torch.nn.BatchNorm2d(width), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+               torch.nn.Linear(width, classes)]
+    return torch.nn.Sequential(*layers)
+
+
 def build_model(data, model, dev):
     layers = []
     if model["name"] == "resnet18":
         return resnet18(data["classes"]).to(dev)
+    if model["name"] == "wrn":
+        return wrn(model["depth"], model["width"], data["classes"]).to(dev)
     if model["name"] == "mlp":
         width = data["dim"]
         for h in model["hidden"]:
@@ -131,7 +203,7 @@ def build_model(data, model, dev):
             width = h
         layers.append(torch.nn.Linear(width, data["classes"]))
     else:
-        ch, hw = 1, 8
+        ch, hw = 1, data.get("hw", 8)
         for out in model["channels"]:
             layers += [torch.nn.Conv2d(ch, out, 3, padding=1), torch.nn.BatchNorm2d(out), torch.nn.ReLU(),
                        torch.nn.MaxPool2d(2)]
@@ -162,14 +234,16 @@ def eager_steps_per_s(device, epochs, case, method, item_every_step):
     torch.manual_seed(0)
     if data["name"] == "digits":
         n, shape, classes = 1000, (1, 8, 8), 10
+    elif data["name"] == "idx":
+        n, shape, classes = IDX_IMAGES, (1, 28, 28), 10
     elif data["name"] == "cifar10":
-        n, shape, classes = 5 * CIFAR_PER_FILE, (3, 32, 32), 10
+        n, shape, classes = 5 * data.get("per_file", CIFAR_PER_FILE), (3, 32, 32), 10
     else:
         n, shape, classes = data["n_train"], (data["dim"],), data["classes"]
         data = dict(data)
     x = torch.rand((n, *shape), device=dev)
     y = torch.randint(0, classes, (n,), device=dev)
-    net = build_model({"dim": shape[0], "classes": classes}, model, dev)
+    net = build_model({"dim": shape[0], "classes": classes, "hw": shape[-1]}, model, dev)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     params = [p for p in net.parameters()]
 
@@ -224,7 +298,40 @@ def eager_steps_per_s(device, epochs, case, method, item_every_step):
         float(total)  # waits for the device
         if epoch > 0:
             rates.append(steps / (time.perf_counter() - t0))
-    return statistics.median(rates), flops
+    return rates, flops
+
+
+def spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def cv(rates):
+    """Coefficient of variation of one run's per-epoch steps/s."""
+    return statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else None
+
+
+def summarize(case, method, runs, flops, peak):
+    """One case: each loop's median steps/s per round, their median and min-max over rounds, the
+    per-round ratios to each peer, a verdict only where every round agrees, and steadiness."""
+    per_round = {k: [statistics.median(r) for r in v] for k, v in runs.items()}
+    ratio = {k: [x / e for x, e in zip(per_round["xlab"], per_round[k])] for k in ("eager", "item")}
+
+    def verdict(rs):
+        return "faster" if min(rs) > 1.0 else "slower" if max(rs) < 1.0 else "within noise"
+
+    xl = statistics.median(per_round["xlab"])
+    steadiness = {k: [c for c in (cv(r) for r in v) if c is not None] for k, v in runs.items()}
+    return {
+        "case": case[0], "method": method, "batch": case[3], "rounds": len(runs["xlab"]),
+        "xlab_steps_per_s": xl, "eager_steps_per_s": statistics.median(per_round["eager"]),
+        "eager_item_steps_per_s": statistics.median(per_round["item"]),
+        "spread": {k: spread(v) for k, v in per_round.items()},
+        "ratio_vs_eager": statistics.median(ratio["eager"]), "ratio_vs_eager_item": statistics.median(ratio["item"]),
+        "ratio_spread": {k: spread(v) for k, v in ratio.items()},
+        "verdict_vs_eager": verdict(ratio["eager"]), "verdict_vs_eager_item": verdict(ratio["item"]),
+        "cv": {k: statistics.median(v) if v else None for k, v in steadiness.items()},
+        "step_gflop": flops / 1e9, "xlab_gflops": xl * flops / 1e9, "of_matmul_peak": xl * flops / 1e9 / peak,
+    }
 
 
 def main():
@@ -236,6 +343,7 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--cases", help="comma-separated case names (default: the device's list)")
     ap.add_argument("--cifar-per-file", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of each case")
     args = ap.parse_args()
     global CIFAR_PER_FILE
     CIFAR_PER_FILE = args.cifar_per_file
@@ -247,23 +355,33 @@ def main():
     peak = matmul_gflops(args.device, 8192 if args.device == "cuda" else 2048)
     print(f"matmul: {peak:.1f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as work:
+        folders = {"CIFAR": lambda p: write_cifar(p), "CIFAR-SMALL": lambda p: write_cifar(p, SMALL_PER_FILE),
+                   "IDX": write_idx}
         for case in cases:
-            if case[1].get("path") == "CIFAR":
-                write_cifar(os.path.join(work, "cifar"))
-                case = (case[0], dict(case[1], path=os.path.join(work, "cifar")), *case[2:])
+            where = case[1].get("path")
+            if where in folders:
+                path = os.path.join(work, where.lower())
+                if not os.path.exists(path):
+                    folders[where](path)
+                data = dict(case[1], path=path)
+                if where == "CIFAR-SMALL":
+                    data_eager = dict(data, per_file=SMALL_PER_FILE)
+                case = (case[0], data, *case[2:])
+            eager_case = case if where != "CIFAR-SMALL" else (case[0], data_eager, *case[2:])
             for method in METHODS:
-                xl = xlab_steps_per_s(args.xlab, args.device, args.threads, args.epochs, case, method, work)
-                eager, flops = eager_steps_per_s(args.device, args.epochs, case, method, False)
-                item, _ = eager_steps_per_s(args.device, args.epochs, case, method, True)
-                row = {"case": case[0], "method": method, "batch": case[3], "xlab_steps_per_s": xl,
-                       "eager_steps_per_s": eager, "eager_item_steps_per_s": item,
-                       "ratio_vs_eager": xl / eager, "ratio_vs_eager_item": xl / item,
-                       "step_gflop": flops / 1e9, "xlab_gflops": xl * flops / 1e9,
-                       "of_matmul_peak": xl * flops / 1e9 / peak}
+                runs = {"xlab": [], "eager": [], "item": []}
+                flops = None
+                for _ in range(args.rounds):
+                    runs["xlab"].append(xlab_steps_per_s(args.xlab, args.device, args.threads, args.epochs, case,
+                                                         method, work))
+                    rates, flops = eager_steps_per_s(args.device, args.epochs, eager_case, method, False)
+                    runs["eager"].append(rates)
+                    runs["item"].append(eager_steps_per_s(args.device, args.epochs, eager_case, method, True)[0])
+                row = summarize(case, method, runs, flops, peak)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
-    meta = {"device": args.device, "gpu": gpu, "threads": args.threads, "epochs": args.epochs,
+    meta = {"device": args.device, "gpu": gpu, "threads": args.threads, "epochs": args.epochs, "rounds": args.rounds,
             "matmul_gflops": peak,
             "torch": torch.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"), "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}

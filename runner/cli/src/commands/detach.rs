@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xlab_sched::slurm::Coordinator;
-use xlab_store::{JobStatus, ResultStore, Store, StoreError};
+use xlab_store::{JobStatus, ResultStore, Store};
 
 /// Submits the command line this process was started with, less `--detach`, as the coordinator.
 pub fn submit(cli: &Cli, plan: &xlab_plan::Plan, how: &RunArgs) -> Result<u8, Failure> {
@@ -36,11 +36,7 @@ pub fn submit(cli: &Cli, plan: &xlab_plan::Plan, how: &RunArgs) -> Result<u8, Fa
         }
     }
     // A run here that owns the store would refuse the coordinator: say so now, not in its log.
-    match Store::open(&cli.store) {
-        Ok(_) => {}
-        Err(e @ StoreError::InUse { .. }) => return Err(e.into()),
-        Err(e) => return Err(e.into()),
-    }
+    drop(Store::open(&cli.store)?);
     let mut argv: Vec<String> = std::env::args().filter(|a| a != "--detach").collect();
     argv[0] = std::env::current_exe()
         .map_err(|e| environment(format!("cannot find this program's own path: {e}")))?
