@@ -876,3 +876,42 @@ fn a_detached_coordinator_runs_the_sweep_as_a_slurm_job() {
     assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "a detached run ends as a local one");
     assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
 }
+
+/// A packed job that runs past its `timeout:` is killed alone: its pack's supervisor kills its
+/// worker at the coordinator's request, where `scancel` would end the allocation (which then ends
+/// COMPLETED, not CANCELLED). The job is recorded as `timeout`; its sibling, done before, as `done`.
+#[test]
+fn a_packed_job_past_its_timeout_is_killed_without_its_allocation() {
+    let Some(cluster) = cluster_or_skip("a_packed_job_past_its_timeout_is_killed_without_its_allocation") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("timeout.yaml");
+    std::fs::write(
+        &file,
+        "name: packed-timeout\nexecutor: {slurm: {poll_s: 0.25, pack: 2}}\ndefaults:\n  task: noop\n  \
+         data: {name: two_moons}\nstages:\n  nap:\n    grid: {noop.sleep_s: [1, 120]}\n    timeout: 8\n",
+    )
+    .unwrap();
+    let store = dir.path().join("results");
+    let out = cluster.xlab(&store).arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "one job failed: {err}");
+    let jobs = job_ids(&store, &file);
+    let firsts: Vec<String> = jobs.iter().map(|j| slurm_ids(&store, j)[0].clone()).collect();
+    assert_eq!(firsts[0], firsts[1], "one allocation for both: {firsts:?}");
+    let tried: Vec<Vec<String>> = jobs.iter().map(|j| attempts(&store, j)).collect();
+    assert_eq!(tried, [vec!["done".to_string()], vec!["timeout".to_string()]], "{err}");
+    assert!(err.contains("ran past its timeout of 8 s and was killed"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state =
+            run(cluster.slurm("squeue").args(["--noheader", "--states=all", "--format=%T", "--job", &firsts[0]]))
+                .unwrap_or_default();
+        if state.trim() == "COMPLETED" {
+            break;
+        }
+        assert!(Instant::now() < deadline && state.trim() != "CANCELLED", "the allocation ended {state}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
