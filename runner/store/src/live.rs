@@ -998,16 +998,21 @@ mod tests {
         assert!(!socket_path(dir.path()).exists());
     }
 
+    /// Job `j1` of a test store, in `status`.
+    fn job_j1(status: &str) -> JobRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": "j1", "experiment": "e", "stage": "s", "seed": 0, "config": {}, "point": [], "parents": [],
+            "status": status, "attempts": [], "summary": {}, "provenance": {"xlab_version": "t"}, "artifacts": []
+        }))
+        .unwrap()
+    }
+
     /// A store read through a serving owner answers as the store itself does.
     #[test]
     fn a_remote_read_matches_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let job: JobRecord = serde_json::from_value(serde_json::json!({
-            "id": "j1", "experiment": "e", "stage": "s", "seed": 0, "config": {}, "point": [], "parents": [],
-            "status": "running", "attempts": [], "summary": {}, "provenance": {"xlab_version": "t"}, "artifacts": []
-        }))
-        .unwrap();
+        let job = job_j1("running");
         store.put_job(&job).unwrap();
         let points: Vec<(u64, BTreeMap<String, f64>)> = (1..=200)
             .map(|s| (s, BTreeMap::from([("a".to_string(), s as f64), ("b".to_string(), -(s as f64))])))
@@ -1036,11 +1041,7 @@ mod tests {
     fn a_reader_on_another_machine_reads_over_the_network_with_the_token() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let job: JobRecord = serde_json::from_value(serde_json::json!({
-            "id": "j1", "experiment": "e", "stage": "s", "seed": 0, "config": {}, "point": [], "parents": [],
-            "status": "done", "attempts": [], "summary": {}, "provenance": {"xlab_version": "t"}, "artifacts": []
-        }))
-        .unwrap();
+        let job = job_j1("done");
         store.put_job(&job).unwrap();
         let stop = AtomicBool::new(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
