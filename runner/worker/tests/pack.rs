@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use xlab_proto::pack::{kill_request, PackExit};
-use xlab_proto::{Event, JobRequest, Lease, PROTOCOL_VERSION};
+use xlab_proto::Event;
+
+mod common;
 
 fn worker() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xlab-worker"))
@@ -26,25 +28,7 @@ fn job(dir: &Path, name: &str, epochs: u32) -> (PathBuf, String) {
         "epochs": epochs,
         "batch_size": 32,
     });
-    let req = JobRequest {
-        protocol: PROTOCOL_VERSION,
-        job_id: name.into(),
-        experiment: "pack".into(),
-        stage: "train".into(),
-        seed: 0,
-        config,
-        lease: Lease { device: "cpu".into(), threads: 1 },
-        run_dir: run_dir.clone(),
-        plugins: vec![],
-        checkpoint_every: 1,
-        checkpoint_every_ms: None,
-        checkpoint_every_steps: None,
-        step_timeout_ms: None,
-        parents: vec![],
-        pause_after_epoch: None,
-        keep_weights: vec![],
-        continue_from: None,
-    };
+    let req = common::cpu_request(run_dir.clone(), "pack", "train", name, 0, config);
     let request = run_dir.join("job.json");
     std::fs::write(&request, serde_json::to_vec(&req).unwrap()).unwrap();
     let events = run_dir.join("events-1.jsonl");

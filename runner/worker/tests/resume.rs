@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use xlab_proto::plugins::PluginUse;
-use xlab_proto::{Event, JobRequest, Lease, PROTOCOL_VERSION};
+use xlab_proto::{Event, JobRequest};
+
+mod common;
 
 fn worker() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xlab-worker"))
@@ -49,23 +51,8 @@ fn request_with(run_dir: &Path, epochs: u32, objective: serde_json::Value, step_
         "objective": objective,
     });
     JobRequest {
-        protocol: PROTOCOL_VERSION,
-        job_id: "resume-test".into(),
-        experiment: "resume".into(),
-        stage: "train".into(),
-        seed: 3,
-        config,
-        lease: Lease { device: "cpu".into(), threads: 1 },
-        run_dir: run_dir.to_path_buf(),
         plugins: vec![plugin("sam"), plugin("mixup"), plugin("dro")],
-        checkpoint_every: 1,
-        checkpoint_every_ms: None,
-        checkpoint_every_steps: None,
-        step_timeout_ms: None,
-        parents: vec![],
-        pause_after_epoch: None,
-        keep_weights: vec![],
-        continue_from: None,
+        ..common::cpu_request(run_dir.to_path_buf(), "resume", "train", "resume-test", 3, config)
     }
 }
 

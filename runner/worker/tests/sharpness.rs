@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use tch::Tensor;
-use xlab_proto::{Event, JobRequest, Lease, ParentRef, PROTOCOL_VERSION};
+use xlab_proto::{Event, JobRequest, ParentRef};
+
+mod common;
 
 fn worker() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xlab-worker"))
@@ -40,25 +42,7 @@ fn run(req: &JobRequest) -> serde_json::Value {
 }
 
 fn request(dir: &Path, id: &str, config: serde_json::Value, parents: Vec<ParentRef>) -> JobRequest {
-    JobRequest {
-        protocol: PROTOCOL_VERSION,
-        job_id: id.into(),
-        experiment: "sharpness".into(),
-        stage: id.into(),
-        seed: 1,
-        config,
-        lease: Lease { device: "cpu".into(), threads: 1 },
-        run_dir: dir.join(id),
-        plugins: vec![],
-        checkpoint_every: 1,
-        checkpoint_every_ms: None,
-        checkpoint_every_steps: None,
-        step_timeout_ms: None,
-        parents,
-        pause_after_epoch: None,
-        keep_weights: vec![],
-        continue_from: None,
-    }
+    JobRequest { parents, ..common::cpu_request(dir.join(id), "sharpness", id, id, 1, config) }
 }
 
 #[test]
