@@ -241,16 +241,17 @@ pub struct Norm {
 impl Norm {
     /// From images' bytes (C×H×W each, `plane` = H×W), by exact integer sums: the same numbers
     /// however the images were read.
-    fn of(pixels: &[u8], channels: usize, plane: usize) -> Norm {
+    fn of<'a>(images: impl Iterator<Item = &'a [u8]>, channels: usize, plane: usize) -> Norm {
         let (mut sum, mut squares, mut count) = (vec![0u64; channels], vec![0u64; channels], vec![0u64; channels]);
-        // Consecutive planes of an image are its channels in turn.
-        for (k, chunk) in pixels.chunks(plane.max(1)).enumerate() {
-            let ch = k % channels;
-            for &p in chunk {
-                sum[ch] += u64::from(p);
-                squares[ch] += u64::from(p) * u64::from(p);
+        // An image's planes are its channels in turn.
+        for image in images {
+            for (ch, chunk) in image.chunks(plane.max(1)).enumerate() {
+                for &p in chunk {
+                    sum[ch] += u64::from(p);
+                    squares[ch] += u64::from(p) * u64::from(p);
+                }
+                count[ch] += chunk.len() as u64;
             }
-            count[ch] += chunk.len() as u64;
         }
         let mut mean = Vec::with_capacity(channels);
         let mut std = Vec::with_capacity(channels);
@@ -307,8 +308,13 @@ impl Stream {
     /// The rows of these training examples, decoded now (a batch transform that draws its own
     /// examples asks for them).
     pub fn rows(&self, idx: &[i64]) -> Result<Tensor, String> {
+        Ok(to_rows(&self.pixels(idx, self.threads)?, self.shape(), self.norm.as_ref()))
+    }
+
+    /// The bytes of these training examples, decoded on `threads` threads.
+    fn pixels(&self, idx: &[i64], threads: usize) -> Result<Vec<u8>, String> {
         let files: Vec<PathBuf> = idx.iter().map(|&i| self.files[i as usize].clone()).collect();
-        Ok(to_rows(&load(&files, self.size, self.channels, self.threads)?, self.shape(), self.norm.as_ref()))
+        load(&files, self.size, self.channels, threads)
     }
 
     /// An epoch's batches (`order` in batches of `batch`), from batch `from` on, each decoded
@@ -358,8 +364,7 @@ fn decode_ahead(shared: &Shared, chunks: &[Vec<i64>], stream: &Stream, depth: us
             a.claimed += 1;
             a.claimed - 1
         };
-        let files: Vec<PathBuf> = chunks[k].iter().map(|&i| stream.files[i as usize].clone()).collect();
-        let pixels = load(&files, stream.size, stream.channels, 1);
+        let pixels = stream.pixels(&chunks[k], 1);
         lock.lock().expect("not poisoned").ready.insert(k, pixels);
         wake.notify_all();
     }
@@ -511,15 +516,14 @@ pub fn image_folder(c: &ImageFolder, stream: bool) -> Result<Dataset, String> {
     let plane = c.size[0] * c.size[1];
     let (train_pixels, norm) = if stream {
         let picked: Vec<PathBuf> = sample.iter().map(|&i| train[i].0.clone()).collect();
-        let norm =
-            c.normalize.then(|| load(&picked, c.size, c.channels, threads).map(|p| Norm::of(&p, c.channels, plane)));
+        let norm = c
+            .normalize
+            .then(|| load(&picked, c.size, c.channels, threads).map(|p| Norm::of(p.chunks(per), c.channels, plane)));
         (None, norm.transpose()?)
     } else {
         let pixels = load(&files(&train), c.size, c.channels, threads)?;
-        let norm = c.normalize.then(|| {
-            let picked: Vec<u8> = sample.iter().flat_map(|&i| pixels[i * per..(i + 1) * per].iter().copied()).collect();
-            Norm::of(&picked, c.channels, plane)
-        });
+        let norm =
+            c.normalize.then(|| Norm::of(sample.iter().map(|&i| &pixels[i * per..(i + 1) * per]), c.channels, plane));
         (Some(pixels), norm)
     };
     let split = |x: Tensor, list: &[(PathBuf, i64)]| Split { x, y: labels(list), group: None, domain: None };
