@@ -357,6 +357,13 @@ fn job_past_epoch(store: &Path, epoch: u64, but: &[&str], within: Duration) -> S
     }
 }
 
+/// Every metric series and the final weights of `jobs` in `store` equal those of the local run in
+/// `reference`, bit for bit.
+fn equal_to_local(store: &Path, reference: &Path, jobs: &[String], what: &str) {
+    assert_eq!(snapshot(store, jobs), snapshot(reference, jobs), "{what}");
+    assert_eq!(weights(store, jobs), weights(reference, jobs), "{what}: final weights");
+}
+
 fn record(store: &Path, id: &str) -> serde_json::Value {
     let out = cmd(store).args(["show", id, "--json"]).output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap()
@@ -419,8 +426,7 @@ fn a_sweep_runs_in_slurm_and_a_cancelled_job_resumes_from_its_checkpoint() {
     }
     assert!(!firsts[3].contains('_'), "{firsts:?}");
     // Every metric series is complete, once, and equal to the local run's; so are the weights.
-    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "Slurm results equal local ones");
-    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    equal_to_local(&store, &reference, &jobs, "Slurm results equal local ones");
     let status = cluster.xlab(&store).arg("status").output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("stage `erm`: 3 done"), "{status:?}");
     let doctor = cluster.xlab(&store).arg("doctor").output().unwrap();
@@ -477,12 +483,7 @@ fn a_restarted_coordinator_re_attaches_to_its_jobs_instead_of_submitting_them_ag
         .filter(|f| f.path().extension().is_some_and(|e| e == "sh"))
         .count();
     assert_eq!(scripts, 2, "one array for the seeds and one job for SAM, never submitted again");
-    assert_eq!(
-        snapshot(&store, &jobs),
-        snapshot(&reference, &jobs),
-        "every point ingested once, as a local run has it"
-    );
-    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    equal_to_local(&store, &reference, &jobs, "every point ingested once, as a local run has it");
 }
 
 /// A stage DAG (one child per parent, and one child of all parents) runs in Slurm stage by stage,
@@ -597,8 +598,7 @@ stages:
     for j in &jobs {
         assert_eq!(attempts(&store, j), ["done"], "{j}");
     }
-    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "Slurm results equal local ones");
-    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    equal_to_local(&store, &reference, &jobs, "Slurm results equal local ones");
     let doctor = cluster.xlab(&store).arg("doctor").output().unwrap();
     let said = String::from_utf8_lossy(&doctor.stdout);
     assert!(said.contains("Slurm limits: MaxArraySize 4"), "{said}");
@@ -682,8 +682,7 @@ fn jobs_cancelled_before_they_started_are_submitted_again_by_the_next_run() {
         }
     }
     assert_eq!(never, pending.len(), "{pending:?}");
-    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs));
-    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    equal_to_local(&store, &reference, &jobs, "Slurm results equal local ones");
 }
 
 /// A partition whose jobs a higher-priority partition preempts, in `mode` (with `REQUEUE`,
@@ -737,8 +736,7 @@ fn a_preempted_job_resumes(test: &str, mode: &str) {
     let state = run(cluster.slurm("squeue").args(["--noheader", "--states=all", "--format=%T", "--job", high.trim()]));
     assert_eq!(state.unwrap().trim(), "COMPLETED", "the high-priority job ran");
     let jobs = job_ids(&store, &file);
-    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "the resumed job ends as a local run");
-    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    equal_to_local(&store, &reference, &jobs, "the resumed job ends as a local run");
 }
 
 #[test]
@@ -822,8 +820,7 @@ fn packed_jobs_share_allocations_and_keep_their_own_attempts() {
         "{err}"
     );
     assert_eq!(err.matches("from its checkpoint after epoch").count(), 2, "both retries resumed: {err}");
-    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "packed results equal local ones");
-    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    equal_to_local(&store, &reference, &jobs, "packed results equal local ones");
 }
 
 /// `xlab run --detach` submits the coordinator itself as a Slurm job and returns at once. While
@@ -873,8 +870,7 @@ fn a_detached_coordinator_runs_the_sweep_as_a_slurm_job() {
     for j in &jobs {
         assert_eq!(attempts(&store, j), ["done"], "{j}");
     }
-    assert_eq!(snapshot(&store, &jobs), snapshot(&reference, &jobs), "a detached run ends as a local one");
-    assert_eq!(weights(&store, &jobs), weights(&reference, &jobs));
+    equal_to_local(&store, &reference, &jobs, "a detached run ends as a local one");
 }
 
 /// A packed job that runs past its `timeout:` is killed alone: its pack's supervisor kills its
