@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from throughput import spread
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, SIZE, BATCH = 10, 400, 50, 32, 64
 
@@ -145,10 +146,6 @@ def torch_run(files, from_files, epochs):
         if epoch > 0:
             rates.append(steps / (time.perf_counter() - t0))
     return statistics.median(rates)
-
-
-def spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": len(values)}
 
 
 def main():

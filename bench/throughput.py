@@ -302,7 +302,8 @@ def eager_steps_per_s(device, epochs, case, method, item_every_step):
 
 
 def spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    """The median of repeated figures with their min-max and how many there were."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": len(values)}
 
 
 def cv(rates):
