@@ -230,6 +230,26 @@ fn slurm_command(mut c: Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `sbatch --parsable …`: the id of the job it submitted.
+fn sbatch(c: Command) -> Result<String, String> {
+    let out = slurm_command(c)?;
+    // `--parsable`: `jobid` or `jobid;cluster`.
+    let id = out.trim().split(';').next().unwrap_or("").to_string();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("sbatch answered `{}`, not a job id", out.trim()));
+    }
+    Ok(id)
+}
+
+/// `--flag=value` for each flag that has a value.
+fn set_flags<const N: usize>(c: &mut Command, flags: [(&str, &Option<String>); N]) {
+    for (flag, v) in flags {
+        if let Some(v) = v {
+            c.arg(format!("--{flag}={v}"));
+        }
+    }
+}
+
 /// `'…'` for bash, whatever the text holds.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -420,13 +440,10 @@ impl SlurmExec {
         // Each lane of a pack runs its jobs in turn: the allocation's time is theirs together.
         let time = self.cfg.time.as_ref().map(|t| scaled_time(t, pack.div_ceil(lanes)));
         let mem = self.cfg.mem.as_ref().map(|m| scaled_mem(m, lanes));
-        for (flag, v) in
-            [("partition", &self.cfg.partition), ("account", &self.cfg.account), ("time", &time), ("mem", &mem)]
-        {
-            if let Some(v) = v {
-                c.arg(format!("--{flag}={v}"));
-            }
-        }
+        set_flags(
+            &mut c,
+            [("partition", &self.cfg.partition), ("account", &self.cfg.account), ("time", &time), ("mem", &mem)],
+        );
         if tasks > 1 {
             let cap = self.cfg.array_parallelism.map(|p| format!("%{p}")).unwrap_or_default();
             c.arg(format!("--array=0-{}{cap}", tasks - 1));
@@ -435,12 +452,7 @@ impl SlurmExec {
             c.arg(format!("--output={}", self.dir.join("%j.out").display()));
         }
         c.args(&self.cfg.extra_args).arg(&script);
-        let out = slurm_command(c)?;
-        // `--parsable`: `jobid` or `jobid;cluster`.
-        let id = out.trim().split(';').next().unwrap_or("").to_string();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-            return Err(format!("sbatch answered `{}`, not a job id", out.trim()));
-        }
+        let id = sbatch(c)?;
         Ok((0..jobs.len()).map(|k| if tasks > 1 { format!("{id}_{}", k / pack) } else { id.clone() }).collect())
     }
 
@@ -557,17 +569,9 @@ impl Coordinator {
             .arg("--no-requeue")
             .arg("--cpus-per-task=1")
             .arg(format!("--output={}", dir.join("coordinator-%j.out").display()));
-        for (flag, v) in [("partition", &cfg.partition), ("account", &cfg.account), ("time", &cfg.coordinator_time)] {
-            if let Some(v) = v {
-                c.arg(format!("--{flag}={v}"));
-            }
-        }
+        set_flags(&mut c, [("partition", &cfg.partition), ("account", &cfg.account), ("time", &cfg.coordinator_time)]);
         c.arg(&script);
-        let out = slurm_command(c)?;
-        let id = out.trim().split(';').next().unwrap_or("").to_string();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-            return Err(format!("sbatch answered `{}`, not a job id", out.trim()));
-        }
+        let id = sbatch(c)?;
         let record = Coordinator {
             output: dir.join(format!("coordinator-{id}.out")),
             slurm_job: id,
