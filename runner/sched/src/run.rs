@@ -413,23 +413,11 @@ pub fn run(
                         let _ = ops_tx.send(StoreOp::Metrics { job: m.job(job).id.to_string(), step, values });
                     }
                     Action::Signal { pid, signal: sig } => signal(pid, sig),
-                    Action::Cancel { job, slurm } => match opts.slurm.as_ref().filter(|s| s.packs_jobs()) {
-                        // `scancel` would end the pack's other jobs too: its supervisor kills
-                        // this one's worker when asked.
-                        Some(_) => {
-                            let attempt = m.record(job).attempts.len() as u32;
-                            let events = store.run_dir(m.job(job).id.as_str()).join(events_file(attempt));
-                            let ask = xlab_proto::pack::kill_request(&events);
-                            if let Err(e) = std::fs::write(&ask, b"") {
-                                tracing::error!(
-                                    "cannot ask for job {} to be killed ({}): {e}",
-                                    m.job(job).id,
-                                    ask.display()
-                                );
-                            }
-                        }
-                        None => SlurmExec::cancel(&slurm),
-                    },
+                    Action::Cancel { job, slurm } => {
+                        let attempt = m.record(job).attempts.len() as u32;
+                        let events = store.run_dir(m.job(job).id.as_str()).join(events_file(attempt));
+                        opts.slurm.as_ref().expect("only Slurm jobs are cancelled").stop_job(&slurm, &events);
+                    }
                     Action::Tell(told) => tell(m, told, observe),
                     Action::NewJob(i) => {
                         // The stage's jobs as recorded grow with each trial proposed.

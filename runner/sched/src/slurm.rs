@@ -456,14 +456,18 @@ impl SlurmExec {
         Ok((0..jobs.len()).map(|k| if tasks > 1 { format!("{id}_{}", k / pack) } else { id.clone() }).collect())
     }
 
-    /// Whether jobs go in packs: a pack's supervisor kills one job on request, where `scancel`
-    /// would end its whole allocation.
-    pub fn packs_jobs(&self) -> bool {
-        self.pack() > 1
-    }
-
-    /// `scancel ID`: Slurm sends the worker SIGTERM (then SIGKILL after its `KillWait`).
-    pub fn cancel(id: &str) {
+    /// Stops the job whose worker writes `events`, in Slurm job `id`. Alone in its allocation,
+    /// by `scancel ID` (Slurm sends the worker SIGTERM, then SIGKILL after its `KillWait`); in a
+    /// pack, where `scancel` would end the other jobs too, by asking the pack's supervisor to
+    /// kill its worker.
+    pub fn stop_job(&self, id: &str, events: &Path) {
+        if self.pack() > 1 {
+            let ask = xlab_proto::pack::kill_request(events);
+            if let Err(e) = std::fs::write(&ask, b"") {
+                tracing::error!("cannot ask for the worker in Slurm job {id} to be killed ({}): {e}", ask.display());
+            }
+            return;
+        }
         let mut c = Command::new("scancel");
         c.arg(id);
         if let Err(e) = slurm_command(c) {
