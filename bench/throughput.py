@@ -345,11 +345,15 @@ def main():
     ap.add_argument("--cases", help="comma-separated case names (default: the device's list)")
     ap.add_argument("--cifar-per-file", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of each case")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
     args = ap.parse_args()
     global CIFAR_PER_FILE
     CIFAR_PER_FILE = args.cifar_per_file
     every = {c[0]: c for cases in CASES.values() for c in cases}
     cases = [every[n] for n in args.cases.split(",")] if args.cases else CASES[args.device]
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown method(s) {sorted(unknown)}; choose from {list(METHODS)}")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows = []
@@ -369,7 +373,7 @@ def main():
                     data_eager = dict(data, per_file=SMALL_PER_FILE)
                 case = (case[0], data, *case[2:])
             eager_case = case if where != "CIFAR-SMALL" else (case[0], data_eager, *case[2:])
-            for method in METHODS:
+            for method in args.methods.split(","):
                 runs = {"xlab": [], "eager": [], "item": []}
                 flops = None
                 for _ in range(args.rounds):

@@ -249,7 +249,7 @@ pub fn run(
                     crate::host::clip_grad_norm(&params, max);
                 }
                 opt.lr_factor = cfg.schedule.factor(base_lr, global_step, epoch, total_steps);
-                opt.step();
+                opt.step().map_err(|m| Failure::new(FailureCause::Error, m))?;
                 if let Some(a) = ema.as_mut() {
                     a.after_step(&named, opt.steps);
                 }

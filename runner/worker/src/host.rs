@@ -393,8 +393,7 @@ impl StepDriver for Driver<'_> {
         if let Some(max) = self.options.clip_grad_norm {
             clip_grad_norm(self.params, max);
         }
-        self.opt.step();
-        Ok(())
+        self.opt.step()
     }
 
     fn freeze_norm_stats(&mut self, frozen: bool) {

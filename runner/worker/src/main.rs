@@ -79,6 +79,7 @@ enum Command {
 }
 
 fn main() {
+    xlab_worker::keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
