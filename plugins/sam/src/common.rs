@@ -26,6 +26,19 @@ pub fn grads(params: &[Param]) -> Vec<(usize, Tensor)> {
         .collect()
 }
 
+/// Indices and gradients of the parameters that have one, as they are now (no copies): for
+/// computing from at once, before the next pass.
+pub fn current_grads(params: &[Param]) -> Vec<(usize, Tensor)> {
+    params
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let g = p.tensor.grad();
+            g.defined().then_some((i, g))
+        })
+        .collect()
+}
+
 /// Copies of the weights of the given parameters, to restore after a perturbation.
 pub struct Saved(Vec<(usize, Tensor)>);
 
@@ -45,11 +58,19 @@ impl Saved {
     }
 }
 
-/// `p ← p + d_p` for each `(i, d)`, without recording gradients.
+/// `p ← p + sign·d_p` for each `(i, d)`, without recording gradients (no temporary for a sign
+/// of ±1).
 pub fn add_to_weights(params: &mut [Param], deltas: &[(usize, Tensor)], sign: f64) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
         for (i, d) in deltas {
-            let _ = params[*i].tensor.f_add_(&(d * sign))?;
+            let p = &mut params[*i].tensor;
+            let _ = if sign == 1.0 {
+                p.f_add_(d)?
+            } else if sign == -1.0 {
+                p.f_sub_(d)?
+            } else {
+                p.f_add_(&(d * sign))?
+            };
         }
         Ok(())
     })
@@ -99,8 +120,10 @@ pub fn perturbation(
 }
 
 /// One forward/backward pass (on `rows` of the batch, or all of it) at w + sign·e with
-/// normalization statistics frozen (the BN bypass), after which the saved weights are put
-/// back: the perturbed-point gradient is left in `.grad`.
+/// normalization statistics frozen (the BN bypass), after which the weights are put back
+/// exactly: the perturbed-point gradient is left in `.grad`. For the pass each parameter points
+/// at a new tensor w + sign·e; its own memory is left untouched and pointed at again afterwards
+/// (the reference's `p.data = old_p`), so neither way copies the weights.
 pub fn frozen_pass_at(
     host: &mut StepCtx<'_>,
     params: &mut [Param],
@@ -108,15 +131,25 @@ pub fn frozen_pass_at(
     sign: f64,
     rows: Option<(u64, u64)>,
 ) -> Result<f64> {
-    let saved = Saved::of(params, e.iter().map(|(i, _)| *i));
-    add_to_weights(params, e, sign)?;
+    let kept: Vec<(usize, Tensor)> = e.iter().map(|(i, _)| (*i, params[*i].tensor.detach())).collect();
+    let moved = tch::no_grad(|| -> Result<Vec<Tensor>> {
+        e.iter()
+            .zip(&kept)
+            .map(|((_, d), (_, w))| Ok(if sign == 1.0 { w.f_add(d)? } else { w.f_add(&(d * sign))? }))
+            .collect()
+    })?;
+    for ((i, _), m) in kept.iter().zip(&moved) {
+        params[*i].tensor.set_data(m);
+    }
     host.freeze_norm_stats(true);
     let pass = match rows {
         Some((lo, hi)) => host.forward_backward_rows(lo, hi),
         None => host.forward_backward(),
     };
     host.freeze_norm_stats(false);
-    saved.restore(params)?;
+    for (i, w) in &kept {
+        params[*i].tensor.set_data(w);
+    }
     pass
 }
 

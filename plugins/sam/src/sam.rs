@@ -18,7 +18,7 @@
 //! Cost 2F+2B (in 2·⌈B/m⌉ smaller passes with m). Stateless: the saved weights live only
 //! within a step.
 
-use crate::common::{frozen_pass_at, grads, perturbation, set_grads};
+use crate::common::{current_grads, frozen_pass_at, grads, perturbation, set_grads};
 use serde::Deserialize;
 use xlab_plugin_api::tch::Tensor;
 use xlab_plugin_api::Params;
@@ -42,7 +42,7 @@ pub struct Sam {
 
 /// SAM's perturbation of the current gradients, e = ρ·g/(‖g‖ + 1e-12), and ‖g‖.
 fn ascent(params: &[Param], rho: f64) -> Result<(Vec<(usize, Tensor)>, f64)> {
-    perturbation(params, &grads(params), rho, 1e-12, false)
+    perturbation(params, &current_grads(params), rho, 1e-12, false)
 }
 
 impl Component for Sam {
